@@ -1,1 +1,175 @@
-fn main() {}
+//! Project automation: `cargo xtask test | demo | board NAME [-- QEMU ARGS] | bench`.
+
+mod q35;
+mod qemu;
+mod virt;
+
+use std::process::{Command, ExitCode};
+
+/// Outcome of one step of `cargo xtask test`.
+struct Tally {
+    passed: usize,
+    failed: usize,
+}
+
+impl Tally {
+    fn step(&mut self, name: &str, ok: bool) {
+        if ok {
+            self.passed += 1;
+            println!("xtask: PASS {name}");
+        } else {
+            self.failed += 1;
+            println!("xtask: FAIL {name}");
+        }
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// The repository root (the parent of this crate's manifest directory).
+pub fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> bool {
+    eprintln!("xtask: running {cmd:?}");
+    matches!(cmd.status(), Ok(s) if s.success())
+}
+
+/// Runs one board by name; returns (passed, failed) of its test lines.
+fn board(name: &str, extra: &[String], demo: bool) -> Result<(usize, usize), String> {
+    qemu::ensure_installed()?;
+    match name {
+        "virt-smmuv3" => virt::run(extra, demo),
+        "q35-vtd" => q35::run(extra, demo),
+        other => Err(format!(
+            "unknown board `{other}`; known boards: virt-smmuv3, q35-vtd"
+        )),
+    }
+}
+
+fn test(extra: &[String]) -> ExitCode {
+    let mut t = Tally {
+        passed: 0,
+        failed: 0,
+    };
+    t.step("fmt", run(cargo().args(["fmt", "--all", "--check"])));
+    t.step(
+        "clippy",
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])),
+    );
+    t.step(
+        "clippy (defmt,log,alloc)",
+        run(cargo().args([
+            "clippy",
+            "--lib",
+            "--features",
+            "defmt,log,alloc",
+            "--",
+            "-D",
+            "warnings",
+        ])),
+    );
+    t.step("host tests", run(cargo().args(["test", "--workspace"])));
+    for target in ["aarch64-unknown-none", "x86_64-unknown-none"] {
+        t.step(
+            &format!("build {target}"),
+            run(cargo().args(["build", "--lib", "--target", target])),
+        );
+        t.step(
+            &format!("build {target} (defmt,log)"),
+            run(cargo().args([
+                "build",
+                "--lib",
+                "--target",
+                target,
+                "--features",
+                "defmt,log",
+            ])),
+        );
+    }
+    for b in ["virt-smmuv3", "q35-vtd"] {
+        match board(b, extra, false) {
+            Ok((p, f)) => {
+                println!("xtask: board {b}: {p} passed, {f} failed");
+                t.step(&format!("board {b}"), f == 0 && p > 0);
+            }
+            Err(e) => {
+                println!("xtask: board {b}: {e}");
+                t.step(&format!("board {b}"), false);
+            }
+        }
+    }
+    println!("{} passed, {} failed", t.passed, t.failed);
+    if t.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (head, extra) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], args[i + 1..].to_vec()),
+        None => (&args[..], Vec::new()),
+    };
+    match head.first().map(String::as_str) {
+        Some("test") => test(&extra),
+        Some("demo") => match board("virt-smmuv3", &extra, true) {
+            Ok((_, 0)) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("xtask demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some("board") => {
+            let Some(name) = head.get(1) else {
+                eprintln!("usage: cargo xtask board virt-smmuv3|q35-vtd [-- QEMU ARGS]");
+                return ExitCode::FAILURE;
+            };
+            match board(name, &extra, false) {
+                Ok((p, f)) => {
+                    println!("{p} passed, {f} failed");
+                    if f == 0 && p > 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("xtask board {name}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some("bench") => {
+            if run(cargo().args(["bench", "--bench", "link"])) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        _ => {
+            eprintln!(
+                "usage: cargo xtask test [-- QEMU ARGS] | demo | board NAME [-- QEMU ARGS] | bench"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
