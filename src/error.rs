@@ -1,0 +1,179 @@
+//! Error types: one per layer, each carrying the offending values.
+
+use crate::addr::{DmaAddr, PhysAddr};
+use crate::device::DeviceId;
+
+/// An IOMMU driver's failure, as reported through [`crate::backend::IommuBackend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum BackendError {
+    /// A bounded wait on the hardware ran out: `what` names the wait,
+    /// `polls` how many times the register was read.
+    Timeout {
+        /// Which wait.
+        what: &'static str,
+        /// How many polls were spent.
+        polls: u32,
+    },
+    /// The device's ID is out of what the IOMMU supports or was never set up.
+    UnknownDevice(DeviceId),
+    /// The hardware lacks what was asked (`what` says which feature).
+    Unsupported(&'static str),
+    /// The lender refused table or queue memory.
+    OutOfMemory,
+    /// The command/invalidation queue stopped on an error; `code` is the
+    /// hardware's error code, `index` the offending entry's slot.
+    QueueError {
+        /// Hardware error code (SMMU CMDQ_CONS.ERR, VT-d IQE/ITE/ICE bit).
+        code: u32,
+        /// Queue slot of the offending command.
+        index: u32,
+    },
+    /// The hardware reported a global error while the operation ran.
+    HardwareError {
+        /// Raw error register value (SMMU GERROR, VT-d FSTS).
+        status: u32,
+    },
+}
+
+/// Errors of the I/O page table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum PageTableError {
+    /// An address or length that must be 4 KiB aligned is not.
+    Unaligned {
+        /// The offending value.
+        value: u64,
+    },
+    /// A zero length.
+    ZeroLength,
+    /// `iova + len` or `phys + len` overflows, or goes past what the table covers.
+    OutOfRange {
+        /// Start of the range.
+        iova: DmaAddr,
+        /// Its length.
+        len: u64,
+        /// First address the table cannot translate.
+        limit: u64,
+    },
+    /// An entry in the range is already present; nothing was changed.
+    AlreadyMapped {
+        /// The first mapped address found.
+        iova: DmaAddr,
+    },
+    /// An address in the range is not mapped; nothing was changed.
+    NotMapped {
+        /// The first unmapped address found.
+        iova: DmaAddr,
+    },
+    /// The physical address does not fit the format's output address size.
+    PhysTooLarge {
+        /// The offending address.
+        phys: PhysAddr,
+    },
+    /// The lender refused a table page; nothing was changed.
+    OutOfMemory,
+}
+
+/// Errors of the two-step DMA API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum DmaError {
+    /// A zero length.
+    ZeroLength,
+    /// A physical address, offset or length that must be page aligned is not.
+    Unaligned {
+        /// The offending value.
+        value: u64,
+    },
+    /// `a + b` overflowed.
+    Overflow {
+        /// First operand.
+        a: u64,
+        /// Second operand.
+        b: u64,
+    },
+    /// `[offset, offset + len)` is not inside the transaction's `size` bytes.
+    OutsideTransaction {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// The transaction's size.
+        size: u64,
+    },
+    /// Part of the range is already linked; nothing was changed.
+    AlreadyLinked {
+        /// First linked address found.
+        iova: DmaAddr,
+    },
+    /// Part of the range is not linked; nothing was changed.
+    NotLinked {
+        /// First unlinked address found.
+        iova: DmaAddr,
+    },
+    /// The IOVA allocator has no free range of this size.
+    IovaExhausted {
+        /// Requested size.
+        size: u64,
+    },
+    /// The allocator's fixed-capacity bookkeeping is full.
+    AllocatorFull,
+    /// The request cannot fit below the device's DMA mask / the domain aperture.
+    AboveDmaMask {
+        /// Requested size.
+        size: u64,
+        /// The mask.
+        mask: u64,
+    },
+    /// The transaction belongs to another domain.
+    WrongDomain {
+        /// The domain the transaction came from.
+        expected: u16,
+        /// The domain it was used with.
+        found: u16,
+    },
+    /// The lender refused table memory; nothing was changed.
+    OutOfMemory,
+    /// The physical address does not fit the table format.
+    PhysTooLarge {
+        /// The offending address.
+        phys: PhysAddr,
+    },
+    /// A P2P range and host memory, or two P2P providers, in one transaction.
+    MixedP2p,
+    /// The P2P path between provider and client is not supported.
+    P2pNotSupported {
+        /// Device owning the P2P memory.
+        provider: DeviceId,
+        /// Device doing the DMA.
+        client: DeviceId,
+    },
+    /// The IOMMU driver failed.
+    Backend(BackendError),
+}
+
+impl From<BackendError> for DmaError {
+    fn from(e: BackendError) -> Self {
+        DmaError::Backend(e)
+    }
+}
+
+impl From<PageTableError> for DmaError {
+    fn from(e: PageTableError) -> Self {
+        match e {
+            PageTableError::Unaligned { value } => DmaError::Unaligned { value },
+            PageTableError::ZeroLength => DmaError::ZeroLength,
+            PageTableError::OutOfRange { iova, len, .. } => {
+                DmaError::Overflow { a: iova.0, b: len }
+            }
+            PageTableError::AlreadyMapped { iova } => DmaError::AlreadyLinked { iova },
+            PageTableError::NotMapped { iova } => DmaError::NotLinked { iova },
+            PageTableError::PhysTooLarge { phys } => DmaError::PhysTooLarge { phys },
+            PageTableError::OutOfMemory => DmaError::OutOfMemory,
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Lent memory: how the crate gets table memory from its user.
+//!
+//! The crate never allocates on its own. Page tables, stream tables, context
+//! tables and queues all come from a [`TableMemory`] the user implements; the
+//! crate never assumes an identity map either: every access to table memory
+//! goes through [`TableMemory::phys_to_virt`].
+
+use crate::addr::{PAGE_SIZE, PhysAddr};
+
+/// Memory lent to the crate for IOMMU tables and queues.
+///
+/// # Safety
+///
+/// An implementation must hand out memory that nothing else uses until it is
+/// given back with [`free`](TableMemory::free), that is zeroed, and that is
+/// aligned as documented on [`alloc_zeroed`](TableMemory::alloc_zeroed);
+/// `phys_to_virt` must return a pointer valid for reads and writes of every
+/// byte of every block handed out and not yet freed.
+pub unsafe trait TableMemory {
+    /// A zeroed, physically contiguous block of `pages` 4 KiB pages, aligned to
+    /// its size rounded up to a power of two (so one page is 4 KiB aligned, a
+    /// 4-page queue 16 KiB aligned). `None` when the lender has no memory left.
+    fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr>;
+
+    /// Gives back a block from [`alloc_zeroed`](TableMemory::alloc_zeroed).
+    ///
+    /// # Safety
+    ///
+    /// `pa` and `pages` must be exactly those of one earlier allocation, and the
+    /// IOMMU must no longer be able to read the block.
+    unsafe fn free(&self, pa: PhysAddr, pages: usize);
+
+    /// A CPU pointer to physical address `pa` inside a block handed out.
+    fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8;
+
+    /// Makes CPU writes to `[pa, pa + len)` visible to a table walker that does
+    /// not snoop CPU caches (SMMU `IDR0.COHACC == 0`, VT-d `ECAP.C == 0`).
+    /// The default does nothing, which is right for coherent walkers.
+    fn clean(&self, pa: PhysAddr, len: usize) {
+        let _ = (pa, len);
+    }
+}
+
+// SAFETY: forwards every call to `T`, which upholds the contract.
+unsafe impl<T: TableMemory + ?Sized> TableMemory for &T {
+    fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
+        (**self).alloc_zeroed(pages)
+    }
+    unsafe fn free(&self, pa: PhysAddr, pages: usize) {
+        // SAFETY: the caller's obligations are passed on unchanged.
+        unsafe { (**self).free(pa, pages) }
+    }
+    fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
+        (**self).phys_to_virt(pa)
+    }
+    fn clean(&self, pa: PhysAddr, len: usize) {
+        (**self).clean(pa, len)
+    }
+}
+
+/// Size in bytes of `pages` pages, saturating.
+pub const fn pages_to_bytes(pages: usize) -> u64 {
+    (pages as u64).saturating_mul(PAGE_SIZE)
+}

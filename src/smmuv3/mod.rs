@@ -1,0 +1,1 @@
+//! Arm SMMUv3 driver (IHI 0070).

@@ -1,0 +1,1 @@
+//! Intel VT-d remapping-hardware driver.
