@@ -80,8 +80,16 @@ pub trait IommuBackend {
     fn invalidate_domain(&mut self, domain: &DomainInfo) -> Result<(), BackendError>;
 
     /// Submits one completion for everything queued since the last sync and
-    /// waits for it, bounded: a timeout is an error, never a hang.
+    /// waits for it, bounded: a timeout is an error, never a hang. The core
+    /// calls it after writing tables with ordinary stores; the backend orders
+    /// them before its doorbell write (e.g. `dsb` on Arm).
     fn sync(&mut self) -> Result<(), BackendError>;
+
+    /// Whether the hardware caches not-present entries (VT-d `CAP.CM`, caching
+    /// mode), so that newly linked ranges must be invalidated too.
+    fn needs_map_invalidation(&self) -> bool {
+        false
+    }
 
     /// Whether the hardware table walker snoops CPU caches. When false, the
     /// core asks the lender to clean every table line it writes.

@@ -75,6 +75,8 @@ pub enum PageTableError {
     },
     /// The lender refused a table page; nothing was changed.
     OutOfMemory,
+    /// A mapping with neither read nor write permission (VT-d cannot express it).
+    NoAccess,
 }
 
 /// Errors of the two-step DMA API.
@@ -152,6 +154,16 @@ pub enum DmaError {
         /// Device doing the DMA.
         client: DeviceId,
     },
+    /// Neither read nor write permission was asked for.
+    NoAccess,
+    /// The transaction still has linked bytes (use `free`, which unlinks them,
+    /// or unlink first).
+    StillLinked {
+        /// Bytes still linked.
+        linked: u64,
+    },
+    /// The domain is an identity (bypass) domain: use the direct path.
+    IdentityDomain,
     /// The IOMMU driver failed.
     Backend(BackendError),
 }
@@ -174,6 +186,7 @@ impl From<PageTableError> for DmaError {
             PageTableError::NotMapped { iova } => DmaError::NotLinked { iova },
             PageTableError::PhysTooLarge { phys } => DmaError::PhysTooLarge { phys },
             PageTableError::OutOfMemory => DmaError::OutOfMemory,
+            PageTableError::NoAccess => DmaError::NoAccess,
         }
     }
 }
