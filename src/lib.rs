@@ -9,7 +9,9 @@ pub mod addr;
 pub mod backend;
 pub mod device;
 pub mod error;
+pub mod iova;
 pub mod mem;
+pub mod pgtable;
 pub mod smmuv3;
 pub mod vtd;
 
@@ -18,3 +20,4 @@ pub use backend::{Attachment, DomainInfo, IommuBackend, TableFormat};
 pub use device::DeviceId;
 pub use error::{BackendError, DmaError, PageTableError};
 pub use mem::TableMemory;
+pub use pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat};
