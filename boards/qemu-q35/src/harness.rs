@@ -153,7 +153,15 @@ pub fn boot_failure(args: fmt::Arguments<'_>) -> ! {
 /// Called by the panic handler: a `FAIL` line naming the test, then the summary.
 pub fn panicked(info: &core::panic::PanicInfo<'_>) -> ! {
     let name = CURRENT.try_lock().map(|g| *g).unwrap_or("?");
-    println!("FAIL panic: in {name}: {info}");
+    match info.location() {
+        Some(l) => println!(
+            "FAIL panic: in {name} at {}:{}: {}",
+            l.file(),
+            l.line(),
+            info.message()
+        ),
+        None => println!("FAIL panic: in {name}: {}", info.message()),
+    }
     FAILED.fetch_add(1, Ordering::SeqCst);
     finish()
 }
