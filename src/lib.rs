@@ -10,9 +10,12 @@ pub mod backend;
 pub mod device;
 pub mod error;
 pub mod iova;
+mod logging;
 pub mod mem;
 pub mod pgtable;
 pub mod smmuv3;
+pub mod state;
+pub mod testing;
 pub mod vtd;
 
 pub use addr::{BusAddr, DmaAddr, PAGE_SIZE, PhysAddr};
@@ -21,3 +24,4 @@ pub use device::DeviceId;
 pub use error::{BackendError, DmaError, PageTableError};
 pub use mem::TableMemory;
 pub use pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat};
+pub use state::{DirectState, DmaKind, DmaPath, Domain, DomainConfig, IovaState, Mapping};

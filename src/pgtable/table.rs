@@ -201,7 +201,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 // Only table memory can run out here (the range was checked
                 // empty): take back what was written, including empty tables.
                 let mut out = UnmapOutcome::default();
-                self.clear_rec(self.root, self.top_height(), iova.0, end, &mut out);
+                self.clear_rec(self.root, self.top_height(), iova.0, end, true, &mut out);
                 self.free_retired_now();
                 Err(e)
             }
@@ -336,7 +336,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if end < 1u64 << self.ias_bits() {
             out.split |= self.split_at(end)?;
         }
-        self.clear_rec(self.root, self.top_height(), iova.0, end, &mut out);
+        self.clear_rec(self.root, self.top_height(), iova.0, end, false, &mut out);
         Ok(out)
     }
 
@@ -350,7 +350,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     ) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
         let mut out = UnmapOutcome::default();
-        self.clear_rec(self.root, self.top_height(), iova.0, end, &mut out);
+        self.clear_rec(self.root, self.top_height(), iova.0, end, false, &mut out);
         Ok(out)
     }
 
@@ -402,6 +402,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         h: u32,
         iova: u64,
         end: u64,
+        prune: bool,
         out: &mut UnmapOutcome,
     ) -> bool {
         let esize = entry_size(h);
@@ -422,7 +423,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     }
                 }
                 Pte::Table(child) if h > 0 => {
-                    if self.clear_rec(child, h - 1, cur, next, out)
+                    if self.clear_rec(child, h - 1, cur, next, prune, out)
                         && self.retired.push(child).is_ok()
                     {
                         self.write(table, idx, 0);
@@ -437,15 +438,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             cur = next;
         }
         self.clean_entries(table, lo, hi);
-        if hi == 0 {
+        if hi == 0 && !prune {
             // Nothing changed here: a table is never left empty by this walker
             // unless retiring it failed, and then it stays attached anyway.
+            // (`prune` is set when rolling back a map, whose fresh tables may
+            // be empty.)
             return false;
         }
         // Look next to what was cleared first: neighbours are the likeliest
         // to still be present, which keeps sequential unmaps O(1) per page.
         let present = |i: usize| self.fmt.decode(self.read(table, i), h) != Pte::Invalid;
-        !((hi..ENTRIES).any(present) || (0..lo).any(present))
+        !((hi..ENTRIES).any(present) || (0..lo.min(hi)).any(present))
     }
 
     /// Hands retired table pages back to the lender. Call only after the
