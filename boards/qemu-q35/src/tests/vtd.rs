@@ -654,7 +654,7 @@ pub fn exactly_one_wait_descriptor_per_sync(ctx: &mut Ctx) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
         let qi = vtd.uses_queued_invalidation();
-        check!(qi == !ctx.arg("noqi"), "queued invalidation in use: {qi}");
+        check!(qi != ctx.arg("noqi"), "queued invalidation in use: {qi}");
         let cm = vtd.features().caching_mode;
         let mut dom = new_domain(vtd, ctx, 1, APERTURE_A)?;
         vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
