@@ -153,6 +153,8 @@ pub struct Vtd<M: TableMemory> {
     features: Features,
     root: Option<PhysAddr>,
     queue: Option<InvQueue>,
+    /// A queue switched off by [`Vtd::set_queued_invalidation`], kept for reuse.
+    parked: Option<InvQueue>,
     budget: u32,
     segment: u16,
     bypass_did: u16,
@@ -199,6 +201,7 @@ impl<M: TableMemory> Vtd<M> {
             features,
             root: None,
             queue: None,
+            parked: None,
             budget: DEFAULT_POLL_BUDGET,
             segment: 0,
             bypass_did,
@@ -232,9 +235,9 @@ impl<M: TableMemory> Vtd<M> {
     /// Counters since probe.
     pub fn stats(&self) -> VtdStats {
         let mut s = self.stats;
-        if let Some(q) = &self.queue {
-            s.wait_descriptors = q.waits();
-            s.queued_descriptors = q.submitted();
+        for q in [&self.queue, &self.parked].into_iter().flatten() {
+            s.wait_descriptors += q.waits();
+            s.queued_descriptors += q.submitted();
         }
         s
     }
@@ -332,6 +335,7 @@ impl<M: TableMemory> Vtd<M> {
             self.gcmd(qie, false, "VT-d GSTS.QIES clear")?;
         }
         self.queue = None;
+        self.parked = None;
         if self.regs().pmen.is_set(PMEN::PRS) {
             self.regs().pmen.modify(PMEN::EPM::CLEAR);
             let mut polls = 0u32;
@@ -356,10 +360,7 @@ impl<M: TableMemory> Vtd<M> {
         self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS")?;
 
         if config.use_qi && self.features.qi {
-            let mut q = InvQueue::new(&self.mem, self.budget)?;
-            q.program(self.regs());
-            self.gcmd(qie, true, "VT-d GSTS.QIES set")?;
-            self.queue = Some(q);
+            self.set_queued_invalidation(true)?;
         }
 
         self.flush_write_buffer()?;
@@ -376,14 +377,39 @@ impl<M: TableMemory> Vtd<M> {
         Ok(())
     }
 
+    /// Switches between queued and register-based invalidation while
+    /// translation stays on. Switching off first syncs (the queue must be
+    /// drained, its last descriptor a wait); switching on (re)programs the
+    /// queue with IQT = 0. Both GCMD writes keep TE (VT-d 6.5.2, 11.4.4).
+    pub fn set_queued_invalidation(&mut self, on: bool) -> Result<(), BackendError> {
+        if on == self.queue.is_some() {
+            return Ok(());
+        }
+        let qie = GCMD::QIE::SET.value;
+        if on {
+            if !self.features.qi {
+                return Err(BackendError::Unsupported("queued invalidation needs ECAP.QI"));
+            }
+            let mut q = match self.parked.take() {
+                Some(q) => q,
+                None => InvQueue::new(&self.mem, self.budget)?,
+            };
+            q.program(self.regs());
+            self.gcmd(qie, true, "VT-d GSTS.QIES set")?;
+            self.queue = Some(q);
+        } else {
+            self.sync()?;
+            self.gcmd(qie, false, "VT-d GSTS.QIES clear")?;
+            self.parked = self.queue.take();
+        }
+        Ok(())
+    }
+
     /// Turns translation and queued invalidation off (every device then
     /// accesses memory untranslated).
     pub fn disable(&mut self) -> Result<(), BackendError> {
         self.gcmd(GCMD::TE::SET.value, false, "VT-d GSTS.TES clear")?;
-        if self.queue.take().is_some() {
-            self.gcmd(GCMD::QIE::SET.value, false, "VT-d GSTS.QIES clear")?;
-        }
-        Ok(())
+        self.set_queued_invalidation(false)
     }
 
     fn flush_write_buffer(&mut self) -> Result<(), BackendError> {

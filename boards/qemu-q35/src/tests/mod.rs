@@ -30,4 +30,5 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(vtd::fault_overflow_reported_and_clearing_records_next_fault),
     test!(vtd::detach_blocks_and_bypass_passes_through),
     test!(vtd::invalid_descriptor_reported_and_queue_recovers),
+    test!(vtd::invalidation_mode_switch_keeps_translation_on),
 ];

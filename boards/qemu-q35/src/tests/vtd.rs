@@ -892,3 +892,86 @@ pub fn invalid_descriptor_reported_and_queue_recovers(ctx: &mut Ctx) -> Result<(
         free_pages(ctx, pa, 1)
     })
 }
+
+/// Link a page, DMA through it, unlink it, and check the next DMA is blocked:
+/// proves the invalidation path in use works.
+fn link_dma_unlink_blocked(ctx: &Ctx, vtd: &mut Unit, seed: u8) -> Result<(), Fail> {
+    let edu = &ctx.edu[0];
+    let mut dom = new_domain(vtd, ctx, 1, APERTURE_A)?;
+    vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
+    let pa = ctx.mem.dma_pages(1).or_fail("page")?;
+    let mut tx = alloc_tx(&mut dom, PAGE_SIZE)?;
+    let iova = link(&mut dom, &mut tx, pa, 0, PAGE_SIZE)?;
+    dom.sync(vtd).or_fail("sync")?;
+    load_buffer(ctx, edu, pa, iova, seed)?;
+    ctx.mem.fill(pa, PAGE, 0).or_fail("clear")?;
+    edu.dma_to_ram(iova, 0, PAGE_U32).or_fail("edu -> RAM")?;
+    if let Err(m) = ctx.mem.check_pattern(pa, PAGE, seed) {
+        fail!("DMA through the linked page: {m}");
+    }
+    dom.unlink(&mut tx, 0, PAGE_SIZE).or_fail("unlink")?;
+    dom.sync(vtd).or_fail("sync")?;
+    ctx.mem.fill(pa, PAGE, 0x66).or_fail("refill")?;
+    edu.dma_to_ram(iova, 0, PAGE_U32)
+        .or_fail("DMA after unlink")?;
+    if let Err(m) = ctx.mem.check_fill(pa, PAGE, 0x66) {
+        fail!("DMA reached the unlinked page: {m}");
+    }
+    expect_one_fault(
+        vtd,
+        edu.id,
+        iova,
+        &[FaultReason::WriteDenied],
+        Access::Write,
+    )?;
+    dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
+    dom.sync(vtd).or_fail("sync")?;
+    vtd.detach(edu.id).or_fail("detach")?;
+    free_pages(ctx, pa, 1)
+}
+
+/// Switching between queued and register-based invalidation with
+/// translation on: every GCMD write keeps TE (GSTS.TES stays set), QIES
+/// follows, and invalidation works in each mode.
+pub fn invalidation_mode_switch_keeps_translation_on(ctx: &mut Ctx) -> Result<(), Fail> {
+    with_unit(ctx, |vtd| {
+        let start = vtd.uses_queued_invalidation();
+        for (step, qi) in [!start, start].into_iter().enumerate() {
+            vtd.set_queued_invalidation(qi).or_fail("switch")?;
+            let gsts = vtd.global_status();
+            narrate!("queued invalidation {qi}: GSTS={gsts:#x}");
+            check!(
+                gsts & (1 << 31) != 0,
+                "TES lost by the QIE write (GSTS={gsts:#x})"
+            );
+            check!(
+                (gsts & (1 << 26) != 0) == qi && vtd.uses_queued_invalidation() == qi,
+                "QIES {:#x} after asking for {qi}",
+                gsts & (1 << 26)
+            );
+            let s0 = vtd.stats();
+            link_dma_unlink_blocked(ctx, vtd, 0xa0 + step as u8)?;
+            let s1 = vtd.stats();
+            if qi {
+                check!(
+                    s1.wait_descriptors > s0.wait_descriptors,
+                    "no wait descriptor with QI"
+                );
+                check!(
+                    s1.register_invalidations == s0.register_invalidations,
+                    "register invalidation with QI"
+                );
+            } else {
+                check!(
+                    s1.wait_descriptors == s0.wait_descriptors,
+                    "wait descriptor without QI"
+                );
+                check!(
+                    s1.register_invalidations > s0.register_invalidations,
+                    "no register invalidation"
+                );
+            }
+        }
+        Ok(())
+    })
+}
