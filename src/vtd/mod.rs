@@ -388,7 +388,9 @@ impl<M: TableMemory> Vtd<M> {
         let qie = GCMD::QIE::SET.value;
         if on {
             if !self.features.qi {
-                return Err(BackendError::Unsupported("queued invalidation needs ECAP.QI"));
+                return Err(BackendError::Unsupported(
+                    "queued invalidation needs ECAP.QI",
+                ));
             }
             let mut q = match self.parked.take() {
                 Some(q) => q,
