@@ -40,6 +40,23 @@ pub enum IotlbGranularity {
     },
 }
 
+/// Granularity of a PASID-cache invalidation (VT-d 6.5.2.2, scalable mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PasidGranularity {
+    /// Every PASID entry tagged with the domain-id.
+    Domain(u16),
+    /// One PASID in one domain.
+    Pasid {
+        /// Domain-id.
+        did: u16,
+        /// PASID.
+        pasid: u32,
+    },
+    /// Every PASID entry.
+    Global,
+}
+
 /// One 128-bit descriptor of the invalidation queue (VT-d 6.5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InvDesc {
@@ -52,6 +69,8 @@ impl InvDesc {
     pub const TYPE_CONTEXT: u64 = 0x1;
     /// Type field of an IOTLB invalidate descriptor.
     pub const TYPE_IOTLB: u64 = 0x2;
+    /// Type field of a PASID-cache invalidate descriptor.
+    pub const TYPE_PASID_CACHE: u64 = 0x7;
     /// Type field of an invalidation wait descriptor.
     pub const TYPE_WAIT: u64 = 0x5;
 
@@ -85,6 +104,22 @@ impl InvDesc {
         Self {
             lo: lo | drain | Self::TYPE_IOTLB,
             hi,
+        }
+    }
+
+    /// PASID-cache invalidate descriptor (VT-d 6.5.2.2): G (5:4) 00 domain,
+    /// 01 PASID, 11 global; DID 31:16; PASID 51:32.
+    pub const fn pasid_cache(g: PasidGranularity) -> Self {
+        let lo = match g {
+            PasidGranularity::Domain(did) => (did as u64) << 16,
+            PasidGranularity::Pasid { did, pasid } => {
+                (1 << 4) | ((did as u64) << 16) | (((pasid & 0xf_ffff) as u64) << 32)
+            }
+            PasidGranularity::Global => 3 << 4,
+        };
+        Self {
+            lo: lo | Self::TYPE_PASID_CACHE,
+            hi: 0,
         }
     }
 
@@ -221,6 +256,20 @@ mod tests {
             InvDesc::iotlb(psi, false, true).raw(),
             [0x0001_0072, 0x20_0049]
         );
+    }
+
+    #[test]
+    fn pasid_cache_descriptors_match_hand_worked_values() {
+        assert_eq!(
+            InvDesc::pasid_cache(PasidGranularity::Pasid { did: 2, pasid: 0 }).raw(),
+            [0x0002_0017, 0]
+        );
+        assert_eq!(
+            InvDesc::pasid_cache(PasidGranularity::Pasid { did: 1, pasid: 0x1_2345 }).raw(),
+            [0x1_2345_0001_0017, 0]
+        );
+        assert_eq!(InvDesc::pasid_cache(PasidGranularity::Global).raw(), [0x37, 0]);
+        assert_eq!(InvDesc::pasid_cache(PasidGranularity::Domain(4)).raw(), [0x4_0007, 0]);
     }
 
     #[test]

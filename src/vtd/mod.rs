@@ -26,6 +26,8 @@ pub mod qi;
 pub mod reginv;
 pub mod regs;
 pub mod root;
+mod scalable;
+pub mod sm;
 #[cfg(test)]
 mod testmem;
 
@@ -37,8 +39,9 @@ use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 pub use caps::Features;
 pub use context::{ContextEntry, TranslationType};
 pub use fault::{Access, FaultReason, FaultRecord, FaultStatus};
-pub use inv::{ContextGranularity, InvDesc, IotlbGranularity};
+pub use inv::{ContextGranularity, InvDesc, IotlbGranularity, PasidGranularity};
 pub use root::RootEntry;
+pub use sm::{PasidDirEntry, PasidEntry, Pgtt, ScalableContextEntry, ScalableRootEntry};
 
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::backend::{Attachment, DomainInfo, IommuBackend, TableFormat};
@@ -107,6 +110,10 @@ pub struct VtdConfig {
     pub segment: u16,
     /// Bound on every poll loop, in register reads.
     pub poll_budget: u32,
+    /// Scalable-mode translation (RTADDR.TTM = 01b): scalable context
+    /// entries and PASID tables whose PASID 0 entry carries the
+    /// second-level table. Needs ECAP.SMTS, ECAP.SLTS and queued invalidation.
+    pub scalable: bool,
 }
 
 impl Default for VtdConfig {
@@ -116,8 +123,31 @@ impl Default for VtdConfig {
             bypass_domain_id: None,
             segment: 0,
             poll_budget: DEFAULT_POLL_BUDGET,
+            scalable: false,
         }
     }
+}
+
+/// How a device's DMA is currently programmed, read back from the tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum DeviceState {
+    /// No present context (or PASID) entry: DMA is blocked.
+    Blocked,
+    /// Translated through a second-level table.
+    Translated {
+        /// Domain-id.
+        did: u16,
+        /// Second-level table root.
+        root: PhysAddr,
+        /// Table levels (AW + 2).
+        levels: u8,
+    },
+    /// Pass-through.
+    PassThrough {
+        /// Domain-id.
+        did: u16,
+    },
 }
 
 /// Counters of what the driver asked the hardware to do.
@@ -158,6 +188,7 @@ pub struct Vtd<M: TableMemory> {
     budget: u32,
     segment: u16,
     bypass_did: u16,
+    scalable: bool,
     stats: VtdStats,
 }
 
@@ -205,6 +236,7 @@ impl<M: TableMemory> Vtd<M> {
             budget: DEFAULT_POLL_BUDGET,
             segment: 0,
             bypass_did,
+            scalable: false,
             stats: VtdStats::default(),
         })
     }
@@ -252,9 +284,22 @@ impl<M: TableMemory> Vtd<M> {
         self.regs().gsts.get()
     }
 
-    /// Raw IQT (tail index × 16), for tests counting descriptors.
-    pub fn queue_tail(&self) -> u64 {
-        self.regs().iqt.get()
+    /// IQT as a descriptor slot index (IQT / descriptor size), for tests
+    /// counting descriptors; 0 when queued invalidation is off.
+    pub fn queue_tail(&self) -> u32 {
+        let size = if self.scalable { 32 } else { 16 };
+        ((self.regs().iqt.get() & 0x7_fff0) / size) as u32
+    }
+
+    /// Descriptor slots in the invalidation queue (256, or 128 with the
+    /// 256-bit descriptors of scalable mode); 0 without a queue.
+    pub fn queue_entries(&self) -> u32 {
+        self.queue.as_ref().map_or(0, |q| q.entries())
+    }
+
+    /// Whether scalable-mode translation is on.
+    pub fn is_scalable(&self) -> bool {
+        self.scalable
     }
 
     /// The VT-d second-level page-table format this unit walks: superpage
@@ -325,6 +370,20 @@ impl<M: TableMemory> Vtd<M> {
         if let Some(did) = config.bypass_domain_id {
             self.bypass_did = did;
         }
+        if config.scalable {
+            if !(self.features.smts && self.features.slts) {
+                return Err(BackendError::Unsupported(
+                    "scalable mode needs ECAP.SMTS and ECAP.SLTS",
+                )
+                .into());
+            }
+            if !(config.use_qi && self.features.qi) {
+                return Err(BackendError::Unsupported(
+                    "scalable mode needs queued invalidation",
+                )
+                .into());
+            }
+        }
         let te = GCMD::TE::SET.value;
         let qie = GCMD::QIE::SET.value;
         // Firmware or an earlier run may have left things on.
@@ -336,6 +395,7 @@ impl<M: TableMemory> Vtd<M> {
         }
         self.queue = None;
         self.parked = None;
+        self.scalable = config.scalable;
         if self.regs().pmen.is_set(PMEN::PRS) {
             self.regs().pmen.modify(PMEN::EPM::CLEAR);
             let mut polls = 0u32;
@@ -354,9 +414,12 @@ impl<M: TableMemory> Vtd<M> {
         let root = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
         self.mem.clean(root, 4096);
         self.root = Some(root);
-        self.regs()
-            .rtaddr
-            .write(RTADDR::RTA.val(root.0 >> 12) + RTADDR::TTM::Legacy);
+        let ttm = if self.scalable {
+            RTADDR::TTM::Scalable
+        } else {
+            RTADDR::TTM::Legacy
+        };
+        self.regs().rtaddr.write(RTADDR::RTA.val(root.0 >> 12) + ttm);
         self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS")?;
 
         if config.use_qi && self.features.qi {
@@ -365,6 +428,9 @@ impl<M: TableMemory> Vtd<M> {
 
         self.flush_write_buffer()?;
         self.context_invalidate(ContextGranularity::Global)?;
+        if self.scalable {
+            self.pasid_cache_invalidate(PasidGranularity::Global)?;
+        }
         self.iotlb_invalidate(IotlbGranularity::Global)?;
         self.sync()?;
 
@@ -394,12 +460,17 @@ impl<M: TableMemory> Vtd<M> {
             }
             let mut q = match self.parked.take() {
                 Some(q) => q,
-                None => InvQueue::new(&self.mem, self.budget)?,
+                None => InvQueue::new(&self.mem, self.budget, self.scalable)?,
             };
             q.program(self.regs());
             self.gcmd(qie, true, "VT-d GSTS.QIES set")?;
             self.queue = Some(q);
         } else {
+            if self.scalable && self.regs().gsts.get() & GCMD::TE::SET.value != 0 {
+                return Err(BackendError::Unsupported(
+                    "scalable mode runs on queued invalidation",
+                ));
+            }
             self.sync()?;
             self.gcmd(qie, false, "VT-d GSTS.QIES clear")?;
             self.parked = self.queue.take();
@@ -435,6 +506,15 @@ impl<M: TableMemory> Vtd<M> {
         }
     }
 
+    fn pasid_cache_invalidate(&mut self, g: PasidGranularity) -> Result<(), BackendError> {
+        let q = self.queue.as_mut().ok_or(BackendError::Unsupported(
+            "PASID-cache invalidation needs queued invalidation",
+        ))?;
+        // SAFETY: see `regs()`.
+        let regs = unsafe { self.regs.as_ref() };
+        q.push(regs, &self.mem, InvDesc::pasid_cache(g))
+    }
+
     fn iotlb_invalidate(&mut self, g: IotlbGranularity) -> Result<(), BackendError> {
         match g {
             IotlbGranularity::Global => self.stats.iotlb_global += 1,
@@ -453,8 +533,48 @@ impl<M: TableMemory> Vtd<M> {
         }
     }
 
-    /// Physical address of the context entry of `dev`, allocating the bus's
-    /// context table when `create`.
+    /// Reads `N` consecutive 64-bit words of a lent table at `pa`.
+    fn read_words<const N: usize>(&self, pa: PhysAddr) -> [u64; N] {
+        let p = self.mem.phys_to_virt(pa).cast::<u64>();
+        let mut out = [0u64; N];
+        for (i, w) in out.iter_mut().enumerate() {
+            // SAFETY: `pa` is an 8-byte aligned entry of `N` words inside a
+            // table page lent by `mem` (callers pass entry addresses only).
+            *w = unsafe { p.add(i).read_volatile() };
+        }
+        out
+    }
+
+    /// Writes an entry whose present bit is bit 0 of word 0 so the hardware
+    /// never sees a half-written present entry: a present entry gets word 0
+    /// last, a not-present one first.
+    fn write_words(&self, pa: PhysAddr, words: &[u64]) {
+        let p = self.mem.phys_to_virt(pa).cast::<u64>();
+        let Some((&first, rest)) = words.split_first() else {
+            return;
+        };
+        let write_rest = || {
+            for (i, &w) in rest.iter().enumerate() {
+                // SAFETY: as in `read_words`; word i + 1 of the entry.
+                unsafe { p.add(i + 1).write_volatile(w) };
+            }
+        };
+        if first & 1 != 0 {
+            write_rest();
+            fence(Ordering::SeqCst);
+            // SAFETY: as in `read_words`; word 0 of the entry.
+            unsafe { p.write_volatile(first) };
+        } else {
+            // SAFETY: as above.
+            unsafe { p.write_volatile(first) };
+            fence(Ordering::SeqCst);
+            write_rest();
+        }
+        self.mem.clean(pa, words.len() * 8);
+    }
+
+    /// Physical address of the context entry of `dev` (16 bytes in legacy
+    /// mode, 32 in scalable mode), allocating the context table when `create`.
     fn context_slot(
         &mut self,
         dev: DeviceId,
@@ -467,60 +587,66 @@ impl<M: TableMemory> Vtd<M> {
             .root
             .ok_or(BackendError::Unsupported("VT-d unit not initialised"))?;
         let rpa = PhysAddr(root.0 + u64::from(dev.bus) * 16);
-        let rp = self.mem.phys_to_virt(rpa).cast::<u64>();
-        // SAFETY: the root table is one lent page of 256 16-byte entries; bus < 256.
-        let re = RootEntry::from_raw(unsafe { [rp.read_volatile(), rp.add(1).read_volatile()] });
-        let table = if re.is_present() {
-            re.context_table()
-        } else if create {
-            let t = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
-            self.mem.clean(t, 4096);
-            let [lo, hi] = RootEntry::present(t).raw();
-            // SAFETY: as above; hi first, then lo with P.
-            unsafe {
-                rp.add(1).write_volatile(hi);
-                fence(Ordering::SeqCst);
-                rp.write_volatile(lo);
-            }
-            self.mem.clean(rpa, 16);
-            t
+        let raw = self.read_words::<2>(rpa);
+        let existing = if self.scalable {
+            ScalableRootEntry::from_raw(raw).context_table(dev.devfn)
         } else {
-            return Ok(None);
+            let re = RootEntry::from_raw(raw);
+            re.is_present().then(|| re.context_table())
         };
-        Ok(Some(PhysAddr(table.0 + u64::from(dev.devfn) * 16)))
+        let table = match existing {
+            Some(t) => t,
+            None if create => {
+                let t = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
+                self.mem.clean(t, 4096);
+                let new = if self.scalable {
+                    ScalableRootEntry::from_raw(raw)
+                        .with_context_table(dev.devfn, t)
+                        .raw()
+                } else {
+                    RootEntry::present(t).raw()
+                };
+                // Only the half for this devfn changes; the other keeps its
+                // value, so the write order of the halves does not matter.
+                self.write_words(rpa, &new);
+                t
+            }
+            None => return Ok(None),
+        };
+        Ok(Some(if self.scalable {
+            PhysAddr(table.0 + u64::from(dev.devfn & 0x7f) * 32)
+        } else {
+            PhysAddr(table.0 + u64::from(dev.devfn) * 16)
+        }))
     }
 
     fn read_context(&self, pa: PhysAddr) -> ContextEntry {
-        let p = self.mem.phys_to_virt(pa).cast::<u64>();
-        // SAFETY: `pa` is a 16-byte slot of a lent context-table page.
-        ContextEntry::from_raw(unsafe { [p.read_volatile(), p.add(1).read_volatile()] })
+        ContextEntry::from_raw(self.read_words::<2>(pa))
     }
 
-    /// Writes a context entry so the hardware never sees a half-written
-    /// present entry: clearing writes the P half first, setting writes it last.
     fn write_context(&self, pa: PhysAddr, e: ContextEntry) {
-        let p = self.mem.phys_to_virt(pa).cast::<u64>();
-        let [lo, hi] = e.raw();
-        // SAFETY: `pa` is a 16-byte slot of a lent context-table page.
-        unsafe {
-            if e.is_present() {
-                p.add(1).write_volatile(hi);
-                fence(Ordering::SeqCst);
-                p.write_volatile(lo);
-            } else {
-                p.write_volatile(lo);
-                fence(Ordering::SeqCst);
-                p.add(1).write_volatile(hi);
-            }
-        }
-        self.mem.clean(pa, 16);
+        self.write_words(pa, &e.raw());
     }
 
-    /// The context entry currently programmed for `dev` (blocked if none).
-    pub fn context_entry(&mut self, dev: DeviceId) -> Result<ContextEntry, BackendError> {
-        Ok(match self.context_slot(dev, false)? {
-            Some(pa) => self.read_context(pa),
-            None => ContextEntry::blocked(),
+    /// How `dev`'s DMA is programmed now, read back from the tables.
+    pub fn device_state(&mut self, dev: DeviceId) -> Result<DeviceState, BackendError> {
+        let Some(slot) = self.context_slot(dev, false)? else {
+            return Ok(DeviceState::Blocked);
+        };
+        if self.scalable {
+            return Ok(self.scalable_state(slot));
+        }
+        let ce = self.read_context(slot);
+        Ok(if !ce.is_present() {
+            DeviceState::Blocked
+        } else if ce.tt() == TranslationType::PassThrough as u8 {
+            DeviceState::PassThrough { did: ce.did() }
+        } else {
+            DeviceState::Translated {
+                did: ce.did(),
+                root: ce.slptptr(),
+                levels: ce.aw() + 2,
+            }
         })
     }
 
@@ -536,21 +662,26 @@ impl<M: TableMemory> Vtd<M> {
                 )
             }
             Attachment::Translated(info) => {
-                if info.format != TableFormat::VtdSecondLevel {
-                    return Err(BackendError::Unsupported(
-                        "VT-d translates only VtdSecondLevel tables",
-                    ));
-                }
-                if !self.features.supports_levels(info.levels) {
-                    return Err(BackendError::Unsupported(
-                        "table levels not in CAP.SAGAW (3 = 39-bit, 4 = 48-bit)",
-                    ));
-                }
-                self.check_did(info.id)?;
+                self.check_translated(&info)?;
                 ContextEntry::translated(info.root, info.levels, info.id)
                     .ok_or(BackendError::Unsupported("table levels"))
             }
         }
+    }
+
+    /// Whether this unit can walk `info`'s tables under its domain-id.
+    fn check_translated(&self, info: &DomainInfo) -> Result<(), BackendError> {
+        if info.format != TableFormat::VtdSecondLevel {
+            return Err(BackendError::Unsupported(
+                "VT-d translates only VtdSecondLevel tables",
+            ));
+        }
+        if !self.features.supports_levels(info.levels) {
+            return Err(BackendError::Unsupported(
+                "table levels not in CAP.SAGAW (3 = 39-bit, 4 = 48-bit)",
+            ));
+        }
+        self.check_did(info.id)
     }
 
     fn check_did(&self, did: u16) -> Result<(), BackendError> {
@@ -646,6 +777,9 @@ impl<M: TableMemory> Vtd<M> {
 
 impl<M: TableMemory> IommuBackend for Vtd<M> {
     fn attach(&mut self, dev: DeviceId, how: Attachment) -> Result<(), BackendError> {
+        if self.scalable {
+            return self.attach_scalable(dev, how);
+        }
         let new = self.entry_for(how)?;
         let Some(slot) = self.context_slot(dev, new.is_present())? else {
             // No context table for the bus: the device is already blocked.

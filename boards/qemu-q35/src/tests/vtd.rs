@@ -14,7 +14,7 @@ use bare_iommu::pgtable::vtd::VtdSecondLevel;
 use bare_iommu::pgtable::{DmaDirection, MapAttrs};
 use bare_iommu::state::{Domain, DomainConfig, IovaState};
 use bare_iommu::vtd::{
-    Access, FaultReason, FaultRecord, FaultStatus, InvDesc, Vtd, VtdConfig, VtdStats,
+    Access, DeviceState, FaultReason, FaultRecord, FaultStatus, InvDesc, Vtd, VtdConfig, VtdStats,
 };
 use bare_iommu::{DeviceId, DmaAddr, PAGE_SIZE, PhysAddr};
 use spin::Mutex;
@@ -36,6 +36,9 @@ static UNIT: Mutex<Option<Unit>> = Mutex::new(None);
 fn config(ctx: &Ctx) -> VtdConfig {
     VtdConfig {
         use_qi: !ctx.arg("noqi"),
+        // Scalable mode (`sm`, with `-global intel-iommu.x-scalable-mode=on`)
+        // runs on queued invalidation only; `noqi` keeps legacy tables.
+        scalable: ctx.arg("sm") && !ctx.arg("noqi"),
         ..VtdConfig::default()
     }
 }
@@ -221,7 +224,14 @@ pub fn vtd_probe_decodes_what_qemu_advertises(ctx: &mut Ctx) -> Result<(), Fail>
     check!(f.psi && f.mamv == 18, "PSI {} MAMV {}", f.psi, f.mamv);
     check!(f.superpage_2m(), "SLLPS {:#b} lacks 2 MiB", f.sllps);
     check!(f.qi && f.ir && f.pt, "QI {} IR {} PT {}", f.qi, f.ir, f.pt);
-    check!(!f.coherent && !f.smts, "C {} SMTS {}", f.coherent, f.smts);
+    check!(!f.coherent, "ECAP.C set");
+    check!(
+        f.smts == ctx.arg("sm") && f.slts == ctx.arg("sm"),
+        "SMTS {} SLTS {} with `sm` = {}",
+        f.smts,
+        f.slts,
+        ctx.arg("sm")
+    );
     check!(
         v.global_status() & (1 << 31) == 0,
         "probe found translation already on"
@@ -259,6 +269,12 @@ pub fn vtd_init_enables_translation_and_blocks_unattached_devices(
             "init without QI: {s:?}"
         );
     }
+    check!(
+        v.is_scalable() == config(ctx).scalable,
+        "scalable mode {} (wanted {})",
+        v.is_scalable(),
+        config(ctx).scalable
+    );
     *UNIT.lock() = Some(v);
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
@@ -515,8 +531,13 @@ pub fn two_domains_are_isolated(ctx: &mut Ctx) -> Result<(), Fail> {
         vtd.attach(e0.id, da.attachment()).or_fail("attach a")?;
         vtd.attach(e1.id, db.attachment()).or_fail("attach b")?;
         check!(
-            vtd.context_entry(e0.id).or_fail("ce")?.did() == 1
-                && vtd.context_entry(e1.id).or_fail("ce")?.did() == 2,
+            matches!(
+                vtd.device_state(e0.id).or_fail("state")?,
+                DeviceState::Translated { did: 1, .. }
+            ) && matches!(
+                vtd.device_state(e1.id).or_fail("state")?,
+                DeviceState::Translated { did: 2, .. }
+            ),
             "context entries do not carry the domain-ids"
         );
         let pa = ctx.mem.dma_pages(1).or_fail("page a")?;
@@ -663,7 +684,7 @@ pub fn exactly_one_wait_descriptor_per_sync(ctx: &mut Ctx) -> Result<(), Fail> {
         let offs = [0u64, 2, 5];
 
         let check_sync =
-            |vtd: &mut Unit, s0: VtdStats, t0: u64, ranges: u64, what: &str| -> Result<(), Fail> {
+            |vtd: &mut Unit, s0: VtdStats, t0: u32, ranges: u64, what: &str| -> Result<(), Fail> {
                 let s1 = vtd.stats();
                 let t1 = vtd.queue_tail();
                 let psi = delta(s0.iotlb_psi, s1.iotlb_psi);
@@ -682,7 +703,8 @@ pub fn exactly_one_wait_descriptor_per_sync(ctx: &mut Ctx) -> Result<(), Fail> {
                         queued == psi + 1,
                         "{what}: {queued} descriptors for {psi} PSI + 1 wait"
                     );
-                    let moved = ((t1 >> 4).wrapping_sub(t0 >> 4)) % 256;
+                    let n = vtd.queue_entries();
+                    let moved = u64::from((t1 + n - t0) % n);
                     check!(
                         moved == queued,
                         "{what}: IQT moved {moved} slots, {queued} queued"
@@ -804,11 +826,10 @@ pub fn detach_blocks_and_bypass_passes_through(ctx: &mut Ctx) -> Result<(), Fail
         no_faults(vtd)?;
 
         vtd.detach(edu.id).or_fail("detach")?;
-        let ce = vtd.context_entry(edu.id).or_fail("ce")?;
+        let st = vtd.device_state(edu.id).or_fail("state")?;
         check!(
-            !ce.is_present(),
-            "context entry still present after detach: {:?}",
-            ce.raw()
+            st == DeviceState::Blocked,
+            "after detach the device is {st:?}"
         );
         ctx.mem.fill(pa, PAGE, 0x99).or_fail("fill")?;
         edu.dma_to_ram(iova, 0, PAGE_U32)
@@ -825,11 +846,12 @@ pub fn detach_blocks_and_bypass_passes_through(ctx: &mut Ctx) -> Result<(), Fail
         )?;
 
         vtd.attach(edu.id, Attachment::Bypass).or_fail("bypass")?;
-        let ce = vtd.context_entry(edu.id).or_fail("ce")?;
+        let st = vtd.device_state(edu.id).or_fail("state")?;
         check!(
-            ce.is_present() && ce.tt() == 2,
-            "bypass context entry {:?}",
-            ce.raw()
+            st == DeviceState::PassThrough {
+                did: vtd.bypass_domain_id()
+            },
+            "after a bypass attach the device is {st:?}"
         );
         edu.dma_to_ram(pa.0, 0, PAGE_U32)
             .or_fail("pass-through DMA")?;
@@ -857,7 +879,7 @@ pub fn invalid_descriptor_reported_and_queue_recovers(ctx: &mut Ctx) -> Result<(
             );
             return Ok(());
         }
-        let slot = ((vtd.queue_tail() >> 4) % 256) as u32;
+        let slot = vtd.queue_tail();
         vtd.submit_raw(bad).or_fail("submit")?;
         match vtd.sync() {
             Err(BackendError::QueueError { code, index }) => {
