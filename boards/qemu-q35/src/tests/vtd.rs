@@ -954,9 +954,27 @@ fn link_dma_unlink_blocked(ctx: &Ctx, vtd: &mut Unit, seed: u8) -> Result<(), Fa
 
 /// Switching between queued and register-based invalidation with
 /// translation on: every GCMD write keeps TE (GSTS.TES stays set), QIES
-/// follows, and invalidation works in each mode.
+/// follows, and invalidation works in each mode. Under scalable mode the
+/// switch is refused and nothing changes.
 pub fn invalidation_mode_switch_keeps_translation_on(ctx: &mut Ctx) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
+        if vtd.is_scalable() {
+            // Scalable mode needs the queue: switching it off is refused
+            // before any GCMD write, and everything stays on.
+            check!(
+                matches!(
+                    vtd.set_queued_invalidation(false),
+                    Err(BackendError::Unsupported(_))
+                ),
+                "queued invalidation switched off under scalable mode"
+            );
+            let gsts = vtd.global_status();
+            check!(
+                gsts & (1 << 31) != 0 && gsts & (1 << 26) != 0,
+                "GSTS={gsts:#x} after the refused switch"
+            );
+            return link_dma_unlink_blocked(ctx, vtd, 0xa5);
+        }
         let start = vtd.uses_queued_invalidation();
         for (step, qi) in [!start, start].into_iter().enumerate() {
             vtd.set_queued_invalidation(qi).or_fail("switch")?;
