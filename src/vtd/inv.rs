@@ -265,11 +265,21 @@ mod tests {
             [0x0002_0017, 0]
         );
         assert_eq!(
-            InvDesc::pasid_cache(PasidGranularity::Pasid { did: 1, pasid: 0x1_2345 }).raw(),
+            InvDesc::pasid_cache(PasidGranularity::Pasid {
+                did: 1,
+                pasid: 0x1_2345
+            })
+            .raw(),
             [0x1_2345_0001_0017, 0]
         );
-        assert_eq!(InvDesc::pasid_cache(PasidGranularity::Global).raw(), [0x37, 0]);
-        assert_eq!(InvDesc::pasid_cache(PasidGranularity::Domain(4)).raw(), [0x4_0007, 0]);
+        assert_eq!(
+            InvDesc::pasid_cache(PasidGranularity::Global).raw(),
+            [0x37, 0]
+        );
+        assert_eq!(
+            InvDesc::pasid_cache(PasidGranularity::Domain(4)).raw(),
+            [0x4_0007, 0]
+        );
     }
 
     #[test]

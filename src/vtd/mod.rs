@@ -378,10 +378,9 @@ impl<M: TableMemory> Vtd<M> {
                 .into());
             }
             if !(config.use_qi && self.features.qi) {
-                return Err(BackendError::Unsupported(
-                    "scalable mode needs queued invalidation",
-                )
-                .into());
+                return Err(
+                    BackendError::Unsupported("scalable mode needs queued invalidation").into(),
+                );
             }
         }
         let te = GCMD::TE::SET.value;
@@ -419,7 +418,9 @@ impl<M: TableMemory> Vtd<M> {
         } else {
             RTADDR::TTM::Legacy
         };
-        self.regs().rtaddr.write(RTADDR::RTA.val(root.0 >> 12) + ttm);
+        self.regs()
+            .rtaddr
+            .write(RTADDR::RTA.val(root.0 >> 12) + ttm);
         self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS")?;
 
         if config.use_qi && self.features.qi {

@@ -23,7 +23,10 @@ impl<M: TableMemory> Vtd<M> {
         if !de.is_present() {
             return None;
         }
-        Some((de.table(), PasidEntry::from_raw(self.read_words::<8>(de.table()))))
+        Some((
+            de.table(),
+            PasidEntry::from_raw(self.read_words::<8>(de.table())),
+        ))
     }
 
     pub(super) fn scalable_state(&self, slot: PhysAddr) -> DeviceState {
@@ -66,8 +69,9 @@ impl<M: TableMemory> Vtd<M> {
                     return Err(BackendError::Unsupported("pass-through needs ECAP.PT"));
                 }
                 Some(
-                    PasidEntry::pass_through(self.domain_levels(), self.bypass_did)
-                        .ok_or(BackendError::Unsupported("no address width for pass-through"))?,
+                    PasidEntry::pass_through(self.domain_levels(), self.bypass_did).ok_or(
+                        BackendError::Unsupported("no address width for pass-through"),
+                    )?,
                 )
             }
             Attachment::Translated(info) => {
