@@ -712,10 +712,19 @@ impl<M: TableMemory> Vtd<M> {
             }
         }
         let status = self.fault_status();
-        if status.overflow {
-            self.regs().fsts.write(FSTS::PFO::SET);
-        }
+        // RW1C: clear the overflow if seen. The write is made even when
+        // nothing is set: it is what lets the unit re-evaluate and drop
+        // FECTL.IP once every condition has been serviced (VT-d 7.3.1).
+        self.regs()
+            .fsts
+            .write(FSTS::PFO.val(status.overflow.into()));
         status
+    }
+
+    /// FECTL.IP: a fault event is pending (set while the interrupt is masked
+    /// or not yet delivered; cleared once the faults are serviced).
+    pub fn fault_irq_pending(&self) -> bool {
+        self.regs().fectl.is_set(FECTL::IP)
     }
 
     /// The fault held by fault-recording register `index`, without clearing it.
