@@ -316,11 +316,9 @@ mod tests {
         q.push(regs.get(), &mem, d).unwrap();
         // Second descriptor at byte 32; IQT = 2 slots × 32 bytes.
         let p = mem.phys_to_virt(PhysAddr(q.base().0 + 32)).cast::<u64>();
-        // SAFETY: inside the queue page.
-        assert_eq!(
-            unsafe { [p.read(), p.add(1).read(), p.add(2).read()] },
-            [0x11, 0, 0]
-        );
+        // SAFETY: three words inside the queue page of the host lender.
+        let words = unsafe { [p.read(), p.add(1).read(), p.add(2).read()] };
+        assert_eq!(words, [0x11, 0, 0]);
         assert_eq!(regs.get().iqt.get(), 64);
         assert_eq!(q.entries(), 128);
     }
