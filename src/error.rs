@@ -77,6 +77,11 @@ pub enum PageTableError {
     OutOfMemory,
     /// A mapping with neither read nor write permission (VT-d cannot express it).
     NoAccess,
+    /// A table must have 2 to 5 levels.
+    BadLevels {
+        /// The levels asked for.
+        levels: u8,
+    },
 }
 
 /// Errors of the two-step DMA API.
@@ -164,6 +169,13 @@ pub enum DmaError {
     },
     /// The domain is an identity (bypass) domain: use the direct path.
     IdentityDomain,
+    /// A domain configuration value is out of range.
+    BadConfig {
+        /// Which setting.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
     /// The IOMMU driver failed.
     Backend(BackendError),
 }
@@ -187,6 +199,10 @@ impl From<PageTableError> for DmaError {
             PageTableError::PhysTooLarge { phys } => DmaError::PhysTooLarge { phys },
             PageTableError::OutOfMemory => DmaError::OutOfMemory,
             PageTableError::NoAccess => DmaError::NoAccess,
+            PageTableError::BadLevels { levels } => DmaError::BadConfig {
+                what: "levels",
+                value: levels as u64,
+            },
         }
     }
 }

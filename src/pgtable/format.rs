@@ -1,0 +1,48 @@
+//! The descriptor-format trait the generic walker is written against.
+
+use super::MapAttrs;
+use crate::addr::PhysAddr;
+use crate::backend::TableFormat;
+
+/// One decoded descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pte {
+    /// Not present.
+    Invalid,
+    /// Points to the next-level table.
+    Table(PhysAddr),
+    /// Maps a page (height 0) or a block / superpage (height > 0).
+    Leaf {
+        /// Output address.
+        pa: PhysAddr,
+        /// The attributes the descriptor encodes.
+        attrs: MapAttrs,
+    },
+}
+
+/// A descriptor format: how one 64-bit table entry encodes a table pointer
+/// or a leaf. Heights count from the leaf level: height 0 maps 4 KiB, height 1
+/// 2 MiB, height 2 1 GiB, height 3 512 GiB.
+pub trait PteFormat: Copy {
+    /// The format tag handed to backends.
+    const KIND: TableFormat;
+
+    /// Whether a leaf (block / superpage) may be written at `height`.
+    fn leaf_allowed(&self, height: u32) -> bool;
+
+    /// Output address bits: physical addresses must be below `1 << oa_bits()`.
+    fn oa_bits(&self) -> u32;
+
+    /// Descriptor pointing to a next-level table at `pa`.
+    fn table(&self, pa: PhysAddr) -> u64;
+
+    /// Leaf descriptor at `height` mapping `pa` with `attrs`.
+    fn leaf(&self, pa: PhysAddr, height: u32, attrs: MapAttrs) -> u64;
+
+    /// Decodes a descriptor found at `height`.
+    fn decode(&self, pte: u64, height: u32) -> Pte;
+
+    /// The attributes a leaf written with `attrs` decodes back to: what the
+    /// format can express (e.g. stage 1 is always readable, VT-d has no XN).
+    fn canonical(&self, attrs: MapAttrs) -> MapAttrs;
+}

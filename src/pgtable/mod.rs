@@ -1,0 +1,15 @@
+//! The I/O page table: one radix walker, descriptor formats plugged in.
+//!
+//! [`IoPageTable`] walks and edits tables of any [`PteFormat`]; the formats
+//! ([`arm::ArmStage1`], [`arm::ArmStage2`], [`vtd::VtdSecondLevel`]) only
+//! encode and decode single descriptors.
+
+pub mod arm;
+mod attrs;
+mod format;
+mod table;
+pub mod vtd;
+
+pub use attrs::{DmaDirection, MapAttrs};
+pub use format::{Pte, PteFormat};
+pub use table::{IoPageTable, RETIRE_CAPACITY, UnmapOutcome};

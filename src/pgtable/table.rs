@@ -1,0 +1,514 @@
+//! The generic radix walker: one I/O page table over a [`PteFormat`].
+
+use super::{MapAttrs, Pte, PteFormat};
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::error::PageTableError;
+use crate::mem::TableMemory;
+
+/// Entries per 4 KiB table.
+const ENTRIES: usize = 512;
+/// Bits of input address resolved per level.
+const BITS_PER_LEVEL: u32 = 9;
+/// How many freed table pages can wait for the next invalidation before the
+/// walker starts keeping empty tables attached instead.
+pub const RETIRE_CAPACITY: usize = 64;
+
+/// What an unmap did, so the caller can invalidate precisely.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct UnmapOutcome {
+    /// Bytes that were mapped and now are not.
+    pub bytes: u64,
+    /// Table pages were detached (walk caches must be invalidated too).
+    pub freed_tables: bool,
+    /// A block was split into smaller entries at a range boundary.
+    pub split: bool,
+}
+
+/// A radix I/O page table with a 4 KiB granule and `levels` levels, whose
+/// memory comes from a [`TableMemory`].
+///
+/// Maps are all-or-nothing: a map that finds a present entry or runs out of
+/// table memory leaves the table as it was. Table pages that become empty on
+/// unmap are detached and *retired*: they are handed back to the lender only
+/// by [`free_retired`](Self::free_retired), which the caller runs after the
+/// IOMMU's caches were invalidated, so a walker can never read a reused page.
+pub struct IoPageTable<F: PteFormat, M: TableMemory> {
+    fmt: F,
+    mem: M,
+    root: PhysAddr,
+    levels: u8,
+    coherent: bool,
+    table_pages: usize,
+    retired: heapless::Vec<PhysAddr, RETIRE_CAPACITY>,
+}
+
+#[inline]
+const fn entry_size(height: u32) -> u64 {
+    1u64 << (12 + BITS_PER_LEVEL * height)
+}
+
+#[inline]
+const fn index(addr: u64, height: u32) -> usize {
+    ((addr >> (12 + BITS_PER_LEVEL * height)) & (ENTRIES as u64 - 1)) as usize
+}
+
+impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
+    /// A new, empty table with `levels` levels (2 to 5). `coherent` says
+    /// whether the IOMMU's walker snoops CPU caches; when it does not, every
+    /// written entry is cleaned through [`TableMemory::clean`].
+    pub fn new(fmt: F, mem: M, levels: u8, coherent: bool) -> Result<Self, PageTableError> {
+        if !(2..=5).contains(&levels) {
+            return Err(PageTableError::BadLevels { levels });
+        }
+        let root = mem.alloc_zeroed(1).ok_or(PageTableError::OutOfMemory)?;
+        if !coherent {
+            mem.clean(root, PAGE_SIZE as usize);
+        }
+        Ok(Self {
+            fmt,
+            mem,
+            root,
+            levels,
+            coherent,
+            table_pages: 1,
+            retired: heapless::Vec::new(),
+        })
+    }
+
+    /// Physical address of the root table.
+    pub fn root(&self) -> PhysAddr {
+        self.root
+    }
+
+    /// Number of levels.
+    pub fn levels(&self) -> u8 {
+        self.levels
+    }
+
+    /// Input address bits the table translates: `12 + 9 * levels`.
+    pub fn ias_bits(&self) -> u32 {
+        12 + BITS_PER_LEVEL * u32::from(self.levels)
+    }
+
+    /// The descriptor format.
+    pub fn format(&self) -> &F {
+        &self.fmt
+    }
+
+    /// The lender.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// Table pages currently attached (root included).
+    pub fn table_pages(&self) -> usize {
+        self.table_pages
+    }
+
+    /// Table pages detached and waiting for [`free_retired`](Self::free_retired).
+    pub fn retired_pages(&self) -> usize {
+        self.retired.len()
+    }
+
+    fn top_height(&self) -> u32 {
+        u32::from(self.levels) - 1
+    }
+
+    #[inline]
+    fn entry(&self, table: PhysAddr, idx: usize) -> *mut u64 {
+        // `idx < 512`, so the offset stays inside the 4 KiB table page.
+        self.mem.phys_to_virt(table).cast::<u64>().wrapping_add(idx)
+    }
+
+    #[inline]
+    fn read(&self, table: PhysAddr, idx: usize) -> u64 {
+        // SAFETY: `table` is a table page this walker allocated from the lender
+        // and still owns; `idx < 512` keeps the access inside it. Volatile
+        // because the IOMMU reads (and may update) the same memory.
+        unsafe { self.entry(table, idx).read_volatile() }
+    }
+
+    #[inline]
+    fn write(&self, table: PhysAddr, idx: usize, val: u64) {
+        // SAFETY: as in `read`; a single aligned 64-bit store, so the walker
+        // sees the old or the new descriptor, never a mix.
+        unsafe { self.entry(table, idx).write_volatile(val) }
+    }
+
+    fn clean_entries(&self, table: PhysAddr, lo: usize, hi: usize) {
+        if !self.coherent && hi > lo {
+            self.mem
+                .clean(PhysAddr(table.0 + lo as u64 * 8), (hi - lo) * 8);
+        }
+    }
+
+    fn alloc_table(&mut self) -> Result<PhysAddr, PageTableError> {
+        let t = self
+            .mem
+            .alloc_zeroed(1)
+            .ok_or(PageTableError::OutOfMemory)?;
+        if !self.coherent {
+            self.mem.clean(t, PAGE_SIZE as usize);
+        }
+        self.table_pages += 1;
+        Ok(t)
+    }
+
+    fn check_range(&self, iova: DmaAddr, len: u64) -> Result<u64, PageTableError> {
+        if len == 0 {
+            return Err(PageTableError::ZeroLength);
+        }
+        if !iova.is_page_aligned() {
+            return Err(PageTableError::Unaligned { value: iova.0 });
+        }
+        if len % PAGE_SIZE != 0 {
+            return Err(PageTableError::Unaligned { value: len });
+        }
+        let limit = 1u64 << self.ias_bits();
+        match iova.0.checked_add(len) {
+            Some(end) if end <= limit => Ok(end),
+            _ => Err(PageTableError::OutOfRange { iova, len, limit }),
+        }
+    }
+
+    /// Maps `[iova, iova + len)` to `[pa, pa + len)` with the largest leaves
+    /// the alignment of both and the format allow. All or nothing.
+    pub fn map(
+        &mut self,
+        iova: DmaAddr,
+        pa: PhysAddr,
+        len: u64,
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
+        let end = self.check_range(iova, len)?;
+        if !pa.is_page_aligned() {
+            return Err(PageTableError::Unaligned { value: pa.0 });
+        }
+        let oa_limit = 1u64 << self.fmt.oa_bits();
+        if pa.0.checked_add(len).is_none_or(|e| e > oa_limit) {
+            return Err(PageTableError::PhysTooLarge { phys: pa });
+        }
+        if !attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
+            return Err(PageTableError::NoAccess);
+        }
+        if let Some(at) = self.first_present(self.root, self.top_height(), iova.0, end) {
+            return Err(PageTableError::AlreadyMapped { iova: DmaAddr(at) });
+        }
+        match self.map_rec(self.root, self.top_height(), iova.0, pa.0, end, attrs) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Only table memory can run out here (the range was checked
+                // empty): take back what was written, including empty tables.
+                let mut out = UnmapOutcome::default();
+                self.clear_rec(self.root, self.top_height(), iova.0, end, true, &mut out);
+                self.free_retired_now();
+                Err(e)
+            }
+        }
+    }
+
+    fn map_rec(
+        &mut self,
+        table: PhysAddr,
+        h: u32,
+        iova: u64,
+        pa: u64,
+        end: u64,
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
+        let esize = entry_size(h);
+        let mut cur = iova;
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        let mut result = Ok(());
+        while cur < end {
+            let idx = index(cur, h);
+            let next = end.min((cur & !(esize - 1)) + esize);
+            let p = pa + (cur - iova);
+            if h == 0 || (next - cur == esize && p & (esize - 1) == 0 && self.fmt.leaf_allowed(h)) {
+                self.write(table, idx, self.fmt.leaf(PhysAddr(p), h, attrs));
+                lo = lo.min(idx);
+                hi = idx + 1;
+            } else {
+                let child = match self.fmt.decode(self.read(table, idx), h) {
+                    Pte::Table(t) => t,
+                    Pte::Invalid => match self.alloc_table() {
+                        Ok(t) => {
+                            self.write(table, idx, self.fmt.table(t));
+                            lo = lo.min(idx);
+                            hi = idx + 1;
+                            t
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    },
+                    Pte::Leaf { .. } => {
+                        result = Err(PageTableError::AlreadyMapped { iova: DmaAddr(cur) });
+                        break;
+                    }
+                };
+                if let Err(e) = self.map_rec(child, h - 1, cur, p, next, attrs) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            cur = next;
+        }
+        self.clean_entries(table, lo, hi);
+        result
+    }
+
+    /// First address in `[iova, end)` that is mapped, if any.
+    fn first_present(&self, table: PhysAddr, h: u32, iova: u64, end: u64) -> Option<u64> {
+        let esize = entry_size(h);
+        let mut cur = iova;
+        while cur < end {
+            let idx = index(cur, h);
+            let next = end.min((cur & !(esize - 1)) + esize);
+            match self.fmt.decode(self.read(table, idx), h) {
+                Pte::Invalid => {}
+                Pte::Leaf { .. } => return Some(cur),
+                Pte::Table(t) if h > 0 => {
+                    if let Some(a) = self.first_present(t, h - 1, cur, next) {
+                        return Some(a);
+                    }
+                }
+                Pte::Table(_) => return Some(cur),
+            }
+            cur = next;
+        }
+        None
+    }
+
+    /// First address in `[iova, end)` that is not mapped, if any.
+    fn first_absent(&self, table: PhysAddr, h: u32, iova: u64, end: u64) -> Option<u64> {
+        let esize = entry_size(h);
+        let mut cur = iova;
+        while cur < end {
+            let idx = index(cur, h);
+            let next = end.min((cur & !(esize - 1)) + esize);
+            match self.fmt.decode(self.read(table, idx), h) {
+                Pte::Invalid => return Some(cur),
+                Pte::Leaf { .. } => {}
+                Pte::Table(t) if h > 0 => {
+                    if let Some(a) = self.first_absent(t, h - 1, cur, next) {
+                        return Some(a);
+                    }
+                }
+                Pte::Table(_) => return Some(cur),
+            }
+            cur = next;
+        }
+        None
+    }
+
+    /// Whether every page of `[iova, iova + len)` is mapped; `Err` names the
+    /// first one that is not.
+    pub fn check_mapped(&self, iova: DmaAddr, len: u64) -> Result<(), PageTableError> {
+        let end = self.check_range(iova, len)?;
+        match self.first_absent(self.root, self.top_height(), iova.0, end) {
+            None => Ok(()),
+            Some(a) => Err(PageTableError::NotMapped { iova: DmaAddr(a) }),
+        }
+    }
+
+    /// Whether no page of `[iova, iova + len)` is mapped; `Err` names the
+    /// first one that is.
+    pub fn check_unmapped(&self, iova: DmaAddr, len: u64) -> Result<(), PageTableError> {
+        let end = self.check_range(iova, len)?;
+        match self.first_present(self.root, self.top_height(), iova.0, end) {
+            None => Ok(()),
+            Some(a) => Err(PageTableError::AlreadyMapped { iova: DmaAddr(a) }),
+        }
+    }
+
+    /// Unmaps `[iova, iova + len)`, which must be entirely mapped (else
+    /// `NotMapped` and nothing changes). Blocks that straddle either end are
+    /// split first; if table memory for a split runs out, nothing is unmapped
+    /// (splits keep the same translations). Returns exactly what was done.
+    pub fn unmap(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
+        self.check_mapped(iova, len)?;
+        let end = iova.0 + len;
+        let mut out = UnmapOutcome::default();
+        out.split |= self.split_at(iova.0)?;
+        if end < 1u64 << self.ias_bits() {
+            out.split |= self.split_at(end)?;
+        }
+        self.clear_rec(self.root, self.top_height(), iova.0, end, false, &mut out);
+        Ok(out)
+    }
+
+    /// Unmaps whatever is mapped in `[iova, iova + len)`, skipping holes.
+    /// Leaves straddling either end are left alone (never split), so this
+    /// cannot fail on memory; use it to tear down a whole transaction.
+    pub fn unmap_present(
+        &mut self,
+        iova: DmaAddr,
+        len: u64,
+    ) -> Result<UnmapOutcome, PageTableError> {
+        let end = self.check_range(iova, len)?;
+        let mut out = UnmapOutcome::default();
+        self.clear_rec(self.root, self.top_height(), iova.0, end, false, &mut out);
+        Ok(out)
+    }
+
+    /// Makes `addr` an entry boundary by splitting the leaf containing it.
+    fn split_at(&mut self, addr: u64) -> Result<bool, PageTableError> {
+        let mut table = self.root;
+        let mut h = self.top_height();
+        let mut split = false;
+        loop {
+            let idx = index(addr, h);
+            let esize = entry_size(h);
+            match self.fmt.decode(self.read(table, idx), h) {
+                Pte::Invalid => return Ok(split),
+                Pte::Table(t) => {
+                    if h == 0 {
+                        return Ok(split);
+                    }
+                    table = t;
+                    h -= 1;
+                }
+                Pte::Leaf { pa, attrs } => {
+                    if h == 0 || addr & (esize - 1) == 0 {
+                        return Ok(split);
+                    }
+                    let child = self.alloc_table()?;
+                    let csize = entry_size(h - 1);
+                    for i in 0..ENTRIES {
+                        let d = self
+                            .fmt
+                            .leaf(PhysAddr(pa.0 + i as u64 * csize), h - 1, attrs);
+                        self.write(child, i, d);
+                    }
+                    self.clean_entries(child, 0, ENTRIES);
+                    self.write(table, idx, self.fmt.table(child));
+                    self.clean_entries(table, idx, idx + 1);
+                    split = true;
+                    table = child;
+                    h -= 1;
+                }
+            }
+        }
+    }
+
+    /// Clears every leaf wholly inside `[iova, end)`, detaches child tables
+    /// that become empty. Returns whether `table` is now empty.
+    fn clear_rec(
+        &mut self,
+        table: PhysAddr,
+        h: u32,
+        iova: u64,
+        end: u64,
+        prune: bool,
+        out: &mut UnmapOutcome,
+    ) -> bool {
+        let esize = entry_size(h);
+        let mut cur = iova;
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        while cur < end {
+            let idx = index(cur, h);
+            let base = cur & !(esize - 1);
+            let next = end.min(base + esize);
+            match self.fmt.decode(self.read(table, idx), h) {
+                Pte::Invalid => {}
+                Pte::Leaf { .. } => {
+                    if cur == base && next == base + esize {
+                        self.write(table, idx, 0);
+                        out.bytes += esize;
+                        lo = lo.min(idx);
+                        hi = idx + 1;
+                    }
+                }
+                Pte::Table(child) if h > 0 => {
+                    if self.clear_rec(child, h - 1, cur, next, prune, out)
+                        && self.retired.push(child).is_ok()
+                    {
+                        self.write(table, idx, 0);
+                        self.table_pages -= 1;
+                        out.freed_tables = true;
+                        lo = lo.min(idx);
+                        hi = idx + 1;
+                    }
+                }
+                Pte::Table(_) => {}
+            }
+            cur = next;
+        }
+        self.clean_entries(table, lo, hi);
+        if hi == 0 && !prune {
+            // Nothing changed here: a table is never left empty by this walker
+            // unless retiring it failed, and then it stays attached anyway.
+            // (`prune` is set when rolling back a map, whose fresh tables may
+            // be empty.)
+            return false;
+        }
+        // Look next to what was cleared first: neighbours are the likeliest
+        // to still be present, which keeps sequential unmaps O(1) per page.
+        let present = |i: usize| self.fmt.decode(self.read(table, i), h) != Pte::Invalid;
+        !((hi..ENTRIES).any(present) || (0..lo.min(hi)).any(present))
+    }
+
+    /// Hands retired table pages back to the lender. Call only after the
+    /// IOMMU's caches were invalidated for the ranges they covered.
+    pub fn free_retired(&mut self) {
+        self.free_retired_now();
+    }
+
+    fn free_retired_now(&mut self) {
+        while let Some(t) = self.retired.pop() {
+            // SAFETY: `t` came from `alloc_zeroed(1)` and was detached from the
+            // table; the caller guarantees the IOMMU no longer walks it.
+            unsafe { self.mem.free(t, 1) };
+        }
+    }
+
+    /// Software walk: the output address, attributes and leaf height that
+    /// `iova` translates to, or `None` when it is not mapped.
+    pub fn translate(&self, iova: DmaAddr) -> Option<(PhysAddr, MapAttrs, u32)> {
+        if iova.0 >> self.ias_bits() != 0 {
+            return None;
+        }
+        let mut table = self.root;
+        let mut h = self.top_height();
+        loop {
+            match self.fmt.decode(self.read(table, index(iova.0, h)), h) {
+                Pte::Invalid => return None,
+                Pte::Leaf { pa, attrs } => {
+                    let off = iova.0 & (entry_size(h) - 1);
+                    return Some((PhysAddr(pa.0 + off), attrs, h));
+                }
+                Pte::Table(t) => {
+                    if h == 0 {
+                        return None;
+                    }
+                    table = t;
+                    h -= 1;
+                }
+            }
+        }
+    }
+
+    fn free_tree(&mut self, table: PhysAddr, h: u32) {
+        if h > 0 {
+            for i in 0..ENTRIES {
+                if let Pte::Table(t) = self.fmt.decode(self.read(table, i), h) {
+                    self.free_tree(t, h - 1);
+                }
+            }
+        }
+        // SAFETY: every table page reached from the root came from
+        // `alloc_zeroed(1)`; the table is being dropped, which the owner may do
+        // only after the IOMMU stopped using it (documented on the owner).
+        unsafe { self.mem.free(table, 1) };
+    }
+}
+
+impl<F: PteFormat, M: TableMemory> Drop for IoPageTable<F, M> {
+    fn drop(&mut self) {
+        self.free_retired_now();
+        self.free_tree(self.root, self.top_height());
+    }
+}

@@ -1,0 +1,670 @@
+//! Transaction state and the two-step DMA API.
+//!
+//! Modelled on Linux's `dma_iova_try_alloc` / `dma_iova_link` /
+//! `dma_iova_sync` / `dma_iova_unlink` / `dma_iova_destroy` /
+//! `dma_iova_free`, with the bookkeeping moved into the state:
+//!
+//! - [`Domain::try_alloc`] returns a [`DmaPath`]: an [`IovaState`] when the
+//!   IOMMU translates, a [`DirectState`] when the domain is identity. The two
+//!   are different types, so a request can never carry a stale IOVA size into
+//!   the direct path.
+//! - [`Domain::link`] writes tables only, all or nothing, and records the
+//!   linked bytes and the kind of mapping in the state.
+//! - [`Domain::sync`] issues the invalidations for everything that changed and
+//!   waits on the hardware **once**.
+//! - [`Domain::unlink`] undoes part or all of what was linked; unlinking what
+//!   was never linked is an error that changes nothing.
+//! - [`Domain::free`] and [`Domain::destroy`] take the state by value (a freed
+//!   transaction cannot be used again: that is a compile error) and unlink
+//!   whatever is still linked: no caller-remembered length is needed.
+//!
+//! Nothing on these paths allocates from a heap.
+
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::backend::{Attachment, DomainInfo, IommuBackend};
+use crate::error::DmaError;
+use crate::iova::{IovaAllocator, IovaRange};
+use crate::logging::log_debug;
+use crate::mem::TableMemory;
+use crate::pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat};
+
+/// What kind of mapping a transaction's links made. Unlink and free do
+/// exactly the inverse of what this says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u8)]
+pub enum DmaKind {
+    /// Host memory translated by the IOMMU.
+    Translated = 1,
+    /// A peer's BAR reached by its PCI bus address, routed by a switch: the
+    /// IOMMU never sees it, so there is nothing to unmap.
+    P2pBusAddr = 2,
+    /// A peer's BAR reached through the host bridge: translated by the IOMMU
+    /// with device-memory attributes.
+    P2pThruHostBridge = 3,
+    /// No IOMMU translation: DMA addresses are physical addresses.
+    Direct = 4,
+}
+
+impl DmaKind {
+    const fn from_bits(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(DmaKind::Translated),
+            2 => Some(DmaKind::P2pBusAddr),
+            3 => Some(DmaKind::P2pThruHostBridge),
+            4 => Some(DmaKind::Direct),
+            _ => None,
+        }
+    }
+}
+
+/// One IOVA transaction: a contiguous IOVA range owned by the caller, into
+/// which physical ranges are linked at offsets. 32 bytes on 64-bit targets.
+///
+/// Not `Clone`: there is exactly one owner, and [`Domain::free`] consumes it.
+#[must_use = "an IovaState holds an IOVA range and mappings: give it back with Domain::free or destroy"]
+#[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct IovaState {
+    iova: u64,
+    size: u64,
+    linked: u64,
+    domain: u16,
+    kind: u8,
+    dirs: u8,
+}
+
+impl IovaState {
+    /// First IOVA of the transaction.
+    pub fn iova(&self) -> DmaAddr {
+        DmaAddr(self.iova)
+    }
+
+    /// Size of the IOVA range in bytes (the request rounded up to a power of
+    /// two of pages).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes currently linked.
+    pub fn linked(&self) -> u64 {
+        self.linked
+    }
+
+    /// The domain the transaction belongs to.
+    pub fn domain_id(&self) -> u16 {
+        self.domain
+    }
+
+    /// Kind of the linked mappings, `None` while nothing is linked.
+    pub fn kind(&self) -> Option<DmaKind> {
+        DmaKind::from_bits(self.kind)
+    }
+
+    /// Union of the directions linked so far, `None` while nothing is linked.
+    pub fn direction(&self) -> Option<DmaDirection> {
+        DmaDirection::from_bits(self.dirs)
+    }
+
+    /// The device address of byte `offset` of the transaction.
+    pub fn dma_addr(&self, offset: u64) -> Result<DmaAddr, DmaError> {
+        if offset >= self.size {
+            return Err(DmaError::OutsideTransaction {
+                offset,
+                len: 0,
+                size: self.size,
+            });
+        }
+        Ok(DmaAddr(self.iova + offset))
+    }
+}
+
+/// The direct path (identity domain, no IOMMU, bypass): DMA addresses are
+/// physical addresses, checked against the device's DMA mask.
+#[must_use]
+#[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DirectState {
+    dma_mask: u64,
+    size: u64,
+    linked: u64,
+}
+
+impl DirectState {
+    /// A direct-path transaction for a device with `dma_mask`, for up to
+    /// `size` bytes. Use it where there is no IOMMU at all.
+    pub fn new(size: u64, dma_mask: u64) -> Result<Self, DmaError> {
+        if size == 0 {
+            return Err(DmaError::ZeroLength);
+        }
+        Ok(Self {
+            dma_mask,
+            size,
+            linked: 0,
+        })
+    }
+
+    /// The DMA address of `[phys, phys + len)`: `phys` itself, when the whole
+    /// range is reachable under the DMA mask and the transaction's size.
+    pub fn link(&mut self, phys: PhysAddr, len: u64) -> Result<DmaAddr, DmaError> {
+        if len == 0 {
+            return Err(DmaError::ZeroLength);
+        }
+        let last = phys
+            .0
+            .checked_add(len - 1)
+            .ok_or(DmaError::Overflow { a: phys.0, b: len })?;
+        if last > self.dma_mask {
+            return Err(DmaError::AboveDmaMask {
+                size: len,
+                mask: self.dma_mask,
+            });
+        }
+        let linked = self.linked.checked_add(len).ok_or(DmaError::Overflow {
+            a: self.linked,
+            b: len,
+        })?;
+        if linked > self.size {
+            return Err(DmaError::OutsideTransaction {
+                offset: self.linked,
+                len,
+                size: self.size,
+            });
+        }
+        self.linked = linked;
+        Ok(DmaAddr(phys.0))
+    }
+
+    /// Forgets `len` linked bytes (nothing to tear down on the direct path).
+    pub fn unlink(&mut self, len: u64) -> Result<(), DmaError> {
+        if len == 0 {
+            return Err(DmaError::ZeroLength);
+        }
+        if len > self.linked {
+            return Err(DmaError::NotLinked {
+                iova: DmaAddr(self.linked),
+            });
+        }
+        self.linked -= len;
+        Ok(())
+    }
+
+    /// Bytes currently linked.
+    pub fn linked(&self) -> u64 {
+        self.linked
+    }
+
+    /// Always [`DmaKind::Direct`].
+    pub fn kind(&self) -> DmaKind {
+        DmaKind::Direct
+    }
+}
+
+/// What [`Domain::try_alloc`] hands out (Linux's `dma_use_iova()` made a type).
+#[must_use]
+#[derive(Debug, PartialEq, Eq)]
+pub enum DmaPath {
+    /// The IOMMU translates: link physical ranges into the IOVA range.
+    Iova(IovaState),
+    /// Identity domain: use physical addresses.
+    Direct(DirectState),
+}
+
+impl DmaPath {
+    /// The IOVA state, if this is the IOVA path.
+    pub fn into_iova(self) -> Option<IovaState> {
+        match self {
+            DmaPath::Iova(s) => Some(s),
+            DmaPath::Direct(_) => None,
+        }
+    }
+}
+
+/// A one-step mapping ([`Domain::map`]): the transaction and the address,
+/// which knows its own kind, so `unmap` can never confuse an IOVA with a
+/// bus address.
+#[must_use]
+#[derive(Debug, PartialEq, Eq)]
+pub struct Mapping {
+    state: IovaState,
+}
+
+impl Mapping {
+    /// The device address to program.
+    pub fn addr(&self) -> DmaAddr {
+        DmaAddr(self.state.iova)
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> u64 {
+        self.state.linked
+    }
+
+    /// Whether nothing is mapped (never true for a mapping `map` returned).
+    pub fn is_empty(&self) -> bool {
+        self.state.linked == 0
+    }
+
+    /// Kind of the mapping.
+    pub fn kind(&self) -> Option<DmaKind> {
+        self.state.kind()
+    }
+}
+
+/// Settings of a translated domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DomainConfig {
+    /// Hardware tag: SMMU ASID (stage 1) / VMID (stage 2), VT-d domain-id.
+    pub id: u16,
+    /// Page-table levels (3 → 39-bit, 4 → 48-bit IOVAs).
+    pub levels: u8,
+    /// IOVAs handed out lie in `[aperture_start, aperture_end)`.
+    pub aperture_start: u64,
+    /// End (exclusive) of the aperture; at most `1 << (12 + 9 * levels)`.
+    pub aperture_end: u64,
+    /// Whether the IOMMU walker snoops CPU caches (see
+    /// [`IommuBackend::coherent_walk`]); if not, table writes are cleaned.
+    pub coherent_walk: bool,
+}
+
+const PENDING: usize = 16;
+
+#[derive(Clone, Copy, Debug)]
+struct Inval {
+    start: u64,
+    end: u64,
+    leaf_only: bool,
+}
+
+/// Ranges whose translations changed since the last sync.
+struct PendingList {
+    list: heapless::Vec<Inval, PENDING>,
+    overflow: bool,
+}
+
+impl PendingList {
+    const fn new() -> Self {
+        Self {
+            list: heapless::Vec::new(),
+            overflow: false,
+        }
+    }
+
+    fn add(&mut self, start: u64, len: u64, leaf_only: bool) {
+        if self.overflow {
+            return;
+        }
+        let end = start.saturating_add(len);
+        if let Some(last) = self.list.last_mut() {
+            if start <= last.end && end >= last.start {
+                last.start = last.start.min(start);
+                last.end = last.end.max(end);
+                last.leaf_only &= leaf_only;
+                return;
+            }
+        }
+        if self
+            .list
+            .push(Inval {
+                start,
+                end,
+                leaf_only,
+            })
+            .is_err()
+        {
+            self.overflow = true;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.list.is_empty() && !self.overflow
+    }
+
+    fn clear(&mut self) {
+        self.list.clear();
+        self.overflow = false;
+    }
+}
+
+struct Translated<F: PteFormat, M: TableMemory> {
+    pt: IoPageTable<F, M>,
+    iova: IovaAllocator,
+    /// Unlinked ranges: always invalidated at sync.
+    unmapped: PendingList,
+    /// Linked ranges: invalidated only when the backend caches not-present entries.
+    mapped: PendingList,
+}
+
+/// An IOMMU domain: a page table, its IOVA space and its pending
+/// invalidations — or an identity domain, where DMA bypasses translation.
+///
+/// Drop a translated domain only after every device was detached from it:
+/// dropping gives its table pages back to the lender.
+pub struct Domain<F: PteFormat, M: TableMemory> {
+    id: u16,
+    inner: Option<Translated<F, M>>,
+}
+
+fn check_aligned(v: u64) -> Result<(), DmaError> {
+    if v % PAGE_SIZE != 0 {
+        Err(DmaError::Unaligned { value: v })
+    } else {
+        Ok(())
+    }
+}
+
+impl<F: PteFormat, M: TableMemory> Domain<F, M> {
+    /// A translated domain with an empty page table taken from `mem`.
+    pub fn new(fmt: F, mem: M, config: DomainConfig) -> Result<Self, DmaError> {
+        if !(2..=5).contains(&config.levels) {
+            return Err(DmaError::BadConfig {
+                what: "levels",
+                value: u64::from(config.levels),
+            });
+        }
+        let limit = 1u64 << (12 + 9 * u32::from(config.levels));
+        if config.aperture_end > limit {
+            return Err(DmaError::BadConfig {
+                what: "aperture_end",
+                value: config.aperture_end,
+            });
+        }
+        let iova = IovaAllocator::new(config.aperture_start, config.aperture_end)?;
+        let pt = IoPageTable::new(fmt, mem, config.levels, config.coherent_walk)?;
+        Ok(Self {
+            id: config.id,
+            inner: Some(Translated {
+                pt,
+                iova,
+                unmapped: PendingList::new(),
+                mapped: PendingList::new(),
+            }),
+        })
+    }
+
+    /// An identity domain: [`try_alloc`](Self::try_alloc) hands out the
+    /// direct path and devices attached with [`attachment`](Self::attachment)
+    /// bypass translation.
+    pub fn identity(id: u16) -> Self {
+        Self { id, inner: None }
+    }
+
+    /// The domain's hardware tag.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// What a backend needs to translate through this domain, or `None` for
+    /// an identity domain.
+    pub fn info(&self) -> Option<DomainInfo> {
+        self.inner.as_ref().map(|t| DomainInfo {
+            id: self.id,
+            root: t.pt.root(),
+            format: F::KIND,
+            levels: t.pt.levels(),
+            ias_bits: t.pt.ias_bits() as u8,
+        })
+    }
+
+    /// How to attach devices to this domain: `backend.attach(dev, dom.attachment())`.
+    pub fn attachment(&self) -> Attachment {
+        match self.info() {
+            Some(info) => Attachment::Translated(info),
+            None => Attachment::Bypass,
+        }
+    }
+
+    /// The page table (for inspection and software translation), if translated.
+    pub fn page_table(&self) -> Option<&IoPageTable<F, M>> {
+        self.inner.as_ref().map(|t| &t.pt)
+    }
+
+    /// Software translation of `iova` through this domain's tables.
+    pub fn translate(&self, iova: DmaAddr) -> Option<(PhysAddr, MapAttrs)> {
+        self.inner
+            .as_ref()?
+            .pt
+            .translate(iova)
+            .map(|(pa, a, _)| (pa, a))
+    }
+
+    /// Whether invalidations are waiting for [`sync`](Self::sync).
+    pub fn has_pending(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|t| !t.unmapped.is_empty() || !t.mapped.is_empty())
+    }
+
+    /// Step 1: reserve a contiguous IOVA range of at least `size` bytes,
+    /// entirely at or below `dma_mask`, for one whole transaction.
+    ///
+    /// For an identity domain this returns [`DmaPath::Direct`].
+    pub fn try_alloc(&mut self, size: u64, dma_mask: u64) -> Result<DmaPath, DmaError> {
+        if size == 0 {
+            return Err(DmaError::ZeroLength);
+        }
+        let Some(t) = self.inner.as_mut() else {
+            return Ok(DmaPath::Direct(DirectState::new(size, dma_mask)?));
+        };
+        let size = crate::addr::page_round_up(size).ok_or(DmaError::Overflow {
+            a: size,
+            b: PAGE_SIZE,
+        })?;
+        let r = t.iova.alloc(size, dma_mask)?;
+        log_debug!("iova alloc {:#x}+{:#x}", r.start, r.size);
+        Ok(DmaPath::Iova(IovaState {
+            iova: r.start,
+            size: r.size,
+            linked: 0,
+            domain: self.id,
+            kind: 0,
+            dirs: 0,
+        }))
+    }
+
+    fn translated(&mut self, tx: &IovaState) -> Result<&mut Translated<F, M>, DmaError> {
+        if tx.domain != self.id {
+            return Err(DmaError::WrongDomain {
+                expected: tx.domain,
+                found: self.id,
+            });
+        }
+        self.inner.as_mut().ok_or(DmaError::IdentityDomain)
+    }
+
+    /// Checks `[offset, offset + len)` against the transaction.
+    fn check_window(tx: &IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
+        if len == 0 {
+            return Err(DmaError::ZeroLength);
+        }
+        check_aligned(offset)?;
+        check_aligned(len)?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(DmaError::Overflow { a: offset, b: len })?;
+        if end > tx.size {
+            return Err(DmaError::OutsideTransaction {
+                offset,
+                len,
+                size: tx.size,
+            });
+        }
+        Ok(tx.iova + offset)
+    }
+
+    /// Step 2: link `[phys, phys + len)` at `offset` into the transaction,
+    /// with the permissions of `dir` plus `attrs`. Writes tables only; call
+    /// [`sync`](Self::sync) before the device uses the range.
+    ///
+    /// All or nothing: on any error the tables and the state are unchanged.
+    /// `attrs` containing [`MapAttrs::MMIO`] makes this a P2P-through-host-
+    /// bridge link; mixing it with host-memory links in one transaction is
+    /// refused with [`DmaError::MixedP2p`].
+    pub fn link(
+        &mut self,
+        tx: &mut IovaState,
+        phys: PhysAddr,
+        offset: u64,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+    ) -> Result<DmaAddr, DmaError> {
+        let iova = Self::check_window(tx, offset, len)?;
+        check_aligned(phys.0)?;
+        phys.0
+            .checked_add(len)
+            .ok_or(DmaError::Overflow { a: phys.0, b: len })?;
+        let kind = if attrs.contains(MapAttrs::MMIO) {
+            DmaKind::P2pThruHostBridge
+        } else {
+            DmaKind::Translated
+        };
+        if tx.linked != 0 && tx.kind != kind as u8 {
+            return Err(DmaError::MixedP2p);
+        }
+        let t = self.translated(tx)?;
+        let attrs = (attrs - MapAttrs::READ - MapAttrs::WRITE) | dir.attrs();
+        match t.pt.map(DmaAddr(iova), phys, len, attrs) {
+            Ok(()) => {}
+            Err(e) => {
+                if e == crate::error::PageTableError::OutOfMemory {
+                    // Entries were written and taken back: a walker may have
+                    // cached them, so they are invalidated like an unlink.
+                    t.unmapped.add(iova, len, false);
+                }
+                return Err(e.into());
+            }
+        }
+        t.mapped.add(iova, len, true);
+        tx.linked += len;
+        tx.kind = kind as u8;
+        tx.dirs |= dir as u8;
+        Ok(DmaAddr(iova))
+    }
+
+    /// Step 3: invalidate what changed since the last sync (one batch) and
+    /// wait for the hardware once. Table pages freed by unlinks are handed
+    /// back to the lender only after the wait succeeded.
+    pub fn sync<B: IommuBackend + ?Sized>(&mut self, backend: &mut B) -> Result<(), DmaError> {
+        let Some(info) = self.info() else {
+            return backend.sync().map_err(Into::into);
+        };
+        let Some(t) = self.inner.as_mut() else {
+            return Err(DmaError::IdentityDomain);
+        };
+        // Table stores happen before the backend's doorbell write.
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        let with_maps = backend.needs_map_invalidation();
+        if t.unmapped.overflow || (with_maps && t.mapped.overflow) {
+            backend.invalidate_domain(&info)?;
+        } else {
+            for r in t.unmapped.list.iter() {
+                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
+            }
+            if with_maps {
+                for r in t.mapped.list.iter() {
+                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
+                }
+            }
+        }
+        backend.sync()?;
+        t.unmapped.clear();
+        t.mapped.clear();
+        t.pt.free_retired();
+        Ok(())
+    }
+
+    /// Step 4: unlink `[offset, offset + len)` of the transaction. The whole
+    /// range must be linked (else [`DmaError::NotLinked`], nothing changed).
+    /// Queues the invalidation; the memory may be reused after the next
+    /// [`sync`](Self::sync). Returns the bytes unlinked.
+    pub fn unlink(&mut self, tx: &mut IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
+        let iova = Self::check_window(tx, offset, len)?;
+        let t = self.translated(tx)?;
+        let out = t.pt.unmap(DmaAddr(iova), len)?;
+        t.unmapped.add(iova, len, !out.freed_tables);
+        tx.linked = tx.linked.saturating_sub(out.bytes);
+        if tx.linked == 0 {
+            tx.kind = 0;
+            tx.dirs = 0;
+        }
+        Ok(out.bytes)
+    }
+
+    /// Step 5: give the transaction back. Whatever is still linked is
+    /// unlinked first (its invalidation is queued for the next sync). On a
+    /// wrong-domain error the state is returned untouched.
+    pub fn free(&mut self, tx: IovaState) -> Result<(), (IovaState, DmaError)> {
+        let t = match self.translated(&tx) {
+            Ok(t) => t,
+            Err(e) => return Err((tx, e)),
+        };
+        if tx.linked != 0 {
+            match t.pt.unmap_present(DmaAddr(tx.iova), tx.size) {
+                Ok(out) => t.unmapped.add(tx.iova, tx.size, !out.freed_tables),
+                Err(e) => return Err((tx, e.into())),
+            }
+        }
+        let range = IovaRange {
+            start: tx.iova,
+            size: tx.size,
+        };
+        t.iova.free(range).map_err(|e| (tx, e))
+    }
+
+    /// [`free`](Self::free) followed by [`sync`](Self::sync): unlinks
+    /// everything, waits for the invalidation, releases the IOVA range.
+    pub fn destroy<B: IommuBackend + ?Sized>(
+        &mut self,
+        tx: IovaState,
+        backend: &mut B,
+    ) -> Result<(), DmaError> {
+        self.free(tx).map_err(|(_, e)| e)?;
+        self.sync(backend)
+    }
+
+    /// One-step map: try_alloc + link + sync of one physically contiguous range.
+    pub fn map<B: IommuBackend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        phys: PhysAddr,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+        dma_mask: u64,
+    ) -> Result<Mapping, DmaError> {
+        check_aligned(len)?;
+        let Some(mut tx) = self.try_alloc(len, dma_mask)?.into_iova() else {
+            return Err(DmaError::IdentityDomain);
+        };
+        if let Err(e) = self.link(&mut tx, phys, 0, len, dir, attrs) {
+            let _ = self.free(tx);
+            return Err(e);
+        }
+        if let Err(e) = self.sync(backend) {
+            let _ = self.free(tx);
+            return Err(e);
+        }
+        Ok(Mapping { state: tx })
+    }
+
+    /// One-step unmap of a [`Mapping`]: unlink, sync, free.
+    pub fn unmap<B: IommuBackend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        m: Mapping,
+    ) -> Result<(), DmaError> {
+        self.destroy(m.state, backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_is_at_most_32_bytes() {
+        assert!(core::mem::size_of::<IovaState>() <= 32);
+    }
+}

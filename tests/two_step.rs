@@ -1,0 +1,533 @@
+//! The two-step API's contract: every bad argument is a typed error that
+//! changes nothing, and the state knows what it linked.
+
+mod common;
+
+use bare_iommu::pgtable::arm::ArmStage1;
+use bare_iommu::testing::{Call, RecordingBackend};
+use bare_iommu::{
+    DmaAddr, DmaDirection, DmaError, DmaKind, DmaPath, Domain, DomainConfig, IovaState, MapAttrs,
+    PhysAddr,
+};
+use common::HostMemory;
+
+const MB: u64 = 1 << 20;
+
+fn cfg(id: u16) -> DomainConfig {
+    DomainConfig {
+        id,
+        levels: 4,
+        aperture_start: MB,
+        aperture_end: 1 << 32,
+        coherent_walk: true,
+    }
+}
+
+fn domain(mem: &HostMemory) -> Domain<ArmStage1, &HostMemory> {
+    Domain::new(ArmStage1, mem, cfg(1)).unwrap()
+}
+
+fn tx(d: &mut Domain<ArmStage1, &HostMemory>, size: u64) -> IovaState {
+    d.try_alloc(size, u64::MAX).unwrap().into_iova().unwrap()
+}
+
+const RW: DmaDirection = DmaDirection::Bidirectional;
+
+#[test]
+fn state_fits_in_32_bytes() {
+    assert!(
+        std::mem::size_of::<IovaState>() <= 32,
+        "{}",
+        std::mem::size_of::<IovaState>()
+    );
+}
+
+#[test]
+fn link_of_non_contiguous_pages_translates_each_page() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 3 * 4096);
+    assert_eq!(t.size(), 4 * 4096);
+    let pages = [0x8000_3000u64, 0x8100_0000, 0x8000_1000];
+    for (i, p) in pages.iter().enumerate() {
+        let a = d
+            .link(
+                &mut t,
+                PhysAddr(*p),
+                i as u64 * 4096,
+                4096,
+                RW,
+                MapAttrs::empty(),
+            )
+            .unwrap();
+        assert_eq!(a, DmaAddr(t.iova().0 + i as u64 * 4096));
+    }
+    d.sync(&mut be).unwrap();
+    assert_eq!(t.linked(), 3 * 4096);
+    assert_eq!(t.kind(), Some(DmaKind::Translated));
+    for (i, p) in pages.iter().enumerate() {
+        let (pa, attrs) = d
+            .translate(DmaAddr(t.iova().0 + i as u64 * 4096 + 0x123))
+            .unwrap();
+        assert_eq!(pa, PhysAddr(p + 0x123));
+        assert!(attrs.contains(MapAttrs::READ | MapAttrs::WRITE));
+    }
+    assert_eq!(d.translate(DmaAddr(t.iova().0 + 3 * 4096)), None);
+    // Linking does not invalidate on a backend without caching mode: one wait only.
+    assert_eq!(be.syncs, 1);
+    assert_eq!(be.invalidations, 0);
+    d.destroy(t, &mut be).unwrap();
+}
+
+#[test]
+fn zero_length_is_refused() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    assert_eq!(d.try_alloc(0, u64::MAX), Err(DmaError::ZeroLength));
+    let mut t = tx(&mut d, 8192);
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0x1000), 0, 0, RW, MapAttrs::empty()),
+        Err(DmaError::ZeroLength)
+    );
+    assert_eq!(d.unlink(&mut t, 0, 0), Err(DmaError::ZeroLength));
+}
+
+#[test]
+fn unaligned_phys_offset_and_length_are_refused() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut t = tx(&mut d, 4 * 4096);
+    let e = |v| Err(DmaError::Unaligned { value: v });
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0x1234), 0, 4096, RW, MapAttrs::empty()),
+        e(0x1234)
+    );
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0x1000), 0x10, 4096, RW, MapAttrs::empty()),
+        e(0x10)
+    );
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0x1000), 0, 100, RW, MapAttrs::empty()),
+        e(100)
+    );
+    assert_eq!(
+        d.unlink(&mut t, 0x800, 4096),
+        Err(DmaError::Unaligned { value: 0x800 })
+    );
+    assert_eq!(t.linked(), 0);
+}
+
+#[test]
+fn arithmetic_overflow_is_refused() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut t = tx(&mut d, 4 * 4096);
+    let big = u64::MAX & !0xfff;
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0x1000), big, 4096, RW, MapAttrs::empty()),
+        Err(DmaError::Overflow { a: big, b: 4096 })
+    );
+    assert_eq!(
+        d.link(&mut t, PhysAddr(big), 0, 4096, RW, MapAttrs::empty()),
+        Err(DmaError::Overflow { a: big, b: 4096 })
+    );
+    assert_eq!(
+        d.try_alloc(u64::MAX, u64::MAX).err(),
+        Some(DmaError::Overflow {
+            a: u64::MAX,
+            b: 4096
+        })
+    );
+}
+
+#[test]
+fn link_and_unlink_outside_the_transaction_are_refused() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut t = tx(&mut d, 2 * 4096);
+    assert_eq!(
+        d.link(
+            &mut t,
+            PhysAddr(0x1000),
+            4096,
+            2 * 4096,
+            RW,
+            MapAttrs::empty()
+        ),
+        Err(DmaError::OutsideTransaction {
+            offset: 4096,
+            len: 8192,
+            size: 8192
+        })
+    );
+    assert_eq!(
+        d.unlink(&mut t, 8192, 4096),
+        Err(DmaError::OutsideTransaction {
+            offset: 8192,
+            len: 4096,
+            size: 8192
+        })
+    );
+    // Nothing of the refused link is mapped.
+    assert_eq!(d.translate(DmaAddr(t.iova().0 + 4096)), None);
+}
+
+#[test]
+fn link_over_a_linked_range_changes_nothing() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut t = tx(&mut d, 4 * 4096);
+    d.link(
+        &mut t,
+        PhysAddr(0x10_2000),
+        4096,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    let before = mem.live_pages();
+    assert_eq!(
+        d.link(
+            &mut t,
+            PhysAddr(0x20_0000),
+            0,
+            3 * 4096,
+            RW,
+            MapAttrs::empty()
+        ),
+        Err(DmaError::AlreadyLinked {
+            iova: DmaAddr(t.iova().0 + 4096)
+        })
+    );
+    assert_eq!(
+        d.translate(t.iova()),
+        None,
+        "the page before the conflict must not stay mapped"
+    );
+    assert_eq!(
+        d.translate(DmaAddr(t.iova().0 + 4096)).unwrap().0,
+        PhysAddr(0x10_2000)
+    );
+    assert_eq!(t.linked(), 4096);
+    assert_eq!(mem.live_pages(), before);
+}
+
+#[test]
+fn unlink_of_a_never_linked_range_and_double_unlink_are_refused() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut t = tx(&mut d, 4 * 4096);
+    d.link(
+        &mut t,
+        PhysAddr(0x10_0000),
+        0,
+        2 * 4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    assert_eq!(
+        d.unlink(&mut t, 4096, 2 * 4096),
+        Err(DmaError::NotLinked {
+            iova: DmaAddr(t.iova().0 + 8192)
+        })
+    );
+    assert_eq!(t.linked(), 8192, "a refused unlink unlinks nothing");
+    assert_eq!(d.unlink(&mut t, 0, 4096), Ok(4096));
+    assert_eq!(
+        d.unlink(&mut t, 0, 4096),
+        Err(DmaError::NotLinked { iova: t.iova() })
+    );
+    assert_eq!(t.linked(), 4096);
+}
+
+#[test]
+fn allocator_exhaustion_and_dma_mask_are_errors() {
+    let mem = HostMemory::new();
+    let mut d = Domain::new(
+        ArmStage1,
+        &mem,
+        DomainConfig {
+            id: 3,
+            levels: 3,
+            aperture_start: 0x10_0000,
+            aperture_end: 0x20_0000,
+            coherent_walk: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        d.try_alloc(0x20_0000, u64::MAX),
+        Err(DmaError::IovaExhausted { size: 0x20_0000 })
+    );
+    assert_eq!(
+        d.try_alloc(0x1000, 0xf_ffff),
+        Err(DmaError::AboveDmaMask {
+            size: 0x1000,
+            mask: 0xf_ffff
+        })
+    );
+    let a = d
+        .try_alloc(0x10_0000, u64::MAX)
+        .unwrap()
+        .into_iova()
+        .unwrap();
+    assert_eq!(
+        d.try_alloc(0x1000, u64::MAX),
+        Err(DmaError::IovaExhausted { size: 0x1000 })
+    );
+    d.free(a).unwrap();
+    assert!(d.try_alloc(0x1000, u64::MAX).is_ok());
+}
+
+#[test]
+fn lender_refusal_leaves_no_partial_mapping() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut t = tx(&mut d, 4 << 20);
+    let before = mem.live_pages();
+    // The 4 MiB range at an unaligned physical address needs level-1, level-2
+    // and two level-3 tables; allow only two pages.
+    mem.set_budget(Some(2));
+    assert_eq!(
+        d.link(
+            &mut t,
+            PhysAddr(0x4000_1000),
+            0,
+            4 << 20,
+            RW,
+            MapAttrs::empty()
+        ),
+        Err(DmaError::OutOfMemory)
+    );
+    assert_eq!(
+        mem.live_pages(),
+        before,
+        "tables written before the refusal are given back"
+    );
+    assert_eq!(t.linked(), 0);
+    for off in (0..4 << 20).step_by(4096) {
+        assert_eq!(d.translate(DmaAddr(t.iova().0 + off)), None);
+    }
+    mem.set_budget(None);
+    d.link(
+        &mut t,
+        PhysAddr(0x4000_1000),
+        0,
+        4 << 20,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn wrong_domain_is_refused_and_returns_the_state() {
+    let mem = HostMemory::new();
+    let mut a = domain(&mem);
+    let mut b = Domain::new(ArmStage1, &mem, cfg(2)).unwrap();
+    let mut t = tx(&mut a, 4096);
+    assert_eq!(
+        b.link(&mut t, PhysAddr(0x1000), 0, 4096, RW, MapAttrs::empty()),
+        Err(DmaError::WrongDomain {
+            expected: 1,
+            found: 2
+        })
+    );
+    let (t, e) = b.free(t).unwrap_err();
+    assert_eq!(
+        e,
+        DmaError::WrongDomain {
+            expected: 1,
+            found: 2
+        }
+    );
+    a.free(t).unwrap();
+}
+
+#[test]
+fn free_unlinks_what_is_still_linked_and_the_next_sync_invalidates_it() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let base_pages = mem.live_pages();
+    let mut t = tx(&mut d, 8 * 4096);
+    let iova = t.iova().0;
+    d.link(
+        &mut t,
+        PhysAddr(0x9000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.link(
+        &mut t,
+        PhysAddr(0x9100_0000),
+        5 * 4096,
+        2 * 4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.sync(&mut be).unwrap();
+    d.destroy(t, &mut be).unwrap();
+    assert_eq!(d.translate(DmaAddr(iova)), None);
+    assert_eq!(d.translate(DmaAddr(iova + 5 * 4096)), None);
+    assert!(be.covered_since_last_sync(1, iova, 8 * 4096));
+    assert_eq!(be.syncs, 2);
+    assert_eq!(
+        mem.live_pages(),
+        base_pages,
+        "emptied tables are given back after the sync"
+    );
+}
+
+#[test]
+fn freed_tables_wait_for_the_sync() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let base = mem.live_pages();
+    let mut t = tx(&mut d, 4096);
+    d.link(&mut t, PhysAddr(0x1000), 0, 4096, RW, MapAttrs::empty())
+        .unwrap();
+    d.sync(&mut be).unwrap();
+    assert_eq!(mem.live_pages(), base + 3);
+    d.unlink(&mut t, 0, 4096).unwrap();
+    assert_eq!(
+        mem.live_pages(),
+        base + 3,
+        "tables are not freed before the IOMMU forgot them"
+    );
+    be.fail_next_sync = Some(bare_iommu::BackendError::Timeout {
+        what: "test",
+        polls: 1,
+    });
+    assert!(d.sync(&mut be).is_err());
+    assert_eq!(mem.live_pages(), base + 3, "a failed sync frees nothing");
+    d.sync(&mut be).unwrap();
+    assert_eq!(mem.live_pages(), base);
+    // The invalidation of the unlink was re-issued by the retry, walk caches included.
+    assert!(be.log.iter().any(|c| matches!(
+        c,
+        Call::Invalidate {
+            leaf_only: false,
+            ..
+        }
+    )));
+    d.free(t).unwrap();
+}
+
+#[test]
+fn caching_mode_invalidates_newly_linked_ranges() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend {
+        caching_mode: true,
+        ..RecordingBackend::new()
+    };
+    let mut t = tx(&mut d, 4 * 4096);
+    d.link(
+        &mut t,
+        PhysAddr(0x5000),
+        4096,
+        2 * 4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.sync(&mut be).unwrap();
+    assert!(be.covered_since_last_sync(1, t.iova().0 + 4096, 2 * 4096));
+    d.free(t).unwrap();
+}
+
+#[test]
+fn identity_domain_hands_out_the_direct_path() {
+    let mut d: Domain<ArmStage1, &HostMemory> = Domain::identity(0);
+    let DmaPath::Direct(mut s) = d.try_alloc(8192, 0xffff_ffff).unwrap() else {
+        panic!("identity domain must give the direct path");
+    };
+    assert_eq!(
+        s.link(PhysAddr(0x8000_0000), 4096),
+        Ok(DmaAddr(0x8000_0000))
+    );
+    assert_eq!(
+        s.link(PhysAddr(0x1_0000_0000), 4096),
+        Err(DmaError::AboveDmaMask {
+            size: 4096,
+            mask: 0xffff_ffff
+        })
+    );
+    assert_eq!(s.kind(), DmaKind::Direct);
+    s.unlink(4096).unwrap();
+    assert!(s.unlink(4096).is_err());
+}
+
+#[test]
+fn mixing_p2p_mmio_with_host_memory_is_refused() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut t = tx(&mut d, 4 * 4096);
+    d.link(&mut t, PhysAddr(0x1000), 0, 4096, RW, MapAttrs::empty())
+        .unwrap();
+    assert_eq!(
+        d.link(
+            &mut t,
+            PhysAddr(0x1000_0000),
+            4096,
+            4096,
+            RW,
+            MapAttrs::MMIO
+        ),
+        Err(DmaError::MixedP2p)
+    );
+    d.unlink(&mut t, 0, 4096).unwrap();
+    d.link(
+        &mut t,
+        PhysAddr(0x1000_0000),
+        4096,
+        4096,
+        RW,
+        MapAttrs::MMIO,
+    )
+    .unwrap();
+    assert_eq!(t.kind(), Some(DmaKind::P2pThruHostBridge));
+    assert!(
+        d.translate(DmaAddr(t.iova().0 + 4096))
+            .unwrap()
+            .1
+            .contains(MapAttrs::MMIO)
+    );
+}
+
+#[test]
+fn one_step_map_and_unmap_use_the_same_path() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let m = d
+        .map(
+            &mut be,
+            PhysAddr(0x7000),
+            4096,
+            DmaDirection::ToDevice,
+            MapAttrs::empty(),
+            u64::MAX,
+        )
+        .unwrap();
+    let (pa, attrs) = d.translate(m.addr()).unwrap();
+    assert_eq!(pa, PhysAddr(0x7000));
+    assert!(
+        !attrs.contains(MapAttrs::WRITE),
+        "to-device mappings are read-only for the device"
+    );
+    assert_eq!(m.kind(), Some(DmaKind::Translated));
+    let a = m.addr();
+    d.unmap(&mut be, m).unwrap();
+    assert_eq!(d.translate(a), None);
+    assert_eq!(be.syncs, 2);
+}
