@@ -40,8 +40,9 @@ fn pools_end() -> u64 {
     (&raw const __pools_end) as u64
 }
 
-/// A run of `WORDS * 64` pages handed out in blocks aligned to their size
-/// rounded up to a power of two, tracked by a bitmap (one bit per page).
+/// A run of `WORDS * 64` pages handed out in blocks whose physical address is
+/// aligned to their size rounded up to a power of two, tracked by a bitmap
+/// (one bit per page).
 struct PagePool<const WORDS: usize> {
     name: &'static str,
     base: fn() -> u64,
@@ -89,14 +90,18 @@ impl<const WORDS: usize> PagePool<WORDS> {
         if pages == 0 || pages > Self::PAGES {
             return None;
         }
+        // Alignment is of the physical address, not of the index in the pool.
         let align = pages.next_power_of_two();
+        let align_bytes = align as u64 * PAGE_SIZE;
+        let base = (self.base)();
+        let skip = (base.next_multiple_of(align_bytes) - base) / PAGE_SIZE;
         let mut map = self.used.lock();
-        let first = (0..Self::PAGES).step_by(align).find(|&start| {
+        let first = (skip as usize..Self::PAGES).step_by(align).find(|&start| {
             start + pages <= Self::PAGES && !(start..start + pages).any(|p| Self::bit(&map, p))
         })?;
         Self::set(&mut map, first, pages, true);
         drop(map);
-        let pa = (self.base)() + first as u64 * PAGE_SIZE;
+        let pa = base + first as u64 * PAGE_SIZE;
         // SAFETY: the pages lie in this pool's RAM (reserved by link.ld, used by
         // nothing else) and were just marked used, so nobody else holds them.
         unsafe { core::ptr::write_bytes(pa as usize as *mut u8, 0, pages * PAGE_SIZE as usize) };
@@ -151,11 +156,12 @@ pub static MEMORY: BoardMemory = BoardMemory {
 impl BoardMemory {
     /// Checks that link.ld reserved what this module hands out.
     pub fn check_layout(&self) {
-        let block = block_region_base();
+        let tables = table_pool_base();
         assert!(
-            block.is_multiple_of(2 << 20)
-                && table_pool_base() == block + BLOCK_REGION_SIZE
-                && dma_pool_base() == table_pool_base() + self.tables.size()
+            tables.is_multiple_of(self.tables.size())
+                && block_region_base() == tables + self.tables.size()
+                && block_region_base().is_multiple_of(2 << 20)
+                && dma_pool_base() == block_region_base() + BLOCK_REGION_SIZE
                 && pools_end() == dma_pool_base() + self.dma.size(),
             "link.ld and memory.rs disagree on the pool layout"
         );
@@ -318,9 +324,8 @@ impl fmt::Display for Mismatch {
 }
 
 // SAFETY: table blocks come from a pool reserved in link.ld for nothing else,
-// are zeroed on allocation, are aligned to their size rounded up to a power of
-// two (the pool base is 2 MiB aligned and blocks start at multiples of that
-// size), and stay reserved until `free`; with the MMU off, `phys_to_virt` is
+// are zeroed on allocation, have physical addresses aligned to their size
+// rounded up to a power of two (`PagePool::alloc`), and stay reserved until `free`; with the MMU off, `phys_to_virt` is
 // the identity and valid for every byte of RAM.
 unsafe impl TableMemory for BoardMemory {
     fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {

@@ -137,6 +137,13 @@ pub fn memory_lender_frees_and_reuses(ctx: &mut Ctx) -> Result<(), Fail> {
     );
     // SAFETY: `q` came from alloc_zeroed(3).
     unsafe { mem.free(q, 3) };
+    let big = mem.alloc_zeroed(300).or_fail("300 pages")?;
+    check!(
+        big.is_aligned(2 << 20),
+        "300-page block {big} not 2 MiB aligned"
+    );
+    // SAFETY: `big` came from alloc_zeroed(300).
+    unsafe { mem.free(big, 300) };
 
     // Exhaust the pool page by page, give everything back, then take the
     // whole free space again as one block.
@@ -163,6 +170,10 @@ pub fn memory_lender_frees_and_reuses(ctx: &mut Ctx) -> Result<(), Fail> {
     if before == 0 {
         let all = mem.table_pool_pages();
         let whole = mem.alloc_zeroed(all).or_fail("whole pool after freeing")?;
+        check!(
+            whole.is_aligned(all as u64 * PAGE_SIZE),
+            "{all}-page block {whole} not aligned to its size"
+        );
         // SAFETY: `whole` came from alloc_zeroed(all).
         unsafe { mem.free(whole, all) };
     }
