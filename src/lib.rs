@@ -68,6 +68,7 @@ pub mod error;
 pub mod iova;
 mod logging;
 pub mod mem;
+pub mod p2p;
 pub mod pgtable;
 pub mod smmuv3;
 pub mod state;
