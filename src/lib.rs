@@ -61,6 +61,9 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
 pub mod addr;
 pub mod backend;
 pub mod device;
