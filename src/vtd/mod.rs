@@ -21,6 +21,7 @@
 pub mod caps;
 pub mod context;
 pub mod fault;
+pub mod first_level;
 pub mod inv;
 pub mod qi;
 pub mod reginv;
@@ -39,6 +40,7 @@ use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 pub use caps::Features;
 pub use context::{ContextEntry, TranslationType};
 pub use fault::{Access, FaultReason, FaultRecord, FaultStatus};
+pub use first_level::VtdFirstLevel;
 pub use inv::{ContextGranularity, InvDesc, IotlbGranularity, PasidGranularity};
 pub use root::RootEntry;
 pub use sm::{PasidDirEntry, PasidEntry, Pgtt, ScalableContextEntry, ScalableRootEntry};
@@ -134,8 +136,10 @@ impl Default for VtdConfig {
 pub enum DeviceState {
     /// No present context (or PASID) entry: DMA is blocked.
     Blocked,
-    /// Translated through a second-level table.
+    /// Translated through a second-level (or, in scalable mode, first-level) table.
     Translated {
+        /// Which table format the unit walks.
+        format: TableFormat,
         /// Domain-id.
         did: u16,
         /// Second-level table root.
@@ -312,9 +316,25 @@ impl<M: TableMemory> Vtd<M> {
         }
     }
 
-    /// Table levels for new domains: 4 (48-bit) when SAGAW allows, else 3.
+    /// Table levels for new second-level domains: 4 (48-bit) when SAGAW
+    /// allows, else 3. First-level domains always use 4.
     pub fn domain_levels(&self) -> u8 {
         self.features.max_levels().unwrap_or(3)
+    }
+
+    /// The VT-d first-level format this unit walks (scalable mode with
+    /// ECAP.FLTS): 2 MiB pages always, 1 GiB with CAP.FL1GP.
+    pub fn first_level_format(&self) -> VtdFirstLevel {
+        VtdFirstLevel {
+            fl1gp: self.features.fl1gp,
+            haw: self.features.mgaw,
+        }
+    }
+
+    /// Whether domains for this unit should use first-level tables: scalable
+    /// mode on a unit with ECAP.FLTS but no ECAP.SLTS.
+    pub fn wants_first_level(&self) -> bool {
+        self.scalable && self.features.flts && !self.features.slts
     }
 
     /// The domain-id used by pass-through context entries.
@@ -371,9 +391,9 @@ impl<M: TableMemory> Vtd<M> {
             self.bypass_did = did;
         }
         if config.scalable {
-            if !(self.features.smts && self.features.slts) {
+            if !(self.features.smts && (self.features.slts || self.features.flts)) {
                 return Err(BackendError::Unsupported(
-                    "scalable mode needs ECAP.SMTS and ECAP.SLTS",
+                    "scalable mode needs ECAP.SMTS and ECAP.SLTS or ECAP.FLTS",
                 )
                 .into());
             }
@@ -644,6 +664,7 @@ impl<M: TableMemory> Vtd<M> {
             DeviceState::PassThrough { did: ce.did() }
         } else {
             DeviceState::Translated {
+                format: TableFormat::VtdSecondLevel,
                 did: ce.did(),
                 root: ce.slptptr(),
                 levels: ce.aw() + 2,
@@ -672,10 +693,31 @@ impl<M: TableMemory> Vtd<M> {
 
     /// Whether this unit can walk `info`'s tables under its domain-id.
     fn check_translated(&self, info: &DomainInfo) -> Result<(), BackendError> {
-        if info.format != TableFormat::VtdSecondLevel {
-            return Err(BackendError::Unsupported(
-                "VT-d translates only VtdSecondLevel tables",
-            ));
+        match info.format {
+            TableFormat::VtdSecondLevel if self.scalable && !self.features.slts => {
+                return Err(BackendError::Unsupported(
+                    "second-level tables in scalable mode need ECAP.SLTS",
+                ));
+            }
+            TableFormat::VtdSecondLevel => {}
+            TableFormat::VtdFirstLevel => {
+                if !(self.scalable && self.features.flts) {
+                    return Err(BackendError::Unsupported(
+                        "first-level tables need scalable mode and ECAP.FLTS",
+                    ));
+                }
+                if info.levels != 4 {
+                    return Err(BackendError::Unsupported(
+                        "first-level tables have 4 levels",
+                    ));
+                }
+                return self.check_did(info.id);
+            }
+            _ => {
+                return Err(BackendError::Unsupported(
+                    "VT-d walks only VtdSecondLevel / VtdFirstLevel tables",
+                ));
+            }
         }
         if !self.features.supports_levels(info.levels) {
             return Err(BackendError::Unsupported(

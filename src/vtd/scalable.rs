@@ -5,7 +5,7 @@
 use super::sm::{PasidDirEntry, PasidEntry, Pgtt, ScalableContextEntry};
 use super::{ContextGranularity, DeviceState, IotlbGranularity, PasidGranularity, Vtd};
 use crate::addr::PhysAddr;
-use crate::backend::{Attachment, IommuBackend};
+use crate::backend::{Attachment, IommuBackend, TableFormat};
 use crate::device::DeviceId;
 use crate::error::BackendError;
 use crate::mem::TableMemory;
@@ -38,8 +38,17 @@ impl<M: TableMemory> Vtd<M> {
             Some((_, pe)) if pe.is_present() && pe.pgtt() == Pgtt::PassThrough as u8 => {
                 DeviceState::PassThrough { did: pe.did() }
             }
+            Some((_, pe)) if pe.is_present() && pe.pgtt() == Pgtt::FirstLevel as u8 => {
+                DeviceState::Translated {
+                    format: TableFormat::VtdFirstLevel,
+                    did: pe.did(),
+                    root: pe.flptptr(),
+                    levels: 4,
+                }
+            }
             Some((_, pe)) if pe.is_present() && pe.pgtt() == Pgtt::SecondLevel as u8 => {
                 DeviceState::Translated {
+                    format: TableFormat::VtdSecondLevel,
                     did: pe.did(),
                     root: pe.slptptr(),
                     levels: pe.aw() + 2,
@@ -76,10 +85,12 @@ impl<M: TableMemory> Vtd<M> {
             }
             Attachment::Translated(info) => {
                 self.check_translated(&info)?;
-                Some(
+                Some(if info.format == TableFormat::VtdFirstLevel {
+                    PasidEntry::first_level(info.root, info.id)
+                } else {
                     PasidEntry::second_level(info.root, info.levels, info.id)
-                        .ok_or(BackendError::Unsupported("table levels"))?,
-                )
+                        .ok_or(BackendError::Unsupported("table levels"))?
+                })
             }
         };
         let Some(slot) = self.context_slot(dev, new.is_some())? else {

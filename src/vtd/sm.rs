@@ -172,6 +172,22 @@ impl PasidEntry {
         Some(Self { val })
     }
 
+    /// First-level-only translation (PGTT = 001b) through the 4-level
+    /// x86-64 table at `flptptr` (FLPM = 00b) in domain `did`; AW = 2
+    /// (48-bit) sets the canonical-address limit.
+    pub const fn first_level(flptptr: PhysAddr, did: u16) -> Self {
+        let mut val = [0u64; 8];
+        val[0] = ((Pgtt::FirstLevel as u64) << Self::PGTT_SHIFT) | (2 << Self::AW_SHIFT) | Self::P;
+        val[1] = did as u64;
+        val[2] = flptptr.0 & !0xfff;
+        Self { val }
+    }
+
+    /// First-level table pointer (FLPTPTR, bits 191:140).
+    pub const fn flptptr(self) -> PhysAddr {
+        PhysAddr(self.val[2] & !0xfff)
+    }
+
     /// Pass-through (PGTT = 100b) in domain `did`; `levels` sets AW.
     pub const fn pass_through(levels: u8, did: u16) -> Option<Self> {
         if levels < 3 || levels > 5 {
@@ -262,6 +278,10 @@ mod tests {
         assert_eq!(p.raw()[0], 0x105);
         assert_eq!(p.did(), 9);
         assert!(PasidEntry::second_level(PhysAddr(0), 2, 1).is_none());
+        // First level: PGTT=001 → 0x40, AW=2 → 0x8, P; FLPTPTR in word 2, FLPM 0.
+        let f = PasidEntry::first_level(PhysAddr(0x3_4000), 5);
+        assert_eq!(f.raw()[..3], [0x49, 5, 0x3_4000]);
+        assert_eq!(f.flptptr(), PhysAddr(0x3_4000));
         // 9.5: directory entry P bit 0, table pointer 63:12.
         assert_eq!(PasidDirEntry::present(PhysAddr(0x9000)).0, 0x9001);
     }
