@@ -10,11 +10,13 @@ use crate::memory::{BoardMemory, pattern_byte};
 use crate::{check, fail, narrate};
 use bare_iommu::backend::{Attachment, DomainInfo, IommuBackend};
 use bare_iommu::error::BackendError;
+use bare_iommu::pgtable::PteFormat;
 use bare_iommu::pgtable::vtd::VtdSecondLevel;
 use bare_iommu::pgtable::{DmaDirection, MapAttrs};
 use bare_iommu::state::{Domain, DomainConfig, IovaState};
 use bare_iommu::vtd::{
-    Access, DeviceState, FaultReason, FaultRecord, FaultStatus, InvDesc, Vtd, VtdConfig, VtdStats,
+    Access, DeviceState, FaultReason, FaultRecord, FaultStatus, InvDesc, Vtd, VtdConfig,
+    VtdFirstLevel, VtdStats,
 };
 use bare_iommu::{DeviceId, DmaAddr, PAGE_SIZE, PhysAddr};
 use spin::Mutex;
@@ -28,7 +30,64 @@ const APERTURE_A: (u64, u64) = (0x10_0000, 0x1000_0000);
 const APERTURE_B: (u64, u64) = (0x1000_0000, 0x2000_0000);
 
 type Unit = Vtd<&'static BoardMemory>;
-type Dom = Domain<VtdSecondLevel, &'static BoardMemory>;
+type Dom<F> = Domain<F, &'static BoardMemory>;
+
+/// A table format a test domain can use: second level (legacy, and scalable
+/// mode with SLTS) or first level (scalable mode with FLTS, `fl`).
+trait BoardFormat: PteFormat {
+    /// The format configured from the unit's capabilities.
+    fn for_unit(vtd: &Unit) -> Self;
+    /// Table levels of a new domain.
+    fn levels(vtd: &Unit) -> u8;
+    /// The fault reason of a DMA to an unmapped page.
+    fn unmapped(access: Access) -> FaultReason;
+}
+
+impl BoardFormat for VtdSecondLevel {
+    fn for_unit(vtd: &Unit) -> Self {
+        vtd.second_level_format()
+    }
+    fn levels(vtd: &Unit) -> u8 {
+        vtd.domain_levels()
+    }
+    fn unmapped(access: Access) -> FaultReason {
+        match access {
+            Access::Write => FaultReason::WriteDenied,
+            Access::Read => FaultReason::ReadDenied,
+        }
+    }
+}
+
+impl BoardFormat for VtdFirstLevel {
+    fn for_unit(vtd: &Unit) -> Self {
+        vtd.first_level_format()
+    }
+    fn levels(_: &Unit) -> u8 {
+        4
+    }
+    fn unmapped(_: Access) -> FaultReason {
+        FaultReason::FirstLevelEntryNotPresent
+    }
+}
+
+/// Whether this run's domains use first-level tables (`sm fl`).
+fn first_level(ctx: &Ctx) -> bool {
+    config(ctx).scalable && ctx.arg("fl")
+}
+
+/// A public test running `$body::<F>` with the format of this run.
+macro_rules! per_format {
+    ($(#[$m:meta])* $name:ident => $body:ident) => {
+        $(#[$m])*
+        pub fn $name(ctx: &mut Ctx) -> Result<(), Fail> {
+            if first_level(ctx) {
+                $body::<VtdFirstLevel>(ctx)
+            } else {
+                $body::<VtdSecondLevel>(ctx)
+            }
+        }
+    };
+}
 
 /// The unit, initialised once per boot by the first test that needs it.
 static UNIT: Mutex<Option<Unit>> = Mutex::new(None);
@@ -72,13 +131,18 @@ fn with_unit(ctx: &Ctx, f: impl FnOnce(&mut Unit) -> Result<(), Fail>) -> Result
     r
 }
 
-fn new_domain(vtd: &Unit, ctx: &Ctx, id: u16, aperture: (u64, u64)) -> Result<Dom, Fail> {
+fn new_domain<F: BoardFormat>(
+    vtd: &Unit,
+    ctx: &Ctx,
+    id: u16,
+    aperture: (u64, u64),
+) -> Result<Dom<F>, Fail> {
     Domain::new(
-        vtd.second_level_format(),
+        F::for_unit(vtd),
         ctx.mem,
         DomainConfig {
             id,
-            levels: vtd.domain_levels(),
+            levels: F::levels(vtd),
             aperture_start: aperture.0,
             aperture_end: aperture.1,
             coherent_walk: vtd.coherent_walk(),
@@ -87,14 +151,20 @@ fn new_domain(vtd: &Unit, ctx: &Ctx, id: u16, aperture: (u64, u64)) -> Result<Do
     .or_fail("domain")
 }
 
-fn alloc_tx(dom: &mut Dom, size: u64) -> Result<IovaState, Fail> {
+fn alloc_tx<F: BoardFormat>(dom: &mut Dom<F>, size: u64) -> Result<IovaState, Fail> {
     dom.try_alloc(size, u64::MAX)
         .or_fail("try_alloc")?
         .into_iova()
         .or_fail("translated domain gave the direct path")
 }
 
-fn link(dom: &mut Dom, tx: &mut IovaState, pa: PhysAddr, off: u64, len: u64) -> Result<u64, Fail> {
+fn link<F: BoardFormat>(
+    dom: &mut Dom<F>,
+    tx: &mut IovaState,
+    pa: PhysAddr,
+    off: u64,
+    len: u64,
+) -> Result<u64, Fail> {
     dom.link(
         tx,
         pa,
@@ -226,11 +296,15 @@ pub fn vtd_probe_decodes_what_qemu_advertises(ctx: &mut Ctx) -> Result<(), Fail>
     check!(f.qi && f.ir && f.pt, "QI {} IR {} PT {}", f.qi, f.ir, f.pt);
     check!(!f.coherent, "ECAP.C set");
     check!(
-        f.smts == ctx.arg("sm") && f.slts == ctx.arg("sm"),
-        "SMTS {} SLTS {} with `sm` = {}",
+        f.smts == ctx.arg("sm")
+            && f.slts == (ctx.arg("sm") && !ctx.arg("fl"))
+            && f.flts == (ctx.arg("sm") && ctx.arg("fl")),
+        "SMTS {} SLTS {} FLTS {} with `sm` = {}, `fl` = {}",
         f.smts,
         f.slts,
-        ctx.arg("sm")
+        f.flts,
+        ctx.arg("sm"),
+        ctx.arg("fl")
     );
     check!(
         v.global_status() & (1 << 31) == 0,
@@ -275,6 +349,11 @@ pub fn vtd_init_enables_translation_and_blocks_unattached_devices(
         v.is_scalable(),
         config(ctx).scalable
     );
+    check!(
+        v.wants_first_level() == first_level(ctx),
+        "first-level tables wanted: {}",
+        v.wants_first_level()
+    );
     *UNIT.lock() = Some(v);
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
@@ -301,10 +380,12 @@ pub fn vtd_init_enables_translation_and_blocks_unattached_devices(
 /// One transaction of four pages linked out of order from scattered physical
 /// pages, one sync: DMA into and out of it (straddling page boundaries) moves
 /// exactly the right bytes between exactly the right pages.
-pub fn noncontiguous_transaction_dma_both_ways_hits_exact_pages(ctx: &mut Ctx) -> Result<(), Fail> {
+fn noncontiguous_transaction_dma_both_ways_hits_exact_pages_with<F: BoardFormat>(
+    ctx: &mut Ctx,
+) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
-        let mut dom = new_domain(vtd, ctx, 1, APERTURE_A)?;
+        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
         vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
         let pool = ctx.mem.dma_pages(8).or_fail("8 pages")?;
         let page = |i: u64| PhysAddr(pool.0 + i * PAGE_SIZE);
@@ -375,10 +456,12 @@ pub fn noncontiguous_transaction_dma_both_ways_hits_exact_pages(ctx: &mut Ctx) -
 /// Unlinking one page of two blocks DMA to it after the sync: memory stays as
 /// it was and the fault record names the device, the page and the access;
 /// the page still linked keeps working.
-pub fn unlinked_page_blocks_dma_and_fault_is_decoded(ctx: &mut Ctx) -> Result<(), Fail> {
+fn unlinked_page_blocks_dma_and_fault_is_decoded_with<F: BoardFormat>(
+    ctx: &mut Ctx,
+) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
-        let mut dom = new_domain(vtd, ctx, 1, APERTURE_A)?;
+        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
         vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
         let pa = ctx.mem.dma_pages(1).or_fail("page a")?;
         let pb = ctx.mem.dma_pages(1).or_fail("page b")?;
@@ -403,12 +486,18 @@ pub fn unlinked_page_blocks_dma_and_fault_is_decoded(ctx: &mut Ctx) -> Result<()
         if let Err(m) = ctx.mem.check_fill(pb, PAGE, 0x77) {
             fail!("DMA reached the unlinked page: {m}");
         }
-        expect_one_fault(vtd, edu.id, ib, &[FaultReason::WriteDenied], Access::Write)?;
+        expect_one_fault(
+            vtd,
+            edu.id,
+            ib,
+            &[F::unmapped(Access::Write)],
+            Access::Write,
+        )?;
 
         narrate!("edu reads unlinked IOVA {:#x}", ib + 0x10);
         edu.dma_from_ram(ib + 0x10, 0, 64)
             .or_fail("unlinked b -> edu")?;
-        expect_one_fault(vtd, edu.id, ib, &[FaultReason::ReadDenied], Access::Read)?;
+        expect_one_fault(vtd, edu.id, ib, &[F::unmapped(Access::Read)], Access::Read)?;
 
         // The faulted read left the first 64 buffer bytes undefined (QEMU
         // zeroes them); the rest still holds page a's pattern.
@@ -466,10 +555,10 @@ impl IommuBackend for ForgetsInvalidation<'_> {
 /// QEMU caches translations: without the IOTLB invalidation an unlinked page
 /// stays reachable (so the unlink test would catch a driver that skips it);
 /// the page-selective invalidation the driver issues removes it.
-pub fn skipped_iotlb_invalidation_is_caught(ctx: &mut Ctx) -> Result<(), Fail> {
+fn skipped_iotlb_invalidation_is_caught_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
-        let mut dom = new_domain(vtd, ctx, 1, APERTURE_A)?;
+        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
         vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
         let pa = ctx.mem.dma_pages(1).or_fail("page")?;
         let mut tx = alloc_tx(&mut dom, PAGE_SIZE)?;
@@ -511,7 +600,7 @@ pub fn skipped_iotlb_invalidation_is_caught(ctx: &mut Ctx) -> Result<(), Fail> {
             vtd,
             edu.id,
             iova,
-            &[FaultReason::WriteDenied],
+            &[F::unmapped(Access::Write)],
             Access::Write,
         )?;
         dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
@@ -523,11 +612,11 @@ pub fn skipped_iotlb_invalidation_is_caught(ctx: &mut Ctx) -> Result<(), Fail> {
 
 /// Two devices in two domains: each reaches its own pages; one device using
 /// the other's IOVA is blocked and the fault names it.
-pub fn two_domains_are_isolated(ctx: &mut Ctx) -> Result<(), Fail> {
+fn two_domains_are_isolated_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let (e0, e1) = (&ctx.edu[0], &ctx.edu[1]);
-        let mut da = new_domain(vtd, ctx, 1, APERTURE_A)?;
-        let mut db = new_domain(vtd, ctx, 2, APERTURE_B)?;
+        let mut da = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
+        let mut db = new_domain::<F>(vtd, ctx, 2, APERTURE_B)?;
         vtd.attach(e0.id, da.attachment()).or_fail("attach a")?;
         vtd.attach(e1.id, db.attachment()).or_fail("attach b")?;
         check!(
@@ -567,7 +656,7 @@ pub fn two_domains_are_isolated(ctx: &mut Ctx) -> Result<(), Fail> {
         if let Err(m) = ctx.mem.check_fill(pa, PAGE, 0x11) {
             fail!("edu1 reached domain A's page: {m}");
         }
-        expect_one_fault(vtd, e1.id, ia, &[FaultReason::WriteDenied], Access::Write)?;
+        expect_one_fault(vtd, e1.id, ia, &[F::unmapped(Access::Write)], Access::Write)?;
         da.destroy(ta, vtd).or_fail("destroy a")?;
         db.destroy(tb, vtd).or_fail("destroy b")?;
         vtd.detach(e0.id).or_fail("detach")?;
@@ -580,14 +669,14 @@ pub fn two_domains_are_isolated(ctx: &mut Ctx) -> Result<(), Fail> {
 /// A 2 MiB-aligned 2 MiB link uses one 2 MiB superpage when CAP.SLLPS allows;
 /// DMA anywhere inside lands at the same offset; unlinking it takes one
 /// page-selective invalidation (AM = 9) that really removes it.
-pub fn superpage_2m_used_when_sllps_allows(ctx: &mut Ctx) -> Result<(), Fail> {
+fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
         check!(
-            vtd.features().superpage_2m(),
+            F::for_unit(vtd).leaf_allowed(1),
             "QEMU advertises 2 MiB superpages"
         );
-        let mut dom = new_domain(vtd, ctx, 1, APERTURE_A)?;
+        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
         vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
         let region = ctx.mem.superpage_region();
         ctx.mem
@@ -615,7 +704,7 @@ pub fn superpage_2m_used_when_sllps_allows(ctx: &mut Ctx) -> Result<(), Fail> {
         );
         let new_tables = ctx.mem.table_pages_in_use() - tables_before;
         check!(
-            new_tables == usize::from(vtd.domain_levels()) - 2,
+            new_tables == usize::from(F::levels(vtd)) - 2,
             "{new_tables} table pages for one 2 MiB link, expected no last-level table"
         );
         let src = PhysAddr(region.0 + SIZE_2M - PAGE_SIZE);
@@ -658,7 +747,7 @@ pub fn superpage_2m_used_when_sllps_allows(ctx: &mut Ctx) -> Result<(), Fail> {
             vtd,
             edu.id,
             iova + 0x12_3000,
-            &[FaultReason::WriteDenied],
+            &[F::unmapped(Access::Write)],
             Access::Write,
         )?;
         dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
@@ -671,13 +760,13 @@ pub fn superpage_2m_used_when_sllps_allows(ctx: &mut Ctx) -> Result<(), Fail> {
 /// invalidation-wait descriptor in the queue (IQT moves by the invalidations
 /// plus one); without queued invalidation, none, and the invalidations go
 /// through the registers.
-pub fn exactly_one_wait_descriptor_per_sync(ctx: &mut Ctx) -> Result<(), Fail> {
+fn exactly_one_wait_descriptor_per_sync_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
         let qi = vtd.uses_queued_invalidation();
         check!(qi != ctx.arg("noqi"), "queued invalidation in use: {qi}");
         let cm = vtd.features().caching_mode;
-        let mut dom = new_domain(vtd, ctx, 1, APERTURE_A)?;
+        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
         vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
         let pool = ctx.mem.dma_pages(3).or_fail("pages")?;
         let mut tx = alloc_tx(&mut dom, 8 * PAGE_SIZE)?;
@@ -825,10 +914,10 @@ pub fn fault_overflow_reported_and_clearing_records_next_fault(ctx: &mut Ctx) ->
 
 /// Detach removes the present context entry and blocks the device at once;
 /// a pass-through attach (TT = 10b) lets DMA use physical addresses.
-pub fn detach_blocks_and_bypass_passes_through(ctx: &mut Ctx) -> Result<(), Fail> {
+fn detach_blocks_and_bypass_passes_through_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[1];
-        let mut dom = new_domain(vtd, ctx, 2, APERTURE_B)?;
+        let mut dom = new_domain::<F>(vtd, ctx, 2, APERTURE_B)?;
         vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
         let pa = ctx.mem.dma_pages(1).or_fail("page")?;
         let mut tx = alloc_tx(&mut dom, PAGE_SIZE)?;
@@ -881,7 +970,9 @@ pub fn detach_blocks_and_bypass_passes_through(ctx: &mut Ctx) -> Result<(), Fail
 /// An invalid descriptor stops the queue: the next sync reports the queue
 /// error with the slot, the driver patches it, and the queue runs on. Under
 /// `noqi` the raw-submit path refuses instead.
-pub fn invalid_descriptor_reported_and_queue_recovers(ctx: &mut Ctx) -> Result<(), Fail> {
+fn invalid_descriptor_reported_and_queue_recovers_with<F: BoardFormat>(
+    ctx: &mut Ctx,
+) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let bad = InvDesc::from_raw([0xf, 0]);
         if !vtd.uses_queued_invalidation() {
@@ -908,7 +999,7 @@ pub fn invalid_descriptor_reported_and_queue_recovers(ctx: &mut Ctx) -> Result<(
         vtd.sync().or_fail("sync after recovery")?;
         // Translation still works after the recovery.
         let edu = &ctx.edu[0];
-        let mut dom = new_domain(vtd, ctx, 1, APERTURE_A)?;
+        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
         vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
         let pa = ctx.mem.dma_pages(1).or_fail("page")?;
         let mut tx = alloc_tx(&mut dom, PAGE_SIZE)?;
@@ -929,9 +1020,13 @@ pub fn invalid_descriptor_reported_and_queue_recovers(ctx: &mut Ctx) -> Result<(
 
 /// Link a page, DMA through it, unlink it, and check the next DMA is blocked:
 /// proves the invalidation path in use works.
-fn link_dma_unlink_blocked(ctx: &Ctx, vtd: &mut Unit, seed: u8) -> Result<(), Fail> {
+fn link_dma_unlink_blocked<F: BoardFormat>(
+    ctx: &Ctx,
+    vtd: &mut Unit,
+    seed: u8,
+) -> Result<(), Fail> {
     let edu = &ctx.edu[0];
-    let mut dom = new_domain(vtd, ctx, 1, APERTURE_A)?;
+    let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
     vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
     let pa = ctx.mem.dma_pages(1).or_fail("page")?;
     let mut tx = alloc_tx(&mut dom, PAGE_SIZE)?;
@@ -955,7 +1050,7 @@ fn link_dma_unlink_blocked(ctx: &Ctx, vtd: &mut Unit, seed: u8) -> Result<(), Fa
         vtd,
         edu.id,
         iova,
-        &[FaultReason::WriteDenied],
+        &[F::unmapped(Access::Write)],
         Access::Write,
     )?;
     dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
@@ -968,7 +1063,9 @@ fn link_dma_unlink_blocked(ctx: &Ctx, vtd: &mut Unit, seed: u8) -> Result<(), Fa
 /// translation on: every GCMD write keeps TE (GSTS.TES stays set), QIES
 /// follows, and invalidation works in each mode. Under scalable mode the
 /// switch is refused and nothing changes.
-pub fn invalidation_mode_switch_keeps_translation_on(ctx: &mut Ctx) -> Result<(), Fail> {
+fn invalidation_mode_switch_keeps_translation_on_with<F: BoardFormat>(
+    ctx: &mut Ctx,
+) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         if vtd.is_scalable() {
             // Scalable mode needs the queue: switching it off is refused
@@ -985,7 +1082,7 @@ pub fn invalidation_mode_switch_keeps_translation_on(ctx: &mut Ctx) -> Result<()
                 gsts & (1 << 31) != 0 && gsts & (1 << 26) != 0,
                 "GSTS={gsts:#x} after the refused switch"
             );
-            return link_dma_unlink_blocked(ctx, vtd, 0xa5);
+            return link_dma_unlink_blocked::<F>(ctx, vtd, 0xa5);
         }
         let start = vtd.uses_queued_invalidation();
         for (step, qi) in [!start, start].into_iter().enumerate() {
@@ -1002,7 +1099,7 @@ pub fn invalidation_mode_switch_keeps_translation_on(ctx: &mut Ctx) -> Result<()
                 gsts & (1 << 26)
             );
             let s0 = vtd.stats();
-            link_dma_unlink_blocked(ctx, vtd, 0xa0 + step as u8)?;
+            link_dma_unlink_blocked::<F>(ctx, vtd, 0xa0 + step as u8)?;
             let s1 = vtd.stats();
             if qi {
                 check!(
@@ -1027,3 +1124,40 @@ pub fn invalidation_mode_switch_keeps_translation_on(ctx: &mut Ctx) -> Result<()
         Ok(())
     })
 }
+
+per_format!(
+    /// [`noncontiguous_transaction_dma_both_ways_hits_exact_pages_with`] in this run's table format.
+    noncontiguous_transaction_dma_both_ways_hits_exact_pages => noncontiguous_transaction_dma_both_ways_hits_exact_pages_with
+);
+per_format!(
+    /// [`unlinked_page_blocks_dma_and_fault_is_decoded_with`] in this run's table format.
+    unlinked_page_blocks_dma_and_fault_is_decoded => unlinked_page_blocks_dma_and_fault_is_decoded_with
+);
+per_format!(
+    /// [`skipped_iotlb_invalidation_is_caught_with`] in this run's table format.
+    skipped_iotlb_invalidation_is_caught => skipped_iotlb_invalidation_is_caught_with
+);
+per_format!(
+    /// [`two_domains_are_isolated_with`] in this run's table format.
+    two_domains_are_isolated => two_domains_are_isolated_with
+);
+per_format!(
+    /// [`superpage_2m_used_when_sllps_allows_with`] in this run's table format.
+    superpage_2m_used_when_sllps_allows => superpage_2m_used_when_sllps_allows_with
+);
+per_format!(
+    /// [`exactly_one_wait_descriptor_per_sync_with`] in this run's table format.
+    exactly_one_wait_descriptor_per_sync => exactly_one_wait_descriptor_per_sync_with
+);
+per_format!(
+    /// [`detach_blocks_and_bypass_passes_through_with`] in this run's table format.
+    detach_blocks_and_bypass_passes_through => detach_blocks_and_bypass_passes_through_with
+);
+per_format!(
+    /// [`invalid_descriptor_reported_and_queue_recovers_with`] in this run's table format.
+    invalid_descriptor_reported_and_queue_recovers => invalid_descriptor_reported_and_queue_recovers_with
+);
+per_format!(
+    /// [`invalidation_mode_switch_keeps_translation_on_with`] in this run's table format.
+    invalidation_mode_switch_keeps_translation_on => invalidation_mode_switch_keeps_translation_on_with
+);
