@@ -1,21 +1,48 @@
-//! Intel VT-d remapping-hardware driver (legacy-mode translation).
+//! Intel VT-d remapping-hardware driver.
 //!
 //! [`Vtd`] drives one DMA-remapping hardware unit (one DRHD of the ACPI DMAR
-//! table; finding it is the platform's job). It keeps a legacy root table and
-//! per-bus context tables in lent memory, invalidates through the
-//! invalidation queue (or the CCMD/IOTLB registers when queued invalidation is
-//! absent or not wanted), decodes fault records, and implements
-//! [`IommuBackend`] so the core's two-step API drives it unchanged.
+//! table; finding it is the platform's job). It keeps the root table and
+//! context tables in lent memory (legacy mode, or scalable mode with PASID
+//! tables when [`VtdConfig::scalable`]), invalidates through the invalidation
+//! queue (or the CCMD/IOTLB registers when queued invalidation is absent or
+//! not wanted), decodes fault records, and implements [`IommuBackend`] so the
+//! core's two-step API drives it unchanged.
 //!
 //! ```no_run
-//! # use bare_iommu::{TableMemory, vtd::{Vtd, VtdConfig}};
-//! # fn demo<M: TableMemory>(base: usize, mem: M) -> Result<(), bare_iommu::vtd::VtdError> {
-//! // SAFETY: `base` maps the unit's registers and nothing else drives it.
-//! let mut vtd = unsafe { Vtd::new(base, mem)? };
-//! // `log` or a UART: the decoded capabilities.
-//! let _features = vtd.features();
-//! vtd.init(VtdConfig::default())?; // translation on, every device blocked
-//! # Ok(()) }
+//! use bare_iommu::pgtable::{DmaDirection, MapAttrs};
+//! use bare_iommu::state::{Domain, DomainConfig};
+//! use bare_iommu::vtd::{Vtd, VtdConfig};
+//! use bare_iommu::{DeviceId, IommuBackend, PhysAddr, TableMemory};
+//!
+//! fn demo<M: TableMemory + Copy>(base: usize, mem: M, buf: PhysAddr) -> Option<u64> {
+//!     // SAFETY: `base` maps the unit's registers and nothing else drives it.
+//!     let mut vtd = unsafe { Vtd::new(base, mem) }.ok()?;
+//!     let _caps = vtd.features(); // Display: the decoded CAP/ECAP
+//!     vtd.init(VtdConfig::default()).ok()?; // translation on, every device blocked
+//!
+//!     let cfg = DomainConfig {
+//!         id: 1,
+//!         levels: vtd.domain_levels(),
+//!         aperture_start: 1 << 20,
+//!         aperture_end: 1 << 32,
+//!         coherent_walk: vtd.coherent_walk(),
+//!     };
+//!     let mut dom = Domain::new(vtd.second_level_format(), mem, cfg).ok()?;
+//!     let dev = DeviceId::new(0, 0, 3, 0)?;
+//!     vtd.attach(dev, dom.attachment()).ok()?;
+//!
+//!     let mut tx = dom.try_alloc(2 * 4096, u64::MAX).ok()?.into_iova()?;
+//!     let iova = dom
+//!         .link(&mut tx, buf, 0, 4096, DmaDirection::FromDevice, MapAttrs::empty())
+//!         .ok()?;
+//!     dom.sync(&mut vtd).ok()?; // one invalidation-wait descriptor
+//!     // ... the device DMAs to `iova` ...
+//!     dom.destroy(tx, &mut vtd).ok()?; // unlink, invalidate, wait, free the IOVA
+//!     vtd.poll_faults(|f| {
+//!         let _ = f; // decoded FaultRecord: source-id, address, reason
+//!     });
+//!     Some(iova.0)
+//! }
 //! ```
 
 pub mod caps;
