@@ -42,8 +42,8 @@ use regs::{CR0, CR1, CR2, GBPA, GERROR, IRQ_CTRL, PAGE1_OFFSET, Page0, Page1};
 use strtab::StreamTable;
 
 /// MAIR the context descriptors carry: the attribute indexes the core's
-/// stage-1 descriptors use (`pgtable::arm::MAIR`).
-pub const STAGE1_MAIR: u64 = 0x00_44_04_ff;
+/// stage-1 descriptors use.
+pub const STAGE1_MAIR: u64 = crate::pgtable::arm::MAIR;
 
 /// Which stream table layout [`Smmu::init`] builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
