@@ -72,6 +72,9 @@ pub struct SmmuConfig {
     pub evtq_log2: u8,
     /// Enable the GERROR and event queue interrupts (for [`Smmu::handle_irq`]).
     pub irqs: bool,
+    /// Use range invalidation when the SMMU has it (IDR3.RIL); `false`
+    /// forces the per-page / whole-domain path.
+    pub range_invalidation: bool,
     /// Without range invalidation, ranges longer than this many pages are
     /// invalidated by ASID/VMID instead of page by page.
     pub tlbi_page_threshold: u64,
@@ -87,6 +90,7 @@ impl Default for SmmuConfig {
             cmdq_log2: 8,
             evtq_log2: 7,
             irqs: false,
+            range_invalidation: true,
             tlbi_page_threshold: 64,
             poll_budget: 1_000_000,
         }
@@ -636,13 +640,10 @@ impl<M: TableMemory> Smmu<M> {
             _ => return Err(SmmuError::Unsupported("table format")),
         };
         let id = domain.id;
-        let threshold = self
-            .run
-            .as_ref()
-            .map_or(SmmuConfig::default().tlbi_page_threshold, |r| {
-                r.config.tlbi_page_threshold
-            });
-        if self.features.range_invalidation {
+        let (use_ril, threshold) = self.run.as_ref().map_or((false, 0), |r| {
+            (r.config.range_invalidation, r.config.tlbi_page_threshold)
+        });
+        if self.features.range_invalidation && use_ril {
             let mut addr = start;
             let mut left = pages;
             while let Some(r) = TlbiRange::first_chunk(left) {

@@ -189,7 +189,11 @@ pub fn smmu_probe_decodes_qemu_features(ctx: &mut Ctx) -> Result<(), Fail> {
     check_eq!((f.asid_bits, f.vmid_bits), (16, 16), "ASID/VMID widths");
     check_eq!(f.sid_bits, 16, "SIDSIZE");
     check_eq!(f.ssid_bits, 0, "SSIDSIZE");
-    check_eq!((f.cmdq_log2_max, f.evtq_log2_max), (19, 19), "CMDQS/EVENTQS");
+    check_eq!(
+        (f.cmdq_log2_max, f.evtq_log2_max),
+        (19, 19),
+        "CMDQS/EVENTQS"
+    );
     check_eq!(f.oas_bits, 44, "OAS");
     check!(f.gran_4k && f.gran_64k, "4K and 64K granules");
     check!(f.range_invalidation, "RIL");
@@ -208,10 +212,7 @@ pub fn smmu_probe_decodes_qemu_features(ctx: &mut Ctx) -> Result<(), Fail> {
         Some(expected),
         "stage chosen for domains"
     );
-    narrate!(
-        "domains on this SMMU use {}",
-        stage_name(expected)
-    );
+    narrate!("domains on this SMMU use {}", stage_name(expected));
     Ok(())
 }
 
@@ -220,7 +221,11 @@ pub fn smmu_probe_decodes_qemu_features(ctx: &mut Ctx) -> Result<(), Fail> {
 /// aborted in both.
 pub fn smmu_linear_and_two_level_stream_tables_translate(ctx: &mut Ctx) -> Result<(), Fail> {
     let cases = [
-        (StreamTableChoice::Linear, Some(8), StreamTableFormat::Linear),
+        (
+            StreamTableChoice::Linear,
+            Some(8),
+            StreamTableFormat::Linear,
+        ),
         (StreamTableChoice::Auto, None, StreamTableFormat::TwoLevel),
     ];
     for (choice, sid_bits, expected) in cases {
@@ -260,9 +265,7 @@ pub fn smmu_linear_and_two_level_stream_tables_translate(ctx: &mut Ctx) -> Resul
             // edu 1 was never attached: its DMA to the same physical page aborts.
             ctx.mem.fill(dst, PAGE, 0x5a);
             let other = &ctx.edu[1];
-            other
-                .dma_to_ram(dst.get(), 0, 64)
-                .or_fail("edu 1 DMA")?;
+            other.dma_to_ram(dst.get(), 0, 64).or_fail("edu 1 DMA")?;
             if let Err(m) = ctx.mem.check_filled(dst, PAGE, 0x5a) {
                 fail!("{expected:?} table: a never-attached stream reached memory: {m}");
             }
@@ -291,9 +294,7 @@ pub fn smmu_linear_and_two_level_stream_tables_translate(ctx: &mut Ctx) -> Resul
 /// order, into one IOVA range; edu reads each page back through the IOVA
 /// (bytes come from exactly the right page) and writes 4 KiB across a page
 /// boundary of the range (bytes land in exactly the two right pages).
-pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(
-    ctx: &mut Ctx,
-) -> Result<(), Fail> {
+pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(ctx: &mut Ctx) -> Result<(), Fail> {
     let mut smmu = bring_up(ctx, SmmuConfig::default())?;
     with_preferred_stage!(smmu, |fmt| {
         let mut dom = domain(&smmu, ctx, fmt, 4)?;
@@ -310,11 +311,25 @@ pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(
         let mut tx = alloc(&mut dom, 5 * PAGE_SIZE)?;
         let dir = DmaDirection::Bidirectional;
         for (i, &p) in pages.iter().enumerate() {
-            dom.link(&mut tx, p, i as u64 * PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty())
-                .or_fail("link")?;
+            dom.link(
+                &mut tx,
+                p,
+                i as u64 * PAGE_SIZE,
+                PAGE_SIZE,
+                dir,
+                MapAttrs::empty(),
+            )
+            .or_fail("link")?;
         }
-        dom.link(&mut tx, scratch, 4 * PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty())
-            .or_fail("link scratch")?;
+        dom.link(
+            &mut tx,
+            scratch,
+            4 * PAGE_SIZE,
+            PAGE_SIZE,
+            dir,
+            MapAttrs::empty(),
+        )
+        .or_fail("link scratch")?;
         dom.sync(&mut smmu).or_fail("sync")?;
         narrate!(
             "transaction IOVA {} + {:#x} ({}): pages {} {} {} {} + scratch {}",
@@ -334,9 +349,17 @@ pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(
         }
         for i in 0..4u64 {
             ctx.mem.fill(scratch, PAGE, 0);
-            copy(edu, at(tx.iova(), i * PAGE_SIZE), at(tx.iova(), 4 * PAGE_SIZE), PAGE as u32)?;
+            copy(
+                edu,
+                at(tx.iova(), i * PAGE_SIZE),
+                at(tx.iova(), 4 * PAGE_SIZE),
+                PAGE as u32,
+            )?;
             if let Err(m) = ctx.mem.check_pattern(scratch, PAGE, 0x40 + i as u8) {
-                fail!("IOVA page {i} did not read physical page {}: {m}", pages[i as usize]);
+                fail!(
+                    "IOVA page {i} did not read physical page {}: {m}",
+                    pages[i as usize]
+                );
             }
         }
         narrate!("edu read IOVA pages 0..3: each came from its own physical page");
@@ -347,13 +370,27 @@ pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(
             ctx.mem.fill(p, PAGE, 0);
         }
         ctx.mem.fill_pattern(scratch, PAGE, 0x60);
-        copy(edu, at(tx.iova(), 4 * PAGE_SIZE), at(tx.iova(), 0x1800), PAGE as u32)?;
+        copy(
+            edu,
+            at(tx.iova(), 4 * PAGE_SIZE),
+            at(tx.iova(), 0x1800),
+            PAGE as u32,
+        )?;
         let half = PAGE / 2;
         for i in 0..half {
             let a = ctx.mem.byte(PhysAddr(pages[1].get() + (half + i) as u64));
             let b = ctx.mem.byte(PhysAddr(pages[2].get() + i as u64));
-            check_eq!(a, crate::memory::pattern(0x60, i), "page 1 byte {:#x}", half + i);
-            check_eq!(b, crate::memory::pattern(0x60, half + i), "page 2 byte {i:#x}");
+            check_eq!(
+                a,
+                crate::memory::pattern(0x60, i),
+                "page 1 byte {:#x}",
+                half + i
+            );
+            check_eq!(
+                b,
+                crate::memory::pattern(0x60, half + i),
+                "page 2 byte {i:#x}"
+            );
         }
         for (i, &p) in pages.iter().enumerate() {
             let (start, len) = match i {
@@ -361,7 +398,10 @@ pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(
                 2 => (half, half),
                 _ => (0, PAGE),
             };
-            if let Err(m) = ctx.mem.check_filled(PhysAddr(p.get() + start as u64), len, 0) {
+            if let Err(m) = ctx
+                .mem
+                .check_filled(PhysAddr(p.get() + start as u64), len, 0)
+            {
                 fail!("DMA wrote outside its target in page {i}: {m}");
             }
         }
@@ -398,27 +438,44 @@ pub fn smmu_unlinked_page_blocks_dma_and_reports_translation_fault(
         let mut tx = alloc(&mut dom, 3 * PAGE_SIZE)?;
         let dir = DmaDirection::Bidirectional;
         for (i, p) in [a, b, src].into_iter().enumerate() {
-            dom.link(&mut tx, p, i as u64 * PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty())
-                .or_fail("link")?;
+            dom.link(
+                &mut tx,
+                p,
+                i as u64 * PAGE_SIZE,
+                PAGE_SIZE,
+                dir,
+                MapAttrs::empty(),
+            )
+            .or_fail("link")?;
         }
         dom.sync(&mut smmu).or_fail("sync")?;
         ctx.mem.fill_pattern(src, PAGE, 0x31);
         // Both pages work (and QEMU now caches their translations).
-        copy(edu, at(tx.iova(), 2 * PAGE_SIZE), at(tx.iova(), 0), PAGE as u32)?;
+        copy(
+            edu,
+            at(tx.iova(), 2 * PAGE_SIZE),
+            at(tx.iova(), 0),
+            PAGE as u32,
+        )?;
         edu.dma_to_ram(at(tx.iova(), PAGE_SIZE), 0, PAGE as u32)
             .or_fail("DMA to page b")?;
         if let Err(m) = ctx.mem.check_pattern(b, PAGE, 0x31) {
             fail!("DMA to page b before unlink: {m}");
         }
 
-        dom.unlink(&mut tx, PAGE_SIZE, PAGE_SIZE).or_fail("unlink")?;
+        dom.unlink(&mut tx, PAGE_SIZE, PAGE_SIZE)
+            .or_fail("unlink")?;
         dom.sync(&mut smmu).or_fail("sync after unlink")?;
-        narrate!("unlinked IOVA {:#x} (page {b}) and synced", at(tx.iova(), PAGE_SIZE));
+        narrate!(
+            "unlinked IOVA {:#x} (page {b}) and synced",
+            at(tx.iova(), PAGE_SIZE)
+        );
         ctx.mem.fill(b, PAGE, 0xaa);
         ctx.mem.fill(a, PAGE, 0);
         let _ = drain(&mut smmu);
         let target = at(tx.iova(), PAGE_SIZE) + 0x100;
-        edu.dma_to_ram(target, 0, 16).or_fail("DMA to unlinked page")?;
+        edu.dma_to_ram(target, 0, 16)
+            .or_fail("DMA to unlinked page")?;
         if let Err(m) = ctx.mem.check_filled(b, PAGE, 0xaa) {
             fail!("DMA reached the unlinked page: {m}");
         }
@@ -469,7 +526,8 @@ pub fn smmu_missing_invalidation_would_be_caught(ctx: &mut Ctx) -> Result<(), Fa
         ctx.mem.fill_pattern(src, PAGE, 0x77);
         edu.dma_from_ram(at(tx.iova(), PAGE_SIZE), 0, PAGE as u32)
             .or_fail("read source")?;
-        edu.dma_to_ram(at(tx.iova(), 0), 0, 64).or_fail("first DMA")?;
+        edu.dma_to_ram(at(tx.iova(), 0), 0, 64)
+            .or_fail("first DMA")?;
         check!(
             ctx.mem.check_pattern(old, 64, 0x77).is_ok(),
             "first DMA did not land in the linked page"
@@ -484,9 +542,14 @@ pub fn smmu_missing_invalidation_would_be_caught(ctx: &mut Ctx) -> Result<(), Fa
         let synced = dom.sync(&mut smmu);
         smmu.inject_skip_invalidation(false);
         synced.or_fail("sync without TLBI")?;
-        check_eq!(smmu.stats().commands.tlbi(), tlbi_before, "TLBIs while suppressed");
+        check_eq!(
+            smmu.stats().commands.tlbi(),
+            tlbi_before,
+            "TLBIs while suppressed"
+        );
         ctx.mem.fill(old, PAGE, 0);
-        edu.dma_to_ram(at(tx.iova(), 0), 0, 64).or_fail("DMA after skipped TLBI")?;
+        edu.dma_to_ram(at(tx.iova(), 0), 0, 64)
+            .or_fail("DMA after skipped TLBI")?;
         let stale = ctx.mem.check_pattern(old, 64, 0x77).is_ok();
         check!(
             stale,
@@ -499,18 +562,19 @@ pub fn smmu_missing_invalidation_would_be_caught(ctx: &mut Ctx) -> Result<(), Fa
         dom.link(&mut tx, fresh, 0, PAGE_SIZE, dir, MapAttrs::empty())
             .or_fail("relink")?;
         dom.sync(&mut smmu).or_fail("sync")?;
+        ctx.mem.fill(old, PAGE, 0);
+        edu.dma_to_ram(at(tx.iova(), 0), 0, 64)
+            .or_fail("DMA after TLBI")?;
+        if let Err(m) = ctx.mem.check_filled(old, PAGE, 0) {
+            fail!("after the driver's sync the DMA still reached the old page (stale IOTLB): {m}");
+        }
+        if let Err(m) = ctx.mem.check_pattern(fresh, 64, 0x77) {
+            fail!("after the driver's sync the DMA missed the new page: {m}");
+        }
         check!(
             smmu.stats().commands.tlbi() > tlbi_before,
             "the driver queued no TLBI for the unlink"
         );
-        ctx.mem.fill(old, PAGE, 0);
-        edu.dma_to_ram(at(tx.iova(), 0), 0, 64).or_fail("DMA after TLBI")?;
-        if let Err(m) = ctx.mem.check_pattern(fresh, 64, 0x77) {
-            fail!("after the driver's TLBI the DMA missed the new page: {m}");
-        }
-        if let Err(m) = ctx.mem.check_filled(old, PAGE, 0) {
-            fail!("after the driver's TLBI the DMA still reached the old page: {m}");
-        }
         narrate!("with the driver's TLBI the DMA landed in the new page {fresh}");
         dom.destroy(tx, &mut smmu).or_fail("destroy")?;
     });
@@ -526,8 +590,10 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
         let mut d1 = domain(&smmu, ctx, fmt, 8)?;
         let format = d0.info().or_fail("info")?.format;
         let [e0, e1] = &ctx.edu;
-        smmu.attach(e0.id, d0.attachment()).or_fail("attach edu 0")?;
-        smmu.attach(e1.id, d1.attachment()).or_fail("attach edu 1")?;
+        smmu.attach(e0.id, d0.attachment())
+            .or_fail("attach edu 0")?;
+        smmu.attach(e1.id, d1.attachment())
+            .or_fail("attach edu 1")?;
         let dir = DmaDirection::Bidirectional;
         let (p0, p1, only0) = (
             ctx.mem.dma_pages(1).or_fail("page")?,
@@ -536,14 +602,20 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
         );
         let mut t0 = alloc(&mut d0, PAGE_SIZE)?;
         let mut t1 = alloc(&mut d1, PAGE_SIZE)?;
-        d0.link(&mut t0, p0, 0, PAGE_SIZE, dir, MapAttrs::empty()).or_fail("link")?;
-        d1.link(&mut t1, p1, 0, PAGE_SIZE, dir, MapAttrs::empty()).or_fail("link")?;
+        d0.link(&mut t0, p0, 0, PAGE_SIZE, dir, MapAttrs::empty())
+            .or_fail("link")?;
+        d1.link(&mut t1, p1, 0, PAGE_SIZE, dir, MapAttrs::empty())
+            .or_fail("link")?;
         let mut t0b = alloc(&mut d0, PAGE_SIZE)?;
         d0.link(&mut t0b, only0, 0, PAGE_SIZE, dir, MapAttrs::empty())
             .or_fail("link")?;
         d0.sync(&mut smmu).or_fail("sync")?;
         d1.sync(&mut smmu).or_fail("sync")?;
-        check_eq!(t0.iova(), t1.iova(), "both domains hand out the same first IOVA");
+        check_eq!(
+            t0.iova(),
+            t1.iova(),
+            "both domains hand out the same first IOVA"
+        );
         let iova = t0.iova().get();
 
         ctx.mem.fill(p0, PAGE, 0);
@@ -565,11 +637,7 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
         if let Err(m) = ctx.mem.check_pattern(w1, 256, 0x51) {
             fail!("edu 1 at {iova:#x} did not land in its domain's page: {m}");
         }
-        narrate!(
-            "same IOVA {iova:#x}: {} -> {p0}, {} -> {p1}",
-            e0.id,
-            e1.id
-        );
+        narrate!("same IOVA {iova:#x}: {} -> {p0}, {} -> {p1}", e0.id, e1.id);
 
         // edu 1 tries domain 0's other mapping.
         let _ = drain(&mut smmu);
@@ -579,7 +647,13 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
             fail!("edu 1 reached a page mapped only in edu 0's domain: {m}");
         }
         let d = drain(&mut smmu);
-        expect_translation_fault(&d, e1.id.stream_id(), foreign, foreign + 64, fault_stage(format))?;
+        expect_translation_fault(
+            &d,
+            e1.id.stream_id(),
+            foreign,
+            foreign + 64,
+            fault_stage(format),
+        )?;
         if let Some(e) = d.events.first() {
             narrate!("{} at {foreign:#x} (domain 0 only): blocked, {e}", e1.id);
         }
@@ -610,9 +684,16 @@ fn guest_region<F: PteFormat>(ctx: &Ctx, smmu: &mut Smmu<Mem>, fmt: F) -> Result
     let edu = &ctx.edu[1];
     smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
     let (region, len) = ctx.mem.block_region();
-    check!(len >= 2 * SIZE_2M && region.is_aligned(SIZE_2M), "block region");
+    check!(
+        len >= 2 * SIZE_2M && region.is_aligned(SIZE_2M),
+        "block region"
+    );
     let mut tx = alloc(&mut dom, 2 * SIZE_2M)?;
-    check!(tx.iova().is_aligned(SIZE_2M), "IOVA {} not 2 MiB aligned", tx.iova());
+    check!(
+        tx.iova().is_aligned(SIZE_2M),
+        "IOVA {} not 2 MiB aligned",
+        tx.iova()
+    );
     dom.link(
         &mut tx,
         region,
@@ -646,8 +727,12 @@ fn guest_region<F: PteFormat>(ctx: &Ctx, smmu: &mut Smmu<Mem>, fmt: F) -> Result
     edu.dma_from_ram(at(tx.iova(), SIZE_2M - PAGE_SIZE), 0, PAGE as u32)
         .or_fail("read")?;
     for &t in &targets {
-        edu.dma_to_ram(at(tx.iova(), t), 0, PAGE as u32).or_fail("write")?;
-        if let Err(m) = ctx.mem.check_pattern(PhysAddr(region.get() + t), PAGE, 0x2b) {
+        edu.dma_to_ram(at(tx.iova(), t), 0, PAGE as u32)
+            .or_fail("write")?;
+        if let Err(m) = ctx
+            .mem
+            .check_pattern(PhysAddr(region.get() + t), PAGE, 0x2b)
+        {
             fail!("DMA to IOVA +{t:#x} did not land at region +{t:#x}: {m}");
         }
     }
@@ -679,13 +764,18 @@ pub fn smmu_fault_storm_overflows_event_queue_and_recovers(ctx: &mut Ctx) -> Res
         );
         let mut tx = alloc(&mut dom, 4 * PAGE_SIZE)?;
         let dir = DmaDirection::Bidirectional;
-        dom.link(&mut tx, src, 0, PAGE_SIZE, dir, MapAttrs::empty()).or_fail("link")?;
+        dom.link(&mut tx, src, 0, PAGE_SIZE, dir, MapAttrs::empty())
+            .or_fail("link")?;
         dom.sync(&mut smmu).or_fail("sync")?;
         let hole = at(tx.iova(), 2 * PAGE_SIZE);
         let before = smmu.stats();
         edu.dma_to_ram(hole, 0, PAGE as u32).or_fail("storm DMA")?;
         let d = drain(&mut smmu);
-        check!(d.report.overflow, "no overflow reported after {} events", d.report.events);
+        check!(
+            d.report.overflow,
+            "no overflow reported after {} events",
+            d.report.events
+        );
         check!(
             d.report.events >= 1 && d.report.events <= 128,
             "{} events delivered from a 128-record queue",
@@ -703,7 +793,8 @@ pub fn smmu_fault_storm_overflows_event_queue_and_recovers(ctx: &mut Ctx) -> Res
         );
         // The SMMU still translates: the next transaction works.
         ctx.mem.fill_pattern(src, PAGE, 0x3c);
-        dom.link(&mut tx, p, PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty()).or_fail("link")?;
+        dom.link(&mut tx, p, PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty())
+            .or_fail("link")?;
         dom.sync(&mut smmu).or_fail("sync after storm")?;
         copy(edu, at(tx.iova(), 0), at(tx.iova(), PAGE_SIZE), PAGE as u32)?;
         if let Err(m) = ctx.mem.check_pattern(p, PAGE, 0x3c) {
@@ -714,7 +805,13 @@ pub fn smmu_fault_storm_overflows_event_queue_and_recovers(ctx: &mut Ctx) -> Res
         let d = drain(&mut smmu);
         check!(!d.report.overflow, "overflow reported again for one fault");
         check_eq!(d.report.events, 1, "records for one 4-byte fault");
-        expect_translation_fault(&d, edu.id.stream_id(), hole, hole + 4, fault_stage(dom.info().or_fail("info")?.format))?;
+        expect_translation_fault(
+            &d,
+            edu.id.stream_id(),
+            hole,
+            hole + 4,
+            fault_stage(dom.info().or_fail("info")?.format),
+        )?;
         narrate!("after the storm: DMA works, a single fault gives one record");
         dom.destroy(tx, &mut smmu).or_fail("destroy")?;
     });
@@ -733,27 +830,43 @@ pub fn smmu_illegal_command_is_reported_and_queue_recovers(ctx: &mut Ctx) -> Res
         Err(SmmuError::Command(e)) => {
             check_eq!(e.code, CommandErrorCode::Illegal, "error code");
             check_eq!(e.command, bad, "offending command");
-            narrate!("illegal command reported: {:?} at slot {}: {:?}", e.code, e.index, e.command);
+            narrate!(
+                "illegal command reported: {:?} at slot {}: {:?}",
+                e.code,
+                e.index,
+                e.command
+            );
         }
         other => fail!("sync after an illegal command: {other:?}"),
     }
     let after = smmu.stats();
-    check_eq!(after.command_errors, before.command_errors + 1, "command errors");
-    check_eq!(after.commands.cfgi_all, before.commands.cfgi_all + 1, "CFGI_ALL queued");
+    check_eq!(
+        after.command_errors,
+        before.command_errors + 1,
+        "command errors"
+    );
+    check_eq!(
+        after.commands.cfgi_all,
+        before.commands.cfgi_all + 1,
+        "CFGI_ALL queued"
+    );
     smmu.sync_commands().or_fail("sync after recovery")?;
     // The queue works: attach (CFGI + sync) and a translated DMA.
     with_preferred_stage!(smmu, |fmt| {
         let mut dom = domain(&smmu, ctx, fmt, 11)?;
         let edu = &ctx.edu[0];
-        smmu.attach(edu.id, dom.attachment()).or_fail("attach after recovery")?;
+        smmu.attach(edu.id, dom.attachment())
+            .or_fail("attach after recovery")?;
         let (src, dst) = (
             ctx.mem.dma_pages(1).or_fail("page")?,
             ctx.mem.dma_pages(1).or_fail("page")?,
         );
         let mut tx = alloc(&mut dom, 2 * PAGE_SIZE)?;
         let dir = DmaDirection::Bidirectional;
-        dom.link(&mut tx, src, 0, PAGE_SIZE, dir, MapAttrs::empty()).or_fail("link")?;
-        dom.link(&mut tx, dst, PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty()).or_fail("link")?;
+        dom.link(&mut tx, src, 0, PAGE_SIZE, dir, MapAttrs::empty())
+            .or_fail("link")?;
+        dom.link(&mut tx, dst, PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty())
+            .or_fail("link")?;
         dom.sync(&mut smmu).or_fail("sync")?;
         ctx.mem.fill_pattern(src, PAGE, 0x4d);
         copy(edu, at(tx.iova(), 0), at(tx.iova(), PAGE_SIZE), PAGE as u32)?;
@@ -768,62 +881,175 @@ pub fn smmu_illegal_command_is_reported_and_queue_recovers(ctx: &mut Ctx) -> Res
 
 /// The command counters: one sync of a batch (two unlinks of 3 and 1
 /// pages) issues exactly one CMD_SYNC and the TLBIs the SMMU needs: one
-/// range TLBI per range with IDR3.RIL, one per page without.
+/// range TLBI per range with IDR3.RIL, one per page without; past the
+/// threshold (64 pages) one TLBI by ASID/VMID, and the DMA shows it worked.
+/// Run with range invalidation on (when the SMMU has it) and forced off.
 pub fn smmu_one_cmd_sync_per_sync_call(ctx: &mut Ctx) -> Result<(), Fail> {
-    let mut smmu = bring_up(ctx, SmmuConfig::default())?;
-    with_preferred_stage!(smmu, |fmt| {
-        let mut dom = domain(&smmu, ctx, fmt, 12)?;
-        let format = dom.info().or_fail("info")?.format;
-        let edu = &ctx.edu[0];
-        smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
-        let mut pages = [PhysAddr(0); 6];
-        for p in pages.iter_mut() {
-            *p = ctx.mem.dma_pages(1).or_fail("page")?;
-        }
-        let mut tx = alloc(&mut dom, 8 * PAGE_SIZE)?;
-        let dir = DmaDirection::Bidirectional;
-        let before = smmu.stats();
-        for (i, &p) in pages.iter().enumerate() {
-            dom.link(&mut tx, p, i as u64 * PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty())
-                .or_fail("link")?;
-        }
-        dom.sync(&mut smmu).or_fail("sync")?;
-        let linked = smmu.stats();
-        check_eq!(linked.sync_calls - before.sync_calls, 1, "sync calls");
-        check_eq!(linked.commands.sync - before.commands.sync, 1, "CMD_SYNCs for one sync of 6 links");
-        check_eq!(linked.commands.tlbi(), before.commands.tlbi(), "TLBIs for links (nothing was cached)");
+    for use_ril in [true, false] {
+        let mut smmu = bring_up(
+            ctx,
+            SmmuConfig {
+                range_invalidation: use_ril,
+                ..SmmuConfig::default()
+            },
+        )?;
+        let ril = use_ril && smmu.features().range_invalidation;
+        with_preferred_stage!(smmu, |fmt| command_counts(ctx, &mut smmu, fmt, ril)?);
+        teardown(&mut smmu, ctx)?;
+    }
+    Ok(())
+}
 
-        dom.unlink(&mut tx, 0, 3 * PAGE_SIZE).or_fail("unlink 3 pages")?;
-        dom.unlink(&mut tx, 4 * PAGE_SIZE, PAGE_SIZE).or_fail("unlink 1 page")?;
-        dom.sync(&mut smmu).or_fail("sync")?;
-        let after = smmu.stats();
-        let ril = smmu.features().range_invalidation;
-        let expected_tlbi = if ril { 2 } else { 4 };
-        check_eq!(after.sync_calls - linked.sync_calls, 1, "sync calls");
-        check_eq!(after.commands.sync - linked.commands.sync, 1, "CMD_SYNCs for one sync of 2 unlinks");
-        let (va, ipa) = (
-            after.commands.tlbi_nh_va - linked.commands.tlbi_nh_va,
-            after.commands.tlbi_s2_ipa - linked.commands.tlbi_s2_ipa,
-        );
-        let (expected_va, expected_ipa) = if format == TableFormat::ArmStage1 {
-            (expected_tlbi, 0)
+fn command_counts<F: PteFormat>(
+    ctx: &Ctx,
+    smmu: &mut Smmu<Mem>,
+    fmt: F,
+    ril: bool,
+) -> Result<(), Fail> {
+    let mut dom = domain(smmu, ctx, fmt, 12)?;
+    let format = dom.info().or_fail("info")?.format;
+    let stage1 = format == TableFormat::ArmStage1;
+    let edu = &ctx.edu[0];
+    smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
+    let mut pages = [PhysAddr(0); 6];
+    for p in pages.iter_mut() {
+        *p = ctx.mem.dma_pages(1).or_fail("page")?;
+    }
+    let mut tx = alloc(&mut dom, 8 * PAGE_SIZE)?;
+    let dir = DmaDirection::Bidirectional;
+    let before = smmu.stats();
+    for (i, &p) in pages.iter().enumerate() {
+        dom.link(
+            &mut tx,
+            p,
+            i as u64 * PAGE_SIZE,
+            PAGE_SIZE,
+            dir,
+            MapAttrs::empty(),
+        )
+        .or_fail("link")?;
+    }
+    dom.sync(smmu).or_fail("sync")?;
+    let linked = smmu.stats();
+    check_eq!(linked.sync_calls - before.sync_calls, 1, "sync calls");
+    check_eq!(
+        linked.commands.sync - before.commands.sync,
+        1,
+        "CMD_SYNCs for one sync of 6 links"
+    );
+    check_eq!(
+        linked.commands.tlbi(),
+        before.commands.tlbi(),
+        "TLBIs for links (nothing was cached)"
+    );
+
+    dom.unlink(&mut tx, 0, 3 * PAGE_SIZE)
+        .or_fail("unlink 3 pages")?;
+    dom.unlink(&mut tx, 4 * PAGE_SIZE, PAGE_SIZE)
+        .or_fail("unlink 1 page")?;
+    dom.sync(smmu).or_fail("sync")?;
+    let after = smmu.stats();
+    let expected_tlbi = if ril { 2 } else { 4 };
+    check_eq!(after.sync_calls - linked.sync_calls, 1, "sync calls");
+    check_eq!(
+        after.commands.sync - linked.commands.sync,
+        1,
+        "CMD_SYNCs for one sync of 2 unlinks"
+    );
+    let (va, ipa) = (
+        after.commands.tlbi_nh_va - linked.commands.tlbi_nh_va,
+        after.commands.tlbi_s2_ipa - linked.commands.tlbi_s2_ipa,
+    );
+    let expected = if stage1 {
+        (expected_tlbi, 0)
+    } else {
+        (0, expected_tlbi)
+    };
+    check_eq!(
+        (va, ipa),
+        expected,
+        "TLBI_NH_VA / TLBI_S2_IPA (range invalidation {ril})"
+    );
+    check_eq!(
+        after.commands.tlbi() - linked.commands.tlbi(),
+        expected_tlbi,
+        "all TLBIs"
+    );
+    narrate!(
+        "range invalidation {}: 2 unlinks (3 + 1 pages), one sync: {} {} + 1 CMD_SYNC",
+        if ril { "on" } else { "off" },
+        expected_tlbi,
+        if stage1 { "TLBI_NH_VA" } else { "TLBI_S2_IPA" }
+    );
+    dom.destroy(tx, smmu).or_fail("destroy")?;
+
+    // 80 pages: past the threshold without RIL, one TLBI for the domain.
+    const BIG: usize = 80;
+    let big = ctx.mem.dma_pages(BIG).or_fail("80 pages")?;
+    let mut tx = alloc(&mut dom, BIG as u64 * PAGE_SIZE)?;
+    dom.link(
+        &mut tx,
+        big,
+        0,
+        BIG as u64 * PAGE_SIZE,
+        dir,
+        MapAttrs::empty(),
+    )
+    .or_fail("link 80 pages")?;
+    dom.sync(smmu).or_fail("sync")?;
+    let probe = 70 * PAGE_SIZE;
+    ctx.mem.fill_pattern(big, PAGE, 0x6e);
+    edu.dma_from_ram(at(tx.iova(), 0), 0, 64).or_fail("read")?;
+    edu.dma_to_ram(at(tx.iova(), probe), 0, 64)
+        .or_fail("write page 70")?;
+    let p70 = PhysAddr(big.get() + probe);
+    check!(
+        ctx.mem.check_pattern(p70, 64, 0x6e).is_ok(),
+        "DMA to page 70 before unlink"
+    );
+    let linked = smmu.stats();
+    dom.unlink(&mut tx, 0, BIG as u64 * PAGE_SIZE)
+        .or_fail("unlink 80 pages")?;
+    dom.sync(smmu).or_fail("sync")?;
+    let after = smmu.stats();
+    let c = |s: &bare_iommu::smmuv3::Stats| {
+        (
+            s.commands.tlbi_nh_va + s.commands.tlbi_s2_ipa,
+            s.commands.tlbi_nh_asid + s.commands.tlbi_s12_vmall,
+            s.commands.sync,
+        )
+    };
+    let (a, b) = (c(&linked), c(&after));
+    let got = (b.0 - a.0, b.1 - a.1, b.2 - a.2);
+    // 80 = 0b101_0000: one range TLBI (NUM 4, SCALE 4) with RIL.
+    let expected = if ril { (1, 0, 1) } else { (0, 1, 1) };
+    check_eq!(
+        got,
+        expected,
+        "(range/page TLBIs, domain TLBIs, CMD_SYNCs) for an 80-page unlink"
+    );
+    ctx.mem.fill(p70, PAGE, 0);
+    let _ = drain(smmu);
+    edu.dma_to_ram(at(tx.iova(), probe), 0, 64)
+        .or_fail("write after unlink")?;
+    if let Err(m) = ctx.mem.check_filled(p70, PAGE, 0) {
+        fail!("DMA reached page 70 after an 80-page unlink (stale translation): {m}");
+    }
+    let d = drain(smmu);
+    check!(
+        d.report.events > 0,
+        "no fault for the DMA after the 80-page unlink"
+    );
+    narrate!(
+        "80-page unlink: {} and one CMD_SYNC; the DMA to page 70 now faults",
+        if ril {
+            "1 range TLBI"
         } else {
-            (0, expected_tlbi)
-        };
-        check_eq!((va, ipa), (expected_va, expected_ipa), "TLBI_NH_VA / TLBI_S2_IPA (RIL={ril})");
-        check_eq!(after.commands.tlbi() - linked.commands.tlbi(), expected_tlbi, "all TLBIs");
-        narrate!(
-            "commands: {} total, {} CMD_SYNC for {} sync calls; last sync: {} TLBI ({}, RIL={}) + 1 CMD_SYNC",
-            after.commands.total,
-            after.commands.sync,
-            after.sync_calls,
-            expected_tlbi,
-            if format == TableFormat::ArmStage1 { "TLBI_NH_VA" } else { "TLBI_S2_IPA" },
-            ril
-        );
-        dom.destroy(tx, &mut smmu).or_fail("destroy")?;
-    });
-    teardown(&mut smmu, ctx)
+            "1 TLBI by ASID/VMID (past 64 pages)"
+        }
+    );
+    dom.destroy(tx, smmu).or_fail("destroy")?;
+    Ok(())
 }
 
 /// Detach returns a stream to abort: after detach the device's DMA to an
@@ -836,25 +1062,39 @@ pub fn smmu_detach_returns_stream_to_abort(ctx: &mut Ctx) -> Result<(), Fail> {
         smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
         let p = ctx.mem.dma_pages(1).or_fail("page")?;
         let mut tx = alloc(&mut dom, PAGE_SIZE)?;
-        dom.link(&mut tx, p, 0, PAGE_SIZE, DmaDirection::Bidirectional, MapAttrs::empty())
-            .or_fail("link")?;
+        dom.link(
+            &mut tx,
+            p,
+            0,
+            PAGE_SIZE,
+            DmaDirection::Bidirectional,
+            MapAttrs::empty(),
+        )
+        .or_fail("link")?;
         dom.sync(&mut smmu).or_fail("sync")?;
         ctx.mem.fill_pattern(p, PAGE, 0x19);
         edu.dma_from_ram(tx.iova().get(), 0, 64).or_fail("read")?;
         smmu.detach(edu.id).or_fail("detach")?;
         ctx.mem.fill(p, PAGE, 0);
-        edu.dma_to_ram(tx.iova().get(), 0, 64).or_fail("DMA after detach")?;
+        edu.dma_to_ram(tx.iova().get(), 0, 64)
+            .or_fail("DMA after detach")?;
         if let Err(m) = ctx.mem.check_filled(p, PAGE, 0) {
             fail!("DMA after detach reached memory: {m}");
         }
         // Bypass, then detach again: physical addresses work, then stop.
         smmu.attach(edu.id, Attachment::Bypass).or_fail("bypass")?;
         edu.dma_to_ram(p.get(), 0, 64).or_fail("bypass DMA")?;
-        check!(ctx.mem.check_pattern(p, 64, 0x19).is_ok(), "bypass DMA did not land");
+        check!(
+            ctx.mem.check_pattern(p, 64, 0x19).is_ok(),
+            "bypass DMA did not land"
+        );
         smmu.detach(edu.id).or_fail("detach")?;
         ctx.mem.fill(p, PAGE, 0);
         edu.dma_to_ram(p.get(), 0, 64).or_fail("DMA after detach")?;
-        check!(ctx.mem.check_filled(p, PAGE, 0).is_ok(), "DMA after detaching bypass landed");
+        check!(
+            ctx.mem.check_filled(p, PAGE, 0).is_ok(),
+            "DMA after detaching bypass landed"
+        );
         narrate!("detach: translated -> abort, bypass -> abort: nothing lands");
         let _ = drain(&mut smmu);
         dom.destroy(tx, &mut smmu).or_fail("destroy")?;
