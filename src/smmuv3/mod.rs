@@ -795,3 +795,6 @@ impl<M: TableMemory> IommuBackend for Smmu<M> {
 // SAFETY: no interior shared state; every access goes through `&mut self`
 // (register reads through `&self` are side-effect free).
 unsafe impl<M: TableMemory + Send> Send for Smmu<M> {}
+
+#[cfg(test)]
+mod host_tests;
