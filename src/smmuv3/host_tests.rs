@@ -5,7 +5,7 @@
 
 extern crate std;
 
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -15,8 +15,11 @@ use super::*;
 use crate::addr::PhysAddr;
 
 /// Host memory lender: blocks aligned to their power-of-two size; the
-/// "physical" address is the host pointer.
-struct HostMem;
+/// "physical" address is the host pointer. Counts the pages lent out.
+#[derive(Clone, Default)]
+struct HostMem {
+    live: Arc<AtomicUsize>,
+}
 
 fn layout(pages: usize) -> Layout {
     let size = pages.next_power_of_two() * 4096;
@@ -28,9 +31,14 @@ unsafe impl TableMemory for HostMem {
     fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
         // SAFETY: non-zero size.
         let p = unsafe { alloc_zeroed(layout(pages)) };
-        (!p.is_null()).then_some(PhysAddr(p as u64))
+        if p.is_null() {
+            return None;
+        }
+        self.live.fetch_add(pages, Ordering::SeqCst);
+        Some(PhysAddr(p as u64))
     }
     unsafe fn free(&self, pa: PhysAddr, pages: usize) {
+        self.live.fetch_sub(pages, Ordering::SeqCst);
         // SAFETY: allocated by `alloc_zeroed` with the same layout.
         unsafe { dealloc(pa.0 as *mut u8, layout(pages)) }
     }
@@ -170,7 +178,7 @@ fn step(r: &Regs, log: &Mutex<Vec<[u64; 2]>>) {
 
 fn smmu(regs: &Regs) -> Smmu<HostMem> {
     // SAFETY: the fake register block lives as long as the test.
-    unsafe { Smmu::new(regs.base, HostMem) }.unwrap()
+    unsafe { Smmu::new(regs.base, HostMem::default()) }.unwrap()
 }
 
 fn small_budget() -> SmmuConfig {
@@ -379,5 +387,83 @@ fn a_linear_table_covers_the_configured_sid_bits_and_refuses_others() {
     );
     s.attach(DeviceId::from_rid(0, 0x28), Attachment::Bypass)
         .unwrap();
+    s.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_gives_back_tables_queues_and_context_descriptors() {
+    let regs = Arc::new(Regs::new());
+    let _fake = Fake::start(regs.clone());
+    let mut s = smmu(&regs);
+    let live = s.memory().live.clone();
+    s.init(small_budget()).unwrap();
+    let d0 = DeviceId::new(0, 0, 5, 0).unwrap();
+    let d1 = DeviceId::new(0, 3, 0, 0).unwrap();
+    s.attach(d0, Attachment::Translated(s1_domain(1))).unwrap();
+    s.attach(d1, Attachment::Translated(s1_domain(2))).unwrap();
+    // Stream table L1, two L2 arrays (buses 0 and 3), two CDs, two queues.
+    assert_eq!(live.load(Ordering::SeqCst), 1 + 2 * 4 + 2 + 1 + 1);
+    s.shutdown().unwrap();
+    assert_eq!(live.load(Ordering::SeqCst), 0);
+}
+
+const EVENTQ_BASE: usize = 0xa0;
+const EVENTQ_PROD: usize = 0x1_00a8;
+const EVENTQ_CONS: usize = 0x1_00ac;
+
+/// Writes an event record the way the SMMU would and advances EVENTQ_PROD.
+fn post_event(regs: &Regs, rec: [u64; 4]) {
+    let base = regs.get64(EVENTQ_BASE);
+    let log2 = (base & 0x1f) as u32;
+    let addr = base & 0x000f_ffff_ffff_ffe0;
+    let prod = regs.get(EVENTQ_PROD);
+    let idx = prod & ((2 << log2) - 1);
+    let p = (addr + (idx & ((1 << log2) - 1)) as u64 * 32) as *mut u64;
+    for (i, w) in rec.iter().enumerate() {
+        // SAFETY: a slot of the event queue the driver programmed.
+        unsafe { p.add(i).write_volatile(*w) };
+    }
+    regs.set(
+        EVENTQ_PROD,
+        (prod & !((2 << log2) - 1)) | ((idx + 1) & ((2 << log2) - 1)),
+    );
+}
+
+#[test]
+fn handle_irq_decodes_events_and_acknowledges_overflow() {
+    let regs = Arc::new(Regs::new());
+    let _fake = Fake::start(regs.clone());
+    let mut s = smmu(&regs);
+    s.init(SmmuConfig {
+        irqs: true,
+        ..small_budget()
+    })
+    .unwrap();
+    assert_eq!(regs.get(IRQ_CTRL), 0b101);
+    post_event(&regs, [0x0000_0028_0000_0010, 0, 0x10_1000, 0]);
+    post_event(&regs, [0x0000_0030_0000_0004, 0, 0, 0]);
+    let mut got = Vec::new();
+    let r = s.handle_irq(|e| got.push(e));
+    assert_eq!(r.events, 2);
+    assert!(!r.overflow);
+    assert!(matches!(got[0], Event::Translation(f) if f.stream_id == 0x28 && f.addr == 0x10_1000));
+    assert_eq!(got[1], Event::BadSte { stream_id: 0x30 });
+    // CONS follows PROD.
+    assert_eq!(regs.get(EVENTQ_CONS) & 0xfffff, 2);
+    // Overflow: OVFLG toggles in PROD; the driver reports it once and copies
+    // it to OVACKFLG.
+    regs.set(EVENTQ_PROD, regs.get(EVENTQ_PROD) ^ (1 << 31));
+    let r = s.handle_irq(|_| {});
+    assert!(r.overflow);
+    assert_eq!(regs.get(EVENTQ_CONS) >> 31, 1);
+    assert!(!s.handle_irq(|_| {}).overflow);
+    // QEMU's way: GERROR.EVENTQ_ABT_ERR, acknowledged through GERRORN.
+    regs.set(GERROR, regs.get(GERROR) ^ (1 << 2));
+    let r = s.poll_events(|_| {});
+    assert!(r.overflow);
+    assert_eq!(r.gerror, 1 << 2);
+    assert_eq!(regs.get(GERROR) ^ regs.get(GERRORN), 0);
+    assert_eq!(s.stats().event_overflows, 2);
+    assert_eq!(s.stats().events, 2);
     s.shutdown().unwrap();
 }

@@ -300,8 +300,10 @@ impl<M: TableMemory> Smmu<M> {
         Ok(())
     }
 
-    /// Disables the SMMU (SMMUEN and the queues off, unknown streams still
-    /// aborted by GBPA) and gives back the tables and queues.
+    /// Disables the SMMU and gives back the stream table, the context
+    /// descriptors and the queues. GBPA is set to abort first, so no stream
+    /// bypasses while SMMUEN goes to 0. Domains' page tables stay with their
+    /// owners.
     pub fn shutdown(&mut self) -> Result<(), SmmuError> {
         let budget = self.budget();
         self.wait_gbpa_idle(budget)?;
@@ -310,7 +312,8 @@ impl<M: TableMemory> Smmu<M> {
         self.write_cr0(0, budget)?;
         if let Some(r) = self.run.take() {
             // SAFETY: CR0 is 0 (acknowledged): the SMMU reads neither the
-            // stream table nor the queues any more.
+            // stream table, the CDs nor the queues any more; every CD an STE
+            // points at is a one-page block from `build_ste`.
             unsafe {
                 r.strtab.free(&self.mem);
                 r.cmdq.free(&self.mem);

@@ -170,23 +170,43 @@ impl StreamTable {
         Ok(SteSlot { ptr, pa })
     }
 
-    /// Gives back the table and every level-2 array.
+    /// Gives back the table, every level-2 array, and the context
+    /// descriptor page of every stage-1 STE still in it (see
+    /// `Smmu::attach_stream`: each stage-1 STE owns one CD page).
     ///
     /// # Safety
     ///
-    /// The SMMU must no longer read the table (SMMUEN == 0).
+    /// The SMMU must no longer read the table (SMMUEN == 0), and every CD an
+    /// STE points at must be a one-page block from `mem`.
     pub unsafe fn free<M: TableMemory>(self, mem: &M) {
-        if self.format == StreamTableFormat::TwoLevel {
-            let l1_entries = 1u32 << self.sid_bits.saturating_sub(SPLIT);
-            for i in 0..l1_entries {
-                let (p, _) = self.l1_ptr(mem, i << SPLIT);
-                // SAFETY: `i` indexes a level-1 descriptor inside the table.
-                let desc = L1Desc(unsafe { p.read_volatile() });
-                if let Some(l2) = desc.l2() {
-                    let pages = pages_for((Ste::SIZE as u64) << SPLIT);
-                    // SAFETY: allocated in `locate` with these pages; the SMMU
-                    // no longer reads it (caller's guarantee).
-                    unsafe { mem.free(l2, pages) };
+        let free_cds = |array: PhysAddr, count: u32| {
+            for i in 0..count {
+                let (p, _) = Self::ste_ptr(mem, array, i);
+                // SAFETY: `i` indexes an STE inside the array; dword 0 holds
+                // V, Config and S1ContextPtr.
+                let d0 = unsafe { p.read_volatile() };
+                if let Some(cd) = Ste([d0, 0, 0, 0, 0, 0, 0, 0]).context_ptr() {
+                    // SAFETY: the caller guarantees CDs are one-page blocks
+                    // from `mem`, and the SMMU no longer reads them.
+                    unsafe { mem.free(cd, 1) };
+                }
+            }
+        };
+        match self.format {
+            StreamTableFormat::Linear => free_cds(self.base, 1 << self.sid_bits),
+            StreamTableFormat::TwoLevel => {
+                let l1_entries = 1u32 << self.sid_bits.saturating_sub(SPLIT);
+                for i in 0..l1_entries {
+                    let (p, _) = self.l1_ptr(mem, i << SPLIT);
+                    // SAFETY: `i` indexes a level-1 descriptor inside the table.
+                    let desc = L1Desc(unsafe { p.read_volatile() });
+                    if let Some(l2) = desc.l2() {
+                        free_cds(l2, 1 << SPLIT);
+                        let pages = pages_for((Ste::SIZE as u64) << SPLIT);
+                        // SAFETY: allocated in `locate` with these pages; the
+                        // SMMU no longer reads it (caller's guarantee).
+                        unsafe { mem.free(l2, pages) };
+                    }
                 }
             }
         }
