@@ -1,10 +1,47 @@
 //! Arm SMMUv3 driver (IHI 0070).
 //!
-//! [`Smmu::new`] probes the register pages and decodes the features;
-//! [`Smmu::init`] brings the SMMU up in the spec's order (§3.3, §6.3.9):
-//! global abort, stream table, queues, global invalidation, SMMUEN. The
-//! driver then implements [`IommuBackend`], so the core's two-step DMA API
-//! drives it; [`Smmu::poll_events`] and [`Smmu::handle_irq`] report faults.
+//! [`Smmu::new`] probes the register pages and decodes the [`Features`];
+//! [`Smmu::init`] brings the SMMU up: GBPA abort and disable, stream table
+//! (linear or 2-level), command and event queues, queues enabled, global
+//! invalidation (CFGI_ALL, TLBI_NSNH_ALL, TLBI_EL2_ALL with IDR0.HYP,
+//! CMD_SYNC), then SMMUEN — every CR0ACK/GBPA wait bounded. The driver then
+//! implements [`IommuBackend`], so the core's two-step DMA API drives it;
+//! [`Smmu::poll_events`] (no interrupt controller needed) and
+//! [`Smmu::handle_irq`] deliver decoded [`Event`]s.
+//!
+//! ```no_run
+//! use bare_iommu::pgtable::{DmaDirection, MapAttrs, arm::ArmStage1};
+//! use bare_iommu::smmuv3::{Smmu, SmmuConfig};
+//! use bare_iommu::state::{Domain, DomainConfig};
+//! use bare_iommu::{DeviceId, DmaError, IommuBackend, PhysAddr, TableMemory};
+//!
+//! fn example<M: TableMemory + Copy>(mem: M) -> Result<(), DmaError> {
+//!     // SAFETY: on QEMU `virt` the SMMU's two register pages are at 0x0905_0000.
+//!     let mut smmu = unsafe { Smmu::new(0x0905_0000, mem) }.expect("probe");
+//!     smmu.init(SmmuConfig::default()).expect("init");
+//!     println!("{}", smmu.features());
+//!     let config = DomainConfig {
+//!         id: 1, // the ASID
+//!         levels: 3,
+//!         aperture_start: 0x10_0000,
+//!         aperture_end: 1 << 39,
+//!         coherent_walk: smmu.coherent_walk(),
+//!     };
+//!     let mut dom = Domain::new(ArmStage1, mem, config)?;
+//!     let dev = DeviceId::new(0, 0, 5, 0).expect("00:05.0");
+//!     smmu.attach(dev, dom.attachment())?;
+//!     let mut tx = dom.try_alloc(0x2000, u64::MAX)?.into_iova().expect("translated");
+//!     let dir = DmaDirection::FromDevice;
+//!     dom.link(&mut tx, PhysAddr(0x4100_0000), 0, 0x1000, dir, MapAttrs::empty())?;
+//!     dom.link(&mut tx, PhysAddr(0x4180_0000), 0x1000, 0x1000, dir, MapAttrs::empty())?;
+//!     dom.sync(&mut smmu)?; // one CMD_SYNC for both links
+//!     // ... the device DMAs to tx.iova() ...
+//!     smmu.poll_events(|event| println!("{event}"));
+//!     dom.destroy(tx, &mut smmu)?; // unlink, TLBI, one CMD_SYNC, IOVA freed
+//!     smmu.detach(dev)?;
+//!     Ok(())
+//! }
+//! ```
 
 pub mod barrier;
 pub mod cd;
@@ -514,7 +551,7 @@ impl<M: TableMemory> Smmu<M> {
     }
 
     /// Installs `new` as the STE of `sid` so that the SMMU never reads a
-    /// half-written entry (§3.21.3): a live entry whose other dwords change
+    /// half-written entry (§3.21, structure update rules): a live entry whose other dwords change
     /// is first turned to abort (dword 0 alone, one 64-bit store) and
     /// invalidated; dwords 1–7 are written while dword 0 says abort; dword 0
     /// is written last; then CFGI_STE (+ CFGI_CD) and CMD_SYNC.

@@ -1,4 +1,4 @@
-//! SMMUv3 register pages 0 and 1 (IHI 0070, §6.3 "Register formats").
+//! SMMUv3 register pages 0 and 1 (IHI 0070 revision C numbering, §6.3 "Register formats").
 //!
 //! Every register the driver touches is declared here once; the rest of the
 //! driver reads and writes fields by name.
@@ -172,7 +172,7 @@ register_bitfields![u32,
         /// Command queue control page error.
         CMDQP_ERR OFFSET(9) NUMBITS(1) []
     ],
-    /// SMMU_STRTAB_BASE_CFG (§6.3.25).
+    /// SMMU_STRTAB_BASE_CFG (§6.3.24).
     pub STRTAB_BASE_CFG [
         /// log2 of the number of StreamIDs the table covers.
         LOG2SIZE OFFSET(0) NUMBITS(6) [],
@@ -181,26 +181,26 @@ register_bitfields![u32,
         /// Format.
         FMT OFFSET(16) NUMBITS(2) [Linear = 0, TwoLevel = 1]
     ],
-    /// SMMU_CMDQ_PROD (§6.3.27).
+    /// SMMU_CMDQ_PROD (§6.3.26).
     pub CMDQ_PROD [
         /// Write index with the wrap bit just above it.
         WR OFFSET(0) NUMBITS(20) []
     ],
-    /// SMMU_CMDQ_CONS (§6.3.28).
+    /// SMMU_CMDQ_CONS (§6.3.27).
     pub CMDQ_CONS [
         /// Read index with the wrap bit just above it.
         RD OFFSET(0) NUMBITS(20) [],
         /// Error code of the command at RD, valid while GERROR.CMDQ_ERR is active.
         ERR OFFSET(24) NUMBITS(7) []
     ],
-    /// SMMU_EVENTQ_PROD (§6.3.30).
+    /// SMMU_EVENTQ_PROD (§6.3.29).
     pub EVENTQ_PROD [
         /// Write index with the wrap bit just above it.
         WR OFFSET(0) NUMBITS(20) [],
         /// Overflow flag: toggles when events are lost.
         OVFLG OFFSET(31) NUMBITS(1) []
     ],
-    /// SMMU_EVENTQ_CONS (§6.3.31).
+    /// SMMU_EVENTQ_CONS (§6.3.30).
     pub EVENTQ_CONS [
         /// Read index with the wrap bit just above it.
         RD OFFSET(0) NUMBITS(20) [],
@@ -210,14 +210,14 @@ register_bitfields![u32,
 ];
 
 register_bitfields![u64,
-    /// SMMU_STRTAB_BASE (§6.3.24).
+    /// SMMU_STRTAB_BASE (§6.3.23).
     pub STRTAB_BASE [
         /// Physical address of the stream table, bits [51:6].
         ADDR OFFSET(6) NUMBITS(46) [],
         /// Read-allocate hint.
         RA OFFSET(62) NUMBITS(1) []
     ],
-    /// SMMU_CMDQ_BASE / SMMU_EVENTQ_BASE (§6.3.26, §6.3.29).
+    /// SMMU_CMDQ_BASE / SMMU_EVENTQ_BASE (§6.3.25, §6.3.28).
     pub Q_BASE [
         /// log2 of the number of entries.
         LOG2SIZE OFFSET(0) NUMBITS(5) [],
