@@ -4,13 +4,13 @@ use crate::addr::PhysAddr;
 
 // Dword 0.
 const T0SZ_MASK: u64 = 0x3f;
-/// TG0 = 0b00: 4 KiB granule (bits [7:6]).
+/// TG0 = 0b00: 4 KiB granule (bits \[7:6\]).
 const TG0_4K: u64 = 0 << 6;
-/// IRGN0 = 0b01: inner write-back read/write-allocate (bits [9:8]).
+/// IRGN0 = 0b01: inner write-back read/write-allocate (bits \[9:8\]).
 const IRGN0_WBWA: u64 = 1 << 8;
-/// ORGN0 = 0b01 (bits [11:10]).
+/// ORGN0 = 0b01 (bits \[11:10\]).
 const ORGN0_WBWA: u64 = 1 << 10;
-/// SH0 = 0b11: inner shareable (bits [13:12]).
+/// SH0 = 0b11: inner shareable (bits \[13:12\]).
 const SH0_ISH: u64 = 3 << 12;
 /// EPD1: no TTB1 walks (bit 30).
 const EPD1: u64 = 1 << 30;
@@ -26,7 +26,7 @@ const A: u64 = 1 << 46;
 /// ASET: the ASID is not shared with a PE, so broadcast TLBIs leave it alone (bit 47).
 const ASET: u64 = 1 << 47;
 const ASID_SHIFT: u32 = 48;
-/// TTB0: bits [51:4] of dword 1.
+/// TTB0: bits \[51:4\] of dword 1.
 const TTB_MASK: u64 = 0x000f_ffff_ffff_fff0;
 
 /// A 64-byte context descriptor (§5.4) for one TTB0 walk with a 4 KiB

@@ -22,7 +22,7 @@ pub struct FaultInfo {
     pub substream_id: Option<u32>,
     /// The input address (IOVA) that faulted.
     pub addr: u64,
-    /// Intermediate physical address, for a stage-2 fault (bits [51:12]).
+    /// Intermediate physical address, for a stage-2 fault (bits \[51:12\]).
     pub ipa: u64,
     /// The access was a read (RnW = 1); false for a write.
     pub read: bool,

@@ -212,7 +212,7 @@ register_bitfields![u32,
 register_bitfields![u64,
     /// SMMU_STRTAB_BASE (§6.3.23).
     pub STRTAB_BASE [
-        /// Physical address of the stream table, bits [51:6].
+        /// Physical address of the stream table, bits \[51:6\].
         ADDR OFFSET(6) NUMBITS(46) [],
         /// Read-allocate hint.
         RA OFFSET(62) NUMBITS(1) []
@@ -221,7 +221,7 @@ register_bitfields![u64,
     pub Q_BASE [
         /// log2 of the number of entries.
         LOG2SIZE OFFSET(0) NUMBITS(5) [],
-        /// Physical address of the queue, bits [51:5].
+        /// Physical address of the queue, bits \[51:5\].
         ADDR OFFSET(5) NUMBITS(47) [],
         /// Read/write-allocate hint.
         ALLOC OFFSET(62) NUMBITS(1) []

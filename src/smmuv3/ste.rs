@@ -2,7 +2,7 @@
 
 use crate::addr::PhysAddr;
 
-/// STE.Config (§5.2, bits [3:1] of dword 0).
+/// STE.Config (§5.2, bits \[3:1\] of dword 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum SteConfig {
@@ -46,7 +46,7 @@ impl SteConfig {
 
 const V: u64 = 1 << 0;
 const CONFIG_SHIFT: u32 = 1;
-/// S1ContextPtr / S2TTB / L2Ptr: physical address bits [51:6] (resp. [51:4]).
+/// S1ContextPtr / S2TTB / L2Ptr: physical address bits \[51:6\] (resp. \[51:4\]).
 const ADDR_51_6: u64 = 0x000f_ffff_ffff_ffc0;
 const ADDR_51_4: u64 = 0x000f_ffff_ffff_fff0;
 
@@ -80,7 +80,7 @@ pub struct Stage2Config {
 }
 
 impl Stage2Config {
-    /// The VTCR field of dword 2 (bits [50:32]): T0SZ, SL0, IR0 = OR0 = WBWA,
+    /// The VTCR field of dword 2 (bits \[50:32\]): T0SZ, SL0, IR0 = OR0 = WBWA,
     /// SH0 = inner shareable, TG = 4 KiB, PS.
     const fn vtcr(&self) -> u64 {
         (self.t0sz as u64 & 0x3f)
