@@ -85,6 +85,8 @@ pub struct CommandQueue {
     counts: CommandCounts,
     errors: u64,
     last_error: Option<CommandError>,
+    /// An error recovered from and not yet returned by a sync.
+    unreported: Option<CommandError>,
 }
 
 /// Bytes per command.
@@ -105,6 +107,7 @@ impl CommandQueue {
             counts: CommandCounts::default(),
             errors: 0,
             last_error: None,
+            unreported: None,
         })
     }
 
@@ -221,12 +224,15 @@ impl CommandQueue {
         let index = QueueIndex::from_raw(self.log2, cons.read(CMDQ_CONS::RD));
         let code = CommandErrorCode::from_raw(cons.read(CMDQ_CONS::ERR) as u8);
         let command = self.read_slot(mem, index.slot());
-        self.errors += 1;
-        self.last_error = Some(CommandError {
+        let error = CommandError {
             code,
             index: index.slot(),
             command,
-        });
+        };
+        self.errors += 1;
+        self.last_error = Some(error);
+        // The first one since the last sync is the one to report.
+        self.unreported.get_or_insert(error);
         self.write_slot(mem, coherent, index.slot(), &Command::sync());
         super::barrier::wmb();
         regs.gerrorn
@@ -234,8 +240,9 @@ impl CommandQueue {
     }
 
     /// Appends CMD_SYNC, publishes the batch and waits, bounded, until the
-    /// SMMU has consumed it. A command error met on the way is recovered from
-    /// and returned once the sync completed.
+    /// SMMU has consumed it. A command error met on the way (here or while a
+    /// full queue was drained by `push`) is recovered from and returned once
+    /// the sync completed.
     pub fn sync<M: TableMemory>(
         &mut self,
         regs: &Page0,
@@ -243,7 +250,6 @@ impl CommandQueue {
         coherent: bool,
         budget: u32,
     ) -> Result<(), SmmuError> {
-        let errors_before = self.errors;
         self.push(regs, mem, coherent, Command::sync(), budget)?;
         let sync_at = QueueIndex::from_raw(self.log2, self.prod.raw().wrapping_sub(1));
         self.publish(regs);
@@ -262,9 +268,9 @@ impl CommandQueue {
             }
             core::hint::spin_loop();
         }
-        match (self.errors != errors_before, self.last_error) {
-            (true, Some(e)) => Err(SmmuError::Command(e)),
-            _ => Ok(()),
+        match self.unreported.take() {
+            Some(e) => Err(SmmuError::Command(e)),
+            None => Ok(()),
         }
     }
 }

@@ -107,12 +107,17 @@ struct Fake {
 
 impl Fake {
     fn start(regs: Arc<Regs>) -> Self {
+        Self::start_with(regs, true)
+    }
+
+    /// A fake whose CR0ACK follows CR0 only if `ack_cr0`.
+    fn start_with(regs: Arc<Regs>, ack_cr0: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (r, s, log) = (regs.clone(), stop.clone(), seen.clone());
         let handle = thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
-                step(&r, &log);
+                step(&r, &log, ack_cr0);
                 thread::yield_now();
             }
         });
@@ -142,8 +147,10 @@ impl Drop for Fake {
     }
 }
 
-fn step(r: &Regs, log: &Mutex<Vec<[u64; 2]>>) {
-    r.set(CR0ACK, r.get(CR0));
+fn step(r: &Regs, log: &Mutex<Vec<[u64; 2]>>, ack_cr0: bool) {
+    if ack_cr0 {
+        r.set(CR0ACK, r.get(CR0));
+    }
     let gbpa = r.get(GBPA);
     if gbpa & (1 << 31) != 0 {
         r.set(GBPA, gbpa & !(1 << 31));
@@ -365,6 +372,51 @@ fn an_smmu_that_never_completes_gbpa_gives_a_timeout_not_a_hang() {
         ),
         "{e:?}"
     );
+}
+
+#[test]
+fn an_smmu_whose_cr0ack_never_follows_gives_a_timeout() {
+    let regs = Arc::new(Regs::new());
+    let _fake = Fake::start_with(regs.clone(), false);
+    let mut s = smmu(&regs);
+    let e = s
+        .init(SmmuConfig {
+            poll_budget: 10_000,
+            ..SmmuConfig::default()
+        })
+        .unwrap_err();
+    assert!(
+        matches!(e, SmmuError::Timeout { what: "CR0ACK", .. }),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn an_error_met_while_the_queue_was_full_is_returned_by_the_next_sync() {
+    let regs = Arc::new(Regs::new());
+    let fake = Fake::start(regs.clone());
+    let mut s = smmu(&regs);
+    // 4 entries: the fifth command publishes the first four and waits for
+    // room, meeting the illegal one there.
+    s.init(SmmuConfig {
+        cmdq_log2: 2,
+        ..small_budget()
+    })
+    .unwrap();
+    fake.clear();
+    let bad = Command::raw([0x7f, 0]);
+    s.queue_command(bad).unwrap();
+    for _ in 0..6 {
+        s.queue_command(Command::tlbi_nsnh_all()).unwrap();
+    }
+    let e = s.sync_commands().unwrap_err();
+    assert!(
+        matches!(e, SmmuError::Command(c) if c.command == bad),
+        "{e:?}"
+    );
+    assert_eq!(fake.opcodes().iter().filter(|&&o| o == 0x30).count(), 6);
+    s.sync_commands().unwrap();
+    s.shutdown().unwrap();
 }
 
 #[test]
