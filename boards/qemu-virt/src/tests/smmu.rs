@@ -1049,6 +1049,22 @@ fn command_counts<F: PteFormat>(
         }
     );
     dom.destroy(tx, smmu).or_fail("destroy")?;
+    let c = smmu.stats().commands;
+    narrate!(
+        "counters since init: {} commands: CFGI_STE {}, CFGI_CD {}, CFGI_ALL {}, TLBI_NH_VA {}, \
+         TLBI_NH_ASID {}, TLBI_S2_IPA {}, TLBI_S12_VMALL {}, TLBI_NSNH_ALL {}, CMD_SYNC {}; sync() calls {}",
+        c.total,
+        c.cfgi_ste,
+        c.cfgi_cd,
+        c.cfgi_all,
+        c.tlbi_nh_va,
+        c.tlbi_nh_asid,
+        c.tlbi_s2_ipa,
+        c.tlbi_s12_vmall,
+        c.tlbi_nsnh_all,
+        c.sync,
+        smmu.stats().sync_calls
+    );
     Ok(())
 }
 
