@@ -123,7 +123,7 @@ fn arithmetic_overflow_is_refused() {
     let mem = HostMemory::new();
     let mut d = domain(&mem);
     let mut t = tx(&mut d, 4 * 4096);
-    let big = u64::MAX & !0xfff;
+    let big = !0xfffu64;
     assert_eq!(
         d.link(&mut t, PhysAddr(0x1000), big, 4096, RW, MapAttrs::empty()),
         Err(DmaError::Overflow { a: big, b: 4096 })

@@ -62,6 +62,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             return Err(PageTableError::BadLevels { levels });
         }
         let root = mem.alloc_zeroed(1).ok_or(PageTableError::OutOfMemory)?;
+        if root.0 >> fmt.oa_bits() != 0 {
+            // SAFETY: just allocated, never published to hardware.
+            unsafe { mem.free(root, 1) };
+            return Err(PageTableError::PhysTooLarge { phys: root });
+        }
         if !coherent {
             mem.clean(root, PAGE_SIZE as usize);
         }

@@ -1,0 +1,246 @@
+//! Just enough ACPI: RSDP → RSDT/XSDT → DMAR (VT-d register base), MCFG (ECAM)
+//! and FADT (PM1a control port). Parsed by hand, every read bounds-checked.
+//!
+//! Layouts: ACPI 6.5 §5.2.5 (RSDP), §5.2.6 (header), §5.2.7/8 (RSDT/XSDT),
+//! §5.2.9 (FADT); PCI Firmware 3.3 §4.1.2 (MCFG); VT-d 4.1 §8.1/§8.3 (DMAR, DRHD).
+
+use core::fmt;
+
+/// Longest table this parser accepts (QEMU's are a few KiB).
+const MAX_TABLE_LEN: u32 = 1 << 20;
+/// The identity map covers `[0, 4 GiB)`.
+const MAPPED_LIMIT: u64 = 1 << 32;
+const HEADER_LEN: usize = 36;
+
+/// Why the ACPI tables could not be used.
+#[derive(Debug)]
+pub enum AcpiError {
+    /// No RSDP at the address PVH gave, nor in the BIOS area.
+    NoRsdp,
+    /// A table lies outside the identity-mapped 4 GiB.
+    Unmapped(u64),
+    /// A table's length is shorter than its header or absurdly long.
+    BadLength { sig: [u8; 4], len: u32 },
+    /// A table's bytes do not sum to zero.
+    BadChecksum([u8; 4]),
+    /// A required table is absent.
+    Missing(&'static str),
+}
+
+impl fmt::Display for AcpiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoRsdp => write!(f, "no RSDP"),
+            Self::Unmapped(pa) => write!(f, "table at {pa:#x} is above 4 GiB"),
+            Self::BadLength { sig, len } => {
+                write!(f, "table {} has length {len}", Sig(sig))
+            }
+            Self::BadChecksum(sig) => write!(f, "table {} has a bad checksum", Sig(sig)),
+            Self::Missing(what) => write!(f, "no {what} table"),
+        }
+    }
+}
+
+struct Sig<'a>(&'a [u8; 4]);
+
+impl fmt::Display for Sig<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for &b in self.0 {
+            let c = if b.is_ascii_graphic() { b as char } else { '?' };
+            write!(f, "{c}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One MCFG allocation: the ECAM window of a segment's bus range.
+#[derive(Clone, Copy, Debug)]
+pub struct EcamWindow {
+    /// Physical base of bus `start_bus`'s configuration space.
+    pub base: u64,
+    /// PCI segment group.
+    pub segment: u16,
+    /// First bus decoded.
+    pub start_bus: u8,
+    /// Last bus decoded.
+    pub end_bus: u8,
+}
+
+/// What the board needs from ACPI.
+#[derive(Clone, Copy, Debug)]
+pub struct AcpiInfo {
+    /// Register base of the first DRHD (QEMU: 0xfed90000).
+    pub drhd_base: u64,
+    /// Number of DRHD structures.
+    pub drhd_count: usize,
+    /// DMAR host address width (the field holds width − 1; this is the width).
+    pub host_address_width: u8,
+    /// Segment-0 ECAM window from MCFG.
+    pub ecam: EcamWindow,
+    /// PM1a control port from the FADT, if it has one.
+    pub pm1a_cnt: Option<u16>,
+}
+
+fn le16(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+}
+
+fn le32(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+
+fn le64(b: &[u8], off: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+}
+
+/// The bytes `[pa, pa + len)` of identity-mapped firmware memory.
+fn phys_bytes(pa: u64, len: usize) -> Result<&'static [u8], AcpiError> {
+    let end = pa.checked_add(len as u64).ok_or(AcpiError::Unmapped(pa))?;
+    if pa == 0 || end > MAPPED_LIMIT {
+        return Err(AcpiError::Unmapped(pa));
+    }
+    // SAFETY: `[pa, end)` is below 4 GiB, identity-mapped by the boot code;
+    // ACPI tables are firmware-reserved RAM that nothing writes while we run.
+    Ok(unsafe { core::slice::from_raw_parts(pa as usize as *const u8, len) })
+}
+
+fn checksum_ok(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |s, &x| s.wrapping_add(x)) == 0
+}
+
+/// A whole system description table, header validated.
+fn table(pa: u64) -> Result<(&'static [u8], [u8; 4]), AcpiError> {
+    let head = phys_bytes(pa, HEADER_LEN)?;
+    let mut sig = [0u8; 4];
+    sig.copy_from_slice(&head[..4]);
+    let len = le32(head, 4).unwrap_or(0);
+    if (len as usize) < HEADER_LEN || len > MAX_TABLE_LEN {
+        return Err(AcpiError::BadLength { sig, len });
+    }
+    let bytes = phys_bytes(pa, len as usize)?;
+    if !checksum_ok(bytes) {
+        return Err(AcpiError::BadChecksum(sig));
+    }
+    Ok((bytes, sig))
+}
+
+fn find_rsdp(hint: u64) -> Result<&'static [u8], AcpiError> {
+    let valid = |pa: u64| -> Option<&'static [u8]> {
+        let b = phys_bytes(pa, 20).ok()?;
+        (b.get(..8)? == b"RSD PTR " && checksum_ok(b)).then_some(b)
+    };
+    if hint != 0
+        && let Some(b) = valid(hint)
+    {
+        // Revision ≥ 2 has a 36-byte structure with the XSDT address.
+        if b.get(15).copied().unwrap_or(0) >= 2 {
+            return phys_bytes(hint, 36);
+        }
+        return Ok(b);
+    }
+    // ACPI §5.2.5.1: 16-byte aligned in the BIOS area 0xe0000–0xfffff.
+    let mut pa = 0xe0000u64;
+    while pa < 0x10_0000 {
+        if valid(pa).is_some() {
+            return find_rsdp(pa);
+        }
+        pa += 16;
+    }
+    Err(AcpiError::NoRsdp)
+}
+
+/// Walks the tables from the RSDP at `rsdp_hint` (0: search the BIOS area).
+pub fn parse(rsdp_hint: u64) -> Result<AcpiInfo, AcpiError> {
+    let rsdp = find_rsdp(rsdp_hint)?;
+    // Prefer the XSDT (8-byte entries) when the RSDP has one.
+    let (root, entry_len) = match le64(rsdp, 24).filter(|&x| x != 0) {
+        Some(xsdt) => (table(xsdt)?.0, 8),
+        None => {
+            let rsdt = le32(rsdp, 16).unwrap_or(0);
+            (table(u64::from(rsdt))?.0, 4)
+        }
+    };
+    let mut dmar = None;
+    let mut mcfg = None;
+    let mut fadt = None;
+    let mut off = HEADER_LEN;
+    while off + entry_len <= root.len() {
+        let pa = if entry_len == 8 {
+            le64(root, off)
+        } else {
+            le32(root, off).map(u64::from)
+        };
+        off += entry_len;
+        let Some(pa) = pa else { break };
+        let Ok((bytes, sig)) = table(pa) else {
+            continue;
+        };
+        match &sig {
+            b"DMAR" => dmar = Some(bytes),
+            b"MCFG" => mcfg = Some(bytes),
+            b"FACP" => fadt = Some(bytes),
+            _ => {}
+        }
+    }
+    let dmar = dmar.ok_or(AcpiError::Missing("DMAR"))?;
+    let mcfg = mcfg.ok_or(AcpiError::Missing("MCFG"))?;
+
+    // DMAR: header, host address width (width − 1) at 36, flags at 37,
+    // remapping structures from 48: type u16, length u16.
+    let haw = dmar.get(36).copied().unwrap_or(0).saturating_add(1);
+    let mut drhd_base = None;
+    let mut drhd_count = 0;
+    let mut off = 48;
+    while let (Some(kind), Some(len)) = (le16(dmar, off), le16(dmar, off + 2)) {
+        let len = usize::from(len);
+        if len < 4 || off + len > dmar.len() {
+            break;
+        }
+        if kind == 0 {
+            // DRHD: flags u8 at 4, size u8 at 5, segment u16 at 6, base u64 at 8.
+            drhd_count += 1;
+            if drhd_base.is_none() {
+                drhd_base = le64(dmar, off + 8);
+            }
+        }
+        off += len;
+    }
+    let drhd_base = drhd_base.ok_or(AcpiError::Missing("DRHD in DMAR"))?;
+
+    // MCFG: header, 8 reserved bytes, then 16-byte allocations.
+    let mut ecam = None;
+    let mut off = 44;
+    while off + 16 <= mcfg.len() {
+        let base = le64(mcfg, off);
+        let segment = le16(mcfg, off + 8);
+        let start_bus = mcfg.get(off + 10).copied();
+        let end_bus = mcfg.get(off + 11).copied();
+        if let (Some(base), Some(0), Some(start_bus), Some(end_bus)) =
+            (base, segment, start_bus, end_bus)
+        {
+            ecam = Some(EcamWindow {
+                base,
+                segment: 0,
+                start_bus,
+                end_bus,
+            });
+            break;
+        }
+        off += 16;
+    }
+    let ecam = ecam.ok_or(AcpiError::Missing("segment-0 allocation in MCFG"))?;
+
+    // FADT: PM1a_CNT_BLK (u32 I/O port) at offset 64.
+    let pm1a_cnt = fadt
+        .and_then(|f| le32(f, 64))
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0);
+
+    Ok(AcpiInfo {
+        drhd_base,
+        drhd_count,
+        host_address_width: haw,
+        ecam,
+        pm1a_cnt,
+    })
+}

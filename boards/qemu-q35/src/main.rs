@@ -1,0 +1,143 @@
+//! Bare-metal test image for QEMU `q35` + `intel-iommu`, booted by PVH.
+//!
+//! Boot: [`boot`] (PVH note + trampoline) → [`board_main`]: COM1, command line,
+//! ACPI (DMAR, MCFG, FADT), PCI (two edu functions, BAR0 placed, memory + bus
+//! master on), then every test in [`tests::TESTS`] through [`harness::run`].
+
+#![no_std]
+#![no_main]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![allow(
+    clippy::result_large_err,
+    reason = "tests fail with a fixed 200-byte message, on the cold path"
+)]
+
+mod acpi;
+mod boot;
+mod edu;
+mod exit;
+mod harness;
+mod memory;
+mod pci;
+mod port;
+mod serial;
+mod tests;
+
+use bare_iommu::DeviceId;
+use harness::{Ctx, boot_failure};
+
+/// `hvm_start_info.magic` (Xen public/arch-x86/hvm/start_info.h).
+const HVM_START_MAGIC: u32 = 0x336e_c578;
+const EDU_VENDOR: u16 = 0x1234;
+const EDU_DEVICE: u16 = 0x11e8;
+const CMDLINE_MAX: usize = 256;
+
+/// The command line, copied out of firmware memory.
+static CMDLINE: spin::Once<heapless::String<CMDLINE_MAX>> = spin::Once::new();
+
+/// Reads `hvm_start_info`: (cmdline, rsdp address).
+fn start_info(pa: u64) -> (&'static str, u64) {
+    if pa == 0 || pa >= 1 << 32 {
+        boot_failure(format_args!("hvm_start_info at {pa:#x}"));
+    }
+    let p = pa as usize as *const u8;
+    // SAFETY: PVH hands a valid hvm_start_info (checked by its magic) in
+    // identity-mapped low memory; fields at +0 (magic), +0x18 (cmdline_paddr),
+    // +0x20 (rsdp_paddr).
+    let (magic, cmdline_pa, rsdp) = unsafe {
+        (
+            core::ptr::read_unaligned(p as *const u32),
+            core::ptr::read_unaligned(p.add(0x18) as *const u64),
+            core::ptr::read_unaligned(p.add(0x20) as *const u64),
+        )
+    };
+    if magic != HVM_START_MAGIC {
+        boot_failure(format_args!("hvm_start_info magic {magic:#x}"));
+    }
+    let cmdline = CMDLINE.call_once(|| {
+        let mut s = heapless::String::new();
+        if cmdline_pa != 0 && cmdline_pa < (1 << 32) - CMDLINE_MAX as u64 {
+            for i in 0..CMDLINE_MAX {
+                // SAFETY: the NUL-terminated command line PVH placed in
+                // identity-mapped low memory; reading stops at the NUL.
+                let b = unsafe { core::ptr::read((cmdline_pa as usize + i) as *const u8) };
+                if b == 0 || !b.is_ascii() || s.push(b as char).is_err() {
+                    break;
+                }
+            }
+        }
+        s
+    });
+    (cmdline.as_str(), rsdp)
+}
+
+/// Rust entry from the trampoline, with the `hvm_start_info` address.
+#[unsafe(no_mangle)]
+extern "C" fn board_main(start_info_pa: u64) -> ! {
+    serial::init();
+    println!();
+    let (cmdline, rsdp) = start_info(start_info_pa);
+
+    let info = acpi::parse(rsdp).unwrap_or_else(|e| boot_failure(format_args!("ACPI: {e}")));
+    if let Some(port) = info.pm1a_cnt {
+        exit::set_pm1a_cnt(port);
+    }
+    let ecam = pci::Ecam::new(info.ecam);
+
+    let mut found: heapless::Vec<DeviceId, 2> = heapless::Vec::new();
+    ecam.for_each_function(|dev, vendor, device| {
+        if vendor == EDU_VENDOR && device == EDU_DEVICE {
+            let _ = found.push(dev);
+        }
+    });
+    let [id0, id1] = found.as_slice() else {
+        boot_failure(format_args!("expected two edu functions, found {found:?}"))
+    };
+    let mut busy = pci::BusyRanges::scan(&ecam)
+        .unwrap_or_else(|e| boot_failure(format_args!("PCI scan: {e}")));
+    let mem = &memory::MEMORY;
+    let mut edu_at = |id: DeviceId| {
+        let bar = busy
+            .place(&ecam, id, 0)
+            .unwrap_or_else(|e| boot_failure(format_args!("edu {id} BAR0: {e}")));
+        ecam.enable(id, pci::CMD_MEMORY | pci::CMD_BUS_MASTER);
+        let bounce = mem
+            .dma_pages(1)
+            .unwrap_or_else(|| boot_failure(format_args!("no bounce page")));
+        // SAFETY: BAR0 was just placed in a free range below 4 GiB (identity
+        // mapped) and decodes for this edu alone; the bounce page is ours.
+        unsafe { edu::Edu::new(id, bar, bounce, mem) }
+            .unwrap_or_else(|e| boot_failure(format_args!("edu {id}: {e}")))
+    };
+    let edu = [edu_at(*id0), edu_at(*id1)];
+
+    println!(
+        "q35: cmdline \"{cmdline}\", VT-d at {:#x} ({} DRHD, HAW {}), ECAM at {:#x}, edu {} BAR0 {:#x}, edu {} BAR0 {:#x}",
+        info.drhd_base,
+        info.drhd_count,
+        info.host_address_width,
+        info.ecam.base,
+        edu[0].id,
+        edu[0].bar(),
+        edu[1].id,
+        edu[1].bar()
+    );
+    let Ok(vtd_base) = usize::try_from(info.drhd_base) else {
+        boot_failure(format_args!("DRHD base {:#x}", info.drhd_base))
+    };
+    let mut ctx = Ctx {
+        mem,
+        edu,
+        vtd_base,
+        demo: cfg!(feature = "demo"),
+        cmdline,
+        ecam,
+    };
+    harness::run(&mut ctx, tests::TESTS)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    harness::panicked(info)
+}

@@ -1,0 +1,208 @@
+//! Primary fault records (VT-d 7.2.1, 11.4.14) and fault reasons (appendix A).
+
+use core::fmt;
+
+use crate::addr::DmaAddr;
+use crate::device::DeviceId;
+
+/// Non-recoverable fault reason of a DMA-remapping fault (VT-d appendix A,
+/// legacy mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum FaultReason {
+    /// 01h: the root entry's present bit is clear.
+    RootEntryNotPresent,
+    /// 02h: the context entry's present bit is clear (device blocked).
+    ContextEntryNotPresent,
+    /// 03h: the context entry is invalid (bad AW, TT, …).
+    ContextEntryInvalid,
+    /// 04h: the address is above the guest address width.
+    AddressBeyondMgaw,
+    /// 05h: a write to a page without W (or not present).
+    WriteDenied,
+    /// 06h: a read of a page without R (or not present).
+    ReadDenied,
+    /// 07h: a second-level paging entry could not be read.
+    PagingEntryAccess,
+    /// 08h: the root table could not be read.
+    RootTableAccess,
+    /// 09h: the context table could not be read.
+    ContextTableAccess,
+    /// 0Ah: reserved bits set in a root entry.
+    RootEntryReserved,
+    /// 0Bh: reserved bits set in a context entry.
+    ContextEntryReserved,
+    /// 0Ch: reserved bits set in a second-level paging entry.
+    PagingEntryReserved,
+    /// 0Dh: the context entry's TT forbids this request type.
+    TranslationTypeBlocked,
+    /// Another code (interrupt remapping, scalable mode, …).
+    Other(u8),
+}
+
+impl FaultReason {
+    /// The reason for raw fault-reason code `code`.
+    pub const fn from_code(code: u8) -> Self {
+        match code {
+            0x01 => Self::RootEntryNotPresent,
+            0x02 => Self::ContextEntryNotPresent,
+            0x03 => Self::ContextEntryInvalid,
+            0x04 => Self::AddressBeyondMgaw,
+            0x05 => Self::WriteDenied,
+            0x06 => Self::ReadDenied,
+            0x07 => Self::PagingEntryAccess,
+            0x08 => Self::RootTableAccess,
+            0x09 => Self::ContextTableAccess,
+            0x0a => Self::RootEntryReserved,
+            0x0b => Self::ContextEntryReserved,
+            0x0c => Self::PagingEntryReserved,
+            0x0d => Self::TranslationTypeBlocked,
+            c => Self::Other(c),
+        }
+    }
+}
+
+/// Access type of the faulting request (FRCD.T).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Access {
+    /// T = 0: a write (the device wrote memory).
+    Write,
+    /// T = 1: a read (the device read memory).
+    Read,
+}
+
+/// One decoded primary fault record (VT-d 11.4.14).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct FaultRecord {
+    /// Which fault-recording register held it.
+    pub index: u16,
+    /// Fault reason.
+    pub reason: FaultReason,
+    /// Raw fault-reason code.
+    pub code: u8,
+    /// Requester of the faulting DMA (segment 0 unless the caller says otherwise).
+    pub source_id: u16,
+    /// Faulting page address (FI, bits 63:12).
+    pub address: DmaAddr,
+    /// Read or write.
+    pub access: Access,
+    /// PASID of the request when PP is set.
+    pub pasid: Option<u32>,
+    /// Execute requested (EXE).
+    pub exec: bool,
+    /// Privileged-mode requested (PRIV).
+    pub privileged: bool,
+}
+
+impl FaultRecord {
+    /// Decodes a fault-recording register from its low and high 64-bit
+    /// halves; `None` if the F bit is clear (no fault held).
+    pub const fn decode(index: u16, lo: u64, hi: u64) -> Option<Self> {
+        if hi & (1 << 63) == 0 {
+            return None;
+        }
+        let code = ((hi >> 32) & 0xff) as u8;
+        Some(Self {
+            index,
+            reason: FaultReason::from_code(code),
+            code,
+            source_id: (hi & 0xffff) as u16,
+            address: DmaAddr(lo & !0xfff),
+            access: if hi & (1 << 62) != 0 {
+                Access::Read
+            } else {
+                Access::Write
+            },
+            pasid: if hi & (1 << 31) != 0 {
+                Some(((hi >> 40) & 0xf_ffff) as u32)
+            } else {
+                None
+            },
+            exec: hi & (1 << 30) != 0,
+            privileged: hi & (1 << 29) != 0,
+        })
+    }
+
+    /// The faulting PCI function on `segment`.
+    pub const fn device(&self, segment: u16) -> DeviceId {
+        DeviceId::from_rid(segment, self.source_id)
+    }
+}
+
+impl fmt::Display for FaultRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "fault #{}: {:?} {} at {} reason {:#04x} ({:?})",
+            self.index,
+            self.access,
+            self.device(0),
+            self.address,
+            self.code,
+            self.reason
+        )?;
+        if let Some(p) = self.pasid {
+            write!(f, " pasid {p:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Fault status beyond the records themselves, from FSTS (VT-d 11.4.9.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct FaultStatus {
+    /// PFO: a fault arrived while its record was still full, and was lost.
+    pub overflow: bool,
+    /// IQE: the invalidation queue hit an invalid descriptor.
+    pub queue_error: bool,
+    /// ITE: a device-TLB invalidation timed out.
+    pub timeout_error: bool,
+    /// ICE: an invalidation completion error.
+    pub completion_error: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_fault_of_blocked_page_decodes() {
+        // hi: F(63) | T(62)=read | FR(39:32)=06h | SID(15:0)=0x0018; lo: FI=0x1234_5000.
+        let hi = (1u64 << 63) | (1 << 62) | (0x06 << 32) | 0x18;
+        let r = FaultRecord::decode(0, 0x1234_5000, hi).unwrap();
+        assert_eq!(r.reason, FaultReason::ReadDenied);
+        assert_eq!(r.code, 6);
+        assert_eq!(r.source_id, 0x18);
+        assert_eq!(r.device(0), DeviceId::new(0, 0, 3, 0).unwrap());
+        assert_eq!(r.address, DmaAddr(0x1234_5000));
+        assert_eq!(r.access, Access::Read);
+        assert_eq!(r.pasid, None);
+    }
+
+    #[test]
+    fn write_fault_with_pasid_decodes() {
+        // T=0 write, FR=05h, PP(95 → hi bit 31), PV(123:104 → hi 59:40)=0x12345, SID 0x0120.
+        let hi = (1u64 << 63) | (0x12345 << 40) | (0x05 << 32) | (1 << 31) | 0x0120;
+        let r = FaultRecord::decode(3, 0xabc_dfff, hi).unwrap();
+        assert_eq!(r.index, 3);
+        assert_eq!(r.access, Access::Write);
+        assert_eq!(r.reason, FaultReason::WriteDenied);
+        assert_eq!(r.pasid, Some(0x12345));
+        assert_eq!(r.address, DmaAddr(0xabc_d000));
+        assert_eq!(r.source_id, 0x120);
+    }
+
+    #[test]
+    fn record_without_f_bit_is_empty() {
+        assert_eq!(FaultRecord::decode(0, 0x1000, (0x06 << 32) | 0x18), None);
+        assert_eq!(
+            FaultReason::from_code(0x02),
+            FaultReason::ContextEntryNotPresent
+        );
+        assert_eq!(FaultReason::from_code(0x31), FaultReason::Other(0x31));
+    }
+}
