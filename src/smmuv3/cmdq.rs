@@ -8,6 +8,7 @@ use tock_registers::interfaces::{Readable, Writeable};
 
 use super::cmd::{Command, Opcode};
 use super::error::{CommandError, CommandErrorCode, SmmuError};
+use super::poll::poll_until;
 use super::queue::QueueIndex;
 use super::regs::{CMDQ_CONS, CMDQ_PROD, GERROR, Page0, Q_BASE};
 use crate::addr::PhysAddr;
@@ -179,18 +180,12 @@ impl CommandQueue {
         cmd: Command,
         budget: u32,
     ) -> Result<(), SmmuError> {
-        let mut polls = 0u32;
-        while self.prod.is_full(self.hw_cons(regs)) {
+        if self.prod.is_full(self.hw_cons(regs)) {
             self.publish(regs);
-            self.recover_if_stopped(regs, mem, coherent);
-            polls += 1;
-            if polls >= budget {
-                return Err(SmmuError::Timeout {
-                    what: "CMDQ space",
-                    polls,
-                });
-            }
-            core::hint::spin_loop();
+            poll_until("CMDQ space", budget, || {
+                self.recover_if_stopped(regs, mem, coherent);
+                !self.prod.is_full(self.hw_cons(regs))
+            })?;
         }
         self.write_slot(mem, coherent, self.prod.slot(), &cmd);
         self.prod = self.prod.next();
@@ -253,21 +248,10 @@ impl CommandQueue {
         self.push(regs, mem, coherent, Command::sync(), budget)?;
         let sync_at = QueueIndex::from_raw(self.log2, self.prod.raw().wrapping_sub(1));
         self.publish(regs);
-        let mut polls = 0u32;
-        loop {
+        poll_until("CMD_SYNC completion", budget, || {
             self.recover_if_stopped(regs, mem, coherent);
-            if self.hw_cons(regs).has_consumed(sync_at, self.prod) {
-                break;
-            }
-            polls += 1;
-            if polls >= budget {
-                return Err(SmmuError::Timeout {
-                    what: "CMD_SYNC completion",
-                    polls,
-                });
-            }
-            core::hint::spin_loop();
-        }
+            self.hw_cons(regs).has_consumed(sync_at, self.prod)
+        })?;
         match self.unreported.take() {
             Some(e) => Err(SmmuError::Command(e)),
             None => Ok(()),

@@ -51,6 +51,7 @@ pub mod error;
 pub mod event;
 pub mod evtq;
 pub mod features;
+pub mod poll;
 pub mod queue;
 pub mod regs;
 pub mod ste;
@@ -75,6 +76,7 @@ use crate::mem::TableMemory;
 use cmdq::CommandQueue;
 use evtq::EventQueue;
 use features::IdRegs;
+use poll::poll_until;
 use regs::{CR0, CR1, CR2, GBPA, GERROR, IRQ_CTRL, PAGE1_OFFSET, Page0, Page1};
 use strtab::StreamTable;
 
@@ -308,33 +310,13 @@ impl<M: TableMemory> Smmu<M> {
     /// Writes CR0 and waits, bounded, for CR0ACK to match.
     fn write_cr0(&self, value: u32, budget: u32) -> Result<(), SmmuError> {
         self.page0.cr0.set(value);
-        let mut polls = 0;
-        while self.page0.cr0ack.get() != value {
-            polls += 1;
-            if polls >= budget {
-                return Err(SmmuError::Timeout {
-                    what: "CR0ACK",
-                    polls,
-                });
-            }
-            core::hint::spin_loop();
-        }
-        Ok(())
+        poll_until("CR0ACK", budget, || self.page0.cr0ack.get() == value)
     }
 
     fn wait_gbpa_idle(&self, budget: u32) -> Result<(), SmmuError> {
-        let mut polls = 0;
-        while self.page0.gbpa.is_set(GBPA::UPDATE) {
-            polls += 1;
-            if polls >= budget {
-                return Err(SmmuError::Timeout {
-                    what: "GBPA.UPDATE",
-                    polls,
-                });
-            }
-            core::hint::spin_loop();
-        }
-        Ok(())
+        poll_until("GBPA.UPDATE", budget, || {
+            !self.page0.gbpa.is_set(GBPA::UPDATE)
+        })
     }
 
     /// Disables the SMMU and gives back the stream table, the context
@@ -422,17 +404,9 @@ impl<M: TableMemory> Smmu<M> {
         if config.irqs {
             let want = IRQ_CTRL::GERROR_IRQEN::SET + IRQ_CTRL::EVENTQ_IRQEN::SET;
             p0.irq_ctrl.write(want);
-            let mut polls = 0;
-            while p0.irq_ctrlack.get() != p0.irq_ctrl.get() {
-                polls += 1;
-                if polls >= budget {
-                    return Err(SmmuError::Timeout {
-                        what: "IRQ_CTRLACK",
-                        polls,
-                    });
-                }
-                core::hint::spin_loop();
-            }
+            poll_until("IRQ_CTRLACK", budget, || {
+                p0.irq_ctrlack.get() == p0.irq_ctrl.get()
+            })?;
         }
 
         self.write_cr0(queues | CR0::SMMUEN::SET.value, budget)?;
@@ -528,10 +502,11 @@ impl<M: TableMemory> Smmu<M> {
                         value: info.id as u64,
                     });
                 }
-                // The IPA space is capped by the OAS (§5.2 S2T0SZ); start at
-                // level 1 for 3 levels, level 0 for 4 (4 KiB granule).
+                // The IPA space is capped by the OAS (§5.2 S2T0SZ). S2SL0 for
+                // a 4 KiB granule: 0 starts at level 2, 1 at level 1, 2 at
+                // level 0 — the root of a 2-, 3- or 4-level table.
                 let ipa_bits = ias.min(f.oas_bits);
-                let sl0 = if info.levels == 4 { 2 } else { 1 };
+                let sl0 = info.levels - 2;
                 if info.root.0 >> f.oas_bits != 0 {
                     return Err(SmmuError::BadDomain {
                         what: "S2TTB beyond OAS",
@@ -648,10 +623,6 @@ impl<M: TableMemory> Smmu<M> {
         Ok(())
     }
 
-    fn push(&mut self, cmd: Command) -> Result<(), SmmuError> {
-        self.queue_command(cmd)
-    }
-
     /// Queues TLB invalidation of `[iova, iova + len)` in `domain`.
     pub fn invalidate_range(
         &mut self,
@@ -687,7 +658,7 @@ impl<M: TableMemory> Smmu<M> {
             let mut addr = start;
             let mut left = pages;
             while let Some(r) = TlbiRange::first_chunk(left) {
-                self.push(if stage1 {
+                self.queue_command(if stage1 {
                     Command::tlbi_nh_va(0, id, addr, leaf_only, Some(r))
                 } else {
                     Command::tlbi_s2_ipa(id, addr, leaf_only, Some(r))
@@ -701,7 +672,7 @@ impl<M: TableMemory> Smmu<M> {
         } else {
             for i in 0..pages {
                 let addr = start + i * PAGE_SIZE;
-                self.push(if stage1 {
+                self.queue_command(if stage1 {
                     Command::tlbi_nh_va(0, id, addr, leaf_only, None)
                 } else {
                     Command::tlbi_s2_ipa(id, addr, leaf_only, None)
@@ -713,8 +684,8 @@ impl<M: TableMemory> Smmu<M> {
 
     fn invalidate_all_of(&mut self, domain: &DomainInfo) -> Result<(), SmmuError> {
         match domain.format {
-            TableFormat::ArmStage1 => self.push(Command::tlbi_nh_asid(0, domain.id)),
-            TableFormat::ArmStage2 => self.push(Command::tlbi_s12_vmall(domain.id)),
+            TableFormat::ArmStage1 => self.queue_command(Command::tlbi_nh_asid(0, domain.id)),
+            TableFormat::ArmStage2 => self.queue_command(Command::tlbi_s12_vmall(domain.id)),
             _ => Err(SmmuError::Unsupported("table format")),
         }
     }
@@ -776,16 +747,17 @@ impl<M: TableMemory> Smmu<M> {
 }
 
 /// Input address bits of a domain, checked against the 4 KiB-granule shapes
-/// the driver programs (3 levels: 39 bits, 4 levels: 48 bits).
+/// the driver programs: 2, 3 or 4 levels (up to 30, 39, 48 bits).
 fn check_domain(info: &DomainInfo) -> Result<u8, SmmuError> {
-    if info.levels != 3 && info.levels != 4 {
+    if !(2..=4).contains(&info.levels) {
         return Err(SmmuError::BadDomain {
             what: "levels",
             value: info.levels as u64,
         });
     }
     let max = 12 + 9 * info.levels;
-    if info.ias_bits > max || info.ias_bits < 12 + 9 * (info.levels - 1) + 1 {
+    // T0SZ <= 39 (§5.4 CD.T0SZ, §5.2 STE.S2T0SZ without IDR3.STT): at least 25 bits.
+    if info.ias_bits > max || info.ias_bits < 25 {
         return Err(SmmuError::BadDomain {
             what: "ias_bits",
             value: info.ias_bits as u64,

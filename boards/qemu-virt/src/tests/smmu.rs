@@ -66,14 +66,27 @@ fn bring_up(ctx: &Ctx, config: SmmuConfig) -> Result<Smmu<Mem>, Fail> {
 }
 
 fn domain<F: PteFormat>(smmu: &Smmu<Mem>, ctx: &Ctx, fmt: F, id: u16) -> Result<Dom<F>, Fail> {
+    domain_with_levels(smmu, ctx, fmt, id, 3)
+}
+
+/// A domain with a `levels`-level table; IOVAs stay below the SMMU's output
+/// size (a stage-2 input is capped by it).
+fn domain_with_levels<F: PteFormat>(
+    smmu: &Smmu<Mem>,
+    ctx: &Ctx,
+    fmt: F,
+    id: u16,
+    levels: u8,
+) -> Result<Dom<F>, Fail> {
+    let bits = (12 + 9 * u32::from(levels)).min(u32::from(smmu.features().oas_bits));
     Domain::new(
         fmt,
         ctx.mem,
         DomainConfig {
             id,
-            levels: 3,
+            levels,
             aperture_start: APERTURE_START,
-            aperture_end: 1 << 39,
+            aperture_end: 1 << bits,
             coherent_walk: smmu.coherent_walk(),
         },
     )
@@ -99,11 +112,18 @@ fn stage_name(format: TableFormat) -> &'static str {
     }
 }
 
-/// Detaches the devices and shuts the SMMU down (tables and queues freed).
-fn teardown(smmu: &mut Smmu<Mem>, ctx: &Ctx) -> Result<(), Fail> {
+/// Returns both devices to abort: done before a domain is dropped, so no
+/// STE points at freed tables.
+fn detach_all(smmu: &mut Smmu<Mem>, ctx: &Ctx) -> Result<(), Fail> {
     for edu in &ctx.edu {
         smmu.detach(edu.id).or_fail("detach")?;
     }
+    Ok(())
+}
+
+/// Detaches the devices and shuts the SMMU down (tables and queues freed).
+fn teardown(smmu: &mut Smmu<Mem>, ctx: &Ctx) -> Result<(), Fail> {
+    detach_all(smmu, ctx)?;
     smmu.shutdown().or_fail("SMMU shutdown")
 }
 
@@ -284,6 +304,7 @@ pub fn smmu_linear_and_two_level_stream_tables_translate(ctx: &mut Ctx) -> Resul
                 d.report.events
             );
             dom.destroy(tx, &mut smmu).or_fail("destroy")?;
+            detach_all(&mut smmu, ctx)?;
         });
         teardown(&mut smmu, ctx)?;
     }
@@ -414,6 +435,7 @@ pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(ctx: &mut Ctx) ->
         let d = drain(&mut smmu);
         check_eq!(d.report.events, 0, "events during valid DMA");
         dom.destroy(tx, &mut smmu).or_fail("destroy")?;
+        detach_all(&mut smmu, ctx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -498,6 +520,7 @@ pub fn smmu_unlinked_page_blocks_dma_and_reports_translation_fault(
         }
         narrate!("DMA to the still-linked IOVA {} landed in {a}", tx.iova());
         dom.destroy(tx, &mut smmu).or_fail("destroy")?;
+        detach_all(&mut smmu, ctx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -577,6 +600,7 @@ pub fn smmu_missing_invalidation_would_be_caught(ctx: &mut Ctx) -> Result<(), Fa
         );
         narrate!("with the driver's TLBI the DMA landed in the new page {fresh}");
         dom.destroy(tx, &mut smmu).or_fail("destroy")?;
+        detach_all(&mut smmu, ctx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -660,6 +684,7 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
         d0.destroy(t0, &mut smmu).or_fail("destroy")?;
         d0.destroy(t0b, &mut smmu).or_fail("destroy")?;
         d1.destroy(t1, &mut smmu).or_fail("destroy")?;
+        detach_all(&mut smmu, ctx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -668,18 +693,29 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
 /// (stage 1 when the SMMU has no stage 2); edu DMAs into both blocks.
 pub fn smmu_guest_region_with_2m_blocks(ctx: &mut Ctx) -> Result<(), Fail> {
     let mut smmu = bring_up(ctx, SmmuConfig::default())?;
-    if smmu.supports(TableFormat::ArmStage2) {
-        guest_region(ctx, &mut smmu, ArmStage2)?;
-    } else {
+    let stage2 = smmu.supports(TableFormat::ArmStage2);
+    if !stage2 {
         println!("  note: stage-1-only SMMU: the 2 MiB block test runs on stage 1");
-        guest_region(ctx, &mut smmu, ArmStage1)?;
+    }
+    // 3 levels (39-bit space, S2SL0 = 1) and 4 levels (48-bit, S2SL0 = 2).
+    for levels in [3, 4] {
+        if stage2 {
+            guest_region(ctx, &mut smmu, ArmStage2, levels)?;
+        } else {
+            guest_region(ctx, &mut smmu, ArmStage1, levels)?;
+        }
     }
     teardown(&mut smmu, ctx)
 }
 
-fn guest_region<F: PteFormat>(ctx: &Ctx, smmu: &mut Smmu<Mem>, fmt: F) -> Result<(), Fail> {
+fn guest_region<F: PteFormat>(
+    ctx: &Ctx,
+    smmu: &mut Smmu<Mem>,
+    fmt: F,
+    levels: u8,
+) -> Result<(), Fail> {
     const SIZE_2M: u64 = 2 << 20;
-    let mut dom = domain(smmu, ctx, fmt, 9)?;
+    let mut dom = domain_with_levels(smmu, ctx, fmt, 9, levels)?;
     let format = dom.info().or_fail("info")?.format;
     let edu = &ctx.edu[1];
     smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
@@ -713,7 +749,7 @@ fn guest_region<F: PteFormat>(ctx: &Ctx, smmu: &mut Smmu<Mem>, fmt: F) -> Result
         check_eq!(pa.get(), region.get() + off + 0x1234, "software walk");
     }
     narrate!(
-        "{}: IOVA {} + 4 MiB -> {region} as two 2 MiB blocks (VMID/ASID 9)",
+        "{}, {levels} levels: IOVA {} + 4 MiB -> {region} as two 2 MiB blocks (VMID/ASID 9)",
         stage_name(format),
         tx.iova()
     );
@@ -740,7 +776,7 @@ fn guest_region<F: PteFormat>(ctx: &Ctx, smmu: &mut Smmu<Mem>, fmt: F) -> Result
     let d = drain(smmu);
     check_eq!(d.report.events, 0, "events during block DMA");
     dom.destroy(tx, smmu).or_fail("destroy")?;
-    Ok(())
+    detach_all(smmu, ctx)
 }
 
 /// A fault storm (a 4 KiB DMA to an unmapped IOVA: 1024 records) overflows
@@ -814,6 +850,7 @@ pub fn smmu_fault_storm_overflows_event_queue_and_recovers(ctx: &mut Ctx) -> Res
         )?;
         narrate!("after the storm: DMA works, a single fault gives one record");
         dom.destroy(tx, &mut smmu).or_fail("destroy")?;
+        detach_all(&mut smmu, ctx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -875,6 +912,7 @@ pub fn smmu_illegal_command_is_reported_and_queue_recovers(ctx: &mut Ctx) -> Res
         }
         narrate!("queue recovered: attach, sync and DMA work");
         dom.destroy(tx, &mut smmu).or_fail("destroy")?;
+        detach_all(&mut smmu, ctx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -1049,6 +1087,7 @@ fn command_counts<F: PteFormat>(
         }
     );
     dom.destroy(tx, smmu).or_fail("destroy")?;
+    detach_all(smmu, ctx)?;
     let c = smmu.stats().commands;
     narrate!(
         "counters since init: {} commands: CFGI_STE {}, CFGI_CD {}, CFGI_ALL {}, TLBI_NH_VA {}, \
@@ -1114,6 +1153,7 @@ pub fn smmu_detach_returns_stream_to_abort(ctx: &mut Ctx) -> Result<(), Fail> {
         narrate!("detach: translated -> abort, bypass -> abort: nothing lands");
         let _ = drain(&mut smmu);
         dom.destroy(tx, &mut smmu).or_fail("destroy")?;
+        detach_all(&mut smmu, ctx)?;
     });
     teardown(&mut smmu, ctx)
 }
