@@ -525,11 +525,10 @@ impl<M: TableMemory> Smmu<M> {
         }
     }
 
-    /// Installs `new` as the STE of `sid` so that the SMMU never reads a
-    /// half-written entry (§3.21, structure update rules): a live entry whose other dwords change
-    /// is first turned to abort (dword 0 alone, one 64-bit store) and
-    /// invalidated; dwords 1–7 are written while dword 0 says abort; dword 0
-    /// is written last; then CFGI_STE (+ CFGI_CD) and CMD_SYNC.
+    /// Installs `new` as the STE of `sid` following [`ste::update_plan`], so
+    /// the SMMU never reads a half-written entry; each sync point is
+    /// CFGI_STE (+ CFGI_CD for a stage-1 entry) and CMD_SYNC. Returns the
+    /// entry it replaced.
     fn write_ste(&mut self, sid: u32, new: Ste) -> Result<Ste, SmmuError> {
         let coherent = self.features.coherent;
         let p0 = self.page0;
@@ -537,57 +536,27 @@ impl<M: TableMemory> Smmu<M> {
         let budget = run.config.poll_budget;
         let slot = run.strtab.locate(&self.mem, sid, coherent)?;
         let old = slot.read();
-        let clean = |mem: &M| {
-            if !coherent {
-                mem.clean(slot.pa(), Ste::SIZE);
+        for step in ste::update_plan(&old, &new) {
+            match step {
+                ste::SteStep::Write { word, value } => {
+                    // Earlier stores land before this one.
+                    barrier::wmb();
+                    slot.write_word(word as usize, value);
+                }
+                ste::SteStep::Sync => {
+                    if !coherent {
+                        self.mem.clean(slot.pa(), Ste::SIZE);
+                    }
+                    let cfgi = Command::cfgi_ste(sid, true);
+                    run.cmdq.push(p0, &self.mem, coherent, cfgi, budget)?;
+                    if new.context_ptr().is_some() {
+                        let cfgi = Command::cfgi_cd(sid, 0, true);
+                        run.cmdq.push(p0, &self.mem, coherent, cfgi, budget)?;
+                    }
+                    run.cmdq.sync(p0, &self.mem, coherent, budget)?;
+                }
             }
-        };
-        let live = old.valid() && old.config() != ste::SteConfig::Abort;
-        let tail_changes = old.0[1..] != new.0[1..];
-        if live && tail_changes && new.config() != ste::SteConfig::Abort {
-            slot.write_word(0, Ste::abort().0[0]);
-            clean(&self.mem);
-            run.cmdq.push(
-                p0,
-                &self.mem,
-                coherent,
-                Command::cfgi_ste(sid, true),
-                budget,
-            )?;
-            run.cmdq.sync(p0, &self.mem, coherent, budget)?;
         }
-        if new.config() == ste::SteConfig::Abort {
-            // Dword 0 first: from this store on the rest is ignored.
-            slot.write_word(0, new.0[0]);
-            barrier::wmb();
-            for (i, w) in new.0.iter().enumerate().skip(1) {
-                slot.write_word(i, *w);
-            }
-        } else {
-            for (i, w) in new.0.iter().enumerate().skip(1) {
-                slot.write_word(i, *w);
-            }
-            barrier::wmb();
-            slot.write_word(0, new.0[0]);
-        }
-        clean(&self.mem);
-        run.cmdq.push(
-            p0,
-            &self.mem,
-            coherent,
-            Command::cfgi_ste(sid, true),
-            budget,
-        )?;
-        if new.context_ptr().is_some() {
-            run.cmdq.push(
-                p0,
-                &self.mem,
-                coherent,
-                Command::cfgi_cd(sid, 0, true),
-                budget,
-            )?;
-        }
-        run.cmdq.sync(p0, &self.mem, coherent, budget)?;
         Ok(old)
     }
 

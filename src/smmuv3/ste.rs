@@ -173,6 +173,70 @@ impl Ste {
     }
 }
 
+/// One step of replacing a live STE (§3.21: the SMMU may read the entry
+/// at any time, 64 bits at a time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SteStep {
+    /// Store `value` into dword `word` (one single-copy-atomic 64-bit store,
+    /// ordered after the previous steps).
+    Write {
+        /// Dword index, 0..8.
+        word: u8,
+        /// The value.
+        value: u64,
+    },
+    /// CFGI_STE for the stream + CMD_SYNC: from here on the SMMU uses what
+    /// is in memory.
+    Sync,
+}
+
+/// The ordered steps that turn `old` into `new` such that every state the
+/// SMMU can observe is `old`, `new`, or an aborting entry:
+///
+/// - to abort: dword 0 first (the rest is ignored from then on), then the
+///   other dwords;
+/// - from a live entry whose dwords 1–7 change: dword 0 to abort and a sync
+///   first, so no cached or fresh read mixes the two;
+/// - otherwise dwords 1–7, then dword 0 (which makes them count), then a sync.
+pub fn update_plan(old: &Ste, new: &Ste) -> heapless::Vec<SteStep, 12> {
+    let mut plan = heapless::Vec::new();
+    // At most 1 + 1 + 7 + 1 + 1 = 11 steps: pushes cannot fail.
+    let mut push = |step| {
+        let _ = plan.push(step);
+    };
+    let changed = |i: usize| old.0.get(i) != new.0.get(i);
+    let tail_changes = (1..8).any(changed);
+    if new.config() == SteConfig::Abort {
+        push(SteStep::Write {
+            word: 0,
+            value: new.0[0],
+        });
+    } else if old.valid() && old.config() != SteConfig::Abort && tail_changes {
+        push(SteStep::Write {
+            word: 0,
+            value: Ste::abort().0[0],
+        });
+        push(SteStep::Sync);
+    }
+    for i in 1..8 {
+        if changed(i) {
+            push(SteStep::Write {
+                word: i as u8,
+                value: new.0[i],
+            });
+        }
+    }
+    if new.config() != SteConfig::Abort {
+        push(SteStep::Write {
+            word: 0,
+            value: new.0[0],
+        });
+    }
+    push(SteStep::Sync);
+    plan
+}
+
 impl core::fmt::Debug for Ste {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "Ste({:?}, {:#018x?})", self.config(), self.0)
@@ -252,6 +316,73 @@ mod tests {
         assert_eq!(s.0[2], 0x040c_3559_0000_0012);
         assert_eq!(s.0[3], 0x4800_0000);
         assert_eq!(s.context_ptr(), None);
+    }
+
+    /// Like Linux's arm-smmu-v3-test: every transition between a set of
+    /// entries exposes only the old entry, the new one, or an abort, and
+    /// ends with the new entry synced.
+    #[test]
+    fn live_updates_never_expose_a_mixed_entry() {
+        let s2 = |vmid, ttb| {
+            Ste::stage2(&Stage2Config {
+                vmid,
+                ttb: PhysAddr(ttb),
+                t0sz: 25,
+                sl0: 1,
+                ps: 4,
+            })
+        };
+        let entries = [
+            Ste([0; 8]),
+            Ste::abort(),
+            Ste::bypass(),
+            Ste::stage1(PhysAddr(0x4000_1000), 0),
+            Ste::stage1(PhysAddr(0x4000_2000), 0),
+            s2(1, 0x4800_0000),
+            s2(2, 0x4900_0000),
+        ];
+        for old in &entries {
+            for new in &entries {
+                let plan = update_plan(old, new);
+                let mut mem = *old;
+                let mut syncs = 0;
+                for step in &plan {
+                    match *step {
+                        SteStep::Write { word, value } => mem.0[word as usize] = value,
+                        SteStep::Sync => syncs += 1,
+                    }
+                    // What the SMMU makes of an entry: V = 0 ignores the rest,
+                    // so does Config = abort.
+                    let meaning = |s: &Ste| match (s.valid(), s.config()) {
+                        (false, _) => Ste([0; 8]),
+                        (true, SteConfig::Abort) => Ste::abort(),
+                        _ => *s,
+                    };
+                    let m = meaning(&mem);
+                    assert!(
+                        m == meaning(old) || m == meaning(new) || m == Ste::abort(),
+                        "{old:?} -> {new:?}: exposes {mem:?} after {step:?}"
+                    );
+                }
+                assert_eq!(mem, *new, "{old:?} -> {new:?}");
+                assert_eq!(plan.last(), Some(&SteStep::Sync));
+                // Two syncs only when a live entry's dwords 1-7 change.
+                let live = old.valid() && old.config() != SteConfig::Abort;
+                let two = live && new.config() != SteConfig::Abort && old.0[1..] != new.0[1..];
+                assert_eq!(syncs, if two { 2 } else { 1 }, "{old:?} -> {new:?}");
+            }
+        }
+        // Switching a stage-1 stream to another CD is one store and one sync.
+        assert_eq!(
+            update_plan(&entries[3], &entries[4]).as_slice(),
+            &[
+                SteStep::Write {
+                    word: 0,
+                    value: entries[4].0[0]
+                },
+                SteStep::Sync
+            ]
+        );
     }
 
     #[test]
