@@ -92,6 +92,11 @@ pub enum SmmuError {
     },
     /// The driver was used before `init`.
     NotInitialised,
+    /// The register base given to `Smmu::new` is null or not 64 KiB aligned.
+    BadRegisterBase {
+        /// The address given.
+        base: usize,
+    },
 }
 
 impl fmt::Display for SmmuError {
@@ -121,6 +126,7 @@ impl From<SmmuError> for BackendError {
             },
             SmmuError::GlobalError { active } => BackendError::HardwareError { status: active },
             SmmuError::NotInitialised => BackendError::Unsupported("SMMU not initialised"),
+            SmmuError::BadRegisterBase { .. } => BackendError::Unsupported("SMMU register base"),
         }
     }
 }

@@ -136,7 +136,8 @@ impl Default for SmmuConfig {
     }
 }
 
-/// Counters the driver keeps; tests read them through [`Smmu::stats`].
+/// Counters the driver keeps since the last [`Smmu::init`]; tests read them
+/// through [`Smmu::stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Stats {
@@ -200,10 +201,7 @@ impl<M: TableMemory> Smmu<M> {
     /// as long as the returned value lives, and nothing else may drive it.
     pub unsafe fn new(base: usize, mem: M) -> Result<Self, SmmuError> {
         if base == 0 || base % 0x1_0000 != 0 {
-            return Err(SmmuError::BadDomain {
-                what: "register base",
-                value: base as u64,
-            });
+            return Err(SmmuError::BadRegisterBase { base });
         }
         // SAFETY: the caller guarantees both pages are mapped for our lifetime.
         let (page0, page1) = unsafe {
@@ -281,7 +279,7 @@ impl<M: TableMemory> Smmu<M> {
         self.run.as_ref().map(|r| r.strtab.format())
     }
 
-    /// Counters.
+    /// Counters since the last [`init`](Self::init).
     pub fn stats(&self) -> Stats {
         let (commands, command_errors, last_command_error) = match &self.run {
             Some(r) => {
@@ -348,6 +346,10 @@ impl<M: TableMemory> Smmu<M> {
     /// Every stream starts aborted.
     pub fn init(&mut self, config: SmmuConfig) -> Result<(), SmmuError> {
         self.shutdown()?;
+        self.sync_calls = 0;
+        self.events = 0;
+        self.event_overflows = 0;
+        self.gerrors_seen = 0;
         let f = self.features;
         let budget = config.poll_budget.max(1);
         let coherent = f.coherent;
