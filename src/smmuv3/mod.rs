@@ -637,6 +637,10 @@ impl<M: TableMemory> Smmu<M> {
                 left -= r.pages();
                 addr += r.pages() * PAGE_SIZE;
             }
+            if left != 0 {
+                // Beyond what SCALE can express (2^31 pages): take it all.
+                self.invalidate_all_of(domain)?;
+            }
             Ok(())
         } else if pages > threshold {
             self.invalidate_all_of(domain)
