@@ -85,13 +85,18 @@ impl EventQueue {
     }
 
     /// Takes the oldest record, if any, and frees its slot.
-    pub fn pop<M: TableMemory>(&mut self, mem: &M, p1: &Page1) -> Option<Event> {
+    /// `coherent` is the SMMU's `IDR0.COHACC`: when clear, the record's lines
+    /// are invalidated through the lender before they are read.
+    pub fn pop<M: TableMemory>(&mut self, mem: &M, p1: &Page1, coherent: bool) -> Option<Event> {
         let prod = QueueIndex::from_raw(self.log2, p1.eventq_prod.read(EVENTQ_PROD::WR));
         if prod.is_empty(self.cons) {
             return None;
         }
         super::barrier::rmb();
         let pa = PhysAddr(self.base.0 + self.cons.slot() as u64 * ENTRY as u64);
+        if !coherent {
+            mem.invalidate(pa, ENTRY);
+        }
         let p = mem.phys_to_virt(pa).cast::<u64>();
         let mut raw = [0u64; 4];
         for (i, w) in raw.iter_mut().enumerate() {

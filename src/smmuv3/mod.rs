@@ -672,6 +672,7 @@ impl<M: TableMemory> Smmu<M> {
         let mut report = EventReport::default();
         let p0 = self.page0;
         let p1 = self.page1;
+        let coherent = self.features.coherent;
         let Some(run) = self.run.as_mut() else {
             return report;
         };
@@ -680,7 +681,7 @@ impl<M: TableMemory> Smmu<M> {
         }
         // Bounded by the queue size: at most one full queue per call.
         for _ in 0..run.evtq.capacity() {
-            match run.evtq.pop(&self.mem, p1) {
+            match run.evtq.pop(&self.mem, p1, coherent) {
                 Some(e) => {
                     report.events += 1;
                     f(e);
