@@ -197,6 +197,8 @@ impl InvQueue {
         let status = mem.phys_to_virt(self.status).cast::<u32>();
         let mut polls = 0u32;
         loop {
+            // The unit writes the status word: drop any stale CPU copy first.
+            mem.invalidate(self.status, 4);
             // SAFETY: the status page was lent by `mem` and is 4-byte aligned.
             let v = unsafe { status.read_volatile() };
             if v == seq {
