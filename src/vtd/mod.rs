@@ -68,7 +68,9 @@ pub use caps::Features;
 pub use context::{ContextEntry, TranslationType};
 pub use fault::{Access, FaultReason, FaultRecord, FaultStatus};
 pub use first_level::VtdFirstLevel;
-pub use inv::{ContextGranularity, InvDesc, IotlbGranularity, PasidGranularity};
+pub use inv::{
+    ContextGranularity, InvDesc, IotlbGranularity, PasidGranularity, PasidIotlbGranularity,
+};
 pub use root::RootEntry;
 pub use sm::{PasidDirEntry, PasidEntry, Pgtt, ScalableContextEntry, ScalableRootEntry};
 
@@ -191,9 +193,11 @@ pub struct VtdStats {
     pub wait_descriptors: u64,
     /// Descriptors submitted to the invalidation queue (waits included).
     pub queued_descriptors: u64,
-    /// Page-selective IOTLB invalidations (queued or by register).
+    /// Page-selective IOTLB invalidations (queued or by register; PASID-based
+    /// page-selective ones for first-level domains included).
     pub iotlb_psi: u64,
-    /// Domain-selective IOTLB invalidations.
+    /// Domain-selective IOTLB invalidations (PASID-based all-in-PASID ones
+    /// for first-level domains included).
     pub iotlb_dsi: u64,
     /// Global IOTLB invalidations.
     pub iotlb_global: u64,
@@ -563,6 +567,20 @@ impl<M: TableMemory> Vtd<M> {
         q.push(regs, &self.mem, InvDesc::pasid_cache(g))
     }
 
+    /// PASID-based IOTLB invalidation (first-level domains, scalable mode).
+    fn pasid_iotlb_invalidate(&mut self, g: PasidIotlbGranularity) -> Result<(), BackendError> {
+        match g {
+            PasidIotlbGranularity::AllInPasid { .. } => self.stats.iotlb_dsi += 1,
+            PasidIotlbGranularity::Page { .. } => self.stats.iotlb_psi += 1,
+        }
+        let q = self.queue.as_mut().ok_or(BackendError::Unsupported(
+            "PASID-based IOTLB invalidation needs queued invalidation",
+        ))?;
+        // SAFETY: see `regs()`.
+        let regs = unsafe { self.regs.as_ref() };
+        q.push(regs, &self.mem, InvDesc::pasid_iotlb(g))
+    }
+
     fn iotlb_invalidate(&mut self, g: IotlbGranularity) -> Result<(), BackendError> {
         match g {
             IotlbGranularity::Global => self.stats.iotlb_global += 1,
@@ -904,29 +922,49 @@ impl<M: TableMemory> IommuBackend for Vtd<M> {
             return Ok(());
         }
         let did = domain.id;
-        if self.features.psi {
+        // First-level translations are tagged with the PASID (0 = RID_PASID):
+        // invalidate them per PASID, page-selectively (VT-d 6.5.2.4).
+        let first_level = domain.format == TableFormat::VtdFirstLevel;
+        if self.features.psi || first_level {
             let mut blocks: heapless::Vec<(DmaAddr, u8), PSI_MAX_BLOCKS> = heapless::Vec::new();
             let fits = inv::psi_blocks(iova, len, self.features.mamv, PSI_MAX_BLOCKS, |a, am| {
                 let _ = blocks.push((a, am));
             });
             if fits.is_some() {
                 for (addr, am) in blocks {
-                    self.iotlb_invalidate(IotlbGranularity::Page {
-                        did,
-                        addr,
-                        am,
-                        ih: leaf_only,
-                    })?;
+                    if first_level {
+                        self.pasid_iotlb_invalidate(PasidIotlbGranularity::Page {
+                            did,
+                            pasid: 0,
+                            addr,
+                            am,
+                            ih: leaf_only,
+                        })?;
+                    } else {
+                        self.iotlb_invalidate(IotlbGranularity::Page {
+                            did,
+                            addr,
+                            am,
+                            ih: leaf_only,
+                        })?;
+                    }
                 }
                 return Ok(());
             }
         }
-        self.iotlb_invalidate(IotlbGranularity::Domain(did))
+        self.invalidate_domain(domain)
     }
 
     fn invalidate_domain(&mut self, domain: &DomainInfo) -> Result<(), BackendError> {
         self.check_did(domain.id)?;
-        self.iotlb_invalidate(IotlbGranularity::Domain(domain.id))
+        if domain.format == TableFormat::VtdFirstLevel {
+            self.pasid_iotlb_invalidate(PasidIotlbGranularity::AllInPasid {
+                did: domain.id,
+                pasid: 0,
+            })
+        } else {
+            self.iotlb_invalidate(IotlbGranularity::Domain(domain.id))
+        }
     }
 
     fn sync(&mut self) -> Result<(), BackendError> {
