@@ -232,6 +232,26 @@ fn expect_one_fault(
     Ok(())
 }
 
+/// A one-page device write to `iova` is blocked: `pa` (the page the IOVA
+/// reached, or would) keeps its bytes, and exactly one fault names the
+/// device, the page, one of `reasons` and a write.
+fn expect_write_blocked(
+    ctx: &Ctx,
+    vtd: &mut Unit,
+    edu: &Edu,
+    iova: u64,
+    pa: PhysAddr,
+    reasons: &[FaultReason],
+    what: &str,
+) -> Result<(), Fail> {
+    ctx.mem.fill(pa, PAGE, 0x66).or_fail("fill")?;
+    edu.dma_to_ram(iova, 0, PAGE_U32).or_fail(what)?;
+    if let Err(m) = ctx.mem.check_fill(pa, PAGE, 0x66) {
+        fail!("{what}: the DMA reached memory: {m}");
+    }
+    expect_one_fault(vtd, edu.id, iova, reasons, Access::Write)
+}
+
 fn no_faults(vtd: &mut Unit) -> Result<(), Fail> {
     let (recs, st) = faults(vtd);
     if let Some(r) = recs.first() {
@@ -358,20 +378,17 @@ pub fn vtd_init_enables_translation_and_blocks_unattached_devices(
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
         let dst = ctx.mem.dma_pages(1).or_fail("page")?;
-        ctx.mem.fill(dst, PAGE, 0x5a).or_fail("fill")?;
-        edu.dma_to_ram(dst.0, 0, PAGE_U32).or_fail("blocked DMA")?;
-        if let Err(m) = ctx.mem.check_fill(dst, PAGE, 0x5a) {
-            fail!("blocked device wrote memory: {m}");
-        }
-        expect_one_fault(
+        expect_write_blocked(
+            ctx,
             vtd,
-            edu.id,
+            edu,
             dst.0,
+            dst,
             &[
                 FaultReason::RootEntryNotPresent,
                 FaultReason::ContextEntryNotPresent,
             ],
-            Access::Write,
+            "blocked DMA",
         )?;
         free_pages(ctx, dst, 1)
     })
@@ -479,19 +496,15 @@ fn unlinked_page_blocks_dma_and_fault_is_decoded_with<F: BoardFormat>(
         dom.unlink(&mut tx, PAGE_SIZE, PAGE_SIZE)
             .or_fail("unlink b")?;
         dom.sync(vtd).or_fail("sync after unlink")?;
-        ctx.mem.fill(pb, PAGE, 0x77).or_fail("refill b")?;
         narrate!("edu writes unlinked IOVA {:#x}", ib);
-        edu.dma_to_ram(ib, 0, PAGE_U32)
-            .or_fail("edu -> unlinked b")?;
-        if let Err(m) = ctx.mem.check_fill(pb, PAGE, 0x77) {
-            fail!("DMA reached the unlinked page: {m}");
-        }
-        expect_one_fault(
+        expect_write_blocked(
+            ctx,
             vtd,
-            edu.id,
+            edu,
             ib,
+            pb,
             &[F::unmapped(Access::Write)],
-            Access::Write,
+            "edu -> unlinked b",
         )?;
 
         narrate!("edu reads unlinked IOVA {:#x}", ib + 0x10);
@@ -590,18 +603,14 @@ fn skipped_iotlb_invalidation_is_caught_with<F: BoardFormat>(ctx: &mut Ctx) -> R
             "one page-selective invalidation expected, stats {:?}",
             vtd.stats()
         );
-        ctx.mem.fill(pa, PAGE, 0x66).or_fail("refill")?;
-        edu.dma_to_ram(iova, 0, PAGE_U32)
-            .or_fail("DMA after invalidation")?;
-        if let Err(m) = ctx.mem.check_fill(pa, PAGE, 0x66) {
-            fail!("DMA still reached the page after invalidation: {m}");
-        }
-        expect_one_fault(
+        expect_write_blocked(
+            ctx,
             vtd,
-            edu.id,
+            edu,
             iova,
+            pa,
             &[F::unmapped(Access::Write)],
-            Access::Write,
+            "DMA after invalidation",
         )?;
         dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
         dom.sync(vtd).or_fail("sync")?;
@@ -651,12 +660,15 @@ fn two_domains_are_isolated_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fa
         }
         no_faults(vtd)?;
         // edu1 tries domain A's IOVA.
-        ctx.mem.fill(pa, PAGE, 0x11).or_fail("fill a")?;
-        e1.dma_to_ram(ia, 0, PAGE_U32).or_fail("edu1 -> a's IOVA")?;
-        if let Err(m) = ctx.mem.check_fill(pa, PAGE, 0x11) {
-            fail!("edu1 reached domain A's page: {m}");
-        }
-        expect_one_fault(vtd, e1.id, ia, &[F::unmapped(Access::Write)], Access::Write)?;
+        expect_write_blocked(
+            ctx,
+            vtd,
+            e1,
+            ia,
+            pa,
+            &[F::unmapped(Access::Write)],
+            "edu1 -> a's IOVA",
+        )?;
         da.destroy(ta, vtd).or_fail("destroy a")?;
         db.destroy(tb, vtd).or_fail("destroy b")?;
         vtd.detach(e0.id).or_fail("detach")?;
@@ -732,23 +744,14 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(ctx: &mut Ctx) -> Re
             delta(s0.iotlb_psi, s1.iotlb_psi),
             delta(s0.iotlb_dsi, s1.iotlb_dsi)
         );
-        ctx.mem
-            .fill(PhysAddr(region.0 + 0x12_3000), PAGE, 0x55)
-            .or_fail("refill")?;
-        edu.dma_to_ram(iova + 0x12_3000, 0, PAGE_U32)
-            .or_fail("DMA after unlink")?;
-        if let Err(m) = ctx
-            .mem
-            .check_fill(PhysAddr(region.0 + 0x12_3000), PAGE, 0x55)
-        {
-            fail!("superpage still reachable after unlink: {m}");
-        }
-        expect_one_fault(
+        expect_write_blocked(
+            ctx,
             vtd,
-            edu.id,
+            edu,
             iova + 0x12_3000,
+            PhysAddr(region.0 + 0x12_3000),
             &[F::unmapped(Access::Write)],
-            Access::Write,
+            "DMA after unlink",
         )?;
         dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
         dom.sync(vtd).or_fail("sync")?;
@@ -932,18 +935,14 @@ fn detach_blocks_and_bypass_passes_through_with<F: BoardFormat>(ctx: &mut Ctx) -
             st == DeviceState::Blocked,
             "after detach the device is {st:?}"
         );
-        ctx.mem.fill(pa, PAGE, 0x99).or_fail("fill")?;
-        edu.dma_to_ram(iova, 0, PAGE_U32)
-            .or_fail("DMA after detach")?;
-        if let Err(m) = ctx.mem.check_fill(pa, PAGE, 0x99) {
-            fail!("detached device reached memory: {m}");
-        }
-        expect_one_fault(
+        expect_write_blocked(
+            ctx,
             vtd,
-            edu.id,
+            edu,
             iova,
+            pa,
             &[FaultReason::ContextEntryNotPresent],
-            Access::Write,
+            "DMA after detach",
         )?;
 
         vtd.attach(edu.id, Attachment::Bypass).or_fail("bypass")?;
@@ -1040,18 +1039,14 @@ fn link_dma_unlink_blocked<F: BoardFormat>(
     }
     dom.unlink(&mut tx, 0, PAGE_SIZE).or_fail("unlink")?;
     dom.sync(vtd).or_fail("sync")?;
-    ctx.mem.fill(pa, PAGE, 0x66).or_fail("refill")?;
-    edu.dma_to_ram(iova, 0, PAGE_U32)
-        .or_fail("DMA after unlink")?;
-    if let Err(m) = ctx.mem.check_fill(pa, PAGE, 0x66) {
-        fail!("DMA reached the unlinked page: {m}");
-    }
-    expect_one_fault(
+    expect_write_blocked(
+        ctx,
         vtd,
-        edu.id,
+        edu,
         iova,
+        pa,
         &[F::unmapped(Access::Write)],
-        Access::Write,
+        "DMA after unlink",
     )?;
     dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
     dom.sync(vtd).or_fail("sync")?;
