@@ -291,7 +291,7 @@ impl<M: TableMemory> Vtd<M> {
         let off = regs::frcd_offset(self.features.cap, usize::from(index));
         // SAFETY: CAP.FRO and CAP.NFR place the fault-recording registers
         // inside the unit's register page (index < NFR + 1, checked by callers).
-        unsafe { &*((self.base + off) as *const FrcdRegs) }
+        unsafe { &*(self.base.wrapping_add(off) as *const FrcdRegs) }
     }
 
     /// The decoded capabilities.
