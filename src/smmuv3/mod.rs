@@ -57,6 +57,7 @@ pub mod regs;
 pub mod ste;
 pub mod strtab;
 
+use crate::logging::{log_debug, log_warn};
 use tock_registers::interfaces::{Readable, Writeable};
 
 pub use cd::ContextDescriptor;
@@ -412,6 +413,7 @@ impl<M: TableMemory> Smmu<M> {
         }
 
         self.write_cr0(queues | CR0::SMMUEN::SET.value, budget)?;
+        log_debug!("smmuv3: enabled, {} StreamID bits", sid_bits);
         self.run = Some(Running {
             strtab,
             cmdq,
@@ -677,6 +679,7 @@ impl<M: TableMemory> Smmu<M> {
             return report;
         };
         if run.evtq.take_overflow(p1) {
+            log_warn!("smmuv3: event queue overflowed: events were lost");
             report.overflow = true;
         }
         // Bounded by the queue size: at most one full queue per call.

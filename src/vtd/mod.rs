@@ -59,6 +59,7 @@ pub mod sm;
 #[cfg(test)]
 mod testmem;
 
+use crate::logging::{log_debug, log_warn};
 use core::ptr::NonNull;
 use core::sync::atomic::{Ordering, fence};
 
@@ -793,12 +794,16 @@ impl<M: TableMemory> Vtd<M> {
         for k in 0..n {
             let i = (fri + k) % n;
             if let Some(rec) = self.read_fault(i) {
+                log_debug!("vt-d: fault record {}: source-id {:#x}", i, rec.source_id);
                 f(rec);
                 // RW1C on F (bit 127 = bit 31 of the last dword).
                 self.frcd(i).status.write(FRCD3::F::SET);
             }
         }
         let status = self.fault_status();
+        if status.overflow {
+            log_warn!("vt-d: primary fault overflow: faults were lost");
+        }
         // RW1C: clear the overflow if seen. The write is made even when
         // nothing is set: it is what lets the unit re-evaluate and drop
         // FECTL.IP once every condition has been serviced (VT-d 7.3.1).
