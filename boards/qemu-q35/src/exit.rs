@@ -33,7 +33,7 @@ pub fn success() -> ! {
     for _ in 0..POWER_OFF_SPIN {
         core::hint::spin_loop();
     }
-    crate::println!("FAIL exit: ACPI S5 did not power off");
+    println!("FAIL exit: ACPI S5 did not power off");
     failure(0x7f)
 }
 

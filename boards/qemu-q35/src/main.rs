@@ -2,7 +2,8 @@
 //!
 //! Boot: [`boot`] (PVH note + trampoline) → [`board_main`]: COM1, command line,
 //! ACPI (DMAR, MCFG, FADT), PCI (two edu functions, BAR0 placed, memory + bus
-//! master on), then every test in [`tests::TESTS`] through [`harness::run`].
+//! master on), then every test in [`tests::TESTS`] through
+//! `board_common::harness::run`.
 
 #![no_std]
 #![no_main]
@@ -13,12 +14,14 @@
     reason = "tests fail with a fixed 200-byte message, on the cold path"
 )]
 
+#[macro_use]
+extern crate board_common;
+
 mod acpi;
 mod boot;
 mod edu;
 mod exit;
 mod harness;
-mod ivshmem;
 mod memory;
 mod pci;
 mod port;
@@ -26,6 +29,7 @@ mod serial;
 mod tests;
 
 use bare_iommu::DeviceId;
+use board_common::ivshmem;
 use harness::{Ctx, Fail, boot_failure, fail_msg};
 use ivshmem::Ivshmem;
 
@@ -80,6 +84,7 @@ fn start_info(pa: u64) -> (&'static str, u64) {
 #[unsafe(no_mangle)]
 extern "C" fn board_main(start_info_pa: u64) -> ! {
     serial::init();
+    board_common::console::init(serial::put);
     println!();
     let (cmdline, rsdp) = start_info(start_info_pa);
 
@@ -143,7 +148,7 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
         cmdline,
         ecam,
     };
-    harness::run(&mut ctx, tests::TESTS)
+    board_common::harness::run(&mut ctx, tests::TESTS)
 }
 
 /// Finds the ivshmem-plain at [`IVSHMEM_SLOT`] on bus 0, places its BAR 2
@@ -193,9 +198,4 @@ fn setup_ivshmem(ecam: &pci::Ecam, busy: &mut pci::BusyRanges) -> Result<Ivshmem
         bar2_bus: bus,
         len,
     })
-}
-
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    harness::panicked(info)
 }

@@ -1,7 +1,7 @@
-//! COM1 (16550 UART at I/O port 0x3f8) and the `print!`/`println!` macros.
+//! COM1 (16550 UART at I/O port 0x3f8): the byte output behind `print!` /
+//! `println!` (`board_common::console`).
 
 use crate::port::{inb, outb};
-use core::fmt;
 
 const COM1: u16 = 0x3f8;
 /// Line status register offset; bit 5 = transmit holding register empty.
@@ -24,7 +24,8 @@ pub fn init() {
     }
 }
 
-fn put(byte: u8) {
+/// Sends one byte (the output of `board_common::console`).
+pub fn put(byte: u8) {
     for _ in 0..TX_POLL_BUDGET {
         // SAFETY: reading COM1's LSR has no side effect on memory.
         if unsafe { inb(COM1 + LSR) } & LSR_THRE != 0 {
@@ -34,37 +35,4 @@ fn put(byte: u8) {
     }
     // SAFETY: writing COM1's THR sends one byte.
     unsafe { outb(COM1, byte) }
-}
-
-/// A stateless writer to COM1 (the board runs on one CPU without interrupts).
-pub struct Com1;
-
-impl fmt::Write for Com1 {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            if b == b'\n' {
-                put(b'\r');
-            }
-            put(b);
-        }
-        Ok(())
-    }
-}
-
-#[doc(hidden)]
-pub fn _print(args: fmt::Arguments<'_>) {
-    let _ = fmt::Write::write_fmt(&mut Com1, args);
-}
-
-/// Prints to COM1.
-#[macro_export]
-macro_rules! print {
-    ($($arg:tt)*) => { $crate::serial::_print(format_args!($($arg)*)) };
-}
-
-/// Prints a line to COM1.
-#[macro_export]
-macro_rules! println {
-    () => { $crate::print!("\n") };
-    ($($arg:tt)*) => { $crate::serial::_print(format_args!("{}\n", format_args!($($arg)*))) };
 }

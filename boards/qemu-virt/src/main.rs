@@ -12,23 +12,23 @@
 #![allow(clippy::result_large_err)]
 
 #[macro_use]
-mod uart;
-#[macro_use]
-mod harness;
+extern crate board_common;
+
 mod boot;
-mod edu;
 mod exception;
 mod exit;
 mod fdt;
-mod ivshmem;
+mod harness;
 mod memory;
 mod pci;
 mod tests;
 mod time;
+mod uart;
 
 use bare_iommu::DeviceId;
+use board_common::edu::{DmaBudget, Edu};
+use board_common::{edu, ivshmem};
 
-use crate::edu::Edu;
 use crate::harness::{Ctx, Fail, fail_msg};
 use crate::ivshmem::Ivshmem;
 use crate::memory::MEMORY;
@@ -44,6 +44,7 @@ const IVSHMEM_SLOT: u8 = 7;
 /// Entered from `boot.rs` with the exception level.
 extern "C" fn main(el: u64) -> ! {
     uart::init();
+    board_common::console::init(uart::put);
     println!(
         "board qemu-virt: EL{el}, {} tests{}",
         tests::TESTS.len(),
@@ -63,7 +64,7 @@ extern "C" fn main(el: u64) -> ! {
         smmu_base: SMMU_BASE,
         demo: harness::DEMO,
     };
-    harness::run(&mut ctx, tests::TESTS)
+    board_common::harness::run(&mut ctx, tests::TESTS)
 }
 
 /// Finds the edu at `slot` on bus 0, assigns its BAR 0 and enables it.
@@ -83,11 +84,16 @@ fn setup_edu(slot: u8, window: &mut pci::MmioWindow) -> Edu {
     let Some(id) = DeviceId::new(0, address.bus(), address.device(), address.function()) else {
         panic!("edu at {address}: not a valid device/function");
     };
-    // SAFETY: `function.bar0` is the BAR just assigned and enabled, and this is
-    // the only wrapper for it.
-    let edu = unsafe { Edu::new(id, function.bar0) };
-    if !edu.alive() {
-        panic!("edu {id} at {:#x} does not answer", function.bar0);
+    // A DMA may take a second of virtual time (edu completes one after 100 ms).
+    let budget = DmaBudget::Ticks {
+        now: time::ticks,
+        ticks: time::frequency(),
+    };
+    // SAFETY: `function.bar0` is the BAR just assigned and enabled (MMU off:
+    // identity), and this is the only wrapper for it.
+    let edu = unsafe { Edu::new(id, function.bar0, budget) };
+    if let Err(e) = edu.verify() {
+        panic!("edu {id} at {:#x}: {e}", function.bar0);
     }
     narrate!(
         "edu {id}: BAR0 {:#x} ({} KiB)",

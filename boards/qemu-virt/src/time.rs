@@ -1,5 +1,5 @@
-//! Bounded waits on the Arm generic timer's counter (virtual time under
-//! `-icount`, so waits cost the same on every host).
+//! The Arm generic timer's counter, which bounds edu DMA waits (virtual time
+//! under `-icount`, so waits cost the same on every host).
 
 use core::arch::asm;
 
@@ -17,21 +17,4 @@ pub fn frequency() -> u64 {
     // SAFETY: reading CNTFRQ_EL0 has no side effects.
     unsafe { asm!("mrs {}, cntfrq_el0", out(reg) f, options(nomem, nostack)) };
     f
-}
-
-/// A point in time `ms` milliseconds from now.
-#[derive(Clone, Copy)]
-pub struct Deadline(u64);
-
-impl Deadline {
-    /// `ms` milliseconds from now.
-    pub fn after_ms(ms: u64) -> Self {
-        let delta = frequency().saturating_mul(ms) / 1000;
-        Self(ticks().saturating_add(delta))
-    }
-
-    /// Whether the deadline has passed.
-    pub fn passed(self) -> bool {
-        ticks() >= self.0
-    }
 }

@@ -1,7 +1,6 @@
-//! PL011 UART at 0x0900_0000: transmit only, unlocked (one CPU, no
-//! interrupts), so a panic in the middle of a line can still print.
+//! PL011 UART at 0x0900_0000: the byte output behind `print!` / `println!`
+//! (`board_common::console`), transmit only.
 
-use core::fmt;
 use tock_registers::interfaces::{Readable, Writeable};
 use tock_registers::registers::{ReadOnly, ReadWrite};
 use tock_registers::{register_bitfields, register_structs};
@@ -47,7 +46,8 @@ pub fn init() {
         .write(CR::UARTEN::SET + CR::TXE::SET + CR::RXE::SET);
 }
 
-fn put(byte: u8) {
+/// Sends one byte (the output of `board_common::console`).
+pub fn put(byte: u8) {
     // Bounded: QEMU never holds TXFF, and a real FIFO drains in microseconds.
     for _ in 0..1_000_000 {
         if !regs().fr.is_set(FR::TXFF) {
@@ -55,37 +55,4 @@ fn put(byte: u8) {
         }
     }
     regs().dr.set(u32::from(byte));
-}
-
-/// Writer for `core::fmt`.
-pub struct Uart;
-
-impl fmt::Write for Uart {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            if b == b'\n' {
-                put(b'\r');
-            }
-            put(b);
-        }
-        Ok(())
-    }
-}
-
-/// Prints to the UART.
-#[macro_export]
-macro_rules! print {
-    ($($arg:tt)*) => {{
-        let _ = core::fmt::Write::write_fmt(&mut $crate::uart::Uart, format_args!($($arg)*));
-    }};
-}
-
-/// Prints a line to the UART.
-#[macro_export]
-macro_rules! println {
-    () => { $crate::print!("\n") };
-    ($($arg:tt)*) => {{
-        $crate::print!($($arg)*);
-        $crate::print!("\n");
-    }};
 }

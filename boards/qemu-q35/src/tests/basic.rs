@@ -3,7 +3,6 @@
 
 use crate::harness::{Ctx, Fail, OrFail};
 use crate::memory::{SUPERPAGE_REGION_LEN, pattern_byte};
-use crate::{check, fail, narrate};
 use bare_iommu::{PAGE_SIZE, PhysAddr, TableMemory};
 use tock_registers::interfaces::Readable;
 use tock_registers::registers::ReadOnly;

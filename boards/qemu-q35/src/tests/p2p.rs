@@ -23,7 +23,6 @@ use super::vtd::{
 use crate::harness::{Ctx, Fail, OrFail};
 use crate::ivshmem::Ivshmem;
 use crate::memory::pattern_byte;
-use crate::{check, fail, narrate};
 
 /// The host bridge both devices are below (q35 has one).
 const HOST_BRIDGE: u16 = 0;

@@ -7,7 +7,6 @@
 use crate::edu::Edu;
 use crate::harness::{Ctx, Fail, OrFail};
 use crate::memory::{BoardMemory, pattern_byte};
-use crate::{check, fail, narrate};
 use bare_iommu::backend::{Attachment, DomainInfo, IommuBackend};
 use bare_iommu::error::BackendError;
 use bare_iommu::pgtable::PteFormat;

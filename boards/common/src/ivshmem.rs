@@ -10,13 +10,15 @@ pub const VENDOR: u16 = 0x1af4;
 pub const DEVICE: u16 = 0x1110;
 /// The BAR holding the shared memory.
 pub const MEMORY_BAR: u8 = 2;
+/// Configuration offset of BAR 2 (type-0 header: BAR n at 0x10 + 4n).
+pub const BAR2_OFFSET: u16 = 0x18;
 
 /// The ivshmem function with BAR 2 assigned and decoding on.
 #[derive(Clone, Copy, Debug)]
 pub struct Ivshmem {
     /// Its PCI identity.
     pub id: DeviceId,
-    /// CPU physical address of BAR 2 (from the host bridge's `ranges`).
+    /// CPU physical address of BAR 2 (identity mapped, or the MMU off).
     pub bar2: PhysAddr,
     /// PCI bus address of BAR 2 (read back from the BAR register).
     pub bar2_bus: u64,
@@ -46,7 +48,7 @@ impl Ivshmem {
 
     /// Byte `off` of BAR 2, read by the CPU.
     pub fn byte(&self, off: u64) -> u8 {
-        // SAFETY: inside BAR 2 (checked by `ptr`), which decodes RAM.
+        // SAFETY: as in `fill`.
         unsafe { self.ptr(off, 1).read_volatile() }
     }
 }

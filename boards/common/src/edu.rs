@@ -3,15 +3,18 @@
 //!
 //! The buffer is reachable only by DMA (BAR 0 does not expose it). A DMA that
 //! the IOMMU faults completes all the same: edu has no error status, so a test
-//! checks memory and the IOMMU's event queue, never edu.
+//! checks memory and the IOMMU's fault records, never edu.
+//!
+//! How long a DMA may take is the board's to say ([`DmaBudget`]): a timer
+//! where the architecture has a cheap one, a number of polls otherwise.
 
 use bare_iommu::DeviceId;
 use core::fmt;
+use core::sync::atomic::{Ordering, fence};
+use tock_registers::fields::FieldValue;
 use tock_registers::interfaces::{Readable, Writeable};
 use tock_registers::registers::{ReadOnly, ReadWrite};
 use tock_registers::{register_bitfields, register_structs};
-
-use crate::time::Deadline;
 
 /// PCI vendor ID of edu.
 pub const VENDOR: u16 = 0x1234;
@@ -21,8 +24,10 @@ pub const DEVICE: u16 = 0x11e8;
 pub const BUF_BASE: u64 = 0x4_0000;
 /// Size of the internal buffer.
 pub const BUF_SIZE: u32 = 4096;
-/// Virtual-time budget of one DMA: edu completes after 100 ms.
-const DMA_BUDGET_MS: u64 = 1000;
+/// `ident` register: major/minor version in bits 31:16, 0xed in bits 7:0.
+const IDENT_MAGIC: u32 = 0xed;
+/// What the liveness check writes (edu returns its complement).
+const LIVENESS_PROBE: u32 = 0x5a5a_0f0f;
 
 register_bitfields! [u64,
     /// DMA command register (edu.rst, offset 0x98).
@@ -53,6 +58,21 @@ register_structs! {
     }
 }
 
+/// How long to wait for a DMA before it counts as timed out. edu completes a
+/// DMA on a 100 ms virtual timer.
+#[derive(Clone, Copy)]
+pub enum DmaBudget {
+    /// This many polls of the command register.
+    Polls(u32),
+    /// Until the counter `now` has advanced by `ticks`.
+    Ticks {
+        /// A free-running counter (e.g. the Arm generic timer).
+        now: fn() -> u64,
+        /// How far it may advance.
+        ticks: u64,
+    },
+}
+
 /// What went wrong with an edu DMA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EduError {
@@ -70,6 +90,11 @@ pub enum EduError {
         /// Polls of the command register spent.
         polls: u32,
     },
+    /// BAR 0 does not answer like an edu device.
+    NotEdu {
+        /// What its identification register read.
+        ident: u32,
+    },
 }
 
 impl fmt::Display for EduError {
@@ -81,28 +106,43 @@ impl fmt::Display for EduError {
             ),
             Self::Busy => write!(f, "edu DMA still running"),
             Self::Timeout { polls } => write!(f, "edu DMA timed out after {polls} polls"),
+            Self::NotEdu { ident } => write!(f, "BAR0 ident {ident:#x} is not edu"),
         }
     }
 }
 
 /// One edu function with BAR 0 assigned and bus mastering on.
 pub struct Edu {
-    /// Its PCI identity: the SMMU StreamID is `id.stream_id()`.
+    /// Its PCI identity: the SMMU StreamID / VT-d source-id.
     pub id: DeviceId,
     regs: &'static EduRegs,
+    bar0: u64,
+    budget: DmaBudget,
 }
 
 impl Edu {
-    /// Wraps the edu whose BAR 0 is at `bar0`.
+    /// Wraps the edu whose BAR 0 is at CPU address `bar0`; each DMA may take
+    /// `budget`.
     ///
     /// # Safety
     ///
-    /// `bar0` must be the CPU address of an enabled edu BAR 0, used by nothing else.
-    pub unsafe fn new(id: DeviceId, bar0: u64) -> Self {
-        // SAFETY: per the caller, the BAR is mapped (MMU off: identity) and
-        // its registers are only reached through volatile cells.
+    /// `bar0` must be the CPU address of an enabled edu BAR 0, identity
+    /// mapped (or with the MMU off), used by nothing else.
+    pub unsafe fn new(id: DeviceId, bar0: u64, budget: DmaBudget) -> Self {
+        // SAFETY: per the caller, the BAR is mapped and ours; its registers
+        // are only reached through volatile cells.
         let regs = unsafe { &*(bar0 as usize as *const EduRegs) };
-        Self { id, regs }
+        Self {
+            id,
+            regs,
+            bar0,
+            budget,
+        }
+    }
+
+    /// CPU address of BAR 0.
+    pub fn bar(&self) -> u64 {
+        self.bar0
     }
 
     /// The identification register: `0xRRrr00ed`, major.minor version in the top bytes.
@@ -112,12 +152,21 @@ impl Edu {
 
     /// Whether the card answers: it returns the inverse of what was written.
     pub fn alive(&self) -> bool {
-        self.regs.liveness.set(0x5a5a_0f0f);
-        self.regs.liveness.get() == !0x5a5a_0f0f
+        self.regs.liveness.set(LIVENESS_PROBE);
+        self.regs.liveness.get() == !LIVENESS_PROBE
+    }
+
+    /// Checks that BAR 0 is an edu: the ident magic, and a live liveness register.
+    pub fn verify(&self) -> Result<(), EduError> {
+        let ident = self.ident();
+        if ident & 0xff != IDENT_MAGIC || !self.alive() {
+            return Err(EduError::NotEdu { ident });
+        }
+        Ok(())
     }
 
     /// Copies `len` bytes from the buffer at `buf_off` to `dma_addr` (an IOVA
-    /// when the SMMU translates) and waits for the device to finish.
+    /// when the IOMMU translates) and waits for the device to finish.
     pub fn dma_to_ram(&self, dma_addr: u64, buf_off: u32, len: u32) -> Result<(), EduError> {
         let src = Self::buf_addr(buf_off, len)?;
         self.run(src, dma_addr, len, DMA_CMD::DIRECTION::EduToRam)
@@ -135,16 +184,26 @@ impl Edu {
         self.regs.dma_cmd.is_set(DMA_CMD::START)
     }
 
-    /// Waits (bounded) until no DMA runs.
+    /// Waits (bounded by the budget) until no DMA runs.
     pub fn wait_idle(&self) -> Result<(), EduError> {
-        let deadline = Deadline::after_ms(DMA_BUDGET_MS);
+        let start = match self.budget {
+            DmaBudget::Ticks { now, .. } => now(),
+            DmaBudget::Polls(_) => 0,
+        };
         let mut polls: u32 = 0;
         while self.busy() {
             polls = polls.saturating_add(1);
-            if deadline.passed() {
+            let spent = match self.budget {
+                DmaBudget::Polls(max) => polls >= max,
+                DmaBudget::Ticks { now, ticks } => now().wrapping_sub(start) >= ticks,
+            };
+            if spent {
                 return Err(EduError::Timeout { polls });
             }
+            core::hint::spin_loop();
         }
+        // Order the CPU's later reads of what the device wrote after completion.
+        fence(Ordering::SeqCst);
         Ok(())
     }
 
@@ -160,11 +219,13 @@ impl Edu {
         src: u64,
         dst: u64,
         len: u32,
-        dir: tock_registers::fields::FieldValue<u64, DMA_CMD::Register>,
+        dir: FieldValue<u64, DMA_CMD::Register>,
     ) -> Result<(), EduError> {
         if self.busy() {
             return Err(EduError::Busy);
         }
+        // Order the CPU's earlier writes of what the device reads before the start.
+        fence(Ordering::SeqCst);
         self.regs.dma_src.set(src);
         self.regs.dma_dst.set(dst);
         self.regs.dma_count.set(u64::from(len));

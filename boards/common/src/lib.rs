@@ -1,0 +1,32 @@
+//! What the bare-metal QEMU test images (`boards/qemu-virt`, `boards/qemu-q35`)
+//! share, apart from anything architecture-specific:
+//!
+//! - [`harness`]: [`Fail`](harness::Fail), the `fail!` / `check!` /
+//!   `check_eq!` / `narrate!` macros, [`OrFail`](harness::OrFail), and the
+//!   runner that prints `PASS name` / `FAIL name: why` and the closing
+//!   `N passed, M failed`;
+//! - [`console`]: `print!` / `println!` over the byte output a board registers;
+//! - [`edu`]: QEMU's edu DMA engine, the device every board test drives;
+//! - [`ivshmem`]: the ivshmem-plain BAR that P2P tests DMA into.
+//!
+//! A board keeps its boot code, UART, PCI/ACPI/DTB discovery, exit path, lent
+//! memory and IOMMU tests, and implements [`harness::Board`]:
+//!
+//! ```ignore
+//! board_common::console::init(uart::put);
+//! let mut ctx = Ctx { /* edu, memory, ... */ };
+//! board_common::harness::run(&mut ctx, tests::TESTS)
+//! ```
+
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![allow(
+    clippy::result_large_err,
+    reason = "tests fail with a fixed 200-byte message, on the cold path"
+)]
+
+pub mod console;
+pub mod edu;
+pub mod harness;
+pub mod ivshmem;
