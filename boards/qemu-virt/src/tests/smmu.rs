@@ -105,6 +105,74 @@ pub(super) fn alloc<F: PteFormat>(dom: &mut Dom<F>, size: u64) -> Result<IovaSta
         .or_fail("translated transaction")
 }
 
+/// `N` fresh single DMA buffer pages.
+pub(super) fn pages<const N: usize>(ctx: &Ctx) -> Result<[PhysAddr; N], Fail> {
+    let mut pages = [PhysAddr(0); N];
+    for p in pages.iter_mut() {
+        *p = ctx.mem.dma_pages(1).or_fail("page")?;
+    }
+    Ok(pages)
+}
+
+/// A domain (format `fmt`, ID `id`) with `edu` attached to it.
+fn attached_domain<F: PteFormat>(
+    smmu: &mut Smmu<Mem>,
+    ctx: &Ctx,
+    fmt: F,
+    id: u16,
+    edu: &Edu,
+) -> Result<Dom<F>, Fail> {
+    let dom = domain(smmu, ctx, fmt, id)?;
+    smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
+    Ok(dom)
+}
+
+/// Links `pages` read-write, one after another, from IOVA page `first` of `tx`.
+fn link_pages<F: PteFormat>(
+    dom: &mut Dom<F>,
+    tx: &mut IovaState,
+    first: u64,
+    pages: &[PhysAddr],
+) -> Result<(), Fail> {
+    for (i, &p) in pages.iter().enumerate() {
+        let off = (first + i as u64) * PAGE_SIZE;
+        dom.link(
+            tx,
+            p,
+            off,
+            PAGE_SIZE,
+            DmaDirection::Bidirectional,
+            MapAttrs::empty(),
+        )
+        .or_fail("link")?;
+    }
+    Ok(())
+}
+
+/// A transaction of `pages.len()` IOVA pages, page `i` linked to `pages[i]`,
+/// synced.
+fn map_pages<F: PteFormat>(
+    smmu: &mut Smmu<Mem>,
+    dom: &mut Dom<F>,
+    pages: &[PhysAddr],
+) -> Result<IovaState, Fail> {
+    let mut tx = alloc(dom, pages.len() as u64 * PAGE_SIZE)?;
+    link_pages(dom, &mut tx, 0, pages)?;
+    dom.sync(smmu).or_fail("sync")?;
+    Ok(tx)
+}
+
+/// Destroys the transaction and returns both devices to abort.
+fn destroy_and_detach<F: PteFormat>(
+    smmu: &mut Smmu<Mem>,
+    ctx: &Ctx,
+    dom: &mut Dom<F>,
+    tx: IovaState,
+) -> Result<(), Fail> {
+    dom.destroy(tx, smmu).or_fail("destroy")?;
+    detach_all(smmu, ctx)
+}
+
 fn at(iova: DmaAddr, off: u64) -> u64 {
     iova.get() + off
 }
@@ -154,6 +222,35 @@ pub(super) use with_preferred_stage;
 fn copy(edu: &Edu, src: u64, dst: u64, len: u32) -> Result<(), Fail> {
     edu.dma_from_ram(src, 0, len).or_fail("edu read DMA")?;
     edu.dma_to_ram(dst, 0, len).or_fail("edu write DMA")
+}
+
+/// `edu` writes `len` bytes to `iova`, which must not translate: `guard`
+/// (the page the write would reach, filled with `byte` first) keeps its
+/// bytes, and the event queue reports F_TRANSLATION for edu's StreamID at
+/// that address. Returns what the queue held.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one blocked DMA, fully described"
+)]
+fn expect_blocked_write(
+    ctx: &Ctx,
+    smmu: &mut Smmu<Mem>,
+    edu: &Edu,
+    iova: u64,
+    len: u32,
+    (guard, byte): (PhysAddr, u8),
+    stage: Stage,
+    what: &str,
+) -> Result<Drained, Fail> {
+    ctx.mem.fill(guard, PAGE, byte);
+    let _ = drain(smmu);
+    edu.dma_to_ram(iova, 0, len).or_fail(what)?;
+    if let Err(m) = ctx.mem.check_filled(guard, PAGE, byte) {
+        fail!("{what} reached memory: {m}");
+    }
+    let d = drain(smmu);
+    expect_translation_fault(&d, edu.id.stream_id(), iova, iova + u64::from(len), stage)?;
+    Ok(d)
 }
 
 pub(super) fn expect_translation_fault(
@@ -269,20 +366,10 @@ pub fn smmu_linear_and_two_level_stream_tables_translate(ctx: &mut Ctx) -> Resul
             "stream table layout"
         );
         with_preferred_stage!(smmu, |fmt| {
-            let mut dom = domain(&smmu, ctx, fmt, 3)?;
             let edu = &ctx.edu[0];
-            smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
-            let (src, dst) = (
-                ctx.mem.dma_pages(1).or_fail("page")?,
-                ctx.mem.dma_pages(1).or_fail("page")?,
-            );
-            let mut tx = alloc(&mut dom, 2 * PAGE_SIZE)?;
-            let dir = DmaDirection::Bidirectional;
-            dom.link(&mut tx, src, 0, PAGE_SIZE, dir, MapAttrs::empty())
-                .or_fail("link")?;
-            dom.link(&mut tx, dst, PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty())
-                .or_fail("link")?;
-            dom.sync(&mut smmu).or_fail("sync")?;
+            let mut dom = attached_domain(&mut smmu, ctx, fmt, 3, edu)?;
+            let [src, dst] = pages(ctx)?;
+            let tx = map_pages(&mut smmu, &mut dom, &[src, dst])?;
             ctx.mem.fill_pattern(src, PAGE, 0x21);
             copy(edu, at(tx.iova(), 0), at(tx.iova(), PAGE_SIZE), PAGE as u32)?;
             if let Err(m) = ctx.mem.check_pattern(dst, PAGE, 0x21) {
@@ -309,8 +396,7 @@ pub fn smmu_linear_and_two_level_stream_tables_translate(ctx: &mut Ctx) -> Resul
                 other.id,
                 d.report.events
             );
-            dom.destroy(tx, &mut smmu).or_fail("destroy")?;
-            detach_all(&mut smmu, ctx)?;
+            destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
         });
         teardown(&mut smmu, ctx)?;
     }
@@ -324,40 +410,19 @@ pub fn smmu_linear_and_two_level_stream_tables_translate(ctx: &mut Ctx) -> Resul
 pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(ctx: &mut Ctx) -> Result<(), Fail> {
     let mut smmu = bring_up(ctx, SmmuConfig::default())?;
     with_preferred_stage!(smmu, |fmt| {
-        let mut dom = domain(&smmu, ctx, fmt, 4)?;
         let edu = &ctx.edu[0];
-        smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
+        let mut dom = attached_domain(&mut smmu, ctx, fmt, 4, edu)?;
 
-        // Eight single pages; use four that are not neighbours, shuffled.
-        let mut pool = [PhysAddr(0); 8];
-        for p in pool.iter_mut() {
-            *p = ctx.mem.dma_pages(1).or_fail("page")?;
-        }
+        // Eight single pages; use four that are not neighbours, shuffled,
+        // and a scratch page after them.
+        let pool: [PhysAddr; 8] = pages(ctx)?;
         let pages = [pool[5], pool[0], pool[7], pool[2]];
         let scratch = pool[3];
-        let mut tx = alloc(&mut dom, 5 * PAGE_SIZE)?;
-        let dir = DmaDirection::Bidirectional;
-        for (i, &p) in pages.iter().enumerate() {
-            dom.link(
-                &mut tx,
-                p,
-                i as u64 * PAGE_SIZE,
-                PAGE_SIZE,
-                dir,
-                MapAttrs::empty(),
-            )
-            .or_fail("link")?;
-        }
-        dom.link(
-            &mut tx,
-            scratch,
-            4 * PAGE_SIZE,
-            PAGE_SIZE,
-            dir,
-            MapAttrs::empty(),
-        )
-        .or_fail("link scratch")?;
-        dom.sync(&mut smmu).or_fail("sync")?;
+        let tx = map_pages(
+            &mut smmu,
+            &mut dom,
+            &[pages[0], pages[1], pages[2], pages[3], scratch],
+        )?;
         narrate!(
             "transaction IOVA {} + {:#x} ({}): pages {} {} {} {} + scratch {}",
             tx.iova(),
@@ -440,8 +505,7 @@ pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(ctx: &mut Ctx) ->
         );
         let d = drain(&mut smmu);
         check_eq!(d.report.events, 0, "events during valid DMA");
-        dom.destroy(tx, &mut smmu).or_fail("destroy")?;
-        detach_all(&mut smmu, ctx)?;
+        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -454,29 +518,11 @@ pub fn smmu_unlinked_page_blocks_dma_and_reports_translation_fault(
 ) -> Result<(), Fail> {
     let mut smmu = bring_up(ctx, SmmuConfig::default())?;
     with_preferred_stage!(smmu, |fmt| {
-        let mut dom = domain(&smmu, ctx, fmt, 5)?;
-        let format = dom.info().or_fail("info")?.format;
         let edu = &ctx.edu[0];
-        smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
-        let (a, b, src) = (
-            ctx.mem.dma_pages(1).or_fail("page")?,
-            ctx.mem.dma_pages(1).or_fail("page")?,
-            ctx.mem.dma_pages(1).or_fail("page")?,
-        );
-        let mut tx = alloc(&mut dom, 3 * PAGE_SIZE)?;
-        let dir = DmaDirection::Bidirectional;
-        for (i, p) in [a, b, src].into_iter().enumerate() {
-            dom.link(
-                &mut tx,
-                p,
-                i as u64 * PAGE_SIZE,
-                PAGE_SIZE,
-                dir,
-                MapAttrs::empty(),
-            )
-            .or_fail("link")?;
-        }
-        dom.sync(&mut smmu).or_fail("sync")?;
+        let mut dom = attached_domain(&mut smmu, ctx, fmt, 5, edu)?;
+        let format = dom.info().or_fail("info")?.format;
+        let [a, b, src] = pages(ctx)?;
+        let mut tx = map_pages(&mut smmu, &mut dom, &[a, b, src])?;
         ctx.mem.fill_pattern(src, PAGE, 0x31);
         // Both pages work (and QEMU now caches their translations).
         copy(
@@ -498,22 +544,17 @@ pub fn smmu_unlinked_page_blocks_dma_and_reports_translation_fault(
             "unlinked IOVA {:#x} (page {b}) and synced",
             at(tx.iova(), PAGE_SIZE)
         );
-        ctx.mem.fill(b, PAGE, 0xaa);
         ctx.mem.fill(a, PAGE, 0);
-        let _ = drain(&mut smmu);
         let target = at(tx.iova(), PAGE_SIZE) + 0x100;
-        edu.dma_to_ram(target, 0, 16)
-            .or_fail("DMA to unlinked page")?;
-        if let Err(m) = ctx.mem.check_filled(b, PAGE, 0xaa) {
-            fail!("DMA reached the unlinked page: {m}");
-        }
-        let d = drain(&mut smmu);
-        expect_translation_fault(
-            &d,
-            edu.id.stream_id(),
+        let d = expect_blocked_write(
+            ctx,
+            &mut smmu,
+            edu,
             target,
-            target + 16,
+            16,
+            (b, 0xaa),
             fault_stage(format),
+            "DMA to the unlinked page",
         )?;
         if let Some(e) = d.events.first() {
             narrate!("fault caught: {e} ({} record(s))", d.report.events);
@@ -525,8 +566,7 @@ pub fn smmu_unlinked_page_blocks_dma_and_reports_translation_fault(
             fail!("DMA to the still-linked page: {m}");
         }
         narrate!("DMA to the still-linked IOVA {} landed in {a}", tx.iova());
-        dom.destroy(tx, &mut smmu).or_fail("destroy")?;
-        detach_all(&mut smmu, ctx)?;
+        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -537,21 +577,11 @@ pub fn smmu_unlinked_page_blocks_dma_and_reports_translation_fault(
 pub fn smmu_missing_invalidation_would_be_caught(ctx: &mut Ctx) -> Result<(), Fail> {
     let mut smmu = bring_up(ctx, SmmuConfig::default())?;
     with_preferred_stage!(smmu, |fmt| {
-        let mut dom = domain(&smmu, ctx, fmt, 6)?;
         let edu = &ctx.edu[0];
-        smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
-        let mut p = [PhysAddr(0); 4];
-        for x in p.iter_mut() {
-            *x = ctx.mem.dma_pages(1).or_fail("page")?;
-        }
-        let [old, stale_target, fresh, src] = p;
-        let mut tx = alloc(&mut dom, 2 * PAGE_SIZE)?;
+        let mut dom = attached_domain(&mut smmu, ctx, fmt, 6, edu)?;
+        let [old, stale_target, fresh, src] = pages(ctx)?;
+        let mut tx = map_pages(&mut smmu, &mut dom, &[old, src])?;
         let dir = DmaDirection::Bidirectional;
-        dom.link(&mut tx, old, 0, PAGE_SIZE, dir, MapAttrs::empty())
-            .or_fail("link")?;
-        dom.link(&mut tx, src, PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty())
-            .or_fail("link")?;
-        dom.sync(&mut smmu).or_fail("sync")?;
         ctx.mem.fill_pattern(src, PAGE, 0x77);
         edu.dma_from_ram(at(tx.iova(), PAGE_SIZE), 0, PAGE as u32)
             .or_fail("read source")?;
@@ -605,8 +635,7 @@ pub fn smmu_missing_invalidation_would_be_caught(ctx: &mut Ctx) -> Result<(), Fa
             "the driver queued no TLBI for the unlink"
         );
         narrate!("with the driver's TLBI the DMA landed in the new page {fresh}");
-        dom.destroy(tx, &mut smmu).or_fail("destroy")?;
-        detach_all(&mut smmu, ctx)?;
+        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -624,23 +653,10 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
             .or_fail("attach edu 0")?;
         smmu.attach(e1.id, d1.attachment())
             .or_fail("attach edu 1")?;
-        let dir = DmaDirection::Bidirectional;
-        let (p0, p1, only0) = (
-            ctx.mem.dma_pages(1).or_fail("page")?,
-            ctx.mem.dma_pages(1).or_fail("page")?,
-            ctx.mem.dma_pages(1).or_fail("page")?,
-        );
-        let mut t0 = alloc(&mut d0, PAGE_SIZE)?;
-        let mut t1 = alloc(&mut d1, PAGE_SIZE)?;
-        d0.link(&mut t0, p0, 0, PAGE_SIZE, dir, MapAttrs::empty())
-            .or_fail("link")?;
-        d1.link(&mut t1, p1, 0, PAGE_SIZE, dir, MapAttrs::empty())
-            .or_fail("link")?;
-        let mut t0b = alloc(&mut d0, PAGE_SIZE)?;
-        d0.link(&mut t0b, only0, 0, PAGE_SIZE, dir, MapAttrs::empty())
-            .or_fail("link")?;
-        d0.sync(&mut smmu).or_fail("sync")?;
-        d1.sync(&mut smmu).or_fail("sync")?;
+        let [p0, p1, only0] = pages(ctx)?;
+        let t0 = map_pages(&mut smmu, &mut d0, &[p0])?;
+        let t1 = map_pages(&mut smmu, &mut d1, &[p1])?;
+        let t0b = map_pages(&mut smmu, &mut d0, &[only0])?;
         check_eq!(
             t0.iova(),
             t1.iova(),
@@ -648,9 +664,6 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
         );
         let iova = t0.iova().get();
 
-        ctx.mem.fill(p0, PAGE, 0);
-        ctx.mem.fill(p1, PAGE, 0);
-        ctx.mem.fill(only0, PAGE, 0xee);
         // Give each edu distinct bytes to write: read them through its own domain.
         ctx.mem.fill_pattern(p0, PAGE, 0x50);
         e0.dma_from_ram(iova, 0, 256).or_fail("edu 0 read")?;
@@ -670,27 +683,23 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
         narrate!("same IOVA {iova:#x}: {} -> {p0}, {} -> {p1}", e0.id, e1.id);
 
         // edu 1 tries domain 0's other mapping.
-        let _ = drain(&mut smmu);
         let foreign = t0b.iova().get();
-        e1.dma_to_ram(foreign, 0, 64).or_fail("edu 1 foreign DMA")?;
-        if let Err(m) = ctx.mem.check_filled(only0, PAGE, 0xee) {
-            fail!("edu 1 reached a page mapped only in edu 0's domain: {m}");
-        }
-        let d = drain(&mut smmu);
-        expect_translation_fault(
-            &d,
-            e1.id.stream_id(),
+        let d = expect_blocked_write(
+            ctx,
+            &mut smmu,
+            e1,
             foreign,
-            foreign + 64,
+            64,
+            (only0, 0xee),
             fault_stage(format),
+            "edu 1's DMA to a page mapped only in edu 0's domain",
         )?;
         if let Some(e) = d.events.first() {
             narrate!("{} at {foreign:#x} (domain 0 only): blocked, {e}", e1.id);
         }
         d0.destroy(t0, &mut smmu).or_fail("destroy")?;
         d0.destroy(t0b, &mut smmu).or_fail("destroy")?;
-        d1.destroy(t1, &mut smmu).or_fail("destroy")?;
-        detach_all(&mut smmu, ctx)?;
+        destroy_and_detach(&mut smmu, ctx, &mut d1, t1)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -797,17 +806,11 @@ pub fn smmu_fault_storm_overflows_event_queue_and_recovers(ctx: &mut Ctx) -> Res
         },
     )?;
     with_preferred_stage!(smmu, |fmt| {
-        let mut dom = domain(&smmu, ctx, fmt, 10)?;
         let edu = &ctx.edu[0];
-        smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
-        let (p, src) = (
-            ctx.mem.dma_pages(1).or_fail("page")?,
-            ctx.mem.dma_pages(1).or_fail("page")?,
-        );
+        let mut dom = attached_domain(&mut smmu, ctx, fmt, 10, edu)?;
+        let [p, src] = pages(ctx)?;
         let mut tx = alloc(&mut dom, 4 * PAGE_SIZE)?;
-        let dir = DmaDirection::Bidirectional;
-        dom.link(&mut tx, src, 0, PAGE_SIZE, dir, MapAttrs::empty())
-            .or_fail("link")?;
+        link_pages(&mut dom, &mut tx, 0, &[src])?;
         dom.sync(&mut smmu).or_fail("sync")?;
         let hole = at(tx.iova(), 2 * PAGE_SIZE);
         let before = smmu.stats();
@@ -835,8 +838,7 @@ pub fn smmu_fault_storm_overflows_event_queue_and_recovers(ctx: &mut Ctx) -> Res
         );
         // The SMMU still translates: the next transaction works.
         ctx.mem.fill_pattern(src, PAGE, 0x3c);
-        dom.link(&mut tx, p, PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty())
-            .or_fail("link")?;
+        link_pages(&mut dom, &mut tx, 1, &[p])?;
         dom.sync(&mut smmu).or_fail("sync after storm")?;
         copy(edu, at(tx.iova(), 0), at(tx.iova(), PAGE_SIZE), PAGE as u32)?;
         if let Err(m) = ctx.mem.check_pattern(p, PAGE, 0x3c) {
@@ -855,8 +857,7 @@ pub fn smmu_fault_storm_overflows_event_queue_and_recovers(ctx: &mut Ctx) -> Res
             fault_stage(dom.info().or_fail("info")?.format),
         )?;
         narrate!("after the storm: DMA works, a single fault gives one record");
-        dom.destroy(tx, &mut smmu).or_fail("destroy")?;
-        detach_all(&mut smmu, ctx)?;
+        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -896,29 +897,17 @@ pub fn smmu_illegal_command_is_reported_and_queue_recovers(ctx: &mut Ctx) -> Res
     smmu.sync_commands().or_fail("sync after recovery")?;
     // The queue works: attach (CFGI + sync) and a translated DMA.
     with_preferred_stage!(smmu, |fmt| {
-        let mut dom = domain(&smmu, ctx, fmt, 11)?;
         let edu = &ctx.edu[0];
-        smmu.attach(edu.id, dom.attachment())
-            .or_fail("attach after recovery")?;
-        let (src, dst) = (
-            ctx.mem.dma_pages(1).or_fail("page")?,
-            ctx.mem.dma_pages(1).or_fail("page")?,
-        );
-        let mut tx = alloc(&mut dom, 2 * PAGE_SIZE)?;
-        let dir = DmaDirection::Bidirectional;
-        dom.link(&mut tx, src, 0, PAGE_SIZE, dir, MapAttrs::empty())
-            .or_fail("link")?;
-        dom.link(&mut tx, dst, PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty())
-            .or_fail("link")?;
-        dom.sync(&mut smmu).or_fail("sync")?;
+        let mut dom = attached_domain(&mut smmu, ctx, fmt, 11, edu)?;
+        let [src, dst] = pages(ctx)?;
+        let tx = map_pages(&mut smmu, &mut dom, &[src, dst])?;
         ctx.mem.fill_pattern(src, PAGE, 0x4d);
         copy(edu, at(tx.iova(), 0), at(tx.iova(), PAGE_SIZE), PAGE as u32)?;
         if let Err(m) = ctx.mem.check_pattern(dst, PAGE, 0x4d) {
             fail!("DMA after queue recovery: {m}");
         }
         narrate!("queue recovered: attach, sync and DMA work");
-        dom.destroy(tx, &mut smmu).or_fail("destroy")?;
-        detach_all(&mut smmu, ctx)?;
+        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -950,29 +939,14 @@ fn command_counts<F: PteFormat>(
     fmt: F,
     ril: bool,
 ) -> Result<(), Fail> {
-    let mut dom = domain(smmu, ctx, fmt, 12)?;
+    let edu = &ctx.edu[0];
+    let mut dom = attached_domain(smmu, ctx, fmt, 12, edu)?;
     let format = dom.info().or_fail("info")?.format;
     let stage1 = format == TableFormat::ArmStage1;
-    let edu = &ctx.edu[0];
-    smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
-    let mut pages = [PhysAddr(0); 6];
-    for p in pages.iter_mut() {
-        *p = ctx.mem.dma_pages(1).or_fail("page")?;
-    }
+    let six: [PhysAddr; 6] = pages(ctx)?;
     let mut tx = alloc(&mut dom, 8 * PAGE_SIZE)?;
-    let dir = DmaDirection::Bidirectional;
     let before = smmu.stats();
-    for (i, &p) in pages.iter().enumerate() {
-        dom.link(
-            &mut tx,
-            p,
-            i as u64 * PAGE_SIZE,
-            PAGE_SIZE,
-            dir,
-            MapAttrs::empty(),
-        )
-        .or_fail("link")?;
-    }
+    link_pages(&mut dom, &mut tx, 0, &six)?;
     dom.sync(smmu).or_fail("sync")?;
     let linked = smmu.stats();
     check_eq!(linked.sync_calls - before.sync_calls, 1, "sync calls");
@@ -1036,7 +1010,7 @@ fn command_counts<F: PteFormat>(
         big,
         0,
         BIG as u64 * PAGE_SIZE,
-        dir,
+        DmaDirection::Bidirectional,
         MapAttrs::empty(),
     )
     .or_fail("link 80 pages")?;
@@ -1092,8 +1066,7 @@ fn command_counts<F: PteFormat>(
             "1 TLBI by ASID/VMID (past 64 pages)"
         }
     );
-    dom.destroy(tx, smmu).or_fail("destroy")?;
-    detach_all(smmu, ctx)?;
+    destroy_and_detach(smmu, ctx, &mut dom, tx)?;
     let c = smmu.stats().commands;
     narrate!(
         "counters since init: {} commands: CFGI_STE {}, CFGI_CD {}, CFGI_ALL {}, TLBI_NH_VA {}, \
@@ -1118,21 +1091,10 @@ fn command_counts<F: PteFormat>(
 pub fn smmu_detach_returns_stream_to_abort(ctx: &mut Ctx) -> Result<(), Fail> {
     let mut smmu = bring_up(ctx, SmmuConfig::default())?;
     with_preferred_stage!(smmu, |fmt| {
-        let mut dom = domain(&smmu, ctx, fmt, 13)?;
         let edu = &ctx.edu[1];
-        smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
-        let p = ctx.mem.dma_pages(1).or_fail("page")?;
-        let mut tx = alloc(&mut dom, PAGE_SIZE)?;
-        dom.link(
-            &mut tx,
-            p,
-            0,
-            PAGE_SIZE,
-            DmaDirection::Bidirectional,
-            MapAttrs::empty(),
-        )
-        .or_fail("link")?;
-        dom.sync(&mut smmu).or_fail("sync")?;
+        let mut dom = attached_domain(&mut smmu, ctx, fmt, 13, edu)?;
+        let [p] = pages(ctx)?;
+        let tx = map_pages(&mut smmu, &mut dom, &[p])?;
         ctx.mem.fill_pattern(p, PAGE, 0x19);
         edu.dma_from_ram(tx.iova().get(), 0, 64).or_fail("read")?;
         smmu.detach(edu.id).or_fail("detach")?;
@@ -1158,8 +1120,7 @@ pub fn smmu_detach_returns_stream_to_abort(ctx: &mut Ctx) -> Result<(), Fail> {
         );
         narrate!("detach: translated -> abort, bypass -> abort: nothing lands");
         let _ = drain(&mut smmu);
-        dom.destroy(tx, &mut smmu).or_fail("destroy")?;
-        detach_all(&mut smmu, ctx)?;
+        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
