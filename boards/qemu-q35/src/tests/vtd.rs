@@ -154,6 +154,57 @@ pub(super) fn new_domain<F: BoardFormat>(
     .or_fail("domain")
 }
 
+/// A domain (ID `id`, IOVAs in `aperture`) with `edu` attached to it.
+fn attached_domain<F: BoardFormat>(
+    vtd: &mut Unit,
+    ctx: &Ctx,
+    edu: &Edu,
+    id: u16,
+    aperture: (u64, u64),
+) -> Result<Dom<F>, Fail> {
+    let dom = new_domain::<F>(vtd, ctx, id, aperture)?;
+    vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
+    Ok(dom)
+}
+
+/// One fresh DMA page linked as a one-page transaction of a domain `edu` is
+/// attached to, synced: where most tests start.
+struct OnePage<F: BoardFormat> {
+    dom: Dom<F>,
+    tx: IovaState,
+    /// The page.
+    pa: PhysAddr,
+    /// Its IOVA.
+    iova: u64,
+}
+
+fn one_page<F: BoardFormat>(
+    vtd: &mut Unit,
+    ctx: &Ctx,
+    edu: &Edu,
+    id: u16,
+    aperture: (u64, u64),
+) -> Result<OnePage<F>, Fail> {
+    let mut dom = attached_domain::<F>(vtd, ctx, edu, id, aperture)?;
+    let pa = ctx.mem.dma_pages(1).or_fail("page")?;
+    let mut tx = alloc_tx(&mut dom, PAGE_SIZE)?;
+    let iova = link(&mut dom, &mut tx, pa, 0, PAGE_SIZE)?;
+    dom.sync(vtd).or_fail("sync")?;
+    Ok(OnePage { dom, tx, pa, iova })
+}
+
+/// Destroys the transaction (whatever is still linked unlinked, synced, the
+/// range freed) and detaches `edu`.
+fn destroy_and_detach<F: BoardFormat>(
+    vtd: &mut Unit,
+    mut dom: Dom<F>,
+    tx: IovaState,
+    edu: &Edu,
+) -> Result<(), Fail> {
+    dom.destroy(tx, vtd).or_fail("destroy")?;
+    vtd.detach(edu.id).or_fail("detach")
+}
+
 pub(super) fn alloc_tx<F: BoardFormat>(dom: &mut Dom<F>, size: u64) -> Result<IovaState, Fail> {
     dom.try_alloc(size, u64::MAX)
         .or_fail("try_alloc")?
@@ -261,6 +312,25 @@ pub(super) fn no_faults(vtd: &mut Unit) -> Result<(), Fail> {
         fail!("unexpected fault: {}", r);
     }
     check!(!st.overflow, "unexpected primary fault overflow");
+    Ok(())
+}
+
+/// `pa` cleared, then a one-page device write to `iova` (which must translate
+/// to `pa`) from a buffer loaded by [`load_buffer`] with `seed`: the page
+/// holds the pattern.
+fn expect_write_lands(
+    ctx: &Ctx,
+    edu: &Edu,
+    iova: u64,
+    pa: PhysAddr,
+    seed: u8,
+    what: &str,
+) -> Result<(), Fail> {
+    ctx.mem.fill(pa, PAGE, 0).or_fail("clear")?;
+    edu.dma_to_ram(iova, 0, PAGE_U32).or_fail("edu -> RAM")?;
+    if let Err(m) = ctx.mem.check_pattern(pa, PAGE, seed) {
+        fail!("{what}: {m}");
+    }
     Ok(())
 }
 
@@ -405,8 +475,7 @@ fn noncontiguous_transaction_dma_both_ways_hits_exact_pages_with<F: BoardFormat>
 ) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
-        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
-        vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
+        let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
         let pool = ctx.mem.dma_pages(8).or_fail("8 pages")?;
         let page = |i: u64| PhysAddr(pool.0 + i * PAGE_SIZE);
         ctx.mem.fill(pool, 8 * PAGE, 0x55).or_fail("fill")?;
@@ -467,8 +536,7 @@ fn noncontiguous_transaction_dma_both_ways_hits_exact_pages_with<F: BoardFormat>
             fail!("source changed: {m}");
         }
         no_faults(vtd)?;
-        dom.destroy(tx, vtd).or_fail("destroy")?;
-        vtd.detach(edu.id).or_fail("detach")?;
+        destroy_and_detach(vtd, dom, tx, edu)?;
         free_pages(ctx, pool, 8)
     })
 }
@@ -481,8 +549,7 @@ fn unlinked_page_blocks_dma_and_fault_is_decoded_with<F: BoardFormat>(
 ) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
-        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
-        vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
+        let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
         let pa = ctx.mem.dma_pages(1).or_fail("page a")?;
         let pb = ctx.mem.dma_pages(1).or_fail("page b")?;
         let mut tx = alloc_tx(&mut dom, 2 * PAGE_SIZE)?;
@@ -530,8 +597,7 @@ fn unlinked_page_blocks_dma_and_fault_is_decoded_with<F: BoardFormat>(
             "page a no longer reachable after unlinking b: {got:?}, expected {want:?}"
         );
         no_faults(vtd)?;
-        dom.destroy(tx, vtd).or_fail("destroy")?;
-        vtd.detach(edu.id).or_fail("detach")?;
+        destroy_and_detach(vtd, dom, tx, edu)?;
         free_pages(ctx, pa, 1)?;
         free_pages(ctx, pb, 1)
     })
@@ -574,13 +640,13 @@ impl IommuBackend for ForgetsInvalidation<'_> {
 fn skipped_iotlb_invalidation_is_caught_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[0];
-        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
-        vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
-        let pa = ctx.mem.dma_pages(1).or_fail("page")?;
-        let mut tx = alloc_tx(&mut dom, PAGE_SIZE)?;
-        let iova = link(&mut dom, &mut tx, pa, 0, PAGE_SIZE)?;
+        let OnePage {
+            mut dom,
+            mut tx,
+            pa,
+            iova,
+        } = one_page::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
         let info = dom.info().or_fail("info")?;
-        dom.sync(vtd).or_fail("sync")?;
         // Warm the IOTLB with a DMA through the page.
         load_buffer(ctx, edu, pa, iova, 0x44)?;
 
@@ -615,9 +681,7 @@ fn skipped_iotlb_invalidation_is_caught_with<F: BoardFormat>(ctx: &mut Ctx) -> R
             &[F::unmapped(Access::Write)],
             "DMA after invalidation",
         )?;
-        dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
-        dom.sync(vtd).or_fail("sync")?;
-        vtd.detach(edu.id).or_fail("detach")?;
+        destroy_and_detach(vtd, dom, tx, edu)?;
         free_pages(ctx, pa, 1)
     })
 }
@@ -691,8 +755,7 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(ctx: &mut Ctx) -> Re
             F::for_unit(vtd).leaf_allowed(1),
             "QEMU advertises 2 MiB superpages"
         );
-        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
-        vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
+        let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
         let region = ctx.mem.superpage_region();
         ctx.mem
             .fill(region, SIZE_2M as usize, 0x55)
@@ -756,9 +819,7 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(ctx: &mut Ctx) -> Re
             &[F::unmapped(Access::Write)],
             "DMA after unlink",
         )?;
-        dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
-        dom.sync(vtd).or_fail("sync")?;
-        vtd.detach(edu.id).or_fail("detach")
+        destroy_and_detach(vtd, dom, tx, edu)
     })
 }
 
@@ -772,8 +833,7 @@ fn exactly_one_wait_descriptor_per_sync_with<F: BoardFormat>(ctx: &mut Ctx) -> R
         let qi = vtd.uses_queued_invalidation();
         check!(qi != ctx.arg("noqi"), "queued invalidation in use: {qi}");
         let cm = vtd.features().caching_mode;
-        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
-        vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
+        let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
         let pool = ctx.mem.dma_pages(3).or_fail("pages")?;
         let mut tx = alloc_tx(&mut dom, 8 * PAGE_SIZE)?;
         let offs = [0u64, 2, 5];
@@ -923,12 +983,7 @@ pub fn fault_overflow_reported_and_clearing_records_next_fault(ctx: &mut Ctx) ->
 fn detach_blocks_and_bypass_passes_through_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
     with_unit(ctx, |vtd| {
         let edu = &ctx.edu[1];
-        let mut dom = new_domain::<F>(vtd, ctx, 2, APERTURE_B)?;
-        vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
-        let pa = ctx.mem.dma_pages(1).or_fail("page")?;
-        let mut tx = alloc_tx(&mut dom, PAGE_SIZE)?;
-        let iova = link(&mut dom, &mut tx, pa, 0, PAGE_SIZE)?;
-        dom.sync(vtd).or_fail("sync")?;
+        let OnePage { dom, tx, pa, iova } = one_page::<F>(vtd, ctx, edu, 2, APERTURE_B)?;
         load_buffer(ctx, edu, pa, iova, 0x81)?;
         no_faults(vtd)?;
 
@@ -962,9 +1017,7 @@ fn detach_blocks_and_bypass_passes_through_with<F: BoardFormat>(ctx: &mut Ctx) -
             fail!("pass-through DMA to the physical address: {m}");
         }
         no_faults(vtd)?;
-        vtd.detach(edu.id).or_fail("detach")?;
-        dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
-        dom.sync(vtd).or_fail("sync")?;
+        destroy_and_detach(vtd, dom, tx, edu)?;
         free_pages(ctx, pa, 1)
     })
 }
@@ -1001,21 +1054,11 @@ fn invalid_descriptor_reported_and_queue_recovers_with<F: BoardFormat>(
         vtd.sync().or_fail("sync after recovery")?;
         // Translation still works after the recovery.
         let edu = &ctx.edu[0];
-        let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
-        vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
-        let pa = ctx.mem.dma_pages(1).or_fail("page")?;
-        let mut tx = alloc_tx(&mut dom, PAGE_SIZE)?;
-        let iova = link(&mut dom, &mut tx, pa, 0, PAGE_SIZE)?;
-        dom.sync(vtd).or_fail("sync")?;
+        let OnePage { dom, tx, pa, iova } = one_page::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
         load_buffer(ctx, edu, pa, iova, 0x91)?;
-        ctx.mem.fill(pa, PAGE, 0).or_fail("clear")?;
-        edu.dma_to_ram(iova, 0, PAGE_U32).or_fail("edu -> RAM")?;
-        if let Err(m) = ctx.mem.check_pattern(pa, PAGE, 0x91) {
-            fail!("DMA after queue recovery: {m}");
-        }
+        expect_write_lands(ctx, edu, iova, pa, 0x91, "DMA after queue recovery")?;
         no_faults(vtd)?;
-        dom.destroy(tx, vtd).or_fail("destroy")?;
-        vtd.detach(edu.id).or_fail("detach")?;
+        destroy_and_detach(vtd, dom, tx, edu)?;
         free_pages(ctx, pa, 1)
     })
 }
@@ -1028,18 +1071,14 @@ fn link_dma_unlink_blocked<F: BoardFormat>(
     seed: u8,
 ) -> Result<(), Fail> {
     let edu = &ctx.edu[0];
-    let mut dom = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
-    vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
-    let pa = ctx.mem.dma_pages(1).or_fail("page")?;
-    let mut tx = alloc_tx(&mut dom, PAGE_SIZE)?;
-    let iova = link(&mut dom, &mut tx, pa, 0, PAGE_SIZE)?;
-    dom.sync(vtd).or_fail("sync")?;
+    let OnePage {
+        mut dom,
+        mut tx,
+        pa,
+        iova,
+    } = one_page::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
     load_buffer(ctx, edu, pa, iova, seed)?;
-    ctx.mem.fill(pa, PAGE, 0).or_fail("clear")?;
-    edu.dma_to_ram(iova, 0, PAGE_U32).or_fail("edu -> RAM")?;
-    if let Err(m) = ctx.mem.check_pattern(pa, PAGE, seed) {
-        fail!("DMA through the linked page: {m}");
-    }
+    expect_write_lands(ctx, edu, iova, pa, seed, "DMA through the linked page")?;
     dom.unlink(&mut tx, 0, PAGE_SIZE).or_fail("unlink")?;
     dom.sync(vtd).or_fail("sync")?;
     expect_write_blocked(
@@ -1051,9 +1090,7 @@ fn link_dma_unlink_blocked<F: BoardFormat>(
         &[F::unmapped(Access::Write)],
         "DMA after unlink",
     )?;
-    dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
-    dom.sync(vtd).or_fail("sync")?;
-    vtd.detach(edu.id).or_fail("detach")?;
+    destroy_and_detach(vtd, dom, tx, edu)?;
     free_pages(ctx, pa, 1)
 }
 
