@@ -6,7 +6,6 @@
 //! A test is `fn(&mut Ctx) -> Result<(), Fail>` over the board's own context
 //! type, which implements [`Board`].
 
-use crate::println;
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicUsize, Ordering};
 

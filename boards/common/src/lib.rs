@@ -7,7 +7,8 @@
 //!   `N passed, M failed`;
 //! - [`console`]: `print!` / `println!` over the byte output a board registers;
 //! - [`edu`]: QEMU's edu DMA engine, the device every board test drives;
-//! - [`ivshmem`]: the ivshmem-plain BAR that P2P tests DMA into.
+//! - [`ivshmem`]: the ivshmem-plain BAR that P2P tests DMA into;
+//! - [`p2p`]: the P2P test bodies, over the board's IOMMU.
 //!
 //! A board keeps its boot code, UART, PCI/ACPI/DTB discovery, exit path, lent
 //! memory and IOMMU tests, and implements [`harness::Board`]:
@@ -26,7 +27,10 @@
     reason = "tests fail with a fixed 200-byte message, on the cold path"
 )]
 
+#[macro_use]
 pub mod console;
-pub mod edu;
+#[macro_use]
 pub mod harness;
+pub mod edu;
 pub mod ivshmem;
+pub mod p2p;

@@ -80,9 +80,9 @@ macro_rules! per_format {
         $(#[$m])*
         pub fn $name(ctx: &mut Ctx) -> Result<(), Fail> {
             if first_level(ctx) {
-                $body::<VtdFirstLevel>(ctx)
+                $body::<::bare_iommu::vtd::VtdFirstLevel>(ctx)
             } else {
-                $body::<VtdSecondLevel>(ctx)
+                $body::<::bare_iommu::pgtable::vtd::VtdSecondLevel>(ctx)
             }
         }
     };
@@ -155,7 +155,7 @@ pub(super) fn new_domain<F: BoardFormat>(
 }
 
 /// A domain (ID `id`, IOVAs in `aperture`) with `edu` attached to it.
-fn attached_domain<F: BoardFormat>(
+pub(super) fn attached_domain<F: BoardFormat>(
     vtd: &mut Unit,
     ctx: &Ctx,
     edu: &Edu,
@@ -240,14 +240,15 @@ fn faults(vtd: &mut Unit) -> (heapless::Vec<FaultRecord, 8>, FaultStatus) {
     (v, st)
 }
 
-/// Exactly one fault, from `dev`, at the page of `addr`, with `reason` and `access`.
+/// Exactly one fault, from `dev`, at the page of `addr`, with `reason` and
+/// `access`: that record.
 pub(super) fn expect_one_fault(
     vtd: &mut Unit,
     dev: DeviceId,
     addr: u64,
     reasons: &[FaultReason],
     access: Access,
-) -> Result<(), Fail> {
+) -> Result<FaultRecord, Fail> {
     let (recs, st) = faults(vtd);
     check!(
         recs.len() == 1,
@@ -283,7 +284,7 @@ pub(super) fn expect_one_fault(
         access
     );
     check!(!st.overflow, "unexpected primary fault overflow");
-    Ok(())
+    Ok(*r)
 }
 
 /// A one-page device write to `iova` is blocked: `pa` (the page the IOVA
@@ -303,7 +304,8 @@ fn expect_write_blocked(
     if let Err(m) = ctx.mem.check_fill(pa, PAGE, 0x66) {
         fail!("{what}: the DMA reached memory: {m}");
     }
-    expect_one_fault(vtd, edu.id, iova, reasons, Access::Write)
+    expect_one_fault(vtd, edu.id, iova, reasons, Access::Write)?;
+    Ok(())
 }
 
 pub(super) fn no_faults(vtd: &mut Unit) -> Result<(), Fail> {

@@ -115,7 +115,7 @@ pub(super) fn pages<const N: usize>(ctx: &Ctx) -> Result<[PhysAddr; N], Fail> {
 }
 
 /// A domain (format `fmt`, ID `id`) with `edu` attached to it.
-fn attached_domain<F: PteFormat>(
+pub(super) fn attached_domain<F: PteFormat>(
     smmu: &mut Smmu<Mem>,
     ctx: &Ctx,
     fmt: F,
@@ -204,12 +204,12 @@ pub(super) fn teardown(smmu: &mut Smmu<Mem>, ctx: &Ctx) -> Result<(), Fail> {
 macro_rules! with_preferred_stage {
     ($smmu:expr, |$fmt:ident| $body:expr) => {
         match $smmu.preferred_format() {
-            Some(TableFormat::ArmStage1) => {
-                let $fmt = ArmStage1;
+            Some(::bare_iommu::TableFormat::ArmStage1) => {
+                let $fmt = ::bare_iommu::pgtable::arm::ArmStage1;
                 $body
             }
-            Some(TableFormat::ArmStage2) => {
-                let $fmt = ArmStage2;
+            Some(::bare_iommu::TableFormat::ArmStage2) => {
+                let $fmt = ::bare_iommu::pgtable::arm::ArmStage2;
                 $body
             }
             other => fail!("SMMU supports no translation stage ({other:?})"),
