@@ -103,6 +103,17 @@ macro_rules! check_eq {
     }};
 }
 
+/// `check_ok!(result, "what", args)`: fails the test with `what: error`
+/// (the error's `Display` form) unless `result` is `Ok`.
+#[macro_export]
+macro_rules! check_ok {
+    ($result:expr, $($arg:tt)*) => {
+        if let Err(e) = $result {
+            $crate::fail!("{}: {}", format_args!($($arg)*), e);
+        }
+    };
+}
+
 /// Prints a narration line (`  | ...`) in the demo image only: the board
 /// crate's cargo feature `demo` decides, where the macro is used.
 #[macro_export]

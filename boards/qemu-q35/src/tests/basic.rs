@@ -80,12 +80,12 @@ pub fn edu_dma_lands_in_ram_without_translation(ctx: &mut Ctx) -> Result<(), Fai
         narrate!("edu {}: device buffer -> RAM {}, 4 KiB", edu.id, dst);
         edu.dma_to_ram(dst.0, 0, PAGE as u32)
             .or_fail("edu -> RAM")?;
-        if let Err(m) = ctx.mem.compare(src, dst, PAGE) {
-            fail!("edu {}: full page: {}", edu.id, m);
-        }
-        if let Err(m) = ctx.mem.check_pattern(src, PAGE, seed) {
-            fail!("edu {}: reading the source changed it: {}", edu.id, m);
-        }
+        check_ok!(ctx.mem.compare(src, dst, PAGE), "edu {}: full page", edu.id);
+        check_ok!(
+            ctx.mem.check_pattern(src, PAGE, seed),
+            "edu {}: reading the source changed it",
+            edu.id
+        );
 
         // A 64-byte piece from buffer offset 0x80 to page offset 0x100 lands
         // there and nowhere else.
@@ -105,15 +105,17 @@ pub fn edu_dma_lands_in_ram_without_translation(ctx: &mut Ctx) -> Result<(), Fai
                 pattern_byte(seed, 0x80 + i)
             );
         }
-        if let Err(m) = ctx.mem.check_fill(dst, 0x100, 0x55) {
-            fail!("edu {}: DMA wrote before its target: {}", edu.id, m);
-        }
-        if let Err(m) = ctx
-            .mem
-            .check_fill(PhysAddr(dst.0 + 0x140), PAGE - 0x140, 0x55)
-        {
-            fail!("edu {}: DMA wrote past its target: {}", edu.id, m);
-        }
+        check_ok!(
+            ctx.mem.check_fill(dst, 0x100, 0x55),
+            "edu {}: DMA wrote before its target",
+            edu.id
+        );
+        check_ok!(
+            ctx.mem
+                .check_fill(PhysAddr(dst.0 + 0x140), PAGE - 0x140, 0x55),
+            "edu {}: DMA wrote past its target",
+            edu.id
+        );
 
         // write_buf / read_buf go through the bounce page the same way.
         let msg = *b"bare-iommu edu bounce check";
@@ -179,9 +181,7 @@ pub fn memory_lender_frees_and_reuses(ctx: &mut Ctx) -> Result<(), Fail> {
     );
     let b = mem.alloc_zeroed(1).or_fail("alloc 1 page again")?;
     check!(b == a, "first-fit lender gave {b} after freeing {a}");
-    if let Err(m) = mem.check_fill(b, PAGE, 0) {
-        fail!("reused page not zeroed: {m}");
-    }
+    check_ok!(mem.check_fill(b, PAGE, 0), "reused page not zeroed");
 
     // Blocks are aligned to their size rounded up to a power of two.
     let q = mem.alloc_zeroed(3).or_fail("alloc 3 pages")?;

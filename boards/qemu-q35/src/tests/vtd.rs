@@ -301,9 +301,10 @@ fn expect_write_blocked(
 ) -> Result<(), Fail> {
     ctx.mem.fill(pa, PAGE, 0x66).or_fail("fill")?;
     edu.dma_to_ram(iova, 0, PAGE_U32).or_fail(what)?;
-    if let Err(m) = ctx.mem.check_fill(pa, PAGE, 0x66) {
-        fail!("{what}: the DMA reached memory: {m}");
-    }
+    check_ok!(
+        ctx.mem.check_fill(pa, PAGE, 0x66),
+        "{what}: the DMA reached memory"
+    );
     expect_one_fault(vtd, edu.id, iova, reasons, Access::Write)?;
     Ok(())
 }
@@ -330,9 +331,7 @@ fn expect_write_lands(
 ) -> Result<(), Fail> {
     ctx.mem.fill(pa, PAGE, 0).or_fail("clear")?;
     edu.dma_to_ram(iova, 0, PAGE_U32).or_fail("edu -> RAM")?;
-    if let Err(m) = ctx.mem.check_pattern(pa, PAGE, seed) {
-        fail!("{what}: {m}");
-    }
+    check_ok!(ctx.mem.check_pattern(pa, PAGE, seed), "{what}");
     Ok(())
 }
 
@@ -513,30 +512,33 @@ fn noncontiguous_transaction_dma_both_ways_hits_exact_pages_with<F: BoardFormat>
         edu.dma_to_ram(base + 0x800, 0, PAGE_U32)
             .or_fail("edu -> RAM")?;
         let half = PAGE / 2;
-        if let Err(m) = ctx.mem.compare(
-            PhysAddr(page(7).0 + 0x800),
-            PhysAddr(page(5).0 + 0x800),
-            half,
-        ) {
-            fail!("second half of tx page 0: {m}");
-        }
-        if let Err(m) = ctx.mem.compare(page(2), page(0), half) {
-            fail!("first half of tx page 1: {m}");
-        }
-        if let Err(m) = ctx.mem.check_fill(page(5), half, 0x55) {
-            fail!("DMA wrote before its target: {m}");
-        }
-        if let Err(m) = ctx.mem.check_fill(PhysAddr(page(0).0 + 0x800), half, 0x55) {
-            fail!("DMA wrote past its target: {m}");
-        }
+        check_ok!(
+            ctx.mem.compare(
+                PhysAddr(page(7).0 + 0x800),
+                PhysAddr(page(5).0 + 0x800),
+                half,
+            ),
+            "second half of tx page 0"
+        );
+        check_ok!(
+            ctx.mem.compare(page(2), page(0), half),
+            "first half of tx page 1"
+        );
+        check_ok!(
+            ctx.mem.check_fill(page(5), half, 0x55),
+            "DMA wrote before its target"
+        );
+        check_ok!(
+            ctx.mem.check_fill(PhysAddr(page(0).0 + 0x800), half, 0x55),
+            "DMA wrote past its target"
+        );
         for g in guards {
-            if let Err(m) = ctx.mem.check_fill(page(g), PAGE, 0x55) {
-                fail!("guard page {g} touched: {m}");
-            }
+            check_ok!(
+                ctx.mem.check_fill(page(g), PAGE, 0x55),
+                "guard page {g} touched"
+            );
         }
-        if let Err(m) = ctx.mem.check_pattern(page(7), PAGE, 0x21) {
-            fail!("source changed: {m}");
-        }
+        check_ok!(ctx.mem.check_pattern(page(7), PAGE, 0x21), "source changed");
         no_faults(vtd)?;
         destroy_and_detach(vtd, dom, tx, edu)?;
         free_pages(ctx, pool, 8)
@@ -560,9 +562,10 @@ fn unlinked_page_blocks_dma_and_fault_is_decoded_with<F: BoardFormat>(
         dom.sync(vtd).or_fail("sync")?;
         load_buffer(ctx, edu, pa, ia, 0x33)?;
         edu.dma_to_ram(ib, 0, PAGE_U32).or_fail("edu -> b")?;
-        if let Err(m) = ctx.mem.check_pattern(pb, PAGE, 0x33) {
-            fail!("DMA to linked page b: {m}");
-        }
+        check_ok!(
+            ctx.mem.check_pattern(pb, PAGE, 0x33),
+            "DMA to linked page b"
+        );
         no_faults(vtd)?;
 
         dom.unlink(&mut tx, PAGE_SIZE, PAGE_SIZE)
@@ -721,12 +724,14 @@ fn two_domains_are_isolated_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fa
         ctx.mem.fill(pb, PAGE, 0x22).or_fail("fill b")?;
         e0.dma_to_ram(ia, 0, PAGE_U32).or_fail("edu0 -> a")?;
         e1.dma_to_ram(ib, 0, PAGE_U32).or_fail("edu1 -> b")?;
-        if let Err(m) = ctx.mem.check_pattern(pa, PAGE, 0x51) {
-            fail!("edu0 in its own domain: {m}");
-        }
-        if let Err(m) = ctx.mem.check_pattern(pb, PAGE, 0x52) {
-            fail!("edu1 in its own domain: {m}");
-        }
+        check_ok!(
+            ctx.mem.check_pattern(pa, PAGE, 0x51),
+            "edu0 in its own domain"
+        );
+        check_ok!(
+            ctx.mem.check_pattern(pb, PAGE, 0x52),
+            "edu1 in its own domain"
+        );
         no_faults(vtd)?;
         // edu1 tries domain A's IOVA.
         expect_write_blocked(
@@ -791,15 +796,15 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(ctx: &mut Ctx) -> Re
         load_buffer(ctx, edu, src, iova + SIZE_2M - PAGE_SIZE, 0x61)?;
         edu.dma_to_ram(iova + 0x12_3000, 0, PAGE_U32)
             .or_fail("edu -> +0x123000")?;
-        if let Err(m) = ctx
-            .mem
-            .check_pattern(PhysAddr(region.0 + 0x12_3000), PAGE, 0x61)
-        {
-            fail!("DMA inside the superpage: {m}");
-        }
-        if let Err(m) = ctx.mem.check_fill(region, 0x12_3000, 0x55) {
-            fail!("DMA wrote before its target: {m}");
-        }
+        check_ok!(
+            ctx.mem
+                .check_pattern(PhysAddr(region.0 + 0x12_3000), PAGE, 0x61),
+            "DMA inside the superpage"
+        );
+        check_ok!(
+            ctx.mem.check_fill(region, 0x12_3000, 0x55),
+            "DMA wrote before its target"
+        );
         no_faults(vtd)?;
 
         let s0 = vtd.stats();
@@ -1015,9 +1020,10 @@ fn detach_blocks_and_bypass_passes_through_with<F: BoardFormat>(ctx: &mut Ctx) -
         );
         edu.dma_to_ram(pa.0, 0, PAGE_U32)
             .or_fail("pass-through DMA")?;
-        if let Err(m) = ctx.mem.check_pattern(pa, PAGE, 0x81) {
-            fail!("pass-through DMA to the physical address: {m}");
-        }
+        check_ok!(
+            ctx.mem.check_pattern(pa, PAGE, 0x81),
+            "pass-through DMA to the physical address"
+        );
         no_faults(vtd)?;
         destroy_and_detach(vtd, dom, tx, edu)?;
         free_pages(ctx, pa, 1)

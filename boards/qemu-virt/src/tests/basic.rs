@@ -49,9 +49,11 @@ pub fn edu_dma_lands_in_ram_without_translation(ctx: &mut Ctx) -> Result<(), Fai
             .or_fail("RAM -> edu")?;
         edu.dma_to_ram(dst.get(), 0, PAGE as u32)
             .or_fail("edu -> RAM")?;
-        if let Err(m) = ctx.mem.check_pattern(dst, PAGE, seed) {
-            fail!("{}: page copied through edu differs: {m}", edu.id);
-        }
+        check_ok!(
+            ctx.mem.check_pattern(dst, PAGE, seed),
+            "{}: page copied through edu differs",
+            edu.id
+        );
         narrate!("{}: 4 KiB {src} -> edu -> {dst}: bytes match", edu.id);
 
         // Offsets on both sides, and nothing written outside the target range.
@@ -72,13 +74,17 @@ pub fn edu_dma_lands_in_ram_without_translation(ctx: &mut Ctx) -> Result<(), Fai
                 edu.id
             );
         }
-        if let Err(m) = ctx.mem.check_filled(dst, to, 0) {
-            fail!("{}: DMA wrote before its target: {m}", edu.id);
-        }
+        check_ok!(
+            ctx.mem.check_filled(dst, to, 0),
+            "{}: DMA wrote before its target",
+            edu.id
+        );
         let after = PhysAddr(dst_part.get() + len as u64);
-        if let Err(m) = ctx.mem.check_filled(after, PAGE - to - len, 0) {
-            fail!("{}: DMA wrote past its target: {m}", edu.id);
-        }
+        check_ok!(
+            ctx.mem.check_filled(after, PAGE - to - len, 0),
+            "{}: DMA wrote past its target",
+            edu.id
+        );
         narrate!("{}: {len:#x} bytes at offsets land exactly", edu.id);
     }
     Ok(())
@@ -115,17 +121,13 @@ pub fn memory_lender_frees_and_reuses(ctx: &mut Ctx) -> Result<(), Fail> {
 
     let a = mem.alloc_zeroed(1).or_fail("one page")?;
     check!(a.is_page_aligned(), "{a} not 4 KiB aligned");
-    if let Err(m) = mem.check_filled(a, PAGE, 0) {
-        fail!("fresh page not zeroed: {m}");
-    }
+    check_ok!(mem.check_filled(a, PAGE, 0), "fresh page not zeroed");
     mem.fill_pattern(a, PAGE, 7);
     // SAFETY: `a` came from alloc_zeroed(1) and nothing else holds it.
     unsafe { mem.free(a, 1) };
     let b = mem.alloc_zeroed(1).or_fail("page after free")?;
     check!(b == a, "freed page {a} not reused: got {b}");
-    if let Err(m) = mem.check_filled(b, PAGE, 0) {
-        fail!("reused page not zeroed again: {m}");
-    }
+    check_ok!(mem.check_filled(b, PAGE, 0), "reused page not zeroed again");
     // SAFETY: `b` came from alloc_zeroed(1).
     unsafe { mem.free(b, 1) };
 

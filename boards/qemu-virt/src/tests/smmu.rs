@@ -245,9 +245,10 @@ fn expect_blocked_write(
     ctx.mem.fill(guard, PAGE, byte);
     let _ = drain(smmu);
     edu.dma_to_ram(iova, 0, len).or_fail(what)?;
-    if let Err(m) = ctx.mem.check_filled(guard, PAGE, byte) {
-        fail!("{what} reached memory: {m}");
-    }
+    check_ok!(
+        ctx.mem.check_filled(guard, PAGE, byte),
+        "{what} reached memory"
+    );
     let d = drain(smmu);
     expect_translation_fault(&d, edu.id.stream_id(), iova, iova + u64::from(len), stage)?;
     Ok(d)
@@ -372,16 +373,18 @@ pub fn smmu_linear_and_two_level_stream_tables_translate(ctx: &mut Ctx) -> Resul
             let tx = map_pages(&mut smmu, &mut dom, &[src, dst])?;
             ctx.mem.fill_pattern(src, PAGE, 0x21);
             copy(edu, at(tx.iova(), 0), at(tx.iova(), PAGE_SIZE), PAGE as u32)?;
-            if let Err(m) = ctx.mem.check_pattern(dst, PAGE, 0x21) {
-                fail!("{expected:?} table: DMA through the IOVA differs: {m}");
-            }
+            check_ok!(
+                ctx.mem.check_pattern(dst, PAGE, 0x21),
+                "{expected:?} table: DMA through the IOVA differs"
+            );
             // edu 1 was never attached: its DMA to the same physical page aborts.
             ctx.mem.fill(dst, PAGE, 0x5a);
             let other = &ctx.edu[1];
             other.dma_to_ram(dst.get(), 0, 64).or_fail("edu 1 DMA")?;
-            if let Err(m) = ctx.mem.check_filled(dst, PAGE, 0x5a) {
-                fail!("{expected:?} table: a never-attached stream reached memory: {m}");
-            }
+            check_ok!(
+                ctx.mem.check_filled(dst, PAGE, 0x5a),
+                "{expected:?} table: a never-attached stream reached memory"
+            );
             let d = drain(&mut smmu);
             for e in &d.events {
                 check!(
@@ -447,12 +450,11 @@ pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(ctx: &mut Ctx) ->
                 at(tx.iova(), 4 * PAGE_SIZE),
                 PAGE as u32,
             )?;
-            if let Err(m) = ctx.mem.check_pattern(scratch, PAGE, 0x40 + i as u8) {
-                fail!(
-                    "IOVA page {i} did not read physical page {}: {m}",
-                    pages[i as usize]
-                );
-            }
+            check_ok!(
+                ctx.mem.check_pattern(scratch, PAGE, 0x40 + i as u8),
+                "IOVA page {i} did not read physical page {}",
+                pages[i as usize]
+            );
         }
         narrate!("edu read IOVA pages 0..3: each came from its own physical page");
 
@@ -490,12 +492,11 @@ pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(ctx: &mut Ctx) ->
                 2 => (half, half),
                 _ => (0, PAGE),
             };
-            if let Err(m) = ctx
-                .mem
-                .check_filled(PhysAddr(p.get() + start as u64), len, 0)
-            {
-                fail!("DMA wrote outside its target in page {i}: {m}");
-            }
+            check_ok!(
+                ctx.mem
+                    .check_filled(PhysAddr(p.get() + start as u64), len, 0),
+                "DMA wrote outside its target in page {i}"
+            );
         }
         narrate!(
             "edu wrote 4 KiB at {:#x}: landed in {}+0x800.. and {}..+0x800 exactly",
@@ -533,9 +534,10 @@ pub fn smmu_unlinked_page_blocks_dma_and_reports_translation_fault(
         )?;
         edu.dma_to_ram(at(tx.iova(), PAGE_SIZE), 0, PAGE as u32)
             .or_fail("DMA to page b")?;
-        if let Err(m) = ctx.mem.check_pattern(b, PAGE, 0x31) {
-            fail!("DMA to page b before unlink: {m}");
-        }
+        check_ok!(
+            ctx.mem.check_pattern(b, PAGE, 0x31),
+            "DMA to page b before unlink"
+        );
 
         dom.unlink(&mut tx, PAGE_SIZE, PAGE_SIZE)
             .or_fail("unlink")?;
@@ -562,9 +564,10 @@ pub fn smmu_unlinked_page_blocks_dma_and_reports_translation_fault(
         // The page still linked works.
         edu.dma_to_ram(at(tx.iova(), 0), 0, PAGE as u32)
             .or_fail("DMA to page a")?;
-        if let Err(m) = ctx.mem.check_pattern(a, PAGE, 0x31) {
-            fail!("DMA to the still-linked page: {m}");
-        }
+        check_ok!(
+            ctx.mem.check_pattern(a, PAGE, 0x31),
+            "DMA to the still-linked page"
+        );
         narrate!("DMA to the still-linked IOVA {} landed in {a}", tx.iova());
         destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
     });
@@ -624,12 +627,14 @@ pub fn smmu_missing_invalidation_would_be_caught(ctx: &mut Ctx) -> Result<(), Fa
         ctx.mem.fill(old, PAGE, 0);
         edu.dma_to_ram(at(tx.iova(), 0), 0, 64)
             .or_fail("DMA after TLBI")?;
-        if let Err(m) = ctx.mem.check_filled(old, PAGE, 0) {
-            fail!("after the driver's sync the DMA still reached the old page (stale IOTLB): {m}");
-        }
-        if let Err(m) = ctx.mem.check_pattern(fresh, 64, 0x77) {
-            fail!("after the driver's sync the DMA missed the new page: {m}");
-        }
+        check_ok!(
+            ctx.mem.check_filled(old, PAGE, 0),
+            "after the driver's sync the DMA still reached the old page (stale IOTLB)"
+        );
+        check_ok!(
+            ctx.mem.check_pattern(fresh, 64, 0x77),
+            "after the driver's sync the DMA missed the new page"
+        );
         check!(
             smmu.stats().commands.tlbi() > tlbi_before,
             "the driver queued no TLBI for the unlink"
@@ -674,12 +679,14 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
         e0.dma_to_ram(iova + 0x800, 0, 256).or_fail("edu 0 write")?;
         e1.dma_to_ram(iova + 0x800, 0, 256).or_fail("edu 1 write")?;
         let (w0, w1) = (PhysAddr(p0.get() + 0x800), PhysAddr(p1.get() + 0x800));
-        if let Err(m) = ctx.mem.check_pattern(w0, 256, 0x50) {
-            fail!("edu 0 at {iova:#x} did not land in its domain's page: {m}");
-        }
-        if let Err(m) = ctx.mem.check_pattern(w1, 256, 0x51) {
-            fail!("edu 1 at {iova:#x} did not land in its domain's page: {m}");
-        }
+        check_ok!(
+            ctx.mem.check_pattern(w0, 256, 0x50),
+            "edu 0 at {iova:#x} did not land in its domain's page"
+        );
+        check_ok!(
+            ctx.mem.check_pattern(w1, 256, 0x51),
+            "edu 1 at {iova:#x} did not land in its domain's page"
+        );
         narrate!("same IOVA {iova:#x}: {} -> {p0}, {} -> {p1}", e0.id, e1.id);
 
         // edu 1 tries domain 0's other mapping.
@@ -780,12 +787,11 @@ fn guest_region<F: PteFormat>(
     for &t in &targets {
         edu.dma_to_ram(at(tx.iova(), t), 0, PAGE as u32)
             .or_fail("write")?;
-        if let Err(m) = ctx
-            .mem
-            .check_pattern(PhysAddr(region.get() + t), PAGE, 0x2b)
-        {
-            fail!("DMA to IOVA +{t:#x} did not land at region +{t:#x}: {m}");
-        }
+        check_ok!(
+            ctx.mem
+                .check_pattern(PhysAddr(region.get() + t), PAGE, 0x2b),
+            "DMA to IOVA +{t:#x} did not land at region +{t:#x}"
+        );
     }
     narrate!("{} DMA'd into both blocks at the right offsets", edu.id);
     let d = drain(smmu);
@@ -841,9 +847,7 @@ pub fn smmu_fault_storm_overflows_event_queue_and_recovers(ctx: &mut Ctx) -> Res
         link_pages(&mut dom, &mut tx, 1, &[p])?;
         dom.sync(&mut smmu).or_fail("sync after storm")?;
         copy(edu, at(tx.iova(), 0), at(tx.iova(), PAGE_SIZE), PAGE as u32)?;
-        if let Err(m) = ctx.mem.check_pattern(p, PAGE, 0x3c) {
-            fail!("DMA after the storm: {m}");
-        }
+        check_ok!(ctx.mem.check_pattern(p, PAGE, 0x3c), "DMA after the storm");
         // And records faults again: one 4-byte DMA, one record.
         edu.dma_to_ram(hole, 0, 4).or_fail("single fault")?;
         let d = drain(&mut smmu);
@@ -903,9 +907,10 @@ pub fn smmu_illegal_command_is_reported_and_queue_recovers(ctx: &mut Ctx) -> Res
         let tx = map_pages(&mut smmu, &mut dom, &[src, dst])?;
         ctx.mem.fill_pattern(src, PAGE, 0x4d);
         copy(edu, at(tx.iova(), 0), at(tx.iova(), PAGE_SIZE), PAGE as u32)?;
-        if let Err(m) = ctx.mem.check_pattern(dst, PAGE, 0x4d) {
-            fail!("DMA after queue recovery: {m}");
-        }
+        check_ok!(
+            ctx.mem.check_pattern(dst, PAGE, 0x4d),
+            "DMA after queue recovery"
+        );
         narrate!("queue recovered: attach, sync and DMA work");
         destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
     });
@@ -1050,9 +1055,10 @@ fn command_counts<F: PteFormat>(
     let _ = drain(smmu);
     edu.dma_to_ram(at(tx.iova(), probe), 0, 64)
         .or_fail("write after unlink")?;
-    if let Err(m) = ctx.mem.check_filled(p70, PAGE, 0) {
-        fail!("DMA reached page 70 after an 80-page unlink (stale translation): {m}");
-    }
+    check_ok!(
+        ctx.mem.check_filled(p70, PAGE, 0),
+        "DMA reached page 70 after an 80-page unlink (stale translation)"
+    );
     let d = drain(smmu);
     check!(
         d.report.events > 0,
@@ -1101,9 +1107,10 @@ pub fn smmu_detach_returns_stream_to_abort(ctx: &mut Ctx) -> Result<(), Fail> {
         ctx.mem.fill(p, PAGE, 0);
         edu.dma_to_ram(tx.iova().get(), 0, 64)
             .or_fail("DMA after detach")?;
-        if let Err(m) = ctx.mem.check_filled(p, PAGE, 0) {
-            fail!("DMA after detach reached memory: {m}");
-        }
+        check_ok!(
+            ctx.mem.check_filled(p, PAGE, 0),
+            "DMA after detach reached memory"
+        );
         // Bypass, then detach again: physical addresses work, then stop.
         smmu.attach(edu.id, Attachment::Bypass).or_fail("bypass")?;
         edu.dma_to_ram(p.get(), 0, 64).or_fail("bypass DMA")?;
