@@ -8,7 +8,8 @@
 //! - [`console`]: `print!` / `println!` over the byte output a board registers;
 //! - [`edu`]: QEMU's edu DMA engine, the device every board test drives;
 //! - [`ivshmem`]: the ivshmem-plain BAR that P2P tests DMA into;
-//! - [`p2p`]: the P2P test bodies, over the board's IOMMU.
+//! - [`p2p`]: the P2P test bodies, over the board's IOMMU;
+//! - [`pattern`]: the test pattern and the byte checks of lent memory.
 //!
 //! A board keeps its boot code, UART, PCI/ACPI/DTB discovery, exit path, lent
 //! memory and IOMMU tests, and implements [`harness::Board`]:
@@ -34,3 +35,4 @@ pub mod harness;
 pub mod edu;
 pub mod ivshmem;
 pub mod p2p;
+pub mod pattern;

@@ -22,6 +22,7 @@ use bare_iommu::{
 use crate::edu::Edu;
 use crate::harness::{Fail, OrFail};
 use crate::ivshmem::Ivshmem;
+use crate::pattern::pattern;
 
 /// The host bridge both devices are below (both machines have one).
 pub const HOST_BRIDGE: u16 = 0;
@@ -80,10 +81,8 @@ pub struct P2pTest<'a, F: PteFormat, M: TableMemory, B> {
     pub iv: &'a Ivshmem,
     /// The registry from [`registry`].
     pub reg: &'a mut P2pRegistry,
-    /// A host page holding `pattern(SEED, i)`.
+    /// A host page holding [`pattern`]`(SEED, i)`.
     pub src: PhysAddr,
-    /// The board's test pattern: byte `i` of seed `seed`.
-    pub pattern: fn(seed: u8, i: usize) -> u8,
 }
 
 /// The registry the board would build: ivshmem BAR 2 as provider, it and
@@ -183,7 +182,6 @@ pub fn dma_through_host_bridge<F: PteFormat, M: TableMemory, B: IommuBackend>(
         edu,
         iv,
         reg,
-        pattern,
         ..
     } = t;
 

@@ -6,6 +6,8 @@
 //! zeroed when it is handed out.
 
 use bare_iommu::{PAGE_SIZE, PhysAddr, TableMemory};
+pub use board_common::pattern::{Mismatch, pattern};
+use board_common::pattern::{check_with, fill_with};
 use core::cell::UnsafeCell;
 use core::ptr::{read_volatile, write_volatile};
 use spin::Mutex;
@@ -125,32 +127,6 @@ impl<const PAGES: usize, const WORDS: usize> PagePool<PAGES, WORDS> {
     }
 }
 
-/// A byte that differs with `seed` and with the offset `i` (not periodic in 256).
-pub fn pattern_byte(seed: u8, i: usize) -> u8 {
-    (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 8) as u8).wrapping_mul(7)
-}
-
-/// The first byte that was not what a check expected.
-#[derive(Debug, Clone, Copy)]
-pub struct Mismatch {
-    /// Physical address of the byte.
-    pub at: u64,
-    /// Expected value.
-    pub expected: u8,
-    /// Value found.
-    pub found: u8,
-}
-
-impl core::fmt::Display for Mismatch {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(
-            f,
-            "byte at {:#x} is {:#04x}, expected {:#04x}",
-            self.at, self.found, self.expected
-        )
-    }
-}
-
 /// The board's lent memory. One static instance: [`MEMORY`].
 pub struct BoardMemory {
     tables: Mutex<PagePool<TABLE_PAGES, { TABLE_PAGES / 64 }>>,
@@ -259,74 +235,53 @@ impl BoardMemory {
         Ok(())
     }
 
-    /// Fills `[pa, pa + len)` with [`pattern_byte`]`(seed, i)`.
+    /// Fills `[pa, pa + len)` with [`pattern`]`(seed, i)`.
     pub fn fill_pattern(&self, pa: PhysAddr, len: usize, seed: u8) -> Result<(), Mismatch> {
         let p = self.owned(pa, len).ok_or(outside(pa))?;
-        for i in 0..len {
-            // SAFETY: as in `write`.
-            unsafe { write_volatile(p.add(i), pattern_byte(seed, i)) };
-        }
+        // SAFETY: as in `write`.
+        unsafe { fill_with(p, len, |i| pattern(seed, i)) };
         Ok(())
     }
 
     /// Fills `[pa, pa + len)` with `byte`.
     pub fn fill(&self, pa: PhysAddr, len: usize, byte: u8) -> Result<(), Mismatch> {
         let p = self.owned(pa, len).ok_or(outside(pa))?;
-        for i in 0..len {
-            // SAFETY: as in `write`.
-            unsafe { write_volatile(p.add(i), byte) };
-        }
+        // SAFETY: as in `write`.
+        unsafe { fill_with(p, len, |_| byte) };
         Ok(())
     }
 
-    /// Checks `[pa, pa + len)` holds [`pattern_byte`]`(seed, i)`; the first
+    /// Checks `[pa, pa + len)` holds [`pattern`]`(seed, i)`; the first
     /// difference otherwise.
     pub fn check_pattern(&self, pa: PhysAddr, len: usize, seed: u8) -> Result<(), Mismatch> {
-        self.check_with(pa, len, |i| pattern_byte(seed, i))
+        let p = self.owned(pa, len).ok_or(outside(pa))?;
+        // SAFETY: as in `read`.
+        unsafe { check_with(p, pa, len, |i| pattern(seed, i)) }
     }
 
     /// Checks every byte of `[pa, pa + len)` is `byte`.
     pub fn check_fill(&self, pa: PhysAddr, len: usize, byte: u8) -> Result<(), Mismatch> {
-        self.check_with(pa, len, |_| byte)
+        let p = self.owned(pa, len).ok_or(outside(pa))?;
+        // SAFETY: as in `read`.
+        unsafe { check_with(p, pa, len, |_| byte) }
     }
 
     /// Checks `[a, a + len)` and `[b, b + len)` hold the same bytes; the first
     /// difference (address in `b`, expected from `a`) otherwise.
     pub fn compare(&self, a: PhysAddr, b: PhysAddr, len: usize) -> Result<(), Mismatch> {
         let pa = self.owned(a, len).ok_or(outside(a))?;
-        // SAFETY: as in `write`.
-        self.check_with(b, len, |i| unsafe { read_volatile(pa.add(i)) })
-    }
-
-    fn check_with(
-        &self,
-        pa: PhysAddr,
-        len: usize,
-        expected: impl Fn(usize) -> u8,
-    ) -> Result<(), Mismatch> {
-        let p = self.owned(pa, len).ok_or(outside(pa))?;
-        for i in 0..len {
-            // SAFETY: as in `read`.
-            let found = unsafe { read_volatile(p.add(i)) };
-            let want = expected(i);
-            if found != want {
-                return Err(Mismatch {
-                    at: pa.0 + i as u64,
-                    expected: want,
-                    found,
-                });
-            }
-        }
-        Ok(())
+        let pb = self.owned(b, len).ok_or(outside(b))?;
+        // SAFETY: as in `read`, for both ranges.
+        unsafe { check_with(pb, b, len, |i| read_volatile(pa.add(i))) }
     }
 }
 
 /// The error for a range outside the board's pools (`at` = its start).
 fn outside(pa: PhysAddr) -> Mismatch {
     Mismatch {
-        at: pa.0,
+        at: pa,
         expected: 0,
-        found: 0,
+        got: 0,
     }
 }
 

@@ -7,7 +7,8 @@
 
 use bare_iommu::addr::PAGE_SIZE;
 use bare_iommu::{PhysAddr, TableMemory};
-use core::fmt;
+pub use board_common::pattern::{Mismatch, pattern};
+use board_common::pattern::{check_with, fill_with};
 use spin::Mutex;
 
 /// Bitmap words of the table pool: 32 × 64 pages = 8 MiB.
@@ -249,77 +250,27 @@ impl BoardMemory {
     }
 
     /// Fills `[pa, pa + len)` with the pattern of `seed` (see [`pattern`]).
+    /// Panics outside the board's memory.
     pub fn fill_pattern(&self, pa: PhysAddr, len: usize, seed: u8) {
         let p = self.check_range(pa, len);
-        for i in 0..len {
-            // SAFETY: `i < len` and the range lies in the board's memory.
-            unsafe { p.add(i).write_volatile(pattern(seed, i)) };
-        }
+        // SAFETY: the range lies in memory the board reserved for tests.
+        unsafe { fill_with(p, len, |i| pattern(seed, i)) }
     }
 
     /// Checks `[pa, pa + len)` against the pattern of `seed`; the first byte
-    /// that differs on failure.
+    /// that differs on failure. Panics outside the board's memory.
     pub fn check_pattern(&self, pa: PhysAddr, len: usize, seed: u8) -> Result<(), Mismatch> {
         let p = self.check_range(pa, len);
-        for i in 0..len {
-            // SAFETY: `i < len` and the range lies in the board's memory.
-            let got = unsafe { p.add(i).read_volatile() };
-            let expected = pattern(seed, i);
-            if got != expected {
-                return Err(Mismatch {
-                    at: PhysAddr(pa.get() + i as u64),
-                    expected,
-                    got,
-                });
-            }
-        }
-        Ok(())
+        // SAFETY: as for `fill_pattern`.
+        unsafe { check_with(p, pa, len, |i| pattern(seed, i)) }
     }
 
-    /// Checks that every byte of `[pa, pa + len)` is `byte`.
+    /// Checks that every byte of `[pa, pa + len)` is `byte`. Panics outside
+    /// the board's memory.
     pub fn check_filled(&self, pa: PhysAddr, len: usize, byte: u8) -> Result<(), Mismatch> {
         let p = self.check_range(pa, len);
-        for i in 0..len {
-            // SAFETY: `i < len` and the range lies in the board's memory.
-            let got = unsafe { p.add(i).read_volatile() };
-            if got != byte {
-                return Err(Mismatch {
-                    at: PhysAddr(pa.get() + i as u64),
-                    expected: byte,
-                    got,
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Byte `i` of the test pattern of `seed`. Two seeds differ at every index
-/// (the seed term is a bijection XORed in), and the byte depends on both the
-/// low and the high byte of the index, so data that lands shifted, on the
-/// wrong page or from another buffer shows.
-pub fn pattern(seed: u8, i: usize) -> u8 {
-    (i as u8) ^ ((i >> 8) as u8).wrapping_mul(0x3d) ^ seed.wrapping_mul(0x65).wrapping_add(0x5a)
-}
-
-/// The first byte that differed from what a test expected.
-#[derive(Clone, Copy, Debug)]
-pub struct Mismatch {
-    /// Where.
-    pub at: PhysAddr,
-    /// What should be there.
-    pub expected: u8,
-    /// What is there.
-    pub got: u8,
-}
-
-impl fmt::Display for Mismatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "byte at {} is {:#04x}, expected {:#04x}",
-            self.at, self.got, self.expected
-        )
+        // SAFETY: as for `fill_pattern`.
+        unsafe { check_with(p, pa, len, |_| byte) }
     }
 }
 

@@ -2,7 +2,7 @@
 //! before any IOMMU code runs.
 
 use crate::harness::{Ctx, Fail, OrFail};
-use crate::memory::{SUPERPAGE_REGION_LEN, pattern_byte};
+use crate::memory::{SUPERPAGE_REGION_LEN, pattern};
 use bare_iommu::{PAGE_SIZE, PhysAddr, TableMemory};
 use tock_registers::interfaces::Readable;
 use tock_registers::registers::ReadOnly;
@@ -99,10 +99,10 @@ pub fn edu_dma_lands_in_ram_without_translation(ctx: &mut Ctx) -> Result<(), Fai
         ctx.mem.read(piece, &mut got).or_fail("read piece")?;
         for (i, &b) in got.iter().enumerate() {
             check!(
-                b == pattern_byte(seed, 0x80 + i),
+                b == pattern(seed, 0x80 + i),
                 "edu {}: piece byte {i} is {b:#04x}, expected {:#04x}",
                 edu.id,
-                pattern_byte(seed, 0x80 + i)
+                pattern(seed, 0x80 + i)
             );
         }
         check_ok!(

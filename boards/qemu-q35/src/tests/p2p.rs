@@ -17,7 +17,6 @@ use super::vtd::{
 };
 use crate::harness::{Ctx, Fail, OrFail, fail_msg};
 use crate::ivshmem::Ivshmem;
-use crate::memory::pattern_byte;
 
 /// VT-d's side of the P2P tests.
 struct VtdChecks {
@@ -119,7 +118,6 @@ fn in_domain<F: BoardFormat>(
             iv,
             reg,
             src,
-            pattern: pattern_byte,
         };
         let mut host: Option<PhysAddr> = None;
         if refused {

@@ -6,7 +6,7 @@
 
 use crate::edu::Edu;
 use crate::harness::{Ctx, Fail, OrFail};
-use crate::memory::{BoardMemory, pattern_byte};
+use crate::memory::{BoardMemory, pattern};
 use bare_iommu::backend::{Attachment, DomainInfo, IommuBackend};
 use bare_iommu::error::BackendError;
 use bare_iommu::pgtable::PteFormat;
@@ -335,7 +335,7 @@ fn expect_write_lands(
     Ok(())
 }
 
-/// Loads the device buffer with `pattern_byte(seed, i)` from a physical page
+/// Loads the device buffer with `pattern(seed, i)` from a physical page
 /// reached through `dma` (which must translate to `pa`).
 fn load_buffer(ctx: &Ctx, edu: &Edu, pa: PhysAddr, dma: u64, seed: u8) -> Result<(), Fail> {
     ctx.mem
@@ -596,7 +596,7 @@ fn unlinked_page_blocks_dma_and_fault_is_decoded_with<F: BoardFormat>(
         ctx.mem
             .read(PhysAddr(pa.0 + 0x100), &mut got)
             .or_fail("read a")?;
-        let want = [0x100, 0x101, 0x102, 0x103].map(|i| pattern_byte(0x33, i));
+        let want = [0x100, 0x101, 0x102, 0x103].map(|i| pattern(0x33, i));
         check!(
             got == want,
             "page a no longer reachable after unlinking b: {got:?}, expected {want:?}"

@@ -17,7 +17,6 @@ use super::smmu::{
 };
 use crate::harness::{Ctx, Fail, OrFail, fail_msg};
 use crate::ivshmem::Ivshmem;
-use crate::memory::pattern;
 
 /// The SMMU's side of the P2P tests, for a domain of translation `stage`.
 struct SmmuChecks {
@@ -129,7 +128,6 @@ fn in_domain<F: PteFormat>(
         iv,
         reg,
         src,
-        pattern,
     };
     match body {
         Body::ThroughHostBridge => p2p::dma_through_host_bridge(test, &mut checks)?,
