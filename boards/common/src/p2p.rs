@@ -176,22 +176,15 @@ pub fn dma_through_host_bridge<F: PteFormat, M: TableMemory, B: IommuBackend>(
     checks: &mut impl P2pChecks<B>,
 ) -> Result<(), Fail> {
     let src_tx = load_pattern(&mut t)?;
-    let P2pTest {
-        iommu,
-        dom,
-        edu,
-        iv,
-        reg,
-        ..
-    } = t;
 
-    let target = PhysAddr(iv.bar2.get() + TARGET_OFF);
-    let mut tx = alloc(dom, PAGE_SIZE)?;
-    let iova = dom
+    let target = PhysAddr(t.iv.bar2.get() + TARGET_OFF);
+    let mut tx = alloc(t.dom, PAGE_SIZE)?;
+    let iova = t
+        .dom
         .link_p2p(
             &mut tx,
-            reg,
-            edu.id,
+            t.reg,
+            t.edu.id,
             target,
             0,
             PAGE_SIZE,
@@ -203,25 +196,30 @@ pub fn dma_through_host_bridge<F: PteFormat, M: TableMemory, B: IommuBackend>(
         Some(DmaKind::P2pThruHostBridge),
         "kind of the BAR2 link"
     );
-    check_eq!(tx.provider(), Some(iv.id), "provider recorded in the state");
+    check_eq!(
+        tx.provider(),
+        Some(t.iv.id),
+        "provider recorded in the state"
+    );
     check_eq!(iova, tx.iova(), "a host-bridge link returns the IOVA");
-    let (pa, attrs) = dom.translate(iova).or_fail("IOMMU table entry")?;
+    let (pa, attrs) = t.dom.translate(iova).or_fail("IOMMU table entry")?;
     check_eq!(pa, target, "the IOVA's output address");
-    let attrs_note = checks.bar_attrs(iommu, attrs)?;
-    dom.sync(iommu).or_fail("sync")?;
+    let attrs_note = checks.bar_attrs(t.iommu, attrs)?;
+    t.dom.sync(t.iommu).or_fail("sync")?;
     narrate!(
         "{} -> {}: IOVA {iova} -> BAR2 {target} (P2pThruHostBridge{attrs_note})",
-        edu.id,
-        iv.id
+        t.edu.id,
+        t.iv.id
     );
 
     // Pages around the target show a DMA that landed off target.
-    iv.fill(TARGET_OFF - PAGE_SIZE, 3 * PAGE, 0);
-    checks.before_dma(iommu);
-    edu.dma_to_ram(iova.get(), 0, LEN)
+    t.iv.fill(TARGET_OFF - PAGE_SIZE, 3 * PAGE, 0);
+    checks.before_dma(t.iommu);
+    t.edu
+        .dma_to_ram(iova.get(), 0, LEN)
         .or_fail("edu write DMA into BAR2")?;
     for i in 0..u64::from(LEN) {
-        let got = iv.byte(TARGET_OFF + i);
+        let got = t.iv.byte(TARGET_OFF + i);
         let expected = pattern(SEED, i as usize);
         check_eq!(
             got,
@@ -231,42 +229,43 @@ pub fn dma_through_host_bridge<F: PteFormat, M: TableMemory, B: IommuBackend>(
         );
     }
     bar_filled(
-        iv,
+        t.iv,
         TARGET_OFF + u64::from(LEN),
         PAGE_SIZE - u64::from(LEN),
         0,
         "past the DMA",
     )?;
-    bar_filled(iv, TARGET_OFF - PAGE_SIZE, PAGE_SIZE, 0, "page below")?;
-    bar_filled(iv, TARGET_OFF + PAGE_SIZE, PAGE_SIZE, 0, "page above")?;
-    checks.no_faults(iommu)?;
+    bar_filled(t.iv, TARGET_OFF - PAGE_SIZE, PAGE_SIZE, 0, "page below")?;
+    bar_filled(t.iv, TARGET_OFF + PAGE_SIZE, PAGE_SIZE, 0, "page above")?;
+    checks.no_faults(t.iommu)?;
     narrate!("CPU read {LEN} bytes of the pattern back through BAR2");
 
     // Unlink: the same DMA is blocked and reported.
     check_eq!(
-        dom.unlink(&mut tx, 0, PAGE_SIZE),
+        t.dom.unlink(&mut tx, 0, PAGE_SIZE),
         Ok(PAGE_SIZE),
         "unlink BAR2 page"
     );
-    dom.sync(iommu).or_fail("sync after unlink")?;
+    t.dom.sync(t.iommu).or_fail("sync after unlink")?;
     check_eq!(tx.kind(), None, "kind after everything is unlinked");
     check!(
-        dom.translate(iova).is_none(),
+        t.dom.translate(iova).is_none(),
         "IOVA still translates after unlink"
     );
-    iv.fill(TARGET_OFF, PAGE, 0xa5);
-    edu.dma_to_ram(iova.get(), 0, LEN)
+    t.iv.fill(TARGET_OFF, PAGE, 0xa5);
+    t.edu
+        .dma_to_ram(iova.get(), 0, LEN)
         .or_fail("edu DMA after unlink")?;
-    bar_filled(iv, TARGET_OFF, PAGE_SIZE, 0xa5, "DMA after unlink")?;
-    let r = checks.blocked_write(iommu, edu.id, iova.get(), LEN)?;
+    bar_filled(t.iv, TARGET_OFF, PAGE_SIZE, 0xa5, "DMA after unlink")?;
+    let r = checks.blocked_write(t.iommu, t.edu.id, iova.get(), LEN)?;
     narrate!(
         "after unlink: blocked, {} event(s), first {}",
         r.records,
         r.first
     );
 
-    dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
-    dom.destroy(src_tx, iommu).or_fail("destroy")
+    t.dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
+    t.dom.destroy(src_tx, t.iommu).or_fail("destroy")
 }
 
 /// With the host bridge not (yet) allowed: linking the BAR is refused with
@@ -281,39 +280,33 @@ pub fn refused_without_bridge<F: PteFormat, M: TableMemory, B: IommuBackend>(
     checks: &mut impl P2pChecks<B>,
 ) -> Result<(), Fail> {
     let src_tx = load_pattern(&mut t)?;
-    let P2pTest {
-        iommu,
-        dom,
-        edu,
-        iv,
-        reg,
-        ..
-    } = t;
 
-    let target = PhysAddr(iv.bar2.get() + TARGET_OFF);
-    let mut tx = alloc(dom, 2 * PAGE_SIZE)?;
+    let target = PhysAddr(t.iv.bar2.get() + TARGET_OFF);
+    let mut tx = alloc(t.dom, 2 * PAGE_SIZE)?;
     let dir = DmaDirection::FromDevice;
     check_eq!(
-        dom.link_p2p(&mut tx, reg, edu.id, target, 0, PAGE_SIZE, dir),
+        t.dom
+            .link_p2p(&mut tx, t.reg, t.edu.id, target, 0, PAGE_SIZE, dir),
         Err(DmaError::P2pNotSupported {
-            provider: iv.id,
-            client: edu.id
+            provider: t.iv.id,
+            client: t.edu.id
         }),
         "link_p2p without an allowed host bridge"
     );
     check_eq!(tx.linked(), 0, "bytes linked after the refusal");
     check_eq!(tx.kind(), None, "kind after the refusal");
     check!(
-        dom.translate(tx.iova()).is_none(),
+        t.dom.translate(tx.iova()).is_none(),
         "the refused link wrote a table entry"
     );
-    dom.sync(iommu).or_fail("sync")?;
-    iv.fill(TARGET_OFF, PAGE, 0x3c);
-    checks.before_dma(iommu);
-    edu.dma_to_ram(tx.iova().get(), 0, LEN)
+    t.dom.sync(t.iommu).or_fail("sync")?;
+    t.iv.fill(TARGET_OFF, PAGE, 0x3c);
+    checks.before_dma(t.iommu);
+    t.edu
+        .dma_to_ram(tx.iova().get(), 0, LEN)
         .or_fail("edu DMA to the refused IOVA")?;
-    bar_filled(iv, TARGET_OFF, PAGE_SIZE, 0x3c, "DMA to the refused IOVA")?;
-    let r = checks.blocked_write(iommu, edu.id, tx.iova().get(), LEN)?;
+    bar_filled(t.iv, TARGET_OFF, PAGE_SIZE, 0x3c, "DMA to the refused IOVA")?;
+    let r = checks.blocked_write(t.iommu, t.edu.id, tx.iova().get(), LEN)?;
     narrate!(
         "refused: P2pNotSupported; DMA to {} faulted ({} event(s))",
         tx.iova(),
@@ -321,23 +314,28 @@ pub fn refused_without_bridge<F: PteFormat, M: TableMemory, B: IommuBackend>(
     );
 
     // Allow the bridge, so that mixing is the only reason left to refuse.
-    reg.allow_host_bridge(HOST_BRIDGE)
+    t.reg
+        .allow_host_bridge(HOST_BRIDGE)
         .or_fail("allow host bridge")?;
-    dom.link_p2p(&mut tx, reg, edu.id, host, 0, PAGE_SIZE, dir)
+    t.dom
+        .link_p2p(&mut tx, t.reg, t.edu.id, host, 0, PAGE_SIZE, dir)
         .or_fail("link host page")?;
     check_eq!(
-        dom.link_p2p(&mut tx, reg, edu.id, target, PAGE_SIZE, PAGE_SIZE, dir),
+        t.dom
+            .link_p2p(&mut tx, t.reg, t.edu.id, target, PAGE_SIZE, PAGE_SIZE, dir),
         Err(DmaError::MixedP2p),
         "BAR2 after host memory"
     );
     check_eq!(tx.linked(), PAGE_SIZE, "bytes linked after the refusal");
     check!(
-        dom.translate(DmaAddr(tx.iova().get() + PAGE_SIZE))
+        t.dom
+            .translate(DmaAddr(tx.iova().get() + PAGE_SIZE))
             .is_none(),
         "the refused BAR2 link wrote a table entry"
     );
-    check_eq!(dom.unlink(&mut tx, 0, PAGE_SIZE), Ok(PAGE_SIZE), "unlink");
-    dom.link_p2p(&mut tx, reg, edu.id, target, 0, PAGE_SIZE, dir)
+    check_eq!(t.dom.unlink(&mut tx, 0, PAGE_SIZE), Ok(PAGE_SIZE), "unlink");
+    t.dom
+        .link_p2p(&mut tx, t.reg, t.edu.id, target, 0, PAGE_SIZE, dir)
         .or_fail("link BAR2 page")?;
     check_eq!(
         tx.kind(),
@@ -345,17 +343,19 @@ pub fn refused_without_bridge<F: PteFormat, M: TableMemory, B: IommuBackend>(
         "kind once the bridge is allowed"
     );
     check_eq!(
-        dom.link_p2p(&mut tx, reg, edu.id, host, PAGE_SIZE, PAGE_SIZE, dir),
+        t.dom
+            .link_p2p(&mut tx, t.reg, t.edu.id, host, PAGE_SIZE, PAGE_SIZE, dir),
         Err(DmaError::MixedP2p),
         "host memory after BAR2 (link_p2p)"
     );
     check_eq!(
-        dom.link(&mut tx, host, PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty()),
+        t.dom
+            .link(&mut tx, host, PAGE_SIZE, PAGE_SIZE, dir, MapAttrs::empty()),
         Err(DmaError::MixedP2p),
         "host memory after BAR2 (link)"
     );
     check_eq!(tx.linked(), PAGE_SIZE, "bytes linked after the refusals");
 
-    dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
-    dom.destroy(src_tx, iommu).or_fail("destroy")
+    t.dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
+    t.dom.destroy(src_tx, t.iommu).or_fail("destroy")
 }
