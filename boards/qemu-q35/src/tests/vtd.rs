@@ -74,8 +74,21 @@ pub(super) fn first_level(ctx: &Ctx) -> bool {
     config(ctx).scalable && ctx.arg("fl")
 }
 
-/// A public test running `$body::<F>` with the format of this run.
+/// A public test running `$body::<F>` with the format of this run; with
+/// `with_unit`, `$body::<F>(ctx, vtd)` inside [`with_unit`].
 macro_rules! per_format {
+    ($(#[$m:meta])* $name:ident => with_unit $body:ident) => {
+        $(#[$m])*
+        pub fn $name(ctx: &mut Ctx) -> Result<(), Fail> {
+            if first_level(ctx) {
+                with_unit(ctx, |vtd| $body::<::bare_iommu::vtd::VtdFirstLevel>(ctx, vtd))
+            } else {
+                with_unit(ctx, |vtd| {
+                    $body::<::bare_iommu::pgtable::vtd::VtdSecondLevel>(ctx, vtd)
+                })
+            }
+        }
+    };
     ($(#[$m:meta])* $name:ident => $body:ident) => {
         $(#[$m])*
         pub fn $name(ctx: &mut Ctx) -> Result<(), Fail> {
@@ -472,140 +485,138 @@ pub fn vtd_init_enables_translation_and_blocks_unattached_devices(
 /// pages, one sync: DMA into and out of it (straddling page boundaries) moves
 /// exactly the right bytes between exactly the right pages.
 fn noncontiguous_transaction_dma_both_ways_hits_exact_pages_with<F: BoardFormat>(
-    ctx: &mut Ctx,
+    ctx: &Ctx,
+    vtd: &mut Unit,
 ) -> Result<(), Fail> {
-    with_unit(ctx, |vtd| {
-        let edu = &ctx.edu[0];
-        let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
-        let pool = ctx.mem.dma_pages(8).or_fail("8 pages")?;
-        let page = |i: u64| PhysAddr(pool.0 + i * PAGE_SIZE);
-        ctx.mem.fill(pool, 8 * PAGE, 0x55).or_fail("fill")?;
-        // Transaction page k → physical page order[k]; the others are guards.
-        let order = [5u64, 0, 7, 2];
-        let guards = [1u64, 3, 4, 6];
-        let mut tx = alloc_tx(&mut dom, 4 * PAGE_SIZE)?;
-        let base = tx.iova().0;
-        for (k, &p) in order.iter().enumerate() {
-            link(&mut dom, &mut tx, page(p), k as u64 * PAGE_SIZE, PAGE_SIZE)?;
-        }
-        dom.sync(vtd).or_fail("sync")?;
-        for (k, &p) in order.iter().enumerate() {
-            let t = dom.translate(DmaAddr(base + k as u64 * PAGE_SIZE + 8));
-            check!(
-                t.map(|(pa, _)| pa) == Some(PhysAddr(page(p).0 + 8)),
-                "software walk of page {k}: {t:?}"
-            );
-        }
-        // RAM → device from transaction pages 2 and 3 (physical 7 and 2),
-        // straddling their boundary.
-        ctx.mem
-            .fill_pattern(page(7), PAGE, 0x21)
-            .or_fail("pattern")?;
-        ctx.mem
-            .fill_pattern(page(2), PAGE, 0x42)
-            .or_fail("pattern")?;
-        narrate!("edu reads IOVA {:#x} (4 KiB across 2 pages)", base + 0x2800);
-        edu.dma_from_ram(base + 2 * PAGE_SIZE + 0x800, 0, PAGE_U32)
-            .or_fail("RAM -> edu")?;
-        // Device → RAM into transaction pages 0 and 1 (physical 5 and 0).
-        narrate!("edu writes IOVA {:#x} (4 KiB across 2 pages)", base + 0x800);
-        edu.dma_to_ram(base + 0x800, 0, PAGE_U32)
-            .or_fail("edu -> RAM")?;
-        let half = PAGE / 2;
-        check_ok!(
-            ctx.mem.compare(
-                PhysAddr(page(7).0 + 0x800),
-                PhysAddr(page(5).0 + 0x800),
-                half,
-            ),
-            "second half of tx page 0"
+    let edu = &ctx.edu[0];
+    let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
+    let pool = ctx.mem.dma_pages(8).or_fail("8 pages")?;
+    let page = |i: u64| PhysAddr(pool.0 + i * PAGE_SIZE);
+    ctx.mem.fill(pool, 8 * PAGE, 0x55).or_fail("fill")?;
+    // Transaction page k → physical page order[k]; the others are guards.
+    let order = [5u64, 0, 7, 2];
+    let guards = [1u64, 3, 4, 6];
+    let mut tx = alloc_tx(&mut dom, 4 * PAGE_SIZE)?;
+    let base = tx.iova().0;
+    for (k, &p) in order.iter().enumerate() {
+        link(&mut dom, &mut tx, page(p), k as u64 * PAGE_SIZE, PAGE_SIZE)?;
+    }
+    dom.sync(vtd).or_fail("sync")?;
+    for (k, &p) in order.iter().enumerate() {
+        let t = dom.translate(DmaAddr(base + k as u64 * PAGE_SIZE + 8));
+        check!(
+            t.map(|(pa, _)| pa) == Some(PhysAddr(page(p).0 + 8)),
+            "software walk of page {k}: {t:?}"
         );
+    }
+    // RAM → device from transaction pages 2 and 3 (physical 7 and 2),
+    // straddling their boundary.
+    ctx.mem
+        .fill_pattern(page(7), PAGE, 0x21)
+        .or_fail("pattern")?;
+    ctx.mem
+        .fill_pattern(page(2), PAGE, 0x42)
+        .or_fail("pattern")?;
+    narrate!("edu reads IOVA {:#x} (4 KiB across 2 pages)", base + 0x2800);
+    edu.dma_from_ram(base + 2 * PAGE_SIZE + 0x800, 0, PAGE_U32)
+        .or_fail("RAM -> edu")?;
+    // Device → RAM into transaction pages 0 and 1 (physical 5 and 0).
+    narrate!("edu writes IOVA {:#x} (4 KiB across 2 pages)", base + 0x800);
+    edu.dma_to_ram(base + 0x800, 0, PAGE_U32)
+        .or_fail("edu -> RAM")?;
+    let half = PAGE / 2;
+    check_ok!(
+        ctx.mem.compare(
+            PhysAddr(page(7).0 + 0x800),
+            PhysAddr(page(5).0 + 0x800),
+            half,
+        ),
+        "second half of tx page 0"
+    );
+    check_ok!(
+        ctx.mem.compare(page(2), page(0), half),
+        "first half of tx page 1"
+    );
+    check_ok!(
+        ctx.mem.check_fill(page(5), half, 0x55),
+        "DMA wrote before its target"
+    );
+    check_ok!(
+        ctx.mem.check_fill(PhysAddr(page(0).0 + 0x800), half, 0x55),
+        "DMA wrote past its target"
+    );
+    for g in guards {
         check_ok!(
-            ctx.mem.compare(page(2), page(0), half),
-            "first half of tx page 1"
+            ctx.mem.check_fill(page(g), PAGE, 0x55),
+            "guard page {g} touched"
         );
-        check_ok!(
-            ctx.mem.check_fill(page(5), half, 0x55),
-            "DMA wrote before its target"
-        );
-        check_ok!(
-            ctx.mem.check_fill(PhysAddr(page(0).0 + 0x800), half, 0x55),
-            "DMA wrote past its target"
-        );
-        for g in guards {
-            check_ok!(
-                ctx.mem.check_fill(page(g), PAGE, 0x55),
-                "guard page {g} touched"
-            );
-        }
-        check_ok!(ctx.mem.check_pattern(page(7), PAGE, 0x21), "source changed");
-        no_faults(vtd)?;
-        destroy_and_detach(vtd, dom, tx, edu)?;
-        free_pages(ctx, pool, 8)
-    })
+    }
+    check_ok!(ctx.mem.check_pattern(page(7), PAGE, 0x21), "source changed");
+    no_faults(vtd)?;
+    destroy_and_detach(vtd, dom, tx, edu)?;
+    free_pages(ctx, pool, 8)
 }
 
 /// Unlinking one page of two blocks DMA to it after the sync: memory stays as
 /// it was and the fault record names the device, the page and the access;
 /// the page still linked keeps working.
 fn unlinked_page_blocks_dma_and_fault_is_decoded_with<F: BoardFormat>(
-    ctx: &mut Ctx,
+    ctx: &Ctx,
+    vtd: &mut Unit,
 ) -> Result<(), Fail> {
-    with_unit(ctx, |vtd| {
-        let edu = &ctx.edu[0];
-        let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
-        let pa = ctx.mem.dma_pages(1).or_fail("page a")?;
-        let pb = ctx.mem.dma_pages(1).or_fail("page b")?;
-        let mut tx = alloc_tx(&mut dom, 2 * PAGE_SIZE)?;
-        let ia = link(&mut dom, &mut tx, pa, 0, PAGE_SIZE)?;
-        let ib = link(&mut dom, &mut tx, pb, PAGE_SIZE, PAGE_SIZE)?;
-        dom.sync(vtd).or_fail("sync")?;
-        load_buffer(ctx, edu, pa, ia, 0x33)?;
-        edu.dma_to_ram(ib, 0, PAGE_U32).or_fail("edu -> b")?;
-        check_ok!(
-            ctx.mem.check_pattern(pb, PAGE, 0x33),
-            "DMA to linked page b"
-        );
-        no_faults(vtd)?;
+    let edu = &ctx.edu[0];
+    let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
+    let pa = ctx.mem.dma_pages(1).or_fail("page a")?;
+    let pb = ctx.mem.dma_pages(1).or_fail("page b")?;
+    let mut tx = alloc_tx(&mut dom, 2 * PAGE_SIZE)?;
+    let ia = link(&mut dom, &mut tx, pa, 0, PAGE_SIZE)?;
+    let ib = link(&mut dom, &mut tx, pb, PAGE_SIZE, PAGE_SIZE)?;
+    dom.sync(vtd).or_fail("sync")?;
+    load_buffer(ctx, edu, pa, ia, 0x33)?;
+    edu.dma_to_ram(ib, 0, PAGE_U32).or_fail("edu -> b")?;
+    check_ok!(
+        ctx.mem.check_pattern(pb, PAGE, 0x33),
+        "DMA to linked page b"
+    );
+    no_faults(vtd)?;
 
-        dom.unlink(&mut tx, PAGE_SIZE, PAGE_SIZE)
-            .or_fail("unlink b")?;
-        dom.sync(vtd).or_fail("sync after unlink")?;
-        narrate!("edu writes unlinked IOVA {:#x}", ib);
-        expect_write_blocked(
-            ctx,
-            vtd,
-            edu,
-            ib,
-            pb,
-            &[F::unmapped(Access::Write)],
-            "edu -> unlinked b",
-        )?;
+    dom.unlink(&mut tx, PAGE_SIZE, PAGE_SIZE)
+        .or_fail("unlink b")?;
+    dom.sync(vtd).or_fail("sync after unlink")?;
+    narrate!("edu writes unlinked IOVA {:#x}", ib);
+    expect_write_blocked(
+        ctx,
+        vtd,
+        edu,
+        ib,
+        pb,
+        &[F::unmapped(Access::Write)],
+        "edu -> unlinked b",
+    )?;
 
-        narrate!("edu reads unlinked IOVA {:#x}", ib + 0x10);
-        edu.dma_from_ram(ib + 0x10, 0, 64)
-            .or_fail("unlinked b -> edu")?;
-        expect_one_fault(vtd, edu.id, ib, &[F::unmapped(Access::Read)], Access::Read)?;
+    narrate!("edu reads unlinked IOVA {:#x}", ib + 0x10);
+    edu.dma_from_ram(ib + 0x10, 0, 64)
+        .or_fail("unlinked b -> edu")?;
+    expect_one_fault(vtd, edu.id, ib, &[F::unmapped(Access::Read)], Access::Read)?;
 
-        // The faulted read left the first 64 buffer bytes undefined (QEMU
-        // zeroes them); the rest still holds page a's pattern.
-        ctx.mem.fill(pa, PAGE, 0).or_fail("clear a")?;
-        edu.dma_to_ram(ia + 0x100, 0x100, 0x100)
-            .or_fail("edu -> a")?;
-        let mut got = [0u8; 4];
-        ctx.mem
-            .read(PhysAddr(pa.0 + 0x100), &mut got)
-            .or_fail("read a")?;
-        let want = [0x100, 0x101, 0x102, 0x103].map(|i| pattern(0x33, i));
-        check!(
-            got == want,
-            "page a no longer reachable after unlinking b: {got:?}, expected {want:?}"
-        );
-        no_faults(vtd)?;
-        destroy_and_detach(vtd, dom, tx, edu)?;
-        free_pages(ctx, pa, 1)?;
-        free_pages(ctx, pb, 1)
-    })
+    // The faulted read left the first 64 buffer bytes undefined (QEMU
+    // zeroes them); the rest still holds page a's pattern.
+    ctx.mem.fill(pa, PAGE, 0).or_fail("clear a")?;
+    edu.dma_to_ram(ia + 0x100, 0x100, 0x100)
+        .or_fail("edu -> a")?;
+    let mut got = [0u8; 4];
+    ctx.mem
+        .read(PhysAddr(pa.0 + 0x100), &mut got)
+        .or_fail("read a")?;
+    let want = [0x100, 0x101, 0x102, 0x103].map(|i| pattern(0x33, i));
+    check!(
+        got == want,
+        "page a no longer reachable after unlinking b: {got:?}, expected {want:?}"
+    );
+    no_faults(vtd)?;
+    destroy_and_detach(vtd, dom, tx, edu)?;
+    free_pages(ctx, pa, 1)?;
+    free_pages(ctx, pb, 1)
 }
 
 /// A backend that drops every invalidation but still syncs: what a driver
@@ -642,274 +653,275 @@ impl IommuBackend for ForgetsInvalidation<'_> {
 /// QEMU caches translations: without the IOTLB invalidation an unlinked page
 /// stays reachable (so the unlink test would catch a driver that skips it);
 /// the page-selective invalidation the driver issues removes it.
-fn skipped_iotlb_invalidation_is_caught_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
-    with_unit(ctx, |vtd| {
-        let edu = &ctx.edu[0];
-        let OnePage {
-            mut dom,
-            mut tx,
-            pa,
-            iova,
-        } = one_page::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
-        let info = dom.info().or_fail("info")?;
-        // Warm the IOTLB with a DMA through the page.
-        load_buffer(ctx, edu, pa, iova, 0x44)?;
+fn skipped_iotlb_invalidation_is_caught_with<F: BoardFormat>(
+    ctx: &Ctx,
+    vtd: &mut Unit,
+) -> Result<(), Fail> {
+    let edu = &ctx.edu[0];
+    let OnePage {
+        mut dom,
+        mut tx,
+        pa,
+        iova,
+    } = one_page::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
+    let info = dom.info().or_fail("info")?;
+    // Warm the IOTLB with a DMA through the page.
+    load_buffer(ctx, edu, pa, iova, 0x44)?;
 
-        dom.unlink(&mut tx, 0, PAGE_SIZE).or_fail("unlink")?;
-        dom.sync(&mut ForgetsInvalidation(vtd))
-            .or_fail("sync w/o invalidation")?;
-        ctx.mem.fill(pa, PAGE, 0x66).or_fail("refill")?;
-        edu.dma_to_ram(iova, 0, PAGE_U32).or_fail("stale DMA")?;
-        check!(
-            ctx.mem.check_fill(pa, PAGE, 0x66).is_err(),
-            "DMA blocked without an IOTLB invalidation: QEMU did not cache the \
-             translation, so this configuration cannot show a skipped invalidation"
-        );
-        no_faults(vtd)?;
-        narrate!("stale translation used after unlink without invalidation; now invalidating");
+    dom.unlink(&mut tx, 0, PAGE_SIZE).or_fail("unlink")?;
+    dom.sync(&mut ForgetsInvalidation(vtd))
+        .or_fail("sync w/o invalidation")?;
+    ctx.mem.fill(pa, PAGE, 0x66).or_fail("refill")?;
+    edu.dma_to_ram(iova, 0, PAGE_U32).or_fail("stale DMA")?;
+    check!(
+        ctx.mem.check_fill(pa, PAGE, 0x66).is_err(),
+        "DMA blocked without an IOTLB invalidation: QEMU did not cache the \
+         translation, so this configuration cannot show a skipped invalidation"
+    );
+    no_faults(vtd)?;
+    narrate!("stale translation used after unlink without invalidation; now invalidating");
 
-        let psi_before = vtd.stats().iotlb_psi;
-        vtd.invalidate(&info, DmaAddr(iova), PAGE_SIZE, false)
-            .or_fail("invalidate")?;
-        vtd.sync().or_fail("sync")?;
-        check!(
-            vtd.stats().iotlb_psi == psi_before + 1,
-            "one page-selective invalidation expected, stats {:?}",
-            vtd.stats()
-        );
-        expect_write_blocked(
-            ctx,
-            vtd,
-            edu,
-            iova,
-            pa,
-            &[F::unmapped(Access::Write)],
-            "DMA after invalidation",
-        )?;
-        destroy_and_detach(vtd, dom, tx, edu)?;
-        free_pages(ctx, pa, 1)
-    })
+    let psi_before = vtd.stats().iotlb_psi;
+    vtd.invalidate(&info, DmaAddr(iova), PAGE_SIZE, false)
+        .or_fail("invalidate")?;
+    vtd.sync().or_fail("sync")?;
+    check!(
+        vtd.stats().iotlb_psi == psi_before + 1,
+        "one page-selective invalidation expected, stats {:?}",
+        vtd.stats()
+    );
+    expect_write_blocked(
+        ctx,
+        vtd,
+        edu,
+        iova,
+        pa,
+        &[F::unmapped(Access::Write)],
+        "DMA after invalidation",
+    )?;
+    destroy_and_detach(vtd, dom, tx, edu)?;
+    free_pages(ctx, pa, 1)
 }
 
 /// Two devices in two domains: each reaches its own pages; one device using
 /// the other's IOVA is blocked and the fault names it.
-fn two_domains_are_isolated_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
-    with_unit(ctx, |vtd| {
-        let (e0, e1) = (&ctx.edu[0], &ctx.edu[1]);
-        let mut da = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
-        let mut db = new_domain::<F>(vtd, ctx, 2, APERTURE_B)?;
-        vtd.attach(e0.id, da.attachment()).or_fail("attach a")?;
-        vtd.attach(e1.id, db.attachment()).or_fail("attach b")?;
-        check!(
-            matches!(
-                vtd.device_state(e0.id).or_fail("state")?,
-                DeviceState::Translated { did: 1, .. }
-            ) && matches!(
-                vtd.device_state(e1.id).or_fail("state")?,
-                DeviceState::Translated { did: 2, .. }
-            ),
-            "context entries do not carry the domain-ids"
-        );
-        let pa = ctx.mem.dma_pages(1).or_fail("page a")?;
-        let pb = ctx.mem.dma_pages(1).or_fail("page b")?;
-        let mut ta = alloc_tx(&mut da, PAGE_SIZE)?;
-        let mut tb = alloc_tx(&mut db, PAGE_SIZE)?;
-        let ia = link(&mut da, &mut ta, pa, 0, PAGE_SIZE)?;
-        let ib = link(&mut db, &mut tb, pb, 0, PAGE_SIZE)?;
-        da.sync(vtd).or_fail("sync a")?;
-        db.sync(vtd).or_fail("sync b")?;
-        load_buffer(ctx, e0, pa, ia, 0x51)?;
-        load_buffer(ctx, e1, pb, ib, 0x52)?;
-        ctx.mem.fill(pa, PAGE, 0x11).or_fail("fill a")?;
-        ctx.mem.fill(pb, PAGE, 0x22).or_fail("fill b")?;
-        e0.dma_to_ram(ia, 0, PAGE_U32).or_fail("edu0 -> a")?;
-        e1.dma_to_ram(ib, 0, PAGE_U32).or_fail("edu1 -> b")?;
-        check_ok!(
-            ctx.mem.check_pattern(pa, PAGE, 0x51),
-            "edu0 in its own domain"
-        );
-        check_ok!(
-            ctx.mem.check_pattern(pb, PAGE, 0x52),
-            "edu1 in its own domain"
-        );
-        no_faults(vtd)?;
-        // edu1 tries domain A's IOVA.
-        expect_write_blocked(
-            ctx,
-            vtd,
-            e1,
-            ia,
-            pa,
-            &[F::unmapped(Access::Write)],
-            "edu1 -> a's IOVA",
-        )?;
-        da.destroy(ta, vtd).or_fail("destroy a")?;
-        db.destroy(tb, vtd).or_fail("destroy b")?;
-        vtd.detach(e0.id).or_fail("detach")?;
-        vtd.detach(e1.id).or_fail("detach")?;
-        free_pages(ctx, pa, 1)?;
-        free_pages(ctx, pb, 1)
-    })
+fn two_domains_are_isolated_with<F: BoardFormat>(ctx: &Ctx, vtd: &mut Unit) -> Result<(), Fail> {
+    let (e0, e1) = (&ctx.edu[0], &ctx.edu[1]);
+    let mut da = new_domain::<F>(vtd, ctx, 1, APERTURE_A)?;
+    let mut db = new_domain::<F>(vtd, ctx, 2, APERTURE_B)?;
+    vtd.attach(e0.id, da.attachment()).or_fail("attach a")?;
+    vtd.attach(e1.id, db.attachment()).or_fail("attach b")?;
+    check!(
+        matches!(
+            vtd.device_state(e0.id).or_fail("state")?,
+            DeviceState::Translated { did: 1, .. }
+        ) && matches!(
+            vtd.device_state(e1.id).or_fail("state")?,
+            DeviceState::Translated { did: 2, .. }
+        ),
+        "context entries do not carry the domain-ids"
+    );
+    let pa = ctx.mem.dma_pages(1).or_fail("page a")?;
+    let pb = ctx.mem.dma_pages(1).or_fail("page b")?;
+    let mut ta = alloc_tx(&mut da, PAGE_SIZE)?;
+    let mut tb = alloc_tx(&mut db, PAGE_SIZE)?;
+    let ia = link(&mut da, &mut ta, pa, 0, PAGE_SIZE)?;
+    let ib = link(&mut db, &mut tb, pb, 0, PAGE_SIZE)?;
+    da.sync(vtd).or_fail("sync a")?;
+    db.sync(vtd).or_fail("sync b")?;
+    load_buffer(ctx, e0, pa, ia, 0x51)?;
+    load_buffer(ctx, e1, pb, ib, 0x52)?;
+    ctx.mem.fill(pa, PAGE, 0x11).or_fail("fill a")?;
+    ctx.mem.fill(pb, PAGE, 0x22).or_fail("fill b")?;
+    e0.dma_to_ram(ia, 0, PAGE_U32).or_fail("edu0 -> a")?;
+    e1.dma_to_ram(ib, 0, PAGE_U32).or_fail("edu1 -> b")?;
+    check_ok!(
+        ctx.mem.check_pattern(pa, PAGE, 0x51),
+        "edu0 in its own domain"
+    );
+    check_ok!(
+        ctx.mem.check_pattern(pb, PAGE, 0x52),
+        "edu1 in its own domain"
+    );
+    no_faults(vtd)?;
+    // edu1 tries domain A's IOVA.
+    expect_write_blocked(
+        ctx,
+        vtd,
+        e1,
+        ia,
+        pa,
+        &[F::unmapped(Access::Write)],
+        "edu1 -> a's IOVA",
+    )?;
+    da.destroy(ta, vtd).or_fail("destroy a")?;
+    db.destroy(tb, vtd).or_fail("destroy b")?;
+    vtd.detach(e0.id).or_fail("detach")?;
+    vtd.detach(e1.id).or_fail("detach")?;
+    free_pages(ctx, pa, 1)?;
+    free_pages(ctx, pb, 1)
 }
 
 /// A 2 MiB-aligned 2 MiB link uses one 2 MiB superpage when CAP.SLLPS allows;
 /// DMA anywhere inside lands at the same offset; unlinking it takes one
 /// page-selective invalidation (AM = 9) that really removes it.
-fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
-    with_unit(ctx, |vtd| {
-        let edu = &ctx.edu[0];
-        check!(
-            F::for_unit(vtd).leaf_allowed(1),
-            "QEMU advertises 2 MiB superpages"
-        );
-        let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
-        let region = ctx.mem.superpage_region();
+fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
+    ctx: &Ctx,
+    vtd: &mut Unit,
+) -> Result<(), Fail> {
+    let edu = &ctx.edu[0];
+    check!(
+        F::for_unit(vtd).leaf_allowed(1),
+        "QEMU advertises 2 MiB superpages"
+    );
+    let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
+    let region = ctx.mem.superpage_region();
+    ctx.mem
+        .fill(region, SIZE_2M as usize, 0x55)
+        .or_fail("fill")?;
+    let mut tx = alloc_tx(&mut dom, SIZE_2M)?;
+    check!(
+        tx.iova().0 % SIZE_2M == 0,
+        "IOVA {} not 2 MiB aligned",
+        tx.iova()
+    );
+    let tables_before = ctx.mem.table_pages_in_use();
+    let iova = link(&mut dom, &mut tx, region, 0, SIZE_2M)?;
+    dom.sync(vtd).or_fail("sync")?;
+    let leaf = dom
+        .page_table()
+        .or_fail("table")?
+        .translate(DmaAddr(iova + 0x12_3456))
+        .or_fail("software walk")?;
+    check!(
+        leaf.0 == PhysAddr(region.0 + 0x12_3456) && leaf.2 == 1,
+        "walk gave {:?} at height {}, expected a 2 MiB leaf (height 1)",
+        leaf.0,
+        leaf.2
+    );
+    let new_tables = ctx.mem.table_pages_in_use() - tables_before;
+    check!(
+        new_tables == usize::from(F::levels(vtd)) - 2,
+        "{new_tables} table pages for one 2 MiB link, expected no last-level table"
+    );
+    let src = PhysAddr(region.0 + SIZE_2M - PAGE_SIZE);
+    load_buffer(ctx, edu, src, iova + SIZE_2M - PAGE_SIZE, 0x61)?;
+    edu.dma_to_ram(iova + 0x12_3000, 0, PAGE_U32)
+        .or_fail("edu -> +0x123000")?;
+    check_ok!(
         ctx.mem
-            .fill(region, SIZE_2M as usize, 0x55)
-            .or_fail("fill")?;
-        let mut tx = alloc_tx(&mut dom, SIZE_2M)?;
-        check!(
-            tx.iova().0 % SIZE_2M == 0,
-            "IOVA {} not 2 MiB aligned",
-            tx.iova()
-        );
-        let tables_before = ctx.mem.table_pages_in_use();
-        let iova = link(&mut dom, &mut tx, region, 0, SIZE_2M)?;
-        dom.sync(vtd).or_fail("sync")?;
-        let leaf = dom
-            .page_table()
-            .or_fail("table")?
-            .translate(DmaAddr(iova + 0x12_3456))
-            .or_fail("software walk")?;
-        check!(
-            leaf.0 == PhysAddr(region.0 + 0x12_3456) && leaf.2 == 1,
-            "walk gave {:?} at height {}, expected a 2 MiB leaf (height 1)",
-            leaf.0,
-            leaf.2
-        );
-        let new_tables = ctx.mem.table_pages_in_use() - tables_before;
-        check!(
-            new_tables == usize::from(F::levels(vtd)) - 2,
-            "{new_tables} table pages for one 2 MiB link, expected no last-level table"
-        );
-        let src = PhysAddr(region.0 + SIZE_2M - PAGE_SIZE);
-        load_buffer(ctx, edu, src, iova + SIZE_2M - PAGE_SIZE, 0x61)?;
-        edu.dma_to_ram(iova + 0x12_3000, 0, PAGE_U32)
-            .or_fail("edu -> +0x123000")?;
-        check_ok!(
-            ctx.mem
-                .check_pattern(PhysAddr(region.0 + 0x12_3000), PAGE, 0x61),
-            "DMA inside the superpage"
-        );
-        check_ok!(
-            ctx.mem.check_fill(region, 0x12_3000, 0x55),
-            "DMA wrote before its target"
-        );
-        no_faults(vtd)?;
+            .check_pattern(PhysAddr(region.0 + 0x12_3000), PAGE, 0x61),
+        "DMA inside the superpage"
+    );
+    check_ok!(
+        ctx.mem.check_fill(region, 0x12_3000, 0x55),
+        "DMA wrote before its target"
+    );
+    no_faults(vtd)?;
 
-        let s0 = vtd.stats();
-        dom.unlink(&mut tx, 0, SIZE_2M).or_fail("unlink")?;
-        dom.sync(vtd).or_fail("sync")?;
-        let s1 = vtd.stats();
-        check!(
-            delta(s0.iotlb_psi, s1.iotlb_psi) == 1 && s0.iotlb_dsi == s1.iotlb_dsi,
-            "unlink of a superpage: {} PSI, {} DSI",
-            delta(s0.iotlb_psi, s1.iotlb_psi),
-            delta(s0.iotlb_dsi, s1.iotlb_dsi)
-        );
-        expect_write_blocked(
-            ctx,
-            vtd,
-            edu,
-            iova + 0x12_3000,
-            PhysAddr(region.0 + 0x12_3000),
-            &[F::unmapped(Access::Write)],
-            "DMA after unlink",
-        )?;
-        destroy_and_detach(vtd, dom, tx, edu)
-    })
+    let s0 = vtd.stats();
+    dom.unlink(&mut tx, 0, SIZE_2M).or_fail("unlink")?;
+    dom.sync(vtd).or_fail("sync")?;
+    let s1 = vtd.stats();
+    check!(
+        delta(s0.iotlb_psi, s1.iotlb_psi) == 1 && s0.iotlb_dsi == s1.iotlb_dsi,
+        "unlink of a superpage: {} PSI, {} DSI",
+        delta(s0.iotlb_psi, s1.iotlb_psi),
+        delta(s0.iotlb_dsi, s1.iotlb_dsi)
+    );
+    expect_write_blocked(
+        ctx,
+        vtd,
+        edu,
+        iova + 0x12_3000,
+        PhysAddr(region.0 + 0x12_3000),
+        &[F::unmapped(Access::Write)],
+        "DMA after unlink",
+    )?;
+    destroy_and_detach(vtd, dom, tx, edu)
 }
 
 /// A sync after several links and after several unlinks puts exactly one
 /// invalidation-wait descriptor in the queue (IQT moves by the invalidations
 /// plus one); without queued invalidation, none, and the invalidations go
 /// through the registers.
-fn exactly_one_wait_descriptor_per_sync_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
-    with_unit(ctx, |vtd| {
-        let edu = &ctx.edu[0];
-        let qi = vtd.uses_queued_invalidation();
-        check!(qi != ctx.arg("noqi"), "queued invalidation in use: {qi}");
-        let cm = vtd.features().caching_mode;
-        let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
-        let pool = ctx.mem.dma_pages(3).or_fail("pages")?;
-        let mut tx = alloc_tx(&mut dom, 8 * PAGE_SIZE)?;
-        let offs = [0u64, 2, 5];
+fn exactly_one_wait_descriptor_per_sync_with<F: BoardFormat>(
+    ctx: &Ctx,
+    vtd: &mut Unit,
+) -> Result<(), Fail> {
+    let edu = &ctx.edu[0];
+    let qi = vtd.uses_queued_invalidation();
+    check!(qi != ctx.arg("noqi"), "queued invalidation in use: {qi}");
+    let cm = vtd.features().caching_mode;
+    let mut dom = attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
+    let pool = ctx.mem.dma_pages(3).or_fail("pages")?;
+    let mut tx = alloc_tx(&mut dom, 8 * PAGE_SIZE)?;
+    let offs = [0u64, 2, 5];
 
-        let check_sync =
-            |vtd: &mut Unit, s0: VtdStats, t0: u32, ranges: u64, what: &str| -> Result<(), Fail> {
-                let s1 = vtd.stats();
-                let t1 = vtd.queue_tail();
-                let psi = delta(s0.iotlb_psi, s1.iotlb_psi);
-                narrate!("{what}: stats {:?}", s1);
+    let check_sync =
+        |vtd: &mut Unit, s0: VtdStats, t0: u32, ranges: u64, what: &str| -> Result<(), Fail> {
+            let s1 = vtd.stats();
+            let t1 = vtd.queue_tail();
+            let psi = delta(s0.iotlb_psi, s1.iotlb_psi);
+            narrate!("{what}: stats {:?}", s1);
+            check!(
+                delta(s0.syncs, s1.syncs) == 1,
+                "{what}: syncs {}",
+                delta(s0.syncs, s1.syncs)
+            );
+            check!(psi == ranges, "{what}: {psi} PSI for {ranges} ranges");
+            if qi {
+                let waits = delta(s0.wait_descriptors, s1.wait_descriptors);
+                let queued = delta(s0.queued_descriptors, s1.queued_descriptors);
+                check!(waits == 1, "{what}: {waits} wait descriptors for one sync");
                 check!(
-                    delta(s0.syncs, s1.syncs) == 1,
-                    "{what}: syncs {}",
-                    delta(s0.syncs, s1.syncs)
+                    queued == psi + 1,
+                    "{what}: {queued} descriptors for {psi} PSI + 1 wait"
                 );
-                check!(psi == ranges, "{what}: {psi} PSI for {ranges} ranges");
-                if qi {
-                    let waits = delta(s0.wait_descriptors, s1.wait_descriptors);
-                    let queued = delta(s0.queued_descriptors, s1.queued_descriptors);
-                    check!(waits == 1, "{what}: {waits} wait descriptors for one sync");
-                    check!(
-                        queued == psi + 1,
-                        "{what}: {queued} descriptors for {psi} PSI + 1 wait"
-                    );
-                    let n = vtd.queue_entries();
-                    let moved = u64::from((t1 + n - t0) % n);
-                    check!(
-                        moved == queued,
-                        "{what}: IQT moved {moved} slots, {queued} queued"
-                    );
-                } else {
-                    check!(
-                        s1.wait_descriptors == 0,
-                        "{what}: wait descriptor without QI"
-                    );
-                    check!(
-                        delta(s0.register_invalidations, s1.register_invalidations) == psi,
-                        "{what}: register invalidations {:?}",
-                        s1
-                    );
-                }
-                Ok(())
-            };
+                let n = vtd.queue_entries();
+                let moved = u64::from((t1 + n - t0) % n);
+                check!(
+                    moved == queued,
+                    "{what}: IQT moved {moved} slots, {queued} queued"
+                );
+            } else {
+                check!(
+                    s1.wait_descriptors == 0,
+                    "{what}: wait descriptor without QI"
+                );
+                check!(
+                    delta(s0.register_invalidations, s1.register_invalidations) == psi,
+                    "{what}: register invalidations {:?}",
+                    s1
+                );
+            }
+            Ok(())
+        };
 
-        let (s0, t0) = (vtd.stats(), vtd.queue_tail());
-        for (i, &o) in offs.iter().enumerate() {
-            let pa = PhysAddr(pool.0 + i as u64 * PAGE_SIZE);
-            link(&mut dom, &mut tx, pa, o * PAGE_SIZE, PAGE_SIZE)?;
-        }
-        dom.sync(vtd).or_fail("sync links")?;
-        // Caching mode: newly present entries are invalidated too.
-        check_sync(vtd, s0, t0, if cm { 3 } else { 0 }, "links")?;
+    let (s0, t0) = (vtd.stats(), vtd.queue_tail());
+    for (i, &o) in offs.iter().enumerate() {
+        let pa = PhysAddr(pool.0 + i as u64 * PAGE_SIZE);
+        link(&mut dom, &mut tx, pa, o * PAGE_SIZE, PAGE_SIZE)?;
+    }
+    dom.sync(vtd).or_fail("sync links")?;
+    // Caching mode: newly present entries are invalidated too.
+    check_sync(vtd, s0, t0, if cm { 3 } else { 0 }, "links")?;
 
-        let last = PhysAddr(pool.0 + 2 * PAGE_SIZE);
-        load_buffer(ctx, edu, last, tx.iova().0 + 5 * PAGE_SIZE, 0x71)?;
-        no_faults(vtd)?;
+    let last = PhysAddr(pool.0 + 2 * PAGE_SIZE);
+    load_buffer(ctx, edu, last, tx.iova().0 + 5 * PAGE_SIZE, 0x71)?;
+    no_faults(vtd)?;
 
-        let (s0, t0) = (vtd.stats(), vtd.queue_tail());
-        for &o in offs.iter() {
-            dom.unlink(&mut tx, o * PAGE_SIZE, PAGE_SIZE)
-                .or_fail("unlink")?;
-        }
-        dom.sync(vtd).or_fail("sync unlinks")?;
-        check_sync(vtd, s0, t0, 3, "unlinks")?;
+    let (s0, t0) = (vtd.stats(), vtd.queue_tail());
+    for &o in offs.iter() {
+        dom.unlink(&mut tx, o * PAGE_SIZE, PAGE_SIZE)
+            .or_fail("unlink")?;
+    }
+    dom.sync(vtd).or_fail("sync unlinks")?;
+    check_sync(vtd, s0, t0, 3, "unlinks")?;
 
-        dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
-        vtd.detach(edu.id).or_fail("detach")?;
-        free_pages(ctx, pool, 3)
-    })
+    dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
+    vtd.detach(edu.id).or_fail("detach")?;
+    free_pages(ctx, pool, 3)
 }
 
 /// With one fault record (NFR = 0): a second device's fault while the record
@@ -987,88 +999,88 @@ pub fn fault_overflow_reported_and_clearing_records_next_fault(ctx: &mut Ctx) ->
 
 /// Detach removes the present context entry and blocks the device at once;
 /// a pass-through attach (TT = 10b) lets DMA use physical addresses.
-fn detach_blocks_and_bypass_passes_through_with<F: BoardFormat>(ctx: &mut Ctx) -> Result<(), Fail> {
-    with_unit(ctx, |vtd| {
-        let edu = &ctx.edu[1];
-        let OnePage { dom, tx, pa, iova } = one_page::<F>(vtd, ctx, edu, 2, APERTURE_B)?;
-        load_buffer(ctx, edu, pa, iova, 0x81)?;
-        no_faults(vtd)?;
+fn detach_blocks_and_bypass_passes_through_with<F: BoardFormat>(
+    ctx: &Ctx,
+    vtd: &mut Unit,
+) -> Result<(), Fail> {
+    let edu = &ctx.edu[1];
+    let OnePage { dom, tx, pa, iova } = one_page::<F>(vtd, ctx, edu, 2, APERTURE_B)?;
+    load_buffer(ctx, edu, pa, iova, 0x81)?;
+    no_faults(vtd)?;
 
-        vtd.detach(edu.id).or_fail("detach")?;
-        let st = vtd.device_state(edu.id).or_fail("state")?;
-        check!(
-            st == DeviceState::Blocked,
-            "after detach the device is {st:?}"
-        );
-        expect_write_blocked(
-            ctx,
-            vtd,
-            edu,
-            iova,
-            pa,
-            &[FaultReason::ContextEntryNotPresent],
-            "DMA after detach",
-        )?;
+    vtd.detach(edu.id).or_fail("detach")?;
+    let st = vtd.device_state(edu.id).or_fail("state")?;
+    check!(
+        st == DeviceState::Blocked,
+        "after detach the device is {st:?}"
+    );
+    expect_write_blocked(
+        ctx,
+        vtd,
+        edu,
+        iova,
+        pa,
+        &[FaultReason::ContextEntryNotPresent],
+        "DMA after detach",
+    )?;
 
-        vtd.attach(edu.id, Attachment::Bypass).or_fail("bypass")?;
-        let st = vtd.device_state(edu.id).or_fail("state")?;
-        check!(
-            st == DeviceState::PassThrough {
-                did: vtd.bypass_domain_id()
-            },
-            "after a bypass attach the device is {st:?}"
-        );
-        edu.dma_to_ram(pa.0, 0, PAGE_U32)
-            .or_fail("pass-through DMA")?;
-        check_ok!(
-            ctx.mem.check_pattern(pa, PAGE, 0x81),
-            "pass-through DMA to the physical address"
-        );
-        no_faults(vtd)?;
-        destroy_and_detach(vtd, dom, tx, edu)?;
-        free_pages(ctx, pa, 1)
-    })
+    vtd.attach(edu.id, Attachment::Bypass).or_fail("bypass")?;
+    let st = vtd.device_state(edu.id).or_fail("state")?;
+    check!(
+        st == DeviceState::PassThrough {
+            did: vtd.bypass_domain_id()
+        },
+        "after a bypass attach the device is {st:?}"
+    );
+    edu.dma_to_ram(pa.0, 0, PAGE_U32)
+        .or_fail("pass-through DMA")?;
+    check_ok!(
+        ctx.mem.check_pattern(pa, PAGE, 0x81),
+        "pass-through DMA to the physical address"
+    );
+    no_faults(vtd)?;
+    destroy_and_detach(vtd, dom, tx, edu)?;
+    free_pages(ctx, pa, 1)
 }
 
 /// An invalid descriptor stops the queue: the next sync reports the queue
 /// error with the slot, the driver patches it, and the queue runs on. Under
 /// `noqi` the raw-submit path refuses instead.
 fn invalid_descriptor_reported_and_queue_recovers_with<F: BoardFormat>(
-    ctx: &mut Ctx,
+    ctx: &Ctx,
+    vtd: &mut Unit,
 ) -> Result<(), Fail> {
-    with_unit(ctx, |vtd| {
-        let bad = InvDesc::from_raw([0xf, 0]);
-        if !vtd.uses_queued_invalidation() {
+    let bad = InvDesc::from_raw([0xf, 0]);
+    if !vtd.uses_queued_invalidation() {
+        check!(
+            matches!(vtd.submit_raw(bad), Err(BackendError::Unsupported(_))),
+            "raw descriptor accepted without a queue"
+        );
+        return Ok(());
+    }
+    let slot = vtd.queue_tail();
+    vtd.submit_raw(bad).or_fail("submit")?;
+    match vtd.sync() {
+        Err(BackendError::QueueError { code, index }) => {
+            narrate!("queue error code {code:#x} at slot {index}");
+            check!(code & 0x10 != 0, "code {code:#x} lacks IQE");
             check!(
-                matches!(vtd.submit_raw(bad), Err(BackendError::Unsupported(_))),
-                "raw descriptor accepted without a queue"
+                index == slot,
+                "error at slot {index}, bad descriptor in slot {slot}"
             );
-            return Ok(());
         }
-        let slot = vtd.queue_tail();
-        vtd.submit_raw(bad).or_fail("submit")?;
-        match vtd.sync() {
-            Err(BackendError::QueueError { code, index }) => {
-                narrate!("queue error code {code:#x} at slot {index}");
-                check!(code & 0x10 != 0, "code {code:#x} lacks IQE");
-                check!(
-                    index == slot,
-                    "error at slot {index}, bad descriptor in slot {slot}"
-                );
-            }
-            other => fail!("sync after an invalid descriptor returned {other:?}"),
-        }
-        check!(!vtd.fault_status().queue_error, "IQE not cleared");
-        vtd.sync().or_fail("sync after recovery")?;
-        // Translation still works after the recovery.
-        let edu = &ctx.edu[0];
-        let OnePage { dom, tx, pa, iova } = one_page::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
-        load_buffer(ctx, edu, pa, iova, 0x91)?;
-        expect_write_lands(ctx, edu, iova, pa, 0x91, "DMA after queue recovery")?;
-        no_faults(vtd)?;
-        destroy_and_detach(vtd, dom, tx, edu)?;
-        free_pages(ctx, pa, 1)
-    })
+        other => fail!("sync after an invalid descriptor returned {other:?}"),
+    }
+    check!(!vtd.fault_status().queue_error, "IQE not cleared");
+    vtd.sync().or_fail("sync after recovery")?;
+    // Translation still works after the recovery.
+    let edu = &ctx.edu[0];
+    let OnePage { dom, tx, pa, iova } = one_page::<F>(vtd, ctx, edu, 1, APERTURE_A)?;
+    load_buffer(ctx, edu, pa, iova, 0x91)?;
+    expect_write_lands(ctx, edu, iova, pa, 0x91, "DMA after queue recovery")?;
+    no_faults(vtd)?;
+    destroy_and_detach(vtd, dom, tx, edu)?;
+    free_pages(ctx, pa, 1)
 }
 
 /// Link a page, DMA through it, unlink it, and check the next DMA is blocked:
@@ -1107,100 +1119,99 @@ fn link_dma_unlink_blocked<F: BoardFormat>(
 /// follows, and invalidation works in each mode. Under scalable mode the
 /// switch is refused and nothing changes.
 fn invalidation_mode_switch_keeps_translation_on_with<F: BoardFormat>(
-    ctx: &mut Ctx,
+    ctx: &Ctx,
+    vtd: &mut Unit,
 ) -> Result<(), Fail> {
-    with_unit(ctx, |vtd| {
-        if vtd.is_scalable() {
-            // Scalable mode needs the queue: switching it off is refused
-            // before any GCMD write, and everything stays on.
+    if vtd.is_scalable() {
+        // Scalable mode needs the queue: switching it off is refused
+        // before any GCMD write, and everything stays on.
+        check!(
+            matches!(
+                vtd.set_queued_invalidation(false),
+                Err(BackendError::Unsupported(_))
+            ),
+            "queued invalidation switched off under scalable mode"
+        );
+        let gsts = vtd.global_status();
+        check!(
+            gsts & (1 << 31) != 0 && gsts & (1 << 26) != 0,
+            "GSTS={gsts:#x} after the refused switch"
+        );
+        return link_dma_unlink_blocked::<F>(ctx, vtd, 0xa5);
+    }
+    let start = vtd.uses_queued_invalidation();
+    for (step, qi) in [!start, start].into_iter().enumerate() {
+        vtd.set_queued_invalidation(qi).or_fail("switch")?;
+        let gsts = vtd.global_status();
+        narrate!("queued invalidation {qi}: GSTS={gsts:#x}");
+        check!(
+            gsts & (1 << 31) != 0,
+            "TES lost by the QIE write (GSTS={gsts:#x})"
+        );
+        check!(
+            (gsts & (1 << 26) != 0) == qi && vtd.uses_queued_invalidation() == qi,
+            "QIES {:#x} after asking for {qi}",
+            gsts & (1 << 26)
+        );
+        let s0 = vtd.stats();
+        link_dma_unlink_blocked::<F>(ctx, vtd, 0xa0 + step as u8)?;
+        let s1 = vtd.stats();
+        if qi {
             check!(
-                matches!(
-                    vtd.set_queued_invalidation(false),
-                    Err(BackendError::Unsupported(_))
-                ),
-                "queued invalidation switched off under scalable mode"
+                s1.wait_descriptors > s0.wait_descriptors,
+                "no wait descriptor with QI"
             );
-            let gsts = vtd.global_status();
             check!(
-                gsts & (1 << 31) != 0 && gsts & (1 << 26) != 0,
-                "GSTS={gsts:#x} after the refused switch"
+                s1.register_invalidations == s0.register_invalidations,
+                "register invalidation with QI"
             );
-            return link_dma_unlink_blocked::<F>(ctx, vtd, 0xa5);
+        } else {
+            check!(
+                s1.wait_descriptors == s0.wait_descriptors,
+                "wait descriptor without QI"
+            );
+            check!(
+                s1.register_invalidations > s0.register_invalidations,
+                "no register invalidation"
+            );
         }
-        let start = vtd.uses_queued_invalidation();
-        for (step, qi) in [!start, start].into_iter().enumerate() {
-            vtd.set_queued_invalidation(qi).or_fail("switch")?;
-            let gsts = vtd.global_status();
-            narrate!("queued invalidation {qi}: GSTS={gsts:#x}");
-            check!(
-                gsts & (1 << 31) != 0,
-                "TES lost by the QIE write (GSTS={gsts:#x})"
-            );
-            check!(
-                (gsts & (1 << 26) != 0) == qi && vtd.uses_queued_invalidation() == qi,
-                "QIES {:#x} after asking for {qi}",
-                gsts & (1 << 26)
-            );
-            let s0 = vtd.stats();
-            link_dma_unlink_blocked::<F>(ctx, vtd, 0xa0 + step as u8)?;
-            let s1 = vtd.stats();
-            if qi {
-                check!(
-                    s1.wait_descriptors > s0.wait_descriptors,
-                    "no wait descriptor with QI"
-                );
-                check!(
-                    s1.register_invalidations == s0.register_invalidations,
-                    "register invalidation with QI"
-                );
-            } else {
-                check!(
-                    s1.wait_descriptors == s0.wait_descriptors,
-                    "wait descriptor without QI"
-                );
-                check!(
-                    s1.register_invalidations > s0.register_invalidations,
-                    "no register invalidation"
-                );
-            }
-        }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 per_format!(
     /// [`noncontiguous_transaction_dma_both_ways_hits_exact_pages_with`] in this run's table format.
-    noncontiguous_transaction_dma_both_ways_hits_exact_pages => noncontiguous_transaction_dma_both_ways_hits_exact_pages_with
+    noncontiguous_transaction_dma_both_ways_hits_exact_pages => with_unit noncontiguous_transaction_dma_both_ways_hits_exact_pages_with
 );
 per_format!(
     /// [`unlinked_page_blocks_dma_and_fault_is_decoded_with`] in this run's table format.
-    unlinked_page_blocks_dma_and_fault_is_decoded => unlinked_page_blocks_dma_and_fault_is_decoded_with
+    unlinked_page_blocks_dma_and_fault_is_decoded => with_unit unlinked_page_blocks_dma_and_fault_is_decoded_with
 );
 per_format!(
     /// [`skipped_iotlb_invalidation_is_caught_with`] in this run's table format.
-    skipped_iotlb_invalidation_is_caught => skipped_iotlb_invalidation_is_caught_with
+    skipped_iotlb_invalidation_is_caught => with_unit skipped_iotlb_invalidation_is_caught_with
 );
 per_format!(
     /// [`two_domains_are_isolated_with`] in this run's table format.
-    two_domains_are_isolated => two_domains_are_isolated_with
+    two_domains_are_isolated => with_unit two_domains_are_isolated_with
 );
 per_format!(
     /// [`superpage_2m_used_when_sllps_allows_with`] in this run's table format.
-    superpage_2m_used_when_sllps_allows => superpage_2m_used_when_sllps_allows_with
+    superpage_2m_used_when_sllps_allows => with_unit superpage_2m_used_when_sllps_allows_with
 );
 per_format!(
     /// [`exactly_one_wait_descriptor_per_sync_with`] in this run's table format.
-    exactly_one_wait_descriptor_per_sync => exactly_one_wait_descriptor_per_sync_with
+    exactly_one_wait_descriptor_per_sync => with_unit exactly_one_wait_descriptor_per_sync_with
 );
 per_format!(
     /// [`detach_blocks_and_bypass_passes_through_with`] in this run's table format.
-    detach_blocks_and_bypass_passes_through => detach_blocks_and_bypass_passes_through_with
+    detach_blocks_and_bypass_passes_through => with_unit detach_blocks_and_bypass_passes_through_with
 );
 per_format!(
     /// [`invalid_descriptor_reported_and_queue_recovers_with`] in this run's table format.
-    invalid_descriptor_reported_and_queue_recovers => invalid_descriptor_reported_and_queue_recovers_with
+    invalid_descriptor_reported_and_queue_recovers => with_unit invalid_descriptor_reported_and_queue_recovers_with
 );
 per_format!(
     /// [`invalidation_mode_switch_keeps_translation_on_with`] in this run's table format.
-    invalidation_mode_switch_keeps_translation_on => invalidation_mode_switch_keeps_translation_on_with
+    invalidation_mode_switch_keeps_translation_on => with_unit invalidation_mode_switch_keeps_translation_on_with
 );
