@@ -62,3 +62,66 @@ unsafe impl<T: TableMemory + ?Sized> TableMemory for &T {
 pub const fn pages_to_bytes(pages: usize) -> u64 {
     (pages as u64).saturating_mul(PAGE_SIZE)
 }
+
+/// A [`TableMemory`] over the global allocator, for hosts that have one and
+/// identity-map physical memory (physical address = pointer value), such as
+/// a hypervisor running with the MMU off or with a 1:1 map.
+#[cfg(feature = "alloc")]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GlobalAllocMemory;
+
+#[cfg(feature = "alloc")]
+impl GlobalAllocMemory {
+    fn layout(pages: usize) -> Option<core::alloc::Layout> {
+        let size = pages.checked_mul(PAGE_SIZE as usize)?;
+        let align = pages
+            .checked_next_power_of_two()?
+            .checked_mul(PAGE_SIZE as usize)?;
+        core::alloc::Layout::from_size_align(size, align).ok()
+    }
+}
+
+// SAFETY: blocks come zeroed from the global allocator with the documented
+// alignment and stay valid until `free`; the identity map is the documented
+// requirement for using this lender.
+#[cfg(feature = "alloc")]
+unsafe impl TableMemory for GlobalAllocMemory {
+    fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
+        if pages == 0 {
+            return None;
+        }
+        let layout = Self::layout(pages)?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        (!p.is_null()).then_some(PhysAddr(p as u64))
+    }
+
+    unsafe fn free(&self, pa: PhysAddr, pages: usize) {
+        if let Some(layout) = Self::layout(pages) {
+            // SAFETY: the caller hands back a block from `alloc_zeroed(pages)`,
+            // which used this same layout.
+            unsafe { alloc::alloc::dealloc(pa.0 as *mut u8, layout) }
+        }
+    }
+
+    fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
+        pa.0 as *mut u8
+    }
+}
+
+#[cfg(all(test, feature = "alloc"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_alloc_memory_is_zeroed_and_size_aligned() {
+        let m = GlobalAllocMemory;
+        let pa = m.alloc_zeroed(3).unwrap();
+        assert_eq!(pa.0 % (4 * PAGE_SIZE), 0);
+        // SAFETY: three pages were just lent to us.
+        let bytes = unsafe { core::slice::from_raw_parts(m.phys_to_virt(pa), 3 * 4096) };
+        assert!(bytes.iter().all(|&b| b == 0));
+        // SAFETY: the block from above, never given to hardware.
+        unsafe { m.free(pa, 3) };
+    }
+}

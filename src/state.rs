@@ -22,10 +22,12 @@
 
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::backend::{Attachment, DomainInfo, IommuBackend};
+use crate::device::DeviceId;
 use crate::error::DmaError;
 use crate::iova::{IovaAllocator, IovaRange};
 use crate::logging::log_debug;
 use crate::mem::TableMemory;
+use crate::p2p::{P2pMapType, P2pRegistry};
 use crate::pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat};
 
 /// What kind of mapping a transaction's links made. Unlink and free do
@@ -58,6 +60,9 @@ impl DmaKind {
     }
 }
 
+/// Bit of `IovaState::dirs` saying `provider` is set.
+const HAS_PROVIDER: u8 = 0x80;
+
 /// One IOVA transaction: a contiguous IOVA range owned by the caller, into
 /// which physical ranges are linked at offsets. 32 bytes on 64-bit targets.
 ///
@@ -72,6 +77,8 @@ pub struct IovaState {
     domain: u16,
     kind: u8,
     dirs: u8,
+    /// Requester ID and segment of the P2P provider of the links, if any.
+    provider: (u16, u16),
 }
 
 impl IovaState {
@@ -103,10 +110,17 @@ impl IovaState {
 
     /// Union of the directions linked so far, `None` while nothing is linked.
     pub fn direction(&self) -> Option<DmaDirection> {
-        DmaDirection::from_bits(self.dirs)
+        DmaDirection::from_bits(self.dirs & !HAS_PROVIDER)
     }
 
-    /// The device address of byte `offset` of the transaction.
+    /// The P2P provider whose memory is linked, if the links are P2P.
+    pub fn provider(&self) -> Option<DeviceId> {
+        (self.dirs & HAS_PROVIDER != 0)
+            .then(|| DeviceId::from_rid(self.provider.1, self.provider.0))
+    }
+
+    /// The device address of byte `offset` of the transaction (its IOVA; a
+    /// bus-address P2P link returns its own address from `link_p2p`).
     pub fn dma_addr(&self, offset: u64) -> Result<DmaAddr, DmaError> {
         if offset >= self.size {
             return Err(DmaError::OutsideTransaction {
@@ -227,12 +241,13 @@ impl DmaPath {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Mapping {
     state: IovaState,
+    addr: DmaAddr,
 }
 
 impl Mapping {
     /// The device address to program.
     pub fn addr(&self) -> DmaAddr {
-        DmaAddr(self.state.iova)
+        self.addr
     }
 
     /// Bytes mapped.
@@ -460,6 +475,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             domain: self.id,
             kind: 0,
             dirs: 0,
+            provider: (0, 0),
         }))
     }
 
@@ -510,6 +526,21 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
+        if tx.linked != 0 && tx.dirs & HAS_PROVIDER != 0 {
+            return Err(DmaError::MixedP2p);
+        }
+        self.link_inner(tx, phys, offset, len, dir, attrs)
+    }
+
+    fn link_inner(
+        &mut self,
+        tx: &mut IovaState,
+        phys: PhysAddr,
+        offset: u64,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+    ) -> Result<DmaAddr, DmaError> {
         let iova = Self::check_window(tx, offset, len)?;
         check_aligned(phys.0)?;
         phys.0
@@ -541,6 +572,104 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         tx.kind = kind as u8;
         tx.dirs |= dir as u8;
         Ok(DmaAddr(iova))
+    }
+
+    /// [`link`](Self::link) for a range that may be a peer device's P2P
+    /// memory: classifies `[phys, phys + len)` against `p2p`'s providers and
+    /// the PCI topology, and records the answer in the state.
+    ///
+    /// - host memory: an ordinary translated link;
+    /// - [`P2pMapType::ThruHostBridge`]: translated with device-memory attributes
+    ///   ([`MapAttrs::MMIO`]: Arm Device-nGnRE, VT-d not snooped);
+    /// - [`P2pMapType::BusAddr`]: no table is written and nothing will be
+    ///   invalidated; the returned address is the PCI bus address;
+    /// - no route: [`DmaError::P2pNotSupported`].
+    ///
+    /// Host memory and P2P memory, or two providers, in one transaction are
+    /// refused with [`DmaError::MixedP2p`]; nothing changes on any error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn link_p2p(
+        &mut self,
+        tx: &mut IovaState,
+        p2p: &mut P2pRegistry,
+        client: DeviceId,
+        phys: PhysAddr,
+        offset: u64,
+        len: u64,
+        dir: DmaDirection,
+    ) -> Result<DmaAddr, DmaError> {
+        Self::check_window(tx, offset, len)?;
+        check_aligned(phys.0)?;
+        phys.0
+            .checked_add(len)
+            .ok_or(DmaError::Overflow { a: phys.0, b: len })?;
+        let provider = match p2p.provider_of(phys, len) {
+            Ok(None) => return self.link(tx, phys, offset, len, dir, MapAttrs::empty()),
+            Ok(Some(p)) => p,
+            Err(_) => return Err(DmaError::MixedP2p),
+        };
+        let key = (provider.device.rid(), provider.device.segment);
+        if tx.linked != 0 && (tx.dirs & HAS_PROVIDER == 0 || tx.provider != key) {
+            return Err(DmaError::MixedP2p);
+        }
+        let ty = p2p
+            .map_type(provider.device, client)
+            .map_err(|_| DmaError::P2pNotSupported {
+                provider: provider.device,
+                client,
+            })?;
+        match ty {
+            P2pMapType::ThruHostBridge => {
+                let a = self.link_inner(tx, phys, offset, len, dir, MapAttrs::MMIO)?;
+                tx.provider = key;
+                tx.dirs |= HAS_PROVIDER;
+                Ok(a)
+            }
+            P2pMapType::BusAddr => {
+                if tx.linked != 0 && tx.kind != DmaKind::P2pBusAddr as u8 {
+                    return Err(DmaError::MixedP2p);
+                }
+                self.translated(tx)?;
+                tx.linked += len;
+                tx.kind = DmaKind::P2pBusAddr as u8;
+                tx.dirs |= dir as u8 | HAS_PROVIDER;
+                tx.provider = key;
+                Ok(DmaAddr(provider.bus_addr(phys).0))
+            }
+        }
+    }
+
+    /// One-step P2P-aware map: the returned [`Mapping`] carries the kind, so
+    /// [`unmap`](Self::unmap) knows whether there is anything to tear down.
+    #[allow(clippy::too_many_arguments)]
+    pub fn map_p2p<B: IommuBackend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        p2p: &mut P2pRegistry,
+        client: DeviceId,
+        phys: PhysAddr,
+        len: u64,
+        dir: DmaDirection,
+        dma_mask: u64,
+    ) -> Result<Mapping, DmaError> {
+        check_aligned(len)?;
+        let Some(mut tx) = self.try_alloc(len, dma_mask)?.into_iova() else {
+            return Err(DmaError::IdentityDomain);
+        };
+        let addr = match self.link_p2p(&mut tx, p2p, client, phys, 0, len, dir) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = self.free(tx);
+                return Err(e);
+            }
+        };
+        if tx.kind != DmaKind::P2pBusAddr as u8 {
+            if let Err(e) = self.sync(backend) {
+                let _ = self.free(tx);
+                return Err(e);
+            }
+        }
+        Ok(Mapping { state: tx, addr })
     }
 
     /// Step 3: invalidate what changed since the last sync (one batch) and
@@ -582,12 +711,28 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     pub fn unlink(&mut self, tx: &mut IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
         let iova = Self::check_window(tx, offset, len)?;
         let t = self.translated(tx)?;
+        if tx.kind == DmaKind::P2pBusAddr as u8 {
+            // Bus-address links never reached the IOMMU: only the count changes.
+            if len > tx.linked {
+                return Err(DmaError::NotLinked {
+                    iova: DmaAddr(iova),
+                });
+            }
+            tx.linked -= len;
+            if tx.linked == 0 {
+                tx.kind = 0;
+                tx.dirs = 0;
+                tx.provider = (0, 0);
+            }
+            return Ok(len);
+        }
         let out = t.pt.unmap(DmaAddr(iova), len)?;
         t.unmapped.add(iova, len, !out.freed_tables);
         tx.linked = tx.linked.saturating_sub(out.bytes);
         if tx.linked == 0 {
             tx.kind = 0;
             tx.dirs = 0;
+            tx.provider = (0, 0);
         }
         Ok(out.bytes)
     }
@@ -600,7 +745,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             Ok(t) => t,
             Err(e) => return Err((tx, e)),
         };
-        if tx.linked != 0 {
+        if tx.linked != 0 && tx.kind != DmaKind::P2pBusAddr as u8 {
             match t.pt.unmap_present(DmaAddr(tx.iova), tx.size) {
                 Ok(out) => t.unmapped.add(tx.iova, tx.size, !out.freed_tables),
                 Err(e) => return Err((tx, e.into())),
@@ -646,7 +791,8 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             let _ = self.free(tx);
             return Err(e);
         }
-        Ok(Mapping { state: tx })
+        let addr = tx.iova();
+        Ok(Mapping { state: tx, addr })
     }
 
     /// One-step unmap of a [`Mapping`]: unlink, sync, free.
@@ -655,6 +801,10 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         backend: &mut B,
         m: Mapping,
     ) -> Result<(), DmaError> {
+        if m.state.kind == DmaKind::P2pBusAddr as u8 {
+            // Nothing reached the IOMMU: nothing to invalidate or wait for.
+            return self.free(m.state).map_err(|(_, e)| e);
+        }
         self.destroy(m.state, backend)
     }
 }

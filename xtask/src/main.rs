@@ -85,6 +85,10 @@ fn test(extra: &[String]) -> ExitCode {
         ])),
     );
     t.step("host tests", run(cargo().args(["test", "--workspace"])));
+    t.step(
+        "host tests (alloc)",
+        run(cargo().args(["test", "--lib", "--features", "alloc"])),
+    );
     for target in ["aarch64-unknown-none", "x86_64-unknown-none"] {
         t.step(
             &format!("build {target}"),
