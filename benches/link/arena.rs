@@ -14,8 +14,10 @@ use std::ptr::NonNull;
 
 use bare_iommu::{PhysAddr, TableMemory};
 
-/// Physical address of the arena's first page (what the contenders see).
-pub const PHYS_BASE: u64 = 0x8000_0000;
+/// Physical address of the arena's first page (what the contenders see):
+/// low enough that `virtual - physical` never wraps, wherever the host
+/// (or valgrind) places the arena.
+pub const PHYS_BASE: u64 = 0x10_0000;
 const PAGE: usize = 4096;
 
 /// A fixed pool of zeroed 4 KiB pages.
@@ -35,7 +37,7 @@ impl Arena {
         let layout = Layout::from_size_align(pages * PAGE, PAGE).unwrap();
         // SAFETY: non-zero size.
         let base = unsafe { alloc_zeroed(layout) };
-        assert!(!base.is_null());
+        assert!(!base.is_null() && base as u64 >= PHYS_BASE);
         Self {
             base,
             pages,
