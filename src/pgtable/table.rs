@@ -12,6 +12,10 @@ const BITS_PER_LEVEL: u32 = 9;
 /// How many freed table pages can wait for the next invalidation before the
 /// walker starts keeping empty tables attached instead.
 pub const RETIRE_CAPACITY: usize = 64;
+/// Input address bits one leaf (height-0) table covers: 2 MiB.
+const LEAF_TABLE_SHIFT: u32 = 12 + BITS_PER_LEVEL;
+/// `leaf_cache` region meaning "nothing cached".
+const NO_REGION: u64 = u64::MAX;
 
 /// What an unmap did, so the caller can invalidate precisely.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,6 +45,11 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     coherent: bool,
     table_pages: usize,
     retired: heapless::Vec<PhysAddr, RETIRE_CAPACITY>,
+    /// The last leaf table walked to: (`iova >> LEAF_TABLE_SHIFT`, table).
+    /// Lets runs of small maps and unmaps in one 2 MiB region skip the walk
+    /// from the root. Forgotten whenever a table page is detached or an
+    /// entry above the leaf level is overwritten with a block.
+    leaf_cache: (u64, PhysAddr),
 }
 
 #[inline]
@@ -78,6 +87,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             coherent,
             table_pages: 1,
             retired: heapless::Vec::new(),
+            leaf_cache: (NO_REGION, PhysAddr(0)),
         })
     }
 
@@ -197,6 +207,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if !attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
             return Err(PageTableError::NoAccess);
         }
+        if let Some(done) = self.map_in_leaf_table(iova.0, pa.0, end, attrs) {
+            return done;
+        }
         if let Some(at) = self.first_present(self.root, self.top_height(), iova.0, end) {
             return Err(PageTableError::AlreadyMapped { iova: DmaAddr(at) });
         }
@@ -211,6 +224,154 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 Err(e)
             }
         }
+    }
+
+    /// Whether a descriptor read at `height` is present. Zero is
+    /// not-present in every format, which spares the decode on the common
+    /// empty entry.
+    #[inline]
+    fn present(&self, pte: u64, height: u32) -> bool {
+        pte != 0 && self.fmt.decode(pte, height) != Pte::Invalid
+    }
+
+    /// The leaf table covering `iova`, from the cache or by a walk that
+    /// creates missing tables; also whether any table was created (then the
+    /// leaf table is empty). `AlreadyMapped` when a block covers `iova`
+    /// (nothing was created then); `OutOfMemory` may leave fresh, empty
+    /// tables attached for the caller to prune.
+    fn leaf_table_for_map(&mut self, iova: u64) -> Result<(PhysAddr, bool), PageTableError> {
+        let region = iova >> LEAF_TABLE_SHIFT;
+        if self.leaf_cache.0 == region {
+            return Ok((self.leaf_cache.1, false));
+        }
+        let mut table = self.root;
+        let mut created = false;
+        for h in (1..=self.top_height()).rev() {
+            let idx = index(iova, h);
+            let pte = self.read(table, idx);
+            let pte = if pte == 0 {
+                Pte::Invalid
+            } else {
+                self.fmt.decode(pte, h)
+            };
+            table = match pte {
+                Pte::Table(t) => t,
+                Pte::Invalid => {
+                    let t = self.alloc_table()?;
+                    self.write(table, idx, self.fmt.table(t));
+                    self.clean_entries(table, idx, idx + 1);
+                    created = true;
+                    t
+                }
+                Pte::Leaf { .. } => {
+                    return Err(PageTableError::AlreadyMapped {
+                        iova: DmaAddr(iova),
+                    });
+                }
+            };
+        }
+        self.leaf_cache = (region, table);
+        Ok((table, created))
+    }
+
+    /// The existing leaf table covering `iova`, from the cache or by a walk
+    /// that changes nothing; `None` when the walk meets anything but tables.
+    fn leaf_table_present(&mut self, iova: u64) -> Option<PhysAddr> {
+        let region = iova >> LEAF_TABLE_SHIFT;
+        if self.leaf_cache.0 == region {
+            return Some(self.leaf_cache.1);
+        }
+        let mut table = self.root;
+        for h in (1..=self.top_height()).rev() {
+            match self.fmt.decode(self.read(table, index(iova, h)), h) {
+                Pte::Table(t) => table = t,
+                _ => return None,
+            }
+        }
+        self.leaf_cache = (region, table);
+        Some(table)
+    }
+
+    /// Fast path of [`map`](Self::map) for a range inside one leaf table
+    /// that takes only page descriptors (the common small link): one walk
+    /// (usually none, thanks to the cache) instead of a check walk and a map
+    /// walk. `None` when the range is not of that shape. Same contract as
+    /// `map`: all or nothing.
+    fn map_in_leaf_table(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        end: u64,
+        attrs: MapAttrs,
+    ) -> Option<Result<(), PageTableError>> {
+        if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
+            return None;
+        }
+        let block = entry_size(1);
+        if end - iova == block && pa & (block - 1) == 0 && self.fmt.leaf_allowed(1) {
+            return None;
+        }
+        let (leaf, created) = match self.leaf_table_for_map(iova) {
+            Ok(t) => t,
+            Err(PageTableError::OutOfMemory) => {
+                let mut out = UnmapOutcome::default();
+                self.clear_rec(self.root, self.top_height(), iova, end, true, &mut out);
+                self.free_retired_now();
+                return Some(Err(PageTableError::OutOfMemory));
+            }
+            Err(e) => return Some(Err(e)),
+        };
+        let i0 = index(iova, 0);
+        let i1 = i0 + ((end - iova) / PAGE_SIZE) as usize;
+        if !created {
+            let base = iova & !(block - 1);
+            for i in i0..i1 {
+                if self.present(self.read(leaf, i), 0) {
+                    return Some(Err(PageTableError::AlreadyMapped {
+                        iova: DmaAddr(base + i as u64 * PAGE_SIZE),
+                    }));
+                }
+            }
+        }
+        let mut p = pa;
+        for i in i0..i1 {
+            self.write(leaf, i, self.fmt.leaf(PhysAddr(p), 0, attrs));
+            p += PAGE_SIZE;
+        }
+        self.clean_entries(leaf, i0, i1);
+        Some(Ok(()))
+    }
+
+    /// Fast path of [`unmap`](Self::unmap) for a range inside one leaf table
+    /// that is wholly mapped by pages and leaves the table non-empty: clears
+    /// the entries, nothing to split or detach. `None` (nothing changed)
+    /// for every other shape, which the general path handles.
+    fn unmap_in_leaf_table(&mut self, iova: u64, end: u64) -> Option<UnmapOutcome> {
+        if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
+            return None;
+        }
+        let leaf = self.leaf_table_present(iova)?;
+        let i0 = index(iova, 0);
+        let i1 = i0 + ((end - iova) / PAGE_SIZE) as usize;
+        for i in i0..i1 {
+            if !matches!(self.fmt.decode(self.read(leaf, i), 0), Pte::Leaf { .. }) {
+                return None;
+            }
+        }
+        // Neighbours first: in a sequential unmap the next page is present.
+        let present = |i: usize| self.present(self.read(leaf, i), 0);
+        if !((i1..ENTRIES).any(present) || (0..i0).any(present)) {
+            return None;
+        }
+        for i in i0..i1 {
+            self.write(leaf, i, 0);
+        }
+        self.clean_entries(leaf, i0, i1);
+        Some(UnmapOutcome {
+            bytes: end - iova,
+            freed_tables: false,
+            split: false,
+        })
     }
 
     fn map_rec(
@@ -231,6 +392,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             let next = end.min((cur & !(esize - 1)) + esize);
             let p = pa + (cur - iova);
             if h == 0 || (next - cur == esize && p & (esize - 1) == 0 && self.fmt.leaf_allowed(h)) {
+                if h > 0 {
+                    // A block may replace an empty table kept attached.
+                    self.leaf_cache.0 = NO_REGION;
+                }
                 self.write(table, idx, self.fmt.leaf(PhysAddr(p), h, attrs));
                 lo = lo.min(idx);
                 hi = idx + 1;
@@ -334,8 +499,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// split first; if table memory for a split runs out, nothing is unmapped
     /// (splits keep the same translations). Returns exactly what was done.
     pub fn unmap(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
+        let end = self.check_range(iova, len)?;
+        if let Some(out) = self.unmap_in_leaf_table(iova.0, end) {
+            return Ok(out);
+        }
         self.check_mapped(iova, len)?;
-        let end = iova.0 + len;
         let mut out = UnmapOutcome::default();
         out.split |= self.split_at(iova.0)?;
         if end < 1u64 << self.ias_bits() {
@@ -431,6 +599,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     if self.clear_rec(child, h - 1, cur, next, prune, out)
                         && self.retired.push(child).is_ok()
                     {
+                        self.leaf_cache.0 = NO_REGION;
                         self.write(table, idx, 0);
                         self.table_pages -= 1;
                         out.freed_tables = true;
