@@ -306,6 +306,7 @@ impl PendingList {
         }
     }
 
+    #[inline]
     fn add(&mut self, start: u64, len: u64, leaf_only: bool) {
         if self.overflow {
             return;
@@ -361,6 +362,7 @@ pub struct Domain<F: PteFormat, M: TableMemory> {
     inner: Option<Translated<F, M>>,
 }
 
+#[inline]
 fn check_aligned(v: u64) -> Result<(), DmaError> {
     if v % PAGE_SIZE != 0 {
         Err(DmaError::Unaligned { value: v })
@@ -479,6 +481,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         }))
     }
 
+    #[inline]
     fn translated(&mut self, tx: &IovaState) -> Result<&mut Translated<F, M>, DmaError> {
         if tx.domain != self.id {
             return Err(DmaError::WrongDomain {
@@ -490,6 +493,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     }
 
     /// Checks `[offset, offset + len)` against the transaction.
+    #[inline]
     fn check_window(tx: &IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
         if len == 0 {
             return Err(DmaError::ZeroLength);
@@ -532,6 +536,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         self.link_inner(tx, phys, offset, len, dir, attrs)
     }
 
+    #[inline]
     fn link_inner(
         &mut self,
         tx: &mut IovaState,

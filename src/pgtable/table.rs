@@ -170,6 +170,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Ok(t)
     }
 
+    #[inline]
     fn check_range(&self, iova: DmaAddr, len: u64) -> Result<u64, PageTableError> {
         if len == 0 {
             return Err(PageTableError::ZeroLength);
@@ -189,6 +190,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// Maps `[iova, iova + len)` to `[pa, pa + len)` with the largest leaves
     /// the alignment of both and the format allow. All or nothing.
+    #[inline]
     pub fn map(
         &mut self,
         iova: DmaAddr,
@@ -210,20 +212,38 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if let Some(done) = self.map_in_leaf_table(iova.0, pa.0, end, attrs) {
             return done;
         }
-        if let Some(at) = self.first_present(self.root, self.top_height(), iova.0, end) {
+        self.map_general(iova.0, pa.0, end, attrs)
+    }
+
+    /// [`map`](Self::map) of any shape, arguments checked.
+    #[inline(never)]
+    fn map_general(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        end: u64,
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
+        if let Some(at) = self.first_present(self.root, self.top_height(), iova, end) {
             return Err(PageTableError::AlreadyMapped { iova: DmaAddr(at) });
         }
-        match self.map_rec(self.root, self.top_height(), iova.0, pa.0, end, attrs) {
+        match self.map_rec(self.root, self.top_height(), iova, pa, end, attrs) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Only table memory can run out here (the range was checked
                 // empty): take back what was written, including empty tables.
-                let mut out = UnmapOutcome::default();
-                self.clear_rec(self.root, self.top_height(), iova.0, end, true, &mut out);
-                self.free_retired_now();
+                self.take_back(iova, end);
                 Err(e)
             }
         }
+    }
+
+    /// Removes what a failed map wrote in `[iova, end)`, empty tables included.
+    #[cold]
+    fn take_back(&mut self, iova: u64, end: u64) {
+        let mut out = UnmapOutcome::default();
+        self.clear_rec(self.root, self.top_height(), iova, end, true, &mut out);
+        self.free_retired_now();
     }
 
     /// Whether a descriptor read at `height` is present. Zero is
@@ -239,11 +259,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// leaf table is empty). `AlreadyMapped` when a block covers `iova`
     /// (nothing was created then); `OutOfMemory` may leave fresh, empty
     /// tables attached for the caller to prune.
+    #[inline]
     fn leaf_table_for_map(&mut self, iova: u64) -> Result<(PhysAddr, bool), PageTableError> {
-        let region = iova >> LEAF_TABLE_SHIFT;
-        if self.leaf_cache.0 == region {
+        if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
             return Ok((self.leaf_cache.1, false));
         }
+        self.walk_for_map(iova)
+    }
+
+    #[inline(never)]
+    fn walk_for_map(&mut self, iova: u64) -> Result<(PhysAddr, bool), PageTableError> {
+        let region = iova >> LEAF_TABLE_SHIFT;
         let mut table = self.root;
         let mut created = false;
         for h in (1..=self.top_height()).rev() {
@@ -276,11 +302,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// The existing leaf table covering `iova`, from the cache or by a walk
     /// that changes nothing; `None` when the walk meets anything but tables.
+    #[inline]
     fn leaf_table_present(&mut self, iova: u64) -> Option<PhysAddr> {
-        let region = iova >> LEAF_TABLE_SHIFT;
-        if self.leaf_cache.0 == region {
+        if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
             return Some(self.leaf_cache.1);
         }
+        self.walk_present(iova)
+    }
+
+    #[inline(never)]
+    fn walk_present(&mut self, iova: u64) -> Option<PhysAddr> {
+        let region = iova >> LEAF_TABLE_SHIFT;
         let mut table = self.root;
         for h in (1..=self.top_height()).rev() {
             match self.fmt.decode(self.read(table, index(iova, h)), h) {
@@ -297,6 +329,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// (usually none, thanks to the cache) instead of a check walk and a map
     /// walk. `None` when the range is not of that shape. Same contract as
     /// `map`: all or nothing.
+    #[inline]
     fn map_in_leaf_table(
         &mut self,
         iova: u64,
@@ -314,9 +347,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         let (leaf, created) = match self.leaf_table_for_map(iova) {
             Ok(t) => t,
             Err(PageTableError::OutOfMemory) => {
-                let mut out = UnmapOutcome::default();
-                self.clear_rec(self.root, self.top_height(), iova, end, true, &mut out);
-                self.free_retired_now();
+                self.take_back(iova, end);
                 return Some(Err(PageTableError::OutOfMemory));
             }
             Err(e) => return Some(Err(e)),
@@ -346,6 +377,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// that is wholly mapped by pages and leaves the table non-empty: clears
     /// the entries, nothing to split or detach. `None` (nothing changed)
     /// for every other shape, which the general path handles.
+    #[inline]
     fn unmap_in_leaf_table(&mut self, iova: u64, end: u64) -> Option<UnmapOutcome> {
         if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
             return None;
@@ -498,11 +530,23 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// `NotMapped` and nothing changes). Blocks that straddle either end are
     /// split first; if table memory for a split runs out, nothing is unmapped
     /// (splits keep the same translations). Returns exactly what was done.
+    #[inline]
     pub fn unmap(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
         if let Some(out) = self.unmap_in_leaf_table(iova.0, end) {
             return Ok(out);
         }
+        self.unmap_general(iova, len, end)
+    }
+
+    /// [`unmap`](Self::unmap) of any shape, range checked.
+    #[inline(never)]
+    fn unmap_general(
+        &mut self,
+        iova: DmaAddr,
+        len: u64,
+        end: u64,
+    ) -> Result<UnmapOutcome, PageTableError> {
         self.check_mapped(iova, len)?;
         let mut out = UnmapOutcome::default();
         out.split |= self.split_at(iova.0)?;
