@@ -308,17 +308,23 @@ impl PendingList {
 
     #[inline]
     fn add(&mut self, start: u64, len: u64, leaf_only: bool) {
-        if self.overflow {
-            return;
-        }
         let end = start.saturating_add(len);
         if let Some(last) = self.list.last_mut() {
             if start <= last.end && end >= last.start {
+                // Touches the last range (a run of links or unlinks): grow it.
                 last.start = last.start.min(start);
                 last.end = last.end.max(end);
                 last.leaf_only &= leaf_only;
                 return;
             }
+        }
+        self.push(start, end, leaf_only);
+    }
+
+    #[inline(never)]
+    fn push(&mut self, start: u64, end: u64, leaf_only: bool) {
+        if self.overflow {
+            return;
         }
         if self
             .list
@@ -536,7 +542,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         self.link_inner(tx, phys, offset, len, dir, attrs)
     }
 
-    #[inline]
+    #[inline(always)]
     fn link_inner(
         &mut self,
         tx: &mut IovaState,
@@ -561,7 +567,10 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         }
         let t = self.translated(tx)?;
         let attrs = (attrs - MapAttrs::READ - MapAttrs::WRITE) | dir.attrs();
-        match t.pt.map(DmaAddr(iova), phys, len, attrs) {
+        // The window check above proved what `map` would check again: a
+        // page-aligned, non-empty range inside the aperture, an aligned
+        // physical start, no overflow, and `dir` grants an access.
+        match t.pt.map_prechecked(iova, phys.0, iova + len, attrs) {
             Ok(()) => {}
             Err(e) => {
                 if e == crate::error::PageTableError::OutOfMemory {

@@ -215,6 +215,32 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         self.map_general(iova.0, pa.0, end, attrs)
     }
 
+    /// [`map`](Self::map) for a caller that has already checked that
+    /// `[iova, end)` is a non-empty, page-aligned range inside the table's
+    /// input range, that `pa` is page aligned with `pa + (end - iova)` not
+    /// overflowing, and that `attrs` grants read or write. Only the output
+    /// size is checked here. (Debug builds check the rest too.)
+    #[inline]
+    pub(crate) fn map_prechecked(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        end: u64,
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
+        debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
+        debug_assert!(pa % PAGE_SIZE == 0);
+        debug_assert!(attrs.intersects(MapAttrs::READ | MapAttrs::WRITE));
+        let oa_limit = 1u64 << self.fmt.oa_bits();
+        if pa.checked_add(end - iova).is_none_or(|e| e > oa_limit) {
+            return Err(PageTableError::PhysTooLarge { phys: PhysAddr(pa) });
+        }
+        if let Some(done) = self.map_in_leaf_table(iova, pa, end, attrs) {
+            return done;
+        }
+        self.map_general(iova, pa, end, attrs)
+    }
+
     /// [`map`](Self::map) of any shape, arguments checked.
     #[inline(never)]
     fn map_general(
