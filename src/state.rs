@@ -740,7 +740,9 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             }
             return Ok(len);
         }
-        let out = t.pt.unmap(DmaAddr(iova), len)?;
+        // The window check above proved the range page-aligned, non-empty
+        // and inside the aperture.
+        let out = t.pt.unmap_prechecked(iova, iova + len)?;
         t.unmapped.add(iova, len, !out.freed_tables);
         tx.linked = tx.linked.saturating_sub(out.bytes);
         if tx.linked == 0 {

@@ -565,6 +565,22 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         self.unmap_general(iova, len, end)
     }
 
+    /// [`unmap`](Self::unmap) for a caller that has already checked that
+    /// `[iova, end)` is a non-empty, page-aligned range inside the table's
+    /// input range (debug builds check it again).
+    #[inline]
+    pub(crate) fn unmap_prechecked(
+        &mut self,
+        iova: u64,
+        end: u64,
+    ) -> Result<UnmapOutcome, PageTableError> {
+        debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
+        if let Some(out) = self.unmap_in_leaf_table(iova, end) {
+            return Ok(out);
+        }
+        self.unmap_general(DmaAddr(iova), end - iova, end)
+    }
+
     /// [`unmap`](Self::unmap) of any shape, range checked.
     #[inline(never)]
     fn unmap_general(
