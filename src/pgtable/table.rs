@@ -400,9 +400,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     }
 
     /// Fast path of [`unmap`](Self::unmap) for a range inside one leaf table
-    /// that is wholly mapped by pages and leaves the table non-empty: clears
-    /// the entries, nothing to split or detach. `None` (nothing changed)
-    /// for every other shape, which the general path handles.
+    /// that is wholly mapped by pages: clears the entries (nothing to split)
+    /// and, if that empties the table, detaches it and the tables above it
+    /// that become empty, as the general path would. `None` (nothing
+    /// changed) for every other shape, which the general path handles.
     #[inline]
     fn unmap_in_leaf_table(&mut self, iova: u64, end: u64) -> Option<UnmapOutcome> {
         if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
@@ -418,18 +419,64 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         // Neighbours first: in a sequential unmap the next page is present.
         let present = |i: usize| self.present(self.read(leaf, i), 0);
-        if !((i1..ENTRIES).any(present) || (0..i0).any(present)) {
-            return None;
-        }
+        let empties = !((i1..ENTRIES).any(present) || (0..i0).any(present));
         for i in i0..i1 {
             self.write(leaf, i, 0);
         }
         self.clean_entries(leaf, i0, i1);
+        let freed_tables = empties && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
             bytes: end - iova,
-            freed_tables: false,
+            freed_tables,
             split: false,
         })
+    }
+
+    /// Detaches the leaf table covering `iova`, which has just become empty,
+    /// and then each table above it that becomes empty in turn (never the
+    /// root), retiring them as [`clear_rec`](Self::clear_rec) does; stops
+    /// where retiring fails (the table stays attached). Returns whether any
+    /// table was detached.
+    #[inline(never)]
+    fn detach_empty_leaf_table(&mut self, iova: u64) -> bool {
+        // (table, index) of the entry leading down, by height.
+        let mut path = [(PhysAddr(0), 0usize); 5];
+        let mut table = self.root;
+        for h in (1..=self.top_height()).rev() {
+            let idx = index(iova, h);
+            let Some(slot) = path.get_mut(h as usize) else {
+                return false;
+            };
+            *slot = (table, idx);
+            match self.fmt.decode(self.read(table, idx), h) {
+                Pte::Table(t) => table = t,
+                _ => return false,
+            }
+        }
+        let mut child = table;
+        let mut freed = false;
+        for h in 1..=self.top_height() {
+            let Some(&(parent, idx)) = path.get(h as usize) else {
+                break;
+            };
+            if self.retired.push(child).is_err() {
+                break;
+            }
+            self.write(parent, idx, 0);
+            self.clean_entries(parent, idx, idx + 1);
+            self.table_pages -= 1;
+            self.leaf_cache.0 = NO_REGION;
+            freed = true;
+            if parent == self.root {
+                break;
+            }
+            let present = |i: usize| self.present(self.read(parent, i), h);
+            if (idx + 1..ENTRIES).any(present) || (0..idx).any(present) {
+                break;
+            }
+            child = parent;
+        }
+        freed
     }
 
     fn map_rec(
@@ -705,9 +752,13 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             // be empty.)
             return false;
         }
+        if table == self.root {
+            // The root is never detached: whether it is empty does not matter.
+            return false;
+        }
         // Look next to what was cleared first: neighbours are the likeliest
         // to still be present, which keeps sequential unmaps O(1) per page.
-        let present = |i: usize| self.fmt.decode(self.read(table, i), h) != Pte::Invalid;
+        let present = |i: usize| self.present(self.read(table, i), h);
         !((hi..ENTRIES).any(present) || (0..lo.min(hi)).any(present))
     }
 
