@@ -455,6 +455,16 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// `x` with four significant digits (1 GiB cases are fractions of a ns/page).
+fn ns(x: f64) -> String {
+    let digits = if x > 0.0 {
+        (3.0 - x.log10().floor()).clamp(0.0, 9.0) as usize
+    } else {
+        3
+    };
+    format!("{x:.digits$}")
+}
+
 fn summary(facts: &Facts) {
     println!();
     println!(
@@ -478,13 +488,17 @@ fn summary(facts: &Facts) {
             };
             if let Some(p) = result(case, &format!("{fmt}/{peer}")) {
                 println!(
-                    "bench: {case}/{fmt} ours={ours:.3} ns/page {peer}={p:.3} ns/page ratio={:.2}",
+                    "bench: {case}/{fmt} ours={} ns/page {peer}={} ns/page ratio={:.2}",
+                    ns(ours),
+                    ns(p),
                     p / ours
                 );
             }
             if let Some(l) = result(case, "limit") {
                 println!(
-                    "bench: {case}/{fmt} ours={ours:.3} ns/page limit={l:.3} ns/page ratio={:.2}",
+                    "bench: {case}/{fmt} ours={} ns/page limit={} ns/page ratio={:.2}",
+                    ns(ours),
+                    ns(l),
                     ours / l
                 );
             }
@@ -497,13 +511,17 @@ fn summary(facts: &Facts) {
         };
         if let Some(p) = result(case, &format!("{fmt}/one-step")) {
             println!(
-                "bench: {case}/{fmt} ours={ours:.1} ns/page one-step={p:.1} ns/page ratio={:.2}",
+                "bench: {case}/{fmt} ours={} ns/page one-step={} ns/page ratio={:.2}",
+                ns(ours),
+                ns(p),
                 p / ours
             );
         }
         if let Some(l) = result(case, "limit") {
             println!(
-                "bench: {case}/{fmt} ours={ours:.1} ns/page limit={l:.3} ns/page ratio={:.1}",
+                "bench: {case}/{fmt} ours={} ns/page limit={} ns/page ratio={:.2}",
+                ns(ours),
+                ns(l),
                 ours / l
             );
         }
