@@ -514,6 +514,19 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         end: u64,
         attrs: MapAttrs,
     ) -> Result<(), PageTableError> {
+        if h == 0 {
+            // A leaf table: `[iova, end)` lies inside it (the caller split the
+            // range at this table's bounds). One tight loop of page entries.
+            let i0 = index(iova, 0);
+            let i1 = (i0 + ((end - iova) / PAGE_SIZE) as usize).min(ENTRIES);
+            let mut p = pa;
+            for i in i0..i1 {
+                self.write(table, i, self.fmt.leaf(PhysAddr(p), 0, attrs));
+                p += PAGE_SIZE;
+            }
+            self.clean_entries(table, i0, i1);
+            return Ok(());
+        }
         let esize = entry_size(h);
         let mut cur = iova;
         let (mut lo, mut hi) = (usize::MAX, 0usize);
