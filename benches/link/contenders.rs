@@ -27,6 +27,9 @@ pub const PAGE: u64 = 4096;
 pub const GIB: u64 = 1 << 30;
 /// Output address of the 1 GiB run (1 GiB aligned, so blocks fit).
 pub const PA_1G: u64 = 0x40_0000_0000;
+/// Output address of a contiguous run of pages: 4 KiB past a 2 MiB
+/// boundary, so no block can be used and every page takes a descriptor.
+pub const PA_RUN: u64 = 0x20_0000_1000;
 
 /// Output address of the `i`-th separate 4 KiB page: every other page of a
 /// region, so no two are contiguous and nobody can merge them.
@@ -68,6 +71,9 @@ pub trait Contender<'a>: Sized {
     fn link_4k(&mut self, n: u64);
     /// Unmaps the `n` pages of `link_4k`, one call per page, then one sync.
     fn unlink_4k(&mut self, n: u64);
+    /// Maps `n` physically contiguous pages at `PA_RUN` at `VA_BASE` with as
+    /// few calls as the API allows (4 KiB descriptors only), then one sync.
+    fn link_run(&mut self, n: u64);
     /// Maps the physically contiguous GiB at `PA_1G` at `VA_BASE`, with the
     /// largest blocks the format allows, then one sync.
     fn link_1g(&mut self);
@@ -142,6 +148,23 @@ impl<'a, F: PteFormat + Default> Contender<'a> for Ours<'a, F> {
     }
 
     #[inline(never)]
+    fn link_run(&mut self, n: u64) {
+        let mut tx = self.tx(n * PAGE);
+        self.dom
+            .link(
+                &mut tx,
+                PhysAddr(PA_RUN),
+                0,
+                n * PAGE,
+                DmaDirection::Bidirectional,
+                MapAttrs::empty(),
+            )
+            .unwrap();
+        self.dom.sync(&mut self.be).unwrap();
+        self.tx = Some(tx);
+    }
+
+    #[inline(never)]
     fn link_1g(&mut self) {
         let mut tx = self.tx(GIB);
         self.dom
@@ -196,6 +219,9 @@ impl<'a> Contender<'a> for Aarch64S1<'a> {
     fn unlink_4k(&mut self, n: u64) {
         aarch64_unlink_4k(&mut self.map, n)
     }
+    fn link_run(&mut self, n: u64) {
+        aarch64_link_run(&mut self.map, self.flags, n)
+    }
     fn link_1g(&mut self) {
         aarch64_link_1g(&mut self.map, self.flags)
     }
@@ -221,6 +247,9 @@ impl<'a> Contender<'a> for Aarch64S2<'a> {
     }
     fn unlink_4k(&mut self, n: u64) {
         aarch64_unlink_4k(&mut self.map, n)
+    }
+    fn link_run(&mut self, n: u64) {
+        aarch64_link_run(&mut self.map, self.flags, n)
     }
     fn link_1g(&mut self) {
         aarch64_link_1g(&mut self.map, self.flags)
@@ -263,6 +292,21 @@ fn aarch64_unlink_4k<R: TranslationRegime>(map: &mut Mapping<ArenaRef<'_>, R>, n
         )
         .unwrap();
     }
+}
+
+#[inline(never)]
+fn aarch64_link_run<R: TranslationRegime>(
+    map: &mut Mapping<ArenaRef<'_>, R>,
+    flags: R::Attributes,
+    n: u64,
+) {
+    map.map_range(
+        &region(VA_BASE, n * PAGE),
+        PhysicalAddress(PA_RUN as usize),
+        flags,
+        Constraints::empty(),
+    )
+    .unwrap();
 }
 
 #[inline(never)]
@@ -331,6 +375,20 @@ impl<'a> Contender<'a> for X86<'a> {
             Mapper::<Size4KiB>::unmap(&mut self.pt, page)
                 .unwrap()
                 .1
+                .ignore();
+        }
+    }
+
+    /// The mapper has no range call: one `map_to` per page.
+    #[inline(never)]
+    fn link_run(&mut self, n: u64) {
+        for i in 0..n {
+            let page =
+                Page::<Size4KiB>::containing_address(x86_64::VirtAddr::new(VA_BASE + i * PAGE));
+            let frame = PhysFrame::containing_address(x86_64::PhysAddr::new(PA_RUN + i * PAGE));
+            // SAFETY: the tables are never loaded into CR3.
+            unsafe { self.pt.map_to(page, frame, X86_FLAGS, &mut self.alloc) }
+                .unwrap()
                 .ignore();
         }
     }

@@ -73,6 +73,8 @@ static GLOBAL: CountingAlloc = CountingAlloc;
 
 /// Sizes of the 4 KiB-page cases.
 const NS: [u64; 2] = [512, 32768];
+/// Pages of the contiguous-run case.
+const RUN: u64 = 32768;
 /// Pages in a GiB.
 const PAGES_1G: u64 = GIB / PAGE;
 /// Samples per benchmark (criterion's minimum; the cases are long enough).
@@ -179,6 +181,7 @@ fn steady(
 #[derive(Clone, Copy)]
 enum Op {
     Link4k(u64),
+    LinkRun(u64),
     Unlink4k(u64),
     Link1g,
     Unlink1g,
@@ -189,7 +192,7 @@ impl Op {
     fn setup<'a, C: Contender<'a>>(self, arena: &'a Arena) -> C {
         let mut c = C::new(arena);
         match self {
-            Op::Link4k(_) | Op::Link1g => {}
+            Op::Link4k(_) | Op::LinkRun(_) | Op::Link1g => {}
             Op::Unlink4k(n) => c.link_4k(n),
             Op::Unlink1g => c.link_1g(),
         }
@@ -200,6 +203,7 @@ impl Op {
     fn work<'a, C: Contender<'a>>(self, c: &mut C) {
         match self {
             Op::Link4k(n) => c.link_4k(n),
+            Op::LinkRun(n) => c.link_run(n),
             Op::Unlink4k(n) => c.unlink_4k(n),
             Op::Link1g => c.link_1g(),
             Op::Unlink1g => c.unlink_1g(),
@@ -208,7 +212,7 @@ impl Op {
 
     fn pages(self) -> u64 {
         match self {
-            Op::Link4k(n) | Op::Unlink4k(n) => n,
+            Op::Link4k(n) | Op::LinkRun(n) | Op::Unlink4k(n) => n,
             Op::Link1g | Op::Unlink1g => PAGES_1G,
         }
     }
@@ -274,6 +278,16 @@ fn run_benches(c: &mut Criterion, arena: &Arena) {
         g.finish();
         arena.reset();
     }
+
+    let n = RUN;
+    let case = format!("linkrun-{n}");
+    let mut g = c.benchmark_group(&case);
+    g.sample_size(SAMPLES);
+    per_format(&mut g, &case, Op::LinkRun(n), arena);
+    let limit = Limit::new(arena, n);
+    steady(&mut g, &case, "limit", n, || limit.store(n));
+    g.finish();
+    arena.reset();
 
     let mut g = c.benchmark_group("link1g");
     g.sample_size(SAMPLES);
@@ -476,6 +490,7 @@ fn summary(facts: &Facts) {
     for n in NS {
         cases.push(format!("link4k-{n}"));
     }
+    cases.push(format!("linkrun-{RUN}"));
     cases.push("link1g".into());
     for n in NS {
         cases.push(format!("unlink4k-{n}"));
@@ -561,6 +576,7 @@ fn profile(what: &str, arena: &Arena) {
     let op = match case {
         "link4k-512" => Op::Link4k(512),
         "link4k-32768" => Op::Link4k(32768),
+        "linkrun-32768" => Op::LinkRun(32768),
         "link1g" => Op::Link1g,
         "unlink4k-512" => Op::Unlink4k(512),
         "unlink4k-32768" => Op::Unlink4k(32768),
