@@ -20,6 +20,9 @@ pub enum TableFormat {
     ArmStage2,
     /// Intel VT-d second-level (legacy context entry SLPTPTR).
     VtdSecondLevel,
+    /// Intel VT-d first-level (x86-64 4-level paging; scalable-mode PASID
+    /// entry FLPTPTR). The format lives in `vtd::first_level`.
+    VtdFirstLevel,
 }
 
 /// What a backend needs to know about a translated domain to attach devices

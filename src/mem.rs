@@ -39,6 +39,13 @@ pub unsafe trait TableMemory {
     fn clean(&self, pa: PhysAddr, len: usize) {
         let _ = (pa, len);
     }
+
+    /// Drops CPU cache lines of `[pa, pa + len)` so the CPU reads what a
+    /// non-coherent IOMMU wrote there (event queue records, fault records,
+    /// completion status). The default does nothing, right for coherent IOMMUs.
+    fn invalidate(&self, pa: PhysAddr, len: usize) {
+        let _ = (pa, len);
+    }
 }
 
 // SAFETY: forwards every call to `T`, which upholds the contract.
@@ -55,6 +62,9 @@ unsafe impl<T: TableMemory + ?Sized> TableMemory for &T {
     }
     fn clean(&self, pa: PhysAddr, len: usize) {
         (**self).clean(pa, len)
+    }
+    fn invalidate(&self, pa: PhysAddr, len: usize) {
+        (**self).invalidate(pa, len)
     }
 }
 

@@ -10,6 +10,7 @@ mod common;
 use bare_iommu::pgtable::arm::{ArmStage1, ArmStage2};
 use bare_iommu::pgtable::vtd::VtdSecondLevel;
 use bare_iommu::testing::RecordingBackend;
+use bare_iommu::vtd::first_level::VtdFirstLevel;
 use bare_iommu::{
     DmaAddr, DmaDirection, DmaError, Domain, DomainConfig, IovaState, MapAttrs, PhysAddr, PteFormat,
 };
@@ -231,6 +232,11 @@ proptest! {
     #[test]
     fn stage2_tables_follow_the_model(ops in proptest::collection::vec(op(), 1..40)) {
         run(ArmStage2, 3, &ops)?;
+    }
+
+    #[test]
+    fn vtd_first_level_tables_follow_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+        run(VtdFirstLevel { fl1gp: true, haw: 48 }, 4, &ops)?;
     }
 
     #[test]

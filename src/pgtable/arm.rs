@@ -3,7 +3,7 @@
 //!
 //! Layout from the Arm ARM (DDI 0487) D8.3 "Translation table descriptor
 //! formats": bit 0 valid, bit 1 table/page (0 = block at levels 1–2),
-//! output address bits [47:12], lower attributes [11:2], upper [63:50].
+//! output address bits `[47:12]`, lower attributes `[11:2]`, upper `[63:50]`.
 
 use super::{MapAttrs, Pte, PteFormat};
 use crate::addr::PhysAddr;

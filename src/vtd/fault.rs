@@ -5,8 +5,8 @@ use core::fmt;
 use crate::addr::DmaAddr;
 use crate::device::DeviceId;
 
-/// Non-recoverable fault reason of a DMA-remapping fault (VT-d appendix A,
-/// legacy mode).
+/// Non-recoverable fault reason of a DMA-remapping fault (VT-d appendix A:
+/// the legacy-mode codes and the scalable-mode codes this driver can cause).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
@@ -37,6 +37,22 @@ pub enum FaultReason {
     PagingEntryReserved,
     /// 0Dh: the context entry's TT forbids this request type.
     TranslationTypeBlocked,
+    /// 59h (scalable mode): the PASID table entry is not present.
+    PasidEntryNotPresent,
+    /// 5Bh (scalable mode): the PASID table entry is invalid.
+    PasidEntryInvalid,
+    /// 70h: a first-level paging entry could not be read.
+    FirstLevelEntryAccess,
+    /// 71h: a first-level paging entry is not present.
+    FirstLevelEntryNotPresent,
+    /// 72h: reserved bits set in a first-level paging entry.
+    FirstLevelEntryReserved,
+    /// 73h: the PASID entry's first-level table pointer is invalid.
+    FirstLevelPointerInvalid,
+    /// 81h: a first-level entry denies the request's privilege (U/S).
+    FirstLevelPrivilege,
+    /// 85h (scalable mode): a write to a page without write permission.
+    ScalableWriteDenied,
     /// Another code (interrupt remapping, scalable mode, …).
     Other(u8),
 }
@@ -58,6 +74,14 @@ impl FaultReason {
             0x0b => Self::ContextEntryReserved,
             0x0c => Self::PagingEntryReserved,
             0x0d => Self::TranslationTypeBlocked,
+            0x59 => Self::PasidEntryNotPresent,
+            0x5b => Self::PasidEntryInvalid,
+            0x70 => Self::FirstLevelEntryAccess,
+            0x71 => Self::FirstLevelEntryNotPresent,
+            0x72 => Self::FirstLevelEntryReserved,
+            0x73 => Self::FirstLevelPointerInvalid,
+            0x81 => Self::FirstLevelPrivilege,
+            0x85 => Self::ScalableWriteDenied,
             c => Self::Other(c),
         }
     }
@@ -204,5 +228,9 @@ mod tests {
             FaultReason::ContextEntryNotPresent
         );
         assert_eq!(FaultReason::from_code(0x31), FaultReason::Other(0x31));
+        assert_eq!(
+            FaultReason::from_code(0x71),
+            FaultReason::FirstLevelEntryNotPresent
+        );
     }
 }

@@ -40,6 +40,50 @@ pub enum IotlbGranularity {
     },
 }
 
+/// Granularity of a PASID-cache invalidation (VT-d 6.5.2.2, scalable mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PasidGranularity {
+    /// Every PASID entry tagged with the domain-id.
+    Domain(u16),
+    /// One PASID in one domain.
+    Pasid {
+        /// Domain-id.
+        did: u16,
+        /// PASID.
+        pasid: u32,
+    },
+    /// Every PASID entry.
+    Global,
+}
+
+/// Granularity of a PASID-based IOTLB invalidation (VT-d 6.5.2.4), for
+/// first-level translations in scalable mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PasidIotlbGranularity {
+    /// Every entry of one PASID in one domain.
+    AllInPasid {
+        /// Domain-id.
+        did: u16,
+        /// PASID.
+        pasid: u32,
+    },
+    /// 2^`am` pages at the naturally aligned `addr` of one PASID.
+    Page {
+        /// Domain-id.
+        did: u16,
+        /// PASID.
+        pasid: u32,
+        /// Base address, aligned to 2^(12 + am).
+        addr: DmaAddr,
+        /// Address mask: 2^am pages.
+        am: u8,
+        /// Invalidation hint: only leaf entries changed.
+        ih: bool,
+    },
+}
+
 /// One 128-bit descriptor of the invalidation queue (VT-d 6.5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InvDesc {
@@ -52,6 +96,10 @@ impl InvDesc {
     pub const TYPE_CONTEXT: u64 = 0x1;
     /// Type field of an IOTLB invalidate descriptor.
     pub const TYPE_IOTLB: u64 = 0x2;
+    /// Type field of a PASID-based IOTLB invalidate descriptor.
+    pub const TYPE_PASID_IOTLB: u64 = 0x6;
+    /// Type field of a PASID-cache invalidate descriptor.
+    pub const TYPE_PASID_CACHE: u64 = 0x7;
     /// Type field of an invalidation wait descriptor.
     pub const TYPE_WAIT: u64 = 0x5;
 
@@ -84,6 +132,48 @@ impl InvDesc {
         };
         Self {
             lo: lo | drain | Self::TYPE_IOTLB,
+            hi,
+        }
+    }
+
+    /// PASID-cache invalidate descriptor (VT-d 6.5.2.2): G (5:4) 00 domain,
+    /// 01 PASID, 11 global; DID 31:16; PASID 51:32.
+    pub const fn pasid_cache(g: PasidGranularity) -> Self {
+        let lo = match g {
+            PasidGranularity::Domain(did) => (did as u64) << 16,
+            PasidGranularity::Pasid { did, pasid } => {
+                (1 << 4) | ((did as u64) << 16) | (((pasid & 0xf_ffff) as u64) << 32)
+            }
+            PasidGranularity::Global => 3 << 4,
+        };
+        Self {
+            lo: lo | Self::TYPE_PASID_CACHE,
+            hi: 0,
+        }
+    }
+
+    /// PASID-based IOTLB invalidate descriptor (VT-d 6.5.2.4): G (5:4) 10
+    /// all of a PASID, 11 page-selective; DID 31:16; PASID 51:32; hi: ADDR
+    /// 63:12, IH bit 6, AM 5:0.
+    pub const fn pasid_iotlb(g: PasidIotlbGranularity) -> Self {
+        let (lo, hi) = match g {
+            PasidIotlbGranularity::AllInPasid { did, pasid } => (
+                (2 << 4) | ((did as u64) << 16) | (((pasid & 0xf_ffff) as u64) << 32),
+                0,
+            ),
+            PasidIotlbGranularity::Page {
+                did,
+                pasid,
+                addr,
+                am,
+                ih,
+            } => (
+                (3 << 4) | ((did as u64) << 16) | (((pasid & 0xf_ffff) as u64) << 32),
+                (addr.0 & !0xfff) | ((ih as u64) << 6) | (am as u64 & 0x3f),
+            ),
+        };
+        Self {
+            lo: lo | Self::TYPE_PASID_IOTLB,
             hi,
         }
     }
@@ -220,6 +310,47 @@ mod tests {
         assert_eq!(
             InvDesc::iotlb(psi, false, true).raw(),
             [0x0001_0072, 0x20_0049]
+        );
+    }
+
+    #[test]
+    fn pasid_cache_descriptors_match_hand_worked_values() {
+        assert_eq!(
+            InvDesc::pasid_cache(PasidGranularity::Pasid { did: 2, pasid: 0 }).raw(),
+            [0x0002_0017, 0]
+        );
+        assert_eq!(
+            InvDesc::pasid_cache(PasidGranularity::Pasid {
+                did: 1,
+                pasid: 0x1_2345
+            })
+            .raw(),
+            [0x1_2345_0001_0017, 0]
+        );
+        assert_eq!(
+            InvDesc::pasid_cache(PasidGranularity::Global).raw(),
+            [0x37, 0]
+        );
+        assert_eq!(
+            InvDesc::pasid_cache(PasidGranularity::Domain(4)).raw(),
+            [0x4_0007, 0]
+        );
+    }
+
+    #[test]
+    fn pasid_iotlb_descriptors_match_hand_worked_values() {
+        let all = PasidIotlbGranularity::AllInPasid { did: 3, pasid: 0 };
+        assert_eq!(InvDesc::pasid_iotlb(all).raw(), [0x3_0026, 0]);
+        let page = PasidIotlbGranularity::Page {
+            did: 1,
+            pasid: 0x10,
+            addr: DmaAddr(0x40_0000),
+            am: 9,
+            ih: true,
+        };
+        assert_eq!(
+            InvDesc::pasid_iotlb(page).raw(),
+            [0x10_0001_0036, 0x40_0049]
         );
     }
 

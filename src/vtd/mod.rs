@@ -1,34 +1,65 @@
-//! Intel VT-d remapping-hardware driver (legacy-mode translation).
+//! Intel VT-d remapping-hardware driver.
 //!
 //! [`Vtd`] drives one DMA-remapping hardware unit (one DRHD of the ACPI DMAR
-//! table; finding it is the platform's job). It keeps a legacy root table and
-//! per-bus context tables in lent memory, invalidates through the
-//! invalidation queue (or the CCMD/IOTLB registers when queued invalidation is
-//! absent or not wanted), decodes fault records, and implements
-//! [`IommuBackend`] so the core's two-step API drives it unchanged.
+//! table; finding it is the platform's job). It keeps the root table and
+//! context tables in lent memory (legacy mode, or scalable mode with PASID
+//! tables when [`VtdConfig::scalable`]), invalidates through the invalidation
+//! queue (or the CCMD/IOTLB registers when queued invalidation is absent or
+//! not wanted), decodes fault records, and implements [`IommuBackend`] so the
+//! core's two-step API drives it unchanged.
 //!
 //! ```no_run
-//! # use bare_iommu::{TableMemory, vtd::{Vtd, VtdConfig}};
-//! # fn demo<M: TableMemory>(base: usize, mem: M) -> Result<(), bare_iommu::vtd::VtdError> {
-//! // SAFETY: `base` maps the unit's registers and nothing else drives it.
-//! let mut vtd = unsafe { Vtd::new(base, mem)? };
-//! // `log` or a UART: the decoded capabilities.
-//! let _features = vtd.features();
-//! vtd.init(VtdConfig::default())?; // translation on, every device blocked
-//! # Ok(()) }
+//! use bare_iommu::pgtable::{DmaDirection, MapAttrs};
+//! use bare_iommu::state::{Domain, DomainConfig};
+//! use bare_iommu::vtd::{Vtd, VtdConfig};
+//! use bare_iommu::{DeviceId, IommuBackend, PhysAddr, TableMemory};
+//!
+//! fn demo<M: TableMemory + Copy>(base: usize, mem: M, buf: PhysAddr) -> Option<u64> {
+//!     // SAFETY: `base` maps the unit's registers and nothing else drives it.
+//!     let mut vtd = unsafe { Vtd::new(base, mem) }.ok()?;
+//!     let _caps = vtd.features(); // Display: the decoded CAP/ECAP
+//!     vtd.init(VtdConfig::default()).ok()?; // translation on, every device blocked
+//!
+//!     let cfg = DomainConfig {
+//!         id: 1,
+//!         levels: vtd.domain_levels(),
+//!         aperture_start: 1 << 20,
+//!         aperture_end: 1 << 32,
+//!         coherent_walk: vtd.coherent_walk(),
+//!     };
+//!     let mut dom = Domain::new(vtd.second_level_format(), mem, cfg).ok()?;
+//!     let dev = DeviceId::new(0, 0, 3, 0)?;
+//!     vtd.attach(dev, dom.attachment()).ok()?;
+//!
+//!     let mut tx = dom.try_alloc(2 * 4096, u64::MAX).ok()?.into_iova()?;
+//!     let iova = dom
+//!         .link(&mut tx, buf, 0, 4096, DmaDirection::FromDevice, MapAttrs::empty())
+//!         .ok()?;
+//!     dom.sync(&mut vtd).ok()?; // one invalidation-wait descriptor
+//!     // ... the device DMAs to `iova` ...
+//!     dom.destroy(tx, &mut vtd).ok()?; // unlink, invalidate, wait, free the IOVA
+//!     vtd.poll_faults(|f| {
+//!         let _ = f; // decoded FaultRecord: source-id, address, reason
+//!     });
+//!     Some(iova.0)
+//! }
 //! ```
 
 pub mod caps;
 pub mod context;
 pub mod fault;
+pub mod first_level;
 pub mod inv;
 pub mod qi;
 pub mod reginv;
 pub mod regs;
 pub mod root;
+mod scalable;
+pub mod sm;
 #[cfg(test)]
 mod testmem;
 
+use crate::logging::{log_debug, log_warn};
 use core::ptr::NonNull;
 use core::sync::atomic::{Ordering, fence};
 
@@ -37,8 +68,12 @@ use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 pub use caps::Features;
 pub use context::{ContextEntry, TranslationType};
 pub use fault::{Access, FaultReason, FaultRecord, FaultStatus};
-pub use inv::{ContextGranularity, InvDesc, IotlbGranularity};
+pub use first_level::VtdFirstLevel;
+pub use inv::{
+    ContextGranularity, InvDesc, IotlbGranularity, PasidGranularity, PasidIotlbGranularity,
+};
 pub use root::RootEntry;
+pub use sm::{PasidDirEntry, PasidEntry, Pgtt, ScalableContextEntry, ScalableRootEntry};
 
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::backend::{Attachment, DomainInfo, IommuBackend, TableFormat};
@@ -107,6 +142,10 @@ pub struct VtdConfig {
     pub segment: u16,
     /// Bound on every poll loop, in register reads.
     pub poll_budget: u32,
+    /// Scalable-mode translation (RTADDR.TTM = 01b): scalable context
+    /// entries and PASID tables whose PASID 0 entry carries the
+    /// second-level table. Needs ECAP.SMTS, ECAP.SLTS and queued invalidation.
+    pub scalable: bool,
 }
 
 impl Default for VtdConfig {
@@ -116,8 +155,33 @@ impl Default for VtdConfig {
             bypass_domain_id: None,
             segment: 0,
             poll_budget: DEFAULT_POLL_BUDGET,
+            scalable: false,
         }
     }
+}
+
+/// How a device's DMA is currently programmed, read back from the tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum DeviceState {
+    /// No present context (or PASID) entry: DMA is blocked.
+    Blocked,
+    /// Translated through a second-level (or, in scalable mode, first-level) table.
+    Translated {
+        /// Which table format the unit walks.
+        format: TableFormat,
+        /// Domain-id.
+        did: u16,
+        /// Second-level table root.
+        root: PhysAddr,
+        /// Table levels (AW + 2).
+        levels: u8,
+    },
+    /// Pass-through.
+    PassThrough {
+        /// Domain-id.
+        did: u16,
+    },
 }
 
 /// Counters of what the driver asked the hardware to do.
@@ -130,9 +194,11 @@ pub struct VtdStats {
     pub wait_descriptors: u64,
     /// Descriptors submitted to the invalidation queue (waits included).
     pub queued_descriptors: u64,
-    /// Page-selective IOTLB invalidations (queued or by register).
+    /// Page-selective IOTLB invalidations (queued or by register; PASID-based
+    /// page-selective ones for first-level domains included).
     pub iotlb_psi: u64,
-    /// Domain-selective IOTLB invalidations.
+    /// Domain-selective IOTLB invalidations (PASID-based all-in-PASID ones
+    /// for first-level domains included).
     pub iotlb_dsi: u64,
     /// Global IOTLB invalidations.
     pub iotlb_global: u64,
@@ -153,9 +219,12 @@ pub struct Vtd<M: TableMemory> {
     features: Features,
     root: Option<PhysAddr>,
     queue: Option<InvQueue>,
+    /// A queue switched off by [`Vtd::set_queued_invalidation`], kept for reuse.
+    parked: Option<InvQueue>,
     budget: u32,
     segment: u16,
     bypass_did: u16,
+    scalable: bool,
     stats: VtdStats,
 }
 
@@ -199,9 +268,11 @@ impl<M: TableMemory> Vtd<M> {
             features,
             root: None,
             queue: None,
+            parked: None,
             budget: DEFAULT_POLL_BUDGET,
             segment: 0,
             bypass_did,
+            scalable: false,
             stats: VtdStats::default(),
         })
     }
@@ -221,7 +292,7 @@ impl<M: TableMemory> Vtd<M> {
         let off = regs::frcd_offset(self.features.cap, usize::from(index));
         // SAFETY: CAP.FRO and CAP.NFR place the fault-recording registers
         // inside the unit's register page (index < NFR + 1, checked by callers).
-        unsafe { &*((self.base + off) as *const FrcdRegs) }
+        unsafe { &*(self.base.wrapping_add(off) as *const FrcdRegs) }
     }
 
     /// The decoded capabilities.
@@ -232,9 +303,9 @@ impl<M: TableMemory> Vtd<M> {
     /// Counters since probe.
     pub fn stats(&self) -> VtdStats {
         let mut s = self.stats;
-        if let Some(q) = &self.queue {
-            s.wait_descriptors = q.waits();
-            s.queued_descriptors = q.submitted();
+        for q in [&self.queue, &self.parked].into_iter().flatten() {
+            s.wait_descriptors += q.waits();
+            s.queued_descriptors += q.submitted();
         }
         s
     }
@@ -249,9 +320,22 @@ impl<M: TableMemory> Vtd<M> {
         self.regs().gsts.get()
     }
 
-    /// Raw IQT (tail index × 16), for tests counting descriptors.
-    pub fn queue_tail(&self) -> u64 {
-        self.regs().iqt.get()
+    /// IQT as a descriptor slot index (IQT / descriptor size), for tests
+    /// counting descriptors; 0 when queued invalidation is off.
+    pub fn queue_tail(&self) -> u32 {
+        let size = if self.scalable { 32 } else { 16 };
+        ((self.regs().iqt.get() & 0x7_fff0) / size) as u32
+    }
+
+    /// Descriptor slots in the invalidation queue (256, or 128 with the
+    /// 256-bit descriptors of scalable mode); 0 without a queue.
+    pub fn queue_entries(&self) -> u32 {
+        self.queue.as_ref().map_or(0, |q| q.entries())
+    }
+
+    /// Whether scalable-mode translation is on.
+    pub fn is_scalable(&self) -> bool {
+        self.scalable
     }
 
     /// The VT-d second-level page-table format this unit walks: superpage
@@ -264,9 +348,25 @@ impl<M: TableMemory> Vtd<M> {
         }
     }
 
-    /// Table levels for new domains: 4 (48-bit) when SAGAW allows, else 3.
+    /// Table levels for new second-level domains: 4 (48-bit) when SAGAW
+    /// allows, else 3. First-level domains always use 4.
     pub fn domain_levels(&self) -> u8 {
         self.features.max_levels().unwrap_or(3)
+    }
+
+    /// The VT-d first-level format this unit walks (scalable mode with
+    /// ECAP.FLTS): 2 MiB pages always, 1 GiB with CAP.FL1GP.
+    pub fn first_level_format(&self) -> VtdFirstLevel {
+        VtdFirstLevel {
+            fl1gp: self.features.fl1gp,
+            haw: self.features.mgaw,
+        }
+    }
+
+    /// Whether domains for this unit should use first-level tables: scalable
+    /// mode on a unit with ECAP.FLTS but no ECAP.SLTS.
+    pub fn wants_first_level(&self) -> bool {
+        self.scalable && self.features.flts && !self.features.slts
     }
 
     /// The domain-id used by pass-through context entries.
@@ -322,6 +422,19 @@ impl<M: TableMemory> Vtd<M> {
         if let Some(did) = config.bypass_domain_id {
             self.bypass_did = did;
         }
+        if config.scalable {
+            if !(self.features.smts && (self.features.slts || self.features.flts)) {
+                return Err(BackendError::Unsupported(
+                    "scalable mode needs ECAP.SMTS and ECAP.SLTS or ECAP.FLTS",
+                )
+                .into());
+            }
+            if !(config.use_qi && self.features.qi) {
+                return Err(
+                    BackendError::Unsupported("scalable mode needs queued invalidation").into(),
+                );
+            }
+        }
         let te = GCMD::TE::SET.value;
         let qie = GCMD::QIE::SET.value;
         // Firmware or an earlier run may have left things on.
@@ -332,6 +445,8 @@ impl<M: TableMemory> Vtd<M> {
             self.gcmd(qie, false, "VT-d GSTS.QIES clear")?;
         }
         self.queue = None;
+        self.parked = None;
+        self.scalable = config.scalable;
         if self.regs().pmen.is_set(PMEN::PRS) {
             self.regs().pmen.modify(PMEN::EPM::CLEAR);
             let mut polls = 0u32;
@@ -350,20 +465,25 @@ impl<M: TableMemory> Vtd<M> {
         let root = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
         self.mem.clean(root, 4096);
         self.root = Some(root);
+        let ttm = if self.scalable {
+            RTADDR::TTM::Scalable
+        } else {
+            RTADDR::TTM::Legacy
+        };
         self.regs()
             .rtaddr
-            .write(RTADDR::RTA.val(root.0 >> 12) + RTADDR::TTM::Legacy);
+            .write(RTADDR::RTA.val(root.0 >> 12) + ttm);
         self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS")?;
 
         if config.use_qi && self.features.qi {
-            let mut q = InvQueue::new(&self.mem, self.budget)?;
-            q.program(self.regs());
-            self.gcmd(qie, true, "VT-d GSTS.QIES set")?;
-            self.queue = Some(q);
+            self.set_queued_invalidation(true)?;
         }
 
         self.flush_write_buffer()?;
         self.context_invalidate(ContextGranularity::Global)?;
+        if self.scalable {
+            self.pasid_cache_invalidate(PasidGranularity::Global)?;
+        }
         self.iotlb_invalidate(IotlbGranularity::Global)?;
         self.sync()?;
 
@@ -376,14 +496,46 @@ impl<M: TableMemory> Vtd<M> {
         Ok(())
     }
 
+    /// Switches between queued and register-based invalidation while
+    /// translation stays on. Switching off first syncs (the queue must be
+    /// drained, its last descriptor a wait); switching on (re)programs the
+    /// queue with IQT = 0. Both GCMD writes keep TE (VT-d 6.5.2, 11.4.4).
+    pub fn set_queued_invalidation(&mut self, on: bool) -> Result<(), BackendError> {
+        if on == self.queue.is_some() {
+            return Ok(());
+        }
+        let qie = GCMD::QIE::SET.value;
+        if on {
+            if !self.features.qi {
+                return Err(BackendError::Unsupported(
+                    "queued invalidation needs ECAP.QI",
+                ));
+            }
+            let mut q = match self.parked.take() {
+                Some(q) => q,
+                None => InvQueue::new(&self.mem, self.budget, self.scalable)?,
+            };
+            q.program(self.regs());
+            self.gcmd(qie, true, "VT-d GSTS.QIES set")?;
+            self.queue = Some(q);
+        } else {
+            if self.scalable && self.regs().gsts.get() & GCMD::TE::SET.value != 0 {
+                return Err(BackendError::Unsupported(
+                    "scalable mode runs on queued invalidation",
+                ));
+            }
+            self.sync()?;
+            self.gcmd(qie, false, "VT-d GSTS.QIES clear")?;
+            self.parked = self.queue.take();
+        }
+        Ok(())
+    }
+
     /// Turns translation and queued invalidation off (every device then
     /// accesses memory untranslated).
     pub fn disable(&mut self) -> Result<(), BackendError> {
         self.gcmd(GCMD::TE::SET.value, false, "VT-d GSTS.TES clear")?;
-        if self.queue.take().is_some() {
-            self.gcmd(GCMD::QIE::SET.value, false, "VT-d GSTS.QIES clear")?;
-        }
-        Ok(())
+        self.set_queued_invalidation(false)
     }
 
     fn flush_write_buffer(&mut self) -> Result<(), BackendError> {
@@ -407,6 +559,29 @@ impl<M: TableMemory> Vtd<M> {
         }
     }
 
+    fn pasid_cache_invalidate(&mut self, g: PasidGranularity) -> Result<(), BackendError> {
+        let q = self.queue.as_mut().ok_or(BackendError::Unsupported(
+            "PASID-cache invalidation needs queued invalidation",
+        ))?;
+        // SAFETY: see `regs()`.
+        let regs = unsafe { self.regs.as_ref() };
+        q.push(regs, &self.mem, InvDesc::pasid_cache(g))
+    }
+
+    /// PASID-based IOTLB invalidation (first-level domains, scalable mode).
+    fn pasid_iotlb_invalidate(&mut self, g: PasidIotlbGranularity) -> Result<(), BackendError> {
+        match g {
+            PasidIotlbGranularity::AllInPasid { .. } => self.stats.iotlb_dsi += 1,
+            PasidIotlbGranularity::Page { .. } => self.stats.iotlb_psi += 1,
+        }
+        let q = self.queue.as_mut().ok_or(BackendError::Unsupported(
+            "PASID-based IOTLB invalidation needs queued invalidation",
+        ))?;
+        // SAFETY: see `regs()`.
+        let regs = unsafe { self.regs.as_ref() };
+        q.push(regs, &self.mem, InvDesc::pasid_iotlb(g))
+    }
+
     fn iotlb_invalidate(&mut self, g: IotlbGranularity) -> Result<(), BackendError> {
         match g {
             IotlbGranularity::Global => self.stats.iotlb_global += 1,
@@ -425,8 +600,48 @@ impl<M: TableMemory> Vtd<M> {
         }
     }
 
-    /// Physical address of the context entry of `dev`, allocating the bus's
-    /// context table when `create`.
+    /// Reads `N` consecutive 64-bit words of a lent table at `pa`.
+    fn read_words<const N: usize>(&self, pa: PhysAddr) -> [u64; N] {
+        let p = self.mem.phys_to_virt(pa).cast::<u64>();
+        let mut out = [0u64; N];
+        for (i, w) in out.iter_mut().enumerate() {
+            // SAFETY: `pa` is an 8-byte aligned entry of `N` words inside a
+            // table page lent by `mem` (callers pass entry addresses only).
+            *w = unsafe { p.add(i).read_volatile() };
+        }
+        out
+    }
+
+    /// Writes an entry whose present bit is bit 0 of word 0 so the hardware
+    /// never sees a half-written present entry: a present entry gets word 0
+    /// last, a not-present one first.
+    fn write_words(&self, pa: PhysAddr, words: &[u64]) {
+        let p = self.mem.phys_to_virt(pa).cast::<u64>();
+        let Some((&first, rest)) = words.split_first() else {
+            return;
+        };
+        let write_rest = || {
+            for (i, &w) in rest.iter().enumerate() {
+                // SAFETY: as in `read_words`; word i + 1 of the entry.
+                unsafe { p.add(i + 1).write_volatile(w) };
+            }
+        };
+        if first & 1 != 0 {
+            write_rest();
+            fence(Ordering::SeqCst);
+            // SAFETY: as in `read_words`; word 0 of the entry.
+            unsafe { p.write_volatile(first) };
+        } else {
+            // SAFETY: as above.
+            unsafe { p.write_volatile(first) };
+            fence(Ordering::SeqCst);
+            write_rest();
+        }
+        self.mem.clean(pa, words.len() * 8);
+    }
+
+    /// Physical address of the context entry of `dev` (16 bytes in legacy
+    /// mode, 32 in scalable mode), allocating the context table when `create`.
     fn context_slot(
         &mut self,
         dev: DeviceId,
@@ -439,60 +654,67 @@ impl<M: TableMemory> Vtd<M> {
             .root
             .ok_or(BackendError::Unsupported("VT-d unit not initialised"))?;
         let rpa = PhysAddr(root.0 + u64::from(dev.bus) * 16);
-        let rp = self.mem.phys_to_virt(rpa).cast::<u64>();
-        // SAFETY: the root table is one lent page of 256 16-byte entries; bus < 256.
-        let re = RootEntry::from_raw(unsafe { [rp.read_volatile(), rp.add(1).read_volatile()] });
-        let table = if re.is_present() {
-            re.context_table()
-        } else if create {
-            let t = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
-            self.mem.clean(t, 4096);
-            let [lo, hi] = RootEntry::present(t).raw();
-            // SAFETY: as above; hi first, then lo with P.
-            unsafe {
-                rp.add(1).write_volatile(hi);
-                fence(Ordering::SeqCst);
-                rp.write_volatile(lo);
-            }
-            self.mem.clean(rpa, 16);
-            t
+        let raw = self.read_words::<2>(rpa);
+        let existing = if self.scalable {
+            ScalableRootEntry::from_raw(raw).context_table(dev.devfn)
         } else {
-            return Ok(None);
+            let re = RootEntry::from_raw(raw);
+            re.is_present().then(|| re.context_table())
         };
-        Ok(Some(PhysAddr(table.0 + u64::from(dev.devfn) * 16)))
+        let table = match existing {
+            Some(t) => t,
+            None if create => {
+                let t = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
+                self.mem.clean(t, 4096);
+                let new = if self.scalable {
+                    ScalableRootEntry::from_raw(raw)
+                        .with_context_table(dev.devfn, t)
+                        .raw()
+                } else {
+                    RootEntry::present(t).raw()
+                };
+                // Only the half for this devfn changes; the other keeps its
+                // value, so the write order of the halves does not matter.
+                self.write_words(rpa, &new);
+                t
+            }
+            None => return Ok(None),
+        };
+        Ok(Some(if self.scalable {
+            PhysAddr(table.0 + u64::from(dev.devfn & 0x7f) * 32)
+        } else {
+            PhysAddr(table.0 + u64::from(dev.devfn) * 16)
+        }))
     }
 
     fn read_context(&self, pa: PhysAddr) -> ContextEntry {
-        let p = self.mem.phys_to_virt(pa).cast::<u64>();
-        // SAFETY: `pa` is a 16-byte slot of a lent context-table page.
-        ContextEntry::from_raw(unsafe { [p.read_volatile(), p.add(1).read_volatile()] })
+        ContextEntry::from_raw(self.read_words::<2>(pa))
     }
 
-    /// Writes a context entry so the hardware never sees a half-written
-    /// present entry: clearing writes the P half first, setting writes it last.
     fn write_context(&self, pa: PhysAddr, e: ContextEntry) {
-        let p = self.mem.phys_to_virt(pa).cast::<u64>();
-        let [lo, hi] = e.raw();
-        // SAFETY: `pa` is a 16-byte slot of a lent context-table page.
-        unsafe {
-            if e.is_present() {
-                p.add(1).write_volatile(hi);
-                fence(Ordering::SeqCst);
-                p.write_volatile(lo);
-            } else {
-                p.write_volatile(lo);
-                fence(Ordering::SeqCst);
-                p.add(1).write_volatile(hi);
-            }
-        }
-        self.mem.clean(pa, 16);
+        self.write_words(pa, &e.raw());
     }
 
-    /// The context entry currently programmed for `dev` (blocked if none).
-    pub fn context_entry(&mut self, dev: DeviceId) -> Result<ContextEntry, BackendError> {
-        Ok(match self.context_slot(dev, false)? {
-            Some(pa) => self.read_context(pa),
-            None => ContextEntry::blocked(),
+    /// How `dev`'s DMA is programmed now, read back from the tables.
+    pub fn device_state(&mut self, dev: DeviceId) -> Result<DeviceState, BackendError> {
+        let Some(slot) = self.context_slot(dev, false)? else {
+            return Ok(DeviceState::Blocked);
+        };
+        if self.scalable {
+            return Ok(self.scalable_state(slot));
+        }
+        let ce = self.read_context(slot);
+        Ok(if !ce.is_present() {
+            DeviceState::Blocked
+        } else if ce.tt() == TranslationType::PassThrough as u8 {
+            DeviceState::PassThrough { did: ce.did() }
+        } else {
+            DeviceState::Translated {
+                format: TableFormat::VtdSecondLevel,
+                did: ce.did(),
+                root: ce.slptptr(),
+                levels: ce.aw() + 2,
+            }
         })
     }
 
@@ -508,21 +730,47 @@ impl<M: TableMemory> Vtd<M> {
                 )
             }
             Attachment::Translated(info) => {
-                if info.format != TableFormat::VtdSecondLevel {
-                    return Err(BackendError::Unsupported(
-                        "VT-d translates only VtdSecondLevel tables",
-                    ));
-                }
-                if !self.features.supports_levels(info.levels) {
-                    return Err(BackendError::Unsupported(
-                        "table levels not in CAP.SAGAW (3 = 39-bit, 4 = 48-bit)",
-                    ));
-                }
-                self.check_did(info.id)?;
+                self.check_translated(&info)?;
                 ContextEntry::translated(info.root, info.levels, info.id)
                     .ok_or(BackendError::Unsupported("table levels"))
             }
         }
+    }
+
+    /// Whether this unit can walk `info`'s tables under its domain-id.
+    fn check_translated(&self, info: &DomainInfo) -> Result<(), BackendError> {
+        match info.format {
+            TableFormat::VtdSecondLevel if self.scalable && !self.features.slts => {
+                return Err(BackendError::Unsupported(
+                    "second-level tables in scalable mode need ECAP.SLTS",
+                ));
+            }
+            TableFormat::VtdSecondLevel => {}
+            TableFormat::VtdFirstLevel => {
+                if !(self.scalable && self.features.flts) {
+                    return Err(BackendError::Unsupported(
+                        "first-level tables need scalable mode and ECAP.FLTS",
+                    ));
+                }
+                if info.levels != 4 {
+                    return Err(BackendError::Unsupported(
+                        "first-level tables have 4 levels",
+                    ));
+                }
+                return self.check_did(info.id);
+            }
+            _ => {
+                return Err(BackendError::Unsupported(
+                    "VT-d walks only VtdSecondLevel / VtdFirstLevel tables",
+                ));
+            }
+        }
+        if !self.features.supports_levels(info.levels) {
+            return Err(BackendError::Unsupported(
+                "table levels not in CAP.SAGAW (3 = 39-bit, 4 = 48-bit)",
+            ));
+        }
+        self.check_did(info.id)
     }
 
     fn check_did(&self, did: u16) -> Result<(), BackendError> {
@@ -546,6 +794,7 @@ impl<M: TableMemory> Vtd<M> {
         for k in 0..n {
             let i = (fri + k) % n;
             if let Some(rec) = self.read_fault(i) {
+                log_debug!("vt-d: fault record {}: source-id {:#x}", i, rec.source_id);
                 f(rec);
                 // RW1C on F (bit 127 = bit 31 of the last dword).
                 self.frcd(i).status.write(FRCD3::F::SET);
@@ -553,9 +802,21 @@ impl<M: TableMemory> Vtd<M> {
         }
         let status = self.fault_status();
         if status.overflow {
-            self.regs().fsts.write(FSTS::PFO::SET);
+            log_warn!("vt-d: primary fault overflow: faults were lost");
         }
+        // RW1C: clear the overflow if seen. The write is made even when
+        // nothing is set: it is what lets the unit re-evaluate and drop
+        // FECTL.IP once every condition has been serviced (VT-d 7.3.1).
+        self.regs()
+            .fsts
+            .write(FSTS::PFO.val(status.overflow.into()));
         status
+    }
+
+    /// FECTL.IP: a fault event is pending (set while the interrupt is masked
+    /// or not yet delivered; cleared once the faults are serviced).
+    pub fn fault_irq_pending(&self) -> bool {
+        self.regs().fectl.is_set(FECTL::IP)
     }
 
     /// The fault held by fault-recording register `index`, without clearing it.
@@ -618,6 +879,9 @@ impl<M: TableMemory> Vtd<M> {
 
 impl<M: TableMemory> IommuBackend for Vtd<M> {
     fn attach(&mut self, dev: DeviceId, how: Attachment) -> Result<(), BackendError> {
+        if self.scalable {
+            return self.attach_scalable(dev, how);
+        }
         let new = self.entry_for(how)?;
         let Some(slot) = self.context_slot(dev, new.is_present())? else {
             // No context table for the bus: the device is already blocked.
@@ -663,29 +927,49 @@ impl<M: TableMemory> IommuBackend for Vtd<M> {
             return Ok(());
         }
         let did = domain.id;
-        if self.features.psi {
+        // First-level translations are tagged with the PASID (0 = RID_PASID):
+        // invalidate them per PASID, page-selectively (VT-d 6.5.2.4).
+        let first_level = domain.format == TableFormat::VtdFirstLevel;
+        if self.features.psi || first_level {
             let mut blocks: heapless::Vec<(DmaAddr, u8), PSI_MAX_BLOCKS> = heapless::Vec::new();
             let fits = inv::psi_blocks(iova, len, self.features.mamv, PSI_MAX_BLOCKS, |a, am| {
                 let _ = blocks.push((a, am));
             });
             if fits.is_some() {
                 for (addr, am) in blocks {
-                    self.iotlb_invalidate(IotlbGranularity::Page {
-                        did,
-                        addr,
-                        am,
-                        ih: leaf_only,
-                    })?;
+                    if first_level {
+                        self.pasid_iotlb_invalidate(PasidIotlbGranularity::Page {
+                            did,
+                            pasid: 0,
+                            addr,
+                            am,
+                            ih: leaf_only,
+                        })?;
+                    } else {
+                        self.iotlb_invalidate(IotlbGranularity::Page {
+                            did,
+                            addr,
+                            am,
+                            ih: leaf_only,
+                        })?;
+                    }
                 }
                 return Ok(());
             }
         }
-        self.iotlb_invalidate(IotlbGranularity::Domain(did))
+        self.invalidate_domain(domain)
     }
 
     fn invalidate_domain(&mut self, domain: &DomainInfo) -> Result<(), BackendError> {
         self.check_did(domain.id)?;
-        self.iotlb_invalidate(IotlbGranularity::Domain(domain.id))
+        if domain.format == TableFormat::VtdFirstLevel {
+            self.pasid_iotlb_invalidate(PasidIotlbGranularity::AllInPasid {
+                did: domain.id,
+                pasid: 0,
+            })
+        } else {
+            self.iotlb_invalidate(IotlbGranularity::Domain(domain.id))
+        }
     }
 
     fn sync(&mut self) -> Result<(), BackendError> {

@@ -6,13 +6,15 @@ use core::sync::atomic::{Ordering, fence};
 use tock_registers::interfaces::{Readable, Writeable};
 
 use super::inv::{ContextGranularity, InvDesc};
-use super::regs::{IQ, IQA, IQERCD, VtdRegs};
+use super::regs::{IQA, IQERCD, VtdRegs};
 use crate::addr::PhysAddr;
 use crate::error::BackendError;
 use crate::mem::TableMemory;
 
 /// Descriptors in one 4 KiB queue page (IQA.QS = 0, 128-bit descriptors).
 pub const QUEUE_ENTRIES: u32 = 256;
+/// Descriptors in one 4 KiB queue page with 256-bit descriptors (IQA.DW = 1).
+pub const QUEUE_ENTRIES_WIDE: u32 = 128;
 
 /// FSTS bits that stop or poison the queue: IQE (4), ICE (5), ITE (6).
 const QUEUE_ERRORS: u32 = (1 << 4) | (1 << 5) | (1 << 6);
@@ -30,6 +32,8 @@ pub struct InvQueue {
     seq: u32,
     /// Bound on every poll loop.
     budget: u32,
+    /// 256-bit descriptors (IQA.DW = 1, needed in scalable mode).
+    wide: bool,
     /// Wait descriptors submitted so far.
     waits: u64,
     /// Descriptors submitted so far (waits included).
@@ -38,7 +42,8 @@ pub struct InvQueue {
 
 impl InvQueue {
     /// Allocates the queue and its status page; does not touch registers.
-    pub fn new(mem: &impl TableMemory, budget: u32) -> Result<Self, BackendError> {
+    /// `wide` selects 256-bit descriptors (scalable mode).
+    pub fn new(mem: &impl TableMemory, budget: u32, wide: bool) -> Result<Self, BackendError> {
         let base = mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
         let Some(status) = mem.alloc_zeroed(1) else {
             // SAFETY: `base` was just allocated with one page and never published.
@@ -51,6 +56,7 @@ impl InvQueue {
             tail: 0,
             seq: 0,
             budget,
+            wide,
             waits: 0,
             submitted: 0,
         })
@@ -60,8 +66,28 @@ impl InvQueue {
     pub fn program(&mut self, regs: &VtdRegs) {
         self.tail = 0;
         regs.iqt.set(0);
-        regs.iqa
-            .write(IQA::IQA.val(self.base.0 >> 12) + IQA::DW::CLEAR + IQA::QS.val(0));
+        regs.iqa.write(
+            IQA::IQA.val(self.base.0 >> 12) + IQA::DW.val(self.wide.into()) + IQA::QS.val(0),
+        );
+    }
+
+    /// Number of descriptor slots.
+    pub fn entries(&self) -> u32 {
+        if self.wide {
+            QUEUE_ENTRIES_WIDE
+        } else {
+            QUEUE_ENTRIES
+        }
+    }
+
+    /// Bytes per descriptor.
+    fn slot_bytes(&self) -> u64 {
+        if self.wide { 32 } else { 16 }
+    }
+
+    /// IQH/IQT hold the byte offset of a slot; bits 18:4.
+    fn offset_to_slot(&self, reg: u64) -> u32 {
+        ((reg & 0x7_fff0) / self.slot_bytes()) as u32 % self.entries()
     }
 
     /// Physical address of the queue.
@@ -84,8 +110,8 @@ impl InvQueue {
         self.tail
     }
 
-    fn head(regs: &VtdRegs) -> u32 {
-        regs.iqh.read(IQ::QI) as u32 % QUEUE_ENTRIES
+    fn head(&self, regs: &VtdRegs) -> u32 {
+        self.offset_to_slot(regs.iqh.get())
     }
 
     /// Reports and recovers from a queue error in FSTS (IQE / ICE / ITE).
@@ -96,7 +122,7 @@ impl InvQueue {
         if fsts & QUEUE_ERRORS == 0 {
             return Ok(());
         }
-        let head = Self::head(regs);
+        let head = self.head(regs);
         let iqei = regs.iqercd.read(IQERCD::IQEI) as u32;
         if fsts & (1 << 4) != 0 {
             self.write_slot(mem, head, InvDesc::context(ContextGranularity::Global));
@@ -110,16 +136,22 @@ impl InvQueue {
     }
 
     fn write_slot(&self, mem: &impl TableMemory, slot: u32, desc: InvDesc) {
-        let pa = PhysAddr(self.base.0 + u64::from(slot % QUEUE_ENTRIES) * 16);
+        let size = self.slot_bytes();
+        let pa = PhysAddr(self.base.0 + u64::from(slot % self.entries()) * size);
         let p = mem.phys_to_virt(pa).cast::<u64>();
         let [lo, hi] = desc.raw();
-        // SAFETY: `pa` lies in the queue page lent by `mem` (slot < 256, 16 B
-        // each), 16-byte aligned; `phys_to_virt` makes it valid for writes.
+        // SAFETY: `pa` lies in the queue page lent by `mem` (slot < entries,
+        // `size` bytes each), aligned; `phys_to_virt` makes it valid for writes.
         unsafe {
             p.write_volatile(lo);
             p.add(1).write_volatile(hi);
+            if self.wide {
+                // A 128-bit descriptor in a 256-bit slot: upper half zero.
+                p.add(2).write_volatile(0);
+                p.add(3).write_volatile(0);
+            }
         }
-        mem.clean(pa, 16);
+        mem.clean(pa, size as usize);
     }
 
     /// Appends one descriptor and moves IQT past it; waits (bounded) while
@@ -130,9 +162,9 @@ impl InvQueue {
         mem: &impl TableMemory,
         desc: InvDesc,
     ) -> Result<(), BackendError> {
-        let next = (self.tail + 1) % QUEUE_ENTRIES;
+        let next = (self.tail + 1) % self.entries();
         let mut polls = 0u32;
-        while Self::head(regs) == next {
+        while self.head(regs) == next {
             self.check_errors(regs, mem)?;
             polls += 1;
             if polls >= self.budget {
@@ -148,7 +180,7 @@ impl InvQueue {
         // before the hardware sees the new tail.
         fence(Ordering::SeqCst);
         self.tail = next;
-        regs.iqt.write(IQ::QI.val(u64::from(next)));
+        regs.iqt.set(u64::from(next) * self.slot_bytes());
         self.submitted += 1;
         Ok(())
     }
@@ -165,6 +197,8 @@ impl InvQueue {
         let status = mem.phys_to_virt(self.status).cast::<u32>();
         let mut polls = 0u32;
         loop {
+            // The unit writes the status word: drop any stale CPU copy first.
+            mem.invalidate(self.status, 4);
             // SAFETY: the status page was lent by `mem` and is 4-byte aligned.
             let v = unsafe { status.read_volatile() };
             if v == seq {
@@ -201,7 +235,7 @@ mod tests {
     fn push_writes_descriptor_and_moves_tail_register() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 100).unwrap();
+        let mut q = InvQueue::new(&mem, 100, false).unwrap();
         q.program(regs.get());
         assert_eq!(regs.get().iqa.get(), q.base().0);
         let d = InvDesc::context(ContextGranularity::Global);
@@ -217,7 +251,7 @@ mod tests {
     fn sync_appends_exactly_one_wait_and_completes_on_status_write() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 100).unwrap();
+        let mut q = InvQueue::new(&mem, 100, false).unwrap();
         q.program(regs.get());
         // Play the hardware: the status word already holds the first sequence number.
         // SAFETY: the status page belongs to the host lender.
@@ -234,7 +268,7 @@ mod tests {
     fn sync_without_completion_times_out() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 50).unwrap();
+        let mut q = InvQueue::new(&mem, 50, false).unwrap();
         q.program(regs.get());
         let e = q.sync(regs.get(), &mem).unwrap_err();
         assert_eq!(
@@ -250,7 +284,7 @@ mod tests {
     fn queue_error_is_reported_with_the_offending_slot_and_patched() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 50).unwrap();
+        let mut q = InvQueue::new(&mem, 50, false).unwrap();
         q.program(regs.get());
         let bad = InvDesc::from_raw([0xf, 0]);
         q.push(regs.get(), &mem, bad).unwrap();
@@ -272,10 +306,30 @@ mod tests {
     }
 
     #[test]
+    fn wide_queue_uses_32_byte_slots_and_dw() {
+        let mem = HostMem::new(8);
+        let regs = FakeRegs::new();
+        let mut q = InvQueue::new(&mem, 10, true).unwrap();
+        q.program(regs.get());
+        // IQA.DW (bit 11) set, QS 0.
+        assert_eq!(regs.get().iqa.get(), q.base().0 | (1 << 11));
+        let d = InvDesc::context(ContextGranularity::Global);
+        q.push(regs.get(), &mem, d).unwrap();
+        q.push(regs.get(), &mem, d).unwrap();
+        // Second descriptor at byte 32; IQT = 2 slots × 32 bytes.
+        let p = mem.phys_to_virt(PhysAddr(q.base().0 + 32)).cast::<u64>();
+        // SAFETY: three words inside the queue page of the host lender.
+        let words = unsafe { [p.read(), p.add(1).read(), p.add(2).read()] };
+        assert_eq!(words, [0x11, 0, 0]);
+        assert_eq!(regs.get().iqt.get(), 64);
+        assert_eq!(q.entries(), 128);
+    }
+
+    #[test]
     fn full_queue_waits_for_the_head_and_times_out() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 10).unwrap();
+        let mut q = InvQueue::new(&mem, 10, false).unwrap();
         q.program(regs.get());
         let d = InvDesc::context(ContextGranularity::Global);
         for _ in 0..QUEUE_ENTRIES - 1 {

@@ -89,6 +89,12 @@ fn test(extra: &[String]) -> ExitCode {
         "host tests (alloc)",
         run(cargo().args(["test", "--lib", "--features", "alloc"])),
     );
+    t.step(
+        "rustdoc (-D warnings)",
+        run(cargo()
+            .args(["doc", "--no-deps", "--lib", "--features", "log,alloc"])
+            .env("RUSTDOCFLAGS", "-D warnings")),
+    );
     for target in ["aarch64-unknown-none", "x86_64-unknown-none"] {
         t.step(
             &format!("build {target}"),

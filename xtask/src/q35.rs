@@ -4,7 +4,7 @@
 //!
 //! The board learns the configuration from its command line (`-append`):
 //! `cm` (caching mode on), `noqi` (leave queued invalidation off), `aw=39`
-//! (3-level tables). An `-append WORDS` among the extra arguments is added to
+//! (3-level tables), `sm` (scalable mode), `fl` (first-level tables). An `-append WORDS` among the extra arguments is added to
 //! each configuration's words instead of replacing them (e.g. `-append
 //! only=edu` runs only the tests whose name contains `edu`).
 
@@ -30,7 +30,7 @@ struct Config {
     append: &'static str,
 }
 
-const CONFIGS: [Config; 4] = [
+const CONFIGS: [Config; 6] = [
     Config {
         name: "intel-iommu, caching-mode off",
         iommu: "intel-iommu,intremap=on",
@@ -50,6 +50,16 @@ const CONFIGS: [Config; 4] = [
         name: "intel-iommu, aw-bits=39 (3-level tables)",
         iommu: "intel-iommu,intremap=on,aw-bits=39",
         append: "aw=39",
+    },
+    Config {
+        name: "intel-iommu, scalable mode (PASID tables, second level)",
+        iommu: "intel-iommu,intremap=on,x-scalable-mode=on",
+        append: "sm",
+    },
+    Config {
+        name: "intel-iommu, scalable mode with first-level tables",
+        iommu: "intel-iommu,intremap=on,x-scalable-mode=on,x-flts=on",
+        append: "sm fl",
     },
 ];
 

@@ -5,6 +5,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod vtd;
 
 /// `(stringify!(name), module::name)`.
 macro_rules! test {
@@ -18,4 +19,16 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(basic::edu_dma_lands_in_ram_without_translation),
     test!(basic::vtd_registers_readable),
     test!(basic::memory_lender_frees_and_reuses),
+    test!(vtd::vtd_probe_decodes_what_qemu_advertises),
+    test!(vtd::vtd_init_enables_translation_and_blocks_unattached_devices),
+    test!(vtd::noncontiguous_transaction_dma_both_ways_hits_exact_pages),
+    test!(vtd::unlinked_page_blocks_dma_and_fault_is_decoded),
+    test!(vtd::skipped_iotlb_invalidation_is_caught),
+    test!(vtd::two_domains_are_isolated),
+    test!(vtd::superpage_2m_used_when_sllps_allows),
+    test!(vtd::exactly_one_wait_descriptor_per_sync),
+    test!(vtd::fault_overflow_reported_and_clearing_records_next_fault),
+    test!(vtd::detach_blocks_and_bypass_passes_through),
+    test!(vtd::invalid_descriptor_reported_and_queue_recovers),
+    test!(vtd::invalidation_mode_switch_keeps_translation_on),
 ];

@@ -4,6 +4,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod smmu;
 
 /// Every test, by name; the runner prints `PASS name` / `FAIL name: why`.
 pub const TESTS: &[(&str, TestFn)] = &[
@@ -16,5 +17,50 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "memory_lender_frees_and_reuses",
         basic::memory_lender_frees_and_reuses,
+    ),
+    // SMMUv3 driver tests: each brings the SMMU up and shuts it down.
+    (
+        "smmu_probe_decodes_qemu_features",
+        smmu::smmu_probe_decodes_qemu_features,
+    ),
+    (
+        "smmu_linear_and_two_level_stream_tables_translate",
+        smmu::smmu_linear_and_two_level_stream_tables_translate,
+    ),
+    (
+        "smmu_two_step_links_scattered_pages_into_one_iova_range",
+        smmu::smmu_two_step_links_scattered_pages_into_one_iova_range,
+    ),
+    (
+        "smmu_unlinked_page_blocks_dma_and_reports_translation_fault",
+        smmu::smmu_unlinked_page_blocks_dma_and_reports_translation_fault,
+    ),
+    (
+        "smmu_missing_invalidation_would_be_caught",
+        smmu::smmu_missing_invalidation_would_be_caught,
+    ),
+    (
+        "smmu_two_domains_isolate_two_devices",
+        smmu::smmu_two_domains_isolate_two_devices,
+    ),
+    (
+        "smmu_guest_region_with_2m_blocks",
+        smmu::smmu_guest_region_with_2m_blocks,
+    ),
+    (
+        "smmu_fault_storm_overflows_event_queue_and_recovers",
+        smmu::smmu_fault_storm_overflows_event_queue_and_recovers,
+    ),
+    (
+        "smmu_illegal_command_is_reported_and_queue_recovers",
+        smmu::smmu_illegal_command_is_reported_and_queue_recovers,
+    ),
+    (
+        "smmu_one_cmd_sync_per_sync_call",
+        smmu::smmu_one_cmd_sync_per_sync_call,
+    ),
+    (
+        "smmu_detach_returns_stream_to_abort",
+        smmu::smmu_detach_returns_stream_to_abort,
     ),
 ];

@@ -1,0 +1,260 @@
+//! The command queue (IHI 0070, §3.5, §4): batching, bounded waits, error recovery.
+//!
+//! Commands are written to queue memory as they come and published to the
+//! SMMU (CMDQ_PROD) only when a sync needs them or the queue is full, so a
+//! batch of invalidations costs one doorbell and one CMD_SYNC.
+
+use tock_registers::interfaces::{Readable, Writeable};
+
+use super::cmd::{Command, Opcode};
+use super::error::{CommandError, CommandErrorCode, SmmuError};
+use super::poll::poll_until;
+use super::queue::QueueIndex;
+use super::regs::{CMDQ_CONS, CMDQ_PROD, GERROR, Page0, Q_BASE};
+use crate::addr::PhysAddr;
+use crate::mem::TableMemory;
+
+/// How many commands of each kind the driver has submitted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct CommandCounts {
+    /// Every command.
+    pub total: u64,
+    /// CMD_CFGI_STE.
+    pub cfgi_ste: u64,
+    /// CMD_CFGI_CD.
+    pub cfgi_cd: u64,
+    /// CMD_CFGI_ALL (CFGI_STE_RANGE).
+    pub cfgi_all: u64,
+    /// CMD_TLBI_NH_VA.
+    pub tlbi_nh_va: u64,
+    /// CMD_TLBI_NH_ASID.
+    pub tlbi_nh_asid: u64,
+    /// CMD_TLBI_S2_IPA.
+    pub tlbi_s2_ipa: u64,
+    /// CMD_TLBI_S12_VMALL.
+    pub tlbi_s12_vmall: u64,
+    /// CMD_TLBI_NSNH_ALL.
+    pub tlbi_nsnh_all: u64,
+    /// CMD_TLBI_EL2_ALL.
+    pub tlbi_el2_all: u64,
+    /// CMD_SYNC.
+    pub sync: u64,
+    /// Anything else (raw commands).
+    pub other: u64,
+}
+
+impl CommandCounts {
+    fn count(&mut self, cmd: &Command) {
+        self.total += 1;
+        let slot = match cmd.opcode() {
+            x if x == Opcode::CFGI_STE as u8 => &mut self.cfgi_ste,
+            x if x == Opcode::CFGI_CD as u8 => &mut self.cfgi_cd,
+            x if x == Opcode::CFGI_STE_RANGE as u8 => &mut self.cfgi_all,
+            x if x == Opcode::TLBI_NH_VA as u8 => &mut self.tlbi_nh_va,
+            x if x == Opcode::TLBI_NH_ASID as u8 => &mut self.tlbi_nh_asid,
+            x if x == Opcode::TLBI_S2_IPA as u8 => &mut self.tlbi_s2_ipa,
+            x if x == Opcode::TLBI_S12_VMALL as u8 => &mut self.tlbi_s12_vmall,
+            x if x == Opcode::TLBI_NSNH_ALL as u8 => &mut self.tlbi_nsnh_all,
+            x if x == Opcode::TLBI_EL2_ALL as u8 => &mut self.tlbi_el2_all,
+            x if x == Opcode::SYNC as u8 => &mut self.sync,
+            _ => &mut self.other,
+        };
+        *slot += 1;
+    }
+
+    /// Invalidation commands (every TLBI kind).
+    pub const fn tlbi(&self) -> u64 {
+        self.tlbi_nh_va
+            + self.tlbi_nh_asid
+            + self.tlbi_s2_ipa
+            + self.tlbi_s12_vmall
+            + self.tlbi_nsnh_all
+            + self.tlbi_el2_all
+    }
+}
+
+/// The command queue: `2^log2` 16-byte entries in lent memory.
+pub struct CommandQueue {
+    base: PhysAddr,
+    log2: u8,
+    pages: usize,
+    /// Next slot software writes; ahead of CMDQ_PROD while a batch is open.
+    prod: QueueIndex,
+    /// Value last written to CMDQ_PROD.
+    published: QueueIndex,
+    counts: CommandCounts,
+    errors: u64,
+    last_error: Option<CommandError>,
+    /// An error recovered from and not yet returned by a sync.
+    unreported: Option<CommandError>,
+}
+
+/// Bytes per command.
+const ENTRY: usize = 16;
+
+impl CommandQueue {
+    /// Allocates a queue of `2^log2` entries (at least one page).
+    pub fn new<M: TableMemory>(mem: &M, log2: u8) -> Result<Self, SmmuError> {
+        let bytes = (ENTRY << log2).max(4096);
+        let pages = bytes / 4096;
+        let base = mem.alloc_zeroed(pages).ok_or(SmmuError::OutOfMemory)?;
+        Ok(Self {
+            base,
+            log2,
+            pages,
+            prod: QueueIndex::new(log2),
+            published: QueueIndex::new(log2),
+            counts: CommandCounts::default(),
+            errors: 0,
+            last_error: None,
+            unreported: None,
+        })
+    }
+
+    /// Programs CMDQ_BASE/PROD/CONS (with the queue disabled).
+    pub fn program(&mut self, regs: &Page0) {
+        regs.cmdq_base.write(
+            Q_BASE::ALLOC::SET
+                + Q_BASE::ADDR.val(self.base.0 >> 5)
+                + Q_BASE::LOG2SIZE.val(self.log2 as u64),
+        );
+        regs.cmdq_prod.write(CMDQ_PROD::WR.val(0));
+        regs.cmdq_cons.write(CMDQ_CONS::RD.val(0));
+        self.prod = QueueIndex::new(self.log2);
+        self.published = self.prod;
+    }
+
+    /// Gives the queue memory back.
+    ///
+    /// # Safety
+    ///
+    /// The SMMU must no longer read the queue (CMDQEN == 0).
+    pub unsafe fn free<M: TableMemory>(self, mem: &M) {
+        // SAFETY: allocated in `new` with these pages; the caller guarantees the
+        // SMMU no longer reads it.
+        unsafe { mem.free(self.base, self.pages) }
+    }
+
+    /// Commands submitted so far.
+    pub fn counts(&self) -> CommandCounts {
+        self.counts
+    }
+
+    /// Command errors seen so far, and the last one.
+    pub fn errors(&self) -> (u64, Option<CommandError>) {
+        (self.errors, self.last_error)
+    }
+
+    fn entry_ptr<M: TableMemory>(&self, mem: &M, slot: u32) -> (*mut u64, PhysAddr) {
+        let pa = PhysAddr(self.base.0 + slot as u64 * ENTRY as u64);
+        (mem.phys_to_virt(pa).cast::<u64>(), pa)
+    }
+
+    fn write_slot<M: TableMemory>(&self, mem: &M, coherent: bool, slot: u32, cmd: &Command) {
+        let (p, pa) = self.entry_ptr(mem, slot);
+        // SAFETY: `slot < 2^log2`, so the 16 bytes lie inside the queue block
+        // lent by `mem`, which `phys_to_virt` maps; 16-byte aligned.
+        unsafe {
+            p.write_volatile(cmd.0[0]);
+            p.add(1).write_volatile(cmd.0[1]);
+        }
+        if !coherent {
+            mem.clean(pa, ENTRY);
+        }
+    }
+
+    fn read_slot<M: TableMemory>(&self, mem: &M, slot: u32) -> Command {
+        let (p, _) = self.entry_ptr(mem, slot);
+        // SAFETY: as in `write_slot`.
+        unsafe { Command([p.read_volatile(), p.add(1).read_volatile()]) }
+    }
+
+    /// Appends `cmd` to the open batch; publishes and waits for room first
+    /// when the queue is full.
+    pub fn push<M: TableMemory>(
+        &mut self,
+        regs: &Page0,
+        mem: &M,
+        coherent: bool,
+        cmd: Command,
+        budget: u32,
+    ) -> Result<(), SmmuError> {
+        if self.prod.is_full(self.hw_cons(regs)) {
+            self.publish(regs);
+            poll_until("CMDQ space", budget, || {
+                self.recover_if_stopped(regs, mem, coherent);
+                !self.prod.is_full(self.hw_cons(regs))
+            })?;
+        }
+        self.write_slot(mem, coherent, self.prod.slot(), &cmd);
+        self.prod = self.prod.next();
+        self.counts.count(&cmd);
+        Ok(())
+    }
+
+    fn hw_cons(&self, regs: &Page0) -> QueueIndex {
+        QueueIndex::from_raw(self.log2, regs.cmdq_cons.read(CMDQ_CONS::RD))
+    }
+
+    /// Makes everything pushed so far visible to the SMMU (CMDQ_PROD).
+    pub fn publish(&mut self, regs: &Page0) {
+        if self.published == self.prod {
+            return;
+        }
+        super::barrier::wmb();
+        regs.cmdq_prod.write(CMDQ_PROD::WR.val(self.prod.raw()));
+        self.published = self.prod;
+    }
+
+    /// When the queue stopped on an error (GERROR.CMDQ_ERR active), records
+    /// the offending command, replaces it with CMD_SYNC and acknowledges the
+    /// error so the SMMU resumes (§7.1).
+    fn recover_if_stopped<M: TableMemory>(&mut self, regs: &Page0, mem: &M, coherent: bool) {
+        let active = regs.gerror.get() ^ regs.gerrorn.get();
+        if active & GERROR::CMDQ_ERR::SET.value == 0 {
+            return;
+        }
+        let cons = regs.cmdq_cons.extract();
+        let index = QueueIndex::from_raw(self.log2, cons.read(CMDQ_CONS::RD));
+        let code = CommandErrorCode::from_raw(cons.read(CMDQ_CONS::ERR) as u8);
+        let command = self.read_slot(mem, index.slot());
+        let error = CommandError {
+            code,
+            index: index.slot(),
+            command,
+        };
+        self.errors += 1;
+        self.last_error = Some(error);
+        // The first one since the last sync is the one to report.
+        self.unreported.get_or_insert(error);
+        self.write_slot(mem, coherent, index.slot(), &Command::sync());
+        super::barrier::wmb();
+        regs.gerrorn
+            .set(regs.gerrorn.get() ^ GERROR::CMDQ_ERR::SET.value);
+    }
+
+    /// Appends CMD_SYNC, publishes the batch and waits, bounded, until the
+    /// SMMU has consumed it. A command error met on the way (here or while a
+    /// full queue was drained by `push`) is recovered from and returned once
+    /// the sync completed.
+    pub fn sync<M: TableMemory>(
+        &mut self,
+        regs: &Page0,
+        mem: &M,
+        coherent: bool,
+        budget: u32,
+    ) -> Result<(), SmmuError> {
+        self.push(regs, mem, coherent, Command::sync(), budget)?;
+        let sync_at = QueueIndex::from_raw(self.log2, self.prod.raw().wrapping_sub(1));
+        self.publish(regs);
+        poll_until("CMD_SYNC completion", budget, || {
+            self.recover_if_stopped(regs, mem, coherent);
+            self.hw_cons(regs).has_consumed(sync_at, self.prod)
+        })?;
+        match self.unreported.take() {
+            Some(e) => Err(SmmuError::Command(e)),
+            None => Ok(()),
+        }
+    }
+}

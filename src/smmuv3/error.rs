@@ -1,0 +1,132 @@
+//! Errors of the SMMUv3 driver.
+
+use core::fmt;
+
+use super::cmd::Command;
+use crate::error::BackendError;
+
+/// CMDQ_CONS.ERR (IHI 0070, §7.1): why the command queue stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum CommandErrorCode {
+    /// CERROR_ILL (0x01): illegal command.
+    Illegal,
+    /// CERROR_ABT (0x02): abort on command fetch.
+    Abort,
+    /// CERROR_ATC_INV_SYNC (0x03): ATC invalidation timed out before a CMD_SYNC.
+    AtcInvSync,
+    /// Another (implementation defined) code.
+    Other(u8),
+}
+
+impl CommandErrorCode {
+    /// From the ERR field's value.
+    pub const fn from_raw(v: u8) -> Self {
+        match v {
+            1 => Self::Illegal,
+            2 => Self::Abort,
+            3 => Self::AtcInvSync,
+            other => Self::Other(other),
+        }
+    }
+
+    /// The field's value.
+    pub const fn raw(&self) -> u8 {
+        match *self {
+            Self::Illegal => 1,
+            Self::Abort => 2,
+            Self::AtcInvSync => 3,
+            Self::Other(v) => v,
+        }
+    }
+}
+
+/// A command the SMMU refused, as found when the queue stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct CommandError {
+    /// Why.
+    pub code: CommandErrorCode,
+    /// Queue slot of the command.
+    pub index: u32,
+    /// The command itself.
+    pub command: Command,
+}
+
+/// An SMMUv3 driver failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum SmmuError {
+    /// A bounded wait ran out.
+    Timeout {
+        /// Which wait.
+        what: &'static str,
+        /// Polls spent.
+        polls: u32,
+    },
+    /// The lender refused memory.
+    OutOfMemory,
+    /// The SMMU lacks a feature the request needs.
+    Unsupported(&'static str),
+    /// A StreamID beyond what the stream table covers.
+    StreamIdOutOfRange {
+        /// The StreamID.
+        sid: u32,
+        /// Number of StreamID bits covered.
+        sid_bits: u8,
+    },
+    /// A domain parameter the SMMU cannot take.
+    BadDomain {
+        /// Which parameter.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// The command queue stopped on a command; the queue was recovered.
+    Command(CommandError),
+    /// A global error (GERROR bits still active after acknowledgement).
+    GlobalError {
+        /// Active GERROR bits.
+        active: u32,
+    },
+    /// The driver was used before `init`.
+    NotInitialised,
+    /// The register base given to `Smmu::new` is null or not 64 KiB aligned.
+    BadRegisterBase {
+        /// The address given.
+        base: usize,
+    },
+}
+
+impl fmt::Display for SmmuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SmmuError::Command(e) => write!(
+                f,
+                "command queue error {:?} at slot {} on {:?}",
+                e.code, e.index, e.command
+            ),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+impl From<SmmuError> for BackendError {
+    fn from(e: SmmuError) -> Self {
+        match e {
+            SmmuError::Timeout { what, polls } => BackendError::Timeout { what, polls },
+            SmmuError::OutOfMemory => BackendError::OutOfMemory,
+            SmmuError::Unsupported(what) => BackendError::Unsupported(what),
+            SmmuError::StreamIdOutOfRange { .. } => BackendError::Unsupported("StreamID"),
+            SmmuError::BadDomain { what, .. } => BackendError::Unsupported(what),
+            SmmuError::Command(c) => BackendError::QueueError {
+                code: c.code.raw() as u32,
+                index: c.index,
+            },
+            SmmuError::GlobalError { active } => BackendError::HardwareError { status: active },
+            SmmuError::NotInitialised => BackendError::Unsupported("SMMU not initialised"),
+            SmmuError::BadRegisterBase { .. } => BackendError::Unsupported("SMMU register base"),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The event queue (IHI 0070, §3.5, §7.2): draining records and spotting overflow.
+
+use tock_registers::interfaces::{Readable, Writeable};
+
+use super::error::SmmuError;
+use super::event::Event;
+use super::queue::QueueIndex;
+use super::regs::{EVENTQ_CONS, EVENTQ_PROD, Page0, Page1, Q_BASE};
+use crate::addr::PhysAddr;
+use crate::mem::TableMemory;
+
+/// Bytes per event record.
+const ENTRY: usize = Event::SIZE;
+
+/// The event queue: `2^log2` 32-byte records in lent memory.
+pub struct EventQueue {
+    base: PhysAddr,
+    log2: u8,
+    pages: usize,
+    cons: QueueIndex,
+    /// EVENTQ_CONS.OVACKFLG last written.
+    ovack: bool,
+}
+
+impl EventQueue {
+    /// Allocates a queue of `2^log2` records (at least one page).
+    pub fn new<M: TableMemory>(mem: &M, log2: u8) -> Result<Self, SmmuError> {
+        let bytes = (ENTRY << log2).max(4096);
+        let pages = bytes / 4096;
+        let base = mem.alloc_zeroed(pages).ok_or(SmmuError::OutOfMemory)?;
+        Ok(Self {
+            base,
+            log2,
+            pages,
+            cons: QueueIndex::new(log2),
+            ovack: false,
+        })
+    }
+
+    /// Number of records the queue holds.
+    pub const fn capacity(&self) -> u32 {
+        1 << self.log2
+    }
+
+    /// Programs EVENTQ_BASE/PROD/CONS (with the queue disabled).
+    pub fn program(&mut self, p0: &Page0, p1: &Page1) {
+        p0.eventq_base.write(
+            Q_BASE::ALLOC::SET
+                + Q_BASE::ADDR.val(self.base.0 >> 5)
+                + Q_BASE::LOG2SIZE.val(self.log2 as u64),
+        );
+        p1.eventq_prod.write(EVENTQ_PROD::WR.val(0));
+        p1.eventq_cons.write(EVENTQ_CONS::RD.val(0));
+        self.cons = QueueIndex::new(self.log2);
+        self.ovack = false;
+    }
+
+    /// Gives the queue memory back.
+    ///
+    /// # Safety
+    ///
+    /// The SMMU must no longer write the queue (EVENTQEN == 0).
+    pub unsafe fn free<M: TableMemory>(self, mem: &M) {
+        // SAFETY: allocated in `new` with these pages; the caller guarantees
+        // the SMMU no longer writes it.
+        unsafe { mem.free(self.base, self.pages) }
+    }
+
+    /// Whether EVENTQ_PROD.OVFLG differs from our acknowledgement: events were
+    /// lost. Acknowledges it (the next CONS write carries the new OVACKFLG).
+    pub fn take_overflow(&mut self, p1: &Page1) -> bool {
+        let ovflg = p1.eventq_prod.is_set(EVENTQ_PROD::OVFLG);
+        if ovflg == self.ovack {
+            return false;
+        }
+        self.ovack = ovflg;
+        self.write_cons(p1);
+        true
+    }
+
+    fn write_cons(&self, p1: &Page1) {
+        p1.eventq_cons.write(
+            EVENTQ_CONS::RD.val(self.cons.raw()) + EVENTQ_CONS::OVACKFLG.val(self.ovack as u32),
+        );
+    }
+
+    /// Takes the oldest record, if any, and frees its slot.
+    /// `coherent` is the SMMU's `IDR0.COHACC`: when clear, the record's lines
+    /// are invalidated through the lender before they are read.
+    pub fn pop<M: TableMemory>(&mut self, mem: &M, p1: &Page1, coherent: bool) -> Option<Event> {
+        let prod = QueueIndex::from_raw(self.log2, p1.eventq_prod.read(EVENTQ_PROD::WR));
+        if prod.is_empty(self.cons) {
+            return None;
+        }
+        super::barrier::rmb();
+        let pa = PhysAddr(self.base.0 + self.cons.slot() as u64 * ENTRY as u64);
+        if !coherent {
+            mem.invalidate(pa, ENTRY);
+        }
+        let p = mem.phys_to_virt(pa).cast::<u64>();
+        let mut raw = [0u64; 4];
+        for (i, w) in raw.iter_mut().enumerate() {
+            // SAFETY: the slot lies inside the queue block lent by `mem`;
+            // 32-byte aligned.
+            *w = unsafe { p.add(i).read_volatile() };
+        }
+        self.cons = self.cons.next();
+        self.write_cons(p1);
+        Some(Event::decode(raw))
+    }
+}
