@@ -79,6 +79,8 @@ pub trait Contender<'a>: Sized {
     fn link_1g(&mut self);
     /// Unmaps that GiB, then one sync.
     fn unlink_1g(&mut self);
+    /// Physical address of the root table (for checking what was written).
+    fn root(&self) -> u64;
 }
 
 /// bare-iommu: `try_alloc` → `link`… → `sync`; `unlink`… → `sync`.
@@ -187,6 +189,10 @@ impl<'a, F: PteFormat + Default> Contender<'a> for Ours<'a, F> {
         self.dom.unlink(tx, 0, GIB).unwrap();
         self.dom.sync(&mut self.be).unwrap();
     }
+
+    fn root(&self) -> u64 {
+        self.dom.info().unwrap().root.0
+    }
 }
 
 /// google/aarch64-paging `Mapping::map_range`, one region per page.
@@ -228,6 +234,9 @@ impl<'a> Contender<'a> for Aarch64S1<'a> {
     fn unlink_1g(&mut self) {
         aarch64_unlink_1g(&mut self.map)
     }
+    fn root(&self) -> u64 {
+        self.map.root_address().0 as u64
+    }
 }
 
 impl<'a> Contender<'a> for Aarch64S2<'a> {
@@ -256,6 +265,9 @@ impl<'a> Contender<'a> for Aarch64S2<'a> {
     }
     fn unlink_1g(&mut self) {
         aarch64_unlink_1g(&mut self.map)
+    }
+    fn root(&self) -> u64 {
+        self.map.root_address().0 as u64
     }
 }
 
@@ -336,6 +348,7 @@ fn aarch64_unlink_1g<R: TranslationRegime>(map: &mut Mapping<ArenaRef<'_>, R>) {
 pub struct X86<'a> {
     pub pt: OffsetPageTable<'a>,
     pub alloc: ArenaRef<'a>,
+    root: u64,
 }
 
 const X86_FLAGS: PageTableFlags = PageTableFlags::PRESENT.union(PageTableFlags::WRITABLE);
@@ -351,6 +364,7 @@ impl<'a> Contender<'a> for X86<'a> {
         Self {
             pt,
             alloc: ArenaRef(arena),
+            root,
         }
     }
 
@@ -411,6 +425,10 @@ impl<'a> Contender<'a> for X86<'a> {
             .unwrap()
             .1
             .ignore();
+    }
+
+    fn root(&self) -> u64 {
+        self.root
     }
 }
 

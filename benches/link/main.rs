@@ -37,7 +37,8 @@ use criterion::{BenchmarkGroup, Criterion};
 
 use arena::Arena;
 use contenders::{
-    Aarch64S1, Aarch64S2, CONFIG, Contender, GIB, Limit, NoopBackend, Ours, PAGE, X86, pa_4k,
+    Aarch64S1, Aarch64S2, CONFIG, Contender, GIB, Limit, NoopBackend, Ours, PAGE, VA_BASE, X86,
+    pa_4k,
 };
 
 /// Counts every heap allocation in the process.
@@ -410,6 +411,57 @@ fn heap_allocs<'a, C: Contender<'a>>(arena: &'a Arena) -> (u64, u64) {
     (small, big)
 }
 
+/// The descriptor a 4-level walk from `root` finds for `va` at `height`
+/// (0: page, 2: 1 GiB block); every format here keeps the next table's
+/// address in bits [47:12].
+fn descriptor(arena: &Arena, root: u64, va: u64, height: u32) -> u64 {
+    let mut table = root;
+    for h in (height..4).rev() {
+        let idx = ((va >> (12 + 9 * h)) & 511) as usize;
+        // SAFETY: `table` is a page of the arena that a contender's walk
+        // reached; `idx < 512` stays inside it.
+        let e = unsafe { arena.virt(table).cast::<u64>().add(idx).read_volatile() };
+        if h == height {
+            return e;
+        }
+        table = e & 0x0000_ffff_ffff_f000;
+    }
+    unreachable!()
+}
+
+/// What `C` writes for 512 separate pages and for the 1 GiB block.
+fn written<'a, C: Contender<'a>>(arena: &'a Arena) -> Vec<u64> {
+    arena.reset();
+    let mut c = C::new(arena);
+    c.link_4k(512);
+    let mut v: Vec<u64> = (0..512)
+        .map(|i| descriptor(arena, c.root(), VA_BASE + i * PAGE, 0))
+        .collect();
+    drop(c);
+    arena.reset();
+    let mut c = C::new(arena);
+    c.link_1g();
+    v.push(descriptor(arena, c.root(), VA_BASE, 2));
+    drop(c);
+    arena.reset();
+    v
+}
+
+/// Whether ours and the peer wrote the very same descriptors (same work).
+fn same_bits(fmt: &str, ours: Vec<u64>, peer: Vec<u64>) -> String {
+    match ours.iter().zip(&peer).position(|(a, b)| a != b) {
+        None => format!(
+            "bench: descriptors {fmt}: ours and its peer wrote identical bits \
+             (page {:#x}, 1 GiB block {:#x})",
+            ours[0], ours[512]
+        ),
+        Some(i) => format!(
+            "bench: descriptors {fmt}: DIFFER at entry {i}: ours {:#x} peer {:#x}",
+            ours[i], peer[i]
+        ),
+    }
+}
+
 fn facts(arena: &Arena) -> Facts {
     let mut lines = vec![format!(
         "bench: size_of IovaState={} bytes, Domain<ArmStage1>={} bytes, Domain<VtdSecondLevel>={} bytes",
@@ -443,6 +495,21 @@ fn facts(arena: &Arena) -> Facts {
             "bench: heap allocations {who}: link+unlink of 512 pages={small}, of 1 GiB={big}"
         ));
     }
+    lines.push(same_bits(
+        "s1",
+        written::<Ours<ArmStage1>>(arena),
+        written::<Aarch64S1>(arena),
+    ));
+    lines.push(same_bits(
+        "s2",
+        written::<Ours<ArmStage2>>(arena),
+        written::<Aarch64S2>(arena),
+    ));
+    lines.push(same_bits(
+        "vtd",
+        written::<Ours<VtdSecondLevel>>(arena),
+        written::<X86>(arena),
+    ));
     let mut dom = Domain::new(ArmStage1, arena, CONFIG).unwrap();
     let mut be = NoopBackend;
     let before = ALLOCS.load(Ordering::Relaxed);
