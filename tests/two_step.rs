@@ -531,3 +531,36 @@ fn one_step_map_and_unmap_use_the_same_path() {
     assert_eq!(d.translate(a), None);
     assert_eq!(be.syncs, 2);
 }
+
+#[test]
+fn many_scattered_unlinks_fall_back_to_one_domain_invalidation() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 64 * 4096);
+    d.link(
+        &mut t,
+        PhysAddr(0x100_0000),
+        0,
+        64 * 4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.sync(&mut be).unwrap();
+    // 20 holes, none adjacent: more ranges than the domain batches one by one.
+    for i in 0..20 {
+        d.unlink(&mut t, i * 3 * 4096, 4096).unwrap();
+    }
+    d.sync(&mut be).unwrap();
+    assert_eq!(be.domain_invalidations, 1);
+    assert_eq!(be.invalidations, 0);
+    assert!(be.covered_since_last_sync(1, t.iova().0, 64 * 4096));
+    // Adjacent unlinks merge into one range invalidation.
+    d.unlink(&mut t, 61 * 4096, 4096).unwrap();
+    d.unlink(&mut t, 62 * 4096, 4096).unwrap();
+    d.sync(&mut be).unwrap();
+    assert_eq!(be.invalidations, 1);
+    assert!(be.covered_since_last_sync(1, t.iova().0 + 61 * 4096, 2 * 4096));
+    d.destroy(t, &mut be).unwrap();
+}

@@ -574,21 +574,31 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         result
     }
 
-    /// First address in `[iova, end)` that is mapped, if any.
-    fn first_present(&self, table: PhysAddr, h: u32, iova: u64, end: u64) -> Option<u64> {
+    /// First address in `[iova, end)` that is mapped (`mapped == true`) or
+    /// not mapped (`mapped == false`), if any.
+    fn first_where(
+        &self,
+        table: PhysAddr,
+        h: u32,
+        iova: u64,
+        end: u64,
+        mapped: bool,
+    ) -> Option<u64> {
         let esize = entry_size(h);
         let mut cur = iova;
         while cur < end {
             let idx = index(cur, h);
             let next = end.min((cur & !(esize - 1)) + esize);
             match self.fmt.decode(self.read(table, idx), h) {
-                Pte::Invalid => {}
-                Pte::Leaf { .. } => return Some(cur),
+                Pte::Invalid if !mapped => return Some(cur),
+                Pte::Leaf { .. } if mapped => return Some(cur),
+                Pte::Invalid | Pte::Leaf { .. } => {}
                 Pte::Table(t) if h > 0 => {
-                    if let Some(a) = self.first_present(t, h - 1, cur, next) {
+                    if let Some(a) = self.first_where(t, h - 1, cur, next, mapped) {
                         return Some(a);
                     }
                 }
+                // A table pointer at the leaf level is malformed: neither usable nor empty.
                 Pte::Table(_) => return Some(cur),
             }
             cur = next;
@@ -596,26 +606,12 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         None
     }
 
-    /// First address in `[iova, end)` that is not mapped, if any.
+    fn first_present(&self, table: PhysAddr, h: u32, iova: u64, end: u64) -> Option<u64> {
+        self.first_where(table, h, iova, end, true)
+    }
+
     fn first_absent(&self, table: PhysAddr, h: u32, iova: u64, end: u64) -> Option<u64> {
-        let esize = entry_size(h);
-        let mut cur = iova;
-        while cur < end {
-            let idx = index(cur, h);
-            let next = end.min((cur & !(esize - 1)) + esize);
-            match self.fmt.decode(self.read(table, idx), h) {
-                Pte::Invalid => return Some(cur),
-                Pte::Leaf { .. } => {}
-                Pte::Table(t) if h > 0 => {
-                    if let Some(a) = self.first_absent(t, h - 1, cur, next) {
-                        return Some(a);
-                    }
-                }
-                Pte::Table(_) => return Some(cur),
-            }
-            cur = next;
-        }
-        None
+        self.first_where(table, h, iova, end, false)
     }
 
     /// Whether every page of `[iova, iova + len)` is mapped; `Err` names the

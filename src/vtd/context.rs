@@ -21,6 +21,8 @@ pub struct ContextEntry {
     hi: u64,
 }
 
+super::raw128!(ContextEntry);
+
 impl ContextEntry {
     const P: u64 = 1;
     const FPD: u64 = 1 << 1;
@@ -79,19 +81,6 @@ impl ContextEntry {
             self.lo &= !Self::FPD;
         }
         self
-    }
-
-    /// An entry from its two raw 64-bit halves.
-    pub const fn from_raw(raw: [u64; 2]) -> Self {
-        Self {
-            lo: raw[0],
-            hi: raw[1],
-        }
-    }
-
-    /// The two raw 64-bit halves, low first.
-    pub const fn raw(self) -> [u64; 2] {
-        [self.lo, self.hi]
     }
 
     /// P bit.

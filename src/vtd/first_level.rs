@@ -1,8 +1,9 @@
 //! VT-d first-level paging entries (VT-d 9.7): x86-64 4-level paging, used
 //! by scalable-mode PASID entries with PGTT = 001b.
 //!
-//! Bits: 0 P, 1 R/W, 2 U/S, 5 A and 6 D (set by the hardware), 7 PS (leaf at
-//! 2 MiB / 1 GiB), address bits [HAW-1:12]. Every present leaf is readable;
+//! Bits: 0 P, 1 R/W, 2 U/S, 3 PWT, 4 PCD, 5 A and 6 D (set by the hardware),
+//! 7 PS (leaf at 2 MiB / 1 GiB), address bits `[HAW-1:12]`. MMIO leaves (P2P
+//! through the host bridge) set PCD | PWT: PAT entry 3, uncacheable. Every present leaf is readable;
 //! requests without PASID are user requests, so every entry sets U/S.
 
 use crate::addr::PhysAddr;
@@ -22,6 +23,8 @@ impl VtdFirstLevel {
     const P: u64 = 1;
     const RW: u64 = 1 << 1;
     const US: u64 = 1 << 2;
+    const PWT: u64 = 1 << 3;
+    const PCD: u64 = 1 << 4;
     const PS: u64 = 1 << 7;
 
     fn addr_mask(&self) -> u64 {
@@ -58,6 +61,9 @@ impl PteFormat for VtdFirstLevel {
         if height > 0 {
             v |= Self::PS;
         }
+        if attrs.contains(MapAttrs::MMIO) {
+            v |= Self::PCD | Self::PWT;
+        }
         v
     }
 
@@ -76,12 +82,15 @@ impl PteFormat for VtdFirstLevel {
         if pte & Self::RW != 0 {
             attrs |= MapAttrs::WRITE;
         }
+        if pte & (Self::PCD | Self::PWT) == Self::PCD | Self::PWT {
+            attrs |= MapAttrs::MMIO;
+        }
         Pte::Leaf { pa, attrs }
     }
 
     fn canonical(&self, attrs: MapAttrs) -> MapAttrs {
         // Present means readable: a write-only link reads back as read-write.
-        MapAttrs::READ | (attrs & MapAttrs::WRITE)
+        MapAttrs::READ | (attrs & (MapAttrs::WRITE | MapAttrs::MMIO))
     }
 }
 
@@ -107,6 +116,16 @@ mod tests {
         );
         assert_eq!(F.leaf(PhysAddr(0x20_0000), 1, MapAttrs::WRITE), 0x20_0087);
         assert_eq!(F.table(PhysAddr(0xabc_d000)), 0xabc_d007);
+        // MMIO: + PWT (0x8) | PCD (0x10) = 0x1d for a read-only page.
+        let d = F.leaf(PhysAddr(0x1000_0000), 0, MapAttrs::READ | MapAttrs::MMIO);
+        assert_eq!(d, 0x1000_001d);
+        assert_eq!(
+            F.decode(d, 0),
+            Pte::Leaf {
+                pa: PhysAddr(0x1000_0000),
+                attrs: MapAttrs::READ | MapAttrs::MMIO
+            }
+        );
     }
 
     #[test]

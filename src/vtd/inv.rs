@@ -91,6 +91,8 @@ pub struct InvDesc {
     hi: u64,
 }
 
+super::raw128!(InvDesc);
+
 impl InvDesc {
     /// Type field of a context-cache invalidate descriptor.
     pub const TYPE_CONTEXT: u64 = 0x1;
@@ -186,19 +188,6 @@ impl InvDesc {
             lo: ((data as u64) << 32) | (1 << 5) | Self::TYPE_WAIT,
             hi: status.0 & !3,
         }
-    }
-
-    /// A descriptor from its two raw halves.
-    pub const fn from_raw(raw: [u64; 2]) -> Self {
-        Self {
-            lo: raw[0],
-            hi: raw[1],
-        }
-    }
-
-    /// The raw descriptor, low 64 bits first.
-    pub const fn raw(self) -> [u64; 2] {
-        [self.lo, self.hi]
     }
 
     /// Type field (bits 3:0).

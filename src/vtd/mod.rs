@@ -45,6 +45,27 @@
 //! }
 //! ```
 
+/// `from_raw` / `raw` for a 128-bit in-memory structure kept as `lo`/`hi`.
+macro_rules! raw128 {
+    ($t:ident) => {
+        impl $t {
+            /// The structure from its two raw 64-bit halves, low first.
+            pub const fn from_raw(raw: [u64; 2]) -> Self {
+                Self {
+                    lo: raw[0],
+                    hi: raw[1],
+                }
+            }
+
+            /// The two raw 64-bit halves, low first.
+            pub const fn raw(self) -> [u64; 2] {
+                [self.lo, self.hi]
+            }
+        }
+    };
+}
+use raw128;
+
 pub mod caps;
 pub mod context;
 pub mod fault;

@@ -9,6 +9,8 @@ pub struct RootEntry {
     hi: u64,
 }
 
+super::raw128!(RootEntry);
+
 impl RootEntry {
     /// Present bit (bit 0).
     const P: u64 = 1;
@@ -22,19 +24,6 @@ impl RootEntry {
             lo: (ctp.0 & Self::CTP_MASK) | Self::P,
             hi: 0,
         }
-    }
-
-    /// An entry from its two raw 64-bit halves.
-    pub const fn from_raw(raw: [u64; 2]) -> Self {
-        Self {
-            lo: raw[0],
-            hi: raw[1],
-        }
-    }
-
-    /// The two raw 64-bit halves, low first.
-    pub const fn raw(self) -> [u64; 2] {
-        [self.lo, self.hi]
     }
 
     /// Whether the P bit is set.

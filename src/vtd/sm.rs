@@ -16,22 +16,11 @@ pub struct ScalableRootEntry {
     hi: u64,
 }
 
+super::raw128!(ScalableRootEntry);
+
 impl ScalableRootEntry {
     const P: u64 = 1;
     const CTP: u64 = !0xfff;
-
-    /// An entry from its raw halves.
-    pub const fn from_raw(raw: [u64; 2]) -> Self {
-        Self {
-            lo: raw[0],
-            hi: raw[1],
-        }
-    }
-
-    /// The raw halves, low first.
-    pub const fn raw(self) -> [u64; 2] {
-        [self.lo, self.hi]
-    }
 
     /// The context table for `devfn`, if its half is present.
     pub const fn context_table(self, devfn: u8) -> Option<PhysAddr> {

@@ -117,6 +117,9 @@ fn qemu_command(cfg: &Config, image: &std::path::Path, extra: &[String], words: 
         // every address bit the IOMMU offers.
         .args(["-device", "edu,addr=03.0,dma_mask=0xffffffffffffffff"])
         .args(["-device", "edu,addr=04.0,dma_mask=0xffffffffffffffff"])
+        // The P2P provider: RAM-backed BAR 2 (1 MiB) at a pinned slot.
+        .args(["-object", "memory-backend-ram,id=p2pmem,size=1M"])
+        .args(["-device", "ivshmem-plain,memdev=p2pmem,addr=05.0"])
         .arg("-kernel")
         .arg(image);
     let append = [cfg.append, words]

@@ -2,7 +2,9 @@
 //! QEMU `virt` with an SMMUv3 in every configuration the board must pass:
 //! (a) the default nested SMMU (stage 1 + stage 2), (b) stage 1 only and
 //! (c) stage 2 only (the last two need `virt-9.0`: newer machine types force
-//! `stage=nested`). The board enters at EL2 in all three.
+//! `stage=nested`). The board enters at EL2 in all three. Every run has two
+//! edu devices (00:05.0, 00:06.0) and an ivshmem-plain at 00:07.0 whose
+//! RAM-backed BAR 2 is the P2P provider of the board's P2P tests.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -69,6 +71,11 @@ const COMMON: &[&str] = &[
     "edu,addr=05.0,dma_mask=0xffffffffffffffff",
     "-device",
     "edu,addr=06.0,dma_mask=0xffffffffffffffff",
+    // The P2P provider: RAM-backed BAR 2 (1 MiB) at a pinned slot.
+    "-object",
+    "memory-backend-ram,id=p2pmem,size=1M",
+    "-device",
+    "ivshmem-plain,memdev=p2pmem,addr=07.0",
 ];
 
 /// Builds the board and runs every configuration (only (a), with the

@@ -6,6 +6,7 @@
 //! [`crate::tests::TESTS`].
 
 use crate::edu::Edu;
+use crate::ivshmem::Ivshmem;
 use crate::memory::BoardMemory;
 use crate::pci::Ecam;
 use crate::{exit, println};
@@ -26,6 +27,8 @@ pub struct Ctx {
     pub mem: &'static BoardMemory,
     /// The two edu functions: 00:03.0 (RID 0x18) and 00:04.0 (RID 0x20).
     pub edu: [Edu; 2],
+    /// The ivshmem-plain at 00:05.0 (P2P provider), or why it is missing.
+    pub ivshmem: Result<Ivshmem, Fail>,
     /// VT-d register base from the DMAR's first DRHD (QEMU: 0xfed90000).
     pub vtd_base: usize,
     /// Built with the `demo` feature (narration on).

@@ -18,6 +18,7 @@ mod boot;
 mod edu;
 mod exit;
 mod harness;
+mod ivshmem;
 mod memory;
 mod pci;
 mod port;
@@ -25,13 +26,16 @@ mod serial;
 mod tests;
 
 use bare_iommu::DeviceId;
-use harness::{Ctx, boot_failure};
+use harness::{Ctx, Fail, boot_failure, fail_msg};
+use ivshmem::Ivshmem;
 
 /// `hvm_start_info.magic` (Xen public/arch-x86/hvm/start_info.h).
 const HVM_START_MAGIC: u32 = 0x336e_c578;
 const EDU_VENDOR: u16 = 0x1234;
 const EDU_DEVICE: u16 = 0x11e8;
 const CMDLINE_MAX: usize = 256;
+/// Slot the xtask pins the ivshmem-plain at (`-device ivshmem-plain,addr=05.0`).
+const IVSHMEM_SLOT: u8 = 5;
 
 /// The command line, copied out of firmware memory.
 static CMDLINE: spin::Once<heapless::String<CMDLINE_MAX>> = spin::Once::new();
@@ -111,6 +115,10 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
             .unwrap_or_else(|e| boot_failure(format_args!("edu {id}: {e}")))
     };
     let edu = [edu_at(*id0), edu_at(*id1)];
+    let ivshmem = setup_ivshmem(&ecam, &mut busy);
+    if let Err(why) = &ivshmem {
+        println!("  note: no P2P provider: {why}");
+    }
 
     println!(
         "q35: cmdline \"{cmdline}\", VT-d at {:#x} ({} DRHD, HAW {}), ECAM at {:#x}, edu {} BAR0 {:#x}, edu {} BAR0 {:#x}",
@@ -129,12 +137,62 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
     let mut ctx = Ctx {
         mem,
         edu,
+        ivshmem,
         vtd_base,
         demo: cfg!(feature = "demo"),
         cmdline,
         ecam,
     };
     harness::run(&mut ctx, tests::TESTS)
+}
+
+/// Finds the ivshmem-plain at [`IVSHMEM_SLOT`] on bus 0, places its BAR 2
+/// (64-bit, prefetchable) where nothing else decodes, enables it. The BAR
+/// register holds the PCI bus address; on x86 the host bridge does not
+/// translate memory addresses (q35's _CRS windows have a zero translation
+/// offset), so the CPU reaches the BAR at the same address.
+fn setup_ivshmem(ecam: &pci::Ecam, busy: &mut pci::BusyRanges) -> Result<Ivshmem, Fail> {
+    let mut found = None;
+    ecam.for_each_function(|dev, vendor, device| {
+        if vendor == ivshmem::VENDOR
+            && device == ivshmem::DEVICE
+            && dev.bus == 0
+            && dev.dev() == IVSHMEM_SLOT
+        {
+            found = Some(dev);
+        }
+    });
+    let Some(id) = found else {
+        return Err(fail_msg(format_args!(
+            "no ivshmem at 00:{IVSHMEM_SLOT:02x}.0: run with -object memory-backend-ram,id=p2pmem,size=1M -device ivshmem-plain,memdev=p2pmem,addr={IVSHMEM_SLOT:02x}.0"
+        )));
+    };
+    let base = busy
+        .place(ecam, id, ivshmem::MEMORY_BAR)
+        .map_err(|e| fail_msg(format_args!("ivshmem {id} BAR2: {e}")))?;
+    ecam.enable(id, pci::CMD_MEMORY | pci::CMD_BUS_MASTER);
+    let raw = ecam.read32(id, ivshmem::BAR2_OFFSET);
+    // Bits 2:1 = 10b: 64-bit; bit 3: prefetchable (PCIe 6.0 §7.5.1.2.1).
+    if (raw >> 1) & 3 != 2 || raw & (1 << 3) == 0 {
+        return Err(fail_msg(format_args!(
+            "ivshmem BAR2 ({raw:#x}) is not 64-bit prefetchable memory"
+        )));
+    }
+    let (bus, len, _) = ecam
+        .memory_bar(id, ivshmem::MEMORY_BAR)
+        .ok_or_else(|| fail_msg(format_args!("ivshmem {id}: BAR2 reads back empty")))?;
+    if bus != base {
+        return Err(fail_msg(format_args!(
+            "ivshmem BAR2 reads back {bus:#x}, placed at {base:#x}"
+        )));
+    }
+    narrate!("ivshmem {id}: BAR2 {bus:#x} ({} KiB)", len >> 10);
+    Ok(Ivshmem {
+        id,
+        bar2: bare_iommu::PhysAddr(bus),
+        bar2_bus: bus,
+        len,
+    })
 }
 
 #[panic_handler]

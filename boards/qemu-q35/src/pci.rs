@@ -27,7 +27,7 @@ pub struct Ecam {
 
 /// A placement failure.
 pub enum PciError {
-    /// The function's BAR is not a 32-bit memory BAR or sizes to zero.
+    /// The function's BAR is not a memory BAR or sizes to zero.
     UnusableBar { dev: DeviceId, bar: u8, raw: u32 },
     /// No free, aligned range of `size` bytes in the 32-bit window.
     NoSpace { size: u64 },
@@ -39,10 +39,7 @@ impl core::fmt::Display for PciError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::UnusableBar { dev, bar, raw } => {
-                write!(
-                    f,
-                    "{dev} BAR{bar} ({raw:#x}) is not a sizable 32-bit memory BAR"
-                )
+                write!(f, "{dev} BAR{bar} ({raw:#x}) is not a sizable memory BAR")
             }
             Self::NoSpace { size } => write!(f, "no free {size:#x}-byte range below 0xfec00000"),
             Self::TooManyBars => write!(f, "too many BARs to track"),
@@ -233,11 +230,12 @@ impl BusyRanges {
         self.ranges.iter().any(|&(s, e)| start < e && s < end)
     }
 
-    /// Places memory BAR `bar` of `dev` in a free, naturally aligned range of
-    /// the 32-bit window unless firmware already did; returns its base.
+    /// Places memory BAR `bar` of `dev` (32- or 64-bit) in a free, naturally
+    /// aligned range of the 32-bit window unless firmware already did;
+    /// returns its base.
     pub fn place(&mut self, ecam: &Ecam, dev: DeviceId, bar: u8) -> Result<u64, PciError> {
         let raw = ecam.read32(dev, OFF_BAR0 + u16::from(bar) * 4);
-        let Some((base, size, false)) = ecam.memory_bar(dev, bar) else {
+        let Some((base, size, is64)) = ecam.memory_bar(dev, bar) else {
             return Err(PciError::UnusableBar { dev, bar, raw });
         };
         if base != 0 {
@@ -251,6 +249,10 @@ impl BusyRanges {
             if !self.overlaps(cand, cand + size) {
                 // cand < 4 GiB by the window bounds.
                 ecam.set_bar32(dev, bar, cand as u32);
+                if is64 {
+                    // The upper half of a 64-bit BAR: below 4 GiB.
+                    ecam.set_bar32(dev, bar + 1, 0);
+                }
                 self.add(cand, size)?;
                 return Ok(cand);
             }

@@ -7,6 +7,7 @@ use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::edu::Edu;
+use crate::ivshmem::Ivshmem;
 use crate::memory::BoardMemory;
 
 /// Whether this image narrates (cargo feature `demo`).
@@ -24,6 +25,8 @@ pub struct Ctx {
     pub mem: &'static BoardMemory,
     /// The two edu devices: 00:05.0 (StreamID 0x28) and 00:06.0 (StreamID 0x30).
     pub edu: [Edu; 2],
+    /// The ivshmem-plain at 00:07.0 (P2P provider), or why it is missing.
+    pub ivshmem: Result<Ivshmem, Fail>,
     /// Base of the SMMUv3 register page 0 (page 1 at + 0x10000).
     pub smmu_base: usize,
     /// Whether this is the demo image (narration on).

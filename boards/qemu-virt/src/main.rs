@@ -19,6 +19,8 @@ mod boot;
 mod edu;
 mod exception;
 mod exit;
+mod fdt;
+mod ivshmem;
 mod memory;
 mod pci;
 mod tests;
@@ -27,7 +29,8 @@ mod time;
 use bare_iommu::DeviceId;
 
 use crate::edu::Edu;
-use crate::harness::Ctx;
+use crate::harness::{Ctx, Fail, fail_msg};
+use crate::ivshmem::Ivshmem;
 use crate::memory::MEMORY;
 
 /// Base of the SMMUv3 on QEMU `virt` (register page 0; page 1 at + 0x10000).
@@ -35,6 +38,8 @@ pub const SMMU_BASE: usize = 0x0905_0000;
 
 /// Slots the xtask pins the two edu devices at (`-device edu,addr=05.0` and `06.0`).
 const EDU_SLOTS: [u8; 2] = [5, 6];
+/// Slot the xtask pins the ivshmem-plain at (`-device ivshmem-plain,addr=07.0`).
+const IVSHMEM_SLOT: u8 = 7;
 
 /// Entered from `boot.rs` with the exception level.
 extern "C" fn main(el: u64) -> ! {
@@ -47,9 +52,14 @@ extern "C" fn main(el: u64) -> ! {
     MEMORY.check_layout();
     let mut window = pci::MmioWindow::new();
     let edu = EDU_SLOTS.map(|slot| setup_edu(slot, &mut window));
+    let ivshmem = setup_ivshmem(&mut window);
+    if let Err(why) = &ivshmem {
+        println!("  note: no P2P provider: {why}");
+    }
     let mut ctx = Ctx {
         mem: &MEMORY,
         edu,
+        ivshmem,
         smmu_base: SMMU_BASE,
         demo: harness::DEMO,
     };
@@ -85,4 +95,45 @@ fn setup_edu(slot: u8, window: &mut pci::MmioWindow) -> Edu {
         function.bar0_size >> 10
     );
     edu
+}
+
+/// Finds the ivshmem-plain at [`IVSHMEM_SLOT`], assigns its BAR 2 after the
+/// edu BARs, enables it, and works out where the CPU sees the BAR: the BAR
+/// register holds a PCI bus address; the host bridge's DTB `ranges` say
+/// which CPU address that is.
+fn setup_ivshmem(window: &mut pci::MmioWindow) -> Result<Ivshmem, Fail> {
+    let ecam = pci::Ecam::virt();
+    let found = pci::find(ecam, ivshmem::VENDOR, ivshmem::DEVICE);
+    let Some(&address) = found.iter().find(|a| a.device() == IVSHMEM_SLOT) else {
+        return Err(fail_msg(format_args!(
+            "no ivshmem at 00:{IVSHMEM_SLOT:02x}.0: run with -object memory-backend-ram,id=p2pmem,size=1M -device ivshmem-plain,memdev=p2pmem,addr={IVSHMEM_SLOT:02x}.0"
+        )));
+    };
+    let id = DeviceId::new(0, address.bus(), address.device(), address.function())
+        .ok_or_else(|| fail_msg(format_args!("ivshmem at {address}: bad device/function")))?;
+    let bar = pci::enable_bar(ecam, address, ivshmem::MEMORY_BAR, window)
+        .map_err(|e| fail_msg(format_args!("ivshmem: {e}")))?;
+    if !bar.is_64 || !bar.prefetchable {
+        return Err(fail_msg(format_args!(
+            "ivshmem BAR 2 is not 64-bit prefetchable memory"
+        )));
+    }
+    // SAFETY: QEMU placed the DTB below the image (link.ld), in RAM that
+    // nothing else uses or writes.
+    let fdt = unsafe { fdt::Fdt::at(fdt::VIRT_DTB) }
+        .map_err(|e| fail_msg(format_args!("DTB at {:#x}: {e:?}", fdt::VIRT_DTB)))?;
+    let cpu = fdt
+        .pci_bus_to_cpu(bar.address)
+        .map_err(|e| fail_msg(format_args!("PCI bus address of ivshmem BAR 2: {e:?}")))?;
+    narrate!(
+        "ivshmem {id}: BAR2 bus {:#x} = CPU {cpu:#x} ({} KiB)",
+        bar.address,
+        bar.size >> 10
+    );
+    Ok(Ivshmem {
+        id,
+        bar2: bare_iommu::PhysAddr(cpu),
+        bar2_bus: bar.address,
+        len: bar.size,
+    })
 }

@@ -47,9 +47,15 @@ impl ConfigRegionAccess for Ecam {
 }
 
 /// Why a function could not be set up.
+#[derive(Clone, Copy, Debug)]
 pub enum PciError {
-    /// BAR 0 is absent or not a memory BAR.
-    NoMemoryBar(PciAddress),
+    /// The BAR is absent or not a memory BAR.
+    NoMemoryBar {
+        /// The function.
+        address: PciAddress,
+        /// The BAR.
+        slot: u8,
+    },
     /// The 32-bit MMIO window is full.
     WindowFull {
         /// Size that did not fit.
@@ -60,7 +66,9 @@ pub enum PciError {
 impl core::fmt::Display for PciError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::NoMemoryBar(a) => write!(f, "{a}: BAR 0 is not a memory BAR"),
+            Self::NoMemoryBar { address, slot } => {
+                write!(f, "{address}: BAR {slot} is not a memory BAR")
+            }
             Self::WindowFull { size } => {
                 write!(
                     f,
@@ -127,26 +135,77 @@ pub fn enable(
     address: PciAddress,
     window: &mut MmioWindow,
 ) -> Result<Function, PciError> {
+    let bar = enable_bar(ecam, address, 0, window)?;
+    Ok(Function {
+        bar0: bar.address,
+        bar0_size: bar.size,
+    })
+}
+
+/// A memory BAR as the function decodes it after [`enable_bar`].
+#[derive(Clone, Copy)]
+pub struct MemoryBar {
+    /// The address read back from the BAR register: a PCI bus address.
+    pub address: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// A 64-bit BAR (two registers).
+    pub is_64: bool,
+    /// Prefetchable.
+    pub prefetchable: bool,
+}
+
+/// Assigns memory BAR `slot` of an endpoint from `window` (the window's
+/// addresses are written to the BAR as they are) and enables memory decoding
+/// and bus mastering; returns the BAR as read back from the function.
+pub fn enable_bar(
+    ecam: Ecam,
+    address: PciAddress,
+    slot: u8,
+    window: &mut MmioWindow,
+) -> Result<MemoryBar, PciError> {
+    let no_bar = PciError::NoMemoryBar { address, slot };
     let header = PciHeader::new(address);
-    let mut ep = EndpointHeader::from_header(header, ecam).ok_or(PciError::NoMemoryBar(address))?;
-    // Decoding off while BAR 0 is sized and moved.
+    let mut ep = EndpointHeader::from_header(header, ecam).ok_or(no_bar)?;
+    // Decoding off while the BAR is sized and moved.
     ep.update_command(ecam, |c| {
         c - (CommandRegister::MEMORY_ENABLE | CommandRegister::BUS_MASTER_ENABLE)
     });
-    let size = match ep.bar(0, ecam) {
+    let size = match ep.bar(slot, ecam) {
         Some(Bar::Memory32 { size, .. }) => u64::from(size),
         Some(Bar::Memory64 { size, .. }) => size,
-        _ => return Err(PciError::NoMemoryBar(address)),
+        _ => return Err(no_bar),
     };
     let base = window.take(size)?;
     // SAFETY: `base` is a naturally aligned range of the MMIO window that no
     // other BAR uses, and the BAR is a memory BAR of that size.
-    unsafe { ep.write_bar(0, ecam, base as usize) }.map_err(|_| PciError::NoMemoryBar(address))?;
+    unsafe { ep.write_bar(slot, ecam, base as usize) }.map_err(|_| no_bar)?;
+    // Read back (sizing writes the register, so before decoding is on).
+    let bar = match ep.bar(slot, ecam) {
+        Some(Bar::Memory32 {
+            address,
+            size,
+            prefetchable,
+        }) => Ok(MemoryBar {
+            address: u64::from(address),
+            size: u64::from(size),
+            is_64: false,
+            prefetchable,
+        }),
+        Some(Bar::Memory64 {
+            address,
+            size,
+            prefetchable,
+        }) => Ok(MemoryBar {
+            address,
+            size,
+            is_64: true,
+            prefetchable,
+        }),
+        _ => Err(no_bar),
+    }?;
     ep.update_command(ecam, |c| {
         c | CommandRegister::MEMORY_ENABLE | CommandRegister::BUS_MASTER_ENABLE
     });
-    Ok(Function {
-        bar0: base,
-        bar0_size: size,
-    })
+    Ok(bar)
 }

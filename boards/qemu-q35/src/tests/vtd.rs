@@ -21,20 +21,20 @@ use bare_iommu::vtd::{
 use bare_iommu::{DeviceId, DmaAddr, PAGE_SIZE, PhysAddr};
 use spin::Mutex;
 
-const PAGE: usize = PAGE_SIZE as usize;
-const PAGE_U32: u32 = PAGE_SIZE as u32;
+pub(super) const PAGE: usize = PAGE_SIZE as usize;
+pub(super) const PAGE_U32: u32 = PAGE_SIZE as u32;
 const SIZE_2M: u64 = 2 << 20;
 /// IOVA apertures of the two test domains: disjoint, so an address of one
 /// domain is never mapped in the other.
-const APERTURE_A: (u64, u64) = (0x10_0000, 0x1000_0000);
+pub(super) const APERTURE_A: (u64, u64) = (0x10_0000, 0x1000_0000);
 const APERTURE_B: (u64, u64) = (0x1000_0000, 0x2000_0000);
 
-type Unit = Vtd<&'static BoardMemory>;
-type Dom<F> = Domain<F, &'static BoardMemory>;
+pub(super) type Unit = Vtd<&'static BoardMemory>;
+pub(super) type Dom<F> = Domain<F, &'static BoardMemory>;
 
 /// A table format a test domain can use: second level (legacy, and scalable
 /// mode with SLTS) or first level (scalable mode with FLTS, `fl`).
-trait BoardFormat: PteFormat {
+pub(super) trait BoardFormat: PteFormat {
     /// The format configured from the unit's capabilities.
     fn for_unit(vtd: &Unit) -> Self;
     /// Table levels of a new domain.
@@ -71,7 +71,7 @@ impl BoardFormat for VtdFirstLevel {
 }
 
 /// Whether this run's domains use first-level tables (`sm fl`).
-fn first_level(ctx: &Ctx) -> bool {
+pub(super) fn first_level(ctx: &Ctx) -> bool {
     config(ctx).scalable && ctx.arg("fl")
 }
 
@@ -88,6 +88,7 @@ macro_rules! per_format {
         }
     };
 }
+pub(super) use per_format;
 
 /// The unit, initialised once per boot by the first test that needs it.
 static UNIT: Mutex<Option<Unit>> = Mutex::new(None);
@@ -110,7 +111,10 @@ fn probe(ctx: &Ctx) -> Result<Unit, Fail> {
 
 /// Runs `f` with the initialised unit; both edus are blocked and the fault
 /// records empty before and after.
-fn with_unit(ctx: &Ctx, f: impl FnOnce(&mut Unit) -> Result<(), Fail>) -> Result<(), Fail> {
+pub(super) fn with_unit(
+    ctx: &Ctx,
+    f: impl FnOnce(&mut Unit) -> Result<(), Fail>,
+) -> Result<(), Fail> {
     let mut guard = UNIT.lock();
     if guard.is_none() {
         let mut v = probe(ctx)?;
@@ -131,7 +135,7 @@ fn with_unit(ctx: &Ctx, f: impl FnOnce(&mut Unit) -> Result<(), Fail>) -> Result
     r
 }
 
-fn new_domain<F: BoardFormat>(
+pub(super) fn new_domain<F: BoardFormat>(
     vtd: &Unit,
     ctx: &Ctx,
     id: u16,
@@ -151,7 +155,7 @@ fn new_domain<F: BoardFormat>(
     .or_fail("domain")
 }
 
-fn alloc_tx<F: BoardFormat>(dom: &mut Dom<F>, size: u64) -> Result<IovaState, Fail> {
+pub(super) fn alloc_tx<F: BoardFormat>(dom: &mut Dom<F>, size: u64) -> Result<IovaState, Fail> {
     dom.try_alloc(size, u64::MAX)
         .or_fail("try_alloc")?
         .into_iova()
@@ -187,7 +191,7 @@ fn faults(vtd: &mut Unit) -> (heapless::Vec<FaultRecord, 8>, FaultStatus) {
 }
 
 /// Exactly one fault, from `dev`, at the page of `addr`, with `reason` and `access`.
-fn expect_one_fault(
+pub(super) fn expect_one_fault(
     vtd: &mut Unit,
     dev: DeviceId,
     addr: u64,
@@ -252,7 +256,7 @@ fn expect_write_blocked(
     expect_one_fault(vtd, edu.id, iova, reasons, Access::Write)
 }
 
-fn no_faults(vtd: &mut Unit) -> Result<(), Fail> {
+pub(super) fn no_faults(vtd: &mut Unit) -> Result<(), Fail> {
     let (recs, st) = faults(vtd);
     if let Some(r) = recs.first() {
         fail!("unexpected fault: {}", r);
@@ -270,7 +274,7 @@ fn load_buffer(ctx: &Ctx, edu: &Edu, pa: PhysAddr, dma: u64, seed: u8) -> Result
     edu.dma_from_ram(dma, 0, PAGE_U32).or_fail("RAM -> edu")
 }
 
-fn free_pages(ctx: &Ctx, pa: PhysAddr, n: usize) -> Result<(), Fail> {
+pub(super) fn free_pages(ctx: &Ctx, pa: PhysAddr, n: usize) -> Result<(), Fail> {
     check!(ctx.mem.free_dma_pages(pa, n), "free DMA pages at {pa}");
     Ok(())
 }

@@ -4,6 +4,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod p2p;
 mod smmu;
 
 /// Every test, by name; the runner prints `PASS name` / `FAIL name: why`.
@@ -62,5 +63,14 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "smmu_detach_returns_stream_to_abort",
         smmu::smmu_detach_returns_stream_to_abort,
+    ),
+    // P2P through the host bridge: edu DMAs into ivshmem's BAR 2.
+    (
+        "p2p_dma_through_host_bridge_lands_in_peer_bar",
+        p2p::p2p_dma_through_host_bridge_lands_in_peer_bar,
+    ),
+    (
+        "p2p_without_an_allowed_host_bridge_is_refused",
+        p2p::p2p_without_an_allowed_host_bridge_is_refused,
     ),
 ];

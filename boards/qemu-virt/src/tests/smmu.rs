@@ -21,10 +21,10 @@ use crate::edu::Edu;
 use crate::harness::{Ctx, Fail, OrFail};
 use crate::memory::BoardMemory;
 
-type Mem = &'static BoardMemory;
-type Dom<F> = Domain<F, Mem>;
+pub(super) type Mem = &'static BoardMemory;
+pub(super) type Dom<F> = Domain<F, Mem>;
 
-const PAGE: usize = PAGE_SIZE as usize;
+pub(super) const PAGE: usize = PAGE_SIZE as usize;
 /// edu emits 64-bit addresses (`dma_mask=0xffff_ffff_ffff_ffff` on the command line).
 const DMA_MASK: u64 = u64::MAX;
 /// IOVAs handed out start here (not at 0, so a zero address is never valid).
@@ -34,12 +34,12 @@ const APERTURE_START: u64 = 0x10_0000;
 const KEEP: usize = 16;
 
 /// What the event queue held.
-struct Drained {
-    events: heapless::Vec<Event, KEEP>,
-    report: EventReport,
+pub(super) struct Drained {
+    pub(super) events: heapless::Vec<Event, KEEP>,
+    pub(super) report: EventReport,
 }
 
-fn drain(smmu: &mut Smmu<Mem>) -> Drained {
+pub(super) fn drain(smmu: &mut Smmu<Mem>) -> Drained {
     let mut events = heapless::Vec::new();
     let mut report = EventReport::default();
     // A few rounds: one poll takes at most one queue's worth.
@@ -57,7 +57,7 @@ fn drain(smmu: &mut Smmu<Mem>) -> Drained {
     Drained { events, report }
 }
 
-fn bring_up(ctx: &Ctx, config: SmmuConfig) -> Result<Smmu<Mem>, Fail> {
+pub(super) fn bring_up(ctx: &Ctx, config: SmmuConfig) -> Result<Smmu<Mem>, Fail> {
     // SAFETY: `smmu_base` is the board's SMMUv3 (both register pages mapped,
     // MMU off), and no other test holds a driver for it while this one runs.
     let mut smmu = unsafe { Smmu::new(ctx.smmu_base, ctx.mem) }.or_fail("SMMU probe")?;
@@ -65,7 +65,12 @@ fn bring_up(ctx: &Ctx, config: SmmuConfig) -> Result<Smmu<Mem>, Fail> {
     Ok(smmu)
 }
 
-fn domain<F: PteFormat>(smmu: &Smmu<Mem>, ctx: &Ctx, fmt: F, id: u16) -> Result<Dom<F>, Fail> {
+pub(super) fn domain<F: PteFormat>(
+    smmu: &Smmu<Mem>,
+    ctx: &Ctx,
+    fmt: F,
+    id: u16,
+) -> Result<Dom<F>, Fail> {
     domain_with_levels(smmu, ctx, fmt, id, 3)
 }
 
@@ -93,7 +98,7 @@ fn domain_with_levels<F: PteFormat>(
     .or_fail("domain")
 }
 
-fn alloc<F: PteFormat>(dom: &mut Dom<F>, size: u64) -> Result<IovaState, Fail> {
+pub(super) fn alloc<F: PteFormat>(dom: &mut Dom<F>, size: u64) -> Result<IovaState, Fail> {
     dom.try_alloc(size, DMA_MASK)
         .or_fail("try_alloc")?
         .into_iova()
@@ -114,7 +119,7 @@ fn stage_name(format: TableFormat) -> &'static str {
 
 /// Returns both devices to abort: done before a domain is dropped, so no
 /// STE points at freed tables.
-fn detach_all(smmu: &mut Smmu<Mem>, ctx: &Ctx) -> Result<(), Fail> {
+pub(super) fn detach_all(smmu: &mut Smmu<Mem>, ctx: &Ctx) -> Result<(), Fail> {
     for edu in &ctx.edu {
         smmu.detach(edu.id).or_fail("detach")?;
     }
@@ -122,7 +127,7 @@ fn detach_all(smmu: &mut Smmu<Mem>, ctx: &Ctx) -> Result<(), Fail> {
 }
 
 /// Detaches the devices and shuts the SMMU down (tables and queues freed).
-fn teardown(smmu: &mut Smmu<Mem>, ctx: &Ctx) -> Result<(), Fail> {
+pub(super) fn teardown(smmu: &mut Smmu<Mem>, ctx: &Ctx) -> Result<(), Fail> {
     detach_all(smmu, ctx)?;
     smmu.shutdown().or_fail("SMMU shutdown")
 }
@@ -143,6 +148,7 @@ macro_rules! with_preferred_stage {
         }
     };
 }
+pub(super) use with_preferred_stage;
 
 /// `edu` copies `len` bytes from `src` into its buffer and out to `dst`.
 fn copy(edu: &Edu, src: u64, dst: u64, len: u32) -> Result<(), Fail> {
@@ -150,7 +156,7 @@ fn copy(edu: &Edu, src: u64, dst: u64, len: u32) -> Result<(), Fail> {
     edu.dma_to_ram(dst, 0, len).or_fail("edu write DMA")
 }
 
-fn expect_translation_fault(
+pub(super) fn expect_translation_fault(
     d: &Drained,
     sid: u32,
     lo: u64,
@@ -179,7 +185,7 @@ fn expect_translation_fault(
     Ok(())
 }
 
-fn fault_stage(format: TableFormat) -> Stage {
+pub(super) fn fault_stage(format: TableFormat) -> Stage {
     if format == TableFormat::ArmStage2 {
         Stage::Stage2
     } else {

@@ -1,0 +1,188 @@
+//! Just enough of the flattened device tree (Devicetree Specification v0.4,
+//! chapter 5) to read the PCI host bridge's `ranges`: how a PCI bus address
+//! in a memory window maps to a CPU physical address.
+//!
+//! QEMU puts the DTB at the start of RAM when it fits below the image
+//! (link.ld leaves 2 MiB for it).
+
+/// Where QEMU `virt` places the DTB.
+pub const VIRT_DTB: usize = 0x4000_0000;
+/// Most bytes a DTB may span here (the gap below the image).
+const MAX_SIZE: u32 = 2 << 20;
+/// Devicetree Specification 5.2: header magic.
+const MAGIC: u32 = 0xd00d_feed;
+/// Devicetree Specification 5.4.1: structure block tokens.
+const FDT_BEGIN_NODE: u32 = 1;
+const FDT_END_NODE: u32 = 2;
+const FDT_PROP: u32 = 3;
+const FDT_NOP: u32 = 4;
+const FDT_END: u32 = 9;
+
+/// Why the DTB could not answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FdtError {
+    /// No DTB magic at the address.
+    NoDtb,
+    /// The structure block is cut or holds an unknown token.
+    Malformed,
+    /// No `pcie@…` node with a `ranges` property.
+    NoPciRanges,
+    /// No memory window of the host bridge contains the bus address.
+    NotInWindow(u64),
+}
+
+/// A DTB in memory.
+pub struct Fdt {
+    bytes: &'static [u8],
+}
+
+/// One memory window of a PCI host bridge (`ranges` entry, PCI bus binding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciWindow {
+    /// PCI bus address of the window's start.
+    pub bus: u64,
+    /// CPU physical address of the window's start.
+    pub cpu: u64,
+    /// Length.
+    pub size: u64,
+}
+
+impl Fdt {
+    /// The DTB at `addr`.
+    ///
+    /// # Safety
+    ///
+    /// `addr` must be readable RAM for [`MAX_SIZE`] bytes that nothing writes
+    /// while the returned value lives.
+    pub unsafe fn at(addr: usize) -> Result<Self, FdtError> {
+        // SAFETY: per the caller, the header's 40 bytes are readable.
+        let head = unsafe { core::slice::from_raw_parts(addr as *const u8, 40) };
+        if be32(head, 0) != Some(MAGIC) {
+            return Err(FdtError::NoDtb);
+        }
+        let total = be32(head, 4).ok_or(FdtError::Malformed)?;
+        if total > MAX_SIZE {
+            return Err(FdtError::Malformed);
+        }
+        // SAFETY: `total` ≤ MAX_SIZE bytes, readable per the caller.
+        let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, total as usize) };
+        Ok(Self { bytes })
+    }
+
+    fn header(&self, off: usize) -> Result<usize, FdtError> {
+        be32(self.bytes, off)
+            .map(|v| v as usize)
+            .ok_or(FdtError::Malformed)
+    }
+
+    fn string(&self, off: usize) -> Result<&'static [u8], FdtError> {
+        let start = self
+            .header(12)?
+            .checked_add(off)
+            .ok_or(FdtError::Malformed)?;
+        cstr(self.bytes, start).ok_or(FdtError::Malformed)
+    }
+
+    /// Every memory window (32- and 64-bit) of the first `pcie@` node
+    /// directly below the root, in `ranges` order; calls `f` for each.
+    pub fn pci_windows(&self, mut f: impl FnMut(PciWindow)) -> Result<(), FdtError> {
+        let mut off = self.header(8)?;
+        let mut depth = 0usize;
+        let mut in_pcie = false;
+        // #address-cells / #size-cells of the root (the parent bus of the
+        // host bridge) and of the host bridge itself; the spec's defaults.
+        let (mut root_ac, mut pci_ac, mut pci_sc) = (2u32, 3u32, 2u32);
+        let mut ranges: Option<&'static [u8]> = None;
+        loop {
+            let token = be32(self.bytes, off).ok_or(FdtError::Malformed)?;
+            off += 4;
+            match token {
+                FDT_BEGIN_NODE => {
+                    let name = cstr(self.bytes, off).ok_or(FdtError::Malformed)?;
+                    off = (off + name.len() + 1).next_multiple_of(4);
+                    depth += 1;
+                    if depth == 2 && ranges.is_none() && name.starts_with(b"pcie@") {
+                        in_pcie = true;
+                    }
+                }
+                FDT_END_NODE => {
+                    if depth == 2 && in_pcie {
+                        break;
+                    }
+                    depth = depth.checked_sub(1).ok_or(FdtError::Malformed)?;
+                }
+                FDT_PROP => {
+                    let len = self.header(off)?;
+                    let name = self.string(self.header(off + 4)?)?;
+                    let start = off + 8;
+                    let value = start
+                        .checked_add(len)
+                        .and_then(|end| self.bytes.get(start..end))
+                        .ok_or(FdtError::Malformed)?;
+                    off = (start + len).next_multiple_of(4);
+                    let cells = be32(value, 0);
+                    match (depth, in_pcie, name) {
+                        (1, _, b"#address-cells") => root_ac = cells.unwrap_or(root_ac),
+                        (2, true, b"#address-cells") => pci_ac = cells.unwrap_or(pci_ac),
+                        (2, true, b"#size-cells") => pci_sc = cells.unwrap_or(pci_sc),
+                        (2, true, b"ranges") => ranges = Some(value),
+                        _ => {}
+                    }
+                }
+                FDT_NOP => {}
+                FDT_END => break,
+                _ => return Err(FdtError::Malformed),
+            }
+        }
+        let ranges = ranges.ok_or(FdtError::NoPciRanges)?;
+        // PCI bus binding: child address = 3 cells (phys.hi flags, phys.mid,
+        // phys.lo); phys.hi bits 25:24 are the space code (2 = 32-bit
+        // memory, 3 = 64-bit memory).
+        if pci_ac != 3 || !(1..=2).contains(&root_ac) || !(1..=2).contains(&pci_sc) {
+            return Err(FdtError::Malformed);
+        }
+        let entry = 4 * (pci_ac + root_ac + pci_sc) as usize;
+        for e in ranges.chunks_exact(entry) {
+            let hi = be32(e, 0).ok_or(FdtError::Malformed)?;
+            let bus = cells(e, 4, 2).ok_or(FdtError::Malformed)?;
+            let cpu = cells(e, 12, root_ac).ok_or(FdtError::Malformed)?;
+            let size = cells(e, 12 + 4 * root_ac as usize, pci_sc).ok_or(FdtError::Malformed)?;
+            if (hi >> 24) & 3 >= 2 {
+                f(PciWindow { bus, cpu, size });
+            }
+        }
+        Ok(())
+    }
+
+    /// The CPU physical address at which PCI bus address `bus` appears.
+    pub fn pci_bus_to_cpu(&self, bus: u64) -> Result<u64, FdtError> {
+        let mut found = None;
+        self.pci_windows(|w| {
+            if found.is_none() && bus >= w.bus && bus - w.bus < w.size {
+                found = Some(w.cpu + (bus - w.bus));
+            }
+        })?;
+        found.ok_or(FdtError::NotInWindow(bus))
+    }
+}
+
+fn be32(b: &[u8], off: usize) -> Option<u32> {
+    let s = b.get(off..off.checked_add(4)?)?;
+    Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+/// `n` (1 or 2) big-endian cells at `off` as one number.
+fn cells(b: &[u8], off: usize, n: u32) -> Option<u64> {
+    let mut v = 0u64;
+    for i in 0..n as usize {
+        v = (v << 32) | u64::from(be32(b, off + 4 * i)?);
+    }
+    Some(v)
+}
+
+/// The NUL-terminated string at `off`, without the NUL.
+fn cstr(b: &[u8], off: usize) -> Option<&[u8]> {
+    let rest = b.get(off..)?;
+    let n = rest.iter().position(|&c| c == 0)?;
+    rest.get(..n)
+}
