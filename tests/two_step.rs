@@ -564,3 +564,55 @@ fn many_scattered_unlinks_fall_back_to_one_domain_invalidation() {
     assert!(be.covered_since_last_sync(1, t.iova().0 + 61 * 4096, 2 * 4096));
     d.destroy(t, &mut be).unwrap();
 }
+
+#[test]
+fn empty_tables_kept_when_retirement_is_full_are_not_leaked_by_a_later_block() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let base = mem.live_pages();
+    let mut t = tx(&mut d, 256 << 20);
+    // One page in each of 80 separate 2 MiB regions; unlink all without a sync,
+    // so more tables empty out than can wait for the sync.
+    for r in 0..80u64 {
+        d.link(
+            &mut t,
+            PhysAddr(0x4000_0000 + r * 4096),
+            r << 21,
+            4096,
+            RW,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+    }
+    for r in 0..80u64 {
+        d.unlink(&mut t, r << 21, 4096).unwrap();
+    }
+    // A 2 MiB block where an emptied table may still be attached.
+    d.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        79 << 21,
+        2 << 20,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.sync(&mut be).unwrap();
+    assert_eq!(
+        d.translate(DmaAddr(t.iova().0 + (79 << 21) + 0x1234))
+            .unwrap()
+            .0,
+        PhysAddr(0x8000_1234)
+    );
+    d.unlink(&mut t, 79 << 21, 2 << 20).unwrap();
+    d.sync(&mut be).unwrap();
+    d.free(t).unwrap();
+    d.sync(&mut be).unwrap();
+    drop(d);
+    assert_eq!(
+        mem.live_pages(),
+        base - 1,
+        "every table page is given back (the root with the domain)"
+    );
+}

@@ -535,9 +535,15 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             let idx = index(cur, h);
             let next = end.min((cur & !(esize - 1)) + esize);
             let p = pa + (cur - iova);
-            if h == 0 || (next - cur == esize && p & (esize - 1) == 0 && self.fmt.leaf_allowed(h)) {
+            let block =
+                h > 0 && next - cur == esize && p & (esize - 1) == 0 && self.fmt.leaf_allowed(h);
+            // An empty table left attached (its retirement did not fit) is
+            // filled below rather than overwritten by a block: overwriting
+            // would leak its page and need a walk-cache invalidation.
+            let table_here =
+                block && matches!(self.fmt.decode(self.read(table, idx), h), Pte::Table(_));
+            if h == 0 || (block && !table_here) {
                 if h > 0 {
-                    // A block may replace an empty table kept attached.
                     self.leaf_cache.0 = NO_REGION;
                 }
                 self.write(table, idx, self.fmt.leaf(PhysAddr(p), h, attrs));
