@@ -588,6 +588,48 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         Ok(DmaAddr(iova))
     }
 
+    /// Links separate 4 KiB physical pages (a scatter list) at consecutive
+    /// offsets from `offset`, in one call: the same contract as
+    /// [`link`](Self::link) (tables only, all or nothing), with one table
+    /// walk per 2 MiB instead of one per page.
+    pub fn link_pages(
+        &mut self,
+        tx: &mut IovaState,
+        pages: &[PhysAddr],
+        offset: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+    ) -> Result<DmaAddr, DmaError> {
+        let len = (pages.len() as u64)
+            .checked_mul(PAGE_SIZE)
+            .ok_or(DmaError::Overflow {
+                a: pages.len() as u64,
+                b: PAGE_SIZE,
+            })?;
+        let iova = Self::check_window(tx, offset, len)?;
+        let kind = if attrs.contains(MapAttrs::MMIO) {
+            DmaKind::P2pThruHostBridge
+        } else {
+            DmaKind::Translated
+        };
+        if tx.linked != 0 && (tx.kind != kind as u8 || tx.dirs & HAS_PROVIDER != 0) {
+            return Err(DmaError::MixedP2p);
+        }
+        let t = self.translated(tx)?;
+        let attrs = (attrs - MapAttrs::READ - MapAttrs::WRITE) | dir.attrs();
+        if let Err(e) = t.pt.map_pages(DmaAddr(iova), pages, attrs) {
+            if e == crate::error::PageTableError::OutOfMemory {
+                t.unmapped.add(iova, len, false);
+            }
+            return Err(e.into());
+        }
+        t.mapped.add(iova, len, true);
+        tx.linked += len;
+        tx.kind = kind as u8;
+        tx.dirs |= dir as u8;
+        Ok(DmaAddr(iova))
+    }
+
     /// [`link`](Self::link) for a range that may be a peer device's P2P
     /// memory: classifies `[phys, phys + len)` against `p2p`'s providers and
     /// the PCI topology, and records the answer in the state.

@@ -215,6 +215,62 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         self.map_general(iova.0, pa.0, end, attrs)
     }
 
+    /// Maps `pages.len()` separate 4 KiB physical pages at consecutive
+    /// IOVAs from `iova` (a scatter list). All or nothing, like
+    /// [`map`](Self::map); one walk per 2 MiB of IOVA, not per page.
+    pub fn map_pages(
+        &mut self,
+        iova: DmaAddr,
+        pages: &[PhysAddr],
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
+        let len =
+            (pages.len() as u64)
+                .checked_mul(PAGE_SIZE)
+                .ok_or(PageTableError::OutOfRange {
+                    iova,
+                    len: u64::MAX,
+                    limit: 1u64 << self.ias_bits(),
+                })?;
+        let end = self.check_range(iova, len)?;
+        if !attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
+            return Err(PageTableError::NoAccess);
+        }
+        let last_page = (1u64 << self.fmt.oa_bits()) - PAGE_SIZE;
+        for p in pages {
+            if !p.is_page_aligned() {
+                return Err(PageTableError::Unaligned { value: p.0 });
+            }
+            if p.0 > last_page {
+                return Err(PageTableError::PhysTooLarge { phys: *p });
+            }
+        }
+        if let Some(at) = self.first_present(self.root, self.top_height(), iova.0, end) {
+            return Err(PageTableError::AlreadyMapped { iova: DmaAddr(at) });
+        }
+        let mut cur = iova.0;
+        let mut rest = pages;
+        while !rest.is_empty() {
+            let table = match self.leaf_table_for_map(cur) {
+                Ok((t, _)) => t,
+                Err(e) => {
+                    self.take_back(iova.0, end);
+                    return Err(e);
+                }
+            };
+            let i0 = index(cur, 0);
+            let n = (ENTRIES - i0).min(rest.len());
+            let (now, later) = rest.split_at(n);
+            for (k, p) in now.iter().enumerate() {
+                self.write(table, i0 + k, self.fmt.leaf(*p, 0, attrs));
+            }
+            self.clean_entries(table, i0, i0 + n);
+            rest = later;
+            cur += n as u64 * PAGE_SIZE;
+        }
+        Ok(())
+    }
+
     /// [`map`](Self::map) for a caller that has already checked that
     /// `[iova, end)` is a non-empty, page-aligned range inside the table's
     /// input range, that `pa` is page aligned with `pa + (end - iova)` not
