@@ -25,6 +25,11 @@ enum Op {
     Alloc {
         pages: u64,
     },
+    LinkPages {
+        tx: usize,
+        off: u64,
+        phys: Vec<u64>,
+    },
     Link {
         tx: usize,
         off: u64,
@@ -51,6 +56,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(tx, off, pages, phys, aligned, dir)| Op::Link { tx, off, pages, phys, aligned, dir }),
         3 => (0usize..4, 0u64..1024, prop_oneof![1u64..=8, 1u64..=600])
             .prop_map(|(tx, off, pages)| Op::Unlink { tx, off, pages }),
+        2 => (0usize..4, 0u64..1024, proptest::collection::vec(0u64..1 << 20, 1..600))
+            .prop_map(|(tx, off, phys)| Op::LinkPages { tx, off, phys }),
         2 => Just(Op::Sync),
         1 => (0usize..4).prop_map(|tx| Op::Free { tx }),
     ]
@@ -145,6 +152,41 @@ fn run<F: PteFormat>(fmt: F, levels: u8, ops: &[Op]) -> Result<(), TestCaseError
                         let already = matches!(r, Err(DmaError::AlreadyLinked { .. }));
                         prop_assert!(already, "expected AlreadyLinked, got {:?}", r);
                     }
+                }
+            }
+            Op::LinkPages { tx, off, ref phys } => {
+                let phys: &Vec<u64> = phys;
+                let Some(t) = txs.get_mut(tx) else { continue };
+                let off = off * PAGE;
+                let pages = phys.len() as u64;
+                let len = pages * PAGE;
+                let iova = t.iova().0 + off;
+                let list: Vec<PhysAddr> = phys
+                    .iter()
+                    .map(|p| PhysAddr((1 << 34) + p * PAGE))
+                    .collect();
+                let want_ok = off + len <= t.size()
+                    && (0..pages).all(|i| !model.contains_key(&(iova + i * PAGE)));
+                let before = t.linked();
+                let r = d.link_pages(
+                    t,
+                    &list,
+                    off,
+                    DmaDirection::Bidirectional,
+                    MapAttrs::empty(),
+                );
+                if want_ok {
+                    prop_assert_eq!(r, Ok(DmaAddr(iova)));
+                    for (i, p) in list.iter().enumerate() {
+                        model.insert(
+                            iova + i as u64 * PAGE,
+                            (p.0, fmt.canonical(MapAttrs::READ | MapAttrs::WRITE)),
+                        );
+                    }
+                    prop_assert_eq!(t.linked(), before + len);
+                } else {
+                    prop_assert!(r.is_err());
+                    prop_assert_eq!(t.linked(), before);
                 }
             }
             Op::Unlink { tx, off, pages } => {

@@ -531,3 +531,140 @@ fn one_step_map_and_unmap_use_the_same_path() {
     assert_eq!(d.translate(a), None);
     assert_eq!(be.syncs, 2);
 }
+
+#[test]
+fn many_scattered_unlinks_fall_back_to_one_domain_invalidation() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 64 * 4096);
+    d.link(
+        &mut t,
+        PhysAddr(0x100_0000),
+        0,
+        64 * 4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.sync(&mut be).unwrap();
+    // 20 holes, none adjacent: more ranges than the domain batches one by one.
+    for i in 0..20 {
+        d.unlink(&mut t, i * 3 * 4096, 4096).unwrap();
+    }
+    d.sync(&mut be).unwrap();
+    assert_eq!(be.domain_invalidations, 1);
+    assert_eq!(be.invalidations, 0);
+    assert!(be.covered_since_last_sync(1, t.iova().0, 64 * 4096));
+    // Adjacent unlinks merge into one range invalidation.
+    d.unlink(&mut t, 61 * 4096, 4096).unwrap();
+    d.unlink(&mut t, 62 * 4096, 4096).unwrap();
+    d.sync(&mut be).unwrap();
+    assert_eq!(be.invalidations, 1);
+    assert!(be.covered_since_last_sync(1, t.iova().0 + 61 * 4096, 2 * 4096));
+    d.destroy(t, &mut be).unwrap();
+}
+
+#[test]
+fn empty_tables_kept_when_retirement_is_full_are_not_leaked_by_a_later_block() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let base = mem.live_pages();
+    let mut t = tx(&mut d, 256 << 20);
+    // One page in each of 80 separate 2 MiB regions; unlink all without a sync,
+    // so more tables empty out than can wait for the sync.
+    for r in 0..80u64 {
+        d.link(
+            &mut t,
+            PhysAddr(0x4000_0000 + r * 4096),
+            r << 21,
+            4096,
+            RW,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+    }
+    for r in 0..80u64 {
+        d.unlink(&mut t, r << 21, 4096).unwrap();
+    }
+    // A 2 MiB block where an emptied table may still be attached.
+    d.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        79 << 21,
+        2 << 20,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.sync(&mut be).unwrap();
+    assert_eq!(
+        d.translate(DmaAddr(t.iova().0 + (79 << 21) + 0x1234))
+            .unwrap()
+            .0,
+        PhysAddr(0x8000_1234)
+    );
+    d.unlink(&mut t, 79 << 21, 2 << 20).unwrap();
+    d.sync(&mut be).unwrap();
+    d.free(t).unwrap();
+    d.sync(&mut be).unwrap();
+    drop(d);
+    assert_eq!(
+        mem.live_pages(),
+        base - 1,
+        "every table page is given back (the root with the domain)"
+    );
+}
+
+#[test]
+fn a_scatter_list_links_in_one_call_all_or_nothing() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 1024 * 4096);
+    // 600 pages: crosses a 2 MiB boundary, physical pages in reverse order.
+    let pages: Vec<PhysAddr> = (0..600u64)
+        .map(|i| PhysAddr(0x9000_0000 - i * 4096))
+        .collect();
+    let a = d
+        .link_pages(&mut t, &pages, 8 * 4096, RW, MapAttrs::empty())
+        .unwrap();
+    assert_eq!(a, DmaAddr(t.iova().0 + 8 * 4096));
+    assert_eq!(t.linked(), 600 * 4096);
+    for (i, p) in pages.iter().enumerate() {
+        assert_eq!(
+            d.translate(DmaAddr(a.0 + i as u64 * 4096 + 7)).unwrap().0,
+            PhysAddr(p.0 + 7)
+        );
+    }
+    d.sync(&mut be).unwrap();
+    // Refusals change nothing: an unaligned page, an overlap, table memory running out.
+    let before = mem.live_pages();
+    let bad = [PhysAddr(0x1000), PhysAddr(0x2001)];
+    assert_eq!(
+        d.link_pages(&mut t, &bad, 0, RW, MapAttrs::empty()),
+        Err(DmaError::Unaligned { value: 0x2001 })
+    );
+    let two = [PhysAddr(0x1000), PhysAddr(0x2000)];
+    assert_eq!(
+        d.link_pages(&mut t, &two, 7 * 4096, RW, MapAttrs::empty()),
+        Err(DmaError::AlreadyLinked {
+            iova: DmaAddr(t.iova().0 + 8 * 4096)
+        })
+    );
+    assert_eq!(d.translate(DmaAddr(t.iova().0 + 7 * 4096)), None);
+    let far = [PhysAddr(0x1000); 3];
+    let mut t2 = d.try_alloc(2 << 30, u64::MAX).unwrap().into_iova().unwrap();
+    mem.set_budget(Some(1));
+    assert_eq!(
+        d.link_pages(&mut t2, &far, (1 << 30) - 4096, RW, MapAttrs::empty()),
+        Err(DmaError::OutOfMemory)
+    );
+    mem.set_budget(None);
+    assert_eq!(mem.live_pages(), before);
+    assert_eq!(t.linked(), 600 * 4096);
+    assert_eq!(t2.linked(), 0);
+    d.free(t2).unwrap();
+    d.destroy(t, &mut be).unwrap();
+}

@@ -81,10 +81,12 @@ pub const S2_MEMATTR_NORMAL_WB: u64 = 0b1111 << 2;
 pub const S2_MEMATTR_DEVICE_NGNRE: u64 = 0b0001 << 2;
 
 /// Leaves are allowed at heights 1 (2 MiB) and 2 (1 GiB) with a 4 KiB granule.
+#[inline]
 fn arm_leaf_allowed(height: u32) -> bool {
     height <= 2
 }
 
+#[inline]
 fn decode_common(pte: u64, height: u32) -> Option<Result<PhysAddr, PhysAddr>> {
     if pte & 1 == 0 {
         return None;
@@ -107,18 +109,22 @@ pub struct ArmStage1;
 impl PteFormat for ArmStage1 {
     const KIND: TableFormat = TableFormat::ArmStage1;
 
+    #[inline]
     fn leaf_allowed(&self, height: u32) -> bool {
         arm_leaf_allowed(height)
     }
 
+    #[inline]
     fn oa_bits(&self) -> u32 {
         48
     }
 
+    #[inline]
     fn table(&self, pa: PhysAddr) -> u64 {
         (pa.0 & ADDR_MASK) | (S1Bits::VALID | S1Bits::TABLE_OR_PAGE).bits()
     }
 
+    #[inline]
     fn leaf(&self, pa: PhysAddr, height: u32, attrs: MapAttrs) -> u64 {
         let mut b = S1Bits::VALID | S1Bits::AF | S1Bits::NG;
         if height == 0 {
@@ -143,6 +149,7 @@ impl PteFormat for ArmStage1 {
         (pa.0 & ADDR_MASK) | b.bits() | (idx << 2)
     }
 
+    #[inline]
     fn decode(&self, pte: u64, height: u32) -> Pte {
         match decode_common(pte, height) {
             None => Pte::Invalid,
@@ -179,18 +186,22 @@ pub struct ArmStage2;
 impl PteFormat for ArmStage2 {
     const KIND: TableFormat = TableFormat::ArmStage2;
 
+    #[inline]
     fn leaf_allowed(&self, height: u32) -> bool {
         arm_leaf_allowed(height)
     }
 
+    #[inline]
     fn oa_bits(&self) -> u32 {
         48
     }
 
+    #[inline]
     fn table(&self, pa: PhysAddr) -> u64 {
         (pa.0 & ADDR_MASK) | (S2Bits::VALID | S2Bits::TABLE_OR_PAGE).bits()
     }
 
+    #[inline]
     fn leaf(&self, pa: PhysAddr, height: u32, attrs: MapAttrs) -> u64 {
         let mut b = S2Bits::VALID | S2Bits::AF;
         if height == 0 {
@@ -215,6 +226,7 @@ impl PteFormat for ArmStage2 {
         (pa.0 & ADDR_MASK) | b.bits() | memattr
     }
 
+    #[inline]
     fn decode(&self, pte: u64, height: u32) -> Pte {
         match decode_common(pte, height) {
             None => Pte::Invalid,

@@ -12,6 +12,10 @@ const BITS_PER_LEVEL: u32 = 9;
 /// How many freed table pages can wait for the next invalidation before the
 /// walker starts keeping empty tables attached instead.
 pub const RETIRE_CAPACITY: usize = 64;
+/// Input address bits one leaf (height-0) table covers: 2 MiB.
+const LEAF_TABLE_SHIFT: u32 = 12 + BITS_PER_LEVEL;
+/// `leaf_cache` region meaning "nothing cached".
+const NO_REGION: u64 = u64::MAX;
 
 /// What an unmap did, so the caller can invalidate precisely.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,6 +45,11 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     coherent: bool,
     table_pages: usize,
     retired: heapless::Vec<PhysAddr, RETIRE_CAPACITY>,
+    /// The last leaf table walked to: (`iova >> LEAF_TABLE_SHIFT`, table).
+    /// Lets runs of small maps and unmaps in one 2 MiB region skip the walk
+    /// from the root. Forgotten whenever a table page is detached or an
+    /// entry above the leaf level is overwritten with a block.
+    leaf_cache: (u64, PhysAddr),
 }
 
 #[inline]
@@ -78,6 +87,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             coherent,
             table_pages: 1,
             retired: heapless::Vec::new(),
+            leaf_cache: (NO_REGION, PhysAddr(0)),
         })
     }
 
@@ -160,6 +170,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Ok(t)
     }
 
+    #[inline]
     fn check_range(&self, iova: DmaAddr, len: u64) -> Result<u64, PageTableError> {
         if len == 0 {
             return Err(PageTableError::ZeroLength);
@@ -179,6 +190,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// Maps `[iova, iova + len)` to `[pa, pa + len)` with the largest leaves
     /// the alignment of both and the format allow. All or nothing.
+    #[inline]
     pub fn map(
         &mut self,
         iova: DmaAddr,
@@ -197,20 +209,356 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if !attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
             return Err(PageTableError::NoAccess);
         }
+        if let Some(done) = self.map_in_leaf_table(iova.0, pa.0, end, attrs) {
+            return done;
+        }
+        self.map_general(iova.0, pa.0, end, attrs)
+    }
+
+    /// Maps `pages.len()` separate 4 KiB physical pages at consecutive
+    /// IOVAs from `iova` (a scatter list). All or nothing, like
+    /// [`map`](Self::map); one walk per 2 MiB of IOVA, not per page.
+    pub fn map_pages(
+        &mut self,
+        iova: DmaAddr,
+        pages: &[PhysAddr],
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
+        let len =
+            (pages.len() as u64)
+                .checked_mul(PAGE_SIZE)
+                .ok_or(PageTableError::OutOfRange {
+                    iova,
+                    len: u64::MAX,
+                    limit: 1u64 << self.ias_bits(),
+                })?;
+        let end = self.check_range(iova, len)?;
+        if !attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
+            return Err(PageTableError::NoAccess);
+        }
+        let last_page = (1u64 << self.fmt.oa_bits()) - PAGE_SIZE;
+        for p in pages {
+            if !p.is_page_aligned() {
+                return Err(PageTableError::Unaligned { value: p.0 });
+            }
+            if p.0 > last_page {
+                return Err(PageTableError::PhysTooLarge { phys: *p });
+            }
+        }
         if let Some(at) = self.first_present(self.root, self.top_height(), iova.0, end) {
             return Err(PageTableError::AlreadyMapped { iova: DmaAddr(at) });
         }
-        match self.map_rec(self.root, self.top_height(), iova.0, pa.0, end, attrs) {
+        let mut cur = iova.0;
+        let mut rest = pages;
+        while !rest.is_empty() {
+            let table = match self.leaf_table_for_map(cur) {
+                Ok((t, _)) => t,
+                Err(e) => {
+                    self.take_back(iova.0, end);
+                    return Err(e);
+                }
+            };
+            let i0 = index(cur, 0);
+            let n = (ENTRIES - i0).min(rest.len());
+            let (now, later) = rest.split_at(n);
+            for (k, p) in now.iter().enumerate() {
+                self.write(table, i0 + k, self.fmt.leaf(*p, 0, attrs));
+            }
+            self.clean_entries(table, i0, i0 + n);
+            rest = later;
+            cur += n as u64 * PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    /// [`map`](Self::map) for a caller that has already checked that
+    /// `[iova, end)` is a non-empty, page-aligned range inside the table's
+    /// input range, that `pa` is page aligned with `pa + (end - iova)` not
+    /// overflowing, and that `attrs` grants read or write. Only the output
+    /// size is checked here. (Debug builds check the rest too.)
+    #[inline]
+    pub(crate) fn map_prechecked(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        end: u64,
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
+        debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
+        debug_assert!(pa % PAGE_SIZE == 0);
+        debug_assert!(attrs.intersects(MapAttrs::READ | MapAttrs::WRITE));
+        let oa_limit = 1u64 << self.fmt.oa_bits();
+        if pa.checked_add(end - iova).is_none_or(|e| e > oa_limit) {
+            return Err(PageTableError::PhysTooLarge { phys: PhysAddr(pa) });
+        }
+        if let Some(done) = self.map_in_leaf_table(iova, pa, end, attrs) {
+            return done;
+        }
+        self.map_general(iova, pa, end, attrs)
+    }
+
+    /// [`map`](Self::map) of any shape, arguments checked.
+    #[inline(never)]
+    fn map_general(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        end: u64,
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
+        if let Some(at) = self.first_present(self.root, self.top_height(), iova, end) {
+            return Err(PageTableError::AlreadyMapped { iova: DmaAddr(at) });
+        }
+        match self.map_rec(self.root, self.top_height(), iova, pa, end, attrs) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Only table memory can run out here (the range was checked
                 // empty): take back what was written, including empty tables.
-                let mut out = UnmapOutcome::default();
-                self.clear_rec(self.root, self.top_height(), iova.0, end, true, &mut out);
-                self.free_retired_now();
+                self.take_back(iova, end);
                 Err(e)
             }
         }
+    }
+
+    /// Removes what a failed map wrote in `[iova, end)`, empty tables included.
+    #[cold]
+    fn take_back(&mut self, iova: u64, end: u64) {
+        let mut out = UnmapOutcome::default();
+        self.clear_rec(self.root, self.top_height(), iova, end, true, &mut out);
+        self.free_retired_now();
+    }
+
+    /// Whether a descriptor read at `height` is present. Zero is
+    /// not-present in every format, which spares the decode on the common
+    /// empty entry.
+    #[inline]
+    fn present(&self, pte: u64, height: u32) -> bool {
+        pte != 0 && self.fmt.decode(pte, height) != Pte::Invalid
+    }
+
+    /// Whether any entry `lo..hi` of `table` (at height `h`) is present.
+    /// Past the first entry, scans four entries per test: most tables being
+    /// checked for emptiness are all zeros, and only a non-zero group needs
+    /// decoding.
+    #[inline]
+    fn any_present(&self, table: PhysAddr, h: u32, lo: usize, hi: usize) -> bool {
+        // The first entry alone: in a sequential unmap it is the next page.
+        if lo >= hi {
+            return false;
+        }
+        if self.present(self.read(table, lo), h) {
+            return true;
+        }
+        let mut i = lo + 1;
+        while i + 4 <= hi {
+            let any = self.read(table, i)
+                | self.read(table, i + 1)
+                | self.read(table, i + 2)
+                | self.read(table, i + 3);
+            if any != 0 && (i..i + 4).any(|j| self.present(self.read(table, j), h)) {
+                return true;
+            }
+            i += 4;
+        }
+        (i..hi).any(|j| self.present(self.read(table, j), h))
+    }
+
+    /// The leaf table covering `iova`, from the cache or by a walk that
+    /// creates missing tables; also whether any table was created (then the
+    /// leaf table is empty). `AlreadyMapped` when a block covers `iova`
+    /// (nothing was created then); `OutOfMemory` may leave fresh, empty
+    /// tables attached for the caller to prune.
+    #[inline]
+    fn leaf_table_for_map(&mut self, iova: u64) -> Result<(PhysAddr, bool), PageTableError> {
+        if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
+            return Ok((self.leaf_cache.1, false));
+        }
+        self.walk_for_map(iova)
+    }
+
+    #[inline(never)]
+    fn walk_for_map(&mut self, iova: u64) -> Result<(PhysAddr, bool), PageTableError> {
+        let region = iova >> LEAF_TABLE_SHIFT;
+        let mut table = self.root;
+        let mut created = false;
+        for h in (1..=self.top_height()).rev() {
+            let idx = index(iova, h);
+            let pte = self.read(table, idx);
+            let pte = if pte == 0 {
+                Pte::Invalid
+            } else {
+                self.fmt.decode(pte, h)
+            };
+            table = match pte {
+                Pte::Table(t) => t,
+                Pte::Invalid => {
+                    let t = self.alloc_table()?;
+                    self.write(table, idx, self.fmt.table(t));
+                    self.clean_entries(table, idx, idx + 1);
+                    created = true;
+                    t
+                }
+                Pte::Leaf { .. } => {
+                    return Err(PageTableError::AlreadyMapped {
+                        iova: DmaAddr(iova),
+                    });
+                }
+            };
+        }
+        self.leaf_cache = (region, table);
+        Ok((table, created))
+    }
+
+    /// The existing leaf table covering `iova`, from the cache or by a walk
+    /// that changes nothing; `None` when the walk meets anything but tables.
+    #[inline]
+    fn leaf_table_present(&mut self, iova: u64) -> Option<PhysAddr> {
+        if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
+            return Some(self.leaf_cache.1);
+        }
+        self.walk_present(iova)
+    }
+
+    #[inline(never)]
+    fn walk_present(&mut self, iova: u64) -> Option<PhysAddr> {
+        let region = iova >> LEAF_TABLE_SHIFT;
+        let mut table = self.root;
+        for h in (1..=self.top_height()).rev() {
+            match self.fmt.decode(self.read(table, index(iova, h)), h) {
+                Pte::Table(t) => table = t,
+                _ => return None,
+            }
+        }
+        self.leaf_cache = (region, table);
+        Some(table)
+    }
+
+    /// Fast path of [`map`](Self::map) for a range inside one leaf table
+    /// that takes only page descriptors (the common small link): one walk
+    /// (usually none, thanks to the cache) instead of a check walk and a map
+    /// walk. `None` when the range is not of that shape. Same contract as
+    /// `map`: all or nothing.
+    #[inline]
+    fn map_in_leaf_table(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        end: u64,
+        attrs: MapAttrs,
+    ) -> Option<Result<(), PageTableError>> {
+        if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
+            return None;
+        }
+        let block = entry_size(1);
+        if end - iova == block && pa & (block - 1) == 0 && self.fmt.leaf_allowed(1) {
+            return None;
+        }
+        let (leaf, created) = match self.leaf_table_for_map(iova) {
+            Ok(t) => t,
+            Err(PageTableError::OutOfMemory) => {
+                self.take_back(iova, end);
+                return Some(Err(PageTableError::OutOfMemory));
+            }
+            Err(e) => return Some(Err(e)),
+        };
+        let i0 = index(iova, 0);
+        let i1 = i0 + ((end - iova) / PAGE_SIZE) as usize;
+        if !created {
+            let base = iova & !(block - 1);
+            for i in i0..i1 {
+                if self.present(self.read(leaf, i), 0) {
+                    return Some(Err(PageTableError::AlreadyMapped {
+                        iova: DmaAddr(base + i as u64 * PAGE_SIZE),
+                    }));
+                }
+            }
+        }
+        let mut p = pa;
+        for i in i0..i1 {
+            self.write(leaf, i, self.fmt.leaf(PhysAddr(p), 0, attrs));
+            p += PAGE_SIZE;
+        }
+        self.clean_entries(leaf, i0, i1);
+        Some(Ok(()))
+    }
+
+    /// Fast path of [`unmap`](Self::unmap) for a range inside one leaf table
+    /// that is wholly mapped by pages: clears the entries (nothing to split)
+    /// and, if that empties the table, detaches it and the tables above it
+    /// that become empty, as the general path would. `None` (nothing
+    /// changed) for every other shape, which the general path handles.
+    #[inline]
+    fn unmap_in_leaf_table(&mut self, iova: u64, end: u64) -> Option<UnmapOutcome> {
+        if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
+            return None;
+        }
+        let leaf = self.leaf_table_present(iova)?;
+        let i0 = index(iova, 0);
+        let i1 = i0 + ((end - iova) / PAGE_SIZE) as usize;
+        for i in i0..i1 {
+            if !matches!(self.fmt.decode(self.read(leaf, i), 0), Pte::Leaf { .. }) {
+                return None;
+            }
+        }
+        // Neighbours first: in a sequential unmap the next page is present.
+        let empties = !(self.any_present(leaf, 0, i1, ENTRIES) || self.any_present(leaf, 0, 0, i0));
+        for i in i0..i1 {
+            self.write(leaf, i, 0);
+        }
+        self.clean_entries(leaf, i0, i1);
+        let freed_tables = empties && self.detach_empty_leaf_table(iova);
+        Some(UnmapOutcome {
+            bytes: end - iova,
+            freed_tables,
+            split: false,
+        })
+    }
+
+    /// Detaches the leaf table covering `iova`, which has just become empty,
+    /// and then each table above it that becomes empty in turn (never the
+    /// root), retiring them as [`clear_rec`](Self::clear_rec) does; stops
+    /// where retiring fails (the table stays attached). Returns whether any
+    /// table was detached.
+    #[inline(never)]
+    fn detach_empty_leaf_table(&mut self, iova: u64) -> bool {
+        // (table, index) of the entry leading down, by height.
+        let mut path = [(PhysAddr(0), 0usize); 5];
+        let mut table = self.root;
+        for h in (1..=self.top_height()).rev() {
+            let idx = index(iova, h);
+            let Some(slot) = path.get_mut(h as usize) else {
+                return false;
+            };
+            *slot = (table, idx);
+            match self.fmt.decode(self.read(table, idx), h) {
+                Pte::Table(t) => table = t,
+                _ => return false,
+            }
+        }
+        let mut child = table;
+        let mut freed = false;
+        for h in 1..=self.top_height() {
+            let Some(&(parent, idx)) = path.get(h as usize) else {
+                break;
+            };
+            if self.retired.push(child).is_err() {
+                break;
+            }
+            self.write(parent, idx, 0);
+            self.clean_entries(parent, idx, idx + 1);
+            self.table_pages -= 1;
+            self.leaf_cache.0 = NO_REGION;
+            freed = true;
+            if parent == self.root {
+                break;
+            }
+            if self.any_present(parent, h, idx + 1, ENTRIES) || self.any_present(parent, h, 0, idx)
+            {
+                break;
+            }
+            child = parent;
+        }
+        freed
     }
 
     fn map_rec(
@@ -222,6 +570,19 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         end: u64,
         attrs: MapAttrs,
     ) -> Result<(), PageTableError> {
+        if h == 0 {
+            // A leaf table: `[iova, end)` lies inside it (the caller split the
+            // range at this table's bounds). One tight loop of page entries.
+            let i0 = index(iova, 0);
+            let i1 = (i0 + ((end - iova) / PAGE_SIZE) as usize).min(ENTRIES);
+            let mut p = pa;
+            for i in i0..i1 {
+                self.write(table, i, self.fmt.leaf(PhysAddr(p), 0, attrs));
+                p += PAGE_SIZE;
+            }
+            self.clean_entries(table, i0, i1);
+            return Ok(());
+        }
         let esize = entry_size(h);
         let mut cur = iova;
         let (mut lo, mut hi) = (usize::MAX, 0usize);
@@ -230,7 +591,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             let idx = index(cur, h);
             let next = end.min((cur & !(esize - 1)) + esize);
             let p = pa + (cur - iova);
-            if h == 0 || (next - cur == esize && p & (esize - 1) == 0 && self.fmt.leaf_allowed(h)) {
+            let block =
+                h > 0 && next - cur == esize && p & (esize - 1) == 0 && self.fmt.leaf_allowed(h);
+            // An empty table left attached (its retirement did not fit) is
+            // filled below rather than overwritten by a block: overwriting
+            // would leak its page and need a walk-cache invalidation.
+            let table_here =
+                block && matches!(self.fmt.decode(self.read(table, idx), h), Pte::Table(_));
+            if h == 0 || (block && !table_here) {
+                if h > 0 {
+                    self.leaf_cache.0 = NO_REGION;
+                }
                 self.write(table, idx, self.fmt.leaf(PhysAddr(p), h, attrs));
                 lo = lo.min(idx);
                 hi = idx + 1;
@@ -329,9 +700,40 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// `NotMapped` and nothing changes). Blocks that straddle either end are
     /// split first; if table memory for a split runs out, nothing is unmapped
     /// (splits keep the same translations). Returns exactly what was done.
+    #[inline]
     pub fn unmap(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
+        let end = self.check_range(iova, len)?;
+        if let Some(out) = self.unmap_in_leaf_table(iova.0, end) {
+            return Ok(out);
+        }
+        self.unmap_general(iova, len, end)
+    }
+
+    /// [`unmap`](Self::unmap) for a caller that has already checked that
+    /// `[iova, end)` is a non-empty, page-aligned range inside the table's
+    /// input range (debug builds check it again).
+    #[inline]
+    pub(crate) fn unmap_prechecked(
+        &mut self,
+        iova: u64,
+        end: u64,
+    ) -> Result<UnmapOutcome, PageTableError> {
+        debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
+        if let Some(out) = self.unmap_in_leaf_table(iova, end) {
+            return Ok(out);
+        }
+        self.unmap_general(DmaAddr(iova), end - iova, end)
+    }
+
+    /// [`unmap`](Self::unmap) of any shape, range checked.
+    #[inline(never)]
+    fn unmap_general(
+        &mut self,
+        iova: DmaAddr,
+        len: u64,
+        end: u64,
+    ) -> Result<UnmapOutcome, PageTableError> {
         self.check_mapped(iova, len)?;
-        let end = iova.0 + len;
         let mut out = UnmapOutcome::default();
         out.split |= self.split_at(iova.0)?;
         if end < 1u64 << self.ias_bits() {
@@ -427,6 +829,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     if self.clear_rec(child, h - 1, cur, next, prune, out)
                         && self.retired.push(child).is_ok()
                     {
+                        self.leaf_cache.0 = NO_REGION;
                         self.write(table, idx, 0);
                         self.table_pages -= 1;
                         out.freed_tables = true;
@@ -446,10 +849,13 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             // be empty.)
             return false;
         }
+        if table == self.root {
+            // The root is never detached: whether it is empty does not matter.
+            return false;
+        }
         // Look next to what was cleared first: neighbours are the likeliest
         // to still be present, which keeps sequential unmaps O(1) per page.
-        let present = |i: usize| self.fmt.decode(self.read(table, i), h) != Pte::Invalid;
-        !((hi..ENTRIES).any(present) || (0..lo.min(hi)).any(present))
+        !(self.any_present(table, h, hi, ENTRIES) || self.any_present(table, h, 0, lo.min(hi)))
     }
 
     /// Hands retired table pages back to the lender. Call only after the

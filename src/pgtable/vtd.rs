@@ -48,6 +48,7 @@ impl Default for VtdSecondLevel {
 }
 
 impl VtdSecondLevel {
+    #[inline]
     fn addr_mask(&self) -> u64 {
         let haw = u32::from(self.haw).clamp(13, 52);
         ((1u64 << haw) - 1) & !0xfff
@@ -57,6 +58,7 @@ impl VtdSecondLevel {
 impl PteFormat for VtdSecondLevel {
     const KIND: TableFormat = TableFormat::VtdSecondLevel;
 
+    #[inline]
     fn leaf_allowed(&self, height: u32) -> bool {
         match height {
             0 => true,
@@ -67,14 +69,17 @@ impl PteFormat for VtdSecondLevel {
         }
     }
 
+    #[inline]
     fn oa_bits(&self) -> u32 {
         u32::from(self.haw).clamp(13, 52)
     }
 
+    #[inline]
     fn table(&self, pa: PhysAddr) -> u64 {
         (pa.0 & self.addr_mask()) | (SlBits::R | SlBits::W).bits()
     }
 
+    #[inline]
     fn leaf(&self, pa: PhysAddr, height: u32, attrs: MapAttrs) -> u64 {
         let mut b = SlBits::empty();
         if attrs.contains(MapAttrs::READ) {
@@ -92,6 +97,7 @@ impl PteFormat for VtdSecondLevel {
         (pa.0 & self.addr_mask()) | b.bits()
     }
 
+    #[inline]
     fn decode(&self, pte: u64, height: u32) -> Pte {
         let b = SlBits::from_bits_retain(pte);
         if !b.intersects(SlBits::R | SlBits::W) {
