@@ -74,6 +74,12 @@ pub trait Contender<'a>: Sized {
     /// Maps `n` physically contiguous pages at `PA_RUN` at `VA_BASE` with as
     /// few calls as the API allows (4 KiB descriptors only), then one sync.
     fn link_run(&mut self, n: u64);
+    /// Maps the same `n` separate pages as `link_4k` (`pa_4k(i)`) as one
+    /// scatter list, with as few calls as the API allows, then one sync.
+    /// Peers without a scatter-list call map page by page.
+    fn link_sg(&mut self, n: u64) {
+        self.link_4k(n)
+    }
     /// Maps the physically contiguous GiB at `PA_1G` at `VA_BASE`, with the
     /// largest blocks the format allows, then one sync.
     fn link_1g(&mut self);
@@ -83,11 +89,16 @@ pub trait Contender<'a>: Sized {
     fn root(&self) -> u64;
 }
 
+/// Longest scatter list the benchmarks link.
+pub const SG_MAX: u64 = 32768;
+
 /// bare-iommu: `try_alloc` → `link`… → `sync`; `unlink`… → `sync`.
 pub struct Ours<'a, F: PteFormat> {
     pub dom: Domain<F, &'a Arena>,
     pub tx: Option<IovaState>,
     pub be: NoopBackend,
+    /// The scatter list `pa_4k(0..)`, built before anything is timed.
+    pub sg: Vec<PhysAddr>,
 }
 
 /// Four levels (48-bit IOVAs), aperture from `VA_BASE`, coherent walker.
@@ -118,7 +129,25 @@ impl<'a, F: PteFormat + Default> Contender<'a> for Ours<'a, F> {
             dom: Domain::new(F::default(), arena, CONFIG).unwrap(),
             tx: None,
             be: NoopBackend,
+            sg: (0..SG_MAX).map(|i| PhysAddr(pa_4k(i))).collect(),
         }
+    }
+
+    #[inline(never)]
+    fn link_sg(&mut self, n: u64) {
+        let mut tx = self.tx(n * PAGE);
+        let list = &self.sg[..n as usize];
+        self.dom
+            .link_pages(
+                &mut tx,
+                list,
+                0,
+                DmaDirection::Bidirectional,
+                MapAttrs::empty(),
+            )
+            .unwrap();
+        self.dom.sync(&mut self.be).unwrap();
+        self.tx = Some(tx);
     }
 
     #[inline(never)]

@@ -182,6 +182,7 @@ fn steady(
 #[derive(Clone, Copy)]
 enum Op {
     Link4k(u64),
+    LinkSg(u64),
     LinkRun(u64),
     Unlink4k(u64),
     Link1g,
@@ -193,7 +194,7 @@ impl Op {
     fn setup<'a, C: Contender<'a>>(self, arena: &'a Arena) -> C {
         let mut c = C::new(arena);
         match self {
-            Op::Link4k(_) | Op::LinkRun(_) | Op::Link1g => {}
+            Op::Link4k(_) | Op::LinkSg(_) | Op::LinkRun(_) | Op::Link1g => {}
             Op::Unlink4k(n) => c.link_4k(n),
             Op::Unlink1g => c.link_1g(),
         }
@@ -204,6 +205,7 @@ impl Op {
     fn work<'a, C: Contender<'a>>(self, c: &mut C) {
         match self {
             Op::Link4k(n) => c.link_4k(n),
+            Op::LinkSg(n) => c.link_sg(n),
             Op::LinkRun(n) => c.link_run(n),
             Op::Unlink4k(n) => c.unlink_4k(n),
             Op::Link1g => c.link_1g(),
@@ -213,7 +215,7 @@ impl Op {
 
     fn pages(self) -> u64 {
         match self {
-            Op::Link4k(n) | Op::LinkRun(n) | Op::Unlink4k(n) => n,
+            Op::Link4k(n) | Op::LinkSg(n) | Op::LinkRun(n) | Op::Unlink4k(n) => n,
             Op::Link1g | Op::Unlink1g => PAGES_1G,
         }
     }
@@ -265,6 +267,15 @@ fn run_benches(c: &mut Criterion, arena: &Arena) {
         let mut g = c.benchmark_group(&case);
         g.sample_size(SAMPLES);
         per_format(&mut g, &case, Op::Link4k(n), arena);
+        let limit = Limit::new(arena, n);
+        steady(&mut g, &case, "limit", n, || limit.store(n));
+        g.finish();
+        arena.reset();
+
+        let case = format!("linksg-{n}");
+        let mut g = c.benchmark_group(&case);
+        g.sample_size(SAMPLES);
+        per_format(&mut g, &case, Op::LinkSg(n), arena);
         let limit = Limit::new(arena, n);
         steady(&mut g, &case, "limit", n, || limit.store(n));
         g.finish();
@@ -557,6 +568,9 @@ fn summary(facts: &Facts) {
     for n in NS {
         cases.push(format!("link4k-{n}"));
     }
+    for n in NS {
+        cases.push(format!("linksg-{n}"));
+    }
     cases.push(format!("linkrun-{RUN}"));
     cases.push("link1g".into());
     for n in NS {
@@ -643,6 +657,8 @@ fn profile(what: &str, arena: &Arena) {
     let op = match case {
         "link4k-512" => Op::Link4k(512),
         "link4k-32768" => Op::Link4k(32768),
+        "linksg-512" => Op::LinkSg(512),
+        "linksg-32768" => Op::LinkSg(32768),
         "linkrun-32768" => Op::LinkRun(32768),
         "link1g" => Op::Link1g,
         "unlink4k-512" => Op::Unlink4k(512),

@@ -36,7 +36,10 @@ pub trait PteFormat: Copy {
     /// Descriptor pointing to a next-level table at `pa`.
     fn table(&self, pa: PhysAddr) -> u64;
 
-    /// Leaf descriptor at `height` mapping `pa` with `attrs`.
+    /// Leaf descriptor at `height` mapping `pa` with `attrs`. For a
+    /// page-aligned `pa` below `1 << oa_bits()` it must equal
+    /// `pa | leaf(0, height, attrs)` (address bits ORed with attribute bits):
+    /// the walker relies on it to write runs of descriptors quickly.
     fn leaf(&self, pa: PhysAddr, height: u32, attrs: MapAttrs) -> u64;
 
     /// Decodes a descriptor found at `height`.

@@ -248,6 +248,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if let Some(at) = self.first_present(self.root, self.top_height(), iova.0, end) {
             return Err(PageTableError::AlreadyMapped { iova: DmaAddr(at) });
         }
+        let bits = self.fmt.leaf(PhysAddr(0), 0, attrs);
         let mut cur = iova.0;
         let mut rest = pages;
         while !rest.is_empty() {
@@ -262,7 +263,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             let n = (ENTRIES - i0).min(rest.len());
             let (now, later) = rest.split_at(n);
             for (k, p) in now.iter().enumerate() {
-                self.write(table, i0 + k, self.fmt.leaf(*p, 0, attrs));
+                // Every format's page descriptor is its (checked, in-range)
+                // output address ORed with attribute bits.
+                debug_assert_eq!(self.fmt.leaf(*p, 0, attrs), p.0 | bits);
+                self.write(table, i0 + k, p.0 | bits);
             }
             self.clean_entries(table, i0, i0 + n);
             rest = later;

@@ -112,6 +112,24 @@ fn test(extra: &[String]) -> ExitCode {
             ])),
         );
     }
+    for dir in ["boards/common", "boards/qemu-virt", "boards/qemu-q35"] {
+        t.step(
+            &format!("fmt {dir}"),
+            run(cargo()
+                .current_dir(root().join(dir))
+                .args(["fmt", "--check"])),
+        );
+        t.step(
+            &format!("clippy {dir}"),
+            run(cargo().current_dir(root().join(dir)).args([
+                "clippy",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ])),
+        );
+    }
     for b in ["virt-smmuv3", "q35-vtd"] {
         match board(b, extra, false) {
             Ok((p, f)) => {
