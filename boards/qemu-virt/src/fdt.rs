@@ -1,6 +1,7 @@
 //! Just enough of the flattened device tree (Devicetree Specification v0.4,
-//! chapter 5) to read the PCI host bridge's `ranges`: how a PCI bus address
-//! in a memory window maps to a CPU physical address.
+//! chapter 5) to read the PCI host bridge's `ranges` (how a PCI bus address
+//! in a memory window maps to a CPU physical address) and a device's `reg`
+//! and `interrupts` (found by its `compatible` string).
 //!
 //! QEMU puts the DTB at the start of RAM when it fits below the image
 //! (link.ld leaves 2 MiB for it).
@@ -29,6 +30,10 @@ pub enum FdtError {
     NoPciRanges,
     /// No memory window of the host bridge contains the bus address.
     NotInWindow(u64),
+    /// No node directly below the root is compatible with the string.
+    NoNode(&'static str),
+    /// The node has no such property (or it is too short).
+    NoProperty(&'static str),
 }
 
 /// A DTB in memory.
@@ -154,6 +159,109 @@ impl Fdt {
         Ok(())
     }
 
+    /// The value of property `prop` of the first node directly below the
+    /// root whose `compatible` list holds `compatible`.
+    pub fn property(
+        &self,
+        compatible: &'static str,
+        prop: &'static str,
+    ) -> Result<&'static [u8], FdtError> {
+        let mut off = self.header(8)?;
+        let mut depth = 0usize;
+        // The node at depth 2 being read: does it match, and its property.
+        let (mut matches, mut value) = (false, None);
+        let mut seen = false;
+        loop {
+            let token = be32(self.bytes, off).ok_or(FdtError::Malformed)?;
+            off += 4;
+            match token {
+                FDT_BEGIN_NODE => {
+                    let name = cstr(self.bytes, off).ok_or(FdtError::Malformed)?;
+                    off = (off + name.len() + 1).next_multiple_of(4);
+                    depth += 1;
+                    if depth == 2 {
+                        (matches, value) = (false, None);
+                    }
+                }
+                FDT_END_NODE => {
+                    if depth == 2 && matches {
+                        if let Some(v) = value {
+                            return Ok(v);
+                        }
+                        seen = true;
+                    }
+                    depth = depth.checked_sub(1).ok_or(FdtError::Malformed)?;
+                }
+                FDT_PROP => {
+                    let len = self.header(off)?;
+                    let name = self.string(self.header(off + 4)?)?;
+                    let start = off + 8;
+                    let v = start
+                        .checked_add(len)
+                        .and_then(|end| self.bytes.get(start..end))
+                        .ok_or(FdtError::Malformed)?;
+                    off = (start + len).next_multiple_of(4);
+                    if depth == 2 {
+                        if name == b"compatible" {
+                            matches |= v.split(|&c| c == 0).any(|c| c == compatible.as_bytes());
+                        } else if name == prop.as_bytes() {
+                            value = Some(v);
+                        }
+                    }
+                }
+                FDT_NOP => {}
+                FDT_END => break,
+                _ => return Err(FdtError::Malformed),
+            }
+        }
+        Err(if seen {
+            FdtError::NoProperty(prop)
+        } else {
+            FdtError::NoNode(compatible)
+        })
+    }
+
+    /// Region `index` of the `reg` property (address, size) of the node
+    /// compatible with `compatible`; the root's cells are 2 + 2 on `virt`.
+    pub fn reg(&self, compatible: &'static str, index: usize) -> Result<(u64, u64), FdtError> {
+        let reg = self.property(compatible, "reg")?;
+        let at = index.checked_mul(16).ok_or(FdtError::Malformed)?;
+        let addr = cells(reg, at, 2).ok_or(FdtError::NoProperty("reg"))?;
+        let size = cells(reg, at + 8, 2).ok_or(FdtError::NoProperty("reg"))?;
+        Ok((addr, size))
+    }
+
+    /// Interrupt `index` of the node compatible with `compatible`, in the
+    /// Arm GIC binding's three cells (type: 0 SPI, 1 PPI; number; flags).
+    pub fn interrupt(
+        &self,
+        compatible: &'static str,
+        index: usize,
+    ) -> Result<GicInterrupt, FdtError> {
+        let irqs = self.property(compatible, "interrupts")?;
+        let at = index.checked_mul(12).ok_or(FdtError::Malformed)?;
+        let missing = FdtError::NoProperty("interrupts");
+        Ok(GicInterrupt {
+            kind: be32(irqs, at).ok_or(missing)?,
+            number: be32(irqs, at + 4).ok_or(missing)?,
+            flags: be32(irqs, at + 8).ok_or(missing)?,
+        })
+    }
+
+    /// Position of `name` in the `interrupt-names` list of the node
+    /// compatible with `compatible`.
+    pub fn interrupt_index(
+        &self,
+        compatible: &'static str,
+        name: &'static str,
+    ) -> Result<usize, FdtError> {
+        let names = self.property(compatible, "interrupt-names")?;
+        names
+            .split(|&c| c == 0)
+            .position(|n| n == name.as_bytes())
+            .ok_or(FdtError::NoProperty(name))
+    }
+
     /// The CPU physical address at which PCI bus address `bus` appears.
     pub fn pci_bus_to_cpu(&self, bus: u64) -> Result<u64, FdtError> {
         let mut found = None;
@@ -163,6 +271,34 @@ impl Fdt {
             }
         })?;
         found.ok_or(FdtError::NotInWindow(bus))
+    }
+}
+
+/// One interrupt specifier of the Arm GIC binding (3 cells).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GicInterrupt {
+    /// 0: SPI, 1: PPI.
+    pub kind: u32,
+    /// SPI number (INTID − 32) or PPI number (INTID − 16).
+    pub number: u32,
+    /// Trigger type, bits 3:0: 1 rising edge, 2 falling edge, 4 level high,
+    /// 8 level low.
+    pub flags: u32,
+}
+
+impl GicInterrupt {
+    /// The GIC INTID, for an SPI or PPI.
+    pub fn intid(&self) -> Option<u32> {
+        match self.kind {
+            0 => self.number.checked_add(32),
+            1 => self.number.checked_add(16),
+            _ => None,
+        }
+    }
+
+    /// Whether the interrupt is edge-triggered.
+    pub fn edge(&self) -> bool {
+        self.flags & 0b11 != 0
     }
 }
 
