@@ -25,6 +25,8 @@ pub struct Ctx {
     pub ivshmem: Result<Ivshmem, Fail>,
     /// Base of the SMMUv3 register page 0 (page 1 at + 0x10000).
     pub smmu_base: usize,
+    /// The GICv3 and the SMMU's wired interrupts, or why they are missing.
+    pub irqs: Result<crate::Irqs, Fail>,
     /// Whether this is the demo image (narration on).
     pub demo: bool,
 }

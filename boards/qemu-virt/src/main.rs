@@ -18,7 +18,9 @@ mod boot;
 mod exception;
 mod exit;
 mod fdt;
+mod gic;
 mod harness;
+mod irq;
 mod memory;
 mod pci;
 mod tests;
@@ -57,14 +59,72 @@ extern "C" fn main(el: u64) -> ! {
     if let Err(why) = &ivshmem {
         println!("  note: no P2P provider: {why}");
     }
+    let irqs = setup_irqs();
+    if let Err(why) = &irqs {
+        println!("  note: no SMMU interrupts: {why}");
+    }
     let mut ctx = Ctx {
         mem: &MEMORY,
         edu,
         ivshmem,
         smmu_base: SMMU_BASE,
+        irqs,
         demo: harness::DEMO,
     };
     board_common::harness::run(&mut ctx, tests::TESTS)
+}
+
+/// The SMMU's wired interrupts, from its DTB node (`interrupts` in the
+/// order of `interrupt-names`).
+#[derive(Clone, Copy, Debug)]
+pub struct SmmuIrqs {
+    /// Event queue not empty.
+    pub eventq: fdt::GicInterrupt,
+    /// A global error became active.
+    pub gerror: fdt::GicInterrupt,
+}
+
+/// The GIC, brought up with every interrupt disabled, and the SMMU's
+/// interrupts.
+pub struct Irqs {
+    /// The GICv3.
+    pub gic: gic::Gic,
+    /// The SMMU's interrupts.
+    pub smmu: SmmuIrqs,
+}
+
+/// Reads the GICv3 and the SMMU's interrupts from the DTB and brings the
+/// GIC up (IRQs stay masked).
+fn setup_irqs() -> Result<Irqs, Fail> {
+    // SAFETY: QEMU placed the DTB below the image (link.ld), in RAM that
+    // nothing else uses or writes.
+    let fdt = unsafe { fdt::Fdt::at(fdt::VIRT_DTB) }
+        .map_err(|e| fail_msg(format_args!("DTB at {:#x}: {e:?}", fdt::VIRT_DTB)))?;
+    const SMMU: &str = "arm,smmu-v3";
+    let irq = |name| {
+        fdt.interrupt_index(SMMU, name)
+            .and_then(|i| fdt.interrupt(SMMU, i))
+            .map_err(|e| fail_msg(format_args!("SMMU {name} interrupt in the DTB: {e:?}")))
+    };
+    let smmu = SmmuIrqs {
+        eventq: irq("eventq")?,
+        gerror: irq("gerror")?,
+    };
+    // SAFETY: the GIC's frames come from the DTB (MMU off: identity), and
+    // this is the only driver of the GIC.
+    let gic = unsafe { gic::Gic::from_dtb(&fdt) }
+        .map_err(|e| fail_msg(format_args!("GICv3 (run with gic-version=3): {e:?}")))?;
+    gic.init()
+        .map_err(|e| fail_msg(format_args!("GICv3 init: {e:?}")))?;
+    narrate!(
+        "GICv{}: SMMU eventq SPI {} ({}), gerror SPI {} ({})",
+        gic.arch_rev(),
+        smmu.eventq.number,
+        if smmu.eventq.edge() { "edge" } else { "level" },
+        smmu.gerror.number,
+        if smmu.gerror.edge() { "edge" } else { "level" }
+    );
+    Ok(Irqs { gic, smmu })
 }
 
 /// Finds the edu at `slot` on bus 0, assigns its BAR 0 and enables it.
