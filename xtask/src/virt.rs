@@ -27,7 +27,7 @@ const CONFIGS: [Config; 3] = [
         name: "(a) nested SMMUv3 (virt)",
         machine: &[
             "-machine",
-            "virt,iommu=smmuv3,virtualization=on",
+            "virt,iommu=smmuv3,virtualization=on,gic-version=3",
             "-cpu",
             "max",
         ],
@@ -36,7 +36,7 @@ const CONFIGS: [Config; 3] = [
         name: "(b) stage-1-only SMMUv3 (virt-9.0)",
         machine: &[
             "-machine",
-            "virt-9.0,iommu=smmuv3,virtualization=on",
+            "virt-9.0,iommu=smmuv3,virtualization=on,gic-version=3",
             "-cpu",
             "max",
             "-global",
@@ -47,7 +47,7 @@ const CONFIGS: [Config; 3] = [
         name: "(c) stage-2-only SMMUv3 (virt-9.0)",
         machine: &[
             "-machine",
-            "virt-9.0,iommu=smmuv3,virtualization=on",
+            "virt-9.0,iommu=smmuv3,virtualization=on,gic-version=3",
             "-cpu",
             "max",
             "-global",
