@@ -4,6 +4,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod irq;
 mod p2p;
 mod smmu;
 
@@ -63,6 +64,15 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "smmu_detach_returns_stream_to_abort",
         smmu::smmu_detach_returns_stream_to_abort,
+    ),
+    // SMMU interrupts through the GICv3 (what a hypervisor relies on).
+    (
+        "smmu_event_irq_delivers_translation_fault",
+        irq::smmu_event_irq_delivers_translation_fault,
+    ),
+    (
+        "smmu_gerror_irq_reports_event_queue_overflow",
+        irq::smmu_gerror_irq_reports_event_queue_overflow,
     ),
     // P2P through the host bridge: edu DMAs into ivshmem's BAR 2.
     (
