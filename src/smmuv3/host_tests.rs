@@ -519,3 +519,20 @@ fn handle_irq_decodes_events_and_acknowledges_overflow() {
     assert_eq!(s.stats().events, 2);
     s.shutdown().unwrap();
 }
+
+#[test]
+fn init_without_irqs_turns_off_interrupts_an_earlier_init_enabled() {
+    let regs = Arc::new(Regs::new());
+    let _fake = Fake::start(regs.clone());
+    let mut s = smmu(&regs);
+    s.init(SmmuConfig {
+        irqs: true,
+        ..small_budget()
+    })
+    .unwrap();
+    assert_eq!(regs.get(IRQ_CTRL), 0b101);
+    s.init(small_budget()).unwrap();
+    assert_eq!(regs.get(IRQ_CTRL), 0);
+    assert_eq!(regs.get(IRQ_CTRLACK), 0);
+    s.shutdown().unwrap();
+}

@@ -356,6 +356,11 @@ impl<M: TableMemory> Smmu<M> {
         let coherent = f.coherent;
         let p0 = self.page0;
 
+        // Interrupts off until the queues are set up: an earlier owner may
+        // have left them on, and `config.irqs` may want them off (§6.3.16).
+        p0.irq_ctrl.set(0);
+        poll_until("IRQ_CTRLACK", budget, || p0.irq_ctrlack.get() == 0)?;
+
         // Errors left over from an earlier owner (GERROR survives CR0 = 0).
         let active = p0.gerror.get() ^ p0.gerrorn.get();
         if active != 0 {
