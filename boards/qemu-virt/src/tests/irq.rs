@@ -150,6 +150,11 @@ fn with_smmu_irqs(
         Some(mut s) => smmu::teardown(&mut s.smmu, ctx),
         None => Err(fail_msg(format_args!("the driver went missing"))),
     };
+    let later = if down.is_ok() {
+        interrupts_off_for_next_owner(ctx)
+    } else {
+        Ok(())
+    };
     let missed = MISSED.swap(0, Ordering::SeqCst);
     let missed = if missed == 0 {
         Ok(())
@@ -158,7 +163,24 @@ fn with_smmu_irqs(
             "{missed} handler runs found no driver"
         )))
     };
-    verdict.and(disarmed).and(down).and(missed)
+    verdict.and(disarmed).and(down).and(later).and(missed)
+}
+
+/// The next owner that brings the SMMU up without interrupts gets none:
+/// `init` with `irqs: false` leaves SMMU_IRQ_CTRL (and its ACK) at 0.
+fn interrupts_off_for_next_owner(ctx: &Ctx) -> Result<(), Fail> {
+    let mut smmu = smmu::bring_up(ctx, SmmuConfig::default())?;
+    // SAFETY: `smmu_base` is the SMMU's register page 0 (MMU off:
+    // identity); IRQ_CTRL/IRQ_CTRLACK reads have no side effects.
+    let page0 = unsafe { &*(ctx.smmu_base as *const Page0) };
+    let (ctrl, ack) = (page0.irq_ctrl.get(), page0.irq_ctrlack.get());
+    smmu.shutdown().or_fail("SMMU shutdown")?;
+    check_eq!(
+        (ctrl, ack),
+        (0, 0),
+        "IRQ_CTRL/IRQ_CTRLACK after init without interrupts"
+    );
+    Ok(())
 }
 
 fn arm(irqs: &Irqs, eventq: u32, gerror: u32) -> Result<(), Fail> {
