@@ -2,7 +2,9 @@
 //! QEMU `virt` with an SMMUv3 in every configuration the board must pass:
 //! (a) the default nested SMMU (stage 1 + stage 2), (b) stage 1 only and
 //! (c) stage 2 only (the last two need `virt-9.0`: newer machine types force
-//! `stage=nested`). The board enters at EL2 in all three. Every run has two
+//! `stage=nested`). The board enters at EL2 in all three, with a GICv3
+//! (`gic-version=3`: under TCG `virt` defaults to a GICv2, which the board's
+//! SMMU interrupt tests cannot use). Every run has two
 //! edu devices (00:05.0, 00:06.0) and an ivshmem-plain at 00:07.0 whose
 //! RAM-backed BAR 2 is the P2P provider of the board's P2P tests.
 

@@ -1,5 +1,6 @@
 //! Entry from QEMU at EL2 (`virtualization=on`) or EL1: stack, BSS, FP/SIMD,
-//! exception vectors, then [`crate::main`]. The MMU stays off, so every data
+//! exception vectors (IRQs go to [`crate::irq::irq_exception`], everything
+//! else is unexpected), then [`crate::main`]. The MMU stays off, so every data
 //! access is Device-nGnRnE (the target is `+strict-align`, so that is fine).
 
 use core::arch::global_asm;

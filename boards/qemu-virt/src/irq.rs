@@ -4,7 +4,9 @@
 //! the handler registered for its INTID and ends it (ICC_EOIR1_EL1).
 //!
 //! Masking: IRQs are masked in PSTATE (DAIF.I) at boot, during a handler,
-//! and inside [`masked`]. State shared between a test and a handler lives
+//! and inside [`masked`]. The mask/unmask and acknowledge/EOI instructions
+//! are compiler barriers (their `asm!` may touch memory), so no access to
+//! shared state moves across them. State shared between a test and a handler lives
 //! in an [`IrqShared`]: a spin lock only ever taken with IRQs masked, so a
 //! handler can never spin on a lock the code it interrupted holds (one CPU).
 
@@ -51,12 +53,12 @@ pub fn masked<R>(f: impl FnOnce() -> R) -> R {
     let daif: u64;
     // SAFETY: reads DAIF and masks IRQs on this CPU; no memory is touched.
     unsafe {
-        asm!("mrs {}, daif", "msr daifset, #2", out(reg) daif, options(nomem, nostack));
+        asm!("mrs {}, daif", "msr daifset, #2", out(reg) daif, options(nostack));
     }
     let r = f();
     // SAFETY: restores the DAIF value read above (unmasks IRQs only if they
     // were unmasked on entry).
-    unsafe { asm!("msr daif, {}", in(reg) daif, options(nomem, nostack)) };
+    unsafe { asm!("msr daif, {}", in(reg) daif, options(nostack)) };
     r
 }
 
@@ -65,13 +67,13 @@ pub fn masked<R>(f: impl FnOnce() -> R) -> R {
 pub fn unmask() {
     // SAFETY: clears PSTATE.I; every state a handler touches is behind an
     // `IrqShared` or atomics.
-    unsafe { asm!("msr daifclr, #2", "isb", options(nomem, nostack)) };
+    unsafe { asm!("msr daifclr, #2", "isb", options(nostack)) };
 }
 
 /// Masks IRQs on this CPU (DAIF.I set).
 pub fn mask() {
     // SAFETY: sets PSTATE.I; only delays interrupts.
-    unsafe { asm!("msr daifset, #2", options(nomem, nostack)) };
+    unsafe { asm!("msr daifset, #2", options(nostack)) };
 }
 
 /// Why a handler could not be registered.
@@ -147,7 +149,7 @@ fn acknowledge() -> u32 {
     // SAFETY: reading ICC_IAR1_EL1 acknowledges one interrupt of this CPU's
     // interface; the caller ends it with `end_of_interrupt`.
     unsafe {
-        asm!("mrs {}, icc_iar1_el1", "dsb sy", out(reg) v, options(nomem, nostack));
+        asm!("mrs {}, icc_iar1_el1", "dsb sy", out(reg) v, options(nostack));
     }
     (v & 0xff_ffff) as u32
 }
@@ -156,7 +158,7 @@ fn acknowledge() -> u32 {
 fn end_of_interrupt(intid: u32) {
     // SAFETY: ends the interrupt `acknowledge` returned.
     unsafe {
-        asm!("msr icc_eoir1_el1, {}", "isb", in(reg) u64::from(intid), options(nomem, nostack));
+        asm!("msr icc_eoir1_el1, {}", "isb", in(reg) u64::from(intid), options(nostack));
     }
 }
 

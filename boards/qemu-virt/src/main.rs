@@ -116,13 +116,19 @@ fn setup_irqs() -> Result<Irqs, Fail> {
         .map_err(|e| fail_msg(format_args!("GICv3 (run with gic-version=3): {e:?}")))?;
     gic.init()
         .map_err(|e| fail_msg(format_args!("GICv3 init: {e:?}")))?;
+    let trigger = |i: fdt::GicInterrupt| if i.edge() { "edge" } else { "level" };
+    let intid = |i: fdt::GicInterrupt| {
+        i.intid()
+            .ok_or_else(|| fail_msg(format_args!("SMMU interrupt {i:?} is not an SPI/PPI")))
+    };
+    let (eventq, gerror) = (intid(smmu.eventq)?, intid(smmu.gerror)?);
     narrate!(
-        "GICv{}: SMMU eventq SPI {} ({}), gerror SPI {} ({})",
+        "GICv{}: SMMU eventq SPI {} = INTID {eventq} ({}), gerror SPI {} = INTID {gerror} ({})",
         gic.arch_rev(),
         smmu.eventq.number,
-        if smmu.eventq.edge() { "edge" } else { "level" },
+        trigger(smmu.eventq),
         smmu.gerror.number,
-        if smmu.gerror.edge() { "edge" } else { "level" }
+        trigger(smmu.gerror)
     );
     Ok(Irqs { gic, smmu })
 }

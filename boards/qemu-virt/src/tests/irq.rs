@@ -291,7 +291,7 @@ fn event_irq<F: PteFormat>(ctx: &Ctx, irqs: &Irqs, fmt: F) -> Result<(), Fail> {
         "event-queue SPI {eventq} not pending at the GIC after the fault"
     );
     check_eq!(before, 0, "events handled while IRQs were masked");
-    narrate!("fault with IRQs masked: SPI {eventq} pending at the distributor, nothing handled");
+    narrate!("fault with IRQs masked: INTID {eventq} pending at the distributor, nothing handled");
 
     // Unmasked: the pending interrupt is taken and the handler delivers it.
     irq::unmask();
@@ -309,7 +309,7 @@ fn event_irq<F: PteFormat>(ctx: &Ctx, irqs: &Irqs, fmt: F) -> Result<(), Fail> {
     );
     if let Some(Event::Translation(f)) = d.events.first() {
         narrate!(
-            "IRQ {eventq} → handle_irq: F_TRANSLATION StreamID {:#x} at {:#x} ({:?})",
+            "unmasked: INTID {eventq} taken → handle_irq: F_TRANSLATION StreamID {:#x} at {:#x} ({:?})",
             f.stream_id,
             f.addr,
             f.stage
@@ -414,7 +414,7 @@ fn gerror_irq<F: PteFormat>(ctx: &Ctx, irqs: &Irqs, fmt: F) -> Result<(), Fail> 
         "overflows the driver counted"
     );
     narrate!(
-        "fault storm: GERROR IRQ {gerror} → handle_irq acknowledged {in_gerror:#x} (EVENTQ_ABT_ERR), {count} records; GERROR == GERRORN == {gn:#x}"
+        "fault storm: GERROR INTID {gerror} taken first → handle_irq acknowledged {in_gerror:#x} (EVENTQ_ABT_ERR), {count} records; GERROR == GERRORN == {gn:#x}"
     );
 
     // The queue works again: one fault, one record, through the eventq IRQ.
