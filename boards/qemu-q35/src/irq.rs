@@ -186,6 +186,9 @@ pub enum IrqError {
     ApicBase(u64),
     /// The APIC is in x2APIC mode (no MMIO interface).
     X2Apic,
+    /// The page tables do not map the xAPIC page identity, writable and
+    /// uncached: the leaf entry found (0 if none).
+    ApicMapping(u64),
 }
 
 impl core::fmt::Display for IrqError {
@@ -193,6 +196,10 @@ impl core::fmt::Display for IrqError {
         match self {
             Self::ApicBase(v) => write!(f, "IA32_APIC_BASE = {v:#x}, expected {LAPIC_BASE:#x}"),
             Self::X2Apic => write!(f, "local APIC is in x2APIC mode"),
+            Self::ApicMapping(e) => write!(
+                f,
+                "{LAPIC_BASE:#x} not mapped identity, writable, uncached (leaf entry {e:#x})"
+            ),
         }
     }
 }
@@ -227,6 +234,49 @@ fn lapic_write(off: usize, val: u32) {
     unsafe { core::ptr::write_volatile((LAPIC_BASE + off) as *mut u32, val) }
 }
 
+/// The leaf page-table entry mapping `va` in the tables CR3 points at, and
+/// the size of the page it maps (4-level paging, Intel SDM Vol. 3 4.5).
+fn leaf_entry(va: u64) -> Option<(u64, u64)> {
+    const PRESENT: u64 = 1;
+    const PAGE_SIZE_BIT: u64 = 1 << 7;
+    const FRAME: u64 = 0x000f_ffff_ffff_f000;
+    let cr3: u64;
+    // SAFETY: reads CR3; no memory, no flags.
+    unsafe { asm!("mov {0}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
+    let mut table = cr3 & FRAME;
+    for (level, shift) in [39u32, 30, 21, 12].into_iter().enumerate() {
+        let index = (va >> shift) & 0x1ff;
+        // SAFETY: `table` is a page-table page of the tables the CPU is
+        // using (CR3 or a present non-leaf entry); the boot code builds them
+        // in identity-mapped low memory. Reads only.
+        let entry = unsafe { core::ptr::read_volatile((table + index * 8) as *const u64) };
+        if entry & PRESENT == 0 {
+            return None;
+        }
+        if shift == 12 || (level > 0 && entry & PAGE_SIZE_BIT != 0) {
+            return Some((entry, 1 << shift));
+        }
+        table = entry & FRAME;
+    }
+    None
+}
+
+/// Checks the xAPIC page is mapped identity, present, writable and uncached
+/// (PCD set: the boot code's PWT|PCD for everything from 0xb000_0000 up).
+fn check_apic_mapping() -> Result<(), IrqError> {
+    const WRITABLE: u64 = 1 << 1;
+    const PCD: u64 = 1 << 4;
+    let va = LAPIC_BASE as u64;
+    let Some((entry, size)) = leaf_entry(va) else {
+        return Err(IrqError::ApicMapping(0));
+    };
+    let frame = entry & 0x000f_ffff_ffff_f000 & !(size - 1);
+    if frame != va & !(size - 1) || entry & WRITABLE == 0 || entry & PCD == 0 {
+        return Err(IrqError::ApicMapping(entry));
+    }
+    Ok(())
+}
+
 /// Sets up the PICs (masked), the local APIC and the IDT; interrupts stay
 /// disabled. Returns the local APIC ID. Idempotent.
 pub fn init() -> Result<u32, IrqError> {
@@ -240,6 +290,7 @@ pub fn init() -> Result<u32, IrqError> {
     if base & 0xf_ffff_f000 != LAPIC_BASE as u64 {
         return Err(IrqError::ApicBase(base));
     }
+    check_apic_mapping()?;
     if base & APIC_BASE_EN == 0 {
         wrmsr(IA32_APIC_BASE, base | APIC_BASE_EN);
     }
