@@ -11,16 +11,17 @@
 //! vector is what arrives.
 
 use super::vtd::{
-    APERTURE_A, BoardFormat, PAGE_U32, Unit, alloc_tx, attached_domain, first_level, free_pages,
-    with_unit_owned,
+    APERTURE_A, BoardFormat, Dom, PAGE_U32, Unit, alloc_tx, attached_domain, first_level,
+    free_pages, with_unit_owned,
 };
 use crate::harness::{Ctx, Fail, OrFail};
 use crate::irq::{self, DEVICE_VECTOR};
 use bare_iommu::backend::IommuBackend;
 use bare_iommu::pgtable::vtd::VtdSecondLevel;
 use bare_iommu::pgtable::{DmaDirection, MapAttrs};
+use bare_iommu::state::IovaState;
 use bare_iommu::vtd::{Access, FaultRecord, VtdFirstLevel};
-use bare_iommu::{DeviceId, PAGE_SIZE};
+use bare_iommu::{DeviceId, PAGE_SIZE, PhysAddr};
 use spin::Mutex;
 
 /// APIC timer periods (~10 ms of virtual time each) to wait for an interrupt.
@@ -97,24 +98,36 @@ fn seen<R>(f: impl FnOnce(&Seen) -> R) -> R {
 /// FECTL.IP is clear afterwards, and a second fault (a read) raises a second
 /// interrupt: the event re-arms once the record is cleared.
 pub fn vtd_fault_msi_delivers_decoded_fault(ctx: &mut Ctx) -> Result<(), Fail> {
-    let apic_id = irq::init().or_fail("interrupt setup")?;
     if first_level(ctx) {
-        routed::<VtdFirstLevel>(ctx, apic_id)
+        routed(ctx, fault_msi_body::<VtdFirstLevel>)
     } else {
-        routed::<VtdSecondLevel>(ctx, apic_id)
+        routed(ctx, fault_msi_body::<VtdSecondLevel>)
     }
 }
 
-/// Moves the unit to the handler, runs `fault_msi_body`, takes it back with
-/// the fault event masked again (as the other tests expect it).
-fn routed<F: BoardFormat>(ctx: &Ctx, apic_id: u32) -> Result<(), Fail> {
+/// A fault while the event is masked sends nothing and leaves FECTL.IP set;
+/// unmasking it sends the pending interrupt (VT-d 7.3.1), which the handler
+/// services.
+pub fn vtd_fault_pending_while_masked_fires_on_unmask(ctx: &mut Ctx) -> Result<(), Fail> {
+    if first_level(ctx) {
+        routed(ctx, masked_body::<VtdFirstLevel>)
+    } else {
+        routed(ctx, masked_body::<VtdSecondLevel>)
+    }
+}
+
+/// Sets the interrupts up, moves the unit to the handler, runs `body` with
+/// the local APIC ID, takes the unit back with the fault event masked again
+/// (as the other tests expect it).
+fn routed(ctx: &Ctx, body: fn(&Ctx, u32) -> Result<(), Fail>) -> Result<(), Fail> {
+    let apic_id = irq::init().or_fail("interrupt setup")?;
     with_unit_owned(ctx, |vtd| {
         irq::without_interrupts(|| {
             *IRQ_UNIT.lock() = Some(vtd);
             *SEEN.lock() = Seen::new();
         });
         irq::set_device_handler(Some(on_fault_irq));
-        let r = fault_msi_body::<F>(ctx, apic_id);
+        let r = body(ctx, apic_id);
         irq::set_device_handler(None);
         let mut back = irq::without_interrupts(|| IRQ_UNIT.lock().take());
         if let Some(v) = back.as_mut() {
@@ -194,7 +207,9 @@ fn check_delivered<F: BoardFormat>(
     Ok(())
 }
 
-fn fault_msi_body<F: BoardFormat>(ctx: &Ctx, apic_id: u32) -> Result<(), Fail> {
+/// A domain for edu 0 with a two-page transaction whose first page is
+/// linked: (domain, transaction, page, its IOVA, the unlinked IOVA).
+fn half_linked<F: BoardFormat>(ctx: &Ctx) -> Result<(Dom<F>, IovaState, PhysAddr, u64, u64), Fail> {
     let edu = &ctx.edu[0];
     let mut dom = unit(|v| attached_domain::<F>(v, ctx, edu, 1, APERTURE_A))??;
     let pa = ctx.mem.dma_pages(1).or_fail("page")?;
@@ -213,7 +228,25 @@ fn fault_msi_body<F: BoardFormat>(ctx: &Ctx, apic_id: u32) -> Result<(), Fail> {
     // The second page of the range stays unlinked.
     let ib = ia + PAGE_SIZE;
     unit(|v| dom.sync(v))?.or_fail("sync")?;
+    Ok((dom, tx, pa, ia, ib))
+}
 
+/// Unlinks and frees what [`half_linked`] set up, detaches edu 0.
+fn tear_down<F: BoardFormat>(
+    ctx: &Ctx,
+    mut dom: Dom<F>,
+    tx: IovaState,
+    pa: PhysAddr,
+) -> Result<(), Fail> {
+    unit(|v| v.set_fault_irq_masked(true))?;
+    unit(|v| dom.destroy(tx, v))?.or_fail("destroy")?;
+    unit(|v| v.detach(ctx.edu[0].id))?.or_fail("detach")?;
+    free_pages(ctx, pa, 1)
+}
+
+fn fault_msi_body<F: BoardFormat>(ctx: &Ctx, apic_id: u32) -> Result<(), Fail> {
+    let edu = &ctx.edu[0];
+    let (dom, tx, pa, ia, ib) = half_linked::<F>(ctx)?;
     let (addr, data) = irq::msi_for(apic_id, DEVICE_VECTOR);
     narrate!("fault event MSI: FEADDR {addr:#x} FEDATA {data:#x}, unmasked");
     unit(|v| {
@@ -242,9 +275,33 @@ fn fault_msi_body<F: BoardFormat>(ctx: &Ctx, apic_id: u32) -> Result<(), Fail> {
     edu.dma_from_ram(ib + 0x10, 0, 64)
         .or_fail("unlinked -> edu")?;
     check_delivered::<F>(2, edu.id, ib, Access::Read)?;
+    tear_down(ctx, dom, tx, pa)
+}
 
-    unit(|v| v.set_fault_irq_masked(true))?;
-    unit(|v| dom.destroy(tx, v))?.or_fail("destroy")?;
-    unit(|v| v.detach(edu.id))?.or_fail("detach")?;
-    free_pages(ctx, pa, 1)
+fn masked_body<F: BoardFormat>(ctx: &Ctx, apic_id: u32) -> Result<(), Fail> {
+    let edu = &ctx.edu[0];
+    let (dom, tx, pa, _, ib) = half_linked::<F>(ctx)?;
+    let (addr, data) = irq::msi_for(apic_id, DEVICE_VECTOR);
+    unit(|v| {
+        v.set_fault_msi(addr, data);
+        v.set_fault_irq_masked(true);
+    })?;
+    narrate!("edu writes unlinked IOVA {ib:#x} with the fault event masked");
+    edu.dma_to_ram(ib, 0, 64).or_fail("edu -> unlinked")?;
+    check!(
+        unit(|v| v.fault_irq_pending())?,
+        "FECTL.IP clear after a masked fault"
+    );
+    check!(
+        !irq::wait_until(QUIET_TICKS, || seen(|s| s.irqs > 0)),
+        "fault interrupt while the fault event is masked"
+    );
+    narrate!("unmask: the pending fault event is sent");
+    unit(|v| v.set_fault_irq_masked(false))?;
+    check!(
+        irq::requested(DEVICE_VECTOR),
+        "unmasking a pending fault event sent no MSI (IRR bit of {DEVICE_VECTOR:#x} clear)"
+    );
+    check_delivered::<F>(1, edu.id, ib, Access::Write)?;
+    tear_down(ctx, dom, tx, pa)
 }
