@@ -40,7 +40,6 @@ const LAPIC_SVR: usize = 0xf0;
 const LAPIC_IRR: usize = 0x200;
 const LAPIC_LVT_TIMER: usize = 0x320;
 const LAPIC_LVT_LINT0: usize = 0x350;
-const LAPIC_LVT_LINT1: usize = 0x360;
 const LAPIC_LVT_ERROR: usize = 0x370;
 const LAPIC_TIMER_INIT: usize = 0x380;
 const LAPIC_TIMER_DIV: usize = 0x3e0;
@@ -204,7 +203,9 @@ impl core::fmt::Display for IrqError {
     }
 }
 
-fn rdmsr(msr: u32) -> u64 {
+/// IA32_APIC_BASE (Intel SDM Vol. 3 11.4.4).
+fn read_apic_base() -> u64 {
+    let msr = IA32_APIC_BASE;
     let (lo, hi): (u32, u32);
     // SAFETY: IA32_APIC_BASE exists on every CPU QEMU models with an APIC;
     // reading it has no side effect.
@@ -214,9 +215,11 @@ fn rdmsr(msr: u32) -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
-fn wrmsr(msr: u32, val: u64) {
-    // SAFETY: only called for IA32_APIC_BASE, to set the global enable bit
-    // at the base the CPU already uses.
+/// Writes IA32_APIC_BASE.
+fn write_apic_base(val: u64) {
+    let msr = IA32_APIC_BASE;
+    // SAFETY: `init` calls it only to set the global enable bit, keeping the
+    // base the CPU already uses (checked to be the mapped xAPIC page).
     unsafe {
         asm!("wrmsr", in("ecx") msr, in("eax") val as u32, in("edx") (val >> 32) as u32, options(nomem, nostack, preserves_flags))
     };
@@ -283,7 +286,7 @@ pub fn init() -> Result<u32, IrqError> {
     if let Some(id) = READY.get() {
         return Ok(*id);
     }
-    let base = rdmsr(IA32_APIC_BASE);
+    let base = read_apic_base();
     if base & APIC_BASE_EXTD != 0 {
         return Err(IrqError::X2Apic);
     }
@@ -292,7 +295,7 @@ pub fn init() -> Result<u32, IrqError> {
     }
     check_apic_mapping()?;
     if base & APIC_BASE_EN == 0 {
-        wrmsr(IA32_APIC_BASE, base | APIC_BASE_EN);
+        write_apic_base(base | APIC_BASE_EN);
     }
     // SAFETY: OCW1 to both 8259 data ports masks every legacy IRQ line; the
     // board uses none of them.
@@ -303,8 +306,7 @@ pub fn init() -> Result<u32, IrqError> {
     for lvt in [LAPIC_LVT_TIMER, LAPIC_LVT_LINT0, LAPIC_LVT_ERROR] {
         lapic_write(lvt, LVT_MASKED);
     }
-    // LINT1 stays as firmware left it (NMI); the board takes no NMI.
-    let _ = lapic_read(LAPIC_LVT_LINT1);
+    // LINT1 stays as firmware left it (NMI); nothing raises one.
     lapic_write(LAPIC_TPR, 0);
     lapic_write(LAPIC_SVR, SVR_ENABLE | u32::from(SPURIOUS_VECTOR));
 
@@ -377,12 +379,14 @@ pub fn requested(vector: u8) -> bool {
 /// Runs `f` with interrupts disabled, restoring IF afterwards.
 pub fn without_interrupts<R>(f: impl FnOnce() -> R) -> R {
     let flags: u64;
-    // SAFETY: saves RFLAGS and clears IF; touches only the stack slot of pushfq.
-    unsafe { asm!("pushfq", "pop {0}", "cli", out(reg) flags, options(nomem)) };
+    // SAFETY: saves RFLAGS and clears IF; touches only the stack slot of
+    // pushfq. Not `nomem`: the block is a compiler barrier, so no access to
+    // state shared with a handler moves out of the critical section.
+    unsafe { asm!("pushfq", "pop {0}", "cli", out(reg) flags) };
     let r = f();
     if flags & (1 << 9) != 0 {
         // SAFETY: IF was set on entry; interrupts are wanted again.
-        unsafe { asm!("sti", options(nomem, nostack)) };
+        unsafe { asm!("sti", options(nostack)) };
     }
     r
 }
@@ -399,8 +403,8 @@ pub fn wait_until(ticks: u32, mut done: impl FnMut() -> bool) -> bool {
     lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | u32::from(TIMER_VECTOR));
     lapic_write(LAPIC_TIMER_INIT, TIMER_PERIOD);
     let ok = loop {
-        // SAFETY: clears IF; no memory.
-        unsafe { asm!("cli", options(nomem, nostack)) };
+        // SAFETY: clears IF; a compiler barrier (not `nomem`) like the sti/hlt.
+        unsafe { asm!("cli", options(nostack)) };
         if done() {
             break true;
         }
@@ -410,7 +414,7 @@ pub fn wait_until(ticks: u32, mut done: impl FnMut() -> bool) -> bool {
         // SAFETY: sti's one-instruction shadow makes an interrupt that is
         // already pending wake the hlt rather than slip in before it; the
         // timer is running, so the hlt ends. Handlers run here.
-        unsafe { asm!("sti", "hlt", options(nomem, nostack)) };
+        unsafe { asm!("sti", "hlt", options(nostack)) };
     };
     lapic_write(LAPIC_TIMER_INIT, 0);
     lapic_write(LAPIC_LVT_TIMER, LVT_MASKED);
