@@ -557,6 +557,26 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         phys.0
             .checked_add(len)
             .ok_or(DmaError::Overflow { a: phys.0, b: len })?;
+        // The window check above proved what `map` would check again: a
+        // page-aligned, non-empty range inside the aperture, an aligned
+        // physical start, no overflow; `link_with` makes `dir` grant access.
+        self.link_with(tx, iova, len, dir, attrs, |pt, a| {
+            pt.map_prechecked(iova, phys.0, iova + len, a)
+        })
+    }
+
+    /// The part of every link after its arguments were checked: the kind
+    /// check, the table write (`write`, all or nothing), the bookkeeping.
+    #[inline(always)]
+    fn link_with(
+        &mut self,
+        tx: &mut IovaState,
+        iova: u64,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+        write: impl FnOnce(&mut IoPageTable<F, M>, MapAttrs) -> Result<(), crate::error::PageTableError>,
+    ) -> Result<DmaAddr, DmaError> {
         let kind = if attrs.contains(MapAttrs::MMIO) {
             DmaKind::P2pThruHostBridge
         } else {
@@ -567,19 +587,13 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         }
         let t = self.translated(tx)?;
         let attrs = (attrs - MapAttrs::READ - MapAttrs::WRITE) | dir.attrs();
-        // The window check above proved what `map` would check again: a
-        // page-aligned, non-empty range inside the aperture, an aligned
-        // physical start, no overflow, and `dir` grants an access.
-        match t.pt.map_prechecked(iova, phys.0, iova + len, attrs) {
-            Ok(()) => {}
-            Err(e) => {
-                if e == crate::error::PageTableError::OutOfMemory {
-                    // Entries were written and taken back: a walker may have
-                    // cached them, so they are invalidated like an unlink.
-                    t.unmapped.add(iova, len, false);
-                }
-                return Err(e.into());
+        if let Err(e) = write(&mut t.pt, attrs) {
+            if e == crate::error::PageTableError::OutOfMemory {
+                // Entries were written and taken back: a walker may have
+                // cached them, so they are invalidated like an unlink.
+                t.unmapped.add(iova, len, false);
             }
+            return Err(e.into());
         }
         t.mapped.add(iova, len, true);
         tx.linked += len;
@@ -607,27 +621,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                 b: PAGE_SIZE,
             })?;
         let iova = Self::check_window(tx, offset, len)?;
-        let kind = if attrs.contains(MapAttrs::MMIO) {
-            DmaKind::P2pThruHostBridge
-        } else {
-            DmaKind::Translated
-        };
-        if tx.linked != 0 && (tx.kind != kind as u8 || tx.dirs & HAS_PROVIDER != 0) {
+        if tx.linked != 0 && tx.dirs & HAS_PROVIDER != 0 {
             return Err(DmaError::MixedP2p);
         }
-        let t = self.translated(tx)?;
-        let attrs = (attrs - MapAttrs::READ - MapAttrs::WRITE) | dir.attrs();
-        if let Err(e) = t.pt.map_pages(DmaAddr(iova), pages, attrs) {
-            if e == crate::error::PageTableError::OutOfMemory {
-                t.unmapped.add(iova, len, false);
-            }
-            return Err(e.into());
-        }
-        t.mapped.add(iova, len, true);
-        tx.linked += len;
-        tx.kind = kind as u8;
-        tx.dirs |= dir as u8;
-        Ok(DmaAddr(iova))
+        self.link_with(tx, iova, len, dir, attrs, |pt, a| {
+            pt.map_pages(DmaAddr(iova), pages, a)
+        })
     }
 
     /// [`link`](Self::link) for a range that may be a peer device's P2P

@@ -22,6 +22,7 @@ mod boot;
 mod edu;
 mod exit;
 mod harness;
+mod irq;
 mod memory;
 mod pci;
 mod port;

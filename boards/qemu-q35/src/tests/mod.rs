@@ -5,6 +5,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod irq;
 mod p2p;
 mod vtd;
 
@@ -32,6 +33,8 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(vtd::detach_blocks_and_bypass_passes_through),
     test!(vtd::invalid_descriptor_reported_and_queue_recovers),
     test!(vtd::invalidation_mode_switch_keeps_translation_on),
+    test!(irq::vtd_fault_msi_delivers_decoded_fault),
+    test!(irq::vtd_fault_pending_while_masked_fires_on_unmask),
     test!(p2p::p2p_dma_through_host_bridge_lands_in_peer_bar),
     test!(p2p::p2p_without_an_allowed_host_bridge_is_refused),
 ];

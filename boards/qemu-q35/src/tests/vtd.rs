@@ -147,6 +147,42 @@ pub(super) fn with_unit(
     r
 }
 
+/// Like [`with_unit`], but moves the unit out of its lock for the duration
+/// of `f` (to hand it to an interrupt handler, say); `f` gives it back, and
+/// if it cannot (`None`) the next test probes and initialises a new one.
+pub(super) fn with_unit_owned(
+    ctx: &Ctx,
+    f: impl FnOnce(Unit) -> (Option<Unit>, Result<(), Fail>),
+) -> Result<(), Fail> {
+    let mut guard = UNIT.lock();
+    let mut vtd = match guard.take() {
+        Some(v) => v,
+        None => {
+            let mut v = probe(ctx)?;
+            v.init(config(ctx)).or_fail("init")?;
+            v
+        }
+    };
+    let reset = |vtd: &mut Unit| -> Result<(), Fail> {
+        for e in ctx.edu.iter() {
+            vtd.detach(e.id).or_fail("detach")?;
+        }
+        vtd.poll_faults(|_| {});
+        Ok(())
+    };
+    if let Err(e) = reset(&mut vtd) {
+        *guard = Some(vtd);
+        return Err(e);
+    }
+    let (back, r) = f(vtd);
+    if let Some(mut v) = back {
+        let after = reset(&mut v);
+        *guard = Some(v);
+        after?;
+    }
+    r
+}
+
 pub(super) fn new_domain<F: BoardFormat>(
     vtd: &Unit,
     ctx: &Ctx,
