@@ -2,7 +2,9 @@
 //! QEMU `virt` with an SMMUv3 in every configuration the board must pass:
 //! (a) the default nested SMMU (stage 1 + stage 2), (b) stage 1 only and
 //! (c) stage 2 only (the last two need `virt-9.0`: newer machine types force
-//! `stage=nested`). The board enters at EL2 in all three, with a GICv3
+//! `stage=nested`), entered at EL2 as a hypervisor is, and (d) the nested
+//! SMMU entered at EL1 (`-cpu cortex-a57`), as a unikernel or firmware is;
+//! all with a GICv3
 //! (`gic-version=3`: under TCG `virt` defaults to a GICv2, which the board's
 //! SMMU interrupt tests cannot use). Every run has two
 //! edu devices (00:05.0, 00:06.0) and an ivshmem-plain at 00:07.0 whose
@@ -24,7 +26,7 @@ struct Config {
     machine: &'static [&'static str],
 }
 
-const CONFIGS: [Config; 3] = [
+const CONFIGS: [Config; 4] = [
     Config {
         name: "(a) nested SMMUv3 (virt)",
         machine: &[
@@ -54,6 +56,15 @@ const CONFIGS: [Config; 3] = [
             "max",
             "-global",
             "arm-smmuv3.stage=2",
+        ],
+    },
+    Config {
+        name: "(d) nested SMMUv3, entered at EL1 (unikernel / firmware view)",
+        machine: &[
+            "-machine",
+            "virt,iommu=smmuv3,gic-version=3",
+            "-cpu",
+            "cortex-a57",
         ],
     },
 ];
