@@ -9,7 +9,9 @@
 //! - [`edu`]: QEMU's edu DMA engine, the device every board test drives;
 //! - [`ivshmem`]: the ivshmem-plain BAR that P2P tests DMA into;
 //! - [`p2p`]: the P2P test bodies, over the board's IOMMU;
-//! - [`pattern`]: the test pattern and the byte checks of lent memory.
+//! - [`pattern`]: the test pattern and the byte checks of lent memory;
+//! - [`virtio`]: a polled virtio-blk driver (virtio 1.x PCI transport);
+//! - [`virtio_dma`]: the virtio-blk test bodies, over the board's IOMMU.
 //!
 //! A board keeps its boot code, UART, PCI/ACPI/DTB discovery, exit path, lent
 //! memory and IOMMU tests, and implements [`harness::Board`]:
@@ -36,3 +38,5 @@ pub mod edu;
 pub mod ivshmem;
 pub mod p2p;
 pub mod pattern;
+pub mod virtio;
+pub mod virtio_dma;
