@@ -8,7 +8,9 @@
 //! (`gic-version=3`: under TCG `virt` defaults to a GICv2, which the board's
 //! SMMU interrupt tests cannot use). Every run has two
 //! edu devices (00:05.0, 00:06.0) and an ivshmem-plain at 00:07.0 whose
-//! RAM-backed BAR 2 is the P2P provider of the board's P2P tests.
+//! RAM-backed BAR 2 is the P2P provider of the board's P2P tests, and a
+//! modern-only virtio-blk at 00:08.0 (`iommu_platform=on`) over a fresh 1 MiB
+//! raw image (`target/virtio-blk.img`, rewritten before each run).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -91,6 +93,9 @@ const COMMON: &[&str] = &[
     "ivshmem-plain,memdev=p2pmem,addr=07.0",
 ];
 
+/// Slot of the virtio-blk (after edu 05.0, 06.0 and ivshmem 07.0).
+const VIRTIO_SLOT: &str = "08.0";
+
 /// Builds the board and runs every configuration (only (a), with the
 /// narrating image, when `demo`); returns (passed, failed) summed over runs.
 pub fn run(extra: &[String], demo: bool) -> Result<(usize, usize), String> {
@@ -150,9 +155,12 @@ struct Run {
 }
 
 fn run_qemu(config: &Config, image: &Path, extra: &[String]) -> Result<Run, String> {
+    // The tests write to the disk: every run starts from the pristine image.
+    let disk = crate::disk::create(&board_dir())?;
     let mut cmd = Command::new("qemu-system-aarch64");
     cmd.args(config.machine)
         .args(COMMON)
+        .args(crate::disk::qemu_args(&disk, VIRTIO_SLOT))
         .arg("-kernel")
         .arg(image)
         .args(extra)
