@@ -23,12 +23,24 @@ pub struct Ctx {
     pub edu: [Edu; 2],
     /// The ivshmem-plain at 00:07.0 (P2P provider), or why it is missing.
     pub ivshmem: Result<Ivshmem, Fail>,
+    /// The virtio-blk at 00:08.0 (StreamID 0x40), or why it is missing.
+    pub virtio: Result<Virtio, Fail>,
     /// Base of the SMMUv3 register page 0 (page 1 at + 0x10000).
     pub smmu_base: usize,
     /// The GICv3 and the SMMU's wired interrupts, or why they are missing.
     pub irqs: Result<crate::Irqs, Fail>,
     /// Whether this is the demo image (narration on).
     pub demo: bool,
+}
+
+/// The virtio-blk function, BAR assigned, memory decoding and bus
+/// mastering on.
+#[derive(Clone, Copy)]
+pub struct Virtio {
+    /// Its PCI identity: the SMMU StreamID.
+    pub id: bare_iommu::DeviceId,
+    /// Where its virtio structures are.
+    pub pci: board_common::virtio::VirtioPci,
 }
 
 impl Board for Ctx {

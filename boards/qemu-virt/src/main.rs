@@ -29,7 +29,7 @@ mod uart;
 
 use bare_iommu::DeviceId;
 use board_common::edu::{DmaBudget, Edu};
-use board_common::{edu, ivshmem};
+use board_common::{edu, ivshmem, virtio};
 
 use crate::harness::{Ctx, Fail, fail_msg};
 use crate::ivshmem::Ivshmem;
@@ -42,6 +42,8 @@ pub const SMMU_BASE: usize = 0x0905_0000;
 const EDU_SLOTS: [u8; 2] = [5, 6];
 /// Slot the xtask pins the ivshmem-plain at (`-device ivshmem-plain,addr=07.0`).
 const IVSHMEM_SLOT: u8 = 7;
+/// Slot the xtask pins the virtio-blk at (`-device virtio-blk-pci,addr=08.0`).
+const VIRTIO_SLOT: u8 = 8;
 
 /// Entered from `boot.rs` with the exception level.
 extern "C" fn main(el: u64) -> ! {
@@ -59,6 +61,10 @@ extern "C" fn main(el: u64) -> ! {
     if let Err(why) = &ivshmem {
         println!("  note: no P2P provider: {why}");
     }
+    let virtio = setup_virtio(&mut window);
+    if let Err(why) = &virtio {
+        println!("  note: no virtio-blk: {why}");
+    }
     let irqs = setup_irqs();
     if let Err(why) = &irqs {
         println!("  note: no SMMU interrupts: {why}");
@@ -67,6 +73,7 @@ extern "C" fn main(el: u64) -> ! {
         mem: &MEMORY,
         edu,
         ivshmem,
+        virtio,
         smmu_base: SMMU_BASE,
         irqs,
         demo: harness::DEMO,
@@ -208,4 +215,38 @@ fn setup_ivshmem(window: &mut pci::MmioWindow) -> Result<Ivshmem, Fail> {
         bar2_bus: bar.address,
         len: bar.size,
     })
+}
+
+/// Finds the virtio-blk at [`VIRTIO_SLOT`], assigns the BAR holding its
+/// virtio structures (BAR 4 on QEMU: 64-bit, placed in the 32-bit window),
+/// enables memory decoding and bus mastering, and walks its capabilities.
+fn setup_virtio(window: &mut pci::MmioWindow) -> Result<harness::Virtio, Fail> {
+    let ecam = pci::Ecam::virt();
+    let found = pci::find(ecam, virtio::VENDOR, virtio::DEVICE_BLK);
+    let Some(&address) = found.iter().find(|a| a.device() == VIRTIO_SLOT) else {
+        return Err(fail_msg(format_args!(
+            "no virtio-blk at 00:{VIRTIO_SLOT:02x}.0: run with -drive file=IMG,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0,addr={VIRTIO_SLOT:02x}.0,iommu_platform=on,disable-legacy=on"
+        )));
+    };
+    let id = DeviceId::new(0, address.bus(), address.device(), address.function())
+        .ok_or_else(|| fail_msg(format_args!("virtio at {address}: bad device/function")))?;
+    let config = pci::FunctionConfig { ecam, address };
+    let mut bars = [None; 6];
+    let bar = pci::enable_bar(ecam, address, virtio::MODERN_BAR, window)
+        .map_err(|e| fail_msg(format_args!("virtio-blk: {e}")))?;
+    if let Some(slot) = bars.get_mut(usize::from(virtio::MODERN_BAR)) {
+        *slot = Some((bar.address, bar.size));
+    }
+    let pci = virtio::VirtioPci::probe(&config, &bars)
+        .map_err(|e| fail_msg(format_args!("virtio-blk {id}: {e}")))?;
+    narrate!(
+        "virtio-blk {id}: BAR{} {:#x} ({} KiB), common cfg {:#x}, notify {:#x}, device cfg {:#x}",
+        virtio::MODERN_BAR,
+        bar.address,
+        bar.size >> 10,
+        pci.common,
+        pci.notify,
+        pci.device
+    );
+    Ok(harness::Virtio { id, pci })
 }

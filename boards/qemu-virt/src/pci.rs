@@ -209,3 +209,21 @@ pub fn enable_bar(
     });
     Ok(bar)
 }
+
+/// One function's configuration space through ECAM, for the virtio driver's
+/// capability walk.
+#[derive(Clone, Copy)]
+pub struct FunctionConfig {
+    /// The ECAM.
+    pub ecam: Ecam,
+    /// The function.
+    pub address: PciAddress,
+}
+
+impl board_common::virtio::ConfigSpace for FunctionConfig {
+    fn read32(&self, offset: u16) -> u32 {
+        // SAFETY: a configuration read of a present function has no side
+        // effects on memory.
+        unsafe { self.ecam.read(self.address, offset) }
+    }
+}

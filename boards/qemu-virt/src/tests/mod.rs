@@ -7,6 +7,7 @@ mod basic;
 mod irq;
 mod p2p;
 mod smmu;
+mod virtio;
 
 /// Every test, by name; the runner prints `PASS name` / `FAIL name: why`.
 pub const TESTS: &[(&str, TestFn)] = &[
@@ -82,5 +83,14 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "p2p_without_an_allowed_host_bridge_is_refused",
         p2p::p2p_without_an_allowed_host_bridge_is_refused,
+    ),
+    // A real device class: virtio-blk's DMA through the SMMU.
+    (
+        "virtio_blk_reads_and_writes_through_iommu_tables",
+        virtio::virtio_blk_reads_and_writes_through_iommu_tables,
+    ),
+    (
+        "virtio_blk_dma_to_an_unlinked_buffer_faults",
+        virtio::virtio_blk_dma_to_an_unlinked_buffer_faults,
     ),
 ];
