@@ -2,6 +2,11 @@
 //! runs it on QEMU `q35` + `intel-iommu` in every configuration the VT-d driver
 //! must handle, one QEMU run each.
 //!
+//! Every run also has two edu devices (00:03.0, 00:04.0), an ivshmem-plain
+//! at 00:05.0 (P2P provider) and a modern-only virtio-blk at 00:08.0
+//! (`iommu_platform=on`) over a fresh 1 MiB raw image
+//! (`target/virtio-blk.img`, rewritten before each run).
+//!
 //! The board learns the configuration from its command line (`-append`):
 //! `cm` (caching mode on), `noqi` (leave queued invalidation off), `aw=39`
 //! (3-level tables), `sm` (scalable mode), `fl` (first-level tables). An `-append WORDS` among the extra arguments is added to
@@ -103,8 +108,18 @@ fn split_append(extra: &[String]) -> (Vec<String>, String) {
     (rest, words.join(" "))
 }
 
-/// The QEMU command line for one configuration.
-fn qemu_command(cfg: &Config, image: &std::path::Path, extra: &[String], words: &str) -> Command {
+/// Slot of the virtio-blk (after edu 03.0, 04.0 and ivshmem 05.0).
+const VIRTIO_SLOT: &str = "08.0";
+
+/// The QEMU command line for one configuration; `disk` is the raw image
+/// behind the virtio-blk.
+fn qemu_command(
+    cfg: &Config,
+    image: &std::path::Path,
+    disk: &std::path::Path,
+    extra: &[String],
+    words: &str,
+) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     if std::path::Path::new(QBOOT).is_file() {
         cmd.args(["-bios", QBOOT]);
@@ -120,6 +135,8 @@ fn qemu_command(cfg: &Config, image: &std::path::Path, extra: &[String], words: 
         // The P2P provider: RAM-backed BAR 2 (1 MiB) at a pinned slot.
         .args(["-object", "memory-backend-ram,id=p2pmem,size=1M"])
         .args(["-device", "ivshmem-plain,memdev=p2pmem,addr=05.0"])
+        // A modern-only virtio-blk whose DMA goes through the IOMMU.
+        .args(crate::disk::qemu_args(disk, VIRTIO_SLOT))
         .arg("-kernel")
         .arg(image);
     let append = [cfg.append, words]
@@ -228,7 +245,9 @@ pub fn run(extra: &[String], demo: bool) -> Result<(usize, usize), String> {
     let (mut passed, mut failed) = (0, 0);
     for (i, cfg) in CONFIGS.iter().enumerate() {
         println!("== q35-vtd {}/{}: {}", i + 1, CONFIGS.len(), cfg.name);
-        let out = run_qemu(qemu_command(cfg, &image, &extra, &words))?;
+        // The tests write to the disk: every run starts from the pristine image.
+        let disk = crate::disk::create(&crate::root().join(BOARD_DIR))?;
+        let out = run_qemu(qemu_command(cfg, &image, &disk, &extra, &words))?;
         let (p, f) = judge(&out);
         println!("== q35-vtd {}: {p} passed, {f} failed", cfg.name);
         passed += p;
