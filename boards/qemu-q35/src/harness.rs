@@ -23,6 +23,8 @@ pub struct Ctx {
     pub edu: [Edu; 2],
     /// The ivshmem-plain at 00:05.0 (P2P provider), or why it is missing.
     pub ivshmem: Result<Ivshmem, Fail>,
+    /// The virtio-blk at 00:08.0 (source-id 0x40), or why it is missing.
+    pub virtio: Result<Virtio, Fail>,
     /// VT-d register base from the DMAR's first DRHD (QEMU: 0xfed90000).
     pub vtd_base: usize,
     /// Built with the `demo` feature (narration on).
@@ -32,6 +34,15 @@ pub struct Ctx {
     /// PCI configuration access (segment 0).
     #[allow(dead_code, reason = "for tests")]
     pub ecam: Ecam,
+}
+
+/// The virtio-blk function, BAR placed, memory decoding and bus mastering on.
+#[derive(Clone, Copy)]
+pub struct Virtio {
+    /// Its PCI identity: the VT-d source-id.
+    pub id: bare_iommu::DeviceId,
+    /// Where its virtio structures are.
+    pub pci: board_common::virtio::VirtioPci,
 }
 
 impl Ctx {

@@ -30,7 +30,7 @@ mod serial;
 mod tests;
 
 use bare_iommu::DeviceId;
-use board_common::ivshmem;
+use board_common::{ivshmem, virtio};
 use harness::{Ctx, Fail, boot_failure, fail_msg};
 use ivshmem::Ivshmem;
 
@@ -41,6 +41,8 @@ const EDU_DEVICE: u16 = 0x11e8;
 const CMDLINE_MAX: usize = 256;
 /// Slot the xtask pins the ivshmem-plain at (`-device ivshmem-plain,addr=05.0`).
 const IVSHMEM_SLOT: u8 = 5;
+/// Slot the xtask pins the virtio-blk at (`-device virtio-blk-pci,addr=08.0`).
+const VIRTIO_SLOT: u8 = 8;
 
 /// The command line, copied out of firmware memory.
 static CMDLINE: spin::Once<heapless::String<CMDLINE_MAX>> = spin::Once::new();
@@ -125,6 +127,10 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
     if let Err(why) = &ivshmem {
         println!("  note: no P2P provider: {why}");
     }
+    let virtio = setup_virtio(&ecam, &mut busy);
+    if let Err(why) = &virtio {
+        println!("  note: no virtio-blk: {why}");
+    }
 
     println!(
         "q35: cmdline \"{cmdline}\", VT-d at {:#x} ({} DRHD, HAW {}), ECAM at {:#x}, edu {} BAR0 {:#x}, edu {} BAR0 {:#x}",
@@ -144,6 +150,7 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
         mem,
         edu,
         ivshmem,
+        virtio,
         vtd_base,
         demo: cfg!(feature = "demo"),
         cmdline,
@@ -199,4 +206,59 @@ fn setup_ivshmem(ecam: &pci::Ecam, busy: &mut pci::BusyRanges) -> Result<Ivshmem
         bar2_bus: bus,
         len,
     })
+}
+
+/// Finds the virtio-blk at [`VIRTIO_SLOT`] on bus 0, places the BAR holding
+/// its virtio structures (BAR 4, 64-bit) below 4 GiB where nothing else
+/// decodes, enables memory decoding and bus mastering, and walks its
+/// capabilities.
+fn setup_virtio(ecam: &pci::Ecam, busy: &mut pci::BusyRanges) -> Result<harness::Virtio, Fail> {
+    let mut found = None;
+    ecam.for_each_function(|dev, vendor, device| {
+        if vendor == virtio::VENDOR
+            && device == virtio::DEVICE_BLK
+            && dev.bus == 0
+            && dev.dev() == VIRTIO_SLOT
+        {
+            found = Some(dev);
+        }
+    });
+    let Some(id) = found else {
+        return Err(fail_msg(format_args!(
+            "no virtio-blk at 00:{VIRTIO_SLOT:02x}.0: run with -drive file=IMG,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0,addr={VIRTIO_SLOT:02x}.0,iommu_platform=on,disable-legacy=on"
+        )));
+    };
+    let base = busy.place(ecam, id, virtio::MODERN_BAR).map_err(|e| {
+        fail_msg(format_args!(
+            "virtio-blk {id} BAR{}: {e}",
+            virtio::MODERN_BAR
+        ))
+    })?;
+    ecam.enable(id, pci::CMD_MEMORY | pci::CMD_BUS_MASTER);
+    let (bus, len, _) = ecam
+        .memory_bar(id, virtio::MODERN_BAR)
+        .ok_or_else(|| fail_msg(format_args!("virtio-blk {id}: BAR4 reads back empty")))?;
+    if bus != base {
+        return Err(fail_msg(format_args!(
+            "virtio-blk BAR4 reads back {bus:#x}, placed at {base:#x}"
+        )));
+    }
+    let mut bars = [None; 6];
+    if let Some(slot) = bars.get_mut(usize::from(virtio::MODERN_BAR)) {
+        *slot = Some((bus, len));
+    }
+    let config = pci::FunctionConfig {
+        ecam: *ecam,
+        dev: id,
+    };
+    let pci = virtio::VirtioPci::probe(&config, &bars)
+        .map_err(|e| fail_msg(format_args!("virtio-blk {id}: {e}")))?;
+    narrate!(
+        "virtio-blk {id}: BAR4 {bus:#x} ({} KiB), common cfg {:#x}, notify {:#x}, device cfg {:#x}",
+        len >> 10,
+        pci.common,
+        pci.notify,
+        pci.device
+    );
+    Ok(harness::Virtio { id, pci })
 }

@@ -261,3 +261,19 @@ impl BusyRanges {
         Err(PciError::NoSpace { size })
     }
 }
+
+/// One function's configuration space, for the virtio driver's capability
+/// walk.
+#[derive(Clone, Copy)]
+pub struct FunctionConfig {
+    /// The ECAM.
+    pub ecam: Ecam,
+    /// The function.
+    pub dev: DeviceId,
+}
+
+impl board_common::virtio::ConfigSpace for FunctionConfig {
+    fn read32(&self, offset: u16) -> u32 {
+        self.ecam.read32(self.dev, offset)
+    }
+}

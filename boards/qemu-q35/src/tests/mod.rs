@@ -7,6 +7,7 @@ use crate::harness::TestFn;
 mod basic;
 mod irq;
 mod p2p;
+mod virtio;
 mod vtd;
 
 /// `(stringify!(name), module::name)`.
@@ -37,4 +38,6 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(irq::vtd_fault_pending_while_masked_fires_on_unmask),
     test!(p2p::p2p_dma_through_host_bridge_lands_in_peer_bar),
     test!(p2p::p2p_without_an_allowed_host_bridge_is_refused),
+    test!(virtio::virtio_blk_reads_and_writes_through_iommu_tables),
+    test!(virtio::virtio_blk_dma_to_an_unlinked_buffer_faults),
 ];
