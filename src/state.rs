@@ -377,6 +377,53 @@ fn check_aligned(v: u64) -> Result<(), DmaError> {
     }
 }
 
+/// The kind a link with `attrs` makes, refused if the transaction already
+/// holds links of another kind.
+#[inline(always)]
+fn link_kind(tx: &IovaState, attrs: MapAttrs) -> Result<DmaKind, DmaError> {
+    let kind = if attrs.contains(MapAttrs::MMIO) {
+        DmaKind::P2pThruHostBridge
+    } else {
+        DmaKind::Translated
+    };
+    if tx.linked != 0 && tx.kind != kind as u8 {
+        return Err(DmaError::MixedP2p);
+    }
+    Ok(kind)
+}
+
+/// The attributes written: the caller's, with read/write from `dir`.
+#[inline(always)]
+fn link_attrs(attrs: MapAttrs, dir: DmaDirection) -> MapAttrs {
+    (attrs - MapAttrs::READ - MapAttrs::WRITE) | dir.attrs()
+}
+
+/// Bookkeeping after a link's table write `r` (all or nothing).
+#[inline(always)]
+fn finish_link<F: PteFormat, M: TableMemory>(
+    t: &mut Translated<F, M>,
+    tx: &mut IovaState,
+    iova: u64,
+    len: u64,
+    kind: DmaKind,
+    dir: DmaDirection,
+    r: Result<(), crate::error::PageTableError>,
+) -> Result<DmaAddr, DmaError> {
+    if let Err(e) = r {
+        if e == crate::error::PageTableError::OutOfMemory {
+            // Entries were written and taken back: a walker may have cached
+            // them, so they are invalidated like an unlink.
+            t.unmapped.add(iova, len, false);
+        }
+        return Err(e.into());
+    }
+    t.mapped.add(iova, len, true);
+    tx.linked += len;
+    tx.kind = kind as u8;
+    tx.dirs |= dir as u8;
+    Ok(DmaAddr(iova))
+}
+
 impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// A translated domain with an empty page table taken from `mem`.
     pub fn new(fmt: F, mem: M, config: DomainConfig) -> Result<Self, DmaError> {
@@ -557,49 +604,14 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         phys.0
             .checked_add(len)
             .ok_or(DmaError::Overflow { a: phys.0, b: len })?;
+        let kind = link_kind(tx, attrs)?;
+        let t = self.translated(tx)?;
         // The window check above proved what `map` would check again: a
         // page-aligned, non-empty range inside the aperture, an aligned
-        // physical start, no overflow; `link_with` makes `dir` grant access.
-        self.link_with(tx, iova, len, dir, attrs, |pt, a| {
-            pt.map_prechecked(iova, phys.0, iova + len, a)
-        })
-    }
-
-    /// The part of every link after its arguments were checked: the kind
-    /// check, the table write (`write`, all or nothing), the bookkeeping.
-    #[inline(always)]
-    fn link_with(
-        &mut self,
-        tx: &mut IovaState,
-        iova: u64,
-        len: u64,
-        dir: DmaDirection,
-        attrs: MapAttrs,
-        write: impl FnOnce(&mut IoPageTable<F, M>, MapAttrs) -> Result<(), crate::error::PageTableError>,
-    ) -> Result<DmaAddr, DmaError> {
-        let kind = if attrs.contains(MapAttrs::MMIO) {
-            DmaKind::P2pThruHostBridge
-        } else {
-            DmaKind::Translated
-        };
-        if tx.linked != 0 && tx.kind != kind as u8 {
-            return Err(DmaError::MixedP2p);
-        }
-        let t = self.translated(tx)?;
-        let attrs = (attrs - MapAttrs::READ - MapAttrs::WRITE) | dir.attrs();
-        if let Err(e) = write(&mut t.pt, attrs) {
-            if e == crate::error::PageTableError::OutOfMemory {
-                // Entries were written and taken back: a walker may have
-                // cached them, so they are invalidated like an unlink.
-                t.unmapped.add(iova, len, false);
-            }
-            return Err(e.into());
-        }
-        t.mapped.add(iova, len, true);
-        tx.linked += len;
-        tx.kind = kind as u8;
-        tx.dirs |= dir as u8;
-        Ok(DmaAddr(iova))
+        // physical start, no overflow; `link_attrs` makes `dir` grant access.
+        let r =
+            t.pt.map_prechecked(iova, phys.0, iova + len, link_attrs(attrs, dir));
+        finish_link(t, tx, iova, len, kind, dir, r)
     }
 
     /// Links separate 4 KiB physical pages (a scatter list) at consecutive
@@ -624,9 +636,10 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         if tx.linked != 0 && tx.dirs & HAS_PROVIDER != 0 {
             return Err(DmaError::MixedP2p);
         }
-        self.link_with(tx, iova, len, dir, attrs, |pt, a| {
-            pt.map_pages(DmaAddr(iova), pages, a)
-        })
+        let kind = link_kind(tx, attrs)?;
+        let t = self.translated(tx)?;
+        let r = t.pt.map_pages(DmaAddr(iova), pages, link_attrs(attrs, dir));
+        finish_link(t, tx, iova, len, kind, dir, r)
     }
 
     /// [`link`](Self::link) for a range that may be a peer device's P2P
