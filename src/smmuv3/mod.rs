@@ -189,7 +189,6 @@ pub struct Smmu<M: TableMemory> {
     events: u64,
     event_overflows: u64,
     gerrors_seen: u32,
-    skip_tlbi: bool,
 }
 
 impl<M: TableMemory> Smmu<M> {
@@ -240,7 +239,6 @@ impl<M: TableMemory> Smmu<M> {
             events: 0,
             event_overflows: 0,
             gerrors_seen: 0,
-            skip_tlbi: false,
         })
     }
 
@@ -448,14 +446,6 @@ impl<M: TableMemory> Smmu<M> {
             .sync(p0, &self.mem, coherent, run.config.poll_budget)
     }
 
-    /// Test hook: when set, [`IommuBackend::invalidate`] and
-    /// [`IommuBackend::invalidate_domain`] queue nothing. Exists so a test
-    /// can prove that it would catch a missing TLB invalidation; never set it
-    /// otherwise.
-    pub fn inject_skip_invalidation(&mut self, skip: bool) {
-        self.skip_tlbi = skip;
-    }
-
     /// The STE that `how` needs for `sid`, allocating a CD for stage 1.
     fn build_ste(&mut self, how: &Attachment) -> Result<Ste, SmmuError> {
         let f = self.features;
@@ -609,7 +599,7 @@ impl<M: TableMemory> Smmu<M> {
         len: u64,
         leaf_only: bool,
     ) -> Result<(), SmmuError> {
-        if self.skip_tlbi || len == 0 {
+        if len == 0 {
             return Ok(());
         }
         let start = iova.0 & !(PAGE_SIZE - 1);
@@ -770,9 +760,6 @@ impl<M: TableMemory> IommuBackend for Smmu<M> {
     }
 
     fn invalidate_domain(&mut self, domain: &DomainInfo) -> Result<(), BackendError> {
-        if self.skip_tlbi {
-            return Ok(());
-        }
         Ok(self.invalidate_all_of(domain)?)
     }
 

@@ -35,6 +35,7 @@ pub mod console;
 #[macro_use]
 pub mod harness;
 pub mod edu;
+pub mod forgetful;
 pub mod ivshmem;
 pub mod p2p;
 pub mod pattern;

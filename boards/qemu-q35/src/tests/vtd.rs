@@ -7,7 +7,7 @@
 use crate::edu::Edu;
 use crate::harness::{Ctx, Fail, OrFail};
 use crate::memory::{BoardMemory, pattern};
-use bare_iommu::backend::{Attachment, DomainInfo, IommuBackend};
+use bare_iommu::backend::{Attachment, IommuBackend};
 use bare_iommu::error::BackendError;
 use bare_iommu::pgtable::PteFormat;
 use bare_iommu::pgtable::vtd::VtdSecondLevel;
@@ -657,35 +657,6 @@ fn unlinked_page_blocks_dma_and_fault_is_decoded_with<F: BoardFormat>(
 
 /// A backend that drops every invalidation but still syncs: what a driver
 /// that forgot the IOTLB invalidation would do.
-struct ForgetsInvalidation<'a>(&'a mut Unit);
-
-impl IommuBackend for ForgetsInvalidation<'_> {
-    fn attach(&mut self, dev: DeviceId, how: Attachment) -> Result<(), BackendError> {
-        self.0.attach(dev, how)
-    }
-    fn invalidate(
-        &mut self,
-        _: &DomainInfo,
-        _: DmaAddr,
-        _: u64,
-        _: bool,
-    ) -> Result<(), BackendError> {
-        Ok(())
-    }
-    fn invalidate_domain(&mut self, _: &DomainInfo) -> Result<(), BackendError> {
-        Ok(())
-    }
-    fn sync(&mut self) -> Result<(), BackendError> {
-        self.0.sync()
-    }
-    fn needs_map_invalidation(&self) -> bool {
-        self.0.needs_map_invalidation()
-    }
-    fn coherent_walk(&self) -> bool {
-        self.0.coherent_walk()
-    }
-}
-
 /// QEMU caches translations: without the IOTLB invalidation an unlinked page
 /// stays reachable (so the unlink test would catch a driver that skips it);
 /// the page-selective invalidation the driver issues removes it.
@@ -705,7 +676,7 @@ fn skipped_iotlb_invalidation_is_caught_with<F: BoardFormat>(
     load_buffer(ctx, edu, pa, iova, 0x44)?;
 
     dom.unlink(&mut tx, 0, PAGE_SIZE).or_fail("unlink")?;
-    dom.sync(&mut ForgetsInvalidation(vtd))
+    dom.sync(&mut board_common::forgetful::ForgetsInvalidation(vtd))
         .or_fail("sync w/o invalidation")?;
     ctx.mem.fill(pa, PAGE, 0x66).or_fail("refill")?;
     edu.dma_to_ram(iova, 0, PAGE_U32).or_fail("stale DMA")?;
