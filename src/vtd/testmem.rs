@@ -108,6 +108,16 @@ impl FakeRegs {
     }
 }
 
+/// A register block with what QEMU's intel-iommu advertises: VER 1.0 and
+/// its CAP / ECAP values.
+pub fn qemu_like() -> FakeRegs {
+    let r = FakeRegs::new();
+    r.set_u32(0x00, 0x10);
+    r.set_u64(0x08, 0x00d2_008c_222f_0606);
+    r.set_u64(0x10, 0xf0_0f4a);
+    r
+}
+
 impl Drop for FakeRegs {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout.

@@ -1,0 +1,40 @@
+//! Errors of probing and initialising a unit.
+
+use crate::error::BackendError;
+
+/// Errors of probing and initialising a unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum VtdError {
+    /// VER reads 0 or all-ones: no remapping unit answers at the base.
+    NoUnit {
+        /// The value read from VER.
+        ver: u32,
+    },
+    /// CAP.SAGAW offers neither a 3-level nor a 4-level second-level table.
+    NoAddressWidth {
+        /// The SAGAW field.
+        sagaw: u8,
+    },
+    /// A hardware wait or table allocation failed.
+    Backend(BackendError),
+}
+
+impl From<BackendError> for VtdError {
+    fn from(e: BackendError) -> Self {
+        VtdError::Backend(e)
+    }
+}
+
+impl From<VtdError> for BackendError {
+    fn from(e: VtdError) -> Self {
+        match e {
+            VtdError::Backend(b) => b,
+            VtdError::NoUnit { .. } => BackendError::Unsupported("no VT-d unit at the base"),
+            VtdError::NoAddressWidth { .. } => {
+                BackendError::Unsupported("CAP.SAGAW has no 39- or 48-bit width")
+            }
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Global command and status (GCMD/GSTS, VT-d 11.4.4–11.4.5): the bounded
+//! command/status handshakes and what is built on them — init, disable,
+//! switching queued invalidation on and off, the write-buffer flush.
+
+use core::sync::atomic::{Ordering, fence};
+
+use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
+
+use super::inv::{ContextGranularity, IotlbGranularity, PasidGranularity};
+use super::qi::InvQueue;
+use super::regs::{self, FECTL, GCMD, PMEN, RTADDR};
+use super::{Vtd, VtdConfig, VtdError};
+use crate::backend::IommuBackend;
+use crate::error::BackendError;
+use crate::mem::TableMemory;
+
+impl<M: TableMemory> Vtd<M> {
+    /// Raw GSTS.
+    pub fn global_status(&self) -> u32 {
+        self.regs().gsts.get()
+    }
+
+    /// Sets or clears one GCMD command bit and waits, bounded, until GSTS
+    /// reports `status_on` for it. Every write repeats the enables GSTS shows.
+    fn gcmd(&self, bit: u32, on: bool, what: &'static str) -> Result<(), BackendError> {
+        let r = self.regs();
+        fence(Ordering::SeqCst);
+        r.gcmd.set(regs::gcmd_value(r.gsts.get(), bit, on));
+        let mut polls = 0u32;
+        loop {
+            let set = r.gsts.get() & bit != 0;
+            if set == on {
+                return Ok(());
+            }
+            polls += 1;
+            if polls >= self.budget {
+                return Err(BackendError::Timeout { what, polls });
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Fires a one-shot GCMD command (SRTP, WBF) and waits for its status bit
+    /// to reach `done` (RTPS set, WBFS clear).
+    fn gcmd_one_shot(&self, bit: u32, done: bool, what: &'static str) -> Result<(), BackendError> {
+        let r = self.regs();
+        fence(Ordering::SeqCst);
+        r.gcmd.set(regs::gcmd_value(r.gsts.get(), bit, true));
+        let mut polls = 0u32;
+        while (r.gsts.get() & bit != 0) != done {
+            polls += 1;
+            if polls >= self.budget {
+                return Err(BackendError::Timeout { what, polls });
+            }
+            core::hint::spin_loop();
+        }
+        Ok(())
+    }
+
+    /// Sets the unit up and turns translation on: root table, invalidation
+    /// queue (if wanted and present), global invalidation, fault state
+    /// cleared, then GCMD.TE. Every device starts blocked. Calling it again
+    /// re-initialises from scratch (tables of the previous run are leaked to
+    /// the lender, not freed, because the hardware may still hold them).
+    pub fn init(&mut self, config: VtdConfig) -> Result<(), VtdError> {
+        self.budget = config.poll_budget.max(1);
+        self.segment = config.segment;
+        if let Some(did) = config.bypass_domain_id {
+            self.bypass_did = did;
+        }
+        if config.scalable {
+            if !(self.features.smts && (self.features.slts || self.features.flts)) {
+                return Err(BackendError::Unsupported(
+                    "scalable mode needs ECAP.SMTS and ECAP.SLTS or ECAP.FLTS",
+                )
+                .into());
+            }
+            if !(config.use_qi && self.features.qi) {
+                return Err(
+                    BackendError::Unsupported("scalable mode needs queued invalidation").into(),
+                );
+            }
+        }
+        let te = GCMD::TE::SET.value;
+        let qie = GCMD::QIE::SET.value;
+        // Firmware or an earlier run may have left things on.
+        if self.regs().gsts.get() & te != 0 {
+            self.gcmd(te, false, "VT-d GSTS.TES clear")?;
+        }
+        if self.regs().gsts.get() & qie != 0 {
+            self.gcmd(qie, false, "VT-d GSTS.QIES clear")?;
+        }
+        self.queue = None;
+        self.parked = None;
+        self.scalable = config.scalable;
+        if self.regs().pmen.is_set(PMEN::PRS) {
+            self.regs().pmen.modify(PMEN::EPM::CLEAR);
+            let mut polls = 0u32;
+            while self.regs().pmen.is_set(PMEN::PRS) {
+                polls += 1;
+                if polls >= self.budget {
+                    return Err(BackendError::Timeout {
+                        what: "VT-d PMEN.PRS clear",
+                        polls,
+                    }
+                    .into());
+                }
+            }
+        }
+
+        let root = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
+        self.mem.clean(root, 4096);
+        self.root = Some(root);
+        let ttm = if self.scalable {
+            RTADDR::TTM::Scalable
+        } else {
+            RTADDR::TTM::Legacy
+        };
+        self.regs()
+            .rtaddr
+            .write(RTADDR::RTA.val(root.0 >> 12) + ttm);
+        self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS")?;
+
+        if config.use_qi && self.features.qi {
+            self.set_queued_invalidation(true)?;
+        }
+
+        self.flush_write_buffer()?;
+        self.context_invalidate(ContextGranularity::Global)?;
+        if self.scalable {
+            self.pasid_cache_invalidate(PasidGranularity::Global)?;
+        }
+        self.iotlb_invalidate(IotlbGranularity::Global)?;
+        self.sync()?;
+
+        // Start with no stale faults; keep the fault interrupt masked until
+        // the user routes it (handle_irq works with or without it).
+        let _ = self.poll_faults(|_| {});
+        self.regs().fectl.write(FECTL::IM::SET);
+
+        self.gcmd(te, true, "VT-d GSTS.TES set")?;
+        Ok(())
+    }
+
+    /// Switches between queued and register-based invalidation while
+    /// translation stays on. Switching off first syncs (the queue must be
+    /// drained, its last descriptor a wait); switching on (re)programs the
+    /// queue with IQT = 0. Both GCMD writes keep TE (VT-d 6.5.2, 11.4.4).
+    pub fn set_queued_invalidation(&mut self, on: bool) -> Result<(), BackendError> {
+        if on == self.queue.is_some() {
+            return Ok(());
+        }
+        let qie = GCMD::QIE::SET.value;
+        if on {
+            if !self.features.qi {
+                return Err(BackendError::Unsupported(
+                    "queued invalidation needs ECAP.QI",
+                ));
+            }
+            let mut q = match self.parked.take() {
+                Some(q) => q,
+                None => InvQueue::new(&self.mem, self.budget, self.scalable)?,
+            };
+            q.program(self.regs());
+            self.gcmd(qie, true, "VT-d GSTS.QIES set")?;
+            self.queue = Some(q);
+        } else {
+            if self.scalable && self.regs().gsts.get() & GCMD::TE::SET.value != 0 {
+                return Err(BackendError::Unsupported(
+                    "scalable mode runs on queued invalidation",
+                ));
+            }
+            self.sync()?;
+            self.gcmd(qie, false, "VT-d GSTS.QIES clear")?;
+            self.parked = self.queue.take();
+        }
+        Ok(())
+    }
+
+    /// Turns translation and queued invalidation off (every device then
+    /// accesses memory untranslated).
+    pub fn disable(&mut self) -> Result<(), BackendError> {
+        self.gcmd(GCMD::TE::SET.value, false, "VT-d GSTS.TES clear")?;
+        self.set_queued_invalidation(false)
+    }
+
+    /// GCMD.WBF when CAP.RWBF: flushes the write buffer so table writes
+    /// reach memory before the unit reads them.
+    pub(super) fn flush_write_buffer(&mut self) -> Result<(), BackendError> {
+        if self.features.rwbf {
+            self.gcmd_one_shot(GCMD::WBF::SET.value, false, "VT-d GSTS.WBFS clear")?;
+            self.stats.write_buffer_flushes += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testmem::{HostMem, qemu_like};
+    use super::*;
+
+    #[test]
+    fn init_on_unresponsive_hardware_times_out_instead_of_hanging() {
+        let r = qemu_like();
+        // SAFETY: `r` is a register block in memory that outlives `vtd`.
+        let mut vtd = unsafe { Vtd::new(r.base(), HostMem::new(4)) }.unwrap();
+        let cfg = VtdConfig {
+            poll_budget: 20,
+            ..VtdConfig::default()
+        };
+        assert_eq!(
+            vtd.init(cfg),
+            Err(VtdError::Backend(BackendError::Timeout {
+                what: "VT-d GSTS.RTPS",
+                polls: 20
+            }))
+        );
+        // The SRTP write carried only SRTP (nothing was enabled in GSTS).
+        assert_eq!(r.get_u32(0x18), 1 << 30);
+    }
+}

@@ -1,0 +1,195 @@
+//! Invalidation dispatch (VT-d 6.5): each context-cache, PASID-cache and
+//! IOTLB invalidation goes to the invalidation queue (`qi`) when queued
+//! invalidation is on, else to the CCMD/IOTLB registers (`reginv`); a range
+//! becomes page-selective blocks or one domain-selective invalidation; sync
+//! waits until the hardware has done them all.
+
+use core::sync::atomic::{Ordering, fence};
+
+use tock_registers::interfaces::Readable;
+
+use super::{
+    ContextGranularity, InvDesc, IotlbGranularity, PasidGranularity, PasidIotlbGranularity, Vtd,
+    inv, reginv,
+};
+use crate::addr::DmaAddr;
+use crate::backend::{DomainInfo, IommuBackend, TableFormat};
+use crate::error::BackendError;
+use crate::mem::TableMemory;
+
+/// Past this many page-selective blocks, one range is invalidated
+/// domain-selectively instead.
+pub const PSI_MAX_BLOCKS: usize = 16;
+
+impl<M: TableMemory> Vtd<M> {
+    /// Whether queued invalidation is in use.
+    pub fn uses_queued_invalidation(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// IQT as a descriptor slot index (IQT / descriptor size), for tests
+    /// counting descriptors; 0 when queued invalidation is off.
+    pub fn queue_tail(&self) -> u32 {
+        let size = if self.scalable { 32 } else { 16 };
+        ((self.regs().iqt.get() & 0x7_fff0) / size) as u32
+    }
+
+    /// Descriptor slots in the invalidation queue (256, or 128 with the
+    /// 256-bit descriptors of scalable mode); 0 without a queue.
+    pub fn queue_entries(&self) -> u32 {
+        self.queue.as_ref().map_or(0, |q| q.entries())
+    }
+
+    pub(super) fn context_invalidate(&mut self, g: ContextGranularity) -> Result<(), BackendError> {
+        self.stats.context_invalidations += 1;
+        if let Some(q) = self.queue.as_mut() {
+            // SAFETY: see `regs()`.
+            let regs = unsafe { self.regs.as_ref() };
+            q.push(regs, &self.mem, InvDesc::context(g))
+        } else {
+            self.stats.register_invalidations += 1;
+            fence(Ordering::SeqCst);
+            reginv::invalidate_context(self.regs(), g, self.budget)
+        }
+    }
+
+    pub(super) fn pasid_cache_invalidate(
+        &mut self,
+        g: PasidGranularity,
+    ) -> Result<(), BackendError> {
+        let q = self.queue.as_mut().ok_or(BackendError::Unsupported(
+            "PASID-cache invalidation needs queued invalidation",
+        ))?;
+        // SAFETY: see `regs()`.
+        let regs = unsafe { self.regs.as_ref() };
+        q.push(regs, &self.mem, InvDesc::pasid_cache(g))
+    }
+
+    /// PASID-based IOTLB invalidation (first-level domains, scalable mode).
+    pub(super) fn pasid_iotlb_invalidate(
+        &mut self,
+        g: PasidIotlbGranularity,
+    ) -> Result<(), BackendError> {
+        match g {
+            PasidIotlbGranularity::AllInPasid { .. } => self.stats.iotlb_dsi += 1,
+            PasidIotlbGranularity::Page { .. } => self.stats.iotlb_psi += 1,
+        }
+        let q = self.queue.as_mut().ok_or(BackendError::Unsupported(
+            "PASID-based IOTLB invalidation needs queued invalidation",
+        ))?;
+        // SAFETY: see `regs()`.
+        let regs = unsafe { self.regs.as_ref() };
+        q.push(regs, &self.mem, InvDesc::pasid_iotlb(g))
+    }
+
+    pub(super) fn iotlb_invalidate(&mut self, g: IotlbGranularity) -> Result<(), BackendError> {
+        match g {
+            IotlbGranularity::Global => self.stats.iotlb_global += 1,
+            IotlbGranularity::Domain(_) => self.stats.iotlb_dsi += 1,
+            IotlbGranularity::Page { .. } => self.stats.iotlb_psi += 1,
+        }
+        let (dr, dw) = (self.features.drain_reads, self.features.drain_writes);
+        if let Some(q) = self.queue.as_mut() {
+            // SAFETY: see `regs()`.
+            let regs = unsafe { self.regs.as_ref() };
+            q.push(regs, &self.mem, InvDesc::iotlb(g, dr, dw))
+        } else {
+            self.stats.register_invalidations += 1;
+            fence(Ordering::SeqCst);
+            reginv::invalidate_iotlb(self.iotlb_regs(), g, dr, dw, self.budget)
+        }
+    }
+
+    /// Submits a raw descriptor to the invalidation queue (diagnostics and
+    /// tests: a malformed one makes the next sync report the queue error).
+    pub fn submit_raw(&mut self, desc: InvDesc) -> Result<(), BackendError> {
+        let q = self
+            .queue
+            .as_mut()
+            .ok_or(BackendError::Unsupported("queued invalidation not enabled"))?;
+        // SAFETY: see `regs()`.
+        let regs = unsafe { self.regs.as_ref() };
+        q.push(regs, &self.mem, desc)
+    }
+
+    /// Invalidates `len` bytes at `iova` in `domain`: page-selectively when
+    /// the range fits in [`PSI_MAX_BLOCKS`] blocks, else the whole domain
+    /// ([`IommuBackend::invalidate`](crate::IommuBackend::invalidate)).
+    pub(super) fn invalidate_range(
+        &mut self,
+        domain: &DomainInfo,
+        iova: DmaAddr,
+        len: u64,
+        leaf_only: bool,
+    ) -> Result<(), BackendError> {
+        self.check_did(domain.id)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let did = domain.id;
+        // First-level translations are tagged with the PASID (0 = RID_PASID):
+        // invalidate them per PASID, page-selectively (VT-d 6.5.2.4).
+        let first_level = domain.format == TableFormat::VtdFirstLevel;
+        if self.features.psi || first_level {
+            let mut blocks: heapless::Vec<(DmaAddr, u8), PSI_MAX_BLOCKS> = heapless::Vec::new();
+            let fits = inv::psi_blocks(iova, len, self.features.mamv, PSI_MAX_BLOCKS, |a, am| {
+                let _ = blocks.push((a, am));
+            });
+            if fits.is_some() {
+                for (addr, am) in blocks {
+                    if first_level {
+                        self.pasid_iotlb_invalidate(PasidIotlbGranularity::Page {
+                            did,
+                            pasid: 0,
+                            addr,
+                            am,
+                            ih: leaf_only,
+                        })?;
+                    } else {
+                        self.iotlb_invalidate(IotlbGranularity::Page {
+                            did,
+                            addr,
+                            am,
+                            ih: leaf_only,
+                        })?;
+                    }
+                }
+                return Ok(());
+            }
+        }
+        self.invalidate_domain(domain)
+    }
+
+    /// Invalidates every IOTLB entry of `domain`
+    /// ([`IommuBackend::invalidate_domain`](crate::IommuBackend::invalidate_domain)).
+    pub(super) fn invalidate_all_in_domain(
+        &mut self,
+        domain: &DomainInfo,
+    ) -> Result<(), BackendError> {
+        self.check_did(domain.id)?;
+        if domain.format == TableFormat::VtdFirstLevel {
+            self.pasid_iotlb_invalidate(PasidIotlbGranularity::AllInPasid {
+                did: domain.id,
+                pasid: 0,
+            })
+        } else {
+            self.iotlb_invalidate(IotlbGranularity::Domain(domain.id))
+        }
+    }
+
+    /// Waits until every invalidation issued so far is done
+    /// ([`IommuBackend::sync`](crate::IommuBackend::sync)).
+    pub(super) fn sync_invalidations(&mut self) -> Result<(), BackendError> {
+        fence(Ordering::SeqCst);
+        if let Some(q) = self.queue.as_mut() {
+            // SAFETY: see `regs()`.
+            let regs = unsafe { self.regs.as_ref() };
+            q.sync(regs, &self.mem)?;
+        } else {
+            // Register-based invalidations completed when issued.
+            self.flush_write_buffer()?;
+        }
+        self.stats.syncs += 1;
+        Ok(())
+    }
+}
