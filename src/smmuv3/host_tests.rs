@@ -12,7 +12,10 @@ use std::thread;
 use std::vec::Vec;
 
 use super::*;
-use crate::addr::PhysAddr;
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::backend::{Attachment, DomainInfo, IommuBackend};
+use crate::device::DeviceId;
+use crate::error::BackendError;
 
 /// Host memory lender: blocks aligned to their power-of-two size; the
 /// "physical" address is the host pointer. Counts the pages lent out.

@@ -1,0 +1,176 @@
+//! Pointing a stream at a domain: building the STE (and the CD of a stage-1
+//! domain) and installing it without exposing a half-written entry.
+
+use super::{
+    Command, ContextDescriptor, STAGE1_MAIR, Smmu, SmmuError, Stage2Config, Ste, barrier, ste,
+};
+use crate::backend::{Attachment, DomainInfo, TableFormat};
+use crate::mem::TableMemory;
+
+impl<M: TableMemory> Smmu<M> {
+    /// The STE that `how` needs for `sid`, allocating a CD for stage 1.
+    fn build_ste(&mut self, how: &Attachment) -> Result<Ste, SmmuError> {
+        let f = self.features;
+        let info = match how {
+            Attachment::Blocked => return Ok(Ste::abort()),
+            Attachment::Bypass => return Ok(Ste::bypass()),
+            Attachment::Translated(info) => info,
+        };
+        let ias = check_domain(info)?;
+        match info.format {
+            TableFormat::ArmStage1 => {
+                if !f.stage1 {
+                    return Err(SmmuError::Unsupported("stage 1 translation"));
+                }
+                if f.asid_bits < 16 && info.id >> f.asid_bits != 0 {
+                    return Err(SmmuError::BadDomain {
+                        what: "ASID",
+                        value: info.id as u64,
+                    });
+                }
+                if info.root.0 >> f.oas_bits != 0 {
+                    return Err(SmmuError::BadDomain {
+                        what: "TTB0 beyond OAS",
+                        value: info.root.0,
+                    });
+                }
+                let cd = ContextDescriptor::new(
+                    info.id,
+                    info.root,
+                    64 - ias,
+                    f.oas_encoding.min(5),
+                    STAGE1_MAIR,
+                );
+                let pa = self.mem.alloc_zeroed(1).ok_or(SmmuError::OutOfMemory)?;
+                let p = self.mem.phys_to_virt(pa).cast::<u64>();
+                for (i, w) in cd.0.iter().enumerate() {
+                    // SAFETY: a fresh, page-aligned page lent by `mem`; the SMMU
+                    // cannot see it until an STE points at it.
+                    unsafe { p.add(i).write_volatile(*w) };
+                }
+                if !f.coherent {
+                    self.mem.clean(pa, ContextDescriptor::SIZE);
+                }
+                Ok(Ste::stage1(pa, 0))
+            }
+            TableFormat::ArmStage2 => {
+                if !f.stage2 {
+                    return Err(SmmuError::Unsupported("stage 2 translation"));
+                }
+                if f.vmid_bits < 16 && info.id >> f.vmid_bits != 0 {
+                    return Err(SmmuError::BadDomain {
+                        what: "VMID",
+                        value: info.id as u64,
+                    });
+                }
+                // The IPA space is capped by the OAS (§5.2 S2T0SZ). S2SL0 for
+                // a 4 KiB granule: 0 starts at level 2, 1 at level 1, 2 at
+                // level 0 — the root of a 2-, 3- or 4-level table.
+                let ipa_bits = ias.min(f.oas_bits);
+                let sl0 = info.levels - 2;
+                if info.root.0 >> f.oas_bits != 0 {
+                    return Err(SmmuError::BadDomain {
+                        what: "S2TTB beyond OAS",
+                        value: info.root.0,
+                    });
+                }
+                Ok(Ste::stage2(&Stage2Config {
+                    vmid: info.id,
+                    ttb: info.root,
+                    t0sz: 64 - ipa_bits,
+                    sl0,
+                    ps: f.oas_encoding.min(5),
+                }))
+            }
+            _ => Err(SmmuError::Unsupported("table format")),
+        }
+    }
+
+    /// Installs `new` as the STE of `sid` following [`ste::update_plan`], so
+    /// the SMMU never reads a half-written entry; each sync point is
+    /// CFGI_STE (+ CFGI_CD for a stage-1 entry) and CMD_SYNC. Returns the
+    /// entry it replaced.
+    fn write_ste(&mut self, sid: u32, new: Ste) -> Result<Ste, SmmuError> {
+        let coherent = self.features.coherent;
+        let p0 = self.page0;
+        let run = self.run.as_mut().ok_or(SmmuError::NotInitialised)?;
+        let budget = run.config.poll_budget;
+        let slot = run.strtab.locate(&self.mem, sid, coherent)?;
+        let old = slot.read();
+        for step in ste::update_plan(&old, &new) {
+            match step {
+                ste::SteStep::Write { word, value } => {
+                    // Earlier stores land before this one.
+                    barrier::wmb();
+                    slot.write_word(word as usize, value);
+                }
+                ste::SteStep::Sync => {
+                    if !coherent {
+                        self.mem.clean(slot.pa(), Ste::SIZE);
+                    }
+                    let cfgi = Command::cfgi_ste(sid, true);
+                    run.cmdq.push(p0, &self.mem, coherent, cfgi, budget)?;
+                    if new.context_ptr().is_some() {
+                        let cfgi = Command::cfgi_cd(sid, 0, true);
+                        run.cmdq.push(p0, &self.mem, coherent, cfgi, budget)?;
+                    }
+                    run.cmdq.sync(p0, &self.mem, coherent, budget)?;
+                }
+            }
+        }
+        Ok(old)
+    }
+
+    /// Points `sid`'s STE at `how` (see
+    /// [`IommuBackend::attach`](crate::backend::IommuBackend::attach)).
+    pub fn attach_stream(&mut self, sid: u32, how: Attachment) -> Result<(), SmmuError> {
+        if self.run.is_none() {
+            return Err(SmmuError::NotInitialised);
+        }
+        let new = self.build_ste(&how)?;
+        let old = match self.write_ste(sid, new) {
+            Ok(old) => old,
+            Err(e) => {
+                if let (Some(cd), SmmuError::OutOfMemory | SmmuError::StreamIdOutOfRange { .. }) =
+                    (new.context_ptr(), e)
+                {
+                    // SAFETY: the CD page was allocated in `build_ste`; these
+                    // errors come from locating the STE, before any store, so
+                    // nothing points at it. (After other errors the STE may
+                    // reference it: the page is then left allocated.)
+                    unsafe { self.mem.free(cd, 1) };
+                }
+                return Err(e);
+            }
+        };
+        if let Some(old_cd) = old.context_ptr() {
+            if Some(old_cd) != new.context_ptr() {
+                // SAFETY: the old CD page came from `build_ste`; the STE no
+                // longer points at it and CFGI_STE + CMD_SYNC completed, so
+                // the SMMU holds no reference to it.
+                unsafe { self.mem.free(old_cd, 1) };
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Input address bits of a domain, checked against the 4 KiB-granule shapes
+/// the driver programs: 2, 3 or 4 levels (up to 30, 39, 48 bits).
+fn check_domain(info: &DomainInfo) -> Result<u8, SmmuError> {
+    if !(2..=4).contains(&info.levels) {
+        return Err(SmmuError::BadDomain {
+            what: "levels",
+            value: info.levels as u64,
+        });
+    }
+    let max = 12 + 9 * info.levels;
+    // T0SZ <= 39 (§5.4 CD.T0SZ, §5.2 STE.S2T0SZ without IDR3.STT): at least 25 bits.
+    if info.ias_bits > max || info.ias_bits < 25 {
+        return Err(SmmuError::BadDomain {
+            what: "ias_bits",
+            value: info.ias_bits as u64,
+        });
+    }
+    Ok(info.ias_bits)
+}

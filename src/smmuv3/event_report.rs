@@ -1,0 +1,81 @@
+//! Draining the event queue and acknowledging GERROR: [`EventReport`],
+//! [`Smmu::poll_events`] and [`Smmu::handle_irq`].
+
+use tock_registers::interfaces::{Readable, Writeable};
+
+use super::regs::GERROR;
+use super::{Event, Smmu};
+use crate::logging::log_warn;
+use crate::mem::TableMemory;
+
+/// What one [`Smmu::poll_events`] / [`Smmu::handle_irq`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct EventReport {
+    /// Records delivered to the callback.
+    pub events: u32,
+    /// The event queue overflowed: some records were lost
+    /// (EVENTQ_PROD.OVFLG, or GERROR.EVENTQ_ABT_ERR on QEMU).
+    pub overflow: bool,
+    /// GERROR bits that were active and have been acknowledged.
+    pub gerror: u32,
+}
+
+impl<M: TableMemory> Smmu<M> {
+    /// Drains the event queue without an interrupt controller: every record
+    /// goes to `f`, overflow and GERROR are detected, reported and
+    /// acknowledged.
+    pub fn poll_events(&mut self, mut f: impl FnMut(Event)) -> EventReport {
+        let mut report = EventReport::default();
+        let p0 = self.page0;
+        let p1 = self.page1;
+        let coherent = self.features.coherent;
+        let Some(run) = self.run.as_mut() else {
+            return report;
+        };
+        if run.evtq.take_overflow(p1) {
+            log_warn!("smmuv3: event queue overflowed: events were lost");
+            report.overflow = true;
+        }
+        // Bounded by the queue size: at most one full queue per call.
+        for _ in 0..run.evtq.capacity() {
+            match run.evtq.pop(&self.mem, p1, coherent) {
+                Some(e) => {
+                    report.events += 1;
+                    f(e);
+                }
+                None => break,
+            }
+        }
+        // GERROR: acknowledge everything but CMDQ_ERR, which the command
+        // queue recovers from itself (it must first fix the command).
+        let active = (p0.gerror.get() ^ p0.gerrorn.get()) & !GERROR::CMDQ_ERR::SET.value;
+        if active != 0 {
+            if active & GERROR::EVENTQ_ABT_ERR::SET.value != 0 {
+                report.overflow = true;
+            }
+            p0.gerrorn.set(p0.gerrorn.get() ^ active);
+            report.gerror = active;
+            self.gerrors_seen |= active;
+        }
+        if report.overflow {
+            self.event_overflows += 1;
+        }
+        self.events += report.events as u64;
+        report
+    }
+
+    /// What a hypervisor calls from the SMMU's event or GERROR interrupt:
+    /// drains events to `f`, acknowledges GERROR, and restarts a command
+    /// queue stopped on an error. Returns what it found.
+    pub fn handle_irq(&mut self, f: impl FnMut(Event)) -> EventReport {
+        let report = self.poll_events(f);
+        let p0 = self.page0;
+        let active = p0.gerror.get() ^ p0.gerrorn.get();
+        if active & GERROR::CMDQ_ERR::SET.value != 0 {
+            // The recovery runs inside a sync; one with an empty batch is cheap.
+            let _ = self.sync_commands();
+        }
+        report
+    }
+}

@@ -1,0 +1,138 @@
+//! Bringing the SMMU up and down: [`Smmu::init`] and [`Smmu::shutdown`],
+//! with the bounded CR0/CR0ACK, GBPA.UPDATE and IRQ_CTRL/IRQ_CTRLACK
+//! handshakes.
+
+use tock_registers::interfaces::{Readable, Writeable};
+
+use super::cmdq::CommandQueue;
+use super::evtq::EventQueue;
+use super::poll::poll_until;
+use super::regs::{CR0, CR1, CR2, GBPA, IRQ_CTRL};
+use super::strtab::{self, StreamTable, StreamTableFormat};
+use super::{Command, Running, Smmu, SmmuConfig, SmmuError, StreamTableChoice, barrier};
+use crate::logging::log_debug;
+use crate::mem::TableMemory;
+
+impl<M: TableMemory> Smmu<M> {
+    /// Writes CR0 and waits, bounded, for CR0ACK to match.
+    fn write_cr0(&self, value: u32, budget: u32) -> Result<(), SmmuError> {
+        self.page0.cr0.set(value);
+        poll_until("CR0ACK", budget, || self.page0.cr0ack.get() == value)
+    }
+
+    fn wait_gbpa_idle(&self, budget: u32) -> Result<(), SmmuError> {
+        poll_until("GBPA.UPDATE", budget, || {
+            !self.page0.gbpa.is_set(GBPA::UPDATE)
+        })
+    }
+
+    /// Disables the SMMU and gives back the stream table, the context
+    /// descriptors and the queues. GBPA is set to abort first, so no stream
+    /// bypasses while SMMUEN goes to 0. Domains' page tables stay with their
+    /// owners.
+    pub fn shutdown(&mut self) -> Result<(), SmmuError> {
+        let budget = self.budget();
+        self.wait_gbpa_idle(budget)?;
+        self.page0.gbpa.write(GBPA::ABORT::SET + GBPA::UPDATE::SET);
+        self.wait_gbpa_idle(budget)?;
+        self.write_cr0(0, budget)?;
+        if let Some(r) = self.run.take() {
+            // SAFETY: CR0 is 0 (acknowledged): the SMMU reads neither the
+            // stream table, the CDs nor the queues any more; every CD an STE
+            // points at is a one-page block from `build_ste`.
+            unsafe {
+                r.strtab.free(&self.mem);
+                r.cmdq.free(&self.mem);
+                r.evtq.free(&self.mem);
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the SMMU up (§3.3 and §6.3.9's order): disable, GBPA abort,
+    /// stream table, command queue, event queue, queues enabled, CFGI_ALL +
+    /// TLBI_NSNH_ALL (+ TLBI_EL2_ALL with IDR0.HYP) + CMD_SYNC, then SMMUEN.
+    /// Every stream starts aborted.
+    pub fn init(&mut self, config: SmmuConfig) -> Result<(), SmmuError> {
+        self.shutdown()?;
+        self.sync_calls = 0;
+        self.events = 0;
+        self.event_overflows = 0;
+        self.gerrors_seen = 0;
+        let f = self.features;
+        let budget = config.poll_budget.max(1);
+        let coherent = f.coherent;
+        let p0 = self.page0;
+
+        // Interrupts off until the queues are set up: an earlier owner may
+        // have left them on, and `config.irqs` may want them off (§6.3.16).
+        p0.irq_ctrl.set(0);
+        poll_until("IRQ_CTRLACK", budget, || p0.irq_ctrlack.get() == 0)?;
+
+        // Errors left over from an earlier owner (GERROR survives CR0 = 0).
+        let active = p0.gerror.get() ^ p0.gerrorn.get();
+        if active != 0 {
+            p0.gerrorn.set(p0.gerrorn.get() ^ active);
+        }
+
+        let (sh, cache) = if coherent { (3, 1) } else { (0, 0) };
+        p0.cr1.write(
+            CR1::QUEUE_IC.val(cache)
+                + CR1::QUEUE_OC.val(cache)
+                + CR1::QUEUE_SH.val(sh)
+                + CR1::TABLE_IC.val(cache)
+                + CR1::TABLE_OC.val(cache)
+                + CR1::TABLE_SH.val(sh),
+        );
+        p0.cr2.write(CR2::RECINVSID::SET + CR2::PTM::SET);
+
+        let sid_bits = config.sid_bits.unwrap_or(f.sid_bits).min(f.sid_bits);
+        let format = match config.stream_table {
+            StreamTableChoice::Linear => StreamTableFormat::Linear,
+            StreamTableChoice::TwoLevel if f.two_level_strtab => StreamTableFormat::TwoLevel,
+            StreamTableChoice::TwoLevel => {
+                return Err(SmmuError::Unsupported("2-level stream table"));
+            }
+            StreamTableChoice::Auto if sid_bits > strtab::LINEAR_MAX_BITS && f.two_level_strtab => {
+                StreamTableFormat::TwoLevel
+            }
+            StreamTableChoice::Auto => StreamTableFormat::Linear,
+        };
+        let strtab = StreamTable::new(&self.mem, format, sid_bits, coherent)?;
+        strtab.program(p0);
+
+        let mut cmdq = CommandQueue::new(&self.mem, config.cmdq_log2.min(f.cmdq_log2_max))?;
+        cmdq.program(p0);
+        let mut evtq = EventQueue::new(&self.mem, config.evtq_log2.min(f.evtq_log2_max))?;
+        evtq.program(p0, self.page1);
+
+        barrier::wmb();
+        let queues = CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
+        self.write_cr0(queues, budget)?;
+
+        cmdq.push(p0, &self.mem, coherent, Command::cfgi_all(), budget)?;
+        cmdq.push(p0, &self.mem, coherent, Command::tlbi_nsnh_all(), budget)?;
+        if f.hyp {
+            cmdq.push(p0, &self.mem, coherent, Command::tlbi_el2_all(), budget)?;
+        }
+        cmdq.sync(p0, &self.mem, coherent, budget)?;
+
+        if config.irqs {
+            let want = IRQ_CTRL::GERROR_IRQEN::SET + IRQ_CTRL::EVENTQ_IRQEN::SET;
+            p0.irq_ctrl.write(want);
+            poll_until("IRQ_CTRLACK", budget, || {
+                p0.irq_ctrlack.get() == p0.irq_ctrl.get()
+            })?;
+        }
+
+        self.write_cr0(queues | CR0::SMMUEN::SET.value, budget)?;
+        log_debug!("smmuv3: enabled, {} StreamID bits", sid_bits);
+        self.run = Some(Running {
+            strtab,
+            cmdq,
+            evtq,
+            config,
+        });
+        Ok(())
+    }
+}
