@@ -48,18 +48,6 @@ pub enum DmaKind {
     Direct = 4,
 }
 
-impl DmaKind {
-    const fn from_bits(b: u8) -> Option<Self> {
-        match b {
-            1 => Some(DmaKind::Translated),
-            2 => Some(DmaKind::P2pBusAddr),
-            3 => Some(DmaKind::P2pThruHostBridge),
-            4 => Some(DmaKind::Direct),
-            _ => None,
-        }
-    }
-}
-
 /// Bit of `IovaState::dirs` saying `provider` is set.
 const HAS_PROVIDER: u8 = 0x80;
 
@@ -75,7 +63,8 @@ pub struct IovaState {
     size: u64,
     linked: u64,
     domain: u16,
-    kind: u8,
+    /// `None` while nothing is linked (one byte: the enum has a niche).
+    kind: Option<DmaKind>,
     dirs: u8,
     /// Requester ID and segment of the P2P provider of the links, if any.
     provider: (u16, u16),
@@ -105,7 +94,7 @@ impl IovaState {
 
     /// Kind of the linked mappings, `None` while nothing is linked.
     pub fn kind(&self) -> Option<DmaKind> {
-        DmaKind::from_bits(self.kind)
+        self.kind
     }
 
     /// Union of the directions linked so far, `None` while nothing is linked.
@@ -358,6 +347,18 @@ struct Translated<F: PteFormat, M: TableMemory> {
     mapped: PendingList,
 }
 
+impl<F: PteFormat, M: TableMemory> Translated<F, M> {
+    fn info(&self, id: u16) -> DomainInfo {
+        DomainInfo {
+            id,
+            root: self.pt.root(),
+            format: F::KIND,
+            levels: self.pt.levels(),
+            ias_bits: self.pt.ias_bits() as u8,
+        }
+    }
+}
+
 /// An IOMMU domain: a page table, its IOVA space and its pending
 /// invalidations — or an identity domain, where DMA bypasses translation.
 ///
@@ -386,7 +387,7 @@ fn link_kind(tx: &IovaState, attrs: MapAttrs) -> Result<DmaKind, DmaError> {
     } else {
         DmaKind::Translated
     };
-    if tx.linked != 0 && tx.kind != kind as u8 {
+    if tx.linked != 0 && tx.kind != Some(kind) {
         return Err(DmaError::MixedP2p);
     }
     Ok(kind)
@@ -419,7 +420,7 @@ fn finish_link<F: PteFormat, M: TableMemory>(
     }
     t.mapped.add(iova, len, true);
     tx.linked += len;
-    tx.kind = kind as u8;
+    tx.kind = Some(kind);
     tx.dirs |= dir as u8;
     Ok(DmaAddr(iova))
 }
@@ -468,13 +469,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// What a backend needs to translate through this domain, or `None` for
     /// an identity domain.
     pub fn info(&self) -> Option<DomainInfo> {
-        self.inner.as_ref().map(|t| DomainInfo {
-            id: self.id,
-            root: t.pt.root(),
-            format: F::KIND,
-            levels: t.pt.levels(),
-            ias_bits: t.pt.ias_bits() as u8,
-        })
+        self.inner.as_ref().map(|t| t.info(self.id))
     }
 
     /// How to attach devices to this domain: `backend.attach(dev, dom.attachment())`.
@@ -528,7 +523,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             size: r.size,
             linked: 0,
             domain: self.id,
-            kind: 0,
+            kind: None,
             dirs: 0,
             provider: (0, 0),
         }))
@@ -694,12 +689,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                 Ok(a)
             }
             P2pMapType::BusAddr => {
-                if tx.linked != 0 && tx.kind != DmaKind::P2pBusAddr as u8 {
+                if tx.linked != 0 && tx.kind != Some(DmaKind::P2pBusAddr) {
                     return Err(DmaError::MixedP2p);
                 }
                 self.translated(tx)?;
                 tx.linked += len;
-                tx.kind = DmaKind::P2pBusAddr as u8;
+                tx.kind = Some(DmaKind::P2pBusAddr);
                 tx.dirs |= dir as u8 | HAS_PROVIDER;
                 tx.provider = key;
                 Ok(DmaAddr(provider.bus_addr(phys).0))
@@ -720,36 +715,20 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         dir: DmaDirection,
         dma_mask: u64,
     ) -> Result<Mapping, DmaError> {
-        check_aligned(len)?;
-        let Some(mut tx) = self.try_alloc(len, dma_mask)?.into_iova() else {
-            return Err(DmaError::IdentityDomain);
-        };
-        let addr = match self.link_p2p(&mut tx, p2p, client, phys, 0, len, dir) {
-            Ok(a) => a,
-            Err(e) => {
-                let _ = self.free(tx);
-                return Err(e);
-            }
-        };
-        if tx.kind != DmaKind::P2pBusAddr as u8 {
-            if let Err(e) = self.sync(backend) {
-                let _ = self.free(tx);
-                return Err(e);
-            }
-        }
-        Ok(Mapping { state: tx, addr })
+        self.one_step(backend, len, dma_mask, |dom, tx| {
+            dom.link_p2p(tx, p2p, client, phys, 0, len, dir)
+        })
     }
 
     /// Step 3: invalidate what changed since the last sync (one batch) and
     /// wait for the hardware once. Table pages freed by unlinks are handed
     /// back to the lender only after the wait succeeded.
     pub fn sync<B: IommuBackend + ?Sized>(&mut self, backend: &mut B) -> Result<(), DmaError> {
-        let Some(info) = self.info() else {
+        let id = self.id;
+        let Some(t) = self.inner.as_mut() else {
             return backend.sync().map_err(Into::into);
         };
-        let Some(t) = self.inner.as_mut() else {
-            return Err(DmaError::IdentityDomain);
-        };
+        let info = t.info(id);
         // Table stores happen before the backend's doorbell write.
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
         let with_maps = backend.needs_map_invalidation();
@@ -779,32 +758,29 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     pub fn unlink(&mut self, tx: &mut IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
         let iova = Self::check_window(tx, offset, len)?;
         let t = self.translated(tx)?;
-        if tx.kind == DmaKind::P2pBusAddr as u8 {
+        let bytes = if tx.kind == Some(DmaKind::P2pBusAddr) {
             // Bus-address links never reached the IOMMU: only the count changes.
             if len > tx.linked {
                 return Err(DmaError::NotLinked {
                     iova: DmaAddr(iova),
                 });
             }
-            tx.linked -= len;
-            if tx.linked == 0 {
-                tx.kind = 0;
-                tx.dirs = 0;
-                tx.provider = (0, 0);
-            }
-            return Ok(len);
-        }
-        // The window check above proved the range page-aligned, non-empty
-        // and inside the aperture.
-        let out = t.pt.unmap_prechecked(iova, iova + len)?;
-        t.unmapped.add(iova, len, !out.freed_tables);
-        tx.linked = tx.linked.saturating_sub(out.bytes);
+            len
+        } else {
+            // The window check above proved the range page-aligned, non-empty
+            // and inside the aperture.
+            let out = t.pt.unmap_prechecked(iova, iova + len)?;
+            t.unmapped.add(iova, len, !out.freed_tables);
+            out.bytes
+        };
+        tx.linked = tx.linked.saturating_sub(bytes);
         if tx.linked == 0 {
-            tx.kind = 0;
+            // Nothing linked: the next link may be of any kind.
+            tx.kind = None;
             tx.dirs = 0;
             tx.provider = (0, 0);
         }
-        Ok(out.bytes)
+        Ok(bytes)
     }
 
     /// Step 5: give the transaction back. Whatever is still linked is
@@ -815,7 +791,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             Ok(t) => t,
             Err(e) => return Err((tx, e)),
         };
-        if tx.linked != 0 && tx.kind != DmaKind::P2pBusAddr as u8 {
+        if tx.linked != 0 && tx.kind != Some(DmaKind::P2pBusAddr) {
             match t.pt.unmap_present(DmaAddr(tx.iova), tx.size) {
                 Ok(out) => t.unmapped.add(tx.iova, tx.size, !out.freed_tables),
                 Err(e) => return Err((tx, e.into())),
@@ -849,20 +825,38 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         attrs: MapAttrs,
         dma_mask: u64,
     ) -> Result<Mapping, DmaError> {
+        self.one_step(backend, len, dma_mask, |dom, tx| {
+            dom.link(tx, phys, 0, len, dir, attrs)
+        })
+    }
+
+    /// The one-step shape: a transaction of `len` bytes, `link` into it,
+    /// sync unless nothing reached the IOMMU; on any failure the
+    /// transaction is freed again.
+    fn one_step<B: IommuBackend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        len: u64,
+        dma_mask: u64,
+        link: impl FnOnce(&mut Self, &mut IovaState) -> Result<DmaAddr, DmaError>,
+    ) -> Result<Mapping, DmaError> {
         check_aligned(len)?;
         let Some(mut tx) = self.try_alloc(len, dma_mask)?.into_iova() else {
             return Err(DmaError::IdentityDomain);
         };
-        if let Err(e) = self.link(&mut tx, phys, 0, len, dir, attrs) {
-            let _ = self.free(tx);
-            return Err(e);
+        let linked = link(self, &mut tx);
+        let done = match linked {
+            Ok(_) if tx.kind == Some(DmaKind::P2pBusAddr) => Ok(()),
+            Ok(_) => self.sync(backend),
+            Err(e) => Err(e),
+        };
+        match (linked, done) {
+            (Ok(addr), Ok(())) => Ok(Mapping { state: tx, addr }),
+            (Err(e), _) | (_, Err(e)) => {
+                let _ = self.free(tx);
+                Err(e)
+            }
         }
-        if let Err(e) = self.sync(backend) {
-            let _ = self.free(tx);
-            return Err(e);
-        }
-        let addr = tx.iova();
-        Ok(Mapping { state: tx, addr })
     }
 
     /// One-step unmap of a [`Mapping`]: unlink, sync, free.
@@ -871,7 +865,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         backend: &mut B,
         m: Mapping,
     ) -> Result<(), DmaError> {
-        if m.state.kind == DmaKind::P2pBusAddr as u8 {
+        if m.state.kind == Some(DmaKind::P2pBusAddr) {
             // Nothing reached the IOMMU: nothing to invalidate or wait for.
             return self.free(m.state).map_err(|(_, e)| e);
         }
