@@ -5,7 +5,7 @@
 //! crate never assumes an identity map either: every access to table memory
 //! goes through [`TableMemory::phys_to_virt`].
 
-use crate::addr::{PAGE_SIZE, PhysAddr};
+use crate::addr::PhysAddr;
 
 /// Memory lent to the crate for IOMMU tables and queues.
 ///
@@ -68,11 +68,6 @@ unsafe impl<T: TableMemory + ?Sized> TableMemory for &T {
     }
 }
 
-/// Size in bytes of `pages` pages, saturating.
-pub const fn pages_to_bytes(pages: usize) -> u64 {
-    (pages as u64).saturating_mul(PAGE_SIZE)
-}
-
 /// A [`TableMemory`] over the global allocator, for hosts that have one and
 /// identity-map physical memory (physical address = pointer value), such as
 /// a hypervisor running with the MMU off or with a 1:1 map.
@@ -83,10 +78,10 @@ pub struct GlobalAllocMemory;
 #[cfg(feature = "alloc")]
 impl GlobalAllocMemory {
     fn layout(pages: usize) -> Option<core::alloc::Layout> {
-        let size = pages.checked_mul(PAGE_SIZE as usize)?;
+        let size = pages.checked_mul(crate::addr::PAGE_SIZE as usize)?;
         let align = pages
             .checked_next_power_of_two()?
-            .checked_mul(PAGE_SIZE as usize)?;
+            .checked_mul(crate::addr::PAGE_SIZE as usize)?;
         core::alloc::Layout::from_size_align(size, align).ok()
     }
 }
@@ -127,7 +122,7 @@ mod tests {
     fn global_alloc_memory_is_zeroed_and_size_aligned() {
         let m = GlobalAllocMemory;
         let pa = m.alloc_zeroed(3).unwrap();
-        assert_eq!(pa.0 % (4 * PAGE_SIZE), 0);
+        assert_eq!(pa.0 % (4 * crate::addr::PAGE_SIZE), 0);
         // SAFETY: three pages were just lent to us.
         let bytes = unsafe { core::slice::from_raw_parts(m.phys_to_virt(pa), 3 * 4096) };
         assert!(bytes.iter().all(|&b| b == 0));

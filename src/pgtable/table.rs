@@ -62,6 +62,25 @@ const fn index(addr: u64, height: u32) -> usize {
     ((addr >> (12 + BITS_PER_LEVEL * height)) & (ENTRIES as u64 - 1)) as usize
 }
 
+/// One zeroed table page from the lender, refused when the format could not
+/// point at it (above its output size), cleaned for a non-coherent walker.
+fn lend_table_page<F: PteFormat, M: TableMemory>(
+    fmt: &F,
+    mem: &M,
+    coherent: bool,
+) -> Result<PhysAddr, PageTableError> {
+    let t = mem.alloc_zeroed(1).ok_or(PageTableError::OutOfMemory)?;
+    if t.0 >> fmt.oa_bits() != 0 {
+        // SAFETY: just allocated, never published to hardware.
+        unsafe { mem.free(t, 1) };
+        return Err(PageTableError::PhysTooLarge { phys: t });
+    }
+    if !coherent {
+        mem.clean(t, PAGE_SIZE as usize);
+    }
+    Ok(t)
+}
+
 impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// A new, empty table with `levels` levels (2 to 5). `coherent` says
     /// whether the IOMMU's walker snoops CPU caches; when it does not, every
@@ -70,15 +89,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if !(2..=5).contains(&levels) {
             return Err(PageTableError::BadLevels { levels });
         }
-        let root = mem.alloc_zeroed(1).ok_or(PageTableError::OutOfMemory)?;
-        if root.0 >> fmt.oa_bits() != 0 {
-            // SAFETY: just allocated, never published to hardware.
-            unsafe { mem.free(root, 1) };
-            return Err(PageTableError::PhysTooLarge { phys: root });
-        }
-        if !coherent {
-            mem.clean(root, PAGE_SIZE as usize);
-        }
+        let root = lend_table_page(&fmt, &mem, coherent)?;
         Ok(Self {
             fmt,
             mem,
@@ -159,13 +170,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     }
 
     fn alloc_table(&mut self) -> Result<PhysAddr, PageTableError> {
-        let t = self
-            .mem
-            .alloc_zeroed(1)
-            .ok_or(PageTableError::OutOfMemory)?;
-        if !self.coherent {
-            self.mem.clean(t, PAGE_SIZE as usize);
-        }
+        let t = lend_table_page(&self.fmt, &self.mem, self.coherent)?;
         self.table_pages += 1;
         Ok(t)
     }
@@ -202,17 +207,13 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if !pa.is_page_aligned() {
             return Err(PageTableError::Unaligned { value: pa.0 });
         }
-        let oa_limit = 1u64 << self.fmt.oa_bits();
-        if pa.0.checked_add(len).is_none_or(|e| e > oa_limit) {
+        if pa.0.checked_add(len).is_none() {
             return Err(PageTableError::PhysTooLarge { phys: pa });
         }
         if !attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
             return Err(PageTableError::NoAccess);
         }
-        if let Some(done) = self.map_in_leaf_table(iova.0, pa.0, end, attrs) {
-            return done;
-        }
-        self.map_general(iova.0, pa.0, end, attrs)
+        self.map_prechecked(iova.0, pa.0, end, attrs)
     }
 
     /// Maps `pages.len()` separate 4 KiB physical pages at consecutive
