@@ -3,6 +3,7 @@
 mod disk;
 mod q35;
 mod qemu;
+mod runner;
 mod virt;
 
 use std::process::{Command, ExitCode};

@@ -13,18 +13,14 @@
 //! each configuration's words instead of replacing them (e.g. `-append
 //! only=edu` runs only the tests whose name contains `edu`).
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
-/// Longest a QEMU run may take before it is killed and counted as a failure.
-const TIMEOUT: Duration = Duration::from_secs(60);
+use crate::runner;
+
 /// qboot boots in about half SeaBIOS's time and leaves BARs to the board.
 const QBOOT: &str = "/usr/share/qemu/qboot.rom";
-const BOARD_DIR: &str = "boards/qemu-q35";
-const IMAGE: &str = "target/x86_64-unknown-none/release/board-qemu-q35";
+const BOARD: &str = "qemu-q35";
 
 /// One QEMU configuration.
 struct Config {
@@ -68,29 +64,6 @@ const CONFIGS: [Config; 6] = [
     },
 ];
 
-/// Builds the board image (with feature `demo` if asked); returns its path.
-fn build(demo: bool) -> Result<PathBuf, String> {
-    let dir = crate::root().join(BOARD_DIR);
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(&dir).args(["build", "--release"]);
-    if demo {
-        cmd.args(["--features", "demo"]);
-    }
-    eprintln!("xtask: running {cmd:?} in {}", dir.display());
-    let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building {BOARD_DIR} failed ({status})"));
-    }
-    let image = dir.join(IMAGE);
-    if !image.is_file() {
-        return Err(format!(
-            "build succeeded but {} is missing",
-            image.display()
-        ));
-    }
-    Ok(image)
-}
-
 /// Splits `-append WORDS` out of the user's extra arguments.
 fn split_append(extra: &[String]) -> (Vec<String>, String) {
     let mut rest = Vec::new();
@@ -113,15 +86,9 @@ const VIRTIO_SLOT: &str = "08.0";
 
 /// The QEMU command line for one configuration; `disk` is the raw image
 /// behind the virtio-blk.
-fn qemu_command(
-    cfg: &Config,
-    image: &std::path::Path,
-    disk: &std::path::Path,
-    extra: &[String],
-    words: &str,
-) -> Command {
+fn qemu_command(cfg: &Config, image: &Path, disk: &Path, extra: &[String], words: &str) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    if std::path::Path::new(QBOOT).is_file() {
+    if Path::new(QBOOT).is_file() {
         cmd.args(["-bios", QBOOT]);
     }
     cmd.args(["-machine", "q35,kernel-irqchip=split", "-device", cfg.iommu])
@@ -149,106 +116,21 @@ fn qemu_command(
         cmd.args(["-append", &append]);
     }
     cmd.args(extra);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
     cmd
-}
-
-/// Output and end of one QEMU run.
-struct RunOutput {
-    lines: Vec<String>,
-    /// `None` when the run was killed at the timeout.
-    status: Option<ExitStatus>,
-}
-
-/// Runs QEMU, echoing its output, killing it after [`TIMEOUT`].
-fn run_qemu(mut cmd: Command) -> Result<RunOutput, String> {
-    eprintln!("xtask: running {cmd:?}");
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let line = line.trim_end_matches('\r').to_string();
-            println!("{line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("waiting for QEMU: {e}"));
-            }
-        }
-    };
-    let _ = reader.join();
-    Ok(RunOutput {
-        lines: rx.try_iter().collect(),
-        status,
-    })
-}
-
-/// `N passed, M failed` → (N, M).
-fn parse_summary(line: &str) -> Option<(usize, usize)> {
-    let (p, f) = line.trim().split_once(" passed, ")?;
-    let f = f.strip_suffix(" failed")?;
-    Some((p.parse().ok()?, f.parse().ok()?))
-}
-
-/// Judges one run: (passed, failed), with failures added for a timeout, a
-/// missing or inconsistent summary, or an exit status that disagrees.
-fn judge(out: &RunOutput) -> (usize, usize) {
-    let pass = out.lines.iter().filter(|l| l.starts_with("PASS ")).count();
-    let mut fail = out.lines.iter().filter(|l| l.starts_with("FAIL ")).count();
-    let Some(status) = out.status else {
-        println!("FAIL qemu: killed after {} s", TIMEOUT.as_secs());
-        return (pass, fail + 1);
-    };
-    let last = out.lines.iter().rev().find(|l| !l.trim().is_empty());
-    let Some((sp, sf)) = last.and_then(|l| parse_summary(l)) else {
-        println!("FAIL qemu: no closing `N passed, M failed` line (exit {status})");
-        return (pass, fail + 1);
-    };
-    if (sp, sf) != (pass, fail) {
-        println!("FAIL qemu: summary says {sp} passed, {sf} failed; lines say {pass}, {fail}");
-        fail += 1;
-    }
-    let all_passed = fail == 0 && pass > 0;
-    if status.success() != all_passed {
-        println!("FAIL qemu: exit {status} disagrees with {pass} passed, {fail} failed");
-        fail += 1;
-    }
-    (pass, fail)
 }
 
 /// Builds the board and runs every configuration; returns (passed, failed)
 /// summed over them.
 pub fn run(extra: &[String], demo: bool) -> Result<(usize, usize), String> {
-    let image = build(demo)?;
+    let image = runner::build(BOARD, "x86_64-unknown-none", "board-qemu-q35", demo)?;
     let (extra, words) = split_append(extra);
     let (mut passed, mut failed) = (0, 0);
     for (i, cfg) in CONFIGS.iter().enumerate() {
         println!("== q35-vtd {}/{}: {}", i + 1, CONFIGS.len(), cfg.name);
         // The tests write to the disk: every run starts from the pristine image.
-        let disk = crate::disk::create(&crate::root().join(BOARD_DIR))?;
-        let out = run_qemu(qemu_command(cfg, &image, &disk, &extra, &words))?;
-        let (p, f) = judge(&out);
+        let disk = crate::disk::create(&runner::board_dir(BOARD))?;
+        let out = runner::run_qemu(qemu_command(cfg, &image, &disk, &extra, &words))?;
+        let (p, f) = out.verdict(cfg.name);
         println!("== q35-vtd {}: {p} passed, {f} failed", cfg.name);
         passed += p;
         failed += f;
@@ -259,6 +141,7 @@ pub fn run(extra: &[String], demo: bool) -> Result<(usize, usize), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runner::parse_summary;
 
     #[test]
     fn summary_line_parses() {

@@ -253,6 +253,16 @@ impl fmt::Display for VirtioError {
     }
 }
 
+/// A virtio function the board has set up: BAR placed, memory decoding
+/// and bus mastering on.
+#[derive(Clone, Copy)]
+pub struct VirtioFunction {
+    /// Its PCI identity: the IOMMU's StreamID (SMMUv3) or source-id (VT-d).
+    pub id: bare_iommu::DeviceId,
+    /// Where its virtio structures are.
+    pub pci: VirtioPci,
+}
+
 /// Where the virtio structures of one function are, as the CPU reaches
 /// them (identity mapped, or the MMU off).
 #[derive(Clone, Copy, Debug)]

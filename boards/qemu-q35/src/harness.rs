@@ -36,14 +36,8 @@ pub struct Ctx {
     pub ecam: Ecam,
 }
 
-/// The virtio-blk function, BAR placed, memory decoding and bus mastering on.
-#[derive(Clone, Copy)]
-pub struct Virtio {
-    /// Its PCI identity: the VT-d source-id.
-    pub id: bare_iommu::DeviceId,
-    /// Where its virtio structures are.
-    pub pci: board_common::virtio::VirtioPci,
-}
+/// The virtio-blk function, as the board set it up.
+pub use board_common::virtio::VirtioFunction as Virtio;
 
 impl Ctx {
     /// Whether the command line holds the word `name` (or `name=…`).

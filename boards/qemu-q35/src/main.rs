@@ -165,17 +165,7 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
 /// translate memory addresses (q35's _CRS windows have a zero translation
 /// offset), so the CPU reaches the BAR at the same address.
 fn setup_ivshmem(ecam: &pci::Ecam, busy: &mut pci::BusyRanges) -> Result<Ivshmem, Fail> {
-    let mut found = None;
-    ecam.for_each_function(|dev, vendor, device| {
-        if vendor == ivshmem::VENDOR
-            && device == ivshmem::DEVICE
-            && dev.bus == 0
-            && dev.dev() == IVSHMEM_SLOT
-        {
-            found = Some(dev);
-        }
-    });
-    let Some(id) = found else {
+    let Some(id) = ecam.find_at(ivshmem::VENDOR, ivshmem::DEVICE, IVSHMEM_SLOT) else {
         return Err(fail_msg(format_args!(
             "no ivshmem at 00:{IVSHMEM_SLOT:02x}.0: run with -object memory-backend-ram,id=p2pmem,size=1M -device ivshmem-plain,memdev=p2pmem,addr={IVSHMEM_SLOT:02x}.0"
         )));
@@ -213,17 +203,7 @@ fn setup_ivshmem(ecam: &pci::Ecam, busy: &mut pci::BusyRanges) -> Result<Ivshmem
 /// decodes, enables memory decoding and bus mastering, and walks its
 /// capabilities.
 fn setup_virtio(ecam: &pci::Ecam, busy: &mut pci::BusyRanges) -> Result<harness::Virtio, Fail> {
-    let mut found = None;
-    ecam.for_each_function(|dev, vendor, device| {
-        if vendor == virtio::VENDOR
-            && device == virtio::DEVICE_BLK
-            && dev.bus == 0
-            && dev.dev() == VIRTIO_SLOT
-        {
-            found = Some(dev);
-        }
-    });
-    let Some(id) = found else {
+    let Some(id) = ecam.find_at(virtio::VENDOR, virtio::DEVICE_BLK, VIRTIO_SLOT) else {
         return Err(fail_msg(format_args!(
             "no virtio-blk at 00:{VIRTIO_SLOT:02x}.0: run with -drive file=IMG,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0,addr={VIRTIO_SLOT:02x}.0,iommu_platform=on,disable-legacy=on"
         )));

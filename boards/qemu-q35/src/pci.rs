@@ -132,6 +132,18 @@ impl Ecam {
         }
     }
 
+    /// The function `vendor:device` at device number `slot` of bus 0, if
+    /// there is one (the last such, in [`for_each_function`](Self::for_each_function) order).
+    pub fn find_at(&self, vendor: u16, device: u16, slot: u8) -> Option<DeviceId> {
+        let mut found = None;
+        self.for_each_function(|dev, v, d| {
+            if v == vendor && d == device && dev.bus == 0 && dev.dev() == slot {
+                found = Some(dev);
+            }
+        });
+        found
+    }
+
     /// Sets bits in the command register.
     pub fn enable(&self, dev: DeviceId, bits: u16) {
         let cmd = self.read16(dev, OFF_COMMAND);

@@ -6,6 +6,8 @@
 //! QEMU puts the DTB at the start of RAM when it fits below the image
 //! (link.ld leaves 2 MiB for it).
 
+use core::ops::ControlFlow;
+
 /// Where QEMU `virt` places the DTB.
 pub const VIRT_DTB: usize = 0x4000_0000;
 /// Most bytes a DTB may span here (the gap below the image).
@@ -39,6 +41,16 @@ pub enum FdtError {
 /// A DTB in memory.
 pub struct Fdt {
     bytes: &'static [u8],
+}
+
+/// One structure-block token [`Fdt::walk`] hands on (`FDT_NOP` skipped).
+enum Token {
+    /// `FDT_BEGIN_NODE` with the node's name.
+    Begin(&'static [u8]),
+    /// `FDT_END_NODE`.
+    End,
+    /// `FDT_PROP`: name and value.
+    Prop(&'static [u8], &'static [u8]),
 }
 
 /// One memory window of a PCI host bridge (`ranges` entry, PCI bus binding).
@@ -88,33 +100,31 @@ impl Fdt {
         cstr(self.bytes, start).ok_or(FdtError::Malformed)
     }
 
-    /// Every memory window (32- and 64-bit) of the first `pcie@` node
-    /// directly below the root, in `ranges` order; calls `f` for each.
-    pub fn pci_windows(&self, mut f: impl FnMut(PciWindow)) -> Result<(), FdtError> {
+    /// Walks the structure block (Devicetree Specification 5.4), handing `f`
+    /// each node start, node end and property with the depth of its node (1:
+    /// the root); stops early with what `f` breaks with, or at `FDT_END`.
+    fn walk<R>(
+        &self,
+        mut f: impl FnMut(usize, Token) -> ControlFlow<R>,
+    ) -> Result<Option<R>, FdtError> {
         let mut off = self.header(8)?;
         let mut depth = 0usize;
-        let mut in_pcie = false;
-        // #address-cells / #size-cells of the root (the parent bus of the
-        // host bridge) and of the host bridge itself; the spec's defaults.
-        let (mut root_ac, mut pci_ac, mut pci_sc) = (2u32, 3u32, 2u32);
-        let mut ranges: Option<&'static [u8]> = None;
         loop {
             let token = be32(self.bytes, off).ok_or(FdtError::Malformed)?;
             off += 4;
-            match token {
+            let flow = match token {
                 FDT_BEGIN_NODE => {
                     let name = cstr(self.bytes, off).ok_or(FdtError::Malformed)?;
                     off = (off + name.len() + 1).next_multiple_of(4);
                     depth += 1;
-                    if depth == 2 && ranges.is_none() && name.starts_with(b"pcie@") {
-                        in_pcie = true;
-                    }
+                    f(depth, Token::Begin(name))
                 }
                 FDT_END_NODE => {
-                    if depth == 2 && in_pcie {
-                        break;
+                    let flow = f(depth, Token::End);
+                    if flow.is_continue() {
+                        depth = depth.checked_sub(1).ok_or(FdtError::Malformed)?;
                     }
-                    depth = depth.checked_sub(1).ok_or(FdtError::Malformed)?;
+                    flow
                 }
                 FDT_PROP => {
                     let len = self.header(off)?;
@@ -125,6 +135,39 @@ impl Fdt {
                         .and_then(|end| self.bytes.get(start..end))
                         .ok_or(FdtError::Malformed)?;
                     off = (start + len).next_multiple_of(4);
+                    f(depth, Token::Prop(name, value))
+                }
+                FDT_NOP => ControlFlow::Continue(()),
+                FDT_END => return Ok(None),
+                _ => return Err(FdtError::Malformed),
+            };
+            if let ControlFlow::Break(r) = flow {
+                return Ok(Some(r));
+            }
+        }
+    }
+
+    /// Every memory window (32- and 64-bit) of the first `pcie@` node
+    /// directly below the root, in `ranges` order; calls `f` for each.
+    pub fn pci_windows(&self, mut f: impl FnMut(PciWindow)) -> Result<(), FdtError> {
+        let mut in_pcie = false;
+        // #address-cells / #size-cells of the root (the parent bus of the
+        // host bridge) and of the host bridge itself; the spec's defaults.
+        let (mut root_ac, mut pci_ac, mut pci_sc) = (2u32, 3u32, 2u32);
+        let mut ranges: Option<&'static [u8]> = None;
+        self.walk(|depth, token| {
+            match token {
+                Token::Begin(name) => {
+                    if depth == 2 && ranges.is_none() && name.starts_with(b"pcie@") {
+                        in_pcie = true;
+                    }
+                }
+                Token::End => {
+                    if depth == 2 && in_pcie {
+                        return ControlFlow::Break(());
+                    }
+                }
+                Token::Prop(name, value) => {
                     let cells = be32(value, 0);
                     match (depth, in_pcie, name) {
                         (1, _, b"#address-cells") => root_ac = cells.unwrap_or(root_ac),
@@ -134,11 +177,9 @@ impl Fdt {
                         _ => {}
                     }
                 }
-                FDT_NOP => {}
-                FDT_END => break,
-                _ => return Err(FdtError::Malformed),
             }
-        }
+            ControlFlow::Continue(())
+        })?;
         let ranges = ranges.ok_or(FdtError::NoPciRanges)?;
         // PCI bus binding: child address = 3 cells (phys.hi flags, phys.mid,
         // phys.lo); phys.hi bits 25:24 are the space code (2 = 32-bit
@@ -166,55 +207,34 @@ impl Fdt {
         compatible: &'static str,
         prop: &'static str,
     ) -> Result<&'static [u8], FdtError> {
-        let mut off = self.header(8)?;
-        let mut depth = 0usize;
         // The node at depth 2 being read: does it match, and its property.
         let (mut matches, mut value) = (false, None);
         let mut seen = false;
-        loop {
-            let token = be32(self.bytes, off).ok_or(FdtError::Malformed)?;
-            off += 4;
+        let found = self.walk(|depth, token| {
+            if depth != 2 {
+                return ControlFlow::Continue(());
+            }
             match token {
-                FDT_BEGIN_NODE => {
-                    let name = cstr(self.bytes, off).ok_or(FdtError::Malformed)?;
-                    off = (off + name.len() + 1).next_multiple_of(4);
-                    depth += 1;
-                    if depth == 2 {
-                        (matches, value) = (false, None);
-                    }
-                }
-                FDT_END_NODE => {
-                    if depth == 2 && matches {
+                Token::Begin(_) => (matches, value) = (false, None),
+                Token::End => {
+                    if matches {
                         if let Some(v) = value {
-                            return Ok(v);
+                            return ControlFlow::Break(v);
                         }
                         seen = true;
                     }
-                    depth = depth.checked_sub(1).ok_or(FdtError::Malformed)?;
                 }
-                FDT_PROP => {
-                    let len = self.header(off)?;
-                    let name = self.string(self.header(off + 4)?)?;
-                    let start = off + 8;
-                    let v = start
-                        .checked_add(len)
-                        .and_then(|end| self.bytes.get(start..end))
-                        .ok_or(FdtError::Malformed)?;
-                    off = (start + len).next_multiple_of(4);
-                    if depth == 2 {
-                        if name == b"compatible" {
-                            matches |= v.split(|&c| c == 0).any(|c| c == compatible.as_bytes());
-                        } else if name == prop.as_bytes() {
-                            value = Some(v);
-                        }
+                Token::Prop(name, v) => {
+                    if name == b"compatible" {
+                        matches |= v.split(|&c| c == 0).any(|c| c == compatible.as_bytes());
+                    } else if name == prop.as_bytes() {
+                        value = Some(v);
                     }
                 }
-                FDT_NOP => {}
-                FDT_END => break,
-                _ => return Err(FdtError::Malformed),
             }
-        }
-        Err(if seen {
+            ControlFlow::Continue(())
+        })?;
+        found.ok_or(if seen {
             FdtError::NoProperty(prop)
         } else {
             FdtError::NoNode(compatible)

@@ -33,15 +33,8 @@ pub struct Ctx {
     pub demo: bool,
 }
 
-/// The virtio-blk function, BAR assigned, memory decoding and bus
-/// mastering on.
-#[derive(Clone, Copy)]
-pub struct Virtio {
-    /// Its PCI identity: the SMMU StreamID.
-    pub id: bare_iommu::DeviceId,
-    /// Where its virtio structures are.
-    pub pci: board_common::virtio::VirtioPci,
-}
+/// The virtio-blk function, as the board set it up.
+pub use board_common::virtio::VirtioFunction as Virtio;
 
 impl Board for Ctx {
     fn demo(&self) -> bool {

@@ -11,8 +11,8 @@
 //! vector is what arrives.
 
 use super::vtd::{
-    APERTURE_A, BoardFormat, Dom, PAGE_U32, Unit, alloc_tx, attached_domain, first_level,
-    free_pages, with_unit_owned,
+    APERTURE_A, BoardFormat, Dom, PAGE_U32, Unit, alloc_tx, attached_domain, check_record,
+    first_level, free_pages, with_unit_owned,
 };
 use crate::harness::{Ctx, Fail, OrFail};
 use crate::irq::{self, DEVICE_VECTOR};
@@ -170,31 +170,7 @@ fn check_delivered<F: BoardFormat>(
     check!(!overflow, "handle_irq reported a primary fault overflow");
     let r = rec.or_fail("record")?;
     narrate!("interrupt {n}: {}", r);
-    check!(
-        r.source_id == dev.source_id(),
-        "fault source-id {:#x}, expected {:#x}",
-        r.source_id,
-        dev.source_id()
-    );
-    check!(
-        r.address.0 == iova & !(PAGE_SIZE - 1),
-        "fault address {}, expected {:#x}",
-        r.address,
-        iova & !(PAGE_SIZE - 1)
-    );
-    check!(
-        r.reason == F::unmapped(access),
-        "fault reason {:?} ({:#x}), expected {:?}",
-        r.reason,
-        r.code,
-        F::unmapped(access)
-    );
-    check!(
-        r.access == access,
-        "fault access {:?}, expected {:?}",
-        r.access,
-        access
-    );
+    check_record(&r, dev, iova, &[F::unmapped(access)], access)?;
     let (ip, held) = unit(|v| (v.fault_irq_pending(), v.read_fault(r.index)))?;
     check!(!ip, "FECTL.IP still set after the handler");
     if let Some(h) = held {

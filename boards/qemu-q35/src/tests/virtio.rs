@@ -11,15 +11,15 @@
 //! is pending ("compression of faults"), so one record is expected, and any
 //! further one must say the same.
 
-use bare_iommu::vtd::{Access, FaultReason, FaultRecord};
+use bare_iommu::vtd::{Access, FaultReason};
 use bare_iommu::{DeviceId, IommuBackend, PAGE_SIZE, PhysAddr};
 use board_common::edu::DmaBudget;
 use board_common::p2p::Reported;
 use board_common::virtio_dma::{self, DATA_PAGES, FaultChecks, Pages, VirtioTest};
 
 use super::vtd::{
-    APERTURE_A, BoardFormat, Unit, first_level, free_pages, new_domain, no_faults, per_format,
-    with_unit,
+    APERTURE_A, BoardFormat, Unit, faults, first_level, free_pages, new_domain, no_faults,
+    per_format, with_unit,
 };
 use crate::harness::{Ctx, Fail, OrFail, Virtio, fail_msg};
 
@@ -52,10 +52,7 @@ impl FaultChecks<Unit> for VtdChecks {
         iova: u64,
         len: u32,
     ) -> Result<Reported, Fail> {
-        let mut recs: heapless::Vec<FaultRecord, 8> = heapless::Vec::new();
-        let st = vtd.poll_faults(|r| {
-            let _ = recs.push(r);
-        });
+        let (recs, st) = faults(vtd);
         let first = *recs
             .first()
             .or_fail("no fault record for the blocked DMA")?;

@@ -281,7 +281,7 @@ fn link<F: BoardFormat>(
 }
 
 /// Drains the fault records: (records, status).
-fn faults(vtd: &mut Unit) -> (heapless::Vec<FaultRecord, 8>, FaultStatus) {
+pub(super) fn faults(vtd: &mut Unit) -> (heapless::Vec<FaultRecord, 8>, FaultStatus) {
     let mut v = heapless::Vec::new();
     let st = vtd.poll_faults(|r| {
         let _ = v.push(r);
@@ -289,24 +289,15 @@ fn faults(vtd: &mut Unit) -> (heapless::Vec<FaultRecord, 8>, FaultStatus) {
     (v, st)
 }
 
-/// Exactly one fault, from `dev`, at the page of `addr`, with `reason` and
-/// `access`: that record.
-pub(super) fn expect_one_fault(
-    vtd: &mut Unit,
+/// Fault record `r` names `dev`, the page of `addr`, one of `reasons` and
+/// `access`.
+pub(super) fn check_record(
+    r: &FaultRecord,
     dev: DeviceId,
     addr: u64,
     reasons: &[FaultReason],
     access: Access,
-) -> Result<FaultRecord, Fail> {
-    let (recs, st) = faults(vtd);
-    check!(
-        recs.len() == 1,
-        "{} fault records, expected 1 ({:?})",
-        recs.len(),
-        recs.first()
-    );
-    let r = recs.first().or_fail("record")?;
-    narrate!("{}", r);
+) -> Result<(), Fail> {
     check!(
         r.source_id == dev.source_id(),
         "fault source-id {:#x}, expected {:#x}",
@@ -332,6 +323,28 @@ pub(super) fn expect_one_fault(
         r.access,
         access
     );
+    Ok(())
+}
+
+/// Exactly one fault, from `dev`, at the page of `addr`, with `reason` and
+/// `access`: that record.
+pub(super) fn expect_one_fault(
+    vtd: &mut Unit,
+    dev: DeviceId,
+    addr: u64,
+    reasons: &[FaultReason],
+    access: Access,
+) -> Result<FaultRecord, Fail> {
+    let (recs, st) = faults(vtd);
+    check!(
+        recs.len() == 1,
+        "{} fault records, expected 1 ({:?})",
+        recs.len(),
+        recs.first()
+    );
+    let r = recs.first().or_fail("record")?;
+    narrate!("{}", r);
+    check_record(r, dev, addr, reasons, access)?;
     check!(!st.overflow, "unexpected primary fault overflow");
     Ok(*r)
 }
