@@ -58,9 +58,7 @@ impl<M: TableMemory> Vtd<M> {
         }
         let r = self.frcd(index);
         let hi = (u64::from(r.status.get()) << 32) | u64::from(r.sid.get());
-        if hi & (1 << 63) == 0 {
-            return None;
-        }
+        // `decode` answers None when F is clear.
         FaultRecord::decode(index, r.fi.get(), hi)
     }
 

@@ -21,31 +21,29 @@ impl<M: TableMemory> Vtd<M> {
     }
 
     /// Sets or clears one GCMD command bit and waits, bounded, until GSTS
-    /// reports `status_on` for it. Every write repeats the enables GSTS shows.
+    /// reports `on` for it. Every write repeats the enables GSTS shows.
     fn gcmd(&self, bit: u32, on: bool, what: &'static str) -> Result<(), BackendError> {
-        let r = self.regs();
-        fence(Ordering::SeqCst);
-        r.gcmd.set(regs::gcmd_value(r.gsts.get(), bit, on));
-        let mut polls = 0u32;
-        loop {
-            let set = r.gsts.get() & bit != 0;
-            if set == on {
-                return Ok(());
-            }
-            polls += 1;
-            if polls >= self.budget {
-                return Err(BackendError::Timeout { what, polls });
-            }
-            core::hint::spin_loop();
-        }
+        self.gcmd_then_wait(bit, on, on, what)
     }
 
     /// Fires a one-shot GCMD command (SRTP, WBF) and waits for its status bit
     /// to reach `done` (RTPS set, WBFS clear).
     fn gcmd_one_shot(&self, bit: u32, done: bool, what: &'static str) -> Result<(), BackendError> {
+        self.gcmd_then_wait(bit, true, done, what)
+    }
+
+    /// Writes GCMD with `bit` set (`set`) or cleared, keeping the enables
+    /// GSTS shows, then waits, bounded, until GSTS shows `bit` as `done`.
+    fn gcmd_then_wait(
+        &self,
+        bit: u32,
+        set: bool,
+        done: bool,
+        what: &'static str,
+    ) -> Result<(), BackendError> {
         let r = self.regs();
         fence(Ordering::SeqCst);
-        r.gcmd.set(regs::gcmd_value(r.gsts.get(), bit, true));
+        r.gcmd.set(regs::gcmd_value(r.gsts.get(), bit, set));
         let mut polls = 0u32;
         while (r.gsts.get() & bit != 0) != done {
             polls += 1;

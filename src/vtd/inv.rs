@@ -209,19 +209,34 @@ pub fn psi_blocks(
     max_blocks: usize,
     mut f: impl FnMut(DmaAddr, u8),
 ) -> Option<usize> {
-    let first = iova.0 >> 12;
-    let end = iova.0.checked_add(len)?.checked_add(0xfff)? >> 12;
-    let count = PsiBlocks::new(first, end, mamv).count();
-    if count > max_blocks {
-        return None;
-    }
-    for (pfn, am) in PsiBlocks::new(first, end, mamv) {
-        f(DmaAddr(pfn << 12), am);
+    let mut count = 0;
+    for (addr, am) in psi_range(iova, len, mamv, max_blocks)? {
+        f(addr, am);
+        count += 1;
     }
     Some(count)
 }
 
+/// The blocks [`psi_blocks`] hands out, as an iterator; `None` under the
+/// same conditions (more than `max_blocks` blocks, or overflow). Counting
+/// stops at `max_blocks + 1`, so a huge range costs no long walk.
+pub(crate) fn psi_range(
+    iova: DmaAddr,
+    len: u64,
+    mamv: u8,
+    max_blocks: usize,
+) -> Option<impl Iterator<Item = (DmaAddr, u8)>> {
+    let first = iova.0 >> 12;
+    let end = iova.0.checked_add(len)?.checked_add(0xfff)? >> 12;
+    let blocks = PsiBlocks::new(first, end, mamv);
+    if blocks.clone().take(max_blocks.saturating_add(1)).count() > max_blocks {
+        return None;
+    }
+    Some(blocks.map(|(pfn, am)| (DmaAddr(pfn << 12), am)))
+}
+
 /// Iterator over `(first page frame, address mask)` blocks covering `[pfn, end)`.
+#[derive(Clone)]
 struct PsiBlocks {
     pfn: u64,
     end: u64,

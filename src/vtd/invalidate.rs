@@ -42,27 +42,22 @@ impl<M: TableMemory> Vtd<M> {
 
     pub(super) fn context_invalidate(&mut self, g: ContextGranularity) -> Result<(), BackendError> {
         self.stats.context_invalidations += 1;
-        if let Some(q) = self.queue.as_mut() {
-            // SAFETY: see `regs()`.
-            let regs = unsafe { self.regs.as_ref() };
-            q.push(regs, &self.mem, InvDesc::context(g))
-        } else {
-            self.stats.register_invalidations += 1;
-            fence(Ordering::SeqCst);
-            reginv::invalidate_context(self.regs(), g, self.budget)
+        if let Some(pushed) = self.queue_push(InvDesc::context(g)) {
+            return pushed;
         }
+        self.stats.register_invalidations += 1;
+        fence(Ordering::SeqCst);
+        reginv::invalidate_context(self.regs(), g, self.budget)
     }
 
     pub(super) fn pasid_cache_invalidate(
         &mut self,
         g: PasidGranularity,
     ) -> Result<(), BackendError> {
-        let q = self.queue.as_mut().ok_or(BackendError::Unsupported(
-            "PASID-cache invalidation needs queued invalidation",
-        ))?;
-        // SAFETY: see `regs()`.
-        let regs = unsafe { self.regs.as_ref() };
-        q.push(regs, &self.mem, InvDesc::pasid_cache(g))
+        self.queue_push(InvDesc::pasid_cache(g))
+            .unwrap_or(Err(BackendError::Unsupported(
+                "PASID-cache invalidation needs queued invalidation",
+            )))
     }
 
     /// PASID-based IOTLB invalidation (first-level domains, scalable mode).
@@ -74,12 +69,10 @@ impl<M: TableMemory> Vtd<M> {
             PasidIotlbGranularity::AllInPasid { .. } => self.stats.iotlb_dsi += 1,
             PasidIotlbGranularity::Page { .. } => self.stats.iotlb_psi += 1,
         }
-        let q = self.queue.as_mut().ok_or(BackendError::Unsupported(
-            "PASID-based IOTLB invalidation needs queued invalidation",
-        ))?;
-        // SAFETY: see `regs()`.
-        let regs = unsafe { self.regs.as_ref() };
-        q.push(regs, &self.mem, InvDesc::pasid_iotlb(g))
+        self.queue_push(InvDesc::pasid_iotlb(g))
+            .unwrap_or(Err(BackendError::Unsupported(
+                "PASID-based IOTLB invalidation needs queued invalidation",
+            )))
     }
 
     pub(super) fn iotlb_invalidate(&mut self, g: IotlbGranularity) -> Result<(), BackendError> {
@@ -89,27 +82,31 @@ impl<M: TableMemory> Vtd<M> {
             IotlbGranularity::Page { .. } => self.stats.iotlb_psi += 1,
         }
         let (dr, dw) = (self.features.drain_reads, self.features.drain_writes);
-        if let Some(q) = self.queue.as_mut() {
-            // SAFETY: see `regs()`.
-            let regs = unsafe { self.regs.as_ref() };
-            q.push(regs, &self.mem, InvDesc::iotlb(g, dr, dw))
-        } else {
-            self.stats.register_invalidations += 1;
-            fence(Ordering::SeqCst);
-            reginv::invalidate_iotlb(self.iotlb_regs(), g, dr, dw, self.budget)
+        if let Some(pushed) = self.queue_push(InvDesc::iotlb(g, dr, dw)) {
+            return pushed;
         }
+        self.stats.register_invalidations += 1;
+        fence(Ordering::SeqCst);
+        reginv::invalidate_iotlb(self.iotlb_regs(), g, dr, dw, self.budget)
     }
 
     /// Submits a raw descriptor to the invalidation queue (diagnostics and
     /// tests: a malformed one makes the next sync report the queue error).
     pub fn submit_raw(&mut self, desc: InvDesc) -> Result<(), BackendError> {
-        let q = self
-            .queue
-            .as_mut()
-            .ok_or(BackendError::Unsupported("queued invalidation not enabled"))?;
-        // SAFETY: see `regs()`.
+        self.queue_push(desc)
+            .unwrap_or(Err(BackendError::Unsupported(
+                "queued invalidation not enabled",
+            )))
+    }
+
+    /// Pushes `desc` to the invalidation queue; `None` when queued
+    /// invalidation is off (the caller falls back or refuses).
+    fn queue_push(&mut self, desc: InvDesc) -> Option<Result<(), BackendError>> {
+        let q = self.queue.as_mut()?;
+        // SAFETY: see `regs()`; borrowed through the pointer so that `queue`
+        // can be borrowed mutably at the same time.
         let regs = unsafe { self.regs.as_ref() };
-        q.push(regs, &self.mem, desc)
+        Some(q.push(regs, &self.mem, desc))
     }
 
     /// Invalidates `len` bytes at `iova` in `domain`: page-selectively when
@@ -131,11 +128,7 @@ impl<M: TableMemory> Vtd<M> {
         // invalidate them per PASID, page-selectively (VT-d 6.5.2.4).
         let first_level = domain.format == TableFormat::VtdFirstLevel;
         if self.features.psi || first_level {
-            let mut blocks: heapless::Vec<(DmaAddr, u8), PSI_MAX_BLOCKS> = heapless::Vec::new();
-            let fits = inv::psi_blocks(iova, len, self.features.mamv, PSI_MAX_BLOCKS, |a, am| {
-                let _ = blocks.push((a, am));
-            });
-            if fits.is_some() {
+            if let Some(blocks) = inv::psi_range(iova, len, self.features.mamv, PSI_MAX_BLOCKS) {
                 for (addr, am) in blocks {
                     if first_level {
                         self.pasid_iotlb_invalidate(PasidIotlbGranularity::Page {

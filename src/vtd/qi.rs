@@ -6,7 +6,7 @@ use core::sync::atomic::{Ordering, fence};
 use tock_registers::interfaces::{Readable, Writeable};
 
 use super::inv::{ContextGranularity, InvDesc};
-use super::regs::{IQA, IQERCD, VtdRegs};
+use super::regs::{FSTS, IQA, IQERCD, VtdRegs};
 use crate::addr::PhysAddr;
 use crate::error::BackendError;
 use crate::mem::TableMemory;
@@ -17,7 +17,7 @@ pub const QUEUE_ENTRIES: u32 = 256;
 pub const QUEUE_ENTRIES_WIDE: u32 = 128;
 
 /// FSTS bits that stop or poison the queue: IQE (4), ICE (5), ITE (6).
-const QUEUE_ERRORS: u32 = (1 << 4) | (1 << 5) | (1 << 6);
+const QUEUE_ERRORS: u32 = FSTS::IQE::SET.value | FSTS::ICE::SET.value | FSTS::ITE::SET.value;
 
 /// The invalidation queue's software state.
 #[derive(Debug)]
@@ -124,7 +124,7 @@ impl InvQueue {
         }
         let head = self.head(regs);
         let iqei = regs.iqercd.read(IQERCD::IQEI) as u32;
-        if fsts & (1 << 4) != 0 {
+        if fsts & FSTS::IQE::SET.value != 0 {
             self.write_slot(mem, head, InvDesc::context(ContextGranularity::Global));
         }
         // RW1C: clear exactly the error bits seen.

@@ -17,16 +17,11 @@ impl<M: TableMemory> Vtd<M> {
 
     /// The PASID 0 entry a scalable context entry leads to, if its directory
     /// entry is present.
-    fn read_pasid0(&self, ce: ScalableContextEntry) -> Option<(PhysAddr, PasidEntry)> {
+    fn read_pasid0(&self, ce: ScalableContextEntry) -> Option<PasidEntry> {
         let dir = ce.pasid_dir()?;
         let de = PasidDirEntry(self.read_words::<1>(dir)[0]);
-        if !de.is_present() {
-            return None;
-        }
-        Some((
-            de.table(),
-            PasidEntry::from_raw(self.read_words::<8>(de.table())),
-        ))
+        de.is_present()
+            .then(|| PasidEntry::from_raw(self.read_words::<8>(de.table())))
     }
 
     pub(super) fn scalable_state(&self, slot: PhysAddr) -> DeviceState {
@@ -34,26 +29,23 @@ impl<M: TableMemory> Vtd<M> {
         if !ce.is_present() {
             return DeviceState::Blocked;
         }
-        match self.read_pasid0(ce) {
-            Some((_, pe)) if pe.is_present() && pe.pgtt() == Pgtt::PassThrough as u8 => {
-                DeviceState::PassThrough { did: pe.did() }
-            }
-            Some((_, pe)) if pe.is_present() && pe.pgtt() == Pgtt::FirstLevel as u8 => {
-                DeviceState::Translated {
-                    format: TableFormat::VtdFirstLevel,
-                    did: pe.did(),
-                    root: pe.flptptr(),
-                    levels: 4,
-                }
-            }
-            Some((_, pe)) if pe.is_present() && pe.pgtt() == Pgtt::SecondLevel as u8 => {
-                DeviceState::Translated {
-                    format: TableFormat::VtdSecondLevel,
-                    did: pe.did(),
-                    root: pe.slptptr(),
-                    levels: pe.aw() + 2,
-                }
-            }
+        let Some(pe) = self.read_pasid0(ce).filter(|pe| pe.is_present()) else {
+            return DeviceState::Blocked;
+        };
+        match pe.pgtt() {
+            t if t == Pgtt::PassThrough as u8 => DeviceState::PassThrough { did: pe.did() },
+            t if t == Pgtt::FirstLevel as u8 => DeviceState::Translated {
+                format: TableFormat::VtdFirstLevel,
+                did: pe.did(),
+                root: pe.flptptr(),
+                levels: 4,
+            },
+            t if t == Pgtt::SecondLevel as u8 => DeviceState::Translated {
+                format: TableFormat::VtdSecondLevel,
+                did: pe.did(),
+                root: pe.slptptr(),
+                levels: pe.aw() + 2,
+            },
             _ => DeviceState::Blocked,
         }
     }
@@ -98,7 +90,7 @@ impl<M: TableMemory> Vtd<M> {
         };
         let sid = dev.source_id();
         let old = self.read_sm_context(slot);
-        let old_pe = self.read_pasid0(old).map(|(_, pe)| pe);
+        let old_pe = self.read_pasid0(old);
         if old.is_present() {
             if new.is_some() && old_pe == new {
                 return Ok(());
