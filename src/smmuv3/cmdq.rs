@@ -199,8 +199,7 @@ impl CommandQueue {
     /// the offending command, replaces it with CMD_SYNC and acknowledges the
     /// error so the SMMU resumes (§7.1).
     fn recover_if_stopped<M: TableMemory>(&mut self, regs: &Page0, mem: &M, coherent: bool) {
-        let active = regs.gerror.get() ^ regs.gerrorn.get();
-        if active & GERROR::CMDQ_ERR::SET.value == 0 {
+        if regs.active_gerrors() & GERROR::CMDQ_ERR::SET.value == 0 {
             return;
         }
         let cons = regs.cmdq_cons.extract();
@@ -218,8 +217,7 @@ impl CommandQueue {
         self.unreported.get_or_insert(error);
         self.write_slot(mem, coherent, index.slot(), &Command::sync());
         super::barrier::wmb();
-        regs.gerrorn
-            .set(regs.gerrorn.get() ^ GERROR::CMDQ_ERR::SET.value);
+        regs.ack_gerrors(GERROR::CMDQ_ERR::SET.value);
     }
 
     /// Appends CMD_SYNC, publishes the batch and waits, bounded, until the
