@@ -54,12 +54,12 @@ impl<M: TableMemory> Smmu<M> {
             }
             p0.ack_gerrors(active);
             report.gerror = active;
-            self.gerrors_seen |= active;
+            self.counters.gerrors_seen |= active;
         }
         if report.overflow {
-            self.event_overflows += 1;
+            self.counters.event_overflows += 1;
         }
-        self.events += report.events as u64;
+        self.counters.events += report.events as u64;
         report
     }
 

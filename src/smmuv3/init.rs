@@ -55,10 +55,7 @@ impl<M: TableMemory> Smmu<M> {
     /// Every stream starts aborted.
     pub fn init(&mut self, config: SmmuConfig) -> Result<(), SmmuError> {
         self.shutdown()?;
-        self.sync_calls = 0;
-        self.events = 0;
-        self.event_overflows = 0;
-        self.gerrors_seen = 0;
+        self.counters = Default::default();
         let f = self.features;
         let budget = config.poll_budget.max(1);
         let coherent = f.coherent;
