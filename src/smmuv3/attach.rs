@@ -72,9 +72,7 @@ impl<M: TableMemory> Smmu<M> {
     /// entry it replaced.
     fn write_ste(&mut self, sid: u32, new: Ste) -> Result<Ste, SmmuError> {
         let coherent = self.features.coherent;
-        let p0 = self.page0;
         let run = self.run.as_mut().ok_or(SmmuError::NotInitialised)?;
-        let budget = run.config.poll_budget;
         let slot = run.strtab.locate(&self.mem, sid, coherent)?;
         let old = slot.read();
         for step in ste::update_plan(&old, &new) {
@@ -88,13 +86,11 @@ impl<M: TableMemory> Smmu<M> {
                     if !coherent {
                         self.mem.clean(slot.pa(), Ste::SIZE);
                     }
-                    let cfgi = Command::cfgi_ste(sid, true);
-                    run.cmdq.push(p0, &self.mem, coherent, cfgi, budget)?;
+                    self.queue_command(Command::cfgi_ste(sid, true))?;
                     if new.context_ptr().is_some() {
-                        let cfgi = Command::cfgi_cd(sid, 0, true);
-                        run.cmdq.push(p0, &self.mem, coherent, cfgi, budget)?;
+                        self.queue_command(Command::cfgi_cd(sid, 0, true))?;
                     }
-                    run.cmdq.sync(p0, &self.mem, coherent, budget)?;
+                    self.sync_commands()?;
                 }
             }
         }
