@@ -22,18 +22,8 @@ impl<M: TableMemory> Smmu<M> {
                 if !f.stage1 {
                     return Err(SmmuError::Unsupported("stage 1 translation"));
                 }
-                if f.asid_bits < 16 && info.id >> f.asid_bits != 0 {
-                    return Err(SmmuError::BadDomain {
-                        what: "ASID",
-                        value: info.id as u64,
-                    });
-                }
-                if info.root.0 >> f.oas_bits != 0 {
-                    return Err(SmmuError::BadDomain {
-                        what: "TTB0 beyond OAS",
-                        value: info.root.0,
-                    });
-                }
+                fits("ASID", info.id.into(), f.asid_bits)?;
+                fits("TTB0 beyond OAS", info.root.0, f.oas_bits)?;
                 let cd = ContextDescriptor::new(
                     info.id,
                     info.root,
@@ -57,23 +47,13 @@ impl<M: TableMemory> Smmu<M> {
                 if !f.stage2 {
                     return Err(SmmuError::Unsupported("stage 2 translation"));
                 }
-                if f.vmid_bits < 16 && info.id >> f.vmid_bits != 0 {
-                    return Err(SmmuError::BadDomain {
-                        what: "VMID",
-                        value: info.id as u64,
-                    });
-                }
+                fits("VMID", info.id.into(), f.vmid_bits)?;
                 // The IPA space is capped by the OAS (§5.2 S2T0SZ). S2SL0 for
                 // a 4 KiB granule: 0 starts at level 2, 1 at level 1, 2 at
                 // level 0 — the root of a 2-, 3- or 4-level table.
                 let ipa_bits = ias.min(f.oas_bits);
                 let sl0 = info.levels - 2;
-                if info.root.0 >> f.oas_bits != 0 {
-                    return Err(SmmuError::BadDomain {
-                        what: "S2TTB beyond OAS",
-                        value: info.root.0,
-                    });
-                }
+                fits("S2TTB beyond OAS", info.root.0, f.oas_bits)?;
                 Ok(Ste::stage2(&Stage2Config {
                     vmid: info.id,
                     ttb: info.root,
@@ -92,9 +72,7 @@ impl<M: TableMemory> Smmu<M> {
     /// entry it replaced.
     fn write_ste(&mut self, sid: u32, new: Ste) -> Result<Ste, SmmuError> {
         let coherent = self.features.coherent;
-        let p0 = self.page0;
         let run = self.run.as_mut().ok_or(SmmuError::NotInitialised)?;
-        let budget = run.config.poll_budget;
         let slot = run.strtab.locate(&self.mem, sid, coherent)?;
         let old = slot.read();
         for step in ste::update_plan(&old, &new) {
@@ -108,13 +86,11 @@ impl<M: TableMemory> Smmu<M> {
                     if !coherent {
                         self.mem.clean(slot.pa(), Ste::SIZE);
                     }
-                    let cfgi = Command::cfgi_ste(sid, true);
-                    run.cmdq.push(p0, &self.mem, coherent, cfgi, budget)?;
+                    self.queue_command(Command::cfgi_ste(sid, true))?;
                     if new.context_ptr().is_some() {
-                        let cfgi = Command::cfgi_cd(sid, 0, true);
-                        run.cmdq.push(p0, &self.mem, coherent, cfgi, budget)?;
+                        self.queue_command(Command::cfgi_cd(sid, 0, true))?;
                     }
-                    run.cmdq.sync(p0, &self.mem, coherent, budget)?;
+                    self.sync_commands()?;
                 }
             }
         }
@@ -153,6 +129,14 @@ impl<M: TableMemory> Smmu<M> {
         }
         Ok(())
     }
+}
+
+/// `value` (the domain's `what`) must fit in `bits` bits.
+fn fits(what: &'static str, value: u64, bits: u8) -> Result<(), SmmuError> {
+    if value.checked_shr(bits.into()).unwrap_or(0) != 0 {
+        return Err(SmmuError::BadDomain { what, value });
+    }
+    Ok(())
 }
 
 /// Input address bits of a domain, checked against the 4 KiB-granule shapes

@@ -31,7 +31,7 @@ impl<M: TableMemory> IommuBackend for Smmu<M> {
     }
 
     fn sync(&mut self) -> Result<(), BackendError> {
-        self.sync_calls += 1;
+        self.counters.sync_calls += 1;
         Ok(self.sync_commands()?)
     }
 

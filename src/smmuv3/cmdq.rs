@@ -9,8 +9,8 @@ use tock_registers::interfaces::{Readable, Writeable};
 use super::cmd::{Command, Opcode};
 use super::error::{CommandError, CommandErrorCode, SmmuError};
 use super::poll::poll_until;
-use super::queue::QueueIndex;
-use super::regs::{CMDQ_CONS, CMDQ_PROD, GERROR, Page0, Q_BASE};
+use super::queue::{QueueIndex, QueueMemory};
+use super::regs::{CMDQ_CONS, CMDQ_PROD, GERROR, Page0};
 use crate::addr::PhysAddr;
 use crate::mem::TableMemory;
 
@@ -76,9 +76,7 @@ impl CommandCounts {
 
 /// The command queue: `2^log2` 16-byte entries in lent memory.
 pub struct CommandQueue {
-    base: PhysAddr,
-    log2: u8,
-    pages: usize,
+    memory: QueueMemory<ENTRY>,
     /// Next slot software writes; ahead of CMDQ_PROD while a batch is open.
     prod: QueueIndex,
     /// Value last written to CMDQ_PROD.
@@ -96,13 +94,8 @@ const ENTRY: usize = 16;
 impl CommandQueue {
     /// Allocates a queue of `2^log2` entries (at least one page).
     pub fn new<M: TableMemory>(mem: &M, log2: u8) -> Result<Self, SmmuError> {
-        let bytes = (ENTRY << log2).max(4096);
-        let pages = bytes / 4096;
-        let base = mem.alloc_zeroed(pages).ok_or(SmmuError::OutOfMemory)?;
         Ok(Self {
-            base,
-            log2,
-            pages,
+            memory: QueueMemory::new(mem, log2)?,
             prod: QueueIndex::new(log2),
             published: QueueIndex::new(log2),
             counts: CommandCounts::default(),
@@ -114,14 +107,10 @@ impl CommandQueue {
 
     /// Programs CMDQ_BASE/PROD/CONS (with the queue disabled).
     pub fn program(&mut self, regs: &Page0) {
-        regs.cmdq_base.write(
-            Q_BASE::ALLOC::SET
-                + Q_BASE::ADDR.val(self.base.0 >> 5)
-                + Q_BASE::LOG2SIZE.val(self.log2 as u64),
-        );
+        regs.cmdq_base.write(self.memory.base_register());
         regs.cmdq_prod.write(CMDQ_PROD::WR.val(0));
         regs.cmdq_cons.write(CMDQ_CONS::RD.val(0));
-        self.prod = QueueIndex::new(self.log2);
+        self.prod = QueueIndex::new(self.memory.log2());
         self.published = self.prod;
     }
 
@@ -131,9 +120,8 @@ impl CommandQueue {
     ///
     /// The SMMU must no longer read the queue (CMDQEN == 0).
     pub unsafe fn free<M: TableMemory>(self, mem: &M) {
-        // SAFETY: allocated in `new` with these pages; the caller guarantees the
-        // SMMU no longer reads it.
-        unsafe { mem.free(self.base, self.pages) }
+        // SAFETY: the caller guarantees the SMMU no longer reads it.
+        unsafe { self.memory.free(mem) }
     }
 
     /// Commands submitted so far.
@@ -147,7 +135,7 @@ impl CommandQueue {
     }
 
     fn entry_ptr<M: TableMemory>(&self, mem: &M, slot: u32) -> (*mut u64, PhysAddr) {
-        let pa = PhysAddr(self.base.0 + slot as u64 * ENTRY as u64);
+        let pa = self.memory.slot_pa(slot);
         (mem.phys_to_virt(pa).cast::<u64>(), pa)
     }
 
@@ -194,7 +182,7 @@ impl CommandQueue {
     }
 
     fn hw_cons(&self, regs: &Page0) -> QueueIndex {
-        QueueIndex::from_raw(self.log2, regs.cmdq_cons.read(CMDQ_CONS::RD))
+        QueueIndex::from_raw(self.memory.log2(), regs.cmdq_cons.read(CMDQ_CONS::RD))
     }
 
     /// Makes everything pushed so far visible to the SMMU (CMDQ_PROD).
@@ -211,12 +199,11 @@ impl CommandQueue {
     /// the offending command, replaces it with CMD_SYNC and acknowledges the
     /// error so the SMMU resumes (§7.1).
     fn recover_if_stopped<M: TableMemory>(&mut self, regs: &Page0, mem: &M, coherent: bool) {
-        let active = regs.gerror.get() ^ regs.gerrorn.get();
-        if active & GERROR::CMDQ_ERR::SET.value == 0 {
+        if regs.active_gerrors() & GERROR::CMDQ_ERR::SET.value == 0 {
             return;
         }
         let cons = regs.cmdq_cons.extract();
-        let index = QueueIndex::from_raw(self.log2, cons.read(CMDQ_CONS::RD));
+        let index = QueueIndex::from_raw(self.memory.log2(), cons.read(CMDQ_CONS::RD));
         let code = CommandErrorCode::from_raw(cons.read(CMDQ_CONS::ERR) as u8);
         let command = self.read_slot(mem, index.slot());
         let error = CommandError {
@@ -230,8 +217,7 @@ impl CommandQueue {
         self.unreported.get_or_insert(error);
         self.write_slot(mem, coherent, index.slot(), &Command::sync());
         super::barrier::wmb();
-        regs.gerrorn
-            .set(regs.gerrorn.get() ^ GERROR::CMDQ_ERR::SET.value);
+        regs.ack_gerrors(GERROR::CMDQ_ERR::SET.value);
     }
 
     /// Appends CMD_SYNC, publishes the batch and waits, bounded, until the
@@ -246,7 +232,7 @@ impl CommandQueue {
         budget: u32,
     ) -> Result<(), SmmuError> {
         self.push(regs, mem, coherent, Command::sync(), budget)?;
-        let sync_at = QueueIndex::from_raw(self.log2, self.prod.raw().wrapping_sub(1));
+        let sync_at = QueueIndex::from_raw(self.memory.log2(), self.prod.raw().wrapping_sub(1));
         self.publish(regs);
         poll_until("CMD_SYNC completion", budget, || {
             self.recover_if_stopped(regs, mem, coherent);

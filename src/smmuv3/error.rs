@@ -85,11 +85,6 @@ pub enum SmmuError {
     },
     /// The command queue stopped on a command; the queue was recovered.
     Command(CommandError),
-    /// A global error (GERROR bits still active after acknowledgement).
-    GlobalError {
-        /// Active GERROR bits.
-        active: u32,
-    },
     /// The driver was used before `init`.
     NotInitialised,
     /// The register base given to `Smmu::new` is null or not 64 KiB aligned.
@@ -124,7 +119,6 @@ impl From<SmmuError> for BackendError {
                 code: c.code.raw() as u32,
                 index: c.index,
             },
-            SmmuError::GlobalError { active } => BackendError::HardwareError { status: active },
             SmmuError::NotInitialised => BackendError::Unsupported("SMMU not initialised"),
             SmmuError::BadRegisterBase { .. } => BackendError::Unsupported("SMMU register base"),
         }

@@ -1,8 +1,6 @@
 //! Draining the event queue and acknowledging GERROR: [`EventReport`],
 //! [`Smmu::poll_events`] and [`Smmu::handle_irq`].
 
-use tock_registers::interfaces::{Readable, Writeable};
-
 use super::regs::GERROR;
 use super::{Event, Smmu};
 use crate::logging::log_warn;
@@ -49,19 +47,19 @@ impl<M: TableMemory> Smmu<M> {
         }
         // GERROR: acknowledge everything but CMDQ_ERR, which the command
         // queue recovers from itself (it must first fix the command).
-        let active = (p0.gerror.get() ^ p0.gerrorn.get()) & !GERROR::CMDQ_ERR::SET.value;
+        let active = p0.active_gerrors() & !GERROR::CMDQ_ERR::SET.value;
         if active != 0 {
             if active & GERROR::EVENTQ_ABT_ERR::SET.value != 0 {
                 report.overflow = true;
             }
-            p0.gerrorn.set(p0.gerrorn.get() ^ active);
+            p0.ack_gerrors(active);
             report.gerror = active;
-            self.gerrors_seen |= active;
+            self.counters.gerrors_seen |= active;
         }
         if report.overflow {
-            self.event_overflows += 1;
+            self.counters.event_overflows += 1;
         }
-        self.events += report.events as u64;
+        self.counters.events += report.events as u64;
         report
     }
 
@@ -70,9 +68,7 @@ impl<M: TableMemory> Smmu<M> {
     /// queue stopped on an error. Returns what it found.
     pub fn handle_irq(&mut self, f: impl FnMut(Event)) -> EventReport {
         let report = self.poll_events(f);
-        let p0 = self.page0;
-        let active = p0.gerror.get() ^ p0.gerrorn.get();
-        if active & GERROR::CMDQ_ERR::SET.value != 0 {
+        if self.page0.active_gerrors() & GERROR::CMDQ_ERR::SET.value != 0 {
             // The recovery runs inside a sync; one with an empty batch is cheap.
             let _ = self.sync_commands();
         }

@@ -4,9 +4,8 @@ use tock_registers::interfaces::{Readable, Writeable};
 
 use super::error::SmmuError;
 use super::event::Event;
-use super::queue::QueueIndex;
-use super::regs::{EVENTQ_CONS, EVENTQ_PROD, Page0, Page1, Q_BASE};
-use crate::addr::PhysAddr;
+use super::queue::{QueueIndex, QueueMemory};
+use super::regs::{EVENTQ_CONS, EVENTQ_PROD, Page0, Page1};
 use crate::mem::TableMemory;
 
 /// Bytes per event record.
@@ -14,9 +13,7 @@ const ENTRY: usize = Event::SIZE;
 
 /// The event queue: `2^log2` 32-byte records in lent memory.
 pub struct EventQueue {
-    base: PhysAddr,
-    log2: u8,
-    pages: usize,
+    memory: QueueMemory<ENTRY>,
     cons: QueueIndex,
     /// EVENTQ_CONS.OVACKFLG last written.
     ovack: bool,
@@ -25,13 +22,8 @@ pub struct EventQueue {
 impl EventQueue {
     /// Allocates a queue of `2^log2` records (at least one page).
     pub fn new<M: TableMemory>(mem: &M, log2: u8) -> Result<Self, SmmuError> {
-        let bytes = (ENTRY << log2).max(4096);
-        let pages = bytes / 4096;
-        let base = mem.alloc_zeroed(pages).ok_or(SmmuError::OutOfMemory)?;
         Ok(Self {
-            base,
-            log2,
-            pages,
+            memory: QueueMemory::new(mem, log2)?,
             cons: QueueIndex::new(log2),
             ovack: false,
         })
@@ -39,19 +31,15 @@ impl EventQueue {
 
     /// Number of records the queue holds.
     pub const fn capacity(&self) -> u32 {
-        1 << self.log2
+        1 << self.memory.log2()
     }
 
     /// Programs EVENTQ_BASE/PROD/CONS (with the queue disabled).
     pub fn program(&mut self, p0: &Page0, p1: &Page1) {
-        p0.eventq_base.write(
-            Q_BASE::ALLOC::SET
-                + Q_BASE::ADDR.val(self.base.0 >> 5)
-                + Q_BASE::LOG2SIZE.val(self.log2 as u64),
-        );
+        p0.eventq_base.write(self.memory.base_register());
         p1.eventq_prod.write(EVENTQ_PROD::WR.val(0));
         p1.eventq_cons.write(EVENTQ_CONS::RD.val(0));
-        self.cons = QueueIndex::new(self.log2);
+        self.cons = QueueIndex::new(self.memory.log2());
         self.ovack = false;
     }
 
@@ -61,9 +49,8 @@ impl EventQueue {
     ///
     /// The SMMU must no longer write the queue (EVENTQEN == 0).
     pub unsafe fn free<M: TableMemory>(self, mem: &M) {
-        // SAFETY: allocated in `new` with these pages; the caller guarantees
-        // the SMMU no longer writes it.
-        unsafe { mem.free(self.base, self.pages) }
+        // SAFETY: the caller guarantees the SMMU no longer writes it.
+        unsafe { self.memory.free(mem) }
     }
 
     /// Whether EVENTQ_PROD.OVFLG differs from our acknowledgement: events were
@@ -88,12 +75,12 @@ impl EventQueue {
     /// `coherent` is the SMMU's `IDR0.COHACC`: when clear, the record's lines
     /// are invalidated through the lender before they are read.
     pub fn pop<M: TableMemory>(&mut self, mem: &M, p1: &Page1, coherent: bool) -> Option<Event> {
-        let prod = QueueIndex::from_raw(self.log2, p1.eventq_prod.read(EVENTQ_PROD::WR));
+        let prod = QueueIndex::from_raw(self.memory.log2(), p1.eventq_prod.read(EVENTQ_PROD::WR));
         if prod.is_empty(self.cons) {
             return None;
         }
         super::barrier::rmb();
-        let pa = PhysAddr(self.base.0 + self.cons.slot() as u64 * ENTRY as u64);
+        let pa = self.memory.slot_pa(self.cons.slot());
         if !coherent {
             mem.invalidate(pa, ENTRY);
         }

@@ -191,6 +191,15 @@ fn smmu(regs: &Regs) -> Smmu<HostMem> {
     unsafe { Smmu::new(regs.base, HostMem::default()) }.unwrap()
 }
 
+/// A fake SMMU with its hardware thread, and a driver initialised on it.
+fn started(config: SmmuConfig) -> (Arc<Regs>, Fake, Smmu<HostMem>) {
+    let regs = Arc::new(Regs::new());
+    let fake = Fake::start(regs.clone());
+    let mut s = smmu(&regs);
+    s.init(config).unwrap();
+    (regs, fake, s)
+}
+
 fn small_budget() -> SmmuConfig {
     SmmuConfig {
         // Generous: the fake SMMU answers from another thread, which a loaded
@@ -214,10 +223,7 @@ fn s1_domain(id: u16) -> DomainInfo {
 
 #[test]
 fn init_follows_the_spec_order_and_enables_last() {
-    let regs = Arc::new(Regs::new());
-    let fake = Fake::start(regs.clone());
-    let mut s = smmu(&regs);
-    s.init(small_budget()).unwrap();
+    let (regs, fake, mut s) = started(small_budget());
     // Global invalidation: CFGI_ALL, TLBI_NSNH_ALL, one CMD_SYNC (no HYP: no TLBI_EL2_ALL).
     assert_eq!(fake.opcodes(), [0x04, 0x30, 0x46]);
     assert_eq!(fake.commands()[0], Command::cfgi_all().0);
@@ -234,10 +240,7 @@ fn init_follows_the_spec_order_and_enables_last() {
 
 #[test]
 fn attach_writes_the_ste_last_and_invalidates_it() {
-    let regs = Arc::new(Regs::new());
-    let fake = Fake::start(regs.clone());
-    let mut s = smmu(&regs);
-    s.init(small_budget()).unwrap();
+    let (_regs, fake, mut s) = started(small_budget());
     fake.clear();
     let dom = s1_domain(5);
     let dev = DeviceId::new(0, 0, 5, 0).unwrap();
@@ -262,10 +265,7 @@ fn attach_writes_the_ste_last_and_invalidates_it() {
 
 #[test]
 fn a_batch_of_invalidations_costs_one_cmd_sync() {
-    let regs = Arc::new(Regs::new());
-    let fake = Fake::start(regs.clone());
-    let mut s = smmu(&regs);
-    s.init(small_budget()).unwrap();
+    let (_regs, fake, mut s) = started(small_budget());
     let dom = s1_domain(3);
     fake.clear();
     let before = s.stats();
@@ -293,16 +293,12 @@ fn a_batch_of_invalidations_costs_one_cmd_sync() {
 
 #[test]
 fn without_range_invalidation_pages_then_whole_asid_past_the_threshold() {
-    let regs = Arc::new(Regs::new());
-    let fake = Fake::start(regs.clone());
-    let mut s = smmu(&regs);
     // A 4-entry queue: 20 commands wrap it five times.
-    s.init(SmmuConfig {
+    let (_regs, fake, mut s) = started(SmmuConfig {
         range_invalidation: false,
         cmdq_log2: 2,
         ..small_budget()
-    })
-    .unwrap();
+    });
     let dom = s1_domain(9);
     fake.clear();
     s.invalidate(&dom, DmaAddr(0x40_0000), 20 * PAGE_SIZE, true)
@@ -334,10 +330,7 @@ fn without_range_invalidation_pages_then_whole_asid_past_the_threshold() {
 
 #[test]
 fn an_illegal_command_is_reported_replaced_and_the_queue_resumes() {
-    let regs = Arc::new(Regs::new());
-    let fake = Fake::start(regs.clone());
-    let mut s = smmu(&regs);
-    s.init(small_budget()).unwrap();
+    let (regs, fake, mut s) = started(small_budget());
     fake.clear();
     let bad = Command::raw([0x7f, 0x1234]);
     s.queue_command(bad).unwrap();
@@ -399,16 +392,12 @@ fn an_smmu_whose_cr0ack_never_follows_gives_a_timeout() {
 
 #[test]
 fn an_error_met_while_the_queue_was_full_is_returned_by_the_next_sync() {
-    let regs = Arc::new(Regs::new());
-    let fake = Fake::start(regs.clone());
-    let mut s = smmu(&regs);
     // 4 entries: the fifth command publishes the first four and waits for
     // room, meeting the illegal one there.
-    s.init(SmmuConfig {
+    let (_regs, fake, mut s) = started(SmmuConfig {
         cmdq_log2: 2,
         ..small_budget()
-    })
-    .unwrap();
+    });
     fake.clear();
     let bad = Command::raw([0x7f, 0]);
     s.queue_command(bad).unwrap();
@@ -427,14 +416,10 @@ fn an_error_met_while_the_queue_was_full_is_returned_by_the_next_sync() {
 
 #[test]
 fn a_linear_table_covers_the_configured_sid_bits_and_refuses_others() {
-    let regs = Arc::new(Regs::new());
-    let _fake = Fake::start(regs.clone());
-    let mut s = smmu(&regs);
-    s.init(SmmuConfig {
+    let (regs, _fake, mut s) = started(SmmuConfig {
         sid_bits: Some(8),
         ..small_budget()
-    })
-    .unwrap();
+    });
     assert_eq!(s.stream_table_format(), Some(StreamTableFormat::Linear));
     let cfg = regs.get(STRTAB_BASE_CFG);
     assert_eq!((cfg >> 16 & 3, cfg & 0x3f), (0, 8));
@@ -489,14 +474,10 @@ fn post_event(regs: &Regs, rec: [u64; 4]) {
 
 #[test]
 fn handle_irq_decodes_events_and_acknowledges_overflow() {
-    let regs = Arc::new(Regs::new());
-    let _fake = Fake::start(regs.clone());
-    let mut s = smmu(&regs);
-    s.init(SmmuConfig {
+    let (regs, _fake, mut s) = started(SmmuConfig {
         irqs: true,
         ..small_budget()
-    })
-    .unwrap();
+    });
     assert_eq!(regs.get(IRQ_CTRL), 0b101);
     post_event(&regs, [0x0000_0028_0000_0010, 0, 0x10_1000, 0]);
     post_event(&regs, [0x0000_0030_0000_0004, 0, 0, 0]);
@@ -528,14 +509,10 @@ fn handle_irq_decodes_events_and_acknowledges_overflow() {
 
 #[test]
 fn init_without_irqs_turns_off_interrupts_an_earlier_init_enabled() {
-    let regs = Arc::new(Regs::new());
-    let _fake = Fake::start(regs.clone());
-    let mut s = smmu(&regs);
-    s.init(SmmuConfig {
+    let (regs, _fake, mut s) = started(SmmuConfig {
         irqs: true,
         ..small_budget()
-    })
-    .unwrap();
+    });
     assert_eq!(regs.get(IRQ_CTRL), 0b101);
     s.init(small_budget()).unwrap();
     assert_eq!(regs.get(IRQ_CTRL), 0);

@@ -55,10 +55,7 @@ impl<M: TableMemory> Smmu<M> {
     /// Every stream starts aborted.
     pub fn init(&mut self, config: SmmuConfig) -> Result<(), SmmuError> {
         self.shutdown()?;
-        self.sync_calls = 0;
-        self.events = 0;
-        self.event_overflows = 0;
-        self.gerrors_seen = 0;
+        self.counters = Default::default();
         let f = self.features;
         let budget = config.poll_budget.max(1);
         let coherent = f.coherent;
@@ -70,9 +67,9 @@ impl<M: TableMemory> Smmu<M> {
         poll_until("IRQ_CTRLACK", budget, || p0.irq_ctrlack.get() == 0)?;
 
         // Errors left over from an earlier owner (GERROR survives CR0 = 0).
-        let active = p0.gerror.get() ^ p0.gerrorn.get();
+        let active = p0.active_gerrors();
         if active != 0 {
-            p0.gerrorn.set(p0.gerrorn.get() ^ active);
+            p0.ack_gerrors(active);
         }
 
         let (sh, cache) = if coherent { (3, 1) } else { (0, 0) };

@@ -35,6 +35,13 @@ impl<M: TableMemory> Smmu<M> {
             _ => return Err(SmmuError::Unsupported("table format")),
         };
         let id = domain.id;
+        let tlbi = |addr, range| {
+            if stage1 {
+                Command::tlbi_nh_va(0, id, addr, leaf_only, range)
+            } else {
+                Command::tlbi_s2_ipa(id, addr, leaf_only, range)
+            }
+        };
         let (use_ril, threshold) = self.run.as_ref().map_or((false, 0), |r| {
             (r.config.range_invalidation, r.config.tlbi_page_threshold)
         });
@@ -42,11 +49,7 @@ impl<M: TableMemory> Smmu<M> {
             let mut addr = start;
             let mut left = pages;
             while let Some(r) = TlbiRange::first_chunk(left) {
-                self.queue_command(if stage1 {
-                    Command::tlbi_nh_va(0, id, addr, leaf_only, Some(r))
-                } else {
-                    Command::tlbi_s2_ipa(id, addr, leaf_only, Some(r))
-                })?;
+                self.queue_command(tlbi(addr, Some(r)))?;
                 left -= r.pages();
                 addr += r.pages() * PAGE_SIZE;
             }
@@ -59,12 +62,7 @@ impl<M: TableMemory> Smmu<M> {
             self.invalidate_all_of(domain)
         } else {
             for i in 0..pages {
-                let addr = start + i * PAGE_SIZE;
-                self.queue_command(if stage1 {
-                    Command::tlbi_nh_va(0, id, addr, leaf_only, None)
-                } else {
-                    Command::tlbi_s2_ipa(id, addr, leaf_only, None)
-                })?;
+                self.queue_command(tlbi(start + i * PAGE_SIZE, None))?;
             }
             Ok(())
         }

@@ -107,10 +107,9 @@ pub struct Smmu<M: TableMemory> {
     mem: M,
     features: Features,
     run: Option<Running>,
-    sync_calls: u64,
-    events: u64,
-    event_overflows: u64,
-    gerrors_seen: u32,
+    /// The counters the driver keeps itself; [`Smmu::stats`] adds the
+    /// command queue's.
+    counters: Stats,
 }
 
 impl<M: TableMemory> Smmu<M> {
@@ -157,10 +156,7 @@ impl<M: TableMemory> Smmu<M> {
             mem,
             features,
             run: None,
-            sync_calls: 0,
-            events: 0,
-            event_overflows: 0,
-            gerrors_seen: 0,
+            counters: Stats::default(),
         })
     }
 

@@ -4,6 +4,13 @@
 //! the slot and whose next bit is the wrap flag: equal indexes mean empty,
 //! equal slots with different wrap flags mean full.
 
+use tock_registers::fields::FieldValue;
+
+use super::error::SmmuError;
+use super::regs::Q_BASE;
+use crate::addr::PhysAddr;
+use crate::mem::TableMemory;
+
 /// A producer or consumer index of a `2^log2`-entry queue, wrap bit included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -76,6 +83,52 @@ impl QueueIndex {
         let pending = prod.used_since(*self);
         let index_age = prod.used_since(index); // entries from index to prod
         index_age > pending
+    }
+}
+
+/// The memory of a queue of `2^log2` entries of `ENTRY` bytes, lent by a
+/// [`TableMemory`] (at least one page).
+pub(super) struct QueueMemory<const ENTRY: usize> {
+    base: PhysAddr,
+    log2: u8,
+    pages: usize,
+}
+
+impl<const ENTRY: usize> QueueMemory<ENTRY> {
+    /// Allocates zeroed memory for `2^log2` entries.
+    pub(super) fn new<M: TableMemory>(mem: &M, log2: u8) -> Result<Self, SmmuError> {
+        let bytes = (ENTRY << log2).max(4096);
+        let pages = bytes / 4096;
+        let base = mem.alloc_zeroed(pages).ok_or(SmmuError::OutOfMemory)?;
+        Ok(Self { base, log2, pages })
+    }
+
+    /// log2 of the number of entries.
+    pub(super) const fn log2(&self) -> u8 {
+        self.log2
+    }
+
+    /// The CMDQ_BASE / EVENTQ_BASE value pointing at this memory.
+    pub(super) fn base_register(&self) -> FieldValue<u64, Q_BASE::Register> {
+        Q_BASE::ALLOC::SET
+            + Q_BASE::ADDR.val(self.base.0 >> 5)
+            + Q_BASE::LOG2SIZE.val(self.log2 as u64)
+    }
+
+    /// Physical address of entry `slot` (`slot < 2^log2`).
+    pub(super) const fn slot_pa(&self, slot: u32) -> PhysAddr {
+        PhysAddr(self.base.0 + slot as u64 * ENTRY as u64)
+    }
+
+    /// Gives the memory back.
+    ///
+    /// # Safety
+    ///
+    /// The SMMU must no longer access the queue.
+    pub(super) unsafe fn free<M: TableMemory>(self, mem: &M) {
+        // SAFETY: allocated in `new` with these pages; the caller guarantees
+        // the SMMU no longer accesses it.
+        unsafe { mem.free(self.base, self.pages) }
     }
 }
 

@@ -6,6 +6,7 @@
 // doc comments; the declarations below are documented instead.
 #![allow(missing_docs)]
 
+use tock_registers::interfaces::{Readable, Writeable};
 use tock_registers::register_bitfields;
 use tock_registers::register_structs;
 use tock_registers::registers::{ReadOnly, ReadWrite};
@@ -288,5 +289,18 @@ register_structs! {
         (0xc8 => pub priq_prod: ReadWrite<u32>),
         (0xcc => pub priq_cons: ReadWrite<u32>),
         (0xd0 => @END),
+    }
+}
+
+impl Page0 {
+    /// GERROR bits active now: those that differ from GERRORN (§6.3.18).
+    pub fn active_gerrors(&self) -> u32 {
+        self.gerror.get() ^ self.gerrorn.get()
+    }
+
+    /// Acknowledges the active GERROR `bits` by toggling them in GERRORN
+    /// (§6.3.19).
+    pub fn ack_gerrors(&self, bits: u32) {
+        self.gerrorn.set(self.gerrorn.get() ^ bits);
     }
 }

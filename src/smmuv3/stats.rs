@@ -38,12 +38,9 @@ impl<M: TableMemory> Smmu<M> {
         };
         Stats {
             commands,
-            sync_calls: self.sync_calls,
             command_errors,
             last_command_error,
-            events: self.events,
-            event_overflows: self.event_overflows,
-            gerrors_seen: self.gerrors_seen,
+            ..self.counters
         }
     }
 }

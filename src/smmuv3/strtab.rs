@@ -37,6 +37,9 @@ fn pages_for(bytes: u64) -> usize {
     (bytes.div_ceil(PAGE_SIZE)).max(1) as usize
 }
 
+/// Bytes of one level-2 array: `2^SPLIT` STEs.
+const L2_BYTES: u64 = (Ste::SIZE as u64) << SPLIT;
+
 impl StreamTable {
     /// Allocates a table for `sid_bits` StreamID bits. A linear table starts
     /// with every STE aborting; a 2-level table with no level-2 arrays
@@ -142,15 +145,14 @@ impl StreamTable {
                 let l2 = match desc.l2() {
                     Some(l2) => l2,
                     None => {
-                        let bytes = (Ste::SIZE as u64) << SPLIT;
                         let l2 = mem
-                            .alloc_zeroed(pages_for(bytes))
+                            .alloc_zeroed(pages_for(L2_BYTES))
                             .ok_or(SmmuError::OutOfMemory)?;
                         for i in 0..(1u32 << SPLIT) {
                             self.write_ste_words(mem, l2, i, &Ste::abort());
                         }
                         if !coherent {
-                            mem.clean(l2, bytes as usize);
+                            mem.clean(l2, L2_BYTES as usize);
                         }
                         // The array is complete before the descriptor that
                         // publishes it: one 64-bit store.
@@ -202,10 +204,9 @@ impl StreamTable {
                     let desc = L1Desc(unsafe { p.read_volatile() });
                     if let Some(l2) = desc.l2() {
                         free_cds(l2, 1 << SPLIT);
-                        let pages = pages_for((Ste::SIZE as u64) << SPLIT);
                         // SAFETY: allocated in `locate` with these pages; the
                         // SMMU no longer reads it (caller's guarantee).
-                        unsafe { mem.free(l2, pages) };
+                        unsafe { mem.free(l2, pages_for(L2_BYTES)) };
                     }
                 }
             }
