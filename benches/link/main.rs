@@ -389,39 +389,43 @@ struct Facts {
     lines: Vec<String>,
 }
 
+/// `f` on a fresh `C` in an emptied arena; the arena is emptied again after.
+fn on_fresh<'a, C: Contender<'a>, T>(arena: &'a Arena, f: impl FnOnce(&mut C) -> T) -> T {
+    arena.reset();
+    let mut c = C::new(arena);
+    let t = f(&mut c);
+    drop(c);
+    arena.reset();
+    t
+}
+
 fn table_pages<'a, C: Contender<'a>>(arena: &'a Arena) -> (usize, usize) {
-    arena.reset();
-    let mut c = C::new(arena);
-    c.link_4k(PAGES_1G);
-    let small = arena.live();
-    drop(c);
-    arena.reset();
-    let mut c = C::new(arena);
-    c.link_1g();
-    let blocks = arena.live();
-    drop(c);
-    arena.reset();
+    let small = on_fresh(arena, |c: &mut C| {
+        c.link_4k(PAGES_1G);
+        arena.live()
+    });
+    let blocks = on_fresh(arena, |c: &mut C| {
+        c.link_1g();
+        arena.live()
+    });
     (small, blocks)
 }
 
 /// Heap allocations while linking (and unlinking) 512 pages and a GiB,
 /// tables already created by `C::new`.
 fn heap_allocs<'a, C: Contender<'a>>(arena: &'a Arena) -> (u64, u64) {
-    arena.reset();
-    let mut c = C::new(arena);
-    let before = ALLOCS.load(Ordering::Relaxed);
-    c.link_4k(512);
-    c.unlink_4k(512);
-    let small = ALLOCS.load(Ordering::Relaxed) - before;
-    drop(c);
-    arena.reset();
-    let mut c = C::new(arena);
-    let before = ALLOCS.load(Ordering::Relaxed);
-    c.link_1g();
-    c.unlink_1g();
-    let big = ALLOCS.load(Ordering::Relaxed) - before;
-    drop(c);
-    arena.reset();
+    let small = on_fresh(arena, |c: &mut C| {
+        let before = ALLOCS.load(Ordering::Relaxed);
+        c.link_4k(512);
+        c.unlink_4k(512);
+        ALLOCS.load(Ordering::Relaxed) - before
+    });
+    let big = on_fresh(arena, |c: &mut C| {
+        let before = ALLOCS.load(Ordering::Relaxed);
+        c.link_1g();
+        c.unlink_1g();
+        ALLOCS.load(Ordering::Relaxed) - before
+    });
     (small, big)
 }
 
@@ -445,19 +449,16 @@ fn descriptor(arena: &Arena, root: u64, va: u64, height: u32) -> u64 {
 
 /// What `C` writes for 512 separate pages and for the 1 GiB block.
 fn written<'a, C: Contender<'a>>(arena: &'a Arena) -> Vec<u64> {
-    arena.reset();
-    let mut c = C::new(arena);
-    c.link_4k(512);
-    let mut v: Vec<u64> = (0..512)
-        .map(|i| descriptor(arena, c.root(), VA_BASE + i * PAGE, 0))
-        .collect();
-    drop(c);
-    arena.reset();
-    let mut c = C::new(arena);
-    c.link_1g();
-    v.push(descriptor(arena, c.root(), VA_BASE, 2));
-    drop(c);
-    arena.reset();
+    let mut v: Vec<u64> = on_fresh(arena, |c: &mut C| {
+        c.link_4k(512);
+        (0..512)
+            .map(|i| descriptor(arena, c.root(), VA_BASE + i * PAGE, 0))
+            .collect()
+    });
+    v.push(on_fresh(arena, |c: &mut C| {
+        c.link_1g();
+        descriptor(arena, c.root(), VA_BASE, 2)
+    }));
     v
 }
 
