@@ -28,7 +28,6 @@ pub struct Arena {
     high: Cell<usize>,
     free: RefCell<Vec<u32>>,
     live: Cell<usize>,
-    peak: Cell<usize>,
 }
 
 impl Arena {
@@ -46,7 +45,6 @@ impl Arena {
             // Reserved up front: pushing a freed page never allocates.
             free: RefCell::new(Vec::with_capacity(pages)),
             live: Cell::new(0),
-            peak: Cell::new(0),
         }
     }
 
@@ -59,7 +57,6 @@ impl Arena {
         self.high.set(0);
         self.free.borrow_mut().clear();
         self.live.set(0);
-        self.peak.set(0);
     }
 
     /// Pages currently handed out.
@@ -87,9 +84,7 @@ impl Arena {
                 i
             }
         };
-        let live = self.live.get() + 1;
-        self.live.set(live);
-        self.peak.set(self.peak.get().max(live));
+        self.live.set(self.live.get() + 1);
         Some(PHYS_BASE + (idx * PAGE) as u64)
     }
 

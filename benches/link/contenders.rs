@@ -169,6 +169,7 @@ impl<'a, F: PteFormat + Default> Contender<'a> for Ours<'a, F> {
         self.tx = Some(tx);
     }
 
+    /// Unmapping in aarch64-paging is mapping with attributes lacking VALID.
     #[inline(never)]
     fn unlink_4k(&mut self, n: u64) {
         let tx = self.tx.as_mut().unwrap();
@@ -227,7 +228,6 @@ impl<'a, F: PteFormat + Default> Contender<'a> for Ours<'a, F> {
 /// google/aarch64-paging `Mapping::map_range`, one region per page.
 pub struct Aarch64<'a, R: TranslationRegime> {
     pub map: Mapping<ArenaRef<'a>, R>,
-    flags: R::Attributes,
 }
 
 /// Stage 1 (EL1&0, lower VA range): the same bits ours writes for a
@@ -236,67 +236,40 @@ pub type Aarch64S1<'a> = Aarch64<'a, El1And0>;
 /// Stage 2: S2AP read/write, normal write-back, inner shareable, AF.
 pub type Aarch64S2<'a> = Aarch64<'a, Stage2>;
 
-impl<'a> Contender<'a> for Aarch64S1<'a> {
-    fn new(arena: &'a Arena) -> Self {
-        Self {
-            map: Mapping::with_asid_and_va_range(ArenaRef(arena), 1, 0, El1And0, VaRange::Lower),
-            flags: El1Attributes::VALID
-                | El1Attributes::ATTRIBUTE_INDEX_0
-                | El1Attributes::INNER_SHAREABLE
-                | El1Attributes::ACCESSED
-                | El1Attributes::NON_GLOBAL
-                | El1Attributes::USER,
-        }
+/// What the stage 1 and stage 2 contenders differ in: how the table is
+/// made and the attributes of a mapped page.
+pub trait Aarch64Regime: TranslationRegime {
+    /// A fresh, empty table (root level 0) in `arena`.
+    fn mapping(arena: &Arena) -> Mapping<ArenaRef<'_>, Self>;
+    /// The attributes of a read/write normal page, as ours writes them.
+    fn flags() -> Self::Attributes;
+}
+
+impl Aarch64Regime for El1And0 {
+    fn mapping(arena: &Arena) -> Mapping<ArenaRef<'_>, Self> {
+        Mapping::with_asid_and_va_range(ArenaRef(arena), 1, 0, El1And0, VaRange::Lower)
     }
-    fn link_4k(&mut self, n: u64) {
-        aarch64_link_4k(&mut self.map, self.flags, n)
-    }
-    fn unlink_4k(&mut self, n: u64) {
-        aarch64_unlink_4k(&mut self.map, n)
-    }
-    fn link_run(&mut self, n: u64) {
-        aarch64_link_run(&mut self.map, self.flags, n)
-    }
-    fn link_1g(&mut self) {
-        aarch64_link_1g(&mut self.map, self.flags)
-    }
-    fn unlink_1g(&mut self) {
-        aarch64_unlink_1g(&mut self.map)
-    }
-    fn root(&self) -> u64 {
-        self.map.root_address().0 as u64
+    fn flags() -> El1Attributes {
+        El1Attributes::VALID
+            | El1Attributes::ATTRIBUTE_INDEX_0
+            | El1Attributes::INNER_SHAREABLE
+            | El1Attributes::ACCESSED
+            | El1Attributes::NON_GLOBAL
+            | El1Attributes::USER
     }
 }
 
-impl<'a> Contender<'a> for Aarch64S2<'a> {
-    fn new(arena: &'a Arena) -> Self {
-        Self {
-            map: Mapping::new(ArenaRef(arena), 0, Stage2),
-            flags: Stage2Attributes::VALID
-                | Stage2Attributes::MEMATTR_NORMAL_INNER_WB
-                | Stage2Attributes::MEMATTR_NORMAL_OUTER_WB
-                | Stage2Attributes::S2AP_ACCESS_RW
-                | Stage2Attributes::SH_INNER
-                | Stage2Attributes::ACCESS_FLAG,
-        }
+impl Aarch64Regime for Stage2 {
+    fn mapping(arena: &Arena) -> Mapping<ArenaRef<'_>, Self> {
+        Mapping::new(ArenaRef(arena), 0, Stage2)
     }
-    fn link_4k(&mut self, n: u64) {
-        aarch64_link_4k(&mut self.map, self.flags, n)
-    }
-    fn unlink_4k(&mut self, n: u64) {
-        aarch64_unlink_4k(&mut self.map, n)
-    }
-    fn link_run(&mut self, n: u64) {
-        aarch64_link_run(&mut self.map, self.flags, n)
-    }
-    fn link_1g(&mut self) {
-        aarch64_link_1g(&mut self.map, self.flags)
-    }
-    fn unlink_1g(&mut self) {
-        aarch64_unlink_1g(&mut self.map)
-    }
-    fn root(&self) -> u64 {
-        self.map.root_address().0 as u64
+    fn flags() -> Stage2Attributes {
+        Stage2Attributes::VALID
+            | Stage2Attributes::MEMATTR_NORMAL_INNER_WB
+            | Stage2Attributes::MEMATTR_NORMAL_OUTER_WB
+            | Stage2Attributes::S2AP_ACCESS_RW
+            | Stage2Attributes::SH_INNER
+            | Stage2Attributes::ACCESS_FLAG
     }
 }
 
@@ -304,72 +277,60 @@ fn region(va: u64, len: u64) -> MemoryRegion {
     MemoryRegion::new(va as usize, (va + len) as usize)
 }
 
-#[inline(never)]
-fn aarch64_link_4k<R: TranslationRegime>(
-    map: &mut Mapping<ArenaRef<'_>, R>,
-    flags: R::Attributes,
-    n: u64,
-) {
-    for i in 0..n {
-        map.map_range(
-            &region(VA_BASE + i * PAGE, PAGE),
-            PhysicalAddress(pa_4k(i) as usize),
-            flags,
-            Constraints::empty(),
-        )
-        .unwrap();
+impl<'a, R: Aarch64Regime> Aarch64<'a, R> {
+    /// Maps `len` bytes at `va` to `pa` with `flags` in one call.
+    fn map_range(&mut self, va: u64, len: u64, pa: u64, flags: R::Attributes) {
+        self.map
+            .map_range(
+                &region(va, len),
+                PhysicalAddress(pa as usize),
+                flags,
+                Constraints::empty(),
+            )
+            .unwrap();
     }
 }
 
-/// Unmapping in aarch64-paging is mapping with attributes lacking VALID.
-#[inline(never)]
-fn aarch64_unlink_4k<R: TranslationRegime>(map: &mut Mapping<ArenaRef<'_>, R>, n: u64) {
-    for i in 0..n {
-        map.map_range(
-            &region(VA_BASE + i * PAGE, PAGE),
-            PhysicalAddress(0),
-            R::Attributes::default(),
-            Constraints::empty(),
-        )
-        .unwrap();
+impl<'a, R: Aarch64Regime> Contender<'a> for Aarch64<'a, R> {
+    fn new(arena: &'a Arena) -> Self {
+        Self {
+            map: R::mapping(arena),
+        }
     }
-}
 
-#[inline(never)]
-fn aarch64_link_run<R: TranslationRegime>(
-    map: &mut Mapping<ArenaRef<'_>, R>,
-    flags: R::Attributes,
-    n: u64,
-) {
-    map.map_range(
-        &region(VA_BASE, n * PAGE),
-        PhysicalAddress(PA_RUN as usize),
-        flags,
-        Constraints::empty(),
-    )
-    .unwrap();
-}
+    #[inline(never)]
+    fn link_4k(&mut self, n: u64) {
+        for i in 0..n {
+            self.map_range(VA_BASE + i * PAGE, PAGE, pa_4k(i), R::flags());
+        }
+    }
 
-#[inline(never)]
-fn aarch64_link_1g<R: TranslationRegime>(map: &mut Mapping<ArenaRef<'_>, R>, flags: R::Attributes) {
-    map.map_range(
-        &region(VA_BASE, GIB),
-        PhysicalAddress(PA_1G as usize),
-        flags,
-        Constraints::empty(),
-    )
-    .unwrap();
-}
+    /// Unmapping in aarch64-paging is mapping with attributes lacking VALID.
+    #[inline(never)]
+    fn unlink_4k(&mut self, n: u64) {
+        for i in 0..n {
+            self.map_range(VA_BASE + i * PAGE, PAGE, 0, R::Attributes::default());
+        }
+    }
 
-#[inline(never)]
-fn aarch64_unlink_1g<R: TranslationRegime>(map: &mut Mapping<ArenaRef<'_>, R>) {
-    map.map_range(
-        &region(VA_BASE, GIB),
-        PhysicalAddress(0),
-        R::Attributes::default(),
-        Constraints::empty(),
-    )
-    .unwrap();
+    #[inline(never)]
+    fn link_run(&mut self, n: u64) {
+        self.map_range(VA_BASE, n * PAGE, PA_RUN, R::flags());
+    }
+
+    #[inline(never)]
+    fn link_1g(&mut self) {
+        self.map_range(VA_BASE, GIB, PA_1G, R::flags());
+    }
+
+    #[inline(never)]
+    fn unlink_1g(&mut self) {
+        self.map_range(VA_BASE, GIB, 0, R::Attributes::default());
+    }
+
+    fn root(&self) -> u64 {
+        self.map.root_address().0 as u64
+    }
 }
 
 /// rust-osdev/x86_64 `OffsetPageTable::map_to` / `unmap`, one page per call;
@@ -410,6 +371,7 @@ impl<'a> Contender<'a> for X86<'a> {
         }
     }
 
+    /// Unmapping in aarch64-paging is mapping with attributes lacking VALID.
     #[inline(never)]
     fn unlink_4k(&mut self, n: u64) {
         for i in 0..n {

@@ -219,6 +219,36 @@ impl Op {
             Op::Link1g | Op::Unlink1g => PAGES_1G,
         }
     }
+
+    /// Descriptors the limit writes for this case (one for the GiB block).
+    fn limit_entries(self) -> u64 {
+        match self {
+            Op::Link1g | Op::Unlink1g => 1,
+            _ => self.pages(),
+        }
+    }
+
+    /// The case's name in the report.
+    fn name(self) -> String {
+        match self {
+            Op::Link4k(n) => format!("link4k-{n}"),
+            Op::LinkSg(n) => format!("linksg-{n}"),
+            Op::LinkRun(n) => format!("linkrun-{n}"),
+            Op::Unlink4k(n) => format!("unlink4k-{n}"),
+            Op::Link1g => "link1g".into(),
+            Op::Unlink1g => "unlink1g".into(),
+        }
+    }
+
+    /// Every case, in the summary's order.
+    fn all() -> Vec<Op> {
+        let mut ops: Vec<Op> = NS.map(Op::Link4k).into();
+        ops.extend(NS.map(Op::LinkSg));
+        ops.extend([Op::LinkRun(RUN), Op::Link1g]);
+        ops.extend(NS.map(Op::Unlink4k));
+        ops.push(Op::Unlink1g);
+        ops
+    }
 }
 
 fn one<'a, C: Contender<'a>>(
@@ -261,61 +291,34 @@ fn batch_for(pages: u64) -> u64 {
     }
 }
 
-fn run_benches(c: &mut Criterion, arena: &Arena) {
-    for n in NS {
-        let case = format!("link4k-{n}");
-        let mut g = c.benchmark_group(&case);
-        g.sample_size(SAMPLES);
-        per_format(&mut g, &case, Op::Link4k(n), arena);
-        let limit = Limit::new(arena, n);
-        steady(&mut g, &case, "limit", n, || limit.store(n));
-        g.finish();
-        arena.reset();
-
-        let case = format!("linksg-{n}");
-        let mut g = c.benchmark_group(&case);
-        g.sample_size(SAMPLES);
-        per_format(&mut g, &case, Op::LinkSg(n), arena);
-        let limit = Limit::new(arena, n);
-        steady(&mut g, &case, "limit", n, || limit.store(n));
-        g.finish();
-        arena.reset();
-
-        let case = format!("unlink4k-{n}");
-        let mut g = c.benchmark_group(&case);
-        g.sample_size(SAMPLES);
-        per_format(&mut g, &case, Op::Unlink4k(n), arena);
-        let limit = Limit::new(arena, n);
-        steady(&mut g, &case, "limit", n, || limit.clear(n));
-        g.finish();
-        arena.reset();
-    }
-
-    let n = RUN;
-    let case = format!("linkrun-{n}");
+/// One group: `op` for ours in each format and its peer, then the limit
+/// storing (or, for an unlink, clearing) the same descriptors.
+fn fresh_group(c: &mut Criterion, op: Op, arena: &Arena) {
+    let case = op.name();
     let mut g = c.benchmark_group(&case);
     g.sample_size(SAMPLES);
-    per_format(&mut g, &case, Op::LinkRun(n), arena);
+    per_format(&mut g, &case, op, arena);
+    let n = op.limit_entries();
     let limit = Limit::new(arena, n);
-    steady(&mut g, &case, "limit", n, || limit.store(n));
+    match op {
+        Op::Unlink4k(_) | Op::Unlink1g => {
+            steady(&mut g, &case, "limit", op.pages(), || limit.clear(n))
+        }
+        _ => steady(&mut g, &case, "limit", op.pages(), || limit.store(n)),
+    }
     g.finish();
     arena.reset();
+}
 
-    let mut g = c.benchmark_group("link1g");
-    g.sample_size(SAMPLES);
-    per_format(&mut g, "link1g", Op::Link1g, arena);
-    let limit = Limit::new(arena, 1);
-    steady(&mut g, "link1g", "limit", PAGES_1G, || limit.store(1));
-    g.finish();
-    arena.reset();
-
-    let mut g = c.benchmark_group("unlink1g");
-    g.sample_size(SAMPLES);
-    per_format(&mut g, "unlink1g", Op::Unlink1g, arena);
-    let limit = Limit::new(arena, 1);
-    steady(&mut g, "unlink1g", "limit", PAGES_1G, || limit.clear(1));
-    g.finish();
-    arena.reset();
+fn run_benches(c: &mut Criterion, arena: &Arena) {
+    for n in NS {
+        for op in [Op::Link4k(n), Op::LinkSg(n), Op::Unlink4k(n)] {
+            fresh_group(c, op, arena);
+        }
+    }
+    for op in [Op::LinkRun(RUN), Op::Link1g, Op::Unlink1g] {
+        fresh_group(c, op, arena);
+    }
 
     let mut g = c.benchmark_group("txn-fixed");
     g.sample_size(SAMPLES);
@@ -386,39 +389,43 @@ struct Facts {
     lines: Vec<String>,
 }
 
+/// `f` on a fresh `C` in an emptied arena; the arena is emptied again after.
+fn on_fresh<'a, C: Contender<'a>, T>(arena: &'a Arena, f: impl FnOnce(&mut C) -> T) -> T {
+    arena.reset();
+    let mut c = C::new(arena);
+    let t = f(&mut c);
+    drop(c);
+    arena.reset();
+    t
+}
+
 fn table_pages<'a, C: Contender<'a>>(arena: &'a Arena) -> (usize, usize) {
-    arena.reset();
-    let mut c = C::new(arena);
-    c.link_4k(PAGES_1G);
-    let small = arena.live();
-    drop(c);
-    arena.reset();
-    let mut c = C::new(arena);
-    c.link_1g();
-    let blocks = arena.live();
-    drop(c);
-    arena.reset();
+    let small = on_fresh(arena, |c: &mut C| {
+        c.link_4k(PAGES_1G);
+        arena.live()
+    });
+    let blocks = on_fresh(arena, |c: &mut C| {
+        c.link_1g();
+        arena.live()
+    });
     (small, blocks)
 }
 
 /// Heap allocations while linking (and unlinking) 512 pages and a GiB,
 /// tables already created by `C::new`.
 fn heap_allocs<'a, C: Contender<'a>>(arena: &'a Arena) -> (u64, u64) {
-    arena.reset();
-    let mut c = C::new(arena);
-    let before = ALLOCS.load(Ordering::Relaxed);
-    c.link_4k(512);
-    c.unlink_4k(512);
-    let small = ALLOCS.load(Ordering::Relaxed) - before;
-    drop(c);
-    arena.reset();
-    let mut c = C::new(arena);
-    let before = ALLOCS.load(Ordering::Relaxed);
-    c.link_1g();
-    c.unlink_1g();
-    let big = ALLOCS.load(Ordering::Relaxed) - before;
-    drop(c);
-    arena.reset();
+    let small = on_fresh(arena, |c: &mut C| {
+        let before = ALLOCS.load(Ordering::Relaxed);
+        c.link_4k(512);
+        c.unlink_4k(512);
+        ALLOCS.load(Ordering::Relaxed) - before
+    });
+    let big = on_fresh(arena, |c: &mut C| {
+        let before = ALLOCS.load(Ordering::Relaxed);
+        c.link_1g();
+        c.unlink_1g();
+        ALLOCS.load(Ordering::Relaxed) - before
+    });
     (small, big)
 }
 
@@ -442,19 +449,16 @@ fn descriptor(arena: &Arena, root: u64, va: u64, height: u32) -> u64 {
 
 /// What `C` writes for 512 separate pages and for the 1 GiB block.
 fn written<'a, C: Contender<'a>>(arena: &'a Arena) -> Vec<u64> {
-    arena.reset();
-    let mut c = C::new(arena);
-    c.link_4k(512);
-    let mut v: Vec<u64> = (0..512)
-        .map(|i| descriptor(arena, c.root(), VA_BASE + i * PAGE, 0))
-        .collect();
-    drop(c);
-    arena.reset();
-    let mut c = C::new(arena);
-    c.link_1g();
-    v.push(descriptor(arena, c.root(), VA_BASE, 2));
-    drop(c);
-    arena.reset();
+    let mut v: Vec<u64> = on_fresh(arena, |c: &mut C| {
+        c.link_4k(512);
+        (0..512)
+            .map(|i| descriptor(arena, c.root(), VA_BASE + i * PAGE, 0))
+            .collect()
+    });
+    v.push(on_fresh(arena, |c: &mut C| {
+        c.link_1g();
+        descriptor(arena, c.root(), VA_BASE, 2)
+    }));
     v
 }
 
@@ -557,6 +561,30 @@ fn ns(x: f64) -> String {
     format!("{x:.digits$}")
 }
 
+/// The summary lines of `case` for ours in `fmt`: against `peer`, and
+/// against the limit.
+fn compare(case: &str, fmt: &str, peer: &str) {
+    let Some(ours) = result(case, &format!("{fmt}/ours")) else {
+        return;
+    };
+    if let Some(p) = result(case, &format!("{fmt}/{peer}")) {
+        println!(
+            "bench: {case}/{fmt} ours={} ns/page {peer}={} ns/page ratio={:.2}",
+            ns(ours),
+            ns(p),
+            p / ours
+        );
+    }
+    if let Some(l) = result(case, "limit") {
+        println!(
+            "bench: {case}/{fmt} ours={} ns/page limit={} ns/page ratio={:.2}",
+            ns(ours),
+            ns(l),
+            ours / l
+        );
+    }
+}
+
 fn summary(facts: &Facts) {
     println!();
     println!(
@@ -564,63 +592,13 @@ fn summary(facts: &Facts) {
         cpu_model(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let mut cases: Vec<String> = Vec::new();
-    for n in NS {
-        cases.push(format!("link4k-{n}"));
-    }
-    for n in NS {
-        cases.push(format!("linksg-{n}"));
-    }
-    cases.push(format!("linkrun-{RUN}"));
-    cases.push("link1g".into());
-    for n in NS {
-        cases.push(format!("unlink4k-{n}"));
-    }
-    cases.push("unlink1g".into());
-    for case in &cases {
+    for op in Op::all() {
         for (fmt, peer) in FORMATS {
-            let Some(ours) = result(case, &format!("{fmt}/ours")) else {
-                continue;
-            };
-            if let Some(p) = result(case, &format!("{fmt}/{peer}")) {
-                println!(
-                    "bench: {case}/{fmt} ours={} ns/page {peer}={} ns/page ratio={:.2}",
-                    ns(ours),
-                    ns(p),
-                    p / ours
-                );
-            }
-            if let Some(l) = result(case, "limit") {
-                println!(
-                    "bench: {case}/{fmt} ours={} ns/page limit={} ns/page ratio={:.2}",
-                    ns(ours),
-                    ns(l),
-                    ours / l
-                );
-            }
+            compare(&op.name(), fmt, peer);
         }
     }
     for (fmt, _) in FORMATS {
-        let case = "txn-fixed";
-        let Some(ours) = result(case, &format!("{fmt}/ours")) else {
-            continue;
-        };
-        if let Some(p) = result(case, &format!("{fmt}/one-step")) {
-            println!(
-                "bench: {case}/{fmt} ours={} ns/page one-step={} ns/page ratio={:.2}",
-                ns(ours),
-                ns(p),
-                p / ours
-            );
-        }
-        if let Some(l) = result(case, "limit") {
-            println!(
-                "bench: {case}/{fmt} ours={} ns/page limit={} ns/page ratio={:.2}",
-                ns(ours),
-                ns(l),
-                ours / l
-            );
-        }
+        compare("txn-fixed", fmt, "one-step");
     }
     for l in &facts.lines {
         println!("{l}");
@@ -654,18 +632,10 @@ fn profile(what: &str, arena: &Arena) {
         }
         return;
     }
-    let op = match case {
-        "link4k-512" => Op::Link4k(512),
-        "link4k-32768" => Op::Link4k(32768),
-        "linksg-512" => Op::LinkSg(512),
-        "linksg-32768" => Op::LinkSg(32768),
-        "linkrun-32768" => Op::LinkRun(32768),
-        "link1g" => Op::Link1g,
-        "unlink4k-512" => Op::Unlink4k(512),
-        "unlink4k-32768" => Op::Unlink4k(32768),
-        "unlink1g" => Op::Unlink1g,
-        other => panic!("unknown case {other}"),
-    };
+    let op = Op::all()
+        .into_iter()
+        .find(|op| op.name() == case)
+        .unwrap_or_else(|| panic!("unknown case {case}"));
     match who {
         "s1/ours" => go::<Ours<ArmStage1>>(op, iters, arena),
         "s1/aarch64-paging" => go::<Aarch64S1>(op, iters, arena),
@@ -674,11 +644,7 @@ fn profile(what: &str, arena: &Arena) {
         "vtd/ours" => go::<Ours<VtdSecondLevel>>(op, iters, arena),
         "vtd/x86_64" => go::<X86>(op, iters, arena),
         "limit" => {
-            let n = if op.pages() == PAGES_1G {
-                1
-            } else {
-                op.pages()
-            };
+            let n = op.limit_entries();
             let l = Limit::new(arena, n);
             for _ in 0..iters {
                 l.store(n);
