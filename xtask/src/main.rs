@@ -4,6 +4,7 @@ mod disk;
 mod q35;
 mod qemu;
 mod runner;
+mod toolchain;
 mod virt;
 
 use std::process::{Command, ExitCode};
@@ -158,6 +159,12 @@ fn main() -> ExitCode {
         Some(i) => (&args[..i], args[i + 1..].to_vec()),
         None => (&args[..], Vec::new()),
     };
+    if !head.is_empty()
+        && let Err(e) = toolchain::ensure_installed()
+    {
+        eprintln!("xtask: the pinned toolchain is incomplete: {e}");
+        return ExitCode::FAILURE;
+    }
     match head.first().map(String::as_str) {
         Some("test") => test(&extra),
         Some("demo") => match board("virt-smmuv3", &extra, true) {
