@@ -35,6 +35,11 @@ pub enum BackendError {
         /// Raw error register value (SMMU GERROR, VT-d FSTS).
         status: u32,
     },
+    /// The table walker does not snoop CPU caches (SMMU `IDR0.COHACC == 0`,
+    /// VT-d `ECAP.C == 0` / `ECAP.SMPWC == 0`) and the lender cannot clean
+    /// them ([`TableMemory::can_clean`](crate::mem::TableMemory::can_clean) is
+    /// false): the hardware would walk stale tables, so set-up is refused.
+    LenderCannotClean,
 }
 
 /// Errors of the I/O page table.

@@ -66,6 +66,7 @@ extern crate alloc;
 
 pub mod addr;
 pub mod backend;
+pub mod barrier;
 pub mod device;
 pub mod error;
 pub mod iova;

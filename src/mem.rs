@@ -46,6 +46,22 @@ pub unsafe trait TableMemory {
     fn invalidate(&self, pa: PhysAddr, len: usize) {
         let _ = (pa, len);
     }
+
+    /// Whether [`clean`](TableMemory::clean) really writes CPU cache lines back
+    /// to the point of coherency. The drivers refuse, with
+    /// [`BackendError::LenderCannotClean`](crate::error::BackendError::LenderCannotClean),
+    /// to run a non-coherent table walker over a lender that cannot: the
+    /// hardware would read stale tables. The default is `false`, right for a
+    /// lender that only serves coherent walkers.
+    fn can_clean(&self) -> bool {
+        false
+    }
+
+    /// Hook for ordering recorders in tests: the crate calls it right after
+    /// each write barrier it issues to order table or queue writes made through
+    /// this lender before later writes. Real lenders keep the default (nothing).
+    #[doc(hidden)]
+    fn observe_barrier(&self) {}
 }
 
 // SAFETY: forwards every call to `T`, which upholds the contract.
@@ -65,6 +81,12 @@ unsafe impl<T: TableMemory + ?Sized> TableMemory for &T {
     }
     fn invalidate(&self, pa: PhysAddr, len: usize) {
         (**self).invalidate(pa, len)
+    }
+    fn can_clean(&self) -> bool {
+        (**self).can_clean()
+    }
+    fn observe_barrier(&self) {
+        (**self).observe_barrier()
     }
 }
 

@@ -1,9 +1,7 @@
 //! Pointing a stream at a domain: building the STE (and the CD of a stage-1
 //! domain) and installing it without exposing a half-written entry.
 
-use super::{
-    Command, ContextDescriptor, STAGE1_MAIR, Smmu, SmmuError, Stage2Config, Ste, barrier, ste,
-};
+use super::{Command, ContextDescriptor, STAGE1_MAIR, Smmu, SmmuError, Stage2Config, Ste, ste};
 use crate::backend::{Attachment, DomainInfo, TableFormat};
 use crate::mem::TableMemory;
 
@@ -79,7 +77,7 @@ impl<M: TableMemory> Smmu<M> {
             match step {
                 ste::SteStep::Write { word, value } => {
                     // Earlier stores land before this one.
-                    barrier::wmb();
+                    crate::barrier::wmb();
                     slot.write_word(word as usize, value);
                 }
                 ste::SteStep::Sync => {

@@ -190,7 +190,7 @@ impl CommandQueue {
         if self.published == self.prod {
             return;
         }
-        super::barrier::wmb();
+        crate::barrier::wmb();
         regs.cmdq_prod.write(CMDQ_PROD::WR.val(self.prod.raw()));
         self.published = self.prod;
     }
@@ -216,7 +216,7 @@ impl CommandQueue {
         // The first one since the last sync is the one to report.
         self.unreported.get_or_insert(error);
         self.write_slot(mem, coherent, index.slot(), &Command::sync());
-        super::barrier::wmb();
+        crate::barrier::wmb();
         regs.ack_gerrors(GERROR::CMDQ_ERR::SET.value);
     }
 

@@ -79,7 +79,7 @@ impl EventQueue {
         if prod.is_empty(self.cons) {
             return None;
         }
-        super::barrier::rmb();
+        crate::barrier::rmb();
         let pa = self.memory.slot_pa(self.cons.slot());
         if !coherent {
             mem.invalidate(pa, ENTRY);

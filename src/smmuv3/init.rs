@@ -9,7 +9,7 @@ use super::evtq::EventQueue;
 use super::poll::poll_until;
 use super::regs::{CR0, CR1, CR2, GBPA, IRQ_CTRL};
 use super::strtab::{self, StreamTable, StreamTableFormat};
-use super::{Command, Running, Smmu, SmmuConfig, SmmuError, StreamTableChoice, barrier};
+use super::{Command, Running, Smmu, SmmuConfig, SmmuError, StreamTableChoice};
 use crate::logging::log_debug;
 use crate::mem::TableMemory;
 
@@ -103,7 +103,7 @@ impl<M: TableMemory> Smmu<M> {
         let mut evtq = EventQueue::new(&self.mem, config.evtq_log2.min(f.evtq_log2_max))?;
         evtq.program(p0, self.page1);
 
-        barrier::wmb();
+        crate::barrier::wmb();
         let queues = CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
         self.write_cr0(queues, budget)?;
 

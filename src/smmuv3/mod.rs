@@ -43,7 +43,6 @@
 //! }
 //! ```
 
-pub mod barrier;
 pub mod cd;
 pub mod cmd;
 pub mod cmdq;

@@ -156,7 +156,7 @@ impl StreamTable {
                         }
                         // The array is complete before the descriptor that
                         // publishes it: one 64-bit store.
-                        super::barrier::wmb();
+                        crate::barrier::wmb();
                         // SAFETY: as above.
                         unsafe { l1p.write_volatile(L1Desc::new(l2, SPLIT).0) };
                         if !coherent {

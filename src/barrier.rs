@@ -26,3 +26,11 @@ pub fn rmb() {
     #[cfg(not(target_arch = "aarch64"))]
     core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
 }
+
+/// [`wmb`], then tells `mem`'s ordering hook (test recorders see where the
+/// crate's barriers fall between its table stores).
+#[inline]
+pub fn wmb_on<M: crate::mem::TableMemory + ?Sized>(mem: &M) {
+    wmb();
+    mem.observe_barrier();
+}
