@@ -1,5 +1,6 @@
 //! Project automation: `cargo xtask test | demo | board NAME [-- QEMU ARGS] | bench`.
 
+mod apt;
 mod disk;
 mod q35;
 mod qemu;
