@@ -116,6 +116,7 @@ fn test(extra: &[String]) -> ExitCode {
             ])),
         );
     }
+    msrv_builds(&mut t);
     for dir in ["boards/common", "boards/qemu-virt", "boards/qemu-q35"] {
         t.step(
             &format!("fmt {dir}"),
@@ -154,6 +155,61 @@ fn test(extra: &[String]) -> ExitCode {
     }
 }
 
+/// Builds the library with the toolchain its `rust-version` names, for the
+/// host and both bare-metal targets, with the locked dependencies.
+fn msrv_builds(t: &mut Tally) {
+    const TARGETS: [&str; 2] = ["aarch64-unknown-none", "x86_64-unknown-none"];
+    let msrv = match toolchain::msrv() {
+        Ok(v) => v,
+        Err(e) => {
+            println!("xtask: msrv: {e}");
+            t.step("msrv", false);
+            return;
+        }
+    };
+    if let Err(e) = toolchain::ensure_toolchain(&msrv, &TARGETS) {
+        println!("xtask: msrv {msrv}: {e}");
+        t.step(&format!("msrv {msrv}"), false);
+        return;
+    }
+    let target_dir = root().join("target").join("msrv");
+    let build = |target: Option<&str>, features: &str| {
+        // `rustup run` puts that toolchain's cargo and rustc first on PATH,
+        // whatever toolchain runs the xtask.
+        let mut c = Command::new("rustup");
+        c.current_dir(root())
+            .env_remove("RUSTC")
+            .env_remove("RUSTDOC")
+            .env_remove("CARGO")
+            .args([
+                "run",
+                &msrv,
+                "cargo",
+                "build",
+                "--locked",
+                "--lib",
+                "--features",
+                features,
+            ])
+            .arg("--target-dir")
+            .arg(&target_dir);
+        if let Some(t) = target {
+            c.args(["--target", t]);
+        }
+        run(&mut c)
+    };
+    t.step(
+        &format!("msrv {msrv} host (defmt,log,alloc)"),
+        build(None, "defmt,log,alloc"),
+    );
+    for target in TARGETS {
+        t.step(
+            &format!("msrv {msrv} {target} (defmt,log)"),
+            build(Some(target), "defmt,log"),
+        );
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (head, extra) = match args.iter().position(|a| a == "--") {
@@ -168,6 +224,19 @@ fn main() -> ExitCode {
     }
     match head.first().map(String::as_str) {
         Some("test") => test(&extra),
+        Some("msrv") => {
+            let mut t = Tally {
+                passed: 0,
+                failed: 0,
+            };
+            msrv_builds(&mut t);
+            println!("{} passed, {} failed", t.passed, t.failed);
+            if t.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Some("demo") => match board("virt-smmuv3", &extra, true) {
             Ok((_, 0)) => ExitCode::SUCCESS,
             Ok(_) => ExitCode::FAILURE,
@@ -205,7 +274,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask test [-- QEMU ARGS] | demo | board NAME [-- QEMU ARGS] | bench"
+                "usage: cargo xtask test [-- QEMU ARGS] | msrv | demo | board NAME [-- QEMU ARGS] | bench"
             );
             ExitCode::FAILURE
         }

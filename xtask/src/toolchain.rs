@@ -150,6 +150,58 @@ pub fn ensure_installed() -> Result<(), String> {
     Ok(())
 }
 
+/// The `rust-version` of the library's `Cargo.toml` (its `[package]` table).
+pub fn msrv() -> Result<String, String> {
+    let path = crate::root().join("Cargo.toml");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == "rust-version").then(|| v.trim().trim_matches('"').to_string())
+        })
+        .ok_or_else(|| "Cargo.toml has no rust-version".into())
+}
+
+/// Installs toolchain `channel` (minimal profile) with `targets` when rustup
+/// lacks it or them, so the library can be built with its declared MSRV.
+pub fn ensure_toolchain(channel: &str, targets: &[&str]) -> Result<(), String> {
+    let pinned = Pinned {
+        channel: channel.to_string(),
+        components: Vec::new(),
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+    };
+    let have = rustup_list(&["target", "list", "--installed", "--toolchain", channel]);
+    let mut cmds = Vec::new();
+    if have.is_none() {
+        cmds.push(
+            [
+                "rustup",
+                "toolchain",
+                "install",
+                channel,
+                "--profile",
+                "minimal",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>(),
+        );
+    }
+    cmds.extend(missing_commands(&pinned, &[], &have.unwrap_or_default()));
+    for c in &cmds {
+        eprintln!("xtask: running {}", c.join(" "));
+        if !Command::new(&c[0])
+            .args(&c[1..])
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            return Err(format!("`{}` failed", c.join(" ")));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
