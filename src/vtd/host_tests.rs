@@ -653,3 +653,70 @@ fn hostile_vtd_registers_placed_outside_the_block_are_refused() {
         "{e:?}"
     );
 }
+
+/// Issue 15 (hostile hardware): random CAP/ECAP, a GSTS that never
+/// acknowledges what was asked, a garbage queue head and fault index. Every
+/// probe, init and operation returns (a typed error or a bounded timeout):
+/// no panic, no hang, no access outside the 4 KiB block.
+#[test]
+fn hostile_vtd_random_capabilities_and_silent_registers_give_typed_errors() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut refused = 0;
+    for _ in 0..3000 {
+        let regs = Regs::new(4096);
+        regs.set_u32(0x00, rnd() as u32 | 1);
+        regs.set_u64(0x08, rnd());
+        regs.set_u64(0x10, rnd());
+        regs.set_u32(0x1c, rnd() as u32);
+        regs.set_u64(0x80, rnd());
+        regs.set_u32(0x34, rnd() as u32);
+        regs.set_u32(0x64, rnd() as u32);
+        let mem = SharedMem::new(16, true);
+        // SAFETY: `regs` outlives the driver; its length is declared.
+        let Ok(mut v) = (unsafe { Vtd::new(regs.base(), regs.len(), mem.clone()) }) else {
+            refused += 1;
+            continue;
+        };
+        let sm = rnd() & 1 != 0;
+        let c = VtdConfig {
+            poll_budget: 50,
+            scalable: sm,
+            use_qi: rnd() & 1 != 0,
+            ..VtdConfig::default()
+        };
+        let _ = v.init(c);
+        let info = DomainInfo {
+            id: rnd() as u16,
+            root: PhysAddr(0x7000_0000),
+            format: if rnd() & 1 != 0 {
+                TableFormat::VtdFirstLevel
+            } else {
+                TableFormat::VtdSecondLevel
+            },
+            levels: 3 + (rnd() % 2) as u8,
+            ias_bits: 48,
+        };
+        let _ = v.attach(dev(3), Attachment::Translated(info));
+        let _ = v.attach(dev(4), Attachment::Bypass);
+        let _ = v.invalidate(
+            &info,
+            DmaAddr(rnd() & !0xfff),
+            rnd() % (1 << 32),
+            rnd() & 1 != 0,
+        );
+        let _ = v.invalidate_domain(&info);
+        let _ = v.sync();
+        let _ = v.poll_faults(|_| {});
+        let _ = v.device_state(dev(3));
+        let _ = v.detach(dev(3));
+        let _ = v.set_queued_invalidation(rnd() & 1 != 0);
+        let _ = v.disable();
+    }
+    assert!(refused > 0 && refused < 3000, "{refused}");
+}
