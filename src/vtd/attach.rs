@@ -3,12 +3,11 @@
 //! the legacy entry for an attachment, legacy attach/detach, and reading a
 //! device's state back. Scalable-mode attach is in `scalable`.
 
-use core::sync::atomic::{Ordering, fence};
-
 use super::{ContextEntry, ContextGranularity, IotlbGranularity, RootEntry, ScalableRootEntry};
 use super::{TranslationType, Vtd};
 use crate::addr::PhysAddr;
 use crate::backend::{Attachment, DomainInfo, IommuBackend, TableFormat};
+use crate::barrier::wmb_on;
 use crate::device::DeviceId;
 use crate::error::BackendError;
 use crate::mem::TableMemory;
@@ -66,16 +65,16 @@ impl<M: TableMemory> Vtd<M> {
         };
         if first & 1 != 0 {
             write_rest();
-            fence(Ordering::SeqCst);
+            wmb_on(&self.mem);
             // SAFETY: as in `read_words`; word 0 of the entry.
             unsafe { p.write_volatile(first) };
         } else {
             // SAFETY: as above.
             unsafe { p.write_volatile(first) };
-            fence(Ordering::SeqCst);
+            wmb_on(&self.mem);
             write_rest();
         }
-        self.mem.clean(pa, words.len() * 8);
+        self.clean_table(pa, words.len() * 8);
     }
 
     /// Physical address of the context entry of `dev` (16 bytes in legacy
@@ -103,7 +102,7 @@ impl<M: TableMemory> Vtd<M> {
             Some(t) => t,
             None if create => {
                 let t = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
-                self.mem.clean(t, 4096);
+                self.clean_table(t, 4096);
                 let new = if self.scalable {
                     ScalableRootEntry::from_raw(raw)
                         .with_context_table(dev.devfn, t)
@@ -163,7 +162,11 @@ impl<M: TableMemory> Vtd<M> {
                 if !self.features.pt {
                     return Err(BackendError::Unsupported("pass-through needs ECAP.PT"));
                 }
-                ContextEntry::pass_through(self.domain_levels(), self.bypass_did).ok_or(
+                // VT-d 9.3: with TT = 10b, AW names the largest AGAW the
+                // unit supports, not the width of any table in use (Linux
+                // `domain_context_mapping_one`: `iommu->msagaw`).
+                let levels = self.features.largest_levels().unwrap_or(3);
+                ContextEntry::pass_through(levels, self.bypass_did).ok_or(
                     BackendError::Unsupported("no address width for pass-through"),
                 )
             }

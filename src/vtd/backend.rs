@@ -39,7 +39,7 @@ impl<M: TableMemory> IommuBackend for Vtd<M> {
     }
 
     fn coherent_walk(&self) -> bool {
-        self.features.coherent
+        self.walk_coherent(self.scalable)
     }
 }
 
@@ -53,7 +53,8 @@ mod tests {
         let r = qemu_like();
         r.set_u64(0x08, 0x00d2_008c_222f_0686);
         // SAFETY: `r` is a register block in memory that outlives `vtd`.
-        let vtd = unsafe { Vtd::new(r.base(), HostMem::new(4)) }.unwrap();
+        let vtd = unsafe { Vtd::new(r.base(), super::super::REGISTER_BLOCK_LEN, HostMem::new(4)) }
+            .unwrap();
         assert!(vtd.needs_map_invalidation());
         assert!(vtd.check_did(0).is_err());
         assert!(vtd.check_did(1).is_ok());

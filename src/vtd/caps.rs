@@ -68,6 +68,9 @@ pub struct Features {
     pub slts: bool,
     /// ECAP.FLTS: first-level translation in scalable mode.
     pub flts: bool,
+    /// ECAP.SMPWC: scalable-mode page walks can snoop CPU caches (with the
+    /// PASID entry's PWSNP set).
+    pub smpwc: bool,
 }
 
 impl Features {
@@ -107,6 +110,7 @@ impl Features {
             smts: e.is_set(ECAP::SMTS),
             slts: e.is_set(ECAP::SLTS),
             flts: e.is_set(ECAP::FLTS),
+            smpwc: e.is_set(ECAP::SMPWC),
         }
     }
 
@@ -123,6 +127,14 @@ impl Features {
     /// second-level format handles), or `None` if neither.
     pub fn max_levels(&self) -> Option<u8> {
         [4u8, 3].into_iter().find(|&l| self.supports_levels(l))
+    }
+
+    /// Table levels of the largest AGAW SAGAW offers (3, 4 or 5): what
+    /// pass-through entries must carry in AW (VT-d 9.3: with TT = 10b, AW
+    /// names the largest AGAW the unit supports; Linux
+    /// `domain_context_mapping_one` writes `iommu->msagaw`).
+    pub fn largest_levels(&self) -> Option<u8> {
+        [5u8, 4, 3].into_iter().find(|&l| self.supports_levels(l))
     }
 
     /// Whether 2 MiB second-level superpages are supported (CAP.SLLPS bit 0).
@@ -181,6 +193,7 @@ impl fmt::Display for Features {
             (self.smts, "SMTS"),
             (self.slts, "SLTS"),
             (self.flts, "FLTS"),
+            (self.smpwc, "SMPWC"),
         ];
         for (on, name) in flags {
             if on {

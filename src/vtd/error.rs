@@ -17,6 +17,17 @@ pub enum VtdError {
         /// The SAGAW field.
         sagaw: u8,
     },
+    /// CAP/ECAP place registers (fault records at CAP.FRO, CAP.NFR; IOTLB
+    /// registers at ECAP.IRO) past the register block the caller mapped:
+    /// the driver refuses rather than touch memory outside it.
+    RegistersOutside {
+        /// Which registers.
+        what: &'static str,
+        /// First byte offset past them.
+        end: usize,
+        /// The mapped block's length.
+        len: usize,
+    },
     /// A hardware wait or table allocation failed.
     Backend(BackendError),
 }
@@ -32,6 +43,9 @@ impl From<VtdError> for BackendError {
         match e {
             VtdError::Backend(b) => b,
             VtdError::NoUnit { .. } => BackendError::Unsupported("no VT-d unit at the base"),
+            VtdError::RegistersOutside { .. } => {
+                BackendError::Unsupported("VT-d registers outside the mapped block")
+            }
             VtdError::NoAddressWidth { .. } => {
                 BackendError::Unsupported("CAP.SAGAW has no 39- or 48-bit width")
             }

@@ -12,8 +12,8 @@ use crate::mem::TableMemory;
 impl<M: TableMemory> Vtd<M> {
     fn frcd(&self, index: u16) -> &FrcdRegs {
         let off = regs::frcd_offset(self.features.cap, usize::from(index));
-        // SAFETY: CAP.FRO and CAP.NFR place the fault-recording registers
-        // inside the unit's register page (index < NFR + 1, checked by callers).
+        // SAFETY: `new` checked that CAP.FRO × 16 + 16 · (NFR + 1) lies inside
+        // the mapped block, and callers pass index < NFR + 1.
         unsafe { &*(self.base.wrapping_add(off) as *const FrcdRegs) }
     }
 

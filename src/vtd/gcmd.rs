@@ -57,7 +57,10 @@ impl<M: TableMemory> Vtd<M> {
 
     /// Sets the unit up and turns translation on: root table, invalidation
     /// queue (if wanted and present), global invalidation, fault state
-    /// cleared, then GCMD.TE. Every device starts blocked. Calling it again
+    /// cleared, then GCMD.TE, and only then the protected memory regions
+    /// off (PMEN.EPM). Every device starts blocked. Refused with
+    /// [`BackendError::LenderCannotClean`] when the unit does not snoop
+    /// (ECAP.C, or ECAP.SMPWC in scalable mode) and the lender cannot clean. Calling it again
     /// re-initialises from scratch (tables of the previous run are leaked to
     /// the lender, not freed, because the hardware may still hold them).
     pub fn init(&mut self, config: VtdConfig) -> Result<(), VtdError> {
@@ -79,9 +82,21 @@ impl<M: TableMemory> Vtd<M> {
                 );
             }
         }
+        // A unit that does not snoop reads tables and queue from memory: the
+        // lender must be able to clean them there (issue 9 #5).
+        if (!self.tables_coherent() || !self.walk_coherent(config.scalable))
+            && !self.mem.can_clean()
+        {
+            return Err(BackendError::LenderCannotClean.into());
+        }
         let te = GCMD::TE::SET.value;
         let qie = GCMD::QIE::SET.value;
-        // Firmware or an earlier run may have left things on.
+        // Firmware or an earlier run may have left things on. Translation
+        // goes off before the new root table is set: under TE = 1 the spec
+        // wants the new tables to translate as the old ones did (VT-d
+        // 11.4.4, SRTP), which a fresh all-blocked table does not. Protected
+        // memory regions stay on through this window; they are lifted only
+        // once translation is on again, below.
         if self.regs().gsts.get() & te != 0 {
             self.gcmd(te, false, "VT-d GSTS.TES clear")?;
         }
@@ -91,23 +106,10 @@ impl<M: TableMemory> Vtd<M> {
         self.queue = None;
         self.parked = None;
         self.scalable = config.scalable;
-        if self.regs().pmen.is_set(PMEN::PRS) {
-            self.regs().pmen.modify(PMEN::EPM::CLEAR);
-            let mut polls = 0u32;
-            while self.regs().pmen.is_set(PMEN::PRS) {
-                polls += 1;
-                if polls >= self.budget {
-                    return Err(BackendError::Timeout {
-                        what: "VT-d PMEN.PRS clear",
-                        polls,
-                    }
-                    .into());
-                }
-            }
-        }
+        self.wb_flushed = false;
 
         let root = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
-        self.mem.clean(root, 4096);
+        self.clean_table(root, 4096);
         self.root = Some(root);
         let ttm = if self.scalable {
             RTADDR::TTM::Scalable
@@ -123,7 +125,7 @@ impl<M: TableMemory> Vtd<M> {
             self.set_queued_invalidation(true)?;
         }
 
-        self.flush_write_buffer()?;
+        self.flush_before_invalidation()?;
         self.context_invalidate(ContextGranularity::Global)?;
         if self.scalable {
             self.pasid_cache_invalidate(PasidGranularity::Global)?;
@@ -137,6 +139,33 @@ impl<M: TableMemory> Vtd<M> {
         self.regs().fectl.write(FECTL::IM::SET);
 
         self.gcmd(te, true, "VT-d GSTS.TES set")?;
+
+        // Only now that translation blocks every device may the protected
+        // memory regions firmware set up go (Linux `intel_iommu_init`:
+        // translation enabled, then `iommu_disable_protect_mem_regions`).
+        self.disable_protected_regions()?;
+        Ok(())
+    }
+
+    /// Clears PMEN.EPM and waits, bounded, for PMEN.PRS to clear (VT-d
+    /// 11.4.10). Nothing to do when no region is enabled.
+    fn disable_protected_regions(&self) -> Result<(), BackendError> {
+        let pmen = &self.regs().pmen;
+        if !pmen.is_set(PMEN::EPM) && !pmen.is_set(PMEN::PRS) {
+            return Ok(());
+        }
+        pmen.modify(PMEN::EPM::CLEAR);
+        let mut polls = 0u32;
+        while pmen.is_set(PMEN::PRS) {
+            polls += 1;
+            if polls >= self.budget {
+                return Err(BackendError::Timeout {
+                    what: "VT-d PMEN.PRS clear",
+                    polls,
+                });
+            }
+            core::hint::spin_loop();
+        }
         Ok(())
     }
 
@@ -157,7 +186,12 @@ impl<M: TableMemory> Vtd<M> {
             }
             let mut q = match self.parked.take() {
                 Some(q) => q,
-                None => InvQueue::new(&self.mem, self.budget, self.scalable)?,
+                None => InvQueue::new(
+                    &self.mem,
+                    self.budget,
+                    self.scalable,
+                    !self.tables_coherent(),
+                )?,
             };
             q.program(self.regs());
             self.gcmd(qie, true, "VT-d GSTS.QIES set")?;
@@ -182,6 +216,16 @@ impl<M: TableMemory> Vtd<M> {
         self.set_queued_invalidation(false)
     }
 
+    /// [`flush_write_buffer`](Self::flush_write_buffer) once per batch:
+    /// before the first invalidation after table writes, or at the sync.
+    pub(super) fn flush_before_invalidation(&mut self) -> Result<(), BackendError> {
+        if !self.wb_flushed {
+            self.flush_write_buffer()?;
+            self.wb_flushed = true;
+        }
+        Ok(())
+    }
+
     /// GCMD.WBF when CAP.RWBF: flushes the write buffer so table writes
     /// reach memory before the unit reads them.
     pub(super) fn flush_write_buffer(&mut self) -> Result<(), BackendError> {
@@ -202,7 +246,9 @@ mod tests {
     fn init_on_unresponsive_hardware_times_out_instead_of_hanging() {
         let r = qemu_like();
         // SAFETY: `r` is a register block in memory that outlives `vtd`.
-        let mut vtd = unsafe { Vtd::new(r.base(), HostMem::new(4)) }.unwrap();
+        let mut vtd =
+            unsafe { Vtd::new(r.base(), super::super::REGISTER_BLOCK_LEN, HostMem::new(4)) }
+                .unwrap();
         let cfg = VtdConfig {
             poll_budget: 20,
             ..VtdConfig::default()

@@ -4,8 +4,6 @@
 //! becomes page-selective blocks or one domain-selective invalidation; sync
 //! waits until the hardware has done them all.
 
-use core::sync::atomic::{Ordering, fence};
-
 use tock_registers::interfaces::Readable;
 
 use super::{
@@ -14,6 +12,7 @@ use super::{
 };
 use crate::addr::DmaAddr;
 use crate::backend::{DomainInfo, IommuBackend, TableFormat};
+use crate::barrier::wmb_on;
 use crate::error::BackendError;
 use crate::mem::TableMemory;
 
@@ -46,7 +45,7 @@ impl<M: TableMemory> Vtd<M> {
             return pushed;
         }
         self.stats.register_invalidations += 1;
-        fence(Ordering::SeqCst);
+        wmb_on(&self.mem);
         reginv::invalidate_context(self.regs(), g, self.budget)
     }
 
@@ -86,7 +85,7 @@ impl<M: TableMemory> Vtd<M> {
             return pushed;
         }
         self.stats.register_invalidations += 1;
-        fence(Ordering::SeqCst);
+        wmb_on(&self.mem);
         reginv::invalidate_iotlb(self.iotlb_regs(), g, dr, dw, self.budget)
     }
 
@@ -123,7 +122,15 @@ impl<M: TableMemory> Vtd<M> {
         if len == 0 {
             return Ok(());
         }
+        self.flush_before_invalidation()?;
         let did = domain.id;
+        // IH = 1 lets the unit keep its paging-structure caches. The core
+        // says `leaf_only` for links, but under caching mode a link that
+        // added tables replaced cached not-present non-leaf entries: those
+        // must go too, so IH = 0 there (Linux `cache_tag_flush_range_np`
+        // flushes with ih = 0). The core does not tell which links added
+        // tables, so every caching-mode invalidation drops them.
+        let ih = leaf_only && !self.features.caching_mode;
         // First-level translations are tagged with the PASID (0 = RID_PASID):
         // invalidate them per PASID, page-selectively (VT-d 6.5.2.4).
         let first_level = domain.format == TableFormat::VtdFirstLevel;
@@ -136,15 +143,10 @@ impl<M: TableMemory> Vtd<M> {
                             pasid: 0,
                             addr,
                             am,
-                            ih: leaf_only,
+                            ih,
                         })?;
                     } else {
-                        self.iotlb_invalidate(IotlbGranularity::Page {
-                            did,
-                            addr,
-                            am,
-                            ih: leaf_only,
-                        })?;
+                        self.iotlb_invalidate(IotlbGranularity::Page { did, addr, am, ih })?;
                     }
                 }
                 return Ok(());
@@ -160,6 +162,7 @@ impl<M: TableMemory> Vtd<M> {
         domain: &DomainInfo,
     ) -> Result<(), BackendError> {
         self.check_did(domain.id)?;
+        self.flush_before_invalidation()?;
         if domain.format == TableFormat::VtdFirstLevel {
             self.pasid_iotlb_invalidate(PasidIotlbGranularity::AllInPasid {
                 did: domain.id,
@@ -173,15 +176,17 @@ impl<M: TableMemory> Vtd<M> {
     /// Waits until every invalidation issued so far is done
     /// ([`IommuBackend::sync`](crate::IommuBackend::sync)).
     pub(super) fn sync_invalidations(&mut self) -> Result<(), BackendError> {
-        fence(Ordering::SeqCst);
+        wmb_on(&self.mem);
+        // Table writes made since the last sync reach memory first, with
+        // or without queued invalidation (CAP.RWBF, VT-d 6.8).
+        self.flush_before_invalidation()?;
         if let Some(q) = self.queue.as_mut() {
             // SAFETY: see `regs()`.
             let regs = unsafe { self.regs.as_ref() };
             q.sync(regs, &self.mem)?;
-        } else {
-            // Register-based invalidations completed when issued.
-            self.flush_write_buffer()?;
         }
+        // Register-based invalidations completed when issued.
+        self.wb_flushed = false;
         self.stats.syncs += 1;
         Ok(())
     }

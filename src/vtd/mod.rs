@@ -17,7 +17,7 @@
 //!
 //! fn demo<M: TableMemory + Copy>(base: usize, mem: M, buf: PhysAddr) -> Option<u64> {
 //!     // SAFETY: `base` maps the unit's registers and nothing else drives it.
-//!     let mut vtd = unsafe { Vtd::new(base, mem) }.ok()?;
+//!     let mut vtd = unsafe { Vtd::new(base, bare_iommu::vtd::REGISTER_BLOCK_LEN, mem) }.ok()?;
 //!     let _caps = vtd.features(); // Display: the decoded CAP/ECAP
 //!     vtd.init(VtdConfig::default()).ok()?; // translation on, every device blocked
 //!
@@ -73,10 +73,14 @@ pub mod caps;
 mod config;
 pub mod context;
 mod error;
+#[cfg(test)]
+mod fakehw;
 pub mod fault;
 mod fault_reporting;
 pub mod first_level;
 mod gcmd;
+#[cfg(test)]
+mod host_tests;
 pub mod inv;
 mod invalidate;
 pub mod qi;
@@ -115,6 +119,10 @@ use crate::pgtable::vtd::VtdSecondLevel;
 use qi::InvQueue;
 use regs::{IotlbRegs, VtdRegs};
 
+/// Size of one remapping unit's register block when the DRHD gives none
+/// (one 4 KiB page, VT-d 8.3 Size = 0).
+pub const REGISTER_BLOCK_LEN: usize = 4096;
+
 /// One VT-d remapping unit.
 pub struct Vtd<M: TableMemory> {
     regs: NonNull<VtdRegs>,
@@ -130,6 +138,8 @@ pub struct Vtd<M: TableMemory> {
     segment: u16,
     bypass_did: u16,
     scalable: bool,
+    /// The write buffer was flushed since the last sync (CAP.RWBF).
+    wb_flushed: bool,
     stats: VtdStats,
 }
 
@@ -138,15 +148,31 @@ pub struct Vtd<M: TableMemory> {
 unsafe impl<M: TableMemory + Send> Send for Vtd<M> {}
 
 impl<M: TableMemory> Vtd<M> {
-    /// Probes the unit whose registers start at `base`: reads VER, CAP, ECAP.
-    /// Writes nothing; [`init`](Self::init) turns translation on.
+    /// Probes the unit whose registers start at `base` and span `len` bytes:
+    /// reads VER, CAP, ECAP. Writes nothing; [`init`](Self::init) turns
+    /// translation on.
+    ///
+    /// `len` is the size of the mapping: the DRHD's register-set size
+    /// (ACPI DMAR, 2^(Size) 4 KiB pages; [`REGISTER_BLOCK_LEN`] when the
+    /// firmware says 0). CAP.FRO/NFR and ECAP.IRO that place fault-recording
+    /// or IOTLB registers past it are refused with
+    /// [`VtdError::RegistersOutside`]: the driver never touches memory
+    /// outside the block.
     ///
     /// # Safety
     ///
-    /// `base` must be the (identity- or otherwise-) mapped virtual address of
-    /// a VT-d register block, uncached, valid for as long as the value lives,
-    /// and driven by nothing else.
-    pub unsafe fn new(base: usize, mem: M) -> Result<Self, VtdError> {
+    /// `[base, base + len)` must be the (identity- or otherwise-) mapped
+    /// virtual address range of a VT-d register block, uncached, valid for as
+    /// long as the value lives, and driven by nothing else.
+    pub unsafe fn new(base: usize, len: usize, mem: M) -> Result<Self, VtdError> {
+        let main = core::mem::size_of::<VtdRegs>();
+        if len < main {
+            return Err(VtdError::RegistersOutside {
+                what: "main registers",
+                end: main,
+                len,
+            });
+        }
         let regs = NonNull::new(base as *mut VtdRegs).ok_or(VtdError::NoUnit { ver: 0 })?;
         // SAFETY: the caller guarantees `base` maps the register block.
         let r = unsafe { regs.as_ref() };
@@ -157,6 +183,23 @@ impl<M: TableMemory> Vtd<M> {
         let cap = r.cap.get();
         let ecap = r.ecap.get();
         let features = Features::decode(ver, cap, ecap);
+        // Issue 15 #8: every register the driver may touch lies inside.
+        let frcd_end = regs::frcd_offset(cap, usize::from(features.fault_records));
+        if frcd_end > len {
+            return Err(VtdError::RegistersOutside {
+                what: "fault-recording registers (CAP.FRO, CAP.NFR)",
+                end: frcd_end,
+                len,
+            });
+        }
+        let iotlb_end = regs::iotlb_offset(ecap) + core::mem::size_of::<IotlbRegs>();
+        if iotlb_end > len {
+            return Err(VtdError::RegistersOutside {
+                what: "IOTLB registers (ECAP.IRO)",
+                end: iotlb_end,
+                len,
+            });
+        }
         if features.max_levels().is_none() {
             return Err(VtdError::NoAddressWidth {
                 sagaw: features.sagaw,
@@ -178,6 +221,7 @@ impl<M: TableMemory> Vtd<M> {
             segment: 0,
             bypass_did,
             scalable: false,
+            wb_flushed: false,
             stats: VtdStats::default(),
         })
     }
@@ -188,8 +232,8 @@ impl<M: TableMemory> Vtd<M> {
     }
 
     fn iotlb_regs(&self) -> &IotlbRegs {
-        // SAFETY: ECAP.IRO places the IOTLB registers inside the unit's
-        // register page, mapped per `new`'s contract.
+        // SAFETY: `new` checked that ECAP.IRO × 16 + 16 lies inside the
+        // block mapped per its contract.
         unsafe { self.iotlb.as_ref() }
     }
 
@@ -239,6 +283,34 @@ impl<M: TableMemory> Vtd<M> {
         self.bypass_did
     }
 
+    /// Whether the unit snoops CPU caches when it reads root, context and
+    /// PASID tables and the invalidation queue (ECAP.C; Linux
+    /// `__iommu_flush_cache` decides the same way in both modes).
+    fn tables_coherent(&self) -> bool {
+        self.features.coherent
+    }
+
+    /// Whether page-table walks snoop: ECAP.SMPWC in scalable mode (the
+    /// PASID entry then sets PWSNP), ECAP.C in legacy mode (Linux
+    /// `iommu_paging_structure_coherency`).
+    fn walk_coherent(&self, scalable: bool) -> bool {
+        if scalable {
+            self.features.smpwc
+        } else {
+            self.features.coherent
+        }
+    }
+
+    /// Cleans `[pa, pa + len)` of a root/context/PASID table to the point of
+    /// coherency when the unit does not snoop (VT-d 6.2.4: software makes
+    /// its updates visible to a non-coherent unit). `init` refused lenders
+    /// that cannot.
+    pub(super) fn clean_table(&self, pa: PhysAddr, len: usize) {
+        if !self.tables_coherent() {
+            self.mem.clean(pa, len);
+        }
+    }
+
     fn check_did(&self, did: u16) -> Result<(), BackendError> {
         if u32::from(did) >= self.features.domains {
             return Err(BackendError::Unsupported("domain-id beyond CAP.ND"));
@@ -261,7 +333,7 @@ mod tests {
     fn probe_reads_capabilities_and_writes_nothing() {
         let r = qemu_like();
         // SAFETY: `r` is a register block in memory that outlives `vtd`.
-        let vtd = unsafe { Vtd::new(r.base(), HostMem::new(4)) }.unwrap();
+        let vtd = unsafe { Vtd::new(r.base(), REGISTER_BLOCK_LEN, HostMem::new(4)) }.unwrap();
         assert_eq!(vtd.features().domains, 65536);
         assert_eq!(vtd.domain_levels(), 4);
         assert_eq!(vtd.bypass_domain_id(), 0xffff);
@@ -274,7 +346,7 @@ mod tests {
     fn probe_of_nothing_is_an_error() {
         let r = FakeRegs::new();
         // SAFETY: as above.
-        let e = unsafe { Vtd::new(r.base(), HostMem::new(4)) }.err();
+        let e = unsafe { Vtd::new(r.base(), REGISTER_BLOCK_LEN, HostMem::new(4)) }.err();
         assert_eq!(e, Some(VtdError::NoUnit { ver: 0 }));
     }
 }

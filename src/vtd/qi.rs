@@ -1,13 +1,12 @@
 //! The invalidation queue (VT-d 6.5.2): a ring of 128-bit descriptors in lent
 //! memory, a tail the driver writes and a head the hardware advances.
 
-use core::sync::atomic::{Ordering, fence};
-
 use tock_registers::interfaces::{Readable, Writeable};
 
 use super::inv::{ContextGranularity, InvDesc};
 use super::regs::{FSTS, IQA, IQERCD, VtdRegs};
 use crate::addr::PhysAddr;
+use crate::barrier::wmb_on;
 use crate::error::BackendError;
 use crate::mem::TableMemory;
 
@@ -38,18 +37,32 @@ pub struct InvQueue {
     waits: u64,
     /// Descriptors submitted so far (waits included).
     submitted: u64,
+    /// The unit does not snoop: clean every line written (ECAP.C = 0).
+    clean: bool,
 }
 
 impl InvQueue {
     /// Allocates the queue and its status page; does not touch registers.
-    /// `wide` selects 256-bit descriptors (scalable mode).
-    pub fn new(mem: &impl TableMemory, budget: u32, wide: bool) -> Result<Self, BackendError> {
+    /// `wide` selects 256-bit descriptors (scalable mode). `clean`: the unit
+    /// does not snoop CPU caches, so both pages are cleaned after zeroing
+    /// (a dirty zero line evicted later would overwrite the status the unit
+    /// wrote) and every descriptor after it is written.
+    pub fn new(
+        mem: &impl TableMemory,
+        budget: u32,
+        wide: bool,
+        clean: bool,
+    ) -> Result<Self, BackendError> {
         let base = mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
         let Some(status) = mem.alloc_zeroed(1) else {
             // SAFETY: `base` was just allocated with one page and never published.
             unsafe { mem.free(base, 1) };
             return Err(BackendError::OutOfMemory);
         };
+        if clean {
+            mem.clean(base, 4096);
+            mem.clean(status, 4096);
+        }
         Ok(Self {
             base,
             status,
@@ -59,6 +72,7 @@ impl InvQueue {
             wide,
             waits: 0,
             submitted: 0,
+            clean,
         })
     }
 
@@ -151,7 +165,9 @@ impl InvQueue {
                 p.add(3).write_volatile(0);
             }
         }
-        mem.clean(pa, size as usize);
+        if self.clean {
+            mem.clean(pa, size as usize);
+        }
     }
 
     /// Appends one descriptor and moves IQT past it; waits (bounded) while
@@ -178,7 +194,7 @@ impl InvQueue {
         self.write_slot(mem, self.tail, desc);
         // The descriptor (and every table write before it) must be visible
         // before the hardware sees the new tail.
-        fence(Ordering::SeqCst);
+        wmb_on(mem);
         self.tail = next;
         regs.iqt.set(u64::from(next) * self.slot_bytes());
         self.submitted += 1;
@@ -235,7 +251,7 @@ mod tests {
     fn push_writes_descriptor_and_moves_tail_register() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 100, false).unwrap();
+        let mut q = InvQueue::new(&mem, 100, false, true).unwrap();
         q.program(regs.get());
         assert_eq!(regs.get().iqa.get(), q.base().0);
         let d = InvDesc::context(ContextGranularity::Global);
@@ -251,7 +267,7 @@ mod tests {
     fn sync_appends_exactly_one_wait_and_completes_on_status_write() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 100, false).unwrap();
+        let mut q = InvQueue::new(&mem, 100, false, true).unwrap();
         q.program(regs.get());
         // Play the hardware: the status word already holds the first sequence number.
         // SAFETY: the status page belongs to the host lender.
@@ -268,7 +284,7 @@ mod tests {
     fn sync_without_completion_times_out() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 50, false).unwrap();
+        let mut q = InvQueue::new(&mem, 50, false, true).unwrap();
         q.program(regs.get());
         let e = q.sync(regs.get(), &mem).unwrap_err();
         assert_eq!(
@@ -284,7 +300,7 @@ mod tests {
     fn queue_error_is_reported_with_the_offending_slot_and_patched() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 50, false).unwrap();
+        let mut q = InvQueue::new(&mem, 50, false, true).unwrap();
         q.program(regs.get());
         let bad = InvDesc::from_raw([0xf, 0]);
         q.push(regs.get(), &mem, bad).unwrap();
@@ -309,7 +325,7 @@ mod tests {
     fn wide_queue_uses_32_byte_slots_and_dw() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 10, true).unwrap();
+        let mut q = InvQueue::new(&mem, 10, true, true).unwrap();
         q.program(regs.get());
         // IQA.DW (bit 11) set, QS 0.
         assert_eq!(regs.get().iqa.get(), q.base().0 | (1 << 11));
@@ -329,7 +345,7 @@ mod tests {
     fn full_queue_waits_for_the_head_and_times_out() {
         let mem = HostMem::new(8);
         let regs = FakeRegs::new();
-        let mut q = InvQueue::new(&mem, 10, false).unwrap();
+        let mut q = InvQueue::new(&mem, 10, false, true).unwrap();
         q.program(regs.get());
         let d = InvDesc::context(ContextGranularity::Global);
         for _ in 0..QUEUE_ENTRIES - 1 {

@@ -182,7 +182,10 @@ register_bitfields! [u64,
         /// Second-level translation (scalable mode).
         SLTS OFFSET(46) NUMBITS(1) [],
         /// First-level translation (scalable mode).
-        FLTS OFFSET(47) NUMBITS(1) []
+        FLTS OFFSET(47) NUMBITS(1) [],
+        /// Scalable-mode page-walk coherency: walks snoop when the PASID
+        /// entry's PWSNP is set.
+        SMPWC OFFSET(48) NUMBITS(1) []
     ],
     /// Root table address register (11.4.6).
     pub RTADDR [

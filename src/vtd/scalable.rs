@@ -52,7 +52,9 @@ impl<M: TableMemory> Vtd<M> {
 
     /// Flushes what the unit may cache for `sid` under `did`: context entry,
     /// PASID 0 entry, IOTLB of the domain.
+    /// The entries written before it reach memory first (CAP.RWBF).
     fn flush_scalable(&mut self, sid: u16, did: u16) -> Result<(), BackendError> {
+        self.flush_write_buffer()?;
         self.context_invalidate(ContextGranularity::Device { did, sid })?;
         self.pasid_cache_invalidate(PasidGranularity::Pasid { did, pasid: 0 })?;
         self.iotlb_invalidate(IotlbGranularity::Domain(did))
@@ -69,11 +71,12 @@ impl<M: TableMemory> Vtd<M> {
                 if !self.features.pt {
                     return Err(BackendError::Unsupported("pass-through needs ECAP.PT"));
                 }
-                Some(
-                    PasidEntry::pass_through(self.domain_levels(), self.bypass_did).ok_or(
-                        BackendError::Unsupported("no address width for pass-through"),
-                    )?,
-                )
+                // AW of the largest AGAW, as for legacy pass-through
+                // (Linux `intel_pasid_setup_pass_through`).
+                let levels = self.features.largest_levels().unwrap_or(3);
+                Some(PasidEntry::pass_through(levels, self.bypass_did).ok_or(
+                    BackendError::Unsupported("no address width for pass-through"),
+                )?)
             }
             Attachment::Translated(info) => {
                 self.check_translated(&info)?;
@@ -85,6 +88,10 @@ impl<M: TableMemory> Vtd<M> {
                 })
             }
         };
+        // Page walks snoop when the unit can (ECAP.SMPWC); `coherent_walk`
+        // tells the core the same (Linux `intel_pasid_setup_second_level`:
+        // `pasid_set_page_snoop(.., ecap_smpwc)`).
+        let new = new.map(|pe| pe.with_page_walk_snoop(self.features.smpwc));
         let Some(slot) = self.context_slot(dev, new.is_some())? else {
             return Ok(());
         };
@@ -106,14 +113,20 @@ impl<M: TableMemory> Vtd<M> {
         };
         let dir = match old.pasid_dir() {
             Some(d) => d,
-            None => self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?,
+            None => {
+                let d = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
+                // The zeroes must reach memory before the unit may read the
+                // directory (VT-d 6.2.4; a non-coherent unit sees no cache).
+                self.clean_table(d, 4096);
+                d
+            }
         };
         let de = PasidDirEntry(self.read_words::<1>(dir)[0]);
         let table = if de.is_present() {
             de.table()
         } else {
             let t = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
-            self.mem.clean(t, 4096);
+            self.clean_table(t, 4096);
             self.write_words(dir, &[PasidDirEntry::present(t).0]);
             t
         };
@@ -125,6 +138,7 @@ impl<M: TableMemory> Vtd<M> {
         // Not-present → present: flush what a caching-mode unit may hold for
         // the device (domain-id 0) and the new domain.
         if self.features.caching_mode {
+            self.flush_write_buffer()?;
             self.context_invalidate(ContextGranularity::Device { did: 0, sid })?;
         }
         self.flush_scalable(sid, pe.did())?;

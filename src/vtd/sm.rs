@@ -144,6 +144,8 @@ impl PasidEntry {
     const P: u64 = 1;
     const AW_SHIFT: u32 = 2;
     const PGTT_SHIFT: u32 = 6;
+    /// PWSNP: bit 87, bit 23 of word 1.
+    const PWSNP: u64 = 1 << 23;
 
     /// Second-level-only translation through the table at `slptptr` with
     /// `levels` levels (AW = levels − 2) in domain `did`. `None` for a level
@@ -170,6 +172,22 @@ impl PasidEntry {
         val[1] = did as u64;
         val[2] = flptptr.0 & !0xfff;
         Self { val }
+    }
+
+    /// The same entry with PWSNP (bit 87) set or cleared: the unit snoops
+    /// CPU caches when it walks the paging structures. Only with ECAP.SMPWC.
+    pub const fn with_page_walk_snoop(mut self, on: bool) -> Self {
+        if on {
+            self.val[1] |= Self::PWSNP;
+        } else {
+            self.val[1] &= !Self::PWSNP;
+        }
+        self
+    }
+
+    /// PWSNP bit.
+    pub const fn page_walk_snoop(self) -> bool {
+        self.val[1] & Self::PWSNP != 0
     }
 
     /// First-level table pointer (FLPTPTR, bits 191:140).

@@ -71,6 +71,9 @@ pub struct EcamWindow {
 pub struct AcpiInfo {
     /// Register base of the first DRHD (QEMU: 0xfed90000).
     pub drhd_base: u64,
+    /// Size of its register block: 2^Size 4 KiB pages (DMAR DRHD byte 5,
+    /// bits 3:0; VT-d 8.3). QEMU: 0, one page.
+    pub drhd_len: usize,
     /// Number of DRHD structures.
     pub drhd_count: usize,
     /// DMAR host address width (the field holds width − 1; this is the width).
@@ -189,6 +192,7 @@ pub fn parse(rsdp_hint: u64) -> Result<AcpiInfo, AcpiError> {
     // remapping structures from 48: type u16, length u16.
     let haw = dmar.get(36).copied().unwrap_or(0).saturating_add(1);
     let mut drhd_base = None;
+    let mut drhd_len = 4096;
     let mut drhd_count = 0;
     let mut off = 48;
     while let (Some(kind), Some(len)) = (le16(dmar, off), le16(dmar, off + 2)) {
@@ -201,6 +205,8 @@ pub fn parse(rsdp_hint: u64) -> Result<AcpiInfo, AcpiError> {
             drhd_count += 1;
             if drhd_base.is_none() {
                 drhd_base = le64(dmar, off + 8);
+                let size = dmar.get(off + 5).copied().unwrap_or(0) & 0xf;
+                drhd_len = 4096usize << size;
             }
         }
         off += len;
@@ -238,6 +244,7 @@ pub fn parse(rsdp_hint: u64) -> Result<AcpiInfo, AcpiError> {
 
     Ok(AcpiInfo {
         drhd_base,
+        drhd_len,
         drhd_count,
         host_address_width: haw,
         ecam,

@@ -27,6 +27,8 @@ pub struct Ctx {
     pub virtio: Result<Virtio, Fail>,
     /// VT-d register base from the DMAR's first DRHD (QEMU: 0xfed90000).
     pub vtd_base: usize,
+    /// Length of the VT-d register block (the DRHD's Size).
+    pub vtd_len: usize,
     /// Built with the `demo` feature (narration on).
     pub demo: bool,
     /// The kernel command line (`-append`), e.g. `"cm"`, `"noqi"`, `"aw=39"`.

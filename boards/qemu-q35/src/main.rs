@@ -152,6 +152,7 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
         ivshmem,
         virtio,
         vtd_base,
+        vtd_len: info.drhd_len,
         demo: cfg!(feature = "demo"),
         cmdline,
         ecam,

@@ -314,19 +314,27 @@ unsafe impl TableMemory for BoardMemory {
         pa.0 as usize as *mut u8
     }
 
+    /// QEMU's intel-iommu has ECAP.C = 0: the driver refuses a lender that
+    /// cannot clean. `clean` below writes every line back with CLFLUSH.
+    fn can_clean(&self) -> bool {
+        true
+    }
+
     fn clean(&self, pa: PhysAddr, len: usize) {
         let start = pa.0 as usize & !63;
         let end = (pa.0 as usize).saturating_add(len);
         let mut line = start;
         while line < end {
-            // SAFETY: clflush of an identity-mapped address writes back a cache
-            // line; it changes no memory contents.
+            // SAFETY: `line` lies in a block this lender handed out, which the
+            // identity map makes a valid address; CLFLUSH writes the 64-byte
+            // line back to memory and evicts it, changing no memory contents.
             unsafe {
                 core::arch::asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags))
             };
             line += 64;
         }
-        // SAFETY: a fence orders the flushes before later writes (e.g. doorbells).
+        // SAFETY: MFENCE only orders: the flushes complete before later
+        // stores (the doorbell that lets the unit read the cleaned lines).
         unsafe { core::arch::asm!("mfence", options(nostack, preserves_flags)) };
     }
 }

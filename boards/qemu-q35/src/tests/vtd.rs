@@ -118,7 +118,7 @@ fn config(ctx: &Ctx) -> VtdConfig {
 fn probe(ctx: &Ctx) -> Result<Unit, Fail> {
     // SAFETY: vtd_base is the DRHD register base from the DMAR, identity-mapped
     // uncached by the boot code; these tests are the unit's only driver.
-    unsafe { Vtd::new(ctx.vtd_base, ctx.mem) }.or_fail("probe")
+    unsafe { Vtd::new(ctx.vtd_base, ctx.vtd_len, ctx.mem) }.or_fail("probe")
 }
 
 /// Runs `f` with the initialised unit; both edus are blocked and the fault
