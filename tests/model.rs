@@ -263,26 +263,32 @@ fn cases() -> u32 {
         .unwrap_or(10_000)
 }
 
+/// Operations per case: 1..40, or 1..4 under Miri (every table access is
+/// checked there, and one long case costs minutes).
+fn ops_len() -> core::ops::Range<usize> {
+    if cfg!(miri) { 1..4 } else { 1..40 }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
-    fn stage1_tables_follow_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+    fn stage1_tables_follow_the_model(ops in proptest::collection::vec(op(), ops_len())) {
         run(ArmStage1, 4, &ops)?;
     }
 
     #[test]
-    fn stage2_tables_follow_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+    fn stage2_tables_follow_the_model(ops in proptest::collection::vec(op(), ops_len())) {
         run(ArmStage2, 3, &ops)?;
     }
 
     #[test]
-    fn vtd_first_level_tables_follow_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+    fn vtd_first_level_tables_follow_the_model(ops in proptest::collection::vec(op(), ops_len())) {
         run(VtdFirstLevel { fl1gp: true, haw: 48 }, 4, &ops)?;
     }
 
     #[test]
-    fn vtd_tables_follow_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+    fn vtd_tables_follow_the_model(ops in proptest::collection::vec(op(), ops_len())) {
         run(VtdSecondLevel::default(), 4, &ops)?;
     }
 }

@@ -35,8 +35,16 @@ fn call() -> impl Strategy<Value = Call> {
     ]
 }
 
+/// 2,000 cases, or `PROPTEST_CASES` (Miri runs a handful).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_arguments_never_panic_and_refusals_change_nothing(

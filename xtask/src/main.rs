@@ -117,6 +117,7 @@ fn test(extra: &[String]) -> ExitCode {
         );
     }
     msrv_builds(&mut t);
+    miri(&mut t);
     for dir in ["boards/common", "boards/qemu-virt", "boards/qemu-q35"] {
         t.step(
             &format!("fmt {dir}"),
@@ -155,6 +156,42 @@ fn test(extra: &[String]) -> ExitCode {
     }
 }
 
+/// The nightly that runs Miri, pinned so a fresh machine gets the same one.
+const MIRI_TOOLCHAIN: &str = "nightly-2026-05-20";
+
+/// Runs the host tests under Miri (undefined behaviour, out-of-bounds and
+/// aliasing checks on every raw table and queue access), with few property
+/// cases. The SMMUv3 host tests whose fake hardware is a second thread
+/// polling shared memory are skipped: under Miri their poll budgets are
+/// minutes long.
+fn miri(t: &mut Tally) {
+    if let Err(e) = toolchain::ensure_toolchain(MIRI_TOOLCHAIN, &["miri", "rust-src"], &[]) {
+        println!("xtask: miri: {e}");
+        t.step("miri", false);
+        return;
+    }
+    let mut c = Command::new("rustup");
+    c.current_dir(root())
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("CARGO")
+        .env("PROPTEST_CASES", "4")
+        .env("MIRIFLAGS", "-Zmiri-disable-isolation")
+        .args([
+            "run",
+            MIRI_TOOLCHAIN,
+            "cargo",
+            "miri",
+            "test",
+            "--lib",
+            "--tests",
+        ])
+        .arg("--target-dir")
+        .arg(root().join("target").join("miri"))
+        .args(["--", "--skip", "host_tests"]);
+    t.step("miri (host tests)", run(&mut c));
+}
+
 /// Builds the library with the toolchain its `rust-version` names, for the
 /// host and both bare-metal targets, with the locked dependencies.
 fn msrv_builds(t: &mut Tally) {
@@ -167,7 +204,7 @@ fn msrv_builds(t: &mut Tally) {
             return;
         }
     };
-    if let Err(e) = toolchain::ensure_toolchain(&msrv, &TARGETS) {
+    if let Err(e) = toolchain::ensure_toolchain(&msrv, &[], &TARGETS) {
         println!("xtask: msrv {msrv}: {e}");
         t.step(&format!("msrv {msrv}"), false);
         return;
@@ -224,12 +261,16 @@ fn main() -> ExitCode {
     }
     match head.first().map(String::as_str) {
         Some("test") => test(&extra),
-        Some("msrv") => {
+        Some(step @ ("msrv" | "miri")) => {
             let mut t = Tally {
                 passed: 0,
                 failed: 0,
             };
-            msrv_builds(&mut t);
+            if step == "msrv" {
+                msrv_builds(&mut t);
+            } else {
+                miri(&mut t);
+            }
             println!("{} passed, {} failed", t.passed, t.failed);
             if t.failed == 0 {
                 ExitCode::SUCCESS
@@ -274,7 +315,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask test [-- QEMU ARGS] | msrv | demo | board NAME [-- QEMU ARGS] | bench"
+                "usage: cargo xtask test [-- QEMU ARGS] | msrv | miri | demo | board NAME [-- QEMU ARGS] | bench"
             );
             ExitCode::FAILURE
         }

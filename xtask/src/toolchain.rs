@@ -163,32 +163,37 @@ pub fn msrv() -> Result<String, String> {
         .ok_or_else(|| "Cargo.toml has no rust-version".into())
 }
 
-/// Installs toolchain `channel` (minimal profile) with `targets` when rustup
-/// lacks it or them, so the library can be built with its declared MSRV.
-pub fn ensure_toolchain(channel: &str, targets: &[&str]) -> Result<(), String> {
+/// Installs toolchain `channel` (minimal profile) with `components` and
+/// `targets` when rustup lacks any of them.
+pub fn ensure_toolchain(
+    channel: &str,
+    components: &[&str],
+    targets: &[&str],
+) -> Result<(), String> {
+    let owned = |v: &[&str]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
     let pinned = Pinned {
         channel: channel.to_string(),
-        components: Vec::new(),
-        targets: targets.iter().map(|t| t.to_string()).collect(),
+        components: owned(components),
+        targets: owned(targets),
     };
-    let have = rustup_list(&["target", "list", "--installed", "--toolchain", channel]);
+    let have_targets = rustup_list(&["target", "list", "--installed", "--toolchain", channel]);
+    let have_comps = rustup_list(&["component", "list", "--installed", "--toolchain", channel]);
     let mut cmds = Vec::new();
-    if have.is_none() {
-        cmds.push(
-            [
-                "rustup",
-                "toolchain",
-                "install",
-                channel,
-                "--profile",
-                "minimal",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>(),
-        );
+    if have_targets.is_none() {
+        cmds.push(owned(&[
+            "rustup",
+            "toolchain",
+            "install",
+            channel,
+            "--profile",
+            "minimal",
+        ]));
     }
-    cmds.extend(missing_commands(&pinned, &[], &have.unwrap_or_default()));
+    cmds.extend(missing_commands(
+        &pinned,
+        &have_comps.unwrap_or_default(),
+        &have_targets.unwrap_or_default(),
+    ));
     for c in &cmds {
         eprintln!("xtask: running {}", c.join(" "));
         if !Command::new(&c[0])
