@@ -2,6 +2,7 @@
 
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::device::DeviceId;
+use core::fmt;
 
 /// An IOMMU driver's failure, as reported through [`crate::backend::IommuBackend`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +209,107 @@ impl From<PageTableError> for DmaError {
                 what: "levels",
                 value: levels as u64,
             },
+        }
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Timeout { what, polls } => {
+                write!(f, "hardware wait `{what}` timed out after {polls} polls")
+            }
+            Self::UnknownDevice(d) => write!(f, "device {d} is unknown to the IOMMU"),
+            Self::Unsupported(what) => write!(f, "the hardware does not support {what}"),
+            Self::OutOfMemory => f.write_str("the lender refused table or queue memory"),
+            Self::QueueError { code, index } => write!(
+                f,
+                "the command/invalidation queue stopped on error {code:#x} at slot {index}"
+            ),
+            Self::HardwareError { status } => {
+                write!(
+                    f,
+                    "the hardware reported a global error (status {status:#x})"
+                )
+            }
+            Self::LenderCannotClean => f.write_str(
+                "the table walker is not cache coherent and the lender cannot clean caches",
+            ),
+        }
+    }
+}
+
+impl fmt::Display for PageTableError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unaligned { value } => write!(f, "{value:#x} is not 4 KiB aligned"),
+            Self::ZeroLength => f.write_str("zero length"),
+            Self::OutOfRange { iova, len, limit } => write!(
+                f,
+                "[{iova}, +{len:#x}) goes past what the table translates ({limit:#x})"
+            ),
+            Self::AlreadyMapped { iova } => write!(f, "{iova} is already mapped"),
+            Self::NotMapped { iova } => write!(f, "{iova} is not mapped"),
+            Self::PhysTooLarge { phys } => {
+                write!(f, "{phys} is above the format's output address size")
+            }
+            Self::OutOfMemory => f.write_str("the lender refused a table page"),
+            Self::NoAccess => f.write_str("a mapping needs read or write permission"),
+            Self::BadLevels { levels } => write!(f, "{levels} table levels (2 to 5 allowed)"),
+        }
+    }
+}
+
+impl fmt::Display for DmaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ZeroLength => f.write_str("zero length"),
+            Self::Unaligned { value } => write!(f, "{value:#x} is not page aligned"),
+            Self::Overflow { a, b } => write!(f, "{a:#x} + {b:#x} overflows"),
+            Self::OutsideTransaction { offset, len, size } => write!(
+                f,
+                "[{offset:#x}, +{len:#x}) is outside the transaction's {size:#x} bytes"
+            ),
+            Self::AlreadyLinked { iova } => write!(f, "{iova} is already linked"),
+            Self::NotLinked { iova } => write!(f, "{iova} is not linked"),
+            Self::IovaExhausted { size } => write!(f, "no free IOVA range of {size:#x} bytes"),
+            Self::AllocatorFull => f.write_str("the IOVA allocator's bookkeeping is full"),
+            Self::AboveDmaMask { size, mask } => write!(
+                f,
+                "{size:#x} bytes do not fit below DMA mask {mask:#x} and the aperture"
+            ),
+            Self::WrongDomain { expected, found } => write!(
+                f,
+                "the transaction belongs to domain {expected}, not domain {found}"
+            ),
+            Self::OutOfMemory => f.write_str("the lender refused table memory"),
+            Self::PhysTooLarge { phys } => write!(f, "{phys} does not fit the table format"),
+            Self::MixedP2p => {
+                f.write_str("P2P memory and host memory (or two providers) in one transaction")
+            }
+            Self::P2pNotSupported { provider, client } => {
+                write!(f, "no supported P2P path from {client} to {provider}")
+            }
+            Self::NoAccess => f.write_str("neither read nor write permission asked for"),
+            Self::StillLinked { linked } => {
+                write!(f, "the transaction still has {linked:#x} bytes linked")
+            }
+            Self::IdentityDomain => f.write_str("identity domain: use the direct path"),
+            Self::BadConfig { what, value } => write!(f, "bad domain setting {what} = {value:#x}"),
+            Self::Backend(e) => write!(f, "IOMMU driver: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for BackendError {}
+
+impl core::error::Error for PageTableError {}
+
+impl core::error::Error for DmaError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Backend(e) => Some(e),
+            _ => None,
         }
     }
 }

@@ -52,3 +52,28 @@ impl From<VtdError> for BackendError {
         }
     }
 }
+
+impl core::fmt::Display for VtdError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoUnit { ver } => write!(f, "no VT-d unit answers (VER = {ver:#x})"),
+            Self::NoAddressWidth { sagaw } => {
+                write!(f, "CAP.SAGAW {sagaw:#x} offers no 3- or 4-level table")
+            }
+            Self::RegistersOutside { what, end, len } => write!(
+                f,
+                "{what} end at offset {end:#x}, past the {len:#x}-byte register block"
+            ),
+            Self::Backend(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl core::error::Error for VtdError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Backend(e) => Some(e),
+            _ => None,
+        }
+    }
+}
