@@ -87,6 +87,15 @@ pub enum PageTableError {
         /// The levels asked for.
         levels: u8,
     },
+    /// The unmap would cut a block (2 MiB / 1 GiB leaf) in part: refused,
+    /// nothing changed. Unmap the whole block (it was mapped as one), or map
+    /// with page-sized pieces where partial unmaps are wanted.
+    PartialBlock {
+        /// Start of the block.
+        iova: DmaAddr,
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
 /// Errors of the two-step DMA API.
@@ -183,6 +192,27 @@ pub enum DmaError {
     },
     /// The IOMMU driver failed.
     Backend(BackendError),
+    /// The unlink would cut a block (2 MiB / 1 GiB leaf, linked as one) in
+    /// part: refused, nothing changed (no split under a live walker).
+    PartialBlock {
+        /// Start of the block.
+        iova: DmaAddr,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// A bus-address P2P link or unlink would leave a hole in the linked
+    /// part of the transaction, which such transactions keep as one run
+    /// `[start, end)` of offsets (nothing in the IOMMU records them).
+    BusAddrGap {
+        /// The offset asked for.
+        offset: u64,
+        /// Start of the linked run.
+        start: u64,
+        /// End of the linked run.
+        end: u64,
+    },
+    /// No more domains can get a unique transaction token (2^32 were made).
+    TokensExhausted,
 }
 
 impl From<BackendError> for DmaError {
@@ -208,6 +238,7 @@ impl From<PageTableError> for DmaError {
                 what: "levels",
                 value: levels as u64,
             },
+            PageTableError::PartialBlock { iova, size } => DmaError::PartialBlock { iova, size },
         }
     }
 }
