@@ -146,7 +146,7 @@ fn a_transaction_cannot_be_used_with_another_domain_of_the_same_id() {
     );
     assert!(matches!(r, Err(DmaError::WrongDomain { .. })), "{r:?}");
     assert_eq!(b.translate(ta.iova()), None);
-    let (ta, e) = b.free(ta).err().expect("b freed a's transaction");
+    let (ta, e) = b.free(ta).expect_err("b freed a's transaction");
     assert!(matches!(e, DmaError::WrongDomain { .. }));
     // b still hands out its own range, a's transaction still works in a.
     let tb = tx(&mut b, PAGE);
