@@ -332,6 +332,32 @@ fn strict_model_every_unlinked_descriptor_is_invalidated_before_sync_returns() {
     clean(&mem);
 }
 
+#[test]
+fn strict_model_stranded_empty_tables_are_invalidated_before_they_go_back() {
+    let mut a = vec![Page::ZERO; 2 * 256];
+    let mem = OrderLender::new(&mut a, true);
+    let mut d = domain(ArmStage1, &mem, true);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    // One page in each of 100 separate 2 MiB regions: more leaf tables
+    // empty out at once than the retired list holds.
+    let mut t = tx(&mut d, 100 * MB2);
+    for r in 0..100u64 {
+        d.link(
+            &mut t,
+            PhysAddr(0x8000_0000 + r * PAGE),
+            r * MB2,
+            PAGE,
+            RW,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+    }
+    d.sync(&mut be).unwrap();
+    d.destroy(t, &mut be).unwrap();
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), 1, "only the root is left");
+}
+
 /// The recorder itself: a table pointer stored with no barrier, a page
 /// freed while still reachable, and a swap of valid descriptors are caught.
 #[test]

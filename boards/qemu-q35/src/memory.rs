@@ -329,4 +329,10 @@ unsafe impl TableMemory for BoardMemory {
         // SAFETY: a fence orders the flushes before later writes (e.g. doorbells).
         unsafe { core::arch::asm!("mfence", options(nostack, preserves_flags)) };
     }
+
+    /// `clean` really writes lines back (CLFLUSH), so a non-coherent VT-d
+    /// walker (QEMU: `ECAP.C = 0`) may use these tables.
+    fn can_clean(&self) -> bool {
+        true
+    }
 }
