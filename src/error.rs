@@ -88,6 +88,15 @@ pub enum PageTableError {
         /// The levels asked for.
         levels: u8,
     },
+    /// The unmap would cut a block (2 MiB / 1 GiB leaf) in part: refused,
+    /// nothing changed. Unmap the whole block (it was mapped as one), or map
+    /// with page-sized pieces where partial unmaps are wanted.
+    PartialBlock {
+        /// Start of the block.
+        iova: DmaAddr,
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
 /// Errors of the two-step DMA API.
@@ -184,6 +193,27 @@ pub enum DmaError {
     },
     /// The IOMMU driver failed.
     Backend(BackendError),
+    /// The unlink would cut a block (2 MiB / 1 GiB leaf, linked as one) in
+    /// part: refused, nothing changed (no split under a live walker).
+    PartialBlock {
+        /// Start of the block.
+        iova: DmaAddr,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// A bus-address P2P link or unlink would leave a hole in the linked
+    /// part of the transaction, which such transactions keep as one run
+    /// `[start, end)` of offsets (nothing in the IOMMU records them).
+    BusAddrGap {
+        /// The offset asked for.
+        offset: u64,
+        /// Start of the linked run.
+        start: u64,
+        /// End of the linked run.
+        end: u64,
+    },
+    /// No more domains can get a unique transaction token (2^32 were made).
+    TokensExhausted,
 }
 
 impl From<BackendError> for DmaError {
@@ -209,6 +239,7 @@ impl From<PageTableError> for DmaError {
                 what: "levels",
                 value: levels as u64,
             },
+            PageTableError::PartialBlock { iova, size } => DmaError::PartialBlock { iova, size },
         }
     }
 }
@@ -256,6 +287,10 @@ impl fmt::Display for PageTableError {
             Self::OutOfMemory => f.write_str("the lender refused a table page"),
             Self::NoAccess => f.write_str("a mapping needs read or write permission"),
             Self::BadLevels { levels } => write!(f, "{levels} table levels (2 to 5 allowed)"),
+            Self::PartialBlock { iova, size } => write!(
+                f,
+                "only part of the {size:#x}-byte block at {iova} would be unmapped (unmap all of it)"
+            ),
         }
     }
 }
@@ -297,6 +332,15 @@ impl fmt::Display for DmaError {
             Self::IdentityDomain => f.write_str("identity domain: use the direct path"),
             Self::BadConfig { what, value } => write!(f, "bad domain setting {what} = {value:#x}"),
             Self::Backend(e) => write!(f, "IOMMU driver: {e}"),
+            Self::PartialBlock { iova, size } => write!(
+                f,
+                "only part of the {size:#x}-byte block at {iova} would be unlinked (unlink all of it)"
+            ),
+            Self::BusAddrGap { offset, start, end } => write!(
+                f,
+                "offset {offset:#x} would leave a hole in the bus-address run [{start:#x}, {end:#x})"
+            ),
+            Self::TokensExhausted => f.write_str("no unique domain token is left (2^32 were made)"),
         }
     }
 }

@@ -1,11 +1,14 @@
 //! IOVA allocator: one contiguous, naturally aligned range per transaction.
 //!
-//! A buddy allocator over the domain's aperture. Every range is a power of two
-//! in size and aligned to its size, which is what lets the page table use
-//! 2 MiB / 1 GiB blocks whenever the physical memory is aligned too. Free
-//! blocks of each order live in a fixed-capacity set, so nothing is heap
-//! allocated; allocation and free cost O(orders × capacity) = O(1) for a given
-//! configuration, and freeing coalesces buddies.
+//! Every range is a power of two in size and aligned to its size, which is
+//! what lets the page table use 2 MiB / 1 GiB blocks whenever the physical
+//! memory is aligned too. The allocator keeps the ranges *handed out*, sorted,
+//! in a fixed-capacity list (no heap): allocation takes the lowest aligned gap
+//! that fits (first fit), and giving a range back only removes its entry, so
+//! it cannot fail for lack of room. (A buddy allocator's free lists can fill
+//! up on a free, after the caller has already torn its mappings down, and
+//! leave that range unreleasable for ever.) The cost: at most [`MAX_RANGES`]
+//! transactions in flight per domain, and O(ranges) per allocation.
 
 use crate::addr::PAGE_SHIFT;
 use crate::error::DmaError;
@@ -14,11 +17,12 @@ use crate::error::DmaError;
 const MIN_ORDER: u32 = PAGE_SHIFT;
 /// Largest order: a 2^57-byte block (5-level tables).
 const MAX_ORDER: u32 = 57;
-const ORDERS: usize = (MAX_ORDER - MIN_ORDER + 1) as usize;
+/// Low bits of a packed entry holding the order (the start is page aligned).
+const ORDER_MASK: u64 = 0x3f;
 
-/// Free blocks one order may hold before the allocator reports
-/// [`DmaError::AllocatorFull`].
-pub const FREE_PER_ORDER: usize = 16;
+/// Ranges one allocator may have handed out at once; one more is refused
+/// with [`DmaError::AllocatorFull`] (nothing changes then).
+pub const MAX_RANGES: usize = 512;
 
 /// A range handed out by [`IovaAllocator::alloc`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,9 +34,10 @@ pub struct IovaRange {
     pub size: u64,
 }
 
-/// Buddy allocator over `[start, end)`.
+/// First-fit allocator of naturally aligned ranges over `[start, end)`.
 pub struct IovaAllocator {
-    free: [heapless::Vec<u64, FREE_PER_ORDER>; ORDERS],
+    /// Ranges handed out, sorted by start: `start | order`.
+    used: heapless::Vec<u64, MAX_RANGES>,
     start: u64,
     end: u64,
     in_use: u64,
@@ -49,9 +54,15 @@ fn order_of(size: u64) -> Option<u32> {
     (o <= MAX_ORDER).then_some(o)
 }
 
+#[inline]
+fn unpack(e: u64) -> (u64, u64) {
+    let start = e & !ORDER_MASK;
+    (start, start + (1u64 << (e & ORDER_MASK)))
+}
+
 impl IovaAllocator {
     /// An allocator for the aperture `[start, end)`; both must be 4 KiB
-    /// aligned and `start < end`.
+    /// aligned, `start < end` and `end <= 2^57`.
     pub fn new(start: u64, end: u64) -> Result<Self, DmaError> {
         if start & 0xfff != 0 {
             return Err(DmaError::Unaligned { value: start });
@@ -59,56 +70,18 @@ impl IovaAllocator {
         if end & 0xfff != 0 {
             return Err(DmaError::Unaligned { value: end });
         }
-        if start >= end {
+        if start >= end || end > 1u64 << MAX_ORDER {
             return Err(DmaError::BadConfig {
                 what: "aperture",
                 value: end,
             });
         }
-        let mut a = Self {
-            free: core::array::from_fn(|_| heapless::Vec::new()),
+        Ok(Self {
+            used: heapless::Vec::new(),
             start,
             end,
             in_use: 0,
-        };
-        // Cut the aperture into maximal aligned blocks; two of them are never
-        // buddies, so coalescing by "buddy is free" never leaves the aperture.
-        let mut cur = start;
-        while cur < end {
-            let align = if cur == 0 {
-                MAX_ORDER
-            } else {
-                cur.trailing_zeros().min(MAX_ORDER)
-            };
-            let mut o = align;
-            while o > MIN_ORDER && cur.checked_add(1u64 << o).is_none_or(|e| e > end) {
-                o -= 1;
-            }
-            a.push(o, cur)?;
-            cur += 1u64 << o;
-        }
-        Ok(a)
-    }
-
-    fn push(&mut self, order: u32, addr: u64) -> Result<(), DmaError> {
-        let list = self
-            .free
-            .get_mut((order - MIN_ORDER) as usize)
-            .ok_or(DmaError::AllocatorFull)?;
-        list.push(addr).map_err(|_| DmaError::AllocatorFull)
-    }
-
-    fn take(&mut self, order: u32, addr: u64) -> bool {
-        let Some(list) = self.free.get_mut((order - MIN_ORDER) as usize) else {
-            return false;
-        };
-        match list.iter().position(|&a| a == addr) {
-            Some(i) => {
-                list.swap_remove(i);
-                true
-            }
-            None => false,
-        }
+        })
     }
 
     /// The aperture `[start, end)`.
@@ -119,6 +92,11 @@ impl IovaAllocator {
     /// Bytes handed out and not yet freed.
     pub fn in_use(&self) -> u64 {
         self.in_use
+    }
+
+    /// Ranges handed out and not yet freed.
+    pub fn ranges(&self) -> usize {
+        self.used.len()
     }
 
     /// A range of at least `size` bytes that lies entirely at or below `mask`
@@ -138,75 +116,89 @@ impl IovaAllocator {
         {
             return Err(DmaError::AboveDmaMask { size, mask });
         }
-        // Lowest eligible block of the smallest order that has one.
-        let mut found = None;
-        for o in want..=MAX_ORDER {
-            let list = &self.free[(o - MIN_ORDER) as usize];
-            let best = list
-                .iter()
-                .copied()
-                .filter(|&a| a.checked_add(bsize - 1).is_some_and(|last| last <= mask))
-                .min();
-            if let Some(a) = best {
-                found = Some((o, a));
-                break;
-            }
-        }
-        let Some((mut o, addr)) = found else {
-            return Err(DmaError::IovaExhausted { size });
-        };
-        // Every order the split passes through must have room for one more
-        // free block; check first so a refusal changes nothing.
-        if (want..o).any(|k| self.free[(k - MIN_ORDER) as usize].is_full()) {
+        if self.used.is_full() {
             return Err(DmaError::AllocatorFull);
         }
-        self.take(o, addr);
-        // Split down, keeping the low half; the high halves become free.
-        while o > want {
-            o -= 1;
-            self.push(o, addr + (1u64 << o))?;
+        // One past the last usable address (`end <= 2^57`, so no overflow).
+        let limit = if mask >= self.end - 1 {
+            self.end
+        } else {
+            mask + 1
+        };
+        let fits = |cand: u64, next: u64| {
+            cand.checked_add(bsize)
+                .is_some_and(|e| e <= next && e <= limit)
+        };
+        let align_up = |a: u64| (a + bsize - 1) & !(bsize - 1);
+        let mut cur = self.start;
+        let mut at = self.used.len();
+        let mut found = None;
+        for (i, &e) in self.used.iter().enumerate() {
+            let (s, end) = unpack(e);
+            let cand = align_up(cur);
+            if fits(cand, s) {
+                found = Some(cand);
+                at = i;
+                break;
+            }
+            if cand >= limit {
+                break;
+            }
+            cur = cur.max(end);
         }
+        if found.is_none() && at == self.used.len() {
+            let cand = align_up(cur);
+            if fits(cand, self.end) {
+                found = Some(cand);
+            }
+        }
+        let Some(start) = found else {
+            return Err(DmaError::IovaExhausted { size });
+        };
+        // Cannot fail: checked not full above.
+        self.used
+            .insert(at, start | u64::from(want))
+            .map_err(|_| DmaError::AllocatorFull)?;
         self.in_use += bsize;
-        Ok(IovaRange {
-            start: addr,
-            size: bsize,
-        })
+        Ok(IovaRange { start, size: bsize })
     }
 
-    /// Gives a range back, coalescing it with free buddies.
-    ///
-    /// `range` must be one handed out by [`alloc`](Self::alloc) and not freed
-    /// since; a range outside the aperture or misaligned is refused.
-    pub fn free(&mut self, range: IovaRange) -> Result<(), DmaError> {
-        let Some(mut o) = order_of(range.size) else {
-            return Err(DmaError::ZeroLength);
+    /// Where `range` is in the list of ranges handed out: an error when it
+    /// was not handed out (or was freed since). Changes nothing.
+    pub fn find(&self, range: IovaRange) -> Result<usize, DmaError> {
+        let Some(o) = order_of(range.size).filter(|&o| 1u64 << o == range.size) else {
+            return Err(DmaError::Unaligned { value: range.size });
         };
-        if 1u64 << o != range.size || range.start & (range.size - 1) != 0 {
-            return Err(DmaError::Unaligned { value: range.start });
-        }
-        if range.start < self.start
-            || range
-                .start
-                .checked_add(range.size)
-                .is_none_or(|e| e > self.end)
+        let key = range.start | u64::from(o);
+        match self
+            .used
+            .binary_search_by(|e| (e & !ORDER_MASK).cmp(&range.start))
         {
-            return Err(DmaError::OutsideTransaction {
+            Ok(i) if self.used[i] == key => Ok(i),
+            _ => Err(DmaError::OutsideTransaction {
                 offset: range.start,
                 len: range.size,
                 size: self.end,
-            });
+            }),
         }
-        let mut addr = range.start;
-        while o < MAX_ORDER {
-            let buddy = addr ^ (1u64 << o);
-            if !self.take(o, buddy) {
-                break;
-            }
-            addr &= !(1u64 << o);
-            o += 1;
+    }
+
+    /// Gives back the range at `index` (from [`find`](Self::find)). Cannot
+    /// fail: it only removes the entry. An index past the list does nothing.
+    pub fn release(&mut self, index: usize) {
+        if index < self.used.len() {
+            let (s, e) = unpack(self.used.remove(index));
+            self.in_use = self.in_use.saturating_sub(e - s);
         }
-        self.push(o, addr)?;
-        self.in_use = self.in_use.saturating_sub(range.size);
+    }
+
+    /// Gives a range back: [`find`](Self::find) then
+    /// [`release`](Self::release). `range` must be one handed out by
+    /// [`alloc`](Self::alloc) and not freed since; otherwise it is refused
+    /// and nothing changes.
+    pub fn free(&mut self, range: IovaRange) -> Result<(), DmaError> {
+        let i = self.find(range)?;
+        self.release(i);
         Ok(())
     }
 }
@@ -258,6 +250,43 @@ mod tests {
                 mask: 0x0fff_ffff
             })
         );
+    }
+
+    #[test]
+    fn freeing_out_of_order_never_fails() {
+        // Many small ranges freed in an order that leaves every other one
+        // allocated: a buddy allocator's per-order free lists fill up here.
+        let mut a = IovaAllocator::new(1 << 20, 1 << 32).unwrap();
+        let rs: heapless::Vec<IovaRange, 256> = (0..256)
+            .map(|_| a.alloc(0x1000, u64::MAX).unwrap())
+            .collect();
+        for r in rs.iter().step_by(2) {
+            a.free(*r).unwrap();
+        }
+        for r in rs.iter().skip(1).step_by(2) {
+            a.free(*r).unwrap();
+        }
+        assert_eq!(a.in_use(), 0);
+        assert_eq!(a.ranges(), 0);
+    }
+
+    #[test]
+    fn a_full_allocator_refuses_to_allocate_and_changes_nothing() {
+        let mut a = IovaAllocator::new(0, 1 << 40).unwrap();
+        for _ in 0..MAX_RANGES {
+            a.alloc(0x1000, u64::MAX).unwrap();
+        }
+        let used = a.in_use();
+        assert_eq!(a.alloc(0x1000, u64::MAX), Err(DmaError::AllocatorFull));
+        assert_eq!(a.in_use(), used);
+    }
+
+    #[test]
+    fn a_range_freed_twice_is_refused() {
+        let mut a = IovaAllocator::new(0, 1 << 30).unwrap();
+        let r = a.alloc(0x4000, u64::MAX).unwrap();
+        a.free(r).unwrap();
+        assert!(a.free(r).is_err());
     }
 
     #[test]

@@ -134,6 +134,70 @@ unsafe impl TableMemory for GlobalAllocMemory {
     fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
         pa.0 as *mut u8
     }
+
+    /// Writes the lines of `[pa, pa + len)` back to the point of coherency
+    /// (Arm `DC CVAC` per line, then `DSB SY`; x86-64 `CLFLUSH` per line,
+    /// then `MFENCE`), so a walker that does not snoop reads what the CPU
+    /// wrote. Nothing on other architectures ([`can_clean`](Self::can_clean)
+    /// says so).
+    fn clean(&self, pa: PhysAddr, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let end = pa.0.saturating_add(len as u64);
+        #[cfg(target_arch = "aarch64")]
+        {
+            let ctr: u64;
+            // SAFETY: CTR_EL0 is readable at EL0 and above (SCTLR_EL1.UCT
+            // aside, which only concerns EL0 and traps rather than misbehaves)
+            // and reading it has no side effect.
+            unsafe {
+                core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags));
+            }
+            // DminLine, bits [19:16]: log2 of the smallest data line in words.
+            let line = 4u64 << ((ctr >> 16) & 0xf);
+            let mut a = pa.0 & !(line - 1);
+            while a < end {
+                // SAFETY: `a` lies in a block this lender handed out (the
+                // identity map makes it a valid virtual address); a clean
+                // only writes a dirty line back, it changes no data.
+                unsafe {
+                    core::arch::asm!("dc cvac, {}", in(reg) a, options(nostack, preserves_flags));
+                }
+                a += line;
+            }
+            // SAFETY: waits for the cleans above to complete; touches nothing.
+            unsafe {
+                core::arch::asm!("dsb sy", options(nostack, preserves_flags));
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // CLFLUSH flushes at least 64 bytes on every x86-64 CPU
+            // (CPUID.1:EBX[15:8] × 8 is 64 on all of them in practice).
+            const LINE: u64 = 64;
+            let mut a = pa.0 & !(LINE - 1);
+            while a < end {
+                // SAFETY: `a` lies in a block this lender handed out (the
+                // identity map makes it a valid pointer); CLFLUSH writes the
+                // line back and drops it, the data is unchanged.
+                unsafe {
+                    core::arch::asm!("clflush [{}]", in(reg) a, options(nostack, preserves_flags));
+                }
+                a += LINE;
+            }
+            // SAFETY: orders the flushes before later stores (the doorbell).
+            unsafe {
+                core::arch::asm!("mfence", options(nostack, preserves_flags));
+            }
+        }
+        #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
+        let _ = end;
+    }
+
+    fn can_clean(&self) -> bool {
+        cfg!(any(target_arch = "aarch64", target_arch = "x86_64"))
+    }
 }
 
 #[cfg(all(test, feature = "alloc"))]
@@ -150,5 +214,20 @@ mod tests {
         assert!(bytes.iter().all(|&b| b == 0));
         // SAFETY: the block from above, never given to hardware.
         unsafe { m.free(pa, 3) };
+    }
+
+    #[test]
+    fn global_alloc_memory_cleans_without_changing_data() {
+        let m = GlobalAllocMemory;
+        let pa = m.alloc_zeroed(1).unwrap();
+        // SAFETY: one page was just lent to us.
+        unsafe { m.phys_to_virt(pa).add(100).write(0xab) };
+        m.clean(pa, crate::addr::PAGE_SIZE as usize);
+        m.clean(PhysAddr(pa.0 + 63), 2);
+        // SAFETY: as above.
+        assert_eq!(unsafe { m.phys_to_virt(pa).add(100).read() }, 0xab);
+        assert!(m.can_clean());
+        // SAFETY: the block from above, never given to hardware.
+        unsafe { m.free(pa, 1) };
     }
 }

@@ -20,10 +20,13 @@
 //!
 //! Nothing on these paths allocates from a heap.
 
+use core::sync::atomic::{AtomicU32, Ordering};
+
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::backend::{Attachment, DomainInfo, IommuBackend};
+use crate::barrier::wmb_on;
 use crate::device::DeviceId;
-use crate::error::DmaError;
+use crate::error::{BackendError, DmaError, PageTableError};
 use crate::iova::{IovaAllocator, IovaRange};
 use crate::logging::log_debug;
 use crate::mem::TableMemory;
@@ -50,6 +53,22 @@ pub enum DmaKind {
 
 /// Bit of `IovaState::dirs` saying `provider` is set.
 const HAS_PROVIDER: u8 = 0x80;
+/// Low bits of `IovaState::iova` holding log2 of the size (the IOVA is
+/// aligned to its size, at least 4 KiB).
+const SIZE_BITS: u64 = 0x3f;
+
+/// The next domain token: every translated domain gets its own, never
+/// reused, so a transaction can only ever be used with the domain that made
+/// it (a domain id can repeat; a token cannot).
+static NEXT_TOKEN: AtomicU32 = AtomicU32::new(1);
+
+fn new_token() -> Result<u32, DmaError> {
+    NEXT_TOKEN
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+            (t != 0).then(|| t.wrapping_add(1))
+        })
+        .map_err(|_| DmaError::TokensExhausted)
+}
 
 /// One IOVA transaction: a contiguous IOVA range owned by the caller, into
 /// which physical ranges are linked at offsets. 32 bytes on 64-bit targets.
@@ -59,27 +78,45 @@ const HAS_PROVIDER: u8 = 0x80;
 #[derive(Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct IovaState {
+    /// First IOVA, with log2 of the size in the low bits ([`SIZE_BITS`]).
     iova: u64,
-    size: u64,
     linked: u64,
+    /// The domain's unique token (see `NEXT_TOKEN`).
+    token: u32,
     domain: u16,
     /// `None` while nothing is linked (one byte: the enum has a niche).
     kind: Option<DmaKind>,
     dirs: u8,
     /// Requester ID and segment of the P2P provider of the links, if any.
     provider: (u16, u16),
+    /// Bus-address links only: page index (in the transaction) of the first
+    /// linked page; the run `[bus_start, bus_start + linked)` is linked.
+    bus_start: u32,
 }
 
 impl IovaState {
     /// First IOVA of the transaction.
+    #[inline]
     pub fn iova(&self) -> DmaAddr {
-        DmaAddr(self.iova)
+        DmaAddr(self.base())
+    }
+
+    #[inline(always)]
+    fn base(&self) -> u64 {
+        self.iova & !SIZE_BITS
     }
 
     /// Size of the IOVA range in bytes (the request rounded up to a power of
     /// two of pages).
+    #[inline]
     pub fn size(&self) -> u64 {
-        self.size
+        1u64 << (self.iova & SIZE_BITS)
+    }
+
+    /// The bus-address run `[start, end)` of offsets linked.
+    fn bus_run(&self) -> (u64, u64) {
+        let s = u64::from(self.bus_start) * PAGE_SIZE;
+        (s, s + self.linked)
     }
 
     /// Bytes currently linked.
@@ -111,14 +148,14 @@ impl IovaState {
     /// The device address of byte `offset` of the transaction (its IOVA; a
     /// bus-address P2P link returns its own address from `link_p2p`).
     pub fn dma_addr(&self, offset: u64) -> Result<DmaAddr, DmaError> {
-        if offset >= self.size {
+        if offset >= self.size() {
             return Err(DmaError::OutsideTransaction {
                 offset,
                 len: 0,
-                size: self.size,
+                size: self.size(),
             });
         }
-        Ok(DmaAddr(self.iova + offset))
+        Ok(DmaAddr(self.base() + offset))
     }
 }
 
@@ -362,10 +399,14 @@ impl<F: PteFormat, M: TableMemory> Translated<F, M> {
 /// An IOMMU domain: a page table, its IOVA space and its pending
 /// invalidations — or an identity domain, where DMA bypasses translation.
 ///
-/// Drop a translated domain only after every device was detached from it:
-/// dropping gives its table pages back to the lender.
+/// Dropping a translated domain hands **no** table page back: the IOMMU may
+/// still walk them (a device still attached, or a walk cached). Give the
+/// pages back with [`teardown`](Self::teardown), which invalidates the whole
+/// domain and waits for it first; a dropped domain's pages stay lent.
 pub struct Domain<F: PteFormat, M: TableMemory> {
     id: u16,
+    /// Unique per domain; transactions carry it (`NEXT_TOKEN`).
+    token: u32,
     inner: Option<Translated<F, M>>,
 }
 
@@ -408,12 +449,17 @@ fn finish_link<F: PteFormat, M: TableMemory>(
     len: u64,
     kind: DmaKind,
     dir: DmaDirection,
-    r: Result<(), crate::error::PageTableError>,
+    r: Result<(), PageTableError>,
 ) -> Result<DmaAddr, DmaError> {
     if let Err(e) = r {
-        if e == crate::error::PageTableError::OutOfMemory {
-            // Entries were written and taken back: a walker may have cached
-            // them, so they are invalidated like an unlink.
+        if matches!(
+            e,
+            PageTableError::OutOfMemory | PageTableError::PhysTooLarge { .. }
+        ) {
+            // Entries (tables at least) may have been written and taken back:
+            // a walker may have cached them, so they are invalidated like an
+            // unlink, walk caches included, and the tables taken back wait
+            // for that sync.
             t.unmapped.add(iova, len, false);
         }
         return Err(e.into());
@@ -427,7 +473,14 @@ fn finish_link<F: PteFormat, M: TableMemory>(
 
 impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// A translated domain with an empty page table taken from `mem`.
+    ///
+    /// Refused with [`BackendError::LenderCannotClean`] when the walk is not
+    /// coherent (`config.coherent_walk == false`) and the lender cannot clean
+    /// caches ([`TableMemory::can_clean`]): the IOMMU would read stale tables.
     pub fn new(fmt: F, mem: M, config: DomainConfig) -> Result<Self, DmaError> {
+        if !config.coherent_walk && !mem.can_clean() {
+            return Err(DmaError::Backend(BackendError::LenderCannotClean));
+        }
         if !(2..=5).contains(&config.levels) {
             return Err(DmaError::BadConfig {
                 what: "levels",
@@ -442,9 +495,11 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             });
         }
         let iova = IovaAllocator::new(config.aperture_start, config.aperture_end)?;
+        let token = new_token()?;
         let pt = IoPageTable::new(fmt, mem, config.levels, config.coherent_walk)?;
         Ok(Self {
             id: config.id,
+            token,
             inner: Some(Translated {
                 pt,
                 iova,
@@ -458,7 +513,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// direct path and devices attached with [`attachment`](Self::attachment)
     /// bypass translation.
     pub fn identity(id: u16) -> Self {
-        Self { id, inner: None }
+        // No transaction is ever made from an identity domain: no token.
+        Self {
+            id,
+            token: 0,
+            inner: None,
+        }
     }
 
     /// The domain's hardware tag.
@@ -519,19 +579,22 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         let r = t.iova.alloc(size, dma_mask)?;
         log_debug!("iova alloc {:#x}+{:#x}", r.start, r.size);
         Ok(DmaPath::Iova(IovaState {
-            iova: r.start,
-            size: r.size,
+            iova: r.start | u64::from(r.size.trailing_zeros()),
             linked: 0,
+            token: self.token,
             domain: self.id,
             kind: None,
             dirs: 0,
             provider: (0, 0),
+            bus_start: 0,
         }))
     }
 
     #[inline]
     fn translated(&mut self, tx: &IovaState) -> Result<&mut Translated<F, M>, DmaError> {
-        if tx.domain != self.id {
+        // The token, not the id: two domains may share an id (one torn down,
+        // one new; or two IOMMUs), never a token.
+        if tx.token != self.token {
             return Err(DmaError::WrongDomain {
                 expected: tx.domain,
                 found: self.id,
@@ -551,14 +614,14 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         let end = offset
             .checked_add(len)
             .ok_or(DmaError::Overflow { a: offset, b: len })?;
-        if end > tx.size {
+        if end > tx.size() {
             return Err(DmaError::OutsideTransaction {
                 offset,
                 len,
-                size: tx.size,
+                size: tx.size(),
             });
         }
-        Ok(tx.iova + offset)
+        Ok(tx.base() + offset)
     }
 
     /// Step 2: link `[phys, phys + len)` at `offset` into the transaction,
@@ -693,6 +756,34 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                     return Err(DmaError::MixedP2p);
                 }
                 self.translated(tx)?;
+                // Nothing in the IOMMU records a bus-address link, so the
+                // state does: one run of linked offsets, grown at either end.
+                let first = u32::try_from(offset / PAGE_SIZE).map_err(|_| {
+                    DmaError::OutsideTransaction {
+                        offset,
+                        len,
+                        size: u64::from(u32::MAX) * PAGE_SIZE,
+                    }
+                })?;
+                if tx.linked == 0 {
+                    tx.bus_start = first;
+                } else {
+                    let (s, e) = tx.bus_run();
+                    if offset < e && offset + len > s {
+                        return Err(DmaError::AlreadyLinked {
+                            iova: DmaAddr(tx.base() + offset.max(s)),
+                        });
+                    }
+                    if offset + len == s {
+                        tx.bus_start = first;
+                    } else if offset != e {
+                        return Err(DmaError::BusAddrGap {
+                            offset,
+                            start: s,
+                            end: e,
+                        });
+                    }
+                }
                 tx.linked += len;
                 tx.kind = Some(DmaKind::P2pBusAddr);
                 tx.dirs |= dir as u8 | HAS_PROVIDER;
@@ -729,25 +820,80 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             return backend.sync().map_err(Into::into);
         };
         let info = t.info(id);
-        // Table stores happen before the backend's doorbell write.
-        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
-        let with_maps = backend.needs_map_invalidation();
-        if t.unmapped.overflow || (with_maps && t.mapped.overflow) {
-            backend.invalidate_domain(&info)?;
-        } else {
-            for r in t.unmapped.list.iter() {
-                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
-            }
-            if with_maps {
-                for r in t.mapped.list.iter() {
-                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
+        // Bounded: each extra round detaches up to RETIRE_CAPACITY stranded
+        // tables, and there are at most as many as the table holds.
+        loop {
+            // Table stores happen before the backend's doorbell write.
+            wmb_on(t.pt.memory());
+            let with_maps = backend.needs_map_invalidation();
+            if t.unmapped.overflow || (with_maps && t.mapped.overflow) {
+                backend.invalidate_domain(&info)?;
+            } else {
+                for r in t.unmapped.list.iter() {
+                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
+                }
+                if with_maps {
+                    for r in t.mapped.list.iter() {
+                        backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
+                    }
                 }
             }
+            backend.sync()?;
+            t.unmapped.clear();
+            t.mapped.clear();
+            t.pt.free_retired();
+            // Empty tables that did not fit the retired list while they
+            // emptied are detached now; their ranges are not kept, so the
+            // next round invalidates the whole domain before freeing them.
+            // (Only then does one sync cost more than one completion.)
+            if !t.pt.prune_empty() {
+                return Ok(());
+            }
+            t.unmapped.overflow = true;
         }
-        backend.sync()?;
-        t.unmapped.clear();
-        t.mapped.clear();
-        t.pt.free_retired();
+    }
+
+    /// Ends the domain: invalidates everything the IOMMU cached for it
+    /// (SMMU TLBI by ASID/VMID, VT-d domain-selective invalidation), waits
+    /// for that to complete, and only then hands every table page back to
+    /// the lender (the root included).
+    ///
+    /// Detach every device from the domain first (`backend.detach(dev)`):
+    /// the crate does not see attachments, and a device still attached would
+    /// walk freed pages. On a backend error nothing is freed and the domain
+    /// is handed back, to retry or to drop (dropping keeps its pages lent).
+    /// Transactions still open are not freed: their IOVA ranges die with the
+    /// domain, and any further use of them is a `WrongDomain` error.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the domain is handed back whole on failure, as free hands back its state"
+    )]
+    pub fn teardown<B: IommuBackend + ?Sized>(
+        mut self,
+        backend: &mut B,
+    ) -> Result<(), (Self, DmaError)> {
+        let Some(t) = self.inner.as_mut() else {
+            return Ok(());
+        };
+        let info = t.info(self.id);
+        wmb_on(t.pt.memory());
+        // IHI 0070 §4.4.2 (CMD_TLBI_NH_ASID / CMD_TLBI_S12_VMALL) and VT-d
+        // §6.5.2.4 (domain-selective IOTLB invalidation): everything tagged
+        // with the domain goes, walk caches included; the sync is the
+        // completion that lets the pages be reused (Linux
+        // `arm_smmu_domain_free_paging` / `domain_exit` free tables only
+        // after such a flush).
+        if let Err(e) = backend
+            .invalidate_domain(&info)
+            .and_then(|()| backend.sync())
+        {
+            return Err((self, e.into()));
+        }
+        if let Some(t) = self.inner.take() {
+            // SAFETY: the whole domain was invalidated and that completed;
+            // the caller detached its devices (documented above).
+            unsafe { t.pt.free_all() };
+        }
         Ok(())
     }
 
@@ -759,10 +905,22 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         let iova = Self::check_window(tx, offset, len)?;
         let t = self.translated(tx)?;
         let bytes = if tx.kind == Some(DmaKind::P2pBusAddr) {
-            // Bus-address links never reached the IOMMU: only the count changes.
-            if len > tx.linked {
+            // Bus-address links never reached the IOMMU: only the run of
+            // linked offsets changes, and only at either end.
+            let (s, e) = tx.bus_run();
+            if offset < s || offset + len > e {
+                let first = if offset < s { offset } else { offset.max(e) };
                 return Err(DmaError::NotLinked {
-                    iova: DmaAddr(iova),
+                    iova: DmaAddr(tx.base() + first),
+                });
+            }
+            if offset == s {
+                tx.bus_start += (len / PAGE_SIZE) as u32;
+            } else if offset + len != e {
+                return Err(DmaError::BusAddrGap {
+                    offset,
+                    start: s,
+                    end: e,
                 });
             }
             len
@@ -784,24 +942,32 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     }
 
     /// Step 5: give the transaction back. Whatever is still linked is
-    /// unlinked first (its invalidation is queued for the next sync). On a
-    /// wrong-domain error the state is returned untouched.
+    /// unlinked first (its invalidation is queued for the next sync). On an
+    /// error (a transaction of another domain) the state is returned
+    /// untouched; once the unlinking starts nothing can fail: the IOVA
+    /// range is found first and its release cannot fail.
     pub fn free(&mut self, tx: IovaState) -> Result<(), (IovaState, DmaError)> {
         let t = match self.translated(&tx) {
             Ok(t) => t,
             Err(e) => return Err((tx, e)),
         };
+        let range = IovaRange {
+            start: tx.base(),
+            size: tx.size(),
+        };
+        let slot = match t.iova.find(range) {
+            Ok(i) => i,
+            Err(e) => return Err((tx, e)),
+        };
         if tx.linked != 0 && tx.kind != Some(DmaKind::P2pBusAddr) {
-            match t.pt.unmap_present(DmaAddr(tx.iova), tx.size) {
-                Ok(out) => t.unmapped.add(tx.iova, tx.size, !out.freed_tables),
-                Err(e) => return Err((tx, e.into())),
+            // The range is the transaction's own (checked against the
+            // aperture when it was made): cannot fail.
+            if let Ok(out) = t.pt.unmap_present(DmaAddr(range.start), range.size) {
+                t.unmapped.add(range.start, range.size, !out.freed_tables);
             }
         }
-        let range = IovaRange {
-            start: tx.iova,
-            size: tx.size,
-        };
-        t.iova.free(range).map_err(|e| (tx, e))
+        t.iova.release(slot);
+        Ok(())
     }
 
     /// [`free`](Self::free) followed by [`sync`](Self::sync): unlinks
@@ -880,5 +1046,13 @@ mod tests {
     #[test]
     fn state_is_at_most_32_bytes() {
         assert!(core::mem::size_of::<IovaState>() <= 32);
+    }
+
+    #[test]
+    fn every_domain_gets_its_own_token() {
+        let a = new_token().unwrap();
+        let b = new_token().unwrap();
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
     }
 }

@@ -196,9 +196,21 @@ fn run<F: PteFormat>(fmt: F, levels: u8, ops: &[Op]) -> Result<(), TestCaseError
                 let iova = t.iova().0 + off;
                 let want_ok = off + len <= t.size()
                     && (0..pages).all(|i| model.contains_key(&(iova + i * PAGE)));
+                // A block (2 MiB / 1 GiB leaf) cut by either end is refused:
+                // never split under a live walker.
+                let inside_block = |a: u64| {
+                    d.page_table()
+                        .and_then(|pt| pt.translate(DmaAddr(a)))
+                        .is_some_and(|(_, _, h)| h > 0 && a % (1u64 << (12 + 9 * h)) != 0)
+                };
+                let partial = want_ok && (inside_block(iova) || inside_block(iova + len));
                 let before = t.linked();
                 let r = d.unlink(t, off, len);
-                if want_ok {
+                if partial {
+                    let refused = matches!(r, Err(DmaError::PartialBlock { .. }));
+                    prop_assert!(refused, "expected PartialBlock, got {:?}", r);
+                    prop_assert_eq!(t.linked(), before);
+                } else if want_ok {
                     prop_assert_eq!(r, Ok(len));
                     prop_assert_eq!(t.linked(), before - len);
                     for i in 0..pages {

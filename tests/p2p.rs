@@ -422,3 +422,63 @@ fn host_bridge_link_is_device_memory_in_arm_tables() {
     );
     d.free(t).unwrap();
 }
+
+#[test]
+fn bus_address_links_track_their_offsets() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut r = registry(false);
+    let mut t = tx(&mut d);
+    let client = dev(NVME.0, NVME.1);
+    let bar = PhysAddr(0x60_0001_0000);
+    let dir = DmaDirection::FromDevice;
+    let link = |d: &mut Domain<_, _>, t: &mut IovaState, r: &mut P2pRegistry, off: u64| {
+        d.link_p2p(t, r, client, PhysAddr(bar.0 + off), off, 4096, dir)
+    };
+    link(&mut d, &mut t, &mut r, 4096).unwrap();
+    // The same offset twice: refused, nothing counted twice.
+    assert_eq!(
+        link(&mut d, &mut t, &mut r, 4096),
+        Err(DmaError::AlreadyLinked {
+            iova: DmaAddr(t.iova().0 + 4096)
+        })
+    );
+    assert_eq!(t.linked(), 4096);
+    // A hole in the run: refused.
+    assert_eq!(
+        link(&mut d, &mut t, &mut r, 3 * 4096),
+        Err(DmaError::BusAddrGap {
+            offset: 3 * 4096,
+            start: 4096,
+            end: 2 * 4096
+        })
+    );
+    // Grown at either end.
+    link(&mut d, &mut t, &mut r, 2 * 4096).unwrap();
+    link(&mut d, &mut t, &mut r, 0).unwrap();
+    assert_eq!(t.linked(), 3 * 4096);
+    assert!(t.linked() <= t.size());
+    // Unlinking what was never linked, or the middle of the run: refused.
+    assert_eq!(
+        d.unlink(&mut t, 5 * 4096, 4096),
+        Err(DmaError::NotLinked {
+            iova: DmaAddr(t.iova().0 + 5 * 4096)
+        })
+    );
+    assert!(matches!(
+        d.unlink(&mut t, 4096, 4096),
+        Err(DmaError::BusAddrGap { .. })
+    ));
+    assert_eq!(t.linked(), 3 * 4096);
+    assert_eq!(d.unlink(&mut t, 0, 4096), Ok(4096));
+    assert_eq!(
+        d.unlink(&mut t, 0, 4096),
+        Err(DmaError::NotLinked {
+            iova: DmaAddr(t.iova().0)
+        })
+    );
+    assert_eq!(d.unlink(&mut t, 4096, 2 * 4096), Ok(2 * 4096));
+    assert_eq!(t.linked(), 0);
+    assert_eq!(t.kind(), None);
+    d.free(t).unwrap();
+}

@@ -1,5 +1,6 @@
-//! The generic walker: blocks where alignment allows, splits on partial
-//! unmap, exact byte counts, freed tables — for every format.
+//! The generic walker: blocks where alignment allows, partial unmaps of a
+//! block refused (never split under a live walker), exact byte counts,
+//! freed tables — for every format.
 
 mod common;
 
@@ -17,7 +18,7 @@ fn leaf_height<F: PteFormat>(t: &IoPageTable<F, &HostMemory>, iova: u64) -> Opti
     t.translate(DmaAddr(iova)).map(|(_, _, h)| h)
 }
 
-fn blocks_and_splits<F: PteFormat>(fmt: F) {
+fn blocks_and_partial_unmaps<F: PteFormat>(fmt: F) {
     let mem = HostMemory::new();
     let mut t = IoPageTable::new(fmt, &mem, 4, true).unwrap();
     // 2 MiB-aligned on both sides: one block for the middle, pages at the ends.
@@ -36,20 +37,24 @@ fn blocks_and_splits<F: PteFormat>(fmt: F) {
         PhysAddr(0x8000_0000 + 0x12345)
     );
 
-    // Unmap one page in the middle of the block: the block is split, the rest still translates.
-    let out = t.unmap(DmaAddr(0x4000_0000 + 0x10_0000), K4).unwrap();
-    assert_eq!(out.bytes, K4);
-    assert!(out.split);
-    assert_eq!(t.translate(DmaAddr(0x4000_0000 + 0x10_0000)), None);
-    for off in [0u64, 0xf_f000, 0x10_1000, M2 - K4] {
+    // Unmap one page in the middle of the block, or a range ending inside
+    // it: refused, nothing changes (no table stored over the live block).
+    let refused = Err(PageTableError::PartialBlock {
+        iova: DmaAddr(0x4000_0000),
+        size: M2,
+    });
+    assert_eq!(t.unmap(DmaAddr(0x4000_0000 + 0x10_0000), K4), refused);
+    assert_eq!(t.unmap(DmaAddr(iova), 2 * K4), refused);
+    for off in [0u64, 0xf_f000, 0x10_0000, 0x10_1000, M2 - K4] {
         let (p, a, h) = t.translate(DmaAddr(0x4000_0000 + off)).unwrap();
         assert_eq!(p, PhysAddr(0x8000_0000 + off));
-        assert_eq!(h, 0);
+        assert_eq!(h, 1);
         assert_eq!(a, fmt.canonical(RW));
     }
-    // Unmap the rest: exactly the bytes still mapped.
-    let out = t.unmap(DmaAddr(0x4000_0000), 0x10_0000).unwrap();
-    assert_eq!(out.bytes, 0x10_0000);
+    assert_eq!(leaf_height(&t, iova), Some(0), "the page before is kept");
+    // The whole block goes in one unmap: exactly its bytes.
+    let out = t.unmap(DmaAddr(0x4000_0000), M2).unwrap();
+    assert_eq!(out.bytes, M2);
     assert_eq!(
         t.unmap(DmaAddr(iova), M2 + 2 * K4),
         Err(PageTableError::NotMapped {
@@ -57,7 +62,7 @@ fn blocks_and_splits<F: PteFormat>(fmt: F) {
         })
     );
     let out = t.unmap_present(DmaAddr(iova), M2 + 2 * K4).unwrap();
-    assert_eq!(out.bytes, M2 + 2 * K4 - 0x10_0000 - K4);
+    assert_eq!(out.bytes, 2 * K4);
     assert!(out.freed_tables);
     t.free_retired();
     assert_eq!(t.table_pages(), 1, "all tables but the root are freed");
@@ -65,18 +70,18 @@ fn blocks_and_splits<F: PteFormat>(fmt: F) {
 }
 
 #[test]
-fn stage1_blocks_appear_when_aligned_and_split_on_partial_unmap() {
-    blocks_and_splits(ArmStage1);
+fn stage1_blocks_appear_when_aligned_and_partial_unmaps_are_refused() {
+    blocks_and_partial_unmaps(ArmStage1);
 }
 
 #[test]
-fn stage2_blocks_appear_when_aligned_and_split_on_partial_unmap() {
-    blocks_and_splits(ArmStage2);
+fn stage2_blocks_appear_when_aligned_and_partial_unmaps_are_refused() {
+    blocks_and_partial_unmaps(ArmStage2);
 }
 
 #[test]
-fn vtd_superpages_appear_when_aligned_and_split_on_partial_unmap() {
-    blocks_and_splits(VtdSecondLevel::default());
+fn vtd_superpages_appear_when_aligned_and_partial_unmaps_are_refused() {
+    blocks_and_partial_unmaps(VtdSecondLevel::default());
 }
 
 #[test]
@@ -108,32 +113,27 @@ fn vtd_without_superpages_maps_pages_only() {
 }
 
 #[test]
-fn gigabyte_block_splits_down_to_pages() {
+fn a_page_inside_a_gigabyte_block_cannot_be_unmapped_alone() {
     let mem = HostMemory::new();
     let mut t = IoPageTable::new(ArmStage2, &mem, 4, true).unwrap();
     t.map(DmaAddr(G1), PhysAddr(4 * G1), G1, RW).unwrap();
     assert_eq!(leaf_height(&t, G1 + 5), Some(2));
     assert_eq!(t.table_pages(), 2);
-    let out = t.unmap(DmaAddr(G1 + 3 * M2 + 7 * K4), K4).unwrap();
-    assert_eq!(out.bytes, K4);
-    assert_eq!(leaf_height(&t, G1), Some(1));
-    assert_eq!(leaf_height(&t, G1 + 3 * M2), Some(0));
+    let allocs = mem.allocs.get();
     assert_eq!(
-        t.translate(DmaAddr(G1 + 3 * M2 + 8 * K4)).unwrap().0,
-        PhysAddr(4 * G1 + 3 * M2 + 8 * K4)
+        t.unmap(DmaAddr(G1 + 3 * M2 + 7 * K4), K4),
+        Err(PageTableError::PartialBlock {
+            iova: DmaAddr(G1),
+            size: G1
+        })
     );
-    assert_eq!(t.translate(DmaAddr(G1 + 3 * M2 + 7 * K4)), None);
-    assert_eq!(t.table_pages(), 4);
-}
-
-#[test]
-fn split_refused_by_the_lender_unmaps_nothing() {
-    let mem = HostMemory::new();
-    let mut t = IoPageTable::new(ArmStage1, &mem, 4, true).unwrap();
-    t.map(DmaAddr(0), PhysAddr(0), M2, RW).unwrap();
-    mem.set_budget(Some(0));
-    assert_eq!(t.unmap(DmaAddr(K4), K4), Err(PageTableError::OutOfMemory));
-    assert_eq!(t.translate(DmaAddr(K4)).unwrap().0, PhysAddr(K4));
+    assert_eq!(
+        t.translate(DmaAddr(G1 + 3 * M2 + 7 * K4)).unwrap().0,
+        PhysAddr(4 * G1 + 3 * M2 + 7 * K4)
+    );
+    assert_eq!(t.table_pages(), 2);
+    assert_eq!(mem.allocs.get(), allocs, "no table page taken for a split");
+    assert_eq!(t.unmap(DmaAddr(G1), G1).unwrap().bytes, G1);
 }
 
 #[test]
@@ -152,15 +152,24 @@ fn a_run_of_pages_fills_leaf_tables_without_extra_tables() {
 }
 
 #[test]
-fn dropping_a_table_returns_every_page() {
+fn dropping_a_table_hands_back_nothing_and_free_all_hands_back_everything() {
     let mem = HostMemory::new();
-    {
-        let mut t = IoPageTable::new(VtdSecondLevel::default(), &mem, 4, false).unwrap();
+    let build = || {
+        let mut t = IoPageTable::new(VtdSecondLevel::default(), &mem, 4, true).unwrap();
         t.map(DmaAddr(0x1000), PhysAddr(0x1000), 300 * K4, RW)
             .unwrap();
         t.map(DmaAddr(1 << 40), PhysAddr(0x40_0000), M2, RW)
             .unwrap();
-        assert!(mem.live_pages() > 1);
-    }
-    assert_eq!(mem.live_pages(), 0);
+        t
+    };
+    let t = build();
+    let pages = mem.live_pages();
+    assert!(pages > 1);
+    // The IOMMU may still walk a dropped table: its pages stay lent.
+    drop(t);
+    assert_eq!(mem.live_pages(), pages);
+    let t = build();
+    // SAFETY: no IOMMU ever saw this table.
+    unsafe { t.free_all() };
+    assert_eq!(mem.live_pages(), pages);
 }

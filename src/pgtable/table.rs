@@ -2,6 +2,7 @@
 
 use super::{MapAttrs, Pte, PteFormat};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::barrier::wmb_on;
 use crate::error::PageTableError;
 use crate::mem::TableMemory;
 
@@ -25,18 +26,28 @@ pub struct UnmapOutcome {
     pub bytes: u64,
     /// Table pages were detached (walk caches must be invalidated too).
     pub freed_tables: bool,
-    /// A block was split into smaller entries at a range boundary.
-    pub split: bool,
 }
 
 /// A radix I/O page table with a 4 KiB granule and `levels` levels, whose
 /// memory comes from a [`TableMemory`].
 ///
 /// Maps are all-or-nothing: a map that finds a present entry or runs out of
-/// table memory leaves the table as it was. Table pages that become empty on
-/// unmap are detached and *retired*: they are handed back to the lender only
-/// by [`free_retired`](Self::free_retired), which the caller runs after the
+/// table memory leaves the translations as they were. Table pages that become
+/// empty on unmap (or that a failed map created) are detached and *retired*:
+/// they are handed back to the lender only by
+/// [`free_retired`](Self::free_retired), which the caller runs after the
 /// IOMMU's caches were invalidated, so a walker can never read a reused page.
+///
+/// Dropping the table hands nothing back: the IOMMU may still walk it. The
+/// pages go back through [`free_all`](Self::free_all) once the caller has
+/// invalidated and completed every walk (see `Domain::teardown`).
+///
+/// Ordering (IHI 0070 §3.21, Linux `arm_lpae_install_table`): a new table is
+/// zeroed, cleaned when the walk is not coherent, and ordered by a barrier
+/// before the descriptor pointing to it is stored. A valid descriptor is
+/// never replaced by another valid one: unmapping part of a block is refused
+/// with [`PageTableError::PartialBlock`] instead of splitting it under a
+/// live walker (Linux's io-pgtable-arm no longer splits either).
 pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     fmt: F,
     mem: M,
@@ -45,6 +56,9 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     coherent: bool,
     table_pages: usize,
     retired: heapless::Vec<PhysAddr, RETIRE_CAPACITY>,
+    /// Empty tables were left attached because `retired` was full: the next
+    /// [`prune_empty`](Self::prune_empty) detaches them.
+    stranded: bool,
     /// The last leaf table walked to: (`iova >> LEAF_TABLE_SHIFT`, table).
     /// Lets runs of small maps and unmaps in one 2 MiB region skip the walk
     /// from the root. Forgotten whenever a table page is detached or an
@@ -90,6 +104,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             return Err(PageTableError::BadLevels { levels });
         }
         let root = lend_table_page(&fmt, &mem, coherent)?;
+        // The zeroed root is visible before its address is handed out (to
+        // an STE, a context descriptor or a context entry).
+        wmb_on(&mem);
         Ok(Self {
             fmt,
             mem,
@@ -98,6 +115,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             coherent,
             table_pages: 1,
             retired: heapless::Vec::new(),
+            stranded: false,
             leaf_cache: (NO_REGION, PhysAddr(0)),
         })
     }
@@ -173,6 +191,16 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         let t = lend_table_page(&self.fmt, &self.mem, self.coherent)?;
         self.table_pages += 1;
         Ok(t)
+    }
+
+    /// Stores in `table[idx]` the pointer to the new table `child`. The
+    /// child's zeroed (and cleaned) contents are ordered before the pointer
+    /// by a barrier: a walker that follows the pointer must never see the
+    /// page's old contents (io-pgtable-arm `arm_lpae_install_table`).
+    #[inline]
+    fn install_table(&self, table: PhysAddr, idx: usize, child: PhysAddr) {
+        wmb_on(&self.mem);
+        self.write(table, idx, self.fmt.table(child));
     }
 
     #[inline]
@@ -325,12 +353,14 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
     }
 
-    /// Removes what a failed map wrote in `[iova, end)`, empty tables included.
+    /// Removes what a failed map wrote in `[iova, end)`, empty tables
+    /// included. The tables it detaches were briefly reachable, so they are
+    /// retired like any other (the caller queues a non-leaf invalidation of
+    /// the range): nothing goes back to the lender before the next sync.
     #[cold]
     fn take_back(&mut self, iova: u64, end: u64) {
         let mut out = UnmapOutcome::default();
         self.clear_rec(self.root, self.top_height(), iova, end, true, &mut out);
-        self.free_retired_now();
     }
 
     /// Whether a descriptor read at `height` is present. Zero is
@@ -398,7 +428,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 Pte::Table(t) => t,
                 Pte::Invalid => {
                     let t = self.alloc_table()?;
-                    self.write(table, idx, self.fmt.table(t));
+                    self.install_table(table, idx, t);
                     self.clean_entries(table, idx, idx + 1);
                     created = true;
                     t
@@ -460,9 +490,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         let (leaf, created) = match self.leaf_table_for_map(iova) {
             Ok(t) => t,
-            Err(PageTableError::OutOfMemory) => {
+            Err(e @ (PageTableError::OutOfMemory | PageTableError::PhysTooLarge { .. })) => {
+                // The walk may have attached tables before the lender failed
+                // (or lent a page the format cannot point at): take them back.
                 self.take_back(iova, end);
-                return Some(Err(PageTableError::OutOfMemory));
+                return Some(Err(e));
             }
             Err(e) => return Some(Err(e)),
         };
@@ -515,7 +547,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Some(UnmapOutcome {
             bytes: end - iova,
             freed_tables,
-            split: false,
         })
     }
 
@@ -547,6 +578,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 break;
             };
             if self.retired.push(child).is_err() {
+                self.stranded = true;
                 break;
             }
             self.write(parent, idx, 0);
@@ -615,7 +647,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     Pte::Table(t) => t,
                     Pte::Invalid => match self.alloc_table() {
                         Ok(t) => {
-                            self.write(table, idx, self.fmt.table(t));
+                            self.install_table(table, idx, t);
                             lo = lo.min(idx);
                             hi = idx + 1;
                             t
@@ -702,9 +734,13 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     }
 
     /// Unmaps `[iova, iova + len)`, which must be entirely mapped (else
-    /// `NotMapped` and nothing changes). Blocks that straddle either end are
-    /// split first; if table memory for a split runs out, nothing is unmapped
-    /// (splits keep the same translations). Returns exactly what was done.
+    /// `NotMapped` and nothing changes). A block (2 MiB / 1 GiB leaf) that
+    /// straddles either end is not split: splitting would replace a live
+    /// block with a table in one store, which break-before-make forbids
+    /// (IHI 0070 §3.21.1; Linux's io-pgtable-arm refuses partial unmaps of
+    /// blocks too). The unmap is refused with
+    /// [`PartialBlock`](PageTableError::PartialBlock) and nothing changes.
+    /// Returns exactly what was done.
     #[inline]
     pub fn unmap(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
@@ -739,11 +775,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         end: u64,
     ) -> Result<UnmapOutcome, PageTableError> {
         self.check_mapped(iova, len)?;
-        let mut out = UnmapOutcome::default();
-        out.split |= self.split_at(iova.0)?;
+        self.check_block_edge(iova.0)?;
         if end < 1u64 << self.ias_bits() {
-            out.split |= self.split_at(end)?;
+            self.check_block_edge(end)?;
         }
+        let mut out = UnmapOutcome::default();
         self.clear_rec(self.root, self.top_height(), iova.0, end, false, &mut out);
         Ok(out)
     }
@@ -762,42 +798,24 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Ok(out)
     }
 
-    /// Makes `addr` an entry boundary by splitting the leaf containing it.
-    fn split_at(&mut self, addr: u64) -> Result<bool, PageTableError> {
+    /// `PartialBlock` when `addr` falls inside (not at the start of) a block.
+    fn check_block_edge(&self, addr: u64) -> Result<(), PageTableError> {
         let mut table = self.root;
         let mut h = self.top_height();
-        let mut split = false;
         loop {
-            let idx = index(addr, h);
             let esize = entry_size(h);
-            match self.fmt.decode(self.read(table, idx), h) {
-                Pte::Invalid => return Ok(split),
-                Pte::Table(t) => {
-                    if h == 0 {
-                        return Ok(split);
-                    }
+            match self.fmt.decode(self.read(table, index(addr, h)), h) {
+                Pte::Table(t) if h > 0 => {
                     table = t;
                     h -= 1;
                 }
-                Pte::Leaf { pa, attrs } => {
-                    if h == 0 || addr & (esize - 1) == 0 {
-                        return Ok(split);
-                    }
-                    let child = self.alloc_table()?;
-                    let csize = entry_size(h - 1);
-                    for i in 0..ENTRIES {
-                        let d = self
-                            .fmt
-                            .leaf(PhysAddr(pa.0 + i as u64 * csize), h - 1, attrs);
-                        self.write(child, i, d);
-                    }
-                    self.clean_entries(child, 0, ENTRIES);
-                    self.write(table, idx, self.fmt.table(child));
-                    self.clean_entries(table, idx, idx + 1);
-                    split = true;
-                    table = child;
-                    h -= 1;
+                Pte::Leaf { .. } if h > 0 && addr & (esize - 1) != 0 => {
+                    return Err(PageTableError::PartialBlock {
+                        iova: DmaAddr(addr & !(esize - 1)),
+                        size: esize,
+                    });
                 }
+                _ => return Ok(()),
             }
         }
     }
@@ -831,9 +849,12 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     }
                 }
                 Pte::Table(child) if h > 0 => {
-                    if self.clear_rec(child, h - 1, cur, next, prune, out)
-                        && self.retired.push(child).is_ok()
-                    {
+                    if !self.clear_rec(child, h - 1, cur, next, prune, out) {
+                        // Not empty, or not detachable.
+                    } else if self.retired.push(child).is_err() {
+                        // Stays attached, empty, until `prune_empty`.
+                        self.stranded = true;
+                    } else {
                         self.leaf_cache.0 = NO_REGION;
                         self.write(table, idx, 0);
                         self.table_pages -= 1;
@@ -866,15 +887,82 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// Hands retired table pages back to the lender. Call only after the
     /// IOMMU's caches were invalidated for the ranges they covered.
     pub fn free_retired(&mut self) {
-        self.free_retired_now();
-    }
-
-    fn free_retired_now(&mut self) {
         while let Some(t) = self.retired.pop() {
             // SAFETY: `t` came from `alloc_zeroed(1)` and was detached from the
             // table; the caller guarantees the IOMMU no longer walks it.
             unsafe { self.mem.free(t, 1) };
         }
+    }
+
+    /// Whether empty tables stay attached because the retired list was full
+    /// when they emptied: after the next [`free_retired`](Self::free_retired),
+    /// [`prune_empty`](Self::prune_empty) detaches them.
+    pub fn has_stranded(&self) -> bool {
+        self.stranded
+    }
+
+    /// Detaches and retires empty tables left attached (see
+    /// [`has_stranded`](Self::has_stranded)), as many as the retired list
+    /// takes. Returns whether any was detached: then the caller must
+    /// invalidate the walk caches (the whole domain: their ranges are not
+    /// recorded) before [`free_retired`](Self::free_retired).
+    pub fn prune_empty(&mut self) -> bool {
+        if !self.stranded {
+            return false;
+        }
+        self.stranded = false;
+        let before = self.retired.len();
+        self.prune_rec(self.root, self.top_height());
+        self.retired.len() != before
+    }
+
+    /// Detaches the empty tables below `table`; whether `table` is now empty.
+    fn prune_rec(&mut self, table: PhysAddr, h: u32) -> bool {
+        if h == 0 {
+            return !self.any_present(table, 0, 0, ENTRIES);
+        }
+        let mut empty = true;
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        for i in 0..ENTRIES {
+            let pte = self.read(table, i);
+            if pte == 0 {
+                continue;
+            }
+            match self.fmt.decode(pte, h) {
+                Pte::Invalid => {}
+                Pte::Leaf { .. } => empty = false,
+                Pte::Table(child) => {
+                    if self.prune_rec(child, h - 1) && self.retired.push(child).is_ok() {
+                        self.write(table, i, 0);
+                        self.table_pages -= 1;
+                        self.leaf_cache.0 = NO_REGION;
+                        lo = lo.min(i);
+                        hi = i + 1;
+                    } else {
+                        if self.retired.is_full() {
+                            self.stranded = true;
+                        }
+                        empty = false;
+                    }
+                }
+            }
+        }
+        self.clean_entries(table, lo, hi);
+        empty
+    }
+
+    /// Hands every table page back to the lender, the root included, and
+    /// consumes the table.
+    ///
+    /// # Safety
+    ///
+    /// The IOMMU must no longer be able to walk any of the pages: no device
+    /// is attached to the table (or it was detached and that took effect),
+    /// and every cached walk of it was invalidated and that invalidation
+    /// completed (a whole-domain invalidation followed by a sync).
+    pub unsafe fn free_all(mut self) {
+        self.free_retired();
+        self.free_tree(self.root, self.top_height());
     }
 
     /// Software walk: the output address, attributes and leaf height that
@@ -912,15 +1000,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             }
         }
         // SAFETY: every table page reached from the root came from
-        // `alloc_zeroed(1)`; the table is being dropped, which the owner may do
-        // only after the IOMMU stopped using it (documented on the owner).
+        // `alloc_zeroed(1)`; `free_all`'s caller guarantees the IOMMU no
+        // longer walks any of them.
         unsafe { self.mem.free(table, 1) };
-    }
-}
-
-impl<F: PteFormat, M: TableMemory> Drop for IoPageTable<F, M> {
-    fn drop(&mut self) {
-        self.free_retired_now();
-        self.free_tree(self.root, self.top_height());
     }
 }

@@ -124,3 +124,5 @@ impl From<SmmuError> for BackendError {
         }
     }
 }
+
+impl core::error::Error for SmmuError {}

@@ -3,6 +3,7 @@
 //! Use it to check what the core asks of a driver: how many completion waits
 //! a sync costs, and which ranges were invalidated.
 
+pub mod order;
 pub mod vtd_desc;
 
 use crate::addr::DmaAddr;

@@ -1,0 +1,395 @@
+//! The strict memory-order model (issue 9 §1): every test runs the two-step
+//! API over an [`OrderLender`], which records barriers, cleans, backend calls
+//! and pages handed back, and checks after every operation that
+//! - a new table is visible (barrier, clean when not coherent) before the
+//!   pointer to it is stored,
+//! - no valid descriptor is swapped for another without break-before-make,
+//! - every cleared descriptor is invalidated before `sync` returns,
+//! - no table page goes back while a walk could reach it.
+//!
+//! All tests are named `strict_model_*` so they can be run together:
+//! `cargo test --test strict_model strict_model_`.
+
+use bare_iommu::pgtable::arm::{ArmStage1, ArmStage2};
+use bare_iommu::pgtable::vtd::VtdSecondLevel;
+use bare_iommu::testing::RecordingBackend;
+use bare_iommu::testing::order::{Event, OrderBackend, OrderLender, Page, Violation};
+use bare_iommu::{
+    DeviceId, DmaDirection, DmaError, Domain, DomainConfig, IommuBackend, IovaState, MapAttrs,
+    PhysAddr, PteFormat,
+};
+
+const PAGE: u64 = 4096;
+const MB2: u64 = 2 << 20;
+const RW: DmaDirection = DmaDirection::Bidirectional;
+
+fn arena() -> Vec<Page> {
+    vec![Page::ZERO; 2 * 128]
+}
+
+fn cfg(coherent: bool) -> DomainConfig {
+    DomainConfig {
+        id: 7,
+        levels: 4,
+        aperture_start: 1 << 30,
+        aperture_end: 1 << 40,
+        coherent_walk: coherent,
+    }
+}
+
+fn domain<'l, 'a, F: PteFormat>(
+    fmt: F,
+    mem: &'l OrderLender<'a>,
+    coherent: bool,
+) -> Domain<F, &'l OrderLender<'a>> {
+    let d = Domain::new(fmt, mem, cfg(coherent)).unwrap();
+    let info = d.info().unwrap();
+    mem.watch_root(info.root, info.levels);
+    d
+}
+
+fn tx<F: PteFormat, M: bare_iommu::TableMemory>(d: &mut Domain<F, M>, size: u64) -> IovaState {
+    d.try_alloc(size, u64::MAX).unwrap().into_iova().unwrap()
+}
+
+#[track_caller]
+fn clean(mem: &OrderLender<'_>) {
+    let v = mem.check();
+    assert!(v.is_empty(), "strict model: {v:#x?}");
+}
+
+/// Links, scatter links, a block, unlinks and syncs over one domain: the
+/// common path must keep every rule.
+fn ordinary_use<F: PteFormat>(fmt: F, coherent: bool) {
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, coherent);
+    let mut d = domain(fmt, &mem, coherent);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    let dev = DeviceId::new(0, 0, 3, 0).unwrap();
+    be.attach(dev, d.attachment()).unwrap();
+    let mut t = tx(&mut d, 4 * MB2);
+    d.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        0,
+        PAGE,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    clean(&mem);
+    let pages = [PhysAddr(0x8100_0000), PhysAddr(0x8000_5000)];
+    d.link_pages(&mut t, &pages, PAGE, RW, MapAttrs::empty())
+        .unwrap();
+    d.link(
+        &mut t,
+        PhysAddr(0x4000_0000),
+        MB2,
+        MB2,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    clean(&mem);
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    d.unlink(&mut t, PAGE, PAGE).unwrap();
+    d.unlink(&mut t, MB2, MB2).unwrap();
+    clean(&mem);
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    d.free(t).unwrap();
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    be.detach(dev).unwrap();
+}
+
+#[test]
+fn strict_model_new_table_is_visible_before_its_pointer_stage1() {
+    ordinary_use(ArmStage1, true);
+}
+
+#[test]
+fn strict_model_new_table_is_visible_before_its_pointer_stage2() {
+    ordinary_use(ArmStage2, true);
+}
+
+#[test]
+fn strict_model_new_table_is_visible_before_its_pointer_vtd() {
+    ordinary_use(VtdSecondLevel::default(), true);
+}
+
+#[test]
+fn strict_model_noncoherent_walk_cleans_every_written_line() {
+    ordinary_use(ArmStage1, false);
+    ordinary_use(VtdSecondLevel::default(), false);
+}
+
+#[test]
+fn strict_model_noncoherent_walk_cleans_the_new_table_before_publishing_it() {
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, false);
+    let mut d = domain(ArmStage1, &mem, false);
+    let mut t = tx(&mut d, PAGE);
+    d.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        0,
+        PAGE,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    clean(&mem);
+    // Three new tables (levels 2, 1, 0): each zeroed page cleaned, each
+    // followed by a barrier before its pointer.
+    let cleans = mem.count(|e| matches!(e, Event::Clean(_, 4096)));
+    assert!(
+        cleans >= 4,
+        "{cleans} whole-page cleans: {:?}",
+        mem.events()
+    );
+}
+
+/// A block with one page unlinked in its middle: either refused (nothing
+/// changes) or done with break-before-make — never a table stored over the
+/// live block.
+fn partial_block_unlink<F: PteFormat>(fmt: F) {
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, true);
+    let mut d = domain(fmt, &mem, true);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    let mut t = tx(&mut d, MB2);
+    d.link(&mut t, PhysAddr(0x4000_0000), 0, MB2, RW, MapAttrs::empty())
+        .unwrap();
+    d.sync(&mut be).unwrap();
+    let r = d.unlink(&mut t, 5 * PAGE, PAGE);
+    clean(&mem);
+    assert!(
+        matches!(r, Err(DmaError::PartialBlock { .. })),
+        "partial unlink of a live block: {r:?}"
+    );
+    // Nothing changed: the whole block still translates, linked bytes too.
+    assert_eq!(t.linked(), MB2);
+    assert_eq!(
+        d.translate(bare_iommu::DmaAddr(t.iova().0 + 5 * PAGE)),
+        Some((PhysAddr(0x4000_0000 + 5 * PAGE), fmt.canonical(RW.attrs())))
+    );
+    d.unlink(&mut t, 0, MB2).unwrap();
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+}
+
+#[test]
+fn strict_model_partial_unlink_of_a_block_is_refused_stage1() {
+    partial_block_unlink(ArmStage1);
+}
+
+#[test]
+fn strict_model_partial_unlink_of_a_block_is_refused_vtd() {
+    partial_block_unlink(VtdSecondLevel::default());
+}
+
+#[test]
+fn strict_model_dropping_a_domain_frees_no_table_the_iommu_may_walk() {
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, true);
+    let mut d = domain(ArmStage1, &mem, true);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    let mut t = tx(&mut d, PAGE);
+    d.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        0,
+        PAGE,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.sync(&mut be).unwrap();
+    let lent = mem.lent_pages();
+    drop(d);
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), lent, "drop handed table pages back");
+}
+
+#[test]
+fn strict_model_teardown_invalidates_the_domain_before_freeing_tables() {
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, true);
+    let mut d = domain(ArmStage1, &mem, true);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    let dev = DeviceId::new(0, 0, 3, 0).unwrap();
+    be.attach(dev, d.attachment()).unwrap();
+    let mut t = tx(&mut d, PAGE);
+    d.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        0,
+        PAGE,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.sync(&mut be).unwrap();
+    d.free(t).unwrap();
+    be.detach(dev).unwrap();
+    d.teardown(&mut be).map_err(|(_, e)| e).unwrap();
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), 0, "teardown kept table pages");
+    assert!(be.inner.domain_invalidations >= 1);
+}
+
+#[test]
+fn strict_model_teardown_with_a_failing_sync_frees_nothing() {
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, true);
+    let d = domain(ArmStage1, &mem, true);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    be.inner.fail_next_sync = Some(bare_iommu::BackendError::Timeout {
+        what: "test",
+        polls: 1,
+    });
+    let lent = mem.lent_pages();
+    let (d, e) = d.teardown(&mut be).err().unwrap();
+    assert!(matches!(e, DmaError::Backend(_)));
+    assert_eq!(mem.lent_pages(), lent);
+    d.teardown(&mut be).map_err(|(_, e)| e).unwrap();
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), 0);
+}
+
+#[test]
+fn strict_model_failed_link_hands_back_no_page_before_the_sync() {
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, true);
+    let mut d = domain(ArmStage1, &mem, true);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    // One page in its own 512 GiB region: unlinking it retires 3 tables.
+    let mut t1 = tx(&mut d, PAGE);
+    d.link(
+        &mut t1,
+        PhysAddr(0x8000_0000),
+        0,
+        PAGE,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.sync(&mut be).unwrap();
+    d.unlink(&mut t1, 0, PAGE).unwrap();
+    // A link elsewhere that gets one table and then runs out: the retired
+    // tables and the briefly-published new one must wait for the sync.
+    let mut t2 = d.try_alloc(1 << 39, u64::MAX).unwrap().into_iova().unwrap();
+    mem.set_budget(Some(1));
+    let r = d.link(
+        &mut t2,
+        PhysAddr(0x9000_0000),
+        0,
+        PAGE,
+        RW,
+        MapAttrs::empty(),
+    );
+    assert_eq!(r, Err(DmaError::OutOfMemory));
+    clean(&mem);
+    mem.set_budget(None);
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    d.free(t1).unwrap();
+    d.free(t2).unwrap();
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+}
+
+#[test]
+fn strict_model_every_unlinked_descriptor_is_invalidated_before_sync_returns() {
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, true);
+    let mut d = domain(ArmStage2, &mem, true);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    let mut ts: Vec<IovaState> = (0..20).map(|_| tx(&mut d, 8 * PAGE)).collect();
+    for (i, t) in ts.iter_mut().enumerate() {
+        d.link(
+            t,
+            PhysAddr(0x8000_0000 + i as u64 * 8 * PAGE),
+            0,
+            8 * PAGE,
+            RW,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+    }
+    d.sync(&mut be).unwrap();
+    for (i, t) in ts.iter_mut().enumerate() {
+        d.unlink(t, (i as u64 % 8) * PAGE, PAGE).unwrap();
+    }
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    for t in ts {
+        d.free(t).unwrap();
+    }
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+}
+
+#[test]
+fn strict_model_stranded_empty_tables_are_invalidated_before_they_go_back() {
+    let mut a = vec![Page::ZERO; 2 * 256];
+    let mem = OrderLender::new(&mut a, true);
+    let mut d = domain(ArmStage1, &mem, true);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    // One page in each of 100 separate 2 MiB regions: more leaf tables
+    // empty out at once than the retired list holds.
+    let mut t = tx(&mut d, 100 * MB2);
+    for r in 0..100u64 {
+        d.link(
+            &mut t,
+            PhysAddr(0x8000_0000 + r * PAGE),
+            r * MB2,
+            PAGE,
+            RW,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+    }
+    d.sync(&mut be).unwrap();
+    d.destroy(t, &mut be).unwrap();
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), 1, "only the root is left");
+}
+
+/// The recorder itself: a table pointer stored with no barrier, a page
+/// freed while still reachable, and a swap of valid descriptors are caught.
+#[test]
+fn strict_model_recorder_catches_what_it_must() {
+    use bare_iommu::TableMemory;
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, true);
+    let root = mem.alloc_zeroed(1).unwrap();
+    mem.watch_root(root, 4);
+    let child = mem.alloc_zeroed(1).unwrap();
+    let slot = mem.phys_to_virt(root).cast::<u64>();
+    // SAFETY: both pages are lent to this test.
+    unsafe { slot.write_volatile(child.0 | 3) };
+    let v = mem.check();
+    assert!(
+        matches!(v.first(), Some(Violation::PublishedBeforeVisible { .. })),
+        "{v:?}"
+    );
+    // SAFETY: as above.
+    unsafe { slot.write_volatile(0x8000_0000 | 1) };
+    let v = mem.check();
+    assert!(
+        v.iter()
+            .any(|x| matches!(x, Violation::BreakBeforeMake { .. })),
+        "{v:?}"
+    );
+    // SAFETY: `child` was lent by `alloc_zeroed(1)`.
+    unsafe { mem.free(child, 1) };
+    let v = mem.check();
+    assert!(
+        v.iter()
+            .any(|x| matches!(x, Violation::FreedWhileReachable { .. })),
+        "{v:?}"
+    );
+}
