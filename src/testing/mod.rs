@@ -3,6 +3,8 @@
 //! Use it to check what the core asks of a driver: how many completion waits
 //! a sync costs, and which ranges were invalidated.
 
+pub mod smmu_cmd;
+
 use crate::addr::DmaAddr;
 use crate::backend::{Attachment, DomainInfo, IommuBackend};
 use crate::device::DeviceId;
