@@ -1,7 +1,9 @@
 //! Pointing a stream at a domain: building the STE (and the CD of a stage-1
 //! domain) and installing it without exposing a half-written entry.
 
-use super::{Command, ContextDescriptor, STAGE1_MAIR, Smmu, SmmuError, Stage2Config, Ste, ste};
+use super::{
+    Command, ContextDescriptor, STAGE1_MAIR, Smmu, SmmuError, Stage2Config, StallModel, Ste, ste,
+};
 use crate::backend::{Attachment, DomainInfo, TableFormat};
 use crate::mem::TableMemory;
 
@@ -22,12 +24,13 @@ impl<M: TableMemory> Smmu<M> {
                 }
                 fits("ASID", info.id.into(), f.asid_bits)?;
                 fits("TTB0 beyond OAS", info.root.0, f.oas_bits)?;
-                let cd = ContextDescriptor::new(
+                let cd = ContextDescriptor::with_walk(
                     info.id,
                     info.root,
                     64 - ias,
                     f.oas_encoding.min(5),
                     STAGE1_MAIR,
+                    f.coherent,
                 );
                 let pa = self.mem.alloc_zeroed(1).ok_or(SmmuError::OutOfMemory)?;
                 let p = self.mem.phys_to_virt(pa).cast::<u64>();
@@ -39,7 +42,10 @@ impl<M: TableMemory> Smmu<M> {
                 if !f.coherent {
                     self.mem.clean(pa, ContextDescriptor::SIZE);
                 }
-                Ok(Ste::stage1(pa, 0))
+                // S1STALLD where the SMMU could stall: the driver terminates
+                // faults (CD.A = 1, S = 0) and never resumes a stall.
+                let no_stall = f.stall_model == StallModel::Stall;
+                Ok(Ste::stage1_with(pa, 0, f.coherent, no_stall))
             }
             TableFormat::ArmStage2 => {
                 if !f.stage2 {
@@ -58,6 +64,7 @@ impl<M: TableMemory> Smmu<M> {
                     t0sz: 64 - ipa_bits,
                     sl0,
                     ps: f.oas_encoding.min(5),
+                    coherent: f.coherent,
                 }))
             }
             _ => Err(SmmuError::Unsupported("table format")),
@@ -73,19 +80,24 @@ impl<M: TableMemory> Smmu<M> {
         let run = self.run.as_mut().ok_or(SmmuError::NotInitialised)?;
         let slot = run.strtab.locate(&self.mem, sid, coherent)?;
         let old = slot.read();
+        // A CD the stream used or will use: its cached copy goes too, so
+        // after a detach nothing fetched for the stream stays cached.
+        let has_cd = old.context_ptr().is_some() || new.context_ptr().is_some();
         for step in ste::update_plan(&old, &new) {
             match step {
                 ste::SteStep::Write { word, value } => {
-                    // Earlier stores land before this one.
-                    crate::barrier::wmb();
+                    // Earlier stores (and cleans) land before this one.
+                    crate::barrier::wmb_on(&self.mem);
                     slot.write_word(word as usize, value);
-                }
-                ste::SteStep::Sync => {
                     if !coherent {
+                        // The SMMU may fetch the live entry at any time: each
+                        // step reaches memory before the next one is made.
                         self.mem.clean(slot.pa(), Ste::SIZE);
                     }
+                }
+                ste::SteStep::Sync => {
                     self.queue_command(Command::cfgi_ste(sid, true))?;
-                    if new.context_ptr().is_some() {
+                    if has_cd {
                         self.queue_command(Command::cfgi_cd(sid, 0, true))?;
                     }
                     self.sync_commands()?;

@@ -12,6 +12,8 @@ const IRGN0_WBWA: u64 = 1 << 8;
 const ORGN0_WBWA: u64 = 1 << 10;
 /// SH0 = 0b11: inner shareable (bits \[13:12\]).
 const SH0_ISH: u64 = 3 << 12;
+/// SH0 = 0b10: outer shareable.
+const SH0_OSH: u64 = 2 << 12;
 /// EPD1: no TTB1 walks (bit 30).
 const EPD1: u64 = 1 << 30;
 /// V (bit 31).
@@ -44,11 +46,30 @@ impl ContextDescriptor {
     /// through `mair`. Write-back cacheable inner-shareable walks, A = 1,
     /// R = 1, AA64 = 1, S = 0 (no stalls).
     pub const fn new(asid: u16, ttb0: PhysAddr, t0sz: u8, ips: u8, mair: u64) -> Self {
+        Self::with_walk(asid, ttb0, t0sz, ips, mair, true)
+    }
+
+    /// [`ContextDescriptor::new`] for an SMMU that snoops CPU caches or not:
+    /// when not `coherent` the TTB0 walk is non-cacheable outer shareable
+    /// (IRGN0 = ORGN0 = 0b00, SH0 = 0b10), agreeing with SMMU_CR1 and with
+    /// the cleaning the core does (Linux io-pgtable-arm's TCR for a
+    /// non-coherent walk).
+    pub const fn with_walk(
+        asid: u16,
+        ttb0: PhysAddr,
+        t0sz: u8,
+        ips: u8,
+        mair: u64,
+        coherent: bool,
+    ) -> Self {
+        let walk = if coherent {
+            IRGN0_WBWA | ORGN0_WBWA | SH0_ISH
+        } else {
+            SH0_OSH
+        };
         let d0 = (t0sz as u64 & T0SZ_MASK)
             | TG0_4K
-            | IRGN0_WBWA
-            | ORGN0_WBWA
-            | SH0_ISH
+            | walk
             | EPD1
             | V
             | ((ips as u64 & 0b111) << IPS_SHIFT)

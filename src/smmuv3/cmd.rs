@@ -90,6 +90,8 @@ const SSID_SHIFT: u32 = 12;
 const LEAF: u64 = 1;
 /// TG = 0b01: 4 KiB translation granule of a range TLBI (dword 1, bits \[11:10\]).
 const TG_4K: u64 = 1 << 10;
+/// TTL: level of the leaf entries a range TLBI covers (dword 1, bits \[9:8\]).
+const TTL_SHIFT: u32 = 8;
 const VA_MASK: u64 = !0xfff;
 const IPA_MASK: u64 = 0x000f_ffff_ffff_f000;
 
@@ -143,7 +145,8 @@ impl Command {
     }
 
     /// CMD_TLBI_NH_VA: stage-1 entries of `asid` for `va` (one page), or for
-    /// `range` pages from `va` when given (needs IDR3.RIL).
+    /// `range` pages from `va` when given (needs IDR3.RIL). A one-page range
+    /// becomes the single-address form (see [`Command::tlbi_addr`]).
     pub const fn tlbi_nh_va(
         vmid: u16,
         asid: u16,
@@ -151,34 +154,61 @@ impl Command {
         leaf: bool,
         range: Option<TlbiRange>,
     ) -> Self {
-        let (num_scale, tg) = Self::range_fields(range);
-        Self([
-            Self::op(Opcode::TLBI_NH_VA)
-                | num_scale
-                | ((vmid as u64) << VMID_SHIFT)
-                | ((asid as u64) << ASID_SHIFT),
-            (va & VA_MASK) | tg | (leaf as u64 * LEAF),
-        ])
+        Self::tlbi_addr(true, vmid, asid, va, leaf, range, 0)
     }
 
     /// CMD_TLBI_S2_IPA: stage-2 entries of `vmid` for `ipa` (one page), or for
     /// `range` pages from `ipa`.
     pub const fn tlbi_s2_ipa(vmid: u16, ipa: u64, leaf: bool, range: Option<TlbiRange>) -> Self {
-        let (num_scale, tg) = Self::range_fields(range);
-        Self([
-            Self::op(Opcode::TLBI_S2_IPA) | num_scale | ((vmid as u64) << VMID_SHIFT),
-            (ipa & IPA_MASK) | tg | (leaf as u64 * LEAF),
-        ])
+        Self::tlbi_addr(false, vmid, 0, ipa, leaf, range, 0)
     }
 
-    const fn range_fields(range: Option<TlbiRange>) -> (u64, u64) {
-        match range {
+    /// CMD_TLBI_NH_VA (`stage1`, tagged `vmid`/`asid`) or CMD_TLBI_S2_IPA
+    /// (tagged `vmid`) for `addr`, or for `range` 4 KiB pages from `addr`.
+    /// `ttl` is the level (1–3) of the leaf entries a range covers, 0 when
+    /// unknown.
+    ///
+    /// The encoding is always one a real SMMU accepts (§4.4.1.1, Linux
+    /// `__arm_smmu_tlb_inv_range`): TG = 0 (single address, TTL = NUM =
+    /// SCALE = 0) without a range; TG = 4 KiB with a range; a level hint only
+    /// on leaf invalidations (walk caches of every level must go otherwise);
+    /// and since TG != 0 with TTL = NUM = SCALE = 0 is reserved, a one-page
+    /// range without a hint becomes the single-address form, which removes
+    /// the page's entry at whatever level it sits.
+    pub const fn tlbi_addr(
+        stage1: bool,
+        vmid: u16,
+        asid: u16,
+        addr: u64,
+        leaf: bool,
+        range: Option<TlbiRange>,
+        ttl: u8,
+    ) -> Self {
+        let ttl = if leaf && ttl >= 1 && ttl <= 3 { ttl } else { 0 };
+        let range = match range {
+            Some(r) if r.num & 0x1f == 0 && r.scale & 0x1f == 0 && ttl == 0 => None,
+            other => other,
+        };
+        let (num_scale, tg_ttl) = match range {
             Some(r) => (
                 ((r.num as u64 & 0x1f) << NUM_SHIFT) | ((r.scale as u64 & 0x1f) << SCALE_SHIFT),
-                TG_4K,
+                TG_4K | ((ttl as u64) << TTL_SHIFT),
             ),
             None => (0, 0),
-        }
+        };
+        let (op, tag, addr_mask) = if stage1 {
+            (
+                Opcode::TLBI_NH_VA,
+                ((vmid as u64) << VMID_SHIFT) | ((asid as u64) << ASID_SHIFT),
+                VA_MASK,
+            )
+        } else {
+            (Opcode::TLBI_S2_IPA, (vmid as u64) << VMID_SHIFT, IPA_MASK)
+        };
+        Self([
+            Self::op(op) | num_scale | tag,
+            (addr & addr_mask) | tg_ttl | (leaf as u64 * LEAF),
+        ])
     }
 
     /// CMD_TLBI_S12_VMALL: every entry tagged with `vmid`.

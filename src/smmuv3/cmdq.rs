@@ -93,9 +93,12 @@ const ENTRY: usize = 16;
 
 impl CommandQueue {
     /// Allocates a queue of `2^log2` entries (at least one page).
-    pub fn new<M: TableMemory>(mem: &M, log2: u8) -> Result<Self, SmmuError> {
+    /// `coherent` is IDR0.COHACC: when clear, the zeroed queue is cleaned.
+    pub fn new<M: TableMemory>(mem: &M, log2: u8, coherent: bool) -> Result<Self, SmmuError> {
+        let memory = QueueMemory::new(mem, log2, coherent)?;
+        let log2 = memory.log2();
         Ok(Self {
-            memory: QueueMemory::new(mem, log2)?,
+            memory,
             prod: QueueIndex::new(log2),
             published: QueueIndex::new(log2),
             counts: CommandCounts::default(),
@@ -171,7 +174,7 @@ impl CommandQueue {
         if self.prod.is_full(self.hw_cons(regs)) {
             self.publish(regs);
             poll_until("CMDQ space", budget, || {
-                self.recover_if_stopped(regs, mem, coherent);
+                let _ = self.recover_if_stopped(regs, mem, coherent);
                 !self.prod.is_full(self.hw_cons(regs))
             })?;
         }
@@ -195,12 +198,29 @@ impl CommandQueue {
         self.published = self.prod;
     }
 
+    /// Restarts a queue stopped on an error, publishing nothing new: the
+    /// open batch stays unpublished. Returns the error found, if any; it is
+    /// also kept for the next [`sync`](Self::sync) to return.
+    pub fn recover<M: TableMemory>(
+        &mut self,
+        regs: &Page0,
+        mem: &M,
+        coherent: bool,
+    ) -> Option<CommandError> {
+        self.recover_if_stopped(regs, mem, coherent)
+    }
+
     /// When the queue stopped on an error (GERROR.CMDQ_ERR active), records
     /// the offending command, replaces it with CMD_SYNC and acknowledges the
     /// error so the SMMU resumes (§7.1).
-    fn recover_if_stopped<M: TableMemory>(&mut self, regs: &Page0, mem: &M, coherent: bool) {
+    fn recover_if_stopped<M: TableMemory>(
+        &mut self,
+        regs: &Page0,
+        mem: &M,
+        coherent: bool,
+    ) -> Option<CommandError> {
         if regs.active_gerrors() & GERROR::CMDQ_ERR::SET.value == 0 {
-            return;
+            return None;
         }
         let cons = regs.cmdq_cons.extract();
         let index = QueueIndex::from_raw(self.memory.log2(), cons.read(CMDQ_CONS::RD));
@@ -216,8 +236,9 @@ impl CommandQueue {
         // The first one since the last sync is the one to report.
         self.unreported.get_or_insert(error);
         self.write_slot(mem, coherent, index.slot(), &Command::sync());
-        crate::barrier::wmb();
+        crate::barrier::wmb_on(mem);
         regs.ack_gerrors(GERROR::CMDQ_ERR::SET.value);
+        Some(error)
     }
 
     /// Appends CMD_SYNC, publishes the batch and waits, bounded, until the
@@ -235,7 +256,7 @@ impl CommandQueue {
         let sync_at = QueueIndex::from_raw(self.memory.log2(), self.prod.raw().wrapping_sub(1));
         self.publish(regs);
         poll_until("CMD_SYNC completion", budget, || {
-            self.recover_if_stopped(regs, mem, coherent);
+            let _ = self.recover_if_stopped(regs, mem, coherent);
             self.hw_cons(regs).has_consumed(sync_at, self.prod)
         })?;
         match self.unreported.take() {

@@ -92,6 +92,30 @@ pub enum SmmuError {
         /// The address given.
         base: usize,
     },
+    /// An identification register holds a value the architecture does not
+    /// allow (e.g. IDR1.SIDSIZE above 32): the SMMU is broken or not an SMMUv3.
+    BadIdRegister {
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: u32,
+    },
+    /// A stream table of `sid_bits` StreamID bits would exceed what the
+    /// driver lends one (`max_bits`).
+    StreamTableTooLarge {
+        /// StreamID bits asked for.
+        sid_bits: u8,
+        /// The most this layout covers.
+        max_bits: u8,
+    },
+    /// The SMMU does not snoop CPU caches (IDR0.COHACC = 0) and the lender
+    /// cannot clean them ([`TableMemory::can_clean`](crate::mem::TableMemory::can_clean)):
+    /// the SMMU would read stale tables and commands.
+    LenderCannotClean,
+    /// GERROR.SFM_ERR: the SMMU entered service failure mode (§7.3.14). It
+    /// no longer translates or consumes commands reliably; the driver stops
+    /// using it and every later operation returns this error until `init`.
+    ServiceFailure,
 }
 
 impl fmt::Display for SmmuError {
@@ -121,6 +145,12 @@ impl From<SmmuError> for BackendError {
             },
             SmmuError::NotInitialised => BackendError::Unsupported("SMMU not initialised"),
             SmmuError::BadRegisterBase { .. } => BackendError::Unsupported("SMMU register base"),
+            SmmuError::BadIdRegister { what, .. } => BackendError::Unsupported(what),
+            SmmuError::StreamTableTooLarge { .. } => BackendError::Unsupported("stream table size"),
+            SmmuError::LenderCannotClean => BackendError::LenderCannotClean,
+            SmmuError::ServiceFailure => BackendError::HardwareError {
+                status: super::regs::GERROR::SFM_ERR::SET.value,
+            },
         }
     }
 }

@@ -2,7 +2,7 @@
 //! [`Smmu::poll_events`] and [`Smmu::handle_irq`].
 
 use super::regs::GERROR;
-use super::{Event, Smmu};
+use super::{CommandError, Event, Smmu};
 use crate::logging::log_warn;
 use crate::mem::TableMemory;
 
@@ -17,6 +17,14 @@ pub struct EventReport {
     pub overflow: bool,
     /// GERROR bits that were active and have been acknowledged.
     pub gerror: u32,
+    /// The command queue had stopped on this command; [`Smmu::handle_irq`]
+    /// replaced it with CMD_SYNC and restarted the queue. The next sync
+    /// returns it too.
+    pub command_error: Option<CommandError>,
+    /// GERROR.SFM_ERR: the SMMU entered service failure mode; the driver
+    /// refuses every later operation with
+    /// [`SmmuError::ServiceFailure`](super::SmmuError::ServiceFailure).
+    pub service_failure: bool,
 }
 
 impl<M: TableMemory> Smmu<M> {
@@ -52,6 +60,12 @@ impl<M: TableMemory> Smmu<M> {
             if active & GERROR::EVENTQ_ABT_ERR::SET.value != 0 {
                 report.overflow = true;
             }
+            if active & GERROR::SFM_ERR::SET.value != 0 {
+                // §7.3.14: the SMMU no longer behaves; stop using it.
+                log_warn!("smmuv3: service failure mode (GERROR.SFM_ERR)");
+                self.service_failure = true;
+                report.service_failure = true;
+            }
             p0.ack_gerrors(active);
             report.gerror = active;
             self.counters.gerrors_seen |= active;
@@ -66,11 +80,16 @@ impl<M: TableMemory> Smmu<M> {
     /// What a hypervisor calls from the SMMU's event or GERROR interrupt:
     /// drains events to `f`, acknowledges GERROR, and restarts a command
     /// queue stopped on an error. Returns what it found.
+    ///
+    /// It issues no command: a batch the interrupted code was building stays
+    /// unpublished, and the error that stopped the queue is returned in
+    /// [`EventReport::command_error`] (and by the next sync), not dropped.
     pub fn handle_irq(&mut self, f: impl FnMut(Event)) -> EventReport {
-        let report = self.poll_events(f);
-        if self.page0.active_gerrors() & GERROR::CMDQ_ERR::SET.value != 0 {
-            // The recovery runs inside a sync; one with an empty batch is cheap.
-            let _ = self.sync_commands();
+        let mut report = self.poll_events(f);
+        let coherent = self.features.coherent;
+        let p0 = self.page0;
+        if let Some(run) = self.run.as_mut() {
+            report.command_error = run.cmdq.recover(p0, &self.mem, coherent);
         }
         report
     }

@@ -21,9 +21,12 @@ pub struct EventQueue {
 
 impl EventQueue {
     /// Allocates a queue of `2^log2` records (at least one page).
-    pub fn new<M: TableMemory>(mem: &M, log2: u8) -> Result<Self, SmmuError> {
+    /// `coherent` is IDR0.COHACC: when clear, the zeroed queue is cleaned.
+    pub fn new<M: TableMemory>(mem: &M, log2: u8, coherent: bool) -> Result<Self, SmmuError> {
+        let memory = QueueMemory::new(mem, log2, coherent)?;
+        let log2 = memory.log2();
         Ok(Self {
-            memory: QueueMemory::new(mem, log2)?,
+            memory,
             cons: QueueIndex::new(log2),
             ovack: false,
         })
@@ -91,6 +94,13 @@ impl EventQueue {
             // 32-byte aligned.
             *w = unsafe { p.add(i).read_volatile() };
         }
+        // The record's reads complete before the slot is handed back: once
+        // EVENTQ_CONS moves, the SMMU may overwrite it (Linux
+        // `queue_inc_cons` puts a full barrier here). `dsb ld` waits for
+        // earlier loads before any later load or store, the register write
+        // included.
+        crate::barrier::rmb();
+        mem.observe_barrier();
         self.cons = self.cons.next();
         self.write_cons(p1);
         Some(Event::decode(raw))

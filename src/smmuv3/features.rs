@@ -74,6 +74,24 @@ pub struct Features {
     pub hyp: bool,
     /// Architecture revision: SMMUv3.`minor` (AIDR).
     pub arch_minor: u8,
+    /// How the SMMU treats faulting transactions (IDR0.STALL_MODEL).
+    pub stall_model: StallModel,
+}
+
+/// IDR0.STALL_MODEL (§6.3.1): whether faulting transactions may stall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum StallModel {
+    /// 0b00: stalls supported; software chooses per stream (STE.S1STALLD,
+    /// CD.S, STE.S2S). The driver disables them: it never resumes a stall.
+    Stall,
+    /// 0b01: no stalls; faulting transactions are terminated.
+    Terminate,
+    /// 0b10: stalls forced; a fault stalls the transaction until software
+    /// resumes or terminates it (CMD_RESUME). The driver refuses such an SMMU.
+    Forced,
+    /// 0b11: reserved.
+    Reserved,
 }
 
 /// Bits of an IDR5.OAS / CD.IPS / STE.S2PS encoding (§6.3.6).
@@ -127,6 +145,12 @@ impl Features {
             msi: idr0.is_set(IDR0::MSI),
             hyp: idr0.is_set(IDR0::HYP),
             arch_minor: aidr.read(AIDR::ARCH_MINOR_REV) as u8,
+            stall_model: match idr0.read(IDR0::STALL_MODEL) {
+                0 => StallModel::Stall,
+                1 => StallModel::Terminate,
+                2 => StallModel::Forced,
+                _ => StallModel::Reserved,
+            },
         }
     }
 }
@@ -146,7 +170,8 @@ impl fmt::Display for Features {
         write!(
             f,
             "SMMUv3.{} stages={} strtab={} SIDSIZE={} SSIDSIZE={} OAS={} granules={}{}{} \
-             CMDQS={} EVENTQS={} COHACC={} ASID={}b VMID={}b RIL={} BTM={} ATS={} PRI={} MSI={} HYP={}",
+             CMDQS={} EVENTQS={} COHACC={} ASID={}b VMID={}b RIL={} BTM={} ATS={} PRI={} MSI={} HYP={} \
+             stall={:?}",
             self.arch_minor,
             stages,
             if self.two_level_strtab {
@@ -171,6 +196,7 @@ impl fmt::Display for Features {
             yes(self.pri),
             yes(self.msi),
             yes(self.hyp),
+            self.stall_model,
         )
     }
 }
@@ -198,6 +224,7 @@ mod tests {
         assert_eq!((f.asid_bits, f.vmid_bits), (16, 16));
         assert!(!f.btm && !f.ats && !f.pri && !f.msi && !f.hyp);
         assert_eq!(f.arch_minor, 1);
+        assert_eq!(f.stall_model, StallModel::Terminate);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::evtq::EventQueue;
 use super::poll::poll_until;
 use super::regs::{CR0, CR1, CR2, GBPA, IRQ_CTRL};
 use super::strtab::{self, StreamTable, StreamTableFormat};
-use super::{Command, Running, Smmu, SmmuConfig, SmmuError, StreamTableChoice};
+use super::{Command, Running, Smmu, SmmuConfig, SmmuError, StallModel, StreamTableChoice};
 use crate::logging::log_debug;
 use crate::mem::TableMemory;
 
@@ -32,8 +32,19 @@ impl<M: TableMemory> Smmu<M> {
     /// owners.
     pub fn shutdown(&mut self) -> Result<(), SmmuError> {
         let budget = self.budget();
+        self.shutdown_with(budget)
+    }
+
+    /// [`shutdown`](Self::shutdown) with an explicit poll budget (`init`'s
+    /// own, before any configuration is running).
+    fn shutdown_with(&mut self, budget: u32) -> Result<(), SmmuError> {
         self.wait_gbpa_idle(budget)?;
-        self.page0.gbpa.write(GBPA::ABORT::SET + GBPA::UPDATE::SET);
+        // Read-modify-write (§6.3.14): only ABORT changes; the other
+        // attribute overrides firmware set stay as they were.
+        let gbpa = self.page0.gbpa.get() & !GBPA::UPDATE::SET.value;
+        self.page0
+            .gbpa
+            .set(gbpa | GBPA::ABORT::SET.value | GBPA::UPDATE::SET.value);
         self.wait_gbpa_idle(budget)?;
         self.write_cr0(0, budget)?;
         if let Some(r) = self.run.take() {
@@ -53,18 +64,64 @@ impl<M: TableMemory> Smmu<M> {
     /// stream table, command queue, event queue, queues enabled, CFGI_ALL +
     /// TLBI_NSNH_ALL (+ TLBI_EL2_ALL with IDR0.HYP) + CMD_SYNC, then SMMUEN.
     /// Every stream starts aborted.
+    ///
+    /// Refused before any register is written: a non-coherent SMMU
+    /// (IDR0.COHACC = 0) over a lender that cannot clean
+    /// ([`SmmuError::LenderCannotClean`]); a stall-forced SMMU
+    /// (IDR0.STALL_MODEL = 0b10: the driver never resumes stalled
+    /// transactions, so a faulting device would hang); IDR1.SIDSIZE above
+    /// the architecture's 32.
+    ///
+    /// The stream table covers at most [`strtab::LINEAR_LIMIT_BITS`]
+    /// StreamID bits when linear and [`strtab::TWO_LEVEL_LIMIT_BITS`] with
+    /// two levels (Linux caps its level-1 table the same way); StreamIDs
+    /// above are refused by `attach` with
+    /// [`SmmuError::StreamIdOutOfRange`].
     pub fn init(&mut self, config: SmmuConfig) -> Result<(), SmmuError> {
-        self.shutdown()?;
-        self.counters = Default::default();
         let f = self.features;
         let budget = config.poll_budget.max(1);
         let coherent = f.coherent;
+        if !coherent && !self.mem.can_clean() {
+            return Err(SmmuError::LenderCannotClean);
+        }
+        match f.stall_model {
+            StallModel::Forced => {
+                return Err(SmmuError::Unsupported(
+                    "stall-forced SMMU (IDR0.STALL_MODEL = 0b10)",
+                ));
+            }
+            StallModel::Reserved => {
+                return Err(SmmuError::BadIdRegister {
+                    what: "IDR0.STALL_MODEL",
+                    value: 3,
+                });
+            }
+            StallModel::Stall | StallModel::Terminate => {}
+        }
+        if f.sid_bits > 32 {
+            return Err(SmmuError::BadIdRegister {
+                what: "IDR1.SIDSIZE",
+                value: f.sid_bits.into(),
+            });
+        }
+        // The first waits already use the caller's budget.
+        self.shutdown_with(budget)?;
+        self.counters = Default::default();
+        self.service_failure = false;
         let p0 = self.page0;
 
         // Interrupts off until the queues are set up: an earlier owner may
         // have left them on, and `config.irqs` may want them off (§6.3.16).
         p0.irq_ctrl.set(0);
         poll_until("IRQ_CTRLACK", budget, || p0.irq_ctrlack.get() == 0)?;
+        // No MSIs: an address left by an earlier owner would turn every
+        // interrupt into a stray write (Linux arm_smmu_setup_msis clears
+        // them the same way); the wired interrupts are what we enable.
+        p0.gerror_irq_cfg0.set(0);
+        p0.eventq_irq_cfg0.set(0);
+        if f.pri {
+            p0.priq_irq_cfg0.set(0);
+        }
 
         // Errors left over from an earlier owner (GERROR survives CR0 = 0).
         let active = p0.active_gerrors();
@@ -72,7 +129,11 @@ impl<M: TableMemory> Smmu<M> {
             p0.ack_gerrors(active);
         }
 
-        let (sh, cache) = if coherent { (3, 1) } else { (0, 0) };
+        // The SMMU's own accesses (stream table, CDs, queues): write-back
+        // inner shareable when it snoops, else non-cacheable outer shareable
+        // with the CPU cleaning every line it writes (§6.3.11; the STE and CD
+        // walk attributes agree, see `attach`).
+        let (sh, cache) = if coherent { (3, 1) } else { (2, 0) };
         p0.cr1.write(
             CR1::QUEUE_IC.val(cache)
                 + CR1::QUEUE_OC.val(cache)
@@ -95,15 +156,17 @@ impl<M: TableMemory> Smmu<M> {
             }
             StreamTableChoice::Auto => StreamTableFormat::Linear,
         };
+        let sid_bits = sid_bits.min(strtab::limit_bits(format));
         let strtab = StreamTable::new(&self.mem, format, sid_bits, coherent)?;
         strtab.program(p0);
 
-        let mut cmdq = CommandQueue::new(&self.mem, config.cmdq_log2.min(f.cmdq_log2_max))?;
+        let mut cmdq =
+            CommandQueue::new(&self.mem, config.cmdq_log2.min(f.cmdq_log2_max), coherent)?;
         cmdq.program(p0);
-        let mut evtq = EventQueue::new(&self.mem, config.evtq_log2.min(f.evtq_log2_max))?;
+        let mut evtq = EventQueue::new(&self.mem, config.evtq_log2.min(f.evtq_log2_max), coherent)?;
         evtq.program(p0, self.page1);
 
-        crate::barrier::wmb();
+        crate::barrier::wmb_on(&self.mem);
         let queues = CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
         self.write_cr0(queues, budget)?;
 

@@ -75,7 +75,7 @@ pub use config::{SmmuConfig, StreamTableChoice};
 pub use error::{CommandError, CommandErrorCode, SmmuError};
 pub use event::{Event, FaultInfo, Stage};
 pub use event_report::EventReport;
-pub use features::Features;
+pub use features::{Features, StallModel};
 pub use stats::Stats;
 pub use ste::{Stage2Config, Ste};
 pub use strtab::StreamTableFormat;
@@ -109,6 +109,9 @@ pub struct Smmu<M: TableMemory> {
     /// The counters the driver keeps itself; [`Smmu::stats`] adds the
     /// command queue's.
     counters: Stats,
+    /// GERROR.SFM_ERR was seen: the SMMU is in service failure mode and the
+    /// driver refuses to use it until the next `init`.
+    service_failure: bool,
 }
 
 impl<M: TableMemory> Smmu<M> {
@@ -156,6 +159,7 @@ impl<M: TableMemory> Smmu<M> {
             features,
             run: None,
             counters: Stats::default(),
+            service_failure: false,
         })
     }
 
@@ -205,20 +209,58 @@ impl<M: TableMemory> Smmu<M> {
     /// Useful for commands the driver has no builder for, and to test the
     /// queue's error handling.
     pub fn queue_command(&mut self, cmd: Command) -> Result<(), SmmuError> {
+        if self.service_failure {
+            return Err(SmmuError::ServiceFailure);
+        }
         let coherent = self.features.coherent;
         let p0 = self.page0;
         let run = self.run.as_mut().ok_or(SmmuError::NotInitialised)?;
-        run.cmdq
-            .push(p0, &self.mem, coherent, cmd, run.config.poll_budget)
+        let r = run
+            .cmdq
+            .push(p0, &self.mem, coherent, cmd, run.config.poll_budget);
+        self.check_service_failure(r)
     }
 
     /// Publishes the open batch with one CMD_SYNC and waits for it.
     pub fn sync_commands(&mut self) -> Result<(), SmmuError> {
+        if self.service_failure {
+            return Err(SmmuError::ServiceFailure);
+        }
         let coherent = self.features.coherent;
         let p0 = self.page0;
         let run = self.run.as_mut().ok_or(SmmuError::NotInitialised)?;
-        run.cmdq
-            .sync(p0, &self.mem, coherent, run.config.poll_budget)
+        let r = run
+            .cmdq
+            .sync(p0, &self.mem, coherent, run.config.poll_budget);
+        // One register read per sync: a completed sync does not prove the
+        // SMMU is healthy (SFM may stop translation but not the queue).
+        self.check_service_failure_if(true, r)
+    }
+
+    /// Whether the SMMU entered service failure mode (GERROR.SFM_ERR, §7.3.14);
+    /// once seen, every operation returns [`SmmuError::ServiceFailure`]
+    /// until [`init`](Self::init).
+    pub fn in_service_failure(&self) -> bool {
+        self.service_failure
+    }
+
+    /// Turns `r` into [`SmmuError::ServiceFailure`] when GERROR.SFM_ERR is
+    /// active (a wait that timed out because the SMMU stopped is reported as
+    /// what it is), and remembers it.
+    fn check_service_failure<T>(&mut self, r: Result<T, SmmuError>) -> Result<T, SmmuError> {
+        self.check_service_failure_if(r.is_err(), r)
+    }
+
+    fn check_service_failure_if<T>(
+        &mut self,
+        check: bool,
+        r: Result<T, SmmuError>,
+    ) -> Result<T, SmmuError> {
+        if check && self.page0.active_gerrors() & regs::GERROR::SFM_ERR::SET.value != 0 {
+            self.service_failure = true;
+            return Err(SmmuError::ServiceFailure);
+        }
+        r
     }
 }
 

@@ -95,11 +95,23 @@ pub(super) struct QueueMemory<const ENTRY: usize> {
 }
 
 impl<const ENTRY: usize> QueueMemory<ENTRY> {
-    /// Allocates zeroed memory for `2^log2` entries.
-    pub(super) fn new<M: TableMemory>(mem: &M, log2: u8) -> Result<Self, SmmuError> {
+    /// Allocates zeroed memory for `2^log2` entries (`log2 <= 19`, the
+    /// largest IDR1.CMDQS/EVENTQS). For a non-`coherent` SMMU the zeroed
+    /// lines are cleaned, so no dirty line of the CPU's can later be written
+    /// back over what the SMMU wrote (event records) and the SMMU never
+    /// reads stale bytes.
+    pub(super) fn new<M: TableMemory>(
+        mem: &M,
+        log2: u8,
+        coherent: bool,
+    ) -> Result<Self, SmmuError> {
+        let log2 = log2.min(19);
         let bytes = (ENTRY << log2).max(4096);
         let pages = bytes / 4096;
         let base = mem.alloc_zeroed(pages).ok_or(SmmuError::OutOfMemory)?;
+        if !coherent {
+            mem.clean(base, bytes);
+        }
         Ok(Self { base, log2, pages })
     }
 

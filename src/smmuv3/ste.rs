@@ -54,6 +54,10 @@ const ADDR_51_4: u64 = 0x000f_ffff_ffff_fff0;
 const S1CIR_WBRA: u64 = 1 << 2;
 const S1COR_WBRA: u64 = 1 << 4;
 const S1CSH_ISH: u64 = 3 << 6;
+/// S1CSH = 0b10: outer shareable (with S1CIR = S1COR = 0b00, non-cacheable).
+const S1CSH_OSH: u64 = 2 << 6;
+/// S1STALLD: stage-1 faults terminate, never stall (bit 27).
+const S1STALLD: u64 = 1 << 27;
 /// SHCFG = 0b01: use the incoming shareability.
 const SHCFG_INCOMING: u64 = 1 << 44;
 
@@ -77,17 +81,23 @@ pub struct Stage2Config {
     pub sl0: u8,
     /// S2PS: output size encoding (as IDR5.OAS).
     pub ps: u8,
+    /// The SMMU snoops CPU caches (IDR0.COHACC): the table walk is
+    /// write-back inner shareable, else non-cacheable outer shareable — as
+    /// SMMU_CR1 says for the SMMU's other accesses.
+    pub coherent: bool,
 }
 
 impl Stage2Config {
-    /// The VTCR field of dword 2 (bits \[50:32\]): T0SZ, SL0, IR0 = OR0 = WBWA,
-    /// SH0 = inner shareable, TG = 4 KiB, PS.
+    /// The VTCR field of dword 2 (bits \[50:32\]): T0SZ, SL0, IR0/OR0/SH0
+    /// (write-back read/write-allocate inner shareable when coherent,
+    /// non-cacheable outer shareable when not), TG = 4 KiB, PS.
     const fn vtcr(&self) -> u64 {
+        let (cache, sh) = if self.coherent { (1, 3) } else { (0, 2) };
         (self.t0sz as u64 & 0x3f)
             | ((self.sl0 as u64 & 0b11) << 6)
-            | (1 << 8) // S2IR0: write-back read/write-allocate
-            | (1 << 10) // S2OR0
-            | (3 << 12) // S2SH0: inner shareable
+            | (cache << 8) // S2IR0
+            | (cache << 10) // S2OR0
+            | (sh << 12) // S2SH0
             // S2TG = 0b00: 4 KiB
             | ((self.ps as u64 & 0b111) << 16)
     }
@@ -126,9 +136,24 @@ impl Ste {
     /// `cd` (S1Fmt linear, S1CDMax = 0, S1STALLD = 0), stage 2 bypass.
     /// `vmid` tags stage-1 TLB entries when the SMMU also has stage 2.
     pub const fn stage1(cd: PhysAddr, vmid: u16) -> Self {
+        Self::stage1_with(cd, vmid, true, false)
+    }
+
+    /// [`Ste::stage1`] for an SMMU that snoops CPU caches or not
+    /// (`coherent`: the CD fetch is write-back inner shareable, else
+    /// non-cacheable outer shareable, as SMMU_CR1), with S1STALLD set when
+    /// `no_stall` (an SMMU with IDR0.STALL_MODEL = 0b00: Linux sets it for
+    /// masters that cannot stall; the driver never resumes a stall).
+    pub const fn stage1_with(cd: PhysAddr, vmid: u16, coherent: bool, no_stall: bool) -> Self {
+        let attrs = if coherent {
+            S1CIR_WBRA | S1COR_WBRA | S1CSH_ISH
+        } else {
+            S1CSH_OSH
+        };
+        let stalld = if no_stall { S1STALLD } else { 0 };
         Self([
             V | (SteConfig::Stage1.bits() << CONFIG_SHIFT) | (cd.0 & ADDR_51_6),
-            S1CIR_WBRA | S1COR_WBRA | S1CSH_ISH,
+            attrs | stalld,
             vmid as u64 & S2VMID_MASK,
             0,
             0,
@@ -305,6 +330,7 @@ mod tests {
             t0sz: 25,
             sl0: 1,
             ps: 4,
+            coherent: true,
         });
         // V | Config 0b110 << 1 = 0xd.
         assert_eq!(s.0[0], 0xd);
@@ -330,6 +356,7 @@ mod tests {
                 t0sz: 25,
                 sl0: 1,
                 ps: 4,
+                coherent: true,
             })
         };
         let entries = [

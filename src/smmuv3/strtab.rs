@@ -15,6 +15,26 @@ pub const SPLIT: u8 = 8;
 /// Largest linear table chosen automatically: 2^10 STEs (64 KiB).
 pub const LINEAR_MAX_BITS: u8 = 10;
 
+/// Most StreamID bits a linear table covers: 2^16 STEs (4 MiB, one block
+/// from the lender). Wider StreamIDs need the 2-level layout.
+pub const LINEAR_LIMIT_BITS: u8 = 16;
+
+/// Most level-1 descriptors: 2^17 (1 MiB), the cap Linux puts on its level-1
+/// table (`STRTAB_MAX_L1_ENTRIES`); with [`SPLIT`] that is 25 StreamID bits.
+/// SIDSIZE 32 would otherwise ask for 128 MiB of contiguous memory.
+pub const L1_LIMIT_BITS: u8 = 17;
+
+/// Most StreamID bits a 2-level table covers.
+pub const TWO_LEVEL_LIMIT_BITS: u8 = L1_LIMIT_BITS + SPLIT;
+
+/// Most StreamID bits a table of `format` covers.
+pub const fn limit_bits(format: StreamTableFormat) -> u8 {
+    match format {
+        StreamTableFormat::Linear => LINEAR_LIMIT_BITS,
+        StreamTableFormat::TwoLevel => TWO_LEVEL_LIMIT_BITS,
+    }
+}
+
 /// Stream table layout (STRTAB_BASE_CFG.FMT).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -50,6 +70,12 @@ impl StreamTable {
         sid_bits: u8,
         coherent: bool,
     ) -> Result<Self, SmmuError> {
+        // Bounded before any shift: SIDSIZE up to 63 fits the register field,
+        // and `64 << 58` would wrap to a one-page table with 2^58 entries.
+        let max_bits = limit_bits(format);
+        if sid_bits > max_bits {
+            return Err(SmmuError::StreamTableTooLarge { sid_bits, max_bits });
+        }
         let (bytes, entries) = match format {
             StreamTableFormat::Linear => ((Ste::SIZE as u64) << sid_bits, 1u64 << sid_bits),
             StreamTableFormat::TwoLevel => {
@@ -69,9 +95,11 @@ impl StreamTable {
             for sid in 0..entries {
                 table.write_ste_words(mem, base, sid as u32, &Ste::abort());
             }
-            if !coherent {
-                mem.clean(base, bytes as usize);
-            }
+        }
+        if !coherent {
+            // A non-snooping SMMU reads memory, not the zeroes (level-1
+            // descriptors) or aborting STEs still in the CPU's caches.
+            mem.clean(base, bytes as usize);
         }
         Ok(table)
     }
@@ -154,9 +182,9 @@ impl StreamTable {
                         if !coherent {
                             mem.clean(l2, L2_BYTES as usize);
                         }
-                        // The array is complete before the descriptor that
-                        // publishes it: one 64-bit store.
-                        crate::barrier::wmb();
+                        // The array is complete (and cleaned) before the
+                        // descriptor that publishes it: one 64-bit store.
+                        crate::barrier::wmb_on(mem);
                         // SAFETY: as above.
                         unsafe { l1p.write_volatile(L1Desc::new(l2, SPLIT).0) };
                         if !coherent {

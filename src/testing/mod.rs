@@ -4,6 +4,7 @@
 //! a sync costs, and which ranges were invalidated.
 
 pub mod order;
+pub mod smmu_cmd;
 pub mod vtd_desc;
 
 use crate::addr::DmaAddr;

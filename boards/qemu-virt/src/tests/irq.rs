@@ -254,6 +254,7 @@ fn delivered() -> Result<Drained, Fail> {
             events: s.seen.event_count,
             overflow: s.seen.overflow,
             gerror: s.seen.acked_in_eventq_irq | s.seen.acked_in_gerror_irq,
+            ..EventReport::default()
         },
     })
 }
