@@ -35,12 +35,27 @@ pub struct IovaRange {
 }
 
 /// First-fit allocator of naturally aligned ranges over `[start, end)`.
+#[derive(Debug)]
 pub struct IovaAllocator {
     /// Ranges handed out, sorted by start: `start | order`.
     used: heapless::Vec<u64, MAX_RANGES>,
     start: u64,
     end: u64,
     in_use: u64,
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for IovaAllocator {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "IovaAllocator {{ start: {=u64:#x}, end: {=u64:#x}, in_use: {=u64:#x}, ranges: {=usize} }}",
+            self.start,
+            self.end,
+            self.in_use,
+            self.used.len()
+        )
+    }
 }
 
 fn order_of(size: u64) -> Option<u32> {

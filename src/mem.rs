@@ -94,7 +94,9 @@ unsafe impl<T: TableMemory + ?Sized> TableMemory for &T {
 /// identity-map physical memory (physical address = pointer value), such as
 /// a hypervisor running with the MMU off or with a 1:1 map.
 #[cfg(feature = "alloc")]
-#[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(docsrs, doc(cfg(feature = "alloc")))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct GlobalAllocMemory;
 
 #[cfg(feature = "alloc")]

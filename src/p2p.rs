@@ -128,6 +128,19 @@ pub struct DeviceTopology {
     pub path: heapless::Vec<Port, MAX_DEPTH>,
 }
 
+#[cfg(feature = "defmt")]
+impl defmt::Format for DeviceTopology {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "DeviceTopology {{ device: {}, host_bridge: {=u16}, path: {=[?]} }}",
+            self.device,
+            self.host_bridge,
+            self.path.as_slice()
+        )
+    }
+}
+
 impl DeviceTopology {
     /// A device at `path` (root port first) below `host_bridge`.
     pub fn new(device: DeviceId, host_bridge: u16, path: &[Port]) -> Result<Self, P2pError> {
@@ -141,7 +154,7 @@ impl DeviceTopology {
 }
 
 /// Providers, topology and cached decisions, all fixed capacity.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct P2pRegistry {
     providers: heapless::Vec<P2pProvider, MAX_PROVIDERS>,
     devices: heapless::Vec<DeviceTopology, MAX_DEVICES>,
@@ -149,6 +162,21 @@ pub struct P2pRegistry {
     cache: heapless::Vec<(DeviceId, DeviceId, Result<P2pMapType, P2pError>), CACHE>,
     /// Decisions computed (not answered from the cache); for tests and stats.
     pub computed: u32,
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for P2pRegistry {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "P2pRegistry {{ providers: {=[?]}, devices: {=[?]}, host_bridges: {=[?]}, cached: {=usize}, computed: {=u32} }}",
+            self.providers.as_slice(),
+            self.devices.as_slice(),
+            self.host_bridges.as_slice(),
+            self.cache.len(),
+            self.computed
+        )
+    }
 }
 
 impl P2pRegistry {

@@ -243,6 +243,7 @@ impl DirectState {
 /// What [`Domain::try_alloc`] hands out (Linux's `dma_use_iova()` made a type).
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum DmaPath {
     /// The IOMMU translates: link physical ranges into the IOVA range.
     Iova(IovaState),
@@ -265,6 +266,7 @@ impl DmaPath {
 /// bus address.
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Mapping {
     state: IovaState,
     addr: DmaAddr,
@@ -469,6 +471,44 @@ fn finish_link<F: PteFormat, M: TableMemory>(
     tx.kind = Some(kind);
     tx.dirs |= dir as u8;
     Ok(DmaAddr(iova))
+}
+
+/// Shows the tag and, for a translated domain, its format, root, levels,
+/// table pages and IOVA bytes in use; neither the lender nor the tables.
+impl<F: PteFormat, M: TableMemory> core::fmt::Debug for Domain<F, M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut d = f.debug_struct("Domain");
+        d.field("id", &self.id);
+        match &self.inner {
+            None => d.field("identity", &true),
+            Some(t) => d
+                .field("format", &F::KIND)
+                .field("root", &t.pt.root())
+                .field("levels", &t.pt.levels())
+                .field("table_pages", &t.pt.table_pages())
+                .field("iova_in_use", &t.iova.in_use()),
+        };
+        d.finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl<F: PteFormat, M: TableMemory> defmt::Format for Domain<F, M> {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        match &self.inner {
+            None => defmt::write!(f, "Domain {{ id: {=u16}, identity }}", self.id),
+            Some(t) => defmt::write!(
+                f,
+                "Domain {{ id: {=u16}, format: {}, root: {}, levels: {=u8}, table_pages: {=usize}, iova_in_use: {=u64} }}",
+                self.id,
+                F::KIND,
+                t.pt.root(),
+                t.pt.levels(),
+                t.pt.table_pages(),
+                t.iova.in_use()
+            ),
+        }
+    }
 }
 
 impl<F: PteFormat, M: TableMemory> Domain<F, M> {

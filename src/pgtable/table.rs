@@ -95,6 +95,39 @@ fn lend_table_page<F: PteFormat, M: TableMemory>(
     Ok(t)
 }
 
+/// Shows the format, root, levels and page counts; neither the lender nor
+/// the entries (walk them with [`IoPageTable::translate`]).
+impl<F: PteFormat, M: TableMemory> core::fmt::Debug for IoPageTable<F, M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IoPageTable")
+            .field("format", &F::KIND)
+            .field("root", &self.root)
+            .field("levels", &self.levels)
+            .field("coherent", &self.coherent)
+            .field("table_pages", &self.table_pages)
+            .field("retired_pages", &self.retired.len())
+            .field("stranded", &self.stranded)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl<F: PteFormat, M: TableMemory> defmt::Format for IoPageTable<F, M> {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "IoPageTable {{ format: {}, root: {}, levels: {=u8}, coherent: {=bool}, table_pages: {=usize}, retired_pages: {=usize}, stranded: {=bool} }}",
+            F::KIND,
+            self.root,
+            self.levels,
+            self.coherent,
+            self.table_pages,
+            self.retired.len(),
+            self.stranded
+        )
+    }
+}
+
 impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// A new, empty table with `levels` levels (2 to 5). `coherent` says
     /// whether the IOMMU's walker snoops CPU caches; when it does not, every

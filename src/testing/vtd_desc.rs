@@ -12,6 +12,7 @@
 
 /// What the checked unit supports and how it is set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct VtdRules {
     /// Scalable mode (RTADDR.TTM = 01b, 256-bit descriptors).
     pub scalable: bool,
@@ -86,6 +87,7 @@ impl VtdRules {
 
 /// A descriptor that passed the checks, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum VtdDesc {
     /// Context-cache invalidate (§6.5.2.1): G 1 global, 2 domain, 3 device.
     Context {
@@ -150,6 +152,7 @@ pub enum VtdDesc {
 
 /// Why a descriptor or table entry would be refused by real hardware.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Violation {
     /// Unknown type, or a type this mode does not accept (PASID-based types
     /// in legacy mode; device-TLB, interrupt-entry types are never emitted).

@@ -20,6 +20,7 @@ const QUEUE_ERRORS: u32 = FSTS::IQE::SET.value | FSTS::ICE::SET.value | FSTS::IT
 
 /// The invalidation queue's software state.
 #[derive(Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct InvQueue {
     /// Queue memory (one page).
     base: PhysAddr,
