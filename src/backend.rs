@@ -60,9 +60,28 @@ pub trait IommuBackend {
     /// Points the hardware at `how` for `dev`'s DMA (and makes it take effect,
     /// including its own sync): after it returns, the device translates through
     /// the domain, bypasses, or is blocked.
+    ///
+    /// # Errors
+    ///
+    /// - [`BackendError::UnknownDevice`]: `dev` is outside what this IOMMU
+    ///   translates (stream ID / bus beyond its tables, another segment).
+    /// - [`BackendError::Unsupported`]: the hardware cannot do `how` (the
+    ///   domain's format, levels or tag width, or bypass).
+    /// - [`BackendError::OutOfMemory`]: the lender refused a table page the
+    ///   entry needs (e.g. a second-level stream table or context table).
+    /// - [`BackendError::Unsupported`] also when the driver was not
+    ///   initialised.
+    /// - [`BackendError::Timeout`], [`BackendError::QueueError`]: the
+    ///   invalidation that makes the change take effect did not complete; the
+    ///   entry may already be written.
     fn attach(&mut self, dev: DeviceId, how: Attachment) -> Result<(), BackendError>;
 
     /// Returns `dev` to blocked and invalidates what the hardware cached for it.
+    ///
+    /// # Errors
+    ///
+    /// As [`attach`](Self::attach) with [`Attachment::Blocked`] (the default
+    /// implementation is exactly that call).
     fn detach(&mut self, dev: DeviceId) -> Result<(), BackendError> {
         self.attach(dev, Attachment::Blocked)
     }
@@ -71,6 +90,14 @@ pub trait IommuBackend {
     /// `domain`; `leaf_only` is false when table pages were freed or replaced
     /// (walk caches must go too). Does not wait: the next [`sync`](Self::sync)
     /// completes it.
+    ///
+    /// # Errors
+    ///
+    /// - [`BackendError::Unsupported`]: `domain` has a format this IOMMU
+    ///   does not walk.
+    /// - [`BackendError::Timeout`], [`BackendError::QueueError`]: the queue
+    ///   was full and draining it failed, or (register-based invalidation)
+    ///   the invalidation itself did.
     fn invalidate(
         &mut self,
         domain: &DomainInfo,
@@ -80,12 +107,26 @@ pub trait IommuBackend {
     ) -> Result<(), BackendError>;
 
     /// Queues invalidation of everything cached for `domain`.
+    ///
+    /// # Errors
+    ///
+    /// As [`invalidate`](Self::invalidate).
     fn invalidate_domain(&mut self, domain: &DomainInfo) -> Result<(), BackendError>;
 
     /// Submits one completion for everything queued since the last sync and
     /// waits for it, bounded: a timeout is an error, never a hang. The core
     /// calls it after writing tables with ordinary stores; the backend orders
     /// them before its doorbell write (e.g. `dsb` on Arm).
+    ///
+    /// # Errors
+    ///
+    /// - [`BackendError::Timeout`]: the completion did not arrive within the
+    ///   driver's poll budget.
+    /// - [`BackendError::QueueError`]: the queue stopped on a bad command
+    ///   (the drivers report the slot and recover the queue).
+    ///
+    /// After an error, treat every invalidation queued since the last good
+    /// sync as not done.
     fn sync(&mut self) -> Result<(), BackendError>;
 
     /// Whether the hardware caches not-present entries (VT-d `CAP.CM`, caching

@@ -3,6 +3,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
+#![warn(clippy::missing_errors_doc)]
 //! bare-iommu: ARM SMMUv3 and Intel VT-d for bare-metal hypervisors, unikernels
 //! and firmware, with a two-step DMA mapping API.
 //!

@@ -143,6 +143,10 @@ impl defmt::Format for DeviceTopology {
 
 impl DeviceTopology {
     /// A device at `path` (root port first) below `host_bridge`.
+    ///
+    /// # Errors
+    ///
+    /// [`P2pError::PathTooDeep`]: `path` has more than [`MAX_DEPTH`] ports.
     pub fn new(device: DeviceId, host_bridge: u16, path: &[Port]) -> Result<Self, P2pError> {
         let path = heapless::Vec::from_slice(path).map_err(|_| P2pError::PathTooDeep)?;
         Ok(Self {
@@ -186,6 +190,14 @@ impl P2pRegistry {
     }
 
     /// Registers P2P memory. Overlap with another provider is refused.
+    ///
+    /// # Errors
+    ///
+    /// - [`P2pError::BadRange`]: `p.len` is 0 or `p.cpu_start + p.len`
+    ///   overflows.
+    /// - [`P2pError::Overlap`]: the range overlaps one already registered
+    ///   (`existing` names its device).
+    /// - [`P2pError::Full`]: [`MAX_PROVIDERS`] ranges are registered.
     pub fn register(&mut self, p: P2pProvider) -> Result<(), P2pError> {
         if p.len == 0 || p.cpu_start.0.checked_add(p.len).is_none() {
             return Err(P2pError::BadRange {
@@ -204,6 +216,11 @@ impl P2pRegistry {
     }
 
     /// Removes every provider range of `device`.
+    ///
+    /// # Errors
+    ///
+    /// [`P2pError::Unknown`]: `device` has no range registered; nothing
+    /// changes.
     pub fn unregister(&mut self, device: DeviceId) -> Result<(), P2pError> {
         let before = self.providers.len();
         self.providers.retain(|p| p.device != device);
@@ -215,6 +232,11 @@ impl P2pRegistry {
     }
 
     /// Records (or replaces) where a device sits. Clears cached decisions.
+    ///
+    /// # Errors
+    ///
+    /// [`P2pError::Full`]: the device is new and [`MAX_DEVICES`] devices are
+    /// recorded (the cached decisions are still cleared).
     pub fn set_topology(&mut self, t: DeviceTopology) -> Result<(), P2pError> {
         self.cache.clear();
         if let Some(slot) = self.devices.iter_mut().find(|d| d.device == t.device) {
@@ -225,6 +247,11 @@ impl P2pRegistry {
     }
 
     /// Marks a host bridge as forwarding P2P between its root ports.
+    ///
+    /// # Errors
+    ///
+    /// [`P2pError::Full`]: the bridge is new and [`MAX_HOST_BRIDGES`] bridges
+    /// are allowed already (the cached decisions are still cleared).
     pub fn allow_host_bridge(&mut self, host_bridge: u16) -> Result<(), P2pError> {
         self.cache.clear();
         if self.host_bridges.contains(&host_bridge) {
@@ -237,6 +264,11 @@ impl P2pRegistry {
 
     /// The provider whose memory contains any byte of `[pa, pa + len)`.
     /// `Ok(None)` for host memory; an error if the range straddles a provider's edge.
+    ///
+    /// # Errors
+    ///
+    /// [`P2pError::BadRange`]: part of `[pa, pa + len)` is inside a
+    /// provider's memory and part outside it.
     pub fn provider_of(&self, pa: PhysAddr, len: u64) -> Result<Option<P2pProvider>, P2pError> {
         match self.providers.iter().find(|p| p.overlaps(pa, len)) {
             None => Ok(None),
@@ -253,6 +285,17 @@ impl P2pRegistry {
     }
 
     /// How `client` reaches `provider`'s memory, cached per pair.
+    ///
+    /// # Errors
+    ///
+    /// - [`P2pError::Unknown`]: no topology was recorded
+    ///   ([`set_topology`](Self::set_topology)) for `provider` or `client`.
+    /// - [`P2pError::NotSupported`]: the two are below different host
+    ///   bridges, or the path needs the host bridge (no common switch, or ACS
+    ///   redirects upstream) and it was not allowed with
+    ///   [`allow_host_bridge`](Self::allow_host_bridge).
+    ///
+    /// Errors are cached like answers, until the topology changes.
     pub fn map_type(
         &mut self,
         provider: DeviceId,

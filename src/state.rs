@@ -147,6 +147,11 @@ impl IovaState {
 
     /// The device address of byte `offset` of the transaction (its IOVA; a
     /// bus-address P2P link returns its own address from `link_p2p`).
+    ///
+    /// # Errors
+    ///
+    /// [`DmaError::OutsideTransaction`]: `offset` is not below
+    /// [`size`](Self::size).
     pub fn dma_addr(&self, offset: u64) -> Result<DmaAddr, DmaError> {
         if offset >= self.size() {
             return Err(DmaError::OutsideTransaction {
@@ -173,6 +178,10 @@ pub struct DirectState {
 impl DirectState {
     /// A direct-path transaction for a device with `dma_mask`, for up to
     /// `size` bytes. Use it where there is no IOMMU at all.
+    ///
+    /// # Errors
+    ///
+    /// [`DmaError::ZeroLength`]: `size` is 0.
     pub fn new(size: u64, dma_mask: u64) -> Result<Self, DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroLength);
@@ -186,6 +195,17 @@ impl DirectState {
 
     /// The DMA address of `[phys, phys + len)`: `phys` itself, when the whole
     /// range is reachable under the DMA mask and the transaction's size.
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `len` is 0.
+    /// - [`DmaError::Overflow`]: `phys + len` (or the linked total) overflows.
+    /// - [`DmaError::AboveDmaMask`]: the range ends above the DMA mask: the
+    ///   device cannot reach it (bounce it, or use an IOMMU).
+    /// - [`DmaError::OutsideTransaction`]: more than the transaction's size
+    ///   would be linked.
+    ///
+    /// Nothing changes on an error.
     pub fn link(&mut self, phys: PhysAddr, len: u64) -> Result<DmaAddr, DmaError> {
         if len == 0 {
             return Err(DmaError::ZeroLength);
@@ -216,6 +236,11 @@ impl DirectState {
     }
 
     /// Forgets `len` linked bytes (nothing to tear down on the direct path).
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `len` is 0.
+    /// - [`DmaError::NotLinked`]: `len` is more than is linked.
     pub fn unlink(&mut self, len: u64) -> Result<(), DmaError> {
         if len == 0 {
             return Err(DmaError::ZeroLength);
@@ -517,6 +542,21 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// Refused with [`BackendError::LenderCannotClean`] when the walk is not
     /// coherent (`config.coherent_walk == false`) and the lender cannot clean
     /// caches ([`TableMemory::can_clean`]): the IOMMU would read stale tables.
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::Backend`]`(`[`BackendError::LenderCannotClean`]`)`: as
+    ///   above.
+    /// - [`DmaError::BadConfig`]: `levels` is not 2 to 5 (`what: "levels"`),
+    ///   the aperture ends past what `levels` levels translate
+    ///   (`"aperture_end"`), or `aperture_start >= aperture_end` or the
+    ///   aperture passes 2^57 (`"aperture"`).
+    /// - [`DmaError::Unaligned`]: an aperture bound is not 4 KiB aligned.
+    /// - [`DmaError::TokensExhausted`]: 2^32 domains were made in this
+    ///   program.
+    /// - [`DmaError::OutOfMemory`], [`DmaError::PhysTooLarge`]: the lender
+    ///   refused the root table page, or lent one above the format's output
+    ///   address size.
     pub fn new(fmt: F, mem: M, config: DomainConfig) -> Result<Self, DmaError> {
         if !config.coherent_walk && !mem.can_clean() {
             return Err(DmaError::Backend(BackendError::LenderCannotClean));
@@ -605,6 +645,17 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// entirely at or below `dma_mask`, for one whole transaction.
     ///
     /// For an identity domain this returns [`DmaPath::Direct`].
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `size` is 0.
+    /// - [`DmaError::Overflow`]: `size` overflows when rounded up to a page.
+    /// - [`DmaError::AboveDmaMask`]: no range of that size fits below
+    ///   `dma_mask` inside the domain's aperture.
+    /// - [`DmaError::IovaExhausted`]: the aperture has no free range of that
+    ///   size below the mask (free transactions, or use a larger aperture).
+    /// - [`DmaError::AllocatorFull`]: the domain already has
+    ///   [`MAX_RANGES`](crate::iova::MAX_RANGES) transactions open.
     pub fn try_alloc(&mut self, size: u64, dma_mask: u64) -> Result<DmaPath, DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroLength);
@@ -672,6 +723,27 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// `attrs` containing [`MapAttrs::MMIO`] makes this a P2P-through-host-
     /// bridge link; mixing it with host-memory links in one transaction is
     /// refused with [`DmaError::MixedP2p`].
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `len` is 0.
+    /// - [`DmaError::Unaligned`]: `offset` or `len` is not page aligned.
+    /// - [`DmaError::Overflow`], [`DmaError::OutsideTransaction`]:
+    ///   `[offset, offset + len)` overflows or is not inside the
+    ///   transaction's [`size`](IovaState::size).
+    /// - [`DmaError::WrongDomain`]: `tx` was made by another domain (or one
+    ///   torn down).
+    /// - [`DmaError::Unaligned`] also when `phys` is not page aligned;
+    ///   [`DmaError::Overflow`] when `phys + len` overflows.
+    /// - [`DmaError::MixedP2p`]: the transaction already holds links of
+    ///   another kind (host memory vs. [`MapAttrs::MMIO`] or bus-address P2P).
+    /// - [`DmaError::AlreadyLinked`]: part of the range is linked.
+    /// - [`DmaError::PhysTooLarge`]: `phys + len` passes the format's output
+    ///   address size.
+    /// - [`DmaError::OutOfMemory`]: the lender refused a table page (what was
+    ///   written is taken back and invalidated at the next sync).
+    /// - [`DmaError::IdentityDomain`]: never for a state this domain made
+    ///   (an identity domain hands out [`DmaPath::Direct`]).
     pub fn link(
         &mut self,
         tx: &mut IovaState,
@@ -716,6 +788,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// offsets from `offset`, in one call: the same contract as
     /// [`link`](Self::link) (tables only, all or nothing), with one table
     /// walk per 2 MiB instead of one per page.
+    ///
+    /// # Errors
+    ///
+    /// As [`link`](Self::link), with `len = pages.len() * 4096`
+    /// ([`DmaError::ZeroLength`] for no pages); [`DmaError::Unaligned`] or
+    /// [`DmaError::PhysTooLarge`] name the first bad page.
     pub fn link_pages(
         &mut self,
         tx: &mut IovaState,
@@ -753,6 +831,16 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     ///
     /// Host memory and P2P memory, or two providers, in one transaction are
     /// refused with [`DmaError::MixedP2p`]; nothing changes on any error.
+    ///
+    /// # Errors
+    ///
+    /// - Those of [`link`](Self::link), for host memory and host-bridge P2P.
+    /// - [`DmaError::MixedP2p`] also when `[phys, phys + len)` straddles a
+    ///   provider's edge, or the transaction holds another provider's memory.
+    /// - [`DmaError::P2pNotSupported`]: `p2p` knows no route from `client`
+    ///   to the provider ([`P2pRegistry::map_type`] failed).
+    /// - [`DmaError::AlreadyLinked`], [`DmaError::BusAddrGap`]: a bus-address
+    ///   link overlaps the linked run or would leave a hole before or after it.
     #[allow(clippy::too_many_arguments)]
     pub fn link_p2p(
         &mut self,
@@ -835,6 +923,11 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
 
     /// One-step P2P-aware map: the returned [`Mapping`] carries the kind, so
     /// [`unmap`](Self::unmap) knows whether there is anything to tear down.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`map`](Self::map) and [`link_p2p`](Self::link_p2p). On any
+    /// error the transaction is freed again.
     #[allow(clippy::too_many_arguments)]
     pub fn map_p2p<B: IommuBackend + ?Sized>(
         &mut self,
@@ -854,6 +947,14 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// Step 3: invalidate what changed since the last sync (one batch) and
     /// wait for the hardware once. Table pages freed by unlinks are handed
     /// back to the lender only after the wait succeeded.
+    ///
+    /// # Errors
+    ///
+    /// [`DmaError::Backend`]: the backend's `invalidate`,
+    /// `invalidate_domain` or `sync` failed (see [`IommuBackend::sync`]).
+    /// The pending invalidations are kept and no table page is handed back:
+    /// call `sync` again (after recovering the IOMMU) before reusing memory
+    /// that was unlinked.
     pub fn sync<B: IommuBackend + ?Sized>(&mut self, backend: &mut B) -> Result<(), DmaError> {
         let id = self.id;
         let Some(t) = self.inner.as_mut() else {
@@ -904,6 +1005,11 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// is handed back, to retry or to drop (dropping keeps its pages lent).
     /// Transactions still open are not freed: their IOVA ranges die with the
     /// domain, and any further use of them is a `WrongDomain` error.
+    ///
+    /// # Errors
+    ///
+    /// `(self, `[`DmaError::Backend`]`)`: the domain invalidation or its sync
+    /// failed. An identity domain never fails.
     #[allow(
         clippy::result_large_err,
         reason = "the domain is handed back whole on failure, as free hands back its state"
@@ -941,6 +1047,23 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// range must be linked (else [`DmaError::NotLinked`], nothing changed).
     /// Queues the invalidation; the memory may be reused after the next
     /// [`sync`](Self::sync). Returns the bytes unlinked.
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `len` is 0.
+    /// - [`DmaError::Unaligned`]: `offset` or `len` is not page aligned.
+    /// - [`DmaError::Overflow`], [`DmaError::OutsideTransaction`]:
+    ///   `[offset, offset + len)` overflows or is not inside the
+    ///   transaction's [`size`](IovaState::size).
+    /// - [`DmaError::WrongDomain`]: `tx` was made by another domain (or one
+    ///   torn down).
+    /// - [`DmaError::NotLinked`]: part of the range is not linked.
+    /// - [`DmaError::PartialBlock`]: the range cuts a 2 MiB / 1 GiB block
+    ///   that was linked as one (unlink all of it).
+    /// - [`DmaError::BusAddrGap`]: a bus-address P2P unlink from the middle
+    ///   of the linked run (unlink from either end).
+    ///
+    /// Nothing changes on an error.
     pub fn unlink(&mut self, tx: &mut IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
         let iova = Self::check_window(tx, offset, len)?;
         let t = self.translated(tx)?;
@@ -986,6 +1109,14 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// error (a transaction of another domain) the state is returned
     /// untouched; once the unlinking starts nothing can fail: the IOVA
     /// range is found first and its release cannot fail.
+    ///
+    /// # Errors
+    ///
+    /// `(tx, e)`, the state handed back untouched, with `e`:
+    /// - [`DmaError::WrongDomain`]: `tx` belongs to another domain (or one
+    ///   torn down): free it there.
+    /// - [`DmaError::OutsideTransaction`]: this domain has no such range
+    ///   open (cannot happen for a state it handed out and did not free).
     pub fn free(&mut self, tx: IovaState) -> Result<(), (IovaState, DmaError)> {
         let t = match self.translated(&tx) {
             Ok(t) => t,
@@ -1012,6 +1143,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
 
     /// [`free`](Self::free) followed by [`sync`](Self::sync): unlinks
     /// everything, waits for the invalidation, releases the IOVA range.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`free`](Self::free) (then `tx` is dropped: its range stays
+    /// allocated) and of [`sync`](Self::sync) (the range is already
+    /// released; sync again before reusing the memory).
     pub fn destroy<B: IommuBackend + ?Sized>(
         &mut self,
         tx: IovaState,
@@ -1022,6 +1159,16 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     }
 
     /// One-step map: try_alloc + link + sync of one physically contiguous range.
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::Unaligned`]: `len` is not page aligned.
+    /// - [`DmaError::IdentityDomain`]: the domain does not translate (use
+    ///   [`DirectState`]).
+    /// - Those of [`try_alloc`](Self::try_alloc), [`link`](Self::link) and
+    ///   [`sync`](Self::sync).
+    ///
+    /// On any error the transaction is freed again.
     pub fn map<B: IommuBackend + ?Sized>(
         &mut self,
         backend: &mut B,
@@ -1066,6 +1213,11 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     }
 
     /// One-step unmap of a [`Mapping`]: unlink, sync, free.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`destroy`](Self::destroy): [`DmaError::WrongDomain`] for a
+    /// mapping of another domain, [`DmaError::Backend`] when the sync fails.
     pub fn unmap<B: IommuBackend + ?Sized>(
         &mut self,
         backend: &mut B,

@@ -191,6 +191,15 @@ impl<M: TableMemory> Vtd<M> {
     /// [`VtdError::RegistersOutside`]: the driver never touches memory
     /// outside the block.
     ///
+    /// # Errors
+    ///
+    /// - [`VtdError::RegistersOutside`]: `len` is smaller than the main
+    ///   register set, or CAP/ECAP place fault-recording or IOTLB registers
+    ///   past `len`.
+    /// - [`VtdError::NoUnit`]: `base` is null, or VER reads 0 or all-ones.
+    /// - [`VtdError::NoAddressWidth`]: CAP.SAGAW offers neither a 3- nor a
+    ///   4-level table.
+    ///
     /// # Safety
     ///
     /// `[base, base + len)` must be the (identity- or otherwise-) mapped
