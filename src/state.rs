@@ -74,6 +74,57 @@ fn new_token() -> Result<u32, DmaError> {
 /// which physical ranges are linked at offsets. 32 bytes on 64-bit targets.
 ///
 /// Not `Clone`: there is exactly one owner, and [`Domain::free`] consumes it.
+///
+/// # Example
+///
+/// ```
+/// # struct Heap;
+/// # // SAFETY: zeroed, size-aligned blocks, valid until freed; physical = virtual.
+/// # unsafe impl bare_iommu::TableMemory for Heap {
+/// #     fn alloc_zeroed(&self, pages: usize) -> Option<bare_iommu::PhysAddr> {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).ok()?;
+/// #         if pages == 0 { return None; }
+/// #         // SAFETY: non-zero size.
+/// #         let p = unsafe { std::alloc::alloc_zeroed(l) };
+/// #         (!p.is_null()).then(|| bare_iommu::PhysAddr(p as u64))
+/// #     }
+/// #     unsafe fn free(&self, pa: bare_iommu::PhysAddr, pages: usize) {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).unwrap();
+/// #         // SAFETY: allocated above with this layout.
+/// #         unsafe { std::alloc::dealloc(pa.0 as *mut u8, l) }
+/// #     }
+/// #     fn phys_to_virt(&self, pa: bare_iommu::PhysAddr) -> *mut u8 { pa.0 as *mut u8 }
+/// # }
+/// use bare_iommu::pgtable::arm::ArmStage1;
+/// use bare_iommu::testing::RecordingBackend;
+/// use bare_iommu::{DmaAddr, DmaDirection, DmaError, DmaKind, Domain, DomainConfig, MapAttrs, PhysAddr};
+///
+/// # fn main() -> Result<(), DmaError> {
+/// let mut iommu = RecordingBackend::new();
+/// let cfg = DomainConfig { id: 1, levels: 4, aperture_start: 1 << 20, aperture_end: 1 << 32, coherent_walk: true };
+/// let mut dom = Domain::new(ArmStage1, Heap, cfg)?;
+///
+/// let mut tx = dom.try_alloc(5 * 4096, u64::MAX)?.into_iova().unwrap();
+/// assert_eq!(tx.size(), 8 * 4096); // a power of two of pages
+/// assert_eq!((tx.linked(), tx.kind(), tx.direction()), (0, None, None));
+///
+/// // Link one page at offset 8 KiB; the rest of the range stays unmapped.
+/// dom.link(&mut tx, PhysAddr(0x9000_0000), 2 * 4096, 4096, DmaDirection::ToDevice, MapAttrs::empty())?;
+/// assert_eq!(tx.linked(), 4096);
+/// assert_eq!(tx.kind(), Some(DmaKind::Translated));
+/// assert_eq!(tx.direction(), Some(DmaDirection::ToDevice));
+/// assert_eq!(tx.dma_addr(2 * 4096 + 100)?, DmaAddr(tx.iova().0 + 2 * 4096 + 100));
+///
+/// // A state belongs to the domain that made it.
+/// let mut other = Domain::new(ArmStage1, Heap, cfg)?;
+/// assert!(matches!(other.unlink(&mut tx, 2 * 4096, 4096), Err(DmaError::WrongDomain { .. })));
+///
+/// // `free` consumes the state and unlinks what is left; sync before the
+/// // memory is reused.
+/// dom.free(tx).map_err(|(_, e)| e)?;
+/// dom.sync(&mut iommu)?;
+/// # Ok(()) }
+/// ```
 #[must_use = "an IovaState holds an IOVA range and mappings: give it back with Domain::free or destroy"]
 #[derive(Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -430,6 +481,65 @@ impl<F: PteFormat, M: TableMemory> Translated<F, M> {
 /// still walk them (a device still attached, or a walk cached). Give the
 /// pages back with [`teardown`](Self::teardown), which invalidates the whole
 /// domain and waits for it first; a dropped domain's pages stay lent.
+///
+/// # Example
+///
+/// A network card's receive ring: three scattered pages the device sees as
+/// 12 KiB contiguous below 4 GiB. (`Heap` is a host lender like the one in
+/// the [crate example](crate); the backend would be an
+/// [`Smmu`](crate::smmuv3::Smmu) or a [`Vtd`](crate::vtd::Vtd).)
+///
+/// ```
+/// # struct Heap;
+/// # // SAFETY: zeroed, size-aligned blocks, valid until freed; physical = virtual.
+/// # unsafe impl bare_iommu::TableMemory for Heap {
+/// #     fn alloc_zeroed(&self, pages: usize) -> Option<bare_iommu::PhysAddr> {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).ok()?;
+/// #         if pages == 0 { return None; }
+/// #         // SAFETY: non-zero size.
+/// #         let p = unsafe { std::alloc::alloc_zeroed(l) };
+/// #         (!p.is_null()).then(|| bare_iommu::PhysAddr(p as u64))
+/// #     }
+/// #     unsafe fn free(&self, pa: bare_iommu::PhysAddr, pages: usize) {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).unwrap();
+/// #         // SAFETY: allocated above with this layout.
+/// #         unsafe { std::alloc::dealloc(pa.0 as *mut u8, l) }
+/// #     }
+/// #     fn phys_to_virt(&self, pa: bare_iommu::PhysAddr) -> *mut u8 { pa.0 as *mut u8 }
+/// # }
+/// use bare_iommu::pgtable::arm::ArmStage1;
+/// use bare_iommu::testing::RecordingBackend;
+/// use bare_iommu::{DeviceId, DmaAddr, DmaDirection, DmaPath, Domain, DomainConfig};
+/// use bare_iommu::{IommuBackend, MapAttrs, PhysAddr};
+///
+/// # fn main() -> Result<(), bare_iommu::DmaError> {
+/// let mut iommu = RecordingBackend::new();
+/// let nic = DeviceId::new(0, 3, 0, 0).unwrap();
+///
+/// // IOVAs in [1 MiB, 4 GiB), 4-level stage-1 tables lent by `Heap`.
+/// let cfg = DomainConfig { id: 1, levels: 4, aperture_start: 1 << 20, aperture_end: 1 << 32, coherent_walk: true };
+/// let mut dom = Domain::new(ArmStage1, Heap, cfg)?;
+/// iommu.attach(nic, dom.attachment())?;
+///
+/// let pages = [PhysAddr(0x8_1000_0000), PhysAddr(0x8_2000_0000), PhysAddr(0x8_3000_0000)];
+/// let mut rx = dom.try_alloc(3 * 4096, u32::MAX.into())?.into_iova().expect("a translated domain");
+/// dom.link_pages(&mut rx, &pages, 0, DmaDirection::FromDevice, MapAttrs::empty())?;
+/// dom.sync(&mut iommu)?;
+/// let ring = rx.iova(); // program the NIC with this
+/// assert_eq!(dom.translate(DmaAddr(ring.0 + 4096)).map(|(pa, _)| pa), Some(pages[1]));
+///
+/// // Done: unlink, wait, release the range; then the domain itself.
+/// dom.destroy(rx, &mut iommu)?;
+/// iommu.detach(nic)?;
+/// dom.teardown(&mut iommu).map_err(|(_, e)| e)?;
+///
+/// // An identity domain hands out the direct path: DMA addresses are
+/// // physical addresses, checked against the device's mask.
+/// let mut bypass = Domain::<ArmStage1, Heap>::identity(2);
+/// let DmaPath::Direct(mut d) = bypass.try_alloc(4096, u32::MAX.into())? else { unreachable!() };
+/// assert_eq!(d.link(PhysAddr(0x1000), 4096)?, DmaAddr(0x1000));
+/// # Ok(()) }
+/// ```
 pub struct Domain<F: PteFormat, M: TableMemory> {
     id: u16,
     /// Unique per domain; transactions carry it (`NEXT_TOKEN`).
