@@ -56,13 +56,116 @@ pub enum Attachment {
 }
 
 /// One IOMMU's driver, as the generic core sees it.
+///
+/// [`smmuv3::Smmu`](crate::smmuv3::Smmu) and [`vtd::Vtd`](crate::vtd::Vtd)
+/// implement it; [`RecordingBackend`](crate::testing::RecordingBackend)
+/// records the calls for host tests. A [`Domain`](crate::Domain) calls
+/// `invalidate` / `invalidate_domain` and then one `sync` per
+/// [`Domain::sync`](crate::Domain::sync).
+///
+/// # Example
+///
+/// A wrapper that counts completion waits and forwards everything to the
+/// driver it wraps, and what the core asks of it for a link and an unlink:
+///
+/// ```
+/// # struct Heap;
+/// # // SAFETY: zeroed, size-aligned blocks, valid until freed; physical = virtual.
+/// # unsafe impl bare_iommu::TableMemory for Heap {
+/// #     fn alloc_zeroed(&self, pages: usize) -> Option<bare_iommu::PhysAddr> {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).ok()?;
+/// #         if pages == 0 { return None; }
+/// #         // SAFETY: non-zero size.
+/// #         let p = unsafe { std::alloc::alloc_zeroed(l) };
+/// #         (!p.is_null()).then(|| bare_iommu::PhysAddr(p as u64))
+/// #     }
+/// #     unsafe fn free(&self, pa: bare_iommu::PhysAddr, pages: usize) {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).unwrap();
+/// #         // SAFETY: allocated above with this layout.
+/// #         unsafe { std::alloc::dealloc(pa.0 as *mut u8, l) }
+/// #     }
+/// #     fn phys_to_virt(&self, pa: bare_iommu::PhysAddr) -> *mut u8 { pa.0 as *mut u8 }
+/// # }
+/// use bare_iommu::pgtable::arm::ArmStage1;
+/// use bare_iommu::testing::{Call, RecordingBackend};
+/// use bare_iommu::{Attachment, BackendError, DeviceId, DmaAddr, DmaDirection, DomainInfo};
+/// use bare_iommu::{Domain, DomainConfig, IommuBackend, MapAttrs, PhysAddr};
+///
+/// struct Counted<B> {
+///     inner: B,
+///     waits: u32,
+/// }
+///
+/// impl<B: IommuBackend> IommuBackend for Counted<B> {
+///     fn attach(&mut self, dev: DeviceId, how: Attachment) -> Result<(), BackendError> {
+///         self.inner.attach(dev, how)
+///     }
+///     fn invalidate(&mut self, d: &DomainInfo, iova: DmaAddr, len: u64, leaf_only: bool) -> Result<(), BackendError> {
+///         self.inner.invalidate(d, iova, len, leaf_only)
+///     }
+///     fn invalidate_domain(&mut self, d: &DomainInfo) -> Result<(), BackendError> {
+///         self.inner.invalidate_domain(d)
+///     }
+///     fn sync(&mut self) -> Result<(), BackendError> {
+///         self.waits += 1;
+///         self.inner.sync()
+///     }
+///     // Forward the defaults too: they change what the core asks for.
+///     fn needs_map_invalidation(&self) -> bool {
+///         self.inner.needs_map_invalidation()
+///     }
+///     fn coherent_walk(&self) -> bool {
+///         self.inner.coherent_walk()
+///     }
+/// }
+///
+/// # fn main() -> Result<(), bare_iommu::DmaError> {
+/// let mut iommu = Counted { inner: RecordingBackend::new(), waits: 0 };
+/// let cfg = DomainConfig { id: 1, levels: 4, aperture_start: 1 << 20, aperture_end: 1 << 32, coherent_walk: true };
+/// let mut dom = Domain::new(ArmStage1, Heap, cfg)?;
+/// let mut tx = dom.try_alloc(4 * 4096, u64::MAX)?.into_iova().unwrap();
+/// for i in 0..4 {
+///     let pa = PhysAddr(0x9000_0000 + i * 0x10_0000);
+///     dom.link(&mut tx, pa, i * 4096, 4096, DmaDirection::Bidirectional, MapAttrs::empty())?;
+/// }
+/// dom.sync(&mut iommu)?; // new entries need no invalidation (no caching mode)
+/// dom.unlink(&mut tx, 0, 4 * 4096)?;
+/// dom.sync(&mut iommu)?; // one range invalidation, one wait
+/// assert_eq!(iommu.waits, 2);
+/// let calls: Vec<Call> = iommu.inner.log.iter().copied().collect();
+/// assert!(matches!(
+///     calls[..],
+///     [Call::Sync, Call::Invalidate { len: 0x4000, .. }, Call::Sync]
+/// ));
+/// # dom.free(tx).map_err(|(_, e)| e)?;
+/// # Ok(()) }
+/// ```
 pub trait IommuBackend {
     /// Points the hardware at `how` for `dev`'s DMA (and makes it take effect,
     /// including its own sync): after it returns, the device translates through
     /// the domain, bypasses, or is blocked.
+    ///
+    /// # Errors
+    ///
+    /// - [`BackendError::UnknownDevice`]: `dev` is outside what this IOMMU
+    ///   translates (stream ID / bus beyond its tables, another segment).
+    /// - [`BackendError::Unsupported`]: the hardware cannot do `how` (the
+    ///   domain's format, levels or tag width, or bypass).
+    /// - [`BackendError::OutOfMemory`]: the lender refused a table page the
+    ///   entry needs (e.g. a second-level stream table or context table).
+    /// - [`BackendError::Unsupported`] also when the driver was not
+    ///   initialised.
+    /// - [`BackendError::Timeout`], [`BackendError::QueueError`]: the
+    ///   invalidation that makes the change take effect did not complete; the
+    ///   entry may already be written.
     fn attach(&mut self, dev: DeviceId, how: Attachment) -> Result<(), BackendError>;
 
     /// Returns `dev` to blocked and invalidates what the hardware cached for it.
+    ///
+    /// # Errors
+    ///
+    /// As [`attach`](Self::attach) with [`Attachment::Blocked`] (the default
+    /// implementation is exactly that call).
     fn detach(&mut self, dev: DeviceId) -> Result<(), BackendError> {
         self.attach(dev, Attachment::Blocked)
     }
@@ -71,6 +174,14 @@ pub trait IommuBackend {
     /// `domain`; `leaf_only` is false when table pages were freed or replaced
     /// (walk caches must go too). Does not wait: the next [`sync`](Self::sync)
     /// completes it.
+    ///
+    /// # Errors
+    ///
+    /// - [`BackendError::Unsupported`]: `domain` has a format this IOMMU
+    ///   does not walk.
+    /// - [`BackendError::Timeout`], [`BackendError::QueueError`]: the queue
+    ///   was full and draining it failed, or (register-based invalidation)
+    ///   the invalidation itself did.
     fn invalidate(
         &mut self,
         domain: &DomainInfo,
@@ -80,12 +191,26 @@ pub trait IommuBackend {
     ) -> Result<(), BackendError>;
 
     /// Queues invalidation of everything cached for `domain`.
+    ///
+    /// # Errors
+    ///
+    /// As [`invalidate`](Self::invalidate).
     fn invalidate_domain(&mut self, domain: &DomainInfo) -> Result<(), BackendError>;
 
     /// Submits one completion for everything queued since the last sync and
     /// waits for it, bounded: a timeout is an error, never a hang. The core
     /// calls it after writing tables with ordinary stores; the backend orders
     /// them before its doorbell write (e.g. `dsb` on Arm).
+    ///
+    /// # Errors
+    ///
+    /// - [`BackendError::Timeout`]: the completion did not arrive within the
+    ///   driver's poll budget.
+    /// - [`BackendError::QueueError`]: the queue stopped on a bad command
+    ///   (the drivers report the slot and recover the queue).
+    ///
+    /// After an error, treat every invalidation queued since the last good
+    /// sync as not done.
     fn sync(&mut self) -> Result<(), BackendError>;
 
     /// Whether the hardware caches not-present entries (VT-d `CAP.CM`, caching

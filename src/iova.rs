@@ -35,12 +35,27 @@ pub struct IovaRange {
 }
 
 /// First-fit allocator of naturally aligned ranges over `[start, end)`.
+#[derive(Debug)]
 pub struct IovaAllocator {
     /// Ranges handed out, sorted by start: `start | order`.
     used: heapless::Vec<u64, MAX_RANGES>,
     start: u64,
     end: u64,
     in_use: u64,
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for IovaAllocator {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "IovaAllocator {{ start: {=u64:#x}, end: {=u64:#x}, in_use: {=u64:#x}, ranges: {=usize} }}",
+            self.start,
+            self.end,
+            self.in_use,
+            self.used.len()
+        )
+    }
 }
 
 fn order_of(size: u64) -> Option<u32> {
@@ -63,6 +78,12 @@ fn unpack(e: u64) -> (u64, u64) {
 impl IovaAllocator {
     /// An allocator for the aperture `[start, end)`; both must be 4 KiB
     /// aligned, `start < end` and `end <= 2^57`.
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::Unaligned`]: `start` or `end` is not 4 KiB aligned.
+    /// - [`DmaError::BadConfig`] (`what: "aperture"`): `start >= end` or
+    ///   `end > 2^57`.
     pub fn new(start: u64, end: u64) -> Result<Self, DmaError> {
         if start & 0xfff != 0 {
             return Err(DmaError::Unaligned { value: start });
@@ -101,6 +122,15 @@ impl IovaAllocator {
 
     /// A range of at least `size` bytes that lies entirely at or below `mask`
     /// (a device's DMA mask: the highest address it can emit).
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `size` is 0.
+    /// - [`DmaError::AboveDmaMask`]: a range of that size cannot lie below
+    ///   `mask` inside the aperture, even with nothing allocated.
+    /// - [`DmaError::AllocatorFull`]: [`MAX_RANGES`] ranges are already out.
+    /// - [`DmaError::IovaExhausted`]: no free range of that size is left below
+    ///   the mask (or `size` rounds up past 2^57).
     pub fn alloc(&mut self, size: u64, mask: u64) -> Result<IovaRange, DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroLength);
@@ -165,6 +195,13 @@ impl IovaAllocator {
 
     /// Where `range` is in the list of ranges handed out: an error when it
     /// was not handed out (or was freed since). Changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::Unaligned`]: `range.size` is not a power of two of at
+    ///   least 4 KiB, so it cannot have come from [`alloc`](Self::alloc).
+    /// - [`DmaError::OutsideTransaction`]: no range with that start and size
+    ///   is handed out.
     pub fn find(&self, range: IovaRange) -> Result<usize, DmaError> {
         let Some(o) = order_of(range.size).filter(|&o| 1u64 << o == range.size) else {
             return Err(DmaError::Unaligned { value: range.size });
@@ -196,6 +233,11 @@ impl IovaAllocator {
     /// [`release`](Self::release). `range` must be one handed out by
     /// [`alloc`](Self::alloc) and not freed since; otherwise it is refused
     /// and nothing changes.
+    ///
+    /// # Errors
+    ///
+    /// As [`find`](Self::find): [`DmaError::Unaligned`] or
+    /// [`DmaError::OutsideTransaction`] when `range` is not handed out.
     pub fn free(&mut self, range: IovaRange) -> Result<(), DmaError> {
         let i = self.find(range)?;
         self.release(i);

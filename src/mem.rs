@@ -16,6 +16,81 @@ use crate::addr::PhysAddr;
 /// aligned as documented on [`alloc_zeroed`](TableMemory::alloc_zeroed);
 /// `phys_to_virt` must return a pointer valid for reads and writes of every
 /// byte of every block handed out and not yet freed.
+///
+/// # Example
+///
+/// A lender over a fixed pool of pages, as a bare-metal user without an
+/// allocator would write it (physical address = pointer value: an identity
+/// map). It hands out single pages only, which is all a [`Domain`]'s page
+/// tables need; the drivers' queues and stream tables ask for larger blocks.
+///
+/// [`Domain`]: crate::Domain
+///
+/// ```
+/// use core::cell::{Cell, UnsafeCell};
+/// use bare_iommu::pgtable::arm::ArmStage2;
+/// use bare_iommu::testing::RecordingBackend;
+/// use bare_iommu::{DmaDirection, Domain, DomainConfig, MapAttrs, PhysAddr, TableMemory};
+///
+/// #[repr(C, align(4096))]
+/// struct Page(UnsafeCell<[u8; 4096]>);
+///
+/// struct Pool {
+///     pages: [Page; 8],
+///     used: Cell<u8>, // one bit per page
+/// }
+///
+/// impl Pool {
+///     fn new() -> Self {
+///         Pool { pages: core::array::from_fn(|_| Page(UnsafeCell::new([0; 4096]))), used: Cell::new(0) }
+///     }
+///     fn index(&self, pa: PhysAddr) -> Option<usize> {
+///         let base = self.pages.as_ptr() as u64;
+///         let i = usize::try_from(pa.0.checked_sub(base)? / 4096).ok()?;
+///         (i < self.pages.len()).then_some(i)
+///     }
+/// }
+///
+/// // SAFETY: each page is lent to one owner until freed, zeroed when lent,
+/// // 4 KiB aligned (only single pages are lent), and `phys_to_virt` returns
+/// // a pointer into the pool, valid while the pool lives.
+/// unsafe impl TableMemory for Pool {
+///     fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
+///         if pages != 1 {
+///             return None; // no contiguous blocks in this pool
+///         }
+///         let i = (0..self.pages.len()).find(|i| self.used.get() & (1 << i) == 0)?;
+///         self.used.set(self.used.get() | 1 << i);
+///         let p = self.pages[i].0.get();
+///         // SAFETY: the page is free, so nothing else refers to it.
+///         unsafe { p.write_bytes(0, 1) };
+///         Some(PhysAddr(p as u64))
+///     }
+///     unsafe fn free(&self, pa: PhysAddr, _pages: usize) {
+///         if let Some(i) = self.index(pa) {
+///             self.used.set(self.used.get() & !(1 << i));
+///         }
+///     }
+///     fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
+///         pa.0 as *mut u8
+///     }
+/// }
+///
+/// # fn main() -> Result<(), bare_iommu::DmaError> {
+/// let pool = Pool::new();
+/// let mut iommu = RecordingBackend::new();
+/// let cfg = DomainConfig { id: 7, levels: 3, aperture_start: 0, aperture_end: 1 << 30, coherent_walk: true };
+/// // Lend by reference: `&Pool` is a `TableMemory` too.
+/// let mut dom = Domain::new(ArmStage2, &pool, cfg)?;
+/// let mut tx = dom.try_alloc(4096, u64::MAX)?.into_iova().unwrap();
+/// dom.link(&mut tx, PhysAddr(0x4000_0000), 0, 4096, DmaDirection::ToDevice, MapAttrs::empty())?;
+/// assert_eq!(pool.used.get().count_ones(), 3); // root, one level-2 and one leaf table
+/// dom.destroy(tx, &mut iommu)?;
+/// // Devices detached: the whole domain goes back to the pool.
+/// dom.teardown(&mut iommu).map_err(|(_, e)| e)?;
+/// assert_eq!(pool.used.get(), 0);
+/// # Ok(()) }
+/// ```
 pub unsafe trait TableMemory {
     /// A zeroed, physically contiguous block of `pages` 4 KiB pages, aligned to
     /// its size rounded up to a power of two (so one page is 4 KiB aligned, a
@@ -94,7 +169,9 @@ unsafe impl<T: TableMemory + ?Sized> TableMemory for &T {
 /// identity-map physical memory (physical address = pointer value), such as
 /// a hypervisor running with the MMU off or with a 1:1 map.
 #[cfg(feature = "alloc")]
-#[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(docsrs, doc(cfg(feature = "alloc")))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct GlobalAllocMemory;
 
 #[cfg(feature = "alloc")]

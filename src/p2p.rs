@@ -69,6 +69,31 @@ pub enum P2pError {
     },
 }
 
+impl core::fmt::Display for P2pError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Overlap { existing } => {
+                write!(f, "the range overlaps P2P memory registered by {existing}")
+            }
+            Self::Full => f.write_str("the P2P registry's fixed-capacity table is full"),
+            Self::Unknown(d) => write!(f, "{d} is not registered for P2P"),
+            Self::BadRange { start, len } => write!(
+                f,
+                "bad P2P range [{start}, +{len:#x}) (empty, wrapping, or across a provider's edge)"
+            ),
+            Self::PathTooDeep => write!(f, "a PCI path longer than {MAX_DEPTH} ports"),
+            Self::NotSupported { provider, client } => {
+                write!(
+                    f,
+                    "no supported P2P route from {client} to {provider}'s memory"
+                )
+            }
+        }
+    }
+}
+
+impl core::error::Error for P2pError {}
+
 /// A device's BAR (or part of one) offered as P2P memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -128,8 +153,25 @@ pub struct DeviceTopology {
     pub path: heapless::Vec<Port, MAX_DEPTH>,
 }
 
+#[cfg(feature = "defmt")]
+impl defmt::Format for DeviceTopology {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "DeviceTopology {{ device: {}, host_bridge: {=u16}, path: {=[?]} }}",
+            self.device,
+            self.host_bridge,
+            self.path.as_slice()
+        )
+    }
+}
+
 impl DeviceTopology {
     /// A device at `path` (root port first) below `host_bridge`.
+    ///
+    /// # Errors
+    ///
+    /// [`P2pError::PathTooDeep`]: `path` has more than [`MAX_DEPTH`] ports.
     pub fn new(device: DeviceId, host_bridge: u16, path: &[Port]) -> Result<Self, P2pError> {
         let path = heapless::Vec::from_slice(path).map_err(|_| P2pError::PathTooDeep)?;
         Ok(Self {
@@ -141,7 +183,65 @@ impl DeviceTopology {
 }
 
 /// Providers, topology and cached decisions, all fixed capacity.
-#[derive(Default)]
+///
+/// # Example
+///
+/// An NVMe drive writing straight into a GPU's memory below the same PCIe
+/// switch: the switch routes the bus address, so nothing is mapped in the
+/// IOMMU and the transaction records that.
+///
+/// ```
+/// # struct Heap;
+/// # // SAFETY: zeroed, size-aligned blocks, valid until freed; physical = virtual.
+/// # unsafe impl bare_iommu::TableMemory for Heap {
+/// #     fn alloc_zeroed(&self, pages: usize) -> Option<bare_iommu::PhysAddr> {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).ok()?;
+/// #         if pages == 0 { return None; }
+/// #         // SAFETY: non-zero size.
+/// #         let p = unsafe { std::alloc::alloc_zeroed(l) };
+/// #         (!p.is_null()).then(|| bare_iommu::PhysAddr(p as u64))
+/// #     }
+/// #     unsafe fn free(&self, pa: bare_iommu::PhysAddr, pages: usize) {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).unwrap();
+/// #         // SAFETY: allocated above with this layout.
+/// #         unsafe { std::alloc::dealloc(pa.0 as *mut u8, l) }
+/// #     }
+/// #     fn phys_to_virt(&self, pa: bare_iommu::PhysAddr) -> *mut u8 { pa.0 as *mut u8 }
+/// # }
+/// use bare_iommu::p2p::{DeviceTopology, P2pMapType, P2pProvider, P2pRegistry, Port};
+/// use bare_iommu::pgtable::arm::ArmStage1;
+/// use bare_iommu::{DeviceId, DmaAddr, DmaDirection, DmaKind, Domain, DomainConfig, PhysAddr};
+///
+/// # fn main() -> Result<(), Box<dyn core::error::Error>> {
+/// let dev = |bus, d| DeviceId::new(0, bus, d, 0).unwrap();
+/// let port = |bus, d| Port { id: dev(bus, d), acs_redirect: false };
+/// let (gpu, nvme) = (dev(3, 0), dev(4, 0));
+///
+/// // Host bridge 0, root port 00:1c.0, switch upstream port 01:00.0, then
+/// // one downstream port for each device.
+/// let mut p2p = P2pRegistry::new();
+/// p2p.set_topology(DeviceTopology::new(gpu, 0, &[port(0, 0x1c), port(1, 0), port(2, 1)])?)?;
+/// p2p.set_topology(DeviceTopology::new(nvme, 0, &[port(0, 0x1c), port(1, 0), port(2, 2)])?)?;
+/// // 256 MiB of the GPU's BAR: CPU address 0x60_0000_0000, bus address 0x10_0000_0000.
+/// p2p.register(P2pProvider {
+///     device: gpu,
+///     cpu_start: PhysAddr(0x60_0000_0000),
+///     len: 1 << 28,
+///     bus_offset: 0x10_0000_0000u64.wrapping_sub(0x60_0000_0000),
+/// })?;
+/// assert_eq!(p2p.map_type(gpu, nvme)?, P2pMapType::BusAddr);
+///
+/// let cfg = DomainConfig { id: 1, levels: 4, aperture_start: 1 << 20, aperture_end: 1 << 32, coherent_walk: true };
+/// let mut dom = Domain::new(ArmStage1, Heap, cfg)?;
+/// let mut tx = dom.try_alloc(4096, u64::MAX)?.into_iova().unwrap();
+/// let addr = dom.link_p2p(&mut tx, &mut p2p, nvme, PhysAddr(0x60_0000_1000), 0, 4096, DmaDirection::FromDevice)?;
+/// assert_eq!(addr, DmaAddr(0x10_0000_1000)); // the GPU's bus address
+/// assert_eq!(tx.kind(), Some(DmaKind::P2pBusAddr));
+/// assert!(!dom.has_pending()); // nothing for the IOMMU to invalidate
+/// dom.free(tx).map_err(|(_, e)| e)?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default)]
 pub struct P2pRegistry {
     providers: heapless::Vec<P2pProvider, MAX_PROVIDERS>,
     devices: heapless::Vec<DeviceTopology, MAX_DEVICES>,
@@ -151,6 +251,21 @@ pub struct P2pRegistry {
     pub computed: u32,
 }
 
+#[cfg(feature = "defmt")]
+impl defmt::Format for P2pRegistry {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "P2pRegistry {{ providers: {=[?]}, devices: {=[?]}, host_bridges: {=[?]}, cached: {=usize}, computed: {=u32} }}",
+            self.providers.as_slice(),
+            self.devices.as_slice(),
+            self.host_bridges.as_slice(),
+            self.cache.len(),
+            self.computed
+        )
+    }
+}
+
 impl P2pRegistry {
     /// An empty registry.
     pub fn new() -> Self {
@@ -158,6 +273,14 @@ impl P2pRegistry {
     }
 
     /// Registers P2P memory. Overlap with another provider is refused.
+    ///
+    /// # Errors
+    ///
+    /// - [`P2pError::BadRange`]: `p.len` is 0 or `p.cpu_start + p.len`
+    ///   overflows.
+    /// - [`P2pError::Overlap`]: the range overlaps one already registered
+    ///   (`existing` names its device).
+    /// - [`P2pError::Full`]: [`MAX_PROVIDERS`] ranges are registered.
     pub fn register(&mut self, p: P2pProvider) -> Result<(), P2pError> {
         if p.len == 0 || p.cpu_start.0.checked_add(p.len).is_none() {
             return Err(P2pError::BadRange {
@@ -176,6 +299,11 @@ impl P2pRegistry {
     }
 
     /// Removes every provider range of `device`.
+    ///
+    /// # Errors
+    ///
+    /// [`P2pError::Unknown`]: `device` has no range registered; nothing
+    /// changes.
     pub fn unregister(&mut self, device: DeviceId) -> Result<(), P2pError> {
         let before = self.providers.len();
         self.providers.retain(|p| p.device != device);
@@ -187,6 +315,11 @@ impl P2pRegistry {
     }
 
     /// Records (or replaces) where a device sits. Clears cached decisions.
+    ///
+    /// # Errors
+    ///
+    /// [`P2pError::Full`]: the device is new and [`MAX_DEVICES`] devices are
+    /// recorded (the cached decisions are still cleared).
     pub fn set_topology(&mut self, t: DeviceTopology) -> Result<(), P2pError> {
         self.cache.clear();
         if let Some(slot) = self.devices.iter_mut().find(|d| d.device == t.device) {
@@ -197,6 +330,11 @@ impl P2pRegistry {
     }
 
     /// Marks a host bridge as forwarding P2P between its root ports.
+    ///
+    /// # Errors
+    ///
+    /// [`P2pError::Full`]: the bridge is new and [`MAX_HOST_BRIDGES`] bridges
+    /// are allowed already (the cached decisions are still cleared).
     pub fn allow_host_bridge(&mut self, host_bridge: u16) -> Result<(), P2pError> {
         self.cache.clear();
         if self.host_bridges.contains(&host_bridge) {
@@ -209,6 +347,11 @@ impl P2pRegistry {
 
     /// The provider whose memory contains any byte of `[pa, pa + len)`.
     /// `Ok(None)` for host memory; an error if the range straddles a provider's edge.
+    ///
+    /// # Errors
+    ///
+    /// [`P2pError::BadRange`]: part of `[pa, pa + len)` is inside a
+    /// provider's memory and part outside it.
     pub fn provider_of(&self, pa: PhysAddr, len: u64) -> Result<Option<P2pProvider>, P2pError> {
         match self.providers.iter().find(|p| p.overlaps(pa, len)) {
             None => Ok(None),
@@ -225,6 +368,17 @@ impl P2pRegistry {
     }
 
     /// How `client` reaches `provider`'s memory, cached per pair.
+    ///
+    /// # Errors
+    ///
+    /// - [`P2pError::Unknown`]: no topology was recorded
+    ///   ([`set_topology`](Self::set_topology)) for `provider` or `client`.
+    /// - [`P2pError::NotSupported`]: the two are below different host
+    ///   bridges, or the path needs the host bridge (no common switch, or ACS
+    ///   redirects upstream) and it was not allowed with
+    ///   [`allow_host_bridge`](Self::allow_host_bridge).
+    ///
+    /// Errors are cached like answers, until the topology changes.
     pub fn map_type(
         &mut self,
         provider: DeviceId,

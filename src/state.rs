@@ -74,6 +74,57 @@ fn new_token() -> Result<u32, DmaError> {
 /// which physical ranges are linked at offsets. 32 bytes on 64-bit targets.
 ///
 /// Not `Clone`: there is exactly one owner, and [`Domain::free`] consumes it.
+///
+/// # Example
+///
+/// ```
+/// # struct Heap;
+/// # // SAFETY: zeroed, size-aligned blocks, valid until freed; physical = virtual.
+/// # unsafe impl bare_iommu::TableMemory for Heap {
+/// #     fn alloc_zeroed(&self, pages: usize) -> Option<bare_iommu::PhysAddr> {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).ok()?;
+/// #         if pages == 0 { return None; }
+/// #         // SAFETY: non-zero size.
+/// #         let p = unsafe { std::alloc::alloc_zeroed(l) };
+/// #         (!p.is_null()).then(|| bare_iommu::PhysAddr(p as u64))
+/// #     }
+/// #     unsafe fn free(&self, pa: bare_iommu::PhysAddr, pages: usize) {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).unwrap();
+/// #         // SAFETY: allocated above with this layout.
+/// #         unsafe { std::alloc::dealloc(pa.0 as *mut u8, l) }
+/// #     }
+/// #     fn phys_to_virt(&self, pa: bare_iommu::PhysAddr) -> *mut u8 { pa.0 as *mut u8 }
+/// # }
+/// use bare_iommu::pgtable::arm::ArmStage1;
+/// use bare_iommu::testing::RecordingBackend;
+/// use bare_iommu::{DmaAddr, DmaDirection, DmaError, DmaKind, Domain, DomainConfig, MapAttrs, PhysAddr};
+///
+/// # fn main() -> Result<(), DmaError> {
+/// let mut iommu = RecordingBackend::new();
+/// let cfg = DomainConfig { id: 1, levels: 4, aperture_start: 1 << 20, aperture_end: 1 << 32, coherent_walk: true };
+/// let mut dom = Domain::new(ArmStage1, Heap, cfg)?;
+///
+/// let mut tx = dom.try_alloc(5 * 4096, u64::MAX)?.into_iova().unwrap();
+/// assert_eq!(tx.size(), 8 * 4096); // a power of two of pages
+/// assert_eq!((tx.linked(), tx.kind(), tx.direction()), (0, None, None));
+///
+/// // Link one page at offset 8 KiB; the rest of the range stays unmapped.
+/// dom.link(&mut tx, PhysAddr(0x9000_0000), 2 * 4096, 4096, DmaDirection::ToDevice, MapAttrs::empty())?;
+/// assert_eq!(tx.linked(), 4096);
+/// assert_eq!(tx.kind(), Some(DmaKind::Translated));
+/// assert_eq!(tx.direction(), Some(DmaDirection::ToDevice));
+/// assert_eq!(tx.dma_addr(2 * 4096 + 100)?, DmaAddr(tx.iova().0 + 2 * 4096 + 100));
+///
+/// // A state belongs to the domain that made it.
+/// let mut other = Domain::new(ArmStage1, Heap, cfg)?;
+/// assert!(matches!(other.unlink(&mut tx, 2 * 4096, 4096), Err(DmaError::WrongDomain { .. })));
+///
+/// // `free` consumes the state and unlinks what is left; sync before the
+/// // memory is reused.
+/// dom.free(tx).map_err(|(_, e)| e)?;
+/// dom.sync(&mut iommu)?;
+/// # Ok(()) }
+/// ```
 #[must_use = "an IovaState holds an IOVA range and mappings: give it back with Domain::free or destroy"]
 #[derive(Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -147,6 +198,11 @@ impl IovaState {
 
     /// The device address of byte `offset` of the transaction (its IOVA; a
     /// bus-address P2P link returns its own address from `link_p2p`).
+    ///
+    /// # Errors
+    ///
+    /// [`DmaError::OutsideTransaction`]: `offset` is not below
+    /// [`size`](Self::size).
     pub fn dma_addr(&self, offset: u64) -> Result<DmaAddr, DmaError> {
         if offset >= self.size() {
             return Err(DmaError::OutsideTransaction {
@@ -173,6 +229,10 @@ pub struct DirectState {
 impl DirectState {
     /// A direct-path transaction for a device with `dma_mask`, for up to
     /// `size` bytes. Use it where there is no IOMMU at all.
+    ///
+    /// # Errors
+    ///
+    /// [`DmaError::ZeroLength`]: `size` is 0.
     pub fn new(size: u64, dma_mask: u64) -> Result<Self, DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroLength);
@@ -186,6 +246,17 @@ impl DirectState {
 
     /// The DMA address of `[phys, phys + len)`: `phys` itself, when the whole
     /// range is reachable under the DMA mask and the transaction's size.
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `len` is 0.
+    /// - [`DmaError::Overflow`]: `phys + len` (or the linked total) overflows.
+    /// - [`DmaError::AboveDmaMask`]: the range ends above the DMA mask: the
+    ///   device cannot reach it (bounce it, or use an IOMMU).
+    /// - [`DmaError::OutsideTransaction`]: more than the transaction's size
+    ///   would be linked.
+    ///
+    /// Nothing changes on an error.
     pub fn link(&mut self, phys: PhysAddr, len: u64) -> Result<DmaAddr, DmaError> {
         if len == 0 {
             return Err(DmaError::ZeroLength);
@@ -216,6 +287,11 @@ impl DirectState {
     }
 
     /// Forgets `len` linked bytes (nothing to tear down on the direct path).
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `len` is 0.
+    /// - [`DmaError::NotLinked`]: `len` is more than is linked.
     pub fn unlink(&mut self, len: u64) -> Result<(), DmaError> {
         if len == 0 {
             return Err(DmaError::ZeroLength);
@@ -243,6 +319,7 @@ impl DirectState {
 /// What [`Domain::try_alloc`] hands out (Linux's `dma_use_iova()` made a type).
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum DmaPath {
     /// The IOMMU translates: link physical ranges into the IOVA range.
     Iova(IovaState),
@@ -265,6 +342,7 @@ impl DmaPath {
 /// bus address.
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Mapping {
     state: IovaState,
     addr: DmaAddr,
@@ -403,6 +481,65 @@ impl<F: PteFormat, M: TableMemory> Translated<F, M> {
 /// still walk them (a device still attached, or a walk cached). Give the
 /// pages back with [`teardown`](Self::teardown), which invalidates the whole
 /// domain and waits for it first; a dropped domain's pages stay lent.
+///
+/// # Example
+///
+/// A network card's receive ring: three scattered pages the device sees as
+/// 12 KiB contiguous below 4 GiB. (`Heap` is a host lender like the one in
+/// the [crate example](crate); the backend would be an
+/// [`Smmu`](crate::smmuv3::Smmu) or a [`Vtd`](crate::vtd::Vtd).)
+///
+/// ```
+/// # struct Heap;
+/// # // SAFETY: zeroed, size-aligned blocks, valid until freed; physical = virtual.
+/// # unsafe impl bare_iommu::TableMemory for Heap {
+/// #     fn alloc_zeroed(&self, pages: usize) -> Option<bare_iommu::PhysAddr> {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).ok()?;
+/// #         if pages == 0 { return None; }
+/// #         // SAFETY: non-zero size.
+/// #         let p = unsafe { std::alloc::alloc_zeroed(l) };
+/// #         (!p.is_null()).then(|| bare_iommu::PhysAddr(p as u64))
+/// #     }
+/// #     unsafe fn free(&self, pa: bare_iommu::PhysAddr, pages: usize) {
+/// #         let l = std::alloc::Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).unwrap();
+/// #         // SAFETY: allocated above with this layout.
+/// #         unsafe { std::alloc::dealloc(pa.0 as *mut u8, l) }
+/// #     }
+/// #     fn phys_to_virt(&self, pa: bare_iommu::PhysAddr) -> *mut u8 { pa.0 as *mut u8 }
+/// # }
+/// use bare_iommu::pgtable::arm::ArmStage1;
+/// use bare_iommu::testing::RecordingBackend;
+/// use bare_iommu::{DeviceId, DmaAddr, DmaDirection, DmaPath, Domain, DomainConfig};
+/// use bare_iommu::{IommuBackend, MapAttrs, PhysAddr};
+///
+/// # fn main() -> Result<(), bare_iommu::DmaError> {
+/// let mut iommu = RecordingBackend::new();
+/// let nic = DeviceId::new(0, 3, 0, 0).unwrap();
+///
+/// // IOVAs in [1 MiB, 4 GiB), 4-level stage-1 tables lent by `Heap`.
+/// let cfg = DomainConfig { id: 1, levels: 4, aperture_start: 1 << 20, aperture_end: 1 << 32, coherent_walk: true };
+/// let mut dom = Domain::new(ArmStage1, Heap, cfg)?;
+/// iommu.attach(nic, dom.attachment())?;
+///
+/// let pages = [PhysAddr(0x8_1000_0000), PhysAddr(0x8_2000_0000), PhysAddr(0x8_3000_0000)];
+/// let mut rx = dom.try_alloc(3 * 4096, u32::MAX.into())?.into_iova().expect("a translated domain");
+/// dom.link_pages(&mut rx, &pages, 0, DmaDirection::FromDevice, MapAttrs::empty())?;
+/// dom.sync(&mut iommu)?;
+/// let ring = rx.iova(); // program the NIC with this
+/// assert_eq!(dom.translate(DmaAddr(ring.0 + 4096)).map(|(pa, _)| pa), Some(pages[1]));
+///
+/// // Done: unlink, wait, release the range; then the domain itself.
+/// dom.destroy(rx, &mut iommu)?;
+/// iommu.detach(nic)?;
+/// dom.teardown(&mut iommu).map_err(|(_, e)| e)?;
+///
+/// // An identity domain hands out the direct path: DMA addresses are
+/// // physical addresses, checked against the device's mask.
+/// let mut bypass = Domain::<ArmStage1, Heap>::identity(2);
+/// let DmaPath::Direct(mut d) = bypass.try_alloc(4096, u32::MAX.into())? else { unreachable!() };
+/// assert_eq!(d.link(PhysAddr(0x1000), 4096)?, DmaAddr(0x1000));
+/// # Ok(()) }
+/// ```
 pub struct Domain<F: PteFormat, M: TableMemory> {
     id: u16,
     /// Unique per domain; transactions carry it (`NEXT_TOKEN`).
@@ -471,12 +608,65 @@ fn finish_link<F: PteFormat, M: TableMemory>(
     Ok(DmaAddr(iova))
 }
 
+/// Shows the tag and, for a translated domain, its format, root, levels,
+/// table pages and IOVA bytes in use; neither the lender nor the tables.
+impl<F: PteFormat, M: TableMemory> core::fmt::Debug for Domain<F, M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut d = f.debug_struct("Domain");
+        d.field("id", &self.id);
+        match &self.inner {
+            None => d.field("identity", &true),
+            Some(t) => d
+                .field("format", &F::KIND)
+                .field("root", &t.pt.root())
+                .field("levels", &t.pt.levels())
+                .field("table_pages", &t.pt.table_pages())
+                .field("iova_in_use", &t.iova.in_use()),
+        };
+        d.finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl<F: PteFormat, M: TableMemory> defmt::Format for Domain<F, M> {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        match &self.inner {
+            None => defmt::write!(f, "Domain {{ id: {=u16}, identity }}", self.id),
+            Some(t) => defmt::write!(
+                f,
+                "Domain {{ id: {=u16}, format: {}, root: {}, levels: {=u8}, table_pages: {=usize}, iova_in_use: {=u64} }}",
+                self.id,
+                F::KIND,
+                t.pt.root(),
+                t.pt.levels(),
+                t.pt.table_pages(),
+                t.iova.in_use()
+            ),
+        }
+    }
+}
+
 impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// A translated domain with an empty page table taken from `mem`.
     ///
     /// Refused with [`BackendError::LenderCannotClean`] when the walk is not
     /// coherent (`config.coherent_walk == false`) and the lender cannot clean
     /// caches ([`TableMemory::can_clean`]): the IOMMU would read stale tables.
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::Backend`]`(`[`BackendError::LenderCannotClean`]`)`: as
+    ///   above.
+    /// - [`DmaError::BadConfig`]: `levels` is not 2 to 5 (`what: "levels"`),
+    ///   the aperture ends past what `levels` levels translate
+    ///   (`"aperture_end"`), or `aperture_start >= aperture_end` or the
+    ///   aperture passes 2^57 (`"aperture"`).
+    /// - [`DmaError::Unaligned`]: an aperture bound is not 4 KiB aligned.
+    /// - [`DmaError::TokensExhausted`]: 2^32 domains were made in this
+    ///   program.
+    /// - [`DmaError::OutOfMemory`], [`DmaError::PhysTooLarge`]: the lender
+    ///   refused the root table page, or lent one above the format's output
+    ///   address size.
     pub fn new(fmt: F, mem: M, config: DomainConfig) -> Result<Self, DmaError> {
         if !config.coherent_walk && !mem.can_clean() {
             return Err(DmaError::Backend(BackendError::LenderCannotClean));
@@ -565,6 +755,17 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// entirely at or below `dma_mask`, for one whole transaction.
     ///
     /// For an identity domain this returns [`DmaPath::Direct`].
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `size` is 0.
+    /// - [`DmaError::Overflow`]: `size` overflows when rounded up to a page.
+    /// - [`DmaError::AboveDmaMask`]: no range of that size fits below
+    ///   `dma_mask` inside the domain's aperture.
+    /// - [`DmaError::IovaExhausted`]: the aperture has no free range of that
+    ///   size below the mask (free transactions, or use a larger aperture).
+    /// - [`DmaError::AllocatorFull`]: the domain already has
+    ///   [`MAX_RANGES`](crate::iova::MAX_RANGES) transactions open.
     pub fn try_alloc(&mut self, size: u64, dma_mask: u64) -> Result<DmaPath, DmaError> {
         if size == 0 {
             return Err(DmaError::ZeroLength);
@@ -632,6 +833,27 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// `attrs` containing [`MapAttrs::MMIO`] makes this a P2P-through-host-
     /// bridge link; mixing it with host-memory links in one transaction is
     /// refused with [`DmaError::MixedP2p`].
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `len` is 0.
+    /// - [`DmaError::Unaligned`]: `offset` or `len` is not page aligned.
+    /// - [`DmaError::Overflow`], [`DmaError::OutsideTransaction`]:
+    ///   `[offset, offset + len)` overflows or is not inside the
+    ///   transaction's [`size`](IovaState::size).
+    /// - [`DmaError::WrongDomain`]: `tx` was made by another domain (or one
+    ///   torn down).
+    /// - [`DmaError::Unaligned`] also when `phys` is not page aligned;
+    ///   [`DmaError::Overflow`] when `phys + len` overflows.
+    /// - [`DmaError::MixedP2p`]: the transaction already holds links of
+    ///   another kind (host memory vs. [`MapAttrs::MMIO`] or bus-address P2P).
+    /// - [`DmaError::AlreadyLinked`]: part of the range is linked.
+    /// - [`DmaError::PhysTooLarge`]: `phys + len` passes the format's output
+    ///   address size.
+    /// - [`DmaError::OutOfMemory`]: the lender refused a table page (what was
+    ///   written is taken back and invalidated at the next sync).
+    /// - [`DmaError::IdentityDomain`]: never for a state this domain made
+    ///   (an identity domain hands out [`DmaPath::Direct`]).
     pub fn link(
         &mut self,
         tx: &mut IovaState,
@@ -676,6 +898,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// offsets from `offset`, in one call: the same contract as
     /// [`link`](Self::link) (tables only, all or nothing), with one table
     /// walk per 2 MiB instead of one per page.
+    ///
+    /// # Errors
+    ///
+    /// As [`link`](Self::link), with `len = pages.len() * 4096`
+    /// ([`DmaError::ZeroLength`] for no pages); [`DmaError::Unaligned`] or
+    /// [`DmaError::PhysTooLarge`] name the first bad page.
     pub fn link_pages(
         &mut self,
         tx: &mut IovaState,
@@ -713,6 +941,16 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     ///
     /// Host memory and P2P memory, or two providers, in one transaction are
     /// refused with [`DmaError::MixedP2p`]; nothing changes on any error.
+    ///
+    /// # Errors
+    ///
+    /// - Those of [`link`](Self::link), for host memory and host-bridge P2P.
+    /// - [`DmaError::MixedP2p`] also when `[phys, phys + len)` straddles a
+    ///   provider's edge, or the transaction holds another provider's memory.
+    /// - [`DmaError::P2pNotSupported`]: `p2p` knows no route from `client`
+    ///   to the provider ([`P2pRegistry::map_type`] failed).
+    /// - [`DmaError::AlreadyLinked`], [`DmaError::BusAddrGap`]: a bus-address
+    ///   link overlaps the linked run or would leave a hole before or after it.
     #[allow(clippy::too_many_arguments)]
     pub fn link_p2p(
         &mut self,
@@ -795,6 +1033,11 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
 
     /// One-step P2P-aware map: the returned [`Mapping`] carries the kind, so
     /// [`unmap`](Self::unmap) knows whether there is anything to tear down.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`map`](Self::map) and [`link_p2p`](Self::link_p2p). On any
+    /// error the transaction is freed again.
     #[allow(clippy::too_many_arguments)]
     pub fn map_p2p<B: IommuBackend + ?Sized>(
         &mut self,
@@ -814,6 +1057,14 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// Step 3: invalidate what changed since the last sync (one batch) and
     /// wait for the hardware once. Table pages freed by unlinks are handed
     /// back to the lender only after the wait succeeded.
+    ///
+    /// # Errors
+    ///
+    /// [`DmaError::Backend`]: the backend's `invalidate`,
+    /// `invalidate_domain` or `sync` failed (see [`IommuBackend::sync`]).
+    /// The pending invalidations are kept and no table page is handed back:
+    /// call `sync` again (after recovering the IOMMU) before reusing memory
+    /// that was unlinked.
     pub fn sync<B: IommuBackend + ?Sized>(&mut self, backend: &mut B) -> Result<(), DmaError> {
         let id = self.id;
         let Some(t) = self.inner.as_mut() else {
@@ -864,6 +1115,11 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// is handed back, to retry or to drop (dropping keeps its pages lent).
     /// Transactions still open are not freed: their IOVA ranges die with the
     /// domain, and any further use of them is a `WrongDomain` error.
+    ///
+    /// # Errors
+    ///
+    /// `(self, `[`DmaError::Backend`]`)`: the domain invalidation or its sync
+    /// failed. An identity domain never fails.
     #[allow(
         clippy::result_large_err,
         reason = "the domain is handed back whole on failure, as free hands back its state"
@@ -901,6 +1157,23 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// range must be linked (else [`DmaError::NotLinked`], nothing changed).
     /// Queues the invalidation; the memory may be reused after the next
     /// [`sync`](Self::sync). Returns the bytes unlinked.
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::ZeroLength`]: `len` is 0.
+    /// - [`DmaError::Unaligned`]: `offset` or `len` is not page aligned.
+    /// - [`DmaError::Overflow`], [`DmaError::OutsideTransaction`]:
+    ///   `[offset, offset + len)` overflows or is not inside the
+    ///   transaction's [`size`](IovaState::size).
+    /// - [`DmaError::WrongDomain`]: `tx` was made by another domain (or one
+    ///   torn down).
+    /// - [`DmaError::NotLinked`]: part of the range is not linked.
+    /// - [`DmaError::PartialBlock`]: the range cuts a 2 MiB / 1 GiB block
+    ///   that was linked as one (unlink all of it).
+    /// - [`DmaError::BusAddrGap`]: a bus-address P2P unlink from the middle
+    ///   of the linked run (unlink from either end).
+    ///
+    /// Nothing changes on an error.
     pub fn unlink(&mut self, tx: &mut IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
         let iova = Self::check_window(tx, offset, len)?;
         let t = self.translated(tx)?;
@@ -946,6 +1219,14 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// error (a transaction of another domain) the state is returned
     /// untouched; once the unlinking starts nothing can fail: the IOVA
     /// range is found first and its release cannot fail.
+    ///
+    /// # Errors
+    ///
+    /// `(tx, e)`, the state handed back untouched, with `e`:
+    /// - [`DmaError::WrongDomain`]: `tx` belongs to another domain (or one
+    ///   torn down): free it there.
+    /// - [`DmaError::OutsideTransaction`]: this domain has no such range
+    ///   open (cannot happen for a state it handed out and did not free).
     pub fn free(&mut self, tx: IovaState) -> Result<(), (IovaState, DmaError)> {
         let t = match self.translated(&tx) {
             Ok(t) => t,
@@ -972,6 +1253,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
 
     /// [`free`](Self::free) followed by [`sync`](Self::sync): unlinks
     /// everything, waits for the invalidation, releases the IOVA range.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`free`](Self::free) (then `tx` is dropped: its range stays
+    /// allocated) and of [`sync`](Self::sync) (the range is already
+    /// released; sync again before reusing the memory).
     pub fn destroy<B: IommuBackend + ?Sized>(
         &mut self,
         tx: IovaState,
@@ -982,6 +1269,16 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     }
 
     /// One-step map: try_alloc + link + sync of one physically contiguous range.
+    ///
+    /// # Errors
+    ///
+    /// - [`DmaError::Unaligned`]: `len` is not page aligned.
+    /// - [`DmaError::IdentityDomain`]: the domain does not translate (use
+    ///   [`DirectState`]).
+    /// - Those of [`try_alloc`](Self::try_alloc), [`link`](Self::link) and
+    ///   [`sync`](Self::sync).
+    ///
+    /// On any error the transaction is freed again.
     pub fn map<B: IommuBackend + ?Sized>(
         &mut self,
         backend: &mut B,
@@ -1026,6 +1323,11 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     }
 
     /// One-step unmap of a [`Mapping`]: unlink, sync, free.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`destroy`](Self::destroy): [`DmaError::WrongDomain`] for a
+    /// mapping of another domain, [`DmaError::Backend`] when the sync fails.
     pub fn unmap<B: IommuBackend + ?Sized>(
         &mut self,
         backend: &mut B,

@@ -3,8 +3,10 @@
 
 use bare_iommu::addr::DmaAddr;
 use bare_iommu::error::{BackendError, DmaError, PageTableError};
+use bare_iommu::p2p::P2pError;
 use bare_iommu::smmuv3::SmmuError;
 use bare_iommu::vtd::VtdError;
+use bare_iommu::{DeviceId, PhysAddr};
 use core::error::Error;
 
 fn is_error<E: Error + Send + Sync + 'static>() {}
@@ -16,6 +18,28 @@ fn every_error_type_is_a_core_error() {
     is_error::<DmaError>();
     is_error::<SmmuError>();
     is_error::<VtdError>();
+    is_error::<P2pError>();
+}
+
+#[test]
+fn p2p_errors_name_the_devices_and_the_range() {
+    let gpu = DeviceId::new(0, 3, 0, 0).unwrap();
+    let nvme = DeviceId::new(0, 4, 0, 0).unwrap();
+    let e = P2pError::NotSupported {
+        provider: gpu,
+        client: nvme,
+    };
+    let s = e.to_string();
+    assert!(
+        s.contains(&gpu.to_string()) && s.contains(&nvme.to_string()),
+        "{s}"
+    );
+    let e = P2pError::BadRange {
+        start: PhysAddr(0x60_0000_0000),
+        len: 0,
+    };
+    assert!(e.to_string().contains("0x6000000000"), "{e}");
+    assert!(P2pError::Full.source().is_none());
 }
 
 #[test]

@@ -50,6 +50,13 @@ bitflags! {
     }
 }
 
+#[cfg(feature = "defmt")]
+impl defmt::Format for S1Bits {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(f, "S1Bits({=u64:#x})", self.bits())
+    }
+}
+
 bitflags! {
     /// Stage-2 descriptor bits (Arm ARM D8.3.2, D8.5.5).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +79,13 @@ bitflags! {
         const AF = 1 << 10;
         /// XN[1] (execute-never).
         const XN = 1 << 54;
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for S2Bits {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(f, "S2Bits({=u64:#x})", self.bits())
     }
 }
 
@@ -104,6 +118,7 @@ fn decode_common(pte: u64, height: u32) -> Option<Result<PhysAddr, PhysAddr>> {
 
 /// Arm VMSAv8-64 stage 1, 4 KiB granule, 48-bit output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ArmStage1;
 
 impl PteFormat for ArmStage1 {
@@ -181,6 +196,7 @@ impl PteFormat for ArmStage1 {
 
 /// Arm VMSAv8-64 stage 2, 4 KiB granule, 48-bit output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ArmStage2;
 
 impl PteFormat for ArmStage2 {

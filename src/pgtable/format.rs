@@ -6,6 +6,7 @@ use crate::backend::TableFormat;
 
 /// One decoded descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Pte {
     /// Not present.
     Invalid,

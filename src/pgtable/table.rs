@@ -95,10 +95,50 @@ fn lend_table_page<F: PteFormat, M: TableMemory>(
     Ok(t)
 }
 
+/// Shows the format, root, levels and page counts; neither the lender nor
+/// the entries (walk them with [`IoPageTable::translate`]).
+impl<F: PteFormat, M: TableMemory> core::fmt::Debug for IoPageTable<F, M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IoPageTable")
+            .field("format", &F::KIND)
+            .field("root", &self.root)
+            .field("levels", &self.levels)
+            .field("coherent", &self.coherent)
+            .field("table_pages", &self.table_pages)
+            .field("retired_pages", &self.retired.len())
+            .field("stranded", &self.stranded)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl<F: PteFormat, M: TableMemory> defmt::Format for IoPageTable<F, M> {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "IoPageTable {{ format: {}, root: {}, levels: {=u8}, coherent: {=bool}, table_pages: {=usize}, retired_pages: {=usize}, stranded: {=bool} }}",
+            F::KIND,
+            self.root,
+            self.levels,
+            self.coherent,
+            self.table_pages,
+            self.retired.len(),
+            self.stranded
+        )
+    }
+}
+
 impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// A new, empty table with `levels` levels (2 to 5). `coherent` says
     /// whether the IOMMU's walker snoops CPU caches; when it does not, every
     /// written entry is cleaned through [`TableMemory::clean`].
+    ///
+    /// # Errors
+    ///
+    /// - [`PageTableError::BadLevels`]: `levels` is not 2 to 5.
+    /// - [`PageTableError::OutOfMemory`]: the lender refused the root page.
+    /// - [`PageTableError::PhysTooLarge`]: the lender's page lies above the
+    ///   format's output address size (it is given back).
     pub fn new(fmt: F, mem: M, levels: u8, coherent: bool) -> Result<Self, PageTableError> {
         if !(2..=5).contains(&levels) {
             return Err(PageTableError::BadLevels { levels });
@@ -223,6 +263,23 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// Maps `[iova, iova + len)` to `[pa, pa + len)` with the largest leaves
     /// the alignment of both and the format allow. All or nothing.
+    ///
+    /// # Errors
+    ///
+    /// - [`PageTableError::ZeroLength`]: `len` is 0.
+    /// - [`PageTableError::Unaligned`]: `iova` or `len` is not 4 KiB aligned.
+    /// - [`PageTableError::OutOfRange`]: `iova + len` overflows or passes
+    ///   `1 << ias_bits()`, the end of what the table translates.
+    /// - [`PageTableError::Unaligned`] also when `pa` is not 4 KiB aligned.
+    /// - [`PageTableError::PhysTooLarge`]: `pa + len` overflows or passes
+    ///   the format's output address size.
+    /// - [`PageTableError::NoAccess`]: `attrs` grants neither read nor write.
+    /// - [`PageTableError::AlreadyMapped`]: a page of the range is mapped
+    ///   (the first one found is named).
+    /// - [`PageTableError::OutOfMemory`]: the lender refused a table page;
+    ///   what was written is taken back.
+    ///
+    /// On every error the table is as it was.
     #[inline]
     pub fn map(
         &mut self,
@@ -247,6 +304,20 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// Maps `pages.len()` separate 4 KiB physical pages at consecutive
     /// IOVAs from `iova` (a scatter list). All or nothing, like
     /// [`map`](Self::map); one walk per 2 MiB of IOVA, not per page.
+    ///
+    /// # Errors
+    ///
+    /// - [`PageTableError::ZeroLength`]: `pages` is empty.
+    /// - [`PageTableError::Unaligned`]: `iova` or one of the pages is not
+    ///   4 KiB aligned.
+    /// - [`PageTableError::OutOfRange`]: the range overflows or passes
+    ///   `1 << ias_bits()`, the end of what the table translates.
+    /// - [`PageTableError::PhysTooLarge`]: a page lies past the format's
+    ///   output address size.
+    /// - [`PageTableError::NoAccess`], [`PageTableError::AlreadyMapped`],
+    ///   [`PageTableError::OutOfMemory`]: as for [`map`](Self::map).
+    ///
+    /// On every error the table is as it was.
     pub fn map_pages(
         &mut self,
         iova: DmaAddr,
@@ -715,6 +786,14 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// Whether every page of `[iova, iova + len)` is mapped; `Err` names the
     /// first one that is not.
+    ///
+    /// # Errors
+    ///
+    /// - [`PageTableError::ZeroLength`]: `len` is 0.
+    /// - [`PageTableError::Unaligned`]: `iova` or `len` is not 4 KiB aligned.
+    /// - [`PageTableError::OutOfRange`]: `iova + len` overflows or passes
+    ///   `1 << ias_bits()`, the end of what the table translates.
+    /// - [`PageTableError::NotMapped`]: the first page that is not mapped.
     pub fn check_mapped(&self, iova: DmaAddr, len: u64) -> Result<(), PageTableError> {
         let end = self.check_range(iova, len)?;
         match self.first_absent(self.root, self.top_height(), iova.0, end) {
@@ -725,6 +804,14 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// Whether no page of `[iova, iova + len)` is mapped; `Err` names the
     /// first one that is.
+    ///
+    /// # Errors
+    ///
+    /// - [`PageTableError::ZeroLength`]: `len` is 0.
+    /// - [`PageTableError::Unaligned`]: `iova` or `len` is not 4 KiB aligned.
+    /// - [`PageTableError::OutOfRange`]: `iova + len` overflows or passes
+    ///   `1 << ias_bits()`, the end of what the table translates.
+    /// - [`PageTableError::AlreadyMapped`]: the first page that is mapped.
     pub fn check_unmapped(&self, iova: DmaAddr, len: u64) -> Result<(), PageTableError> {
         let end = self.check_range(iova, len)?;
         match self.first_present(self.root, self.top_height(), iova.0, end) {
@@ -741,6 +828,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// blocks too). The unmap is refused with
     /// [`PartialBlock`](PageTableError::PartialBlock) and nothing changes.
     /// Returns exactly what was done.
+    ///
+    /// # Errors
+    ///
+    /// - [`PageTableError::ZeroLength`]: `len` is 0.
+    /// - [`PageTableError::Unaligned`]: `iova` or `len` is not 4 KiB aligned.
+    /// - [`PageTableError::OutOfRange`]: `iova + len` overflows or passes
+    ///   `1 << ias_bits()`, the end of what the table translates.
+    /// - [`PageTableError::NotMapped`]: a page of the range is not mapped.
+    /// - [`PageTableError::PartialBlock`]: a block straddles either end.
+    ///
+    /// On every error the table is as it was.
     #[inline]
     pub fn unmap(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
@@ -787,6 +885,14 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// Unmaps whatever is mapped in `[iova, iova + len)`, skipping holes.
     /// Leaves straddling either end are left alone (never split), so this
     /// cannot fail on memory; use it to tear down a whole transaction.
+    ///
+    /// # Errors
+    ///
+    /// Only for a bad range, and then nothing changes:
+    /// - [`PageTableError::ZeroLength`]: `len` is 0.
+    /// - [`PageTableError::Unaligned`]: `iova` or `len` is not 4 KiB aligned.
+    /// - [`PageTableError::OutOfRange`]: `iova + len` overflows or passes
+    ///   `1 << ias_bits()`, the end of what the table translates.
     pub fn unmap_present(
         &mut self,
         iova: DmaAddr,

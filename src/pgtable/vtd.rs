@@ -25,8 +25,16 @@ bitflags! {
     }
 }
 
+#[cfg(feature = "defmt")]
+impl defmt::Format for SlBits {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(f, "SlBits({=u64:#x})", self.bits())
+    }
+}
+
 /// VT-d second-level format, configured from the remapping unit's capabilities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct VtdSecondLevel {
     /// `CAP.SLLPS`: bit 0 = 2 MiB superpages, bit 1 = 1 GiB superpages.
     pub sllps: u8,

@@ -17,6 +17,7 @@ pub const LOG_CAPACITY: usize = 256;
 
 /// One call a [`RecordingBackend`] received.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Call {
     /// `attach(dev, how)`.
     Attach(DeviceId, Attachment),

@@ -59,6 +59,7 @@ const ADDR_MASK: u64 = 0x0000_ffff_ffff_f000;
 
 /// A broken rule, with the event number (1-based) at which it was seen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Violation {
     /// Rule 1: a pointer to `table` was stored before the table's contents
     /// were ordered (and, non-coherent, cleaned) before it.
@@ -124,6 +125,7 @@ pub enum Violation {
 
 /// What the recorder saw, in order (the most recent [`LOG`] events are kept).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Event {
     /// A write barrier ([`crate::barrier::wmb_on`]).
     Barrier,

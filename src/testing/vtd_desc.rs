@@ -12,6 +12,7 @@
 
 /// What the checked unit supports and how it is set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct VtdRules {
     /// Scalable mode (RTADDR.TTM = 01b, 256-bit descriptors).
     pub scalable: bool,
@@ -86,6 +87,7 @@ impl VtdRules {
 
 /// A descriptor that passed the checks, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum VtdDesc {
     /// Context-cache invalidate (§6.5.2.1): G 1 global, 2 domain, 3 device.
     Context {
@@ -150,6 +152,7 @@ pub enum VtdDesc {
 
 /// Why a descriptor or table entry would be refused by real hardware.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Violation {
     /// Unknown type, or a type this mode does not accept (PASID-based types
     /// in legacy mode; device-TLB, interrupt-entry types are never emitted).
@@ -211,6 +214,14 @@ const fn rsv(word: u8, v: u64, mask: u64) -> Result<(), Violation> {
 
 /// Checks one descriptor, as read from the queue: `words[2..]` are the
 /// upper half of a 256-bit slot (zero in a 128-bit queue).
+///
+/// # Errors
+///
+/// The first rule the descriptor breaks: [`Violation::UnknownType`],
+/// [`Violation::Reserved`], [`Violation::Granularity`], [`Violation::NoPsi`],
+/// [`Violation::AmAboveMamv`], [`Violation::Unaligned`],
+/// [`Violation::DrainUnsupported`], [`Violation::DomainId`],
+/// [`Violation::StatusUnaligned`] or [`Violation::BadPointer`].
 pub fn check_descriptor(r: &VtdRules, words: [u64; 4]) -> Result<VtdDesc, Violation> {
     let [lo, hi, w2, w3] = words;
     // Type is bits 3:0 with bits 11:9 as type[6:4] (§6.5.2); no type this
@@ -368,6 +379,12 @@ pub fn check_descriptor(r: &VtdRules, words: [u64; 4]) -> Result<VtdDesc, Violat
 
 /// Checks a legacy root entry (§9.1): P, CTP; the upper half is reserved.
 /// A scalable root entry (§9.2) has a second P/CTP pair in the upper half.
+///
+/// # Errors
+///
+/// [`Violation::Reserved`] for set reserved bits, [`Violation::BadPointer`]
+/// for a present half whose context-table pointer is zero or above the host
+/// address width.
 pub fn check_root_entry(r: &VtdRules, raw: [u64; 2]) -> Result<(), Violation> {
     let halves: &[(u8, u64)] = if r.scalable {
         &[(0, raw[0]), (1, raw[1])]
@@ -388,6 +405,14 @@ pub fn check_root_entry(r: &VtdRules, raw: [u64; 2]) -> Result<(), Violation> {
 
 /// Checks a present legacy context entry (§9.3): lo 0 P, 1 FPD, 3:2 TT,
 /// 63:12 SLPTPTR; hi 2:0 AW, 6:3 available, 23:8 DID.
+///
+/// # Errors
+///
+/// [`Violation::Reserved`], [`Violation::DomainId`] (DID not below the
+/// unit's number of domains), [`Violation::AddressWidth`] (AW not in SAGAW,
+/// or not the largest for pass-through), [`Violation::BadPointer`],
+/// [`Violation::TranslationType`] (reserved TT, or pass-through without
+/// ECAP.PT).
 pub fn check_context_entry(r: &VtdRules, raw: [u64; 2]) -> Result<(), Violation> {
     let [lo, hi] = raw;
     if lo & 1 == 0 {
@@ -429,6 +454,11 @@ pub fn check_context_entry(r: &VtdRules, raw: [u64; 2]) -> Result<(), Violation>
 /// Checks a present scalable-mode context entry (§9.4): word 0: P, FPD,
 /// DTE, PASIDE, PRE, PDTS 11:9, PASIDDIRPTR 63:12; word 1: RID_PASID 19:0,
 /// RID_PRIV 20; words 2–3 reserved.
+///
+/// # Errors
+///
+/// [`Violation::Reserved`], or [`Violation::BadPointer`] for a PASID
+/// directory pointer that is zero or above the host address width.
 pub fn check_scalable_context(r: &VtdRules, raw: [u64; 4]) -> Result<(), Violation> {
     if raw[0] & 1 == 0 {
         return Ok(());
@@ -445,6 +475,11 @@ pub fn check_scalable_context(r: &VtdRules, raw: [u64; 4]) -> Result<(), Violati
 }
 
 /// Checks a present PASID directory entry (§9.5): P, FPD, table 63:12.
+///
+/// # Errors
+///
+/// [`Violation::Reserved`], or [`Violation::BadPointer`] for a PASID table
+/// pointer that is zero or above the host address width.
 pub fn check_pasid_dir_entry(r: &VtdRules, e: u64) -> Result<(), Violation> {
     if e & 1 == 0 {
         return Ok(());
@@ -462,6 +497,13 @@ pub fn check_pasid_dir_entry(r: &VtdRules, e: u64) -> Result<(), Violation> {
 /// AW offered by SAGAW; PWSNP set exactly when ECAP.SMPWC says page walks
 /// may snoop (Linux: `pasid_set_page_snoop(.., ecap_smpwc)`); no nesting,
 /// no posted or extended-memory-type fields.
+///
+/// # Errors
+///
+/// [`Violation::Reserved`], [`Violation::DomainId`],
+/// [`Violation::TranslationType`] (a PGTT the unit does not offer or this
+/// crate does not build), [`Violation::AddressWidth`],
+/// [`Violation::BadPointer`], [`Violation::PageWalkSnoop`].
 pub fn check_pasid_entry(r: &VtdRules, raw: [u64; 8]) -> Result<(), Violation> {
     let w = raw;
     if w[0] & 1 == 0 {

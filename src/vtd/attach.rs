@@ -133,6 +133,13 @@ impl<M: TableMemory> Vtd<M> {
     }
 
     /// How `dev`'s DMA is programmed now, read back from the tables.
+    ///
+    /// # Errors
+    ///
+    /// - [`BackendError::UnknownDevice`]: `dev` is on another PCI segment
+    ///   than this unit's.
+    /// - [`BackendError::Unsupported`]: the unit was not initialised
+    ///   ([`Vtd::init`]).
     pub fn device_state(&mut self, dev: DeviceId) -> Result<DeviceState, BackendError> {
         let Some(slot) = self.context_slot(dev, false)? else {
             return Ok(DeviceState::Blocked);

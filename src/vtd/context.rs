@@ -16,6 +16,7 @@ pub enum TranslationType {
 
 /// One 128-bit legacy context entry (VT-d 9.3).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ContextEntry {
     lo: u64,
     hi: u64,

@@ -12,6 +12,7 @@ use crate::pgtable::{MapAttrs, Pte, PteFormat};
 
 /// First-level format, configured from the unit's capabilities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct VtdFirstLevel {
     /// CAP.FL1GP: 1 GiB pages allowed (2 MiB pages always are).
     pub fl1gp: bool,

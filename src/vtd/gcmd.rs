@@ -63,6 +63,23 @@ impl<M: TableMemory> Vtd<M> {
     /// (ECAP.C, or ECAP.SMPWC in scalable mode) and the lender cannot clean. Calling it again
     /// re-initialises from scratch (tables of the previous run are leaked to
     /// the lender, not freed, because the hardware may still hold them).
+    ///
+    /// # Errors
+    ///
+    /// [`VtdError::Backend`] with:
+    /// - [`BackendError::Unsupported`]: `config.scalable` on a unit without
+    ///   ECAP.SMTS and a translation type (ECAP.SLTS / ECAP.FLTS), or
+    ///   without queued invalidation (ECAP.QI, `config.use_qi`).
+    /// - [`BackendError::LenderCannotClean`]: as above.
+    /// - [`BackendError::OutOfMemory`]: the lender refused the root table or
+    ///   the queue pages.
+    /// - [`BackendError::Timeout`]: a GSTS handshake, PMEN.PRS or an
+    ///   invalidation did not complete within `config.poll_budget` polls.
+    /// - [`BackendError::QueueError`]: the first invalidations stopped the
+    ///   queue.
+    ///
+    /// After an error translation may be off: call `init` again or stop using
+    /// the unit.
     pub fn init(&mut self, config: VtdConfig) -> Result<(), VtdError> {
         self.budget = config.poll_budget.max(1);
         self.segment = config.segment;
@@ -173,6 +190,15 @@ impl<M: TableMemory> Vtd<M> {
     /// translation stays on. Switching off first syncs (the queue must be
     /// drained, its last descriptor a wait); switching on (re)programs the
     /// queue with IQT = 0. Both GCMD writes keep TE (VT-d 6.5.2, 11.4.4).
+    ///
+    /// # Errors
+    ///
+    /// - [`BackendError::Unsupported`]: switching on without ECAP.QI, or off
+    ///   in scalable mode while translation is on (scalable mode needs the
+    ///   queue).
+    /// - [`BackendError::OutOfMemory`]: the lender refused the queue pages.
+    /// - [`BackendError::Timeout`], [`BackendError::QueueError`]: the drain
+    ///   before switching off, or the GSTS.QIES handshake, failed.
     pub fn set_queued_invalidation(&mut self, on: bool) -> Result<(), BackendError> {
         if on == self.queue.is_some() {
             return Ok(());
@@ -211,6 +237,11 @@ impl<M: TableMemory> Vtd<M> {
 
     /// Turns translation and queued invalidation off (every device then
     /// accesses memory untranslated).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Timeout`] when GSTS.TES does not clear in time, and
+    /// those of [`set_queued_invalidation`](Self::set_queued_invalidation)`(false)`.
     pub fn disable(&mut self) -> Result<(), BackendError> {
         self.gcmd(GCMD::TE::SET.value, false, "VT-d GSTS.TES clear")?;
         self.set_queued_invalidation(false)

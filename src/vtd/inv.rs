@@ -86,6 +86,7 @@ pub enum PasidIotlbGranularity {
 
 /// One 128-bit descriptor of the invalidation queue (VT-d 6.5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct InvDesc {
     lo: u64,
     hi: u64,

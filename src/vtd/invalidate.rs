@@ -91,6 +91,12 @@ impl<M: TableMemory> Vtd<M> {
 
     /// Submits a raw descriptor to the invalidation queue (diagnostics and
     /// tests: a malformed one makes the next sync report the queue error).
+    ///
+    /// # Errors
+    ///
+    /// - [`BackendError::Unsupported`]: queued invalidation is not on.
+    /// - [`BackendError::Timeout`], [`BackendError::QueueError`]: as for
+    ///   [`InvQueue::push`](super::qi::InvQueue::push).
     pub fn submit_raw(&mut self, desc: InvDesc) -> Result<(), BackendError> {
         self.queue_push(desc)
             .unwrap_or(Err(BackendError::Unsupported(

@@ -147,6 +147,38 @@ pub struct Vtd<M: TableMemory> {
 // `new`); moving it to another thread moves that ownership.
 unsafe impl<M: TableMemory + Send> Send for Vtd<M> {}
 
+/// Shows the register base, mode, capabilities and counters; not the lender.
+impl<M: TableMemory> core::fmt::Debug for Vtd<M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Vtd")
+            .field("base", &format_args!("{:#x}", self.base))
+            .field("segment", &self.segment)
+            .field("root", &self.root)
+            .field("scalable", &self.scalable)
+            .field("queued_invalidation", &self.queue.is_some())
+            .field("features", &self.features)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl<M: TableMemory> defmt::Format for Vtd<M> {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "Vtd {{ base: {=usize:#x}, segment: {=u16}, root: {}, scalable: {=bool}, queued_invalidation: {=bool}, features: {}, stats: {} }}",
+            self.base,
+            self.segment,
+            self.root,
+            self.scalable,
+            self.queue.is_some(),
+            self.features,
+            self.stats()
+        )
+    }
+}
+
 impl<M: TableMemory> Vtd<M> {
     /// Probes the unit whose registers start at `base` and span `len` bytes:
     /// reads VER, CAP, ECAP. Writes nothing; [`init`](Self::init) turns
@@ -158,6 +190,15 @@ impl<M: TableMemory> Vtd<M> {
     /// or IOTLB registers past it are refused with
     /// [`VtdError::RegistersOutside`]: the driver never touches memory
     /// outside the block.
+    ///
+    /// # Errors
+    ///
+    /// - [`VtdError::RegistersOutside`]: `len` is smaller than the main
+    ///   register set, or CAP/ECAP place fault-recording or IOTLB registers
+    ///   past `len`.
+    /// - [`VtdError::NoUnit`]: `base` is null, or VER reads 0 or all-ones.
+    /// - [`VtdError::NoAddressWidth`]: CAP.SAGAW offers neither a 3- nor a
+    ///   4-level table.
     ///
     /// # Safety
     ///

@@ -20,6 +20,7 @@ const QUEUE_ERRORS: u32 = FSTS::IQE::SET.value | FSTS::ICE::SET.value | FSTS::IT
 
 /// The invalidation queue's software state.
 #[derive(Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct InvQueue {
     /// Queue memory (one page).
     base: PhysAddr,
@@ -47,6 +48,11 @@ impl InvQueue {
     /// does not snoop CPU caches, so both pages are cleaned after zeroing
     /// (a dirty zero line evicted later would overwrite the status the unit
     /// wrote) and every descriptor after it is written.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::OutOfMemory`]: the lender refused one of the two
+    /// pages (the other is given back).
     pub fn new(
         mem: &impl TableMemory,
         budget: u32,
@@ -172,6 +178,15 @@ impl InvQueue {
 
     /// Appends one descriptor and moves IQT past it; waits (bounded) while
     /// the queue is full.
+    ///
+    /// # Errors
+    ///
+    /// - [`BackendError::QueueError`]: FSTS shows a queue error (IQE, ICE,
+    ///   ITE) while waiting for room; `index` is the head slot, `code` the
+    ///   FSTS bits with IQERCD.IQEI above them. The bits are cleared.
+    /// - [`BackendError::Timeout`]: the queue stayed full for the budget.
+    ///
+    /// Nothing is written on an error.
     pub fn push(
         &mut self,
         regs: &VtdRegs,
@@ -204,6 +219,12 @@ impl InvQueue {
     /// Submits one invalidation-wait descriptor with status write and waits,
     /// bounded, until the hardware has written its status (so every earlier
     /// descriptor is complete). Queue errors seen meanwhile are returned.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::QueueError`] (as for [`push`](Self::push)) or
+    /// [`BackendError::Timeout`] when the status write did not arrive within
+    /// the budget.
     pub fn sync(&mut self, regs: &VtdRegs, mem: &impl TableMemory) -> Result<(), BackendError> {
         self.check_errors(regs, mem)?;
         let seq = self.seq.wrapping_add(1).max(1);

@@ -40,6 +40,10 @@ pub fn iotlb_values(g: IotlbGranularity, drain_reads: bool, drain_writes: bool) 
 }
 
 /// Invalidates the context cache through CCMD and waits for ICC to clear.
+///
+/// # Errors
+///
+/// [`BackendError::Timeout`]: CCMD.ICC did not clear within `budget` polls.
 pub fn invalidate_context(
     regs: &VtdRegs,
     g: ContextGranularity,
@@ -62,6 +66,13 @@ pub fn invalidate_context(
 
 /// Invalidates the IOTLB through IVA / IOTLB_REG and waits for IVT to clear.
 /// An actual granularity of 0 (IAIG) means the hardware refused the request.
+///
+/// # Errors
+///
+/// - [`BackendError::Timeout`]: IOTLB.IVT did not clear within `budget`
+///   polls.
+/// - [`BackendError::Unsupported`]: the hardware refused the request
+///   (IAIG = 0).
 pub fn invalidate_iotlb(
     iotlb: &IotlbRegs,
     g: IotlbGranularity,

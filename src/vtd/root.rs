@@ -4,6 +4,7 @@ use crate::addr::PhysAddr;
 
 /// One 128-bit root entry: points at the context table of one bus (VT-d 9.1).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct RootEntry {
     lo: u64,
     hi: u64,

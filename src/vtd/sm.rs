@@ -11,6 +11,7 @@ use crate::addr::PhysAddr;
 /// Scalable-mode root entry (VT-d 9.2): lower half for devfn 0–127, upper
 /// half for devfn 128–255.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ScalableRootEntry {
     lo: u64,
     hi: u64,
@@ -46,6 +47,7 @@ impl ScalableRootEntry {
 
 /// Scalable-mode context entry, 256 bits (VT-d 9.4).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ScalableContextEntry {
     val: [u64; 4],
 }
@@ -101,6 +103,7 @@ impl ScalableContextEntry {
 
 /// PASID directory entry, 64 bits (VT-d 9.5).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct PasidDirEntry(pub u64);
 
 impl PasidDirEntry {
@@ -136,6 +139,7 @@ pub enum Pgtt {
 
 /// Scalable-mode PASID table entry, 512 bits (VT-d 9.6).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct PasidEntry {
     val: [u64; 8],
 }
