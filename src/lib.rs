@@ -110,8 +110,6 @@ mod logging;
 pub mod mem;
 pub mod p2p;
 pub mod pgtable;
-// TODO(lead): lift after the SMMU branch merges (add the `# Errors` sections there).
-#[allow(clippy::missing_errors_doc)]
 pub mod smmuv3;
 pub mod state;
 pub mod testing;

@@ -109,6 +109,15 @@ impl<M: TableMemory> Smmu<M> {
 
     /// Points `sid`'s STE at `how` (see
     /// [`IommuBackend::attach`](crate::backend::IommuBackend::attach)).
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::NotInitialised`] before `init`; [`SmmuError::StreamIdOutOfRange`] for a
+    /// StreamID the stream table does not cover; [`SmmuError::BadDomain`] /
+    /// [`SmmuError::Unsupported`] for a domain this SMMU cannot translate (stage, levels, ASID/VMID
+    /// width, output size); [`SmmuError::OutOfMemory`] when a level-2 array or context descriptor
+    /// cannot be lent; [`SmmuError::ServiceFailure`] after `GERROR.SFM_ERR`; a command error or
+    /// timeout of the CFGI/TLBI sync.
     pub fn attach_stream(&mut self, sid: u32, how: Attachment) -> Result<(), SmmuError> {
         if self.run.is_none() {
             return Err(SmmuError::NotInitialised);

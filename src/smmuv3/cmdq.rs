@@ -94,6 +94,10 @@ const ENTRY: usize = 16;
 impl CommandQueue {
     /// Allocates a queue of `2^log2` entries (at least one page).
     /// `coherent` is IDR0.COHACC: when clear, the zeroed queue is cleaned.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::OutOfMemory`] when the lender refuses the queue memory.
     pub fn new<M: TableMemory>(mem: &M, log2: u8, coherent: bool) -> Result<Self, SmmuError> {
         let memory = QueueMemory::new(mem, log2, coherent)?;
         let log2 = memory.log2();
@@ -163,6 +167,12 @@ impl CommandQueue {
 
     /// Appends `cmd` to the open batch; publishes and waits for room first
     /// when the queue is full.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::Timeout`] when the queue is full and the SMMU does not consume within `budget`
+    /// polls; [`SmmuError::Command`] when the SMMU stopped on a command while the queue was drained
+    /// (the queue is recovered first).
     pub fn push<M: TableMemory>(
         &mut self,
         regs: &Page0,
@@ -245,6 +255,12 @@ impl CommandQueue {
     /// SMMU has consumed it. A command error met on the way (here or while a
     /// full queue was drained by `push`) is recovered from and returned once
     /// the sync completed.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::Timeout`] when CMD_SYNC does not complete within `budget` polls;
+    /// [`SmmuError::Command`] with the offending command when the SMMU reported CMDQ_ERR (the queue
+    /// was recovered and the sync completed).
     pub fn sync<M: TableMemory>(
         &mut self,
         regs: &Page0,

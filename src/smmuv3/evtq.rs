@@ -22,6 +22,10 @@ pub struct EventQueue {
 impl EventQueue {
     /// Allocates a queue of `2^log2` records (at least one page).
     /// `coherent` is IDR0.COHACC: when clear, the zeroed queue is cleaned.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::OutOfMemory`] when the lender refuses the queue memory.
     pub fn new<M: TableMemory>(mem: &M, log2: u8, coherent: bool) -> Result<Self, SmmuError> {
         let memory = QueueMemory::new(mem, log2, coherent)?;
         let log2 = memory.log2();

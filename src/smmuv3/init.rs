@@ -30,6 +30,12 @@ impl<M: TableMemory> Smmu<M> {
     /// descriptors and the queues. GBPA is set to abort first, so no stream
     /// bypasses while SMMUEN goes to 0. Domains' page tables stay with their
     /// owners.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::Timeout`] when GBPA or CR0ACK does not acknowledge within the poll budget
+    /// (nothing is given back then: the SMMU may still read it). Shutting down an SMMU that was
+    /// never initialised only sets GBPA to abort and SMMUEN to 0.
     pub fn shutdown(&mut self) -> Result<(), SmmuError> {
         let budget = self.budget();
         self.shutdown_with(budget)
@@ -77,6 +83,14 @@ impl<M: TableMemory> Smmu<M> {
     /// two levels (Linux caps its level-1 table the same way); StreamIDs
     /// above are refused by `attach` with
     /// [`SmmuError::StreamIdOutOfRange`].
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::Timeout`] when CR0ACK or GBPA does not acknowledge within `config.poll_budget`
+    /// polls; [`SmmuError::Unsupported`] / [`SmmuError::StreamTableTooLarge`] for a configuration
+    /// the hardware cannot take; [`SmmuError::LenderCannotClean`] for a non-coherent SMMU over a
+    /// lender that cannot clean; [`SmmuError::OutOfMemory`] when tables or queues cannot be lent; a
+    /// command error or timeout of the initial invalidation sync.
     pub fn init(&mut self, config: SmmuConfig) -> Result<(), SmmuError> {
         let f = self.features;
         let budget = config.poll_budget.max(1);

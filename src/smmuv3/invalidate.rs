@@ -84,6 +84,11 @@ impl Planner {
 
 impl<M: TableMemory> Smmu<M> {
     /// Queues TLB invalidation of `[iova, iova + len)` in `domain`.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::NotInitialised`] before `init`; [`SmmuError::ServiceFailure`] after
+    /// `GERROR.SFM_ERR`; a timeout or command error met while a full queue is drained.
     pub fn invalidate_range(
         &mut self,
         domain: &DomainInfo,
@@ -99,6 +104,10 @@ impl<M: TableMemory> Smmu<M> {
     /// 2 MiB blocks: level 2): range TLBIs then carry it as their TTL hint,
     /// which lets the SMMU skip the other levels. `level` 0 means unknown;
     /// the hint is dropped for non-leaf invalidation.
+    ///
+    /// # Errors
+    ///
+    /// As [`invalidate_range`](Self::invalidate_range).
     pub fn invalidate_range_at_level(
         &mut self,
         domain: &DomainInfo,

@@ -122,6 +122,12 @@ impl<M: TableMemory> Smmu<M> {
     ///
     /// `base` must map both register pages of an SMMUv3 as device memory, for
     /// as long as the returned value lives, and nothing else may drive it.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::BadRegisterBase`] when `base` is null or not 64 KiB aligned;
+    /// [`SmmuError::BadIdRegister`] when an ID register reads a value the architecture does not
+    /// allow (e.g. SIDSIZE above 32).
     pub unsafe fn new(base: usize, mem: M) -> Result<Self, SmmuError> {
         if base == 0 || base % 0x1_0000 != 0 {
             return Err(SmmuError::BadRegisterBase { base });
@@ -208,6 +214,11 @@ impl<M: TableMemory> Smmu<M> {
     /// Queues `cmd` in the open batch (no wait; the next sync publishes it).
     /// Useful for commands the driver has no builder for, and to test the
     /// queue's error handling.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::NotInitialised`] before `init`; [`SmmuError::ServiceFailure`] after
+    /// `GERROR.SFM_ERR`; a timeout or command error met while a full queue is drained.
     pub fn queue_command(&mut self, cmd: Command) -> Result<(), SmmuError> {
         if self.service_failure {
             return Err(SmmuError::ServiceFailure);
@@ -222,6 +233,12 @@ impl<M: TableMemory> Smmu<M> {
     }
 
     /// Publishes the open batch with one CMD_SYNC and waits for it.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::NotInitialised`] before `init`; [`SmmuError::ServiceFailure`] after
+    /// `GERROR.SFM_ERR`; [`SmmuError::Timeout`] when CMD_SYNC does not complete in the poll budget;
+    /// [`SmmuError::Command`] when a command in the batch was refused (the queue was recovered).
     pub fn sync_commands(&mut self) -> Result<(), SmmuError> {
         if self.service_failure {
             return Err(SmmuError::ServiceFailure);

@@ -4,6 +4,10 @@ use super::error::SmmuError;
 
 /// Calls `done` until it returns true, at most `budget` times; `what` names
 /// the wait in the [`SmmuError::Timeout`] returned when the budget runs out.
+///
+/// # Errors
+///
+/// [`SmmuError::Timeout`] naming `what` when `done` never returned true within `budget` calls.
 pub fn poll_until(
     what: &'static str,
     budget: u32,

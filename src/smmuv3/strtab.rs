@@ -64,6 +64,11 @@ impl StreamTable {
     /// Allocates a table for `sid_bits` StreamID bits. A linear table starts
     /// with every STE aborting; a 2-level table with no level-2 arrays
     /// (unknown StreamIDs are reported as C_BAD_STREAMID and aborted).
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::StreamTableTooLarge`] when `sid_bits` exceeds the format's cap;
+    /// [`SmmuError::OutOfMemory`] when the lender refuses the table.
     pub fn new<M: TableMemory>(
         mem: &M,
         format: StreamTableFormat,
@@ -151,6 +156,11 @@ impl StreamTable {
 
     /// Where the STE of `sid` lives, allocating its level-2 array (all
     /// abort) when `sid` has none yet.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::StreamIdOutOfRange`] for a StreamID the table does not cover;
+    /// [`SmmuError::OutOfMemory`] when the level-2 array cannot be lent.
     pub fn locate<M: TableMemory>(
         &mut self,
         mem: &M,

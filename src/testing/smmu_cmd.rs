@@ -250,6 +250,10 @@ const OP_SYNC: u8 = 0x46;
 /// Commands the driver never emits (PREFETCH, ATC, PRI, resume, stage-1
 /// EL2/EL3 TLBIs by VA) are refused as [`Violation::UnknownOpcode`]: a
 /// driver that starts using one must teach the checker its format first.
+///
+/// # Errors
+///
+/// The first [`Violation`] the command breaks.
 pub fn check_command(caps: &SmmuCaps, cmd: [u64; 2]) -> Result<Decoded, Violation> {
     let [d0, d1] = cmd;
     let op = d0 as u8;
@@ -513,6 +517,10 @@ impl WalkAttrs {
 
 /// Checks SMMU_CR1: both the table and the queue attributes fit the SMMU's
 /// coherency.
+///
+/// # Errors
+///
+/// The first [`Violation`] the register value breaks.
 pub fn check_cr1(caps: &SmmuCaps, cr1: u32) -> Result<(), Violation> {
     res0("CR1", 0, cr1.into(), mask(11, 0))?;
     if !WalkAttrs::table_from_cr1(cr1).fit(caps.coherent) {
@@ -560,6 +568,10 @@ fn attrs_agree(what: &'static str, ir: u64, or: u64, sh: u64, cr1: u32) -> Resul
 /// Config, RES0 fields zero in every dword the driver's configurations
 /// use, and walk attributes that agree with `cr1` (CD fetch S1CIR/S1COR/
 /// S1CSH for stage 1, S2IR0/S2OR0/S2SH0 for stage 2).
+///
+/// # Errors
+///
+/// The first [`Violation`] the entry breaks.
 pub fn check_ste(caps: &SmmuCaps, cr1: u32, ste: &[u64; 8]) -> Result<(), Violation> {
     let d0 = ste[0];
     if d0 & 1 == 0 {
@@ -678,6 +690,10 @@ pub fn check_ste(caps: &SmmuCaps, cr1: u32, ste: &[u64; 8]) -> Result<(), Violat
 /// Checks a context descriptor (§5.4) the driver wrote: V, AArch64, a TTB0
 /// walk with a 4 KiB granule, TTB1 disabled, RES0 fields zero, A = 1 and
 /// S = 0 (no stalls), and IRGN0/ORGN0/SH0 agreeing with `cr1`.
+///
+/// # Errors
+///
+/// The first [`Violation`] the descriptor breaks.
 pub fn check_cd(caps: &SmmuCaps, cr1: u32, cd: &[u64; 8]) -> Result<(), Violation> {
     let d0 = cd[0];
     if d0 & (1 << 31) == 0 {
@@ -738,6 +754,10 @@ pub fn check_cd(caps: &SmmuCaps, cr1: u32, cd: &[u64; 8]) -> Result<(), Violatio
 
 /// Checks a level-1 stream table descriptor (§5.1.2): Span 0 (invalid) or
 /// `split + 1`, L2Ptr inside the OAS and aligned to the level-2 array.
+///
+/// # Errors
+///
+/// The first [`Violation`] the descriptor breaks.
 pub fn check_l1_desc(caps: &SmmuCaps, split: u8, desc: u64) -> Result<(), Violation> {
     res0("L1STD", 0, desc, mask(4, 0) | mask(51, 6))?;
     let span = desc & 0x1f;
