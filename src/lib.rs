@@ -65,11 +65,13 @@
 extern crate alloc;
 
 pub mod addr;
+pub mod any_domain;
 pub mod backend;
 pub mod barrier;
 pub mod device;
 pub mod error;
 pub mod iova;
+pub mod live;
 mod logging;
 pub mod mem;
 pub mod p2p;
@@ -77,9 +79,11 @@ pub mod pgtable;
 pub mod smmuv3;
 pub mod state;
 pub mod testing;
+pub mod unaligned;
 pub mod vtd;
 
 pub use addr::{BusAddr, DmaAddr, PAGE_SIZE, PhysAddr};
+pub use any_domain::{AnyDomain, AnyFormat};
 pub use backend::{Attachment, DomainInfo, IommuBackend, TableFormat};
 pub use device::DeviceId;
 pub use error::{BackendError, DmaError, PageTableError};
