@@ -64,6 +64,7 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod adapters;
 pub mod addr;
 pub mod any_domain;
 pub mod backend;
