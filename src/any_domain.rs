@@ -309,6 +309,24 @@ impl<M: TableMemory> AnyDomain<M> {
     }
 }
 
+macro_rules! from_domain {
+    ($($fmt:ty => $variant:ident),*) => {$(
+        impl<M: TableMemory> From<Domain<$fmt, M>> for AnyDomain<M> {
+            /// Wraps a domain built with a compile-time format.
+            fn from(d: Domain<$fmt, M>) -> Self {
+                AnyDomain::$variant(d)
+            }
+        }
+    )*};
+}
+
+from_domain!(
+    ArmStage1 => ArmStage1,
+    ArmStage2 => ArmStage2,
+    VtdSecondLevel => VtdSecondLevel,
+    VtdFirstLevel => VtdFirstLevel
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
