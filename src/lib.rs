@@ -99,13 +99,16 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod adapters;
 pub mod addr;
+pub mod any_domain;
 pub mod backend;
 pub mod barrier;
 mod derive_check;
 pub mod device;
 pub mod error;
 pub mod iova;
+pub mod live;
 mod logging;
 pub mod mem;
 pub mod p2p;
@@ -113,9 +116,11 @@ pub mod pgtable;
 pub mod smmuv3;
 pub mod state;
 pub mod testing;
+pub mod unaligned;
 pub mod vtd;
 
 pub use addr::{BusAddr, DmaAddr, PAGE_SIZE, PhysAddr};
+pub use any_domain::{AnyDomain, AnyFormat};
 pub use backend::{Attachment, DomainInfo, IommuBackend, TableFormat};
 pub use device::DeviceId;
 pub use error::{BackendError, DmaError, PageTableError};

@@ -246,6 +246,87 @@ impl fmt::Display for Event {
     }
 }
 
+impl Event {
+    /// The numeric EVENT_ID of the record (§7.3, bits \[7:0\] of the first
+    /// word): 0x10 for F_TRANSLATION, 0x04 for C_BAD_STE, and so on; for
+    /// [`Event::Other`] the ID the record carried.
+    pub const fn id(&self) -> u8 {
+        match self {
+            Event::UnsupportedTransaction { .. } => 0x01,
+            Event::BadStreamId { .. } => 0x02,
+            Event::SteFetch { .. } => 0x03,
+            Event::BadSte { .. } => 0x04,
+            Event::StreamDisabled { .. } => 0x06,
+            Event::BadSubstreamId { .. } => 0x08,
+            Event::CdFetch { .. } => 0x09,
+            Event::BadCd { .. } => 0x0a,
+            Event::WalkExternalAbort(_) => 0x0b,
+            Event::Translation(_) => 0x10,
+            Event::AddressSize(_) => 0x11,
+            Event::Access(_) => 0x12,
+            Event::Permission(_) => 0x13,
+            Event::Other { id, .. } => *id,
+        }
+    }
+}
+
+/// One event-queue record exactly as the SMMU wrote it (§7.3: 32 bytes, four
+/// little-endian 64-bit words), for what the decoded [`Event`] does not keep:
+/// logging the record, or forwarding it unchanged to a guest's virtual SMMU.
+/// [`Smmu::poll_event_records`](super::Smmu::poll_event_records) delivers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct EventRecord {
+    words: [u64; 4],
+}
+
+impl EventRecord {
+    /// A record from its four 64-bit words (word 0 at the lowest address).
+    pub const fn from_words(words: [u64; 4]) -> Self {
+        Self { words }
+    }
+
+    /// The four 64-bit words.
+    pub const fn words(&self) -> [u64; 4] {
+        self.words
+    }
+
+    /// The 32 bytes as they lie in the event queue (little endian).
+    pub fn to_bytes(&self) -> [u8; Event::SIZE] {
+        let mut out = [0u8; Event::SIZE];
+        for (chunk, w) in out.chunks_exact_mut(8).zip(self.words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// A record from the 32 bytes of a queue slot (little endian).
+    pub fn from_bytes(bytes: [u8; Event::SIZE]) -> Self {
+        let mut words = [0u64; 4];
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *w = u64::from_le_bytes(b);
+        }
+        Self { words }
+    }
+
+    /// EVENT_ID, bits \[7:0\].
+    pub const fn id(&self) -> u8 {
+        self.words[0] as u8
+    }
+
+    /// StreamID, bits \[63:32\].
+    pub const fn stream_id(&self) -> u32 {
+        (self.words[0] >> 32) as u32
+    }
+
+    /// The decoded event.
+    pub fn decode(&self) -> Event {
+        Event::decode(self.words)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,5 +405,25 @@ mod tests {
                 ..
             }
         ));
+    }
+    #[test]
+    fn event_id_is_the_records_event_id_and_the_raw_record_round_trips() {
+        for id in 0u8..=0x30 {
+            let words = [
+                0x0000_0041_0000_0000 | u64::from(id),
+                1 << 35,
+                0x10_3004,
+                0x10_3000,
+            ];
+            let r = EventRecord::from_words(words);
+            assert_eq!(r.id(), id);
+            assert_eq!(r.decode().id(), id, "{}", r.decode().name());
+            assert_eq!(r.stream_id(), 0x41);
+            assert_eq!(r.words(), words);
+            let bytes = r.to_bytes();
+            // Byte 0 is EVENT_ID, bytes 4..8 the StreamID (little endian).
+            assert_eq!((bytes[0], bytes[4], bytes[16]), (id, 0x41, 0x04));
+            assert_eq!(EventRecord::from_bytes(bytes), r);
+        }
     }
 }

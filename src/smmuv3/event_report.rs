@@ -2,7 +2,7 @@
 //! [`Smmu::poll_events`] and [`Smmu::handle_irq`].
 
 use super::regs::GERROR;
-use super::{CommandError, Event, Smmu};
+use super::{CommandError, Event, EventRecord, Smmu};
 use crate::logging::log_warn;
 use crate::mem::TableMemory;
 
@@ -32,6 +32,12 @@ impl<M: TableMemory> Smmu<M> {
     /// goes to `f`, overflow and GERROR are detected, reported and
     /// acknowledged.
     pub fn poll_events(&mut self, mut f: impl FnMut(Event)) -> EventReport {
+        self.poll_event_records(|r| f(r.decode()))
+    }
+
+    /// [`poll_events`](Self::poll_events) delivering each record as the SMMU
+    /// wrote it ([`EventRecord`]: numeric ID, raw 32 bytes, `decode()`).
+    pub fn poll_event_records(&mut self, mut f: impl FnMut(EventRecord)) -> EventReport {
         let mut report = EventReport::default();
         let p0 = self.page0;
         let p1 = self.page1;
@@ -45,7 +51,7 @@ impl<M: TableMemory> Smmu<M> {
         }
         // Bounded by the queue size: at most one full queue per call.
         for _ in 0..run.evtq.capacity() {
-            match run.evtq.pop(&self.mem, p1, coherent) {
+            match run.evtq.pop_record(&self.mem, p1, coherent) {
                 Some(e) => {
                     report.events += 1;
                     f(e);

@@ -3,7 +3,7 @@
 use tock_registers::interfaces::{Readable, Writeable};
 
 use super::error::SmmuError;
-use super::event::Event;
+use super::event::{Event, EventRecord};
 use super::queue::{QueueIndex, QueueMemory};
 use super::regs::{EVENTQ_CONS, EVENTQ_PROD, Page0, Page1};
 use crate::mem::TableMemory;
@@ -82,6 +82,16 @@ impl EventQueue {
     /// `coherent` is the SMMU's `IDR0.COHACC`: when clear, the record's lines
     /// are invalidated through the lender before they are read.
     pub fn pop<M: TableMemory>(&mut self, mem: &M, p1: &Page1, coherent: bool) -> Option<Event> {
+        self.pop_record(mem, p1, coherent).map(|r| r.decode())
+    }
+
+    /// [`pop`](Self::pop), undecoded: the record as the SMMU wrote it.
+    pub fn pop_record<M: TableMemory>(
+        &mut self,
+        mem: &M,
+        p1: &Page1,
+        coherent: bool,
+    ) -> Option<EventRecord> {
         let prod = QueueIndex::from_raw(self.memory.log2(), p1.eventq_prod.read(EVENTQ_PROD::WR));
         if prod.is_empty(self.cons) {
             return None;
@@ -107,6 +117,6 @@ impl EventQueue {
         mem.observe_barrier();
         self.cons = self.cons.next();
         self.write_cons(p1);
-        Some(Event::decode(raw))
+        Some(EventRecord::from_words(raw))
     }
 }

@@ -73,7 +73,7 @@ pub use cmd::{Command, TlbiRange};
 pub use cmdq::CommandCounts;
 pub use config::{SmmuConfig, StreamTableChoice};
 pub use error::{CommandError, CommandErrorCode, SmmuError};
-pub use event::{Event, FaultInfo, Stage};
+pub use event::{Event, EventRecord, FaultInfo, Stage};
 pub use event_report::EventReport;
 pub use features::{Features, StallModel};
 pub use stats::Stats;

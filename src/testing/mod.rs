@@ -3,6 +3,8 @@
 //! Use it to check what the core asks of a driver: how many completion waits
 //! a sync costs, and which ranges were invalidated.
 
+#[cfg(test)]
+pub mod heap;
 pub mod order;
 pub mod smmu_cmd;
 pub mod vtd_desc;

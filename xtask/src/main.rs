@@ -77,12 +77,13 @@ fn test(extra: &[String]) -> ExitCode {
         ])),
     );
     t.step(
-        "clippy (defmt,log,alloc)",
+        "clippy (defmt,log,alloc,virtio-drivers)",
         run(cargo().args([
             "clippy",
             "--lib",
+            "--all-targets",
             "--features",
-            "defmt,log,alloc",
+            "defmt,log,alloc,virtio-drivers",
             "--",
             "-D",
             "warnings",
@@ -90,13 +91,19 @@ fn test(extra: &[String]) -> ExitCode {
     );
     t.step("host tests", run(cargo().args(["test", "--workspace"])));
     t.step(
-        "host tests (alloc)",
-        run(cargo().args(["test", "--lib", "--features", "alloc"])),
+        "host tests (alloc, adapters)",
+        run(cargo().args(["test", "--lib", "--features", "alloc,virtio-drivers"])),
     );
     t.step(
         "rustdoc (-D warnings)",
         run(cargo()
-            .args(["doc", "--no-deps", "--lib", "--features", "log,alloc"])
+            .args([
+                "doc",
+                "--no-deps",
+                "--lib",
+                "--features",
+                "log,alloc,virtio-drivers",
+            ])
             .env("RUSTDOCFLAGS", "-D warnings")),
     );
     for target in ["aarch64-unknown-none", "x86_64-unknown-none"] {
@@ -112,7 +119,7 @@ fn test(extra: &[String]) -> ExitCode {
                 "--target",
                 target,
                 "--features",
-                "defmt,log",
+                "defmt,log,virtio-drivers",
             ])),
         );
     }

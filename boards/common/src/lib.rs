@@ -11,7 +11,9 @@
 //! - [`p2p`]: the P2P test bodies, over the board's IOMMU;
 //! - [`pattern`]: the test pattern and the byte checks of lent memory;
 //! - [`virtio`]: a polled virtio-blk driver (virtio 1.x PCI transport);
-//! - [`virtio_dma`]: the virtio-blk test bodies, over the board's IOMMU.
+//! - [`virtio_dma`]: the virtio-blk test bodies, over the board's IOMMU;
+//! - [`virtio_drivers_dma`]: virtio-drivers' own `VirtIOBlk` through
+//!   bare-iommu's virtio-drivers adapter.
 //!
 //! A board keeps its boot code, UART, PCI/ACPI/DTB discovery, exit path, lent
 //! memory and IOMMU tests, and implements [`harness::Board`]:
@@ -41,3 +43,4 @@ pub mod p2p;
 pub mod pattern;
 pub mod virtio;
 pub mod virtio_dma;
+pub mod virtio_drivers_dma;

@@ -261,6 +261,9 @@ pub struct VirtioFunction {
     pub id: bare_iommu::DeviceId,
     /// Where its virtio structures are.
     pub pci: VirtioPci,
+    /// CPU address of the ECAM window (bus 0) its configuration space is in,
+    /// for drivers that walk it themselves (virtio-drivers' `PciRoot`).
+    pub ecam: u64,
 }
 
 /// Where the virtio structures of one function are, as the CPU reaches

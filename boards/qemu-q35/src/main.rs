@@ -241,5 +241,9 @@ fn setup_virtio(ecam: &pci::Ecam, busy: &mut pci::BusyRanges) -> Result<harness:
         pci.notify,
         pci.device
     );
-    Ok(harness::Virtio { id, pci })
+    Ok(harness::Virtio {
+        id,
+        pci,
+        ecam: ecam.window().0,
+    })
 }

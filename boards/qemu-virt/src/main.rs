@@ -248,5 +248,9 @@ fn setup_virtio(window: &mut pci::MmioWindow) -> Result<harness::Virtio, Fail> {
         pci.notify,
         pci.device
     );
-    Ok(harness::Virtio { id, pci })
+    Ok(harness::Virtio {
+        id,
+        pci,
+        ecam: pci::ECAM_BASE as u64,
+    })
 }

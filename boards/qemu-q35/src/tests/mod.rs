@@ -8,6 +8,7 @@ mod basic;
 mod irq;
 mod p2p;
 mod virtio;
+mod virtio_drivers;
 mod vtd;
 
 /// `(stringify!(name), module::name)`.
@@ -40,4 +41,6 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(p2p::p2p_without_an_allowed_host_bridge_is_refused),
     test!(virtio::virtio_blk_reads_and_writes_through_iommu_tables),
     test!(virtio::virtio_blk_dma_to_an_unlinked_buffer_faults),
+    test!(virtio_drivers::virtio_drivers_blk_reads_and_writes_through_iommu_hal),
+    test!(virtio_drivers::virtio_drivers_unshared_buffer_faults),
 ];

@@ -28,9 +28,9 @@ use crate::harness::{Ctx, Fail, OrFail, Virtio, fail_msg};
 const POLLS: u32 = 20_000_000;
 
 /// VT-d's side of the virtio tests.
-struct VtdChecks {
+pub(super) struct VtdChecks {
     /// The fault reason of a write to an unmapped page in this run's format.
-    unmapped_write: FaultReason,
+    pub(super) unmapped_write: FaultReason,
 }
 
 impl FaultChecks<Unit> for VtdChecks {

@@ -8,6 +8,7 @@ mod irq;
 mod p2p;
 mod smmu;
 mod virtio;
+mod virtio_drivers;
 
 /// Every test, by name; the runner prints `PASS name` / `FAIL name: why`.
 pub const TESTS: &[(&str, TestFn)] = &[
@@ -92,5 +93,14 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "virtio_blk_dma_to_an_unlinked_buffer_faults",
         virtio::virtio_blk_dma_to_an_unlinked_buffer_faults,
+    ),
+    // virtio-drivers' own VirtIOBlk through the virtio-drivers adapter.
+    (
+        "virtio_drivers_blk_reads_and_writes_through_iommu_hal",
+        virtio_drivers::virtio_drivers_blk_reads_and_writes_through_iommu_hal,
+    ),
+    (
+        "virtio_drivers_unshared_buffer_faults",
+        virtio_drivers::virtio_drivers_unshared_buffer_faults,
     ),
 ];

@@ -27,8 +27,8 @@ const POLLS: u32 = 20_000_000;
 const EVTQ_LOG2: u8 = 9;
 
 /// The SMMU's side: faults are F_TRANSLATION events of the domain's stage.
-struct SmmuChecks {
-    stage: Stage,
+pub(super) struct SmmuChecks {
+    pub(super) stage: Stage,
 }
 
 impl FaultChecks<Smmu<Mem>> for SmmuChecks {
