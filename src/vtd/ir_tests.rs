@@ -11,6 +11,7 @@ use super::fakehw::{Ev, FakeVtd, QEMU_CAP, QEMU_ECAP, SharedMem};
 use super::*;
 use crate::device::DeviceId;
 use crate::testing::vtd_desc::{VtdDesc, check_irte};
+use crate::testing::vtd_ir::{IrOutcome, IrUnitState, remap_msi};
 
 const SIRTP: u32 = 1 << 24;
 const IRE: u32 = 1 << 25;
@@ -303,4 +304,72 @@ fn strict_vtd_ir_reinit_turns_remapping_off_first() {
     let g = gcmds(&fake);
     assert_eq!(g[..3], [QIE | IRE, QIE, 0], "{g:x?}");
     assert!(!v.interrupt_remapping_enabled());
+}
+
+/// The strict model's answer for an MSI from `sid`, reading the unit's
+/// registers and the table as the (non-coherent) unit sees it.
+fn model(fake: &FakeVtd, msg: MsiMessage, sid: u16) -> IrOutcome {
+    let irta = fake.regs.u64(0xb8);
+    let s = IrUnitState::from_regs(fake.regs.u32(0x1c), irta);
+    let base = irta & !0xfff;
+    remap_msi(&s, msg.address, msg.data, sid, |i| {
+        let pa = base + u64::from(i) * 16;
+        [fake.mem.dev_u64(pa, false), fake.mem.dev_u64(pa + 8, false)]
+    })
+}
+
+#[test]
+fn strict_vtd_ir_model_blocks_compat_format_while_cfi_is_off() {
+    let compat = MsiMessage {
+        address: 0xfee0_1000,
+        data: 0x40,
+    };
+    let (fake, mut v) = started(QEMU_ECAP | ECAP_EIM, true);
+    v.enable_interrupt_remapping(IrConfig::default()).unwrap();
+    assert_eq!(model(&fake, compat, 0x18), IrOutcome::Blocked(0x25));
+    // Only when asked for do compatibility-format interrupts pass.
+    v.disable_interrupt_remapping().unwrap();
+    let cfi = IrConfig {
+        compat_format: true,
+        ..IrConfig::default()
+    };
+    v.enable_interrupt_remapping(cfi).unwrap();
+    assert_eq!(model(&fake, compat, 0x18), IrOutcome::Unremapped);
+    // Extended interrupt mode blocks them even with CFI.
+    v.disable_interrupt_remapping().unwrap();
+    v.enable_interrupt_remapping(IrConfig {
+        x2apic: true,
+        ..cfi
+    })
+    .unwrap();
+    assert_eq!(model(&fake, compat, 0x18), IrOutcome::Blocked(0x25));
+}
+
+#[test]
+fn strict_vtd_ir_model_delivers_only_the_owner_to_the_chosen_target() {
+    let (fake, mut v) = started(QEMU_ECAP, true);
+    v.enable_interrupt_remapping(IrConfig::default()).unwrap();
+    let h = v.alloc_irte(dev(3), &IrteTarget::fixed(0x42, 7)).unwrap();
+    let want = IrOutcome::Remapped {
+        index: h.index(),
+        vector: 0x42,
+        destination: 7,
+    };
+    assert_eq!(model(&fake, h.msi(), dev(3).rid()), want);
+    assert_eq!(
+        model(&fake, h.msi(), dev(4).rid()),
+        IrOutcome::Blocked(0x26)
+    );
+    v.retarget_irte(&h, &IrteTarget::fixed(0x43, 2)).unwrap();
+    assert!(matches!(
+        model(&fake, h.msi(), dev(3).rid()),
+        IrOutcome::Remapped {
+            vector: 0x43,
+            destination: 2,
+            ..
+        }
+    ));
+    let msg = h.msi();
+    v.free_irte(h).unwrap();
+    assert_eq!(model(&fake, msg, dev(3).rid()), IrOutcome::Blocked(0x22));
 }
