@@ -8,6 +8,7 @@ pub mod heap;
 pub mod order;
 pub mod smmu_cmd;
 pub mod vtd_desc;
+pub mod vtd_ir;
 
 use crate::addr::DmaAddr;
 use crate::backend::{Attachment, DomainInfo, IommuBackend};

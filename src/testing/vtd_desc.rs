@@ -40,6 +40,8 @@ pub struct VtdRules {
     pub smpwc: bool,
     /// ECAP.PDS: page-request drain in wait descriptors.
     pub pds: bool,
+    /// ECAP.IR: interrupt remapping (interrupt-entry-cache invalidation).
+    pub ir: bool,
 }
 
 impl VtdRules {
@@ -60,6 +62,7 @@ impl VtdRules {
             flts: ecap >> 47 & 1 != 0,
             smpwc: ecap >> 48 & 1 != 0,
             pds: ecap >> 42 & 1 != 0,
+            ir: ecap >> 3 & 1 != 0,
         }
     }
 
@@ -135,6 +138,15 @@ pub enum VtdDesc {
         /// PASID.
         pasid: u32,
     },
+    /// Interrupt-entry-cache invalidate (§6.5.2.7).
+    Iec {
+        /// G = 0: every entry.
+        global: bool,
+        /// First interrupt index (index-selective only).
+        index: u16,
+        /// Index mask: 2^im entries (index-selective only).
+        im: u8,
+    },
     /// Invalidation wait (§6.5.2.8).
     Wait {
         /// Status write (SW) to `status` with `data`.
@@ -155,7 +167,8 @@ pub enum VtdDesc {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Violation {
     /// Unknown type, or a type this mode does not accept (PASID-based types
-    /// in legacy mode; device-TLB, interrupt-entry types are never emitted).
+    /// in legacy mode; interrupt-entry without ECAP.IR; device-TLB types are
+    /// never emitted).
     UnknownType(u8),
     /// Set bits in reserved (or, for this type, meaningless) fields: word
     /// index and the offending bits.
@@ -373,8 +386,63 @@ pub fn check_descriptor(r: &VtdRules, words: [u64; 4]) -> Result<VtdDesc, Violat
             }
             Ok(VtdDesc::PasidCache { g, did, pasid })
         }
+        4 if r.ir => {
+            // §6.5.2.7: 4 G (0 global, 1 index-selective), 31:27 IM,
+            // 47:32 IIDX; 8:5, 26:12, 63:48 and the upper half reserved.
+            rsv(0, lo, 0xffff_0000_07ff_f1e0)?;
+            rsv(1, hi, !0)?;
+            let global = lo & (1 << 4) == 0;
+            let index = (lo >> 32) as u16;
+            let im = ((lo >> 27) & 0x1f) as u8;
+            if global {
+                // Index and mask mean nothing for a global invalidation.
+                rsv(0, lo, 0x0000_ffff_f800_0000)?;
+            } else if im > 16 || u32::from(index) & ((1u32 << im) - 1) != 0 {
+                // IIDX names a naturally aligned block of 2^IM entries.
+                return Err(Violation::Unaligned {
+                    addr: u64::from(index),
+                    am: im,
+                });
+            }
+            Ok(VtdDesc::Iec { global, index, im })
+        }
         t => Err(Violation::UnknownType(t)),
     }
+}
+
+/// Checks a present interrupt-remapping table entry, remapped format
+/// (§9.10): lo 14:12 and 31:24 reserved, IM (bit 15, posted format) not
+/// used by this crate, DLM 011b / 110b reserved, in xAPIC mode (`x2apic`
+/// false: IRTA.EIME = 0) destination bits 39:32 and 63:48 reserved; hi
+/// 63:20 reserved and SVT 11b reserved.
+///
+/// # Errors
+///
+/// The first [`Violation`] the entry breaks.
+pub fn check_irte(raw: [u64; 2], x2apic: bool) -> Result<(), Violation> {
+    let [lo, hi] = raw;
+    if lo & 1 == 0 {
+        return Ok(());
+    }
+    rsv(0, lo, 0xff00_f000)?;
+    if !x2apic {
+        rsv(0, lo, 0xffff_00ff_0000_0000)?;
+    }
+    let dlm = (lo >> 5) & 7;
+    if dlm == 3 || dlm == 6 {
+        return Err(Violation::Reserved {
+            word: 0,
+            bits: lo & 0xe0,
+        });
+    }
+    rsv(1, hi, !0xf_ffff)?;
+    if (hi >> 18) & 3 == 3 {
+        return Err(Violation::Reserved {
+            word: 1,
+            bits: 3 << 18,
+        });
+    }
+    Ok(())
 }
 
 /// Checks a legacy root entry (§9.1): P, CTP; the upper half is reserved.
@@ -594,6 +662,46 @@ mod tests {
         // PSI of 2 MiB at 2 MiB, AM 9, IH, DW (QEMU has DWD).
         assert!(check_descriptor(&r, [0x0001_0072, 0x20_0049, 0, 0]).is_ok());
         assert!(check_descriptor(&r, [0xdead_beef_0000_0025, 0x8_1000, 0, 0]).is_ok());
+        // IEC: global; index-selective for 4 entries at index 8.
+        assert_eq!(
+            check_descriptor(&r, [0x4, 0, 0, 0]),
+            Ok(VtdDesc::Iec {
+                global: true,
+                index: 0,
+                im: 0
+            })
+        );
+        assert_eq!(
+            check_descriptor(&r, [0x8_1000_0014, 0, 0, 0]),
+            Ok(VtdDesc::Iec {
+                global: false,
+                index: 8,
+                im: 2
+            })
+        );
+    }
+
+    #[test]
+    fn strict_vtd_checker_refuses_bad_iec_descriptors() {
+        let r = legacy();
+        // Index 9 is not aligned to 2^2 entries.
+        assert_eq!(
+            check_descriptor(&r, [0x9_1000_0014, 0, 0, 0]),
+            Err(Violation::Unaligned { addr: 9, am: 2 })
+        );
+        // A global invalidation with an index set; reserved bit 5; upper half.
+        assert!(matches!(
+            check_descriptor(&r, [0x9_0000_0004, 0, 0, 0]),
+            Err(Violation::Reserved { word: 0, .. })
+        ));
+        assert!(check_descriptor(&r, [0x24, 0, 0, 0]).is_err());
+        assert!(check_descriptor(&r, [0x4, 1, 0, 0]).is_err());
+        // A unit without ECAP.IR has no interrupt entry cache.
+        let no_ir = VtdRules::from_caps(QEMU_CAP, QEMU_ECAP & !(1 << 3), false);
+        assert_eq!(
+            check_descriptor(&no_ir, [0x4, 0, 0, 0]),
+            Err(Violation::UnknownType(4))
+        );
     }
 
     #[test]

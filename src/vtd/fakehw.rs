@@ -163,6 +163,9 @@ pub enum Ev {
     Ccmd(u64),
     /// An IOTLB register invalidation (IOTLB, IVA).
     Iotlb(u64, u64),
+    /// The interrupt-remapping entry an index-selective IEC descriptor
+    /// made the unit re-read, as the unit sees it in memory.
+    IrteSeen(u16, [u64; 2]),
 }
 
 /// GCMD never holds this after the fake read it (bit 0 is reserved), so
@@ -171,6 +174,7 @@ const SENTINEL: u32 = 1;
 const PERSISTENT: u32 = (1 << 31) | (1 << 28) | (1 << 26) | (1 << 25) | (1 << 23);
 const SRTP: u32 = 1 << 30;
 const QIE: u32 = 1 << 26;
+const SIRTP: u32 = 1 << 24;
 
 /// A register block of `len` bytes.
 pub struct Regs {
@@ -339,6 +343,9 @@ fn step(r: &Regs, m: &SharedMem, log: &Mutex<Vec<Ev>>, scalable: &AtomicBool, ep
             gsts |= SRTP;
             scalable.store(r.u64(0x20) >> 10 & 3 == 1, Ordering::SeqCst);
         }
+        if g & SIRTP != 0 {
+            gsts |= SIRTP;
+        }
         if g & QIE != 0 && old & QIE == 0 {
             r.set_u64(0x80, 0);
         }
@@ -402,6 +409,16 @@ fn step(r: &Regs, m: &SharedMem, log: &Mutex<Vec<Ev>>, scalable: &AtomicBool, ep
                     m.dev_write_u32(status, data);
                 }
                 log.lock().unwrap().push(Ev::Desc(d));
+                if let VtdDesc::Iec {
+                    global: false,
+                    index,
+                    ..
+                } = d
+                {
+                    let pa = (r.u64(0xb8) & !0xfff) + u64::from(index) * 16;
+                    let raw = [m.dev_u64(pa, coherent), m.dev_u64(pa + 8, coherent)];
+                    log.lock().unwrap().push(Ev::IrteSeen(index, raw));
+                }
             }
             Err(v) => log.lock().unwrap().push(Ev::Bad(words, v)),
         }

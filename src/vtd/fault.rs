@@ -37,6 +37,25 @@ pub enum FaultReason {
     PagingEntryReserved,
     /// 0Dh: the context entry's TT forbids this request type.
     TranslationTypeBlocked,
+    /// 20h: a remappable interrupt request with reserved fields set (MSI
+    /// address above 4 GiB, data bits 31:16 with SHV, …).
+    IrRequestReserved,
+    /// 21h: the interrupt index is past the table (IRTA.S).
+    IrIndexBeyondTable,
+    /// 22h: the interrupt-remapping entry is not present.
+    IrEntryNotPresent,
+    /// 23h: the interrupt-remapping table could not be read.
+    IrTableAccess,
+    /// 24h: reserved bits set in a present interrupt-remapping entry.
+    IrEntryReserved,
+    /// 25h: a compatibility-format interrupt blocked (GSTS.CFIS clear, or
+    /// extended interrupt mode on).
+    IrCompatibilityBlocked,
+    /// 26h: the requester failed the entry's source validation
+    /// (SVT/SQ/SID): a device raised an entry that is not its own.
+    IrSourceIdBlocked,
+    /// 27h: a posted-interrupt descriptor could not be accessed.
+    IrPostedDescriptorAccess,
     /// 59h (scalable mode): the PASID table entry is not present.
     PasidEntryNotPresent,
     /// 5Bh (scalable mode): the PASID table entry is invalid.
@@ -53,7 +72,7 @@ pub enum FaultReason {
     FirstLevelPrivilege,
     /// 85h (scalable mode): a write to a page without write permission.
     ScalableWriteDenied,
-    /// Another code (interrupt remapping, scalable mode, …).
+    /// Another code (scalable mode, …).
     Other(u8),
 }
 
@@ -74,6 +93,14 @@ impl FaultReason {
             0x0b => Self::ContextEntryReserved,
             0x0c => Self::PagingEntryReserved,
             0x0d => Self::TranslationTypeBlocked,
+            0x20 => Self::IrRequestReserved,
+            0x21 => Self::IrIndexBeyondTable,
+            0x22 => Self::IrEntryNotPresent,
+            0x23 => Self::IrTableAccess,
+            0x24 => Self::IrEntryReserved,
+            0x25 => Self::IrCompatibilityBlocked,
+            0x26 => Self::IrSourceIdBlocked,
+            0x27 => Self::IrPostedDescriptorAccess,
             0x59 => Self::PasidEntryNotPresent,
             0x5b => Self::PasidEntryInvalid,
             0x70 => Self::FirstLevelEntryAccess,
@@ -150,6 +177,23 @@ impl FaultRecord {
         })
     }
 
+    /// Whether this is an interrupt-remapping fault (reasons 20h–27h,
+    /// VT-d 7.1.1): then [`address`](Self::address) means nothing and
+    /// [`interrupt_index`](Self::interrupt_index) names the entry.
+    pub const fn is_interrupt_fault(&self) -> bool {
+        matches!(self.code, 0x20..=0x27)
+    }
+
+    /// The interrupt index of an interrupt-remapping fault (FI bits 63:48,
+    /// VT-d 11.4.14), `None` for a DMA fault.
+    pub const fn interrupt_index(&self) -> Option<u16> {
+        if self.is_interrupt_fault() {
+            Some((self.address.0 >> 48) as u16)
+        } else {
+            None
+        }
+    }
+
     /// The faulting PCI function on `segment`.
     pub const fn device(&self, segment: u16) -> DeviceId {
         DeviceId::from_rid(segment, self.source_id)
@@ -158,6 +202,17 @@ impl FaultRecord {
 
 impl fmt::Display for FaultRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(i) = self.interrupt_index() {
+            return write!(
+                f,
+                "fault #{}: interrupt from {} index {:#x} reason {:#04x} ({:?})",
+                self.index,
+                self.device(0),
+                i,
+                self.code,
+                self.reason
+            );
+        }
         write!(
             f,
             "fault #{}: {:?} {} at {} reason {:#04x} ({:?})",
@@ -218,6 +273,34 @@ mod tests {
         assert_eq!(r.pasid, Some(0x12345));
         assert_eq!(r.address, DmaAddr(0xabc_d000));
         assert_eq!(r.source_id, 0x120);
+    }
+
+    #[test]
+    fn interrupt_remapping_faults_decode_with_their_index() {
+        // hi: F | FR 26h | SID 0x18; lo: FI with the interrupt index 0x0005
+        // in 63:48 (VT-d 11.4.14), T clear.
+        let hi = (1u64 << 63) | (0x26 << 32) | 0x18;
+        let r = FaultRecord::decode(0, 5 << 48, hi).unwrap();
+        assert_eq!(r.reason, FaultReason::IrSourceIdBlocked);
+        assert!(r.is_interrupt_fault());
+        assert_eq!(r.interrupt_index(), Some(5));
+        let names = [
+            (0x20, FaultReason::IrRequestReserved),
+            (0x21, FaultReason::IrIndexBeyondTable),
+            (0x22, FaultReason::IrEntryNotPresent),
+            (0x23, FaultReason::IrTableAccess),
+            (0x24, FaultReason::IrEntryReserved),
+            (0x25, FaultReason::IrCompatibilityBlocked),
+            (0x26, FaultReason::IrSourceIdBlocked),
+            (0x27, FaultReason::IrPostedDescriptorAccess),
+        ];
+        for (code, reason) in names {
+            assert_eq!(FaultReason::from_code(code), reason);
+        }
+        // A DMA fault has no interrupt index.
+        let dma = FaultRecord::decode(0, 0x1234_5000, (1u64 << 63) | (6 << 32)).unwrap();
+        assert_eq!(dma.interrupt_index(), None);
+        assert_eq!(FaultReason::from_code(0x28), FaultReason::Other(0x28));
     }
 
     #[test]

@@ -22,13 +22,18 @@ impl<M: TableMemory> Vtd<M> {
 
     /// Sets or clears one GCMD command bit and waits, bounded, until GSTS
     /// reports `on` for it. Every write repeats the enables GSTS shows.
-    fn gcmd(&self, bit: u32, on: bool, what: &'static str) -> Result<(), BackendError> {
+    pub(super) fn gcmd(&self, bit: u32, on: bool, what: &'static str) -> Result<(), BackendError> {
         self.gcmd_then_wait(bit, on, on, what)
     }
 
     /// Fires a one-shot GCMD command (SRTP, WBF) and waits for its status bit
     /// to reach `done` (RTPS set, WBFS clear).
-    fn gcmd_one_shot(&self, bit: u32, done: bool, what: &'static str) -> Result<(), BackendError> {
+    pub(super) fn gcmd_one_shot(
+        &self,
+        bit: u32,
+        done: bool,
+        what: &'static str,
+    ) -> Result<(), BackendError> {
         self.gcmd_then_wait(bit, true, done, what)
     }
 
@@ -117,6 +122,13 @@ impl<M: TableMemory> Vtd<M> {
         if self.regs().gsts.get() & te != 0 {
             self.gcmd(te, false, "VT-d GSTS.TES clear")?;
         }
+        // Interrupt remapping rests on the queue about to be dropped: off
+        // first (its table, if ours, is leaked like the DMA tables).
+        let ire = GCMD::IRE::SET.value;
+        if self.regs().gsts.get() & ire != 0 {
+            self.gcmd(ire, false, "VT-d GSTS.IRES clear")?;
+        }
+        self.ir = None;
         if self.regs().gsts.get() & qie != 0 {
             self.gcmd(qie, false, "VT-d GSTS.QIES clear")?;
         }
@@ -228,6 +240,13 @@ impl<M: TableMemory> Vtd<M> {
                     "scalable mode runs on queued invalidation",
                 ));
             }
+            if self.ir.is_some() {
+                // The interrupt entry cache has no register-based
+                // invalidation (VT-d 6.5.2.7).
+                return Err(BackendError::Unsupported(
+                    "interrupt remapping runs on queued invalidation: disable it first",
+                ));
+            }
             self.sync()?;
             self.gcmd(qie, false, "VT-d GSTS.QIES clear")?;
             self.parked = self.queue.take();
@@ -235,14 +254,18 @@ impl<M: TableMemory> Vtd<M> {
         Ok(())
     }
 
-    /// Turns translation and queued invalidation off (every device then
-    /// accesses memory untranslated).
+    /// Turns interrupt remapping (if on), translation and queued
+    /// invalidation off (every device then accesses memory untranslated).
     ///
     /// # Errors
     ///
-    /// [`BackendError::Timeout`] when GSTS.TES does not clear in time, and
-    /// those of [`set_queued_invalidation`](Self::set_queued_invalidation)`(false)`.
+    /// [`BackendError::Timeout`] when GSTS.IRES or GSTS.TES does not clear in
+    /// time, and those of
+    /// [`set_queued_invalidation`](Self::set_queued_invalidation)`(false)`.
     pub fn disable(&mut self) -> Result<(), BackendError> {
+        if self.ir.is_some() {
+            self.disable_interrupt_remapping()?;
+        }
         self.gcmd(GCMD::TE::SET.value, false, "VT-d GSTS.TES clear")?;
         self.set_queued_invalidation(false)
     }

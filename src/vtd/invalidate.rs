@@ -106,7 +106,7 @@ impl<M: TableMemory> Vtd<M> {
 
     /// Pushes `desc` to the invalidation queue; `None` when queued
     /// invalidation is off (the caller falls back or refuses).
-    fn queue_push(&mut self, desc: InvDesc) -> Option<Result<(), BackendError>> {
+    pub(super) fn queue_push(&mut self, desc: InvDesc) -> Option<Result<(), BackendError>> {
         let q = self.queue.as_mut()?;
         // SAFETY: see `regs()`; borrowed through the pointer so that `queue`
         // can be borrowed mutably at the same time.

@@ -83,6 +83,11 @@ mod gcmd;
 mod host_tests;
 pub mod inv;
 mod invalidate;
+mod ir;
+pub mod ir_entry;
+mod ir_error;
+#[cfg(test)]
+mod ir_tests;
 pub mod qi;
 pub mod reginv;
 pub mod regs;
@@ -105,9 +110,13 @@ pub use error::VtdError;
 pub use fault::{Access, FaultReason, FaultRecord, FaultStatus};
 pub use first_level::VtdFirstLevel;
 pub use inv::{
-    ContextGranularity, InvDesc, IotlbGranularity, PasidGranularity, PasidIotlbGranularity,
+    ContextGranularity, IecGranularity, InvDesc, IotlbGranularity, PasidGranularity,
+    PasidIotlbGranularity,
 };
 pub use invalidate::PSI_MAX_BLOCKS;
+pub use ir::{IrConfig, IrHandle};
+pub use ir_entry::{DeliveryMode, Irte, IrteTarget, MsiMessage, SidQualifier, SourceValidation};
+pub use ir_error::IrError;
 pub use root::RootEntry;
 pub use sm::{PasidDirEntry, PasidEntry, Pgtt, ScalableContextEntry, ScalableRootEntry};
 pub use stats::VtdStats;
@@ -141,6 +150,8 @@ pub struct Vtd<M: TableMemory> {
     /// The write buffer was flushed since the last sync (CAP.RWBF).
     wb_flushed: bool,
     stats: VtdStats,
+    /// The interrupt-remapping table, while remapping is on.
+    ir: Option<ir::IrTable>,
 }
 
 // SAFETY: the registers are MMIO owned by this value alone (contract of
@@ -264,6 +275,7 @@ impl<M: TableMemory> Vtd<M> {
             scalable: false,
             wb_flushed: false,
             stats: VtdStats::default(),
+            ir: None,
         })
     }
 

@@ -266,6 +266,15 @@ register_bitfields! [u64,
         ICESID OFFSET(32) NUMBITS(16) [],
         /// Invalidation time-out error source-id.
         ITESID OFFSET(48) NUMBITS(16) []
+    ],
+    /// Interrupt remapping table address register (11.4.10.1).
+    pub IRTA [
+        /// Table size: 2^(S + 1) entries.
+        S OFFSET(0) NUMBITS(4) [],
+        /// Extended interrupt mode enable (x2APIC: 32-bit destination IDs).
+        EIME OFFSET(11) NUMBITS(1) [],
+        /// Table base, 4 KiB aligned (bits 63:12).
+        IRTA OFFSET(12) NUMBITS(52) []
     ]
 ];
 
@@ -304,7 +313,8 @@ register_structs! {
         (0xa8 => pub ieaddr: ReadWrite<u32>),
         (0xac => pub ieuaddr: ReadWrite<u32>),
         (0xb0 => pub iqercd: ReadOnly<u64, IQERCD::Register>),
-        (0xb8 => @END),
+        (0xb8 => pub irta: ReadWrite<u64, IRTA::Register>),
+        (0xc0 => @END),
     }
 }
 
@@ -356,7 +366,7 @@ mod tests {
 
     #[test]
     fn blocks_have_the_spec_sizes() {
-        assert_eq!(size_of::<VtdRegs>(), 0xb8);
+        assert_eq!(size_of::<VtdRegs>(), 0xc0);
         assert_eq!(size_of::<IotlbRegs>(), 16);
         assert_eq!(size_of::<FrcdRegs>(), 16);
     }

@@ -9,7 +9,8 @@
 //!
 //! The board learns the configuration from its command line (`-append`):
 //! `cm` (caching mode on), `noqi` (leave queued invalidation off), `aw=39`
-//! (3-level tables), `sm` (scalable mode), `fl` (first-level tables). An `-append WORDS` among the extra arguments is added to
+//! (3-level tables), `sm` (scalable mode), `fl` (first-level tables),
+//! `x2apic` (local APIC in x2APIC mode, interrupt remapping with EIM). An `-append WORDS` among the extra arguments is added to
 //! each configuration's words instead of replacing them (e.g. `-append
 //! only=edu` runs only the tests whose name contains `edu`).
 
@@ -29,38 +30,53 @@ struct Config {
     iommu: &'static str,
     /// Words for the board's command line.
     append: &'static str,
+    /// More QEMU arguments for this configuration.
+    args: &'static [&'static str],
 }
 
-const CONFIGS: [Config; 6] = [
+const CONFIGS: [Config; 7] = [
     Config {
         name: "intel-iommu, caching-mode off",
         iommu: "intel-iommu,intremap=on",
         append: "",
+        args: &[],
     },
     Config {
         name: "intel-iommu, caching-mode=on",
         iommu: "intel-iommu,intremap=on,caching-mode=on",
         append: "cm",
+        args: &[],
     },
     Config {
         name: "intel-iommu, no queued invalidation (register-based)",
         iommu: "intel-iommu,intremap=on",
         append: "noqi",
+        args: &[],
     },
     Config {
         name: "intel-iommu, aw-bits=39 (3-level tables)",
         iommu: "intel-iommu,intremap=on,aw-bits=39",
         append: "aw=39",
+        args: &[],
     },
     Config {
         name: "intel-iommu, scalable mode (PASID tables, second level)",
         iommu: "intel-iommu,intremap=on,x-scalable-mode=on",
         append: "sm",
+        args: &[],
     },
     Config {
         name: "intel-iommu, scalable mode with first-level tables",
         iommu: "intel-iommu,intremap=on,x-scalable-mode=on,x-flts=on",
         append: "sm fl",
+        args: &[],
+    },
+    Config {
+        name: "intel-iommu, x2APIC interrupt remapping (eim=on)",
+        iommu: "intel-iommu,intremap=on,eim=on",
+        append: "x2apic",
+        // TCG emulates x2APIC; qemu64 does not advertise it by default.
+        args: &["-cpu", "qemu64,+x2apic"],
     },
 ];
 
@@ -104,6 +120,7 @@ fn qemu_command(cfg: &Config, image: &Path, disk: &Path, extra: &[String], words
         .args(["-device", "ivshmem-plain,memdev=p2pmem,addr=05.0"])
         // A modern-only virtio-blk whose DMA goes through the IOMMU.
         .args(crate::disk::qemu_args(disk, VIRTIO_SLOT))
+        .args(cfg.args)
         .arg("-kernel")
         .arg(image);
     let append = [cfg.append, words]

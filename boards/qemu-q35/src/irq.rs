@@ -13,7 +13,7 @@
 
 use crate::port::outb;
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use spin::{Mutex, Once};
 
 /// The vector a device MSI is programmed to (data = vector, fixed delivery).
@@ -22,6 +22,8 @@ pub const DEVICE_VECTOR: u8 = 0x40;
 pub const TIMER_VECTOR: u8 = 0x41;
 /// The spurious-interrupt vector (SVR; no EOI for it, SDM Vol. 3 11.9).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
+/// Two vectors that only count and signal EOI: targets for remapped MSIs.
+pub const COUNT_VECTORS: [u8; 2] = [0x42, 0x43];
 
 /// xAPIC base (IA32_APIC_BASE reset value).
 pub const LAPIC_BASE: usize = 0xfee0_0000;
@@ -56,8 +58,9 @@ const TIMER_DIV_16: u32 = 0b0011;
 /// bus frequency changes how long they last, not whether they end.
 const TIMER_PERIOD: u32 = 625_000;
 
-/// Vectors that get a stub: the 32 exceptions and the three above.
-const STUBS: usize = 35;
+/// Vectors that get a stub: the 32 exceptions, the three above and the
+/// two [`COUNT_VECTORS`].
+const STUBS: usize = 37;
 
 // One stub per vector: push the vector, join the common path, which saves
 // the caller-saved registers (the target has no SSE state and no red zone),
@@ -85,6 +88,8 @@ global_asm!(
     irq_stub 64
     irq_stub 65
     irq_stub 255
+    irq_stub 66
+    irq_stub 67
 
 irq_common:
     push %rax
@@ -128,13 +133,15 @@ irq_stub_table:
     irq_stub_ref 64
     irq_stub_ref 65
     irq_stub_ref 255
+    irq_stub_ref 66
+    irq_stub_ref 67
     .noaltmacro
 "#,
     options(att_syntax)
 );
 
 unsafe extern "C" {
-    /// Addresses of the stubs: vectors 0..32, then 0x40, 0x41, 0xff.
+    /// Addresses of the stubs: vectors 0..32, then 0x40, 0x41, 0xff, 0x42, 0x43.
     static irq_stub_table: [u64; STUBS];
 }
 
@@ -144,6 +151,8 @@ const fn stub_vector(i: usize) -> u8 {
         32 => DEVICE_VECTOR,
         33 => TIMER_VECTOR,
         34 => SPURIOUS_VECTOR,
+        35 => COUNT_VECTORS[0],
+        36 => COUNT_VECTORS[1],
         n => n as u8,
     }
 }
@@ -172,7 +181,9 @@ struct Idt([Gate; 256]);
 
 static IDT: Once<Idt> = Once::new();
 /// Interrupts taken per stubbed vector (index as in `irq_stub_table`).
-static COUNTS: [AtomicU32; 3] = [const { AtomicU32::new(0) }; 3];
+static COUNTS: [AtomicU32; 5] = [const { AtomicU32::new(0) }; 5];
+/// The local APIC is in x2APIC mode: registers are MSRs 0x800 + offset / 16.
+static X2APIC: AtomicBool = AtomicBool::new(false);
 /// What [`DEVICE_VECTOR`] calls.
 static DEVICE_HANDLER: Mutex<Option<fn()>> = Mutex::new(None);
 /// The local APIC is set up.
@@ -183,8 +194,8 @@ static READY: Once<u32> = Once::new();
 pub enum IrqError {
     /// IA32_APIC_BASE does not point at the xAPIC page the board maps.
     ApicBase(u64),
-    /// The APIC is in x2APIC mode (no MMIO interface).
-    X2Apic,
+    /// x2APIC mode asked for, but the CPU does not offer it (CPUID.1:ECX.21).
+    NoX2Apic,
     /// The page tables do not map the xAPIC page identity, writable and
     /// uncached: the leaf entry found (0 if none).
     ApicMapping(u64),
@@ -194,7 +205,7 @@ impl core::fmt::Display for IrqError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::ApicBase(v) => write!(f, "IA32_APIC_BASE = {v:#x}, expected {LAPIC_BASE:#x}"),
-            Self::X2Apic => write!(f, "local APIC is in x2APIC mode"),
+            Self::NoX2Apic => write!(f, "the CPU has no x2APIC (run with -cpu ...,+x2apic)"),
             Self::ApicMapping(e) => write!(
                 f,
                 "{LAPIC_BASE:#x} not mapped identity, writable, uncached (leaf entry {e:#x})"
@@ -219,13 +230,43 @@ fn read_apic_base() -> u64 {
 fn write_apic_base(val: u64) {
     let msr = IA32_APIC_BASE;
     // SAFETY: `init` calls it only to set the global enable bit, keeping the
-    // base the CPU already uses (checked to be the mapped xAPIC page).
+    // base the CPU already uses (checked to be the mapped xAPIC page);
+    // `enable_x2apic` to set EN, then EXTD, on a CPU that offers x2APIC.
     unsafe {
         asm!("wrmsr", in("ecx") msr, in("eax") val as u32, in("edx") (val >> 32) as u32, options(nomem, nostack, preserves_flags))
     };
 }
 
+/// Reads MSR `msr`.
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: only called for the x2APIC register MSRs while the APIC is in
+    // x2APIC mode (checked by the callers), where they exist; reads have no
+    // side effect.
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Writes MSR `msr`.
+fn wrmsr(msr: u32, val: u64) {
+    // SAFETY: only called for x2APIC register MSRs while the APIC is in
+    // x2APIC mode, with the values the xAPIC MMIO path would write.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") val as u32, in("edx") (val >> 32) as u32, options(nomem, nostack, preserves_flags))
+    };
+}
+
+/// The x2APIC MSR of xAPIC register offset `off` (SDM Vol. 3 11.12.1.2).
+const fn x2apic_msr(off: usize) -> u32 {
+    0x800 + (off >> 4) as u32
+}
+
 fn lapic_read(off: usize) -> u32 {
+    if X2APIC.load(Ordering::Relaxed) {
+        return rdmsr(x2apic_msr(off)) as u32;
+    }
     // SAFETY: the xAPIC page is identity-mapped uncached (boot.rs) and
     // IA32_APIC_BASE was checked to point at it; `off` is a register offset
     // of table 11-1, 16-byte aligned.
@@ -233,6 +274,9 @@ fn lapic_read(off: usize) -> u32 {
 }
 
 fn lapic_write(off: usize, val: u32) {
+    if X2APIC.load(Ordering::Relaxed) {
+        return wrmsr(x2apic_msr(off), val.into());
+    }
     // SAFETY: as for `lapic_read`.
     unsafe { core::ptr::write_volatile((LAPIC_BASE + off) as *mut u32, val) }
 }
@@ -287,15 +331,16 @@ pub fn init() -> Result<u32, IrqError> {
         return Ok(*id);
     }
     let base = read_apic_base();
-    if base & APIC_BASE_EXTD != 0 {
-        return Err(IrqError::X2Apic);
-    }
-    if base & 0xf_ffff_f000 != LAPIC_BASE as u64 {
-        return Err(IrqError::ApicBase(base));
-    }
-    check_apic_mapping()?;
-    if base & APIC_BASE_EN == 0 {
-        write_apic_base(base | APIC_BASE_EN);
+    let x2 = base & APIC_BASE_EXTD != 0;
+    X2APIC.store(x2, Ordering::Relaxed);
+    if !x2 {
+        if base & 0xf_ffff_f000 != LAPIC_BASE as u64 {
+            return Err(IrqError::ApicBase(base));
+        }
+        check_apic_mapping()?;
+        if base & APIC_BASE_EN == 0 {
+            write_apic_base(base | APIC_BASE_EN);
+        }
     }
     // SAFETY: OCW1 to both 8259 data ports masks every legacy IRQ line; the
     // board uses none of them.
@@ -337,8 +382,34 @@ pub fn init() -> Result<u32, IrqError> {
     // SAFETY: the IDT is 'static and every present gate points at a stub
     // that saves what it clobbers and returns with iretq (or ends the run).
     unsafe { asm!("lidt [{0}]", in(reg) &idtr, options(readonly, nostack, preserves_flags)) };
-    let id = lapic_read(LAPIC_ID) >> 24;
+    // xAPIC: the ID in bits 31:24; x2APIC: the whole 32-bit register.
+    let id = if x2 {
+        lapic_read(LAPIC_ID)
+    } else {
+        lapic_read(LAPIC_ID) >> 24
+    };
     Ok(*READY.call_once(|| id))
+}
+
+/// Puts the local APIC in x2APIC mode (IA32_APIC_BASE EN then EN | EXTD,
+/// SDM Vol. 3 11.12.5), before [`init`]. Interrupts stay disabled.
+pub fn enable_x2apic() -> Result<(), IrqError> {
+    // CPUID leaf 1 exists on every x86-64 CPU.
+    let ecx = core::arch::x86_64::__cpuid(1).ecx;
+    if ecx & (1 << 21) == 0 {
+        return Err(IrqError::NoX2Apic);
+    }
+    let base = read_apic_base();
+    if base & APIC_BASE_EN == 0 {
+        write_apic_base(base | APIC_BASE_EN);
+    }
+    write_apic_base(base | APIC_BASE_EN | APIC_BASE_EXTD);
+    Ok(())
+}
+
+/// Whether the local APIC runs in x2APIC mode (known after [`init`]).
+pub fn x2apic() -> bool {
+    X2APIC.load(Ordering::Relaxed)
 }
 
 /// MSI address and data that deliver `vector` to this CPU's local APIC:
@@ -365,6 +436,8 @@ fn counter(vector: u8) -> Option<&'static AtomicU32> {
         DEVICE_VECTOR => COUNTS.first(),
         TIMER_VECTOR => COUNTS.get(1),
         SPURIOUS_VECTOR => COUNTS.get(2),
+        v if v == COUNT_VECTORS[0] => COUNTS.get(3),
+        v if v == COUNT_VECTORS[1] => COUNTS.get(4),
         _ => None,
     }
 }
@@ -438,6 +511,7 @@ extern "C" fn irq_dispatch(vector: u64) {
             lapic_write(LAPIC_EOI, 0);
         }
         TIMER_VECTOR => lapic_write(LAPIC_EOI, 0),
+        v if COUNT_VECTORS.contains(&v) => lapic_write(LAPIC_EOI, 0),
         SPURIOUS_VECTOR => {}
         _ => {
             let cr2: u64;

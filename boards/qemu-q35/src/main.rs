@@ -90,6 +90,10 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
     board_common::console::init(serial::put);
     println!();
     let (cmdline, rsdp) = start_info(start_info_pa);
+    // `x2apic`: the local APIC runs in x2APIC mode (the eim=on configuration).
+    if cmdline.split_ascii_whitespace().any(|w| w == "x2apic") {
+        irq::enable_x2apic().unwrap_or_else(|e| boot_failure(format_args!("x2APIC: {e}")));
+    }
 
     let info = acpi::parse(rsdp).unwrap_or_else(|e| boot_failure(format_args!("ACPI: {e}")));
     if let Some(port) = info.pm1a_cnt {

@@ -5,6 +5,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod ir;
 mod irq;
 mod p2p;
 mod virtio;
@@ -37,6 +38,13 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(vtd::invalidation_mode_switch_keeps_translation_on),
     test!(irq::vtd_fault_msi_delivers_decoded_fault),
     test!(irq::vtd_fault_pending_while_masked_fires_on_unmask),
+    test!(ir::ir_msi_arrives_at_the_vector_and_apic_of_its_irte),
+    test!(ir::ir_retargeted_irte_moves_the_next_interrupt),
+    test!(ir::ir_entry_of_another_source_id_blocks_msi_with_decoded_fault),
+    test!(ir::ir_cfi_off_blocks_compat_msi_where_the_unit_gates_it),
+    test!(ir::ir_x2apic_destination_uses_all_32_bits),
+    test!(ir::ir_freed_irte_blocks_msi_with_decoded_fault),
+    test!(ir::ir_refused_without_queued_invalidation),
     test!(p2p::p2p_dma_through_host_bridge_lands_in_peer_bar),
     test!(p2p::p2p_without_an_allowed_host_bridge_is_refused),
     test!(virtio::virtio_blk_reads_and_writes_through_iommu_tables),
