@@ -6,7 +6,7 @@
 
 use crate::edu::Edu;
 use crate::harness::{Ctx, Fail, OrFail};
-use crate::memory::{BoardMemory, pattern};
+use crate::memory::{BoardMemory, DRIVER_MEMORY, DriverMemory, pattern};
 use bare_iommu::backend::{Attachment, IommuBackend};
 use bare_iommu::error::BackendError;
 use bare_iommu::pgtable::PteFormat;
@@ -28,7 +28,9 @@ const SIZE_2M: u64 = 2 << 20;
 pub(super) const APERTURE_A: (u64, u64) = (0x10_0000, 0x1000_0000);
 const APERTURE_B: (u64, u64) = (0x1000_0000, 0x2000_0000);
 
-pub(super) type Unit = Vtd<&'static BoardMemory>;
+/// The unit lends its own structures from [`DRIVER_MEMORY`]: they live as
+/// long as the boot, so the runner does not count them against a test.
+pub(super) type Unit = Vtd<&'static DriverMemory>;
 pub(super) type Dom<F> = Domain<F, &'static BoardMemory>;
 
 /// A table format a test domain can use: second level (legacy, and scalable
@@ -118,7 +120,7 @@ fn config(ctx: &Ctx) -> VtdConfig {
 fn probe(ctx: &Ctx) -> Result<Unit, Fail> {
     // SAFETY: vtd_base is the DRHD register base from the DMAR, identity-mapped
     // uncached by the boot code; these tests are the unit's only driver.
-    unsafe { Vtd::new(ctx.vtd_base, ctx.vtd_len, ctx.mem) }.or_fail("probe")
+    unsafe { Vtd::new(ctx.vtd_base, ctx.vtd_len, &DRIVER_MEMORY) }.or_fail("probe")
 }
 
 /// Runs `f` with the initialised unit; both edus are blocked and the fault
@@ -251,7 +253,17 @@ fn destroy_and_detach<F: BoardFormat>(
     edu: &Edu,
 ) -> Result<(), Fail> {
     dom.destroy(tx, vtd).or_fail("destroy")?;
-    vtd.detach(edu.id).or_fail("detach")
+    vtd.detach(edu.id).or_fail("detach")?;
+    end_domain(vtd, dom)
+}
+
+/// Ends a domain no device is attached to any more: the unit drops what it
+/// cached for it (domain-selective invalidation + wait) and every table page
+/// goes back to the lender.
+pub(super) fn end_domain<F: BoardFormat>(vtd: &mut Unit, dom: Dom<F>) -> Result<(), Fail> {
+    dom.teardown(vtd)
+        .map_err(|(_, e)| e)
+        .or_fail("domain teardown")
 }
 
 pub(super) fn alloc_tx<F: BoardFormat>(dom: &mut Dom<F>, size: u64) -> Result<IovaState, Fail> {
@@ -778,6 +790,8 @@ fn two_domains_are_isolated_with<F: BoardFormat>(ctx: &Ctx, vtd: &mut Unit) -> R
     db.destroy(tb, vtd).or_fail("destroy b")?;
     vtd.detach(e0.id).or_fail("detach")?;
     vtd.detach(e1.id).or_fail("detach")?;
+    end_domain(vtd, da)?;
+    end_domain(vtd, db)?;
     free_pages(ctx, pa, 1)?;
     free_pages(ctx, pb, 1)
 }
@@ -941,6 +955,7 @@ fn exactly_one_wait_descriptor_per_sync_with<F: BoardFormat>(
 
     dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
     vtd.detach(edu.id).or_fail("detach")?;
+    end_domain(vtd, dom)?;
     free_pages(ctx, pool, 3)
 }
 
