@@ -3,7 +3,9 @@
 //! The core writes page tables; a backend makes the hardware use them. The
 //! two-step API calls [`IommuBackend::invalidate`] for every range whose
 //! translations changed and then [`IommuBackend::sync`] exactly once per
-//! `sync`, which is the only call that waits on hardware.
+//! `sync`, which is the only call that waits on hardware; a `sync` with
+//! nothing to invalidate calls [`IommuBackend::publish`] instead, which
+//! waits for nothing.
 
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::device::DeviceId;
@@ -85,8 +87,25 @@ pub trait IommuBackend {
     /// Submits one completion for everything queued since the last sync and
     /// waits for it, bounded: a timeout is an error, never a hang. The core
     /// calls it after writing tables with ordinary stores; the backend orders
-    /// them before its doorbell write (e.g. `dsb` on Arm).
+    /// them before its doorbell write (e.g. `dsb` on Arm). With nothing
+    /// queued the core calls [`publish`](Self::publish) instead.
     fn sync(&mut self) -> Result<(), BackendError>;
+
+    /// Makes table writes visible to the walker when nothing needs
+    /// invalidating (a sync after links only, a one-step map): no command
+    /// and no completion wait. The core calls it after ordering its table
+    /// stores with a barrier (and cleaning them when the walker is not
+    /// coherent), instead of [`sync`](Self::sync).
+    ///
+    /// The default does nothing more, which is right where a not-present
+    /// entry is never cached: an Arm TLB or walk cache holds only valid
+    /// descriptors, so a new one needs no invalidation (Linux's
+    /// arm-smmu-v3 has no `iotlb_sync_map`). VT-d flushes the write buffer
+    /// when `CAP.RWBF` (VT-d §6.8; Linux `cache_tag_flush_range_np` does
+    /// only that outside caching mode).
+    fn publish(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
 
     /// Whether the hardware caches not-present entries (VT-d `CAP.CM`, caching
     /// mode), so that newly linked ranges must be invalidated too.

@@ -926,8 +926,10 @@ pub fn smmu_illegal_command_is_reported_and_queue_recovers(ctx: &mut Ctx) -> Res
     teardown(&mut smmu, ctx)
 }
 
-/// The command counters: one sync of a batch (two unlinks of 3 and 1
-/// pages) issues exactly one CMD_SYNC and the TLBIs the SMMU needs: one
+/// The command counters: a sync after links alone issues no command at all
+/// (no CMD_SYNC: nothing to invalidate, issue 11); one sync of a batch (two
+/// unlinks of 3 and 1 pages) issues exactly one CMD_SYNC and the TLBIs the
+/// SMMU needs: one
 /// range TLBI per range with IDR3.RIL, one per page without; past the
 /// threshold (64 pages) one TLBI by ASID/VMID, and the DMA shows it worked.
 /// Run with range invalidation on (when the SMMU has it) and forced off.
@@ -963,17 +965,32 @@ fn command_counts<F: PteFormat>(
     link_pages(&mut dom, &mut tx, 0, &six)?;
     dom.sync(smmu).or_fail("sync")?;
     let linked = smmu.stats();
-    check_eq!(linked.sync_calls - before.sync_calls, 1, "sync calls");
+    check_eq!(
+        linked.sync_calls - before.sync_calls,
+        0,
+        "completion waits for a sync of 6 links"
+    );
     check_eq!(
         linked.commands.sync - before.commands.sync,
-        1,
+        0,
         "CMD_SYNCs for one sync of 6 links"
     );
     check_eq!(
-        linked.commands.tlbi(),
-        before.commands.tlbi(),
-        "TLBIs for links (nothing was cached)"
+        linked.commands.total - before.commands.total,
+        0,
+        "commands for a sync of 6 links (nothing was cached)"
     );
+    // The links are live without a CMD_SYNC: edu reads through the last one.
+    ctx.mem.fill_pattern(six[5], PAGE, 0x5c);
+    edu.dma_from_ram(at(tx.iova(), 5 * PAGE_SIZE), 0, 64)
+        .or_fail("read through a link synced without CMD_SYNC")?;
+    edu.dma_to_ram(at(tx.iova(), 4 * PAGE_SIZE), 0, 64)
+        .or_fail("write through a link synced without CMD_SYNC")?;
+    check_ok!(
+        ctx.mem.check_pattern(six[4], 64, 0x5c),
+        "DMA through links synced without CMD_SYNC"
+    );
+    narrate!("6 links + sync: 0 commands, 0 CMD_SYNC; the DMA through them works");
 
     dom.unlink(&mut tx, 0, 3 * PAGE_SIZE)
         .or_fail("unlink 3 pages")?;
