@@ -255,7 +255,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// Valid entries of `table`, by a scan (the debug builds' check of the
     /// counts; one lookup of the page, so tests can count the lookups an
     /// operation makes).
-    #[cfg(debug_assertions)]
     fn valid_entries(&self, table: PhysAddr, h: u32) -> usize {
         let base = self.mem.phys_to_virt(table).cast::<u64>();
         (0..ENTRIES)
