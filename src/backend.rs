@@ -3,7 +3,9 @@
 //! The core writes page tables; a backend makes the hardware use them. The
 //! two-step API calls [`IommuBackend::invalidate`] for every range whose
 //! translations changed and then [`IommuBackend::sync`] exactly once per
-//! `sync`, which is the only call that waits on hardware.
+//! `sync`, which is the only call that waits on hardware; a `sync` with
+//! nothing to invalidate calls [`IommuBackend::publish`] instead, which
+//! waits for nothing.
 
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::device::DeviceId;
@@ -111,6 +113,9 @@ pub enum Attachment {
 ///         self.inner.sync()
 ///     }
 ///     // Forward the defaults too: they change what the core asks for.
+///     fn publish(&mut self) -> Result<(), BackendError> {
+///         self.inner.publish()
+///     }
 ///     fn needs_map_invalidation(&self) -> bool {
 ///         self.inner.needs_map_invalidation()
 ///     }
@@ -128,14 +133,14 @@ pub enum Attachment {
 ///     let pa = PhysAddr(0x9000_0000 + i * 0x10_0000);
 ///     dom.link(&mut tx, pa, i * 4096, 4096, DmaDirection::Bidirectional, MapAttrs::empty())?;
 /// }
-/// dom.sync(&mut iommu)?; // new entries need no invalidation (no caching mode)
+/// dom.sync(&mut iommu)?; // new entries: published, no command, no wait (no caching mode)
 /// dom.unlink(&mut tx, 0, 4 * 4096)?;
 /// dom.sync(&mut iommu)?; // one range invalidation, one wait
-/// assert_eq!(iommu.waits, 2);
+/// assert_eq!(iommu.waits, 1);
 /// let calls: Vec<Call> = iommu.inner.log.iter().copied().collect();
 /// assert!(matches!(
 ///     calls[..],
-///     [Call::Sync, Call::Invalidate { len: 0x4000, .. }, Call::Sync]
+///     [Call::Publish, Call::Invalidate { len: 0x4000, .. }, Call::Sync]
 /// ));
 /// # dom.free(tx).map_err(|(_, e)| e)?;
 /// # Ok(()) }
@@ -200,7 +205,8 @@ pub trait IommuBackend {
     /// Submits one completion for everything queued since the last sync and
     /// waits for it, bounded: a timeout is an error, never a hang. The core
     /// calls it after writing tables with ordinary stores; the backend orders
-    /// them before its doorbell write (e.g. `dsb` on Arm).
+    /// them before its doorbell write (e.g. `dsb` on Arm). With nothing
+    /// queued the core calls [`publish`](Self::publish) instead.
     ///
     /// # Errors
     ///
@@ -212,6 +218,27 @@ pub trait IommuBackend {
     /// After an error, treat every invalidation queued since the last good
     /// sync as not done.
     fn sync(&mut self) -> Result<(), BackendError>;
+
+    /// Makes table writes visible to the walker when nothing needs
+    /// invalidating (a sync after links only, a one-step map): no command
+    /// and no completion wait. The core calls it after ordering its table
+    /// stores with a barrier (and cleaning them when the walker is not
+    /// coherent), instead of [`sync`](Self::sync).
+    ///
+    /// The default does nothing more, which is right where a not-present
+    /// entry is never cached: an Arm TLB or walk cache holds only valid
+    /// descriptors, so a new one needs no invalidation (Linux's
+    /// arm-smmu-v3 has no `iotlb_sync_map`). VT-d flushes the write buffer
+    /// when `CAP.RWBF` (VT-d §6.8; Linux `cache_tag_flush_range_np` does
+    /// only that outside caching mode).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Timeout`] when a flush the hardware must acknowledge
+    /// (VT-d GSTS.WBFS) does not complete within the poll budget.
+    fn publish(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
 
     /// Whether the hardware caches not-present entries (VT-d `CAP.CM`, caching
     /// mode), so that newly linked ranges must be invalidated too.

@@ -1058,6 +1058,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// wait for the hardware once. Table pages freed by unlinks are handed
     /// back to the lender only after the wait succeeded.
     ///
+    /// With nothing to invalidate (only links since the last sync, and a
+    /// backend that does not cache not-present entries) no command is
+    /// issued and nothing is waited for: the table writes are only made
+    /// visible (a barrier, and [`IommuBackend::publish`], e.g. the VT-d
+    /// write-buffer flush; cleans were done as the entries were written).
+    ///
     /// # Errors
     ///
     /// [`DmaError::Backend`]: the backend's `invalidate`,
@@ -1068,15 +1074,29 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     pub fn sync<B: IommuBackend + ?Sized>(&mut self, backend: &mut B) -> Result<(), DmaError> {
         let id = self.id;
         let Some(t) = self.inner.as_mut() else {
-            return backend.sync().map_err(Into::into);
+            // An identity domain has no tables: nothing to publish or wait for.
+            return Ok(());
         };
+        let with_maps = backend.needs_map_invalidation();
+        if t.unmapped.is_empty()
+            && (!with_maps || t.mapped.is_empty())
+            && t.pt.retired_pages() == 0
+            && !t.pt.has_stranded()
+        {
+            // Links only: a new valid entry replaced a not-present one, which
+            // no TLB or walk cache holds (unless `with_maps`), so there is
+            // nothing to invalidate and no completion to wait for.
+            wmb_on(t.pt.memory());
+            backend.publish()?;
+            t.mapped.clear();
+            return Ok(());
+        }
         let info = t.info(id);
         // Bounded: each extra round detaches up to RETIRE_CAPACITY stranded
         // tables, and there are at most as many as the table holds.
         loop {
             // Table stores happen before the backend's doorbell write.
             wmb_on(t.pt.memory());
-            let with_maps = backend.needs_map_invalidation();
             if t.unmapped.overflow || (with_maps && t.mapped.overflow) {
                 backend.invalidate_domain(&info)?;
             } else {

@@ -173,3 +173,31 @@ fn dropping_a_table_hands_back_nothing_and_free_all_hands_back_everything() {
     unsafe { t.free_all() };
     assert_eq!(mem.live_pages(), pages);
 }
+
+/// Issue 11 §3: unmapping a 1 GiB block decides that its table became
+/// empty from the table's valid-entry count, without reading the other 511
+/// entries; the emptied tables are still detached and retired.
+fn block_1g_unmap_reads_no_neighbours<F: PteFormat>(fmt: F) {
+    let mem = HostMemory::new();
+    let mut t = IoPageTable::new(fmt, &mem, 4, true).unwrap();
+    t.map(DmaAddr(G1), PhysAddr(4 * G1), G1, RW).unwrap();
+    assert_eq!(leaf_height(&t, G1), Some(2));
+    let pages = t.table_pages();
+    let before = mem.lookups.get();
+    let out = t.unmap(DmaAddr(G1), G1).unwrap();
+    let reads = mem.lookups.get() - before;
+    assert_eq!(out.bytes, G1);
+    assert!(out.freed_tables, "the emptied table is detached");
+    assert_eq!(t.table_pages(), pages - 1);
+    assert_eq!(t.retired_pages(), 1);
+    // A walk to the block and back (a few entries per level), not a scan
+    // of the table's 512 entries.
+    assert!(reads < 32, "{reads} table entries read to unmap one block");
+}
+
+#[test]
+fn unmapping_a_1g_block_reads_no_neighbour_entries() {
+    block_1g_unmap_reads_no_neighbours(ArmStage1);
+    block_1g_unmap_reads_no_neighbours(ArmStage2);
+    block_1g_unmap_reads_no_neighbours(VtdSecondLevel::default());
+}

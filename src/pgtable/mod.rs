@@ -6,6 +6,7 @@
 
 pub mod arm;
 mod attrs;
+mod counts;
 mod format;
 mod table;
 pub mod vtd;

@@ -1,5 +1,6 @@
 //! The generic radix walker: one I/O page table over a [`PteFormat`].
 
+use super::counts::TableCounts;
 use super::{MapAttrs, Pte, PteFormat};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::barrier::wmb_on;
@@ -64,6 +65,9 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// from the root. Forgotten whenever a table page is detached or an
     /// entry above the leaf level is overwritten with a block.
     leaf_cache: (u64, PhysAddr),
+    /// Valid entries of upper tables, so unmap needs no scan to find one
+    /// empty (see `counts.rs`).
+    counts: TableCounts,
 }
 
 #[inline]
@@ -157,6 +161,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             retired: heapless::Vec::new(),
             stranded: false,
             leaf_cache: (NO_REGION, PhysAddr(0)),
+            counts: TableCounts::new(),
         })
     }
 
@@ -241,6 +246,64 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     fn install_table(&self, table: PhysAddr, idx: usize, child: PhysAddr) {
         wmb_on(&self.mem);
         self.write(table, idx, self.fmt.table(child));
+    }
+
+    /// Entry bookkeeping: one entry of `table` (at height `h`) became valid.
+    /// Only upper tables are counted; the root never needs to be.
+    #[inline]
+    fn entry_became_valid(&mut self, table: PhysAddr, h: u32) {
+        if h > 0 && table != self.root {
+            self.counts.add(table);
+        }
+    }
+
+    /// One entry of `table` (at height `h`) stopped being valid.
+    #[inline]
+    fn entry_became_invalid(&mut self, table: PhysAddr, h: u32) {
+        if h > 0 && table != self.root {
+            self.counts.sub(table);
+        }
+    }
+
+    /// A table page `t` of height `h` was just attached (empty).
+    #[inline]
+    fn table_attached(&mut self, t: PhysAddr, h: u32) {
+        if h > 0 {
+            self.counts.track(t);
+        }
+    }
+
+    /// Whether `table` (height `h`, not the root) has no valid entry, given
+    /// that only entries in `lo..hi` changed since it last had one: at once
+    /// from its count when it is counted, else by a scan that looks at the
+    /// neighbours of `lo..hi` first.
+    #[inline]
+    fn became_empty(&self, table: PhysAddr, h: u32, lo: usize, hi: usize) -> bool {
+        if h > 0 {
+            if let Some(n) = self.counts.get(table) {
+                debug_assert_eq!(
+                    usize::from(n),
+                    self.valid_entries(table, h),
+                    "valid-entry count of table {table:?} at height {h} is wrong"
+                );
+                return n == 0;
+            }
+        }
+        !(self.any_present(table, h, hi, ENTRIES) || self.any_present(table, h, 0, lo.min(hi)))
+    }
+
+    /// Valid entries of `table`, by a scan (the debug builds' check of the
+    /// counts; one lookup of the page, so tests can count the lookups an
+    /// operation makes).
+    fn valid_entries(&self, table: PhysAddr, h: u32) -> usize {
+        let base = self.mem.phys_to_virt(table).cast::<u64>();
+        (0..ENTRIES)
+            .filter(|&i| {
+                // SAFETY: as in `read`: `i < 512` stays inside the table page.
+                let v = unsafe { base.wrapping_add(i).read_volatile() };
+                self.present(v, h)
+            })
+            .count()
     }
 
     #[inline]
@@ -501,6 +564,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     let t = self.alloc_table()?;
                     self.install_table(table, idx, t);
                     self.clean_entries(table, idx, idx + 1);
+                    self.entry_became_valid(table, h);
+                    self.table_attached(t, h - 1);
                     created = true;
                     t
                 }
@@ -654,14 +719,15 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             }
             self.write(parent, idx, 0);
             self.clean_entries(parent, idx, idx + 1);
+            self.entry_became_invalid(parent, h);
+            self.counts.forget(child);
             self.table_pages -= 1;
             self.leaf_cache.0 = NO_REGION;
             freed = true;
             if parent == self.root {
                 break;
             }
-            if self.any_present(parent, h, idx + 1, ENTRIES) || self.any_present(parent, h, 0, idx)
-            {
+            if !self.became_empty(parent, h, idx, idx + 1) {
                 break;
             }
             child = parent;
@@ -710,7 +776,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 if h > 0 {
                     self.leaf_cache.0 = NO_REGION;
                 }
+                // The range was checked empty: this entry was not valid.
                 self.write(table, idx, self.fmt.leaf(PhysAddr(p), h, attrs));
+                self.entry_became_valid(table, h);
                 lo = lo.min(idx);
                 hi = idx + 1;
             } else {
@@ -719,6 +787,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     Pte::Invalid => match self.alloc_table() {
                         Ok(t) => {
                             self.install_table(table, idx, t);
+                            self.entry_became_valid(table, h);
+                            self.table_attached(t, h - 1);
                             lo = lo.min(idx);
                             hi = idx + 1;
                             t
@@ -949,6 +1019,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 Pte::Leaf { .. } => {
                     if cur == base && next == base + esize {
                         self.write(table, idx, 0);
+                        self.entry_became_invalid(table, h);
                         out.bytes += esize;
                         lo = lo.min(idx);
                         hi = idx + 1;
@@ -963,6 +1034,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     } else {
                         self.leaf_cache.0 = NO_REGION;
                         self.write(table, idx, 0);
+                        self.entry_became_invalid(table, h);
+                        self.counts.forget(child);
                         self.table_pages -= 1;
                         out.freed_tables = true;
                         lo = lo.min(idx);
@@ -985,9 +1058,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             // The root is never detached: whether it is empty does not matter.
             return false;
         }
-        // Look next to what was cleared first: neighbours are the likeliest
-        // to still be present, which keeps sequential unmaps O(1) per page.
-        !(self.any_present(table, h, hi, ENTRIES) || self.any_present(table, h, 0, lo.min(hi)))
+        // An upper table's count decides at once; a leaf table is scanned
+        // next to what was cleared first: neighbours are the likeliest to
+        // still be present, which keeps sequential unmaps O(1) per page.
+        self.became_empty(table, h, lo, hi)
     }
 
     /// Hands retired table pages back to the lender. Call only after the
@@ -1040,6 +1114,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 Pte::Table(child) => {
                     if self.prune_rec(child, h - 1) && self.retired.push(child).is_ok() {
                         self.write(table, i, 0);
+                        self.entry_became_invalid(table, h);
+                        self.counts.forget(child);
                         self.table_pages -= 1;
                         self.leaf_cache.0 = NO_REGION;
                         lo = lo.min(i);
@@ -1067,6 +1143,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// and every cached walk of it was invalidated and that invalidation
     /// completed (a whole-domain invalidation followed by a sync).
     pub unsafe fn free_all(mut self) {
+        self.counts.clear();
         self.free_retired();
         self.free_tree(self.root, self.top_height());
     }

@@ -39,6 +39,8 @@ pub enum Call {
     InvalidateDomain(u16),
     /// `sync()`: one completion wait.
     Sync,
+    /// `publish()`: table writes made visible, no command, no wait.
+    Publish,
 }
 
 /// A backend that records calls instead of touching hardware.
@@ -48,6 +50,8 @@ pub struct RecordingBackend {
     pub log: heapless::Deque<Call, LOG_CAPACITY>,
     /// Completion waits issued.
     pub syncs: u64,
+    /// [`IommuBackend::publish`] calls (no command, no wait).
+    pub publishes: u64,
     /// Range invalidations queued.
     pub invalidations: u64,
     /// Whole-domain invalidations queued.
@@ -139,6 +143,12 @@ impl IommuBackend for RecordingBackend {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    fn publish(&mut self) -> Result<(), BackendError> {
+        self.publishes += 1;
+        self.record(Call::Publish);
+        Ok(())
     }
 
     fn needs_map_invalidation(&self) -> bool {

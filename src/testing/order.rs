@@ -141,6 +141,9 @@ pub enum Event {
     InvalidateDomain,
     /// `sync()` and whether it succeeded.
     Sync(bool),
+    /// `publish()`: no command, no completion; the stores before it must be
+    /// ordered (and cleaned) as before any doorbell.
+    Publish,
     /// `attach(dev, how)` (detach is an attach to blocked); whether it
     /// attaches the watched root.
     Attach(DeviceId, bool),
@@ -392,6 +395,12 @@ impl<'a> OrderLender<'a> {
             Event::InvalidateDomain => {
                 self.doorbell(&mut st, k);
                 let _ = st.queued.push(Inval::Domain { at: k });
+            }
+            Event::Publish => {
+                // Rule 5 without a batch: nothing is queued or completed.
+                let batch = st.batch_start;
+                self.doorbell(&mut st, k);
+                st.batch_start = batch;
             }
             Event::Sync(ok) => {
                 self.doorbell(&mut st, k);
@@ -838,6 +847,11 @@ impl<B: IommuBackend> IommuBackend for OrderBackend<'_, '_, B> {
         let r = self.inner.sync();
         self.lender.event(Event::Sync(r.is_ok()));
         r
+    }
+
+    fn publish(&mut self) -> Result<(), BackendError> {
+        self.lender.event(Event::Publish);
+        self.inner.publish()
     }
 
     fn needs_map_invalidation(&self) -> bool {

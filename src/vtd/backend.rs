@@ -34,6 +34,10 @@ impl<M: TableMemory> IommuBackend for Vtd<M> {
         self.sync_invalidations()
     }
 
+    fn publish(&mut self) -> Result<(), BackendError> {
+        self.publish_tables()
+    }
+
     fn needs_map_invalidation(&self) -> bool {
         self.features.caching_mode
     }

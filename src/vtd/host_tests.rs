@@ -720,3 +720,69 @@ fn hostile_vtd_random_capabilities_and_silent_registers_give_typed_errors() {
     }
     assert!(refused > 0 && refused < 3000, "{refused}");
 }
+
+/// #11 §1: a sync after links alone puts nothing in the invalidation queue
+/// and waits for nothing; under CAP.RWBF it still flushes the write buffer
+/// (VT-d §6.8). Under caching mode the same link is invalidated and waited
+/// for once. An unlink's sync always waits exactly once.
+#[test]
+fn strict_vtd_link_sync_submits_no_wait_descriptor_outside_caching_mode() {
+    for (cap, cm) in [(QEMU_CAP | CAP_RWBF, false), (QEMU_CAP | CAP_CM, true)] {
+        let (fake, mut v) = started(cap, QEMU_ECAP, false);
+        let dc = DomainConfig {
+            id: 5,
+            levels: 4,
+            aperture_start: 1 << 20,
+            aperture_end: 1 << 32,
+            coherent_walk: v.coherent_walk(),
+        };
+        let mut dom = Domain::new(v.second_level_format(), fake.mem.clone(), dc).unwrap();
+        v.attach(dev(3), dom.attachment()).unwrap();
+        let mut tx = dom
+            .try_alloc(1 << 20, u64::MAX)
+            .unwrap()
+            .into_iova()
+            .unwrap();
+        let s0 = v.stats();
+        fake.clear();
+        dom.link(
+            &mut tx,
+            PhysAddr(0x1_0000_0000),
+            0,
+            4096,
+            DmaDirection::ToDevice,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+        dom.sync(&mut v).unwrap();
+        let s1 = v.stats();
+        let log = fake.log();
+        let waits = |log: &[Ev]| {
+            log.iter()
+                .filter(|e| matches!(e, Ev::Desc(VtdDesc::Wait { .. })))
+                .count()
+        };
+        if cm {
+            assert_eq!(waits(&log), 1, "caching mode: {log:x?}");
+            assert_eq!(s1.wait_descriptors - s0.wait_descriptors, 1);
+        } else {
+            assert!(
+                !log.iter().any(|e| matches!(e, Ev::Desc(_))),
+                "descriptors for a link: {log:x?}"
+            );
+            assert_eq!(s1.wait_descriptors, s0.wait_descriptors);
+            assert_eq!(s1.syncs, s0.syncs, "no completion for links");
+            // (Counted by the driver: the fake sees GCMD writes late.)
+            assert_eq!(
+                s1.write_buffer_flushes - s0.write_buffer_flushes,
+                1,
+                "CAP.RWBF: the link's writes were not flushed once"
+            );
+        }
+        fake.clear();
+        dom.unlink(&mut tx, 0, 4096).unwrap();
+        dom.sync(&mut v).unwrap();
+        let log = fake.log();
+        assert_eq!(waits(&log), 1, "unlink, caching mode {cm}: {log:x?}");
+    }
+}

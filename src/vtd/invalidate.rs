@@ -179,6 +179,15 @@ impl<M: TableMemory> Vtd<M> {
         }
     }
 
+    /// Makes table writes visible without a completion
+    /// ([`IommuBackend::publish`](crate::IommuBackend::publish)): only the
+    /// write-buffer flush when CAP.RWBF (VT-d §6.8). Outside caching mode a
+    /// link needs no invalidation (Linux `cache_tag_flush_range_np` flushes
+    /// only the write buffer then), so nothing is queued and nothing waited for.
+    pub(super) fn publish_tables(&mut self) -> Result<(), BackendError> {
+        self.flush_write_buffer()
+    }
+
     /// Waits until every invalidation issued so far is done
     /// ([`IommuBackend::sync`](crate::IommuBackend::sync)).
     pub(super) fn sync_invalidations(&mut self) -> Result<(), BackendError> {

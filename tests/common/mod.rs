@@ -12,6 +12,9 @@ pub struct HostMemory {
     live: RefCell<HashMap<u64, Layout>>,
     budget: Cell<Option<usize>>,
     pub allocs: Cell<usize>,
+    /// `phys_to_virt` calls: the walker looks a table page up for every
+    /// entry it reads, so this counts the entries an operation reads.
+    pub lookups: Cell<usize>,
 }
 
 impl HostMemory {
@@ -20,6 +23,7 @@ impl HostMemory {
             live: RefCell::new(HashMap::new()),
             budget: Cell::new(None),
             allocs: Cell::new(0),
+            lookups: Cell::new(0),
         }
     }
 
@@ -80,6 +84,7 @@ unsafe impl TableMemory for HostMemory {
     }
 
     fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
+        self.lookups.set(self.lookups.get() + 1);
         pa.0 as *mut u8
     }
 }

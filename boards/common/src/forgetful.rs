@@ -27,6 +27,9 @@ impl<B: IommuBackend> IommuBackend for ForgetsInvalidation<'_, B> {
     fn sync(&mut self) -> Result<(), BackendError> {
         self.0.sync()
     }
+    fn publish(&mut self) -> Result<(), BackendError> {
+        self.0.publish()
+    }
     fn needs_map_invalidation(&self) -> bool {
         self.0.needs_map_invalidation()
     }

@@ -34,8 +34,11 @@ pub trait Board: Sized {
     /// (a DMA still running, a bad free). Its failure fails a passing test.
     fn after_test(&mut self) -> Result<(), Fail>;
 
-    /// IOMMU table pages lent out, if the runner should note a test that
-    /// leaves some allocated (default: no note).
+    /// IOMMU table pages lent out to domains and drivers that a test may
+    /// create and must end (a driver set up once per boot is not counted),
+    /// if the runner should check them (default: no check). A test that
+    /// leaves more lent than before it ran fails: a domain must end with
+    /// `Domain::teardown`, a driver with its shutdown.
     fn table_pages_in_use(&self) -> Option<usize> {
         None
     }
@@ -163,7 +166,14 @@ pub fn run<B: Board>(board: &mut B, tests: &[Test<B>]) -> ! {
         let verdict = test(board);
         let tidy = board.after_test();
         CURRENT.store(usize::MAX, Ordering::SeqCst);
-        match verdict.and(tidy) {
+        let lent = match (tables_before, board.table_pages_in_use()) {
+            (Some(before), Some(after)) if after > before => Err(fail_msg(format_args!(
+                "left {} table pages lent (a domain dropped without teardown?)",
+                after - before
+            ))),
+            _ => Ok(()),
+        };
+        match verdict.and(tidy).and(lent) {
             Ok(()) => {
                 PASSED.fetch_add(1, Ordering::SeqCst);
                 println!("PASS {name}");
@@ -172,14 +182,6 @@ pub fn run<B: Board>(board: &mut B, tests: &[Test<B>]) -> ! {
                 FAILED.fetch_add(1, Ordering::SeqCst);
                 println!("FAIL {name}: {why}");
             }
-        }
-        if let (Some(before), Some(after)) = (tables_before, board.table_pages_in_use())
-            && after > before
-        {
-            println!(
-                "  note: {name} left {} table pages allocated",
-                after - before
-            );
         }
     }
     finish::<B>(0)

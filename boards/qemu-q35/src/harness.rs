@@ -67,6 +67,17 @@ impl Board for Ctx {
         self.arg_value("only").is_none_or(|o| name.contains(o))
     }
 
+    /// Pages lent to domains: the unit's own structures (set up once per
+    /// boot, lent through [`DRIVER_MEMORY`](crate::memory::DRIVER_MEMORY))
+    /// are not counted.
+    fn table_pages_in_use(&self) -> Option<usize> {
+        Some(
+            self.mem
+                .table_pages_in_use()
+                .saturating_sub(crate::memory::DRIVER_MEMORY.held()),
+        )
+    }
+
     fn after_test(&mut self) -> Result<(), Fail> {
         match self.mem.take_bad_frees() {
             0 => Ok(()),

@@ -10,6 +10,7 @@ pub use board_common::pattern::{Mismatch, pattern};
 use board_common::pattern::{check_with, fill_with};
 use core::cell::UnsafeCell;
 use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{AtomicUsize, Ordering};
 use spin::Mutex;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -336,5 +337,58 @@ unsafe impl TableMemory for BoardMemory {
         // SAFETY: MFENCE only orders: the flushes complete before later
         // stores (the doorbell that lets the unit read the cleaned lines).
         unsafe { core::arch::asm!("mfence", options(nostack, preserves_flags)) };
+    }
+}
+
+/// The lender of the VT-d unit's own structures (root, context and PASID
+/// tables, the invalidation queue): the same table pool as [`MEMORY`], with
+/// its own count, so the runner can tell the pages a test must give back
+/// (its domains') from those the unit keeps for the whole boot.
+pub struct DriverMemory {
+    held: AtomicUsize,
+}
+
+/// The unit's lender (see [`DriverMemory`]).
+pub static DRIVER_MEMORY: DriverMemory = DriverMemory {
+    held: AtomicUsize::new(0),
+};
+
+impl DriverMemory {
+    /// Table pages the unit holds.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+// SAFETY: forwards to `MEMORY`, which upholds the contract; only counts.
+unsafe impl TableMemory for DriverMemory {
+    fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
+        let pa = MEMORY.alloc_zeroed(pages)?;
+        self.held.fetch_add(pages, Ordering::Relaxed);
+        Some(pa)
+    }
+
+    unsafe fn free(&self, pa: PhysAddr, pages: usize) {
+        // SAFETY: the caller's obligations are passed on unchanged.
+        unsafe { MEMORY.free(pa, pages) };
+        // A bad free is counted (and reported) by `MEMORY`; here it only
+        // must not wrap the count.
+        let _ = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                Some(h.saturating_sub(pages))
+            });
+    }
+
+    fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
+        MEMORY.phys_to_virt(pa)
+    }
+
+    fn can_clean(&self) -> bool {
+        MEMORY.can_clean()
+    }
+
+    fn clean(&self, pa: PhysAddr, len: usize) {
+        MEMORY.clean(pa, len)
     }
 }

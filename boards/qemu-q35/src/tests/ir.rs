@@ -308,7 +308,11 @@ pub fn ir_cfi_off_blocks_compat_msi_where_the_unit_gates_it(ctx: &mut Ctx) -> Re
             (None, Some(r)) => {
                 narrate!("{}", r);
                 check!(recs.len() == 1, "{} fault records, expected 1", recs.len());
-                check_eq!(r.reason, FaultReason::IrCompatibilityBlocked, "fault reason");
+                check_eq!(
+                    r.reason,
+                    FaultReason::IrCompatibilityBlocked,
+                    "fault reason"
+                );
                 check_eq!(r.source_id, edu.rid(), "faulting source-id");
             }
             (Some(v), None) => {
@@ -353,7 +357,11 @@ pub fn ir_x2apic_destination_uses_all_32_bits(ctx: &mut Ctx) -> Result<(), Fail>
         vtd.retarget_irte(&h, &IrteTarget::fixed(a, apic))
             .or_fail("retarget")?;
         raise(ctx, 0)?;
-        check_eq!(arrived()?, Some(a), "vector reached through this CPU's x2APIC ID");
+        check_eq!(
+            arrived()?,
+            Some(a),
+            "vector reached through this CPU's x2APIC ID"
+        );
         vtd.free_irte(h).or_fail("free")
     })
 }
@@ -406,7 +414,11 @@ pub fn ir_refused_without_queued_invalidation(ctx: &mut Ctx) -> Result<(), Fail>
             vtd.set_queued_invalidation(true)
                 .or_fail("queued invalidation on")?;
         }
-        check_eq!(r, Err(IrError::NeedsQueuedInvalidation), "enable without QI");
+        check_eq!(
+            r,
+            Err(IrError::NeedsQueuedInvalidation),
+            "enable without QI"
+        );
         check!(
             gsts & (1 << 25) == 0,
             "GSTS.IRES set after a refused enable"

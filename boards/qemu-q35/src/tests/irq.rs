@@ -12,7 +12,7 @@
 
 use super::vtd::{
     APERTURE_A, BoardFormat, Dom, PAGE_U32, Unit, alloc_tx, attached_domain, check_record,
-    first_level, free_pages, with_unit_owned,
+    end_domain, first_level, free_pages, with_unit_owned,
 };
 use crate::harness::{Ctx, Fail, OrFail};
 use crate::irq::{self, DEVICE_VECTOR};
@@ -217,6 +217,7 @@ fn tear_down<F: BoardFormat>(
     unit(|v| v.set_fault_irq_masked(true))?;
     unit(|v| dom.destroy(tx, v))?.or_fail("destroy")?;
     unit(|v| v.detach(ctx.edu[0].id))?.or_fail("detach")?;
+    unit(|v| end_domain(v, dom))??;
     free_pages(ctx, pa, 1)
 }
 

@@ -12,8 +12,8 @@ use bare_iommu::{DeviceId, IommuBackend, MapAttrs, PhysAddr};
 use board_common::p2p::{self, HOST_BRIDGE, P2pChecks, P2pTest, Reported, SEED};
 
 use super::vtd::{
-    APERTURE_A, BoardFormat, PAGE, Unit, attached_domain, expect_one_fault, first_level,
-    free_pages, no_faults, per_format, with_unit,
+    APERTURE_A, BoardFormat, PAGE, Unit, attached_domain, end_domain, expect_one_fault,
+    first_level, free_pages, no_faults, per_format, with_unit,
 };
 use crate::harness::{Ctx, Fail, OrFail, fail_msg};
 use crate::ivshmem::Ivshmem;
@@ -128,6 +128,7 @@ fn in_domain<F: BoardFormat>(
             p2p::dma_through_host_bridge(test, &mut checks)?;
         }
         vtd.detach(edu.id).or_fail("detach")?;
+        end_domain(vtd, dom)?;
         free_pages(ctx, src, 1)?;
         match host {
             Some(page) => free_pages(ctx, page, 1),

@@ -18,8 +18,8 @@ use board_common::p2p::Reported;
 use board_common::virtio_dma::{self, DATA_PAGES, FaultChecks, Pages, VirtioTest};
 
 use super::vtd::{
-    APERTURE_A, BoardFormat, Unit, faults, first_level, free_pages, new_domain, no_faults,
-    per_format, with_unit,
+    APERTURE_A, BoardFormat, Unit, end_domain, faults, first_level, free_pages, new_domain,
+    no_faults, per_format, with_unit,
 };
 use crate::harness::{Ctx, Fail, OrFail, Virtio, fail_msg};
 
@@ -172,5 +172,6 @@ fn in_domain<F: BoardFormat>(
     };
     // Detached before the domain's tables go.
     let detached = vtd.detach(virtio.id).or_fail("detach virtio");
-    r.and(detached)
+    r.and(detached)?;
+    end_domain(vtd, dom)
 }

@@ -69,5 +69,9 @@ where
     };
     // Detached before the domain's tables go.
     let detached = vtd.detach(virtio.id).or_fail("detach virtio");
-    r.and(detached)
+    let ended = dom
+        .teardown(&mut *vtd)
+        .map_err(|(_, e)| e)
+        .or_fail("domain teardown");
+    r.and(detached).and(ended)
 }

@@ -235,14 +235,15 @@ fn domain_with_hole<F: PteFormat>(
     Ok((dom, tx, hole))
 }
 
-/// Destroys the transaction and detaches both devices.
+/// Destroys the transaction, detaches both devices and ends the domain.
 fn finish<F: PteFormat>(
     ctx: &Ctx,
     mut dom: smmu::Dom<F>,
     tx: bare_iommu::state::IovaState,
 ) -> Result<(), Fail> {
     shared(|s| dom.destroy(tx, &mut s.smmu))?.or_fail("destroy")?;
-    shared(|s| smmu::detach_all(&mut s.smmu, ctx))?
+    shared(|s| smmu::detach_all(&mut s.smmu, ctx))??;
+    shared(|s| smmu::end_domain(&mut s.smmu, dom))?
 }
 
 /// What the handler delivered, in the form `smmu::expect_translation_fault`

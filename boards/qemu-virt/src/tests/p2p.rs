@@ -12,8 +12,8 @@ use bare_iommu::smmuv3::{Smmu, SmmuConfig, Stage};
 use board_common::p2p::{self, HOST_BRIDGE, P2pChecks, P2pTest, Reported, SEED};
 
 use super::smmu::{
-    Mem, PAGE, attached_domain, bring_up, detach_all, drain, expect_translation_fault, fault_stage,
-    teardown, with_preferred_stage,
+    Mem, PAGE, attached_domain, bring_up, detach_all, drain, end_domain, expect_translation_fault,
+    fault_stage, teardown, with_preferred_stage,
 };
 use crate::harness::{Ctx, Fail, OrFail, fail_msg};
 use crate::ivshmem::Ivshmem;
@@ -136,5 +136,6 @@ fn in_domain<F: PteFormat>(
             p2p::refused_without_bridge(test, host, &mut checks)?
         }
     }
-    detach_all(smmu, ctx)
+    detach_all(smmu, ctx)?;
+    end_domain(smmu, dom)
 }

@@ -162,15 +162,26 @@ fn map_pages<F: PteFormat>(
     Ok(tx)
 }
 
-/// Destroys the transaction and returns both devices to abort.
+/// Destroys the transaction, returns both devices to abort and ends the
+/// domain ([`end_domain`]): no table page of it stays lent.
 fn destroy_and_detach<F: PteFormat>(
     smmu: &mut Smmu<Mem>,
     ctx: &Ctx,
-    dom: &mut Dom<F>,
+    mut dom: Dom<F>,
     tx: IovaState,
 ) -> Result<(), Fail> {
     dom.destroy(tx, smmu).or_fail("destroy")?;
-    detach_all(smmu, ctx)
+    detach_all(smmu, ctx)?;
+    end_domain(smmu, dom)
+}
+
+/// Ends a domain no device is attached to any more: the SMMU drops what it
+/// cached for it (TLBI by ASID/VMID + CMD_SYNC) and every table page goes
+/// back to the lender.
+pub(super) fn end_domain<F: PteFormat>(smmu: &mut Smmu<Mem>, dom: Dom<F>) -> Result<(), Fail> {
+    dom.teardown(smmu)
+        .map_err(|(_, e)| e)
+        .or_fail("domain teardown")
 }
 
 fn at(iova: DmaAddr, off: u64) -> u64 {
@@ -399,7 +410,7 @@ pub fn smmu_linear_and_two_level_stream_tables_translate(ctx: &mut Ctx) -> Resul
                 other.id,
                 d.report.events
             );
-            destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
+            destroy_and_detach(&mut smmu, ctx, dom, tx)?;
         });
         teardown(&mut smmu, ctx)?;
     }
@@ -506,7 +517,7 @@ pub fn smmu_two_step_links_scattered_pages_into_one_iova_range(ctx: &mut Ctx) ->
         );
         let d = drain(&mut smmu);
         check_eq!(d.report.events, 0, "events during valid DMA");
-        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
+        destroy_and_detach(&mut smmu, ctx, dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -569,7 +580,7 @@ pub fn smmu_unlinked_page_blocks_dma_and_reports_translation_fault(
             "DMA to the still-linked page"
         );
         narrate!("DMA to the still-linked IOVA {} landed in {a}", tx.iova());
-        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
+        destroy_and_detach(&mut smmu, ctx, dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -638,7 +649,7 @@ pub fn smmu_missing_invalidation_would_be_caught(ctx: &mut Ctx) -> Result<(), Fa
             "the driver queued no TLBI for the unlink"
         );
         narrate!("with the driver's TLBI the DMA landed in the new page {fresh}");
-        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
+        destroy_and_detach(&mut smmu, ctx, dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -704,7 +715,8 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
         }
         d0.destroy(t0, &mut smmu).or_fail("destroy")?;
         d0.destroy(t0b, &mut smmu).or_fail("destroy")?;
-        destroy_and_detach(&mut smmu, ctx, &mut d1, t1)?;
+        destroy_and_detach(&mut smmu, ctx, d1, t1)?;
+        end_domain(&mut smmu, d0)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -794,8 +806,7 @@ fn guest_region<F: PteFormat>(
     narrate!("{} DMA'd into both blocks at the right offsets", edu.id);
     let d = drain(smmu);
     check_eq!(d.report.events, 0, "events during block DMA");
-    dom.destroy(tx, smmu).or_fail("destroy")?;
-    detach_all(smmu, ctx)
+    destroy_and_detach(smmu, ctx, dom, tx)
 }
 
 /// A fault storm (a 4 KiB DMA to an unmapped IOVA: 1024 records) overflows
@@ -859,7 +870,7 @@ pub fn smmu_fault_storm_overflows_event_queue_and_recovers(ctx: &mut Ctx) -> Res
             fault_stage(dom.info().or_fail("info")?.format),
         )?;
         narrate!("after the storm: DMA works, a single fault gives one record");
-        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
+        destroy_and_detach(&mut smmu, ctx, dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
@@ -910,13 +921,15 @@ pub fn smmu_illegal_command_is_reported_and_queue_recovers(ctx: &mut Ctx) -> Res
             "DMA after queue recovery"
         );
         narrate!("queue recovered: attach, sync and DMA work");
-        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
+        destroy_and_detach(&mut smmu, ctx, dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }
 
-/// The command counters: one sync of a batch (two unlinks of 3 and 1
-/// pages) issues exactly one CMD_SYNC and the TLBIs the SMMU needs: one
+/// The command counters: a sync after links alone issues no command at all
+/// (no CMD_SYNC: nothing to invalidate, issue 11); one sync of a batch (two
+/// unlinks of 3 and 1 pages) issues exactly one CMD_SYNC and the TLBIs the
+/// SMMU needs: one
 /// range TLBI per range with IDR3.RIL, one per page without; past the
 /// threshold (64 pages) one TLBI by ASID/VMID, and the DMA shows it worked.
 /// Run with range invalidation on (when the SMMU has it) and forced off.
@@ -952,17 +965,32 @@ fn command_counts<F: PteFormat>(
     link_pages(&mut dom, &mut tx, 0, &six)?;
     dom.sync(smmu).or_fail("sync")?;
     let linked = smmu.stats();
-    check_eq!(linked.sync_calls - before.sync_calls, 1, "sync calls");
+    check_eq!(
+        linked.sync_calls - before.sync_calls,
+        0,
+        "completion waits for a sync of 6 links"
+    );
     check_eq!(
         linked.commands.sync - before.commands.sync,
-        1,
+        0,
         "CMD_SYNCs for one sync of 6 links"
     );
     check_eq!(
-        linked.commands.tlbi(),
-        before.commands.tlbi(),
-        "TLBIs for links (nothing was cached)"
+        linked.commands.total - before.commands.total,
+        0,
+        "commands for a sync of 6 links (nothing was cached)"
     );
+    // The links are live without a CMD_SYNC: edu reads through the last one.
+    ctx.mem.fill_pattern(six[5], PAGE, 0x5c);
+    edu.dma_from_ram(at(tx.iova(), 5 * PAGE_SIZE), 0, 64)
+        .or_fail("read through a link synced without CMD_SYNC")?;
+    edu.dma_to_ram(at(tx.iova(), 4 * PAGE_SIZE), 0, 64)
+        .or_fail("write through a link synced without CMD_SYNC")?;
+    check_ok!(
+        ctx.mem.check_pattern(six[4], 64, 0x5c),
+        "DMA through links synced without CMD_SYNC"
+    );
+    narrate!("6 links + sync: 0 commands, 0 CMD_SYNC; the DMA through them works");
 
     dom.unlink(&mut tx, 0, 3 * PAGE_SIZE)
         .or_fail("unlink 3 pages")?;
@@ -1070,7 +1098,7 @@ fn command_counts<F: PteFormat>(
             "1 TLBI by ASID/VMID (past 64 pages)"
         }
     );
-    destroy_and_detach(smmu, ctx, &mut dom, tx)?;
+    destroy_and_detach(smmu, ctx, dom, tx)?;
     let c = smmu.stats().commands;
     narrate!(
         "counters since init: {} commands: CFGI_STE {}, CFGI_CD {}, CFGI_ALL {}, TLBI_NH_VA {}, \
@@ -1125,7 +1153,7 @@ pub fn smmu_detach_returns_stream_to_abort(ctx: &mut Ctx) -> Result<(), Fail> {
         );
         narrate!("detach: translated -> abort, bypass -> abort: nothing lands");
         let _ = drain(&mut smmu);
-        destroy_and_detach(&mut smmu, ctx, &mut dom, tx)?;
+        destroy_and_detach(&mut smmu, ctx, dom, tx)?;
     });
     teardown(&mut smmu, ctx)
 }

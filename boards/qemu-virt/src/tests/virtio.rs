@@ -14,8 +14,8 @@ use board_common::p2p::Reported;
 use board_common::virtio_dma::{self, DATA_PAGES, FaultChecks, Pages, VirtioTest};
 
 use super::smmu::{
-    Mem, bring_up, domain, drain, expect_translation_fault, fault_stage, pages, teardown,
-    with_preferred_stage,
+    Mem, bring_up, domain, drain, end_domain, expect_translation_fault, fault_stage, pages,
+    teardown, with_preferred_stage,
 };
 use crate::harness::{Ctx, Fail, OrFail, Virtio, fail_msg};
 
@@ -142,5 +142,6 @@ fn in_domain<F: PteFormat>(
         Body::UnlinkedFaults => virtio_dma::unlinked_buffer_faults(test, &mut checks),
     };
     smmu.detach(virtio.id).or_fail("detach virtio")?;
-    r
+    r?;
+    end_domain(smmu, dom)
 }

@@ -79,5 +79,9 @@ where
         virtio_drivers_dma::reads_and_writes(t, &mut checks)
     };
     let detached = smmu.detach(virtio.id).or_fail("detach virtio");
-    r.and(detached)
+    let ended = dom
+        .teardown(&mut *smmu)
+        .map_err(|(_, e)| e)
+        .or_fail("domain teardown");
+    r.and(detached).and(ended)
 }
