@@ -129,6 +129,8 @@ enum Ack {
     Wrong,
     /// CR0ACK follows CR0 except SMMUEN.
     NoSmmuEn,
+    /// CR0ACK follows CR0 until it is non-zero, then never goes back to 0.
+    NeverOff,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,7 +180,7 @@ impl Behaviour {
     fn random(rng: &mut Rng) -> Self {
         let mut b = Self::BENIGN;
         if rng.chance(1, 4) {
-            b.cr0ack = rng.pick(&[Ack::Never, Ack::Wrong, Ack::NoSmmuEn]);
+            b.cr0ack = rng.pick(&[Ack::Never, Ack::Wrong, Ack::NoSmmuEn, Ack::NeverOff]);
         }
         b.gbpa_completes = !rng.chance(1, 8);
         b.irq_ack = !rng.chance(1, 8);
@@ -274,6 +276,11 @@ fn hostile_step(
         Ack::Never => {}
         Ack::Wrong => r.set(CR0ACK, cr0 ^ 1 << rng.below(4)),
         Ack::NoSmmuEn => r.set(CR0ACK, cr0 & !1),
+        Ack::NeverOff => {
+            if cr0 != 0 || r.get(CR0ACK) == 0 {
+                r.set(CR0ACK, cr0)
+            }
+        }
     }
     let gbpa = r.get(GBPA);
     if b.gbpa_completes && gbpa & 1 << 31 != 0 {
@@ -755,4 +762,149 @@ fn hostile_smmu_random_idrs_silent_registers_and_garbage_pointers() {
     // Deep enough: many scenarios get past init and attach translated
     // streams, many others fail in init.
     assert!(r[1] > 100 && r[2] > 60 && r[3] > 60 && r[4] > 100, "{r:?}");
+}
+
+/// A driver over a hook-stepped fake with `phase0` during init; the lender
+/// refuses the allocations in `refuse`.
+fn on_fake(phase0: Behaviour, phase1: Behaviour, refuse: u64) -> (Hw, Checked, Smmu<Checked>) {
+    let regs = Arc::new(Regs::with_idr(IDR0_NESTED | COHACC, IDR1));
+    let mem = Checked::new(HostMem::default(), refuse);
+    let hw = HostileFake::start(regs.clone(), &mem.inner, [phase0, phase1], 1);
+    // SAFETY: the register block is leaked: it outlives the driver.
+    let s = unsafe { Smmu::new(regs.base, mem.clone()) }.unwrap();
+    (hw, mem, s)
+}
+
+fn budget(polls: u32) -> SmmuConfig {
+    SmmuConfig {
+        poll_budget: polls,
+        ..SmmuConfig::default()
+    }
+}
+
+/// Issue 15 (the known leak): init refused memory for a queue after the
+/// stream table was lent; then init whose command queue never completes
+/// the first CMD_SYNC. Every page comes back.
+#[test]
+fn hostile_smmu_failed_init_gives_back_every_page() {
+    for refused in [1u64 << 1, 1 << 2] {
+        let (_hw, mem, mut s) = on_fake(Behaviour::BENIGN, Behaviour::BENIGN, refused);
+        assert_eq!(s.init(budget(64)), Err(SmmuError::OutOfMemory));
+        assert_eq!(mem.live(), 0, "allocation {refused:#b} refused");
+    }
+    let silent = Behaviour {
+        cmdq: Cmdq::Never,
+        ..Behaviour::BENIGN
+    };
+    let (_hw, mem, mut s) = on_fake(silent, Behaviour::BENIGN, 0);
+    assert!(matches!(
+        s.init(budget(64)),
+        Err(SmmuError::Timeout {
+            what: "CMD_SYNC completion",
+            ..
+        })
+    ));
+    // CR0ACK showed the SMMU off again: nothing is kept.
+    assert_eq!(mem.live(), 0);
+}
+
+/// A failed init on an SMMU that does not acknowledge CR0 = 0 keeps the
+/// tables and queues (it may still read them) and the next shutdown that
+/// sees CR0ACK = 0 gives them back.
+#[test]
+fn hostile_smmu_init_failed_on_a_running_smmu_keeps_tables_until_shutdown() {
+    let stuck = Behaviour {
+        cr0ack: Ack::NoSmmuEn,
+        ..Behaviour::BENIGN
+    };
+    let (hw, mem, mut s) = on_fake(stuck, Behaviour::BENIGN, 0);
+    // Queues on, global invalidation done; SMMUEN never acknowledged — and
+    // then CR0 = 0 is (NoSmmuEn acknowledges it): everything goes back.
+    assert!(matches!(
+        s.init(budget(64)),
+        Err(SmmuError::Timeout { what: "CR0ACK", .. })
+    ));
+    assert_eq!(mem.live(), 0);
+    // The command queue never completes and the SMMU never shows it has
+    // stopped again: what it may read is kept.
+    let stuck = Behaviour {
+        cr0ack: Ack::NeverOff,
+        cmdq: Cmdq::Never,
+        ..Behaviour::BENIGN
+    };
+    hw.borrow_mut().behaviours = [stuck, stuck];
+    assert!(s.init(budget(64)).is_err());
+    let held = mem.live();
+    assert!(held > 0 && s.stranded.is_some());
+    hw.borrow_mut().phase = 2;
+    assert_eq!(s.shutdown(), Ok(()));
+    assert_eq!(mem.live(), 0);
+}
+
+/// A failed attach: the CD of the new stage-1 entry that no STE ever held
+/// goes back at once; the CD the STE held before, replaced while the
+/// CMD_SYNC never completed, goes back at shutdown.
+#[test]
+fn hostile_smmu_failed_attach_leaks_no_context_descriptor() {
+    let (hw, mem, mut s) = on_fake(Behaviour::BENIGN, Behaviour::BENIGN, 0);
+    s.init(budget(64)).unwrap();
+    let base = mem.live();
+    let d = DomainInfo {
+        id: 1,
+        root: PhysAddr(0x4000_0000),
+        format: TableFormat::ArmStage1,
+        levels: 3,
+        ias_bits: 39,
+    };
+    s.attach_stream(3, Attachment::Translated(d)).unwrap();
+    assert!(mem.live() > base);
+    hw.borrow_mut().phase = 1;
+    hw.borrow_mut().behaviours[1].cmdq = Cmdq::Never;
+    // Stage 1 -> stage 1 (a new CD): word 0 switches, the sync times out.
+    let r = s.attach_stream(3, Attachment::Translated(DomainInfo { id: 2, ..d }));
+    assert!(matches!(r, Err(SmmuError::Timeout { .. })), "{r:?}");
+    // Stage 1 -> bypass: the old CD goes when word 0 is made abort first.
+    let r = s.attach_stream(3, Attachment::Bypass);
+    assert!(matches!(r, Err(SmmuError::Timeout { .. })), "{r:?}");
+    hw.borrow_mut().phase = 2;
+    assert_eq!(s.shutdown(), Ok(()));
+    assert_eq!(mem.live(), 0, "context descriptors leaked");
+}
+
+/// One invalidation call queues a bounded number of commands whatever the
+/// configured threshold: without IDR3.RIL, 2^20 pages and a threshold of
+/// u64::MAX become one TLBI_NH_ASID, not a million page TLBIs (a 2^52-page
+/// range would never end).
+#[test]
+fn hostile_smmu_page_tlbis_per_call_are_bounded() {
+    let (_hw, _mem, mut s) = on_fake(Behaviour::BENIGN, Behaviour::BENIGN, 0);
+    s.init(SmmuConfig {
+        range_invalidation: false,
+        tlbi_page_threshold: u64::MAX,
+        ..budget(64)
+    })
+    .unwrap();
+    let d = DomainInfo {
+        id: 1,
+        root: PhysAddr(0x4000_0000),
+        format: TableFormat::ArmStage1,
+        levels: 4,
+        ias_bits: 48,
+    };
+    let before = s.stats().commands;
+    s.invalidate_range(&d, DmaAddr(0), 1 << 32, true).unwrap();
+    s.sync_commands().unwrap();
+    let after = s.stats().commands;
+    assert_eq!(after.tlbi_nh_va, before.tlbi_nh_va);
+    assert_eq!(after.tlbi_nh_asid, before.tlbi_nh_asid + 1);
+    // At the limit, still page by page.
+    s.invalidate_range(
+        &d,
+        DmaAddr(0),
+        super::super::invalidate::MAX_TLBI_PAGES << 12,
+        true,
+    )
+    .unwrap();
+    s.sync_commands().unwrap();
+    assert_eq!(s.stats().commands.tlbi_nh_va, before.tlbi_nh_va + 512);
 }
