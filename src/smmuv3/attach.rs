@@ -4,7 +4,12 @@
 use super::{
     Command, ContextDescriptor, STAGE1_MAIR, Smmu, SmmuError, Stage2Config, StallModel, Ste, ste,
 };
+use crate::addr::PhysAddr;
 use crate::backend::{Attachment, DomainInfo, TableFormat};
+
+/// The CD an STE pointed at before a failed update, and the one it points
+/// at now.
+type CdPair = (Option<PhysAddr>, Option<PhysAddr>);
 use crate::mem::TableMemory;
 
 impl<M: TableMemory> Smmu<M> {
@@ -75,15 +80,35 @@ impl<M: TableMemory> Smmu<M> {
     /// the SMMU never reads a half-written entry; each sync point is
     /// CFGI_STE (+ CFGI_CD for a stage-1 entry) and CMD_SYNC. Returns the
     /// entry it replaced.
-    fn write_ste(&mut self, sid: u32, new: Ste) -> Result<Ste, SmmuError> {
+    ///
+    /// On an error after the STE was found, also returns the CD the entry
+    /// pointed at before and the one it points at now (a sync that failed
+    /// may leave the update half done).
+    fn write_ste(&mut self, sid: u32, new: Ste) -> Result<Ste, (SmmuError, Option<CdPair>)> {
         let coherent = self.features.coherent;
-        let run = self.run.as_mut().ok_or(SmmuError::NotInitialised)?;
-        let slot = run.strtab.locate(&self.mem, sid, coherent)?;
+        let run = self.run.as_mut().ok_or((SmmuError::NotInitialised, None))?;
+        let slot = run
+            .strtab
+            .locate(&self.mem, sid, coherent)
+            .map_err(|e| (e, None))?;
         let old = slot.read();
+        self.apply_plan(sid, &slot, &old, &new)
+            .map_err(|e| (e, Some((old.context_ptr(), slot.read().context_ptr()))))?;
+        Ok(old)
+    }
+
+    fn apply_plan(
+        &mut self,
+        sid: u32,
+        slot: &super::strtab::SteSlot,
+        old: &Ste,
+        new: &Ste,
+    ) -> Result<(), SmmuError> {
+        let coherent = self.features.coherent;
         // A CD the stream used or will use: its cached copy goes too, so
         // after a detach nothing fetched for the stream stays cached.
         let has_cd = old.context_ptr().is_some() || new.context_ptr().is_some();
-        for step in ste::update_plan(&old, &new) {
+        for step in ste::update_plan(old, new) {
             match step {
                 ste::SteStep::Write { word, value } => {
                     // Earlier stores (and cleans) land before this one.
@@ -104,7 +129,7 @@ impl<M: TableMemory> Smmu<M> {
                 }
             }
         }
-        Ok(old)
+        Ok(())
     }
 
     /// Points `sid`'s STE at `how` (see
@@ -125,16 +150,8 @@ impl<M: TableMemory> Smmu<M> {
         let new = self.build_ste(&how)?;
         let old = match self.write_ste(sid, new) {
             Ok(old) => old,
-            Err(e) => {
-                if let (Some(cd), SmmuError::OutOfMemory | SmmuError::StreamIdOutOfRange { .. }) =
-                    (new.context_ptr(), e)
-                {
-                    // SAFETY: the CD page was allocated in `build_ste`; these
-                    // errors come from locating the STE, before any store, so
-                    // nothing points at it. (After other errors the STE may
-                    // reference it: the page is then left allocated.)
-                    unsafe { self.mem.free(cd, 1) };
-                }
+            Err((e, states)) => {
+                self.after_failed_write(new, states);
                 return Err(e);
             }
         };
@@ -147,6 +164,36 @@ impl<M: TableMemory> Smmu<M> {
             }
         }
         Ok(())
+    }
+}
+
+impl<M: TableMemory> Smmu<M> {
+    /// Who owns the context descriptors of a failed STE update. `states`
+    /// is the entry before and the entry now, when the STE was found.
+    ///
+    /// - A CD the STE points at now stays with it (freed when the STE is
+    ///   replaced, or by `shutdown`).
+    /// - The new CD, if the STE does not point at it: word 0 never held it
+    ///   (it is the last word written), so the SMMU never saw it: freed now.
+    /// - The old CD, if the STE no longer points at it: the SMMU may still
+    ///   hold it (the CFGI_CD + CMD_SYNC did not complete), so it is kept
+    ///   until `shutdown` has stopped the SMMU; should that list be full it
+    ///   is leaked rather than freed early.
+    fn after_failed_write(&mut self, new: Ste, states: Option<CdPair>) {
+        let now = states.and_then(|(_, now)| now);
+        if let Some(cd) = new.context_ptr() {
+            if Some(cd) != now {
+                // SAFETY: allocated in `build_ste`; no STE word the SMMU
+                // could read ever held its address.
+                unsafe { self.mem.free(cd, 1) };
+            }
+        }
+        let old_cd = states.and_then(|(old, _)| old);
+        if let (Some(cd), Some(run)) = (old_cd, self.run.as_mut()) {
+            if Some(cd) != now && Some(cd) != new.context_ptr() {
+                let _ = run.stranded_cds.push(cd);
+            }
+        }
     }
 }
 

@@ -32,7 +32,8 @@ pub struct SmmuConfig {
     /// forces the per-page / whole-domain path.
     pub range_invalidation: bool,
     /// Without range invalidation, ranges longer than this many pages are
-    /// invalidated by ASID/VMID instead of page by page.
+    /// invalidated by ASID/VMID instead of page by page. Capped at 512
+    /// (`MAX_TLBI_PAGES`), so one call queues a bounded number of commands.
     pub tlbi_page_threshold: u64,
     /// Polls before a wait on the SMMU gives up with a timeout.
     pub poll_budget: u32,

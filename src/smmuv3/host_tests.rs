@@ -1210,3 +1210,5 @@ fn strict_smmu_detach_leaves_nothing_cached_and_domain_teardown_takes_the_tag() 
     }
     s.shutdown().unwrap();
 }
+
+mod hostile;

@@ -53,15 +53,14 @@ impl<M: TableMemory> Smmu<M> {
             .set(gbpa | GBPA::ABORT::SET.value | GBPA::UPDATE::SET.value);
         self.wait_gbpa_idle(budget)?;
         self.write_cr0(0, budget)?;
-        if let Some(r) = self.run.take() {
+        for r in [self.run.take(), self.stranded.take()]
+            .into_iter()
+            .flatten()
+        {
             // SAFETY: CR0 is 0 (acknowledged): the SMMU reads neither the
             // stream table, the CDs nor the queues any more; every CD an STE
             // points at is a one-page block from `build_ste`.
-            unsafe {
-                r.strtab.free(&self.mem);
-                r.cmdq.free(&self.mem);
-                r.evtq.free(&self.mem);
-            }
+            unsafe { r.free(&self.mem) };
         }
         Ok(())
     }
@@ -171,27 +170,80 @@ impl<M: TableMemory> Smmu<M> {
             StreamTableChoice::Auto => StreamTableFormat::Linear,
         };
         let sid_bits = sid_bits.min(strtab::limit_bits(format));
-        let strtab = StreamTable::new(&self.mem, format, sid_bits, coherent)?;
-        strtab.program(p0);
+        // Everything is allocated before the SMMU is told about any of it: a
+        // refusal gives back what was lent so far (CR0 is 0, acknowledged).
+        let mut run = self.allocate(config, format, sid_bits)?;
+        run.strtab.program(p0);
+        run.cmdq.program(p0);
+        run.evtq.program(p0, self.page1);
 
-        let mut cmdq =
-            CommandQueue::new(&self.mem, config.cmdq_log2.min(f.cmdq_log2_max), coherent)?;
-        cmdq.program(p0);
-        let mut evtq = EventQueue::new(&self.mem, config.evtq_log2.min(f.evtq_log2_max), coherent)?;
-        evtq.program(p0, self.page1);
+        match self.enable(&mut run, budget) {
+            Ok(()) => {
+                log_debug!("smmuv3: enabled, {} StreamID bits", sid_bits);
+                self.run = Some(run);
+                Ok(())
+            }
+            Err(e) => {
+                self.abandon(run, budget);
+                Err(e)
+            }
+        }
+    }
 
-        crate::barrier::wmb_on(&self.mem);
+    /// Allocates the stream table and both queues, or nothing.
+    fn allocate(
+        &self,
+        config: SmmuConfig,
+        format: StreamTableFormat,
+        sid_bits: u8,
+    ) -> Result<Running, SmmuError> {
+        let f = self.features;
+        let mem = &self.mem;
+        let strtab = StreamTable::new(mem, format, sid_bits, f.coherent)?;
+        let cmdq = match CommandQueue::new(mem, config.cmdq_log2.min(f.cmdq_log2_max), f.coherent) {
+            Ok(q) => q,
+            Err(e) => {
+                // SAFETY: never programmed: the SMMU has not seen it.
+                unsafe { strtab.free(mem) };
+                return Err(e);
+            }
+        };
+        match EventQueue::new(mem, config.evtq_log2.min(f.evtq_log2_max), f.coherent) {
+            Ok(evtq) => Ok(Running {
+                strtab,
+                cmdq,
+                evtq,
+                config,
+                stranded_cds: heapless::Vec::new(),
+            }),
+            Err(e) => {
+                // SAFETY: as above.
+                unsafe {
+                    strtab.free(mem);
+                    cmdq.free(mem);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// With the tables and queues programmed: queues on, global
+    /// invalidation, interrupts, then SMMUEN.
+    fn enable(&self, run: &mut Running, budget: u32) -> Result<(), SmmuError> {
+        let (p0, mem, coherent) = (self.page0, &self.mem, self.features.coherent);
+        crate::barrier::wmb_on(mem);
         let queues = CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
         self.write_cr0(queues, budget)?;
 
-        cmdq.push(p0, &self.mem, coherent, Command::cfgi_all(), budget)?;
-        cmdq.push(p0, &self.mem, coherent, Command::tlbi_nsnh_all(), budget)?;
-        if f.hyp {
-            cmdq.push(p0, &self.mem, coherent, Command::tlbi_el2_all(), budget)?;
+        let cmdq = &mut run.cmdq;
+        cmdq.push(p0, mem, coherent, Command::cfgi_all(), budget)?;
+        cmdq.push(p0, mem, coherent, Command::tlbi_nsnh_all(), budget)?;
+        if self.features.hyp {
+            cmdq.push(p0, mem, coherent, Command::tlbi_el2_all(), budget)?;
         }
-        cmdq.sync(p0, &self.mem, coherent, budget)?;
+        cmdq.sync(p0, mem, coherent, budget)?;
 
-        if config.irqs {
+        if run.config.irqs {
             let want = IRQ_CTRL::GERROR_IRQEN::SET + IRQ_CTRL::EVENTQ_IRQEN::SET;
             p0.irq_ctrl.write(want);
             poll_until("IRQ_CTRLACK", budget, || {
@@ -199,14 +251,42 @@ impl<M: TableMemory> Smmu<M> {
             })?;
         }
 
-        self.write_cr0(queues | CR0::SMMUEN::SET.value, budget)?;
-        log_debug!("smmuv3: enabled, {} StreamID bits", sid_bits);
-        self.run = Some(Running {
-            strtab,
-            cmdq,
-            evtq,
-            config,
-        });
-        Ok(())
+        self.write_cr0(queues | CR0::SMMUEN::SET.value, budget)
+    }
+
+    /// After a failed [`enable`](Self::enable): turns the SMMU off again and
+    /// gives back the tables and queues once CR0ACK shows it stopped. If it
+    /// does not, the SMMU may still read them: they are kept, and the next
+    /// [`shutdown`](Self::shutdown) that sees CR0ACK = 0 gives them back.
+    fn abandon(&mut self, run: Running, budget: u32) {
+        if self.write_cr0(0, budget).is_ok() {
+            // SAFETY: CR0ACK = 0: the SMMU reads neither the table nor the
+            // queues; no STE points at a CD yet.
+            unsafe { run.free(&self.mem) };
+        } else {
+            self.stranded = Some(run);
+        }
+    }
+}
+
+impl Running {
+    /// Gives back the stream table (with its level-2 arrays and CDs) and
+    /// both queues.
+    ///
+    /// # Safety
+    ///
+    /// CR0 is 0 and acknowledged: the SMMU reads none of them any more;
+    /// every CD an STE points at is a one-page block from `mem`.
+    pub(super) unsafe fn free<M: TableMemory>(self, mem: &M) {
+        // SAFETY: the caller's guarantee; each stranded CD is a one-page
+        // block from `build_ste` that no STE points at.
+        unsafe {
+            for cd in self.stranded_cds {
+                mem.free(cd, 1);
+            }
+            self.strtab.free(mem);
+            self.cmdq.free(mem);
+            self.evtq.free(mem);
+        }
     }
 }

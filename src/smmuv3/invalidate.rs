@@ -6,6 +6,11 @@ use crate::addr::{DmaAddr, PAGE_SIZE};
 use crate::backend::{DomainInfo, TableFormat};
 use crate::mem::TableMemory;
 
+/// Most page-by-page TLBIs one invalidation queues (without IDR3.RIL);
+/// longer ranges take one ASID/VMID-wide TLBI. Linux draws the same line
+/// (`CMDQ_MAX_TLBI_OPS`, one page of commands' worth: 512 for 4 KiB pages).
+pub const MAX_TLBI_PAGES: u64 = 512;
+
 /// How [`plan`] turns a range into commands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Planner {
@@ -155,7 +160,10 @@ impl<M: TableMemory> Smmu<M> {
             stage1,
             id: domain.id,
             ril: self.features.range_invalidation && use_ril,
-            threshold,
+            // One call never queues more than MAX_TLBI_PAGES page TLBIs,
+            // whatever the configuration: a 2^52-page range would otherwise
+            // take 2^52 commands.
+            threshold: threshold.min(MAX_TLBI_PAGES),
         })
     }
 

@@ -97,7 +97,16 @@ struct Running {
     cmdq: CommandQueue,
     evtq: EventQueue,
     config: SmmuConfig,
+    /// Context descriptors no STE points at any more, whose invalidation
+    /// never completed (a failed attach): the SMMU may still hold them, so
+    /// they go back only when `shutdown` has stopped it.
+    stranded_cds: heapless::Vec<crate::addr::PhysAddr, STRANDED_CDS>,
 }
+
+/// Most context descriptors [`Running`] keeps for `shutdown`; beyond, a CD
+/// stranded by a failed attach is leaked (never freed while the SMMU may
+/// read it).
+const STRANDED_CDS: usize = 16;
 
 /// One SMMUv3.
 pub struct Smmu<M: TableMemory> {
@@ -106,6 +115,10 @@ pub struct Smmu<M: TableMemory> {
     mem: M,
     features: Features,
     run: Option<Running>,
+    /// Tables and queues of an `init` that failed after programming them,
+    /// while CR0ACK never showed the SMMU stopped: the next successful
+    /// `shutdown` gives them back.
+    stranded: Option<Running>,
     /// The counters the driver keeps itself; [`Smmu::stats`] adds the
     /// command queue's.
     counters: Stats,
@@ -164,6 +177,7 @@ impl<M: TableMemory> Smmu<M> {
             mem,
             features,
             run: None,
+            stranded: None,
             counters: Stats::default(),
             service_failure: false,
         })

@@ -14,6 +14,8 @@ pub fn poll_until(
     mut done: impl FnMut() -> bool,
 ) -> Result<(), SmmuError> {
     for _ in 0..budget.max(1) {
+        #[cfg(test)]
+        test_hook::call();
         if done() {
             return Ok(());
         }
@@ -23,6 +25,34 @@ pub fn poll_until(
         what,
         polls: budget.max(1),
     })
+}
+
+/// Host tests' fake hardware can run on the driver's own thread: the hook
+/// is called once per poll, so the fake answers (or refuses to) at each
+/// register read the driver waits on, deterministically and without a
+/// second thread that a loaded machine may not schedule.
+#[cfg(test)]
+pub(crate) mod test_hook {
+    extern crate std;
+    use core::cell::RefCell;
+    use std::boxed::Box;
+
+    std::thread_local! {
+        static HOOK: RefCell<Option<Box<dyn FnMut()>>> = const { RefCell::new(None) };
+    }
+
+    /// Installs (or removes) this thread's hook.
+    pub(crate) fn set(hook: Option<Box<dyn FnMut()>>) {
+        HOOK.with(|h| *h.borrow_mut() = hook);
+    }
+
+    pub(super) fn call() {
+        HOOK.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f()
+            }
+        });
+    }
 }
 
 #[cfg(test)]
