@@ -69,6 +69,7 @@ pub mod backend;
 pub mod barrier;
 pub mod device;
 pub mod error;
+pub mod firmware;
 pub mod iova;
 mod logging;
 pub mod mem;
