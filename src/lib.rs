@@ -108,6 +108,7 @@ pub mod barrier;
 mod derive_check;
 pub mod device;
 pub mod error;
+pub mod firmware;
 pub mod iova;
 pub mod live;
 mod logging;

@@ -1,9 +1,12 @@
-//! Just enough ACPI: RSDP → RSDT/XSDT → DMAR (VT-d register base), MCFG (ECAM)
-//! and FADT (PM1a control port). Parsed by hand, every read bounds-checked.
+//! Just enough ACPI: RSDP → RSDT/XSDT → DMAR (decoded by the library's
+//! `firmware::dmar`), MCFG (ECAM) and FADT (PM1a control port). Parsed by
+//! hand, every read bounds-checked.
 //!
 //! Layouts: ACPI 6.5 §5.2.5 (RSDP), §5.2.6 (header), §5.2.7/8 (RSDT/XSDT),
 //! §5.2.9 (FADT); PCI Firmware 3.3 §4.1.2 (MCFG); VT-d 4.1 §8.1/§8.3 (DMAR, DRHD).
 
+use bare_iommu::firmware::FirmwareError;
+use bare_iommu::firmware::dmar::Dmar;
 use core::fmt;
 
 /// Longest table this parser accepts (QEMU's are a few KiB).
@@ -25,6 +28,8 @@ pub enum AcpiError {
     BadChecksum([u8; 4]),
     /// A required table is absent.
     Missing(&'static str),
+    /// The library's DMAR parser refused the table.
+    Dmar(FirmwareError),
 }
 
 impl fmt::Display for AcpiError {
@@ -37,6 +42,7 @@ impl fmt::Display for AcpiError {
             }
             Self::BadChecksum(sig) => write!(f, "table {} has a bad checksum", Sig(sig)),
             Self::Missing(what) => write!(f, "no {what} table"),
+            Self::Dmar(e) => write!(f, "DMAR: {e}"),
         }
     }
 }
@@ -78,6 +84,8 @@ pub struct AcpiInfo {
     pub drhd_count: usize,
     /// DMAR host address width (the field holds width − 1; this is the width).
     pub host_address_width: u8,
+    /// The DMAR table's bytes (for `Dmar::unit_for` and RMRRs).
+    pub dmar: &'static [u8],
     /// Segment-0 ECAM window from MCFG.
     pub ecam: EcamWindow,
     /// PM1a control port from the FADT, if it has one.
@@ -188,30 +196,20 @@ pub fn parse(rsdp_hint: u64) -> Result<AcpiInfo, AcpiError> {
     let dmar = dmar.ok_or(AcpiError::Missing("DMAR"))?;
     let mcfg = mcfg.ok_or(AcpiError::Missing("MCFG"))?;
 
-    // DMAR: header, host address width (width − 1) at 36, flags at 37,
-    // remapping structures from 48: type u16, length u16.
-    let haw = dmar.get(36).copied().unwrap_or(0).saturating_add(1);
-    let mut drhd_base = None;
-    let mut drhd_len = 4096;
+    // DMAR: decoded by the library (bare_iommu::firmware::dmar); the board
+    // drives the first unit and keeps the table for per-device lookups.
+    let parsed = Dmar::new(dmar).map_err(AcpiError::Dmar)?;
+    let haw = parsed.host_address_width();
+    let mut first = None;
     let mut drhd_count = 0;
-    let mut off = 48;
-    while let (Some(kind), Some(len)) = (le16(dmar, off), le16(dmar, off + 2)) {
-        let len = usize::from(len);
-        if len < 4 || off + len > dmar.len() {
-            break;
-        }
-        if kind == 0 {
-            // DRHD: flags u8 at 4, size u8 at 5, segment u16 at 6, base u64 at 8.
-            drhd_count += 1;
-            if drhd_base.is_none() {
-                drhd_base = le64(dmar, off + 8);
-                let size = dmar.get(off + 5).copied().unwrap_or(0) & 0xf;
-                drhd_len = 4096usize << size;
-            }
-        }
-        off += len;
+    for unit in parsed.units() {
+        let unit = unit.map_err(AcpiError::Dmar)?;
+        drhd_count += 1;
+        first.get_or_insert(unit);
     }
-    let drhd_base = drhd_base.ok_or(AcpiError::Missing("DRHD in DMAR"))?;
+    let first = first.ok_or(AcpiError::Missing("DRHD in DMAR"))?;
+    let drhd_base = first.register_base;
+    let drhd_len = usize::try_from(first.register_len()).unwrap_or(usize::MAX);
 
     // MCFG: header, 8 reserved bytes, then 16-byte allocations.
     let mut ecam = None;
@@ -247,6 +245,7 @@ pub fn parse(rsdp_hint: u64) -> Result<AcpiInfo, AcpiError> {
         drhd_len,
         drhd_count,
         host_address_width: haw,
+        dmar,
         ecam,
         pm1a_cnt,
     })

@@ -25,10 +25,12 @@ pub struct Ctx {
     pub ivshmem: Result<Ivshmem, Fail>,
     /// The virtio-blk at 00:08.0 (source-id 0x40), or why it is missing.
     pub virtio: Result<Virtio, Fail>,
-    /// VT-d register base from the DMAR's first DRHD (QEMU: 0xfed90000).
+    /// VT-d register base of the DRHD whose scope lists edu 0 (QEMU: 0xfed90000).
     pub vtd_base: usize,
     /// Length of the VT-d register block (the DRHD's Size).
     pub vtd_len: usize,
+    /// The DMAR table (decoded with `bare_iommu::firmware::dmar`).
+    pub dmar: &'static [u8],
     /// Built with the `demo` feature (narration on).
     pub demo: bool,
     /// The kernel command line (`-append`), e.g. `"cm"`, `"noqi"`, `"aw=39"`.

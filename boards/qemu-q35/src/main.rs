@@ -147,8 +147,16 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
         edu[1].id,
         edu[1].bar()
     );
-    let Ok(vtd_base) = usize::try_from(info.drhd_base) else {
-        boot_failure(format_args!("DRHD base {:#x}", info.drhd_base))
+    // The unit that owns the first edu, by its DMAR device scopes (bridges
+    // on a scope's path are read from config space).
+    let dmar = bare_iommu::firmware::dmar::Dmar::new(info.dmar)
+        .unwrap_or_else(|e| boot_failure(format_args!("DMAR: {e}")));
+    let owner = dmar
+        .unit_for(edu[0].id, &|_seg, bus, devfn| ecam.bridge_buses(bus, devfn))
+        .unwrap_or_else(|e| boot_failure(format_args!("DMAR scope of {}: {e}", edu[0].id)))
+        .unwrap_or_else(|| boot_failure(format_args!("no DRHD covers {}", edu[0].id)));
+    let Ok(vtd_base) = usize::try_from(owner.register_base) else {
+        boot_failure(format_args!("DRHD base {:#x}", owner.register_base))
     };
     let mut ctx = Ctx {
         mem,
@@ -156,7 +164,8 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
         ivshmem,
         virtio,
         vtd_base,
-        vtd_len: info.drhd_len,
+        vtd_len: usize::try_from(owner.register_len()).unwrap_or(info.drhd_len),
+        dmar: info.dmar,
         demo: cfg!(feature = "demo"),
         cmdline,
         ecam,

@@ -100,6 +100,17 @@ impl Ecam {
     }
 
     /// Reads a byte.
+    /// Secondary and subordinate bus of the PCI-to-PCI bridge at
+    /// `bus:devfn` (type-1 header bytes 0x19/0x1a), `None` when no bridge
+    /// answers there.
+    pub fn bridge_buses(&self, bus: u8, devfn: u8) -> Option<(u8, u8)> {
+        let dev = DeviceId::from_rid(0, u16::from(bus) << 8 | u16::from(devfn));
+        if self.read16(dev, 0) == 0xffff || self.read8(dev, 0x0e) & 0x7f != 1 {
+            return None;
+        }
+        Some((self.read8(dev, 0x19), self.read8(dev, 0x1a)))
+    }
+
     pub fn read8(&self, dev: DeviceId, off: u16) -> u8 {
         (self.read32(dev, off) >> ((off & 3) * 8)) as u8
     }

@@ -1,8 +1,9 @@
 //! Board self-tests: the devices, the VT-d unit's identity and the lender work
 //! before any IOMMU code runs.
 
-use crate::harness::{Ctx, Fail, OrFail};
+use crate::harness::{Ctx, Fail, OrFail, fail_msg};
 use crate::memory::{SUPERPAGE_REGION_LEN, pattern};
+use bare_iommu::DeviceId;
 use bare_iommu::{PAGE_SIZE, PhysAddr, TableMemory};
 use tock_registers::interfaces::Readable;
 use tock_registers::registers::ReadOnly;
@@ -273,5 +274,46 @@ pub fn memory_lender_frees_and_reuses(ctx: &mut Ctx) -> Result<(), Fail> {
     );
     mem.fill(sp, SUPERPAGE_REGION_LEN, 0x3c)
         .or_fail("fill superpage region")?;
+    Ok(())
+}
+
+/// The DMAR that QEMU built, decoded by `bare_iommu::firmware::dmar`, names
+/// the unit the board drives for every device the tests use, and no unit for
+/// a slot with nothing in it (QEMU 10 lists devices; no INCLUDE_PCI_ALL).
+pub fn dmar_scopes_give_each_device_its_unit(ctx: &mut Ctx) -> Result<(), Fail> {
+    use bare_iommu::firmware::dmar::Dmar;
+    let dmar = Dmar::new(ctx.dmar).map_err(|e| fail_msg(format_args!("DMAR: {e}")))?;
+    let ecam = &ctx.ecam;
+    let bridges = |_seg: u16, bus: u8, devfn: u8| ecam.bridge_buses(bus, devfn);
+    let mut devices: heapless::Vec<DeviceId, 3> = heapless::Vec::new();
+    let _ = devices.push(ctx.edu[0].id);
+    let _ = devices.push(ctx.edu[1].id);
+    if let Ok(v) = &ctx.virtio {
+        let _ = devices.push(v.id);
+    }
+    for dev in devices {
+        let unit = dmar
+            .unit_for(dev, &bridges)
+            .map_err(|e| fail_msg(format_args!("scope of {dev}: {e}")))?;
+        let base = unit.map(|u| u.register_base);
+        narrate!(
+            "DMAR: {dev} (source-id {:#06x}) -> DRHD {base:x?}",
+            dev.source_id()
+        );
+        check!(
+            base == Some(ctx.vtd_base as u64),
+            "{dev}: owning DRHD {base:x?}, expected {:#x}",
+            ctx.vtd_base
+        );
+        let rmrrs = dmar.reserved_regions_for(dev, &bridges).count();
+        check!(rmrrs == 0, "{dev}: {rmrrs} RMRRs where QEMU emits none");
+    }
+    let empty = DeviceId::new(0, 0, 0x1e, 0).unwrap_or(ctx.edu[0].id);
+    let unit = dmar.unit_for(empty, &bridges);
+    check!(
+        matches!(unit, Ok(None)),
+        "empty slot {empty} has a unit: {:?}",
+        unit.map(|u| u.map(|u| u.register_base))
+    );
     Ok(())
 }

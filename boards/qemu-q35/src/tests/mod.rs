@@ -23,6 +23,7 @@ macro_rules! test {
 pub const TESTS: &[(&str, TestFn)] = &[
     test!(basic::edu_dma_lands_in_ram_without_translation),
     test!(basic::vtd_registers_readable),
+    test!(basic::dmar_scopes_give_each_device_its_unit),
     test!(basic::memory_lender_frees_and_reuses),
     test!(vtd::vtd_probe_decodes_what_qemu_advertises),
     test!(vtd::vtd_init_enables_translation_and_blocks_unattached_devices),

@@ -4,7 +4,7 @@
 use bare_iommu::addr::PAGE_SIZE;
 use bare_iommu::{PhysAddr, TableMemory};
 
-use crate::harness::{Ctx, Fail, OrFail};
+use crate::harness::{Ctx, Fail, OrFail, fail_msg};
 
 /// SMMUv3 register offsets this file reads (SMMUv3 spec §6.3).
 const SMMU_IDR0: usize = 0x00;
@@ -204,5 +204,56 @@ pub fn memory_lender_frees_and_reuses(ctx: &mut Ctx) -> Result<(), Fail> {
     let mut back = [0u8; 10];
     mem.read(at, &mut back);
     check_eq!(back, msg, "bytes read back from {at}");
+    Ok(())
+}
+
+/// The DTB's `iommu-map` on the PCI host bridge, decoded by
+/// `bare_iommu::firmware::devicetree`, sends each device's requester ID to the
+/// SMMUv3 node (by phandle, whose `#iommu-cells` is 1) as the StreamID the
+/// tests program: on `virt` the map is the identity over all 65536 RIDs.
+pub fn iommu_map_gives_each_device_its_stream_id(ctx: &mut Ctx) -> Result<(), Fail> {
+    use bare_iommu::firmware::devicetree::{IommuMap, IommuTarget};
+    // SAFETY: QEMU placed the DTB below the image (link.ld), in RAM that
+    // nothing else uses or writes.
+    let fdt = unsafe { crate::fdt::Fdt::at(crate::fdt::VIRT_DTB) }
+        .map_err(|e| fail_msg(format_args!("DTB: {e:?}")))?;
+    let prop = |c, p| {
+        fdt.property(c, p)
+            .map_err(|e| fail_msg(format_args!("{c} {p}: {e:?}")))
+    };
+    let map = prop("pci-host-ecam-generic", "iommu-map")?;
+    let mask = fdt.property("pci-host-ecam-generic", "iommu-map-mask").ok();
+    let cell = |b: &[u8]| b.try_into().map(u32::from_be_bytes).ok();
+    let phandle = cell(prop("arm,smmu-v3", "phandle")?)
+        .ok_or_else(|| fail_msg(format_args!("SMMU phandle is not one cell")))?;
+    let cells = cell(prop("arm,smmu-v3", "#iommu-cells")?);
+    check!(cells == Some(1), "SMMU #iommu-cells {cells:?}, expected 1");
+    let map = IommuMap::new(map, mask).map_err(|e| fail_msg(format_args!("iommu-map: {e}")))?;
+    let mut ids: heapless::Vec<bare_iommu::DeviceId, 3> = heapless::Vec::new();
+    let _ = ids.push(ctx.edu[0].id);
+    let _ = ids.push(ctx.edu[1].id);
+    if let Ok(v) = &ctx.virtio {
+        let _ = ids.push(v.id);
+    }
+    for dev in ids {
+        let got = map
+            .map(u32::from(dev.rid()))
+            .map_err(|e| fail_msg(format_args!("iommu-map of {dev}: {e}")))?;
+        narrate!("iommu-map: {dev} (RID {:#06x}) -> {got:x?}", dev.rid());
+        let want = IommuTarget {
+            phandle,
+            id: dev.stream_id(),
+        };
+        check!(
+            got == Some(want),
+            "{dev}: iommu-map gives {got:x?}, expected {want:x?}"
+        );
+    }
+    // A RID behind a bridge (bus 1) maps too.
+    let behind = map.map(0x100).map_err(|e| fail_msg(format_args!("{e}")))?;
+    check!(
+        behind == Some(IommuTarget { phandle, id: 0x100 }),
+        "RID 0x100 -> {behind:x?}"
+    );
     Ok(())
 }

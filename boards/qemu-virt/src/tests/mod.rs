@@ -19,6 +19,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     ),
     ("smmu_registers_readable", basic::smmu_registers_readable),
     (
+        "iommu_map_gives_each_device_its_stream_id",
+        basic::iommu_map_gives_each_device_its_stream_id,
+    ),
+    (
         "memory_lender_frees_and_reuses",
         basic::memory_lender_frees_and_reuses,
     ),
