@@ -53,6 +53,11 @@ pub struct IommuMap<'a> {
 impl<'a> IommuMap<'a> {
     /// Checks the property values: `map` a whole number of 4-cell entries,
     /// `mask` (when present) exactly one cell.
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn new(map: &'a [u8], mask: Option<&[u8]>) -> Result<Self, FirmwareError> {
         if map.len() % MAP_ENTRY_LEN != 0 {
             return Err(FirmwareError::BadPropertyLength {
@@ -95,6 +100,12 @@ impl<'a> IommuMap<'a> {
     /// holds `rid & mask` (Linux `of_map_id`). `None` when no entry does:
     /// the binding then puts the device behind no IOMMU. An ID past 32 bits
     /// is [`FirmwareError::Overflow`].
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when a structure it reads is truncated or
+    /// malformed, a mapping points to no node or loops, or a scope path goes through something that
+    /// is not a bridge; the variant names what and where.
     pub fn map(&self, rid: u32) -> Result<Option<IommuTarget>, FirmwareError> {
         let masked = rid & self.mask;
         for (i, e) in self.entries().enumerate() {

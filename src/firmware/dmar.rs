@@ -73,6 +73,11 @@ impl<'a> Dmar<'a> {
     /// within `bytes`, room for the fixed fields). Bytes past the table's
     /// length are ignored. The checksum is not checked
     /// ([`super::acpi_checksum_ok`]).
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn new(bytes: &'a [u8]) -> Result<Self, FirmwareError> {
         let (header, table) = AcpiHeader::parse(bytes, b"DMAR")?;
         if table.len() < STRUCTURES_AT {
@@ -140,6 +145,12 @@ impl<'a> Dmar<'a> {
     /// endpoint, or under a listed bridge) owns it; otherwise the segment's
     /// unit with INCLUDE_PCI_ALL does (Linux `dmar_find_matched_drhd_unit`
     /// decides the same way).
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when a structure it reads is truncated or
+    /// malformed, a mapping points to no node or loops, or a scope path goes through something that
+    /// is not a bridge; the variant names what and where.
     pub fn unit_for(
         &self,
         dev: DeviceId,
@@ -371,6 +382,11 @@ impl<'a> Rmrr<'a> {
 
     /// The region as `[base, limit]`; an error when it spans all of the
     /// 64-bit space (its length would not fit).
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn region(&self) -> Result<ReservedRegion, FirmwareError> {
         let len = (self.limit - self.base)
             .checked_add(1)
@@ -549,6 +565,12 @@ impl DeviceScope<'_> {
 
     /// Follows the path through bridges (VT-d 4.1 §8.3.1.1): each element
     /// but the last names a bridge whose secondary bus carries the next.
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when a structure it reads is truncated or
+    /// malformed, a mapping points to no node or loops, or a scope path goes through something that
+    /// is not a bridge; the variant names what and where.
     pub fn resolve(
         &self,
         segment: u16,
@@ -594,6 +616,11 @@ impl DeviceScope<'_> {
     /// Whether the scope covers PCI function `dev`: it is the endpoint, or
     /// the bridge of a sub-hierarchy or on a bus below it. IOAPIC, HPET and
     /// namespace scopes cover no PCI function.
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn covers(
         &self,
         segment: u16,

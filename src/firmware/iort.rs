@@ -38,6 +38,11 @@ impl<'a> Iort<'a> {
     /// Checks the header of the IORT in `bytes` (signature, length within
     /// `bytes`, node array offset inside the table). The checksum is not
     /// checked ([`super::acpi_checksum_ok`]).
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn new(bytes: &'a [u8]) -> Result<Self, FirmwareError> {
         let (header, table) = AcpiHeader::parse(bytes, b"IORT")?;
         let r = Reader(table);
@@ -74,6 +79,11 @@ impl<'a> Iort<'a> {
     /// The node starting at `reference` (an offset into the table, as ID
     /// mappings refer to nodes); [`FirmwareError::BadReference`] when no
     /// node starts there.
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn node_at(&self, reference: u32) -> Result<Node<'a>, FirmwareError> {
         for n in self.nodes() {
             let n = n?;
@@ -85,6 +95,11 @@ impl<'a> Iort<'a> {
     }
 
     /// The root complex node of PCI `segment`, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn root_complex(&self, segment: u32) -> Result<Option<Node<'a>>, FirmwareError> {
         for n in self.nodes() {
             let n = n?;
@@ -99,6 +114,11 @@ impl<'a> Iort<'a> {
 
     /// The named component node whose ACPI device path is `name` (without
     /// the terminating NUL, e.g. `b"\\_SB.DEV0"`), if any.
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn named_component(&self, name: &[u8]) -> Result<Option<Node<'a>>, FirmwareError> {
         for n in self.nodes() {
             let n = n?;
@@ -115,6 +135,12 @@ impl<'a> Iort<'a> {
     /// StreamID, or `None` when the chain ends without an SMMU (at an ITS
     /// group, or where no mapping covers the ID: the device's DMA is not
     /// translated), or when there is no root complex for the segment.
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when a structure it reads is truncated or
+    /// malformed, a mapping points to no node or loops, or a scope path goes through something that
+    /// is not a bridge; the variant names what and where.
     pub fn map_pci(
         &self,
         segment: u32,
@@ -132,6 +158,12 @@ impl<'a> Iort<'a> {
     /// A single mapping (flag bit 0) of a named component or root complex
     /// maps any input to its output base; elsewhere it does not apply (Linux
     /// `iort_id_map`). Ranges are inclusive: `input_base ..= input_base + count`.
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when a structure it reads is truncated or
+    /// malformed, a mapping points to no node or loops, or a scope path goes through something that
+    /// is not a bridge; the variant names what and where.
     pub fn map_id(
         &self,
         node: Node<'a>,
@@ -179,6 +211,12 @@ impl<'a> Iort<'a> {
     /// the SMMU node `smmu` must keep identity-mapped (DEN 0049E §3.1.7:
     /// an RMR node's ID mappings name the SMMU and the StreamIDs
     /// `output_base ..= output_base + count`).
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when a structure it reads is truncated or
+    /// malformed, a mapping points to no node or loops, or a scope path goes through something that
+    /// is not a bridge; the variant names what and where.
     pub fn reserved_regions_for(
         &self,
         smmu: &Node<'a>,
@@ -314,6 +352,11 @@ impl<'a> Node<'a> {
     }
 
     /// Decodes the type-specific fields.
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn kind(&self) -> Result<NodeKind<'a>, FirmwareError> {
         let r = self.fixed();
         let short = |e: FirmwareError| match e {
@@ -385,6 +428,11 @@ impl<'a> Node<'a> {
 
     /// The node's ID mappings. An error if the array does not fit the node
     /// (checked when the node was read, so this only repeats it).
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn id_mappings(&self) -> Result<IdMappings<'a>, FirmwareError> {
         let n = self.mappings as usize;
         let bytes = if n == 0 {
@@ -562,6 +610,12 @@ impl IdMapping {
     }
 
     /// The output ID of `id`, `None` when `id` is outside the input range.
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when a structure it reads is truncated or
+    /// malformed, a mapping points to no node or loops, or a scope path goes through something that
+    /// is not a bridge; the variant names what and where.
     pub fn map(&self, id: u32) -> Result<Option<u32>, FirmwareError> {
         let Some(delta) = id.checked_sub(self.input_base) else {
             return Ok(None);

@@ -203,6 +203,11 @@ impl AcpiHeader {
     /// Reads the header of `bytes` and checks its signature is `sig` and its
     /// length fits in `bytes`. Returns the header and the table's bytes (cut
     /// to its length).
+    ///
+    /// # Errors
+    ///
+    /// [`FirmwareError`] when the bytes it reads are truncated or
+    /// malformed; the variant names what was wrong and at which offset.
     pub fn parse<'a>(bytes: &'a [u8], sig: &[u8; 4]) -> Result<(Self, &'a [u8]), FirmwareError> {
         let r = Reader(bytes);
         let signature = r.array::<4>(0)?;
