@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask test | demo | board NAME [-- QEMU ARGS] | bench`.
+//! Project automation: `cargo xtask test | stress | demo | board NAME [-- QEMU ARGS] | bench`.
 
 mod apt;
 mod disk;
@@ -93,6 +93,7 @@ fn test(extra: &[String]) -> ExitCode {
         "host tests (alloc)",
         run(cargo().args(["test", "--lib", "--features", "alloc"])),
     );
+    t.step("stress (10^6 operations, release)", stress());
     t.step(
         "rustdoc (-D warnings)",
         run(cargo()
@@ -153,6 +154,20 @@ fn test(extra: &[String]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// The model-based stress test (tests/stress.rs) in a release build, where
+/// it runs 10^6 operations by default (`STRESS_SEED`, `STRESS_OPS` and
+/// `STRESS_KNOWN_DEFECTS` pass through from the environment).
+fn stress() -> bool {
+    run(cargo().args([
+        "test",
+        "--release",
+        "--test",
+        "stress",
+        "--",
+        "--nocapture",
+    ]))
 }
 
 /// Builds the library with the toolchain its `rust-version` names, for the
@@ -224,6 +239,13 @@ fn main() -> ExitCode {
     }
     match head.first().map(String::as_str) {
         Some("test") => test(&extra),
+        Some("stress") => {
+            if stress() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Some("msrv") => {
             let mut t = Tally {
                 passed: 0,
@@ -274,7 +296,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask test [-- QEMU ARGS] | msrv | demo | board NAME [-- QEMU ARGS] | bench"
+                "usage: cargo xtask test [-- QEMU ARGS] | stress | msrv | demo | board NAME [-- QEMU ARGS] | bench"
             );
             ExitCode::FAILURE
         }
