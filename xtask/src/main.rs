@@ -160,14 +160,7 @@ fn test(extra: &[String]) -> ExitCode {
 /// it runs 10^6 operations by default (`STRESS_SEED`, `STRESS_OPS` and
 /// `STRESS_KNOWN_DEFECTS` pass through from the environment).
 fn stress() -> bool {
-    run(cargo().args([
-        "test",
-        "--release",
-        "--test",
-        "stress",
-        "--",
-        "--nocapture",
-    ]))
+    run(cargo().args(["test", "--release", "--test", "stress", "--", "--nocapture"]))
 }
 
 /// Builds the library with the toolchain its `rust-version` names, for the
