@@ -1745,7 +1745,7 @@ impl<'l, F: PteFormat> World<'l, F> {
                 self.begin(t, format!("link_pages(dom {t}, tx {i} of dom {owner}, {n} pages, off {off:#x}, {dir:?})"));
                 want = self.want_link(&self.txs[i].1, off, len, &pages, false, kind, None);
                 for (k, p) in pages.iter().enumerate() {
-                    ins.push((off + k as u64 * PAGE, PAGE, Tgt::Mem(*p, canon)));
+                    ins.push((off.wrapping_add(k as u64 * PAGE), PAGE, Tgt::Mem(*p, canon)));
                 }
                 want_addr = Some(self.txs[i].1.iova.wrapping_add(off));
                 let list: Vec<PhysAddr> = pages.iter().map(|&p| PhysAddr(p)).collect();
