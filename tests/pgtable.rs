@@ -166,7 +166,9 @@ fn dropping_a_table_hands_back_nothing_and_free_all_hands_back_everything() {
     let pages = mem.live_pages();
     assert!(pages > 1);
     // The IOMMU may still walk a dropped table: its pages stay lent.
-    drop(t);
+    {
+        let _dropped_here = t;
+    }
     assert_eq!(mem.live_pages(), pages);
     let t = build();
     // SAFETY: no IOMMU ever saw this table.

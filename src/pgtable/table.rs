@@ -11,9 +11,63 @@ use crate::mem::TableMemory;
 const ENTRIES: usize = 512;
 /// Bits of input address resolved per level.
 const BITS_PER_LEVEL: u32 = 9;
-/// How many freed table pages can wait for the next invalidation before the
-/// walker starts keeping empty tables attached instead.
-pub const RETIRE_CAPACITY: usize = 64;
+/// Retired table pages waiting for the next invalidation are kept in a list
+/// threaded through the pages themselves, so there is no limit: this is kept
+/// for source compatibility and is `usize::MAX`.
+pub const RETIRE_CAPACITY: usize = usize::MAX;
+
+/// Table pages detached and waiting for an invalidation and its completion,
+/// as a list threaded through the pages: entry 0 of each holds the address of
+/// the next one (0 ends the list).
+///
+/// A retired page's entries are all not-present, and a walker that cached the
+/// path to it may still read it until the sync. The link keeps it so: a 4 KiB
+/// aligned address has bits 11:0 clear, and every format here reads such an
+/// entry as not present (Arm VMSAv8-64: bit 0, valid, clear; VT-d
+/// second level: R, W and X, bits 2:0, clear; VT-d first level and x86: P,
+/// bit 0, clear). The link goes back to the lender with the page (nothing
+/// is stored after the invalidation that lets the page go:
+/// [`TableMemory::alloc_zeroed`] zeroes what it hands out).
+/// No bookkeeping array, so no capacity: a failed or large unlink never has
+/// to leave an empty table attached for lack of room.
+struct RetireList {
+    head: Option<PhysAddr>,
+    len: usize,
+}
+
+impl RetireList {
+    const fn new() -> Self {
+        Self { head: None, len: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Adds `pa` (a detached, all-not-present table page lent by `mem`).
+    /// Never fails; returns `Result` so the call sites read as before.
+    #[allow(clippy::unnecessary_wraps)]
+    fn push<M: TableMemory>(&mut self, mem: &M, pa: PhysAddr) -> Result<(), ()> {
+        let next = self.head.map_or(0, |h| h.0);
+        // SAFETY: `pa` is a whole table page this table lent and just
+        // detached; entry 0 is inside it and aligned for a u64.
+        unsafe { mem.phys_to_virt(pa).cast::<u64>().write_volatile(next) };
+        self.head = Some(pa);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Takes one page off the list (reads only: see the type's docs).
+    fn pop<M: TableMemory>(&mut self, mem: &M) -> Option<PhysAddr> {
+        let pa = self.head?;
+        let p = mem.phys_to_virt(pa).cast::<u64>();
+        // SAFETY: as in `push`: `pa` is a retired page still lent to us.
+        let next = unsafe { p.read_volatile() };
+        self.head = (next != 0).then_some(PhysAddr(next));
+        self.len -= 1;
+        Some(pa)
+    }
+}
 /// Input address bits one leaf (height-0) table covers: 2 MiB.
 const LEAF_TABLE_SHIFT: u32 = 12 + BITS_PER_LEVEL;
 /// `leaf_cache` region meaning "nothing cached".
@@ -56,7 +110,7 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     levels: u8,
     coherent: bool,
     table_pages: usize,
-    retired: heapless::Vec<PhysAddr, RETIRE_CAPACITY>,
+    retired: RetireList,
     /// Empty tables were left attached because `retired` was full: the next
     /// [`prune_empty`](Self::prune_empty) detaches them.
     stranded: bool,
@@ -158,7 +212,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             levels,
             coherent,
             table_pages: 1,
-            retired: heapless::Vec::new(),
+            retired: RetireList::new(),
             stranded: false,
             leaf_cache: (NO_REGION, PhysAddr(0)),
             counts: TableCounts::new(),
@@ -713,7 +767,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             let Some(&(parent, idx)) = path.get(h as usize) else {
                 break;
             };
-            if self.retired.push(child).is_err() {
+            if self.retired.push(&self.mem, child).is_err() {
                 self.stranded = true;
                 break;
             }
@@ -1028,7 +1082,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 Pte::Table(child) if h > 0 => {
                     if !self.clear_rec(child, h - 1, cur, next, prune, out) {
                         // Not empty, or not detachable.
-                    } else if self.retired.push(child).is_err() {
+                    } else if self.retired.push(&self.mem, child).is_err() {
                         // Stays attached, empty, until `prune_empty`.
                         self.stranded = true;
                     } else {
@@ -1067,7 +1121,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// Hands retired table pages back to the lender. Call only after the
     /// IOMMU's caches were invalidated for the ranges they covered.
     pub fn free_retired(&mut self) {
-        while let Some(t) = self.retired.pop() {
+        while let Some(t) = self.retired.pop(&self.mem) {
             // SAFETY: `t` came from `alloc_zeroed(1)` and was detached from the
             // table; the caller guarantees the IOMMU no longer walks it.
             unsafe { self.mem.free(t, 1) };
@@ -1112,7 +1166,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 Pte::Invalid => {}
                 Pte::Leaf { .. } => empty = false,
                 Pte::Table(child) => {
-                    if self.prune_rec(child, h - 1) && self.retired.push(child).is_ok() {
+                    if self.prune_rec(child, h - 1) && self.retired.push(&self.mem, child).is_ok() {
                         self.write(table, i, 0);
                         self.entry_became_invalid(table, h);
                         self.counts.forget(child);
@@ -1121,9 +1175,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                         lo = lo.min(i);
                         hi = i + 1;
                     } else {
-                        if self.retired.is_full() {
-                            self.stranded = true;
-                        }
                         empty = false;
                     }
                 }

@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask test | demo | board NAME [-- QEMU ARGS] | bench`.
+//! Project automation: `cargo xtask test | stress | demo | board NAME [-- QEMU ARGS] | bench`.
 
 mod apt;
 mod disk;
@@ -94,6 +94,7 @@ fn test(extra: &[String]) -> ExitCode {
         "host tests (alloc, adapters)",
         run(cargo().args(["test", "--lib", "--features", "alloc,virtio-drivers"])),
     );
+    t.step("stress (10^6 operations, release)", stress());
     t.step(
         "rustdoc (-D warnings)",
         run(cargo()
@@ -168,9 +169,10 @@ const MIRI_TOOLCHAIN: &str = "nightly-2026-05-20";
 
 /// Runs the host tests under Miri (undefined behaviour, out-of-bounds and
 /// aliasing checks on every raw table and queue access), with few property
-/// cases. The SMMUv3 host tests whose fake hardware is a second thread
-/// polling shared memory are skipped: under Miri their poll budgets are
-/// minutes long.
+/// cases. The SMMUv3 and VT-d host tests whose fake hardware is a second
+/// thread polling shared memory are skipped (under Miri their poll budgets
+/// are minutes long), and so is the 10^6-operation stress test (its release
+/// run is a step of its own).
 fn miri(t: &mut Tally) {
     if let Err(e) = toolchain::ensure_toolchain(MIRI_TOOLCHAIN, &["miri", "rust-src"], &[]) {
         println!("xtask: miri: {e}");
@@ -195,8 +197,23 @@ fn miri(t: &mut Tally) {
         ])
         .arg("--target-dir")
         .arg(root().join("target").join("miri"))
-        .args(["--", "--skip", "host_tests"]);
+        .args([
+            "--",
+            "--skip",
+            "host_tests",
+            "--skip",
+            "ir_tests",
+            "--skip",
+            "stress_",
+        ]);
     t.step("miri (host tests)", run(&mut c));
+}
+
+/// The model-based stress test (tests/stress.rs) in a release build, where
+/// it runs 10^6 operations by default (`STRESS_SEED`, `STRESS_OPS` and
+/// `STRESS_KNOWN_DEFECTS` pass through from the environment).
+fn stress() -> bool {
+    run(cargo().args(["test", "--release", "--test", "stress", "--", "--nocapture"]))
 }
 
 /// Builds the library with the toolchain its `rust-version` names, for the
@@ -268,6 +285,13 @@ fn main() -> ExitCode {
     }
     match head.first().map(String::as_str) {
         Some("test") => test(&extra),
+        Some("stress") => {
+            if stress() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Some(step @ ("msrv" | "miri")) => {
             let mut t = Tally {
                 passed: 0,
@@ -322,7 +346,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask test [-- QEMU ARGS] | msrv | miri | demo | board NAME [-- QEMU ARGS] | bench"
+                "usage: cargo xtask test [-- QEMU ARGS] | stress | msrv | miri | demo | board NAME [-- QEMU ARGS] | bench"
             );
             ExitCode::FAILURE
         }
