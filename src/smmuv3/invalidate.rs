@@ -272,7 +272,7 @@ mod tests {
         ]);
         if cfg!(miri) {
             // Every command is decoded and checked: keep Miri's run short.
-            sizes = vec![1, 2, 3, 64, 65, 513];
+            sizes = Vec::from([1, 2, 3, 64, 65, 513]);
         }
         for stage1 in [true, false] {
             for ril in [true, false] {
