@@ -7,26 +7,12 @@ use core::arch::asm;
 /// # Safety
 ///
 /// The port write must not break memory safety (true of the legacy devices
-/// this board drives: COM1, isa-debug-exit, ACPI PM, PCI config ports).
+/// this board drives itself: isa-debug-exit, ACPI PM, PCI config ports).
 pub unsafe fn outb(port: u16, val: u8) {
     // SAFETY: the caller vouches for the port.
     unsafe {
         asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags))
     }
-}
-
-/// Reads a byte from an I/O port.
-///
-/// # Safety
-///
-/// As for [`outb`].
-pub unsafe fn inb(port: u16) -> u8 {
-    let val: u8;
-    // SAFETY: the caller vouches for the port.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") val, options(nomem, nostack, preserves_flags))
-    }
-    val
 }
 
 /// Writes a 16-bit word to an I/O port.
