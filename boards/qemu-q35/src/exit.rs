@@ -3,8 +3,8 @@
 //! `-device isa-debug-exit,iobase=0xf4,iosize=0x04` turns a write of `v` into
 //! exit status `(v << 1) | 1`, never 0; only a power-off gives status 0.
 
-use crate::port::{outl, outw};
 use core::sync::atomic::{AtomicU16, Ordering};
+use x86_64::instructions::port::Port;
 
 const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// PM1a control block on q35 (ICH9 PMBASE 0x600 + 4), replaced by the FADT's value.
@@ -22,14 +22,14 @@ pub fn set_pm1a_cnt(port: u16) {
 /// Exits QEMU with status `(code << 1) | 1`.
 pub fn failure(code: u32) -> ! {
     // SAFETY: isa-debug-exit ends the VM; nothing else listens on 0xf4.
-    unsafe { outl(DEBUG_EXIT_PORT, code) };
+    unsafe { Port::<u32>::new(DEBUG_EXIT_PORT).write(code) };
     halt()
 }
 
 /// Powers off through ACPI S5, so QEMU exits with status 0.
 pub fn success() -> ! {
     // SAFETY: a write to PM1a_CNT with SLP_EN requests the S5 power-off.
-    unsafe { outw(PM1A_CNT.load(Ordering::Relaxed), PM1_CNT_S5) };
+    unsafe { Port::<u16>::new(PM1A_CNT.load(Ordering::Relaxed)).write(PM1_CNT_S5) };
     for _ in 0..POWER_OFF_SPIN {
         core::hint::spin_loop();
     }

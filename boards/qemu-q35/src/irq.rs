@@ -1,4 +1,5 @@
-//! Interrupts in long mode: an IDT, the local APIC (xAPIC), bounded waits.
+//! Interrupts in long mode: an IDT, the local APIC (xAPIC), bounded waits
+//! (MSRs, CR2/CR3, CS, `lidt`, `cli` and port I/O through the `x86_64` crate).
 //!
 //! [`init`] masks the legacy 8259 PICs, enables the local APIC through its
 //! MMIO page at 0xfee0_0000 (identity-mapped uncached by [`boot`](crate::boot):
@@ -11,10 +12,17 @@
 //! `cli`) except inside [`wait_until`], so test code shares state with a
 //! handler through locks it takes with interrupts off.
 
-use crate::port::outb;
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use spin::{Mutex, Once};
+use x86_64::VirtAddr;
+use x86_64::instructions::interrupts;
+use x86_64::instructions::port::Port;
+use x86_64::instructions::tables::lidt;
+use x86_64::registers::control::{Cr2, Cr3};
+use x86_64::registers::model_specific::Msr;
+use x86_64::registers::segmentation::{CS, Segment};
+use x86_64::structures::DescriptorTablePointer;
 
 /// The vector a device MSI is programmed to (data = vector, fixed delivery).
 pub const DEVICE_VECTOR: u8 = 0x40;
@@ -216,46 +224,32 @@ impl core::fmt::Display for IrqError {
 
 /// IA32_APIC_BASE (Intel SDM Vol. 3 11.4.4).
 fn read_apic_base() -> u64 {
-    let msr = IA32_APIC_BASE;
-    let (lo, hi): (u32, u32);
     // SAFETY: IA32_APIC_BASE exists on every CPU QEMU models with an APIC;
     // reading it has no side effect.
-    unsafe {
-        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
-    (u64::from(hi) << 32) | u64::from(lo)
+    unsafe { Msr::new(IA32_APIC_BASE).read() }
 }
 
 /// Writes IA32_APIC_BASE.
 fn write_apic_base(val: u64) {
-    let msr = IA32_APIC_BASE;
     // SAFETY: `init` calls it only to set the global enable bit, keeping the
     // base the CPU already uses (checked to be the mapped xAPIC page);
     // `enable_x2apic` to set EN, then EXTD, on a CPU that offers x2APIC.
-    unsafe {
-        asm!("wrmsr", in("ecx") msr, in("eax") val as u32, in("edx") (val >> 32) as u32, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { Msr::new(IA32_APIC_BASE).write(val) }
 }
 
 /// Reads MSR `msr`.
 fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
     // SAFETY: only called for the x2APIC register MSRs while the APIC is in
     // x2APIC mode (checked by the callers), where they exist; reads have no
     // side effect.
-    unsafe {
-        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
-    (u64::from(hi) << 32) | u64::from(lo)
+    unsafe { Msr::new(msr).read() }
 }
 
 /// Writes MSR `msr`.
 fn wrmsr(msr: u32, val: u64) {
     // SAFETY: only called for x2APIC register MSRs while the APIC is in
     // x2APIC mode, with the values the xAPIC MMIO path would write.
-    unsafe {
-        asm!("wrmsr", in("ecx") msr, in("eax") val as u32, in("edx") (val >> 32) as u32, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { Msr::new(msr).write(val) }
 }
 
 /// The x2APIC MSR of xAPIC register offset `off` (SDM Vol. 3 11.12.1.2).
@@ -287,10 +281,7 @@ fn leaf_entry(va: u64) -> Option<(u64, u64)> {
     const PRESENT: u64 = 1;
     const PAGE_SIZE_BIT: u64 = 1 << 7;
     const FRAME: u64 = 0x000f_ffff_ffff_f000;
-    let cr3: u64;
-    // SAFETY: reads CR3; no memory, no flags.
-    unsafe { asm!("mov {0}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
-    let mut table = cr3 & FRAME;
+    let mut table = Cr3::read_raw().0.start_address().as_u64() & FRAME;
     for (level, shift) in [39u32, 30, 21, 12].into_iter().enumerate() {
         let index = (va >> shift) & 0x1ff;
         // SAFETY: `table` is a page-table page of the tables the CPU is
@@ -345,8 +336,8 @@ pub fn init() -> Result<u32, IrqError> {
     // SAFETY: OCW1 to both 8259 data ports masks every legacy IRQ line; the
     // board uses none of them.
     unsafe {
-        outb(0x21, 0xff);
-        outb(0xa1, 0xff);
+        Port::<u8>::new(0x21).write(0xff);
+        Port::<u8>::new(0xa1).write(0xff);
     }
     for lvt in [LAPIC_LVT_TIMER, LAPIC_LVT_LINT0, LAPIC_LVT_ERROR] {
         lapic_write(lvt, LVT_MASKED);
@@ -357,9 +348,7 @@ pub fn init() -> Result<u32, IrqError> {
 
     let idt = IDT.call_once(|| {
         let mut gates = [Gate::MISSING; 256];
-        let cs: u16;
-        // SAFETY: reads CS; no memory, no flags.
-        unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+        let cs = CS::get_reg().0;
         // SAFETY: irq_stub_table is a read-only table of STUBS addresses
         // emitted by the global_asm! above.
         let stubs = unsafe { &*core::ptr::addr_of!(irq_stub_table) };
@@ -370,18 +359,13 @@ pub fn init() -> Result<u32, IrqError> {
         }
         Idt(gates)
     });
-    #[repr(C, packed)]
-    struct Idtr {
-        limit: u16,
-        base: u64,
-    }
-    let idtr = Idtr {
+    let idtr = DescriptorTablePointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
-        base: idt as *const Idt as u64,
+        base: VirtAddr::from_ptr(idt),
     };
     // SAFETY: the IDT is 'static and every present gate points at a stub
     // that saves what it clobbers and returns with iretq (or ends the run).
-    unsafe { asm!("lidt [{0}]", in(reg) &idtr, options(readonly, nostack, preserves_flags)) };
+    unsafe { lidt(&idtr) };
     // xAPIC: the ID in bits 31:24; x2APIC: the whole 32-bit register.
     let id = if x2 {
         lapic_read(LAPIC_ID)
@@ -449,19 +433,11 @@ pub fn requested(vector: u8) -> bool {
     lapic_read(LAPIC_IRR + 0x10 * (v / 32)) & (1 << (v % 32)) != 0
 }
 
-/// Runs `f` with interrupts disabled, restoring IF afterwards.
+/// Runs `f` with interrupts disabled, restoring IF afterwards (`x86_64`'s
+/// `cli` / `sti` are compiler barriers, so no access to state shared with a
+/// handler moves out of the critical section).
 pub fn without_interrupts<R>(f: impl FnOnce() -> R) -> R {
-    let flags: u64;
-    // SAFETY: saves RFLAGS and clears IF; touches only the stack slot of
-    // pushfq. Not `nomem`: the block is a compiler barrier, so no access to
-    // state shared with a handler moves out of the critical section.
-    unsafe { asm!("pushfq", "pop {0}", "cli", out(reg) flags) };
-    let r = f();
-    if flags & (1 << 9) != 0 {
-        // SAFETY: IF was set on entry; interrupts are wanted again.
-        unsafe { asm!("sti", options(nostack)) };
-    }
-    r
+    interrupts::without_interrupts(f)
 }
 
 /// Waits with `sti; hlt` until `done()` (checked with interrupts disabled)
@@ -476,8 +452,8 @@ pub fn wait_until(ticks: u32, mut done: impl FnMut() -> bool) -> bool {
     lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | u32::from(TIMER_VECTOR));
     lapic_write(LAPIC_TIMER_INIT, TIMER_PERIOD);
     let ok = loop {
-        // SAFETY: clears IF; a compiler barrier (not `nomem`) like the sti/hlt.
-        unsafe { asm!("cli", options(nostack)) };
+        // `x86_64`'s cli is a compiler barrier (not `nomem`), like the sti/hlt.
+        interrupts::disable();
         if done() {
             break true;
         }
@@ -486,7 +462,9 @@ pub fn wait_until(ticks: u32, mut done: impl FnMut() -> bool) -> bool {
         }
         // SAFETY: sti's one-instruction shadow makes an interrupt that is
         // already pending wake the hlt rather than slip in before it; the
-        // timer is running, so the hlt ends. Handlers run here.
+        // timer is running, so the hlt ends. Handlers run here, so this stays
+        // hand-written: `x86_64`'s `enable_and_hlt` is `nomem`, not a
+        // compiler barrier.
         unsafe { asm!("sti", "hlt", options(nostack)) };
     };
     lapic_write(LAPIC_TIMER_INIT, 0);
@@ -514,9 +492,7 @@ extern "C" fn irq_dispatch(vector: u64) {
         v if COUNT_VECTORS.contains(&v) => lapic_write(LAPIC_EOI, 0),
         SPURIOUS_VECTOR => {}
         _ => {
-            let cr2: u64;
-            // SAFETY: reads CR2 (the page-fault address); no memory.
-            unsafe { asm!("mov {0}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+            let cr2 = Cr2::read_raw();
             crate::harness::boot_failure(format_args!("CPU exception {vector} (cr2 {cr2:#x})"))
         }
     }

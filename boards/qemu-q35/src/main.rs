@@ -25,7 +25,6 @@ mod harness;
 mod irq;
 mod memory;
 mod pci;
-mod port;
 mod serial;
 mod tests;
 

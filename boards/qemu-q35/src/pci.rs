@@ -1,18 +1,20 @@
-//! PCI configuration through ECAM, function discovery and 32-bit BAR placement.
-//!
-//! Layout: PCI Express Base 6.0 §7.2.2 (ECAM), §7.5.1 (type 0 header).
+//! PCI configuration through ECAM (PCI Express Base 6.0 §7.2.2), function
+//! discovery and 32-bit BAR placement. The ECAM accessors are this board's;
+//! headers, BAR sizing and the command register are the `pci_types` crate's,
+//! through its `ConfigRegionAccess` implemented over the ECAM.
 
 use crate::acpi::EcamWindow;
 use bare_iommu::DeviceId;
 use core::ptr::{read_volatile, write_volatile};
+use pci_types::{
+    Bar, CommandRegister, ConfigRegionAccess, EndpointHeader, HeaderType, PciAddress, PciHeader,
+    PciPciBridgeHeader,
+};
 
 /// Command register (offset 4): memory space enable.
 pub const CMD_MEMORY: u16 = 1 << 1;
 /// Command register: bus master enable.
 pub const CMD_BUS_MASTER: u16 = 1 << 2;
-const OFF_VENDOR: u16 = 0x00;
-const OFF_COMMAND: u16 = 0x04;
-const OFF_HEADER_TYPE: u16 = 0x0e;
 const OFF_BAR0: u16 = 0x10;
 /// Where this board places BARs firmware left unassigned, and the limit
 /// (0xfec0_0000 onwards: IOAPIC, HPET, VT-d, LAPIC).
@@ -99,18 +101,21 @@ impl Ecam {
         self.write32(dev, off, old | (u32::from(val) << shift));
     }
 
-    /// Reads a byte.
     /// Secondary and subordinate bus of the PCI-to-PCI bridge at
-    /// `bus:devfn` (type-1 header bytes 0x19/0x1a), `None` when no bridge
-    /// answers there.
+    /// `bus:devfn` (type-1 header), `None` when no bridge answers there.
     pub fn bridge_buses(&self, bus: u8, devfn: u8) -> Option<(u8, u8)> {
-        let dev = DeviceId::from_rid(0, u16::from(bus) << 8 | u16::from(devfn));
-        if self.read16(dev, 0) == 0xffff || self.read8(dev, 0x0e) & 0x7f != 1 {
+        let header = PciHeader::new(PciAddress::new(0, bus, devfn >> 3, devfn & 7));
+        if header.id(self).0 == 0xffff || header.header_type(self) != HeaderType::PciPciBridge {
             return None;
         }
-        Some((self.read8(dev, 0x19), self.read8(dev, 0x1a)))
+        let bridge = PciPciBridgeHeader::from_header(header, self)?;
+        Some((
+            bridge.secondary_bus_number(self),
+            bridge.subordinate_bus_number(self),
+        ))
     }
 
+    /// Reads a byte.
     pub fn read8(&self, dev: DeviceId, off: u16) -> u8 {
         (self.read32(dev, off) >> ((off & 3) * 8)) as u8
     }
@@ -119,13 +124,11 @@ impl Ecam {
     pub fn for_each_function(&self, mut f: impl FnMut(DeviceId, u16, u16)) {
         for bus in self.win.start_bus..=self.win.end_bus {
             for d in 0..32u8 {
-                let Some(f0) = DeviceId::new(self.win.segment, bus, d, 0) else {
-                    continue;
-                };
-                if self.read16(f0, OFF_VENDOR) == 0xffff {
+                let f0 = PciHeader::new(PciAddress::new(self.win.segment, bus, d, 0));
+                if f0.id(self).0 == 0xffff {
                     continue;
                 }
-                let funcs = if self.read8(f0, OFF_HEADER_TYPE) & 0x80 != 0 {
+                let funcs = if f0.has_multiple_functions(self) {
                     8
                 } else {
                     1
@@ -134,9 +137,9 @@ impl Ecam {
                     let Some(dev) = DeviceId::new(self.win.segment, bus, d, func) else {
                         continue;
                     };
-                    let id = self.read32(dev, OFF_VENDOR);
-                    if id & 0xffff != 0xffff {
-                        f(dev, id as u16, (id >> 16) as u16);
+                    let (vendor, device) = PciHeader::new(address(dev)).id(self);
+                    if vendor != 0xffff {
+                        f(dev, vendor, device);
                     }
                 }
             }
@@ -157,48 +160,76 @@ impl Ecam {
 
     /// Sets bits in the command register.
     pub fn enable(&self, dev: DeviceId, bits: u16) {
-        let cmd = self.read16(dev, OFF_COMMAND);
-        self.write16(dev, OFF_COMMAND, cmd | bits);
+        let bits = CommandRegister::from_bits_truncate(bits);
+        PciHeader::new(address(dev)).update_command(self, |c| c | bits);
+    }
+
+    /// Runs `f` on the type-0 header of `dev` with memory decoding off, then
+    /// restores the command register.
+    fn with_decode_off<R>(
+        &self,
+        dev: DeviceId,
+        f: impl FnOnce(&mut EndpointHeader) -> R,
+    ) -> Option<R> {
+        let mut ep = EndpointHeader::from_header(PciHeader::new(address(dev)), self)?;
+        let cmd = ep.command(self);
+        ep.update_command(self, |c| c - CommandRegister::MEMORY_ENABLE);
+        let r = f(&mut ep);
+        ep.update_command(self, |_| cmd);
+        Some(r)
     }
 
     /// Base and size of memory BAR `bar` of a type-0 function (decode is
     /// switched off while sizing). `None` for I/O, absent or 64-bit-high BARs.
     pub fn memory_bar(&self, dev: DeviceId, bar: u8) -> Option<(u64, u64, bool)> {
-        let off = OFF_BAR0 + u16::from(bar) * 4;
-        let raw = self.read32(dev, off);
-        if raw & 1 != 0 {
-            return None;
+        match self.with_decode_off(dev, |ep| ep.bar(bar, self))?? {
+            Bar::Memory32 { address, size, .. } => {
+                Some((u64::from(address), u64::from(size), false))
+            }
+            Bar::Memory64 { address, size, .. } => Some((address, size, true)),
+            Bar::Io { .. } => None,
         }
-        let is64 = (raw >> 1) & 3 == 2;
-        let cmd = self.read16(dev, OFF_COMMAND);
-        self.write16(dev, OFF_COMMAND, cmd & !CMD_MEMORY);
-        self.write32(dev, off, u32::MAX);
-        let mask = self.read32(dev, off) & !0xf;
-        self.write32(dev, off, raw);
-        let mut base = u64::from(raw & !0xf);
-        let mut size_mask = u64::from(mask) | 0xffff_ffff_0000_0000;
-        if is64 {
-            let hi = self.read32(dev, off + 4);
-            self.write32(dev, off + 4, u32::MAX);
-            let hmask = self.read32(dev, off + 4);
-            self.write32(dev, off + 4, hi);
-            base |= u64::from(hi) << 32;
-            size_mask = (u64::from(hmask) << 32) | u64::from(mask);
-        }
-        self.write16(dev, OFF_COMMAND, cmd);
-        if mask == 0 {
-            return None;
-        }
-        Some((base, (!size_mask).wrapping_add(1), is64))
     }
 
-    /// Programs a 32-bit memory BAR.
-    pub fn set_bar32(&self, dev: DeviceId, bar: u8, base: u32) {
-        let off = OFF_BAR0 + u16::from(bar) * 4;
-        let cmd = self.read16(dev, OFF_COMMAND);
-        self.write16(dev, OFF_COMMAND, cmd & !CMD_MEMORY);
-        self.write32(dev, off, base);
-        self.write16(dev, OFF_COMMAND, cmd);
+    /// Programs memory BAR `bar` (both halves of a 64-bit one) with `base`,
+    /// decode off meanwhile; `false` when it is not a memory BAR.
+    fn set_bar(&self, dev: DeviceId, bar: u8, base: u32) -> bool {
+        self.with_decode_off(dev, |ep| {
+            // SAFETY: `base` is a naturally aligned range of the 32-bit
+            // window that nothing else decodes (BusyRanges), as big as the BAR.
+            unsafe { ep.write_bar(bar, self, base as usize) }.is_ok()
+        })
+        .unwrap_or(false)
+    }
+}
+
+/// `pci_types`' address of a function.
+fn address(dev: DeviceId) -> PciAddress {
+    PciAddress::new(dev.segment, dev.bus, dev.dev(), dev.func())
+}
+
+impl ConfigRegionAccess for Ecam {
+    unsafe fn read(&self, address: PciAddress, offset: u16) -> u32 {
+        match DeviceId::new(
+            address.segment(),
+            address.bus(),
+            address.device(),
+            address.function(),
+        ) {
+            Some(dev) => self.read32(dev, offset),
+            None => u32::MAX,
+        }
+    }
+
+    unsafe fn write(&self, address: PciAddress, offset: u16, value: u32) {
+        if let Some(dev) = DeviceId::new(
+            address.segment(),
+            address.bus(),
+            address.device(),
+            address.function(),
+        ) {
+            self.write32(dev, offset, value);
+        }
     }
 }
 
@@ -218,7 +249,7 @@ impl BusyRanges {
         me.add(eb, es)?;
         let mut err = None;
         ecam.for_each_function(|dev, _, _| {
-            if ecam.read8(dev, OFF_HEADER_TYPE) & 0x7f != 0 {
+            if PciHeader::new(address(dev)).header_type(ecam) != HeaderType::Endpoint {
                 return;
             }
             let mut bar = 0;
@@ -258,7 +289,7 @@ impl BusyRanges {
     /// returns its base.
     pub fn place(&mut self, ecam: &Ecam, dev: DeviceId, bar: u8) -> Result<u64, PciError> {
         let raw = ecam.read32(dev, OFF_BAR0 + u16::from(bar) * 4);
-        let Some((base, size, is64)) = ecam.memory_bar(dev, bar) else {
+        let Some((base, size, _)) = ecam.memory_bar(dev, bar) else {
             return Err(PciError::UnusableBar { dev, bar, raw });
         };
         if base != 0 {
@@ -270,11 +301,10 @@ impl BusyRanges {
         let mut cand = WINDOW_START;
         while cand + size <= WINDOW_END {
             if !self.overlaps(cand, cand + size) {
-                // cand < 4 GiB by the window bounds.
-                ecam.set_bar32(dev, bar, cand as u32);
-                if is64 {
-                    // The upper half of a 64-bit BAR: below 4 GiB.
-                    ecam.set_bar32(dev, bar + 1, 0);
+                // cand < 4 GiB by the window bounds (a 64-bit BAR's upper
+                // half is written 0).
+                if !ecam.set_bar(dev, bar, cand as u32) {
+                    return Err(PciError::UnusableBar { dev, bar, raw });
                 }
                 self.add(cand, size)?;
                 return Ok(cand);

@@ -1,32 +1,24 @@
-//! Just enough of the flattened device tree (Devicetree Specification v0.4,
-//! chapter 5) to read the PCI host bridge's `ranges` (how a PCI bus address
-//! in a memory window maps to a CPU physical address) and a device's `reg`
-//! and `interrupts` (found by its `compatible` string).
+//! The DTB questions the board asks, answered through the `fdt` crate (which
+//! walks the structure block): the PCI host bridge's `ranges` (how a PCI bus
+//! address in a memory window maps to a CPU physical address) and a device's
+//! `reg` and `interrupts` (found by its `compatible` string). What `fdt` 0.1
+//! does not decode is decoded here: the PCI bus binding's `ranges` entries
+//! and the Arm GIC binding's three-cell interrupt specifiers.
 //!
 //! QEMU puts the DTB at the start of RAM when it fits below the image
 //! (link.ld leaves 2 MiB for it).
 
-use core::ops::ControlFlow;
-
 /// Where QEMU `virt` places the DTB.
 pub const VIRT_DTB: usize = 0x4000_0000;
 /// Most bytes a DTB may span here (the gap below the image).
-const MAX_SIZE: u32 = 2 << 20;
-/// Devicetree Specification 5.2: header magic.
-const MAGIC: u32 = 0xd00d_feed;
-/// Devicetree Specification 5.4.1: structure block tokens.
-const FDT_BEGIN_NODE: u32 = 1;
-const FDT_END_NODE: u32 = 2;
-const FDT_PROP: u32 = 3;
-const FDT_NOP: u32 = 4;
-const FDT_END: u32 = 9;
+const MAX_SIZE: usize = 2 << 20;
 
 /// Why the DTB could not answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FdtError {
     /// No DTB magic at the address.
     NoDtb,
-    /// The structure block is cut or holds an unknown token.
+    /// The DTB is larger than the gap below the image, or a property is cut.
     Malformed,
     /// No `pcie@…` node with a `ranges` property.
     NoPciRanges,
@@ -38,19 +30,9 @@ pub enum FdtError {
     NoProperty(&'static str),
 }
 
-/// A DTB in memory.
+/// A DTB in memory, parsed by the `fdt` crate.
 pub struct Fdt {
-    bytes: &'static [u8],
-}
-
-/// One structure-block token [`Fdt::walk`] hands on (`FDT_NOP` skipped).
-enum Token {
-    /// `FDT_BEGIN_NODE` with the node's name.
-    Begin(&'static [u8]),
-    /// `FDT_END_NODE`.
-    End,
-    /// `FDT_PROP`: name and value.
-    Prop(&'static [u8], &'static [u8]),
+    dt: ::fdt::Fdt<'static>,
 }
 
 /// One memory window of a PCI host bridge (`ranges` entry, PCI bus binding).
@@ -72,127 +54,76 @@ impl Fdt {
     /// `addr` must be readable RAM for [`MAX_SIZE`] bytes that nothing writes
     /// while the returned value lives.
     pub unsafe fn at(addr: usize) -> Result<Self, FdtError> {
-        // SAFETY: per the caller, the header's 40 bytes are readable.
-        let head = unsafe { core::slice::from_raw_parts(addr as *const u8, 40) };
-        if be32(head, 0) != Some(MAGIC) {
-            return Err(FdtError::NoDtb);
-        }
-        let total = be32(head, 4).ok_or(FdtError::Malformed)?;
-        if total > MAX_SIZE {
-            return Err(FdtError::Malformed);
-        }
-        // SAFETY: `total` ≤ MAX_SIZE bytes, readable per the caller.
-        let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, total as usize) };
-        Ok(Self { bytes })
+        // SAFETY: per the caller, MAX_SIZE bytes at `addr` are readable and
+        // not written while the DTB is in use.
+        let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, MAX_SIZE) };
+        // `fdt::Fdt::new` checks the magic and that `totalsize` fits the slice.
+        let dt = ::fdt::Fdt::new(bytes).map_err(|e| match e {
+            ::fdt::FdtError::BadMagic => FdtError::NoDtb,
+            _ => FdtError::Malformed,
+        })?;
+        Ok(Self { dt })
     }
 
-    fn header(&self, off: usize) -> Result<usize, FdtError> {
-        be32(self.bytes, off)
-            .map(|v| v as usize)
-            .ok_or(FdtError::Malformed)
+    /// The nodes directly below the root.
+    fn top_nodes(&self) -> impl Iterator<Item = ::fdt::node::FdtNode<'_, 'static>> {
+        self.dt
+            .find_node("/")
+            .into_iter()
+            .flat_map(|root| root.children())
     }
 
-    fn string(&self, off: usize) -> Result<&'static [u8], FdtError> {
-        let start = self
-            .header(12)?
-            .checked_add(off)
-            .ok_or(FdtError::Malformed)?;
-        cstr(self.bytes, start).ok_or(FdtError::Malformed)
-    }
-
-    /// Walks the structure block (Devicetree Specification 5.4), handing `f`
-    /// each node start, node end and property with the depth of its node (1:
-    /// the root); stops early with what `f` breaks with, or at `FDT_END`.
-    fn walk<R>(
+    /// The first node directly below the root whose `compatible` list holds
+    /// `compatible` and that has property `prop`.
+    fn node_with(
         &self,
-        mut f: impl FnMut(usize, Token) -> ControlFlow<R>,
-    ) -> Result<Option<R>, FdtError> {
-        let mut off = self.header(8)?;
-        let mut depth = 0usize;
-        loop {
-            let token = be32(self.bytes, off).ok_or(FdtError::Malformed)?;
-            off += 4;
-            let flow = match token {
-                FDT_BEGIN_NODE => {
-                    let name = cstr(self.bytes, off).ok_or(FdtError::Malformed)?;
-                    off = (off + name.len() + 1).next_multiple_of(4);
-                    depth += 1;
-                    f(depth, Token::Begin(name))
-                }
-                FDT_END_NODE => {
-                    let flow = f(depth, Token::End);
-                    if flow.is_continue() {
-                        depth = depth.checked_sub(1).ok_or(FdtError::Malformed)?;
-                    }
-                    flow
-                }
-                FDT_PROP => {
-                    let len = self.header(off)?;
-                    let name = self.string(self.header(off + 4)?)?;
-                    let start = off + 8;
-                    let value = start
-                        .checked_add(len)
-                        .and_then(|end| self.bytes.get(start..end))
-                        .ok_or(FdtError::Malformed)?;
-                    off = (start + len).next_multiple_of(4);
-                    f(depth, Token::Prop(name, value))
-                }
-                FDT_NOP => ControlFlow::Continue(()),
-                FDT_END => return Ok(None),
-                _ => return Err(FdtError::Malformed),
-            };
-            if let ControlFlow::Break(r) = flow {
-                return Ok(Some(r));
-            }
-        }
+        compatible: &'static str,
+        prop: &'static str,
+    ) -> Result<::fdt::node::FdtNode<'_, 'static>, FdtError> {
+        let mut seen = false;
+        self.top_nodes()
+            .filter(|n| {
+                n.compatible()
+                    .is_some_and(|c| c.all().any(|c| c == compatible))
+            })
+            .find(|n| {
+                seen = true;
+                n.property(prop).is_some()
+            })
+            .ok_or(if seen {
+                FdtError::NoProperty(prop)
+            } else {
+                FdtError::NoNode(compatible)
+            })
     }
 
     /// Every memory window (32- and 64-bit) of the first `pcie@` node
     /// directly below the root, in `ranges` order; calls `f` for each.
     pub fn pci_windows(&self, mut f: impl FnMut(PciWindow)) -> Result<(), FdtError> {
-        let mut in_pcie = false;
-        // #address-cells / #size-cells of the root (the parent bus of the
-        // host bridge) and of the host bridge itself; the spec's defaults.
-        let (mut root_ac, mut pci_ac, mut pci_sc) = (2u32, 3u32, 2u32);
-        let mut ranges: Option<&'static [u8]> = None;
-        self.walk(|depth, token| {
-            match token {
-                Token::Begin(name) => {
-                    if depth == 2 && ranges.is_none() && name.starts_with(b"pcie@") {
-                        in_pcie = true;
-                    }
-                }
-                Token::End => {
-                    if depth == 2 && in_pcie {
-                        return ControlFlow::Break(());
-                    }
-                }
-                Token::Prop(name, value) => {
-                    let cells = be32(value, 0);
-                    match (depth, in_pcie, name) {
-                        (1, _, b"#address-cells") => root_ac = cells.unwrap_or(root_ac),
-                        (2, true, b"#address-cells") => pci_ac = cells.unwrap_or(pci_ac),
-                        (2, true, b"#size-cells") => pci_sc = cells.unwrap_or(pci_sc),
-                        (2, true, b"ranges") => ranges = Some(value),
-                        _ => {}
-                    }
-                }
-            }
-            ControlFlow::Continue(())
-        })?;
-        let ranges = ranges.ok_or(FdtError::NoPciRanges)?;
+        let pcie = self
+            .top_nodes()
+            .find(|n| n.name.starts_with("pcie@") && n.property("ranges").is_some())
+            .ok_or(FdtError::NoPciRanges)?;
+        let ranges = pcie.property("ranges").ok_or(FdtError::NoPciRanges)?.value;
+        // #address-cells of the root (the host bridge's parent bus) and the
+        // host bridge's own #address-cells / #size-cells.
+        let root_ac = self.dt.root().cell_sizes().address_cells;
+        let pci = pcie.cell_sizes();
         // PCI bus binding: child address = 3 cells (phys.hi flags, phys.mid,
         // phys.lo); phys.hi bits 25:24 are the space code (2 = 32-bit
         // memory, 3 = 64-bit memory).
-        if pci_ac != 3 || !(1..=2).contains(&root_ac) || !(1..=2).contains(&pci_sc) {
+        if pci.address_cells != 3
+            || !(1..=2).contains(&root_ac)
+            || !(1..=2).contains(&pci.size_cells)
+        {
             return Err(FdtError::Malformed);
         }
-        let entry = 4 * (pci_ac + root_ac + pci_sc) as usize;
+        let entry = 4 * (pci.address_cells + root_ac + pci.size_cells);
         for e in ranges.chunks_exact(entry) {
             let hi = be32(e, 0).ok_or(FdtError::Malformed)?;
             let bus = cells(e, 4, 2).ok_or(FdtError::Malformed)?;
             let cpu = cells(e, 12, root_ac).ok_or(FdtError::Malformed)?;
-            let size = cells(e, 12 + 4 * root_ac as usize, pci_sc).ok_or(FdtError::Malformed)?;
+            let size = cells(e, 12 + 4 * root_ac, pci.size_cells).ok_or(FdtError::Malformed)?;
             if (hi >> 24) & 3 >= 2 {
                 f(PciWindow { bus, cpu, size });
             }
@@ -207,52 +138,28 @@ impl Fdt {
         compatible: &'static str,
         prop: &'static str,
     ) -> Result<&'static [u8], FdtError> {
-        // The node at depth 2 being read: does it match, and its property.
-        let (mut matches, mut value) = (false, None);
-        let mut seen = false;
-        let found = self.walk(|depth, token| {
-            if depth != 2 {
-                return ControlFlow::Continue(());
-            }
-            match token {
-                Token::Begin(_) => (matches, value) = (false, None),
-                Token::End => {
-                    if matches {
-                        if let Some(v) = value {
-                            return ControlFlow::Break(v);
-                        }
-                        seen = true;
-                    }
-                }
-                Token::Prop(name, v) => {
-                    if name == b"compatible" {
-                        matches |= v.split(|&c| c == 0).any(|c| c == compatible.as_bytes());
-                    } else if name == prop.as_bytes() {
-                        value = Some(v);
-                    }
-                }
-            }
-            ControlFlow::Continue(())
-        })?;
-        found.ok_or(if seen {
-            FdtError::NoProperty(prop)
-        } else {
-            FdtError::NoNode(compatible)
-        })
+        let node = self.node_with(compatible, prop)?;
+        node.property(prop)
+            .map(|p| p.value)
+            .ok_or(FdtError::NoProperty(prop))
     }
 
     /// Region `index` of the `reg` property (address, size) of the node
-    /// compatible with `compatible`; the root's cells are 2 + 2 on `virt`.
+    /// compatible with `compatible`, in its parent's address and size cells.
     pub fn reg(&self, compatible: &'static str, index: usize) -> Result<(u64, u64), FdtError> {
-        let reg = self.property(compatible, "reg")?;
-        let at = index.checked_mul(16).ok_or(FdtError::Malformed)?;
-        let addr = cells(reg, at, 2).ok_or(FdtError::NoProperty("reg"))?;
-        let size = cells(reg, at + 8, 2).ok_or(FdtError::NoProperty("reg"))?;
-        Ok((addr, size))
+        let node = self.node_with(compatible, "reg")?;
+        let region = node
+            .reg()
+            .and_then(|mut r| r.nth(index))
+            .ok_or(FdtError::NoProperty("reg"))?;
+        let size = region.size.ok_or(FdtError::NoProperty("reg"))?;
+        Ok((region.starting_address as u64, size as u64))
     }
 
     /// Interrupt `index` of the node compatible with `compatible`, in the
     /// Arm GIC binding's three cells (type: 0 SPI, 1 PPI; number; flags).
+    /// The `fdt` crate reads only one- and two-cell specifiers, so the cells
+    /// are decoded here.
     pub fn interrupt(
         &self,
         compatible: &'static str,
@@ -328,17 +235,10 @@ fn be32(b: &[u8], off: usize) -> Option<u32> {
 }
 
 /// `n` (1 or 2) big-endian cells at `off` as one number.
-fn cells(b: &[u8], off: usize, n: u32) -> Option<u64> {
+fn cells(b: &[u8], off: usize, n: usize) -> Option<u64> {
     let mut v = 0u64;
-    for i in 0..n as usize {
+    for i in 0..n {
         v = (v << 32) | u64::from(be32(b, off + 4 * i)?);
     }
     Some(v)
-}
-
-/// The NUL-terminated string at `off`, without the NUL.
-fn cstr(b: &[u8], off: usize) -> Option<&[u8]> {
-    let rest = b.get(off..)?;
-    let n = rest.iter().position(|&c| c == 0)?;
-    rest.get(..n)
 }

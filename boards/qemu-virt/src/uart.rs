@@ -1,58 +1,50 @@
 //! PL011 UART at 0x0900_0000: the byte output behind `print!` / `println!`
-//! (`board_common::console`), transmit only.
+//! (`board_common::console`), transmit only, driven by the `arm-pl011-uart`
+//! crate.
 
-use tock_registers::interfaces::{Readable, Writeable};
-use tock_registers::registers::{ReadOnly, ReadWrite};
-use tock_registers::{register_bitfields, register_structs};
+use arm_pl011_uart::{
+    DataBits, LineConfig, PL011Registers, Parity, StopBits, Uart, UniqueMmioPointer,
+};
+use core::ptr::NonNull;
 
 /// Base of the PL011 on QEMU `virt`.
 const PL011_BASE: usize = 0x0900_0000;
+/// UARTCLK of the PL011 on QEMU `virt` (the DTB's `apb-pclk`, 24 MHz).
+const UARTCLK: u32 = 24_000_000;
+/// Bounded wait for room in the transmit FIFO: QEMU never holds TXFF, and a
+/// real FIFO drains in microseconds.
+const TX_POLL_BUDGET: u32 = 1_000_000;
 
-register_bitfields! [u32,
-    /// UARTFR, PL011 TRM §3.3.3.
-    FR [
-        TXFF OFFSET(5) NUMBITS(1) []
-    ],
-    /// UARTCR, PL011 TRM §3.3.8.
-    CR [
-        UARTEN OFFSET(0) NUMBITS(1) [],
-        TXE OFFSET(8) NUMBITS(1) [],
-        RXE OFFSET(9) NUMBITS(1) []
-    ]
-];
-
-register_structs! {
-    /// PL011 registers, PL011 TRM §3.2.
-    Pl011Regs {
-        (0x00 => dr: ReadWrite<u32>),
-        (0x04 => _reserved0),
-        (0x18 => fr: ReadOnly<u32, FR::Register>),
-        (0x1c => _reserved1),
-        (0x30 => cr: ReadWrite<u32, CR::Register>),
-        (0x34 => @END),
-    }
+/// A handle on the PL011. The driver keeps no state of its own, so each
+/// caller makes one for the bytes it sends and drops it.
+fn pl011() -> Option<Uart<'static>> {
+    let regs = NonNull::new(PL011_BASE as *mut PL011Registers)?;
+    // SAFETY: the PL011's registers are mapped at PL011_BASE on QEMU `virt`
+    // (MMU off: identity, device memory), only this module drives them, and a
+    // handle lives only for one `init` or `put`.
+    Some(Uart::new(unsafe { UniqueMmioPointer::new(regs) }))
 }
 
-fn regs() -> &'static Pl011Regs {
-    // SAFETY: the PL011 is mapped at PL011_BASE on QEMU `virt`, the MMU is off
-    // (identity), and the registers are only accessed through volatile cells.
-    unsafe { &*(PL011_BASE as *const Pl011Regs) }
-}
-
-/// Enables the UART for transmit and receive (UARTCR = 0x301).
+/// Enables the UART for transmit and receive, 115200 8N1, FIFOs on.
 pub fn init() {
-    regs()
-        .cr
-        .write(CR::UARTEN::SET + CR::TXE::SET + CR::RXE::SET);
+    if let Some(mut uart) = pl011() {
+        let line = LineConfig {
+            data_bits: DataBits::Bits8,
+            parity: Parity::None,
+            stop_bits: StopBits::One,
+        };
+        // Only fails for a baud rate the clock cannot divide to.
+        let _ = uart.enable(line, 115_200, UARTCLK);
+    }
 }
 
 /// Sends one byte (the output of `board_common::console`).
 pub fn put(byte: u8) {
-    // Bounded: QEMU never holds TXFF, and a real FIFO drains in microseconds.
-    for _ in 0..1_000_000 {
-        if !regs().fr.is_set(FR::TXFF) {
+    let Some(mut uart) = pl011() else { return };
+    for _ in 0..TX_POLL_BUDGET {
+        if !uart.is_tx_fifo_full() {
             break;
         }
     }
-    regs().dr.set(u32::from(byte));
+    uart.write_word(byte);
 }
