@@ -1274,3 +1274,28 @@ fn cmdq_error_past_what_was_published_fails_the_sync_with_a_typed_error() {
     assert_eq!(cmdq_slot(&regs, published), Command::sync().0);
     drop(fake);
 }
+
+#[test]
+fn a_two_level_choice_with_eight_sid_bits_builds_a_linear_table() {
+    let (regs, _fake, mut s) = started(SmmuConfig {
+        sid_bits: Some(8),
+        stream_table: StreamTableChoice::TwoLevel,
+        ..small_budget()
+    });
+    assert_eq!(s.stream_table_format(), Some(StreamTableFormat::Linear));
+    let cfg = regs.get(STRTAB_BASE_CFG);
+    // FMT linear, LOG2SIZE 8 (never below SPLIT with FMT 2-level).
+    assert_eq!((cfg >> 16 & 3, cfg & 0x3f), (0, 8));
+    s.attach(DeviceId::from_rid(0, 0xff), Attachment::Bypass)
+        .unwrap();
+    s.shutdown().unwrap();
+    // One bit more: 2-level as asked.
+    let (regs, _fake, mut s) = started(SmmuConfig {
+        sid_bits: Some(9),
+        stream_table: StreamTableChoice::TwoLevel,
+        ..small_budget()
+    });
+    let cfg = regs.get(STRTAB_BASE_CFG);
+    assert_eq!((cfg >> 16 & 3, cfg >> 6 & 0x1f, cfg & 0x3f), (1, 8, 9));
+    s.shutdown().unwrap();
+}
