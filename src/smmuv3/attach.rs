@@ -28,12 +28,13 @@ impl<M: TableMemory> Smmu<M> {
                     return Err(SmmuError::Unsupported("stage 1 translation"));
                 }
                 fits("ASID", info.id.into(), f.asid_bits)?;
-                fits("TTB0 beyond OAS", info.root.0, f.oas_bits)?;
+                let (oas_bits, ips) = f.output_size();
+                fits("TTB0 beyond OAS", info.root.0, oas_bits)?;
                 let cd = ContextDescriptor::with_walk(
                     info.id,
                     info.root,
                     64 - ias,
-                    f.oas_encoding.min(5),
+                    ips,
                     STAGE1_MAIR,
                     f.coherent,
                 );
@@ -60,15 +61,16 @@ impl<M: TableMemory> Smmu<M> {
                 // The IPA space is capped by the OAS (§5.2 S2T0SZ). S2SL0 for
                 // a 4 KiB granule: 0 starts at level 2, 1 at level 1, 2 at
                 // level 0 — the root of a 2-, 3- or 4-level table.
-                let ipa_bits = ias.min(f.oas_bits);
+                let (oas_bits, ps) = f.output_size();
+                let ipa_bits = ias.min(oas_bits);
                 let sl0 = info.levels - 2;
-                fits("S2TTB beyond OAS", info.root.0, f.oas_bits)?;
+                fits("S2TTB beyond OAS", info.root.0, oas_bits)?;
                 Ok(Ste::stage2(&Stage2Config {
                     vmid: info.id,
                     ttb: info.root,
                     t0sz: 64 - ipa_bits,
                     sl0,
-                    ps: f.oas_encoding.min(5),
+                    ps,
                     coherent: f.coherent,
                 }))
             }

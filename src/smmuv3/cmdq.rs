@@ -172,7 +172,7 @@ impl CommandQueue {
     ///
     /// [`SmmuError::Timeout`] when the queue is full and the SMMU does not consume within `budget`
     /// polls; [`SmmuError::Command`] when the SMMU stopped on a command while the queue was drained
-    /// (the queue is recovered first).
+    /// (the queue is recovered first); [`SmmuError::BadCommandIndex`] as for [`sync`](Self::sync).
     pub fn push<M: TableMemory>(
         &mut self,
         regs: &Page0,
@@ -183,10 +183,17 @@ impl CommandQueue {
     ) -> Result<(), SmmuError> {
         if self.prod.is_full(self.hw_cons(regs)) {
             self.publish(regs);
+            let mut bad = None;
             poll_until("CMDQ space", budget, || {
-                let _ = self.recover_if_stopped(regs, mem, coherent);
+                if let Err(e) = self.recover_if_stopped(regs, mem, coherent) {
+                    bad = Some(e);
+                    return true;
+                }
                 !self.prod.is_full(self.hw_cons(regs))
             })?;
+            if let Some(e) = bad {
+                return Err(e);
+            }
         }
         self.write_slot(mem, coherent, self.prod.slot(), &cmd);
         self.prod = self.prod.next();
@@ -210,30 +217,52 @@ impl CommandQueue {
 
     /// Restarts a queue stopped on an error, publishing nothing new: the
     /// open batch stays unpublished. Returns the error found, if any; it is
-    /// also kept for the next [`sync`](Self::sync) to return.
+    /// also kept for the next [`sync`](Self::sync) to return. A CMDQ_CONS.RD
+    /// that names no published command is left alone (queue untouched,
+    /// CMDQ_ERR not acknowledged): the next sync or push returns
+    /// [`SmmuError::BadCommandIndex`].
     pub fn recover<M: TableMemory>(
         &mut self,
         regs: &Page0,
         mem: &M,
         coherent: bool,
     ) -> Option<CommandError> {
-        self.recover_if_stopped(regs, mem, coherent)
+        self.recover_if_stopped(regs, mem, coherent).ok().flatten()
     }
 
     /// When the queue stopped on an error (GERROR.CMDQ_ERR active), records
     /// the offending command, replaces it with CMD_SYNC and acknowledges the
     /// error so the SMMU resumes (§7.1).
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::BadCommandIndex`] when CMDQ_CONS.RD is not a published,
+    /// unconsumed command; nothing is written or acknowledged then.
     fn recover_if_stopped<M: TableMemory>(
         &mut self,
         regs: &Page0,
         mem: &M,
         coherent: bool,
-    ) -> Option<CommandError> {
+    ) -> Result<Option<CommandError>, SmmuError> {
         if regs.active_gerrors() & GERROR::CMDQ_ERR::SET.value == 0 {
-            return None;
+            return Ok(None);
         }
         let cons = regs.cmdq_cons.extract();
-        let index = QueueIndex::from_raw(self.memory.log2(), cons.read(CMDQ_CONS::RD));
+        let log2 = self.memory.log2();
+        let index = QueueIndex::from_raw(log2, cons.read(CMDQ_CONS::RD));
+        // The SMMU stops with RD on the command it could not execute
+        // (§7.1): one it read, so one published and not yet consumed. Those
+        // lie in the 2^log2 indexes before CMDQ_PROD; RD at or past it (the
+        // open batch, which the SMMU never saw) is garbage, and writing
+        // CMD_SYNC there would destroy a queued command (Linux
+        // `arm_smmu_cmdq_skip_err` trusts RD; hostile hardware is not).
+        let behind = self.published.used_since(index);
+        if behind == 0 || behind > 1u32 << log2 {
+            return Err(SmmuError::BadCommandIndex {
+                index: index.raw(),
+                published: self.published.raw(),
+            });
+        }
         let code = CommandErrorCode::from_raw(cons.read(CMDQ_CONS::ERR) as u8);
         let command = self.read_slot(mem, index.slot());
         let error = CommandError {
@@ -248,7 +277,7 @@ impl CommandQueue {
         self.write_slot(mem, coherent, index.slot(), &Command::sync());
         crate::barrier::wmb_on(mem);
         regs.ack_gerrors(GERROR::CMDQ_ERR::SET.value);
-        Some(error)
+        Ok(Some(error))
     }
 
     /// Appends CMD_SYNC, publishes the batch and waits, bounded, until the
@@ -260,7 +289,8 @@ impl CommandQueue {
     ///
     /// [`SmmuError::Timeout`] when CMD_SYNC does not complete within `budget` polls;
     /// [`SmmuError::Command`] with the offending command when the SMMU reported CMDQ_ERR (the queue
-    /// was recovered and the sync completed).
+    /// was recovered and the sync completed); [`SmmuError::BadCommandIndex`] when CMDQ_ERR came with
+    /// a CMDQ_CONS.RD that names no published command (queue left as it was).
     pub fn sync<M: TableMemory>(
         &mut self,
         regs: &Page0,
@@ -271,10 +301,17 @@ impl CommandQueue {
         self.push(regs, mem, coherent, Command::sync(), budget)?;
         let sync_at = QueueIndex::from_raw(self.memory.log2(), self.prod.raw().wrapping_sub(1));
         self.publish(regs);
+        let mut bad = None;
         poll_until("CMD_SYNC completion", budget, || {
-            let _ = self.recover_if_stopped(regs, mem, coherent);
+            if let Err(e) = self.recover_if_stopped(regs, mem, coherent) {
+                bad = Some(e);
+                return true;
+            }
             self.hw_cons(regs).has_consumed(sync_at, self.prod)
         })?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
         match self.unreported.take() {
             Some(e) => Err(SmmuError::Command(e)),
             None => Ok(()),

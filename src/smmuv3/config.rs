@@ -9,7 +9,9 @@ pub enum StreamTableChoice {
     Auto,
     /// Always linear.
     Linear,
-    /// Always 2-level (needs IDR0.ST_LEVEL).
+    /// 2-level (needs IDR0.ST_LEVEL); linear when no more than
+    /// [`SPLIT`](super::strtab::SPLIT) StreamID bits are covered (one
+    /// level-2 array's worth: LOG2SIZE may not be below SPLIT).
     TwoLevel,
 }
 

@@ -116,6 +116,16 @@ pub enum SmmuError {
     /// no longer translates or consumes commands reliably; the driver stops
     /// using it and every later operation returns this error until `init`.
     ServiceFailure,
+    /// GERROR.CMDQ_ERR came with a CMDQ_CONS.RD that names no published,
+    /// unconsumed command (e.g. a slot of the batch not yet published): the
+    /// SMMU is broken. The queue was not touched and the error not
+    /// acknowledged.
+    BadCommandIndex {
+        /// CMDQ_CONS.RD (slot and wrap bit).
+        index: u32,
+        /// What the driver last wrote to CMDQ_PROD.
+        published: u32,
+    },
 }
 
 impl fmt::Display for SmmuError {
@@ -148,6 +158,9 @@ impl From<SmmuError> for BackendError {
             SmmuError::BadIdRegister { what, .. } => BackendError::Unsupported(what),
             SmmuError::StreamTableTooLarge { .. } => BackendError::Unsupported("stream table size"),
             SmmuError::LenderCannotClean => BackendError::LenderCannotClean,
+            SmmuError::BadCommandIndex { .. } => BackendError::HardwareError {
+                status: super::regs::GERROR::CMDQ_ERR::SET.value,
+            },
             SmmuError::ServiceFailure => BackendError::HardwareError {
                 status: super::regs::GERROR::SFM_ERR::SET.value,
             },

@@ -109,6 +109,23 @@ pub const fn oas_bits(encoding: u8) -> Option<u8> {
 }
 
 impl Features {
+    /// The output size the driver programs (CD.IPS, STE.S2PS) and checks
+    /// table addresses against, as (bits, encoding), so the two always
+    /// agree: IDR5.OAS capped at 48 bits (52 needs the 64 KiB granule's
+    /// LPA descriptors, which the driver does not write), and a reserved
+    /// encoding taken as the architecture's minimum, 32 bits, encoding 0
+    /// (Linux `arm_smmu_device_hw_probe` takes 48 instead; the smaller
+    /// is safe on any SMMU).
+    pub fn output_size(&self) -> (u8, u8) {
+        match oas_bits(self.oas_encoding) {
+            Some(_) => {
+                let e = self.oas_encoding.min(5);
+                (oas_bits(e).unwrap_or(48), e)
+            }
+            None => (32, 0),
+        }
+    }
+
     /// Decodes the identification registers.
     pub fn decode(raw: IdRegs) -> Self {
         let idr0 = LocalRegisterCopy::<u32, IDR0::Register>::new(raw.idr[0]);
@@ -241,6 +258,24 @@ mod tests {
         assert!(!s2.stage1 && s2.stage2);
         assert!(!s2.range_invalidation);
         assert_eq!(s2.oas_bits, 32);
+    }
+
+    #[test]
+    fn output_size_programmed_agrees_with_the_one_checked() {
+        let with_oas = |oas: u32| {
+            Features::decode(IdRegs {
+                idr: [0, 0, 0, 0, 0, oas],
+                iidr: 0,
+                aidr: 0,
+            })
+            .output_size()
+        };
+        assert_eq!(with_oas(2), (40, 2));
+        assert_eq!(with_oas(5), (48, 5));
+        // 52 bits is capped at 48 for the field and the check alike.
+        assert_eq!(with_oas(6), (48, 5));
+        // Reserved: the architecture's minimum, both ways.
+        assert_eq!(with_oas(7), (32, 0));
     }
 
     #[test]

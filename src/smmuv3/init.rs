@@ -160,6 +160,11 @@ impl<M: TableMemory> Smmu<M> {
         let sid_bits = config.sid_bits.unwrap_or(f.sid_bits).min(f.sid_bits);
         let format = match config.stream_table {
             StreamTableChoice::Linear => StreamTableFormat::Linear,
+            // A 2-level table of at most SPLIT StreamID bits would program
+            // STRTAB_BASE_CFG.LOG2SIZE below SPLIT, which §6.3.24 does not
+            // allow; one level-2 array's worth is a linear table anyway
+            // (Linux `arm_smmu_device_hw_probe` drops 2-level likewise).
+            StreamTableChoice::TwoLevel if sid_bits <= strtab::SPLIT => StreamTableFormat::Linear,
             StreamTableChoice::TwoLevel if f.two_level_strtab => StreamTableFormat::TwoLevel,
             StreamTableChoice::TwoLevel => {
                 return Err(SmmuError::Unsupported("2-level stream table"));

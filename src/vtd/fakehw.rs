@@ -32,6 +32,8 @@ struct Arena {
     /// Every `clean(pa, len)` call.
     cleans: Mutex<Vec<(u64, usize)>>,
     can_clean: bool,
+    /// Blocks lent and not given back: base → pages.
+    lent: Mutex<std::collections::BTreeMap<u64, usize>>,
 }
 
 // SAFETY: the arena pointer is only used for volatile/atomic accesses; the
@@ -66,6 +68,7 @@ impl SharedMem {
             device: Mutex::new(vec![POISON; pages * 4096]),
             cleans: Mutex::new(Vec::new()),
             can_clean,
+            lent: Mutex::new(std::collections::BTreeMap::new()),
         }))
     }
 
@@ -104,6 +107,11 @@ impl SharedMem {
         (0..len as u64 / 8).all(|i| self.dev_u64(pa + i * 8, false) == self.cpu_u64(pa + i * 8))
     }
 
+    /// Pages lent and not given back.
+    pub fn lent_pages(&self) -> usize {
+        self.0.lent.lock().unwrap().values().sum()
+    }
+
     /// Every `clean` call so far.
     pub fn cleans(&self) -> Vec<(u64, usize)> {
         self.0.cleans.lock().unwrap().clone()
@@ -120,11 +128,20 @@ unsafe impl TableMemory for SharedMem {
             return None;
         }
         a.next.store(start + pages * 4096, Ordering::SeqCst);
+        a.lent
+            .lock()
+            .unwrap()
+            .insert(ARENA_PHYS + start as u64, pages);
         // The CPU zeroed it; the unit still sees whatever was there before.
         a.device.lock().unwrap()[start..start + pages * 4096].fill(POISON);
         Some(PhysAddr(ARENA_PHYS + start as u64))
     }
-    unsafe fn free(&self, _pa: PhysAddr, _pages: usize) {}
+    /// Counts only (the arena is a bump); a block not lent, or given back
+    /// with another size, fails the test.
+    unsafe fn free(&self, pa: PhysAddr, pages: usize) {
+        let was = self.0.lent.lock().unwrap().remove(&pa.0);
+        assert_eq!(was, Some(pages), "free of {pa:?} ({pages} pages)");
+    }
     fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
         self.0
             .ptr
@@ -239,6 +256,8 @@ pub struct FakeVtd {
     pub mem: SharedMem,
     log: Arc<Mutex<Vec<Ev>>>,
     scalable: Arc<AtomicBool>,
+    /// GCMD bits whose status never changes (one-shot bits never complete).
+    deaf: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
     handle: Option<thread::JoinHandle<()>>,
 }
@@ -254,6 +273,7 @@ impl FakeVtd {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let scalable = Arc::new(AtomicBool::new(false));
+        let deaf = Arc::new(AtomicU32::new(0));
         let (r, l, s, m, sm) = (
             regs.clone(),
             log.clone(),
@@ -261,10 +281,11 @@ impl FakeVtd {
             mem.clone(),
             scalable.clone(),
         );
+        let d = deaf.clone();
         let handle = thread::spawn(move || {
             let mut epm = r.u32(0x64) >> 31 != 0;
             while !s.load(Ordering::SeqCst) {
-                step(&r, &m, &l, &sm, &mut epm);
+                step(&r, &m, &l, &sm, &d, &mut epm);
                 thread::yield_now();
             }
         });
@@ -273,6 +294,7 @@ impl FakeVtd {
             mem,
             log,
             scalable,
+            deaf,
             stop,
             handle: Some(handle),
         }
@@ -285,6 +307,13 @@ impl FakeVtd {
             self.regs.u64(0x10),
             self.scalable.load(Ordering::SeqCst),
         )
+    }
+
+    /// From now on GSTS never changes for `bits` of GCMD (a one-shot
+    /// command among them never completes, an enable keeps the status it
+    /// shows, even one a test wrote into GSTS); 0 restores.
+    pub fn set_deaf(&self, bits: u32) {
+        self.deaf.store(bits, Ordering::SeqCst);
     }
 
     /// Everything seen so far.
@@ -326,7 +355,14 @@ impl Drop for FakeVtd {
     }
 }
 
-fn step(r: &Regs, m: &SharedMem, log: &Mutex<Vec<Ev>>, scalable: &AtomicBool, epm: &mut bool) {
+fn step(
+    r: &Regs,
+    m: &SharedMem,
+    log: &Mutex<Vec<Ev>>,
+    scalable: &AtomicBool,
+    deaf: &AtomicU32,
+    epm: &mut bool,
+) {
     let ecap = r.u64(0x10);
     let coherent = ecap & 1 != 0;
     // GCMD → GSTS: enables follow, SRTP latches RTADDR, WBF completes at once.
@@ -335,18 +371,20 @@ fn step(r: &Regs, m: &SharedMem, log: &Mutex<Vec<Ev>>, scalable: &AtomicBool, ep
         r.set_u32(0x18, SENTINEL);
         log.lock().unwrap().push(Ev::Gcmd(g));
         let old = r.u32(0x1c);
+        let deaf = deaf.load(Ordering::SeqCst);
         // One-shot statuses (RTPS, FLS, IRTPS) stay set until the next
         // command: real hardware clears RTPS as SRTP is written, which a
         // polling fake cannot do, so a stale RTPS must not outlive a write.
         let mut gsts = g & PERSISTENT;
-        if g & SRTP != 0 {
+        if g & SRTP & !deaf != 0 {
             gsts |= SRTP;
             scalable.store(r.u64(0x20) >> 10 & 3 == 1, Ordering::SeqCst);
         }
-        if g & SIRTP != 0 {
+        if g & SIRTP & !deaf != 0 {
             gsts |= SIRTP;
         }
-        if g & QIE != 0 && old & QIE == 0 {
+        gsts = (gsts & !(deaf & PERSISTENT)) | (old & deaf & PERSISTENT);
+        if gsts & QIE != 0 && old & QIE == 0 {
             r.set_u64(0x80, 0);
         }
         r.set_u32(0x1c, gsts);

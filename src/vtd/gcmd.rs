@@ -66,8 +66,11 @@ impl<M: TableMemory> Vtd<M> {
     /// off (PMEN.EPM). Every device starts blocked. Refused with
     /// [`BackendError::LenderCannotClean`] when the unit does not snoop
     /// (ECAP.C, or ECAP.SMPWC in scalable mode) and the lender cannot clean. Calling it again
-    /// re-initialises from scratch (tables of the previous run are leaked to
-    /// the lender, not freed, because the hardware may still hold them).
+    /// re-initialises from scratch: the previous run's invalidation queues
+    /// and interrupt-remapping table go back to the lender once GSTS shows
+    /// QIES and IRES clear; its root and context tables stay lent (leaked),
+    /// not freed. A root table whose GCMD.SRTP handshake times out goes back
+    /// (translation is off then, so the unit walks no table).
     ///
     /// # Errors
     ///
@@ -128,18 +131,36 @@ impl<M: TableMemory> Vtd<M> {
         if self.regs().gsts.get() & ire != 0 {
             self.gcmd(ire, false, "VT-d GSTS.IRES clear")?;
         }
-        self.ir = None;
+        // IRES is clear: the unit remaps through no table, ours go back.
+        if let Some(t) = self.ir.take() {
+            let (base, pages) = t.span();
+            self.release_ir_table(base, pages);
+        }
+        self.release_stray_ir();
         if self.regs().gsts.get() & qie != 0 {
             self.gcmd(qie, false, "VT-d GSTS.QIES clear")?;
         }
-        self.queue = None;
-        self.parked = None;
+        // QIES is clear: the unit fetches from no queue and writes no wait
+        // status (VT-d 11.4.4 QIE: QIES clears once queued invalidation has
+        // stopped), so every queue of ours goes back.
+        for q in [
+            self.queue.take(),
+            self.parked.take(),
+            self.stray_queue.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            self.release_queue(q);
+        }
         self.scalable = config.scalable;
         self.wb_flushed = false;
 
+        // The previous root table (and its context tables) stays lent: see
+        // the doc comment.
+        self.root = None;
         let root = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
         self.clean_table(root, 4096);
-        self.root = Some(root);
         let ttm = if self.scalable {
             RTADDR::TTM::Scalable
         } else {
@@ -148,7 +169,16 @@ impl<M: TableMemory> Vtd<M> {
         self.regs()
             .rtaddr
             .write(RTADDR::RTA.val(root.0 >> 12) + ttm);
-        self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS")?;
+        if let Err(e) = self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS") {
+            // TE is clear (switched off above, never set since): the unit
+            // translates nothing and walks no root table, whatever RTADDR it
+            // may latch late (VT-d 11.4.4 TE), and the next `init` latches
+            // its own table before it sets TE. So this one goes back.
+            // SAFETY: allocated above with one page, never walked (above).
+            unsafe { self.mem.free(root, 1) };
+            return Err(e.into());
+        }
+        self.root = Some(root);
 
         if config.use_qi && self.features.qi {
             self.set_queued_invalidation(true)?;
@@ -210,7 +240,11 @@ impl<M: TableMemory> Vtd<M> {
     ///   queue).
     /// - [`BackendError::OutOfMemory`]: the lender refused the queue pages.
     /// - [`BackendError::Timeout`], [`BackendError::QueueError`]: the drain
-    ///   before switching off, or the GSTS.QIES handshake, failed.
+    ///   before switching off, or the GSTS.QIES handshake, failed. A new
+    ///   queue whose switch-on timed out goes back to the lender once QIES,
+    ///   asked to clear, reads clear; otherwise the unit may still fetch from
+    ///   it and it stays lent until a later switch-on, [`disable`](Self::disable)
+    ///   or [`init`](Self::init) sees QIES clear.
     pub fn set_queued_invalidation(&mut self, on: bool) -> Result<(), BackendError> {
         if on == self.queue.is_some() {
             return Ok(());
@@ -222,6 +256,9 @@ impl<M: TableMemory> Vtd<M> {
                     "queued invalidation needs ECAP.QI",
                 ));
             }
+            // A queue an earlier switch-on had to keep goes first, once
+            // QIES is seen clear (IQA may change only then, VT-d 6.5.2).
+            self.reclaim_stray_queue()?;
             let mut q = match self.parked.take() {
                 Some(q) => q,
                 None => InvQueue::new(
@@ -232,7 +269,10 @@ impl<M: TableMemory> Vtd<M> {
                 )?,
             };
             q.program(self.regs());
-            self.gcmd(qie, true, "VT-d GSTS.QIES set")?;
+            if let Err(e) = self.gcmd(qie, true, "VT-d GSTS.QIES set") {
+                self.abandon_queue(q);
+                return Err(e);
+            }
             self.queue = Some(q);
         } else {
             if self.scalable && self.regs().gsts.get() & GCMD::TE::SET.value != 0 {
@@ -254,8 +294,49 @@ impl<M: TableMemory> Vtd<M> {
         Ok(())
     }
 
+    /// Folds a queue's counters into the unit's and gives its pages back.
+    /// Caller: the unit fetches from it no more (GSTS.QIES seen clear, or
+    /// never set while it was programmed).
+    fn release_queue(&mut self, q: InvQueue) {
+        self.stats.wait_descriptors += q.waits();
+        self.stats.queued_descriptors += q.submitted();
+        // SAFETY: the queue's pages were lent by `self.mem` (`InvQueue::new`)
+        // and, per the caller, the unit no longer uses them.
+        unsafe { q.release(&self.mem) };
+    }
+
+    /// After GCMD.QIE was sent but GSTS.QIES never showed it: asks for QIE
+    /// off; once QIES reads clear the unit fetches nothing (and nothing was
+    /// submitted: IQT = 0), so the pages go back. Otherwise the unit may
+    /// still use the queue: it stays lent (`stray_queue`) until a later
+    /// switch-on, `disable` or `init` sees QIES clear.
+    pub(super) fn abandon_queue(&mut self, q: InvQueue) {
+        if self
+            .gcmd(GCMD::QIE::SET.value, false, "VT-d GSTS.QIES clear")
+            .is_ok()
+        {
+            self.release_queue(q);
+        } else {
+            self.stray_queue = Some(q);
+        }
+    }
+
+    /// QIE off, confirmed, then the stray queue (if any) goes back.
+    fn reclaim_stray_queue(&mut self) -> Result<(), BackendError> {
+        if let Some(q) = self.stray_queue.take() {
+            if let Err(e) = self.gcmd(GCMD::QIE::SET.value, false, "VT-d GSTS.QIES clear") {
+                self.stray_queue = Some(q);
+                return Err(e);
+            }
+            self.release_queue(q);
+        }
+        Ok(())
+    }
+
     /// Turns interrupt remapping (if on), translation and queued
     /// invalidation off (every device then accesses memory untranslated).
+    /// A queue or interrupt-remapping table kept after a timed-out enable
+    /// handshake goes back to the lender once GSTS shows QIES / IRES clear.
     ///
     /// # Errors
     ///
@@ -265,9 +346,12 @@ impl<M: TableMemory> Vtd<M> {
     pub fn disable(&mut self) -> Result<(), BackendError> {
         if self.ir.is_some() {
             self.disable_interrupt_remapping()?;
+        } else {
+            self.reclaim_stray_ir()?;
         }
         self.gcmd(GCMD::TE::SET.value, false, "VT-d GSTS.TES clear")?;
-        self.set_queued_invalidation(false)
+        self.set_queued_invalidation(false)?;
+        self.reclaim_stray_queue()
     }
 
     /// [`flush_write_buffer`](Self::flush_write_buffer) once per batch:

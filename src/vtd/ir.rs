@@ -102,6 +102,13 @@ pub(super) struct IrTable {
     cursor: u32,
 }
 
+impl IrTable {
+    /// Base and page count of the table.
+    pub(super) fn span(&self) -> (PhysAddr, usize) {
+        (self.base, self.pages)
+    }
+}
+
 impl<M: TableMemory> Vtd<M> {
     /// Turns interrupt remapping on: allocates a zeroed table of
     /// `cfg.entries` (every entry not present: every remappable interrupt
@@ -124,7 +131,10 @@ impl<M: TableMemory> Vtd<M> {
     /// without ECAP.EIM; [`IrError::NeedsQueuedInvalidation`] with queued invalidation off;
     /// [`IrError::TableSize`] for a size that is not a power of two from 2 to 65536;
     /// [`IrError::AlreadyEnabled`]; [`IrError::Backend`] when the table cannot be lent or a GSTS /
-    /// wait-descriptor wait times out.
+    /// wait-descriptor wait times out. After an error the table is back with the lender, except
+    /// when GSTS.IRES neither showed IRE set nor, asked again, clear: the unit may then remap
+    /// through it, and it stays lent until [`disable`](Self::disable), [`init`](Self::init) or the
+    /// next enable sees IRES clear.
     pub fn enable_interrupt_remapping(&mut self, cfg: IrConfig) -> Result<(), IrError> {
         if !self.features.ir {
             return Err(IrError::NotSupported);
@@ -147,6 +157,9 @@ impl<M: TableMemory> Vtd<M> {
         if self.regs().gsts.get() & ire != 0 {
             self.gcmd(ire, false, "VT-d GSTS.IRES clear")?;
         }
+        // GSTS.IRES is clear: a table an earlier failed enable had to keep
+        // is read no more.
+        self.release_stray_ir();
         let bytes = u64::from(cfg.entries) * IRTE_BYTES;
         let pages = bytes.div_ceil(4096) as usize;
         let base = self
@@ -162,11 +175,39 @@ impl<M: TableMemory> Vtd<M> {
                 + IRTA::EIME.val(cfg.x2apic.into())
                 + IRTA::S.val(s.into()),
         );
+        // Until GCMD.IRE is written below, IRES is clear (seen so above, and
+        // every GCMD write repeats only what GSTS shows): the unit remaps no
+        // interrupt, so it reads no interrupt-remapping table whatever IRTA
+        // it latched (VT-d 5.1.2, 11.4.4 IRE), and the next enable latches
+        // its own table before it sets IRE. A failure up to there gives the
+        // table back at once.
         if let Err(e) = self.gcmd_one_shot(GCMD::SIRTP::SET.value, true, "VT-d GSTS.IRTPS") {
-            // The unit may or may not have latched the pointer: the table
-            // stays leaked rather than returned while it might be read.
+            self.release_ir_table(base, pages);
             return Err(e.into());
         }
+        if let Err(e) = self.finish_ir_enable(cfg) {
+            self.release_ir_table(base, pages);
+            return Err(e);
+        }
+        if let Err(e) = self.gcmd(ire, true, "VT-d GSTS.IRES set") {
+            // The unit may yet act on the IRE it was sent.
+            self.abandon_ir_table(base, pages);
+            return Err(e.into());
+        }
+        self.ir = Some(IrTable {
+            base,
+            pages,
+            entries: cfg.entries,
+            x2apic: cfg.x2apic,
+            cursor: 0,
+        });
+        Ok(())
+    }
+
+    /// The steps of [`enable_interrupt_remapping`](Self::enable_interrupt_remapping)
+    /// between latching the table and setting IRE: the global entry-cache
+    /// invalidation and CFI.
+    fn finish_ir_enable(&mut self, cfg: IrConfig) -> Result<(), IrError> {
         // Entries cached from an earlier table must go before remapping
         // starts (Linux skips this only under CAP.ESIRTPS; it is harmless).
         self.iec(IecGranularity::Global)?;
@@ -183,14 +224,48 @@ impl<M: TableMemory> Vtd<M> {
             };
             self.gcmd(cfi, cfg.compat_format, what)?;
         }
-        self.gcmd(ire, true, "VT-d GSTS.IRES set")?;
-        self.ir = Some(IrTable {
-            base,
-            pages,
-            entries: cfg.entries,
-            x2apic: cfg.x2apic,
-            cursor: 0,
-        });
+        Ok(())
+    }
+
+    /// Gives an interrupt-remapping table back to the lender. Caller: the
+    /// unit reads it no more (GSTS.IRES clear and not asked for since).
+    pub(super) fn release_ir_table(&mut self, base: PhysAddr, pages: usize) {
+        // SAFETY: `base` was lent with `pages` pages by `enable_interrupt_remapping`
+        // and, per the caller, interrupt remapping is off, so the unit does
+        // not read it.
+        unsafe { self.mem.free(base, pages) };
+    }
+
+    /// Gives back the table of an enable whose IRE handshake timed out, if
+    /// any. Caller: GSTS.IRES was just seen clear.
+    pub(super) fn release_stray_ir(&mut self) {
+        if let Some((base, pages)) = self.stray_ir.take() {
+            self.release_ir_table(base, pages);
+        }
+    }
+
+    /// After GCMD.IRE was sent but GSTS.IRES never showed it: asks for IRE
+    /// off; once IRES reads clear the table goes back, otherwise the unit
+    /// may still remap through it and it stays lent (`stray_ir`) until a
+    /// later `disable`, `init` or enable sees IRES clear.
+    pub(super) fn abandon_ir_table(&mut self, base: PhysAddr, pages: usize) {
+        if self
+            .gcmd(GCMD::IRE::SET.value, false, "VT-d GSTS.IRES clear")
+            .is_ok()
+        {
+            self.release_ir_table(base, pages);
+        } else {
+            self.stray_ir = Some((base, pages));
+        }
+    }
+
+    /// `disable`'s share for a stray table: IRE off, confirmed, then the
+    /// table goes back.
+    pub(super) fn reclaim_stray_ir(&mut self) -> Result<(), BackendError> {
+        if self.stray_ir.is_some() {
+            self.gcmd(GCMD::IRE::SET.value, false, "VT-d GSTS.IRES clear")?;
+            self.release_stray_ir();
+        }
         Ok(())
     }
 
@@ -211,10 +286,9 @@ impl<M: TableMemory> Vtd<M> {
         self.gcmd(GCMD::IRE::SET.value, false, "VT-d GSTS.IRES clear")?;
         self.iec(IecGranularity::Global)?;
         self.ir = None;
-        // SAFETY: the table was allocated with `pages` pages in
-        // `enable_interrupt_remapping`; remapping is off and the entry
-        // cache was invalidated and waited for, so the unit no longer reads it.
-        unsafe { self.mem.free(base, pages) };
+        // Remapping is off and the entry cache was invalidated and waited
+        // for, so the unit no longer reads the table.
+        self.release_ir_table(base, pages);
         Ok(())
     }
 

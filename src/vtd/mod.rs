@@ -88,6 +88,8 @@ pub mod ir_entry;
 mod ir_error;
 #[cfg(test)]
 mod ir_tests;
+#[cfg(test)]
+mod leak_tests;
 pub mod qi;
 pub mod reginv;
 pub mod regs;
@@ -143,6 +145,14 @@ pub struct Vtd<M: TableMemory> {
     queue: Option<InvQueue>,
     /// A queue switched off by [`Vtd::set_queued_invalidation`], kept for reuse.
     parked: Option<InvQueue>,
+    /// A queue whose GCMD.QIE handshake timed out and whose switch-off was
+    /// not confirmed either: the unit may fetch from it. Returned once
+    /// GSTS.QIES is seen clear (`init`, `disable`, the next switch-on).
+    stray_queue: Option<InvQueue>,
+    /// An interrupt-remapping table (base, pages) whose GCMD.IRE handshake
+    /// timed out and whose switch-off was not confirmed: the unit may remap
+    /// through it. Returned once GSTS.IRES is seen clear.
+    stray_ir: Option<(PhysAddr, usize)>,
     budget: u32,
     segment: u16,
     bypass_did: u16,
@@ -269,6 +279,8 @@ impl<M: TableMemory> Vtd<M> {
             root: None,
             queue: None,
             parked: None,
+            stray_queue: None,
+            stray_ir: None,
             budget: DEFAULT_POLL_BUDGET,
             segment: 0,
             bypass_did,

@@ -82,6 +82,21 @@ impl InvQueue {
         })
     }
 
+    /// Gives both pages back to the lender.
+    ///
+    /// # Safety
+    ///
+    /// `mem` lent the pages, and the unit no longer fetches from the queue
+    /// nor writes the status page (GSTS.QIES seen clear, or never set).
+    pub(super) unsafe fn release(self, mem: &impl TableMemory) {
+        // SAFETY: one page each, allocated in `new` from `mem`; the caller
+        // guarantees the unit is done with them.
+        unsafe {
+            mem.free(self.base, 1);
+            mem.free(self.status, 1);
+        }
+    }
+
     /// Programs IQT = 0 and IQA; the caller then sets GCMD.QIE (VT-d 6.5.2).
     pub fn program(&mut self, regs: &VtdRegs) {
         self.tail = 0;
