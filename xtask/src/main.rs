@@ -204,6 +204,8 @@ fn miri(t: &mut Tally) {
             "--skip",
             "ir_tests",
             "--skip",
+            "leak_tests",
+            "--skip",
             "stress_",
         ]);
     t.step("miri (host tests)", run(&mut c));
