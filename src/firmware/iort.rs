@@ -103,9 +103,7 @@ impl<'a> Iort<'a> {
     pub fn root_complex(&self, segment: u32) -> Result<Option<Node<'a>>, FirmwareError> {
         for n in self.nodes() {
             let n = n?;
-            if let NodeKind::RootComplex(rc) = n.kind()?
-                && rc.segment == segment
-            {
+            if matches!(n.kind()?, NodeKind::RootComplex(rc) if rc.segment == segment) {
                 return Ok(Some(n));
             }
         }
@@ -122,9 +120,7 @@ impl<'a> Iort<'a> {
     pub fn named_component(&self, name: &[u8]) -> Result<Option<Node<'a>>, FirmwareError> {
         for n in self.nodes() {
             let n = n?;
-            if let NodeKind::NamedComponent(nc) = n.kind()?
-                && nc.name == name
-            {
+            if matches!(n.kind()?, NodeKind::NamedComponent(nc) if nc.name == name) {
                 return Ok(Some(n));
             }
         }
