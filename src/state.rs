@@ -62,13 +62,13 @@ const SIZE_BITS: u64 = 0x3f;
 /// (at most 2^57), so the size in pages is in `IovaState::aux` instead.
 const FIXED_ORDER: u64 = SIZE_BITS;
 
-/// The VT-d interrupt window `[0xFEE0_0000, 0xFF00_0000)`: on x86 a DMA
+/// The VT-d interrupt window `[0xFEE0_0000, 0xFEF0_0000)`: on x86 a DMA
 /// write there is an interrupt message (VT-d spec, "Handling Requests to
 /// Interrupt Address Range": such requests are not DMA-remapped), so no
 /// IOVA in it is ever handed out; Linux reserves it in every DMA domain
 /// (`IOAPIC_RANGE_START..=IOAPIC_RANGE_END` in `intel_iommu_get_resv_regions`,
 /// applied by `iova_reserve_iommu_regions`).
-pub const VTD_INTERRUPT_WINDOW: (u64, u64) = (0xFEE0_0000, 0xFF00_0000);
+pub const VTD_INTERRUPT_WINDOW: (u64, u64) = (0xFEE0_0000, 0xFEF0_0000);
 
 /// The next domain token: every translated domain gets its own, never
 /// reused, so a transaction can only ever be used with the domain that made
