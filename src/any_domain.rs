@@ -29,6 +29,8 @@ use crate::addr::{DmaAddr, PhysAddr};
 use crate::backend::{Attachment, DomainInfo, IommuBackend, TableFormat};
 use crate::device::DeviceId;
 use crate::error::DmaError;
+use crate::firmware::ReservedRegion;
+use crate::iova::FixedRange;
 use crate::mem::TableMemory;
 use crate::p2p::P2pRegistry;
 use crate::pgtable::arm::{ArmStage1, ArmStage2};
@@ -152,6 +154,46 @@ impl<M: TableMemory> AnyDomain<M> {
     /// As [`Domain::try_alloc`].
     pub fn try_alloc(&mut self, size: u64, dma_mask: u64) -> Result<DmaPath, DmaError> {
         each!(self, d => d.try_alloc(size, dma_mask))
+    }
+
+    /// [`Domain::try_alloc_at`]: a transaction for exactly
+    /// `[iova, iova + size)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Domain::try_alloc_at`].
+    pub fn try_alloc_at(&mut self, iova: DmaAddr, size: u64) -> Result<IovaState, DmaError> {
+        each!(self, d => d.try_alloc_at(iova, size))
+    }
+
+    /// [`Domain::reserve`]: no IOVA in `[iova, iova + size)` is ever handed
+    /// out or linked at.
+    ///
+    /// # Errors
+    ///
+    /// As [`Domain::reserve`].
+    pub fn reserve(&mut self, iova: DmaAddr, size: u64) -> Result<(), DmaError> {
+        each!(self, d => d.reserve(iova, size))
+    }
+
+    /// [`Domain::fixed_ranges`]: reserved ranges, fixed-IOVA transactions
+    /// and identity regions, sorted by address.
+    pub fn fixed_ranges(&self) -> &[FixedRange] {
+        each!(self, d => d.fixed_ranges())
+    }
+
+    /// [`Domain::install_identity_regions`]: firmware's reserved regions
+    /// identity-mapped and kept by the domain, then one sync.
+    ///
+    /// # Errors
+    ///
+    /// As [`Domain::install_identity_regions`].
+    pub fn install_identity_regions<B: IommuBackend + ?Sized>(
+        &mut self,
+        regions: &[ReservedRegion],
+        backend: &mut B,
+    ) -> Result<(), DmaError> {
+        each!(self, d => d.install_identity_regions(regions, backend))
     }
 
     /// [`Domain::link`].

@@ -69,6 +69,8 @@ values!(
     crate::error::PageTableError,
     crate::error::DmaError,
     crate::iova::IovaRange,
+    crate::iova::FixedRange,
+    crate::iova::FixedUse,
     crate::state::DmaKind,
     crate::state::DomainConfig,
     crate::p2p::P2pMapType,

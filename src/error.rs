@@ -214,6 +214,47 @@ pub enum DmaError {
     },
     /// No more domains can get a unique transaction token (2^32 were made).
     TokensExhausted,
+    /// A fixed IOVA range is not inside the domain's aperture.
+    OutsideAperture {
+        /// Start of the range asked for.
+        start: u64,
+        /// Its size.
+        size: u64,
+        /// First address of the aperture.
+        aperture_start: u64,
+        /// One past its last address.
+        aperture_end: u64,
+    },
+    /// A fixed IOVA range overlaps a reserved range (for VT-d, e.g., the
+    /// interrupt window 0xFEE0_0000–0xFEEF_FFFF); nothing was changed.
+    IovaReserved {
+        /// Start of the range asked for.
+        start: u64,
+        /// Its size.
+        size: u64,
+        /// Start of the reserved range it hits.
+        reserved_start: u64,
+        /// One past the end of that reserved range.
+        reserved_end: u64,
+    },
+    /// A fixed IOVA range overlaps a live one (handed out, at a fixed
+    /// address, or an identity region); nothing was changed.
+    IovaInUse {
+        /// Start of the range asked for.
+        start: u64,
+        /// Its size.
+        size: u64,
+        /// Start of the live range it hits.
+        used_start: u64,
+        /// One past the end of that live range.
+        used_end: u64,
+    },
+    /// The domain already holds its maximum of fixed ranges (reserved,
+    /// fixed-IOVA transactions and identity regions together).
+    ReservedFull {
+        /// How many it holds.
+        capacity: u32,
+    },
 }
 
 impl From<BackendError> for DmaError {
@@ -341,6 +382,37 @@ impl fmt::Display for DmaError {
                 "offset {offset:#x} would leave a hole in the bus-address run [{start:#x}, {end:#x})"
             ),
             Self::TokensExhausted => f.write_str("no unique domain token is left (2^32 were made)"),
+            Self::OutsideAperture {
+                start,
+                size,
+                aperture_start,
+                aperture_end,
+            } => write!(
+                f,
+                "[{start:#x}, +{size:#x}) is not inside the aperture [{aperture_start:#x}, {aperture_end:#x})"
+            ),
+            Self::IovaReserved {
+                start,
+                size,
+                reserved_start,
+                reserved_end,
+            } => write!(
+                f,
+                "[{start:#x}, +{size:#x}) overlaps the reserved range [{reserved_start:#x}, {reserved_end:#x})"
+            ),
+            Self::IovaInUse {
+                start,
+                size,
+                used_start,
+                used_end,
+            } => write!(
+                f,
+                "[{start:#x}, +{size:#x}) overlaps the live range [{used_start:#x}, {used_end:#x})"
+            ),
+            Self::ReservedFull { capacity } => write!(
+                f,
+                "the domain already holds {capacity} fixed and reserved IOVA ranges"
+            ),
         }
     }
 }

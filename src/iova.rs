@@ -9,6 +9,14 @@
 //! up on a free, after the caller has already torn its mappings down, and
 //! leave that range unreleasable for ever.) The cost: at most [`MAX_RANGES`]
 //! transactions in flight per domain, and O(ranges) per allocation.
+//!
+//! Beside the ranges it hands out, the allocator keeps up to [`MAX_FIXED`]
+//! *fixed* ranges of any page-multiple size at addresses the caller chose
+//! (also sorted, also heapless): [`reserve`](IovaAllocator::reserve)d ranges,
+//! never handed out and never linked (Linux `reserve_iova`, e.g. the x86
+//! interrupt window), and [`alloc_at`](IovaAllocator::alloc_at) ranges,
+//! live like an allocated one but at a fixed address (identity maps,
+//! RMRR/RMR regions). [`alloc`](IovaAllocator::alloc) steps over both.
 
 use crate::addr::PAGE_SHIFT;
 use crate::error::DmaError;
@@ -24,14 +32,47 @@ const ORDER_MASK: u64 = 0x3f;
 /// with [`DmaError::AllocatorFull`] (nothing changes then).
 pub const MAX_RANGES: usize = 512;
 
-/// A range handed out by [`IovaAllocator::alloc`].
+/// Fixed ranges (reserved or at a caller-chosen address) one allocator
+/// holds at once; one more is refused with [`DmaError::ReservedFull`].
+pub const MAX_FIXED: usize = 32;
+
+/// A range handed out by [`IovaAllocator::alloc`] or
+/// [`IovaAllocator::alloc_at`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct IovaRange {
     /// First address.
     pub start: u64,
-    /// Size in bytes: a power of two ≥ 4 KiB, and `start` is a multiple of it.
+    /// Size in bytes. From [`alloc`](IovaAllocator::alloc): a power of two
+    /// ≥ 4 KiB, and `start` is a multiple of it; from
+    /// [`alloc_at`](IovaAllocator::alloc_at): any multiple of 4 KiB.
     pub size: u64,
+}
+
+/// What a fixed range of the allocator is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum FixedUse {
+    /// Never handed out, never linked ([`IovaAllocator::reserve`]).
+    Reserved,
+    /// Live at a caller-chosen address, owned by a transaction
+    /// ([`IovaAllocator::alloc_at`]).
+    Fixed,
+    /// Live at a caller-chosen address, owned by the domain itself (an
+    /// identity-mapped firmware region, kept until the domain is torn down).
+    Identity,
+}
+
+/// A fixed range: `[start, end)` and what it is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct FixedRange {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// Reserved, or live and whose.
+    pub kind: FixedUse,
 }
 
 /// First-fit allocator of naturally aligned ranges over `[start, end)`.
@@ -39,6 +80,8 @@ pub struct IovaRange {
 pub struct IovaAllocator {
     /// Ranges handed out, sorted by start: `start | order`.
     used: heapless::Vec<u64, MAX_RANGES>,
+    /// Fixed ranges, sorted by start, disjoint from each other and `used`.
+    fixed: heapless::Vec<FixedRange, MAX_FIXED>,
     start: u64,
     end: u64,
     in_use: u64,
@@ -49,11 +92,12 @@ impl defmt::Format for IovaAllocator {
     fn format(&self, f: defmt::Formatter<'_>) {
         defmt::write!(
             f,
-            "IovaAllocator {{ start: {=u64:#x}, end: {=u64:#x}, in_use: {=u64:#x}, ranges: {=usize} }}",
+            "IovaAllocator {{ start: {=u64:#x}, end: {=u64:#x}, in_use: {=u64:#x}, ranges: {=usize}, fixed: {=usize} }}",
             self.start,
             self.end,
             self.in_use,
-            self.used.len()
+            self.used.len(),
+            self.fixed.len()
         )
     }
 }
@@ -99,6 +143,7 @@ impl IovaAllocator {
         }
         Ok(Self {
             used: heapless::Vec::new(),
+            fixed: heapless::Vec::new(),
             start,
             end,
             in_use: 0,
@@ -155,33 +200,42 @@ impl IovaAllocator {
         } else {
             mask + 1
         };
-        let fits = |cand: u64, next: u64| {
-            cand.checked_add(bsize)
-                .is_some_and(|e| e <= next && e <= limit)
-        };
-        let align_up = |a: u64| (a + bsize - 1) & !(bsize - 1);
+        // First fit over two sorted, disjoint lists: step `cur` past every
+        // range (handed out or fixed) that overlaps the aligned candidate.
+        // Each step passes at least one range: O(ranges + fixed).
         let mut cur = self.start;
-        let mut at = self.used.len();
-        let mut found = None;
-        for (i, &e) in self.used.iter().enumerate() {
-            let (s, end) = unpack(e);
-            let cand = align_up(cur);
-            if fits(cand, s) {
-                found = Some(cand);
-                at = i;
-                break;
+        let (mut i, mut j) = (0, 0);
+        let found = loop {
+            // `cur <= 2^57` and `bsize <= 2^57`: no overflow.
+            let cand = (cur + bsize - 1) & !(bsize - 1);
+            let end = cand + bsize;
+            if end > limit {
+                break None;
             }
-            if cand >= limit {
-                break;
+            while i < self.used.len() && unpack(self.used[i]).1 <= cand {
+                i += 1;
             }
-            cur = cur.max(end);
-        }
-        if found.is_none() && at == self.used.len() {
-            let cand = align_up(cur);
-            if fits(cand, self.end) {
-                found = Some(cand);
+            while j < self.fixed.len() && self.fixed[j].end <= cand {
+                j += 1;
             }
-        }
+            let mut next = None;
+            if let Some(&e) = self.used.get(i) {
+                let (s, e) = unpack(e);
+                if s < end {
+                    next = Some(e);
+                }
+            }
+            if let Some(f) = self.fixed.get(j) {
+                if f.start < end {
+                    next = Some(next.map_or(f.end, |n: u64| n.max(f.end)));
+                }
+            }
+            match next {
+                None => break Some(cand),
+                Some(n) => cur = n,
+            }
+        };
+        let at = i;
         let Some(start) = found else {
             return Err(DmaError::IovaExhausted { size });
         };
@@ -241,6 +295,206 @@ impl IovaAllocator {
     pub fn free(&mut self, range: IovaRange) -> Result<(), DmaError> {
         let i = self.find(range)?;
         self.release(i);
+        Ok(())
+    }
+}
+
+impl IovaAllocator {
+    /// The fixed ranges (reserved and caller-placed), sorted by start.
+    pub fn fixed(&self) -> &[FixedRange] {
+        &self.fixed
+    }
+
+    /// Whether `[start, start + size)` touches a reserved range: the first
+    /// one it touches.
+    pub fn reserved_overlap(&self, start: u64, size: u64) -> Option<FixedRange> {
+        let end = start.saturating_add(size);
+        self.fixed
+            .iter()
+            .find(|f| f.kind == FixedUse::Reserved && f.start < end && start < f.end)
+            .copied()
+    }
+
+    /// Checks `[start, start + size)` may become a fixed range: where it
+    /// goes in `fixed`. Changes nothing.
+    fn place_fixed(&self, start: u64, size: u64) -> Result<usize, DmaError> {
+        if size == 0 {
+            return Err(DmaError::ZeroLength);
+        }
+        if start & 0xfff != 0 {
+            return Err(DmaError::Unaligned { value: start });
+        }
+        if size & 0xfff != 0 {
+            return Err(DmaError::Unaligned { value: size });
+        }
+        let end = start
+            .checked_add(size)
+            .ok_or(DmaError::Overflow { a: start, b: size })?;
+        if start < self.start || end > self.end {
+            return Err(DmaError::OutsideAperture {
+                start,
+                size,
+                aperture_start: self.start,
+                aperture_end: self.end,
+            });
+        }
+        // Both lists are sorted and disjoint, so their ends are sorted too:
+        // the first range ending after `start` is the only candidate.
+        let at = self.fixed.partition_point(|f| f.end <= start);
+        if let Some(f) = self.fixed.get(at).filter(|f| f.start < end) {
+            return Err(if f.kind == FixedUse::Reserved {
+                DmaError::IovaReserved {
+                    start,
+                    size,
+                    reserved_start: f.start,
+                    reserved_end: f.end,
+                }
+            } else {
+                DmaError::IovaInUse {
+                    start,
+                    size,
+                    used_start: f.start,
+                    used_end: f.end,
+                }
+            });
+        }
+        let u = self.used.partition_point(|&e| unpack(e).1 <= start);
+        if let Some(&e) = self.used.get(u) {
+            let (s, e) = unpack(e);
+            if s < end {
+                return Err(DmaError::IovaInUse {
+                    start,
+                    size,
+                    used_start: s,
+                    used_end: e,
+                });
+            }
+        }
+        if self.fixed.is_full() {
+            return Err(DmaError::ReservedFull {
+                capacity: MAX_FIXED as u32,
+            });
+        }
+        Ok(at)
+    }
+
+    /// Adds a fixed range of `kind` (see [`place_fixed`](Self::place_fixed)).
+    fn insert_fixed(
+        &mut self,
+        start: u64,
+        size: u64,
+        kind: FixedUse,
+    ) -> Result<IovaRange, DmaError> {
+        let at = self.place_fixed(start, size)?;
+        let end = start + size;
+        // Cannot fail: checked not full above.
+        self.fixed
+            .insert(at, FixedRange { start, end, kind })
+            .map_err(|_| DmaError::ReservedFull {
+                capacity: MAX_FIXED as u32,
+            })?;
+        if kind != FixedUse::Reserved {
+            self.in_use += size;
+        }
+        Ok(IovaRange { start, size })
+    }
+
+    /// Reserves `[start, start + size)`: [`alloc`](Self::alloc) never hands
+    /// out an address in it and [`alloc_at`](Self::alloc_at) refuses it (as
+    /// Linux `reserve_iova`). A reservation is never given back.
+    ///
+    /// # Errors
+    ///
+    /// Nothing changes on an error.
+    /// - [`DmaError::ZeroLength`]: `size` is 0.
+    /// - [`DmaError::Unaligned`]: `start` or `size` is not 4 KiB aligned.
+    /// - [`DmaError::Overflow`]: `start + size` overflows.
+    /// - [`DmaError::OutsideAperture`]: the range is not inside the aperture.
+    /// - [`DmaError::IovaReserved`]: it overlaps a reserved range.
+    /// - [`DmaError::IovaInUse`]: it overlaps a live range (handed out or
+    ///   fixed).
+    /// - [`DmaError::ReservedFull`]: [`MAX_FIXED`] fixed ranges are held.
+    pub fn reserve(&mut self, start: u64, size: u64) -> Result<(), DmaError> {
+        self.insert_fixed(start, size, FixedUse::Reserved)
+            .map(|_| ())
+    }
+
+    /// Hands out exactly `[start, start + size)`, a caller-chosen range (an
+    /// identity map, a fixed device address); give it back with
+    /// [`free_fixed`](Self::free_fixed).
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve`](Self::reserve); nothing changes on an error.
+    pub fn alloc_at(&mut self, start: u64, size: u64) -> Result<IovaRange, DmaError> {
+        self.insert_fixed(start, size, FixedUse::Fixed)
+    }
+
+    /// [`alloc_at`](Self::alloc_at) for a range the domain itself owns.
+    pub(crate) fn alloc_identity(&mut self, start: u64, size: u64) -> Result<IovaRange, DmaError> {
+        self.insert_fixed(start, size, FixedUse::Identity)
+    }
+
+    /// Where the [`alloc_at`](Self::alloc_at) range `range` is in
+    /// [`fixed`](Self::fixed). Changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`DmaError::OutsideTransaction`]: no range with that start and size
+    /// is handed out by `alloc_at`.
+    pub fn find_fixed(&self, range: IovaRange) -> Result<usize, DmaError> {
+        let at = self.fixed.partition_point(|f| f.start < range.start);
+        match self.fixed.get(at) {
+            Some(f)
+                if f.start == range.start
+                    && Some(f.end) == range.start.checked_add(range.size)
+                    && f.kind == FixedUse::Fixed =>
+            {
+                Ok(at)
+            }
+            _ => Err(DmaError::OutsideTransaction {
+                offset: range.start,
+                len: range.size,
+                size: self.end,
+            }),
+        }
+    }
+
+    /// Gives back the fixed range at `index` (from
+    /// [`find_fixed`](Self::find_fixed)). Cannot fail; an index past the
+    /// list, or of a reservation, does nothing.
+    pub fn release_fixed(&mut self, index: usize) {
+        if self
+            .fixed
+            .get(index)
+            .is_some_and(|f| f.kind != FixedUse::Reserved)
+        {
+            let f = self.fixed.remove(index);
+            self.in_use = self.in_use.saturating_sub(f.end - f.start);
+        }
+    }
+
+    /// Gives back the domain-owned range starting at `start`, if any.
+    pub(crate) fn release_identity(&mut self, start: u64) {
+        if let Some(i) = self
+            .fixed
+            .iter()
+            .position(|f| f.start == start && f.kind == FixedUse::Identity)
+        {
+            self.release_fixed(i);
+        }
+    }
+
+    /// Gives back a range from [`alloc_at`](Self::alloc_at):
+    /// [`find_fixed`](Self::find_fixed) then
+    /// [`release_fixed`](Self::release_fixed).
+    ///
+    /// # Errors
+    ///
+    /// As [`find_fixed`](Self::find_fixed); nothing changes then.
+    pub fn free_fixed(&mut self, range: IovaRange) -> Result<(), DmaError> {
+        let i = self.find_fixed(range)?;
+        self.release_fixed(i);
         Ok(())
     }
 }

@@ -128,4 +128,6 @@ pub use device::DeviceId;
 pub use error::{BackendError, DmaError, PageTableError};
 pub use mem::TableMemory;
 pub use pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat};
-pub use state::{DirectState, DmaKind, DmaPath, Domain, DomainConfig, IovaState, Mapping};
+pub use state::{
+    DirectState, DmaKind, DmaPath, Domain, DomainConfig, IovaState, Mapping, VTD_INTERRUPT_WINDOW,
+};

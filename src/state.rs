@@ -23,11 +23,12 @@
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
-use crate::backend::{Attachment, DomainInfo, IommuBackend};
+use crate::backend::{Attachment, DomainInfo, IommuBackend, TableFormat};
 use crate::barrier::wmb_on;
 use crate::device::DeviceId;
 use crate::error::{BackendError, DmaError, PageTableError};
-use crate::iova::{IovaAllocator, IovaRange};
+use crate::firmware::ReservedRegion;
+use crate::iova::{FixedRange, IovaAllocator, IovaRange};
 use crate::logging::log_debug;
 use crate::mem::TableMemory;
 use crate::p2p::{P2pMapType, P2pRegistry};
@@ -56,6 +57,18 @@ const HAS_PROVIDER: u8 = 0x80;
 /// Low bits of `IovaState::iova` holding log2 of the size (the IOVA is
 /// aligned to its size, at least 4 KiB).
 const SIZE_BITS: u64 = 0x3f;
+/// `IovaState::iova & SIZE_BITS` of a fixed-IOVA transaction
+/// ([`Domain::try_alloc_at`]): no power of two the allocator hands out
+/// (at most 2^57), so the size in pages is in `IovaState::aux` instead.
+const FIXED_ORDER: u64 = SIZE_BITS;
+
+/// The VT-d interrupt window `[0xFEE0_0000, 0xFEF0_0000)`: on x86 a DMA
+/// write there is an interrupt message (VT-d spec, "Handling Requests to
+/// Interrupt Address Range": such requests are not DMA-remapped), so no
+/// IOVA in it is ever handed out; Linux reserves it in every DMA domain
+/// (`IOAPIC_RANGE_START..=IOAPIC_RANGE_END` in `intel_iommu_get_resv_regions`,
+/// applied by `iova_reserve_iommu_regions`).
+pub const VTD_INTERRUPT_WINDOW: (u64, u64) = (0xFEE0_0000, 0xFEF0_0000);
 
 /// The next domain token: every translated domain gets its own, never
 /// reused, so a transaction can only ever be used with the domain that made
@@ -140,9 +153,12 @@ pub struct IovaState {
     dirs: u8,
     /// Requester ID and segment of the P2P provider of the links, if any.
     provider: (u16, u16),
-    /// Bus-address links only: page index (in the transaction) of the first
-    /// linked page; the run `[bus_start, bus_start + linked)` is linked.
-    bus_start: u32,
+    /// Fixed-IOVA transactions (`iova & SIZE_BITS == FIXED_ORDER`): the size
+    /// in pages. Otherwise, bus-address links only: page index (in the
+    /// transaction) of the first linked page; the run
+    /// `[aux, aux + linked)` is linked. (Bus-address links are refused in a
+    /// fixed-IOVA transaction, so the two uses never meet.)
+    aux: u32,
 }
 
 impl IovaState {
@@ -161,12 +177,25 @@ impl IovaState {
     /// two of pages).
     #[inline]
     pub fn size(&self) -> u64 {
-        1u64 << (self.iova & SIZE_BITS)
+        let order = self.iova & SIZE_BITS;
+        if order == FIXED_ORDER {
+            u64::from(self.aux) * PAGE_SIZE
+        } else {
+            1u64 << order
+        }
+    }
+
+    /// Whether the IOVA was chosen by the caller ([`Domain::try_alloc_at`]):
+    /// then [`size`](Self::size) is exactly the size asked for, not a power
+    /// of two.
+    #[inline]
+    pub fn is_fixed(&self) -> bool {
+        self.iova & SIZE_BITS == FIXED_ORDER
     }
 
     /// The bus-address run `[start, end)` of offsets linked.
     fn bus_run(&self) -> (u64, u64) {
-        let s = u64::from(self.bus_start) * PAGE_SIZE;
+        let s = u64::from(self.aux) * PAGE_SIZE;
         (s, s + self.linked)
     }
 
@@ -547,6 +576,14 @@ pub struct Domain<F: PteFormat, M: TableMemory> {
     inner: Option<Translated<F, M>>,
 }
 
+/// Whether `F` is a VT-d format (its domains reserve the interrupt window).
+fn is_vtd<F: PteFormat>() -> bool {
+    matches!(
+        F::KIND,
+        TableFormat::VtdSecondLevel | TableFormat::VtdFirstLevel
+    )
+}
+
 #[inline]
 fn check_aligned(v: u64) -> Result<(), DmaError> {
     if v % PAGE_SIZE != 0 {
@@ -684,7 +721,16 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                 value: config.aperture_end,
             });
         }
-        let iova = IovaAllocator::new(config.aperture_start, config.aperture_end)?;
+        let mut iova = IovaAllocator::new(config.aperture_start, config.aperture_end)?;
+        if is_vtd::<F>() {
+            // The interrupt window, clipped to the aperture (both ends are
+            // page aligned, and the allocator is empty: cannot fail).
+            let (ws, we) = VTD_INTERRUPT_WINDOW;
+            let (s, e) = (ws.max(config.aperture_start), we.min(config.aperture_end));
+            if s < e {
+                iova.reserve(s, e - s)?;
+            }
+        }
         let token = new_token()?;
         let pt = IoPageTable::new(fmt, mem, config.levels, config.coherent_walk)?;
         Ok(Self {
@@ -787,8 +833,197 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             kind: None,
             dirs: 0,
             provider: (0, 0),
-            bus_start: 0,
+            aux: 0,
         }))
+    }
+
+    /// Refuses `[start, start + size)` for a VT-d domain when it touches the
+    /// interrupt window, even outside the aperture (where the allocator
+    /// holds no reservation for it).
+    fn check_interrupt_window(start: u64, size: u64) -> Result<(), DmaError> {
+        let (ws, we) = VTD_INTERRUPT_WINDOW;
+        if is_vtd::<F>() && start < we && start.saturating_add(size) > ws {
+            return Err(DmaError::IovaReserved {
+                start,
+                size,
+                reserved_start: ws,
+                reserved_end: we,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reserves `[iova, iova + size)`: [`try_alloc`](Self::try_alloc) never
+    /// hands out an address in it, and [`try_alloc_at`](Self::try_alloc_at)
+    /// and [`install_identity_regions`](Self::install_identity_regions)
+    /// refuse it. A reservation lasts as long as the domain. VT-d domains
+    /// reserve the interrupt window ([`VTD_INTERRUPT_WINDOW`]) themselves.
+    ///
+    /// # Errors
+    ///
+    /// Nothing changes on an error.
+    /// - [`DmaError::IdentityDomain`]: the domain does not translate.
+    /// - [`DmaError::ZeroLength`], [`DmaError::Unaligned`] (`iova` or
+    ///   `size` not 4 KiB aligned), [`DmaError::Overflow`].
+    /// - [`DmaError::OutsideAperture`]: not inside the domain's aperture.
+    /// - [`DmaError::IovaReserved`] / [`DmaError::IovaInUse`]: it overlaps a
+    ///   reserved range / a live transaction or identity region.
+    /// - [`DmaError::ReservedFull`]: the domain holds
+    ///   [`MAX_FIXED`](crate::iova::MAX_FIXED) fixed ranges already.
+    pub fn reserve(&mut self, iova: DmaAddr, size: u64) -> Result<(), DmaError> {
+        let t = self.inner.as_mut().ok_or(DmaError::IdentityDomain)?;
+        t.iova.reserve(iova.0, size)
+    }
+
+    /// The reserved ranges, fixed-IOVA transactions and identity regions of
+    /// the domain, sorted by address (empty for an identity domain).
+    pub fn fixed_ranges(&self) -> &[FixedRange] {
+        self.inner.as_ref().map_or(&[], |t| t.iova.fixed())
+    }
+
+    /// Step 1 at a caller-chosen address: a transaction for exactly
+    /// `[iova, iova + size)` (identity maps, fixed device addresses). The
+    /// rest of the two-step API works on it unchanged (`link` at offsets
+    /// from `iova`, `unlink`, `sync`, `free` / `destroy`), except that
+    /// bus-address P2P links are refused (their device address is not the
+    /// IOVA: use [`try_alloc`](Self::try_alloc)). [`IovaState::size`] is
+    /// `size` exactly.
+    ///
+    /// # Errors
+    ///
+    /// Nothing changes on an error.
+    /// - [`DmaError::IdentityDomain`]: the domain does not translate (DMA
+    ///   addresses are already physical addresses).
+    /// - [`DmaError::ZeroLength`], [`DmaError::Unaligned`] (`iova` or
+    ///   `size` not 4 KiB aligned), [`DmaError::Overflow`].
+    /// - [`DmaError::IovaReserved`]: the range touches a reserved range, on
+    ///   VT-d the interrupt window even outside the aperture.
+    /// - [`DmaError::OutsideAperture`]: not inside the domain's aperture.
+    /// - [`DmaError::IovaInUse`]: it overlaps a live transaction (from
+    ///   `try_alloc` or `try_alloc_at`) or an identity region.
+    /// - [`DmaError::BadConfig`] (`what: "fixed_size"`): `size` is 2^44
+    ///   bytes or more (2^32 pages, the most a fixed state records).
+    /// - [`DmaError::ReservedFull`]: the domain holds
+    ///   [`MAX_FIXED`](crate::iova::MAX_FIXED) fixed ranges already.
+    pub fn try_alloc_at(&mut self, iova: DmaAddr, size: u64) -> Result<IovaState, DmaError> {
+        let token = self.token;
+        let domain = self.id;
+        let t = self.inner.as_mut().ok_or(DmaError::IdentityDomain)?;
+        if size == 0 {
+            return Err(DmaError::ZeroLength);
+        }
+        Self::check_interrupt_window(iova.0, size)?;
+        let pages = u32::try_from(size / PAGE_SIZE).map_err(|_| DmaError::BadConfig {
+            what: "fixed_size",
+            value: size,
+        })?;
+        let r = t.iova.alloc_at(iova.0, size)?;
+        log_debug!("iova alloc_at {:#x}+{:#x}", r.start, r.size);
+        Ok(IovaState {
+            iova: r.start | FIXED_ORDER,
+            linked: 0,
+            token,
+            domain,
+            kind: None,
+            dirs: 0,
+            provider: (0, 0),
+            aux: pages,
+        })
+    }
+
+    /// Installs firmware's reserved regions (DMAR RMRRs, IORT RMRs: see
+    /// [`crate::firmware`]) as identity maps (IOVA = physical address,
+    /// read and write) in one call, then [`sync`](Self::sync)s once.
+    ///
+    /// The domain keeps them: no state is returned, each shows in
+    /// [`fixed_ranges`](Self::fixed_ranges) as
+    /// [`FixedUse::Identity`](crate::iova::FixedUse::Identity), no IOVA in
+    /// them is handed out, and they stay mapped until
+    /// [`teardown`](Self::teardown) (firmware's devices may use them at any
+    /// time: Linux maps RMRRs for the device's whole life too,
+    /// `iommu_create_device_direct_mappings`). The domain's aperture must
+    /// cover them. An identity domain needs nothing: `Ok(())`.
+    ///
+    /// Each region must be page aligned at both ends, as the DMAR spec
+    /// requires of an RMRR (Linux refuses others in `rmrr_sanity_check`).
+    ///
+    /// # Errors
+    ///
+    /// Until the sync, all or nothing: on an error no region stays
+    /// installed (what was written is taken back and invalidated at the
+    /// next sync).
+    /// - [`DmaError::ZeroLength`], [`DmaError::Unaligned`],
+    ///   [`DmaError::Overflow`]: a region is empty, unaligned or wraps.
+    /// - [`DmaError::IovaReserved`]: a region touches a reserved range (on
+    ///   VT-d, the interrupt window).
+    /// - [`DmaError::OutsideAperture`], [`DmaError::IovaInUse`],
+    ///   [`DmaError::ReservedFull`]: as for [`try_alloc_at`](Self::try_alloc_at)
+    ///   (two regions overlapping each other give `IovaInUse`).
+    /// - [`DmaError::PhysTooLarge`], [`DmaError::OutOfMemory`]: the table
+    ///   format cannot reach a region / the lender refused a table page.
+    /// - [`DmaError::Backend`]: the sync failed. The regions **are**
+    ///   installed then; call [`sync`](Self::sync) again before relying on
+    ///   them.
+    pub fn install_identity_regions<B: IommuBackend + ?Sized>(
+        &mut self,
+        regions: &[ReservedRegion],
+        backend: &mut B,
+    ) -> Result<(), DmaError> {
+        let Some(t) = self.inner.as_mut() else {
+            return Ok(());
+        };
+        let mut done = 0;
+        let mut failed = None;
+        for r in regions {
+            if let Err(e) = Self::install_one(t, r) {
+                failed = Some(e);
+                break;
+            }
+            done += 1;
+        }
+        if let Some(e) = failed {
+            for r in &regions[..done] {
+                // Installed above, so inside the aperture: cannot fail.
+                if let Ok(out) = t.pt.unmap_present(DmaAddr(r.base), r.len) {
+                    t.unmapped.add(r.base, r.len, !out.freed_tables);
+                }
+                t.iova.release_identity(r.base);
+            }
+            return Err(e);
+        }
+        self.sync(backend)
+    }
+
+    /// One region of [`install_identity_regions`](Self::install_identity_regions):
+    /// all or nothing.
+    fn install_one(t: &mut Translated<F, M>, r: &ReservedRegion) -> Result<(), DmaError> {
+        if r.len == 0 {
+            return Err(DmaError::ZeroLength);
+        }
+        Self::check_interrupt_window(r.base, r.len)?;
+        let range = t.iova.alloc_identity(r.base, r.len)?;
+        let end = range.start + range.size;
+        // `alloc_identity` checked: page aligned, non-empty, inside the
+        // aperture (so inside the table), no overflow; phys = iova.
+        let attrs = DmaDirection::Bidirectional.attrs();
+        match t.pt.map_prechecked(range.start, range.start, end, attrs) {
+            Ok(()) => {
+                t.mapped.add(range.start, range.size, true);
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(
+                    e,
+                    PageTableError::OutOfMemory | PageTableError::PhysTooLarge { .. }
+                ) {
+                    // As in `finish_link`: tables written and taken back
+                    // are invalidated, walk caches included.
+                    t.unmapped.add(range.start, range.size, false);
+                }
+                t.iova.release_identity(range.start);
+                Err(e.into())
+            }
+        }
     }
 
     #[inline]
@@ -990,6 +1225,14 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                 Ok(a)
             }
             P2pMapType::BusAddr => {
+                if tx.is_fixed() {
+                    // The state's `aux` holds the fixed size; and the device
+                    // would use the bus address, never the fixed IOVA.
+                    return Err(DmaError::P2pNotSupported {
+                        provider: provider.device,
+                        client,
+                    });
+                }
                 if tx.linked != 0 && tx.kind != Some(DmaKind::P2pBusAddr) {
                     return Err(DmaError::MixedP2p);
                 }
@@ -1004,7 +1247,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                     }
                 })?;
                 if tx.linked == 0 {
-                    tx.bus_start = first;
+                    tx.aux = first;
                 } else {
                     let (s, e) = tx.bus_run();
                     if offset < e && offset + len > s {
@@ -1013,7 +1256,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                         });
                     }
                     if offset + len == s {
-                        tx.bus_start = first;
+                        tx.aux = first;
                     } else if offset != e {
                         return Err(DmaError::BusAddrGap {
                             offset,
@@ -1208,7 +1451,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                 });
             }
             if offset == s {
-                tx.bus_start += (len / PAGE_SIZE) as u32;
+                tx.aux += (len / PAGE_SIZE) as u32;
             } else if offset + len != e {
                 return Err(DmaError::BusAddrGap {
                     offset,
@@ -1256,7 +1499,13 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             start: tx.base(),
             size: tx.size(),
         };
-        let slot = match t.iova.find(range) {
+        let fixed = tx.is_fixed();
+        let found = if fixed {
+            t.iova.find_fixed(range)
+        } else {
+            t.iova.find(range)
+        };
+        let slot = match found {
             Ok(i) => i,
             Err(e) => return Err((tx, e)),
         };
@@ -1267,7 +1516,11 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                 t.unmapped.add(range.start, range.size, !out.freed_tables);
             }
         }
-        t.iova.release(slot);
+        if fixed {
+            t.iova.release_fixed(slot);
+        } else {
+            t.iova.release(slot);
+        }
         Ok(())
     }
 

@@ -882,6 +882,9 @@ struct MDom {
     alloc_suspect: bool,
     /// Mappings whose IOVA range is not known (bus-address map_p2p).
     unknown_ranges: usize,
+    /// The range the domain must never hand out: VT-d's interrupt window
+    /// `[0xFEE0_0000, 0xFEF0_0000)` clipped to the aperture (issue 12 #3).
+    reserved: Option<(u64, u64)>,
 }
 
 // P2P set-up: host bridge 0: root port 00:1c.0 → switch 01:00.0 → 02:01.0
@@ -1225,13 +1228,21 @@ impl<'l, F: PteFormat> World<'l, F> {
         v
     }
 
+    /// Live and reserved IOVA ranges of domain `d`: none may be handed out.
+    fn occupied(&self, d: usize) -> Vec<(u64, u64)> {
+        let mut v = self.live_ranges(d);
+        v.extend(self.md[d].reserved);
+        v.sort_unstable();
+        v
+    }
+
     /// Whether the model has a free, `bsize`-aligned range at or below `mask`.
     fn model_has_room(&self, d: usize, bsize: u64, mask: u64) -> bool {
         let (a0, a1) = self.md[d].ap;
         let lim = a1.min(mask.saturating_add(1));
         let mut cur = a0;
         let mut gaps = Vec::new();
-        for (s, e) in self.live_ranges(d) {
+        for (s, e) in self.occupied(d) {
             if s > cur {
                 gaps.push((cur, s));
             }
@@ -1669,7 +1680,7 @@ impl<'l, F: PteFormat> World<'l, F> {
                     );
                     self.fail(None, &msg);
                 }
-                if let Some(o) = self.live_ranges(d).iter().find(|r| r.0 < s + z && r.1 > s) {
+                if let Some(o) = self.occupied(d).iter().find(|r| r.0 < s + z && r.1 > s) {
                     let msg = format!("allocated [{s:#x}, +{z:#x}) overlaps live range {o:x?}");
                     let dd = self.md[d].alloc_suspect.then_some(Defect::D3);
                     self.fail(dd.or(Some(Defect::D4)), &msg);
@@ -2224,11 +2235,7 @@ impl<'l, F: PteFormat> World<'l, F> {
                     if s % bsize != 0 || s < ap.0 || s + bsize > ap.1 || s + bsize - 1 > mask {
                         self.fail(None, "map: IOVA range misplaced");
                     }
-                    if let Some(o) = self
-                        .live_ranges(d)
-                        .iter()
-                        .find(|r| r.0 < s + bsize && r.1 > s)
-                    {
+                    if let Some(o) = self.occupied(d).iter().find(|r| r.0 < s + bsize && r.1 > s) {
                         let msg = format!("map: range {s:#x} overlaps live range {o:x?}");
                         self.fail(Some(Defect::D3), &msg);
                     }
@@ -2549,18 +2556,13 @@ impl<'l, F: PteFormat> World<'l, F> {
         // With everything given back and synced, the whole aperture is free again.
         if self.orphans.is_empty() && self.maps.is_empty() {
             for d in 0..self.doms.len() {
-                let (a0, a1) = self.md[d].ap;
                 if !self.md[d].translated || self.md[d].alloc_suspect {
                     continue;
                 }
-                let mut big = 1u64 << 63;
-                while big > PAGE
-                    && a0
-                        .div_ceil(big)
-                        .checked_mul(big)
-                        .and_then(|s| s.checked_add(big))
-                        .is_none_or(|e| e > a1)
-                {
+                // The largest aligned block the model has room for (all of
+                // the aperture but a reserved range).
+                let mut big = 1u64 << 57;
+                while big > PAGE && !self.model_has_room(d, big, u64::MAX) {
                     big >>= 1;
                 }
                 self.begin(d, format!("final try_alloc(dom {d}, {big:#x})"));
@@ -2766,10 +2768,16 @@ fn world<F: PteFormat + std::fmt::Debug>(
             }
         };
         doms.push(dom);
+        let vtd = matches!(
+            F::KIND,
+            bare_iommu::TableFormat::VtdSecondLevel | bare_iommu::TableFormat::VtdFirstLevel
+        );
+        let (w0, w1) = (a0.max(0xFEE0_0000), a1.min(0xFEF0_0000));
         md.push(MDom {
             id,
             translated: true,
             ap: (a0, a1),
+            reserved: (vtd && w0 < w1).then_some((w0, w1)),
             ..MDom::default()
         });
     }

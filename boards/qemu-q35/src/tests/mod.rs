@@ -8,6 +8,7 @@ mod basic;
 mod ir;
 mod irq;
 mod p2p;
+mod reserved;
 mod virtio;
 mod virtio_drivers;
 mod vtd;
@@ -46,6 +47,8 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(ir::ir_x2apic_destination_uses_all_32_bits),
     test!(ir::ir_freed_irte_blocks_msi_with_decoded_fault),
     test!(ir::ir_refused_without_queued_invalidation),
+    test!(reserved::interrupt_window_is_never_handed_out),
+    test!(reserved::rmrr_identity_region_dma_lands),
     test!(p2p::p2p_dma_through_host_bridge_lands_in_peer_bar),
     test!(p2p::p2p_without_an_allowed_host_bridge_is_refused),
     test!(virtio::virtio_blk_reads_and_writes_through_iommu_tables),
