@@ -245,10 +245,12 @@ impl DmaOp for IommuDmaOp {
             Ok((dma, va))
         });
         match r {
-            // SAFETY: `va` is the CPU address of the zeroed pages the session
-            // lent (no alias), `dma` their device address, `layout` fits in them.
             Ok((dma, va)) => {
-                Some(unsafe { DmaAllocHandle::new(va, va, ApiAddr::from(dma.0), layout) })
+                // SAFETY: `va` is the CPU address of the zeroed pages the
+                // session lent (no alias), `dma` their device address, and
+                // `layout` fits in them.
+                let h = unsafe { DmaAllocHandle::new(va, va, ApiAddr::from(dma.0), layout) };
+                Some(h)
             }
             Err(e) => {
                 refused("alloc_contiguous", e);
