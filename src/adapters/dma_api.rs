@@ -47,7 +47,7 @@
 //! # What the adapter refuses
 //!
 //! `DmaOp` reports failure only as `None` / `dma_api::DmaError`, which has
-//! no variant for an IOMMU refusal: every [`AdapterError`](super::session::AdapterError)
+//! no variant for an IOMMU refusal: every [`AdapterError`]
 //! becomes `None` or [`DmaError::NoMemory`] (logged through the crate's log
 //! feature).
 //!
