@@ -86,6 +86,8 @@
 //! | `defmt` | [`defmt::Format`](https://docs.rs/defmt/latest/defmt/trait.Format.html) on every public data type (addresses, configurations, states, errors, events, statistics), and the crate's own debug/warning messages go through `defmt`. |
 //! | `log`   | The crate's own debug/warning messages go through the [`log`](https://docs.rs/log) facade (ignored when `defmt` is also on). |
 //! | `alloc` | Conveniences that need a global allocator: [`mem::GlobalAllocMemory`][gam], a [`TableMemory`] lender for identity-mapped hosts. |
+//! | `virtio-drivers` | `adapters::virtio_drivers`: a `virtio_drivers::Hal` over a domain and a transport wrapper that negotiates `VIRTIO_F_ACCESS_PLATFORM`. |
+//! | `dma-api` | `adapters::dma_api`: a `dma_api::DmaOp` over a domain. dma-api 0.10 needs Rust 1.88 or later (above this crate's MSRV) and a global allocator. |
 //!
 //! With neither `defmt` nor `log` the crate's messages compile to nothing.
 //! Errors never depend on a feature: every error type implements

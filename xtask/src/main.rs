@@ -77,13 +77,13 @@ fn test(extra: &[String]) -> ExitCode {
         ])),
     );
     t.step(
-        "clippy (defmt,log,alloc,virtio-drivers)",
+        "clippy (defmt,log,alloc,virtio-drivers,dma-api)",
         run(cargo().args([
             "clippy",
             "--lib",
             "--all-targets",
             "--features",
-            "defmt,log,alloc,virtio-drivers",
+            "defmt,log,alloc,virtio-drivers,dma-api",
             "--",
             "-D",
             "warnings",
@@ -92,7 +92,12 @@ fn test(extra: &[String]) -> ExitCode {
     t.step("host tests", run(cargo().args(["test", "--workspace"])));
     t.step(
         "host tests (alloc, adapters)",
-        run(cargo().args(["test", "--lib", "--features", "alloc,virtio-drivers"])),
+        run(cargo().args([
+            "test",
+            "--lib",
+            "--features",
+            "alloc,virtio-drivers,dma-api",
+        ])),
     );
     t.step("stress (10^6 operations, release)", stress());
     t.step(
@@ -103,7 +108,7 @@ fn test(extra: &[String]) -> ExitCode {
                 "--no-deps",
                 "--lib",
                 "--features",
-                "log,alloc,virtio-drivers",
+                "log,alloc,virtio-drivers,dma-api",
             ])
             .env("RUSTDOCFLAGS", "-D warnings")),
     );
@@ -120,7 +125,7 @@ fn test(extra: &[String]) -> ExitCode {
                 "--target",
                 target,
                 "--features",
-                "defmt,log,virtio-drivers",
+                "defmt,log,virtio-drivers,dma-api",
             ])),
         );
     }

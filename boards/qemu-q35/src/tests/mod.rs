@@ -5,6 +5,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod dma_api;
 mod ir;
 mod irq;
 mod p2p;
@@ -55,4 +56,5 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(virtio::virtio_blk_dma_to_an_unlinked_buffer_faults),
     test!(virtio_drivers::virtio_drivers_blk_reads_and_writes_through_iommu_hal),
     test!(virtio_drivers::virtio_drivers_unshared_buffer_faults),
+    test!(dma_api::dma_api_edu_dma_lands_in_buffer_and_released_buffer_faults),
 ];
