@@ -156,12 +156,12 @@ fn count_all() -> Result<(), String> {
         } else {
             "instr/page"
         };
-        let note = match case {
-            "linksg-32768" => " (ours: one link_pages call; peers: one map call per page)",
-            "linkrun-32768" => " (x86_64: one map_to call per page, no range call)",
-            _ => "",
-        };
         for (fmt, peers) in FORMATS {
+            let note = match (case, fmt) {
+                ("linksg-32768", _) => " (ours: one link_pages call; peers: one map call per page)",
+                ("linkrun-32768", "vtd") => " (x86_64: one map_to call per page, no range call)",
+                _ => "",
+            };
             let mut line = format!("bench: {case}/{fmt}");
             let names = ["ours", "ours+zero"].iter().chain(peers.iter());
             for name in names {
