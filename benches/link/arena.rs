@@ -11,6 +11,7 @@
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::cell::{Cell, RefCell};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use bare_iommu::{PhysAddr, TableMemory};
 
@@ -191,5 +192,78 @@ unsafe impl x86_64::structures::paging::FrameAllocator<x86_64::structures::pagin
         Some(x86_64::structures::paging::PhysFrame::containing_address(
             x86_64::PhysAddr::new(pa),
         ))
+    }
+}
+
+/// The arena as a lender that zeroes every page it lends, inside the timed
+/// region (as `x86_64` and `page_table_multiarch` zero their new tables):
+/// ours measured with the same zeroing work as those peers.
+pub struct Zeroing<'a>(pub &'a Arena);
+
+// SAFETY: as for `Arena`; the page is zeroed again before it is lent.
+unsafe impl TableMemory for Zeroing<'_> {
+    #[inline]
+    fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
+        if pages != 1 {
+            return None;
+        }
+        let pa = self.0.alloc_page()?;
+        // SAFETY: a whole arena page, lent to nobody else.
+        unsafe { self.0.virt(pa).write_bytes(0, PAGE) };
+        Some(PhysAddr(pa))
+    }
+
+    #[inline]
+    unsafe fn free(&self, pa: PhysAddr, pages: usize) {
+        debug_assert_eq!(pages, 1);
+        self.0.free_page(pa.0)
+    }
+
+    #[inline]
+    fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
+        self.0.virt(pa.0)
+    }
+}
+
+/// The arena behind `page_table_multiarch`'s `PagingHandler`, whose methods
+/// take no `self`: the arena is lent through a process-wide pointer (the
+/// bench is single-threaded), one relaxed load per call.
+pub struct ArenaHandler;
+
+static LENT: AtomicPtr<Arena> = AtomicPtr::new(std::ptr::null_mut());
+
+impl ArenaHandler {
+    /// Makes `arena` the one the handler lends from.
+    pub fn lend(arena: &Arena) {
+        LENT.store(arena as *const Arena as *mut Arena, Ordering::Relaxed);
+    }
+
+    #[inline]
+    fn arena() -> &'static Arena {
+        // SAFETY: set by `lend` to the arena that outlives every table made
+        // from it (the bench's one arena lives for the whole process).
+        unsafe { &*LENT.load(Ordering::Relaxed) }
+    }
+}
+
+impl page_table_multiarch::PagingHandler for ArenaHandler {
+    #[inline]
+    fn alloc_frames(num: usize, _align: usize) -> Option<memory_addr::PhysAddr> {
+        if num != 1 {
+            return None;
+        }
+        Self::arena()
+            .alloc_page()
+            .map(|pa| memory_addr::PhysAddr::from(pa as usize))
+    }
+
+    #[inline]
+    fn dealloc_frames(paddr: memory_addr::PhysAddr, _num: usize) {
+        Self::arena().free_page(paddr.as_usize() as u64)
+    }
+
+    #[inline]
+    fn phys_to_virt(paddr: memory_addr::PhysAddr) -> memory_addr::VirtAddr {
+        memory_addr::VirtAddr::from(Self::arena().virt(paddr.as_usize() as u64) as usize)
     }
 }

@@ -4,20 +4,34 @@
 //!
 //! Cases (every contender does the same work on the same lent memory, see
 //! `arena.rs` and `contenders.rs`):
-//! - `link4k-N`: map N separate 4 KiB pages into a fresh table, then one sync;
+//! - `link4k-N-PAT`: map N separate 4 KiB pages into a fresh table, one call
+//!   per page, then one sync; `PAT` is `seq` (consecutive IOVAs) or `scat`
+//!   (one page per 2 MiB region, shuffled with a fixed seed);
+//! - `linksg-N`: the same N pages (`seq`) as one scatter list, where the
+//!   API has such a call (peers without one: per page, and labelled so);
+//! - `linkrun-N`: N physically contiguous pages, as few calls as possible;
 //! - `link1g`: map one physically contiguous GiB (blocks where allowed);
-//! - `unlink4k-N`, `unlink1g`: unmap the same ranges, then one sync;
+//! - `unlink4k-N-PAT`, `unlink1g`: unmap the same ranges, then one sync;
 //! - `txn-fixed`: one whole two-step transaction for one page against the
 //!   one-step `map` + `unmap` of the same page;
 //! - `limit`: one volatile 8-byte store per page into existing leaf tables.
 //!
-//! Ours runs in each of its formats against the peer that writes the same
-//! format: Arm stage 1 / stage 2 against `aarch64-paging`, VT-d second level
-//! against the `x86_64` crate's 4-level mapper. The run ends with a summary,
-//! one `bench: ...` line per case and peer; nothing here asserts a time.
+//! Ours runs in each of its formats against the peers that write the same
+//! format: Arm stage 1 against `aarch64-paging` and `page_table_multiarch`,
+//! stage 2 against `aarch64-paging`, VT-d second level against the `x86_64`
+//! crate's 4-level mapper and `page_table_multiarch`'s x86-64 table.
+//!
+//! Timing: every contender of a case runs one sample in turn (the order
+//! rotating), `SAMPLES` rounds, so a noisy stretch of the machine hits all
+//! of them alike; a sample is the time of the work only (set-up, scatter
+//! vectors, teardown and the arena's re-zeroing are outside), the result
+//! the median. The run ends with one `bench: ...` line per case and peer;
+//! nothing here asserts a time.
 //!
 //! `BENCH_PROFILE=CASE/FMT/WHO [BENCH_ITERS=n]` runs one routine `n` times
-//! without criterion (for `valgrind --tool=callgrind`).
+//! inside `profiled_work` (for `valgrind --tool=callgrind
+//! --toggle-collect=*profiled_work*`, see `cargo xtask bench
+//! --instructions`) and prints `profile: pages=N iters=n`.
 
 mod arena;
 mod contenders;
@@ -25,6 +39,7 @@ mod contenders;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::rc::Rc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,13 +47,11 @@ use std::time::{Duration, Instant};
 use bare_iommu::pgtable::arm::{ArmStage1, ArmStage2};
 use bare_iommu::pgtable::vtd::VtdSecondLevel;
 use bare_iommu::{DmaDirection, Domain, IovaState, MapAttrs, PhysAddr};
-use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, Criterion};
 
-use arena::Arena;
+use arena::{Arena, Zeroing};
 use contenders::{
-    Aarch64S1, Aarch64S2, CONFIG, Contender, GIB, Limit, NoopBackend, Ours, PAGE, VA_BASE, X86,
-    pa_4k,
+    Aarch64S1, Aarch64S2, CONFIG, Contender, GIB, Limit, NoopBackend, Ours, PAGE, Pattern, PtmArm,
+    PtmX86, VA_BASE, X86, pa_4k,
 };
 
 /// Counts every heap allocation in the process.
@@ -78,17 +91,23 @@ const NS: [u64; 2] = [512, 32768];
 const RUN: u64 = 32768;
 /// Pages in a GiB.
 const PAGES_1G: u64 = GIB / PAGE;
-/// Samples per benchmark (criterion's minimum; the cases are long enough).
-const SAMPLES: usize = 10;
-/// Pages the arena lends: enough for a GiB of 4 KiB pages, or a batch of
-/// fresh tables.
-const ARENA_PAGES: usize = 4096;
+/// Measured samples per contender and case (after one warm-up sample each).
+const SAMPLES: usize = 15;
+/// Pages a sample times at least (several fresh tables for small cases).
+const SAMPLE_PAGES: u64 = 65536;
+/// Pages the arena lends: a table for 32768 scattered pages (one leaf table
+/// each), or a batch of fresh tables.
+const ARENA_PAGES: usize = 33_000;
 
-/// The formats ours runs in, and the peer each is measured against.
-const FORMATS: [(&str, &str); 3] = [
-    ("s1", "aarch64-paging"),
-    ("s2", "aarch64-paging"),
-    ("vtd", "x86_64"),
+/// The formats ours runs in, and the peers each is measured against, with
+/// whether the peer zeroes its new table pages inside the timed region.
+const FORMATS: [(&str, &[(&str, bool)]); 3] = [
+    (
+        "s1",
+        &[("aarch64-paging", false), ("page_table_multiarch", true)],
+    ),
+    ("s2", &[("aarch64-paging", false)]),
+    ("vtd", &[("x86_64", true), ("page_table_multiarch", true)]),
 ];
 
 /// ns per page of every sample, by (case, who).
@@ -103,111 +122,77 @@ fn record(case: &str, who: &str, ns_per_page: f64) {
         .push(ns_per_page);
 }
 
-/// Median ns/page over the measured samples (the warm-up runs come first
-/// and are left out).
+/// Median ns/page over the measured samples.
 fn result(case: &str, who: &str) -> Option<f64> {
     let map = SAMPLES_NS.lock().unwrap();
     let all = map.get(&(case.to_string(), who.to_string()))?;
-    let mut v: Vec<f64> = all[all.len().saturating_sub(SAMPLES)..].to_vec();
+    let mut v: Vec<f64> = all.clone();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     Some(v[v.len() / 2])
 }
 
-/// Times `work` on fresh states made by `setup`, `batch` states per timed
-/// stretch (untimed: setup, teardown and the arena's re-zeroing).
-#[allow(clippy::too_many_arguments)]
-fn fresh<'a, S>(
-    g: &mut BenchmarkGroup<'_, WallTime>,
-    case: &str,
-    who: &str,
-    pages: u64,
-    batch: u64,
-    arena: &'a Arena,
-    mut setup: impl FnMut(&'a Arena) -> S,
-    mut work: impl FnMut(&mut S),
-) {
-    g.bench_function(who, |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let k = left.min(batch);
-                let mut states: Vec<S> = (0..k).map(|_| setup(arena)).collect();
-                let t = Instant::now();
-                for s in states.iter_mut() {
-                    work(s);
-                }
-                total += t.elapsed();
-                black_box(&mut states);
-                drop(states);
-                arena.reset();
-                left -= k;
-            }
-            record(
-                case,
-                who,
-                total.as_nanos() as f64 / iters as f64 / pages as f64,
-            );
-            total
-        })
-    });
+/// One contender of a case: `run` takes one sample and returns ns/page.
+struct Runner<'a> {
+    who: String,
+    run: Box<dyn FnMut() -> f64 + 'a>,
 }
 
-/// Times `work` run back to back on the same state.
-fn steady(
-    g: &mut BenchmarkGroup<'_, WallTime>,
-    case: &str,
-    who: &str,
-    pages: u64,
-    mut work: impl FnMut(),
-) {
-    g.bench_function(who, |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                work();
-            }
-            let total = t.elapsed();
-            record(
-                case,
-                who,
-                total.as_nanos() as f64 / iters as f64 / pages as f64,
-            );
-            total
-        })
-    });
+/// Runs every contender one sample at a time, in rotating order, after one
+/// warm-up sample each.
+fn measure(case: &str, mut rs: Vec<Runner<'_>>) {
+    eprintln!("bench: measuring {case} ({} contenders)", rs.len());
+    for r in rs.iter_mut() {
+        (r.run)();
+    }
+    let n = rs.len();
+    for s in 0..SAMPLES {
+        for j in 0..n {
+            let r = &mut rs[(s + j) % n];
+            let v = (r.run)();
+            record(case, &r.who, v);
+        }
+    }
 }
 
 /// One case of fresh-table work.
 #[derive(Clone, Copy)]
 enum Op {
-    Link4k(u64),
+    Link4k(u64, Pattern),
     LinkSg(u64),
     LinkRun(u64),
-    Unlink4k(u64),
+    Unlink4k(u64, Pattern),
     Link1g,
     Unlink1g,
 }
 
 impl Op {
+    /// The IOVA offsets of the per-page cases (made before timing).
+    fn offsets(self) -> Vec<u64> {
+        match self {
+            Op::Link4k(n, p) | Op::Unlink4k(n, p) => p.offsets(n),
+            Op::LinkSg(n) => Pattern::Seq.offsets(n),
+            _ => Vec::new(),
+        }
+    }
+
     /// What exists before the timed work.
-    fn setup<'a, C: Contender<'a>>(self, arena: &'a Arena) -> C {
+    fn setup<'a, C: Contender<'a>>(self, arena: &'a Arena, offs: &[u64]) -> C {
         let mut c = C::new(arena);
         match self {
-            Op::Link4k(_) | Op::LinkSg(_) | Op::LinkRun(_) | Op::Link1g => {}
-            Op::Unlink4k(n) => c.link_4k(n),
+            Op::Link4k(..) | Op::LinkSg(_) | Op::LinkRun(_) | Op::Link1g => {}
+            Op::Unlink4k(..) => c.link_4k(offs),
             Op::Unlink1g => c.link_1g(),
         }
         c
     }
 
     /// The timed work.
-    fn work<'a, C: Contender<'a>>(self, c: &mut C) {
+    fn work<'a, C: Contender<'a>>(self, c: &mut C, offs: &[u64]) {
         match self {
-            Op::Link4k(n) => c.link_4k(n),
-            Op::LinkSg(n) => c.link_sg(n),
+            Op::Link4k(..) => c.link_4k(offs),
+            Op::LinkSg(_) => c.link_sg(offs),
             Op::LinkRun(n) => c.link_run(n),
-            Op::Unlink4k(n) => c.unlink_4k(n),
+            Op::Unlink4k(..) => c.unlink_4k(offs),
             Op::Link1g => c.link_1g(),
             Op::Unlink1g => c.unlink_1g(),
         }
@@ -215,26 +200,32 @@ impl Op {
 
     fn pages(self) -> u64 {
         match self {
-            Op::Link4k(n) | Op::LinkSg(n) | Op::LinkRun(n) | Op::Unlink4k(n) => n,
+            Op::Link4k(n, _) | Op::LinkSg(n) | Op::LinkRun(n) | Op::Unlink4k(n, _) => n,
             Op::Link1g | Op::Unlink1g => PAGES_1G,
         }
     }
 
-    /// Descriptors the limit writes for this case (one for the GiB block).
-    fn limit_entries(self) -> u64 {
+    /// Whether the work makes new tables (so who zeroes them matters).
+    fn makes_tables(self) -> bool {
+        !matches!(self, Op::Unlink4k(..) | Op::Unlink1g)
+    }
+
+    /// The offsets of the descriptors the limit writes (one for the block).
+    fn limit_offsets(self) -> Vec<u64> {
         match self {
-            Op::Link1g | Op::Unlink1g => 1,
-            _ => self.pages(),
+            Op::Link1g | Op::Unlink1g => vec![0],
+            Op::LinkRun(n) => Pattern::Seq.offsets(n),
+            _ => self.offsets(),
         }
     }
 
     /// The case's name in the report.
     fn name(self) -> String {
         match self {
-            Op::Link4k(n) => format!("link4k-{n}"),
+            Op::Link4k(n, p) => format!("link4k-{n}-{}", p.name()),
             Op::LinkSg(n) => format!("linksg-{n}"),
             Op::LinkRun(n) => format!("linkrun-{n}"),
-            Op::Unlink4k(n) => format!("unlink4k-{n}"),
+            Op::Unlink4k(n, p) => format!("unlink4k-{n}-{}", p.name()),
             Op::Link1g => "link1g".into(),
             Op::Unlink1g => "unlink1g".into(),
         }
@@ -242,43 +233,18 @@ impl Op {
 
     /// Every case, in the summary's order.
     fn all() -> Vec<Op> {
-        let mut ops: Vec<Op> = NS.map(Op::Link4k).into();
+        let mut ops = Vec::new();
+        for p in [Pattern::Seq, Pattern::Scat] {
+            ops.extend(NS.map(|n| Op::Link4k(n, p)));
+        }
         ops.extend(NS.map(Op::LinkSg));
         ops.extend([Op::LinkRun(RUN), Op::Link1g]);
-        ops.extend(NS.map(Op::Unlink4k));
+        for p in [Pattern::Seq, Pattern::Scat] {
+            ops.extend(NS.map(|n| Op::Unlink4k(n, p)));
+        }
         ops.push(Op::Unlink1g);
         ops
     }
-}
-
-fn one<'a, C: Contender<'a>>(
-    g: &mut BenchmarkGroup<'_, WallTime>,
-    case: &str,
-    who: &str,
-    op: Op,
-    arena: &'a Arena,
-) {
-    let pages = op.pages();
-    fresh(
-        g,
-        case,
-        who,
-        pages,
-        batch_for(pages),
-        arena,
-        |a| op.setup::<C>(a),
-        |c| op.work(c),
-    );
-}
-
-/// Ours in each format and the peer writing the same format, on `op`.
-fn per_format(g: &mut BenchmarkGroup<'_, WallTime>, case: &str, op: Op, arena: &Arena) {
-    one::<Ours<ArmStage1>>(g, case, "s1/ours", op, arena);
-    one::<Aarch64S1>(g, case, "s1/aarch64-paging", op, arena);
-    one::<Ours<ArmStage2>>(g, case, "s2/ours", op, arena);
-    one::<Aarch64S2>(g, case, "s2/aarch64-paging", op, arena);
-    one::<Ours<VtdSecondLevel>>(g, case, "vtd/ours", op, arena);
-    one::<X86>(g, case, "vtd/x86_64", op, arena);
 }
 
 /// How many fresh tables to time in one stretch so the clock's own cost
@@ -291,47 +257,133 @@ fn batch_for(pages: u64) -> u64 {
     }
 }
 
-/// One group: `op` for ours in each format and its peer, then the limit
-/// storing (or, for an unlink, clearing) the same descriptors.
-fn fresh_group(c: &mut Criterion, op: Op, arena: &Arena) {
-    let case = op.name();
-    let mut g = c.benchmark_group(&case);
-    g.sample_size(SAMPLES);
-    per_format(&mut g, &case, op, arena);
-    let n = op.limit_entries();
-    let limit = Limit::new(arena, n);
-    match op {
-        Op::Unlink4k(_) | Op::Unlink1g => {
-            steady(&mut g, &case, "limit", op.pages(), || limit.clear(n))
-        }
-        _ => steady(&mut g, &case, "limit", op.pages(), || limit.store(n)),
+/// A sample of `op` for `C`: fresh states made untimed, the work on them
+/// timed, teardown and re-zeroing untimed.
+fn fresh<'a, C: Contender<'a> + 'a>(
+    who: &str,
+    op: Op,
+    offs: Rc<Vec<u64>>,
+    arena: &'a Arena,
+) -> Runner<'a> {
+    let pages = op.pages();
+    let batch = batch_for(pages);
+    let stretches = (SAMPLE_PAGES / (batch * pages)).max(1);
+    Runner {
+        who: who.to_string(),
+        run: Box::new(move || {
+            let mut total = Duration::ZERO;
+            for _ in 0..stretches {
+                let mut states: Vec<C> = (0..batch).map(|_| op.setup::<C>(arena, &offs)).collect();
+                let t = Instant::now();
+                for s in states.iter_mut() {
+                    op.work(s, &offs);
+                }
+                total += t.elapsed();
+                black_box(&mut states);
+                drop(states);
+                arena.reset();
+            }
+            total.as_nanos() as f64 / (stretches * batch * pages) as f64
+        }),
     }
-    g.finish();
-    arena.reset();
 }
 
-fn run_benches(c: &mut Criterion, arena: &Arena) {
-    for n in NS {
-        for op in [Op::Link4k(n), Op::LinkSg(n), Op::Unlink4k(n)] {
-            fresh_group(c, op, arena);
-        }
+/// A sample of `work` (covering `pages` pages) run back to back `reps` times.
+fn steady<'a>(who: &str, pages: u64, reps: u64, mut work: impl FnMut() + 'a) -> Runner<'a> {
+    Runner {
+        who: who.to_string(),
+        run: Box::new(move || {
+            let t = Instant::now();
+            for _ in 0..reps {
+                work();
+            }
+            t.elapsed().as_nanos() as f64 / (reps * pages) as f64
+        }),
     }
-    for op in [Op::LinkRun(RUN), Op::Link1g, Op::Unlink1g] {
-        fresh_group(c, op, arena);
-    }
+}
 
-    let mut g = c.benchmark_group("txn-fixed");
-    g.sample_size(SAMPLES);
-    txn_fixed::<ArmStage1>(&mut g, "s1", arena);
-    txn_fixed::<ArmStage2>(&mut g, "s2", arena);
-    txn_fixed::<VtdSecondLevel>(&mut g, "vtd", arena);
-    let limit = Limit::new(arena, 1);
-    steady(&mut g, "txn-fixed", "limit", 1, || {
-        limit.store(1);
-        limit.clear(1)
-    });
-    g.finish();
-    arena.reset();
+/// Every contender of `op`: ours in each format (also with a zeroing lender
+/// where tables are made), the peers, and the limit.
+fn runners<'a>(op: Op, arena: &'a Arena, limit: &'a Limit) -> Vec<Runner<'a>> {
+    let offs = Rc::new(op.offsets());
+    let o = || offs.clone();
+    let mut rs = vec![
+        fresh::<Ours<ArmStage1>>("s1/ours", op, o(), arena),
+        fresh::<Aarch64S1>("s1/aarch64-paging", op, o(), arena),
+        fresh::<PtmArm>("s1/page_table_multiarch", op, o(), arena),
+        fresh::<Ours<ArmStage2>>("s2/ours", op, o(), arena),
+        fresh::<Aarch64S2>("s2/aarch64-paging", op, o(), arena),
+        fresh::<Ours<VtdSecondLevel>>("vtd/ours", op, o(), arena),
+        fresh::<X86>("vtd/x86_64", op, o(), arena),
+        fresh::<PtmX86>("vtd/page_table_multiarch", op, o(), arena),
+    ];
+    if op.makes_tables() {
+        rs.push(fresh::<Ours<ArmStage1, Zeroing>>(
+            "s1/ours+zero",
+            op,
+            o(),
+            arena,
+        ));
+        rs.push(fresh::<Ours<VtdSecondLevel, Zeroing>>(
+            "vtd/ours+zero",
+            op,
+            o(),
+            arena,
+        ));
+    }
+    let n = limit.slots.len() as u64;
+    let reps = (SAMPLE_PAGES / n).max(1);
+    if op.makes_tables() {
+        rs.push(steady("limit", op.pages(), reps, move || limit.store()));
+    } else {
+        rs.push(steady("limit", op.pages(), reps, move || limit.clear()));
+    }
+    rs
+}
+
+fn run_benches(arena: &Arena) {
+    for op in Op::all() {
+        let limit = Limit::new(&op.limit_offsets());
+        measure(&op.name(), runners(op, arena, &limit));
+        arena.reset();
+    }
+    let mut d1 = Domain::new(ArmStage1, arena, CONFIG).unwrap();
+    let mut d2 = Domain::new(ArmStage2, arena, CONFIG).unwrap();
+    let mut dv = Domain::new(VtdSecondLevel::default(), arena, CONFIG).unwrap();
+    let (mut b1, mut b2, mut b3) = (NoopBackend, NoopBackend, NoopBackend);
+    let (mut b4, mut b5, mut b6) = (NoopBackend, NoopBackend, NoopBackend);
+    let d1 = std::cell::RefCell::new(&mut d1);
+    let d2 = std::cell::RefCell::new(&mut d2);
+    let dv = std::cell::RefCell::new(&mut dv);
+    let limit = Limit::new(&[0]);
+    const REPS: u64 = 2000;
+    measure(
+        "txn-fixed",
+        vec![
+            steady("s1/ours", 1, REPS, || {
+                two_step(&mut d1.borrow_mut(), &mut b1)
+            }),
+            steady("s1/one-step", 1, REPS, || {
+                one_step(&mut d1.borrow_mut(), &mut b2)
+            }),
+            steady("s2/ours", 1, REPS, || {
+                two_step(&mut d2.borrow_mut(), &mut b3)
+            }),
+            steady("s2/one-step", 1, REPS, || {
+                one_step(&mut d2.borrow_mut(), &mut b4)
+            }),
+            steady("vtd/ours", 1, REPS, || {
+                two_step(&mut dv.borrow_mut(), &mut b5)
+            }),
+            steady("vtd/one-step", 1, REPS, || {
+                one_step(&mut dv.borrow_mut(), &mut b6)
+            }),
+            steady("limit", 1, REPS, || {
+                limit.store();
+                limit.clear()
+            }),
+        ],
+    );
 }
 
 /// The two-step transaction for one page.
@@ -369,22 +421,7 @@ fn one_step<F: bare_iommu::PteFormat>(dom: &mut Domain<F, &Arena>, be: &mut Noop
     dom.unmap(be, m).unwrap();
 }
 
-fn txn_fixed<F: bare_iommu::PteFormat + Default>(
-    g: &mut BenchmarkGroup<'_, WallTime>,
-    fmt: &str,
-    arena: &Arena,
-) {
-    let mut dom = Domain::new(F::default(), arena, CONFIG).unwrap();
-    let mut be = NoopBackend;
-    steady(g, "txn-fixed", &format!("{fmt}/ours"), 1, || {
-        two_step(&mut dom, &mut be)
-    });
-    steady(g, "txn-fixed", &format!("{fmt}/one-step"), 1, || {
-        one_step(&mut dom, &mut be)
-    });
-}
-
-/// Facts measured once, outside criterion.
+/// Facts measured once, outside the timing.
 struct Facts {
     lines: Vec<String>,
 }
@@ -400,8 +437,9 @@ fn on_fresh<'a, C: Contender<'a>, T>(arena: &'a Arena, f: impl FnOnce(&mut C) ->
 }
 
 fn table_pages<'a, C: Contender<'a>>(arena: &'a Arena) -> (usize, usize) {
+    let offs = Pattern::Seq.offsets(PAGES_1G);
     let small = on_fresh(arena, |c: &mut C| {
-        c.link_4k(PAGES_1G);
+        c.link_4k(&offs);
         arena.live()
     });
     let blocks = on_fresh(arena, |c: &mut C| {
@@ -414,10 +452,11 @@ fn table_pages<'a, C: Contender<'a>>(arena: &'a Arena) -> (usize, usize) {
 /// Heap allocations while linking (and unlinking) 512 pages and a GiB,
 /// tables already created by `C::new`.
 fn heap_allocs<'a, C: Contender<'a>>(arena: &'a Arena) -> (u64, u64) {
+    let offs = Pattern::Scat.offsets(512);
     let small = on_fresh(arena, |c: &mut C| {
         let before = ALLOCS.load(Ordering::Relaxed);
-        c.link_4k(512);
-        c.unlink_4k(512);
+        c.link_4k(&offs);
+        c.unlink_4k(&offs);
         ALLOCS.load(Ordering::Relaxed) - before
     });
     let big = on_fresh(arena, |c: &mut C| {
@@ -431,7 +470,8 @@ fn heap_allocs<'a, C: Contender<'a>>(arena: &'a Arena) -> (u64, u64) {
 
 /// The descriptor a 4-level walk from `root` finds for `va` at `height`
 /// (0: page, 2: 1 GiB block); every format here keeps the next table's
-/// address in bits [47:12].
+/// address in bits [47:12] and bit 0 set in a valid entry; 0 where the walk
+/// meets an invalid entry.
 fn descriptor(arena: &Arena, root: u64, va: u64, height: u32) -> u64 {
     let mut table = root;
     for h in (height..4).rev() {
@@ -439,40 +479,64 @@ fn descriptor(arena: &Arena, root: u64, va: u64, height: u32) -> u64 {
         // SAFETY: `table` is a page of the arena that a contender's walk
         // reached; `idx < 512` stays inside it.
         let e = unsafe { arena.virt(table).cast::<u64>().add(idx).read_volatile() };
-        if h == height {
-            return e;
+        if h == height || e & 1 == 0 {
+            return if h == height { e } else { 0 };
         }
         table = e & 0x0000_ffff_ffff_f000;
     }
     unreachable!()
 }
 
-/// What `C` writes for 512 separate pages and for the 1 GiB block.
+/// What `C` writes for 512 separate pages in each pattern, for the
+/// contiguous run of 512 pages and for the 1 GiB block; then whether
+/// everything is gone after the unlinks.
 fn written<'a, C: Contender<'a>>(arena: &'a Arena) -> Vec<u64> {
-    let mut v: Vec<u64> = on_fresh(arena, |c: &mut C| {
-        c.link_4k(512);
+    let mut v = Vec::new();
+    for p in [Pattern::Seq, Pattern::Scat] {
+        let offs = p.offsets(512);
+        v.extend(on_fresh(arena, |c: &mut C| {
+            c.link_4k(&offs);
+            let mut d: Vec<u64> = offs
+                .iter()
+                .map(|&o| descriptor(arena, c.root(), VA_BASE + o, 0))
+                .collect();
+            c.unlink_4k(&offs);
+            d.extend(
+                offs.iter()
+                    .map(|&o| descriptor(arena, c.root(), VA_BASE + o, 0)),
+            );
+            d
+        }));
+    }
+    v.extend(on_fresh(arena, |c: &mut C| {
+        c.link_run(512);
         (0..512)
             .map(|i| descriptor(arena, c.root(), VA_BASE + i * PAGE, 0))
-            .collect()
-    });
-    v.push(on_fresh(arena, |c: &mut C| {
+            .collect::<Vec<_>>()
+    }));
+    v.extend(on_fresh(arena, |c: &mut C| {
         c.link_1g();
-        descriptor(arena, c.root(), VA_BASE, 2)
+        let d = descriptor(arena, c.root(), VA_BASE, 2);
+        c.unlink_1g();
+        [d, descriptor(arena, c.root(), VA_BASE, 2)]
     }));
     v
 }
 
-/// Whether ours and the peer wrote the very same descriptors (same work).
-fn same_bits(fmt: &str, ours: Vec<u64>, peer: Vec<u64>) -> String {
-    match ours.iter().zip(&peer).position(|(a, b)| a != b) {
-        None => format!(
-            "bench: descriptors {fmt}: ours and its peer wrote identical bits \
-             (page {:#x}, 1 GiB block {:#x})",
-            ours[0], ours[512]
+/// Whether ours and a peer wrote the very same descriptors (same work).
+fn same_bits(fmt: &str, peer: &str, ours: &[u64], theirs: &[u64]) -> String {
+    match ours.iter().zip(theirs).position(|(a, b)| a != b) {
+        None if ours.len() == theirs.len() => format!(
+            "bench: descriptors {fmt}: ours and {peer} wrote identical bits for 512 pages seq \
+             and scat (and cleared them), a 512-page run and the 1 GiB block (page {:#x}, \
+             block {:#x})",
+            ours[0],
+            ours[ours.len() - 2]
         ),
+        None => format!("bench: descriptors {fmt}: {peer} wrote a different number"),
         Some(i) => format!(
-            "bench: descriptors {fmt}: DIFFER at entry {i}: ours {:#x} peer {:#x}",
-            ours[i], peer[i]
+            "bench: descriptors {fmt}: {peer} DIFFERS at entry {i}: ours {:#x} {peer} {:#x}",
+            ours[i], theirs[i]
         ),
     }
 }
@@ -484,46 +548,69 @@ fn facts(arena: &Arena) -> Facts {
         std::mem::size_of::<Domain<ArmStage1, &Arena>>(),
         std::mem::size_of::<Domain<VtdSecondLevel, &Arena>>(),
     )];
-    let pages: [(&str, (usize, usize)); 6] = [
+    let pages: [(&str, (usize, usize)); 8] = [
         ("s1/ours", table_pages::<Ours<ArmStage1>>(arena)),
         ("s1/aarch64-paging", table_pages::<Aarch64S1>(arena)),
+        ("s1/page_table_multiarch", table_pages::<PtmArm>(arena)),
         ("s2/ours", table_pages::<Ours<ArmStage2>>(arena)),
         ("s2/aarch64-paging", table_pages::<Aarch64S2>(arena)),
         ("vtd/ours", table_pages::<Ours<VtdSecondLevel>>(arena)),
         ("vtd/x86_64", table_pages::<X86>(arena)),
+        ("vtd/page_table_multiarch", table_pages::<PtmX86>(arena)),
     ];
     for (who, (small, blocks)) in pages {
         lines.push(format!(
             "bench: table pages per GiB mapped {who}: as 4 KiB pages={small} as blocks={blocks} (root included)"
         ));
     }
-    let allocs: [(&str, (u64, u64)); 6] = [
+    let allocs: [(&str, (u64, u64)); 8] = [
         ("s1/ours", heap_allocs::<Ours<ArmStage1>>(arena)),
         ("s1/aarch64-paging", heap_allocs::<Aarch64S1>(arena)),
+        ("s1/page_table_multiarch", heap_allocs::<PtmArm>(arena)),
         ("s2/ours", heap_allocs::<Ours<ArmStage2>>(arena)),
         ("s2/aarch64-paging", heap_allocs::<Aarch64S2>(arena)),
         ("vtd/ours", heap_allocs::<Ours<VtdSecondLevel>>(arena)),
         ("vtd/x86_64", heap_allocs::<X86>(arena)),
+        ("vtd/page_table_multiarch", heap_allocs::<PtmX86>(arena)),
     ];
     for (who, (small, big)) in allocs {
         lines.push(format!(
-            "bench: heap allocations {who}: link+unlink of 512 pages={small}, of 1 GiB={big}"
+            "bench: heap allocations {who}: link+unlink of 512 scattered pages={small}, of 1 GiB={big}"
         ));
     }
+    let s1 = written::<Ours<ArmStage1>>(arena);
+    let s2 = written::<Ours<ArmStage2>>(arena);
+    let vtd = written::<Ours<VtdSecondLevel>>(arena);
     lines.push(same_bits(
         "s1",
-        written::<Ours<ArmStage1>>(arena),
-        written::<Aarch64S1>(arena),
+        "aarch64-paging",
+        &s1,
+        &written::<Aarch64S1>(arena),
+    ));
+    lines.push(same_bits(
+        "s1",
+        "page_table_multiarch",
+        &s1,
+        &written::<PtmArm>(arena),
+    ));
+    lines.push(same_bits(
+        "s1",
+        "ours+zero",
+        &s1,
+        &written::<Ours<ArmStage1, Zeroing>>(arena),
     ));
     lines.push(same_bits(
         "s2",
-        written::<Ours<ArmStage2>>(arena),
-        written::<Aarch64S2>(arena),
+        "aarch64-paging",
+        &s2,
+        &written::<Aarch64S2>(arena),
     ));
+    lines.push(same_bits("vtd", "x86_64", &vtd, &written::<X86>(arena)));
     lines.push(same_bits(
         "vtd",
-        written::<Ours<VtdSecondLevel>>(arena),
-        written::<X86>(arena),
+        "page_table_multiarch",
+        &vtd,
+        &written::<PtmX86>(arena),
     ));
     let mut dom = Domain::new(ArmStage1, arena, CONFIG).unwrap();
     let mut be = NoopBackend;
@@ -536,6 +623,13 @@ fn facts(arena: &Arena) -> Facts {
     ));
     drop(dom);
     arena.reset();
+    lines.push(
+        "bench: zeroing of new table pages: ours, aarch64-paging: by the lender, outside the \
+         timed region (the arena is re-zeroed between samples); ours+zero: by a lender that \
+         zeroes each page it lends, inside; x86_64 (create_next_table: PageTable::zero) and \
+         page_table_multiarch (PageTable64::alloc_table): by the crate, inside"
+            .into(),
+    );
     Facts { lines }
 }
 
@@ -561,23 +655,81 @@ fn ns(x: f64) -> String {
     format!("{x:.digits$}")
 }
 
-/// The summary lines of `case` for ours in `fmt`: against `peer`, and
+/// How `peer` does the work of `op`, when that is not the call ours makes
+/// (then no ratio is printed).
+fn different_call(op: Op, peer: &str) -> Option<&'static str> {
+    match (op, peer) {
+        (Op::LinkSg(_), _) => Some("one map call per page"),
+        (Op::LinkRun(_), "x86_64") => Some("one map_to call per page (no range call)"),
+        _ => None,
+    }
+}
+
+/// What ours' call is, for the labelled lines.
+fn our_call(op: Op) -> &'static str {
+    match op {
+        Op::LinkSg(_) => "one link_pages call, scatter list",
+        _ => "one link call",
+    }
+}
+
+/// The summary lines of `op` for ours in `fmt`: against each peer, and
 /// against the limit.
-fn compare(case: &str, fmt: &str, peer: &str) {
-    let Some(ours) = result(case, &format!("{fmt}/ours")) else {
+fn compare(op: Op, fmt: &str, peers: &[(&str, bool)]) {
+    let case = op.name();
+    // The GiB cases in ns per GiB, the others per 4 KiB page.
+    let (scale, unit) = match op {
+        Op::Link1g | Op::Unlink1g => (PAGES_1G as f64, "ns/GiB"),
+        _ => (1.0, "ns/page"),
+    };
+    let get = |who: &str| result(&case, who).map(|x| x * scale);
+    let ns = |x: f64| format!("{} {unit}", ns(x));
+    let Some(ours) = get(&format!("{fmt}/ours")) else {
         return;
     };
-    if let Some(p) = result(case, &format!("{fmt}/{peer}")) {
-        println!(
-            "bench: {case}/{fmt} ours={} ns/page {peer}={} ns/page ratio={:.2}",
-            ns(ours),
-            ns(p),
-            p / ours
-        );
+    let zeroing = get(&format!("{fmt}/ours+zero"));
+    for &(peer, zeroes_inside) in peers {
+        let Some(p) = get(&format!("{fmt}/{peer}")) else {
+            continue;
+        };
+        if let Some(how) = different_call(op, peer) {
+            println!(
+                "bench: {case}/{fmt} ours={} ({}) {peer}={} ({how}): \
+                 different calls, not a peer ratio",
+                ns(ours),
+                our_call(op),
+                ns(p),
+            );
+            continue;
+        }
+        match (zeroes_inside && op.makes_tables(), zeroing) {
+            (true, Some(z)) => {
+                println!(
+                    "bench: {case}/{fmt} ours+zero={} {peer}={} ratio={:.2} \
+                     (equal zeroing: both zero new tables inside the timed region)",
+                    ns(z),
+                    ns(p),
+                    p / z
+                );
+                println!(
+                    "bench: {case}/{fmt} ours={} {peer}={} ratio={:.2} \
+                     (unequal zeroing: ours' lender zeroes outside, {peer} inside)",
+                    ns(ours),
+                    ns(p),
+                    p / ours
+                );
+            }
+            _ => println!(
+                "bench: {case}/{fmt} ours={} {peer}={} ratio={:.2}",
+                ns(ours),
+                ns(p),
+                p / ours
+            ),
+        }
     }
-    if let Some(l) = result(case, "limit") {
+    if let Some(l) = get("limit") {
         println!(
-            "bench: {case}/{fmt} ours={} ns/page limit={} ns/page ratio={:.2}",
+            "bench: {case}/{fmt} ours={} limit={} ratio={:.2}",
             ns(ours),
             ns(l),
             ours / l
@@ -588,48 +740,78 @@ fn compare(case: &str, fmt: &str, peer: &str) {
 fn summary(facts: &Facts) {
     println!();
     println!(
-        "bench: machine: {}, {} CPUs; median of {SAMPLES} samples",
+        "bench: machine: {}, {} CPUs; median of {SAMPLES} interleaved samples",
         cpu_model(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     for op in Op::all() {
-        for (fmt, peer) in FORMATS {
-            compare(&op.name(), fmt, peer);
+        for (fmt, peers) in FORMATS {
+            compare(op, fmt, peers);
         }
     }
     for (fmt, _) in FORMATS {
-        compare("txn-fixed", fmt, "one-step");
+        if let (Some(o), Some(p)) = (
+            result("txn-fixed", &format!("{fmt}/ours")),
+            result("txn-fixed", &format!("{fmt}/one-step")),
+        ) {
+            println!(
+                "bench: txn-fixed/{fmt} ours={} ns one-step={} ns ratio={:.2}",
+                ns(o),
+                ns(p),
+                p / o
+            );
+        }
     }
     for l in &facts.lines {
         println!("{l}");
     }
 }
 
-/// `BENCH_PROFILE=CASE/FMT/WHO`: runs one routine without criterion.
+/// The routine callgrind counts (`--toggle-collect=*profiled_work*`).
+#[inline(never)]
+fn profiled_work<'a, C: Contender<'a>>(op: Op, c: &mut C, offs: &[u64]) {
+    op.work(c, offs)
+}
+
+/// `BENCH_PROFILE=CASE/FMT/WHO`: runs one routine without timing.
 fn profile(what: &str, arena: &Arena) {
     let iters: u64 = std::env::var("BENCH_ITERS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     fn go<'a, C: Contender<'a>>(op: Op, iters: u64, arena: &'a Arena) {
+        let offs = op.offsets();
         for _ in 0..iters {
-            let mut c = op.setup::<C>(arena);
-            op.work(&mut c);
+            let mut c = op.setup::<C>(arena, &offs);
+            profiled_work(op, &mut c, &offs);
             drop(c);
             arena.reset();
         }
     }
     let (case, who) = what.split_once('/').expect("BENCH_PROFILE=CASE/FMT/WHO");
     if case == "txn-fixed" {
+        #[inline(never)]
+        fn profiled_work<F: bare_iommu::PteFormat>(
+            two: bool,
+            dom: &mut Domain<F, &Arena>,
+            be: &mut NoopBackend,
+        ) {
+            if two {
+                two_step(dom, be)
+            } else {
+                one_step(dom, be)
+            }
+        }
         let mut be = NoopBackend;
         let mut dom = Domain::new(ArmStage1, arena, CONFIG).unwrap();
         for _ in 0..iters {
             match who {
-                "s1/ours" => two_step(&mut dom, &mut be),
-                "s1/one-step" => one_step(&mut dom, &mut be),
+                "s1/ours" => profiled_work(true, &mut dom, &mut be),
+                "s1/one-step" => profiled_work(false, &mut dom, &mut be),
                 other => panic!("unknown txn-fixed contender {other}"),
             }
         }
+        println!("profile: pages=1 iters={iters}");
         return;
     }
     let op = Op::all()
@@ -638,36 +820,28 @@ fn profile(what: &str, arena: &Arena) {
         .unwrap_or_else(|| panic!("unknown case {case}"));
     match who {
         "s1/ours" => go::<Ours<ArmStage1>>(op, iters, arena),
+        "s1/ours+zero" => go::<Ours<ArmStage1, Zeroing>>(op, iters, arena),
         "s1/aarch64-paging" => go::<Aarch64S1>(op, iters, arena),
+        "s1/page_table_multiarch" => go::<PtmArm>(op, iters, arena),
         "s2/ours" => go::<Ours<ArmStage2>>(op, iters, arena),
         "s2/aarch64-paging" => go::<Aarch64S2>(op, iters, arena),
         "vtd/ours" => go::<Ours<VtdSecondLevel>>(op, iters, arena),
+        "vtd/ours+zero" => go::<Ours<VtdSecondLevel, Zeroing>>(op, iters, arena),
         "vtd/x86_64" => go::<X86>(op, iters, arena),
-        "limit" => {
-            let n = op.limit_entries();
-            let l = Limit::new(arena, n);
-            for _ in 0..iters {
-                l.store(n);
-            }
-        }
+        "vtd/page_table_multiarch" => go::<PtmX86>(op, iters, arena),
         other => panic!("unknown contender {other}"),
     }
+    println!("profile: pages={} iters={iters}", op.pages());
 }
 
 fn main() {
+    // `cargo bench` passes `--bench`; nothing else is taken.
     let arena = Arena::new(ARENA_PAGES);
     if let Ok(what) = std::env::var("BENCH_PROFILE") {
         profile(&what, &arena);
         return;
     }
     let facts = facts(&arena);
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(1000))
-        .nresamples(10_000)
-        .without_plots()
-        .configure_from_args();
-    run_benches(&mut c, &arena);
-    c.final_summary();
+    run_benches(&arena);
     summary(&facts);
 }

@@ -1,6 +1,7 @@
-//! Project automation: `cargo xtask test | stress | demo | board NAME [-- QEMU ARGS] | bench`.
+//! Project automation: `cargo xtask test | stress | demo | board NAME [-- QEMU ARGS] | bench [--instructions]`.
 
 mod apt;
+mod bench;
 mod disk;
 mod q35;
 mod qemu;
@@ -345,7 +346,10 @@ fn main() -> ExitCode {
             }
         }
         Some("bench") => {
-            if run(cargo().args(["bench", "--bench", "link"])) {
+            if bench::bench(
+                head.iter().any(|a| a == "--instructions"),
+                head.iter().any(|a| a == "--instructions-only"),
+            ) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -353,7 +357,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask test [-- QEMU ARGS] | stress | msrv | miri | demo | board NAME [-- QEMU ARGS] | bench"
+                "usage: cargo xtask test [-- QEMU ARGS] | stress | msrv | miri | demo | board NAME [-- QEMU ARGS] | bench [--instructions | --instructions-only]"
             );
             ExitCode::FAILURE
         }

@@ -1,0 +1,188 @@
+//! `cargo xtask bench [--instructions]`: the timed benchmarks
+//! (`cargo bench --bench link`), and with `--instructions` also the
+//! instructions per page of the main cases, counted by callgrind on the
+//! bench binary in profile mode (`BENCH_PROFILE`), only inside the bench's
+//! `profiled_work` (set-up and teardown are not counted).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Mutex;
+
+use crate::{cargo, run};
+
+/// The cases counted, and whether each makes new tables (then ours is also
+/// counted with the zeroing lender).
+const CASES: [(&str, bool); 8] = [
+    ("link4k-32768-seq", true),
+    ("link4k-32768-scat", true),
+    ("unlink4k-32768-seq", false),
+    ("unlink4k-32768-scat", false),
+    ("linksg-32768", true),
+    ("linkrun-32768", true),
+    ("link1g", true),
+    ("unlink1g", false),
+];
+
+/// The formats counted and their peers (stage 2 has the same peer as
+/// stage 1 and is left out to keep the run short).
+const FORMATS: [(&str, &[&str]); 2] = [
+    ("s1", &["aarch64-paging", "page_table_multiarch"]),
+    ("vtd", &["x86_64", "page_table_multiarch"]),
+];
+
+/// Runs the benches (unless `only_instructions`); with `instructions`,
+/// then the callgrind counts.
+pub fn bench(instructions: bool, only_instructions: bool) -> bool {
+    if !only_instructions && !run(cargo().args(["bench", "--bench", "link"])) {
+        return false;
+    }
+    if !instructions && !only_instructions {
+        return true;
+    }
+    match count_all() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("xtask bench --instructions: {e}");
+            false
+        }
+    }
+}
+
+/// The bench executable cargo built (`--no-run`, JSON messages).
+fn bench_binary() -> Result<String, String> {
+    let out = cargo()
+        .args([
+            "bench",
+            "--bench",
+            "link",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .output()
+        .map_err(|e| format!("cargo bench --no-run: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.contains("\"name\":\"link\""))
+        .find_map(|l| {
+            let at = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let rest = &l[at..];
+            Some(rest[..rest.find('"')?].to_string())
+        })
+        .ok_or_else(|| "no executable for bench `link` in cargo's output".into())
+}
+
+/// Instructions per page (per GiB for the 1 GiB cases) of one contender.
+fn count(bin: &str, case: &str, who: &str) -> Result<f64, String> {
+    let out = Command::new("valgrind")
+        .args([
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            "--toggle-collect=*profiled_work*",
+            bin,
+        ])
+        .env("BENCH_PROFILE", format!("{case}/{who}"))
+        .env("BENCH_ITERS", "1")
+        .output()
+        .map_err(|e| format!("valgrind (apt-get install valgrind): {e}"))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let collected: f64 = err
+        .lines()
+        .find_map(|l| l.split("Collected :").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| format!("{case}/{who}: no callgrind count\n{err}"))?;
+    let field = |name: &str| -> Option<f64> {
+        stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|n| n.parse().ok())
+    };
+    let pages = field("pages=").ok_or_else(|| format!("{case}/{who}: no pages"))?;
+    let iters = field("iters=").ok_or_else(|| format!("{case}/{who}: no iters"))?;
+    let per = if case.ends_with("1g") {
+        iters
+    } else {
+        pages * iters
+    };
+    Ok(collected / per)
+}
+
+fn count_all() -> Result<(), String> {
+    let bin = bench_binary()?;
+    let mut jobs = Vec::new();
+    for (case, makes_tables) in CASES {
+        for (fmt, peers) in FORMATS {
+            let mut whos = vec!["ours".to_string()];
+            if makes_tables {
+                whos.push("ours+zero".into());
+            }
+            whos.extend(peers.iter().map(|p| p.to_string()));
+            for who in whos {
+                jobs.push((case, format!("{fmt}/{who}")));
+            }
+        }
+    }
+    let results: Mutex<BTreeMap<(String, String), Result<f64, String>>> =
+        Mutex::new(BTreeMap::new());
+    let next = Mutex::new(0usize);
+    // Two at a time: instruction counts do not depend on the load.
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let mut n = next.lock().unwrap();
+                        *n += 1;
+                        *n - 1
+                    };
+                    let Some((case, who)) = jobs.get(i) else {
+                        break;
+                    };
+                    let r = count(&bin, case, who);
+                    results
+                        .lock()
+                        .unwrap()
+                        .insert((case.to_string(), who.clone()), r);
+                }
+            });
+        }
+    });
+    let results = results.into_inner().unwrap();
+    let mut failed = false;
+    println!();
+    for (case, _) in CASES {
+        let unit = if case.ends_with("1g") {
+            "instr/GiB"
+        } else {
+            "instr/page"
+        };
+        for (fmt, peers) in FORMATS {
+            let note = match (case, fmt) {
+                ("linksg-32768", _) => " (ours: one link_pages call; peers: one map call per page)",
+                ("linkrun-32768", "vtd") => " (x86_64: one map_to call per page, no range call)",
+                _ => "",
+            };
+            let mut line = format!("bench: {case}/{fmt}");
+            let names = ["ours", "ours+zero"].iter().chain(peers.iter());
+            for name in names {
+                let Some(r) = results.get(&(case.to_string(), format!("{fmt}/{name}"))) else {
+                    continue;
+                };
+                match r {
+                    Ok(v) => line.push_str(&format!(" {name}={v:.0} {unit}")),
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("{e}");
+                        line.push_str(&format!(" {name}=FAILED"));
+                    }
+                }
+            }
+            println!("{line}{note}");
+        }
+    }
+    if failed {
+        Err("some counts failed".into())
+    } else {
+        Ok(())
+    }
+}
