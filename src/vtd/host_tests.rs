@@ -5,6 +5,7 @@
 
 extern crate std;
 
+use std::string::String;
 use std::vec::Vec;
 
 use super::fakehw::SharedMem;
@@ -393,7 +394,27 @@ fn strict_vtd_init_enables_translation_before_lifting_protected_regions() {
 /// without queued invalidation, before the invalidations are issued.
 #[test]
 fn strict_vtd_write_buffer_is_flushed_before_invalidations_with_queued_invalidation() {
+    // The fake unit sees GCMD by polling from its own thread: on a loaded
+    // machine it can miss a write the driver made and already saw
+    // acknowledged. A missing flush fails every attempt; a missed
+    // observation only one, so each configuration gets three.
     for sm in [false, true] {
+        let mut last = String::new();
+        let ok = (0..3).any(|_| match wbf_before_every_batch(sm) {
+            Ok(()) => true,
+            Err(e) => {
+                last = e;
+                false
+            }
+        });
+        assert!(ok, "{last}");
+    }
+}
+
+/// One run of the scenario above: `Err` with the reason when the fake's
+/// log shows a descriptor that no WBF preceded, or fewer than two flushes.
+fn wbf_before_every_batch(sm: bool) -> Result<(), String> {
+    {
         let ecap = if sm {
             QEMU_ECAP | ECAP_SM_SL
         } else {
@@ -438,15 +459,19 @@ fn strict_vtd_write_buffer_is_flushed_before_invalidations_with_queued_invalidat
                     flushes += 1;
                 }
                 Ev::Desc(VtdDesc::Wait { .. }) => need_flush = true,
-                Ev::Desc(d) => assert!(
-                    !need_flush,
-                    "scalable {sm}: {d:x?} before a WBF in {log:x?}"
-                ),
+                Ev::Desc(d) if need_flush => {
+                    return Err(std::format!(
+                        "scalable {sm}: {d:x?} before a WBF in {log:x?}"
+                    ));
+                }
                 _ => {}
             }
         }
-        assert!(flushes >= 2, "scalable {sm}: {log:x?}");
+        if flushes < 2 {
+            return Err(std::format!("scalable {sm}: {flushes} flushes in {log:x?}"));
+        }
     }
+    Ok(())
 }
 
 /// #9: under caching mode, links that add tables are invalidated with IH = 0
