@@ -227,6 +227,13 @@ impl Regs {
     pub fn set_u32(&self, off: usize, v: u32) {
         self.a32(off).store(v, Ordering::SeqCst)
     }
+    /// Writes a 32-bit register only if it still holds `old` (the fake's
+    /// read-modify-writes must not undo a driver write made in between).
+    pub fn cas_u32(&self, off: usize, old: u32, new: u32) -> bool {
+        self.a32(off)
+            .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
     /// Reads a 64-bit register.
     pub fn u64(&self, off: usize) -> u64 {
         self.words[off / 8].load(Ordering::SeqCst)
@@ -396,7 +403,9 @@ fn step(
         *epm = now;
         log.lock().unwrap().push(Ev::Pmen(now));
     }
-    r.set_u32(0x64, (u32::from(now) << 31) | u32::from(now));
+    // Only if the driver did not write PMEN since `p` was read: otherwise
+    // the next step sees its write.
+    r.cas_u32(0x64, p, (u32::from(now) << 31) | u32::from(now));
     // CCMD: ICC clears, CAIG = CIRG.
     let c = r.u64(0x28);
     if c >> 63 != 0 {
