@@ -28,9 +28,14 @@ fn interrupt_window_is_never_handed_out_with<F: BoardFormat>(
     loop {
         match dom.try_alloc(MB, u64::MAX) {
             Ok(p) => {
-                let t = p.into_iova().or_fail("translated domain gave the direct path")?;
+                let t = p
+                    .into_iova()
+                    .or_fail("translated domain gave the direct path")?;
                 let (s, e) = (t.iova().0, t.iova().0 + t.size());
-                check!(!(s < w1 && w0 < e), "handed out [{s:#x}, {e:#x}) in the window");
+                check!(
+                    !(s < w1 && w0 < e),
+                    "handed out [{s:#x}, {e:#x}) in the window"
+                );
                 if got.push(t).is_err() {
                     fail!("more than 16 ranges of 1 MiB in 16 MiB");
                 }
@@ -43,7 +48,13 @@ fn interrupt_window_is_never_handed_out_with<F: BoardFormat>(
     narrate!("15 MiB handed out around the window, none of it in [{w0:#x}, {w1:#x})");
     let r = dom.try_alloc_at(DmaAddr(0xFEE0_0000), PAGE_SIZE);
     check!(
-        matches!(r, Err(DmaError::IovaReserved { reserved_start: 0xFEE0_0000, .. })),
+        matches!(
+            r,
+            Err(DmaError::IovaReserved {
+                reserved_start: 0xFEE0_0000,
+                ..
+            })
+        ),
         "fixed IOVA in the window: {r:?}"
     );
     while let Some(t) = got.pop() {
@@ -69,7 +80,10 @@ fn rmrr_identity_region_dma_lands_with<F: BoardFormat>(
     let edu = &ctx.edu[0];
     let pa = ctx.mem.dma_pages(2).or_fail("2 pages")?;
     // edu's DMA mask is 28 bits.
-    check!(pa.0 + 2 * PAGE_SIZE <= 1 << 28, "DMA pages at {pa} are above edu's reach");
+    check!(
+        pa.0 + 2 * PAGE_SIZE <= 1 << 28,
+        "DMA pages at {pa} are above edu's reach"
+    );
     let mut dom = attached_domain::<F>(vtd, ctx, edu, 6, (0x10_0000, 1 << 32))?;
     let region = ReservedRegion {
         base: pa.0,
@@ -86,10 +100,17 @@ fn rmrr_identity_region_dma_lands_with<F: BoardFormat>(
     let (src, dst) = (pa, PhysAddr(pa.0 + PAGE_SIZE));
     ctx.mem.fill_pattern(src, PAGE, 0x3c).or_fail("pattern")?;
     ctx.mem.fill(dst, PAGE, 0).or_fail("clear")?;
-    narrate!("edu reads IOVA {:#x} and writes IOVA {:#x} (identity)", src.0, dst.0);
+    narrate!(
+        "edu reads IOVA {:#x} and writes IOVA {:#x} (identity)",
+        src.0,
+        dst.0
+    );
     edu.dma_from_ram(src.0, 0, PAGE_U32).or_fail("RAM -> edu")?;
     edu.dma_to_ram(dst.0, 0, PAGE_U32).or_fail("edu -> RAM")?;
-    check_ok!(ctx.mem.check_pattern(dst, PAGE, 0x3c), "identity-mapped write");
+    check_ok!(
+        ctx.mem.check_pattern(dst, PAGE, 0x3c),
+        "identity-mapped write"
+    );
     no_faults(vtd)?;
     // A fixed IOVA over the region is refused; allocations go around it.
     let r = dom.try_alloc_at(DmaAddr(pa.0), PAGE_SIZE);
