@@ -19,9 +19,7 @@ use bare_iommu::{AnyDomain, IommuBackend, TableMemory};
 use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::pci::bus::{Cam, DeviceFunction, MmioCam, PciRoot};
-use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr as VirtioPhys};
-use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::harness::{Fail, OrFail, fail_msg};
 use crate::virtio::{VirtioFunction, status};
@@ -94,13 +92,6 @@ fn check_sectors(buf: &[u8], first: usize, what: &str) -> Result<(), Fail> {
         }
     }
     Ok(())
-}
-
-fn stale_blk(
-    dev: &VirtioFunction,
-) -> Result<VirtIOBlk<StaleHal, Stale<AccessPlatform<PciTransport>>>, Fail> {
-    VirtIOBlk::<StaleHal, _>::new(Stale(transport::<StaleHal>(dev)?))
-        .map_err(|e| fail_msg(format_args!("VirtIOBlk::new: {e}")))
 }
 
 fn blk<H: Hal>(dev: &VirtioFunction) -> Result<VirtIOBlk<H, AccessPlatform<PciTransport>>, Fail> {
@@ -193,21 +184,28 @@ pub fn reads_and_writes<M: TableMemory, B: IommuBackend, L: TableMemory>(
 }
 
 /// Arms [`StaleHal`]: the next device-written share of at least a sector
-/// is remembered, and [`Stale`] unshares it right before the notify.
+/// is remembered, and unshared right after the request's last share.
 static ARMED: AtomicBool = AtomicBool::new(false);
 /// The buffer [`StaleHal`] remembered: its DMA address (0: none), pointer
 /// and length.
 static STALE: spin::Mutex<Option<(u64, usize, usize)>> = spin::Mutex::new(None);
-/// Set by [`Stale::notify`] once it unshared the remembered buffer.
+/// Set by [`StaleHal::share`] once it unshared the remembered buffer.
 static UNSHARED: AtomicBool = AtomicBool::new(false);
 
-/// [`IommuHal`] that remembers the armed buffer and leaves its unshare to
-/// [`Stale`] (the way a driver that keeps a DMA address past `unshare`
-/// would program the device).
+/// [`IommuHal`] that unshares the armed data buffer while its request is
+/// still being built, keeping the DMA address in the descriptor (the way a
+/// driver that keeps an address past `unshare` would program the device).
+///
+/// The unshare happens in the share of the request's status byte, the last
+/// buffer `VirtQueue::add` shares before it publishes the avail index: the
+/// device cannot see the request before it (QEMU kicks a queue on
+/// DRIVER_OK and may process it before any notify), and the freed IOVA is
+/// not handed to another buffer of the request (first fit would give it to
+/// the very next share).
 struct StaleHal;
 
 // SAFETY: every call is IommuHal's; the remembered buffer is unshared
-// once, by `Stale::notify`, and never again.
+// once, by `share`, and never again.
 unsafe impl Hal for StaleHal {
     fn dma_alloc(pages: usize, d: BufferDirection) -> (VirtioPhys, NonNull<u8>) {
         IommuHal::dma_alloc(pages, d)
@@ -223,11 +221,26 @@ unsafe impl Hal for StaleHal {
     unsafe fn share(buf: NonNull<[u8]>, d: BufferDirection) -> VirtioPhys {
         // SAFETY: forwarded unchanged.
         let pa = unsafe { IommuHal::share(buf, d) };
-        if d == BufferDirection::DeviceToDriver
-            && buf.len() >= SECTOR_SIZE
-            && ARMED.swap(false, Ordering::SeqCst)
+        if d != BufferDirection::DeviceToDriver {
+            return pa;
+        }
+        if buf.len() >= SECTOR_SIZE {
+            if ARMED.swap(false, Ordering::SeqCst) {
+                *STALE.lock() = Some((pa, buf.cast::<u8>().as_ptr() as usize, buf.len()));
+            }
+            return pa;
+        }
+        // The status byte: the request's last share.
+        let stale = *STALE.lock();
+        if let Some((spa, va, len)) = stale
+            && !UNSHARED.swap(true, Ordering::SeqCst)
         {
-            *STALE.lock() = Some((pa, buf.cast::<u8>().as_ptr() as usize, buf.len()));
+            let data = core::ptr::slice_from_raw_parts_mut(va as *mut u8, len);
+            if let Some(data) = NonNull::new(data) {
+                // SAFETY: the buffer IommuHal shared at `spa` for this
+                // request, still valid (the request has not returned).
+                unsafe { IommuHal::unshare(spa, data, BufferDirection::DeviceToDriver) };
+            }
         }
         pa
     }
@@ -240,93 +253,10 @@ unsafe impl Hal for StaleHal {
     }
 }
 
-/// A transport whose `notify` first unshares the buffer [`StaleHal`]
-/// remembered: every share of the request is done, so its IOVA cannot be
-/// handed out again before the device looks at it (the buddy allocator
-/// would give a freed IOVA to the very next share — the request's status
-/// byte — and the device's write would land there).
-struct Stale<T: Transport>(T);
-
-impl<T: Transport> Transport for Stale<T> {
-    fn device_type(&self) -> DeviceType {
-        self.0.device_type()
-    }
-    fn read_device_features(&mut self) -> u64 {
-        self.0.read_device_features()
-    }
-    fn write_driver_features(&mut self, f: u64) {
-        self.0.write_driver_features(f)
-    }
-    fn max_queue_size(&mut self, q: u16) -> u32 {
-        self.0.max_queue_size(q)
-    }
-    fn notify(&mut self, q: u16) {
-        let stale = *STALE.lock();
-        if let Some((pa, va, len)) = stale
-            && !UNSHARED.swap(true, Ordering::SeqCst)
-        {
-            let buf = core::ptr::slice_from_raw_parts_mut(va as *mut u8, len);
-            if let Some(buf) = NonNull::new(buf) {
-                // SAFETY: the buffer IommuHal shared at `pa` for this
-                // request, still valid (the request has not returned).
-                unsafe { IommuHal::unshare(pa, buf, BufferDirection::DeviceToDriver) };
-            }
-        }
-        self.0.notify(q)
-    }
-    fn get_status(&self) -> DeviceStatus {
-        self.0.get_status()
-    }
-    fn set_status(&mut self, s: DeviceStatus) {
-        self.0.set_status(s)
-    }
-    fn set_guest_page_size(&mut self, size: u32) {
-        self.0.set_guest_page_size(size)
-    }
-    fn requires_legacy_layout(&self) -> bool {
-        self.0.requires_legacy_layout()
-    }
-    fn queue_set(
-        &mut self,
-        q: u16,
-        size: u32,
-        desc: VirtioPhys,
-        driver: VirtioPhys,
-        device: VirtioPhys,
-    ) {
-        self.0.queue_set(q, size, desc, driver, device)
-    }
-    fn queue_unset(&mut self, q: u16) {
-        self.0.queue_unset(q)
-    }
-    fn queue_used(&mut self, q: u16) -> bool {
-        self.0.queue_used(q)
-    }
-    fn ack_interrupt(&mut self) -> InterruptStatus {
-        self.0.ack_interrupt()
-    }
-    fn read_config_generation(&self) -> u32 {
-        self.0.read_config_generation()
-    }
-    fn read_config_space<C: FromBytes + IntoBytes>(
-        &self,
-        offset: usize,
-    ) -> virtio_drivers::Result<C> {
-        self.0.read_config_space(offset)
-    }
-    fn write_config_space<C: IntoBytes + Immutable>(
-        &mut self,
-        offset: usize,
-        value: C,
-    ) -> virtio_drivers::Result<()> {
-        self.0.write_config_space(offset, value)
-    }
-}
-
 /// A sector read the normal way lands; then a read whose data buffer was
-/// unshared after it was queued and before the device was notified (the
-/// address kept in the descriptor): the buffer
-/// keeps its bytes and the IOMMU reports the device's blocked write at that
+/// unshared while its request was built, before the request was published
+/// to the device (the address kept in the descriptor): the buffer keeps its
+/// bytes and the IOMMU reports the device's blocked write at that
 /// very address. QEMU still completes the request with VIRTIO_BLK_S_OK, so
 /// `read_blocks` says Ok: only the IOMMU tells.
 pub fn unshared_buffer_faults<M: TableMemory, B: IommuBackend, L: TableMemory>(
@@ -339,7 +269,7 @@ pub fn unshared_buffer_faults<M: TableMemory, B: IommuBackend, L: TableMemory>(
     *STALE.lock() = None;
     UNSHARED.store(false, Ordering::SeqCst);
     let body = IommuHal::with(&mut session, || -> Result<(), Fail> {
-        let mut blk = stale_blk(&dev)?;
+        let mut blk = blk::<StaleHal>(&dev)?;
         let mut buf = [GUARD; SECTOR_SIZE];
         blk.read_blocks(READ_FIRST, &mut buf)
             .or_fail("read while shared")?;
@@ -352,7 +282,7 @@ pub fn unshared_buffer_faults<M: TableMemory, B: IommuBackend, L: TableMemory>(
     checks.before_dma(session.iommu());
     let mut buf = [GUARD; SECTOR_SIZE];
     let body = IommuHal::with(&mut session, || -> Result<(), Fail> {
-        let mut blk = stale_blk(&dev)?;
+        let mut blk = blk::<StaleHal>(&dev)?;
         ARMED.store(true, Ordering::SeqCst);
         let r = blk.read_blocks(READ_FIRST + 1, &mut buf);
         check!(
@@ -361,18 +291,20 @@ pub fn unshared_buffer_faults<M: TableMemory, B: IommuBackend, L: TableMemory>(
         );
         check!(
             UNSHARED.load(Ordering::SeqCst),
-            "the request was not notified, so nothing was unshared before the device ran"
+            "the status byte was never shared, so nothing was unshared before the device ran"
         );
         check_eq!(r, Ok(()), "QEMU's completion of the blocked read");
         drop(blk);
         Ok(())
     });
-    let stale = STALE.lock().take().map_or(0, |(a, _, _)| a);
+    let (stale, sva) = STALE.lock().take().map_or((0, 0), |(a, v, _)| (a, v));
     let down = (|| {
         body.or_fail("IommuHal::with")??;
+        let changed = buf.iter().filter(|&&b| b != GUARD).count();
         check!(
-            buf.iter().all(|&b| b == GUARD),
-            "the device wrote through an unshared DMA address"
+            changed == 0,
+            "the device wrote {changed} bytes through the unshared DMA address {stale:#x} (buffer at {:#x}, unshared at {sva:#x})",
+            buf.as_ptr() as usize
         );
         check!(
             session
