@@ -335,20 +335,7 @@ impl<M: TableMemory> AnyDomain<M> {
         self,
         backend: &mut B,
     ) -> Result<(), (Self, DmaError)> {
-        match self {
-            AnyDomain::ArmStage1(d) => d
-                .teardown(backend)
-                .map_err(|(d, e)| (Self::ArmStage1(d), e)),
-            AnyDomain::ArmStage2(d) => d
-                .teardown(backend)
-                .map_err(|(d, e)| (Self::ArmStage2(d), e)),
-            AnyDomain::VtdSecondLevel(d) => d
-                .teardown(backend)
-                .map_err(|(d, e)| (Self::VtdSecondLevel(d), e)),
-            AnyDomain::VtdFirstLevel(d) => d
-                .teardown(backend)
-                .map_err(|(d, e)| (Self::VtdFirstLevel(d), e)),
-        }
+        each!(self, d => d.teardown(backend).map_err(|(d, e)| (d.into(), e)))
     }
 
     /// [`Domain::map`].
