@@ -159,6 +159,13 @@ values!(
     crate::testing::vtd_desc::Violation,
 );
 
+// Device assignment.
+values!(
+    crate::guest::GuestRegion,
+    crate::guest::GuestError,
+    crate::guest::ForeignTables,
+);
+
 // Transaction states: never Clone (see the module docs).
 others!(eq:
     crate::state::IovaState,
@@ -173,6 +180,7 @@ others!(debug:
     crate::state::Domain<ArmStage1, Lender>,
     crate::state::Domain<ArmStage2, Lender>,
     crate::state::Domain<VtdSecondLevel, Lender>,
+    crate::guest::GuestDomain<ArmStage2, Lender, 4>,
     crate::pgtable::IoPageTable<ArmStage1, Lender>,
     crate::iova::IovaAllocator,
     crate::p2p::P2pRegistry,

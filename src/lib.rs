@@ -111,6 +111,7 @@ mod derive_check;
 pub mod device;
 pub mod error;
 pub mod firmware;
+pub mod guest;
 pub mod iova;
 pub mod live;
 mod logging;
