@@ -4,6 +4,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod guest;
 mod irq;
 mod p2p;
 mod smmu;
@@ -54,6 +55,14 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "smmu_guest_region_with_2m_blocks",
         smmu::smmu_guest_region_with_2m_blocks,
+    ),
+    (
+        "guest_domain_confines_dma_to_guest_memory",
+        guest::guest_domain_confines_dma_to_guest_memory,
+    ),
+    (
+        "adopted_tables_translate_and_owner_changes_take_effect",
+        guest::adopted_tables_translate_and_owner_changes_take_effect,
     ),
     (
         "smmu_fault_storm_overflows_event_queue_and_recovers",

@@ -243,7 +243,7 @@ fn copy(edu: &Edu, src: u64, dst: u64, len: u32) -> Result<(), Fail> {
     clippy::too_many_arguments,
     reason = "one blocked DMA, fully described"
 )]
-fn expect_blocked_write(
+pub(super) fn expect_blocked_write(
     ctx: &Ctx,
     smmu: &mut Smmu<Mem>,
     edu: &Edu,
