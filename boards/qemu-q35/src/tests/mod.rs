@@ -6,6 +6,7 @@ use crate::harness::TestFn;
 
 mod basic;
 mod dma_api;
+mod guest;
 mod ir;
 mod irq;
 mod p2p;
@@ -50,6 +51,8 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(ir::ir_refused_without_queued_invalidation),
     test!(reserved::interrupt_window_is_never_handed_out),
     test!(reserved::rmrr_identity_region_dma_lands),
+    test!(guest::guest_domain_confines_dma_to_guest_memory),
+    test!(guest::adopted_tables_translate_and_owner_changes_take_effect),
     test!(p2p::p2p_dma_through_host_bridge_lands_in_peer_bar),
     test!(p2p::p2p_without_an_allowed_host_bridge_is_refused),
     test!(virtio::virtio_blk_reads_and_writes_through_iommu_tables),

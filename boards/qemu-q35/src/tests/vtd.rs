@@ -364,7 +364,7 @@ pub(super) fn expect_one_fault(
 /// A one-page device write to `iova` is blocked: `pa` (the page the IOVA
 /// reached, or would) keeps its bytes, and exactly one fault names the
 /// device, the page, one of `reasons` and a write.
-fn expect_write_blocked(
+pub(super) fn expect_write_blocked(
     ctx: &Ctx,
     vtd: &mut Unit,
     edu: &Edu,
