@@ -473,6 +473,28 @@ mod tests {
     }
 
     #[test]
+    fn aligned_regions_are_linked_with_blocks() {
+        let mem = HostMemory::default();
+        let mut be = RecordingBackend::default();
+        let mut g = guest(&mem);
+        // 2 MiB aligned alike: blocks; 4 KiB offset from alignment: pages.
+        g.add_all(
+            &[
+                region(0x4000_0000, 0x8000_0000, 4 * MB),
+                region(0x5000_1000, 0x9000_1000, 2 * MB),
+            ],
+            &mut be,
+        )
+        .unwrap();
+        let pt = g.domain().page_table().unwrap();
+        let (pa, _, height) = pt.translate(DmaAddr(0x4020_1234)).unwrap();
+        assert_eq!((pa, height), (PhysAddr(0x8020_1234), 1));
+        let (pa, _, height) = pt.translate(DmaAddr(0x5010_1234)).unwrap();
+        assert_eq!((pa, height), (PhysAddr(0x9010_1234), 0));
+        g.teardown(&mut be).map_err(|(_, e)| e).unwrap();
+    }
+
+    #[test]
     fn overlapping_and_excess_regions_are_refused_and_change_nothing() {
         let mem = HostMemory::default();
         let mut be = RecordingBackend::default();
