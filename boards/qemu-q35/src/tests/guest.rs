@@ -4,14 +4,16 @@
 
 use bare_iommu::guest::{ForeignTables, GuestDomain, GuestRegion};
 use bare_iommu::pgtable::{DmaDirection, IoPageTable, MapAttrs};
-use bare_iommu::vtd::Access;
+use bare_iommu::vtd::{Access, IrteTarget};
 use bare_iommu::{DmaAddr, IommuBackend, PAGE_SIZE, PhysAddr};
 
+use super::ir;
 use super::vtd::{
     APERTURE_A, BoardFormat, PAGE, PAGE_U32, Unit, expect_write_blocked, first_level, free_pages,
     new_domain, no_faults, per_format, with_unit,
 };
 use crate::harness::{Ctx, Fail, OrFail};
+use crate::irq::COUNT_VECTORS;
 use crate::memory::BoardMemory;
 
 type Mem = &'static BoardMemory;
@@ -200,4 +202,116 @@ fn adopted<F: BoardFormat>(ctx: &Ctx, vtd: &mut Unit) -> Result<(), Fail> {
     // the domain-id was invalidated and completed above.
     unsafe { pt.free_all() };
     free_pages(ctx, src, 3)
+}
+
+/// The hypervisor's view, end to end: two guests with the same
+/// guest-physical layout backed by different host pages, one edu each
+/// (00:03.0 in guest A, 00:04.0 in guest B), each edu's MSI remapped to its
+/// guest's vector. Each device's DMA to the same GPAs lands in its own
+/// guest's pages only; guest B's device reaching a GPA only guest A maps is
+/// blocked and the fault names B's device and the GPA; each MSI arrives at
+/// its guest's vector.
+pub fn two_guests_are_isolated_and_their_interrupts_remapped(ctx: &mut Ctx) -> Result<(), Fail> {
+    ir::with_ir(ctx, |ctx, vtd, apic| {
+        if first_level(ctx) {
+            two_guests::<bare_iommu::vtd::VtdFirstLevel>(ctx, vtd, apic)
+        } else {
+            two_guests::<bare_iommu::pgtable::vtd::VtdSecondLevel>(ctx, vtd, apic)
+        }
+    })
+}
+
+fn two_guests<F: BoardFormat>(ctx: &Ctx, vtd: &mut Unit, apic: u32) -> Result<(), Fail> {
+    let [va, vb] = COUNT_VECTORS;
+    let (ea, eb) = (&ctx.edu[0], &ctx.edu[1]);
+    let [a0, a1, a_high] = three(ctx)?;
+    let [b0, b1, _] = three(ctx)?;
+    let mut ga: GuestDomain<F, Mem, 4> =
+        GuestDomain::new(new_domain::<F>(vtd, ctx, 41, APERTURE_A)?);
+    let mut gb: GuestDomain<F, Mem, 4> =
+        GuestDomain::new(new_domain::<F>(vtd, ctx, 42, APERTURE_A)?);
+    ga.add_all(
+        &[
+            ram(GPA_RAM, a0),
+            ram(GPA_RAM + PAGE_SIZE, a1),
+            ram(GPA_HIGH, a_high),
+        ],
+        vtd,
+    )
+    .or_fail("guest A map")?;
+    gb.add_all(&[ram(GPA_RAM, b0), ram(GPA_RAM + PAGE_SIZE, b1)], vtd)
+        .or_fail("guest B map")?;
+    vtd.attach(ea.id, ga.attachment()).or_fail("attach A")?;
+    vtd.attach(eb.id, gb.attachment()).or_fail("attach B")?;
+    let ha = vtd
+        .alloc_irte(ea.id, &IrteTarget::fixed(va, apic))
+        .or_fail("IRTE A")?;
+    let hb = vtd
+        .alloc_irte(eb.id, &IrteTarget::fixed(vb, apic))
+        .or_fail("IRTE B")?;
+    ir::program_msi(ctx, ea.id, ha.msi())?;
+    ir::program_msi(ctx, eb.id, hb.msi())?;
+
+    ctx.mem.fill_pattern(a0, PAGE, 0xa1).or_fail("pattern")?;
+    ctx.mem.fill_pattern(b0, PAGE, 0xb2).or_fail("pattern")?;
+    ctx.mem.fill(a1, PAGE, 0).or_fail("clear")?;
+    ctx.mem.fill(b1, PAGE, 0).or_fail("clear")?;
+    for edu in [ea, eb] {
+        edu.dma_from_ram(GPA_RAM, 0, PAGE_U32).or_fail("read GPA")?;
+        edu.dma_to_ram(GPA_RAM + PAGE_SIZE, 0, PAGE_U32)
+            .or_fail("write GPA")?;
+    }
+    check_ok!(
+        ctx.mem.check_pattern(a1, PAGE, 0xa1),
+        "guest A's copy did not land in A's page"
+    );
+    check_ok!(
+        ctx.mem.check_pattern(b1, PAGE, 0xb2),
+        "guest B's copy did not land in B's page"
+    );
+    no_faults(vtd)?;
+    narrate!(
+        "{} and {} each copied GPA {GPA_RAM:#x} to {:#x} in their own guest: {a0} -> {a1}, {b0} -> {b1}",
+        ea.id,
+        eb.id,
+        GPA_RAM + PAGE_SIZE
+    );
+
+    expect_write_blocked(
+        ctx,
+        vtd,
+        eb,
+        GPA_HIGH,
+        a_high,
+        &[F::unmapped(Access::Write)],
+        "guest B's device writing a GPA only guest A maps",
+    )?;
+    narrate!(
+        "{} writing GPA {GPA_HIGH:#x} (guest A's only): blocked, recorded",
+        eb.id
+    );
+
+    ir::raise(ctx, 0)?;
+    check_eq!(ir::arrived()?, Some(va), "vector of guest A's device");
+    ir::raise(ctx, 1)?;
+    check_eq!(ir::arrived()?, Some(vb), "vector of guest B's device");
+    no_faults(vtd)?;
+    narrate!(
+        "MSIs remapped: {} -> vector {va:#x}, {} -> vector {vb:#x}",
+        ea.id,
+        eb.id
+    );
+
+    vtd.free_irte(ha).or_fail("free IRTE A")?;
+    vtd.free_irte(hb).or_fail("free IRTE B")?;
+    vtd.detach(ea.id).or_fail("detach A")?;
+    vtd.detach(eb.id).or_fail("detach B")?;
+    ga.teardown(vtd)
+        .map_err(|(_, e)| e)
+        .or_fail("guest A teardown")?;
+    gb.teardown(vtd)
+        .map_err(|(_, e)| e)
+        .or_fail("guest B teardown")?;
+    free_pages(ctx, a0, 3)?;
+    free_pages(ctx, b0, 3)
 }

@@ -53,6 +53,7 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(reserved::rmrr_identity_region_dma_lands),
     test!(guest::guest_domain_confines_dma_to_guest_memory),
     test!(guest::adopted_tables_translate_and_owner_changes_take_effect),
+    test!(guest::two_guests_are_isolated_and_their_interrupts_remapped),
     test!(p2p::p2p_dma_through_host_bridge_lands_in_peer_bar),
     test!(p2p::p2p_without_an_allowed_host_bridge_is_refused),
     test!(virtio::virtio_blk_reads_and_writes_through_iommu_tables),
