@@ -2,7 +2,8 @@
 //! runs it on QEMU `q35` + `intel-iommu` in every configuration the VT-d driver
 //! must handle, one QEMU run each.
 //!
-//! Every run also has two edu devices (00:03.0, 00:04.0), an ivshmem-plain
+//! Every run also has two edu devices (00:03.0, 00:04.0), a third behind
+//! the PCIe root port at 00:06.0 (01:00.0), an ivshmem-plain
 //! at 00:05.0 (P2P provider) and a modern-only virtio-blk at 00:08.0
 //! (`iommu_platform=on`) over a fresh 1 MiB raw image
 //! (`target/virtio-blk.img`, rewritten before each run).
@@ -118,6 +119,12 @@ fn qemu_command(cfg: &Config, image: &Path, disk: &Path, extra: &[String], words
         // The P2P provider: RAM-backed BAR 2 (1 MiB) at a pinned slot.
         .args(["-object", "memory-backend-ram,id=p2pmem,size=1M"])
         .args(["-device", "ivshmem-plain,memdev=p2pmem,addr=05.0"])
+        // A third edu behind a PCIe root port: bus 1, requester ID 0x100.
+        .args(["-device", "pcie-root-port,id=rp1,chassis=1,addr=06.0"])
+        .args([
+            "-device",
+            "edu,bus=rp1,addr=00.0,dma_mask=0xffffffffffffffff",
+        ])
         // A modern-only virtio-blk whose DMA goes through the IOMMU.
         .args(crate::disk::qemu_args(disk, VIRTIO_SLOT))
         .args(cfg.args)

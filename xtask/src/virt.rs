@@ -83,6 +83,11 @@ const COMMON: &[&str] = &[
     "edu,addr=05.0,dma_mask=0xffffffffffffffff",
     "-device",
     "edu,addr=06.0,dma_mask=0xffffffffffffffff",
+    // A third edu behind a PCIe root port: bus 1, requester ID / StreamID 0x100.
+    "-device",
+    "pcie-root-port,id=rp1,chassis=1,addr=09.0",
+    "-device",
+    "edu,bus=rp1,addr=00.0,dma_mask=0xffffffffffffffff",
     // The P2P provider: RAM-backed BAR 2 (1 MiB) at a pinned slot.
     "-object",
     "memory-backend-ram,id=p2pmem,size=1M",

@@ -36,6 +36,7 @@
 pub mod console;
 #[macro_use]
 pub mod harness;
+pub mod bridge;
 pub mod edu;
 pub mod forgetful;
 pub mod ivshmem;

@@ -21,6 +21,9 @@ pub struct Ctx {
     pub mem: &'static BoardMemory,
     /// The two edu functions: 00:03.0 (RID 0x18) and 00:04.0 (RID 0x20).
     pub edu: [Edu; 2],
+    /// The edu behind the PCIe root port at 00:06.0: 01:00.0 (RID 0x100),
+    /// or why it is missing.
+    pub bridged: Result<Edu, Fail>,
     /// The ivshmem-plain at 00:05.0 (P2P provider), or why it is missing.
     pub ivshmem: Result<Ivshmem, Fail>,
     /// The virtio-blk at 00:08.0 (source-id 0x40), or why it is missing.

@@ -32,7 +32,7 @@ mod tests;
 
 use bare_iommu::DeviceId;
 use board_common::{ivshmem, virtio};
-use harness::{Ctx, Fail, boot_failure, fail_msg};
+use harness::{Ctx, Fail, OrFail, boot_failure, fail_msg};
 use ivshmem::Ivshmem;
 
 /// `hvm_start_info.magic` (Xen public/arch-x86/hvm/start_info.h).
@@ -42,6 +42,8 @@ const EDU_DEVICE: u16 = 0x11e8;
 const CMDLINE_MAX: usize = 256;
 /// Slot the xtask pins the ivshmem-plain at (`-device ivshmem-plain,addr=05.0`).
 const IVSHMEM_SLOT: u8 = 5;
+/// Slot of the PCIe root port with an edu behind it (bus 1).
+const BRIDGE_SLOT: u8 = 6;
 /// Slot the xtask pins the virtio-blk at (`-device virtio-blk-pci,addr=08.0`).
 const VIRTIO_SLOT: u8 = 8;
 
@@ -104,7 +106,7 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
 
     let mut found: heapless::Vec<DeviceId, 2> = heapless::Vec::new();
     ecam.for_each_function(|dev, vendor, device| {
-        if vendor == EDU_VENDOR && device == EDU_DEVICE {
+        if vendor == EDU_VENDOR && device == EDU_DEVICE && dev.bus == 0 {
             let _ = found.push(dev);
         }
     });
@@ -128,6 +130,10 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
             .unwrap_or_else(|e| boot_failure(format_args!("edu {id}: {e}")))
     };
     let edu = [edu_at(*id0), edu_at(*id1)];
+    let bridged = setup_bridged_edu(&ecam, &mut busy);
+    if let Err(why) = &bridged {
+        println!("  note: no edu behind a bridge: {why}");
+    }
     let ivshmem = setup_ivshmem(&ecam, &mut busy);
     if let Err(why) = &ivshmem {
         println!("  note: no P2P provider: {why}");
@@ -162,6 +168,7 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
     let mut ctx = Ctx {
         mem,
         edu,
+        bridged,
         ivshmem,
         virtio,
         vtd_base,
@@ -172,6 +179,39 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
         ecam,
     };
     board_common::harness::run(&mut ctx, tests::TESTS)
+}
+
+/// Numbers the PCIe root port at 00:[`BRIDGE_SLOT`].0 (secondary bus 1),
+/// gives it a 1 MiB memory window and puts the edu at 01:00.0 (requester ID
+/// 0x100) in it: a device whose requester ID is not its devfn.
+fn setup_bridged_edu(ecam: &pci::Ecam, busy: &mut pci::BusyRanges) -> Result<edu::Edu, Fail> {
+    const WINDOW: u32 = 1 << 20;
+    let port = pci_types::PciAddress::new(0, 0, BRIDGE_SLOT, 0);
+    let dev = pci_types::PciAddress::new(0, 1, 0, 0);
+    let base = busy
+        .take(u64::from(WINDOW))
+        .map_err(|e| fail_msg(format_args!("bridge window: {e}")))?;
+    board_common::bridge::open(ecam, port, 1, base, WINDOW).map_err(|e| {
+        fail_msg(format_args!(
+            "{e}: run with -device pcie-root-port,id=rp1,chassis=1,addr={BRIDGE_SLOT:02x}.0 -device edu,bus=rp1,addr=00.0"
+        ))
+    })?;
+    let id = DeviceId::new(0, 1, 0, 0).or_fail("01:00.0")?;
+    let (vendor, device) = (ecam.read16(id, 0), ecam.read16(id, 2));
+    if (vendor, device) != (EDU_VENDOR, EDU_DEVICE) {
+        return Err(fail_msg(format_args!(
+            "01:00.0 is {vendor:04x}:{device:04x}, not an edu"
+        )));
+    }
+    board_common::bridge::place_bar0(ecam, dev, base, WINDOW)
+        .map_err(|e| fail_msg(format_args!("edu {id}: {e}")))?;
+    let mem = &memory::MEMORY;
+    let bounce = mem.dma_pages(1).or_fail("bounce page")?;
+    // SAFETY: BAR0 was just placed at the start of the bridge's window (below
+    // 4 GiB, identity mapped), which nothing else decodes; the bounce page is
+    // ours.
+    unsafe { edu::Edu::new(id, u64::from(base), bounce, mem) }
+        .map_err(|e| fail_msg(format_args!("edu {id}: {e}")))
 }
 
 /// Finds the ivshmem-plain at [`IVSHMEM_SLOT`] on bus 0, places its BAR 2

@@ -298,20 +298,37 @@ impl BusyRanges {
         if !size.is_power_of_two() {
             return Err(PciError::UnusableBar { dev, bar, raw });
         }
+        let cand = self.free_range(size)?;
+        // cand < 4 GiB by the window bounds (a 64-bit BAR's upper half is
+        // written 0).
+        if !ecam.set_bar(dev, bar, cand as u32) {
+            return Err(PciError::UnusableBar { dev, bar, raw });
+        }
+        self.add(cand, size)?;
+        Ok(cand)
+    }
+
+    /// A free, naturally aligned range of `size` (a power of two) bytes of
+    /// the 32-bit window, not yet taken.
+    fn free_range(&self, size: u64) -> Result<u64, PciError> {
         let mut cand = WINDOW_START;
         while cand + size <= WINDOW_END {
             if !self.overlaps(cand, cand + size) {
-                // cand < 4 GiB by the window bounds (a 64-bit BAR's upper
-                // half is written 0).
-                if !ecam.set_bar(dev, bar, cand as u32) {
-                    return Err(PciError::UnusableBar { dev, bar, raw });
-                }
-                self.add(cand, size)?;
                 return Ok(cand);
             }
             cand += size;
         }
         Err(PciError::NoSpace { size })
+    }
+
+    /// Takes a free, naturally aligned range of `size` (a power of two)
+    /// bytes of the 32-bit window (a bridge's memory window) and returns
+    /// its base.
+    pub fn take(&mut self, size: u64) -> Result<u32, PciError> {
+        let base = self.free_range(size)?;
+        self.add(base, size)?;
+        // Below 4 GiB by the window bounds.
+        Ok(base as u32)
     }
 }
 

@@ -21,6 +21,9 @@ pub struct Ctx {
     pub mem: &'static BoardMemory,
     /// The two edu devices: 00:05.0 (StreamID 0x28) and 00:06.0 (StreamID 0x30).
     pub edu: [Edu; 2],
+    /// The edu behind the PCIe root port at 00:09.0: 01:00.0 (StreamID
+    /// 0x100), or why it is missing.
+    pub bridged: Result<Edu, Fail>,
     /// The ivshmem-plain at 00:07.0 (P2P provider), or why it is missing.
     pub ivshmem: Result<Ivshmem, Fail>,
     /// The virtio-blk at 00:08.0 (StreamID 0x40), or why it is missing.

@@ -42,6 +42,8 @@ pub const SMMU_BASE: usize = 0x0905_0000;
 const EDU_SLOTS: [u8; 2] = [5, 6];
 /// Slot the xtask pins the ivshmem-plain at (`-device ivshmem-plain,addr=07.0`).
 const IVSHMEM_SLOT: u8 = 7;
+/// Slot of the PCIe root port with an edu behind it (bus 1).
+const BRIDGE_SLOT: u8 = 9;
 /// Slot the xtask pins the virtio-blk at (`-device virtio-blk-pci,addr=08.0`).
 const VIRTIO_SLOT: u8 = 8;
 
@@ -57,6 +59,10 @@ extern "C" fn main(el: u64) -> ! {
     MEMORY.check_layout();
     let mut window = pci::MmioWindow::new();
     let edu = EDU_SLOTS.map(|slot| setup_edu(slot, &mut window));
+    let bridged = setup_bridged_edu(&mut window);
+    if let Err(why) = &bridged {
+        println!("  note: no edu behind a bridge: {why}");
+    }
     let ivshmem = setup_ivshmem(&mut window);
     if let Err(why) = &ivshmem {
         println!("  note: no P2P provider: {why}");
@@ -72,6 +78,7 @@ extern "C" fn main(el: u64) -> ! {
     let mut ctx = Ctx {
         mem: &MEMORY,
         edu,
+        bridged,
         ivshmem,
         virtio,
         smmu_base: SMMU_BASE,
@@ -174,6 +181,45 @@ fn setup_edu(slot: u8, window: &mut pci::MmioWindow) -> Edu {
         function.bar0_size >> 10
     );
     edu
+}
+
+/// Numbers the PCIe root port at 00:[`BRIDGE_SLOT`].0 (secondary bus 1),
+/// gives it a 1 MiB memory window and puts the edu at 01:00.0 (requester ID
+/// and StreamID 0x100) in it: a device whose requester ID is not its devfn.
+fn setup_bridged_edu(window: &mut pci::MmioWindow) -> Result<Edu, Fail> {
+    const WINDOW: u32 = 1 << 20;
+    let ecam = pci::Ecam::virt();
+    let port = pci_types::PciAddress::new(0, 0, BRIDGE_SLOT, 0);
+    let dev = pci_types::PciAddress::new(0, 1, 0, 0);
+    let base = window
+        .take(u64::from(WINDOW))
+        .map_err(|e| fail_msg(format_args!("bridge window: {e}")))?;
+    let base = u32::try_from(base).map_err(|_| fail_msg(format_args!("window {base:#x}")))?;
+    board_common::bridge::open(&ecam, port, 1, base, WINDOW).map_err(|e| {
+        fail_msg(format_args!(
+            "{e}: run with -device pcie-root-port,id=rp1,chassis=1,addr={BRIDGE_SLOT:02x}.0 -device edu,bus=rp1,addr=00.0"
+        ))
+    })?;
+    let found = pci_types::PciHeader::new(dev).id(ecam);
+    if found != (edu::VENDOR, edu::DEVICE) {
+        return Err(fail_msg(format_args!(
+            "01:00.0 is {:04x}:{:04x}, not an edu",
+            found.0, found.1
+        )));
+    }
+    board_common::bridge::place_bar0(&ecam, dev, base, WINDOW)
+        .map_err(|e| fail_msg(format_args!("edu 01:00.0: {e}")))?;
+    let id = DeviceId::new(0, 1, 0, 0).ok_or_else(|| fail_msg(format_args!("01:00.0")))?;
+    let budget = DmaBudget::Ticks {
+        now: time::ticks,
+        ticks: time::frequency(),
+    };
+    // SAFETY: BAR0 was just placed at the start of the bridge's window (MMU
+    // off: identity), which nothing else decodes; this is its only wrapper.
+    let edu = unsafe { Edu::new(id, u64::from(base), budget) };
+    edu.verify()
+        .map_err(|e| fail_msg(format_args!("edu {id} at {base:#x}: {e}")))?;
+    Ok(edu)
 }
 
 /// Finds the ivshmem-plain at [`IVSHMEM_SLOT`], assigns its BAR 2 after the

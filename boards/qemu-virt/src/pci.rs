@@ -99,7 +99,9 @@ impl MmioWindow {
         Self { next: MMIO32_BASE }
     }
 
-    fn take(&mut self, size: u64) -> Result<u64, PciError> {
+    /// Takes a naturally aligned range of `size` bytes (a bridge's memory
+    /// window, a BAR) and returns its base.
+    pub fn take(&mut self, size: u64) -> Result<u64, PciError> {
         let start = self.next.next_multiple_of(size.max(1));
         let end = start
             .checked_add(size)

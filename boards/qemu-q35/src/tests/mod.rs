@@ -5,6 +5,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod bridge;
 mod dma_api;
 mod guest;
 mod ir;
@@ -49,6 +50,7 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(ir::ir_x2apic_destination_uses_all_32_bits),
     test!(ir::ir_freed_irte_blocks_msi_with_decoded_fault),
     test!(ir::ir_refused_without_queued_invalidation),
+    test!(bridge::bridged_device_dma_translated_and_fault_names_its_requester_id),
     test!(reserved::interrupt_window_is_never_handed_out),
     test!(reserved::rmrr_identity_region_dma_lands),
     test!(guest::guest_domain_confines_dma_to_guest_memory),

@@ -229,9 +229,12 @@ pub fn iommu_map_gives_each_device_its_stream_id(ctx: &mut Ctx) -> Result<(), Fa
     let cells = cell(prop("arm,smmu-v3", "#iommu-cells")?);
     check!(cells == Some(1), "SMMU #iommu-cells {cells:?}, expected 1");
     let map = IommuMap::new(map, mask).map_err(|e| fail_msg(format_args!("iommu-map: {e}")))?;
-    let mut ids: heapless::Vec<bare_iommu::DeviceId, 3> = heapless::Vec::new();
+    let mut ids: heapless::Vec<bare_iommu::DeviceId, 4> = heapless::Vec::new();
     let _ = ids.push(ctx.edu[0].id);
     let _ = ids.push(ctx.edu[1].id);
+    if let Ok(e) = &ctx.bridged {
+        let _ = ids.push(e.id);
+    }
     if let Ok(v) = &ctx.virtio {
         let _ = ids.push(v.id);
     }

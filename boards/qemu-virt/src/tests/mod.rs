@@ -4,6 +4,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod bridge;
 mod guest;
 mod irq;
 mod p2p;
@@ -55,6 +56,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "smmu_guest_region_with_2m_blocks",
         smmu::smmu_guest_region_with_2m_blocks,
+    ),
+    (
+        "bridged_device_dma_translated_and_fault_names_its_stream_id",
+        bridge::bridged_device_dma_translated_and_fault_names_its_stream_id,
     ),
     (
         "guest_domain_confines_dma_to_guest_memory",
