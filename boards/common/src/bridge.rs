@@ -39,7 +39,10 @@ impl core::fmt::Display for BridgeError {
             }
             Self::NoEndpoint(a) => write!(f, "no endpoint with a memory BAR 0 at {a}"),
             Self::BarTooLarge { size, window } => {
-                write!(f, "BAR 0 of {size:#x} bytes does not fit a {window:#x} window")
+                write!(
+                    f,
+                    "BAR 0 of {size:#x} bytes does not fit a {window:#x} window"
+                )
             }
         }
     }
