@@ -63,7 +63,7 @@ pub fn open<A: ConfigRegionAccess>(
     if header.id(access).0 == 0xffff || header.header_type(access) != HeaderType::PciPciBridge {
         return Err(BridgeError::NotABridge(bridge));
     }
-    if size == 0 || base % WINDOW_GRAIN != 0 || size % WINDOW_GRAIN != 0 {
+    if size == 0 || !base.is_multiple_of(WINDOW_GRAIN) || !size.is_multiple_of(WINDOW_GRAIN) {
         return Err(BridgeError::BadWindow { base, size });
     }
     let last = base
