@@ -172,6 +172,7 @@ others!(eq:
     crate::state::DirectState,
     crate::state::DmaPath,
     crate::state::Mapping,
+    crate::msi::MsiDoorbell,
     crate::p2p::DeviceTopology,
 );
 

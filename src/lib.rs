@@ -116,6 +116,7 @@ pub mod iova;
 pub mod live;
 mod logging;
 pub mod mem;
+pub mod msi;
 pub mod p2p;
 pub mod pgtable;
 pub mod smmuv3;
