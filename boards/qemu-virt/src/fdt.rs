@@ -156,6 +156,31 @@ impl Fdt {
         Ok((region.starting_address as u64, size as u64))
     }
 
+    /// Region `index` of the `reg` property of the first child, compatible
+    /// with `compatible`, of the top-level node compatible with `parent`
+    /// (e.g. the ITS below the GIC), in the parent's address and size cells.
+    pub fn child_reg(
+        &self,
+        parent: &'static str,
+        compatible: &'static str,
+        index: usize,
+    ) -> Result<(u64, u64), FdtError> {
+        let parent = self.node_with(parent, "compatible")?;
+        let node = parent
+            .children()
+            .find(|n| {
+                n.compatible()
+                    .is_some_and(|c| c.all().any(|c| c == compatible))
+            })
+            .ok_or(FdtError::NoNode(compatible))?;
+        let region = node
+            .reg()
+            .and_then(|mut r| r.nth(index))
+            .ok_or(FdtError::NoProperty("reg"))?;
+        let size = region.size.ok_or(FdtError::NoProperty("reg"))?;
+        Ok((region.starting_address as u64, size as u64))
+    }
+
     /// Interrupt `index` of the node compatible with `compatible`, in the
     /// Arm GIC binding's three cells (type: 0 SPI, 1 PPI; number; flags).
     /// The `fdt` crate reads only one- and two-cell specifiers, so the cells

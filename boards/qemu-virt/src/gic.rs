@@ -95,6 +95,11 @@ register_structs! {
         (0x0010 => pub statusr: ReadWrite<u32>),
         (0x0014 => pub waker: ReadWrite<u32, GICR_WAKER::Register>),
         (0x0018 => _reserved0),
+        /// GICR_PROPBASER (§12.11.32): LPI configuration table and IDbits.
+        (0x0070 => pub propbaser: ReadWrite<u64>),
+        /// GICR_PENDBASER (§12.11.31): LPI pending table.
+        (0x0078 => pub pendbaser: ReadWrite<u64>),
+        (0x0080 => _reserved1),
         (0x10000 => @END),
     },
 
@@ -200,6 +205,31 @@ impl Gic {
             };
         }
         Err(GicError::NoRedistributor { affinity })
+    }
+
+    /// INTID bits the GIC implements (GICD_TYPER.IDbits + 1).
+    pub fn id_bits(&self) -> u32 {
+        ((self.gicd.typer.get() >> 19) & 0x1f) + 1
+    }
+
+    /// Physical address of this CPU's redistributor (RD_base).
+    pub fn rd_address(&self) -> u64 {
+        self.rd as *const GicrRdRegs as u64
+    }
+
+    /// This CPU's processor number (GICR_TYPER bits 23:8), as an ITS with
+    /// GITS_TYPER.PTA = 0 names redistributors.
+    pub fn processor_number(&self) -> u32 {
+        ((self.rd.typer.get() >> 8) & 0xffff) as u32
+    }
+
+    /// Turns LPIs on for this CPU (§5.1.1): the configuration and pending
+    /// tables (register values as GICR_PROPBASER / GICR_PENDBASER take
+    /// them), then GICR_CTLR.EnableLPIs.
+    pub fn enable_lpis(&self, propbaser: u64, pendbaser: u64) {
+        self.rd.propbaser.set(propbaser);
+        self.rd.pendbaser.set(pendbaser);
+        self.rd.ctlr.set(self.rd.ctlr.get() | 1);
     }
 
     /// The architecture revision (GICD_PIDR2.ArchRev: 3 or 4).

@@ -118,7 +118,8 @@ pub fn unregister(intid: u32) {
 pub extern "C" fn irq_exception() {
     for _ in 0..MAX_PER_EXCEPTION {
         let intid = acknowledge();
-        if intid >= SPECIAL {
+        // 1020–1023 are special (1023: nothing pending); LPIs start at 8192.
+        if (SPECIAL..=1023).contains(&intid) {
             break;
         }
         TAKEN.fetch_add(1, Ordering::SeqCst);

@@ -21,6 +21,7 @@ mod fdt;
 mod gic;
 mod harness;
 mod irq;
+mod its;
 mod memory;
 mod pci;
 mod tests;

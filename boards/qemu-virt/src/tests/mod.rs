@@ -7,6 +7,7 @@ mod basic;
 mod bridge;
 mod guest;
 mod irq;
+mod msi;
 mod p2p;
 mod smmu;
 mod virtio;
@@ -95,6 +96,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         irq::smmu_gerror_irq_reports_event_queue_overflow,
     ),
     // P2P through the host bridge: edu DMAs into ivshmem's BAR 2.
+    (
+        "msi_through_the_smmu_arrives_only_with_the_doorbell_mapped",
+        msi::msi_through_the_smmu_arrives_only_with_the_doorbell_mapped,
+    ),
     (
         "p2p_dma_through_host_bridge_lands_in_peer_bar",
         p2p::p2p_dma_through_host_bridge_lands_in_peer_bar,
