@@ -89,6 +89,13 @@ impl<M: TableMemory> Vtd<M> {
     /// After an error translation may be off: call `init` again or stop using
     /// the unit.
     pub fn init(&mut self, config: VtdConfig) -> Result<(), VtdError> {
+        self.init_inner(config, false)
+    }
+
+    /// [`init`](Self::init), or with `adopt` [`adopt`](Self::adopt): a unit
+    /// found translating keeps GCMD.TE through the root-table swap, and the
+    /// fault records are left for the caller.
+    pub(super) fn init_inner(&mut self, config: VtdConfig, adopt: bool) -> Result<(), VtdError> {
         self.budget = config.poll_budget.max(1);
         self.segment = config.segment;
         if let Some(did) = config.bypass_domain_id {
@@ -122,7 +129,20 @@ impl<M: TableMemory> Vtd<M> {
         // 11.4.4, SRTP), which a fresh all-blocked table does not. Protected
         // memory regions stay on through this window; they are lifted only
         // once translation is on again, below.
-        if self.regs().gsts.get() & te != 0 {
+        let keep_te = adopt && self.regs().gsts.get() & te != 0;
+        if keep_te {
+            // Adopting: translation stays on. The new root is empty, so it
+            // blocks every device, as the blocking root `hand_off` left does
+            // (VT-d 11.4.4 SRTP: under TE the new tables must translate as
+            // the old ones; both block). The table mode cannot change here.
+            let scalable_now = self.regs().rtaddr.read(RTADDR::TTM) == 1;
+            if scalable_now != config.scalable {
+                return Err(BackendError::Unsupported(
+                    "adopt cannot change RTADDR.TTM while translation is on",
+                )
+                .into());
+            }
+        } else if self.regs().gsts.get() & te != 0 {
             self.gcmd(te, false, "VT-d GSTS.TES clear")?;
         }
         // Interrupt remapping rests on the queue about to be dropped: off
@@ -170,6 +190,11 @@ impl<M: TableMemory> Vtd<M> {
             .rtaddr
             .write(RTADDR::RTA.val(root.0 >> 12) + ttm);
         if let Err(e) = self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS") {
+            if keep_te {
+                // Translation is on: the unit may latch this table late and
+                // walk it, so it stays lent (leaked), never reused.
+                return Err(e.into());
+            }
             // TE is clear (switched off above, never set since): the unit
             // translates nothing and walks no root table, whatever RTADDR it
             // may latch late (VT-d 11.4.4 TE), and the next `init` latches
@@ -192,9 +217,13 @@ impl<M: TableMemory> Vtd<M> {
         self.iotlb_invalidate(IotlbGranularity::Global)?;
         self.sync()?;
 
-        // Start with no stale faults; keep the fault interrupt masked until
-        // the user routes it (handle_irq works with or without it).
-        let _ = self.poll_faults(|_| {});
+        // Start with no stale faults (an adopting stage reads them itself:
+        // they may name a device that tried DMA during the hand-off); keep
+        // the fault interrupt masked until the user routes it (handle_irq
+        // works with or without it).
+        if !adopt {
+            let _ = self.poll_faults(|_| {});
+        }
         self.regs().fectl.write(FECTL::IM::SET);
 
         self.gcmd(te, true, "VT-d GSTS.TES set")?;
@@ -297,7 +326,7 @@ impl<M: TableMemory> Vtd<M> {
     /// Folds a queue's counters into the unit's and gives its pages back.
     /// Caller: the unit fetches from it no more (GSTS.QIES seen clear, or
     /// never set while it was programmed).
-    fn release_queue(&mut self, q: InvQueue) {
+    pub(super) fn release_queue(&mut self, q: InvQueue) {
         self.stats.wait_descriptors += q.waits();
         self.stats.queued_descriptors += q.submitted();
         // SAFETY: the queue's pages were lent by `self.mem` (`InvQueue::new`)

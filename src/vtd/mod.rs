@@ -79,6 +79,7 @@ pub mod fault;
 mod fault_reporting;
 pub mod first_level;
 mod gcmd;
+mod handoff;
 #[cfg(test)]
 mod host_tests;
 pub mod inv;
@@ -111,6 +112,7 @@ pub use context::{ContextEntry, TranslationType};
 pub use error::VtdError;
 pub use fault::{Access, FaultReason, FaultRecord, FaultStatus};
 pub use first_level::VtdFirstLevel;
+pub use handoff::VtdHandoff;
 pub use inv::{
     ContextGranularity, IecGranularity, InvDesc, IotlbGranularity, PasidGranularity,
     PasidIotlbGranularity,
