@@ -6,6 +6,7 @@ use crate::harness::TestFn;
 
 mod basic;
 mod dma_api;
+mod handoff;
 mod ir;
 mod irq;
 mod p2p;
@@ -39,6 +40,7 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(vtd::detach_blocks_and_bypass_passes_through),
     test!(vtd::invalid_descriptor_reported_and_queue_recovers),
     test!(vtd::invalidation_mode_switch_keeps_translation_on),
+    test!(handoff::handoff_window_dma_lands_nowhere_and_next_stage_sees_the_fault),
     test!(irq::vtd_fault_msi_delivers_decoded_fault),
     test!(irq::vtd_fault_pending_while_masked_fires_on_unmask),
     test!(ir::ir_msi_arrives_at_the_vector_and_apic_of_its_irte),
