@@ -50,8 +50,9 @@ fn handoff_with<F: BoardFormat>(ctx: &Ctx, mut stage1: Unit) -> (Option<Unit>, R
         Err(e) => return (Some(stage1), Err(fail_msg(format_args!("hand_off: {e}")))),
     };
     let gsts = stage1.global_status();
-    // Stage 1 ends: stage 2 knows the registers and `handoff`, nothing else.
-    drop(stage1);
+    // Stage 1 ends: stage 2 knows the registers and `handoff`, nothing else
+    // (a `Vtd` has no `Drop`: forgetting it touches no register).
+    core::mem::forget(stage1);
     narrate!(
         "stage 1 handed off: GSTS={gsts:#x}, blocking root at {}",
         handoff.blocking_root
