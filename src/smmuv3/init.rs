@@ -56,10 +56,11 @@ impl<M: TableMemory> Smmu<M> {
     /// instruction": the reset value of GBPA.ABORT is IMPLEMENTATION
     /// DEFINED (QEMU resets it to 0, bypass).
     ///
-    /// An aborted transaction leaves no record: the architecture records
-    /// no event for a GBPA abort (there is no event queue with SMMUEN = 0),
-    /// and QEMU (`smmuv3_translate`, the `SMMU_TRANS_ABORT` case) records
-    /// none either, only the trace event `smmuv3_translate_abort`.
+    /// A transaction aborted in this state leaves no record the next stage
+    /// could read: the event queue is off (CR0 = 0) and the stage's queue
+    /// memory is gone; QEMU (`smmuv3_translate`, the `SMMU_TRANS_ABORT`
+    /// case) records no event for a GBPA abort at all, only the trace event
+    /// `smmuv3_translate_abort`.
     ///
     /// The next stage takes the SMMU over with [`init`](Self::init), which
     /// starts by re-asserting GBPA.ABORT and SMMUEN = 0 and sets SMMUEN only

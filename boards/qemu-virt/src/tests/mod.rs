@@ -4,6 +4,7 @@
 use crate::harness::TestFn;
 
 mod basic;
+mod handoff;
 mod irq;
 mod p2p;
 mod smmu;
@@ -70,6 +71,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "smmu_detach_returns_stream_to_abort",
         smmu::smmu_detach_returns_stream_to_abort,
+    ),
+    (
+        "smmu_handoff_window_dma_lands_nowhere",
+        handoff::smmu_handoff_window_dma_lands_nowhere,
     ),
     // SMMU interrupts through the GICv3 (what a hypervisor relies on).
     (
