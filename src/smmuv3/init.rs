@@ -68,7 +68,9 @@ impl<M: TableMemory> Smmu<M> {
     /// invalidations are in place. SMMUEN cannot stay on across the swap:
     /// STRTAB_BASE, STRTAB_BASE_CFG and the queue bases are writable only
     /// while SMMUEN (resp. CMDQEN/EVENTQEN) and its ACK are 0 (IHI 0070
-    /// 6.3.24 and 6.3.26); GBPA.ABORT keeps that moment closed instead.
+    /// §6.3, the access conditions of SMMU_STRTAB_BASE, SMMU_STRTAB_BASE_CFG,
+    /// SMMU_CMDQ_BASE and SMMU_EVENTQ_BASE); GBPA.ABORT keeps that moment
+    /// closed instead.
     ///
     /// # Errors
     ///
