@@ -46,7 +46,7 @@ fn msi_cap(ctx: &Ctx, dev: DeviceId) -> Result<u16, Fail> {
 
 /// Programs `dev`'s MSI with `msg` (64-bit capability: address low 4,
 /// high 8, data 0xc) and enables it, INTx off.
-fn program_msi(ctx: &Ctx, dev: DeviceId, msg: MsiMessage) -> Result<(), Fail> {
+pub(super) fn program_msi(ctx: &Ctx, dev: DeviceId, msg: MsiMessage) -> Result<(), Fail> {
     let cap = msi_cap(ctx, dev)?;
     let ctl = ctx.ecam.read16(dev, cap + 2);
     check!(ctl & (1 << 7) != 0, "{dev}: MSI is not 64-bit capable");
@@ -67,7 +67,7 @@ fn program_msi(ctx: &Ctx, dev: DeviceId, msg: MsiMessage) -> Result<(), Fail> {
     Ok(())
 }
 
-fn disable_msi(ctx: &Ctx, dev: DeviceId) -> Result<(), Fail> {
+pub(super) fn disable_msi(ctx: &Ctx, dev: DeviceId) -> Result<(), Fail> {
     let cap = msi_cap(ctx, dev)?;
     let ctl = ctx.ecam.read16(dev, cap + 2);
     ctx.ecam.write16(dev, cap + 2, ctl & !1);
@@ -77,7 +77,7 @@ fn disable_msi(ctx: &Ctx, dev: DeviceId) -> Result<(), Fail> {
 /// Makes edu `n` raise its interrupt (one MSI per write) and acknowledges
 /// it in the device. Interrupts stay disabled: an MSI that got through is
 /// left pending in the local APIC's IRR.
-fn raise(ctx: &Ctx, n: usize) -> Result<(), Fail> {
+pub(super) fn raise(ctx: &Ctx, n: usize) -> Result<(), Fail> {
     let bar = ctx.edu.get(n).or_fail("edu")?.bar() as usize;
     // SAFETY: BAR0 of the edu, identity-mapped uncached by the boot code and
     // placed by the board; 0x60 / 0x64 are its interrupt raise / ack registers.
@@ -90,7 +90,7 @@ fn raise(ctx: &Ctx, n: usize) -> Result<(), Fail> {
 
 /// Which of the two counting vectors the MSI reached (pending in the IRR),
 /// then lets it be taken and checks the handler counted it.
-fn arrived() -> Result<Option<u8>, Fail> {
+pub(super) fn arrived() -> Result<Option<u8>, Fail> {
     let pending: heapless::Vec<u8, 2> = COUNT_VECTORS
         .iter()
         .copied()
