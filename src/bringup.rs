@@ -46,7 +46,7 @@
 //!     // ... this stage's work; then, possibly in the next stage:
 //!     vtd.adopt(VtdConfig::default()).ok()?;
 //!     // SAFETY: `adopt` latched its own root: the unit no longer reads this page.
-//!     unsafe { mem.free(handoff.blocking_root, 1) };
+//!     unsafe { mem.free(handoff.root, 1) };
 //!     // Faults a device raised in the window are still recorded.
 //!     vtd.poll_faults(|f| {
 //!         let _ = f; // source-id, address, reason

@@ -9,7 +9,8 @@ use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 use super::inv::{ContextGranularity, IotlbGranularity, PasidGranularity};
 use super::qi::InvQueue;
 use super::regs::{self, FECTL, GCMD, PMEN, RTADDR};
-use super::{Vtd, VtdConfig, VtdError};
+use super::{Start, Vtd, VtdConfig, VtdError};
+use crate::addr::PhysAddr;
 use crate::backend::IommuBackend;
 use crate::error::BackendError;
 use crate::mem::TableMemory;
@@ -89,13 +90,16 @@ impl<M: TableMemory> Vtd<M> {
     /// After an error translation may be off: call `init` again or stop using
     /// the unit.
     pub fn init(&mut self, config: VtdConfig) -> Result<(), VtdError> {
-        self.init_inner(config, false)
+        self.init_inner(config, Start::Init)
     }
 
-    /// [`init`](Self::init), or with `adopt` [`adopt`](Self::adopt): a unit
-    /// found translating keeps GCMD.TE through the root-table swap, and the
-    /// fault records are left for the caller.
-    pub(super) fn init_inner(&mut self, config: VtdConfig, adopt: bool) -> Result<(), VtdError> {
+    /// [`init`](Self::init), or (`Start::Adopt*`) [`adopt`](Self::adopt) /
+    /// [`adopt_begin`](Self::adopt_begin): a unit found translating keeps
+    /// GCMD.TE through the root-table swap, and the fault records are left
+    /// for the caller.
+    pub(super) fn init_inner(&mut self, config: VtdConfig, start: Start) -> Result<(), VtdError> {
+        let adopt = start != Start::Init;
+        self.unlatched_root = false;
         self.budget = config.poll_budget.max(1);
         self.segment = config.segment;
         if let Some(did) = config.bypass_domain_id {
@@ -181,16 +185,41 @@ impl<M: TableMemory> Vtd<M> {
         self.root = None;
         let root = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
         self.clean_table(root, 4096);
+        if keep_te && start == Start::AdoptBegin {
+            // The unit still translates through the previous stage's tables;
+            // `adopt_finish` latches this root once the caller has attached
+            // what must keep translating as before.
+            self.root = Some(root);
+            self.unlatched_root = true;
+            if config.use_qi && self.features.qi {
+                self.set_queued_invalidation(true)?;
+            }
+            return Ok(());
+        }
+        self.latch_root(root, keep_te)?;
+        self.root = Some(root);
+
+        if config.use_qi && self.features.qi {
+            self.set_queued_invalidation(true)?;
+        }
+        self.after_latch(adopt)
+    }
+
+    /// Points RTADDR at `root` and latches it (GCMD.SRTP, bounded). If the
+    /// handshake times out with translation off, the page goes back.
+    pub(super) fn latch_root(&mut self, root: PhysAddr, translating: bool) -> Result<(), VtdError> {
         let ttm = if self.scalable {
             RTADDR::TTM::Scalable
         } else {
             RTADDR::TTM::Legacy
         };
+        // The table is in memory before the unit is told where it is.
+        crate::barrier::wmb_on(&self.mem);
         self.regs()
             .rtaddr
             .write(RTADDR::RTA.val(root.0 >> 12) + ttm);
         if let Err(e) = self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS") {
-            if keep_te {
+            if translating {
                 // Translation is on: the unit may latch this table late and
                 // walk it, so it stays lent (leaked), never reused.
                 return Err(e.into());
@@ -199,16 +228,18 @@ impl<M: TableMemory> Vtd<M> {
             // translates nothing and walks no root table, whatever RTADDR it
             // may latch late (VT-d 11.4.4 TE), and the next `init` latches
             // its own table before it sets TE. So this one goes back.
-            // SAFETY: allocated above with one page, never walked (above).
+            // SAFETY: allocated by the caller with one page, never walked (above).
             unsafe { self.mem.free(root, 1) };
             return Err(e.into());
         }
-        self.root = Some(root);
+        Ok(())
+    }
 
-        if config.use_qi && self.features.qi {
-            self.set_queued_invalidation(true)?;
-        }
-
+    /// After a new root is latched: global context-cache (+ PASID-cache)
+    /// and IOTLB invalidation (VT-d 11.4.4 SRTP asks for both, in that
+    /// order), fault state, TE, then the protected memory regions off.
+    pub(super) fn after_latch(&mut self, adopt: bool) -> Result<(), VtdError> {
+        let te = GCMD::TE::SET.value;
         self.flush_before_invalidation()?;
         self.context_invalidate(ContextGranularity::Global)?;
         if self.scalable {
@@ -233,6 +264,20 @@ impl<M: TableMemory> Vtd<M> {
         // translation enabled, then `iommu_disable_protect_mem_regions`).
         self.disable_protected_regions()?;
         Ok(())
+    }
+
+    /// [`adopt_begin`](Self::adopt_begin)'s second half: latches the new
+    /// root with TE kept.
+    pub(super) fn finish_adoption(&mut self) -> Result<(), VtdError> {
+        if !self.unlatched_root {
+            return Err(BackendError::Unsupported("adopt_finish without adopt_begin").into());
+        }
+        let root = self
+            .root
+            .ok_or(BackendError::Unsupported("VT-d unit not initialised"))?;
+        self.latch_root(root, true)?;
+        self.unlatched_root = false;
+        self.after_latch(true)
     }
 
     /// Clears PMEN.EPM and waits, bounded, for PMEN.PRS to clear (VT-d

@@ -20,14 +20,14 @@
 //!    context cache and IOTLB are invalidated globally. Every device stays
 //!    blocked throughout; faults recorded in the window are still in the
 //!    fault registers ([`Vtd::poll_faults`]).
-//! 4. Once `adopt` returns, [`VtdHandoff::blocking_root`] is free memory
+//! 4. Once `adopt` returns, [`VtdHandoff::root`] is free memory
 //!    again; attach devices as after `init`.
 
 use tock_registers::interfaces::{Readable, Writeable};
 
 use super::inv::{ContextGranularity, IotlbGranularity, PasidGranularity};
-use super::regs::{FECTL, GCMD, RTADDR};
-use super::{Vtd, VtdConfig, VtdError};
+use super::regs::{FECTL, GCMD};
+use super::{Start, Vtd, VtdConfig, VtdError};
 use crate::addr::PhysAddr;
 use crate::backend::IommuBackend;
 use crate::error::BackendError;
@@ -37,10 +37,13 @@ use crate::mem::TableMemory;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct VtdHandoff {
-    /// The zeroed 4 KiB root table the unit translates through (every
-    /// device blocked). The unit may read it until the next stage's
-    /// [`Vtd::adopt`] returns: keep it reserved, and unchanged, until then.
-    pub blocking_root: PhysAddr,
+    /// The root table the unit translates through: after
+    /// [`Vtd::hand_off`] a zeroed 4 KiB page (every device blocked); after
+    /// [`Vtd::hand_off_keeping_attached`] the stage's own root table. The
+    /// unit reads it, and all it points to, until the next stage's
+    /// [`Vtd::adopt`] / [`Vtd::adopt_finish`] returns: keep it reserved,
+    /// and unchanged, until then.
+    pub root: PhysAddr,
     /// Whether it was latched in scalable mode (RTADDR.TTM = 01b): the next
     /// stage's [`VtdConfig::scalable`] must match, since the mode cannot
     /// change while translation is on.
@@ -82,27 +85,12 @@ impl<M: TableMemory> Vtd<M> {
             .into());
         }
         let root = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
-        // The empty table is in memory (cleaned for a non-coherent unit)
-        // before the unit is told where it is.
+        // The empty table is cleaned for a non-coherent unit; `latch_root`
+        // orders it before RTADDR and gives it back if the handshake fails
+        // with translation off.
         self.clean_table(root, 4096);
-        crate::barrier::wmb_on(&self.mem);
-        let ttm = if self.scalable {
-            RTADDR::TTM::Scalable
-        } else {
-            RTADDR::TTM::Legacy
-        };
         let te_on = self.regs().gsts.get() & te != 0;
-        self.regs()
-            .rtaddr
-            .write(RTADDR::RTA.val(root.0 >> 12) + ttm);
-        if let Err(e) = self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS") {
-            if !te_on {
-                // SAFETY: translation is off, so the unit walks no root
-                // table, whatever it latches late (see `init`).
-                unsafe { self.mem.free(root, 1) };
-            }
-            return Err(e.into());
-        }
+        self.latch_root(root, te_on)?;
         // VT-d 11.4.4 (SRTP): a root-table switch is followed by a global
         // context-cache invalidation, then a global IOTLB invalidation, so
         // nothing cached from the old tables survives (Linux
@@ -117,8 +105,18 @@ impl<M: TableMemory> Vtd<M> {
         if !te_on {
             self.gcmd(te, true, "VT-d GSTS.TES set")?;
         }
-        // The queue is drained (the sync's wait completed): off, so the next
-        // stage may program its own (IQA changes only with QIES clear,
+        self.quiesce_for_next_stage()?;
+        Ok(VtdHandoff {
+            root,
+            scalable: self.scalable,
+        })
+    }
+
+    /// Queued invalidation off (its pages go back), fault interrupt masked,
+    /// the root forgotten: what both hand-offs end with.
+    fn quiesce_for_next_stage(&mut self) -> Result<(), VtdError> {
+        // The queue is drained (the caller's sync completed): off, so the
+        // next stage may program its own (IQA changes only with QIES clear,
         // VT-d 6.5.2); TE stays set in the write (`gcmd` repeats it).
         if self.regs().gsts.get() & GCMD::QIE::SET.value != 0 {
             self.gcmd(GCMD::QIE::SET.value, false, "VT-d GSTS.QIES clear")?;
@@ -137,10 +135,91 @@ impl<M: TableMemory> Vtd<M> {
         // interrupt toward a vector this stage routed.
         self.regs().fectl.write(FECTL::IM::SET);
         self.root = None;
+        self.unlatched_root = false;
+        Ok(())
+    }
+
+    /// Hands the unit off with the devices still attached translating as
+    /// they do now (issue 12 item 5, "identity regions kept"): typically a
+    /// stage detaches every device but those whose firmware-owned DMA must
+    /// not stop (RMRR / RMR regions, a boot framebuffer), which it left
+    /// attached to identity domains (`Domain::install_identity_regions`).
+    /// Every other device is blocked. Nothing is switched: the pending
+    /// table writes are synced, queued invalidation goes off and the fault
+    /// interrupt is masked.
+    ///
+    /// The returned [`VtdHandoff::root`] is this stage's root table. It, the
+    /// context (and PASID) tables under it and the kept domains' page
+    /// tables must stay in place, unchanged, until the next stage's
+    /// [`adopt_finish`](Self::adopt_finish) returns; drop the kept domains
+    /// without `teardown` (dropping a `Domain` gives nothing back).
+    ///
+    /// The next stage takes over with [`adopt_begin`](Self::adopt_begin),
+    /// attaches the same devices to identity domains of its own with the
+    /// same regions, then [`adopt_finish`](Self::adopt_finish): the swap
+    /// under TE then gives the same translations, as VT-d 11.4.4 asks.
+    ///
+    /// # Errors
+    ///
+    /// As [`hand_off`](Self::hand_off) (interrupt remapping on, a failed
+    /// sync or handshake).
+    pub fn hand_off_keeping_attached(&mut self) -> Result<VtdHandoff, VtdError> {
+        let ire = GCMD::IRE::SET.value;
+        if self.ir.is_some() || self.regs().gsts.get() & ire != 0 {
+            return Err(BackendError::Unsupported(
+                "hand_off with interrupt remapping on: disable it first",
+            )
+            .into());
+        }
+        let root = self
+            .root
+            .ok_or(BackendError::Unsupported("VT-d unit not initialised"))?;
+        if self.unlatched_root || self.regs().gsts.get() & GCMD::TE::SET.value == 0 {
+            return Err(BackendError::Unsupported(
+                "hand_off_keeping_attached needs translation on through this stage's root",
+            )
+            .into());
+        }
+        self.sync()?;
+        self.quiesce_for_next_stage()?;
         Ok(VtdHandoff {
-            blocking_root: root,
+            root,
             scalable: self.scalable,
         })
+    }
+
+    /// The first half of [`adopt`](Self::adopt) for a hand-off that kept
+    /// devices translating ([`hand_off_keeping_attached`](Self::hand_off_keeping_attached)):
+    /// builds this stage's root table and turns queued invalidation on, but
+    /// leaves the unit translating through the previous stage's tables.
+    /// Attach the kept devices to this stage's identity domains now (their
+    /// context entries go into the new root; the invalidations that follow
+    /// only make the unit re-read the old tables, which give the same
+    /// result), then call [`adopt_finish`](Self::adopt_finish). Other
+    /// devices may be attached too: they take effect at `adopt_finish`.
+    ///
+    /// With translation off it is [`adopt`](Self::adopt) (there is nothing
+    /// to keep), and `adopt_finish` is refused.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`adopt`](Self::adopt).
+    pub fn adopt_begin(&mut self, config: VtdConfig) -> Result<(), VtdError> {
+        self.init_inner(config, Start::AdoptBegin)
+    }
+
+    /// Latches the root table [`adopt_begin`](Self::adopt_begin) built, with
+    /// TE kept, then invalidates the context cache and IOTLB globally; the
+    /// protected memory regions go last. The previous stage's tables are
+    /// free once it returns.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Unsupported`] without a pending `adopt_begin`; a
+    /// timed-out SRTP handshake (retry: the root stays pending) or
+    /// invalidation.
+    pub fn adopt_finish(&mut self) -> Result<(), VtdError> {
+        self.finish_adoption()
     }
 
     /// Takes over a unit a previous stage left translating (after its
@@ -167,7 +246,7 @@ impl<M: TableMemory> Vtd<M> {
     /// the unit runs in (RTADDR.TTM cannot change under TE). If the new
     /// root's SRTP handshake times out under TE, that page stays lent.
     pub fn adopt(&mut self, config: VtdConfig) -> Result<(), VtdError> {
-        self.init_inner(config, true)
+        self.init_inner(config, Start::Adopt)
     }
 }
 
@@ -237,10 +316,10 @@ mod tests {
             assert_eq!(h.scalable, scalable);
             let gsts = fake.regs.u32(0x1c);
             assert!(gsts & TE != 0 && gsts & QIES == 0, "GSTS {gsts:#x}");
-            assert_eq!(fake.regs.u64(0x20) & !0xfff, h.blocking_root.0);
+            assert_eq!(fake.regs.u64(0x20) & !0xfff, h.root.0);
             for i in 0..512 {
                 assert_eq!(
-                    fake.mem.dev_u64(h.blocking_root.0 + 8 * i, false),
+                    fake.mem.dev_u64(h.root.0 + 8 * i, false),
                     0,
                     "root word {i} as the unit reads it"
                 );
@@ -266,7 +345,7 @@ mod tests {
             );
             let gsts = fake.regs.u32(0x1c);
             assert!(gsts & TE != 0 && gsts & QIES != 0, "GSTS {gsts:#x}");
-            assert_ne!(fake.regs.u64(0x20) & !0xfff, h.blocking_root.0);
+            assert_ne!(fake.regs.u64(0x20) & !0xfff, h.root.0);
             // After each SRTP: global context cache, then global IOTLB.
             for part in [&handed[..], &log[handed.len()..]] {
                 let srtp = part
@@ -295,6 +374,48 @@ mod tests {
         }
     }
 
+    /// Keeping a device translating across the hand-off: the previous
+    /// stage's root stays latched until `adopt_finish`, whose SRTP comes
+    /// after the device was attached in the new root (the swap gives the
+    /// same translation); no GCMD write drops TE, and one SRTP is made.
+    #[test]
+    fn strict_vtd_hand_off_keeping_attached_swaps_only_after_the_new_root_is_built() {
+        let fake = FakeVtd::start(QEMU_CAP, QEMU_ECAP, SharedMem::new(256, true));
+        let mut v1 = probe(&fake);
+        v1.init(cfg(false)).unwrap();
+        let dev = DeviceId::new(0, 0, 3, 0).unwrap();
+        v1.attach(dev, Attachment::Bypass).unwrap();
+        let old_root = fake.regs.u64(0x20) & !0xfff;
+        fake.clear();
+        let h = v1.hand_off_keeping_attached().unwrap();
+        assert_eq!(h.root.0, old_root, "the stage's own root is handed on");
+        assert_eq!(fake.regs.u64(0x20) & !0xfff, old_root);
+        let gsts = fake.regs.u32(0x1c);
+        assert!(gsts & TE != 0 && gsts & QIES == 0, "GSTS {gsts:#x}");
+
+        let mut v2 = probe(&fake);
+        v2.adopt_begin(cfg(false)).unwrap();
+        v2.attach(dev, Attachment::Bypass).unwrap();
+        let before = fake.log();
+        assert!(
+            !gcmd_writes(&before).iter().any(|g| g & SRTP != 0),
+            "no root switch before adopt_finish: {before:x?}"
+        );
+        assert_eq!(fake.regs.u64(0x20) & !0xfff, old_root);
+        v2.adopt_finish().unwrap();
+        let writes = gcmd_writes(&fake.log());
+        assert!(writes.iter().all(|g| g & TE != 0), "{writes:x?}");
+        assert_eq!(writes.iter().filter(|g| *g & SRTP != 0).count(), 1);
+        let new_root = fake.regs.u64(0x20) & !0xfff;
+        assert_ne!(new_root, old_root);
+        // The device's entry is in the new root as the unit reads it.
+        let re = fake.mem.dev_u64(new_root, false);
+        assert!(re & 1 != 0, "root entry of bus 0 present: {re:#x}");
+        let ce = fake.mem.dev_u64((re & !0xfff) + 3 * 8 * 16, false);
+        assert!(ce & 1 != 0, "context entry of 00:03.0 present: {ce:#x}");
+        assert!(v2.adopt_finish().is_err(), "a second adopt_finish");
+    }
+
     /// The first stage can block every device at its first instruction:
     /// `hand_off` right after `new`, on a unit with translation off, turns
     /// translation on over the empty root (SRTP before TE).
@@ -314,7 +435,7 @@ mod tests {
             .unwrap();
         assert!(srtp < te, "{log:x?}");
         assert!(fake.regs.u32(0x1c) & TE != 0);
-        assert_eq!(fake.regs.u64(0x20) & !0xfff, h.blocking_root.0);
+        assert_eq!(fake.regs.u64(0x20) & !0xfff, h.root.0);
     }
 
     /// Interrupt remapping would outlive the stage: refused, nothing written.

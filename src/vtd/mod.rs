@@ -164,6 +164,20 @@ pub struct Vtd<M: TableMemory> {
     stats: VtdStats,
     /// The interrupt-remapping table, while remapping is on.
     ir: Option<ir::IrTable>,
+    /// `root` is built but not latched yet ([`Vtd::adopt_begin`]): the
+    /// unit still translates through the previous stage's tables.
+    unlatched_root: bool,
+}
+
+/// How [`Vtd::init`] starts (private to the driver).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// From scratch: translation off first.
+    Init,
+    /// Taking over: translation kept on through the root swap.
+    Adopt,
+    /// As `Adopt`, but the new root is latched later (`adopt_finish`).
+    AdoptBegin,
 }
 
 // SAFETY: the registers are MMIO owned by this value alone (contract of
@@ -290,6 +304,7 @@ impl<M: TableMemory> Vtd<M> {
             wb_flushed: false,
             stats: VtdStats::default(),
             ir: None,
+            unlatched_root: false,
         })
     }
 

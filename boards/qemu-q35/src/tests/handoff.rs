@@ -55,7 +55,7 @@ fn handoff_with<F: BoardFormat>(ctx: &Ctx, mut stage1: Unit) -> (Option<Unit>, R
     end_stage(stage1);
     narrate!(
         "stage 1 handed off: GSTS={gsts:#x}, blocking root at {}",
-        handoff.blocking_root
+        handoff.root
     );
 
     // The window: a DMA to a physical address, as a device left running
@@ -83,7 +83,7 @@ fn handoff_with<F: BoardFormat>(ctx: &Ctx, mut stage1: Unit) -> (Option<Unit>, R
     // SAFETY: `adopt` latched stage 2's root and invalidated the context
     // cache and IOTLB globally: the unit no longer reads the blocking root,
     // a page `hand_off` took from this same lender.
-    unsafe { DRIVER_MEMORY.free(handoff.blocking_root, 1) };
+    unsafe { DRIVER_MEMORY.free(handoff.root, 1) };
 
     let r = window.and_then(|target| {
         let gsts = stage2.global_status();
