@@ -22,6 +22,11 @@
 //!    fault registers ([`Vtd::poll_faults`]).
 //! 4. Once `adopt` returns, [`VtdHandoff::root`] is free memory
 //!    again; attach devices as after `init`.
+//!
+//! To keep some devices translating across the hand-off (identity maps of
+//! RMRR regions a device still uses), stage 1 leaves them attached and calls
+//! [`Vtd::hand_off_keeping_attached`]; stage 2 calls [`Vtd::adopt_begin`],
+//! attaches them to identity domains of its own, then [`Vtd::adopt_finish`].
 
 use tock_registers::interfaces::{Readable, Writeable};
 

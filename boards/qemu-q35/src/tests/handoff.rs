@@ -5,14 +5,17 @@
 //! with translation never off (`Vtd::adopt`), finds the window's fault
 //! record and translates its own domain.
 
-use bare_iommu::TableMemory;
+use bare_iommu::firmware::ReservedRegion;
 use bare_iommu::pgtable::vtd::VtdSecondLevel;
 use bare_iommu::vtd::{Access, FaultReason, VtdFirstLevel};
+use bare_iommu::{IommuBackend, PAGE_SIZE, PhysAddr, TableMemory};
 
 use super::vtd::{
-    APERTURE_A, BoardFormat, PAGE, PAGE_U32, Unit, config, destroy_and_detach, expect_one_fault,
-    expect_write_lands, first_level, free_pages, load_buffer, one_page, probe, with_unit_owned,
+    APERTURE_A, BoardFormat, Dom, PAGE, PAGE_U32, Unit, config, destroy_and_detach, end_domain,
+    expect_one_fault, expect_write_lands, first_level, free_pages, load_buffer, new_domain,
+    no_faults, one_page, probe, with_unit_owned,
 };
+use crate::edu::Edu;
 use crate::harness::{Ctx, Fail, OrFail, fail_msg};
 use crate::memory::DRIVER_MEMORY;
 
@@ -112,3 +115,127 @@ fn handoff_with<F: BoardFormat>(ctx: &Ctx, mut stage1: Unit) -> (Option<Unit>, R
 
 /// A stage's driver value goes out of scope.
 fn end_stage(_: Unit) {}
+
+/// An identity domain of `edu` over `region` (`id`), attached.
+fn identity_domain<F: BoardFormat>(
+    vtd: &mut Unit,
+    ctx: &Ctx,
+    edu: &Edu,
+    id: u16,
+    region: ReservedRegion,
+) -> Result<Dom<F>, Fail> {
+    let mut dom = new_domain::<F>(vtd, ctx, id, (0x10_0000, 1 << 32))?;
+    dom.install_identity_regions(&[region], vtd)
+        .or_fail("install identity region")?;
+    vtd.attach(edu.id, dom.attachment()).or_fail("attach")?;
+    Ok(dom)
+}
+
+/// Identity regions kept across the hand-off: stage 1 leaves edu 0 attached
+/// to an identity domain over page X (an RMRR-style region) and hands off
+/// with `hand_off_keeping_attached`. In the window edu's DMA to X lands and
+/// its DMA to page Y (not in the region) does not; stage 2 (`adopt_begin`,
+/// its own identity domain over X, `adopt_finish`) keeps X working through
+/// the swap with TE never clear, and reads Y's fault record.
+pub fn handoff_keeping_identity_region_keeps_its_dma_and_blocks_the_rest(
+    ctx: &mut Ctx,
+) -> Result<(), Fail> {
+    with_unit_owned(ctx, |stage1| {
+        if first_level(ctx) {
+            keep_with::<VtdFirstLevel>(ctx, stage1)
+        } else {
+            keep_with::<VtdSecondLevel>(ctx, stage1)
+        }
+    })
+}
+
+fn keep_with<F: BoardFormat>(ctx: &Ctx, mut stage1: Unit) -> (Option<Unit>, Result<(), Fail>) {
+    let edu = &ctx.edu[0];
+    let Some(pa) = ctx.mem.dma_pages(2) else {
+        return (Some(stage1), Err(fail_msg(format_args!("no DMA pages"))));
+    };
+    let (x, y) = (pa, PhysAddr(pa.0 + PAGE_SIZE));
+    let region = ReservedRegion {
+        base: x.0,
+        len: PAGE_SIZE,
+    };
+    if stage1.interrupt_remapping_enabled()
+        && let Err(e) = stage1.disable_interrupt_remapping()
+    {
+        return (Some(stage1), Err(fail_msg(format_args!("IR off: {e}"))));
+    }
+    let dom1 = match identity_domain::<F>(&mut stage1, ctx, edu, 7, region) {
+        Ok(d) => d,
+        Err(e) => return (Some(stage1), Err(e)),
+    };
+    let handoff = match stage1.hand_off_keeping_attached() {
+        Ok(h) => h,
+        Err(e) => return (Some(stage1), Err(fail_msg(format_args!("hand_off: {e}")))),
+    };
+    end_stage(stage1);
+
+    let window = (|| -> Result<(), Fail> {
+        ctx.mem.fill_pattern(x, PAGE, 0x71).or_fail("pattern")?;
+        edu.dma_from_ram(x.0, 0, PAGE_U32)
+            .or_fail("RAM -> edu in the window")?;
+        ctx.mem.fill(x, PAGE, 0).or_fail("clear X")?;
+        ctx.mem.fill(y, PAGE, 0x66).or_fail("fill Y")?;
+        edu.dma_to_ram(x.0, 0, PAGE_U32)
+            .or_fail("edu -> X in the window")?;
+        edu.dma_to_ram(y.0, 0, PAGE_U32)
+            .or_fail("edu -> Y in the window")?;
+        check_ok!(
+            ctx.mem.check_pattern(x, PAGE, 0x71),
+            "the kept region's DMA in the window"
+        );
+        check_ok!(
+            ctx.mem.check_fill(y, PAGE, 0x66),
+            "a DMA outside the kept region reached memory in the window"
+        );
+        Ok(())
+    })();
+
+    let mut stage2 = match probe(ctx) {
+        Ok(v) => v,
+        Err(e) => return (None, Err(e)),
+    };
+    if let Err(e) = stage2.adopt_begin(config(ctx)) {
+        return (None, Err(fail_msg(format_args!("adopt_begin: {e}"))));
+    }
+    let r = window.and_then(|()| {
+        let dom2 = identity_domain::<F>(&mut stage2, ctx, edu, 8, region)?;
+        stage2.adopt_finish().or_fail("adopt_finish")?;
+        let gsts = stage2.global_status();
+        check!(gsts & TES != 0, "translation off after adopt ({gsts:#x})");
+        // Stage 1's tables are not walked any more: its memory is free
+        // (here: its domain goes back to the shared lender).
+        end_domain(&mut stage2, dom1)?;
+        expect_one_fault(
+            &mut stage2,
+            edu.id,
+            y.0,
+            &[F::unmapped(Access::Write)],
+            Access::Write,
+        )?;
+        ctx.mem.fill(x, PAGE, 0).or_fail("clear X")?;
+        edu.dma_to_ram(x.0, 0, PAGE_U32)
+            .or_fail("edu -> X after adopt")?;
+        check_ok!(
+            ctx.mem.check_pattern(x, PAGE, 0x71),
+            "the kept region's DMA after adopt"
+        );
+        no_faults(&mut stage2)?;
+        stage2.detach(edu.id).or_fail("detach")?;
+        end_domain(&mut stage2, dom2)?;
+        free_pages(ctx, pa, 2)
+    });
+    if r.is_err() {
+        // Maybe half adopted: the next test starts from a fresh `init`, and
+        // stage 1's root (perhaps still walked) stays lent.
+        return (None, r);
+    }
+    // SAFETY: after adopt_finish the unit walks stage 2's root only; stage
+    // 1's root came from this same lender.
+    unsafe { DRIVER_MEMORY.free(handoff.root, 1) };
+    (Some(stage2), r)
+}

@@ -42,6 +42,7 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(vtd::invalid_descriptor_reported_and_queue_recovers),
     test!(vtd::invalidation_mode_switch_keeps_translation_on),
     test!(handoff::handoff_window_dma_lands_nowhere_and_next_stage_sees_the_fault),
+    test!(handoff::handoff_keeping_identity_region_keeps_its_dma_and_blocks_the_rest),
     test!(irq::vtd_fault_msi_delivers_decoded_fault),
     test!(irq::vtd_fault_pending_while_masked_fires_on_unmask),
     test!(msi::msi_arrives_while_the_device_is_translated),
