@@ -63,8 +63,9 @@ impl<M: TableMemory> Vtd<M> {
     /// instruction), the context cache and IOTLB are invalidated globally
     /// and waited for, then queued invalidation is switched off (its pages
     /// go back) and the fault interrupt masked. A device's DMA from then on
-    /// is blocked and recorded in the fault registers (reason 1h, root entry
-    /// not present), which the next stage reads after [`adopt`](Self::adopt).
+    /// is blocked and recorded in the fault registers (root or context
+    /// entry not present; QEMU reports 1h), which the next stage reads after
+    /// [`adopt`](Self::adopt).
     ///
     /// The previous root and context tables are no longer walked once this
     /// returns; they stay lent (leaked), as with a second [`init`](Self::init).
