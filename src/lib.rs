@@ -107,6 +107,7 @@ pub mod addr;
 pub mod any_domain;
 pub mod backend;
 pub mod barrier;
+pub mod bringup;
 mod derive_check;
 pub mod device;
 pub mod error;

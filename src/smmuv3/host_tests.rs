@@ -293,11 +293,15 @@ struct Fake {
     stop: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
     seen: Arc<Mutex<Seen>>,
+    watch_bypass: Arc<AtomicBool>,
     handle: Option<thread::JoinHandle<()>>,
 }
 
 struct FakeCtx {
     ack_cr0: bool,
+    /// While set, a moment with CR0ACK.SMMUEN = 0 and GBPA.ABORT = 0 (every
+    /// stream bypasses) is recorded as a violation.
+    watch_bypass: Arc<AtomicBool>,
     /// Memory view offset of the lender (0: coherent).
     shift: u64,
     blocks: Arc<Mutex<BTreeMap<u64, usize>>>,
@@ -310,8 +314,10 @@ impl Fake {
         let stop = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Seen::default()));
+        let watch_bypass = Arc::new(AtomicBool::new(false));
         let ctx = FakeCtx {
             ack_cr0,
+            watch_bypass: watch_bypass.clone(),
             shift: mem.shift(),
             blocks: mem.blocks.clone(),
         };
@@ -328,6 +334,7 @@ impl Fake {
             stop,
             paused,
             seen,
+            watch_bypass,
             handle: Some(handle),
         }
     }
@@ -460,6 +467,15 @@ fn step(r: &Regs, seen: &Mutex<Seen>, ctx: &FakeCtx) {
     let gbpa = r.get(GBPA);
     if gbpa & (1 << 31) != 0 {
         r.set(GBPA, gbpa & !(1 << 31));
+    }
+    if ctx.watch_bypass.load(Ordering::SeqCst)
+        && r.get(CR0ACK) & 1 == 0
+        && r.get(GBPA) & (1 << 20) == 0
+    {
+        seen.lock()
+            .unwrap()
+            .violations
+            .push("SMMUEN = 0 with GBPA.ABORT = 0: every stream bypasses".into());
     }
     r.set(IRQ_CTRLACK, r.get(IRQ_CTRL));
     if r.get(CR0) & (1 << 3) == 0 || (r.get(GERROR) ^ r.get(GERRORN)) & 1 != 0 {
@@ -1061,6 +1077,37 @@ fn strict_smmu_init_clears_msi_addresses_before_enabling_interrupts() {
         assert_eq!(regs.get64(r), 0, "IRQ_CFG0 at {r:#x}");
     }
     s.shutdown().unwrap();
+}
+
+/// Issue 12 item 5: from a stage's `hand_off` to the end of the next
+/// stage's `init` no stream ever bypasses (SMMUEN = 0 only under
+/// GBPA.ABORT), the hand-off state is SMMUEN = 0 with GBPA.ABORT = 1 and
+/// every table and queue back with the lender, and the next stage ends
+/// with SMMUEN on and an all-abort stream table.
+#[test]
+fn strict_smmu_hand_off_and_next_init_never_let_a_stream_bypass() {
+    let regs = Regs::new();
+    // QEMU's reset value: bypass.
+    regs.set(GBPA, 0x1000);
+    let mem = HostMem::default();
+    let (regs, fake, mut s1) = started_on(regs, mem.clone(), small_budget());
+    let dev = DeviceId::from_rid(0, 0x10);
+    s1.attach(dev, Attachment::Bypass).unwrap();
+    // GBPA counts only while SMMUEN = 0: an owner that runs with SMMUEN on
+    // may have left it at bypass (here, back at its reset value).
+    regs.set(GBPA, 0x1000);
+    fake.watch_bypass.store(true, Ordering::SeqCst);
+    s1.hand_off().unwrap();
+    assert_eq!(regs.get(CR0), 0);
+    assert_eq!(regs.get(CR0ACK), 0);
+    assert_eq!(regs.get(GBPA), 0x1000 | 1 << 20);
+    assert_eq!(mem.live.load(Ordering::SeqCst), 0, "tables and queues back");
+    let mut s2 = smmu_on(&regs, mem.clone());
+    s2.init(small_budget()).unwrap();
+    assert_eq!(regs.get(CR0) & 1, 1, "SMMUEN on");
+    fake.watch_bypass.store(false, Ordering::SeqCst);
+    assert_eq!(fake.violations(), Vec::<std::string::String>::new());
+    s2.shutdown().unwrap();
 }
 
 #[test]

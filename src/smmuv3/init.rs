@@ -41,6 +41,44 @@ impl<M: TableMemory> Smmu<M> {
         self.shutdown_with(budget)
     }
 
+    /// Leaves the SMMU blocking every stream for the next boot stage (issue
+    /// 12 item 5): GBPA.ABORT is set through the GBPA.UPDATE handshake
+    /// (IHI 0070 6.3.14: wait for UPDATE clear, write with UPDATE set, wait
+    /// for it to clear again, each wait bounded) while SMMUEN is still on,
+    /// and only then SMMUEN goes to 0, so there is no moment in which a
+    /// stream bypasses. With SMMUEN = 0 and GBPA.ABORT = 1 every incoming
+    /// transaction is terminated with an abort, and the SMMU needs no
+    /// memory: the stream table, CDs and queues go back to the lender (this
+    /// is [`shutdown`](Self::shutdown), named for the hand-off).
+    ///
+    /// Called right after [`Smmu::new`], before any device masters, it is
+    /// also the first stage's "block everything from the first
+    /// instruction": the reset value of GBPA.ABORT is IMPLEMENTATION
+    /// DEFINED (QEMU resets it to 0, bypass).
+    ///
+    /// A transaction aborted in this state leaves no record the next stage
+    /// could read: the event queue is off (CR0 = 0) and the stage's queue
+    /// memory is gone; QEMU (`smmuv3_translate`, the `SMMU_TRANS_ABORT`
+    /// case) records no event for a GBPA abort at all, only the trace event
+    /// `smmuv3_translate_abort`.
+    ///
+    /// The next stage takes the SMMU over with [`init`](Self::init), which
+    /// starts by re-asserting GBPA.ABORT and SMMUEN = 0 and sets SMMUEN only
+    /// once its stream table (every STE abort), queues and global
+    /// invalidations are in place. SMMUEN cannot stay on across the swap:
+    /// STRTAB_BASE, STRTAB_BASE_CFG and the queue bases are writable only
+    /// while SMMUEN (resp. CMDQEN/EVENTQEN) and its ACK are 0 (IHI 0070
+    /// §6.3, the access conditions of SMMU_STRTAB_BASE, SMMU_STRTAB_BASE_CFG,
+    /// SMMU_CMDQ_BASE and SMMU_EVENTQ_BASE); GBPA.ABORT keeps that moment
+    /// closed instead.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`shutdown`](Self::shutdown).
+    pub fn hand_off(&mut self) -> Result<(), SmmuError> {
+        self.shutdown()
+    }
+
     /// [`shutdown`](Self::shutdown) with an explicit poll budget (`init`'s
     /// own, before any configuration is running).
     fn shutdown_with(&mut self, budget: u32) -> Result<(), SmmuError> {

@@ -9,7 +9,8 @@ use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 use super::inv::{ContextGranularity, IotlbGranularity, PasidGranularity};
 use super::qi::InvQueue;
 use super::regs::{self, FECTL, GCMD, PMEN, RTADDR};
-use super::{Vtd, VtdConfig, VtdError};
+use super::{Start, Vtd, VtdConfig, VtdError};
+use crate::addr::PhysAddr;
 use crate::backend::IommuBackend;
 use crate::error::BackendError;
 use crate::mem::TableMemory;
@@ -89,6 +90,16 @@ impl<M: TableMemory> Vtd<M> {
     /// After an error translation may be off: call `init` again or stop using
     /// the unit.
     pub fn init(&mut self, config: VtdConfig) -> Result<(), VtdError> {
+        self.init_inner(config, Start::Init)
+    }
+
+    /// [`init`](Self::init), or (`Start::Adopt*`) [`adopt`](Self::adopt) /
+    /// [`adopt_begin`](Self::adopt_begin): a unit found translating keeps
+    /// GCMD.TE through the root-table swap, and the fault records are left
+    /// for the caller.
+    pub(super) fn init_inner(&mut self, config: VtdConfig, start: Start) -> Result<(), VtdError> {
+        let adopt = start != Start::Init;
+        self.unlatched_root = false;
         self.budget = config.poll_budget.max(1);
         self.segment = config.segment;
         if let Some(did) = config.bypass_domain_id {
@@ -122,7 +133,20 @@ impl<M: TableMemory> Vtd<M> {
         // 11.4.4, SRTP), which a fresh all-blocked table does not. Protected
         // memory regions stay on through this window; they are lifted only
         // once translation is on again, below.
-        if self.regs().gsts.get() & te != 0 {
+        let keep_te = adopt && self.regs().gsts.get() & te != 0;
+        if keep_te {
+            // Adopting: translation stays on. The new root is empty, so it
+            // blocks every device, as the blocking root `hand_off` left does
+            // (VT-d 11.4.4 SRTP: under TE the new tables must translate as
+            // the old ones; both block). The table mode cannot change here.
+            let scalable_now = self.regs().rtaddr.read(RTADDR::TTM) == 1;
+            if scalable_now != config.scalable {
+                return Err(BackendError::Unsupported(
+                    "adopt cannot change RTADDR.TTM while translation is on",
+                )
+                .into());
+            }
+        } else if self.regs().gsts.get() & te != 0 {
             self.gcmd(te, false, "VT-d GSTS.TES clear")?;
         }
         // Interrupt remapping rests on the queue about to be dropped: off
@@ -161,29 +185,61 @@ impl<M: TableMemory> Vtd<M> {
         self.root = None;
         let root = self.mem.alloc_zeroed(1).ok_or(BackendError::OutOfMemory)?;
         self.clean_table(root, 4096);
-        let ttm = if self.scalable {
-            RTADDR::TTM::Scalable
-        } else {
-            RTADDR::TTM::Legacy
-        };
-        self.regs()
-            .rtaddr
-            .write(RTADDR::RTA.val(root.0 >> 12) + ttm);
-        if let Err(e) = self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS") {
-            // TE is clear (switched off above, never set since): the unit
-            // translates nothing and walks no root table, whatever RTADDR it
-            // may latch late (VT-d 11.4.4 TE), and the next `init` latches
-            // its own table before it sets TE. So this one goes back.
-            // SAFETY: allocated above with one page, never walked (above).
-            unsafe { self.mem.free(root, 1) };
-            return Err(e.into());
+        if keep_te && start == Start::AdoptBegin {
+            // The unit still translates through the previous stage's tables;
+            // `adopt_finish` latches this root once the caller has attached
+            // what must keep translating as before.
+            self.root = Some(root);
+            self.unlatched_root = true;
+            if config.use_qi && self.features.qi {
+                self.set_queued_invalidation(true)?;
+            }
+            return Ok(());
         }
+        self.latch_root(root, keep_te)?;
         self.root = Some(root);
 
         if config.use_qi && self.features.qi {
             self.set_queued_invalidation(true)?;
         }
+        self.after_latch(adopt)
+    }
 
+    /// Points RTADDR at `root` and latches it (GCMD.SRTP, bounded). If the
+    /// handshake times out with translation off, the page goes back.
+    pub(super) fn latch_root(&mut self, root: PhysAddr, translating: bool) -> Result<(), VtdError> {
+        let ttm = if self.scalable {
+            RTADDR::TTM::Scalable
+        } else {
+            RTADDR::TTM::Legacy
+        };
+        // The table is in memory before the unit is told where it is.
+        crate::barrier::wmb_on(&self.mem);
+        self.regs()
+            .rtaddr
+            .write(RTADDR::RTA.val(root.0 >> 12) + ttm);
+        if let Err(e) = self.gcmd_one_shot(GCMD::SRTP::SET.value, true, "VT-d GSTS.RTPS") {
+            if translating {
+                // Translation is on: the unit may latch this table late and
+                // walk it, so it stays lent (leaked), never reused.
+                return Err(e.into());
+            }
+            // TE is clear (switched off above, never set since): the unit
+            // translates nothing and walks no root table, whatever RTADDR it
+            // may latch late (VT-d 11.4.4 TE), and the next `init` latches
+            // its own table before it sets TE. So this one goes back.
+            // SAFETY: allocated by the caller with one page, never walked (above).
+            unsafe { self.mem.free(root, 1) };
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// After a new root is latched: global context-cache (+ PASID-cache)
+    /// and IOTLB invalidation (VT-d 11.4.4 SRTP asks for both, in that
+    /// order), fault state, TE, then the protected memory regions off.
+    pub(super) fn after_latch(&mut self, adopt: bool) -> Result<(), VtdError> {
+        let te = GCMD::TE::SET.value;
         self.flush_before_invalidation()?;
         self.context_invalidate(ContextGranularity::Global)?;
         if self.scalable {
@@ -192,9 +248,13 @@ impl<M: TableMemory> Vtd<M> {
         self.iotlb_invalidate(IotlbGranularity::Global)?;
         self.sync()?;
 
-        // Start with no stale faults; keep the fault interrupt masked until
-        // the user routes it (handle_irq works with or without it).
-        let _ = self.poll_faults(|_| {});
+        // Start with no stale faults (an adopting stage reads them itself:
+        // they may name a device that tried DMA during the hand-off); keep
+        // the fault interrupt masked until the user routes it (handle_irq
+        // works with or without it).
+        if !adopt {
+            let _ = self.poll_faults(|_| {});
+        }
         self.regs().fectl.write(FECTL::IM::SET);
 
         self.gcmd(te, true, "VT-d GSTS.TES set")?;
@@ -204,6 +264,20 @@ impl<M: TableMemory> Vtd<M> {
         // translation enabled, then `iommu_disable_protect_mem_regions`).
         self.disable_protected_regions()?;
         Ok(())
+    }
+
+    /// [`adopt_begin`](Self::adopt_begin)'s second half: latches the new
+    /// root with TE kept.
+    pub(super) fn finish_adoption(&mut self) -> Result<(), VtdError> {
+        if !self.unlatched_root {
+            return Err(BackendError::Unsupported("adopt_finish without adopt_begin").into());
+        }
+        let root = self
+            .root
+            .ok_or(BackendError::Unsupported("VT-d unit not initialised"))?;
+        self.latch_root(root, true)?;
+        self.unlatched_root = false;
+        self.after_latch(true)
     }
 
     /// Clears PMEN.EPM and waits, bounded, for PMEN.PRS to clear (VT-d
@@ -297,7 +371,7 @@ impl<M: TableMemory> Vtd<M> {
     /// Folds a queue's counters into the unit's and gives its pages back.
     /// Caller: the unit fetches from it no more (GSTS.QIES seen clear, or
     /// never set while it was programmed).
-    fn release_queue(&mut self, q: InvQueue) {
+    pub(super) fn release_queue(&mut self, q: InvQueue) {
         self.stats.wait_descriptors += q.waits();
         self.stats.queued_descriptors += q.submitted();
         // SAFETY: the queue's pages were lent by `self.mem` (`InvQueue::new`)

@@ -79,6 +79,7 @@ pub mod fault;
 mod fault_reporting;
 pub mod first_level;
 mod gcmd;
+mod handoff;
 #[cfg(test)]
 mod host_tests;
 pub mod inv;
@@ -111,6 +112,7 @@ pub use context::{ContextEntry, TranslationType};
 pub use error::VtdError;
 pub use fault::{Access, FaultReason, FaultRecord, FaultStatus};
 pub use first_level::VtdFirstLevel;
+pub use handoff::VtdHandoff;
 pub use inv::{
     ContextGranularity, IecGranularity, InvDesc, IotlbGranularity, PasidGranularity,
     PasidIotlbGranularity,
@@ -162,6 +164,20 @@ pub struct Vtd<M: TableMemory> {
     stats: VtdStats,
     /// The interrupt-remapping table, while remapping is on.
     ir: Option<ir::IrTable>,
+    /// `root` is built but not latched yet ([`Vtd::adopt_begin`]): the
+    /// unit still translates through the previous stage's tables.
+    unlatched_root: bool,
+}
+
+/// How [`Vtd::init`] starts (private to the driver).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// From scratch: translation off first.
+    Init,
+    /// Taking over: translation kept on through the root swap.
+    Adopt,
+    /// As `Adopt`, but the new root is latched later (`adopt_finish`).
+    AdoptBegin,
 }
 
 // SAFETY: the registers are MMIO owned by this value alone (contract of
@@ -288,6 +304,7 @@ impl<M: TableMemory> Vtd<M> {
             wb_flushed: false,
             stats: VtdStats::default(),
             ir: None,
+            unlatched_root: false,
         })
     }
 

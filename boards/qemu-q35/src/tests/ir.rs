@@ -67,7 +67,7 @@ pub(super) fn program_msi(ctx: &Ctx, dev: DeviceId, msg: MsiMessage) -> Result<(
     Ok(())
 }
 
-fn disable_msi(ctx: &Ctx, dev: DeviceId) -> Result<(), Fail> {
+pub(super) fn disable_msi(ctx: &Ctx, dev: DeviceId) -> Result<(), Fail> {
     let cap = msi_cap(ctx, dev)?;
     let ctl = ctx.ecam.read16(dev, cap + 2);
     ctx.ecam.write16(dev, cap + 2, ctl & !1);

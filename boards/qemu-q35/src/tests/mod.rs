@@ -8,8 +8,10 @@ mod basic;
 mod bridge;
 mod dma_api;
 mod guest;
+mod handoff;
 mod ir;
 mod irq;
+mod msi;
 mod p2p;
 mod reserved;
 mod virtio;
@@ -41,8 +43,11 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(vtd::detach_blocks_and_bypass_passes_through),
     test!(vtd::invalid_descriptor_reported_and_queue_recovers),
     test!(vtd::invalidation_mode_switch_keeps_translation_on),
+    test!(handoff::handoff_window_dma_lands_nowhere_and_next_stage_sees_the_fault),
+    test!(handoff::handoff_keeping_identity_region_keeps_its_dma_and_blocks_the_rest),
     test!(irq::vtd_fault_msi_delivers_decoded_fault),
     test!(irq::vtd_fault_pending_while_masked_fires_on_unmask),
+    test!(msi::msi_arrives_while_the_device_is_translated),
     test!(ir::ir_msi_arrives_at_the_vector_and_apic_of_its_irte),
     test!(ir::ir_retargeted_irte_moves_the_next_interrupt),
     test!(ir::ir_entry_of_another_source_id_blocks_msi_with_decoded_fault),

@@ -107,7 +107,7 @@ pub(super) use per_format;
 /// The unit, initialised once per boot by the first test that needs it.
 static UNIT: Mutex<Option<Unit>> = Mutex::new(None);
 
-fn config(ctx: &Ctx) -> VtdConfig {
+pub(super) fn config(ctx: &Ctx) -> VtdConfig {
     VtdConfig {
         use_qi: !ctx.arg("noqi"),
         // Scalable mode (`sm`, with `-global intel-iommu.x-scalable-mode=on`)
@@ -117,7 +117,7 @@ fn config(ctx: &Ctx) -> VtdConfig {
     }
 }
 
-fn probe(ctx: &Ctx) -> Result<Unit, Fail> {
+pub(super) fn probe(ctx: &Ctx) -> Result<Unit, Fail> {
     // SAFETY: vtd_base is the DRHD register base from the DMAR, identity-mapped
     // uncached by the boot code; these tests are the unit's only driver.
     unsafe { Vtd::new(ctx.vtd_base, ctx.vtd_len, &DRIVER_MEMORY) }.or_fail("probe")
@@ -220,16 +220,16 @@ pub(super) fn attached_domain<F: BoardFormat>(
 
 /// One fresh DMA page linked as a one-page transaction of a domain `edu` is
 /// attached to, synced: where most tests start.
-struct OnePage<F: BoardFormat> {
-    dom: Dom<F>,
-    tx: IovaState,
+pub(super) struct OnePage<F: BoardFormat> {
+    pub(super) dom: Dom<F>,
+    pub(super) tx: IovaState,
     /// The page.
-    pa: PhysAddr,
+    pub(super) pa: PhysAddr,
     /// Its IOVA.
-    iova: u64,
+    pub(super) iova: u64,
 }
 
-fn one_page<F: BoardFormat>(
+pub(super) fn one_page<F: BoardFormat>(
     vtd: &mut Unit,
     ctx: &Ctx,
     edu: &Edu,
@@ -246,7 +246,7 @@ fn one_page<F: BoardFormat>(
 
 /// Destroys the transaction (whatever is still linked unlinked, synced, the
 /// range freed) and detaches `edu`.
-fn destroy_and_detach<F: BoardFormat>(
+pub(super) fn destroy_and_detach<F: BoardFormat>(
     vtd: &mut Unit,
     mut dom: Dom<F>,
     tx: IovaState,
@@ -395,7 +395,7 @@ pub(super) fn no_faults(vtd: &mut Unit) -> Result<(), Fail> {
 /// `pa` cleared, then a one-page device write to `iova` (which must translate
 /// to `pa`) from a buffer loaded by [`load_buffer`] with `seed`: the page
 /// holds the pattern.
-fn expect_write_lands(
+pub(super) fn expect_write_lands(
     ctx: &Ctx,
     edu: &Edu,
     iova: u64,
@@ -411,7 +411,13 @@ fn expect_write_lands(
 
 /// Loads the device buffer with `pattern(seed, i)` from a physical page
 /// reached through `dma` (which must translate to `pa`).
-fn load_buffer(ctx: &Ctx, edu: &Edu, pa: PhysAddr, dma: u64, seed: u8) -> Result<(), Fail> {
+pub(super) fn load_buffer(
+    ctx: &Ctx,
+    edu: &Edu,
+    pa: PhysAddr,
+    dma: u64,
+    seed: u8,
+) -> Result<(), Fail> {
     ctx.mem
         .fill_pattern(pa, PAGE, seed)
         .or_fail("fill source")?;

@@ -6,6 +6,7 @@ use crate::harness::TestFn;
 mod basic;
 mod bridge;
 mod guest;
+mod handoff;
 mod irq;
 mod msi;
 mod p2p;
@@ -85,6 +86,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "smmu_detach_returns_stream_to_abort",
         smmu::smmu_detach_returns_stream_to_abort,
+    ),
+    (
+        "smmu_handoff_window_dma_lands_nowhere",
+        handoff::smmu_handoff_window_dma_lands_nowhere,
     ),
     // SMMU interrupts through the GICv3 (what a hypervisor relies on).
     (

@@ -151,7 +151,7 @@ fn link_pages<F: PteFormat>(
 
 /// A transaction of `pages.len()` IOVA pages, page `i` linked to `pages[i]`,
 /// synced.
-fn map_pages<F: PteFormat>(
+pub(super) fn map_pages<F: PteFormat>(
     smmu: &mut Smmu<Mem>,
     dom: &mut Dom<F>,
     pages: &[PhysAddr],
@@ -164,7 +164,7 @@ fn map_pages<F: PteFormat>(
 
 /// Destroys the transaction, returns both devices to abort and ends the
 /// domain ([`end_domain`]): no table page of it stays lent.
-fn destroy_and_detach<F: PteFormat>(
+pub(super) fn destroy_and_detach<F: PteFormat>(
     smmu: &mut Smmu<Mem>,
     ctx: &Ctx,
     mut dom: Dom<F>,
