@@ -145,9 +145,10 @@
 //!     // later stage takes over the same way.
 //!     smmu.init(SmmuConfig::default()).ok()?;
 //!
-//!     // The drivers key a device by its requester ID, which is its StreamID
-//!     // (`dev.stream_id()`); check it against `stream_id_from_dt` or
-//!     // `from_iort` for your platform (the identity on QEMU `virt`).
+//!     // `attach(dev, ..)` programs the requester ID as StreamID
+//!     // (`dev.stream_id()`, the identity on QEMU `virt`); where
+//!     // `stream_id_from_dt` or `from_iort` gives another StreamID, use
+//!     // `smmu.attach_stream(sid, how)` with it.
 //!     let mut dom = Domain::new(
 //!         ArmStage1,
 //!         mem,
