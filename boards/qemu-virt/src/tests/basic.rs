@@ -212,23 +212,8 @@ pub fn memory_lender_frees_and_reuses(ctx: &mut Ctx) -> Result<(), Fail> {
 /// SMMUv3 node (by phandle, whose `#iommu-cells` is 1) as the StreamID the
 /// tests program: on `virt` the map is the identity over all 65536 RIDs.
 pub fn iommu_map_gives_each_device_its_stream_id(ctx: &mut Ctx) -> Result<(), Fail> {
-    use bare_iommu::firmware::devicetree::{IommuMap, IommuTarget};
-    // SAFETY: QEMU placed the DTB below the image (link.ld), in RAM that
-    // nothing else uses or writes.
-    let fdt = unsafe { crate::fdt::Fdt::at(crate::fdt::VIRT_DTB) }
-        .map_err(|e| fail_msg(format_args!("DTB: {e:?}")))?;
-    let prop = |c, p| {
-        fdt.property(c, p)
-            .map_err(|e| fail_msg(format_args!("{c} {p}: {e:?}")))
-    };
-    let map = prop("pci-host-ecam-generic", "iommu-map")?;
-    let mask = fdt.property("pci-host-ecam-generic", "iommu-map-mask").ok();
-    let cell = |b: &[u8]| b.try_into().map(u32::from_be_bytes).ok();
-    let phandle = cell(prop("arm,smmu-v3", "phandle")?)
-        .ok_or_else(|| fail_msg(format_args!("SMMU phandle is not one cell")))?;
-    let cells = cell(prop("arm,smmu-v3", "#iommu-cells")?);
-    check!(cells == Some(1), "SMMU #iommu-cells {cells:?}, expected 1");
-    let map = IommuMap::new(map, mask).map_err(|e| fail_msg(format_args!("iommu-map: {e}")))?;
+    use bare_iommu::firmware::devicetree::IommuTarget;
+    let (map, phandle) = dt_iommu_map()?;
     let mut ids: heapless::Vec<bare_iommu::DeviceId, 4> = heapless::Vec::new();
     let _ = ids.push(ctx.edu[0].id);
     let _ = ids.push(ctx.edu[1].id);
@@ -259,4 +244,28 @@ pub fn iommu_map_gives_each_device_its_stream_id(ctx: &mut Ctx) -> Result<(), Fa
         "RID 0x100 -> {behind:x?}"
     );
     Ok(())
+}
+
+/// The host bridge's `iommu-map` (with its mask) from the DTB, and the
+/// SMMU's phandle (checked to take one-cell specifiers).
+pub(super) fn dt_iommu_map()
+-> Result<(bare_iommu::firmware::devicetree::IommuMap<'static>, u32), Fail> {
+    // SAFETY: QEMU placed the DTB below the image (link.ld), in RAM that
+    // nothing else uses or writes.
+    let fdt = unsafe { crate::fdt::Fdt::at(crate::fdt::VIRT_DTB) }
+        .map_err(|e| fail_msg(format_args!("DTB: {e:?}")))?;
+    let prop = |c, p| {
+        fdt.property(c, p)
+            .map_err(|e| fail_msg(format_args!("{c} {p}: {e:?}")))
+    };
+    let map = prop("pci-host-ecam-generic", "iommu-map")?;
+    let mask = fdt.property("pci-host-ecam-generic", "iommu-map-mask").ok();
+    let cell = |b: &[u8]| b.try_into().map(u32::from_be_bytes).ok();
+    let phandle = cell(prop("arm,smmu-v3", "phandle")?)
+        .ok_or_else(|| fail_msg(format_args!("SMMU phandle is not one cell")))?;
+    let cells = cell(prop("arm,smmu-v3", "#iommu-cells")?);
+    check!(cells == Some(1), "SMMU #iommu-cells {cells:?}, expected 1");
+    let map = bare_iommu::firmware::devicetree::IommuMap::new(map, mask)
+        .map_err(|e| fail_msg(format_args!("iommu-map: {e}")))?;
+    Ok((map, phandle))
 }

@@ -4,15 +4,16 @@
 
 use bare_iommu::pgtable::{DmaDirection, MapAttrs};
 use bare_iommu::smmuv3::SmmuConfig;
-use bare_iommu::{DmaAddr, IommuBackend, PAGE_SIZE};
+use bare_iommu::{DmaAddr, PAGE_SIZE};
 
 use super::smmu::{
     PAGE, alloc, bring_up, domain, drain, end_domain, expect_blocked_write, fault_stage, pages,
     teardown, with_preferred_stage,
 };
-use crate::harness::{Ctx, Fail, OrFail};
+use crate::harness::{Ctx, Fail, OrFail, fail_msg};
 
-/// A domain attached by the bridged edu's StreamID carries its DMA to the
+/// A domain attached by the bridged edu's StreamID (from the devicetree's
+/// `iommu-map`, through `Smmu::attach_stream`) carries its DMA to the
 /// linked pages; an unlinked page is blocked and the event names StreamID
 /// 0x100 (bus 1) and the address.
 pub fn bridged_device_dma_translated_and_fault_names_its_stream_id(
@@ -22,12 +23,22 @@ pub fn bridged_device_dma_translated_and_fault_names_its_stream_id(
         Ok(e) => e,
         Err(e) => return Err(e.clone()),
     };
-    check_eq!(edu.id.stream_id(), 0x100, "StreamID of 01:00.0");
+    // The StreamID as the firmware says it (the devicetree's iommu-map),
+    // not assumed from the requester ID.
+    let (map, phandle) = super::basic::dt_iommu_map()?;
+    let target = map
+        .map(u32::from(edu.id.rid()))
+        .map_err(|e| fail_msg(format_args!("iommu-map: {e}")))?
+        .or_fail("iommu-map covers 01:00.0")?;
+    check_eq!(target.phandle, phandle, "IOMMU of 01:00.0");
+    let sid = target.id;
+    check_eq!(sid, 0x100, "StreamID of 01:00.0 (bus 1)");
     let mut smmu = bring_up(ctx, SmmuConfig::default())?;
     with_preferred_stage!(smmu, |fmt| {
         let mut dom = domain(&smmu, ctx, fmt, 53)?;
         let stage = fault_stage(dom.info().or_fail("info")?.format);
-        smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
+        smmu.attach_stream(sid, dom.attachment())
+            .or_fail("attach by StreamID")?;
         let [src, dst] = pages::<2>(ctx)?;
         let mut tx = alloc(&mut dom, 2 * PAGE_SIZE)?;
         let iova = dom
@@ -87,7 +98,8 @@ pub fn bridged_device_dma_translated_and_fault_names_its_stream_id(
             "the page still linked stopped translating"
         );
         dom.destroy(tx, &mut smmu).or_fail("destroy")?;
-        smmu.detach(edu.id).or_fail("detach")?;
+        smmu.attach_stream(sid, bare_iommu::Attachment::Blocked)
+            .or_fail("detach")?;
         end_domain(&mut smmu, dom)?;
     });
     teardown(&mut smmu, ctx)
