@@ -71,6 +71,10 @@ const CONFIGS: [Config; 4] = [
 /// Arguments every run gets; `-semihosting` is what lets the board's exit
 /// status reach us (without it a failing board could exit 0).
 const COMMON: &[&str] = &[
+    // Four CPUs: the SMP tests start the three secondaries through PSCI;
+    // every other test runs on the boot CPU alone while they stay off.
+    "-smp",
+    "4",
     "-nographic",
     "-semihosting",
     "-icount",

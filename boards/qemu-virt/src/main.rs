@@ -23,6 +23,7 @@ mod harness;
 mod irq;
 mod memory;
 mod pci;
+mod smp;
 mod tests;
 mod time;
 mod uart;

@@ -7,6 +7,7 @@ mod basic;
 mod irq;
 mod p2p;
 mod smmu;
+mod smp;
 mod virtio;
 mod virtio_drivers;
 
@@ -106,5 +107,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "virtio_drivers_unshared_buffer_faults",
         virtio_drivers::virtio_drivers_unshared_buffer_faults,
+    ),
+    // Several CPUs at once (QEMU -smp 4).
+    (
+        "four_cpus_run_a_job_and_start_again",
+        smp::four_cpus_run_a_job_and_start_again,
     ),
 ];
