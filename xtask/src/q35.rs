@@ -109,6 +109,9 @@ fn qemu_command(cfg: &Config, image: &Path, disk: &Path, extra: &[String], words
     }
     cmd.args(["-machine", "q35,kernel-irqchip=split", "-device", cfg.iommu])
         .args(["-nographic", "-nic", "none", "-m", "512M"])
+        // Four CPUs: the SMP tests start the three APs (INIT-SIPI-SIPI);
+        // every other test runs on the boot CPU while they wait for a SIPI.
+        .args(["-smp", "4"])
         .args(["-icount", "shift=10,sleep=off"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         // Pinned slots: RIDs 0x18 and 0x20; full DMA mask so IOVAs may use

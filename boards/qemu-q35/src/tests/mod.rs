@@ -10,6 +10,7 @@ mod ir;
 mod irq;
 mod p2p;
 mod reserved;
+mod smp;
 mod virtio;
 mod virtio_drivers;
 mod vtd;
@@ -57,4 +58,5 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(virtio_drivers::virtio_drivers_blk_reads_and_writes_through_iommu_hal),
     test!(virtio_drivers::virtio_drivers_unshared_buffer_faults),
     test!(dma_api::dma_api_edu_dma_lands_in_buffer_and_released_buffer_faults),
+    test!(smp::four_cpus_run_a_job_and_start_again),
 ];
