@@ -124,6 +124,10 @@ pub struct Work<'a, F: PteFormat, M: TableMemory> {
     pub done: [AtomicU32; 3],
     /// APs that finished their rounds.
     pub aps_finished: AtomicUsize,
+    /// CPUs inside a round now, and the most there were at once.
+    pub in_flight: AtomicUsize,
+    /// The most CPUs inside a round at once.
+    pub max_in_flight: AtomicUsize,
     /// The first failure of each CPU.
     pub failed: [Mutex<Option<Fail>>; MAX_CPUS],
 }
@@ -227,6 +231,20 @@ where
 
     /// One round of CPU `cpu` on `lane`.
     fn round<B: IommuBackend, S: SmpBoard<B>>(
+        &self,
+        board: &S,
+        cpu: usize,
+        round: usize,
+        lane: usize,
+    ) -> Result<(), Fail> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let r = self.round_body(board, cpu, round, lane);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    fn round_body<B: IommuBackend, S: SmpBoard<B>>(
         &self,
         board: &S,
         cpu: usize,
@@ -354,7 +372,8 @@ where
     }
 
     /// After the run: the first CPU failure, else the per-lane counts
-    /// (every round of every CPU completed).
+    /// (every round of every CPU completed); at least three CPUs were inside
+    /// a round at the same time (one per device).
     pub fn verdict(&self) -> Result<[u32; 3], Fail> {
         for slot in &self.failed {
             if let Some(e) = slot.lock().clone() {
@@ -367,6 +386,11 @@ where
             total as usize,
             self.cpus * ROUNDS,
             "transactions completed (per lane {done:?})"
+        );
+        let most = self.max_in_flight.load(Ordering::SeqCst);
+        check!(
+            most >= 3.min(self.cpus),
+            "at most {most} CPUs were inside a round at once"
         );
         Ok(done)
     }

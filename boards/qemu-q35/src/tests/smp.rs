@@ -299,12 +299,15 @@ fn shared<F: BoardFormat + Send>(
         expected: Mutex::new(heapless::Vec::new()),
         done: [const { AtomicU32::new(0) }; 3],
         aps_finished: AtomicUsize::new(0),
+        in_flight: AtomicUsize::new(0),
+        max_in_flight: AtomicUsize::new(0),
         failed: [const { Mutex::new(None) }; MAX_CPUS],
     };
     let ran = smp::run(CPUS, JOB_SECONDS, &|cpu| work.job(&b, cpu));
     irq::set_device_handler(None);
     b.iommu(|v| v.set_fault_irq_masked(true))?;
     let verdict = work.verdict();
+    let most = work.max_in_flight.load(Ordering::SeqCst);
     let expected = work.expected.lock().clone();
     let Work {
         doms: [d0, d1],
@@ -330,7 +333,7 @@ fn shared<F: BoardFormat + Send>(
     // on the boot CPU.
     let recs = irq::without_interrupts(|| RECORDS.lock().clone());
     narrate!(
-        "{CPUS} CPUs: {} edu 0 / {} edu 1 / {} virtio-blk transactions, {} faults through {} interrupts",
+        "{CPUS} CPUs: {} edu 0 / {} edu 1 / {} virtio-blk transactions ({most} CPUs in a round at once), {} faults through {} interrupts",
         done[0],
         done[1],
         done[2],

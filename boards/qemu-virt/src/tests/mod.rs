@@ -113,4 +113,8 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "four_cpus_run_a_job_and_start_again",
         smp::four_cpus_run_a_job_and_start_again,
     ),
+    (
+        "four_cpus_dma_on_three_devices_while_faults_interrupt",
+        smp::four_cpus_dma_on_three_devices_while_faults_interrupt,
+    ),
 ];
