@@ -2,7 +2,8 @@
 //! runs it on QEMU `q35` + `intel-iommu` in every configuration the VT-d driver
 //! must handle, one QEMU run each.
 //!
-//! Every run also has two edu devices (00:03.0, 00:04.0), an ivshmem-plain
+//! Every run has four CPUs (`-smp 4`, for the SMP tests), two edu devices
+//! (00:03.0, 00:04.0), an ivshmem-plain
 //! at 00:05.0 (P2P provider) and a modern-only virtio-blk at 00:08.0
 //! (`iommu_platform=on`) over a fresh 1 MiB raw image
 //! (`target/virtio-blk.img`, rewritten before each run).

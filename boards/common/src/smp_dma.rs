@@ -55,7 +55,7 @@ const FIRST_SECTOR: u64 = 1024;
 const GUARD: u8 = 0xa5;
 const PAGE: usize = PAGE_SIZE as usize;
 /// Polls of a lock before the run fails.
-const LOCK_POLLS: u32 = 50_000_000;
+const LOCK_POLLS: u32 = 5_000_000;
 
 /// What the workload needs from the board.
 pub trait SmpBoard<B>: Sync {

@@ -9,8 +9,10 @@
 //! with a message; [`TIMER_VECTOR`] (the APIC timer) bounds [`wait_until`];
 //! [`DEVICE_VECTOR`] calls the handler registered with [`set_device_handler`],
 //! then signals EOI. The CPU runs with interrupts disabled (the trampoline's
-//! `cli`) except inside [`wait_until`], so test code shares state with a
-//! handler through locks it takes with interrupts off.
+//! `cli`) except inside [`wait_until`] (and, on the boot CPU, for the run
+//! of the SMP test, whose APs never enable them), so test code shares state
+//! with a handler through locks it takes with interrupts off. [`send_ipi`]
+//! and [`load_idt`] serve the APs ([`crate::smp`]).
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
