@@ -141,6 +141,25 @@ const START_SECONDS: u64 = 5;
 /// virtual time is a failed run: this panics (the AP may still use `job`'s
 /// borrows, so returning would be unsound).
 pub fn run(s: &dyn Starter, cpus: usize, seconds: u64, job: Job<'_>) -> Result<(), SmpError> {
+    let per_second = s.per_second();
+    run_bounded(
+        s,
+        cpus,
+        START_SECONDS * per_second,
+        seconds * per_second,
+        job,
+    )
+}
+
+/// [`run`] with both bounds in ticks of `s`'s counter: `start` for each AP
+/// to come up, `finish` for every AP to finish the job.
+pub fn run_bounded(
+    s: &dyn Starter,
+    cpus: usize,
+    start: u64,
+    finish: u64,
+    job: Job<'_>,
+) -> Result<(), SmpError> {
     let have = s.cpus().min(MAX_CPUS);
     if cpus > have || cpus == 0 {
         return Err(SmpError::TooFewCpus { want: cpus, have });
@@ -149,7 +168,6 @@ pub fn run(s: &dyn Starter, cpus: usize, seconds: u64, job: Job<'_>) -> Result<(
     // between GO and DONE, and this function does not return before every AP that got
     // GO has stored DONE (or it panics, ending the run).
     let job: Job<'static> = unsafe { core::mem::transmute::<Job<'_>, Job<'static>>(job) };
-    let per_second = s.per_second();
     let mut failed = None;
     let mut started = 0;
     for (cpu, slot) in SLOTS.iter().enumerate().take(cpus).skip(1) {
@@ -161,9 +179,7 @@ pub fn run(s: &dyn Starter, cpus: usize, seconds: u64, job: Job<'_>) -> Result<(
             failed = Some(SmpError::Start { cpu, code });
             break;
         }
-        let up = wait(s, START_SECONDS * per_second, || {
-            slot.state.load(Ordering::Acquire) != STARTING
-        });
+        let up = wait(s, start, || slot.state.load(Ordering::Acquire) != STARTING);
         if !up
             && slot
                 .state
@@ -178,23 +194,28 @@ pub fn run(s: &dyn Starter, cpus: usize, seconds: u64, job: Job<'_>) -> Result<(
     let verdict = if failed.is_none() { GO } else { ABORT };
     let mut go = [false; MAX_CPUS];
     for (cpu, slot) in SLOTS.iter().enumerate().take(started + 1).skip(1) {
-        go[cpu] = slot
+        let told = slot
             .state
             .compare_exchange(READY, verdict, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-            && verdict == GO;
+            .is_ok();
+        go[cpu] = told && verdict == GO;
+        if !told && failed.is_none() {
+            // It gave up waiting for the verdict: the others run without it.
+            failed = Some(SmpError::NoResponse { cpu });
+        }
     }
     s.wake();
     if failed.is_none() {
         job(0);
     }
-    // Every AP that saw GO or ABORT reports DONE.
+    // Every AP that saw GO or ABORT reports DONE (one that gave up is
+    // ABANDONED and touches nothing more).
     for (cpu, slot) in SLOTS.iter().enumerate().take(started + 1).skip(1) {
-        let finished = wait(s, seconds * per_second, || {
-            slot.state.load(Ordering::Acquire) == DONE
+        let finished = wait(s, finish, || {
+            matches!(slot.state.load(Ordering::Acquire), DONE | ABANDONED)
         });
         if !finished && go[cpu] {
-            panic!("CPU {cpu} did not finish its job within {seconds} s");
+            panic!("CPU {cpu} did not finish its job within {finish} ticks");
         }
         *slot.job.lock() = None;
         slot.state.store(IDLE, Ordering::Release);
@@ -217,9 +238,12 @@ pub fn ap_main(s: &dyn Starter, slot: &'static Slot) {
         // ABANDONED: the boot CPU gave up on this AP; the job is not ours.
         return;
     }
-    let decided = wait(s, START_SECONDS * s.per_second(), || {
-        slot.state.load(Ordering::Acquire) != READY
-    });
+    // The boot CPU starts the others one by one, each within START_SECONDS.
+    let decided = wait(
+        s,
+        (MAX_CPUS as u64 + 1) * START_SECONDS * s.per_second(),
+        || slot.state.load(Ordering::Acquire) != READY,
+    );
     if !decided
         && slot
             .state
@@ -235,4 +259,24 @@ pub fn ap_main(s: &dyn Starter, slot: &'static Slot) {
         }
     }
     slot.state.store(DONE, Ordering::Release);
+}
+
+/// A [`Starter`] whose APs never come up: `start` reports success and does
+/// nothing. For testing that a CPU that does not come up fails the run in
+/// bounded time, with the job run nowhere.
+pub struct Deaf<'a>(pub &'a dyn Starter);
+
+impl Starter for Deaf<'_> {
+    fn cpus(&self) -> usize {
+        self.0.cpus()
+    }
+    fn start(&self, _cpu: usize, _slot: &'static Slot) -> Result<(), i64> {
+        Ok(())
+    }
+    fn now(&self) -> u64 {
+        self.0.now()
+    }
+    fn per_second(&self) -> u64 {
+        self.0.per_second()
+    }
 }

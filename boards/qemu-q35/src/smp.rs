@@ -231,6 +231,12 @@ extern "C" fn ap_entry(cpu: u64) {
     unsafe { asm!("cli", options(nomem, nostack)) };
 }
 
+/// The board's [`Starter`], once [`init`] ran (for `board_common::smp`'s
+/// own entry points).
+pub fn starter() -> Option<&'static dyn Starter> {
+    CPUS.get().map(|c| c as &dyn Starter)
+}
+
 /// Runs `job(i)` on `cpus` CPUs at once (see [`board_common::smp::run`]);
 /// a job still running after `seconds` of virtual time ends the run.
 pub fn run(cpus: usize, seconds: u64, job: smp::Job<'_>) -> Result<(), SmpError> {

@@ -211,6 +211,11 @@ extern "C" fn ap_rust(cpu: u64) -> ! {
     }
 }
 
+/// The board's [`Starter`] (for `board_common::smp`'s own entry points).
+pub fn starter() -> Result<&'static dyn Starter, FdtError> {
+    psci().map(|p| p as &dyn Starter)
+}
+
 /// Runs `job(i)` on `cpus` CPUs at once (see [`board_common::smp::run`]);
 /// a job still running after `seconds` of virtual time ends the run.
 pub fn run(cpus: usize, seconds: u64, job: smp::Job<'_>) -> Result<(), SmpError> {

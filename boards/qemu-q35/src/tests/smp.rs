@@ -7,7 +7,7 @@ use bare_iommu::pgtable::{DmaDirection, MapAttrs};
 use bare_iommu::vtd::{Access, FaultRecord};
 use bare_iommu::{IommuBackend, PAGE_SIZE, PhysAddr};
 use board_common::edu::DmaBudget;
-use board_common::smp::MAX_CPUS;
+use board_common::smp::{Deaf, MAX_CPUS, SmpError};
 use board_common::smp_dma::{self, Mmio, SmpBoard, VirtioLane, Work};
 use board_common::virtio::{DmaBuf, VirtioBlk};
 use spin::Mutex;
@@ -87,6 +87,38 @@ pub fn four_cpus_run_a_job_and_start_again(ctx: &mut Ctx) -> Result<(), Fail> {
             );
         }
     }
+    Ok(())
+}
+
+/// A CPU that does not come up (its start "succeeds" but it never reports:
+/// `board_common::smp::Deaf`) fails the run within the start bound (a
+/// tenth of a second of virtual time) with `NoResponse` for CPU 1, the job
+/// runs on no CPU, and the next run starts all four again.
+pub fn cpu_that_never_comes_up_fails_the_run_in_bounded_time(ctx: &mut Ctx) -> Result<(), Fail> {
+    cpus(ctx)?;
+    let s = smp::starter().or_fail("CPU list")?;
+    let per_second = s.per_second();
+    let ran = AtomicUsize::new(0);
+    let t0 = s.now();
+    let r = board_common::smp::run_bounded(&Deaf(s), CPUS, per_second / 10, per_second, &|_| {
+        ran.fetch_add(1, Ordering::SeqCst);
+    });
+    let took = s.now().wrapping_sub(t0);
+    check_eq!(
+        r,
+        Err(SmpError::NoResponse { cpu: 1 }),
+        "run with a deaf CPU 1"
+    );
+    check_eq!(ran.load(Ordering::SeqCst), 0, "CPUs that ran the job");
+    check!(
+        took < per_second / 5,
+        "the failed run took {took} ticks ({per_second} a second)"
+    );
+    smp::run(CPUS, JOB_SECONDS, &|_| {
+        ran.fetch_add(1, Ordering::SeqCst);
+    })
+    .map_err(|e| fail_msg(format_args!("the next run: {e}")))?;
+    check_eq!(ran.load(Ordering::SeqCst), CPUS, "CPUs in the next run");
     Ok(())
 }
 

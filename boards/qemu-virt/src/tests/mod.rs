@@ -114,6 +114,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         smp::four_cpus_run_a_job_and_start_again,
     ),
     (
+        "cpu_that_never_comes_up_fails_the_run_in_bounded_time",
+        smp::cpu_that_never_comes_up_fails_the_run_in_bounded_time,
+    ),
+    (
         "four_cpus_dma_on_three_devices_while_faults_interrupt",
         smp::four_cpus_dma_on_three_devices_while_faults_interrupt,
     ),

@@ -8,7 +8,7 @@ use bare_iommu::pgtable::{DmaDirection, MapAttrs, PteFormat};
 use bare_iommu::smmuv3::{Event, Smmu, SmmuConfig};
 use bare_iommu::{IommuBackend, PAGE_SIZE, PhysAddr, TableFormat};
 use board_common::edu::DmaBudget;
-use board_common::smp::MAX_CPUS;
+use board_common::smp::{Deaf, MAX_CPUS, SmpError};
 use board_common::smp_dma::{self, Mmio, SmpBoard, VirtioLane, Work};
 use board_common::virtio::{DmaBuf, VirtioBlk};
 use spin::Mutex;
@@ -78,6 +78,38 @@ pub fn four_cpus_run_a_job_and_start_again(_ctx: &mut Ctx) -> Result<(), Fail> {
             }
         }
     }
+    Ok(())
+}
+
+/// A CPU that does not come up (its start "succeeds" but it never reports:
+/// `board_common::smp::Deaf`) fails the run within the start bound (a
+/// tenth of a second of virtual time) with `NoResponse` for CPU 1, the job
+/// runs on no CPU, and the next run starts all four again.
+pub fn cpu_that_never_comes_up_fails_the_run_in_bounded_time(ctx: &mut Ctx) -> Result<(), Fail> {
+    let _ = ctx;
+    let s = smp::starter().map_err(|e| fail_msg(format_args!("DTB: {e:?}")))?;
+    let per_second = s.per_second();
+    let ran = AtomicUsize::new(0);
+    let t0 = s.now();
+    let r = board_common::smp::run_bounded(&Deaf(s), CPUS, per_second / 10, per_second, &|_| {
+        ran.fetch_add(1, Ordering::SeqCst);
+    });
+    let took = s.now().wrapping_sub(t0);
+    check_eq!(
+        r,
+        Err(SmpError::NoResponse { cpu: 1 }),
+        "run with a deaf CPU 1"
+    );
+    check_eq!(ran.load(Ordering::SeqCst), 0, "CPUs that ran the job");
+    check!(
+        took < per_second / 5,
+        "the failed run took {took} ticks ({per_second} a second)"
+    );
+    smp::run(CPUS, JOB_SECONDS, &|_| {
+        ran.fetch_add(1, Ordering::SeqCst);
+    })
+    .map_err(|e| fail_msg(format_args!("the next run: {e}")))?;
+    check_eq!(ran.load(Ordering::SeqCst), CPUS, "CPUs in the next run");
     Ok(())
 }
 
