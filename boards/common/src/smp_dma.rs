@@ -10,8 +10,9 @@
 //! CPU's interrupts, as the fault handler takes the same lock) and the
 //! domains only through [`Work::domain`]: switching to a shared domain and
 //! a shared driver changes those two functions and the types of
-//! [`Work::doms`], not the workload. Lock order: fault token → device →
-//! domain → IOMMU; the fault handler takes the IOMMU alone.
+//! [`Work::doms`], not the workload. Lock order: fault token → domain →
+//! IOMMU; a device's lock is held alone (for its DMA); the fault handler
+//! takes the IOMMU alone.
 //!
 //! Per CPU `c` and round `r`, on lane `(c + r) % 3` (edu 0, edu 1 — both
 //! attached to domain 0 — or the virtio-blk in domain 1): fill page P with

@@ -80,11 +80,17 @@ pub fn four_cpus_run_a_job_and_start_again(ctx: &mut Ctx) -> Result<(), Fail> {
         );
         for (cpu, id) in ids.iter().enumerate() {
             let id = id.load(Ordering::SeqCst);
-            check_eq!(
-                Some(&id),
-                ctx.apic_ids.get(cpu),
-                "round {round}: APIC ID of CPU {cpu}"
+            check!(
+                ctx.apic_ids.contains(&id),
+                "round {round}: CPU {cpu} reports APIC ID {id}, not in the MADT"
             );
+            for (other, o) in ids.iter().enumerate().skip(cpu + 1) {
+                let o = o.load(Ordering::SeqCst);
+                check!(
+                    o != id,
+                    "round {round}: CPUs {cpu} and {other} both report APIC ID {id}"
+                );
+            }
         }
     }
     Ok(())
