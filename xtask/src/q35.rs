@@ -2,8 +2,9 @@
 //! runs it on QEMU `q35` + `intel-iommu` in every configuration the VT-d driver
 //! must handle, one QEMU run each.
 //!
-//! Every run also has two edu devices (00:03.0, 00:04.0), a third behind
-//! the PCIe root port at 00:06.0 (01:00.0), an ivshmem-plain
+//! Every run has four CPUs (`-smp 4`, for the SMP tests), two edu devices
+//! (00:03.0, 00:04.0), a third behind the PCIe root port at 00:06.0
+//! (01:00.0), an ivshmem-plain
 //! at 00:05.0 (P2P provider) and a modern-only virtio-blk at 00:08.0
 //! (`iommu_platform=on`) over a fresh 1 MiB raw image
 //! (`target/virtio-blk.img`, rewritten before each run).
@@ -110,6 +111,9 @@ fn qemu_command(cfg: &Config, image: &Path, disk: &Path, extra: &[String], words
     }
     cmd.args(["-machine", "q35,kernel-irqchip=split", "-device", cfg.iommu])
         .args(["-nographic", "-nic", "none", "-m", "512M"])
+        // Four CPUs: the SMP tests start the three APs (INIT-SIPI-SIPI);
+        // every other test runs on the boot CPU while they wait for a SIPI.
+        .args(["-smp", "4"])
         .args(["-icount", "shift=10,sleep=off"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         // Pinned slots: RIDs 0x18 and 0x20; full DMA mask so IOVAs may use

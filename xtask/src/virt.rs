@@ -6,7 +6,8 @@
 //! SMMU entered at EL1 (`-cpu cortex-a57`), as a unikernel or firmware is;
 //! all with a GICv3
 //! (`gic-version=3`: under TCG `virt` defaults to a GICv2, which the board's
-//! SMMU interrupt tests cannot use). Every run has two
+//! SMMU interrupt tests cannot use). Every run has four CPUs (`-smp 4`, for
+//! the SMP tests), two
 //! edu devices (00:05.0, 00:06.0) and an ivshmem-plain at 00:07.0 whose
 //! RAM-backed BAR 2 is the P2P provider of the board's P2P tests, and a
 //! modern-only virtio-blk at 00:08.0 (`iommu_platform=on`) over a fresh 1 MiB
@@ -71,6 +72,10 @@ const CONFIGS: [Config; 4] = [
 /// Arguments every run gets; `-semihosting` is what lets the board's exit
 /// status reach us (without it a failing board could exit 0).
 const COMMON: &[&str] = &[
+    // Four CPUs: the SMP tests start the three secondaries through PSCI;
+    // every other test runs on the boot CPU alone while they stay off.
+    "-smp",
+    "4",
     "-nographic",
     "-semihosting",
     "-icount",

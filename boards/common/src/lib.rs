@@ -10,6 +10,8 @@
 //! - [`ivshmem`]: the ivshmem-plain BAR that P2P tests DMA into;
 //! - [`p2p`]: the P2P test bodies, over the board's IOMMU;
 //! - [`pattern`]: the test pattern and the byte checks of lent memory;
+//! - [`smp`]: one job on several CPUs at once (the board starts the CPUs);
+//! - [`smp_dma`]: the several-CPU DMA workload over the board's IOMMU;
 //! - [`virtio`]: a polled virtio-blk driver (virtio 1.x PCI transport);
 //! - [`virtio_dma`]: the virtio-blk test bodies, over the board's IOMMU;
 //! - [`virtio_drivers_dma`]: virtio-drivers' own `VirtIOBlk` through
@@ -42,6 +44,8 @@ pub mod forgetful;
 pub mod ivshmem;
 pub mod p2p;
 pub mod pattern;
+pub mod smp;
+pub mod smp_dma;
 pub mod virtio;
 pub mod virtio_dma;
 pub mod virtio_drivers_dma;

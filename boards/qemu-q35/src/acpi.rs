@@ -73,7 +73,7 @@ pub struct EcamWindow {
 }
 
 /// What the board needs from ACPI.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct AcpiInfo {
     /// Register base of the first DRHD (QEMU: 0xfed90000).
     pub drhd_base: u64,
@@ -90,6 +90,43 @@ pub struct AcpiInfo {
     pub ecam: EcamWindow,
     /// PM1a control port from the FADT, if it has one.
     pub pm1a_cnt: Option<u16>,
+    /// Local APIC IDs of the enabled CPUs the MADT lists, in its order (at
+    /// most [`MAX_CPUS`]); empty without a MADT.
+    pub cpus: heapless::Vec<u32, MAX_CPUS>,
+}
+
+/// CPUs the board keeps track of.
+pub const MAX_CPUS: usize = board_common::smp::MAX_CPUS;
+
+/// The enabled processors of a MADT (ACPI 6.5 §5.2.12): Processor Local
+/// APIC (type 0, APIC ID at byte 3) and Processor Local x2APIC (type 9,
+/// x2APIC ID at bytes 4..8) entries whose flags (bytes 4..8 / 8..12) have
+/// Enabled (bit 0) set. The entries start after the header and the 8 bytes
+/// of local interrupt controller address and flags.
+fn madt_cpus(madt: &[u8]) -> heapless::Vec<u32, MAX_CPUS> {
+    let mut cpus = heapless::Vec::new();
+    let mut off = HEADER_LEN + 8;
+    while let (Some(&kind), Some(&len)) = (madt.get(off), madt.get(off + 1)) {
+        if len < 2 {
+            break;
+        }
+        let (id, flags) = match kind {
+            0 => (
+                madt.get(off + 3).map(|&b| u32::from(b)),
+                le32(madt, off + 4),
+            ),
+            9 => (le32(madt, off + 4), le32(madt, off + 8)),
+            _ => (None, None),
+        };
+        if let (Some(id), Some(flags)) = (id, flags)
+            && flags & 1 != 0
+            && !cpus.contains(&id)
+        {
+            let _ = cpus.push(id);
+        }
+        off += usize::from(len);
+    }
+    cpus
 }
 
 fn le16(b: &[u8], off: usize) -> Option<u16> {
@@ -174,6 +211,7 @@ pub fn parse(rsdp_hint: u64) -> Result<AcpiInfo, AcpiError> {
     let mut dmar = None;
     let mut mcfg = None;
     let mut fadt = None;
+    let mut madt = None;
     let mut off = HEADER_LEN;
     while off + entry_len <= root.len() {
         let pa = if entry_len == 8 {
@@ -190,6 +228,7 @@ pub fn parse(rsdp_hint: u64) -> Result<AcpiInfo, AcpiError> {
             b"DMAR" => dmar = Some(bytes),
             b"MCFG" => mcfg = Some(bytes),
             b"FACP" => fadt = Some(bytes),
+            b"APIC" => madt = Some(bytes),
             _ => {}
         }
     }
@@ -248,5 +287,6 @@ pub fn parse(rsdp_hint: u64) -> Result<AcpiInfo, AcpiError> {
         dmar,
         ecam,
         pm1a_cnt,
+        cpus: madt.map(madt_cpus).unwrap_or_default(),
     })
 }

@@ -41,6 +41,8 @@ pub struct Ctx {
     /// PCI configuration access (segment 0).
     #[allow(dead_code, reason = "for tests")]
     pub ecam: Ecam,
+    /// Local APIC IDs of the CPUs the MADT lists (for [`crate::smp`]).
+    pub apic_ids: heapless::Vec<u32, { crate::acpi::MAX_CPUS }>,
 }
 
 /// The virtio-blk function, as the board set it up.

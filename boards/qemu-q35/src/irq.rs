@@ -9,8 +9,10 @@
 //! with a message; [`TIMER_VECTOR`] (the APIC timer) bounds [`wait_until`];
 //! [`DEVICE_VECTOR`] calls the handler registered with [`set_device_handler`],
 //! then signals EOI. The CPU runs with interrupts disabled (the trampoline's
-//! `cli`) except inside [`wait_until`], so test code shares state with a
-//! handler through locks it takes with interrupts off.
+//! `cli`) except inside [`wait_until`] (and, on the boot CPU, for the run
+//! of the SMP test, whose APs never enable them), so test code shares state
+//! with a handler through locks it takes with interrupts off. [`send_ipi`]
+//! and [`load_idt`] serve the APs ([`crate::smp`]).
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -48,6 +50,8 @@ const LAPIC_TPR: usize = 0x80;
 const LAPIC_EOI: usize = 0xb0;
 const LAPIC_SVR: usize = 0xf0;
 const LAPIC_IRR: usize = 0x200;
+const LAPIC_ICR_LO: usize = 0x300;
+const LAPIC_ICR_HI: usize = 0x310;
 const LAPIC_LVT_TIMER: usize = 0x320;
 const LAPIC_LVT_LINT0: usize = 0x350;
 const LAPIC_LVT_ERROR: usize = 0x370;
@@ -403,6 +407,50 @@ pub fn msi_for(apic_id: u32, vector: u8) -> (u64, u32) {
         MSI_ADDRESS_BASE | (u64::from(apic_id & 0xff) << 12),
         u32::from(vector),
     )
+}
+
+/// ICR: delivery status (xAPIC only; SDM Vol. 3 11.6.1): the IPI is not yet sent.
+const ICR_SEND_PENDING: u32 = 1 << 12;
+/// Polls of the delivery status before an IPI counts as stuck.
+const ICR_POLLS: u32 = 1_000_000;
+
+/// Sends the inter-processor interrupt `icr_lo` (vector, delivery mode,
+/// level; SDM Vol. 3 11.6.1) to the local APIC `apic_id`, physical
+/// destination. xAPIC: destination in ICR bits 63:56, then the low word
+/// (which sends), and a bounded wait for the delivery status to clear;
+/// x2APIC: one 64-bit write of MSR 0x830 with the 32-bit destination in bits
+/// 63:32 (SDM 11.12.9; no delivery status). `false` if it stayed pending.
+pub fn send_ipi(apic_id: u32, icr_lo: u32) -> bool {
+    if X2APIC.load(Ordering::Relaxed) {
+        wrmsr(
+            x2apic_msr(LAPIC_ICR_LO),
+            (u64::from(apic_id) << 32) | u64::from(icr_lo),
+        );
+        return true;
+    }
+    lapic_write(LAPIC_ICR_HI, (apic_id & 0xff) << 24);
+    lapic_write(LAPIC_ICR_LO, icr_lo);
+    (0..ICR_POLLS).any(|_| {
+        let idle = lapic_read(LAPIC_ICR_LO) & ICR_SEND_PENDING == 0;
+        core::hint::spin_loop();
+        idle
+    })
+}
+
+/// Loads the board's IDT on this CPU (an AP: the boot CPU's [`init`] built
+/// it); `false` if it is not built yet.
+pub fn load_idt() -> bool {
+    let Some(idt) = IDT.get() else {
+        return false;
+    };
+    let idtr = DescriptorTablePointer {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: VirtAddr::from_ptr(idt),
+    };
+    // SAFETY: as in `init`: the IDT is 'static and its gates point at the
+    // stubs, which work on any CPU (they use the stack they interrupt).
+    unsafe { lidt(&idtr) };
+    true
 }
 
 /// Registers (or with `None` removes) the [`DEVICE_VECTOR`] handler.

@@ -28,6 +28,7 @@ mod irq;
 mod memory;
 mod pci;
 mod serial;
+mod smp;
 mod tests;
 
 use bare_iommu::DeviceId;
@@ -177,6 +178,7 @@ extern "C" fn board_main(start_info_pa: u64) -> ! {
         demo: cfg!(feature = "demo"),
         cmdline,
         ecam,
+        apic_ids: info.cpus.clone(),
     };
     board_common::harness::run(&mut ctx, tests::TESTS)
 }

@@ -63,6 +63,7 @@ _start:
     // current EL on SP_ELx (entry 5) goes to `irq_entry`; every other entry
     // is unexpected: it reports its index and never returns.
     .balign 0x800
+    .global exception_vectors
 exception_vectors:
     .set    idx, 0
     .rept   16
@@ -76,10 +77,15 @@ exception_vectors:
     .set    idx, idx + 1
     .endr
 exception_common:
+    // The boot CPU reports on a fresh boot stack; an AP (smp.rs) keeps its
+    // own stack rather than overwrite the boot CPU's.
+    mrs     x1, mpidr_el1
+    and     x1, x1, #0xff
+    cbnz    x1, 1f
     adrp    x1, __stack_top
     add     x1, x1, :lo12:__stack_top
     mov     sp, x1
-    b       {exception}
+1:  b       {exception}
 
     // IRQ: save what the AAPCS64 lets a call clobber (x0-x18, x30) and all
     // of FP/SIMD (the interrupted code may hold 128-bit values in v8-v15,

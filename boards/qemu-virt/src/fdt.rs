@@ -214,6 +214,44 @@ impl Fdt {
             .ok_or(FdtError::NoProperty(name))
     }
 
+    /// The PSCI conduit the `/psci` node names (`method`: "hvc" or "smc";
+    /// Linux binding `arm,psci`): `true` for SMC.
+    pub fn psci_uses_smc(&self) -> Result<bool, FdtError> {
+        let node = self
+            .dt
+            .find_node("/psci")
+            .ok_or(FdtError::NoNode("/psci"))?;
+        let method = node
+            .property("method")
+            .ok_or(FdtError::NoProperty("method"))?
+            .value;
+        match method.split(|&c| c == 0).next() {
+            Some(b"smc") => Ok(true),
+            Some(b"hvc") => Ok(false),
+            _ => Err(FdtError::Malformed),
+        }
+    }
+
+    /// The MPIDR affinity (`reg`) of every `/cpus/cpu@…` node, in DTB
+    /// order, through `f`; returns how many there were.
+    pub fn cpu_mpidrs(&self, mut f: impl FnMut(u64)) -> Result<usize, FdtError> {
+        let cpus = self
+            .dt
+            .find_node("/cpus")
+            .ok_or(FdtError::NoNode("/cpus"))?;
+        let ac = cpus.cell_sizes().address_cells;
+        if !(1..=2).contains(&ac) {
+            return Err(FdtError::Malformed);
+        }
+        let mut n = 0;
+        for cpu in cpus.children().filter(|c| c.name.starts_with("cpu@")) {
+            let reg = cpu.property("reg").ok_or(FdtError::NoProperty("reg"))?;
+            f(cells(reg.value, 0, ac).ok_or(FdtError::Malformed)?);
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The CPU physical address at which PCI bus address `bus` appears.
     pub fn pci_bus_to_cpu(&self, bus: u64) -> Result<u64, FdtError> {
         let mut found = None;

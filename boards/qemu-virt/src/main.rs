@@ -24,6 +24,7 @@ mod irq;
 mod its;
 mod memory;
 mod pci;
+mod smp;
 mod tests;
 mod time;
 mod uart;

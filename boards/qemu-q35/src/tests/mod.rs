@@ -14,6 +14,7 @@ mod irq;
 mod msi;
 mod p2p;
 mod reserved;
+mod smp;
 mod virtio;
 mod virtio_drivers;
 mod vtd;
@@ -68,4 +69,7 @@ pub const TESTS: &[(&str, TestFn)] = &[
     test!(virtio_drivers::virtio_drivers_blk_reads_and_writes_through_iommu_hal),
     test!(virtio_drivers::virtio_drivers_unshared_buffer_faults),
     test!(dma_api::dma_api_edu_dma_lands_in_buffer_and_released_buffer_faults),
+    test!(smp::four_cpus_run_a_job_and_start_again),
+    test!(smp::cpu_that_never_comes_up_fails_the_run_in_bounded_time),
+    test!(smp::four_cpus_dma_on_three_devices_while_faults_interrupt),
 ];

@@ -11,6 +11,7 @@ mod irq;
 mod msi;
 mod p2p;
 mod smmu;
+mod smp;
 mod virtio;
 mod virtio_drivers;
 
@@ -130,5 +131,18 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "virtio_drivers_unshared_buffer_faults",
         virtio_drivers::virtio_drivers_unshared_buffer_faults,
+    ),
+    // Several CPUs at once (QEMU -smp 4).
+    (
+        "four_cpus_run_a_job_and_start_again",
+        smp::four_cpus_run_a_job_and_start_again,
+    ),
+    (
+        "cpu_that_never_comes_up_fails_the_run_in_bounded_time",
+        smp::cpu_that_never_comes_up_fails_the_run_in_bounded_time,
+    ),
+    (
+        "four_cpus_dma_on_three_devices_while_faults_interrupt",
+        smp::four_cpus_dma_on_three_devices_while_faults_interrupt,
     ),
 ];
