@@ -214,6 +214,9 @@ fn miri(t: &mut Tally) {
             "ir_tests",
             "--skip",
             "leak_tests",
+            // The hand-off tests drive the same threaded fake VT-d unit.
+            "--skip",
+            "vtd::handoff::tests",
             // The heaviest strict-model scenarios (hundreds of tables,
             // every page diffed at every event) take minutes each under
             // Miri; the other strict-model tests cover the same code.
