@@ -100,6 +100,15 @@ impl<M: TableMemory> Smmu<M> {
                 value: stage2.id.into(),
             });
         }
+        // The driver's own stage-1 streams tag their TLB entries with VMID 0:
+        // a guest's ASIDs under VMID 0 would share them (Linux allocates
+        // nesting VMIDs from 1 too).
+        if stage2.id == 0 {
+            return Err(SmmuError::BadDomain {
+                what: "VMID 0 is the host's stage-1 tag, not a guest's",
+                value: 0,
+            });
+        }
         Ok(())
     }
 
@@ -165,7 +174,8 @@ impl<M: TableMemory> Smmu<M> {
     /// # Errors
     ///
     /// [`SmmuError::Unsupported`] without IDR0.S1P and IDR0.S2P;
-    /// [`SmmuError::BadDomain`] for a parent that is not stage 2, a VMID, level count or size
+    /// [`SmmuError::BadDomain`] for a parent that is not stage 2, VMID 0 (the tag of the driver's
+    /// own stage-1 streams), a VMID, level count or size
     /// the SMMU cannot take, a CD table IPA that is misaligned or outside the stage-2 input range,
     /// S1CDMax beyond IDR1.SSIDSIZE, or more than [`NESTED_VMIDS`] VMIDs in nested use;
     /// otherwise as [`attach_stream`](Self::attach_stream).

@@ -104,8 +104,9 @@ fn strict_smmu_nested_needs_both_stages_and_checks_its_parameters() {
             Err(SmmuError::BadDomain { .. })
         )
     };
-    // A stage-1 parent.
+    // A stage-1 parent; VMID 0 (the host's own stage-1 tag).
     assert!(bad(&mut s, s1_domain(7), GuestCdTable::single(CD_IPA)));
+    assert!(bad(&mut s, s2_domain(0), GuestCdTable::single(CD_IPA)));
     // Misaligned, or beyond the 39-bit stage-2 input range.
     assert!(bad(&mut s, s2_domain(7), GuestCdTable::single(CD_IPA + 8)));
     assert!(bad(&mut s, s2_domain(7), GuestCdTable::single(1 << 39)));

@@ -79,6 +79,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         nested::nested_stage2_change_takes_effect_after_s2_and_stage1_flush,
     ),
     (
+        "nested_guest_cd_change_takes_effect_after_cfgi_cd",
+        nested::nested_guest_cd_change_takes_effect_after_cfgi_cd,
+    ),
+    (
         "smmu_fault_storm_overflows_event_queue_and_recovers",
         smmu::smmu_fault_storm_overflows_event_queue_and_recovers,
     ),

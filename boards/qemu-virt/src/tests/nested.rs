@@ -145,11 +145,7 @@ fn set_up<'g>(
     // the guest's structures live in (CD, stage-1 tables).
     let mut s2: GuestDomain<ArmStage2, Mem, 12> =
         GuestDomain::new(domain(smmu, ctx, ArmStage2, VMID)?);
-    for r in [
-        page(IPA_SRC, src),
-        page(IPA_DST, dst),
-        page(IPA_DST2, dst2),
-    ] {
+    for r in [page(IPA_SRC, src), page(IPA_DST, dst), page(IPA_DST2, dst2)] {
         s2.add(r).or_fail("stage 2 data page")?;
     }
     let lent: heapless::Vec<(PhysAddr, usize), 8> = gm.lent.borrow().clone();
@@ -335,7 +331,10 @@ pub fn nested_stage1_change_takes_effect_after_the_guest_invalidation(
         "without an invalidation the SMMU did not use its cached stage-1 entry: \
          this test could not catch a missing one"
     );
-    narrate!("guest remapped IOVA {IOVA_DST:#x} without TLBI: DMA still reached {}", n.dst);
+    narrate!(
+        "guest remapped IOVA {IOVA_DST:#x} without TLBI: DMA still reached {}",
+        n.dst
+    );
 
     let before = smmu.stats().commands;
     smmu.invalidate_guest_va(VMID, ASID, DmaAddr(IOVA_DST), PAGE_SIZE, true)
@@ -357,7 +356,10 @@ pub fn nested_stage1_change_takes_effect_after_the_guest_invalidation(
         "after TLBI_NH_VA the DMA still reached the old page"
     );
     check_eq!(drain(&mut smmu).report.events, 0, "events");
-    narrate!("after TLBI_NH_VA + CMD_SYNC: the DMA reached {} (IPA {IPA_DST2:#x})", n.dst2);
+    narrate!(
+        "after TLBI_NH_VA + CMD_SYNC: the DMA reached {} (IPA {IPA_DST2:#x})",
+        n.dst2
+    );
     n.end(ctx, &mut smmu)?;
     teardown(&mut smmu, ctx)
 }
@@ -414,7 +416,9 @@ pub fn nested_stage2_change_takes_effect_after_s2_and_stage1_flush(
         "TLBI_S2_IPA alone removed the combined entry: this test could not \
          catch a missing stage-1 flush"
     );
-    narrate!("stage 2 remapped IPA {IPA_DST:#x}: stale without TLBI, still stale after TLBI_S2_IPA alone");
+    narrate!(
+        "stage 2 remapped IPA {IPA_DST:#x}: stale without TLBI, still stale after TLBI_S2_IPA alone"
+    );
 
     // The driver's stage-2 invalidation, as GuestDomain::remove issues it.
     let before = smmu.stats().commands;
@@ -422,8 +426,16 @@ pub fn nested_stage2_change_takes_effect_after_s2_and_stage1_flush(
         .or_fail("stage-2 invalidate")?;
     IommuBackend::sync(&mut smmu).or_fail("sync")?;
     let after = smmu.stats().commands;
-    check_eq!(after.tlbi_s2_ipa - before.tlbi_s2_ipa, 1, "TLBI_S2_IPA count");
-    check_eq!(after.tlbi_nh_all - before.tlbi_nh_all, 1, "TLBI_NH_ALL count");
+    check_eq!(
+        after.tlbi_s2_ipa - before.tlbi_s2_ipa,
+        1,
+        "TLBI_S2_IPA count"
+    );
+    check_eq!(
+        after.tlbi_nh_all - before.tlbi_nh_all,
+        1,
+        "TLBI_NH_ALL count"
+    );
     check_eq!(after.sync - before.sync, 2, "CMD_SYNC count");
     ctx.mem.fill(n.dst, PAGE, 0);
     ctx.edu[0]
@@ -442,5 +454,93 @@ pub fn nested_stage2_change_takes_effect_after_s2_and_stage1_flush(
         "TLBI_S2_IPA + CMD_SYNC + TLBI_NH_ALL(VMID {VMID}) + CMD_SYNC: the DMA reached {dst3}"
     );
     n.end(ctx, &mut smmu)?;
+    teardown(&mut smmu, ctx)
+}
+
+/// The guest points its CD at new stage-1 tables under a new ASID: the SMMU
+/// keeps the CD it cached until CMD_CFGI_CD (+ CMD_SYNC), then walks the new
+/// tables.
+pub fn nested_guest_cd_change_takes_effect_after_cfgi_cd(ctx: &mut Ctx) -> Result<(), Fail> {
+    let mut smmu = bring_up(ctx, SmmuConfig::default())?;
+    let gm = GuestMem::new(ctx.mem);
+    let Some(mut n) = set_up(ctx, &mut smmu, &gm)? else {
+        return teardown(&mut smmu, ctx);
+    };
+    let sid = ctx.edu[0].id.stream_id();
+    ctx.mem.fill_pattern(n.src, PAGE, 0x27);
+    ctx.mem.fill(n.dst, PAGE, 0);
+    ctx.mem.fill(n.dst2, PAGE, 0);
+    copy(ctx, IOVA_SRC, IOVA_DST)?;
+    check_ok!(
+        ctx.mem.check_pattern(n.dst, LEN as usize, 0x27),
+        "first DMA missed its page"
+    );
+
+    // The guest builds a second set of tables (IOVA_DST -> IPA_DST2); the
+    // hypervisor maps their pages in stage 2 (new entries: no invalidation).
+    let before: heapless::Vec<(PhysAddr, usize), 8> = gm.lent.borrow().clone();
+    let rw = MapAttrs::READ | MapAttrs::WRITE;
+    let mut s1b =
+        IoPageTable::new(ArmStage1, &gm, 3, smmu.coherent_walk()).or_fail("second tables")?;
+    s1b.map(DmaAddr(IOVA_DST), PhysAddr(IPA_DST2), PAGE_SIZE, rw)
+        .or_fail("second tables map")?;
+    let now: heapless::Vec<(PhysAddr, usize), 8> = gm.lent.borrow().clone();
+    for (hpa, _) in now.iter().filter(|p| !before.contains(p)) {
+        n.s2.add(page(hpa.get() + GUEST_OFFSET, *hpa))
+            .or_fail("stage 2 maps the new table page")?;
+    }
+    n.s2.sync(&mut smmu).or_fail("stage 2 sync")?;
+
+    // The guest rewrites its CD: new ASID, new TTB0.
+    let cd = smmu
+        .guest_context_descriptor(&n.s2_info, ASID + 1, s1b.root().get(), 3)
+        .or_fail("new CD")?;
+    let mut bytes = [0u8; 64];
+    for (i, w) in cd.0.iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    ctx.mem.write(GuestMem::hpa(n.cd_ipa), &bytes);
+    ctx.edu[0]
+        .dma_to_ram(IOVA_DST, 0, LEN)
+        .or_fail("DMA before CFGI_CD")?;
+    check!(
+        ctx.mem.check_pattern(n.dst, LEN as usize, 0x27).is_ok(),
+        "without CFGI_CD the SMMU did not use its cached CD: this test could \
+         not catch a missing one"
+    );
+    narrate!(
+        "guest rewrote its CD (ASID {}, new tables): the SMMU still used the cached one",
+        ASID + 1
+    );
+
+    let before = smmu.stats().commands;
+    smmu.invalidate_guest_cd(sid, 0).or_fail("CFGI_CD")?;
+    // The old ASID's entries are the guest's to drop too.
+    smmu.invalidate_guest_asid(VMID, ASID)
+        .or_fail("TLBI_NH_ASID")?;
+    smmu.sync_commands().or_fail("sync")?;
+    let after = smmu.stats().commands;
+    check_eq!(after.cfgi_cd - before.cfgi_cd, 1, "CFGI_CD count");
+    ctx.mem.fill(n.dst, PAGE, 0);
+    ctx.edu[0]
+        .dma_to_ram(IOVA_DST, 0, LEN)
+        .or_fail("DMA after CFGI_CD")?;
+    check_ok!(
+        ctx.mem.check_pattern(n.dst2, LEN as usize, 0x27),
+        "after CFGI_CD the DMA did not go through the new tables"
+    );
+    check_ok!(
+        ctx.mem.check_filled(n.dst, PAGE, 0),
+        "after CFGI_CD the DMA still used the old tables"
+    );
+    check_eq!(drain(&mut smmu).report.events, 0, "events");
+    narrate!(
+        "after CFGI_CD + CMD_SYNC: the new CD's tables sent the DMA to {}",
+        n.dst2
+    );
+    let old_s1 = core::mem::replace(&mut n.s1, s1b);
+    n.end(ctx, &mut smmu)?;
+    // SAFETY: the stream was detached and the VMID invalidated by `end`.
+    unsafe { old_s1.free_all() };
     teardown(&mut smmu, ctx)
 }
