@@ -200,6 +200,11 @@ impl<M: TableMemory> Smmu<M> {
         let old = match self.write_ste(sid, new) {
             Ok(old) => old,
             Err((e, states)) => {
+                if states.is_none() {
+                    // The STE was never found (StreamID out of range, no
+                    // level-2 array): nothing uses the VMID nested.
+                    self.count_nested(vmid, false);
+                }
                 self.after_failed_write(new, states);
                 return Err(e);
             }

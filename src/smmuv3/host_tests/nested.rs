@@ -121,6 +121,13 @@ fn strict_smmu_nested_needs_both_stages_and_checks_its_parameters() {
         ..GuestCdTable::single(CD_IPA)
     };
     assert!(bad(&mut s, s2_domain(7), l2));
+    // A StreamID beyond the stream table: refused, and VMID 7 is not left
+    // counted as nested.
+    assert!(matches!(
+        s.attach_nested(1 << 20, &s2_domain(7), &GuestCdTable::single(CD_IPA)),
+        Err(SmmuError::StreamIdOutOfRange { .. })
+    ));
+    assert!(!s.is_nested_vmid(7));
     // Nothing was written for any of them.
     assert!(fake.commands().is_empty());
     for (asid, ttb, levels) in [
