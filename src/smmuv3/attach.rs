@@ -53,29 +53,35 @@ impl<M: TableMemory> Smmu<M> {
                 let no_stall = f.stall_model == StallModel::Stall;
                 Ok(Ste::stage1_with(pa, 0, f.coherent, no_stall))
             }
-            TableFormat::ArmStage2 => {
-                if !f.stage2 {
-                    return Err(SmmuError::Unsupported("stage 2 translation"));
-                }
-                fits("VMID", info.id.into(), f.vmid_bits)?;
-                // The IPA space is capped by the OAS (§5.2 S2T0SZ). S2SL0 for
-                // a 4 KiB granule: 0 starts at level 2, 1 at level 1, 2 at
-                // level 0 — the root of a 2-, 3- or 4-level table.
-                let (oas_bits, ps) = f.output_size();
-                let ipa_bits = ias.min(oas_bits);
-                let sl0 = info.levels - 2;
-                fits("S2TTB beyond OAS", info.root.0, oas_bits)?;
-                Ok(Ste::stage2(&Stage2Config {
-                    vmid: info.id,
-                    ttb: info.root,
-                    t0sz: 64 - ipa_bits,
-                    sl0,
-                    ps,
-                    coherent: f.coherent,
-                }))
-            }
+            TableFormat::ArmStage2 => Ok(Ste::stage2(&self.stage2_config(info)?)),
             _ => Err(SmmuError::Unsupported("table format")),
         }
+    }
+
+    /// The stage-2 half of an STE for the stage-2 domain `info` (also the
+    /// parent of a nested stream).
+    pub(super) fn stage2_config(&self, info: &DomainInfo) -> Result<Stage2Config, SmmuError> {
+        let f = self.features;
+        if !f.stage2 {
+            return Err(SmmuError::Unsupported("stage 2 translation"));
+        }
+        let ias = check_domain(info)?;
+        fits("VMID", info.id.into(), f.vmid_bits)?;
+        // The IPA space is capped by the OAS (§5.2 S2T0SZ). S2SL0 for
+        // a 4 KiB granule: 0 starts at level 2, 1 at level 1, 2 at
+        // level 0 — the root of a 2-, 3- or 4-level table.
+        let (oas_bits, ps) = f.output_size();
+        let ipa_bits = ias.min(oas_bits);
+        let sl0 = info.levels - 2;
+        fits("S2TTB beyond OAS", info.root.0, oas_bits)?;
+        Ok(Stage2Config {
+            vmid: info.id,
+            ttb: info.root,
+            t0sz: 64 - ipa_bits,
+            sl0,
+            ps,
+            coherent: f.coherent,
+        })
     }
 
     /// Installs `new` as the STE of `sid` following [`ste::update_plan`], so
@@ -86,7 +92,11 @@ impl<M: TableMemory> Smmu<M> {
     /// On an error after the STE was found, also returns the CD the entry
     /// pointed at before and the one it points at now (a sync that failed
     /// may leave the update half done).
-    fn write_ste(&mut self, sid: u32, new: Ste) -> Result<Ste, (SmmuError, Option<CdPair>)> {
+    pub(super) fn write_ste(
+        &mut self,
+        sid: u32,
+        new: Ste,
+    ) -> Result<Ste, (SmmuError, Option<CdPair>)> {
         let coherent = self.features.coherent;
         let run = self.run.as_mut().ok_or((SmmuError::NotInitialised, None))?;
         let slot = run
@@ -110,6 +120,9 @@ impl<M: TableMemory> Smmu<M> {
         // A CD the stream used or will use: its cached copy goes too, so
         // after a detach nothing fetched for the stream stays cached.
         let has_cd = old.context_ptr().is_some() || new.context_ptr().is_some();
+        // A guest's CD table (nested): every CD of the stream may be cached
+        // (one per SubstreamID), so CFGI_CD_ALL.
+        let has_guest_cds = old.guest_cd_table().is_some() || new.guest_cd_table().is_some();
         for step in ste::update_plan(old, new) {
             match step {
                 ste::SteStep::Write { word, value } => {
@@ -126,6 +139,9 @@ impl<M: TableMemory> Smmu<M> {
                     self.queue_command(Command::cfgi_ste(sid, true))?;
                     if has_cd {
                         self.queue_command(Command::cfgi_cd(sid, 0, true))?;
+                    }
+                    if has_guest_cds {
+                        self.queue_command(Command::cfgi_cd_all(sid))?;
                     }
                     self.sync_commands()?;
                 }
@@ -157,14 +173,7 @@ impl<M: TableMemory> Smmu<M> {
                 return Err(e);
             }
         };
-        if let Some(old_cd) = old.context_ptr() {
-            if Some(old_cd) != new.context_ptr() {
-                // SAFETY: the old CD page came from `build_ste`; the STE no
-                // longer points at it and CFGI_STE + CMD_SYNC completed, so
-                // the SMMU holds no reference to it.
-                unsafe { self.mem.free(old_cd, 1) };
-            }
-        }
+        self.after_replacing(&old, &new);
         Ok(())
     }
 }
@@ -181,7 +190,7 @@ impl<M: TableMemory> Smmu<M> {
     ///   hold it (the CFGI_CD + CMD_SYNC did not complete), so it is kept
     ///   until `shutdown` has stopped the SMMU; should that list be full it
     ///   is leaked rather than freed early.
-    fn after_failed_write(&mut self, new: Ste, states: Option<CdPair>) {
+    pub(super) fn after_failed_write(&mut self, new: Ste, states: Option<CdPair>) {
         let now = states.and_then(|(_, now)| now);
         if let Some(cd) = new.context_ptr() {
             if Some(cd) != now {

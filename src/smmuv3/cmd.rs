@@ -134,6 +134,23 @@ impl Command {
         ])
     }
 
+    /// CMD_CFGI_CD_ALL: every CD of `sid` (all SubstreamIDs) may have changed.
+    pub const fn cfgi_cd_all(sid: u32) -> Self {
+        Self([
+            Self::op(Opcode::CFGI_CD_ALL) | ((sid as u64) << SID_SHIFT),
+            0,
+        ])
+    }
+
+    /// CMD_TLBI_NH_ALL: every stage-1 entry (all ASIDs) tagged with `vmid`,
+    /// including entries that combine stage 1 with stage 2 (§4.4.2).
+    pub const fn tlbi_nh_all(vmid: u16) -> Self {
+        Self([
+            Self::op(Opcode::TLBI_NH_ALL) | ((vmid as u64) << VMID_SHIFT),
+            0,
+        ])
+    }
+
     /// CMD_TLBI_NH_ASID: every stage-1 entry of `asid` under `vmid`.
     pub const fn tlbi_nh_asid(vmid: u16, asid: u16) -> Self {
         Self([
@@ -290,6 +307,9 @@ mod tests {
         );
         assert_eq!(Command::tlbi_s12_vmall(9).0, [0x0000_0009_0000_0028, 0]);
         assert_eq!(Command::tlbi_nsnh_all().0, [0x30, 0]);
+        // CFGI_CD_ALL: SID [63:32]; TLBI_NH_ALL: VMID [47:32].
+        assert_eq!(Command::cfgi_cd_all(0x28).0, [0x0000_0028_0000_0006, 0]);
+        assert_eq!(Command::tlbi_nh_all(9).0, [0x0000_0009_0000_0010, 0]);
         assert_eq!(Command::tlbi_el2_all().0, [0x20, 0]);
         assert_eq!(Command::sync().0, [0x46, 0]);
     }

@@ -24,8 +24,12 @@ pub struct CommandCounts {
     pub cfgi_ste: u64,
     /// CMD_CFGI_CD.
     pub cfgi_cd: u64,
+    /// CMD_CFGI_CD_ALL.
+    pub cfgi_cd_all: u64,
     /// CMD_CFGI_ALL (CFGI_STE_RANGE).
     pub cfgi_all: u64,
+    /// CMD_TLBI_NH_ALL.
+    pub tlbi_nh_all: u64,
     /// CMD_TLBI_NH_VA.
     pub tlbi_nh_va: u64,
     /// CMD_TLBI_NH_ASID.
@@ -50,7 +54,9 @@ impl CommandCounts {
         let slot = match cmd.opcode() {
             x if x == Opcode::CFGI_STE as u8 => &mut self.cfgi_ste,
             x if x == Opcode::CFGI_CD as u8 => &mut self.cfgi_cd,
+            x if x == Opcode::CFGI_CD_ALL as u8 => &mut self.cfgi_cd_all,
             x if x == Opcode::CFGI_STE_RANGE as u8 => &mut self.cfgi_all,
+            x if x == Opcode::TLBI_NH_ALL as u8 => &mut self.tlbi_nh_all,
             x if x == Opcode::TLBI_NH_VA as u8 => &mut self.tlbi_nh_va,
             x if x == Opcode::TLBI_NH_ASID as u8 => &mut self.tlbi_nh_asid,
             x if x == Opcode::TLBI_S2_IPA as u8 => &mut self.tlbi_s2_ipa,
@@ -66,6 +72,7 @@ impl CommandCounts {
     /// Invalidation commands (every TLBI kind).
     pub const fn tlbi(&self) -> u64 {
         self.tlbi_nh_va
+            + self.tlbi_nh_all
             + self.tlbi_nh_asid
             + self.tlbi_s2_ipa
             + self.tlbi_s12_vmall

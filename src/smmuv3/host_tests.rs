@@ -429,7 +429,9 @@ fn inspect_ste(
     let cr1 = r.get(CR1);
     check_ste(caps, cr1, &ste).map_err(|e| std::format!("STE {sid:#x} {ste:#x?}: {e:?}"))?;
     let mut cd = None;
-    if ste[0] & 1 != 0 && ste[0] >> 1 & 0b101 == 0b101 {
+    // A stage-1 entry's CD is in lent memory; a nested entry's is at a
+    // guest IPA the fake cannot translate.
+    if ste[0] & 1 != 0 && ste[0] >> 1 & 0b111 == 0b101 {
         let c =
             read_mem::<8>(ctx, ste[0] & 0x000f_ffff_ffff_ffc0).ok_or("CD outside lent memory")?;
         check_cd(caps, cr1, &c).map_err(|e| std::format!("CD of {sid:#x} {c:#x?}: {e:?}"))?;
@@ -1259,6 +1261,7 @@ fn strict_smmu_detach_leaves_nothing_cached_and_domain_teardown_takes_the_tag() 
 }
 
 mod hostile;
+mod nested;
 
 /// The command slots of the queue, as memory holds them.
 fn cmdq_slot(regs: &Regs, index: u32) -> [u64; 2] {

@@ -258,6 +258,8 @@ impl<M: TableMemory> Smmu<M> {
                 evtq,
                 config,
                 stranded_cds: heapless::Vec::new(),
+                nested_vmids: heapless::Vec::new(),
+                pending_nh_all: heapless::Vec::new(),
             }),
             Err(e) => {
                 // SAFETY: as above.

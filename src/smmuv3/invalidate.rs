@@ -19,6 +19,9 @@ pub(super) struct Planner {
     pub stage1: bool,
     /// ASID (stage 1) or VMID (stage 2).
     pub id: u16,
+    /// The VMID stage-1 TLBIs are tagged with: 0 for the driver's own
+    /// stage-1 domains, the guest's VMID for a nested guest's ASID.
+    pub s1_vmid: u16,
     /// Range TLBIs may be used (IDR3.RIL and the configuration).
     pub ril: bool,
     /// Without ranges: more pages than this are invalidated by ASID/VMID.
@@ -30,7 +33,7 @@ impl Planner {
     /// stage-1 entry and walk of the ASID), TLBI_S12_VMALL for stage 2.
     pub(super) const fn all(&self) -> Command {
         if self.stage1 {
-            Command::tlbi_nh_asid(0, self.id)
+            Command::tlbi_nh_asid(self.s1_vmid, self.id)
         } else {
             Command::tlbi_s12_vmall(self.id)
         }
@@ -50,7 +53,7 @@ impl Planner {
         mut emit: impl FnMut(Command) -> Result<(), SmmuError>,
     ) -> Result<(), SmmuError> {
         let (vmid, asid) = if self.stage1 {
-            (0, self.id)
+            (self.s1_vmid, self.id)
         } else {
             (self.id, 0)
         };
@@ -144,6 +147,42 @@ impl<M: TableMemory> Smmu<M> {
         let planner = self.planner(domain)?;
         planner.plan(start, pages, leaf_only, level, |cmd| {
             self.queue_command(cmd)
+        })?;
+        if !planner.stage1 {
+            self.note_stage2_change(planner.id);
+        }
+        Ok(())
+    }
+
+    /// Stage-1 invalidation of `domain`'s ASID tagged with `vmid` (a nested
+    /// guest's), planned as [`invalidate_range_at_level`](Self::invalidate_range_at_level).
+    pub(super) fn invalidate_tagged(
+        &mut self,
+        domain: &DomainInfo,
+        vmid: u16,
+        iova: DmaAddr,
+        len: u64,
+        leaf_only: bool,
+        level: u8,
+    ) -> Result<(), SmmuError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let start = iova.0 & !(PAGE_SIZE - 1);
+        let end = iova
+            .0
+            .checked_add(len)
+            .and_then(|e| e.checked_add(PAGE_SIZE - 1))
+            .ok_or(SmmuError::BadDomain {
+                what: "invalidation range",
+                value: len,
+            })?
+            & !(PAGE_SIZE - 1);
+        let pages = (end - start) / PAGE_SIZE;
+        let mut planner = self.planner(domain)?;
+        planner.s1_vmid = vmid;
+        planner.plan(start, pages, leaf_only, level, |cmd| {
+            self.queue_command(cmd)
         })
     }
 
@@ -159,6 +198,7 @@ impl<M: TableMemory> Smmu<M> {
         Ok(Planner {
             stage1,
             id: domain.id,
+            s1_vmid: 0,
             ril: self.features.range_invalidation && use_ril,
             // One call never queues more than MAX_TLBI_PAGES page TLBIs,
             // whatever the configuration: a 2^52-page range would otherwise
@@ -279,6 +319,7 @@ mod tests {
                 let p = Planner {
                     stage1,
                     id: 0x42,
+                    s1_vmid: 0,
                     ril,
                     threshold: 64,
                 };
@@ -300,6 +341,7 @@ mod tests {
         let p = Planner {
             stage1: true,
             id: 3,
+            s1_vmid: 0,
             ril: true,
             threshold: 64,
         };

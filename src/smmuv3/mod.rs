@@ -50,6 +50,7 @@ pub mod error;
 pub mod event;
 pub mod evtq;
 pub mod features;
+pub mod nested;
 pub mod poll;
 pub mod queue;
 pub mod regs;
@@ -76,8 +77,9 @@ pub use error::{CommandError, CommandErrorCode, SmmuError};
 pub use event::{Event, EventRecord, FaultInfo, Stage};
 pub use event_report::EventReport;
 pub use features::{Features, StallModel};
+pub use nested::{GuestCdTable, NESTED_VMIDS};
 pub use stats::Stats;
-pub use ste::{Stage2Config, Ste};
+pub use ste::{CdTableFormat, NestedStage1Config, Stage2Config, Ste, SteConfig};
 pub use strtab::StreamTableFormat;
 
 use crate::backend::TableFormat;
@@ -101,6 +103,11 @@ struct Running {
     /// never completed (a failed attach): the SMMU may still hold them, so
     /// they go back only when `shutdown` has stopped it.
     stranded_cds: heapless::Vec<crate::addr::PhysAddr, STRANDED_CDS>,
+    /// VMIDs nested streams use, with how many streams use each.
+    nested_vmids: heapless::Vec<(u16, u32), NESTED_VMIDS>,
+    /// Nested VMIDs whose stage 2 was invalidated in the open batch: the
+    /// sync follows with CMD_TLBI_NH_ALL for each.
+    pending_nh_all: heapless::Vec<u16, NESTED_VMIDS>,
 }
 
 /// Most context descriptors [`Running`] keeps for `shutdown`; beyond, a CD
@@ -246,7 +253,10 @@ impl<M: TableMemory> Smmu<M> {
         self.check_service_failure(r)
     }
 
-    /// Publishes the open batch with one CMD_SYNC and waits for it.
+    /// Publishes the open batch with one CMD_SYNC and waits for it. When
+    /// the batch invalidated the stage 2 of a VMID that nested streams use,
+    /// a CMD_TLBI_NH_ALL of that VMID and a second CMD_SYNC follow (see
+    /// [`nested`]).
     ///
     /// # Errors
     ///
@@ -254,6 +264,12 @@ impl<M: TableMemory> Smmu<M> {
     /// `GERROR.SFM_ERR`; [`SmmuError::Timeout`] when CMD_SYNC does not complete in the poll budget;
     /// [`SmmuError::Command`] when a command in the batch was refused (the queue was recovered).
     pub fn sync_commands(&mut self) -> Result<(), SmmuError> {
+        self.sync_batch()?;
+        self.flush_nested_stage1()
+    }
+
+    /// One CMD_SYNC for the open batch, waited for.
+    fn sync_batch(&mut self) -> Result<(), SmmuError> {
         if self.service_failure {
             return Err(SmmuError::ServiceFailure);
         }

@@ -58,6 +58,12 @@ const S1CSH_ISH: u64 = 3 << 6;
 const S1CSH_OSH: u64 = 2 << 6;
 /// S1STALLD: stage-1 faults terminate, never stall (bit 27).
 const S1STALLD: u64 = 1 << 27;
+/// S1DSS = 0b10: a transaction without a SubstreamID uses CD 0 (bits \[1:0\]).
+const S1DSS_SSID0: u64 = 0b10;
+/// S1Fmt: dword 0 bits \[5:4\].
+const S1FMT_SHIFT: u32 = 4;
+/// S1CDMax: dword 0 bits \[63:59\].
+const S1CDMAX_SHIFT: u32 = 59;
 /// SHCFG = 0b01: use the incoming shareability.
 const SHCFG_INCOMING: u64 = 1 << 44;
 
@@ -101,6 +107,46 @@ impl Stage2Config {
             // S2TG = 0b00: 4 KiB
             | ((self.ps as u64 & 0b111) << 16)
     }
+}
+
+/// S1Fmt (§5.2, dword 0 bits \[5:4\]): how the CD table is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum CdTableFormat {
+    /// 0b00: a linear array of `2^S1CDMax` CDs.
+    Linear,
+    /// 0b01: two levels, 4 KiB level-2 tables (64 CDs each).
+    TwoLevel4K,
+    /// 0b10: two levels, 64 KiB level-2 tables (1024 CDs each).
+    TwoLevel64K,
+}
+
+impl CdTableFormat {
+    /// The S1Fmt field value.
+    pub const fn bits(self) -> u64 {
+        match self {
+            CdTableFormat::Linear => 0b00,
+            CdTableFormat::TwoLevel4K => 0b01,
+            CdTableFormat::TwoLevel64K => 0b10,
+        }
+    }
+}
+
+/// Stage-1 parameters of a nested STE (§5.2 dwords 0–1): the CD table lives
+/// in the guest's intermediate-physical space and is fetched through stage 2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct NestedStage1Config {
+    /// S1ContextPtr: the IPA of the CD table (64-byte aligned).
+    pub cd_table_ipa: u64,
+    /// S1Fmt.
+    pub fmt: CdTableFormat,
+    /// S1CDMax: the table holds `2^cd_max` CDs (0: one CD, no SubstreamIDs).
+    pub cd_max: u8,
+    /// As [`Stage2Config::coherent`]: the CD fetch attributes.
+    pub coherent: bool,
+    /// S1STALLD: stage-1 faults never stall (SMMUs with STALL_MODEL = 0b00).
+    pub no_stall: bool,
 }
 
 /// A 64-byte stream table entry (§5.2), dwords in little-endian order.
@@ -177,9 +223,46 @@ impl Ste {
         ])
     }
 
+    /// Valid, Config = 0b111 (nested): stage 1 through the guest's CD table
+    /// at an IPA, stage 2 as [`Ste::stage2`] (whose VMID also tags the
+    /// guest's stage-1 TLB entries). The stage-1 fields are those of
+    /// [`Ste::stage1_with`] plus S1Fmt / S1CDMax, and with more than one CD
+    /// S1DSS = 0b10: DMA without a SubstreamID uses CD 0 (Linux
+    /// `arm_smmu_make_nested_cd_table_ste` takes these from the guest's
+    /// STE; here the hypervisor states them). SHCFG stays "incoming" as in
+    /// the stage-2 entry; EATS = 0 (no ATS).
+    pub const fn nested(s1: &NestedStage1Config, s2: &Stage2Config) -> Self {
+        let attrs = if s1.coherent {
+            S1CIR_WBRA | S1COR_WBRA | S1CSH_ISH
+        } else {
+            S1CSH_OSH
+        };
+        let stalld = if s1.no_stall { S1STALLD } else { 0 };
+        let dss = if s1.cd_max != 0 { S1DSS_SSID0 } else { 0 };
+        let base = Self::stage2(s2);
+        Self([
+            V | (SteConfig::Nested.bits() << CONFIG_SHIFT)
+                | (s1.fmt.bits() << S1FMT_SHIFT)
+                | (s1.cd_table_ipa & ADDR_51_6)
+                | ((s1.cd_max as u64 & 0x1f) << S1CDMAX_SHIFT),
+            base.0[1] | attrs | stalld | dss,
+            base.0[2],
+            base.0[3],
+            0,
+            0,
+            0,
+            0,
+        ])
+    }
+
     /// Whether V is set.
     pub const fn valid(&self) -> bool {
         self.0[0] & V != 0
+    }
+
+    /// S2VMID (dword 2), meaningful for stage-2 and nested entries.
+    pub const fn vmid(&self) -> u16 {
+        (self.0[2] & S2VMID_MASK) as u16
     }
 
     /// The Config field.
@@ -187,12 +270,20 @@ impl Ste {
         SteConfig::from_bits(self.0[0] >> CONFIG_SHIFT)
     }
 
-    /// S1ContextPtr, for a stage-1 entry.
+    /// S1ContextPtr of a stage-1 entry: a CD the driver allocated. `None`
+    /// for a nested entry, whose pointer is a guest IPA the driver does not
+    /// own (see [`Ste::guest_cd_table`]).
     pub const fn context_ptr(&self) -> Option<PhysAddr> {
         match self.config() {
-            SteConfig::Stage1 | SteConfig::Nested if self.valid() => {
-                Some(PhysAddr(self.0[0] & ADDR_51_6))
-            }
+            SteConfig::Stage1 if self.valid() => Some(PhysAddr(self.0[0] & ADDR_51_6)),
+            _ => None,
+        }
+    }
+
+    /// S1ContextPtr of a nested entry: the IPA of the guest's CD table.
+    pub const fn guest_cd_table(&self) -> Option<PhysAddr> {
+        match self.config() {
+            SteConfig::Nested if self.valid() => Some(PhysAddr(self.0[0] & ADDR_51_6)),
             _ => None,
         }
     }
@@ -344,6 +435,49 @@ mod tests {
         assert_eq!(s.context_ptr(), None);
     }
 
+    #[test]
+    fn nested_entry_combines_the_guest_cd_table_with_stage2() {
+        let s2 = Stage2Config {
+            vmid: 0x12,
+            ttb: PhysAddr(0x4800_0000),
+            t0sz: 25,
+            sl0: 1,
+            ps: 4,
+            coherent: true,
+        };
+        let s1 = NestedStage1Config {
+            cd_table_ipa: 0x8_0000_1000,
+            fmt: CdTableFormat::Linear,
+            cd_max: 0,
+            coherent: true,
+            no_stall: false,
+        };
+        let n = Ste::nested(&s1, &s2);
+        // V | Config 0b111 << 1 = 0xf; S1ContextPtr the IPA; S1Fmt = S1CDMax = 0.
+        assert_eq!(n.0[0], 0x8_0000_100f);
+        // S1CIR/S1COR/S1CSH = 0xd4 (as stage 1), SHCFG incoming (bit 44).
+        assert_eq!(n.0[1], 0xd4 | 1 << 44);
+        // Dwords 2-3 exactly as the stage-2 entry's.
+        assert_eq!(n.0[2], 0x040c_3559_0000_0012);
+        assert_eq!(n.0[3], 0x4800_0000);
+        assert_eq!(n.config(), SteConfig::Nested);
+        assert_eq!(n.vmid(), 0x12);
+        // The driver owns no CD here: the pointer is the guest's IPA.
+        assert_eq!(n.context_ptr(), None);
+        assert_eq!(n.guest_cd_table(), Some(PhysAddr(0x8_0000_1000)));
+        // 4 CDs in a linear table: S1CDMax = 2 ([63:59]), S1DSS = 0b10.
+        let four = Ste::nested(
+            &NestedStage1Config {
+                cd_max: 2,
+                no_stall: true,
+                ..s1
+            },
+            &s2,
+        );
+        assert_eq!(four.0[0], 0x8_0000_100f | 2 << 59);
+        assert_eq!(four.0[1], 0xd4 | 1 << 44 | 1 << 27 | 0b10);
+    }
+
     /// Like Linux's arm-smmu-v3-test: every transition between a set of
     /// entries exposes only the old entry, the new one, or an abort, and
     /// ends with the new entry synced.
@@ -367,6 +501,23 @@ mod tests {
             Ste::stage1(PhysAddr(0x4000_2000), 0),
             s2(1, 0x4800_0000),
             s2(2, 0x4900_0000),
+            Ste::nested(
+                &NestedStage1Config {
+                    cd_table_ipa: 0x8_0000_1000,
+                    fmt: CdTableFormat::Linear,
+                    cd_max: 0,
+                    coherent: true,
+                    no_stall: false,
+                },
+                &Stage2Config {
+                    vmid: 1,
+                    ttb: PhysAddr(0x4800_0000),
+                    t0sz: 25,
+                    sl0: 1,
+                    ps: 4,
+                    coherent: true,
+                },
+            ),
         ];
         for old in &entries {
             for new in &entries {

@@ -311,6 +311,12 @@ pub fn check_command(caps: &SmmuCaps, cmd: [u64; 2]) -> Result<Decoded, Violatio
                 if !caps.stage1 {
                     return Err(Violation::Unsupported("TLBI_NH_ALL needs stage 1"));
                 }
+                // VMID is RES0 without stage 2; it names the nested guest's
+                // (or VMID 0) stage-1 entries otherwise.
+                if !caps.stage2 && vmid != 0 {
+                    return Err(illegal("TLBI_NH_ALL VMID without stage 2", vmid.into()));
+                }
+                check_vmid(caps, vmid)?;
                 return Ok(Decoded::TlbiNhAll { vmid });
             }
             if !caps.stage2 {
@@ -470,6 +476,71 @@ fn check_tlbi_addr(caps: &SmmuCaps, op: u8, d0: u64, d1: u64) -> Result<Decoded,
     })
 }
 
+/// The nested stage-2 rule (Linux `arm_smmu_tlb_inv_range_domain` for a
+/// nesting parent; IHI 0070 §3.17: an SMMU may cache entries that combine
+/// stage 1 and stage 2, which CMD_TLBI_S2_IPA does not remove): in `cmds`,
+/// every CMD_TLBI_S2_IPA of a VMID in `nested` is completed by a CMD_SYNC,
+/// after which a CMD_TLBI_NH_ALL of that VMID (or a CMD_TLBI_S12_VMALL,
+/// which removes both stages) is issued and completed by another CMD_SYNC.
+/// Invalid commands are refused as by [`check_command`].
+///
+/// # Errors
+///
+/// The first [`Violation`]: an undecodable command, or a nested VMID whose
+/// stage-2 invalidation is not followed by its stage-1 flush.
+pub fn check_nested_stage2_flush(
+    caps: &SmmuCaps,
+    cmds: &[[u64; 2]],
+    nested: &[u16],
+) -> Result<(), Violation> {
+    // Per nested VMID: 0 = clean, 1 = S2 invalidated (awaiting a sync),
+    // 2 = S2 invalidation completed (awaiting the stage-1 flush),
+    // 3 = flushed (awaiting its sync).
+    let mut states: heapless::Vec<(u16, u8), 16> = nested.iter().map(|&v| (v, 0)).collect();
+    for cmd in cmds {
+        match check_command(caps, *cmd)? {
+            Decoded::TlbiAddr {
+                vmid, asid: None, ..
+            } => {
+                // A stage-2 invalidation before an earlier one's flush
+                // completed restarts the wait.
+                for e in states.iter_mut().filter(|e| e.0 == vmid) {
+                    e.1 = 1;
+                }
+            }
+            Decoded::TlbiNhAll { vmid } => {
+                // Only counts once the IPA invalidation completed.
+                for e in states.iter_mut().filter(|e| e.0 == vmid && e.1 == 2) {
+                    e.1 = 3;
+                }
+            }
+            Decoded::TlbiS12Vmall { vmid } => {
+                // Both stages at once: no ordering to keep.
+                for e in states.iter_mut().filter(|e| e.0 == vmid && e.1 != 0) {
+                    e.1 = 3;
+                }
+            }
+            Decoded::Sync { .. } => {
+                for e in states.iter_mut() {
+                    e.1 = match e.1 {
+                        1 => 2,
+                        3 => 0,
+                        other => other,
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+    match states.iter().find(|e| e.1 != 0) {
+        Some(&(vmid, _)) => Err(illegal(
+            "nested VMID's stage-2 invalidation not followed by a completed TLBI_NH_ALL",
+            vmid.into(),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Memory attributes the SMMU uses for its own table walks and queue
 /// accesses, from SMMU_CR1 (§6.3.11): inner/outer cacheability (0 = NC,
 /// 1 = WB, 2 = WT) and shareability (0 = NSH, 2 = OSH, 3 = ISH).
@@ -617,12 +688,45 @@ pub fn check_ste(caps: &SmmuCaps, cr1: u32, ste: &[u64; 8]) -> Result<(), Violat
                 mask(19, 0) | mask(31, 27) | mask(40, 32) | mask(51, 44),
             )?;
             if s1 {
-                if field(d0, 5, 4) != 0 || field(d0, 63, 59) != 0 {
-                    return Err(illegal("driver STEs hold one CD: S1Fmt = S1CDMax = 0", d0));
-                }
+                let (fmt, cd_max) = (field(d0, 5, 4), field(d0, 63, 59));
                 let cd = d0 & mask(51, 6);
-                if caps.oas_bits < 64 && cd >> caps.oas_bits != 0 {
-                    return Err(illegal("S1ContextPtr beyond the OAS", cd));
+                if s2 {
+                    // Nested (§5.2): S1ContextPtr is an IPA, translated by
+                    // stage 2, so it must lie inside the stage-2 input range
+                    // (64 - S2T0SZ bits); S1CDMax at most IDR1.SSIDSIZE;
+                    // S1Fmt 0b11 is reserved; a linear table of several CDs
+                    // is aligned to its size; with one CD, S1Fmt = 0 and
+                    // S1DSS = 0 (driver rule: they mean nothing then).
+                    let ipa_bits = 64 - field(ste[2], 37, 32);
+                    if ipa_bits < 64 && cd >> ipa_bits != 0 {
+                        return Err(illegal("nested S1ContextPtr beyond the stage-2 input", cd));
+                    }
+                    if cd_max > u64::from(caps.ssid_bits) {
+                        return Err(illegal("S1CDMax beyond IDR1.SSIDSIZE", cd_max));
+                    }
+                    if fmt == 0b11 {
+                        return Err(illegal("S1Fmt 0b11 is reserved", fmt));
+                    }
+                    if cd_max == 0 && (fmt != 0 || field(d1, 1, 0) != 0) {
+                        return Err(illegal("one CD: S1Fmt = S1DSS = 0 (driver rule)", d0));
+                    }
+                    if fmt == 0 && cd % (64 << cd_max) != 0 {
+                        return Err(illegal("linear CD table not aligned to its size", cd));
+                    }
+                    if field(d1, 1, 0) == 0b11 {
+                        return Err(illegal("S1DSS 0b11 is reserved", d1));
+                    }
+                } else {
+                    if fmt != 0 || cd_max != 0 {
+                        return Err(illegal("driver STEs hold one CD: S1Fmt = S1CDMax = 0", d0));
+                    }
+                    if caps.oas_bits < 64 && cd >> caps.oas_bits != 0 {
+                        return Err(illegal("S1ContextPtr beyond the OAS", cd));
+                    }
+                }
+                // EATS (ATS) stays 0: the driver enables no ATS.
+                if field(d1, 29, 28) != 0 {
+                    return Err(illegal("EATS != 0 without ATS (driver rule)", d1));
                 }
                 attrs_agree(
                     "STE S1CIR/S1COR/S1CSH disagree with CR1",

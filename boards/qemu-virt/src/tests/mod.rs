@@ -9,6 +9,7 @@ mod guest;
 mod handoff;
 mod irq;
 mod msi;
+mod nested;
 mod p2p;
 mod smmu;
 mod smp;
@@ -71,6 +72,23 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "adopted_tables_translate_and_owner_changes_take_effect",
         guest::adopted_tables_translate_and_owner_changes_take_effect,
+    ),
+    // Nested translation: a guest's stage 1 on the hypervisor's stage 2.
+    (
+        "nested_dma_translates_through_both_stages_and_faults_name_the_stage",
+        nested::nested_dma_translates_through_both_stages_and_faults_name_the_stage,
+    ),
+    (
+        "nested_stage1_change_takes_effect_after_the_guest_invalidation",
+        nested::nested_stage1_change_takes_effect_after_the_guest_invalidation,
+    ),
+    (
+        "nested_stage2_change_takes_effect_after_s2_and_stage1_flush",
+        nested::nested_stage2_change_takes_effect_after_s2_and_stage1_flush,
+    ),
+    (
+        "nested_guest_cd_change_takes_effect_after_cfgi_cd",
+        nested::nested_guest_cd_change_takes_effect_after_cfgi_cd,
     ),
     (
         "smmu_fault_storm_overflows_event_queue_and_recovers",
