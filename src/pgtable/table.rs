@@ -72,6 +72,8 @@ impl RetireList {
 const LEAF_TABLE_SHIFT: u32 = 12 + BITS_PER_LEVEL;
 /// `leaf_cache` region meaning "nothing cached".
 const NO_REGION: u64 = u64::MAX;
+/// Read and write.
+const RW: MapAttrs = MapAttrs::READ.union(MapAttrs::WRITE);
 
 /// What an unmap did, so the caller can invalidate precisely.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -124,6 +126,16 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     root_side: PhysAddr,
     /// Side pages lent (one per upper table attached, the root's included).
     side_pages: usize,
+    /// `1 << ias_bits()`, the end of the input range (precomputed for the
+    /// one-page paths).
+    ias_limit: u64,
+    /// `1 << fmt.oa_bits()`, the end of the output range.
+    oa_limit: u64,
+    /// The attributes of the last successful map (which grant read or
+    /// write: they passed every check) and the bits of their page
+    /// descriptor at address 0, so a one-page map with the same attributes
+    /// only ORs in the address (the `PteFormat::leaf` contract).
+    page_bits: (MapAttrs, u64),
 }
 
 #[inline]
@@ -213,7 +225,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         // an STE, a context descriptor or a context entry).
         wmb_on(&mem);
         Ok(Self {
-            fmt,
             mem,
             root,
             levels,
@@ -224,6 +235,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             leaf_cache: (NO_REGION, PhysAddr(0), 0),
             root_side,
             side_pages: 1,
+            ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
+            oa_limit: 1u64 << fmt.oa_bits(),
+            page_bits: (RW, fmt.leaf(PhysAddr(0), 0, RW)),
+            fmt,
         })
     }
 
@@ -296,6 +311,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         unsafe { self.entry(table, idx).write_volatile(val) }
     }
 
+    #[inline(always)]
     fn clean_entries(&self, table: PhysAddr, lo: usize, hi: usize) {
         if !self.coherent && hi > lo {
             self.mem
@@ -562,6 +578,23 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         len: u64,
         attrs: MapAttrs,
     ) -> Result<(), PageTableError> {
+        if len == PAGE_SIZE {
+            if let Some(r) = self.map_page_fast(iova.0, pa.0, attrs) {
+                return r;
+            }
+        }
+        self.map_checked(iova, pa, len, attrs)
+    }
+
+    /// [`map`](Self::map) of any shape, every argument checked.
+    #[inline(never)]
+    fn map_checked(
+        &mut self,
+        iova: DmaAddr,
+        pa: PhysAddr,
+        len: u64,
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
         let end = self.check_range(iova, len)?;
         if !pa.is_page_aligned() {
             return Err(PageTableError::Unaligned { value: pa.0 });
@@ -670,10 +703,103 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if pa.checked_add(end - iova).is_none_or(|e| e > oa_limit) {
             return Err(PageTableError::PhysTooLarge { phys: PhysAddr(pa) });
         }
-        if let Some(done) = self.map_in_leaf_table(iova, pa, end, attrs) {
-            return done;
+        if end - iova == PAGE_SIZE {
+            if let Some(r) = self.map_page_fast(iova, pa, attrs) {
+                return r;
+            }
         }
-        self.map_general(iova, pa, end, attrs)
+        let r = match self.map_in_leaf_table(iova, pa, end, attrs) {
+            Some(r) => r,
+            None => self.map_general(iova, pa, end, attrs),
+        };
+        if r.is_ok() && self.page_bits.0 != attrs {
+            self.page_bits = (attrs, self.fmt.leaf(PhysAddr(0), 0, attrs));
+        }
+        r
+    }
+
+    /// One page at `iova` → `pa`, when `attrs` are those of the last
+    /// successful map (so they grant access; their descriptor bits are
+    /// known) and both addresses are page aligned and in range (the leaf
+    /// table comes from the cache, or from a walk that makes missing
+    /// tables and takes them back if the lender fails). Every check of
+    /// [`map`](Self::map) holds for such a call, with one combined test;
+    /// `None` (nothing done) sends any other call down the full path, which
+    /// finds the precise error.
+    #[inline(always)]
+    pub(crate) fn map_page_fast(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        attrs: MapAttrs,
+    ) -> Option<Result<(), PageTableError>> {
+        // Page aligned, below the input and output limits (both multiples
+        // of 4 KiB, so the page's end is below them too).
+        if (iova | pa) & (PAGE_SIZE - 1) != 0
+            || iova >= self.ias_limit
+            || pa >= self.oa_limit
+            || attrs != self.page_bits.0
+        {
+            return None;
+        }
+        let (leaf, slot, created) = if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
+            (self.leaf_cache.1, self.leaf_cache.2, false)
+        } else {
+            match self.walk_for_map(iova) {
+                Ok(t) => t,
+                Err(e) => return Some(Err(self.map_walk_failed(iova, e))),
+            }
+        };
+        let i = index(iova, 0);
+        if !created && self.present(self.read(leaf, i), 0) {
+            return Some(Err(PageTableError::AlreadyMapped {
+                iova: DmaAddr(iova),
+            }));
+        }
+        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | self.page_bits.1);
+        self.write(leaf, i, pa | self.page_bits.1);
+        self.clean_entries(leaf, i, i + 1);
+        self.count_add(slot, 1);
+        Some(Ok(()))
+    }
+
+    /// A walk for a map of `[iova, iova + 4 KiB)` failed with `e`: takes
+    /// back the tables it attached before the lender failed (or lent a page
+    /// the format cannot point at). Returns `e`.
+    #[cold]
+    #[inline(never)]
+    fn map_walk_failed(&mut self, iova: u64, e: PageTableError) -> PageTableError {
+        if matches!(
+            e,
+            PageTableError::OutOfMemory | PageTableError::PhysTooLarge { .. }
+        ) {
+            self.take_back(iova, iova + PAGE_SIZE);
+        }
+        e
+    }
+
+    /// One mapped page at `iova` unmapped, when its leaf table is cached or
+    /// found by a walk and the entry is a page: the shape of a per-page
+    /// unlink. `None` (nothing done) for anything else, which the full path
+    /// handles (and names the error of).
+    #[inline(always)]
+    pub(crate) fn unmap_page_fast(&mut self, iova: u64) -> Option<UnmapOutcome> {
+        if iova & (PAGE_SIZE - 1) != 0 || iova >= self.ias_limit {
+            return None;
+        }
+        let (leaf, slot) = self.leaf_table_present(iova)?;
+        let i = index(iova, 0);
+        if !self.present(self.read(leaf, i), 0) {
+            return None;
+        }
+        self.write(leaf, i, 0);
+        self.clean_entries(leaf, i, i + 1);
+        self.count_sub(slot, 1);
+        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
+        Some(UnmapOutcome {
+            bytes: PAGE_SIZE,
+            freed_tables,
+        })
     }
 
     /// [`map`](Self::map) of any shape, arguments checked.
@@ -1114,6 +1240,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// On every error the table is as it was.
     #[inline]
     pub fn unmap(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
+        if len == PAGE_SIZE {
+            if let Some(out) = self.unmap_page_fast(iova.0) {
+                return Ok(out);
+            }
+        }
+        self.unmap_checked(iova, len)
+    }
+
+    /// [`unmap`](Self::unmap) of any shape, every argument checked.
+    #[inline(never)]
+    fn unmap_checked(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
         if let Some(out) = self.unmap_in_leaf_table(iova.0, end) {
             return Ok(out);
