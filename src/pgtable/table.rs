@@ -1252,6 +1252,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[inline(never)]
     fn unmap_checked(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
+        if let Some(out) = self.unmap_one_block(iova.0, len) {
+            return Ok(out);
+        }
         if let Some(out) = self.unmap_in_leaf_table(iova.0, end) {
             return Ok(out);
         }
@@ -1271,7 +1274,65 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if let Some(out) = self.unmap_in_leaf_table(iova, end) {
             return Ok(out);
         }
+        if let Some(out) = self.unmap_one_block(iova, end - iova) {
+            return Ok(out);
+        }
         self.unmap_general(DmaAddr(iova), end - iova, end)
+    }
+
+    /// Unmaps `[iova, iova + len)` when it is exactly one block (a 2 MiB or
+    /// 1 GiB leaf): one walk down to it, which is also the whole check (a
+    /// range that is exactly one present leaf is mapped and cuts no block),
+    /// then the emptied tables above it detached by their counts. `None`
+    /// (nothing changed) for any other shape. The range is checked.
+    fn unmap_one_block(&mut self, iova: u64, len: u64) -> Option<UnmapOutcome> {
+        if !len.is_power_of_two() || iova & (len - 1) != 0 {
+            return None;
+        }
+        let h = (len.trailing_zeros().checked_sub(12)?) / BITS_PER_LEVEL;
+        if h == 0 || h >= self.top_height() || entry_size(h) != len {
+            return None;
+        }
+        let mut path = [((PhysAddr(0), PhysAddr(0), 0u64), 0usize); 5];
+        let mut node = (self.root, self.root_side, 0u64);
+        for level in (h..=self.top_height()).rev() {
+            let idx = index(iova, level);
+            *path.get_mut(level as usize)? = (node, idx);
+            match self.fmt.decode(self.read(node.0, idx), level) {
+                Pte::Table(t) if level > h => {
+                    let w = self.side_word(node.1, idx);
+                    node = (t, counts::side_page(w), counts::slot(node.1, idx));
+                }
+                Pte::Leaf { .. } if level == h => {}
+                _ => return None,
+            }
+        }
+        let ((table, _, slot), idx) = *path.get(h as usize)?;
+        self.leaf_cache.0 = NO_REGION;
+        self.write(table, idx, 0);
+        self.clean_entries(table, idx, idx + 1);
+        self.count_sub(slot, 1);
+        let mut freed = false;
+        let mut child = table;
+        let mut empty = table != self.root && self.is_empty_at(slot, table, h);
+        let mut level = h + 1;
+        while empty {
+            let Some(&(parent, pidx)) = path.get(level as usize) else {
+                break;
+            };
+            if !self.detach_child(parent, pidx, child) {
+                break;
+            }
+            self.clean_entries(parent.0, pidx, pidx + 1);
+            freed = true;
+            empty = parent.0 != self.root && self.is_empty_at(parent.2, parent.0, level);
+            child = parent.0;
+            level += 1;
+        }
+        Some(UnmapOutcome {
+            bytes: len,
+            freed_tables: freed,
+        })
     }
 
     /// [`unmap`](Self::unmap) of any shape, range checked.
