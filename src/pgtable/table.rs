@@ -95,6 +95,11 @@ pub struct UnmapOutcome {
 /// [`free_retired`](Self::free_retired), which the caller runs after the
 /// IOMMU's caches were invalidated, so a walker can never read a reused page.
 ///
+/// Besides the table pages the IOMMU walks, every upper table (the root
+/// included) has one *side page* from the same lender, which only the CPU
+/// reads: the valid-entry counts of its children, so an unmap knows at once
+/// whether a table became empty ([`side_pages`](Self::side_pages)).
+///
 /// Dropping the table hands nothing back: the IOMMU may still walk it. The
 /// pages go back through [`free_all`](Self::free_all) once the caller has
 /// invalidated and completed every walk (see `Domain::teardown`).
