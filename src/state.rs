@@ -193,6 +193,18 @@ impl IovaState {
         self.iova & SIZE_BITS == FIXED_ORDER
     }
 
+    /// Whether `[offset, offset + 4 KiB)` is a page of a transaction of
+    /// power-of-two size (the per-page paths; a fixed-IOVA transaction
+    /// answers `false` and takes the checked path): `offset` page aligned
+    /// and below the size, in two tests.
+    #[inline(always)]
+    fn holds_page(&self, offset: u64) -> bool {
+        let order = self.iova & SIZE_BITS;
+        // `order < 63` for every size the allocator hands out, so the shift
+        // is in range; FIXED_ORDER (63) is refused first.
+        order != FIXED_ORDER && (offset & (PAGE_SIZE - 1)) | (offset >> order) == 0
+    }
+
     /// The bus-address run `[start, end)` of offsets linked.
     fn bus_run(&self) -> (u64, u64) {
         let s = u64::from(self.aux) * PAGE_SIZE;
@@ -443,6 +455,12 @@ impl PendingList {
     fn add(&mut self, start: u64, len: u64, leaf_only: bool) {
         let end = start.saturating_add(len);
         if let Some(last) = self.list.last_mut() {
+            if start == last.end {
+                // The next page of a run: the common case, one test.
+                last.end = end;
+                last.leaf_only &= leaf_only;
+                return;
+            }
             if start <= last.end && end >= last.start {
                 // Touches the last range (a run of links or unlinks): grow it.
                 last.start = last.start.min(start);
@@ -1089,7 +1107,27 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     ///   written is taken back and invalidated at the next sync).
     /// - [`DmaError::IdentityDomain`]: never for a state this domain made
     ///   (an identity domain hands out [`DmaPath::Direct`]).
+    #[inline]
     pub fn link(
+        &mut self,
+        tx: &mut IovaState,
+        phys: PhysAddr,
+        offset: u64,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+    ) -> Result<DmaAddr, DmaError> {
+        if len == PAGE_SIZE {
+            if let Some(r) = self.link_page_fast(tx, phys, offset, dir, attrs) {
+                return r;
+            }
+        }
+        self.link_checked(tx, phys, offset, len, dir, attrs)
+    }
+
+    /// [`link`](Self::link) of any shape, every argument checked.
+    #[inline(never)]
+    fn link_checked(
         &mut self,
         tx: &mut IovaState,
         phys: PhysAddr,
@@ -1102,6 +1140,49 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             return Err(DmaError::MixedP2p);
         }
         self.link_inner(tx, phys, offset, len, dir, attrs)
+    }
+
+    /// The per-page link of host memory into this domain's transaction, in
+    /// the shape the last link had (see `IoPageTable::map_page_fast`): one
+    /// combined test of the offset, the transaction's domain and kind, then
+    /// the table's own one-page path. `None` (nothing done) sends every
+    /// other call down [`link_checked`](Self::link_checked), which checks
+    /// each argument and names the error. The only error here is
+    /// `AlreadyLinked` (nothing changed) or `OutOfMemory` / `PhysTooLarge`
+    /// for a table page (what was written is taken back and queued for
+    /// invalidation, as on the full path).
+    #[inline(always)]
+    fn link_page_fast(
+        &mut self,
+        tx: &mut IovaState,
+        phys: PhysAddr,
+        offset: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+    ) -> Option<Result<DmaAddr, DmaError>> {
+        // A page-aligned offset below the (page-multiple) size: the page
+        // lies inside the transaction. Host memory into a transaction of
+        // this domain holding nothing or host memory only.
+        if !tx.holds_page(offset)
+            || tx.token != self.token
+            || attrs.contains(MapAttrs::MMIO)
+            || (tx.linked != 0
+                && (tx.kind != Some(DmaKind::Translated) || tx.dirs & HAS_PROVIDER != 0))
+        {
+            return None;
+        }
+        let t = self.inner.as_mut()?;
+        let iova = tx.base() + offset;
+        let r = t.pt.map_page_fast(iova, phys.0, link_attrs(attrs, dir))?;
+        Some(finish_link(
+            t,
+            tx,
+            iova,
+            PAGE_SIZE,
+            DmaKind::Translated,
+            dir,
+            r,
+        ))
     }
 
     #[inline(always)]
@@ -1437,7 +1518,52 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     ///   of the linked run (unlink from either end).
     ///
     /// Nothing changes on an error.
+    #[inline]
     pub fn unlink(&mut self, tx: &mut IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
+        if len == PAGE_SIZE {
+            if let Some(r) = self.unlink_page_fast(tx, offset) {
+                return r;
+            }
+        }
+        self.unlink_checked(tx, offset, len)
+    }
+
+    /// The per-page unlink of a linked page of a translated transaction of
+    /// this domain (see `IoPageTable::unmap_page_fast`). `None` (nothing
+    /// done) sends every other call down
+    /// [`unlink_checked`](Self::unlink_checked), which checks each argument
+    /// and names the error.
+    #[inline(always)]
+    fn unlink_page_fast(
+        &mut self,
+        tx: &mut IovaState,
+        offset: u64,
+    ) -> Option<Result<u64, DmaError>> {
+        if !tx.holds_page(offset) || tx.token != self.token || tx.kind == Some(DmaKind::P2pBusAddr)
+        {
+            return None;
+        }
+        let t = self.inner.as_mut()?;
+        let iova = tx.base() + offset;
+        let out = t.pt.unmap_page_fast(iova)?;
+        t.unmapped.add(iova, PAGE_SIZE, !out.freed_tables);
+        tx.linked = tx.linked.saturating_sub(PAGE_SIZE);
+        if tx.linked == 0 {
+            tx.kind = None;
+            tx.dirs = 0;
+            tx.provider = (0, 0);
+        }
+        Some(Ok(PAGE_SIZE))
+    }
+
+    /// [`unlink`](Self::unlink) of any shape, every argument checked.
+    #[inline(never)]
+    fn unlink_checked(
+        &mut self,
+        tx: &mut IovaState,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64, DmaError> {
         let iova = Self::check_window(tx, offset, len)?;
         let t = self.translated(tx)?;
         let bytes = if tx.kind == Some(DmaKind::P2pBusAddr) {

@@ -66,7 +66,9 @@ fn blocks_and_partial_unmaps<F: PteFormat>(fmt: F) {
     assert!(out.freed_tables);
     t.free_retired();
     assert_eq!(t.table_pages(), 1, "all tables but the root are freed");
-    assert_eq!(mem.live_pages(), 1);
+    // The root and its side page (the counts of its children).
+    assert_eq!(t.side_pages(), 1);
+    assert_eq!(mem.live_pages(), 2);
 }
 
 #[test]
@@ -144,7 +146,9 @@ fn a_run_of_pages_fills_leaf_tables_without_extra_tables() {
     t.map(DmaAddr(0x20_0000), PhysAddr(0x1000), 1024 * K4, RW)
         .unwrap();
     assert_eq!(t.table_pages(), 5);
-    assert_eq!(mem.allocs.get(), 5);
+    // Plus one side page per upper table (root, L1, L2) for the counts.
+    assert_eq!(t.side_pages(), 3);
+    assert_eq!(mem.allocs.get(), 8);
     assert_eq!(
         t.translate(DmaAddr(0x20_0000 + 1023 * K4)).unwrap().0,
         PhysAddr(0x1000 + 1023 * K4)
@@ -191,7 +195,8 @@ fn block_1g_unmap_reads_no_neighbours<F: PteFormat>(fmt: F) {
     assert_eq!(out.bytes, G1);
     assert!(out.freed_tables, "the emptied table is detached");
     assert_eq!(t.table_pages(), pages - 1);
-    assert_eq!(t.retired_pages(), 1);
+    // The table and its side page (the counts of its children).
+    assert_eq!(t.retired_pages(), 2);
     // A walk to the block and back (a few entries per level), not a scan
     // of the table's 512 entries.
     assert!(reads < 32, "{reads} table entries read to unmap one block");
@@ -202,4 +207,38 @@ fn unmapping_a_1g_block_reads_no_neighbour_entries() {
     block_1g_unmap_reads_no_neighbours(ArmStage1);
     block_1g_unmap_reads_no_neighbours(ArmStage2);
     block_1g_unmap_reads_no_neighbours(VtdSecondLevel::default());
+}
+
+/// Issue 11 §3: unmapping the only page of a leaf table (a scattered
+/// unlink) decides that the leaf table became empty from its count, without
+/// reading its other 511 entries; the emptied tables are detached.
+fn scattered_page_unmap_reads_no_neighbours<F: PteFormat>(fmt: F) {
+    let mem = HostMemory::new();
+    let mut t = IoPageTable::new(fmt, &mem, 4, true).unwrap();
+    // One page in each of four 2 MiB regions: four leaf tables.
+    for r in 0..4u64 {
+        t.map(DmaAddr(G1 + r * M2), PhysAddr(0x1000 + 2 * r * K4), K4, RW)
+            .unwrap();
+    }
+    let pages = t.table_pages();
+    for r in [2u64, 0, 3] {
+        let before = mem.lookups.get();
+        let out = t.unmap(DmaAddr(G1 + r * M2), K4).unwrap();
+        let reads = mem.lookups.get() - before;
+        assert_eq!(out.bytes, K4);
+        assert!(out.freed_tables, "the emptied leaf table is detached");
+        assert!(
+            reads < 32,
+            "{reads} table entries read to unmap one scattered page"
+        );
+    }
+    assert_eq!(t.table_pages(), pages - 3);
+    assert_eq!(leaf_height(&t, G1 + M2), Some(0), "the last page stays");
+}
+
+#[test]
+fn unmapping_a_scattered_page_reads_no_neighbour_entries() {
+    scattered_page_unmap_reads_no_neighbours(ArmStage1);
+    scattered_page_unmap_reads_no_neighbours(ArmStage2);
+    scattered_page_unmap_reads_no_neighbours(VtdSecondLevel::default());
 }

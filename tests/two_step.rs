@@ -12,6 +12,7 @@ use bare_iommu::{
 use common::HostMemory;
 
 const MB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
 
 fn cfg(id: u16) -> DomainConfig {
     DomainConfig {
@@ -403,11 +404,12 @@ fn freed_tables_wait_for_the_sync() {
     d.link(&mut t, PhysAddr(0x1000), 0, 4096, RW, MapAttrs::empty())
         .unwrap();
     d.sync(&mut be).unwrap();
-    assert_eq!(mem.live_pages(), base + 3);
+    // Three tables, and the side pages (counts) of the two upper ones.
+    assert_eq!(mem.live_pages(), base + 5);
     d.unlink(&mut t, 0, 4096).unwrap();
     assert_eq!(
         mem.live_pages(),
-        base + 3,
+        base + 5,
         "tables are not freed before the IOMMU forgot them"
     );
     be.fail_next_sync = Some(bare_iommu::BackendError::Timeout {
@@ -415,7 +417,7 @@ fn freed_tables_wait_for_the_sync() {
         polls: 1,
     });
     assert!(d.sync(&mut be).is_err());
-    assert_eq!(mem.live_pages(), base + 3, "a failed sync frees nothing");
+    assert_eq!(mem.live_pages(), base + 5, "a failed sync frees nothing");
     d.sync(&mut be).unwrap();
     assert_eq!(mem.live_pages(), base);
     // The invalidation of the unlink was re-issued by the retry, walk caches included.
@@ -620,8 +622,8 @@ fn empty_tables_kept_when_retirement_is_full_are_not_leaked_by_a_later_block() {
     d.teardown(&mut be).map_err(|(_, e)| e).unwrap();
     assert_eq!(
         mem.live_pages(),
-        base - 1,
-        "every table page is given back (the root with the domain)"
+        base - 2,
+        "every table page is given back (the root and its side page with the domain)"
     );
 }
 
@@ -676,4 +678,78 @@ fn a_scatter_list_links_in_one_call_all_or_nothing() {
     assert_eq!(t2.linked(), 0);
     d.free(t2).unwrap();
     d.destroy(t, &mut be).unwrap();
+}
+
+/// Issue 11 §2: the per-page paths (taken once a page was linked with the
+/// same attributes and its leaf table is cached) keep every typed refusal
+/// of the checked path, and a refusal changes nothing.
+#[test]
+fn per_page_calls_after_a_warm_link_keep_every_refusal() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut other = Domain::new(ArmStage1, &mem, cfg(2)).unwrap();
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 4 * PAGE);
+    let none = MapAttrs::empty();
+    // Warm: the attributes' bits and the leaf table are cached now.
+    d.link(&mut t, PhysAddr(0x10_0000), 0, PAGE, RW, none)
+        .unwrap();
+    let linked = t.linked();
+    type Want = fn(&DmaError) -> bool;
+    let cases: [(PhysAddr, u64, Want); 4] = [
+        // The same page again.
+        (PhysAddr(0x20_0000), 0, |e| {
+            matches!(e, DmaError::AlreadyLinked { .. })
+        }),
+        // An unaligned offset, an offset past the end, an unaligned page.
+        (PhysAddr(0x20_0000), PAGE + 8, |e| {
+            matches!(e, DmaError::Unaligned { .. })
+        }),
+        (PhysAddr(0x20_0000), 4 * PAGE, |e| {
+            matches!(e, DmaError::OutsideTransaction { .. })
+        }),
+        (PhysAddr(0x20_0008), PAGE, |e| {
+            matches!(e, DmaError::Unaligned { .. })
+        }),
+    ];
+    for (pa, off, want) in cases {
+        let e = d.link(&mut t, pa, off, PAGE, RW, none).unwrap_err();
+        assert!(want(&e), "link {pa:?} at {off:#x}: {e:?}");
+        assert_eq!(t.linked(), linked, "a refused link changed the state");
+    }
+    // A page past the output size: refused with a typed error.
+    let e = d
+        .link(&mut t, PhysAddr(1 << 60), PAGE, PAGE, RW, none)
+        .unwrap_err();
+    assert!(matches!(e, DmaError::PhysTooLarge { .. }), "{e:?}");
+    // Another domain's transaction, through the warm domain: refused.
+    let mut t2 = tx(&mut other, PAGE);
+    let e = d
+        .link(&mut t2, PhysAddr(0x20_0000), 0, PAGE, RW, none)
+        .unwrap_err();
+    assert!(matches!(e, DmaError::WrongDomain { .. }), "{e:?}");
+    let e = d.unlink(&mut t2, 0, PAGE).unwrap_err();
+    assert!(matches!(e, DmaError::WrongDomain { .. }), "{e:?}");
+    // P2P through the host bridge into a host-memory transaction: mixed.
+    let e = d
+        .link(&mut t, PhysAddr(0x20_0000), PAGE, PAGE, RW, MapAttrs::MMIO)
+        .unwrap_err();
+    assert!(matches!(e, DmaError::MixedP2p), "{e:?}");
+    assert_eq!(t.linked(), linked);
+    assert_eq!(
+        d.translate(DmaAddr(t.iova().0 + PAGE)),
+        None,
+        "nothing linked by a refusal"
+    );
+    // Unlink: once, then a double unlink and a page never linked.
+    assert_eq!(d.unlink(&mut t, 0, PAGE), Ok(PAGE));
+    let e = d.unlink(&mut t, 0, PAGE).unwrap_err();
+    assert!(matches!(e, DmaError::NotLinked { .. }), "{e:?}");
+    let e = d.unlink(&mut t, 2 * PAGE, PAGE).unwrap_err();
+    assert!(matches!(e, DmaError::NotLinked { .. }), "{e:?}");
+    let e = d.unlink(&mut t, 8, PAGE).unwrap_err();
+    assert!(matches!(e, DmaError::Unaligned { .. }), "{e:?}");
+    assert_eq!(t.linked(), 0);
+    d.destroy(t, &mut be).unwrap();
+    other.free(t2).unwrap();
 }

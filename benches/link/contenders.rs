@@ -787,3 +787,67 @@ impl Limit {
         }
     }
 }
+
+/// The walker alone (`IoPageTable::map` / `unmap`, no transaction, no
+/// pending-range bookkeeping): counted by callgrind only (`s1/walker`,
+/// `vtd/walker`), as the floor the two-step API is measured against.
+pub struct Walker<'a, F: PteFormat> {
+    pub pt: bare_iommu::pgtable::IoPageTable<F, &'a Arena>,
+}
+
+impl<'a, F: PteFormat + Default> Contender<'a> for Walker<'a, F> {
+    fn new(arena: &'a Arena) -> Self {
+        Self {
+            pt: bare_iommu::pgtable::IoPageTable::new(F::default(), arena, 4, true).unwrap(),
+        }
+    }
+
+    #[inline(never)]
+    fn link_4k(&mut self, offs: &[u64]) {
+        let attrs = MapAttrs::READ | MapAttrs::WRITE;
+        for (i, &off) in offs.iter().enumerate() {
+            self.pt
+                .map(
+                    DmaAddr(VA_BASE + off),
+                    PhysAddr(pa_4k(i as u64)),
+                    PAGE,
+                    attrs,
+                )
+                .unwrap();
+        }
+    }
+
+    #[inline(never)]
+    fn unlink_4k(&mut self, offs: &[u64]) {
+        for &off in offs {
+            self.pt.unmap(DmaAddr(VA_BASE + off), PAGE).unwrap();
+        }
+        self.pt.free_retired();
+    }
+
+    #[inline(never)]
+    fn link_run(&mut self, n: u64) {
+        let attrs = MapAttrs::READ | MapAttrs::WRITE;
+        self.pt
+            .map(DmaAddr(VA_BASE), PhysAddr(PA_RUN), n * PAGE, attrs)
+            .unwrap();
+    }
+
+    #[inline(never)]
+    fn link_1g(&mut self) {
+        let attrs = MapAttrs::READ | MapAttrs::WRITE;
+        self.pt
+            .map(DmaAddr(VA_BASE), PhysAddr(PA_1G), GIB, attrs)
+            .unwrap();
+    }
+
+    #[inline(never)]
+    fn unlink_1g(&mut self) {
+        self.pt.unmap(DmaAddr(VA_BASE), GIB).unwrap();
+        self.pt.free_retired();
+    }
+
+    fn root(&self) -> u64 {
+        self.pt.root().0
+    }
+}

@@ -51,7 +51,7 @@ use bare_iommu::{DmaDirection, Domain, IovaState, MapAttrs, PhysAddr};
 use arena::{Arena, Zeroing};
 use contenders::{
     Aarch64S1, Aarch64S2, CONFIG, Contender, GIB, Limit, NoopBackend, Ours, PAGE, Pattern, PtmArm,
-    PtmX86, VA_BASE, X86, pa_4k,
+    PtmX86, VA_BASE, Walker, X86, pa_4k,
 };
 
 /// Counts every heap allocation in the process.
@@ -821,12 +821,14 @@ fn profile(what: &str, arena: &Arena) {
     match who {
         "s1/ours" => go::<Ours<ArmStage1>>(op, iters, arena),
         "s1/ours+zero" => go::<Ours<ArmStage1, Zeroing>>(op, iters, arena),
+        "s1/walker" => go::<Walker<ArmStage1>>(op, iters, arena),
         "s1/aarch64-paging" => go::<Aarch64S1>(op, iters, arena),
         "s1/page_table_multiarch" => go::<PtmArm>(op, iters, arena),
         "s2/ours" => go::<Ours<ArmStage2>>(op, iters, arena),
         "s2/aarch64-paging" => go::<Aarch64S2>(op, iters, arena),
         "vtd/ours" => go::<Ours<VtdSecondLevel>>(op, iters, arena),
         "vtd/ours+zero" => go::<Ours<VtdSecondLevel, Zeroing>>(op, iters, arena),
+        "vtd/walker" => go::<Walker<VtdSecondLevel>>(op, iters, arena),
         "vtd/x86_64" => go::<X86>(op, iters, arena),
         "vtd/page_table_multiarch" => go::<PtmX86>(op, iters, arena),
         other => panic!("unknown contender {other}"),

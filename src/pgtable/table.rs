@@ -1,6 +1,6 @@
 //! The generic radix walker: one I/O page table over a [`PteFormat`].
 
-use super::counts::TableCounts;
+use super::counts;
 use super::{MapAttrs, Pte, PteFormat};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::barrier::wmb_on;
@@ -72,6 +72,8 @@ impl RetireList {
 const LEAF_TABLE_SHIFT: u32 = 12 + BITS_PER_LEVEL;
 /// `leaf_cache` region meaning "nothing cached".
 const NO_REGION: u64 = u64::MAX;
+/// Read and write.
+const RW: MapAttrs = MapAttrs::READ.union(MapAttrs::WRITE);
 
 /// What an unmap did, so the caller can invalidate precisely.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,6 +94,11 @@ pub struct UnmapOutcome {
 /// they are handed back to the lender only by
 /// [`free_retired`](Self::free_retired), which the caller runs after the
 /// IOMMU's caches were invalidated, so a walker can never read a reused page.
+///
+/// Besides the table pages the IOMMU walks, every upper table (the root
+/// included) has one *side page* from the same lender, which only the CPU
+/// reads: the valid-entry counts of its children, so an unmap knows at once
+/// whether a table became empty ([`side_pages`](Self::side_pages)).
 ///
 /// Dropping the table hands nothing back: the IOMMU may still walk it. The
 /// pages go back through [`free_all`](Self::free_all) once the caller has
@@ -114,14 +121,26 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// Empty tables were left attached because `retired` was full: the next
     /// [`prune_empty`](Self::prune_empty) detaches them.
     stranded: bool,
-    /// The last leaf table walked to: (`iova >> LEAF_TABLE_SHIFT`, table).
-    /// Lets runs of small maps and unmaps in one 2 MiB region skip the walk
-    /// from the root. Forgotten whenever a table page is detached or an
-    /// entry above the leaf level is overwritten with a block.
-    leaf_cache: (u64, PhysAddr),
-    /// Valid entries of upper tables, so unmap needs no scan to find one
-    /// empty (see `counts.rs`).
-    counts: TableCounts,
+    /// The last leaf table walked to: (`iova >> LEAF_TABLE_SHIFT`, table,
+    /// its count slot). Lets runs of small maps and unmaps in one 2 MiB
+    /// region skip the walk from the root. Forgotten whenever a table page
+    /// is detached or an entry above the leaf level is overwritten with a
+    /// block.
+    leaf_cache: (u64, PhysAddr, u64),
+    /// The root's side page: the counts of its children (see `counts.rs`).
+    root_side: PhysAddr,
+    /// Side pages lent (one per upper table attached, the root's included).
+    side_pages: usize,
+    /// `1 << ias_bits()`, the end of the input range (precomputed for the
+    /// one-page paths).
+    ias_limit: u64,
+    /// `1 << fmt.oa_bits()`, the end of the output range.
+    oa_limit: u64,
+    /// The attributes of the last successful map (which grant read or
+    /// write: they passed every check) and the bits of their page
+    /// descriptor at address 0, so a one-page map with the same attributes
+    /// only ORs in the address (the `PteFormat::leaf` contract).
+    page_bits: (MapAttrs, u64),
 }
 
 #[inline]
@@ -202,11 +221,15 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             return Err(PageTableError::BadLevels { levels });
         }
         let root = lend_table_page(&fmt, &mem, coherent)?;
+        let Some(root_side) = mem.alloc_zeroed(1) else {
+            // SAFETY: just allocated, never published to hardware.
+            unsafe { mem.free(root, 1) };
+            return Err(PageTableError::OutOfMemory);
+        };
         // The zeroed root is visible before its address is handed out (to
         // an STE, a context descriptor or a context entry).
         wmb_on(&mem);
         Ok(Self {
-            fmt,
             mem,
             root,
             levels,
@@ -214,8 +237,13 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             table_pages: 1,
             retired: RetireList::new(),
             stranded: false,
-            leaf_cache: (NO_REGION, PhysAddr(0)),
-            counts: TableCounts::new(),
+            leaf_cache: (NO_REGION, PhysAddr(0), 0),
+            root_side,
+            side_pages: 1,
+            ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
+            oa_limit: 1u64 << fmt.oa_bits(),
+            page_bits: (RW, fmt.leaf(PhysAddr(0), 0, RW)),
+            fmt,
         })
     }
 
@@ -249,7 +277,16 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         self.table_pages
     }
 
-    /// Table pages detached and waiting for [`free_retired`](Self::free_retired).
+    /// Side pages lent: one per upper table attached (the root's included),
+    /// where the valid-entry counts of its children are kept. The IOMMU
+    /// never reads them. Lent pages in all: `table_pages() + side_pages()
+    /// + retired_pages()`.
+    pub fn side_pages(&self) -> usize {
+        self.side_pages
+    }
+
+    /// Table pages (and their side pages) detached and waiting for
+    /// [`free_retired`](Self::free_retired).
     pub fn retired_pages(&self) -> usize {
         self.retired.len()
     }
@@ -279,6 +316,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         unsafe { self.entry(table, idx).write_volatile(val) }
     }
 
+    #[inline(always)]
     fn clean_entries(&self, table: PhysAddr, lo: usize, hi: usize) {
         if !self.coherent && hi > lo {
             self.mem
@@ -286,69 +324,170 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
     }
 
-    fn alloc_table(&mut self) -> Result<PhysAddr, PageTableError> {
-        let t = lend_table_page(&self.fmt, &self.mem, self.coherent)?;
-        self.table_pages += 1;
-        Ok(t)
-    }
-
-    /// Stores in `table[idx]` the pointer to the new table `child`. The
-    /// child's zeroed (and cleaned) contents are ordered before the pointer
-    /// by a barrier: a walker that follows the pointer must never see the
-    /// page's old contents (io-pgtable-arm `arm_lpae_install_table`).
-    #[inline]
-    fn install_table(&self, table: PhysAddr, idx: usize, child: PhysAddr) {
-        wmb_on(&self.mem);
-        self.write(table, idx, self.fmt.table(child));
-    }
-
-    /// Entry bookkeeping: one entry of `table` (at height `h`) became valid.
-    /// Only upper tables are counted; the root never needs to be.
-    #[inline]
-    fn entry_became_valid(&mut self, table: PhysAddr, h: u32) {
-        if h > 0 && table != self.root {
-            self.counts.add(table);
-        }
-    }
-
-    /// One entry of `table` (at height `h`) stopped being valid.
-    #[inline]
-    fn entry_became_invalid(&mut self, table: PhysAddr, h: u32) {
-        if h > 0 && table != self.root {
-            self.counts.sub(table);
-        }
-    }
-
-    /// A table page `t` of height `h` was just attached (empty).
-    #[inline]
-    fn table_attached(&mut self, t: PhysAddr, h: u32) {
-        if h > 0 {
-            self.counts.track(t);
-        }
-    }
-
-    /// Whether `table` (height `h`, not the root) has no valid entry, given
-    /// that only entries in `lo..hi` changed since it last had one: at once
-    /// from its count when it is counted, else by a scan that looks at the
-    /// neighbours of `lo..hi` first.
-    #[inline]
-    fn became_empty(&self, table: PhysAddr, h: u32, lo: usize, hi: usize) -> bool {
-        if h > 0 {
-            if let Some(n) = self.counts.get(table) {
-                debug_assert_eq!(
-                    usize::from(n),
-                    self.valid_entries(table, h),
-                    "valid-entry count of table {table:?} at height {h} is wrong"
-                );
-                return n == 0;
+    /// A new table page for height `h`, with its side page when `h > 0`
+    /// (`(table, side)`, side 0 for a leaf table). Nothing is lent when
+    /// either allocation fails.
+    fn alloc_table(&mut self, h: u32) -> Result<(PhysAddr, PhysAddr), PageTableError> {
+        let side = if h > 0 {
+            let p = self
+                .mem
+                .alloc_zeroed(1)
+                .ok_or(PageTableError::OutOfMemory)?;
+            self.side_pages += 1;
+            p
+        } else {
+            PhysAddr(0)
+        };
+        match lend_table_page(&self.fmt, &self.mem, self.coherent) {
+            Ok(t) => {
+                self.table_pages += 1;
+                Ok((t, side))
+            }
+            Err(e) => {
+                self.free_side(side);
+                Err(e)
             }
         }
-        !(self.any_present(table, h, hi, ENTRIES) || self.any_present(table, h, 0, lo.min(hi)))
+    }
+
+    /// Hands a side page back at once (0: none). Only for an all-zero side
+    /// page whose table is detached or was never attached: the IOMMU never
+    /// reads side pages, so nothing waits for an invalidation.
+    #[inline]
+    fn free_side(&mut self, side: PhysAddr) {
+        if side.0 != 0 {
+            // SAFETY: `side` came from `alloc_zeroed(1)` and nothing refers
+            // to it any more (its table is gone); the IOMMU never read it.
+            unsafe { self.mem.free(side, 1) };
+            self.side_pages -= 1;
+        }
+    }
+
+    /// Word `idx` of the side page `side`.
+    #[inline(always)]
+    fn side_word(&self, side: PhysAddr, idx: usize) -> u64 {
+        // SAFETY: `side` is a side page this walker lent and still owns;
+        // `idx < 512` keeps the read inside it. Only the CPU uses it.
+        unsafe {
+            self.mem
+                .phys_to_virt(side)
+                .cast::<u64>()
+                .wrapping_add(idx)
+                .read()
+        }
+    }
+
+    /// Sets word `idx` of the side page `side`.
+    #[inline(always)]
+    fn set_side_word(&self, side: PhysAddr, idx: usize, v: u64) {
+        // SAFETY: as in `side_word`.
+        unsafe {
+            self.mem
+                .phys_to_virt(side)
+                .cast::<u64>()
+                .wrapping_add(idx)
+                .write(v);
+        }
+    }
+
+    /// The count kept at `slot` (a table's word in its parent's side page).
+    #[inline(always)]
+    fn count_at(&self, slot: u64) -> u64 {
+        // SAFETY: a non-zero slot is the address of a word inside a side
+        // page this walker owns (`counts::slot`); callers pass 0 only for
+        // the root, which they never ask about.
+        counts::count(unsafe { self.mem.phys_to_virt(PhysAddr(slot)).cast::<u64>().read() })
+    }
+
+    /// Adds `n` to the count at `slot` (nothing for the root's slot, 0).
+    /// The count sits in the word's bits 11:2 and stays in `0..=512`, so
+    /// adding to the whole word never touches the side-page address above.
+    #[inline(always)]
+    fn count_add(&self, slot: u64, n: u64) {
+        if slot != 0 {
+            let p = self.mem.phys_to_virt(PhysAddr(slot)).cast::<u64>();
+            // SAFETY: as in `count_at`.
+            unsafe { p.write(p.read() + (n << counts::COUNT_SHIFT)) };
+            debug_assert!(self.count_at(slot) <= ENTRIES as u64);
+        }
+    }
+
+    /// Subtracts `n` from the count at `slot` (see `count_add`).
+    #[inline(always)]
+    fn count_sub(&self, slot: u64, n: u64) {
+        if slot != 0 {
+            debug_assert!(self.count_at(slot) >= n, "valid-entry count underflow");
+            let p = self.mem.phys_to_virt(PhysAddr(slot)).cast::<u64>();
+            // SAFETY: as in `count_at`.
+            unsafe { p.write(p.read() - (n << counts::COUNT_SHIFT)) };
+        }
+    }
+
+    /// Whether the table whose count is at `slot` is empty; debug builds
+    /// check an empty count against a scan of the table.
+    #[inline(always)]
+    fn is_empty_at(&self, slot: u64, table: PhysAddr, h: u32) -> bool {
+        let empty = self.count_at(slot) == 0;
+        debug_assert!(
+            !empty || self.valid_entries(table, h) == 0,
+            "table {table:?} at height {h} counted empty but is not"
+        );
+        empty
+    }
+
+    /// Stores in `table[idx]` (side page `side`, count at `slot`) the
+    /// pointer to the new, empty table `child` (side page `child_side`).
+    /// The child's zeroed (and cleaned) contents are ordered before the
+    /// pointer by a barrier: a walker that follows the pointer must never
+    /// see the page's old contents (io-pgtable-arm `arm_lpae_install_table`).
+    #[inline]
+    fn install_table(
+        &self,
+        (table, side, slot): (PhysAddr, PhysAddr, u64),
+        idx: usize,
+        child: PhysAddr,
+        child_side: PhysAddr,
+    ) {
+        wmb_on(&self.mem);
+        self.write(table, idx, self.fmt.table(child));
+        self.set_side_word(side, idx, child_side.0);
+        self.count_add(slot, 1);
+    }
+
+    /// Detaches the child table at `table[idx]` (side page `side`, count at
+    /// `slot`), which is empty: retires its page and its side page until
+    /// the next invalidation, clears the entry (the caller cleans it).
+    /// Returns whether it was detached.
+    fn detach_child(
+        &mut self,
+        (table, side, slot): (PhysAddr, PhysAddr, u64),
+        idx: usize,
+        child: PhysAddr,
+    ) -> bool {
+        let child_side = counts::side_page(self.side_word(side, idx));
+        // Never fails (the list has no capacity); kept as a Result for the
+        // `stranded` path.
+        if self.retired.push(&self.mem, child).is_err() {
+            self.stranded = true;
+            return false;
+        }
+        self.write(table, idx, 0);
+        self.set_side_word(side, idx, 0);
+        self.count_sub(slot, 1);
+        if child_side.0 != 0 {
+            // All zero (its table is empty). The IOMMU never reads it, but
+            // it waits with its table for the invalidation all the same: one
+            // rule for every page a table lends.
+            let _ = self.retired.push(&self.mem, child_side);
+            self.side_pages -= 1;
+        }
+        self.table_pages -= 1;
+        self.leaf_cache.0 = NO_REGION;
+        true
     }
 
     /// Valid entries of `table`, by a scan (the debug builds' check of the
-    /// counts; one lookup of the page, so tests can count the lookups an
-    /// operation makes).
+    /// counts, and [`check_counts`](Self::check_counts)).
     fn valid_entries(&self, table: PhysAddr, h: u32) -> usize {
         let base = self.mem.phys_to_virt(table).cast::<u64>();
         (0..ENTRIES)
@@ -358,6 +497,45 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 self.present(v, h)
             })
             .count()
+    }
+
+    /// Test support: compares every table's valid-entry count with a scan
+    /// of the table; `Err((table, height, counted, scanned))` names the
+    /// first that differs. Also checks that side words of entries that are
+    /// not tables are 0.
+    #[doc(hidden)]
+    pub fn check_counts(&self) -> Result<(), (PhysAddr, u32, usize, usize)> {
+        self.check_counts_rec(self.root, self.root_side, self.top_height())
+    }
+
+    fn check_counts_rec(
+        &self,
+        table: PhysAddr,
+        side: PhysAddr,
+        h: u32,
+    ) -> Result<(), (PhysAddr, u32, usize, usize)> {
+        for i in 0..ENTRIES {
+            let w = self.side_word(side, i);
+            match self.fmt.decode(self.read(table, i), h) {
+                Pte::Table(child) if h > 0 => {
+                    let counted = counts::count(w) as usize;
+                    let scanned = self.valid_entries(child, h - 1);
+                    if counted != scanned {
+                        return Err((child, h - 1, counted, scanned));
+                    }
+                    let child_side = counts::side_page(w);
+                    if (h - 1 > 0) != (child_side.0 != 0) {
+                        return Err((child, h - 1, usize::MAX, scanned));
+                    }
+                    if h - 1 > 0 {
+                        self.check_counts_rec(child, child_side, h - 1)?;
+                    }
+                }
+                _ if w != 0 => return Err((table, h, usize::MAX, i)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     #[inline]
@@ -399,6 +577,23 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// On every error the table is as it was.
     #[inline]
     pub fn map(
+        &mut self,
+        iova: DmaAddr,
+        pa: PhysAddr,
+        len: u64,
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
+        if len == PAGE_SIZE {
+            if let Some(r) = self.map_page_fast(iova.0, pa.0, attrs) {
+                return r;
+            }
+        }
+        self.map_checked(iova, pa, len, attrs)
+    }
+
+    /// [`map`](Self::map) of any shape, every argument checked.
+    #[inline(never)]
+    fn map_checked(
         &mut self,
         iova: DmaAddr,
         pa: PhysAddr,
@@ -469,8 +664,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         let mut cur = iova.0;
         let mut rest = pages;
         while !rest.is_empty() {
-            let table = match self.leaf_table_for_map(cur) {
-                Ok((t, _)) => t,
+            let (table, slot) = match self.leaf_table_for_map(cur) {
+                Ok((t, slot, _)) => (t, slot),
                 Err(e) => {
                     self.take_back(iova.0, end);
                     return Err(e);
@@ -486,6 +681,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 self.write(table, i0 + k, p.0 | bits);
             }
             self.clean_entries(table, i0, i0 + n);
+            self.count_add(slot, n as u64);
             rest = later;
             cur += n as u64 * PAGE_SIZE;
         }
@@ -512,10 +708,103 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if pa.checked_add(end - iova).is_none_or(|e| e > oa_limit) {
             return Err(PageTableError::PhysTooLarge { phys: PhysAddr(pa) });
         }
-        if let Some(done) = self.map_in_leaf_table(iova, pa, end, attrs) {
-            return done;
+        if end - iova == PAGE_SIZE {
+            if let Some(r) = self.map_page_fast(iova, pa, attrs) {
+                return r;
+            }
         }
-        self.map_general(iova, pa, end, attrs)
+        let r = match self.map_in_leaf_table(iova, pa, end, attrs) {
+            Some(r) => r,
+            None => self.map_general(iova, pa, end, attrs),
+        };
+        if r.is_ok() && self.page_bits.0 != attrs {
+            self.page_bits = (attrs, self.fmt.leaf(PhysAddr(0), 0, attrs));
+        }
+        r
+    }
+
+    /// One page at `iova` → `pa`, when `attrs` are those of the last
+    /// successful map (so they grant access; their descriptor bits are
+    /// known) and both addresses are page aligned and in range (the leaf
+    /// table comes from the cache, or from a walk that makes missing
+    /// tables and takes them back if the lender fails). Every check of
+    /// [`map`](Self::map) holds for such a call, with one combined test;
+    /// `None` (nothing done) sends any other call down the full path, which
+    /// finds the precise error.
+    #[inline(always)]
+    pub(crate) fn map_page_fast(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        attrs: MapAttrs,
+    ) -> Option<Result<(), PageTableError>> {
+        // Page aligned, below the input and output limits (both multiples
+        // of 4 KiB, so the page's end is below them too).
+        if (iova | pa) & (PAGE_SIZE - 1) != 0
+            || iova >= self.ias_limit
+            || pa >= self.oa_limit
+            || attrs != self.page_bits.0
+        {
+            return None;
+        }
+        let (leaf, slot, created) = if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
+            (self.leaf_cache.1, self.leaf_cache.2, false)
+        } else {
+            match self.walk_for_map(iova) {
+                Ok(t) => t,
+                Err(e) => return Some(Err(self.map_walk_failed(iova, e))),
+            }
+        };
+        let i = index(iova, 0);
+        if !created && self.present(self.read(leaf, i), 0) {
+            return Some(Err(PageTableError::AlreadyMapped {
+                iova: DmaAddr(iova),
+            }));
+        }
+        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | self.page_bits.1);
+        self.write(leaf, i, pa | self.page_bits.1);
+        self.clean_entries(leaf, i, i + 1);
+        self.count_add(slot, 1);
+        Some(Ok(()))
+    }
+
+    /// A walk for a map of `[iova, iova + 4 KiB)` failed with `e`: takes
+    /// back the tables it attached before the lender failed (or lent a page
+    /// the format cannot point at). Returns `e`.
+    #[cold]
+    #[inline(never)]
+    fn map_walk_failed(&mut self, iova: u64, e: PageTableError) -> PageTableError {
+        if matches!(
+            e,
+            PageTableError::OutOfMemory | PageTableError::PhysTooLarge { .. }
+        ) {
+            self.take_back(iova, iova + PAGE_SIZE);
+        }
+        e
+    }
+
+    /// One mapped page at `iova` unmapped, when its leaf table is cached or
+    /// found by a walk and the entry is a page: the shape of a per-page
+    /// unlink. `None` (nothing done) for anything else, which the full path
+    /// handles (and names the error of).
+    #[inline(always)]
+    pub(crate) fn unmap_page_fast(&mut self, iova: u64) -> Option<UnmapOutcome> {
+        if iova & (PAGE_SIZE - 1) != 0 || iova >= self.ias_limit {
+            return None;
+        }
+        let (leaf, slot) = self.leaf_table_present(iova)?;
+        let i = index(iova, 0);
+        if !self.present(self.read(leaf, i), 0) {
+            return None;
+        }
+        self.write(leaf, i, 0);
+        self.clean_entries(leaf, i, i + 1);
+        self.count_sub(slot, 1);
+        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
+        Some(UnmapOutcome {
+            bytes: PAGE_SIZE,
+            freed_tables,
+        })
     }
 
     /// [`map`](Self::map) of any shape, arguments checked.
@@ -530,7 +819,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if let Some(at) = self.first_present(self.root, self.top_height(), iova, end) {
             return Err(PageTableError::AlreadyMapped { iova: DmaAddr(at) });
         }
-        match self.map_rec(self.root, self.top_height(), iova, pa, end, attrs) {
+        let root = (self.root, self.root_side, 0);
+        match self.map_rec(root, self.top_height(), iova, pa, end, attrs) {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Only table memory can run out here (the range was checked
@@ -548,7 +838,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[cold]
     fn take_back(&mut self, iova: u64, end: u64) {
         let mut out = UnmapOutcome::default();
-        self.clear_rec(self.root, self.top_height(), iova, end, true, &mut out);
+        let root = (self.root, self.root_side, 0);
+        self.clear_rec(root, self.top_height(), iova, end, true, &mut out);
     }
 
     /// Whether a descriptor read at `height` is present. Zero is
@@ -559,52 +850,26 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         pte != 0 && self.fmt.decode(pte, height) != Pte::Invalid
     }
 
-    /// Whether any entry `lo..hi` of `table` (at height `h`) is present.
-    /// Past the first entry, scans four entries per test: most tables being
-    /// checked for emptiness are all zeros, and only a non-zero group needs
-    /// decoding.
+    /// The leaf table covering `iova` and its count slot, from the cache or
+    /// by a walk that creates missing tables; also whether any table was
+    /// created (then the leaf table is empty). `AlreadyMapped` when a block
+    /// covers `iova` (nothing was created then); `OutOfMemory` may leave
+    /// fresh, empty tables attached for the caller to take back.
     #[inline]
-    fn any_present(&self, table: PhysAddr, h: u32, lo: usize, hi: usize) -> bool {
-        // The first entry alone: in a sequential unmap it is the next page.
-        if lo >= hi {
-            return false;
-        }
-        if self.present(self.read(table, lo), h) {
-            return true;
-        }
-        let mut i = lo + 1;
-        while i + 4 <= hi {
-            let any = self.read(table, i)
-                | self.read(table, i + 1)
-                | self.read(table, i + 2)
-                | self.read(table, i + 3);
-            if any != 0 && (i..i + 4).any(|j| self.present(self.read(table, j), h)) {
-                return true;
-            }
-            i += 4;
-        }
-        (i..hi).any(|j| self.present(self.read(table, j), h))
-    }
-
-    /// The leaf table covering `iova`, from the cache or by a walk that
-    /// creates missing tables; also whether any table was created (then the
-    /// leaf table is empty). `AlreadyMapped` when a block covers `iova`
-    /// (nothing was created then); `OutOfMemory` may leave fresh, empty
-    /// tables attached for the caller to prune.
-    #[inline]
-    fn leaf_table_for_map(&mut self, iova: u64) -> Result<(PhysAddr, bool), PageTableError> {
+    fn leaf_table_for_map(&mut self, iova: u64) -> Result<(PhysAddr, u64, bool), PageTableError> {
         if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
-            return Ok((self.leaf_cache.1, false));
+            return Ok((self.leaf_cache.1, self.leaf_cache.2, false));
         }
         self.walk_for_map(iova)
     }
 
     #[inline(never)]
-    fn walk_for_map(&mut self, iova: u64) -> Result<(PhysAddr, bool), PageTableError> {
+    fn walk_for_map(&mut self, iova: u64) -> Result<(PhysAddr, u64, bool), PageTableError> {
         let region = iova >> LEAF_TABLE_SHIFT;
-        let mut table = self.root;
+        let mut node = (self.root, self.root_side, 0u64);
         let mut created = false;
         for h in (1..=self.top_height()).rev() {
+            let (table, side, _) = node;
             let idx = index(iova, h);
             let pte = self.read(table, idx);
             let pte = if pte == 0 {
@@ -612,16 +877,14 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             } else {
                 self.fmt.decode(pte, h)
             };
-            table = match pte {
-                Pte::Table(t) => t,
+            let child = match pte {
+                Pte::Table(t) => (t, counts::side_page(self.side_word(side, idx))),
                 Pte::Invalid => {
-                    let t = self.alloc_table()?;
-                    self.install_table(table, idx, t);
+                    let (t, t_side) = self.alloc_table(h - 1)?;
+                    self.install_table(node, idx, t, t_side);
                     self.clean_entries(table, idx, idx + 1);
-                    self.entry_became_valid(table, h);
-                    self.table_attached(t, h - 1);
                     created = true;
-                    t
+                    (t, t_side)
                 }
                 Pte::Leaf { .. } => {
                     return Err(PageTableError::AlreadyMapped {
@@ -629,33 +892,40 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     });
                 }
             };
+            node = (child.0, child.1, counts::slot(side, idx));
         }
-        self.leaf_cache = (region, table);
-        Ok((table, created))
+        self.leaf_cache = (region, node.0, node.2);
+        Ok((node.0, node.2, created))
     }
 
-    /// The existing leaf table covering `iova`, from the cache or by a walk
-    /// that changes nothing; `None` when the walk meets anything but tables.
+    /// The existing leaf table covering `iova` and its count slot, from the
+    /// cache or by a walk that changes nothing; `None` when the walk meets
+    /// anything but tables.
     #[inline]
-    fn leaf_table_present(&mut self, iova: u64) -> Option<PhysAddr> {
+    fn leaf_table_present(&mut self, iova: u64) -> Option<(PhysAddr, u64)> {
         if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
-            return Some(self.leaf_cache.1);
+            return Some((self.leaf_cache.1, self.leaf_cache.2));
         }
         self.walk_present(iova)
     }
 
     #[inline(never)]
-    fn walk_present(&mut self, iova: u64) -> Option<PhysAddr> {
+    fn walk_present(&mut self, iova: u64) -> Option<(PhysAddr, u64)> {
         let region = iova >> LEAF_TABLE_SHIFT;
-        let mut table = self.root;
+        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
         for h in (1..=self.top_height()).rev() {
-            match self.fmt.decode(self.read(table, index(iova, h)), h) {
-                Pte::Table(t) => table = t,
+            let idx = index(iova, h);
+            match self.fmt.decode(self.read(table, idx), h) {
+                Pte::Table(t) => {
+                    table = t;
+                    slot = counts::slot(side, idx);
+                    side = counts::side_page(self.side_word(side, idx));
+                }
                 _ => return None,
             }
         }
-        self.leaf_cache = (region, table);
-        Some(table)
+        self.leaf_cache = (region, table, slot);
+        Some((table, slot))
     }
 
     /// Fast path of [`map`](Self::map) for a range inside one leaf table
@@ -678,7 +948,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if end - iova == block && pa & (block - 1) == 0 && self.fmt.leaf_allowed(1) {
             return None;
         }
-        let (leaf, created) = match self.leaf_table_for_map(iova) {
+        let (leaf, slot, created) = match self.leaf_table_for_map(iova) {
             Ok(t) => t,
             Err(e @ (PageTableError::OutOfMemory | PageTableError::PhysTooLarge { .. })) => {
                 // The walk may have attached tables before the lender failed
@@ -689,7 +959,20 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             Err(e) => return Some(Err(e)),
         };
         let i0 = index(iova, 0);
-        let i1 = i0 + ((end - iova) / PAGE_SIZE) as usize;
+        let n = ((end - iova) / PAGE_SIZE) as usize;
+        if n == 1 {
+            // One page (the per-page link): no loops.
+            if !created && self.present(self.read(leaf, i0), 0) {
+                return Some(Err(PageTableError::AlreadyMapped {
+                    iova: DmaAddr(iova),
+                }));
+            }
+            self.write(leaf, i0, self.fmt.leaf(PhysAddr(pa), 0, attrs));
+            self.clean_entries(leaf, i0, i0 + 1);
+            self.count_add(slot, 1);
+            return Some(Ok(()));
+        }
+        let i1 = i0 + n;
         if !created {
             let base = iova & !(block - 1);
             for i in i0..i1 {
@@ -706,34 +989,36 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             p += PAGE_SIZE;
         }
         self.clean_entries(leaf, i0, i1);
+        self.count_add(slot, n as u64);
         Some(Ok(()))
     }
 
     /// Fast path of [`unmap`](Self::unmap) for a range inside one leaf table
     /// that is wholly mapped by pages: clears the entries (nothing to split)
-    /// and, if that empties the table, detaches it and the tables above it
-    /// that become empty, as the general path would. `None` (nothing
-    /// changed) for every other shape, which the general path handles.
+    /// and, if that empties the table (its count says so at once), detaches
+    /// it and the tables above it that become empty, as the general path
+    /// would. `None` (nothing changed) for every other shape, which the
+    /// general path handles.
     #[inline]
     fn unmap_in_leaf_table(&mut self, iova: u64, end: u64) -> Option<UnmapOutcome> {
         if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
             return None;
         }
-        let leaf = self.leaf_table_present(iova)?;
+        let (leaf, slot) = self.leaf_table_present(iova)?;
         let i0 = index(iova, 0);
-        let i1 = i0 + ((end - iova) / PAGE_SIZE) as usize;
+        let n = ((end - iova) / PAGE_SIZE) as usize;
+        let i1 = i0 + n;
         for i in i0..i1 {
             if !matches!(self.fmt.decode(self.read(leaf, i), 0), Pte::Leaf { .. }) {
                 return None;
             }
         }
-        // Neighbours first: in a sequential unmap the next page is present.
-        let empties = !(self.any_present(leaf, 0, i1, ENTRIES) || self.any_present(leaf, 0, 0, i0));
         for i in i0..i1 {
             self.write(leaf, i, 0);
         }
         self.clean_entries(leaf, i0, i1);
-        let freed_tables = empties && self.detach_empty_leaf_table(iova);
+        self.count_sub(slot, n as u64);
+        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
             bytes: end - iova,
             freed_tables,
@@ -747,57 +1032,55 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// table was detached.
     #[inline(never)]
     fn detach_empty_leaf_table(&mut self, iova: u64) -> bool {
-        // (table, index) of the entry leading down, by height.
-        let mut path = [(PhysAddr(0), 0usize); 5];
-        let mut table = self.root;
+        // The node (table, side page, count slot) holding the entry that
+        // leads down, and that entry's index, by height.
+        let mut path = [((PhysAddr(0), PhysAddr(0), 0u64), 0usize); 5];
+        let mut node = (self.root, self.root_side, 0u64);
         for h in (1..=self.top_height()).rev() {
             let idx = index(iova, h);
-            let Some(slot) = path.get_mut(h as usize) else {
+            let Some(p) = path.get_mut(h as usize) else {
                 return false;
             };
-            *slot = (table, idx);
-            match self.fmt.decode(self.read(table, idx), h) {
-                Pte::Table(t) => table = t,
+            *p = (node, idx);
+            match self.fmt.decode(self.read(node.0, idx), h) {
+                Pte::Table(t) => {
+                    let w = self.side_word(node.1, idx);
+                    node = (t, counts::side_page(w), counts::slot(node.1, idx));
+                }
                 _ => return false,
             }
         }
-        let mut child = table;
+        let mut child = node.0;
         let mut freed = false;
         for h in 1..=self.top_height() {
             let Some(&(parent, idx)) = path.get(h as usize) else {
                 break;
             };
-            if self.retired.push(&self.mem, child).is_err() {
-                self.stranded = true;
+            if !self.detach_child(parent, idx, child) {
                 break;
             }
-            self.write(parent, idx, 0);
-            self.clean_entries(parent, idx, idx + 1);
-            self.entry_became_invalid(parent, h);
-            self.counts.forget(child);
-            self.table_pages -= 1;
-            self.leaf_cache.0 = NO_REGION;
+            self.clean_entries(parent.0, idx, idx + 1);
             freed = true;
-            if parent == self.root {
+            if parent.0 == self.root || !self.is_empty_at(parent.2, parent.0, h) {
                 break;
             }
-            if !self.became_empty(parent, h, idx, idx + 1) {
-                break;
-            }
-            child = parent;
+            child = parent.0;
         }
         freed
     }
 
+    /// Maps `[iova, end)` to `pa` below `node` (table, side page, count
+    /// slot) at height `h`.
     fn map_rec(
         &mut self,
-        table: PhysAddr,
+        node: (PhysAddr, PhysAddr, u64),
         h: u32,
         iova: u64,
         pa: u64,
         end: u64,
         attrs: MapAttrs,
     ) -> Result<(), PageTableError> {
+        let (table, side, slot) = node;
         if h == 0 {
             // A leaf table: `[iova, end)` lies inside it (the caller split the
             // range at this table's bounds). One tight loop of page entries.
@@ -809,6 +1092,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 p += PAGE_SIZE;
             }
             self.clean_entries(table, i0, i1);
+            self.count_add(slot, (i1 - i0) as u64);
             return Ok(());
         }
         let esize = entry_size(h);
@@ -819,33 +1103,28 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             let idx = index(cur, h);
             let next = end.min((cur & !(esize - 1)) + esize);
             let p = pa + (cur - iova);
-            let block =
-                h > 0 && next - cur == esize && p & (esize - 1) == 0 && self.fmt.leaf_allowed(h);
+            let block = next - cur == esize && p & (esize - 1) == 0 && self.fmt.leaf_allowed(h);
             // An empty table left attached (its retirement did not fit) is
             // filled below rather than overwritten by a block: overwriting
             // would leak its page and need a walk-cache invalidation.
             let table_here =
                 block && matches!(self.fmt.decode(self.read(table, idx), h), Pte::Table(_));
-            if h == 0 || (block && !table_here) {
-                if h > 0 {
-                    self.leaf_cache.0 = NO_REGION;
-                }
+            if block && !table_here {
+                self.leaf_cache.0 = NO_REGION;
                 // The range was checked empty: this entry was not valid.
                 self.write(table, idx, self.fmt.leaf(PhysAddr(p), h, attrs));
-                self.entry_became_valid(table, h);
+                self.count_add(slot, 1);
                 lo = lo.min(idx);
                 hi = idx + 1;
             } else {
                 let child = match self.fmt.decode(self.read(table, idx), h) {
-                    Pte::Table(t) => t,
-                    Pte::Invalid => match self.alloc_table() {
-                        Ok(t) => {
-                            self.install_table(table, idx, t);
-                            self.entry_became_valid(table, h);
-                            self.table_attached(t, h - 1);
+                    Pte::Table(t) => (t, counts::side_page(self.side_word(side, idx))),
+                    Pte::Invalid => match self.alloc_table(h - 1) {
+                        Ok((t, t_side)) => {
+                            self.install_table(node, idx, t, t_side);
                             lo = lo.min(idx);
                             hi = idx + 1;
-                            t
+                            (t, t_side)
                         }
                         Err(e) => {
                             result = Err(e);
@@ -857,6 +1136,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                         break;
                     }
                 };
+                let child = (child.0, child.1, counts::slot(side, idx));
                 if let Err(e) = self.map_rec(child, h - 1, cur, p, next, attrs) {
                     result = Err(e);
                     break;
@@ -965,7 +1245,21 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// On every error the table is as it was.
     #[inline]
     pub fn unmap(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
+        if len == PAGE_SIZE {
+            if let Some(out) = self.unmap_page_fast(iova.0) {
+                return Ok(out);
+            }
+        }
+        self.unmap_checked(iova, len)
+    }
+
+    /// [`unmap`](Self::unmap) of any shape, every argument checked.
+    #[inline(never)]
+    fn unmap_checked(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
+        if let Some(out) = self.unmap_one_block(iova.0, len) {
+            return Ok(out);
+        }
         if let Some(out) = self.unmap_in_leaf_table(iova.0, end) {
             return Ok(out);
         }
@@ -985,7 +1279,65 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if let Some(out) = self.unmap_in_leaf_table(iova, end) {
             return Ok(out);
         }
+        if let Some(out) = self.unmap_one_block(iova, end - iova) {
+            return Ok(out);
+        }
         self.unmap_general(DmaAddr(iova), end - iova, end)
+    }
+
+    /// Unmaps `[iova, iova + len)` when it is exactly one block (a 2 MiB or
+    /// 1 GiB leaf): one walk down to it, which is also the whole check (a
+    /// range that is exactly one present leaf is mapped and cuts no block),
+    /// then the emptied tables above it detached by their counts. `None`
+    /// (nothing changed) for any other shape. The range is checked.
+    fn unmap_one_block(&mut self, iova: u64, len: u64) -> Option<UnmapOutcome> {
+        if !len.is_power_of_two() || iova & (len - 1) != 0 {
+            return None;
+        }
+        let h = (len.trailing_zeros().checked_sub(12)?) / BITS_PER_LEVEL;
+        if h == 0 || h >= self.top_height() || entry_size(h) != len {
+            return None;
+        }
+        let mut path = [((PhysAddr(0), PhysAddr(0), 0u64), 0usize); 5];
+        let mut node = (self.root, self.root_side, 0u64);
+        for level in (h..=self.top_height()).rev() {
+            let idx = index(iova, level);
+            *path.get_mut(level as usize)? = (node, idx);
+            match self.fmt.decode(self.read(node.0, idx), level) {
+                Pte::Table(t) if level > h => {
+                    let w = self.side_word(node.1, idx);
+                    node = (t, counts::side_page(w), counts::slot(node.1, idx));
+                }
+                Pte::Leaf { .. } if level == h => {}
+                _ => return None,
+            }
+        }
+        let ((table, _, slot), idx) = *path.get(h as usize)?;
+        self.leaf_cache.0 = NO_REGION;
+        self.write(table, idx, 0);
+        self.clean_entries(table, idx, idx + 1);
+        self.count_sub(slot, 1);
+        let mut freed = false;
+        let mut child = table;
+        let mut empty = table != self.root && self.is_empty_at(slot, table, h);
+        let mut level = h + 1;
+        while empty {
+            let Some(&(parent, pidx)) = path.get(level as usize) else {
+                break;
+            };
+            if !self.detach_child(parent, pidx, child) {
+                break;
+            }
+            self.clean_entries(parent.0, pidx, pidx + 1);
+            freed = true;
+            empty = parent.0 != self.root && self.is_empty_at(parent.2, parent.0, level);
+            child = parent.0;
+            level += 1;
+        }
+        Some(UnmapOutcome {
+            bytes: len,
+            freed_tables: freed,
+        })
     }
 
     /// [`unmap`](Self::unmap) of any shape, range checked.
@@ -1002,7 +1354,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             self.check_block_edge(end)?;
         }
         let mut out = UnmapOutcome::default();
-        self.clear_rec(self.root, self.top_height(), iova.0, end, false, &mut out);
+        let root = (self.root, self.root_side, 0);
+        self.clear_rec(root, self.top_height(), iova.0, end, false, &mut out);
         Ok(out)
     }
 
@@ -1024,7 +1377,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     ) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
         let mut out = UnmapOutcome::default();
-        self.clear_rec(self.root, self.top_height(), iova.0, end, false, &mut out);
+        let root = (self.root, self.root_side, 0);
+        self.clear_rec(root, self.top_height(), iova.0, end, false, &mut out);
         Ok(out)
     }
 
@@ -1050,17 +1404,20 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
     }
 
-    /// Clears every leaf wholly inside `[iova, end)`, detaches child tables
-    /// that become empty. Returns whether `table` is now empty.
+    /// Clears every leaf wholly inside `[iova, end)` below `node` (table,
+    /// side page, count slot) at height `h`, detaches child tables that
+    /// become empty. Returns whether the table is now empty (never for the
+    /// root, which is never detached).
     fn clear_rec(
         &mut self,
-        table: PhysAddr,
+        node: (PhysAddr, PhysAddr, u64),
         h: u32,
         iova: u64,
         end: u64,
         prune: bool,
         out: &mut UnmapOutcome,
     ) -> bool {
+        let (table, side, slot) = node;
         let esize = entry_size(h);
         let mut cur = iova;
         let (mut lo, mut hi) = (usize::MAX, 0usize);
@@ -1073,24 +1430,18 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 Pte::Leaf { .. } => {
                     if cur == base && next == base + esize {
                         self.write(table, idx, 0);
-                        self.entry_became_invalid(table, h);
+                        self.count_sub(slot, 1);
                         out.bytes += esize;
                         lo = lo.min(idx);
                         hi = idx + 1;
                     }
                 }
                 Pte::Table(child) if h > 0 => {
-                    if !self.clear_rec(child, h - 1, cur, next, prune, out) {
-                        // Not empty, or not detachable.
-                    } else if self.retired.push(&self.mem, child).is_err() {
-                        // Stays attached, empty, until `prune_empty`.
-                        self.stranded = true;
-                    } else {
-                        self.leaf_cache.0 = NO_REGION;
-                        self.write(table, idx, 0);
-                        self.entry_became_invalid(table, h);
-                        self.counts.forget(child);
-                        self.table_pages -= 1;
+                    let w = self.side_word(side, idx);
+                    let child_node = (child, counts::side_page(w), counts::slot(side, idx));
+                    if self.clear_rec(child_node, h - 1, cur, next, prune, out)
+                        && self.detach_child(node, idx, child)
+                    {
                         out.freed_tables = true;
                         lo = lo.min(idx);
                         hi = idx + 1;
@@ -1112,10 +1463,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             // The root is never detached: whether it is empty does not matter.
             return false;
         }
-        // An upper table's count decides at once; a leaf table is scanned
-        // next to what was cleared first: neighbours are the likeliest to
-        // still be present, which keeps sequential unmaps O(1) per page.
-        self.became_empty(table, h, lo, hi)
+        // The count decides at once: no scan.
+        self.is_empty_at(slot, table, h)
     }
 
     /// Hands retired table pages back to the lender. Call only after the
@@ -1146,42 +1495,35 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         self.stranded = false;
         let before = self.retired.len();
-        self.prune_rec(self.root, self.top_height());
+        let root = (self.root, self.root_side, 0);
+        self.prune_rec(root, self.top_height());
         self.retired.len() != before
     }
 
-    /// Detaches the empty tables below `table`; whether `table` is now empty.
-    fn prune_rec(&mut self, table: PhysAddr, h: u32) -> bool {
+    /// Detaches the empty tables below `node` (table, side page, count
+    /// slot) at height `h`; whether the table is now empty.
+    fn prune_rec(&mut self, node: (PhysAddr, PhysAddr, u64), h: u32) -> bool {
+        let (table, side, slot) = node;
         if h == 0 {
-            return !self.any_present(table, 0, 0, ENTRIES);
+            return self.is_empty_at(slot, table, 0);
         }
-        let mut empty = true;
         let (mut lo, mut hi) = (usize::MAX, 0usize);
         for i in 0..ENTRIES {
             let pte = self.read(table, i);
             if pte == 0 {
                 continue;
             }
-            match self.fmt.decode(pte, h) {
-                Pte::Invalid => {}
-                Pte::Leaf { .. } => empty = false,
-                Pte::Table(child) => {
-                    if self.prune_rec(child, h - 1) && self.retired.push(&self.mem, child).is_ok() {
-                        self.write(table, i, 0);
-                        self.entry_became_invalid(table, h);
-                        self.counts.forget(child);
-                        self.table_pages -= 1;
-                        self.leaf_cache.0 = NO_REGION;
-                        lo = lo.min(i);
-                        hi = i + 1;
-                    } else {
-                        empty = false;
-                    }
+            if let Pte::Table(child) = self.fmt.decode(pte, h) {
+                let w = self.side_word(side, i);
+                let child_node = (child, counts::side_page(w), counts::slot(side, i));
+                if self.prune_rec(child_node, h - 1) && self.detach_child(node, i, child) {
+                    lo = lo.min(i);
+                    hi = i + 1;
                 }
             }
         }
         self.clean_entries(table, lo, hi);
-        empty
+        table != self.root && self.is_empty_at(slot, table, h)
     }
 
     /// Hands every table page back to the lender, the root included, and
@@ -1194,9 +1536,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// and every cached walk of it was invalidated and that invalidation
     /// completed (a whole-domain invalidation followed by a sync).
     pub unsafe fn free_all(mut self) {
-        self.counts.clear();
         self.free_retired();
-        self.free_tree(self.root, self.top_height());
+        self.free_tree(self.root, self.root_side, self.top_height());
     }
 
     /// Software walk: the output address, attributes and leaf height that
@@ -1225,14 +1566,16 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
     }
 
-    fn free_tree(&mut self, table: PhysAddr, h: u32) {
+    fn free_tree(&mut self, table: PhysAddr, side: PhysAddr, h: u32) {
         if h > 0 {
             for i in 0..ENTRIES {
                 if let Pte::Table(t) = self.fmt.decode(self.read(table, i), h) {
-                    self.free_tree(t, h - 1);
+                    let w = self.side_word(side, i);
+                    self.free_tree(t, counts::side_page(w), h - 1);
                 }
             }
         }
+        self.free_side(side);
         // SAFETY: every table page reached from the root came from
         // `alloc_zeroed(1)`; `free_all`'s caller guarantees the IOMMU no
         // longer walks any of them.

@@ -116,6 +116,8 @@ fn count_all() -> Result<(), String> {
             if makes_tables {
                 whos.push("ours+zero".into());
             }
+            // The walker alone (`IoPageTable`), the floor of the two-step API.
+            whos.push("walker".into());
             whos.extend(peers.iter().map(|p| p.to_string()));
             for who in whos {
                 jobs.push((case, format!("{fmt}/{who}")));
@@ -163,7 +165,7 @@ fn count_all() -> Result<(), String> {
                 _ => "",
             };
             let mut line = format!("bench: {case}/{fmt}");
-            let names = ["ours", "ours+zero"].iter().chain(peers.iter());
+            let names = ["ours", "ours+zero", "walker"].iter().chain(peers.iter());
             for name in names {
                 let Some(r) = results.get(&(case.to_string(), format!("{fmt}/{name}"))) else {
                     continue;

@@ -826,6 +826,10 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
         tx.iova()
     );
     let tables_before = ctx.mem.table_pages_in_use();
+    let (walked_before, side_before) = {
+        let pt = dom.page_table().or_fail("table")?;
+        (pt.table_pages(), pt.side_pages())
+    };
     let iova = link(&mut dom, &mut tx, region, 0, SIZE_2M)?;
     dom.sync(vtd).or_fail("sync")?;
     let leaf = dom
@@ -839,10 +843,24 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
         leaf.0,
         leaf.2
     );
-    let new_tables = ctx.mem.table_pages_in_use() - tables_before;
+    // The walker's count of tables the IOMMU walks, and the lender's of
+    // pages lent: each new upper table also has a side page (its
+    // children's valid-entry counts), which the IOMMU never reads.
+    let (new_tables, new_side) = {
+        let pt = dom.page_table().or_fail("table")?;
+        (
+            pt.table_pages() - walked_before,
+            pt.side_pages() - side_before,
+        )
+    };
     check!(
         new_tables == usize::from(F::levels(vtd)) - 2,
         "{new_tables} table pages for one 2 MiB link, expected no last-level table"
+    );
+    let new_lent = ctx.mem.table_pages_in_use() - tables_before;
+    check!(
+        new_lent == new_tables + new_side,
+        "{new_lent} pages lent for one 2 MiB link: {new_tables} tables and {new_side} side pages expected"
     );
     let src = PhysAddr(region.0 + SIZE_2M - PAGE_SIZE);
     load_buffer(ctx, edu, src, iova + SIZE_2M - PAGE_SIZE, 0x61)?;

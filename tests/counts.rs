@@ -1,0 +1,154 @@
+//! Issue 11 §3: every table's valid-entry count (kept so an unmap knows at
+//! once whether a table became empty) equals a full scan of the table after
+//! any sequence of maps, unmaps, refused maps rolled back for lack of
+//! memory, refused partial-block unmaps, scatter lists, retire-list frees
+//! and prunes, in every format; and every lent page is a table, a side page
+//! or retired.
+
+mod common;
+
+use bare_iommu::pgtable::arm::{ArmStage1, ArmStage2};
+use bare_iommu::pgtable::vtd::VtdSecondLevel;
+use bare_iommu::vtd::VtdFirstLevel;
+use bare_iommu::{DmaAddr, IoPageTable, MapAttrs, PhysAddr, PteFormat};
+use common::HostMemory;
+use proptest::prelude::*;
+
+const K4: u64 = 4096;
+const M2: u64 = 2 << 20;
+const G1: u64 = 1 << 30;
+const RW: MapAttrs = MapAttrs::READ.union(MapAttrs::WRITE);
+/// Output addresses are the IOVA plus this (so blocks appear exactly where
+/// the IOVA range is block aligned).
+const PA_OFF: u64 = 1 << 40;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Map {
+        at: u64,
+        len: u64,
+    },
+    MapPages {
+        at: u64,
+        n: u64,
+    },
+    Unmap {
+        at: u64,
+        len: u64,
+    },
+    UnmapPresent {
+        at: u64,
+        len: u64,
+    },
+    /// Lets the lender hand out this many more pages (then refuses).
+    Budget(Option<u64>),
+    FreeRetired,
+    Prune,
+}
+
+/// An IOVA near the edges that matter: 1 GiB and 2 MiB boundaries.
+fn addr() -> impl Strategy<Value = u64> {
+    (
+        0u64..3,
+        prop_oneof![Just(0u64), 1u64..4, Just(510u64), Just(511u64)],
+        prop_oneof![Just(0u64), 1u64..4, Just(511u64)],
+    )
+        .prop_map(|(g, m, p)| g * G1 + m * M2 + p * K4)
+}
+
+fn len() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        3 => Just(K4),
+        2 => (2u64..8).prop_map(|n| n * K4),
+        2 => Just(M2),
+        1 => Just(M2 + K4),
+        1 => Just(G1),
+        1 => Just(G1 + M2),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (addr(), len()).prop_map(|(at, len)| Op::Map { at, len }),
+        1 => (addr(), 1u64..600).prop_map(|(at, n)| Op::MapPages { at, n }),
+        4 => (addr(), len()).prop_map(|(at, len)| Op::Unmap { at, len }),
+        2 => (addr(), len()).prop_map(|(at, len)| Op::UnmapPresent { at, len }),
+        1 => prop_oneof![Just(None), (0u64..4).prop_map(Some)].prop_map(Op::Budget),
+        1 => Just(Op::FreeRetired),
+        1 => Just(Op::Prune),
+    ]
+}
+
+fn run<F: PteFormat>(fmt: F, levels: u8, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mem = HostMemory::new();
+    let mut t = IoPageTable::new(fmt, &mem, levels, true).unwrap();
+    for (k, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Map { at, len } => {
+                let _ = t.map(DmaAddr(at), PhysAddr(at + PA_OFF), len, RW);
+            }
+            Op::MapPages { at, n } => {
+                // Every other physical page: no two contiguous.
+                let pages: Vec<PhysAddr> = (0..n).map(|i| PhysAddr(PA_OFF + 2 * i * K4)).collect();
+                let _ = t.map_pages(DmaAddr(at), &pages, RW);
+            }
+            Op::Unmap { at, len } => {
+                let _ = t.unmap(DmaAddr(at), len);
+            }
+            Op::UnmapPresent { at, len } => {
+                let _ = t.unmap_present(DmaAddr(at), len);
+            }
+            Op::Budget(b) => mem.set_budget(b.map(|b| b as usize)),
+            Op::FreeRetired => t.free_retired(),
+            Op::Prune => {
+                t.prune_empty();
+            }
+        }
+        prop_assert_eq!(t.check_counts(), Ok(()), "after op {} {:?}", k, op);
+        prop_assert_eq!(
+            mem.live_pages(),
+            t.table_pages() + t.side_pages() + t.retired_pages(),
+            "after op {} {:?}: a lent page is neither attached nor retired",
+            k,
+            op
+        );
+    }
+    mem.set_budget(None);
+    t.unmap_present(DmaAddr(0), 8 * G1).unwrap();
+    prop_assert_eq!(t.check_counts(), Ok(()));
+    t.free_retired();
+    prop_assert_eq!(t.table_pages(), 1, "every emptied table detached");
+    prop_assert_eq!(mem.live_pages(), 2, "the root and its side page are left");
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn counts_match_a_scan_stage1(ops in proptest::collection::vec(op(), 1..40)) {
+        run(ArmStage1, 4, &ops)?;
+    }
+
+    #[test]
+    fn counts_match_a_scan_stage2_three_levels(ops in proptest::collection::vec(op(), 1..40)) {
+        run(ArmStage2, 3, &ops)?;
+    }
+
+    #[test]
+    fn counts_match_a_scan_vtd_second_level(ops in proptest::collection::vec(op(), 1..40)) {
+        run(VtdSecondLevel::default(), 4, &ops)?;
+    }
+
+    #[test]
+    fn counts_match_a_scan_vtd_first_level(ops in proptest::collection::vec(op(), 1..40)) {
+        run(VtdFirstLevel { fl1gp: true, haw: 48 }, 4, &ops)?;
+    }
+}
