@@ -38,15 +38,18 @@ const IOVA_DST: u64 = 0x1000_1000;
 const IOVA_NOMAP: u64 = 0x1000_2000;
 /// Mapped by stage 1 to `IPA_HOLE`.
 const IOVA_S2HOLE: u64 = 0x1000_3000;
+/// Blocks a [`GuestMem`] may have lent at once.
+const LENT: usize = 24;
 /// Bytes per DMA (a faulting DMA makes one event per 4 bytes on QEMU).
 const LEN: u32 = 64;
 
 /// The guest's memory as its own page tables see it: pages lent by the
 /// board, addressed by IPA. Remembers what it lent, so the hypervisor can
-/// map each page in stage 2.
+/// map each page in stage 2. Room for two 3-level table sets, each table
+/// above the leaves with its side page of counts.
 struct GuestMem {
     mem: &'static BoardMemory,
-    lent: RefCell<heapless::Vec<(PhysAddr, usize), 8>>,
+    lent: RefCell<heapless::Vec<(PhysAddr, usize), LENT>>,
 }
 
 impl GuestMem {
@@ -99,7 +102,7 @@ fn page(gpa: u64, hpa: PhysAddr) -> GuestRegion {
 /// One nested setup: edu 0 translated by the guest's stage 1 (IOVA → IPA)
 /// and the hypervisor's stage 2 (IPA → HPA).
 struct Nested<'g> {
-    s2: GuestDomain<ArmStage2, Mem, 12>,
+    s2: GuestDomain<ArmStage2, Mem, 32>,
     s2_info: DomainInfo,
     s1: IoPageTable<ArmStage1, &'g GuestMem>,
     cd_ipa: PhysAddr,
@@ -143,12 +146,12 @@ fn set_up<'g>(
 
     // The hypervisor: stage 2 maps the guest's data pages and every page
     // the guest's structures live in (CD, stage-1 tables).
-    let mut s2: GuestDomain<ArmStage2, Mem, 12> =
+    let mut s2: GuestDomain<ArmStage2, Mem, 32> =
         GuestDomain::new(domain(smmu, ctx, ArmStage2, VMID)?);
     for r in [page(IPA_SRC, src), page(IPA_DST, dst), page(IPA_DST2, dst2)] {
         s2.add(r).or_fail("stage 2 data page")?;
     }
-    let lent: heapless::Vec<(PhysAddr, usize), 8> = gm.lent.borrow().clone();
+    let lent: heapless::Vec<(PhysAddr, usize), LENT> = gm.lent.borrow().clone();
     for (hpa, _) in lent {
         s2.add(page(hpa.get() + GUEST_OFFSET, hpa))
             .or_fail("stage 2 guest table page")?;
@@ -478,13 +481,13 @@ pub fn nested_guest_cd_change_takes_effect_after_cfgi_cd(ctx: &mut Ctx) -> Resul
 
     // The guest builds a second set of tables (IOVA_DST -> IPA_DST2); the
     // hypervisor maps their pages in stage 2 (new entries: no invalidation).
-    let before: heapless::Vec<(PhysAddr, usize), 8> = gm.lent.borrow().clone();
+    let before: heapless::Vec<(PhysAddr, usize), LENT> = gm.lent.borrow().clone();
     let rw = MapAttrs::READ | MapAttrs::WRITE;
     let mut s1b =
         IoPageTable::new(ArmStage1, &gm, 3, smmu.coherent_walk()).or_fail("second tables")?;
     s1b.map(DmaAddr(IOVA_DST), PhysAddr(IPA_DST2), PAGE_SIZE, rw)
         .or_fail("second tables map")?;
-    let now: heapless::Vec<(PhysAddr, usize), 8> = gm.lent.borrow().clone();
+    let now: heapless::Vec<(PhysAddr, usize), LENT> = gm.lent.borrow().clone();
     for (hpa, _) in now.iter().filter(|p| !before.contains(p)) {
         n.s2.add(page(hpa.get() + GUEST_OFFSET, *hpa))
             .or_fail("stage 2 maps the new table page")?;
