@@ -117,6 +117,8 @@ mod logging;
 pub mod mem;
 pub mod p2p;
 pub mod pgtable;
+#[cfg(target_has_atomic = "64")]
+pub mod shared;
 pub mod smmuv3;
 pub mod state;
 pub mod testing;

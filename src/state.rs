@@ -503,6 +503,15 @@ impl<F: PteFormat, M: TableMemory> Translated<F, M> {
     }
 }
 
+/// What [`Domain::sync_begin`] queued: the completion's ticket, and the
+/// retired-page count and free count it saw.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SyncBegun {
+    pub(crate) ticket: u64,
+    retired: usize,
+    frees: u64,
+}
+
 /// An IOMMU domain: a page table, its IOVA space and its pending
 /// invalidations — or an identity domain, where DMA bypasses translation.
 ///
@@ -1365,6 +1374,90 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             }
             t.unmapped.overflow = true;
         }
+    }
+
+    /// First half of a sync split around a lock ([`SharedDomain`]
+    /// (crate::shared::SharedDomain)): queues the invalidations and one
+    /// completion, clears the pending ranges, and returns what
+    /// [`sync_finish`](Self::sync_finish) needs; `None` when there is
+    /// nothing to wait for (links only: published, done). `frees` is the
+    /// caller's count of `sync_finish` calls that handed pages back.
+    /// On an error the pending ranges are kept.
+    pub(crate) fn sync_begin<B: crate::shared::SplitSync + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        frees: u64,
+    ) -> Result<Option<SyncBegun>, DmaError> {
+        let id = self.id;
+        let Some(t) = self.inner.as_mut() else {
+            return Ok(None);
+        };
+        let with_maps = backend.needs_map_invalidation();
+        if t.unmapped.is_empty()
+            && (!with_maps || t.mapped.is_empty())
+            && t.pt.retired_pages() == 0
+            && !t.pt.has_stranded()
+        {
+            // As in `sync`: links only, nothing cached to invalidate.
+            wmb_on(t.pt.memory());
+            backend.publish()?;
+            t.mapped.clear();
+            return Ok(None);
+        }
+        let info = t.info(id);
+        // Table stores happen before the backend's doorbell write.
+        wmb_on(t.pt.memory());
+        if t.unmapped.overflow || (with_maps && t.mapped.overflow) {
+            backend.invalidate_domain(&info)?;
+        } else {
+            for r in t.unmapped.list.iter() {
+                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
+            }
+            if with_maps {
+                for r in t.mapped.list.iter() {
+                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
+                }
+            }
+        }
+        let ticket = backend.submit()?;
+        t.unmapped.clear();
+        t.mapped.clear();
+        Ok(Some(SyncBegun {
+            ticket,
+            retired: t.pt.retired_pages(),
+            frees,
+        }))
+    }
+
+    /// The completion [`sync_begin`](Self::sync_begin) queued failed: its
+    /// ranges were cleared, so the next sync invalidates the whole domain.
+    pub(crate) fn sync_failed(&mut self) {
+        if let Some(t) = self.inner.as_mut() {
+            t.unmapped.overflow = true;
+        }
+    }
+
+    /// Second half: the completion of `begun` arrived. Hands the retired
+    /// table pages back when they are exactly those retired before
+    /// `begun` queued its invalidations (none retired since, none freed
+    /// since: `frees` unchanged); else they wait for a later sync. Returns
+    /// `(freed, again)`: whether pages went back, and whether empty tables
+    /// were detached now that need another round (their ranges are not
+    /// kept: the next round invalidates the whole domain).
+    pub(crate) fn sync_finish(&mut self, begun: SyncBegun, frees: u64) -> (bool, bool) {
+        let Some(t) = self.inner.as_mut() else {
+            return (false, false);
+        };
+        let mut freed = false;
+        if frees == begun.frees && t.pt.retired_pages() == begun.retired {
+            t.pt.free_retired();
+            freed = true;
+        }
+        if t.pt.prune_empty() {
+            t.unmapped.overflow = true;
+            return (freed, true);
+        }
+        (freed, false)
     }
 
     /// Ends the domain: invalidates everything the IOMMU cached for it
