@@ -59,6 +59,8 @@ mod domain;
 mod iommu;
 mod lock;
 pub(crate) mod sync;
+#[cfg(all(test, not(loom)))]
+mod tests;
 
 pub use domain::SharedDomain;
 pub use iommu::{IommuCpu, SharedIommu};
