@@ -504,12 +504,12 @@ impl<F: PteFormat, M: TableMemory> Translated<F, M> {
 }
 
 /// What [`Domain::sync_begin`] queued: the completion's ticket, and the
-/// retired-page count and free count it saw.
+/// retired-page count and handed-back count it saw.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SyncBegun {
     pub(crate) ticket: u64,
     retired: usize,
-    frees: u64,
+    popped: u64,
 }
 
 /// An IOMMU domain: a page table, its IOVA space and its pending
@@ -1380,13 +1380,13 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// (crate::shared::SharedDomain)): queues the invalidations and one
     /// completion, clears the pending ranges, and returns what
     /// [`sync_finish`](Self::sync_finish) needs; `None` when there is
-    /// nothing to wait for (links only: published, done). `frees` is the
-    /// caller's count of `sync_finish` calls that handed pages back.
+    /// nothing to wait for (links only: published, done). `popped` is the
+    /// caller's count of pages `sync_finish` handed back so far.
     /// On an error the pending ranges are kept.
     pub(crate) fn sync_begin<B: crate::shared::SplitSync + ?Sized>(
         &mut self,
         backend: &mut B,
-        frees: u64,
+        popped: u64,
     ) -> Result<Option<SyncBegun>, DmaError> {
         let id = self.id;
         let Some(t) = self.inner.as_mut() else {
@@ -1425,7 +1425,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         Ok(Some(SyncBegun {
             ticket,
             retired: t.pt.retired_pages(),
-            frees,
+            popped,
         }))
     }
 
@@ -1437,22 +1437,23 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         }
     }
 
-    /// Second half: the completion of `begun` arrived. Hands the retired
-    /// table pages back when they are exactly those retired before
-    /// `begun` queued its invalidations (none retired since, none freed
-    /// since: `frees` unchanged); else they wait for a later sync. Returns
-    /// `(freed, again)`: whether pages went back, and whether empty tables
-    /// were detached now that need another round (their ranges are not
-    /// kept: the next round invalidates the whole domain).
-    pub(crate) fn sync_finish(&mut self, begun: SyncBegun, frees: u64) -> (bool, bool) {
+    /// Second half: the completion of `begun` arrived. Hands back the
+    /// retired table pages that were retired before `begun` queued its
+    /// invalidations: all but those retired since, which wait for a later
+    /// sync. `popped` is the caller's count of pages every `sync_finish`
+    /// handed back so far (pages retired since = growth of the list plus
+    /// what others popped; when others popped newer pages, more are kept
+    /// than needed — never fewer). Returns `(freed, again)`: how many pages
+    /// went back, and whether empty tables were detached now that need
+    /// another round (their ranges are not kept: the next round
+    /// invalidates the whole domain).
+    pub(crate) fn sync_finish(&mut self, begun: SyncBegun, popped: u64) -> (usize, bool) {
         let Some(t) = self.inner.as_mut() else {
-            return (false, false);
+            return (0, false);
         };
-        let mut freed = false;
-        if frees == begun.frees && t.pt.retired_pages() == begun.retired {
-            t.pt.free_retired();
-            freed = true;
-        }
+        let since = popped.saturating_sub(begun.popped) as usize;
+        let keep = (t.pt.retired_pages() + since).saturating_sub(begun.retired);
+        let freed = t.pt.free_retired_older(keep);
         if t.pt.prune_empty() {
             t.unmapped.overflow = true;
             return (freed, true);

@@ -14,8 +14,8 @@ const MAX_ROUNDS: usize = 4;
 
 struct Guarded<F: PteFormat, M: TableMemory> {
     dom: Domain<F, M>,
-    /// `sync_finish` calls that handed pages back.
-    frees: u64,
+    /// Table pages `sync_finish` handed back so far.
+    popped: u64,
 }
 
 /// A [`Domain`] several CPUs use at once: each call takes a short spin
@@ -25,8 +25,8 @@ struct Guarded<F: PteFormat, M: TableMemory> {
 ///
 /// The guarantees of [`Domain`] hold: a failed link changes nothing; a
 /// table page freed by an unlink goes back to the lender only after a
-/// completion that covers its invalidation (when another CPU retired pages
-/// while this sync waited, the pages wait for a later sync). A failed sync
+/// completion that covers its invalidation (pages another CPU retired
+/// while this sync waited stay for a later sync; the older ones go). A failed sync
 /// hands nothing back and makes the next one invalidate the whole domain.
 ///
 /// Use it with a backend that splits its sync ([`SplitSync`]): a CPU's
@@ -41,7 +41,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// Shares `dom`.
     pub fn new(dom: Domain<F, M>) -> Self {
         Self {
-            inner: spin::Mutex::new(Guarded { dom, frees: 0 }),
+            inner: spin::Mutex::new(Guarded { dom, popped: 0 }),
         }
     }
 
@@ -147,8 +147,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         for _ in 0..MAX_ROUNDS {
             let begun = {
                 let mut g = self.inner.lock();
-                let frees = g.frees;
-                g.dom.sync_begin(backend, frees)?
+                let popped = g.popped;
+                g.dom.sync_begin(backend, popped)?
             };
             let Some(begun) = begun else {
                 return Ok(());
@@ -160,11 +160,9 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 g.dom.sync_failed();
                 return Err(e.into());
             }
-            let frees = g.frees;
-            let (freed, again) = g.dom.sync_finish(begun, frees);
-            if freed {
-                g.frees += 1;
-            }
+            let popped = g.popped;
+            let (freed, again) = g.dom.sync_finish(begun, popped);
+            g.popped += freed as u64;
             if !again {
                 return Ok(());
             }
