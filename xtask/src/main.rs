@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask test | stress | demo | board NAME [-- QEMU ARGS] | bench [--instructions]`.
+//! Project automation: `cargo xtask test | stress | loom | demo | board NAME [-- QEMU ARGS] | bench [--instructions]`.
 
 mod apt;
 mod bench;
@@ -234,6 +234,15 @@ fn stress() -> bool {
     run(cargo().args(["test", "--release", "--test", "stress", "--", "--nocapture"]))
 }
 
+/// The loom model tests of the shared wrappers (tests/loom.rs), in their
+/// own target directory (everything is built with `--cfg loom`).
+fn loom() -> bool {
+    run(cargo()
+        .env("RUSTFLAGS", "--cfg loom")
+        .args(["test", "--release", "--test", "loom", "--target-dir"])
+        .arg(root().join("target").join("loom")))
+}
+
 /// Builds the library with the toolchain its `rust-version` names, for the
 /// host and both bare-metal targets, with the locked dependencies.
 fn msrv_builds(t: &mut Tally) {
@@ -305,6 +314,13 @@ fn main() -> ExitCode {
         Some("test") => test(&extra),
         Some("stress") => {
             if stress() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Some("loom") => {
+            if loom() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
