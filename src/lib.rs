@@ -75,6 +75,9 @@
 //!   [`vtd::Vtd`] implement it, [`testing::RecordingBackend`] records calls
 //!   for host tests.
 //! - [`p2p::P2pRegistry`]: peer-to-peer DMA between PCI devices.
+//! - [`shared`]: several CPUs — the concurrency model (what is `Send` /
+//!   `Sync`, what to hold, what may run in interrupt context) and the
+//!   wrappers that share a driver and a domain.
 //!
 //! # Features
 //!

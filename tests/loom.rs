@@ -9,12 +9,12 @@
 //! empty.
 #![cfg(loom)]
 
+use bare_iommu::PhysAddr;
 use bare_iommu::addr::DmaAddr;
 use bare_iommu::backend::{DomainInfo, IommuBackend, TableFormat};
 use bare_iommu::error::BackendError;
 use bare_iommu::shared::SharedIommu;
 use bare_iommu::testing::split::FakeQueue;
-use bare_iommu::PhysAddr;
 use loom::sync::Arc;
 use loom::thread;
 
@@ -57,7 +57,8 @@ fn loom_an_interrupt_during_a_sync_is_handled_once_and_never_deadlocks() {
             let s = s.clone();
             thread::spawn(move || {
                 let mut h = s.cpu();
-                h.invalidate(&info(), DmaAddr(0x1000), 0x1000, true).unwrap();
+                h.invalidate(&info(), DmaAddr(0x1000), 0x1000, true)
+                    .unwrap();
                 h.sync().unwrap();
             })
         };
@@ -81,7 +82,8 @@ fn loom_two_cpus_sync_and_one_completion_may_serve_both() {
                 let s = s.clone();
                 thread::spawn(move || {
                     let mut h = s.cpu();
-                    h.invalidate(&info(), DmaAddr(0x1000 << i), 0x1000, true).unwrap();
+                    h.invalidate(&info(), DmaAddr(0x1000 << i), 0x1000, true)
+                        .unwrap();
                     h.sync().unwrap();
                 })
             })
@@ -108,7 +110,8 @@ fn loom_a_queue_error_is_reported_by_at_least_the_cpu_that_met_it() {
                 let s = s.clone();
                 thread::spawn(move || {
                     let mut h = s.cpu();
-                    h.invalidate(&info(), DmaAddr(0x1000 << i), 0x1000, true).unwrap();
+                    h.invalidate(&info(), DmaAddr(0x1000 << i), 0x1000, true)
+                        .unwrap();
                     h.sync()
                 })
             })

@@ -227,11 +227,21 @@ fn miri(t: &mut Tally) {
     t.step("miri (host tests)", run(&mut c));
 }
 
-/// The model-based stress test (tests/stress.rs) in a release build, where
-/// it runs 10^6 operations by default (`STRESS_SEED`, `STRESS_OPS` and
+/// The model-based stress tests (tests/stress.rs, and tests/shared_stress.rs:
+/// threads on one shared domain) in a release build, where each runs 10^6
+/// operations by default (`STRESS_SEED`, `STRESS_OPS` and
 /// `STRESS_KNOWN_DEFECTS` pass through from the environment).
 fn stress() -> bool {
-    run(cargo().args(["test", "--release", "--test", "stress", "--", "--nocapture"]))
+    run(cargo().args([
+        "test",
+        "--release",
+        "--test",
+        "stress",
+        "--test",
+        "shared_stress",
+        "--",
+        "--nocapture",
+    ]))
 }
 
 /// The loom model tests of the shared wrappers (tests/loom.rs), in their
