@@ -137,11 +137,14 @@ fn worker(
                     RW,
                     MapAttrs::empty(),
                 );
-                if tx.linked.contains_key(&off) {
-                    assert!(matches!(r, Err(DmaError::AlreadyLinked { .. })), "{r:?}");
-                } else {
-                    r.expect("link");
-                    tx.linked.insert(off, phys);
+                match tx.linked.entry(off) {
+                    std::collections::btree_map::Entry::Occupied(_) => {
+                        assert!(matches!(r, Err(DmaError::AlreadyLinked { .. })), "{r:?}");
+                    }
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        r.expect("link");
+                        v.insert(phys);
+                    }
                 }
                 check(dom, tx, off);
             }
