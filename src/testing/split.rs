@@ -102,7 +102,7 @@ impl SplitCompletion for FakeQueue {
         if let Some(e) = self.armed_error.take() {
             return Err(e);
         }
-        self.consumed = (self.consumed + self.speed).min(self.queued);
+        self.consumed = self.consumed.saturating_add(self.speed).min(self.queued);
         Ok(self.consumed >= ticket)
     }
 
