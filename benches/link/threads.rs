@@ -28,7 +28,7 @@ unsafe impl TableMemory for Heap {
         }
         // SAFETY: non-zero size.
         let p = unsafe { alloc_zeroed(layout(pages)) };
-        (!p.is_null()).then(|| PhysAddr(p as u64))
+        (!p.is_null()).then_some(PhysAddr(p as u64))
     }
     unsafe fn free(&self, pa: PhysAddr, pages: usize) {
         // SAFETY: allocated above with this layout.
