@@ -14,6 +14,16 @@ use super::sync::{AtomicU32, Cell, Ordering, spin_hint};
 const LOCKED: u32 = 1;
 const PENDING: u32 = 2;
 
+/// Releases the lock when dropped, also when `f` panics (host tests unwind:
+/// the other threads then see the lock free instead of spinning forever).
+struct Release<'a, T>(&'a IrqLock<T>);
+
+impl<T> Drop for Release<'_, T> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 /// A spin lock over `T` with a deferred-interrupt handler.
 pub(crate) struct IrqLock<T> {
     state: AtomicU32,
@@ -58,10 +68,9 @@ impl<T> IrqLock<T> {
             }
             spin_hint();
         }
+        let _release = Release(self);
         // SAFETY: LOCKED is ours.
-        let r = unsafe { self.data.with_mut(f) };
-        self.release();
-        r
+        unsafe { self.data.with_mut(f) }
     }
 
     /// Runs `f` under the lock if it is free now; `None` (nothing run, no
@@ -76,10 +85,9 @@ impl<T> IrqLock<T> {
         {
             return None;
         }
+        let _release = Release(self);
         // SAFETY: LOCKED is ours.
-        let r = unsafe { self.data.with_mut(f) };
-        self.release();
-        Some(r)
+        Some(unsafe { self.data.with_mut(f) })
     }
 
     /// For interrupt context: runs `f` now when the lock is free; when it is
@@ -108,10 +116,9 @@ impl<T> IrqLock<T> {
             }
             spin_hint();
         }
+        let _release = Release(self);
         // SAFETY: LOCKED is ours.
-        let r = unsafe { self.data.with_mut(f) };
-        self.release();
-        Some(r)
+        Some(unsafe { self.data.with_mut(f) })
     }
 
     /// Frees the lock, first running the deferred handler for every
