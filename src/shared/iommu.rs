@@ -106,7 +106,9 @@ impl<B: SplitCompletion> SharedIommu<B> {
     /// Runs `f` on the driver under the lock (statistics, configuration,
     /// polling events outside interrupt context). Spins while another CPU
     /// holds the lock; not for interrupt context. `f` must not use this
-    /// `SharedIommu`.
+    /// `SharedIommu`, nor re-`init` or shut the driver down (the tickets
+    /// of the queue it programs would start again below those already
+    /// seen): take it back with [`into_inner`](Self::into_inner) for that.
     pub fn with<R>(&self, f: impl FnOnce(&mut B) -> R) -> R {
         self.lock.with(|i| f(&mut i.backend))
     }
