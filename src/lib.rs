@@ -75,6 +75,9 @@
 //!   [`vtd::Vtd`] implement it, [`testing::RecordingBackend`] records calls
 //!   for host tests.
 //! - [`p2p::P2pRegistry`]: peer-to-peer DMA between PCI devices.
+//! - [`shared`]: several CPUs — the concurrency model (what is `Send` /
+//!   `Sync`, what to hold, what may run in interrupt context) and the
+//!   wrappers that share a driver and a domain.
 //!
 //! # Features
 //!
@@ -120,6 +123,8 @@ pub mod mem;
 pub mod msi;
 pub mod p2p;
 pub mod pgtable;
+#[cfg(target_has_atomic = "64")]
+pub mod shared;
 pub mod smmuv3;
 pub mod state;
 pub mod testing;

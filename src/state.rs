@@ -521,6 +521,15 @@ impl<F: PteFormat, M: TableMemory> Translated<F, M> {
     }
 }
 
+/// What [`Domain::sync_begin`] queued: the completion's ticket, and the
+/// retired-page count and handed-back count it saw.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SyncBegun {
+    pub(crate) ticket: u64,
+    retired: usize,
+    popped: u64,
+}
+
 /// An IOMMU domain: a page table, its IOVA space and its pending
 /// invalidations — or an identity domain, where DMA bypasses translation.
 ///
@@ -1446,6 +1455,91 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             }
             t.unmapped.overflow = true;
         }
+    }
+
+    /// First half of a sync split around a lock ([`SharedDomain`]
+    /// (crate::shared::SharedDomain)): queues the invalidations and one
+    /// completion, clears the pending ranges, and returns what
+    /// [`sync_finish`](Self::sync_finish) needs; `None` when there is
+    /// nothing to wait for (links only: published, done). `popped` is the
+    /// caller's count of pages `sync_finish` handed back so far.
+    /// On an error the pending ranges are kept.
+    pub(crate) fn sync_begin<B: crate::shared::SplitSync + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        popped: u64,
+    ) -> Result<Option<SyncBegun>, DmaError> {
+        let id = self.id;
+        let Some(t) = self.inner.as_mut() else {
+            return Ok(None);
+        };
+        let with_maps = backend.needs_map_invalidation();
+        if t.unmapped.is_empty()
+            && (!with_maps || t.mapped.is_empty())
+            && t.pt.retired_pages() == 0
+            && !t.pt.has_stranded()
+        {
+            // As in `sync`: links only, nothing cached to invalidate.
+            wmb_on(t.pt.memory());
+            backend.publish()?;
+            t.mapped.clear();
+            return Ok(None);
+        }
+        let info = t.info(id);
+        // Table stores happen before the backend's doorbell write.
+        wmb_on(t.pt.memory());
+        if t.unmapped.overflow || (with_maps && t.mapped.overflow) {
+            backend.invalidate_domain(&info)?;
+        } else {
+            for r in t.unmapped.list.iter() {
+                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
+            }
+            if with_maps {
+                for r in t.mapped.list.iter() {
+                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
+                }
+            }
+        }
+        let ticket = backend.submit()?;
+        t.unmapped.clear();
+        t.mapped.clear();
+        Ok(Some(SyncBegun {
+            ticket,
+            retired: t.pt.retired_pages(),
+            popped,
+        }))
+    }
+
+    /// The completion [`sync_begin`](Self::sync_begin) queued failed: its
+    /// ranges were cleared, so the next sync invalidates the whole domain.
+    pub(crate) fn sync_failed(&mut self) {
+        if let Some(t) = self.inner.as_mut() {
+            t.unmapped.overflow = true;
+        }
+    }
+
+    /// Second half: the completion of `begun` arrived. Hands back the
+    /// retired table pages that were retired before `begun` queued its
+    /// invalidations: all but those retired since, which wait for a later
+    /// sync. `popped` is the caller's count of pages every `sync_finish`
+    /// handed back so far (pages retired since = growth of the list plus
+    /// what others popped; when others popped newer pages, more are kept
+    /// than needed — never fewer). Returns `(freed, again)`: how many pages
+    /// went back, and whether empty tables were detached now that need
+    /// another round (their ranges are not kept: the next round
+    /// invalidates the whole domain).
+    pub(crate) fn sync_finish(&mut self, begun: SyncBegun, popped: u64) -> (usize, bool) {
+        let Some(t) = self.inner.as_mut() else {
+            return (0, false);
+        };
+        let since = popped.saturating_sub(begun.popped) as usize;
+        let keep = (t.pt.retired_pages() + since).saturating_sub(begun.retired);
+        let freed = t.pt.free_retired_older(keep);
+        if t.pt.prune_empty() {
+            t.unmapped.overflow = true;
+            return (freed, true);
+        }
+        (freed, false)
     }
 
     /// Ends the domain: invalidates everything the IOMMU cached for it

@@ -14,7 +14,10 @@
 //! - `unlink4k-N-PAT`, `unlink1g`: unmap the same ranges, then one sync;
 //! - `txn-fixed`: one whole two-step transaction for one page against the
 //!   one-step `map` + `unmap` of the same page;
-//! - `limit`: one volatile 8-byte store per page into existing leaf tables.
+//! - `limit`: one volatile 8-byte store per page into existing leaf tables;
+//! - `shared threads`: 1 against 2 threads on disjoint transactions of one
+//!   `SharedDomain` (`threads.rs`; `BENCH_THREADS_ONLY=1` runs it alone,
+//!   shortly).
 //!
 //! Ours runs in each of its formats against the peers that write the same
 //! format: Arm stage 1 against `aarch64-paging` and `page_table_multiarch`,
@@ -35,6 +38,7 @@
 
 mod arena;
 mod contenders;
+mod threads;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
@@ -843,7 +847,13 @@ fn main() {
         profile(&what, &arena);
         return;
     }
+    if std::env::var("BENCH_THREADS_ONLY").is_ok() {
+        // A short smoke run of the threads line alone.
+        println!("{}", threads::line(2_000, 1));
+        return;
+    }
     let facts = facts(&arena);
     run_benches(&arena);
     summary(&facts);
+    println!("{}", threads::line(200_000, 5));
 }

@@ -57,6 +57,27 @@ impl RetireList {
         Ok(())
     }
 
+    /// Cuts the list after its first `keep` pages (`keep >= 1`) and
+    /// returns the head of the rest (the older pages), now off the list.
+    fn split_after<M: TableMemory>(&mut self, mem: &M, keep: usize) -> Option<PhysAddr> {
+        if keep >= self.len {
+            return None;
+        }
+        let mut last = self.head?;
+        for _ in 1..keep {
+            // SAFETY: as in `pop`: `last` is a retired page still lent to us.
+            let next = unsafe { mem.phys_to_virt(last).cast::<u64>().read_volatile() };
+            last = PhysAddr(next);
+        }
+        let p = mem.phys_to_virt(last).cast::<u64>();
+        // SAFETY: as in `push`: entry 0 of a retired page holds the link.
+        let older = unsafe { p.read_volatile() };
+        // SAFETY: as above; the page stays retired, its link now ends the list.
+        unsafe { p.write_volatile(0) };
+        self.len = keep;
+        (older != 0).then_some(PhysAddr(older))
+    }
+
     /// Takes one page off the list (reads only: see the type's docs).
     fn pop<M: TableMemory>(&mut self, mem: &M) -> Option<PhysAddr> {
         let pa = self.head?;
@@ -1475,6 +1496,35 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             // table; the caller guarantees the IOMMU no longer walks it.
             unsafe { self.mem.free(t, 1) };
         }
+    }
+
+    /// Hands back the retired table pages except the `keep` most recently
+    /// retired (the list is last-in first-out): what a sync shared by
+    /// several CPUs may free when other CPUs retired pages while it waited
+    /// (`crate::shared::SharedDomain`). Returns how many went back. Call
+    /// only after the IOMMU's caches were invalidated for the ranges the
+    /// older pages covered.
+    pub fn free_retired_older(&mut self, keep: usize) -> usize {
+        if keep == 0 {
+            let n = self.retired.len();
+            self.free_retired();
+            return n;
+        }
+        let Some(older) = self.retired.split_after(&self.mem, keep) else {
+            return 0;
+        };
+        let mut n = 0;
+        let mut next = Some(older);
+        while let Some(t) = next {
+            // SAFETY: as in `RetireList::pop`: a retired page still lent to us.
+            let link = unsafe { self.mem.phys_to_virt(t).cast::<u64>().read_volatile() };
+            next = (link != 0).then_some(PhysAddr(link));
+            // SAFETY: as in `free_retired`: detached, and the caller
+            // guarantees the IOMMU no longer walks it.
+            unsafe { self.mem.free(t, 1) };
+            n += 1;
+        }
+        n
     }
 
     /// Whether empty tables stay attached because the retired list was full

@@ -88,6 +88,10 @@ pub struct CommandQueue {
     prod: QueueIndex,
     /// Value last written to CMDQ_PROD.
     published: QueueIndex,
+    /// Commands pushed since `program` (the shared wrapper's sequence numbers).
+    pushed: u64,
+    /// `pushed` when CMDQ_PROD was last written.
+    published_seq: u64,
     counts: CommandCounts,
     errors: u64,
     last_error: Option<CommandError>,
@@ -112,6 +116,8 @@ impl CommandQueue {
             memory,
             prod: QueueIndex::new(log2),
             published: QueueIndex::new(log2),
+            pushed: 0,
+            published_seq: 0,
             counts: CommandCounts::default(),
             errors: 0,
             last_error: None,
@@ -126,6 +132,8 @@ impl CommandQueue {
         regs.cmdq_cons.write(CMDQ_CONS::RD.val(0));
         self.prod = QueueIndex::new(self.memory.log2());
         self.published = self.prod;
+        self.pushed = 0;
+        self.published_seq = 0;
     }
 
     /// Gives the queue memory back.
@@ -204,6 +212,7 @@ impl CommandQueue {
         }
         self.write_slot(mem, coherent, self.prod.slot(), &cmd);
         self.prod = self.prod.next();
+        self.pushed += 1;
         self.counts.count(&cmd);
         Ok(())
     }
@@ -220,6 +229,58 @@ impl CommandQueue {
         crate::barrier::wmb();
         regs.cmdq_prod.write(CMDQ_PROD::WR.val(self.prod.raw()));
         self.published = self.prod;
+        self.published_seq = self.pushed;
+    }
+
+    /// Commands pushed since the queue was programmed.
+    pub fn queued(&self) -> u64 {
+        self.pushed
+    }
+
+    /// Appends CMD_SYNC and publishes the batch without waiting; returns the
+    /// sync's sequence number (its 1-based position since `program`), which
+    /// [`sync_done`](Self::sync_done) takes.
+    ///
+    /// # Errors
+    ///
+    /// As [`push`](Self::push) (the queue was full and draining it failed).
+    pub fn submit_sync<M: TableMemory>(
+        &mut self,
+        regs: &Page0,
+        mem: &M,
+        coherent: bool,
+        budget: u32,
+    ) -> Result<u64, SmmuError> {
+        self.push(regs, mem, coherent, Command::sync(), budget)?;
+        self.publish(regs);
+        Ok(self.pushed)
+    }
+
+    /// One look, no wait: whether the command with sequence number `seq`
+    /// (from [`submit_sync`](Self::submit_sync)) was consumed. A stopped
+    /// queue is recovered first, and a command error met since the last
+    /// report is returned (once) before the look.
+    ///
+    /// # Errors
+    ///
+    /// [`SmmuError::Command`] (recovered; look again),
+    /// [`SmmuError::BadCommandIndex`] as for [`sync`](Self::sync).
+    pub fn sync_done<M: TableMemory>(
+        &mut self,
+        regs: &Page0,
+        mem: &M,
+        coherent: bool,
+        seq: u64,
+    ) -> Result<bool, SmmuError> {
+        self.recover_if_stopped(regs, mem, coherent)?;
+        if let Some(e) = self.unreported.take() {
+            return Err(SmmuError::Command(e));
+        }
+        // CONS lies within one queue's length behind the published PROD,
+        // so the distance names it without ambiguity.
+        let pending = self.published.used_since(self.hw_cons(regs));
+        let consumed = self.published_seq.saturating_sub(u64::from(pending));
+        Ok(consumed >= seq)
     }
 
     /// Restarts a queue stopped on an error, publishing nothing new: the

@@ -7,6 +7,8 @@
 pub mod heap;
 pub mod order;
 pub mod smmu_cmd;
+#[cfg(target_has_atomic = "64")]
+pub mod split;
 pub mod vtd_desc;
 pub mod vtd_ir;
 

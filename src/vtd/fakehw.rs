@@ -123,11 +123,15 @@ unsafe impl TableMemory for SharedMem {
     fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
         let size = pages.next_power_of_two() * 4096;
         let a = &self.0;
-        let start = a.next.load(Ordering::SeqCst).next_multiple_of(size);
-        if start + pages * 4096 > a.layout.size() {
-            return None;
-        }
-        a.next.store(start + pages * 4096, Ordering::SeqCst);
+        // One compare-exchange: lenders are called from several CPUs at once
+        // (`crate::shared`), and two must never get the same page.
+        let mut start = 0;
+        a.next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |next| {
+                start = next.next_multiple_of(size);
+                (start + pages * 4096 <= a.layout.size()).then_some(start + pages * 4096)
+            })
+            .ok()?;
         a.lent
             .lock()
             .unwrap()

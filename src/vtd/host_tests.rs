@@ -811,3 +811,68 @@ fn strict_vtd_link_sync_submits_no_wait_descriptor_outside_caching_mode() {
         assert_eq!(waits(&log), 1, "unlink, caching mode {cm}: {log:x?}");
     }
 }
+
+#[test]
+fn strict_vtd_shared_cpus_link_unlink_and_sync_one_domain() {
+    use crate::shared::{SharedDomain, SharedIommu};
+    // The arena is a bump lender: room for every table the rounds make.
+    let fake = FakeVtd::start(QEMU_CAP | CAP_RWBF, QEMU_ECAP, SharedMem::new(2048, true));
+    let mut v = probe(&fake);
+    v.init(cfg(false)).unwrap();
+    let dc = DomainConfig {
+        id: 6,
+        levels: 4,
+        aperture_start: 1 << 20,
+        aperture_end: 1 << 36,
+        coherent_walk: v.coherent_walk(),
+    };
+    let dom = Domain::new(v.second_level_format(), fake.mem.clone(), dc).unwrap();
+    v.attach(dev(4), dom.attachment()).unwrap();
+    let s0 = v.stats();
+    fake.clear();
+    let iommu = SharedIommu::new(v, |v: &mut Vtd<SharedMem>| {
+        v.handle_irq(|_| {});
+    });
+    let dom = SharedDomain::new(dom);
+    const ROUNDS: u64 = 100;
+    const CPUS: u64 = 2;
+    std::thread::scope(|sc| {
+        for cpu in 0..CPUS {
+            let (iommu, dom) = (&iommu, &dom);
+            sc.spawn(move || {
+                let mut h = iommu.cpu();
+                for i in 0..ROUNDS {
+                    let mut tx = dom
+                        .try_alloc(0x4000, u64::MAX)
+                        .unwrap()
+                        .into_iova()
+                        .unwrap();
+                    let pa = PhysAddr(0x1_0000_0000 + (cpu << 28) + i * 0x10_0000);
+                    let dir = DmaDirection::Bidirectional;
+                    dom.link(&mut tx, pa, 0x1000, 0x2000, dir, MapAttrs::empty())
+                        .unwrap();
+                    dom.sync(&mut h).unwrap();
+                    let at = DmaAddr(tx.iova().0 + 0x2000);
+                    let seen = dom.with(|d| d.translate(at)).map(|(p, _)| p);
+                    assert_eq!(seen, Some(PhysAddr(pa.0 + 0x1000)));
+                    dom.unlink(&mut tx, 0x1000, 0x2000).unwrap();
+                    // Still this CPU's range: nobody else can link it.
+                    assert_eq!(dom.with(|d| d.translate(at)), None);
+                    dom.destroy(tx, &mut h).unwrap();
+                }
+            });
+        }
+    });
+    let mut v = iommu.into_inner();
+    let s1 = v.stats();
+    assert!(fake.refused().is_empty(), "{:x?}", fake.refused());
+    // Every unlink was invalidated and waited for.
+    assert!(s1.iotlb_psi - s0.iotlb_psi >= CPUS * ROUNDS);
+    assert!(s1.wait_descriptors - s0.wait_descriptors >= ROUNDS);
+    assert!(!dom.has_pending());
+    v.detach(dev(4)).unwrap();
+    dom.into_inner()
+        .teardown(&mut v)
+        .map_err(|(_, e)| e)
+        .unwrap();
+}

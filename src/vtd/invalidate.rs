@@ -206,3 +206,47 @@ impl<M: TableMemory> Vtd<M> {
         Ok(())
     }
 }
+
+/// The sync split for [`SharedIommu`](crate::shared::SharedIommu): the
+/// invalidation-wait descriptor queued by one call, its status write looked
+/// at by another; a later wait's status also completes the earlier ones
+/// (the unit runs the queue in order, VT-d 6.5.2.8).
+#[cfg(target_has_atomic = "64")]
+impl<M: TableMemory> crate::shared::SplitCompletion for Vtd<M> {
+    fn queued(&self) -> u64 {
+        self.queue.as_ref().map_or(0, |q| q.submitted())
+    }
+
+    fn submit_completion(&mut self) -> Result<u64, BackendError> {
+        wmb_on(&self.mem);
+        // As `sync_invalidations`: table writes reach memory first (CAP.RWBF).
+        self.flush_before_invalidation()?;
+        let ticket = match self.queue.as_mut() {
+            Some(q) => {
+                // SAFETY: see `regs()`.
+                let regs = unsafe { self.regs.as_ref() };
+                q.submit_wait(regs, &self.mem)?
+            }
+            // Register-based invalidations completed when issued.
+            None => 0,
+        };
+        self.wb_flushed = false;
+        self.stats.syncs += 1;
+        Ok(ticket)
+    }
+
+    fn completion_done(&mut self, ticket: u64) -> Result<bool, BackendError> {
+        match self.queue.as_mut() {
+            Some(q) if ticket != 0 => {
+                // SAFETY: see `regs()`.
+                let regs = unsafe { self.regs.as_ref() };
+                q.look(regs, &self.mem, ticket)
+            }
+            _ => Ok(true),
+        }
+    }
+
+    fn completion_budget(&self) -> u32 {
+        self.budget
+    }
+}

@@ -28,8 +28,6 @@ pub struct InvQueue {
     status: PhysAddr,
     /// Next free slot.
     tail: u32,
-    /// Value the last wait descriptor writes.
-    seq: u32,
     /// Bound on every poll loop.
     budget: u32,
     /// 256-bit descriptors (IQA.DW = 1, needed in scalable mode).
@@ -73,7 +71,6 @@ impl InvQueue {
             base,
             status,
             tail: 0,
-            seq: 0,
             budget,
             wide,
             waits: 0,
@@ -241,19 +238,10 @@ impl InvQueue {
     /// [`BackendError::Timeout`] when the status write did not arrive within
     /// the budget.
     pub fn sync(&mut self, regs: &VtdRegs, mem: &impl TableMemory) -> Result<(), BackendError> {
-        self.check_errors(regs, mem)?;
-        let seq = self.seq.wrapping_add(1).max(1);
-        self.push(regs, mem, InvDesc::wait(self.status, seq))?;
-        self.seq = seq;
-        self.waits += 1;
-        let status = mem.phys_to_virt(self.status).cast::<u32>();
+        let ticket = self.submit_wait(regs, mem)?;
         let mut polls = 0u32;
         loop {
-            // The unit writes the status word: drop any stale CPU copy first.
-            mem.invalidate(self.status, 4);
-            // SAFETY: the status page was lent by `mem` and is 4-byte aligned.
-            let v = unsafe { status.read_volatile() };
-            if v == seq {
+            if self.wait_done(mem, ticket) {
                 return Ok(());
             }
             self.check_errors(regs, mem)?;
@@ -266,6 +254,60 @@ impl InvQueue {
             }
             core::hint::spin_loop();
         }
+    }
+
+    /// Submits one invalidation-wait descriptor with status write, without
+    /// waiting; returns its ticket (the count of waits submitted, from 1),
+    /// which [`look`](Self::look) takes. The status data is the ticket's low
+    /// 32 bits.
+    ///
+    /// # Errors
+    ///
+    /// As [`push`](Self::push), and a queue error already in FSTS.
+    pub fn submit_wait(
+        &mut self,
+        regs: &VtdRegs,
+        mem: &impl TableMemory,
+    ) -> Result<u64, BackendError> {
+        self.check_errors(regs, mem)?;
+        let ticket = self.waits + 1;
+        self.push(regs, mem, InvDesc::wait(self.status, ticket as u32))?;
+        self.waits = ticket;
+        Ok(ticket)
+    }
+
+    /// One look, no wait: whether the wait descriptor of `ticket` wrote its
+    /// status. A queue error in FSTS is recovered from and returned first
+    /// (once; look again).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::QueueError`] as for [`push`](Self::push).
+    pub fn look(
+        &mut self,
+        regs: &VtdRegs,
+        mem: &impl TableMemory,
+        ticket: u64,
+    ) -> Result<bool, BackendError> {
+        if self.wait_done(mem, ticket) {
+            return Ok(true);
+        }
+        self.check_errors(regs, mem)?;
+        Ok(false)
+    }
+
+    /// Whether the status word shows `ticket` (or a later wait) done: the
+    /// unit executes wait descriptors in queue order (VT-d 6.5.2.8), so the
+    /// word only moves forward, modulo 2^32 — and never past the last wait
+    /// submitted: a value beyond it is not believed.
+    fn wait_done(&self, mem: &impl TableMemory, ticket: u64) -> bool {
+        // The unit writes the status word: drop any stale CPU copy first.
+        mem.invalidate(self.status, 4);
+        let status = mem.phys_to_virt(self.status).cast::<u32>();
+        // SAFETY: the status page was lent by `mem` and is 4-byte aligned.
+        let v = unsafe { status.read_volatile() };
+        let ahead = u64::from(v.wrapping_sub(ticket as u32));
+        ahead <= self.waits.saturating_sub(ticket)
     }
 }
 

@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask test | stress | demo | board NAME [-- QEMU ARGS] | bench [--instructions]`.
+//! Project automation: `cargo xtask test | stress | loom | demo | board NAME [-- QEMU ARGS] | bench [--instructions]`.
 
 mod apt;
 mod bench;
@@ -230,11 +230,30 @@ fn miri(t: &mut Tally) {
     t.step("miri (host tests)", run(&mut c));
 }
 
-/// The model-based stress test (tests/stress.rs) in a release build, where
-/// it runs 10^6 operations by default (`STRESS_SEED`, `STRESS_OPS` and
+/// The model-based stress tests (tests/stress.rs, and tests/shared_stress.rs:
+/// threads on one shared domain) in a release build, where each runs 10^6
+/// operations by default (`STRESS_SEED`, `STRESS_OPS` and
 /// `STRESS_KNOWN_DEFECTS` pass through from the environment).
 fn stress() -> bool {
-    run(cargo().args(["test", "--release", "--test", "stress", "--", "--nocapture"]))
+    run(cargo().args([
+        "test",
+        "--release",
+        "--test",
+        "stress",
+        "--test",
+        "shared_stress",
+        "--",
+        "--nocapture",
+    ]))
+}
+
+/// The loom model tests of the shared wrappers (tests/loom.rs), in their
+/// own target directory (everything is built with `--cfg loom`).
+fn loom() -> bool {
+    run(cargo()
+        .env("RUSTFLAGS", "--cfg loom")
+        .args(["test", "--release", "--test", "loom", "--target-dir"])
+        .arg(root().join("target").join("loom")))
 }
 
 /// Builds the library with the toolchain its `rust-version` names, for the
@@ -308,6 +327,13 @@ fn main() -> ExitCode {
         Some("test") => test(&extra),
         Some("stress") => {
             if stress() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Some("loom") => {
+            if loom() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -1,0 +1,143 @@
+//! [`IrqLock`]: a spin lock an interrupt handler may use without spinning.
+//!
+//! One atomic word holds both the lock bit and an "interrupt work pending"
+//! bit. An interrupt handler that finds the lock taken (by another CPU, or
+//! by the very code it interrupted) sets the pending bit and returns; the
+//! holder sees the bit when it releases and runs the deferred handler before
+//! the lock is free. Because both bits live in one word, every step is a
+//! read-modify-write of the same location: there is no window where the
+//! holder releases without seeing the flag and the handler fails to take the
+//! lock (the store-buffering race a separate flag and lock would have).
+
+use super::sync::{AtomicU32, Cell, Ordering, spin_hint};
+
+const LOCKED: u32 = 1;
+const PENDING: u32 = 2;
+
+/// Releases the lock when dropped, also when `f` panics (host tests unwind:
+/// the other threads then see the lock free instead of spinning forever).
+struct Release<'a, T>(&'a IrqLock<T>);
+
+impl<T> Drop for Release<'_, T> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// A spin lock over `T` with a deferred-interrupt handler.
+pub(crate) struct IrqLock<T> {
+    state: AtomicU32,
+    data: Cell<T>,
+    deferred: fn(&mut T),
+}
+
+// SAFETY: `data` is only reached by the one thread that set LOCKED (an
+// Acquire compare-exchange), and handed on by a Release store or
+// compare-exchange on `state`; `T: Send` lets it move between threads.
+unsafe impl<T: Send> Sync for IrqLock<T> {}
+
+impl<T> IrqLock<T> {
+    /// A free lock over `data`; `deferred` runs, under the lock, the work an
+    /// interrupt handler could not do because the lock was taken.
+    pub(crate) fn new(data: T, deferred: fn(&mut T)) -> Self {
+        Self {
+            state: AtomicU32::new(0),
+            data: Cell::new(data),
+            deferred,
+        }
+    }
+
+    /// The value, when nobody else can hold the lock.
+    pub(crate) fn into_inner(self) -> T {
+        self.data.into_inner()
+    }
+
+    /// Runs `f` under the lock, spinning while another CPU holds it. Not for
+    /// interrupt context (see [`try_with_or_defer`](Self::try_with_or_defer)).
+    /// `f` must not take this lock again.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        loop {
+            let s = self.state.load(Ordering::Relaxed);
+            if s & LOCKED == 0
+                && self
+                    .state
+                    .compare_exchange_weak(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                break;
+            }
+            spin_hint();
+        }
+        let _release = Release(self);
+        // SAFETY: LOCKED is ours.
+        unsafe { self.data.with_mut(f) }
+    }
+
+    /// Runs `f` under the lock if it is free now; `None` (nothing run, no
+    /// flag set) when it is taken.
+    pub(crate) fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        let s = self.state.load(Ordering::Relaxed);
+        if s & LOCKED != 0
+            || self
+                .state
+                .compare_exchange(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        let _release = Release(self);
+        // SAFETY: LOCKED is ours.
+        Some(unsafe { self.data.with_mut(f) })
+    }
+
+    /// For interrupt context: runs `f` now when the lock is free; when it is
+    /// taken, leaves the work to the holder (which runs the deferred handler
+    /// as it releases) and returns `None` at once. Never spins on the lock.
+    pub(crate) fn try_with_or_defer<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        let prev = self.state.fetch_or(PENDING, Ordering::AcqRel);
+        if prev & LOCKED != 0 {
+            // The holder's release sees PENDING (same word) and runs the handler.
+            return None;
+        }
+        loop {
+            let s = self.state.load(Ordering::Relaxed);
+            if s & LOCKED != 0 || s & PENDING == 0 {
+                // Taken since (its holder will see PENDING), or a holder
+                // already ran the deferred handler after our flag was set.
+                return None;
+            }
+            // Take the lock and our own flag with it: we do the work now.
+            if self
+                .state
+                .compare_exchange_weak(s, LOCKED, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                break;
+            }
+            spin_hint();
+        }
+        let _release = Release(self);
+        // SAFETY: LOCKED is ours.
+        Some(unsafe { self.data.with_mut(f) })
+    }
+
+    /// Frees the lock, first running the deferred handler for every
+    /// interrupt that found it taken.
+    fn release(&self) {
+        // Bounded by the interrupts that arrive while the handler runs.
+        loop {
+            if self
+                .state
+                .compare_exchange(LOCKED, 0, Ordering::Release, Ordering::Relaxed)
+                .is_ok()
+            {
+                return;
+            }
+            // PENDING is set: clear it (keeping LOCKED) and do the work.
+            self.state.fetch_and(!PENDING, Ordering::Acquire);
+            let deferred = self.deferred;
+            // SAFETY: LOCKED is still ours.
+            unsafe { self.data.with_mut(deferred) };
+        }
+    }
+}

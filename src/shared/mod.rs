@@ -1,0 +1,212 @@
+//! Several CPUs: the concurrency model, and the wrappers that share a
+//! driver ([`SharedIommu`]) and a domain ([`SharedDomain`]).
+//!
+//! # The model
+//!
+//! Every type in the crate is used through `&mut` for what changes it, and
+//! none synchronises on its own; sharing is explicit, through this module.
+//!
+//! | type | `Send` | `Sync` | to use from several CPUs |
+//! |---|---|---|---|
+//! | [`Domain<F, M>`](crate::Domain), [`AnyDomain<M>`](crate::AnyDomain) | when `M` is | when `M` is (only `&self` readers: `translate`, `info`) | [`SharedDomain`] (or your own lock around it) |
+//! | [`Smmu<M>`](crate::smmuv3::Smmu), [`Vtd<M>`](crate::vtd::Vtd) | when `M` is | no | [`SharedIommu`], one [`IommuCpu`] handle per CPU |
+//! | [`IovaState`](crate::IovaState), [`DirectState`](crate::DirectState), [`Mapping`](crate::Mapping) | yes | yes | owned by the CPU running the transaction; move it freely |
+//! | [`SharedIommu<B>`], [`SharedDomain<F, M>`] | when `B` / `M` is `Send` | when `B` / `M` is `Send` | `&` from every CPU |
+//! | [`IommuCpu<'_, B>`] | when `B` is `Send` | when `B` is `Send` | one per CPU (`&mut`) |
+//! | adapters ([`adapters::session`](crate::adapters::session)'s sessions) | when their domain and backend are | as their domain | one session per device, behind the consumer's own lock |
+//!
+//! The claims above are checked at compile time (the assertions at the
+//! bottom of this module's source); a lender `M` shared by several CPUs
+//! must itself be `Send + Sync` (its `alloc_zeroed` / `free` are called
+//! from each).
+//!
+//! **What a user must hold.** Without this module: one lock around each
+//! `Domain` and each driver, and never hold the driver's lock in an
+//! interrupt handler that may preempt its holder. With it: nothing —
+//! [`SharedDomain`] and [`SharedIommu`] take their own short spin locks;
+//! the caller owns its [`IovaState`](crate::IovaState) exclusively, as the
+//! type already requires.
+//!
+//! **Locks and waits.** No lock is held across a completion wait: a
+//! [`SharedDomain::sync`] queues its invalidations and one completion under
+//! the domain lock and the driver lock, releases both, waits by ticket, and
+//! takes the domain lock again only to hand freed table pages back. The
+//! driver lock is held while commands are copied into the queue and the
+//! producer index written, and for one look at the completion; a full
+//! queue is drained under it (bounded by the poll budget), and `attach` /
+//! `detach` wait for their own invalidation under it.
+//!
+//! **Interrupt context.** Only [`SharedIommu::handle_irq`] may run in an
+//! interrupt handler: it never spins on a lock (see [`SharedIommu`]). Every
+//! other call spins on a lock whose holder may be the code the interrupt
+//! preempted, so it must not run in interrupt context; the unshared
+//! [`Smmu::handle_irq`](crate::smmuv3::Smmu::handle_irq) /
+//! [`Vtd::handle_irq`](crate::vtd::Vtd::handle_irq) need `&mut`, i.e. the
+//! user's lock, with the same rule.
+//!
+//! **Errors.** A queue error met by any CPU is returned by the sync of every
+//! handle whose window saw it ([`SharedIommu`]); a failed shared sync makes
+//! the domain's next sync invalidate the whole domain, and hands no table
+//! page back.
+//!
+//! **Cost.** `Domain::link` / `unlink` are unchanged (no atomic); a
+//! [`SharedDomain`] call adds one uncontended lock and unlock (two atomic
+//! read-modify-writes) around them. Link and unlink of one domain still
+//! serialise on its lock: tables installed with compare-and-swap, so that
+//! disjoint ranges link in parallel, are not done yet.
+
+mod domain;
+mod iommu;
+mod lock;
+pub(crate) mod sync;
+#[cfg(all(test, not(loom)))]
+mod tests;
+
+pub use domain::SharedDomain;
+pub use iommu::{IommuCpu, SharedIommu};
+
+use crate::backend::IommuBackend;
+use crate::error::BackendError;
+
+/// A driver whose completion wait splits into "queue one completion" and
+/// "look whether it completed", so that several CPUs can share it
+/// ([`SharedIommu`]). [`Smmu`](crate::smmuv3::Smmu) (CMD_SYNC) and
+/// [`Vtd`](crate::vtd::Vtd) (invalidation-wait descriptor) implement it.
+pub trait SplitCompletion: IommuBackend {
+    /// How many commands / descriptors were queued so far (completions
+    /// included); grows by one for each.
+    fn queued(&self) -> u64;
+
+    /// Queues one completion behind everything queued so far, makes the
+    /// queue visible to the hardware, and returns its ticket, without
+    /// waiting. Tickets grow; when one completes, every command queued
+    /// before it and every earlier ticket have completed. Ticket 0 means
+    /// "nothing to wait for" (e.g. register-based invalidation).
+    ///
+    /// # Errors
+    ///
+    /// As [`IommuBackend::sync`], for the parts that do not wait (a full
+    /// queue drained, a stopped queue found).
+    fn submit_completion(&mut self) -> Result<u64, BackendError>;
+
+    /// One look, no wait: whether `ticket` completed. A queue stopped on a
+    /// bad command is restarted first.
+    ///
+    /// # Errors
+    ///
+    /// The queue error met (once; the queue runs on, look again), or a
+    /// hardware failure that stops the driver.
+    fn completion_done(&mut self, ticket: u64) -> Result<bool, BackendError>;
+
+    /// How many looks a waiter spends on one completion.
+    fn completion_budget(&self) -> u32;
+}
+
+/// A backend whose sync a [`SharedDomain`] can split around its lock:
+/// queue one completion under it, wait outside it.
+pub trait SplitSync: IommuBackend {
+    /// Queues (or finds) one completion covering every command this
+    /// backend queued so far; returns its ticket. No wait.
+    ///
+    /// # Errors
+    ///
+    /// As [`IommuBackend::sync`], for the parts that do not wait.
+    fn submit(&mut self) -> Result<u64, BackendError>;
+
+    /// Waits, bounded, until `ticket` completed.
+    ///
+    /// # Errors
+    ///
+    /// As [`IommuBackend::sync`].
+    fn wait(&mut self, ticket: u64) -> Result<(), BackendError>;
+}
+
+/// A driver used by one CPU splits its sync the same way.
+impl<T: SplitCompletion> SplitSync for T {
+    fn submit(&mut self) -> Result<u64, BackendError> {
+        self.submit_completion()
+    }
+
+    fn wait(&mut self, ticket: u64) -> Result<(), BackendError> {
+        let budget = self.completion_budget().max(1);
+        let mut first_error = None;
+        for _ in 0..budget {
+            match self.completion_done(ticket) {
+                Ok(true) => return first_error.map_or(Ok(()), Err),
+                Ok(false) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+            sync::spin_hint();
+        }
+        Err(first_error.unwrap_or(BackendError::Timeout {
+            what: "completion",
+            polls: budget,
+        }))
+    }
+}
+
+/// Compile-time checks of the table in the module documentation.
+#[allow(dead_code, reason = "only compiled, never called")]
+mod assertions {
+    use super::{IommuCpu, SharedDomain, SharedIommu};
+    use crate::adapters::session::DomainSession;
+    use crate::mem::TableMemory;
+    use crate::pgtable::arm::ArmStage1;
+    use crate::smmuv3::Smmu;
+    use crate::vtd::Vtd;
+    use crate::{AnyDomain, DirectState, Domain, IovaState, Mapping};
+
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+
+    fn plain_values() {
+        send::<IovaState>();
+        sync::<IovaState>();
+        send::<DirectState>();
+        sync::<DirectState>();
+        send::<Mapping>();
+        sync::<Mapping>();
+    }
+
+    fn domains<M: TableMemory + Send + Sync>() {
+        send::<Domain<ArmStage1, M>>();
+        sync::<Domain<ArmStage1, M>>();
+        send::<AnyDomain<M>>();
+        sync::<AnyDomain<M>>();
+        send::<SharedDomain<ArmStage1, M>>();
+        sync::<SharedDomain<ArmStage1, M>>();
+    }
+
+    fn shared_domain_needs_only_send<M: TableMemory + Send>() {
+        sync::<SharedDomain<ArmStage1, M>>();
+    }
+
+    fn drivers<M: TableMemory + Send + 'static>() {
+        send::<Smmu<M>>();
+        send::<Vtd<M>>();
+        sync::<SharedIommu<Smmu<M>>>();
+        sync::<SharedIommu<Vtd<M>>>();
+        send::<SharedIommu<Vtd<M>>>();
+        send::<IommuCpu<'static, Smmu<M>>>();
+        send::<IommuCpu<'static, Vtd<M>>>();
+    }
+
+    fn sessions<M: TableMemory + Send + Sync + 'static>() {
+        send::<DomainSession<'static, M, IommuCpu<'static, Smmu<M>>, M, 8>>();
+        send::<DomainSession<'static, M, Vtd<M>, M, 8>>();
+    }
+
+    #[cfg(feature = "virtio-drivers")]
+    fn virtio_hal() {
+        send::<crate::adapters::virtio_drivers::IommuHal>();
+        sync::<crate::adapters::virtio_drivers::IommuHal>();
+    }
+
+    #[cfg(feature = "dma-api")]
+    fn dma_api_op() {
+        send::<crate::adapters::dma_api::IommuDmaOp>();
+        sync::<crate::adapters::dma_api::IommuDmaOp>();
+    }
+}

@@ -1,0 +1,245 @@
+//! Host tests of the shared wrappers on one thread, with the interleavings
+//! written out (the threaded and loom tests are in `tests/`).
+
+extern crate std;
+
+use std::boxed::Box;
+
+use super::{SharedDomain, SharedIommu, SplitSync};
+use crate::addr::{DmaAddr, PhysAddr};
+use crate::backend::{DomainInfo, IommuBackend, TableFormat};
+use crate::error::BackendError;
+use crate::pgtable::arm::ArmStage1;
+use crate::pgtable::{DmaDirection, MapAttrs};
+use crate::state::{Domain, DomainConfig};
+use crate::testing::heap::HostMemory;
+use crate::testing::split::FakeQueue;
+
+fn info() -> DomainInfo {
+    DomainInfo {
+        id: 1,
+        root: PhysAddr(0x1000),
+        format: TableFormat::ArmStage1,
+        levels: 4,
+        ias_bits: 48,
+    }
+}
+
+fn drain(q: &mut FakeQueue) {
+    q.drain_irq();
+}
+
+#[test]
+fn one_completion_serves_the_batches_of_several_cpus() {
+    let s = SharedIommu::new(FakeQueue::new(1), drain);
+    let (mut a, mut b) = (s.cpu(), s.cpu());
+    a.invalidate(&info(), DmaAddr(0x1000), 0x1000, true)
+        .unwrap();
+    b.invalidate(&info(), DmaAddr(0x8000), 0x1000, true)
+        .unwrap();
+    let ta = a.submit().unwrap();
+    // B's command was queued before A's completion: A's covers it.
+    let tb = b.submit().unwrap();
+    assert_eq!(ta, tb);
+    a.wait(ta).unwrap();
+    b.wait(tb).unwrap();
+    assert_eq!(s.with(|q| q.completions), 1);
+    // A command queued after it needs a completion of its own.
+    b.invalidate(&info(), DmaAddr(0x9000), 0x1000, true)
+        .unwrap();
+    b.sync().unwrap();
+    assert_eq!(s.with(|q| q.completions), 2);
+}
+
+#[test]
+fn an_interrupt_on_the_cpu_holding_the_lock_is_deferred_to_the_holder_not_deadlocked() {
+    let s = SharedIommu::new(FakeQueue::new(1), drain);
+    let ran_now = s.with(|q| {
+        q.irq_raised = 3;
+        // The interrupt arrives while this CPU holds the lock: it must
+        // return at once instead of spinning on its own CPU's lock.
+        s.handle_irq(FakeQueue::drain_irq)
+    });
+    assert_eq!(ran_now, None);
+    // The holder ran the deferred handler as it released the lock.
+    assert_eq!(s.with(|q| (q.irq_raised, q.irq_drained)), (0, 3));
+    // With the lock free, the handler runs at once.
+    s.with(|q| q.irq_raised = 2);
+    assert_eq!(s.handle_irq(FakeQueue::drain_irq), Some(2));
+}
+
+#[test]
+fn a_queue_error_reaches_every_cpu_whose_window_saw_it() {
+    let s = SharedIommu::new(FakeQueue::new(1), drain);
+    let (mut a, mut b) = (s.cpu(), s.cpu());
+    a.invalidate(&info(), DmaAddr(0x1000), 0x1000, true)
+        .unwrap();
+    b.invalidate(&info(), DmaAddr(0x8000), 0x1000, true)
+        .unwrap();
+    let stop = BackendError::QueueError { code: 1, index: 7 };
+    s.with(|q| q.armed_error = Some(stop));
+    // A meets the error; B's commands may have been the bad one: both hear.
+    assert_eq!(a.sync(), Err(stop));
+    assert_eq!(b.sync(), Err(stop));
+    // Reported once per window: the next syncs are clean.
+    let mut c = s.cpu();
+    c.invalidate(&info(), DmaAddr(0x2000), 0x1000, true)
+        .unwrap();
+    c.sync().unwrap();
+    a.sync().unwrap();
+    b.sync().unwrap();
+}
+
+#[test]
+fn a_completion_that_never_arrives_is_a_timeout() {
+    let mut q = FakeQueue::new(0);
+    q.budget = 50;
+    let s = SharedIommu::new(q, drain);
+    let mut a = s.cpu();
+    a.invalidate(&info(), DmaAddr(0x1000), 0x1000, true)
+        .unwrap();
+    assert!(matches!(
+        a.sync(),
+        Err(BackendError::Timeout { polls: 50, .. })
+    ));
+}
+
+/// A backend that runs `during` (another CPU's work) while it waits.
+struct Interleaved<'a> {
+    inner: FakeQueue,
+    during: Option<Box<dyn FnOnce() + 'a>>,
+}
+
+impl IommuBackend for Interleaved<'_> {
+    fn attach(&mut self, dev: crate::DeviceId, how: crate::Attachment) -> Result<(), BackendError> {
+        self.inner.attach(dev, how)
+    }
+    fn invalidate(
+        &mut self,
+        d: &DomainInfo,
+        iova: DmaAddr,
+        len: u64,
+        leaf: bool,
+    ) -> Result<(), BackendError> {
+        self.inner.invalidate(d, iova, len, leaf)
+    }
+    fn invalidate_domain(&mut self, d: &DomainInfo) -> Result<(), BackendError> {
+        self.inner.invalidate_domain(d)
+    }
+    fn sync(&mut self) -> Result<(), BackendError> {
+        self.inner.sync()
+    }
+}
+
+impl SplitSync for Interleaved<'_> {
+    fn submit(&mut self) -> Result<u64, BackendError> {
+        self.inner.submit()
+    }
+    fn wait(&mut self, ticket: u64) -> Result<(), BackendError> {
+        if let Some(f) = self.during.take() {
+            f();
+        }
+        self.inner.wait(ticket)
+    }
+}
+
+fn domain(mem: &HostMemory) -> SharedDomain<ArmStage1, &HostMemory> {
+    let cfg = DomainConfig {
+        id: 1,
+        levels: 4,
+        aperture_start: 1 << 20,
+        aperture_end: 1 << 40,
+        coherent_walk: true,
+    };
+    SharedDomain::new(Domain::new(ArmStage1, mem, cfg).unwrap())
+}
+
+const RW: DmaDirection = DmaDirection::Bidirectional;
+
+#[test]
+fn a_shared_sync_waits_outside_the_lock_and_frees_only_covered_tables() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    // Two transactions far apart: each has its own leaf and level-2 tables.
+    let mut t1 = dom
+        .try_alloc(1 << 30, u64::MAX)
+        .unwrap()
+        .into_iova()
+        .unwrap();
+    let mut t2 = dom
+        .try_alloc(1 << 30, u64::MAX)
+        .unwrap()
+        .into_iova()
+        .unwrap();
+    let pa = PhysAddr(0x8000_0000);
+    dom.link(&mut t1, pa, 0, 4096, RW, MapAttrs::empty())
+        .unwrap();
+    dom.link(&mut t2, pa, 0, 4096, RW, MapAttrs::empty())
+        .unwrap();
+    dom.sync(&mut q).unwrap();
+    let with_both = mem.blocks_out();
+    dom.unlink(&mut t1, 0, 4096).unwrap();
+    let iova2 = t2.iova();
+    let t2 = core::cell::RefCell::new(t2);
+    let mut q = {
+        let mut during = Interleaved {
+            inner: q.clone(),
+            during: Some(Box::new(|| {
+                // Another CPU, while this sync waits: the lock is free (a lock
+                // held across the wait would deadlock here), and what it
+                // retires is not covered by the completion being waited for.
+                dom.unlink(&mut t2.borrow_mut(), 0, 4096).unwrap();
+                assert_eq!(dom.with(|d| d.translate(iova2)), None);
+            })),
+        };
+        dom.sync(&mut during).unwrap();
+        during.inner
+    };
+    // t1's tables were retired before the completion was queued: they went
+    // back. t2's were retired after: they wait for the next sync.
+    let kept = dom.with(|d| d.page_table().unwrap().retired_pages());
+    assert!(kept > 0);
+    let after_first = mem.blocks_out();
+    // (t1 emptied its leaf and level-2 tables; t2 those and the level-1
+    // table the two shared.)
+    assert_eq!((with_both - after_first, kept), (2, 3));
+    dom.sync(&mut q).unwrap();
+    assert_eq!(mem.blocks_out(), after_first - kept);
+    assert_eq!(dom.with(|d| d.page_table().unwrap().retired_pages()), 0);
+    dom.free(t1).unwrap();
+    dom.free(t2.into_inner()).unwrap();
+}
+
+#[test]
+fn a_failed_shared_sync_frees_nothing_and_the_next_invalidates_the_domain() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    let mut t = dom
+        .try_alloc(1 << 30, u64::MAX)
+        .unwrap()
+        .into_iova()
+        .unwrap();
+    dom.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    dom.sync(&mut q).unwrap();
+    let before = mem.blocks_out();
+    dom.unlink(&mut t, 0, 4096).unwrap();
+    q.armed_error = Some(BackendError::QueueError { code: 1, index: 0 });
+    assert!(dom.sync(&mut q).is_err());
+    assert_eq!(mem.blocks_out(), before);
+    assert!(dom.has_pending());
+    let whole = q.domain_invalidations;
+    dom.sync(&mut q).unwrap();
+    assert_eq!(q.domain_invalidations, whole + 1);
+    assert!(mem.blocks_out() < before);
+    dom.free(t).unwrap();
+}

@@ -1,0 +1,263 @@
+//! Several CPUs on one domain: threads link, unlink, sync, alloc and free
+//! their own transactions on one `SharedDomain` through their own handles on
+//! one `SharedIommu`, while another thread plays the IOMMU's interrupt.
+//! Every step is checked against each thread's model of its transactions
+//! (what `translate` must answer, which refusals must change nothing); at
+//! the end every table page is back with the lender and every interrupt's
+//! work was done exactly once.
+//!
+//! 10^6 operations in a release build (`cargo xtask stress`), fewer in a
+//! debug build; `SHARED_STRESS_OPS` and `SHARED_STRESS_SEED` override.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+
+use bare_iommu::pgtable::arm::ArmStage1;
+use bare_iommu::shared::{SharedDomain, SharedIommu};
+use bare_iommu::testing::split::FakeQueue;
+use bare_iommu::{
+    DmaAddr, DmaDirection, DmaError, Domain, DomainConfig, IovaState, MapAttrs, PhysAddr,
+    TableMemory,
+};
+
+/// A heap lender several threads use at once; counts the pages out.
+#[derive(Default)]
+struct Heap {
+    out: AtomicUsize,
+}
+
+fn layout(pages: usize) -> Layout {
+    Layout::from_size_align(pages * 4096, pages.next_power_of_two() * 4096).unwrap()
+}
+
+// SAFETY: zeroed, size-aligned heap blocks, valid until freed; the pointer
+// is the physical address.
+unsafe impl TableMemory for Heap {
+    fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
+        if pages == 0 {
+            return None;
+        }
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc_zeroed(layout(pages)) };
+        if p.is_null() {
+            return None;
+        }
+        self.out.fetch_add(pages, Ordering::SeqCst);
+        Some(PhysAddr(p as u64))
+    }
+    unsafe fn free(&self, pa: PhysAddr, pages: usize) {
+        self.out.fetch_sub(pages, Ordering::SeqCst);
+        // SAFETY: allocated above with this layout.
+        unsafe { dealloc(pa.0 as *mut u8, layout(pages)) }
+    }
+    fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
+        pa.0 as *mut u8
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One thread's transaction and the pages it has linked (offset -> phys).
+struct Tx {
+    state: IovaState,
+    pages: u64,
+    linked: BTreeMap<u64, u64>,
+}
+
+const THREADS: u64 = 2;
+const RW: DmaDirection = DmaDirection::Bidirectional;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn check(dom: &SharedDomain<ArmStage1, &Heap>, tx: &Tx, off: u64) {
+    let at = DmaAddr(tx.state.iova().0 + off * 4096 + 0x123);
+    let seen = dom.with(|d| d.translate(at)).map(|(p, _)| p.0);
+    let want = tx.linked.get(&off).map(|p| p + 0x123);
+    assert_eq!(seen, want, "translate({at:?}) at offset page {off}");
+}
+
+#[allow(clippy::too_many_lines)]
+fn worker(
+    dom: &SharedDomain<ArmStage1, &Heap>,
+    iommu: &SharedIommu<FakeQueue>,
+    seed: u64,
+    ops: u64,
+    id: u64,
+) {
+    let mut rng = Rng(seed ^ (id + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut h = iommu.cpu();
+    let mut txs: Vec<Tx> = Vec::new();
+    for _ in 0..ops {
+        match rng.below(100) {
+            // A new transaction of 1..=16 pages.
+            0..=9 if txs.len() < 16 => {
+                let pages = 1 + rng.below(16);
+                let state = dom
+                    .try_alloc(pages * 4096, u64::MAX)
+                    .expect("try_alloc")
+                    .into_iova()
+                    .expect("translated");
+                txs.push(Tx {
+                    state,
+                    pages,
+                    linked: BTreeMap::new(),
+                });
+            }
+            // Link one page (refused, changing nothing, when already linked).
+            10..=49 if !txs.is_empty() => {
+                let i = rng.below(txs.len() as u64) as usize;
+                let tx = &mut txs[i];
+                let off = rng.below(tx.pages);
+                let phys = 0x1_0000_0000 + (id << 32) + rng.below(1 << 20) * 4096;
+                let r = dom.link(
+                    &mut tx.state,
+                    PhysAddr(phys),
+                    off * 4096,
+                    4096,
+                    RW,
+                    MapAttrs::empty(),
+                );
+                match tx.linked.entry(off) {
+                    std::collections::btree_map::Entry::Occupied(_) => {
+                        assert!(matches!(r, Err(DmaError::AlreadyLinked { .. })), "{r:?}");
+                    }
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        r.expect("link");
+                        v.insert(phys);
+                    }
+                }
+                check(dom, tx, off);
+            }
+            // Unlink one page (refused, changing nothing, when not linked).
+            50..=79 if !txs.is_empty() => {
+                let i = rng.below(txs.len() as u64) as usize;
+                let tx = &mut txs[i];
+                let off = rng.below(tx.pages);
+                let r = dom.unlink(&mut tx.state, off * 4096, 4096);
+                if tx.linked.remove(&off).is_some() {
+                    r.expect("unlink");
+                } else {
+                    assert!(matches!(r, Err(DmaError::NotLinked { .. })), "{r:?}");
+                }
+                check(dom, tx, off);
+                assert_eq!(tx.state.linked(), tx.linked.len() as u64 * 4096);
+            }
+            // Sync (the wait runs outside the domain lock).
+            80..=91 => dom.sync(&mut h).expect("sync"),
+            // Free or destroy a transaction.
+            92..=99 if !txs.is_empty() => {
+                let i = rng.below(txs.len() as u64) as usize;
+                let tx = txs.swap_remove(i);
+                if rng.below(2) == 0 {
+                    dom.free(tx.state).map_err(|(_, e)| e).expect("free");
+                } else {
+                    dom.destroy(tx.state, &mut h).expect("destroy");
+                }
+            }
+            // A transaction of another CPU's is not ours to read, but a
+            // random page of ours must match the model at any time.
+            _ => {
+                if let Some(tx) = txs.first() {
+                    check(dom, tx, rng.below(tx.pages));
+                }
+            }
+        }
+    }
+    for tx in txs {
+        dom.destroy(tx.state, &mut h).expect("destroy");
+    }
+    dom.sync(&mut h).expect("final sync");
+}
+
+#[test]
+fn shared_stress_threads_on_one_domain_match_their_models() {
+    let default_ops = if cfg!(debug_assertions) {
+        20_000
+    } else {
+        1_000_000
+    };
+    let ops = env("SHARED_STRESS_OPS", default_ops);
+    let seed = env("SHARED_STRESS_SEED", 0x5eed_c0de);
+    println!("shared stress: {ops} operations over {THREADS} threads, seed {seed:#x}");
+    let heap = Heap::default();
+    let cfg = DomainConfig {
+        id: 1,
+        levels: 4,
+        aperture_start: 1 << 20,
+        aperture_end: 1 << 40,
+        coherent_walk: true,
+    };
+    let dom = SharedDomain::new(Domain::new(ArmStage1, &heap, cfg).unwrap());
+    let iommu = SharedIommu::new(FakeQueue::new(4), |q: &mut FakeQueue| {
+        q.drain_irq();
+    });
+    let done = AtomicBool::new(false);
+    let start = std::time::Instant::now();
+    let irqs = thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|id| {
+                let (dom, iommu) = (&dom, &iommu);
+                s.spawn(move || worker(dom, iommu, seed, ops / THREADS, id))
+            })
+            .collect();
+        let irq = s.spawn(|| {
+            let mut raised = 0u64;
+            while !done.load(Ordering::SeqCst) {
+                iommu.with(|q| q.irq_raised += 1);
+                raised += 1;
+                let _ = iommu.handle_irq(FakeQueue::drain_irq);
+                thread::yield_now();
+            }
+            raised
+        });
+        let joined: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
+        done.store(true, Ordering::SeqCst);
+        for j in joined {
+            j.unwrap();
+        }
+        irq.join().unwrap()
+    });
+    let elapsed = start.elapsed();
+    let (drained, left, completions, invalidations) = iommu.with(|q| {
+        (
+            q.irq_drained,
+            q.irq_raised,
+            q.completions,
+            q.invalidations + q.domain_invalidations,
+        )
+    });
+    println!(
+        "shared stress: {:.2?}, {completions} completions for {invalidations} invalidations, {irqs} interrupts",
+        elapsed
+    );
+    assert_eq!(
+        (drained, left),
+        (irqs, 0),
+        "every interrupt's work done once"
+    );
+    let mut h = iommu.cpu();
+    let dom = dom.into_inner();
+    assert!(!dom.has_pending());
+    dom.teardown(&mut h).map_err(|(_, e)| e).unwrap();
+    assert_eq!(heap.out.load(Ordering::SeqCst), 0, "every table page back");
+}
