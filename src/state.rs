@@ -1411,10 +1411,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             return Ok(());
         };
         let with_maps = backend.needs_map_invalidation();
-        if t.unmapped.is_empty()
-            && (!with_maps || t.mapped.is_empty())
-            && t.pt.retired_pages() == 0
-            && !t.pt.has_stranded()
+        if t.unmapped.is_empty() && (!with_maps || t.mapped.is_empty()) && t.pt.retired_pages() == 0
         {
             // Links only: a new valid entry replaced a not-present one, which
             // no TLB or walk cache holds (unless `with_maps`), so there is
@@ -1425,36 +1422,27 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             return Ok(());
         }
         let info = t.info(id);
-        // Bounded: each extra round detaches up to RETIRE_CAPACITY stranded
-        // tables, and there are at most as many as the table holds.
-        loop {
-            // Table stores happen before the backend's doorbell write.
-            wmb_on(t.pt.memory());
-            if t.unmapped.overflow || (with_maps && t.mapped.overflow) {
-                backend.invalidate_domain(&info)?;
-            } else {
-                for r in t.unmapped.list.iter() {
-                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
-                }
-                if with_maps {
-                    for r in t.mapped.list.iter() {
-                        backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
-                    }
+        // Table stores happen before the backend's doorbell write.
+        wmb_on(t.pt.memory());
+        if t.unmapped.overflow || (with_maps && t.mapped.overflow) {
+            backend.invalidate_domain(&info)?;
+        } else {
+            for r in t.unmapped.list.iter() {
+                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
+            }
+            if with_maps {
+                for r in t.mapped.list.iter() {
+                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
                 }
             }
-            backend.sync()?;
-            t.unmapped.clear();
-            t.mapped.clear();
-            t.pt.free_retired();
-            // Empty tables that did not fit the retired list while they
-            // emptied are detached now; their ranges are not kept, so the
-            // next round invalidates the whole domain before freeing them.
-            // (Only then does one sync cost more than one completion.)
-            if !t.pt.prune_empty() {
-                return Ok(());
-            }
-            t.unmapped.overflow = true;
         }
+        backend.sync()?;
+        t.unmapped.clear();
+        t.mapped.clear();
+        // The completion covers every table retired so far (the retired
+        // list has no capacity, so no empty table is ever left attached).
+        t.pt.free_retired();
+        Ok(())
     }
 
     /// First half of a sync split around a lock ([`SharedDomain`]
@@ -1474,10 +1462,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             return Ok(None);
         };
         let with_maps = backend.needs_map_invalidation();
-        if t.unmapped.is_empty()
-            && (!with_maps || t.mapped.is_empty())
-            && t.pt.retired_pages() == 0
-            && !t.pt.has_stranded()
+        if t.unmapped.is_empty() && (!with_maps || t.mapped.is_empty()) && t.pt.retired_pages() == 0
         {
             // As in `sync`: links only, nothing cached to invalidate.
             wmb_on(t.pt.memory());
@@ -1524,22 +1509,14 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// sync. `popped` is the caller's count of pages every `sync_finish`
     /// handed back so far (pages retired since = growth of the list plus
     /// what others popped; when others popped newer pages, more are kept
-    /// than needed — never fewer). Returns `(freed, again)`: how many pages
-    /// went back, and whether empty tables were detached now that need
-    /// another round (their ranges are not kept: the next round
-    /// invalidates the whole domain).
-    pub(crate) fn sync_finish(&mut self, begun: SyncBegun, popped: u64) -> (usize, bool) {
+    /// than needed — never fewer). Returns how many pages went back.
+    pub(crate) fn sync_finish(&mut self, begun: SyncBegun, popped: u64) -> usize {
         let Some(t) = self.inner.as_mut() else {
-            return (0, false);
+            return 0;
         };
         let since = popped.saturating_sub(begun.popped) as usize;
         let keep = (t.pt.retired_pages() + since).saturating_sub(begun.retired);
-        let freed = t.pt.free_retired_older(keep);
-        if t.pt.prune_empty() {
-            t.unmapped.overflow = true;
-            return (freed, true);
-        }
-        (freed, false)
+        t.pt.free_retired_older(keep)
     }
 
     /// Ends the domain: invalidates everything the IOMMU cached for it

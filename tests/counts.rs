@@ -43,7 +43,6 @@ enum Op {
     /// Lets the lender hand out this many more pages (then refuses).
     Budget(Option<u64>),
     FreeRetired,
-    Prune,
 }
 
 /// An IOVA near the edges that matter: 1 GiB and 2 MiB boundaries.
@@ -75,7 +74,6 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (addr(), len()).prop_map(|(at, len)| Op::UnmapPresent { at, len }),
         1 => prop_oneof![Just(None), (0u64..4).prop_map(Some)].prop_map(Op::Budget),
         1 => Just(Op::FreeRetired),
-        1 => Just(Op::Prune),
     ]
 }
 
@@ -100,9 +98,6 @@ fn run<F: PteFormat>(fmt: F, levels: u8, ops: &[Op]) -> Result<(), TestCaseError
             }
             Op::Budget(b) => mem.set_budget(b.map(|b| b as usize)),
             Op::FreeRetired => t.free_retired(),
-            Op::Prune => {
-                t.prune_empty();
-            }
         }
         prop_assert_eq!(t.check_counts(), Ok(()), "after op {} {:?}", k, op);
         prop_assert_eq!(

@@ -333,13 +333,14 @@ fn strict_model_every_unlinked_descriptor_is_invalidated_before_sync_returns() {
 }
 
 #[test]
-fn strict_model_stranded_empty_tables_are_invalidated_before_they_go_back() {
+fn strict_model_many_emptied_tables_are_invalidated_before_they_go_back() {
     let mut a = vec![Page::ZERO; 2 * 256];
     let mem = OrderLender::new(&mut a, true);
     let mut d = domain(ArmStage1, &mem, true);
     let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
-    // One page in each of 100 separate 2 MiB regions: more leaf tables
-    // empty out at once than the retired list holds.
+    // One page in each of 100 separate 2 MiB regions: 100 leaf tables (and
+    // their level-2 parent) empty out in one unlink and wait on the retired
+    // list, threaded through the pages themselves, for one completion.
     let mut t = tx(&mut d, 100 * MB2);
     for r in 0..100u64 {
         d.link(

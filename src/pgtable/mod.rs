@@ -13,4 +13,4 @@ pub mod vtd;
 
 pub use attrs::{DmaDirection, MapAttrs};
 pub use format::{Pte, PteFormat};
-pub use table::{IoPageTable, RETIRE_CAPACITY, UnmapOutcome};
+pub use table::{IoPageTable, UnmapOutcome};

@@ -11,11 +11,6 @@ use crate::mem::TableMemory;
 const ENTRIES: usize = 512;
 /// Bits of input address resolved per level.
 const BITS_PER_LEVEL: u32 = 9;
-/// Retired table pages waiting for the next invalidation are kept in a list
-/// threaded through the pages themselves, so there is no limit: this is kept
-/// for source compatibility and is `usize::MAX`.
-pub const RETIRE_CAPACITY: usize = usize::MAX;
-
 /// Table pages detached and waiting for an invalidation and its completion,
 /// as a list threaded through the pages: entry 0 of each holds the address of
 /// the next one (0 ends the list).
@@ -47,14 +42,13 @@ impl RetireList {
     /// Adds `pa` (a detached, all-not-present table page lent by `mem`).
     /// Never fails; returns `Result` so the call sites read as before.
     #[allow(clippy::unnecessary_wraps)]
-    fn push<M: TableMemory>(&mut self, mem: &M, pa: PhysAddr) -> Result<(), ()> {
+    fn push<M: TableMemory>(&mut self, mem: &M, pa: PhysAddr) {
         let next = self.head.map_or(0, |h| h.0);
         // SAFETY: `pa` is a whole table page this table lent and just
         // detached; entry 0 is inside it and aligned for a u64.
         unsafe { mem.phys_to_virt(pa).cast::<u64>().write_volatile(next) };
         self.head = Some(pa);
         self.len += 1;
-        Ok(())
     }
 
     /// Cuts the list after its first `keep` pages (`keep >= 1`) and
@@ -139,9 +133,6 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     coherent: bool,
     table_pages: usize,
     retired: RetireList,
-    /// Empty tables were left attached because `retired` was full: the next
-    /// [`prune_empty`](Self::prune_empty) detaches them.
-    stranded: bool,
     /// The last leaf table walked to: (`iova >> LEAF_TABLE_SHIFT`, table,
     /// its count slot). Lets runs of small maps and unmaps in one 2 MiB
     /// region skip the walk from the root. Forgotten whenever a table page
@@ -204,7 +195,6 @@ impl<F: PteFormat, M: TableMemory> core::fmt::Debug for IoPageTable<F, M> {
             .field("coherent", &self.coherent)
             .field("table_pages", &self.table_pages)
             .field("retired_pages", &self.retired.len())
-            .field("stranded", &self.stranded)
             .finish_non_exhaustive()
     }
 }
@@ -214,14 +204,13 @@ impl<F: PteFormat, M: TableMemory> defmt::Format for IoPageTable<F, M> {
     fn format(&self, f: defmt::Formatter<'_>) {
         defmt::write!(
             f,
-            "IoPageTable {{ format: {}, root: {}, levels: {=u8}, coherent: {=bool}, table_pages: {=usize}, retired_pages: {=usize}, stranded: {=bool} }}",
+            "IoPageTable {{ format: {}, root: {}, levels: {=u8}, coherent: {=bool}, table_pages: {=usize}, retired_pages: {=usize} }}",
             F::KIND,
             self.root,
             self.levels,
             self.coherent,
             self.table_pages,
-            self.retired.len(),
-            self.stranded
+            self.retired.len()
         )
     }
 }
@@ -257,7 +246,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             coherent,
             table_pages: 1,
             retired: RetireList::new(),
-            stranded: false,
             leaf_cache: (NO_REGION, PhysAddr(0), 0),
             root_side,
             side_pages: 1,
@@ -477,21 +465,16 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// Detaches the child table at `table[idx]` (side page `side`, count at
     /// `slot`), which is empty: retires its page and its side page until
-    /// the next invalidation, clears the entry (the caller cleans it).
-    /// Returns whether it was detached.
+    /// the next invalidation, clears the entry (the caller cleans it). The
+    /// retired list has no capacity, so this always succeeds.
     fn detach_child(
         &mut self,
         (table, side, slot): (PhysAddr, PhysAddr, u64),
         idx: usize,
         child: PhysAddr,
-    ) -> bool {
+    ) {
         let child_side = counts::side_page(self.side_word(side, idx));
-        // Never fails (the list has no capacity); kept as a Result for the
-        // `stranded` path.
-        if self.retired.push(&self.mem, child).is_err() {
-            self.stranded = true;
-            return false;
-        }
+        self.retired.push(&self.mem, child);
         self.write(table, idx, 0);
         self.set_side_word(side, idx, 0);
         self.count_sub(slot, 1);
@@ -499,12 +482,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             // All zero (its table is empty). The IOMMU never reads it, but
             // it waits with its table for the invalidation all the same: one
             // rule for every page a table lends.
-            let _ = self.retired.push(&self.mem, child_side);
+            self.retired.push(&self.mem, child_side);
             self.side_pages -= 1;
         }
         self.table_pages -= 1;
         self.leaf_cache.0 = NO_REGION;
-        true
     }
 
     /// Valid entries of `table`, by a scan (the debug builds' check of the
@@ -1077,9 +1059,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             let Some(&(parent, idx)) = path.get(h as usize) else {
                 break;
             };
-            if !self.detach_child(parent, idx, child) {
-                break;
-            }
+            self.detach_child(parent, idx, child);
             self.clean_entries(parent.0, idx, idx + 1);
             freed = true;
             if parent.0 == self.root || !self.is_empty_at(parent.2, parent.0, h) {
@@ -1346,9 +1326,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             let Some(&(parent, pidx)) = path.get(level as usize) else {
                 break;
             };
-            if !self.detach_child(parent, pidx, child) {
-                break;
-            }
+            self.detach_child(parent, pidx, child);
             self.clean_entries(parent.0, pidx, pidx + 1);
             freed = true;
             empty = parent.0 != self.root && self.is_empty_at(parent.2, parent.0, level);
@@ -1460,9 +1438,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 Pte::Table(child) if h > 0 => {
                     let w = self.side_word(side, idx);
                     let child_node = (child, counts::side_page(w), counts::slot(side, idx));
-                    if self.clear_rec(child_node, h - 1, cur, next, prune, out)
-                        && self.detach_child(node, idx, child)
-                    {
+                    if self.clear_rec(child_node, h - 1, cur, next, prune, out) {
+                        self.detach_child(node, idx, child);
                         out.freed_tables = true;
                         lo = lo.min(idx);
                         hi = idx + 1;
@@ -1525,55 +1502,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             n += 1;
         }
         n
-    }
-
-    /// Whether empty tables stay attached because the retired list was full
-    /// when they emptied: after the next [`free_retired`](Self::free_retired),
-    /// [`prune_empty`](Self::prune_empty) detaches them.
-    pub fn has_stranded(&self) -> bool {
-        self.stranded
-    }
-
-    /// Detaches and retires empty tables left attached (see
-    /// [`has_stranded`](Self::has_stranded)), as many as the retired list
-    /// takes. Returns whether any was detached: then the caller must
-    /// invalidate the walk caches (the whole domain: their ranges are not
-    /// recorded) before [`free_retired`](Self::free_retired).
-    pub fn prune_empty(&mut self) -> bool {
-        if !self.stranded {
-            return false;
-        }
-        self.stranded = false;
-        let before = self.retired.len();
-        let root = (self.root, self.root_side, 0);
-        self.prune_rec(root, self.top_height());
-        self.retired.len() != before
-    }
-
-    /// Detaches the empty tables below `node` (table, side page, count
-    /// slot) at height `h`; whether the table is now empty.
-    fn prune_rec(&mut self, node: (PhysAddr, PhysAddr, u64), h: u32) -> bool {
-        let (table, side, slot) = node;
-        if h == 0 {
-            return self.is_empty_at(slot, table, 0);
-        }
-        let (mut lo, mut hi) = (usize::MAX, 0usize);
-        for i in 0..ENTRIES {
-            let pte = self.read(table, i);
-            if pte == 0 {
-                continue;
-            }
-            if let Pte::Table(child) = self.fmt.decode(pte, h) {
-                let w = self.side_word(side, i);
-                let child_node = (child, counts::side_page(w), counts::slot(side, i));
-                if self.prune_rec(child_node, h - 1) && self.detach_child(node, i, child) {
-                    lo = lo.min(i);
-                    hi = i + 1;
-                }
-            }
-        }
-        self.clean_entries(table, lo, hi);
-        table != self.root && self.is_empty_at(slot, table, h)
     }
 
     /// Hands every table page back to the lender, the root included, and

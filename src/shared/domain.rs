@@ -7,11 +7,6 @@ use crate::mem::TableMemory;
 use crate::pgtable::{DmaDirection, MapAttrs, PteFormat};
 use crate::state::{DmaPath, Domain, IovaState};
 
-/// Most rounds one [`SharedDomain::sync`] runs (a round after the first
-/// only when empty tables had to be detached late; what is left waits for
-/// the next sync).
-const MAX_ROUNDS: usize = 4;
-
 struct Guarded<F: PteFormat, M: TableMemory> {
     dom: Domain<F, M>,
     /// Table pages `sync_finish` handed back so far.
@@ -144,29 +139,24 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// As [`Domain::sync`]. After an error nothing is handed back and the
     /// next sync invalidates the whole domain.
     pub fn sync<B: SplitSync + ?Sized>(&self, backend: &mut B) -> Result<(), DmaError> {
-        for _ in 0..MAX_ROUNDS {
-            let begun = {
-                let mut g = self.inner.lock();
-                let popped = g.popped;
-                g.dom.sync_begin(backend, popped)?
-            };
-            let Some(begun) = begun else {
-                return Ok(());
-            };
-            // No lock held: other CPUs link, unlink and sync meanwhile.
-            let waited = backend.wait(begun.ticket);
+        let begun = {
             let mut g = self.inner.lock();
-            if let Err(e) = waited {
-                g.dom.sync_failed();
-                return Err(e.into());
-            }
             let popped = g.popped;
-            let (freed, again) = g.dom.sync_finish(begun, popped);
-            g.popped += freed as u64;
-            if !again {
-                return Ok(());
-            }
+            g.dom.sync_begin(backend, popped)?
+        };
+        let Some(begun) = begun else {
+            return Ok(());
+        };
+        // No lock held: other CPUs link, unlink and sync meanwhile.
+        let waited = backend.wait(begun.ticket);
+        let mut g = self.inner.lock();
+        if let Err(e) = waited {
+            g.dom.sync_failed();
+            return Err(e.into());
         }
+        let popped = g.popped;
+        let freed = g.dom.sync_finish(begun, popped);
+        g.popped += freed as u64;
         Ok(())
     }
 

@@ -221,7 +221,7 @@ fn miri(t: &mut Tally) {
             // every page diffed at every event) take minutes each under
             // Miri; the other strict-model tests cover the same code.
             "--skip",
-            "strict_model_stranded",
+            "strict_model_many_emptied",
             "--skip",
             "strict_model_fixed_iova",
             "--skip",
