@@ -510,6 +510,47 @@ struct Translated<F: PteFormat, M: TableMemory> {
 }
 
 impl<F: PteFormat, M: TableMemory> Translated<F, M> {
+    /// What a sync does before its completion: with nothing to invalidate
+    /// (links only — a new valid entry replaced a not-present one, which no
+    /// TLB or walk cache holds, unless the backend caches not-present
+    /// entries), makes the table stores visible, publishes and returns
+    /// `false` (no completion to wait for); else queues the invalidation of
+    /// every pending range (the whole domain when the ranges overflowed)
+    /// after a barrier and returns `true`. The pending ranges are left for
+    /// the caller to clear once its completion is queued.
+    fn queue_invalidations<B: IommuBackend + ?Sized>(
+        &mut self,
+        id: u16,
+        backend: &mut B,
+    ) -> Result<bool, BackendError> {
+        let with_maps = backend.needs_map_invalidation();
+        if self.unmapped.is_empty()
+            && (!with_maps || self.mapped.is_empty())
+            && self.pt.retired_pages() == 0
+        {
+            wmb_on(self.pt.memory());
+            backend.publish()?;
+            self.mapped.clear();
+            return Ok(false);
+        }
+        let info = self.info(id);
+        // Table stores happen before the backend's doorbell write.
+        wmb_on(self.pt.memory());
+        if self.unmapped.overflow || (with_maps && self.mapped.overflow) {
+            backend.invalidate_domain(&info)?;
+        } else {
+            for r in self.unmapped.list.iter() {
+                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
+            }
+            if with_maps {
+                for r in self.mapped.list.iter() {
+                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
     fn info(&self, id: u16) -> DomainInfo {
         DomainInfo {
             id,
@@ -1410,31 +1451,8 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             // An identity domain has no tables: nothing to publish or wait for.
             return Ok(());
         };
-        let with_maps = backend.needs_map_invalidation();
-        if t.unmapped.is_empty() && (!with_maps || t.mapped.is_empty()) && t.pt.retired_pages() == 0
-        {
-            // Links only: a new valid entry replaced a not-present one, which
-            // no TLB or walk cache holds (unless `with_maps`), so there is
-            // nothing to invalidate and no completion to wait for.
-            wmb_on(t.pt.memory());
-            backend.publish()?;
-            t.mapped.clear();
+        if !t.queue_invalidations(id, backend)? {
             return Ok(());
-        }
-        let info = t.info(id);
-        // Table stores happen before the backend's doorbell write.
-        wmb_on(t.pt.memory());
-        if t.unmapped.overflow || (with_maps && t.mapped.overflow) {
-            backend.invalidate_domain(&info)?;
-        } else {
-            for r in t.unmapped.list.iter() {
-                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
-            }
-            if with_maps {
-                for r in t.mapped.list.iter() {
-                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
-                }
-            }
         }
         backend.sync()?;
         t.unmapped.clear();
@@ -1461,29 +1479,8 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         let Some(t) = self.inner.as_mut() else {
             return Ok(None);
         };
-        let with_maps = backend.needs_map_invalidation();
-        if t.unmapped.is_empty() && (!with_maps || t.mapped.is_empty()) && t.pt.retired_pages() == 0
-        {
-            // As in `sync`: links only, nothing cached to invalidate.
-            wmb_on(t.pt.memory());
-            backend.publish()?;
-            t.mapped.clear();
+        if !t.queue_invalidations(id, backend)? {
             return Ok(None);
-        }
-        let info = t.info(id);
-        // Table stores happen before the backend's doorbell write.
-        wmb_on(t.pt.memory());
-        if t.unmapped.overflow || (with_maps && t.mapped.overflow) {
-            backend.invalidate_domain(&info)?;
-        } else {
-            for r in t.unmapped.list.iter() {
-                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
-            }
-            if with_maps {
-                for r in t.mapped.list.iter() {
-                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
-                }
-            }
         }
         let ticket = backend.submit()?;
         t.unmapped.clear();
