@@ -101,6 +101,7 @@ fn test(extra: &[String]) -> ExitCode {
         ])),
     );
     t.step("stress (10^6 operations, release)", stress());
+    t.step("loom (shared driver models)", loom());
     t.step(
         "rustdoc (-D warnings)",
         run(cargo()
