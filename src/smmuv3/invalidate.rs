@@ -133,17 +133,7 @@ impl<M: TableMemory> Smmu<M> {
                 value: level.into(),
             });
         }
-        let start = iova.0 & !(PAGE_SIZE - 1);
-        let end = iova
-            .0
-            .checked_add(len)
-            .and_then(|e| e.checked_add(PAGE_SIZE - 1))
-            .ok_or(SmmuError::BadDomain {
-                what: "invalidation range",
-                value: len,
-            })?
-            & !(PAGE_SIZE - 1);
-        let pages = (end - start) / PAGE_SIZE;
+        let (start, pages) = page_span(iova, len)?;
         let planner = self.planner(domain)?;
         planner.plan(start, pages, leaf_only, level, |cmd| {
             self.queue_command(cmd)
@@ -168,17 +158,7 @@ impl<M: TableMemory> Smmu<M> {
         if len == 0 {
             return Ok(());
         }
-        let start = iova.0 & !(PAGE_SIZE - 1);
-        let end = iova
-            .0
-            .checked_add(len)
-            .and_then(|e| e.checked_add(PAGE_SIZE - 1))
-            .ok_or(SmmuError::BadDomain {
-                what: "invalidation range",
-                value: len,
-            })?
-            & !(PAGE_SIZE - 1);
-        let pages = (end - start) / PAGE_SIZE;
+        let (start, pages) = page_span(iova, len)?;
         let mut planner = self.planner(domain)?;
         planner.s1_vmid = vmid;
         planner.plan(start, pages, leaf_only, level, |cmd| {
@@ -214,6 +194,22 @@ impl<M: TableMemory> Smmu<M> {
         let cmd = self.planner(domain)?.all();
         self.queue_command(cmd)
     }
+}
+
+/// The first page and the page count of `[iova, iova + len)`, widened to
+/// whole pages.
+fn page_span(iova: DmaAddr, len: u64) -> Result<(u64, u64), SmmuError> {
+    let start = iova.0 & !(PAGE_SIZE - 1);
+    let end = iova
+        .0
+        .checked_add(len)
+        .and_then(|e| e.checked_add(PAGE_SIZE - 1))
+        .ok_or(SmmuError::BadDomain {
+            what: "invalidation range",
+            value: len,
+        })?
+        & !(PAGE_SIZE - 1);
+    Ok((start, (end - start) / PAGE_SIZE))
 }
 
 #[cfg(test)]
