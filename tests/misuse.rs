@@ -62,7 +62,7 @@ unsafe impl TableMemory for HighAfter<'_> {
 }
 
 #[test]
-fn a_link_refused_for_a_table_above_the_output_size_leaves_no_table_attached() {
+fn a_link_refused_for_a_table_above_the_output_size_leaves_only_the_kept_table() {
     let host = HostMemory::new();
     // The root and one more table are reachable, the third table is not.
     // (Pages lent in order: root, root's side page, the level-1 table's
@@ -86,15 +86,16 @@ fn a_link_refused_for_a_table_above_the_output_size_leaves_no_table_attached() {
     );
     assert!(matches!(r, Err(DmaError::PhysTooLarge { .. })), "{r:?}");
     assert_eq!(t.linked(), 0);
-    assert_eq!(
-        d.page_table().unwrap().table_pages(),
-        1,
-        "a table made before the refusal is left attached"
-    );
-    // It was reachable for a moment: it goes back after the sync.
+    // The level-1 table made before the refusal is a child of the root,
+    // which stage 1 keeps attached (`IoPageTable::kept_height`); the
+    // refused level-2 table was never attached and went back at once.
+    let pt = d.page_table().unwrap();
+    assert_eq!(pt.kept_height(), Some(2));
+    assert_eq!((pt.table_pages(), pt.retired_pages()), (2, 0));
     d.sync(&mut be).unwrap();
-    // The root and its side page.
-    assert_eq!(host.live_pages(), 2);
+    // The root, the level-1 table and their side pages.
+    assert_eq!(host.live_pages(), 4);
+    assert_eq!(d.translate(t.iova()), None);
 }
 
 #[test]
@@ -183,10 +184,11 @@ fn hundreds_of_emptied_tables_go_back_at_the_next_sync() {
     d.destroy(t, &mut be).unwrap();
     assert_eq!(
         mem.live_pages(),
-        2,
-        "empty tables still lent after the destroy's sync (the root and its side page stay)"
+        4,
+        "empty tables still lent after the destroy's sync (the root, the kept \
+         level-1 table and their side pages stay)"
     );
-    assert_eq!(d.page_table().unwrap().table_pages(), 1);
+    assert_eq!(d.page_table().unwrap().table_pages(), 2);
 }
 
 #[test]

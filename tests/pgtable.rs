@@ -65,10 +65,12 @@ fn blocks_and_partial_unmaps<F: PteFormat>(fmt: F) {
     assert_eq!(out.bytes, 2 * K4);
     assert!(out.freed_tables);
     t.free_retired();
-    assert_eq!(t.table_pages(), 1, "all tables but the root are freed");
-    // The root and its side page (the counts of its children).
-    assert_eq!(t.side_pages(), 1);
-    assert_eq!(mem.live_pages(), 2);
+    // All tables but the root and its child (kept: `kept_height`) are freed.
+    assert_eq!(t.kept_height(), Some(2));
+    assert_eq!(t.table_pages(), 2);
+    // Their side pages (the counts of their children).
+    assert_eq!(t.side_pages(), 2);
+    assert_eq!(mem.live_pages(), 4);
 }
 
 #[test]
@@ -182,10 +184,11 @@ fn dropping_a_table_hands_back_nothing_and_free_all_hands_back_everything() {
 
 /// Issue 11 §3: unmapping a 1 GiB block decides that its table became
 /// empty from the table's valid-entry count, without reading the other 511
-/// entries; the emptied tables are still detached and retired.
-fn block_1g_unmap_reads_no_neighbours<F: PteFormat>(fmt: F) {
+/// entries. With 5 levels the emptied table is detached and retired; with
+/// 4 it is the root's child, which stays attached (`kept_height`).
+fn block_1g_unmap_reads_no_neighbours<F: PteFormat>(fmt: F, levels: u8) {
     let mem = HostMemory::new();
-    let mut t = IoPageTable::new(fmt, &mem, 4, true).unwrap();
+    let mut t = IoPageTable::new(fmt, &mem, levels, true).unwrap();
     t.map(DmaAddr(G1), PhysAddr(4 * G1), G1, RW).unwrap();
     assert_eq!(leaf_height(&t, G1), Some(2));
     let pages = t.table_pages();
@@ -193,10 +196,17 @@ fn block_1g_unmap_reads_no_neighbours<F: PteFormat>(fmt: F) {
     let out = t.unmap(DmaAddr(G1), G1).unwrap();
     let reads = mem.lookups.get() - before;
     assert_eq!(out.bytes, G1);
-    assert!(out.freed_tables, "the emptied table is detached");
-    assert_eq!(t.table_pages(), pages - 1);
-    // The table and its side page (the counts of its children).
-    assert_eq!(t.retired_pages(), 2);
+    assert_eq!(t.translate(DmaAddr(G1)), None);
+    assert_eq!(t.kept_height(), Some(u32::from(levels) - 2));
+    if levels == 4 {
+        assert!(!out.freed_tables, "the root's child stays attached");
+        assert_eq!((t.table_pages(), t.retired_pages()), (pages, 0));
+    } else {
+        assert!(out.freed_tables, "the emptied table is detached");
+        assert_eq!(t.table_pages(), pages - 1);
+        // The table and its side page (the counts of its children).
+        assert_eq!(t.retired_pages(), 2);
+    }
     // A walk to the block and back (a few entries per level), not a scan
     // of the table's 512 entries.
     assert!(reads < 32, "{reads} table entries read to unmap one block");
@@ -204,9 +214,11 @@ fn block_1g_unmap_reads_no_neighbours<F: PteFormat>(fmt: F) {
 
 #[test]
 fn unmapping_a_1g_block_reads_no_neighbour_entries() {
-    block_1g_unmap_reads_no_neighbours(ArmStage1);
-    block_1g_unmap_reads_no_neighbours(ArmStage2);
-    block_1g_unmap_reads_no_neighbours(VtdSecondLevel::default());
+    for levels in [4, 5] {
+        block_1g_unmap_reads_no_neighbours(ArmStage1, levels);
+        block_1g_unmap_reads_no_neighbours(ArmStage2, levels);
+        block_1g_unmap_reads_no_neighbours(VtdSecondLevel::default(), levels);
+    }
 }
 
 /// Issue 11 §3: unmapping the only page of a leaf table (a scattered
@@ -241,4 +253,49 @@ fn unmapping_a_scattered_page_reads_no_neighbour_entries() {
     scattered_page_unmap_reads_no_neighbours(ArmStage1);
     scattered_page_unmap_reads_no_neighbours(ArmStage2);
     scattered_page_unmap_reads_no_neighbours(VtdSecondLevel::default());
+}
+
+/// `PteFormat::is_leaf` (the 1 GiB unmap's check) answers as `decode` does,
+/// for leaves written by the format, tables, and arbitrary words, at every
+/// height, in every format.
+fn is_leaf_agrees_with_decode<F: PteFormat>(fmt: F) {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut words = vec![0u64, 1, 2, 3, u64::MAX, fmt.table(PhysAddr(0x4000_0000))];
+    for h in 0..3 {
+        if h == 0 || fmt.leaf_allowed(h) {
+            words.push(fmt.leaf(PhysAddr(0x4000_0000), h, RW));
+            words.push(fmt.leaf(PhysAddr(0x4000_0000), h, MapAttrs::READ));
+        }
+    }
+    for _ in 0..20_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        words.push(x);
+        words.push(x & 0xfff);
+    }
+    for &w in &words {
+        for h in 0..5 {
+            let want = matches!(fmt.decode(w, h), bare_iommu::pgtable::Pte::Leaf { .. });
+            assert_eq!(fmt.is_leaf(w, h), want, "word {w:#x} at height {h}");
+        }
+    }
+}
+
+#[test]
+fn is_leaf_answers_as_decode_in_every_format() {
+    is_leaf_agrees_with_decode(ArmStage1);
+    is_leaf_agrees_with_decode(ArmStage2);
+    for sllps in 0..4 {
+        for snoop_control in [false, true] {
+            is_leaf_agrees_with_decode(VtdSecondLevel {
+                sllps,
+                snoop_control,
+                haw: 48,
+            });
+        }
+    }
+    for fl1gp in [false, true] {
+        is_leaf_agrees_with_decode(bare_iommu::vtd::VtdFirstLevel { fl1gp, haw: 48 });
+    }
 }

@@ -1060,6 +1060,10 @@ struct Walk {
     tables: Vec<(u64, u64, u64)>,
     runs: Vec<(u64, u64, u64, MapAttrs)>,
     empty: Vec<u64>,
+    /// The height of the tables the walker keeps attached when they empty
+    /// (`IoPageTable::kept_height`), and those tables.
+    kept_h: Option<u32>,
+    kept: Vec<u64>,
     bad: Option<String>,
 }
 
@@ -1126,11 +1130,14 @@ impl<'l, F: PteFormat> World<'l, F> {
             tables: Vec::new(),
             runs: Vec::new(),
             empty: Vec::new(),
+            kept_h: None,
+            kept: Vec::new(),
             bad: None,
         };
         let Some(pt) = self.doms[d].page_table() else {
             return w;
         };
+        w.kept_h = pt.kept_height();
         let top = u32::from(pt.levels()) - 1;
         self.walk_rec(pt.root().0, top, 0, true, &mut w);
         w
@@ -1168,7 +1175,11 @@ impl<'l, F: PteFormat> World<'l, F> {
                 }
             }
         }
-        if !any && !root {
+        if w.kept_h == Some(h) {
+            // Kept attached even when empty: neither a leak nor a table
+            // a failed call must take back.
+            w.kept.push(pa);
+        } else if !any && !root {
             w.empty.push(pa);
         }
     }
@@ -1299,7 +1310,10 @@ impl<'l, F: PteFormat> World<'l, F> {
         reach.sort_unstable();
         if out.err.is_some() && !out.allow_new_tables {
             let before: HashSet<u64> = self.md[d].reach.iter().copied().collect();
-            if let Some(n) = reach.iter().find(|p| !before.contains(p)) {
+            if let Some(n) = reach
+                .iter()
+                .find(|p| !before.contains(p) && !w.kept.contains(p))
+            {
                 let hint = match out.err {
                     Some(DmaError::PhysTooLarge { .. }) => Some(Defect::D2),
                     // An empty table a rollback could not retire: the

@@ -130,6 +130,11 @@ impl PteFormat for ArmStage1 {
     }
 
     #[inline]
+    fn is_leaf(&self, pte: u64, height: u32) -> bool {
+        matches!(decode_common(pte, height), Some(Err(_)))
+    }
+
+    #[inline]
     fn oa_bits(&self) -> u32 {
         48
     }
@@ -205,6 +210,11 @@ impl PteFormat for ArmStage2 {
     #[inline]
     fn leaf_allowed(&self, height: u32) -> bool {
         arm_leaf_allowed(height)
+    }
+
+    #[inline]
+    fn is_leaf(&self, pte: u64, height: u32) -> bool {
+        matches!(decode_common(pte, height), Some(Err(_)))
     }
 
     #[inline]

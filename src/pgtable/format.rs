@@ -46,6 +46,13 @@ pub trait PteFormat: Copy {
     /// Decodes a descriptor found at `height`.
     fn decode(&self, pte: u64, height: u32) -> Pte;
 
+    /// Whether `pte` at `height` is a leaf: `decode` gives
+    /// [`Pte::Leaf`]. Formats answer without decoding the attributes.
+    #[inline]
+    fn is_leaf(&self, pte: u64, height: u32) -> bool {
+        matches!(self.decode(pte, height), Pte::Leaf { .. })
+    }
+
     /// The attributes a leaf written with `attrs` decodes back to: what the
     /// format can express (e.g. stage 1 is always readable, VT-d has no XN).
     fn canonical(&self, attrs: MapAttrs) -> MapAttrs;

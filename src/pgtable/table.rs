@@ -109,6 +109,8 @@ pub struct UnmapOutcome {
 /// they are handed back to the lender only by
 /// [`free_retired`](Self::free_retired), which the caller runs after the
 /// IOMMU's caches were invalidated, so a walker can never read a reused page.
+/// The root's children stay attached when the root cannot hold a block
+/// ([`kept_height`](Self::kept_height)): at most one per root entry.
 ///
 /// Besides the table pages the IOMMU walks, every upper table (the root
 /// included) has one *side page* from the same lender, which only the CPU
@@ -153,6 +155,8 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// descriptor at address 0, so a one-page map with the same attributes
     /// only ORs in the address (the `PteFormat::leaf` contract).
     page_bits: (MapAttrs, u64),
+    /// See [`kept_height`](Self::kept_height); `u32::MAX` for none.
+    kept_height: u32,
 }
 
 #[inline]
@@ -252,6 +256,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
             oa_limit: 1u64 << fmt.oa_bits(),
             page_bits: (RW, fmt.leaf(PhysAddr(0), 0, RW)),
+            kept_height: if fmt.leaf_allowed(u32::from(levels) - 1) {
+                u32::MAX
+            } else {
+                u32::from(levels) - 2
+            },
             fmt,
         })
     }
@@ -292,6 +301,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// + retired_pages()`.
     pub fn side_pages(&self) -> usize {
         self.side_pages
+    }
+
+    /// The height (0 = leaf tables) of the tables kept attached when they
+    /// empty, if any: the root's children when the root cannot hold a
+    /// block (4 and 5 levels, or a format without root-level blocks).
+    /// Such a table costs one page and its side page per root entry used,
+    /// and spares every unlink that empties it a detach, a retirement and
+    /// a walk-cache invalidation. Every lower table goes back to the lender
+    /// (after the next invalidation) when it empties.
+    pub fn kept_height(&self) -> Option<u32> {
+        (self.kept_height != u32::MAX).then_some(self.kept_height)
     }
 
     /// Table pages (and their side pages) detached and waiting for
@@ -803,7 +823,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         self.write(leaf, i, 0);
         self.clean_entries(leaf, i, i + 1);
         self.count_sub(slot, 1);
-        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
+        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_tables(iova, 0);
         Some(UnmapOutcome {
             bytes: PAGE_SIZE,
             freed_tables,
@@ -1021,25 +1041,25 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         self.clean_entries(leaf, i0, i1);
         self.count_sub(slot, n as u64);
-        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
+        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_tables(iova, 0);
         Some(UnmapOutcome {
             bytes: end - iova,
             freed_tables,
         })
     }
 
-    /// Detaches the leaf table covering `iova`, which has just become empty,
-    /// and then each table above it that becomes empty in turn (never the
-    /// root), retiring them as [`clear_rec`](Self::clear_rec) does; stops
-    /// where retiring fails (the table stays attached). Returns whether any
+    /// Detaches the table at height `from` covering `iova`, which has just
+    /// become empty, and then each table above it that becomes empty in
+    /// turn (never the root nor a kept table, see `kept_height`), retiring
+    /// them as [`clear_rec`](Self::clear_rec) does. Returns whether any
     /// table was detached.
     #[inline(never)]
-    fn detach_empty_leaf_table(&mut self, iova: u64) -> bool {
+    fn detach_empty_tables(&mut self, iova: u64, from: u32) -> bool {
         // The node (table, side page, count slot) holding the entry that
         // leads down, and that entry's index, by height.
         let mut path = [((PhysAddr(0), PhysAddr(0), 0u64), 0usize); 5];
         let mut node = (self.root, self.root_side, 0u64);
-        for h in (1..=self.top_height()).rev() {
+        for h in (from + 1..=self.top_height()).rev() {
             let idx = index(iova, h);
             let Some(p) = path.get_mut(h as usize) else {
                 return false;
@@ -1055,10 +1075,13 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         let mut child = node.0;
         let mut freed = false;
-        for h in 1..=self.top_height() {
+        for h in from + 1..=self.top_height() {
             let Some(&(parent, idx)) = path.get(h as usize) else {
                 break;
             };
+            if h - 1 == self.kept_height {
+                break;
+            }
             self.detach_child(parent, idx, child);
             self.clean_entries(parent.0, idx, idx + 1);
             freed = true;
@@ -1299,43 +1322,36 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if h == 0 || h >= self.top_height() || entry_size(h) != len {
             return None;
         }
-        let mut path = [((PhysAddr(0), PhysAddr(0), 0u64), 0usize); 5];
-        let mut node = (self.root, self.root_side, 0u64);
-        for level in (h..=self.top_height()).rev() {
+        // Down to the table holding the block: its page and count slot.
+        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        let mut level = self.top_height();
+        while level > h {
             let idx = index(iova, level);
-            *path.get_mut(level as usize)? = (node, idx);
-            match self.fmt.decode(self.read(node.0, idx), level) {
-                Pte::Table(t) if level > h => {
-                    let w = self.side_word(node.1, idx);
-                    node = (t, counts::side_page(w), counts::slot(node.1, idx));
-                }
-                Pte::Leaf { .. } if level == h => {}
-                _ => return None,
-            }
+            let Pte::Table(t) = self.fmt.decode(self.read(table, idx), level) else {
+                return None;
+            };
+            slot = counts::slot(side, idx);
+            side = counts::side_page(self.side_word(side, idx));
+            table = t;
+            level -= 1;
         }
-        let ((table, _, slot), idx) = *path.get(h as usize)?;
+        let idx = index(iova, h);
+        if !self.fmt.is_leaf(self.read(table, idx), h) {
+            return None;
+        }
         self.leaf_cache.0 = NO_REGION;
         self.write(table, idx, 0);
         self.clean_entries(table, idx, idx + 1);
         self.count_sub(slot, 1);
-        let mut freed = false;
-        let mut child = table;
-        let mut empty = table != self.root && self.is_empty_at(slot, table, h);
-        let mut level = h + 1;
-        while empty {
-            let Some(&(parent, pidx)) = path.get(level as usize) else {
-                break;
-            };
-            self.detach_child(parent, pidx, child);
-            self.clean_entries(parent.0, pidx, pidx + 1);
-            freed = true;
-            empty = parent.0 != self.root && self.is_empty_at(parent.2, parent.0, level);
-            child = parent.0;
-            level += 1;
-        }
+        // The count decides at once; detaching (rare: the block was the
+        // table's last entry) walks down again.
+        let freed_tables = table != self.root
+            && h != self.kept_height
+            && self.is_empty_at(slot, table, h)
+            && self.detach_empty_tables(iova, h);
         Some(UnmapOutcome {
             bytes: len,
-            freed_tables: freed,
+            freed_tables,
         })
     }
 
@@ -1457,8 +1473,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             // be empty.)
             return false;
         }
-        if table == self.root {
-            // The root is never detached: whether it is empty does not matter.
+        if table == self.root || h == self.kept_height {
+            // The root is never detached, nor a kept table (`kept_height`):
+            // whether they are empty does not matter.
             return false;
         }
         // The count decides at once: no scan.

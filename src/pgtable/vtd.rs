@@ -106,6 +106,13 @@ impl PteFormat for VtdSecondLevel {
     }
 
     #[inline]
+    fn is_leaf(&self, pte: u64, height: u32) -> bool {
+        let b = SlBits::from_bits_retain(pte);
+        b.intersects(SlBits::R | SlBits::W)
+            && (height == 0 || (b.contains(SlBits::PS) && self.leaf_allowed(height)))
+    }
+
+    #[inline]
     fn decode(&self, pte: u64, height: u32) -> Pte {
         let b = SlBits::from_bits_retain(pte);
         if !b.intersects(SlBits::R | SlBits::W) {
