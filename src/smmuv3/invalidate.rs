@@ -52,6 +52,14 @@ impl Planner {
         ttl: u8,
         mut emit: impl FnMut(Command) -> Result<(), SmmuError>,
     ) -> Result<(), SmmuError> {
+        // The TTL hint names a leaf level, 1 to 3 (0: unknown); every
+        // caller's level is refused here, before any command is queued.
+        if ttl > 3 {
+            return Err(SmmuError::BadDomain {
+                what: "leaf level",
+                value: ttl.into(),
+            });
+        }
         let (vmid, asid) = if self.stage1 {
             (self.s1_vmid, self.id)
         } else {
@@ -126,12 +134,6 @@ impl<M: TableMemory> Smmu<M> {
     ) -> Result<(), SmmuError> {
         if len == 0 {
             return Ok(());
-        }
-        if level > 3 {
-            return Err(SmmuError::BadDomain {
-                what: "leaf level",
-                value: level.into(),
-            });
         }
         let (start, pages) = page_span(iova, len)?;
         let planner = self.planner(domain)?;
@@ -371,5 +373,31 @@ mod tests {
                 0x40_0000 | 3 << 8 | 1 << 10 | 1
             ])]
         );
+    }
+
+    #[test]
+    fn a_leaf_level_above_3_is_refused_before_any_command() {
+        for stage1 in [true, false] {
+            let p = Planner {
+                stage1,
+                id: 3,
+                s1_vmid: 5,
+                ril: true,
+                threshold: 64,
+            };
+            let mut cmds = Vec::new();
+            let r = p.plan(0x40_0000, 4, true, 4, |c| {
+                cmds.push(c);
+                Ok(())
+            });
+            assert_eq!(
+                r,
+                Err(SmmuError::BadDomain {
+                    what: "leaf level",
+                    value: 4
+                })
+            );
+            assert!(cmds.is_empty(), "{cmds:?}");
+        }
     }
 }
