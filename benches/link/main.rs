@@ -769,6 +769,86 @@ fn summary(facts: &Facts) {
     for l in &facts.lines {
         println!("{l}");
     }
+    let path = std::env::var("BENCH_REPORT").unwrap_or_else(|_| "target/bench-report.md".into());
+    match std::fs::write(&path, tables()) {
+        Ok(()) => println!("bench: README time tables written to {path}"),
+        Err(e) => eprintln!("bench: cannot write {path}: {e}"),
+    }
+}
+
+/// The README's two time tables (markdown), from this run's medians: ns per
+/// 4 KiB page, ns per GiB for the 1 GiB rows. Peers' figures for calls
+/// that differ from ours are marked (¹ scatter list, ² no range call).
+fn tables() -> String {
+    let rows = |op: Op| -> String {
+        match op {
+            Op::Link4k(n, p) => format!("link {n} pages {}, one call each", p.name()),
+            Op::LinkSg(n) => format!("link {n} pages as one scatter list ¹"),
+            Op::LinkRun(n) => format!("link {n} contiguous pages, one call"),
+            Op::Unlink4k(n, p) => format!("unlink {n} pages {}, one call each", p.name()),
+            Op::Link1g => "link 1 GiB block (ns per GiB)".into(),
+            Op::Unlink1g => "unlink 1 GiB block (ns per GiB)".into(),
+        }
+    };
+    let cell = |op: Op, who: &str| -> String {
+        let scale = match op {
+            Op::Link1g | Op::Unlink1g => PAGES_1G as f64,
+            _ => 1.0,
+        };
+        let Some(v) = result(&op.name(), who) else {
+            // Not measured: ours+zero where nothing is made, a peer absent.
+            return String::new();
+        };
+        let peer = who.split('/').nth(1).unwrap_or(who);
+        let mark = match different_call(op, peer) {
+            Some(_) if matches!(op, Op::LinkSg(_)) => " ¹",
+            Some(_) => " ²",
+            None => "",
+        };
+        format!("{}{mark}", ns(v * scale))
+    };
+    let table = |cols: &[(&str, &str)]| -> String {
+        let mut t = String::from("| case |");
+        for (title, _) in cols {
+            t.push_str(&format!(" {title} |"));
+        }
+        t.push_str("\n|---|");
+        t.push_str(&"---|".repeat(cols.len()));
+        t.push('\n');
+        for op in Op::all() {
+            t.push_str(&format!("| {} |", rows(op)));
+            for (_, who) in cols {
+                t.push_str(&format!(" {} |", cell(op, who)));
+            }
+            t.push('\n');
+        }
+        t
+    };
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Machine: {}, {} CPUs; median of {SAMPLES} interleaved samples.\n\n",
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+    out.push_str("Arm (ns per 4 KiB page; 1 GiB rows in ns per GiB):\n\n");
+    out.push_str(&table(&[
+        ("S1 ours", "s1/ours"),
+        ("S1 ours+zero", "s1/ours+zero"),
+        ("`aarch64-paging` S1", "s1/aarch64-paging"),
+        ("`page_table_multiarch` S1", "s1/page_table_multiarch"),
+        ("S2 ours", "s2/ours"),
+        ("`aarch64-paging` S2", "s2/aarch64-paging"),
+        ("limit", "limit"),
+    ]));
+    out.push_str("\nVT-d second level / x86-64 4-level (same units):\n\n");
+    out.push_str(&table(&[
+        ("ours", "vtd/ours"),
+        ("ours+zero", "vtd/ours+zero"),
+        ("`x86_64`", "vtd/x86_64"),
+        ("`page_table_multiarch`", "vtd/page_table_multiarch"),
+        ("limit", "limit"),
+    ]));
+    out
 }
 
 /// The routine callgrind counts (`--toggle-collect=*profiled_work*`).

@@ -124,8 +124,7 @@ fn count_all() -> Result<(), String> {
             }
         }
     }
-    let results: Mutex<BTreeMap<(String, String), Result<f64, String>>> =
-        Mutex::new(BTreeMap::new());
+    let results: Mutex<Counts> = Mutex::new(BTreeMap::new());
     let next = Mutex::new(0usize);
     // Two at a time: instruction counts do not depend on the load.
     std::thread::scope(|s| {
@@ -182,9 +181,74 @@ fn count_all() -> Result<(), String> {
             println!("{line}{note}");
         }
     }
+    let path = "target/bench-instructions.md";
+    match std::fs::write(path, instruction_table(&results)) {
+        Ok(()) => println!("bench: README instruction table written to {path}"),
+        Err(e) => eprintln!("bench: cannot write {path}: {e}"),
+    }
     if failed {
         Err("some counts failed".into())
     } else {
         Ok(())
     }
+}
+
+type Counts = BTreeMap<(String, String), Result<f64, String>>;
+
+/// The README's instruction table (markdown): instructions per page (per
+/// GiB for the 1 GiB rows), one column per contender.
+fn instruction_table(results: &Counts) -> String {
+    const COLS: [(&str, &str); 10] = [
+        ("S1 ours", "s1/ours"),
+        ("S1 ours+zero", "s1/ours+zero"),
+        ("S1 walker", "s1/walker"),
+        ("`aarch64-paging`", "s1/aarch64-paging"),
+        ("`ptm` S1", "s1/page_table_multiarch"),
+        ("VT-d ours", "vtd/ours"),
+        ("VT-d ours+zero", "vtd/ours+zero"),
+        ("VT-d walker", "vtd/walker"),
+        ("`x86_64`", "vtd/x86_64"),
+        ("`ptm` x86", "vtd/page_table_multiarch"),
+    ];
+    fn label(case: &str) -> &str {
+        match case {
+            "link4k-32768-seq" => "link seq, one call each",
+            "link4k-32768-scat" => "link scat, one call each",
+            "unlink4k-32768-seq" => "unlink seq, one call each",
+            "unlink4k-32768-scat" => "unlink scat, one call each",
+            "linksg-32768" => "link as one scatter list ¹",
+            "linkrun-32768" => "link contiguous run, one call",
+            "link1g" => "link 1 GiB block (per GiB)",
+            "unlink1g" => "unlink 1 GiB block (per GiB)",
+            other => other,
+        }
+    }
+    let mut t = String::from("| case |");
+    for (title, _) in COLS {
+        t.push_str(&format!(" {title} |"));
+    }
+    t.push_str("\n|---|");
+    t.push_str(&"---|".repeat(COLS.len()));
+    t.push('\n');
+    for (case, _) in CASES {
+        t.push_str(&format!("| {} |", label(case)));
+        for (_, who) in COLS {
+            let v = match results.get(&(case.to_string(), who.to_string())) {
+                Some(Ok(v)) => {
+                    let peer = !who.contains("ours") && !who.contains("walker");
+                    let mark = match case {
+                        "linksg-32768" if peer => " ¹",
+                        "linkrun-32768" if who == "vtd/x86_64" => " ²",
+                        _ => "",
+                    };
+                    format!("{v:.0}{mark}")
+                }
+                Some(Err(_)) => "failed".into(),
+                None => String::new(),
+            };
+            t.push_str(&format!(" {v} |"));
+        }
+        t.push('\n');
+    }
+    t
 }
