@@ -4,7 +4,7 @@
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
-use bare_iommu::vtd::{Access, FaultRecord};
+use bare_iommu::vtd::{Access, FaultRecord, InvDesc};
 use bare_iommu::{IommuBackend, PhysAddr, TableFormat};
 use board_common::fault_log::FaultLog;
 use board_common::smp::{Deaf, Job, MAX_CPUS, SmpError};
@@ -199,6 +199,16 @@ impl<F: BoardFormat + Send + Sync> SmpBoard for Q35<F> {
     }
     fn nothing_left(&self, v: &mut Unit) -> Result<(), Fail> {
         no_faults(v)
+    }
+    fn queue_bad_command(&self, v: &mut Unit) -> Result<bool, Fail> {
+        if !v.uses_queued_invalidation() {
+            return Ok(false);
+        }
+        // Type 0xf is no descriptor: the unit sets FSTS.IQE (VT-d 11.4.9.1)
+        // and raises the fault event, whose MSI this test handles.
+        v.submit_raw(InvDesc::from_raw([0xf, 0]))
+            .or_fail("submit an invalid descriptor")?;
+        Ok(true)
     }
     fn run(&self, job: Job<'_>) -> Result<(), SmpError> {
         smp::run(CPUS, JOB_SECONDS, job)

@@ -5,7 +5,8 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bare_iommu::pgtable::PteFormat;
 use bare_iommu::pgtable::arm::{ArmStage1, ArmStage2};
-use bare_iommu::smmuv3::{Event, Smmu, SmmuConfig};
+use bare_iommu::shared::SplitCompletion;
+use bare_iommu::smmuv3::{Command, Event, Smmu, SmmuConfig};
 use bare_iommu::{IommuBackend, PhysAddr, TableFormat};
 use board_common::fault_log::FaultLog;
 use board_common::smp::{Deaf, Job, MAX_CPUS, SmpError};
@@ -180,6 +181,16 @@ impl<F: PteFormat + Copy + Send + Sync> SmpBoard for Virt<F> {
         let left = s.poll_events(|_| {});
         check_eq!(left.events, 0, "events left in the queue");
         Ok(())
+    }
+    fn queue_bad_command(&self, s: &mut Smmu<Mem>) -> Result<bool, Fail> {
+        // Opcode 0x7f is no command: CERROR_ILL stops the queue (IHI 0070
+        // §7.1) and raises GERROR.CMDQ_ERR, whose SPI this test handles.
+        s.queue_command(Command::raw([0x7f, 0xdead_beef]))
+            .or_fail("queue an illegal command")?;
+        // A CMD_SYNC behind it publishes the producer index; its ticket is
+        // waited for by nobody.
+        let _ = s.submit_completion();
+        Ok(true)
     }
     fn run(&self, job: Job<'_>) -> Result<(), SmpError> {
         smp::run(CPUS, JOB_SECONDS, job)
