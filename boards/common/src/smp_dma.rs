@@ -26,10 +26,11 @@
 //! transaction (unlink, sync, free).
 //!
 //! In round [`FAULT_ROUND`] each CPU also takes the fault token and makes
-//! one deliberate fault ([`Work::fault`]): it links P and Q, has an edu
-//! copy P into Q (so the IOMMU has the translation of Q's IOVA cached),
-//! unlinks Q and syncs through its own handle, refills Q with the guard
-//! byte and has the edu write 4 bytes to Q's old IOVA. The IOMMU must
+//! one deliberate fault (`Work::fault`): it links P and Q in one
+//! `link_pages`, has an edu copy P into Q (so the IOMMU has the
+//! translation of Q's IOVA cached), unlinks Q and syncs through its own
+//! handle, refills Q with the guard byte and has the edu write 4 bytes to
+//! Q's old IOVA. The IOMMU must
 //! block it (Q keeps every guard byte: a sync skipped or not covering the
 //! unlink shows here) and raise its fault interrupt on the boot CPU; the
 //! CPU waits (bounded) until the record is drained before it goes on, so
@@ -40,6 +41,12 @@
 //! return without draining, and the drain must happen as the lock is
 //! released. The boot CPU runs its rounds with interrupts on and then keeps
 //! taking them until every AP is done.
+//!
+//! After the run the boot CPU stops the command queue on purpose (a
+//! command the hardware refuses): the interrupt's handler must report it,
+//! and the syncs of two handles made before it must both return the error
+//! (the shared driver's errors reach every window that saw them). After
+//! the run no domain may still wait for a sync.
 //!
 //! A board implements [`SmpBoard`] (its driver, how a domain is made, how
 //! the fault interrupt is routed, how a fault record is checked) and calls
@@ -299,6 +306,41 @@ impl<S: SmpBoard> Work<'_, S> {
         }
     }
 
+    /// A transaction in domain `dom` with `pages` linked one after another
+    /// from 0 in one call (both directions), synced through this CPU's
+    /// handle.
+    fn map_pages(
+        &self,
+        cpu: &mut Cpu<'_, S>,
+        dom: usize,
+        pages: &[PhysAddr],
+    ) -> Result<IovaState, Fail> {
+        let d = self.dom(dom)?;
+        let mut tx = d
+            .try_alloc(pages.len() as u64 * PAGE_SIZE, u64::MAX)
+            .or_fail("try_alloc")?
+            .into_iova()
+            .or_fail("translated domain gave the direct path")?;
+        let linked = d
+            .link_pages(
+                &mut tx,
+                pages,
+                0,
+                DmaDirection::Bidirectional,
+                MapAttrs::empty(),
+            )
+            .map(|_| ())
+            .or_fail("link_pages")
+            .and_then(|()| d.sync(cpu).or_fail("sync"));
+        match linked {
+            Ok(()) => Ok(tx),
+            Err(e) => {
+                let _ = d.destroy(tx, cpu);
+                Err(e)
+            }
+        }
+    }
+
     fn unmap(&self, cpu: &mut Cpu<'_, S>, dom: usize, tx: IovaState) -> Result<(), Fail> {
         self.dom(dom)?.destroy(tx, cpu).or_fail("destroy")
     }
@@ -373,7 +415,7 @@ impl<S: SmpBoard> Work<'_, S> {
         let seed = 0xf0 | c as u8;
         fill(p, |i| pattern(seed, i));
         fill(q, |_| GUARD);
-        let mut tx = self.map(cpu, 0, p, q)?;
+        let mut tx = self.map_pages(cpu, 0, &[p, q])?;
         let hole = tx.iova().get() + PAGE_SIZE + 8 * c as u64;
         let edu = lock(self.edu.get(c % 2).or_fail("edu")?, "edu")?;
         let mut wrote = false;
