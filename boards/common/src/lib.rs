@@ -7,6 +7,8 @@
 //!   `N passed, M failed`;
 //! - [`console`]: `print!` / `println!` over the byte output a board registers;
 //! - [`edu`]: QEMU's edu DMA engine, the device every board test drives;
+//! - [`fault_log`]: the IOMMU fault interrupt's log, reached through the
+//!   crate's shared driver without spinning on its lock;
 //! - [`ivshmem`]: the ivshmem-plain BAR that P2P tests DMA into;
 //! - [`p2p`]: the P2P test bodies, over the board's IOMMU;
 //! - [`pattern`]: the test pattern and the byte checks of lent memory;
@@ -40,6 +42,7 @@ pub mod console;
 pub mod harness;
 pub mod bridge;
 pub mod edu;
+pub mod fault_log;
 pub mod forgetful;
 pub mod ivshmem;
 pub mod p2p;

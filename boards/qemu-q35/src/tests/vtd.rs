@@ -191,9 +191,19 @@ pub(super) fn new_domain<F: BoardFormat>(
     id: u16,
     aperture: (u64, u64),
 ) -> Result<Dom<F>, Fail> {
+    new_domain_in::<F>(vtd, ctx.mem, id, aperture)
+}
+
+/// [`new_domain`] with its table pages from `mem`.
+pub(super) fn new_domain_in<F: BoardFormat>(
+    vtd: &Unit,
+    mem: &'static BoardMemory,
+    id: u16,
+    aperture: (u64, u64),
+) -> Result<Dom<F>, Fail> {
     Domain::new(
         F::for_unit(vtd),
-        ctx.mem,
+        mem,
         DomainConfig {
             id,
             levels: F::levels(vtd),

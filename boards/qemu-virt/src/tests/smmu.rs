@@ -71,7 +71,17 @@ pub(super) fn domain<F: PteFormat>(
     fmt: F,
     id: u16,
 ) -> Result<Dom<F>, Fail> {
-    domain_with_levels(smmu, ctx, fmt, id, 3)
+    domain_in(smmu, ctx.mem, fmt, id)
+}
+
+/// [`domain`] with its table pages from `mem`.
+pub(super) fn domain_in<F: PteFormat>(
+    smmu: &Smmu<Mem>,
+    mem: Mem,
+    fmt: F,
+    id: u16,
+) -> Result<Dom<F>, Fail> {
+    levels_in(smmu, mem, fmt, id, 3)
 }
 
 /// A domain with a `levels`-level table; IOVAs stay below the SMMU's output
@@ -83,10 +93,20 @@ fn domain_with_levels<F: PteFormat>(
     id: u16,
     levels: u8,
 ) -> Result<Dom<F>, Fail> {
+    levels_in(smmu, ctx.mem, fmt, id, levels)
+}
+
+fn levels_in<F: PteFormat>(
+    smmu: &Smmu<Mem>,
+    mem: Mem,
+    fmt: F,
+    id: u16,
+    levels: u8,
+) -> Result<Dom<F>, Fail> {
     let bits = (12 + 9 * u32::from(levels)).min(u32::from(smmu.features().oas_bits));
     Domain::new(
         fmt,
-        ctx.mem,
+        mem,
         DomainConfig {
             id,
             levels,

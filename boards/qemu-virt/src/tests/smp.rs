@@ -1,20 +1,19 @@
 //! Several CPUs at once: secondary CPUs started through PSCI
 //! ([`crate::smp`]) run a job next to the boot CPU.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use bare_iommu::pgtable::PteFormat;
 use bare_iommu::pgtable::arm::{ArmStage1, ArmStage2};
-use bare_iommu::pgtable::{DmaDirection, MapAttrs, PteFormat};
-use bare_iommu::smmuv3::{Event, Smmu, SmmuConfig};
-use bare_iommu::{IommuBackend, PAGE_SIZE, PhysAddr, TableFormat};
-use board_common::edu::DmaBudget;
-use board_common::smp::{Deaf, MAX_CPUS, SmpError};
-use board_common::smp_dma::{self, Mmio, SmpBoard, VirtioLane, Work};
-use board_common::virtio::{DmaBuf, VirtioBlk};
-use spin::Mutex;
+use bare_iommu::shared::SplitCompletion;
+use bare_iommu::smmuv3::{Command, Event, Smmu, SmmuConfig};
+use bare_iommu::{IommuBackend, PhysAddr, TableFormat};
+use board_common::fault_log::FaultLog;
+use board_common::smp::{Deaf, Job, MAX_CPUS, SmpError};
+use board_common::smp_dma::{self, Devices, Expected, SmpBoard};
 
-use super::smmu::{self, Mem};
-use crate::harness::{Ctx, Fail, OrFail, Virtio, fail_msg};
+use super::smmu::{self, Dom, Mem};
+use crate::harness::{Ctx, Fail, OrFail, fail_msg};
 use crate::{irq, smp, time};
 
 /// CPUs every SMP test runs on (the xtask starts QEMU with `-smp 4`).
@@ -113,70 +112,88 @@ pub fn cpu_that_never_comes_up_fails_the_run_in_bounded_time(ctx: &mut Ctx) -> R
     Ok(())
 }
 
-/// The SMMU while the SMP test runs: every CPU reaches it through
-/// [`Virt::iommu`], the interrupt handler through the same lock.
-static SMP_SMMU: Mutex<Option<Smmu<Mem>>> = Mutex::new(None);
-/// Events the handler drained, in order (the count is exact, the list cut).
-static EVENTS: Mutex<heapless::Vec<Event, 8>> = Mutex::new(heapless::Vec::new());
-/// Events drained so far.
-static HANDLED: AtomicU32 = AtomicU32::new(0);
-/// Handler runs, runs on another CPU than the boot CPU, runs that could
-/// not reach the SMMU, and whether an overflow or a GERROR was reported.
-static IRQS: AtomicU32 = AtomicU32::new(0);
-static ELSEWHERE: AtomicU32 = AtomicU32::new(0);
-static MISSED: AtomicU32 = AtomicU32::new(0);
-static TROUBLE: AtomicU32 = AtomicU32::new(0);
-/// The boot CPU's MPIDR affinity (the SPIs are routed to it).
-static BOOT_MPIDR: AtomicU64 = AtomicU64::new(u64::MAX);
-/// Polls of a virtio request (QEMU completes it in real time).
-const VIRTIO_POLLS: u32 = 20_000_000;
+/// The SMMU's fault log: its handler runs on the boot CPU (the SPIs are
+/// routed there), the deferred drain on whichever CPU frees the driver.
+static LOG: FaultLog<Smmu<Mem>, Event> = FaultLog::new(drain, mpidr);
 /// Priority of both SMMU SPIs.
 const PRIORITY: u8 = 0xa0;
 
-/// The handler of the SMMU's event-queue and GERROR SPIs.
-fn on_smmu_irq(_intid: u32) {
-    IRQS.fetch_add(1, Ordering::SeqCst);
-    if mpidr() != BOOT_MPIDR.load(Ordering::SeqCst) {
-        ELSEWHERE.fetch_add(1, Ordering::SeqCst);
-    }
-    let mut got: heapless::Vec<Event, 8> = heapless::Vec::new();
-    let mut n = 0u32;
-    // Bounded: an AP holds the SMMU for one call at a time, IRQs masked.
-    let report = smp_dma::lock(&SMP_SMMU, "SMMU").ok().and_then(|mut s| {
-        s.as_mut().map(|s| {
-            s.handle_irq(|e| {
-                n += 1;
-                let _ = got.push(e);
-            })
-        })
-    });
-    let Some(report) = report else {
-        MISSED.fetch_add(1, Ordering::SeqCst);
-        return;
-    };
-    if report.overflow || report.gerror != 0 {
-        TROUBLE.fetch_add(1, Ordering::SeqCst);
-    }
-    if let Ok(mut evs) = smp_dma::lock(&EVENTS, "events") {
-        for e in got {
-            let _ = evs.push(e);
-        }
-    }
-    HANDLED.fetch_add(n, Ordering::SeqCst);
+/// Drains the event queue as the SMMU's interrupt does; whether it
+/// reported an overflow, a GERROR or a command error.
+fn drain(s: &mut Smmu<Mem>, f: &mut dyn FnMut(Event)) -> bool {
+    let r = s.handle_irq(f);
+    r.overflow || r.gerror != 0 || r.command_error.is_some()
 }
 
-/// The board's side of the workload.
-struct Virt;
+/// The handler of the SMMU's event-queue and GERROR SPIs.
+fn on_smmu_irq(_intid: u32) {
+    LOG.on_irq();
+}
 
-impl SmpBoard<Smmu<Mem>> for Virt {
-    fn iommu<R>(&self, f: impl FnOnce(&mut Smmu<Mem>) -> R) -> Result<R, Fail> {
-        irq::masked(|| {
-            let mut s = smp_dma::lock(&SMP_SMMU, "SMMU")?;
-            s.as_mut().map(f).or_fail("SMMU")
-        })
+/// What the holder of the SMMU's lock runs for an interrupt that found it
+/// taken.
+fn deferred(s: &mut Smmu<Mem>) {
+    LOG.deferred(s);
+}
+
+/// The board's side of the test: domains of format `F`.
+struct Virt<F> {
+    mem: Mem,
+    fmt: F,
+}
+
+impl<F: PteFormat + Copy + Send + Sync> SmpBoard for Virt<F> {
+    type Iommu = Smmu<Mem>;
+    type Format = F;
+    type Mem = Mem;
+    type Record = Event;
+
+    fn log(&self) -> &'static FaultLog<Smmu<Mem>, Event> {
+        &LOG
     }
-    fn faults_handled(&self) -> u32 {
-        HANDLED.load(Ordering::SeqCst)
+    fn deferred(&self) -> fn(&mut Smmu<Mem>) {
+        deferred
+    }
+    fn new_domain(&self, smmu: &mut Smmu<Mem>, id: u16) -> Result<Dom<F>, Fail> {
+        smmu::domain_in(smmu, self.mem, self.fmt, id)
+    }
+    /// The SMMU raises its interrupts since `init` (`irqs: true`); the
+    /// test enables their SPIs around the whole run.
+    fn arm(&self, _: &mut Smmu<Mem>) -> Result<(), Fail> {
+        Ok(())
+    }
+    fn disarm(&self, _: &mut Smmu<Mem>) -> Result<(), Fail> {
+        Ok(())
+    }
+    fn check_fault(&self, e: &Event, x: &Expected, format: TableFormat) -> Result<(), Fail> {
+        match e {
+            Event::Translation(f) => {
+                check_eq!(f.stream_id, x.dev.stream_id(), "F_TRANSLATION StreamID");
+                check_eq!(f.addr, x.iova, "F_TRANSLATION address");
+                check!(!f.read, "F_TRANSLATION says read; the DMA wrote");
+                check_eq!(f.stage, smmu::fault_stage(format), "F_TRANSLATION stage");
+                Ok(())
+            }
+            other => fail!("unexpected event {other}"),
+        }
+    }
+    fn nothing_left(&self, s: &mut Smmu<Mem>) -> Result<(), Fail> {
+        let left = s.poll_events(|_| {});
+        check_eq!(left.events, 0, "events left in the queue");
+        Ok(())
+    }
+    fn queue_bad_command(&self, s: &mut Smmu<Mem>) -> Result<bool, Fail> {
+        // Opcode 0x7f is no command: CERROR_ILL stops the queue (IHI 0070
+        // §7.1) and raises GERROR.CMDQ_ERR, whose SPI this test handles.
+        s.queue_command(Command::raw([0x7f, 0xdead_beef]))
+            .or_fail("queue an illegal command")?;
+        // A CMD_SYNC behind it publishes the producer index; its ticket is
+        // waited for by nobody.
+        let _ = s.submit_completion();
+        Ok(true)
+    }
+    fn run(&self, job: Job<'_>) -> Result<(), SmpError> {
+        smp::run(CPUS, JOB_SECONDS, job)
     }
     fn interrupts_on(&self) {
         irq::unmask();
@@ -194,14 +211,10 @@ impl SmpBoard<Smmu<Mem>> for Virt {
 
 /// Four CPUs at once run DMA transactions on three devices — edu 00:05.0
 /// and 00:06.0 in one domain, the virtio-blk 00:08.0 in another — through
-/// domains and an SMMU built by this crate, every byte checked
-/// (`board_common::smp_dma`), while each AP raises one deliberate fault
-/// (an edu write to an unlinked IOVA) and the boot CPU takes the SMMU's
+/// the crate's shared SMMU and shared domains, every byte checked, while
+/// each CPU raises one deliberate fault and the boot CPU takes the SMMU's
 /// event-queue SPI (wired on `virt`, from the DTB) and drains the record
-/// with `Smmu::handle_irq`. Exactly the deliberate faults arrive, each
-/// once, in order, through the interrupt, on the boot CPU. Until the
-/// library's concurrent API lands, the SMMU and each domain sit behind a
-/// `spin::Mutex` held per call (see `smp_dma`).
+/// through `SharedIommu::handle_irq` (`board_common::smp_dma`).
 pub fn four_cpus_dma_on_three_devices_while_faults_interrupt(ctx: &mut Ctx) -> Result<(), Fail> {
     let irqs = ctx
         .irqs
@@ -212,6 +225,16 @@ pub fn four_cpus_dma_on_three_devices_while_faults_interrupt(ctx: &mut Ctx) -> R
         irqs.smmu.gerror.intid().or_fail("gerror INTID")?,
     );
     let virtio = ctx.virtio.clone()?;
+    let mut pages = [[PhysAddr(0); 2]; MAX_CPUS];
+    for p in pages.iter_mut() {
+        *p = smmu::pages::<2>(ctx)?;
+    }
+    let dev = Devices {
+        edu: [&ctx.edu[0], &ctx.edu[1]],
+        virtio: &virtio,
+        pages,
+        queue: smmu::pages::<2>(ctx)?,
+    };
     let smmu = smmu::bring_up(
         ctx,
         SmmuConfig {
@@ -220,15 +243,6 @@ pub fn four_cpus_dma_on_three_devices_while_faults_interrupt(ctx: &mut Ctx) -> R
             ..SmmuConfig::default()
         },
     )?;
-    let format = smmu.preferred_format();
-    irq::masked(|| {
-        *SMP_SMMU.lock() = Some(smmu);
-        EVENTS.lock().clear();
-    });
-    for c in [&HANDLED, &IRQS, &ELSEWHERE, &MISSED, &TROUBLE] {
-        c.store(0, Ordering::SeqCst);
-    }
-    BOOT_MPIDR.store(mpidr(), Ordering::SeqCst);
     let gic = &irqs.gic;
     let armed = (|| {
         gic.configure_spi(eventq, irqs.smmu.eventq.edge(), PRIORITY)
@@ -240,13 +254,32 @@ pub fn four_cpus_dma_on_three_devices_while_faults_interrupt(ctx: &mut Ctx) -> R
         gic.enable_spi(eventq).or_fail("enable eventq SPI")?;
         gic.enable_spi(gerror).or_fail("enable gerror SPI")
     })();
-    let r = armed.and_then(|()| match format {
-        Some(TableFormat::ArmStage1) => shared(ctx, ArmStage1, virtio),
-        Some(TableFormat::ArmStage2) => shared(ctx, ArmStage2, virtio),
-        other => Err(fail_msg(format_args!(
-            "SMMU supports no translation stage ({other:?})"
-        ))),
-    });
+    let mem = ctx.mem;
+    let (mut smmu, r) = match (armed, smmu.preferred_format()) {
+        (Err(e), _) => (smmu, Err(e)),
+        (Ok(()), Some(TableFormat::ArmStage1)) => smp_dma::four_cpus(
+            &Virt {
+                mem,
+                fmt: ArmStage1,
+            },
+            smmu,
+            &dev,
+        ),
+        (Ok(()), Some(TableFormat::ArmStage2)) => smp_dma::four_cpus(
+            &Virt {
+                mem,
+                fmt: ArmStage2,
+            },
+            smmu,
+            &dev,
+        ),
+        (Ok(()), other) => (
+            smmu,
+            Err(fail_msg(format_args!(
+                "SMMU supports no translation stage ({other:?})"
+            ))),
+        ),
+    };
     irq::mask();
     let disarmed = gic
         .disable_spi(eventq)
@@ -254,158 +287,7 @@ pub fn four_cpus_dma_on_three_devices_while_faults_interrupt(ctx: &mut Ctx) -> R
         .or_fail("disable SPIs");
     irq::unregister(eventq);
     irq::unregister(gerror);
-    let down = match irq::masked(|| SMP_SMMU.lock().take()) {
-        Some(mut s) => {
-            let _ = s.detach(virtio.id);
-            smmu::teardown(&mut s, ctx)
-        }
-        None => Err(fail_msg(format_args!("the SMMU went missing"))),
-    };
+    let _ = smmu.detach(virtio.id);
+    let down = smmu::teardown(&mut smmu, ctx);
     r.and(disarmed).and(down)
-}
-
-/// The test with the SMMU in [`SMP_SMMU`]: domains, the virtio queue, the
-/// run, the checks, the teardown.
-fn shared<F: PteFormat + Send>(ctx: &Ctx, fmt: F, virtio: Virtio) -> Result<(), Fail> {
-    let b = Virt;
-    let mut pages = [[PhysAddr(0); 2]; MAX_CPUS];
-    for p in pages.iter_mut().flatten() {
-        *p = ctx.mem.dma_pages(1).or_fail("page")?;
-    }
-    let [ring, header] = smmu::pages::<2>(ctx)?;
-    let d0 = b.iommu(|s| smmu::domain(s, ctx, fmt, 40))??;
-    let mut d1 = b.iommu(|s| smmu::domain(s, ctx, fmt, 41))??;
-    let stage = smmu::fault_stage(d0.info().or_fail("info")?.format);
-    b.iommu(|s| -> Result<(), Fail> {
-        for e in &ctx.edu {
-            s.attach(e.id, d0.attachment()).or_fail("attach edu")?;
-        }
-        s.attach(virtio.id, d1.attachment())
-            .or_fail("attach virtio")
-    })??;
-    // The virtqueue and the request header in one transaction of domain 1.
-    let mut qtx = smmu::alloc(&mut d1, 2 * PAGE_SIZE)?;
-    let both = DmaDirection::Bidirectional;
-    let ring_iova = d1
-        .link(&mut qtx, ring, 0, PAGE_SIZE, both, MapAttrs::empty())
-        .or_fail("link ring")?
-        .get();
-    let header_iova = d1
-        .link(
-            &mut qtx,
-            header,
-            PAGE_SIZE,
-            PAGE_SIZE,
-            both,
-            MapAttrs::empty(),
-        )
-        .or_fail("link header")?
-        .get();
-    b.iommu(|s| d1.sync(s))?.or_fail("sync")?;
-    let cpu = |pa: PhysAddr, off: usize| (pa.get() as usize + off) as *mut u8;
-    // SAFETY: the ring page is lent to this test (identity mapped, MMU
-    // off), the device reaches it at `ring_iova` through the tables just
-    // synced, and the function is driven by this test alone.
-    let blk = unsafe {
-        VirtioBlk::init(
-            virtio.pci,
-            DmaBuf::new(cpu(ring, 0), ring_iova),
-            DmaBudget::Polls(VIRTIO_POLLS),
-        )
-    }
-    .or_fail("virtio-blk init")?;
-    // SAFETY: the header page is lent to this test: header at 0, status
-    // byte at 0x800, reached by the device at `header_iova`.
-    let lane = unsafe {
-        VirtioLane {
-            blk,
-            header: DmaBuf::new(cpu(header, 0), header_iova),
-            status: DmaBuf::new(cpu(header, 0x800), header_iova + 0x800),
-        }
-    };
-    let _ = b.iommu(|s| s.poll_events(|_| {}))?;
-
-    let work = Work {
-        doms: [Mutex::new(d0), Mutex::new(d1)],
-        edu: [Mutex::new(Mmio(&ctx.edu[0])), Mutex::new(Mmio(&ctx.edu[1]))],
-        virtio: Mutex::new(Mmio(lane)),
-        pages,
-        cpus: CPUS,
-        fault_token: Mutex::new(()),
-        expected: Mutex::new(heapless::Vec::new()),
-        done: [const { AtomicU32::new(0) }; 3],
-        aps_finished: AtomicUsize::new(0),
-        in_flight: AtomicUsize::new(0),
-        max_in_flight: AtomicUsize::new(0),
-        failed: [const { Mutex::new(None) }; MAX_CPUS],
-    };
-    let ran = smp::run(CPUS, JOB_SECONDS, &|cpu| work.job(&b, cpu));
-    let verdict = work.verdict();
-    let most = work.max_in_flight.load(Ordering::SeqCst);
-    let expected = work.expected.lock().clone();
-    let Work {
-        doms: [d0, d1],
-        virtio: lane,
-        ..
-    } = work;
-    let (d0, mut d1) = (d0.into_inner(), d1.into_inner());
-    let reset = lane.into_inner().0.blk.reset();
-    let destroyed = b.iommu(|s| d1.destroy(qtx, s))?;
-    b.iommu(|s| -> Result<(), Fail> {
-        smmu::detach_all(s, ctx)?;
-        s.detach(virtio.id).or_fail("detach virtio")?;
-        smmu::end_domain(s, d0)?;
-        smmu::end_domain(s, d1)
-    })??;
-    ran.map_err(|e| fail_msg(format_args!("{e}")))?;
-    let done = verdict?;
-    reset.or_fail("virtio reset")?;
-    destroyed.or_fail("destroy queue transaction")?;
-
-    // Exactly the deliberate faults, once each, in order, through the
-    // event-queue SPI on the boot CPU.
-    let events = irq::masked(|| EVENTS.lock().clone());
-    narrate!(
-        "{CPUS} CPUs: {} edu 0 / {} edu 1 / {} virtio-blk transactions ({most} CPUs in a round at once), {} events through {} interrupts",
-        done[0],
-        done[1],
-        done[2],
-        events.len(),
-        IRQS.load(Ordering::SeqCst)
-    );
-    check_eq!(expected.len(), CPUS - 1, "deliberate faults made");
-    check_eq!(
-        HANDLED.load(Ordering::SeqCst) as usize,
-        expected.len(),
-        "events the handler drained"
-    );
-    for (e, x) in events.iter().zip(&expected) {
-        match e {
-            Event::Translation(f) => {
-                check_eq!(f.stream_id, x.dev.stream_id(), "F_TRANSLATION StreamID");
-                check_eq!(f.addr, x.iova, "F_TRANSLATION address");
-                check!(!f.read, "F_TRANSLATION says read; the DMA wrote");
-                check_eq!(f.stage, stage, "F_TRANSLATION stage");
-            }
-            other => fail!("unexpected event {other}"),
-        }
-    }
-    check_eq!(
-        MISSED.load(Ordering::SeqCst),
-        0,
-        "handler runs without the SMMU"
-    );
-    check_eq!(
-        ELSEWHERE.load(Ordering::SeqCst),
-        0,
-        "handler runs on another CPU than the boot CPU"
-    );
-    check_eq!(
-        TROUBLE.load(Ordering::SeqCst),
-        0,
-        "overflows or GERRORs reported"
-    );
-    let left = b.iommu(|s| s.poll_events(|_| {}))?;
-    check_eq!(left.events, 0, "events left in the queue");
-    Ok(())
 }
