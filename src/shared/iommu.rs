@@ -120,28 +120,32 @@ impl<B: SplitCompletion> SharedIommu<B> {
         self.lock.try_with_or_defer(|i| f(&mut i.backend))
     }
 
-    /// Records a queue error for every window that saw it.
+    /// Records a queue error for every window that saw it. `seen` is the
+    /// count of errors already reported to the caller, which gets this one
+    /// now: it moves past it, so the caller's next wait does not report it
+    /// again (errors other CPUs record later still reach that wait).
     fn record<T>(
         &self,
         inner: &mut Inner<B>,
         r: Result<T, BackendError>,
+        seen: &mut u64,
     ) -> Result<T, BackendError> {
         if let Err(e @ (BackendError::QueueError { .. } | BackendError::HardwareError { .. })) = r {
             inner.last_error = Some(e);
-            self.errors.fetch_add(1, Ordering::Release);
+            *seen = self.errors.fetch_add(1, Ordering::Release) + 1;
         }
         r
     }
 
     /// The ticket of a completion that covers every command up to
     /// `last_queued`: the newest one when it does, else a new one.
-    fn submit(&self, last_queued: u64) -> Result<u64, BackendError> {
+    fn submit(&self, last_queued: u64, seen: &mut u64) -> Result<u64, BackendError> {
         self.lock.with(|i| {
             if i.ticket != 0 && last_queued != 0 && i.covers >= last_queued {
                 return Ok(i.ticket);
             }
             let r = i.backend.submit_completion();
-            let t = self.record(i, r)?;
+            let t = self.record(i, r, seen)?;
             if t != 0 {
                 i.ticket = t;
                 i.covers = i.backend.queued();
@@ -163,7 +167,9 @@ impl<B: SplitCompletion> SharedIommu<B> {
             // the others watch `completed`.
             let looked = self.lock.try_with(|i| {
                 let r = i.backend.completion_done(ticket);
-                match self.record(i, r) {
+                // Recorded for every window, this one's included: the
+                // check below reports it here.
+                match self.record(i, r, &mut 0) {
                     Ok(true) => {
                         self.completed.fetch_max(ticket, Ordering::AcqRel);
                         true
@@ -209,10 +215,11 @@ impl<B: SplitCompletion> IommuCpu<'_, B> {
         f: impl FnOnce(&mut B) -> Result<(), BackendError>,
     ) -> Result<(), BackendError> {
         let s = self.shared;
+        let seen = &mut self.errors_seen;
         let (r, q) = s.lock.with(|i| {
             let r = f(&mut i.backend);
             let q = i.backend.queued();
-            (s.record(i, r), q)
+            (s.record(i, r, seen), q)
         });
         self.last_queued = q;
         r
@@ -245,9 +252,10 @@ impl<B: SplitCompletion> IommuBackend for IommuCpu<'_, B> {
 
     fn publish(&mut self) -> Result<(), BackendError> {
         let s = self.shared;
+        let seen = &mut self.errors_seen;
         s.lock.with(|i| {
             let r = i.backend.publish();
-            s.record(i, r)
+            s.record(i, r, seen)
         })
     }
 
@@ -262,7 +270,7 @@ impl<B: SplitCompletion> IommuBackend for IommuCpu<'_, B> {
 
 impl<B: SplitCompletion> SplitSync for IommuCpu<'_, B> {
     fn submit(&mut self) -> Result<u64, BackendError> {
-        self.shared.submit(self.last_queued)
+        self.shared.submit(self.last_queued, &mut self.errors_seen)
     }
 
     fn wait(&mut self, ticket: u64) -> Result<(), BackendError> {

@@ -90,6 +90,27 @@ fn a_queue_error_reaches_every_cpu_whose_window_saw_it() {
     b.sync().unwrap();
 }
 
+/// The CPU whose own completion submit meets the queue error gets it
+/// there, and once: its next sync is clean; another CPU whose window saw
+/// the error gets it from its wait.
+#[test]
+fn a_queue_error_met_at_submit_is_reported_once_to_that_cpu() {
+    let s = SharedIommu::new(FakeQueue::new(1), drain);
+    let (mut a, mut b) = (s.cpu(), s.cpu());
+    a.invalidate(&info(), DmaAddr(0x1000), 0x1000, true)
+        .unwrap();
+    b.invalidate(&info(), DmaAddr(0x8000), 0x1000, true)
+        .unwrap();
+    let stop = BackendError::QueueError { code: 1, index: 7 };
+    s.with(|q| q.armed_submit_error = Some(stop));
+    assert_eq!(a.sync(), Err(stop));
+    assert_eq!(b.sync(), Err(stop));
+    a.invalidate(&info(), DmaAddr(0x2000), 0x1000, true)
+        .unwrap();
+    assert_eq!(a.sync(), Ok(()), "the error was reported to A twice");
+    b.sync().unwrap();
+}
+
 #[test]
 fn a_completion_that_never_arrives_is_a_timeout() {
     let mut q = FakeQueue::new(0);

@@ -31,6 +31,9 @@ pub struct FakeQueue {
     pub domain_invalidations: u64,
     /// Returned (once) by the next look, as a stopped queue would be.
     pub armed_error: Option<BackendError>,
+    /// Returned (once) by the next completion submitted, as a driver that
+    /// finds the queue stopped while queuing the completion (VT-d).
+    pub armed_submit_error: Option<BackendError>,
     /// Interrupt work raised and not yet drained.
     pub irq_raised: u64,
     /// Interrupt work drained.
@@ -93,6 +96,9 @@ impl SplitCompletion for FakeQueue {
     }
 
     fn submit_completion(&mut self) -> Result<u64, BackendError> {
+        if let Some(e) = self.armed_submit_error.take() {
+            return Err(e);
+        }
         self.queued += 1;
         self.completions += 1;
         Ok(self.queued)

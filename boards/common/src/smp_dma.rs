@@ -763,8 +763,8 @@ pub fn four_cpus<S: SmpBoard>(
 /// `handle_irq` says so, and the run's drain keeps it), and the next sync
 /// of each of two handles made before it — two CPUs' windows — must return
 /// the queue error, which the shared driver records for every window that
-/// saw it; then both sync cleanly (the queue runs on; see the note on a
-/// repeated report inside). Whether a queue was stopped.
+/// saw it; then both sync cleanly (the queue runs on, and no handle hears
+/// of the error twice). Whether a queue was stopped.
 fn error_fan_out<S: SmpBoard>(board: &S, shared: &SharedIommu<S::Iommu>) -> Result<bool, Fail> {
     let log = board.log();
     let mut cpus = [shared.cpu(), shared.cpu()];
@@ -789,19 +789,12 @@ fn error_fan_out<S: SmpBoard>(board: &S, shared: &SharedIommu<S::Iommu>) -> Resu
             other => fail!("handle {i}'s sync after the queue error returned {other:?}"),
         }
     }
-    // The queue runs on. A handle whose own submit met the error (VT-d:
-    // the driver recovers the queue as it queues the wait descriptor) gets
-    // it once more from its next sync: `IommuCpu` does not count an error
-    // returned by its submit as seen. Tolerated here (one repeat at most).
+    // The queue runs on, and each handle heard of the error once: the one
+    // whose own submit met it (VT-d: the driver recovers the queue as it
+    // queues the wait descriptor) counts it as seen.
     for (i, cpu) in cpus.iter_mut().enumerate() {
-        let first = cpu.sync();
-        if let Err(BackendError::QueueError { .. }) = first {
-            narrate!("handle {i}: the queue error reported again by the next sync");
-            cpu.sync()
-        } else {
-            first
-        }
-        .map_err(|e| fail_msg(format_args!("handle {i}'s sync after recovery: {e}")))?;
+        cpu.sync()
+            .map_err(|e| fail_msg(format_args!("handle {i}'s sync after recovery: {e}")))?;
     }
     Ok(true)
 }
