@@ -59,8 +59,12 @@ const HAS_PROVIDER: u8 = 0x80;
 const SIZE_BITS: u64 = 0x3f;
 /// `IovaState::iova & SIZE_BITS` of a fixed-IOVA transaction
 /// ([`Domain::try_alloc_at`]): no power of two the allocator hands out
-/// (at most 2^57), so the size in pages is in `IovaState::aux` instead.
-const FIXED_ORDER: u64 = SIZE_BITS;
+/// (at least 2^12), so the size in pages is in `IovaState::aux` instead.
+/// Zero, so that the per-page paths' size mask (see `holds_page`) admits
+/// offset 0 only, which every fixed transaction holds.
+const FIXED_ORDER: u64 = 0;
+// `holds_page` relies on the size bits being the six a shift count takes.
+const _: () = assert!(SIZE_BITS == 63);
 
 /// The VT-d interrupt window `[0xFEE0_0000, 0xFEF0_0000)`: on x86 a DMA
 /// write there is an interrupt message (VT-d spec, "Handling Requests to
@@ -193,16 +197,33 @@ impl IovaState {
         self.iova & SIZE_BITS == FIXED_ORDER
     }
 
-    /// Whether `[offset, offset + 4 KiB)` is a page of a transaction of
-    /// power-of-two size (the per-page paths; a fixed-IOVA transaction
-    /// answers `false` and takes the checked path): `offset` page aligned
-    /// and below the size, in two tests.
+    /// Whether `[offset, offset + 4 KiB)` is a page of the transaction
+    /// (the per-page paths' test): `offset` page aligned and below the
+    /// size, in one test against a mask of the bits it may not have. For a
+    /// power-of-two size 2^order the mask is `!(2^order - 1)` plus the page
+    /// offset bits. A fixed-IOVA transaction (order [`FIXED_ORDER`], 0)
+    /// gets a mask of every bit: only offset 0 passes, its first page (its
+    /// size is at least one page); any other offset answers `false` and
+    /// takes the checked path.
     #[inline(always)]
     fn holds_page(&self, offset: u64) -> bool {
-        let order = self.iova & SIZE_BITS;
-        // `order < 63` for every size the allocator hands out, so the shift
-        // is in range; FIXED_ORDER (63) is refused first.
-        order != FIXED_ORDER && (offset & (PAGE_SIZE - 1)) | (offset >> order) == 0
+        // `wrapping_shl` takes the shift modulo 64: the low six bits of
+        // `iova`, exactly its SIZE_BITS (one instruction on x86 and Arm).
+        let mask = u64::MAX.wrapping_shl(self.iova as u32) | (PAGE_SIZE - 1);
+        offset & mask == 0
+    }
+
+    /// Whether a per-page link of host memory ([`MapAttrs::MMIO`] not in
+    /// `attrs`) at `offset` may take the per-page path of the domain whose
+    /// token is `token`: the page is inside the transaction, which belongs
+    /// to that domain and holds nothing or host memory only.
+    #[inline(always)]
+    fn takes_host_page(&self, offset: u64, token: u32, attrs: MapAttrs) -> bool {
+        self.holds_page(offset)
+            && self.token == token
+            && !attrs.contains(MapAttrs::MMIO)
+            && (self.linked == 0
+                || (self.kind == Some(DmaKind::Translated) && self.dirs & HAS_PROVIDER == 0))
     }
 
     /// The bus-address run `[start, end)` of offsets linked.
@@ -438,63 +459,91 @@ struct Inval {
 }
 
 /// Ranges whose translations changed since the last sync.
+///
+/// The range a run of per-page calls grows is kept apart from the others
+/// (`last`), so that growing it by a page is one compare and one store.
 struct PendingList {
-    list: heapless::Vec<Inval, PENDING>,
+    /// The range added last, `[0, 0)` when none (growing that one from 0
+    /// is right too).
+    last: Inval,
+    /// The ranges before `last`.
+    list: heapless::Vec<Inval, { PENDING - 1 }>,
+    /// More than [`PENDING`] separate ranges were added: the whole domain.
     overflow: bool,
 }
+
+/// No range: `PendingList::last` when the list is empty.
+const NO_INVAL: Inval = Inval {
+    start: 0,
+    end: 0,
+    leaf_only: true,
+};
 
 impl PendingList {
     const fn new() -> Self {
         Self {
+            last: NO_INVAL,
             list: heapless::Vec::new(),
             overflow: false,
         }
     }
 
+    /// Adds the page at `start` (page aligned), leaf entries only. The
+    /// next page of a run, the common case, is one test.
+    #[inline(always)]
+    fn add_page(&mut self, start: u64) {
+        if start == self.last.end {
+            // `start + PAGE_SIZE` cannot overflow: `start` is a page below
+            // the input range's end, at most 2^57.
+            self.last.end = start + PAGE_SIZE;
+            return;
+        }
+        self.add(start, PAGE_SIZE, true);
+    }
+
     #[inline]
     fn add(&mut self, start: u64, len: u64, leaf_only: bool) {
         let end = start.saturating_add(len);
-        if let Some(last) = self.list.last_mut() {
-            if start == last.end {
-                // The next page of a run: the common case, one test.
-                last.end = end;
-                last.leaf_only &= leaf_only;
-                return;
-            }
-            if start <= last.end && end >= last.start {
-                // Touches the last range (a run of links or unlinks): grow it.
-                last.start = last.start.min(start);
-                last.end = last.end.max(end);
-                last.leaf_only &= leaf_only;
-                return;
-            }
+        let last = &mut self.last;
+        if start <= last.end && end >= last.start {
+            // Touches the last range (a run of links or unlinks): grow it.
+            last.start = last.start.min(start);
+            last.end = last.end.max(end);
+            last.leaf_only &= leaf_only;
+            return;
         }
         self.push(start, end, leaf_only);
     }
 
+    /// Starts a new last range, the old one moving to `list`.
     #[inline(never)]
     fn push(&mut self, start: u64, end: u64, leaf_only: bool) {
         if self.overflow {
             return;
         }
-        if self
-            .list
-            .push(Inval {
-                start,
-                end,
-                leaf_only,
-            })
-            .is_err()
-        {
+        let new = Inval {
+            start,
+            end,
+            leaf_only,
+        };
+        let old = core::mem::replace(&mut self.last, new);
+        if old.start != old.end && self.list.push(old).is_err() {
             self.overflow = true;
         }
     }
 
+    /// The ranges (meaningless when `overflow`).
+    fn ranges(&self) -> impl Iterator<Item = &Inval> {
+        let last = (self.last.start != self.last.end).then_some(&self.last);
+        self.list.iter().chain(last)
+    }
+
     fn is_empty(&self) -> bool {
-        self.list.is_empty() && !self.overflow
+        self.last.start == self.last.end && self.list.is_empty() && !self.overflow
     }
 
     fn clear(&mut self) {
+        self.last = NO_INVAL;
         self.list.clear();
         self.overflow = false;
     }
@@ -539,11 +588,11 @@ impl<F: PteFormat, M: TableMemory> Translated<F, M> {
         if self.unmapped.overflow || (with_maps && self.mapped.overflow) {
             backend.invalidate_domain(&info)?;
         } else {
-            for r in self.unmapped.list.iter() {
+            for r in self.unmapped.ranges() {
                 backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
             }
             if with_maps {
-                for r in self.mapped.list.iter() {
+                for r in self.mapped.ranges() {
                     backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
                 }
             }
@@ -1157,7 +1206,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     ///   written is taken back and invalidated at the next sync).
     /// - [`DmaError::IdentityDomain`]: never for a state this domain made
     ///   (an identity domain hands out [`DmaPath::Direct`]).
-    #[inline]
+    #[inline(always)]
     pub fn link(
         &mut self,
         tx: &mut IovaState,
@@ -1167,12 +1216,54 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
-        if len == PAGE_SIZE {
-            if let Some(r) = self.link_page_fast(tx, phys, offset, dir, attrs) {
-                return r;
+        // The per-page link of host memory, in the shape the last link had
+        // (see `IoPageTable::map_page_fast`): one combined test of the
+        // offset, the transaction's domain and kind, then the table's own
+        // one-page path. Any other call (nothing done) goes down
+        // `link_checked`, which checks each argument and names the error.
+        // The only failures here are `AlreadyMapped` (nothing changed) or
+        // `OutOfMemory` / `PhysTooLarge` for a table page (what was written
+        // is taken back and queued for invalidation, as on the full path).
+        // Written out here, not in a helper returning an outcome: the
+        // compiler then returns the common case without storing and
+        // re-reading a large `Result`.
+        if len == PAGE_SIZE && tx.takes_host_page(offset, self.token, attrs) {
+            if let Some(t) = self.inner.as_mut() {
+                // Page aligned (base and offset are) and inside the
+                // aperture, which `new` checked lies inside the table's
+                // input range.
+                let iova = tx.base() + offset;
+                match t.pt.map_page_in_range(iova, phys.0, link_attrs(attrs, dir)) {
+                    Some(Ok(())) => {
+                        t.mapped.add_page(iova);
+                        tx.linked += PAGE_SIZE;
+                        tx.kind = Some(DmaKind::Translated);
+                        tx.dirs |= dir as u8;
+                        return Ok(DmaAddr(iova));
+                    }
+                    Some(Err(e)) => return Err(self.link_page_failed(iova, e)),
+                    None => {}
+                }
             }
         }
         self.link_checked(tx, phys, offset, len, dir, attrs)
+    }
+
+    /// The per-page link's table write at `iova` failed with `e`: what a
+    /// failed link does after it ([`finish_link`]), off the per-call path.
+    #[cold]
+    #[inline(never)]
+    fn link_page_failed(&mut self, iova: u64, e: PageTableError) -> DmaError {
+        if let Some(t) = self.inner.as_mut() {
+            if matches!(
+                e,
+                PageTableError::OutOfMemory | PageTableError::PhysTooLarge { .. }
+            ) {
+                // As in `finish_link`: tables were written and taken back.
+                t.unmapped.add(iova, PAGE_SIZE, false);
+            }
+        }
+        e.into()
     }
 
     /// [`link`](Self::link) of any shape, every argument checked.
@@ -1190,49 +1281,6 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             return Err(DmaError::MixedP2p);
         }
         self.link_inner(tx, phys, offset, len, dir, attrs)
-    }
-
-    /// The per-page link of host memory into this domain's transaction, in
-    /// the shape the last link had (see `IoPageTable::map_page_fast`): one
-    /// combined test of the offset, the transaction's domain and kind, then
-    /// the table's own one-page path. `None` (nothing done) sends every
-    /// other call down [`link_checked`](Self::link_checked), which checks
-    /// each argument and names the error. The only error here is
-    /// `AlreadyLinked` (nothing changed) or `OutOfMemory` / `PhysTooLarge`
-    /// for a table page (what was written is taken back and queued for
-    /// invalidation, as on the full path).
-    #[inline(always)]
-    fn link_page_fast(
-        &mut self,
-        tx: &mut IovaState,
-        phys: PhysAddr,
-        offset: u64,
-        dir: DmaDirection,
-        attrs: MapAttrs,
-    ) -> Option<Result<DmaAddr, DmaError>> {
-        // A page-aligned offset below the (page-multiple) size: the page
-        // lies inside the transaction. Host memory into a transaction of
-        // this domain holding nothing or host memory only.
-        if !tx.holds_page(offset)
-            || tx.token != self.token
-            || attrs.contains(MapAttrs::MMIO)
-            || (tx.linked != 0
-                && (tx.kind != Some(DmaKind::Translated) || tx.dirs & HAS_PROVIDER != 0))
-        {
-            return None;
-        }
-        let t = self.inner.as_mut()?;
-        let iova = tx.base() + offset;
-        let r = t.pt.map_page_fast(iova, phys.0, link_attrs(attrs, dir))?;
-        Some(finish_link(
-            t,
-            tx,
-            iova,
-            PAGE_SIZE,
-            DmaKind::Translated,
-            dir,
-            r,
-        ))
     }
 
     #[inline(always)]
@@ -1586,42 +1634,40 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     ///   of the linked run (unlink from either end).
     ///
     /// Nothing changes on an error.
-    #[inline]
+    #[inline(always)]
     pub fn unlink(&mut self, tx: &mut IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
-        if len == PAGE_SIZE {
-            if let Some(r) = self.unlink_page_fast(tx, offset) {
-                return r;
+        // The per-page unlink of a linked page of a translated transaction
+        // of this domain (see `IoPageTable::unmap_page_fast`). Any other
+        // call (nothing done) goes down `unlink_checked`, which checks each
+        // argument and names the error.
+        if len == PAGE_SIZE
+            && tx.holds_page(offset)
+            && tx.token == self.token
+            && tx.kind != Some(DmaKind::P2pBusAddr)
+        {
+            if let Some(t) = self.inner.as_mut() {
+                // Page aligned and inside the aperture (see `link`).
+                let iova = tx.base() + offset;
+                if let Some(out) = t.pt.unmap_page_in_range(iova) {
+                    if out.freed_tables {
+                        t.unmapped.add(iova, PAGE_SIZE, false);
+                    } else {
+                        t.unmapped.add_page(iova);
+                    }
+                    if tx.linked > PAGE_SIZE {
+                        tx.linked -= PAGE_SIZE;
+                    } else {
+                        // Nothing linked: the next link may be of any kind.
+                        tx.linked = 0;
+                        tx.kind = None;
+                        tx.dirs = 0;
+                        tx.provider = (0, 0);
+                    }
+                    return Ok(PAGE_SIZE);
+                }
             }
         }
         self.unlink_checked(tx, offset, len)
-    }
-
-    /// The per-page unlink of a linked page of a translated transaction of
-    /// this domain (see `IoPageTable::unmap_page_fast`). `None` (nothing
-    /// done) sends every other call down
-    /// [`unlink_checked`](Self::unlink_checked), which checks each argument
-    /// and names the error.
-    #[inline(always)]
-    fn unlink_page_fast(
-        &mut self,
-        tx: &mut IovaState,
-        offset: u64,
-    ) -> Option<Result<u64, DmaError>> {
-        if !tx.holds_page(offset) || tx.token != self.token || tx.kind == Some(DmaKind::P2pBusAddr)
-        {
-            return None;
-        }
-        let t = self.inner.as_mut()?;
-        let iova = tx.base() + offset;
-        let out = t.pt.unmap_page_fast(iova)?;
-        t.unmapped.add(iova, PAGE_SIZE, !out.freed_tables);
-        tx.linked = tx.linked.saturating_sub(PAGE_SIZE);
-        if tx.linked == 0 {
-            tx.kind = None;
-            tx.dirs = 0;
-            tx.provider = (0, 0);
-        }
-        Some(Ok(PAGE_SIZE))
     }
 
     /// [`unlink`](Self::unlink) of any shape, every argument checked.
