@@ -143,18 +143,18 @@ fn new_token() -> Result<u32, DmaError> {
 /// # Ok(()) }
 /// ```
 #[must_use = "an IovaState holds an IOVA range and mappings: give it back with Domain::free or destroy"]
-#[derive(Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[derive(PartialEq, Eq)]
 pub struct IovaState {
     /// First IOVA, with log2 of the size in the low bits ([`SIZE_BITS`]).
     iova: u64,
     linked: u64,
-    /// The domain's unique token (see `NEXT_TOKEN`).
-    token: u32,
-    domain: u16,
-    /// `None` while nothing is linked (one byte: the enum has a niche).
-    kind: Option<DmaKind>,
-    dirs: u8,
+    /// Who owns the state and what it holds, in one word so that the
+    /// per-page link decides with one masked compare ([`LINK_FAST_MASK`]):
+    /// the domain's unique token (bits 0..32, see
+    /// `NEXT_TOKEN`), the domain id (32..48), the kind code of the links
+    /// (48..56, [`kind_code`]; 0 exactly while nothing is linked) and the
+    /// union of the directions linked with [`HAS_PROVIDER`] (56..64).
+    owner: u64,
     /// Requester ID and segment of the P2P provider of the links, if any.
     provider: (u16, u16),
     /// Fixed-IOVA transactions (`iova & SIZE_BITS == FIXED_ORDER`): the size
@@ -165,7 +165,112 @@ pub struct IovaState {
     aux: u32,
 }
 
+/// Bits of `IovaState::owner` holding the token.
+const TOKEN_BITS: u64 = 0xffff_ffff;
+/// Shifts of the domain id, kind code and directions in `IovaState::owner`.
+const DOMAIN_SHIFT: u32 = 32;
+const KIND_SHIFT: u32 = 48;
+const DIRS_SHIFT: u32 = 56;
+/// Kind codes in `IovaState::owner` (0: nothing linked), one bit each so a
+/// mask picks the kinds a per-page path refuses.
+const KIND_TRANSLATED: u64 = 1;
+const KIND_HOST_BRIDGE: u64 = 2;
+const KIND_BUS_ADDR: u64 = 4;
+const KIND_DIRECT: u64 = 8;
+/// A per-page link of host memory is for the domain whose token is the
+/// owner word masked with this: nothing or host memory linked (every kind
+/// bit but `KIND_TRANSLATED` clear), no P2P provider.
+const LINK_FAST_MASK: u64 =
+    TOKEN_BITS | ((0xff & !KIND_TRANSLATED) << KIND_SHIFT) | ((HAS_PROVIDER as u64) << DIRS_SHIFT);
+
+/// The kind code of `kind` in `IovaState::owner`.
+#[inline(always)]
+const fn kind_code(kind: DmaKind) -> u64 {
+    match kind {
+        DmaKind::Translated => KIND_TRANSLATED,
+        DmaKind::P2pThruHostBridge => KIND_HOST_BRIDGE,
+        DmaKind::P2pBusAddr => KIND_BUS_ADDR,
+        DmaKind::Direct => KIND_DIRECT,
+    }
+}
+
+/// Shows the IOVA, size, bytes linked, domain, kind and directions.
+impl core::fmt::Debug for IovaState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IovaState")
+            .field("iova", &self.iova())
+            .field("size", &self.size())
+            .field("linked", &self.linked)
+            .field("domain", &self.domain_id())
+            .field("kind", &self.kind())
+            .field("direction", &self.direction())
+            .field("provider", &self.provider())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for IovaState {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "IovaState {{ iova: {=u64:#x}, size: {=u64:#x}, linked: {=u64:#x}, domain: {=u16}, kind: {} }}",
+            self.base(),
+            self.size(),
+            self.linked,
+            self.domain_id(),
+            self.kind()
+        )
+    }
+}
+
 impl IovaState {
+    /// A state of the domain with `token` and `id`, nothing linked.
+    #[inline]
+    fn new(iova: u64, token: u32, id: u16, aux: u32) -> Self {
+        Self {
+            iova,
+            linked: 0,
+            owner: u64::from(token) | (u64::from(id) << DOMAIN_SHIFT),
+            provider: (0, 0),
+            aux,
+        }
+    }
+
+    /// The token of the domain that made the state.
+    #[inline(always)]
+    fn token(&self) -> u32 {
+        self.owner as u32
+    }
+
+    /// The kind and direction bits (`HAS_PROVIDER` included).
+    #[inline(always)]
+    fn dirs(&self) -> u8 {
+        (self.owner >> DIRS_SHIFT) as u8
+    }
+
+    /// Whether the links are bus-address P2P links.
+    #[inline(always)]
+    fn is_bus_addr(&self) -> bool {
+        (self.owner >> KIND_SHIFT) as u8 & KIND_BUS_ADDR as u8 != 0
+    }
+
+    /// Records links of `kind` in direction bits `dirs`.
+    #[inline(always)]
+    fn record_links(&mut self, kind: DmaKind, dirs: u8) {
+        self.owner = (self.owner & !(0xff << KIND_SHIFT))
+            | (kind_code(kind) << KIND_SHIFT)
+            | (u64::from(dirs) << DIRS_SHIFT);
+    }
+
+    /// Nothing linked any more: the next link may be of any kind.
+    #[inline(always)]
+    fn forget_links(&mut self) {
+        self.linked = 0;
+        self.owner &= TOKEN_BITS | (0xffff << DOMAIN_SHIFT);
+        self.provider = (0, 0);
+    }
+
     /// First IOVA of the transaction.
     #[inline]
     pub fn iova(&self) -> DmaAddr {
@@ -220,10 +325,8 @@ impl IovaState {
     #[inline(always)]
     fn takes_host_page(&self, offset: u64, token: u32, attrs: MapAttrs) -> bool {
         self.holds_page(offset)
-            && self.token == token
+            && self.owner & LINK_FAST_MASK == u64::from(token)
             && !attrs.contains(MapAttrs::MMIO)
-            && (self.linked == 0
-                || (self.kind == Some(DmaKind::Translated) && self.dirs & HAS_PROVIDER == 0))
     }
 
     /// The bus-address run `[start, end)` of offsets linked.
@@ -239,22 +342,28 @@ impl IovaState {
 
     /// The domain the transaction belongs to.
     pub fn domain_id(&self) -> u16 {
-        self.domain
+        (self.owner >> DOMAIN_SHIFT) as u16
     }
 
     /// Kind of the linked mappings, `None` while nothing is linked.
     pub fn kind(&self) -> Option<DmaKind> {
-        self.kind
+        match (self.owner >> KIND_SHIFT) & 0xff {
+            KIND_TRANSLATED => Some(DmaKind::Translated),
+            KIND_HOST_BRIDGE => Some(DmaKind::P2pThruHostBridge),
+            KIND_BUS_ADDR => Some(DmaKind::P2pBusAddr),
+            KIND_DIRECT => Some(DmaKind::Direct),
+            _ => None,
+        }
     }
 
     /// Union of the directions linked so far, `None` while nothing is linked.
     pub fn direction(&self) -> Option<DmaDirection> {
-        DmaDirection::from_bits(self.dirs & !HAS_PROVIDER)
+        DmaDirection::from_bits(self.dirs() & !HAS_PROVIDER)
     }
 
     /// The P2P provider whose memory is linked, if the links are P2P.
     pub fn provider(&self) -> Option<DeviceId> {
-        (self.dirs & HAS_PROVIDER != 0)
+        (self.dirs() & HAS_PROVIDER != 0)
             .then(|| DeviceId::from_rid(self.provider.1, self.provider.0))
     }
 
@@ -719,7 +828,7 @@ fn link_kind(tx: &IovaState, attrs: MapAttrs) -> Result<DmaKind, DmaError> {
     } else {
         DmaKind::Translated
     };
-    if tx.linked != 0 && tx.kind != Some(kind) {
+    if tx.linked != 0 && tx.kind() != Some(kind) {
         return Err(DmaError::MixedP2p);
     }
     Ok(kind)
@@ -757,8 +866,7 @@ fn finish_link<F: PteFormat, M: TableMemory>(
     }
     t.mapped.add(iova, len, true);
     tx.linked += len;
-    tx.kind = Some(kind);
-    tx.dirs |= dir as u8;
+    tx.record_links(kind, tx.dirs() | dir as u8);
     Ok(DmaAddr(iova))
 }
 
@@ -942,16 +1050,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         })?;
         let r = t.iova.alloc(size, dma_mask)?;
         log_debug!("iova alloc {:#x}+{:#x}", r.start, r.size);
-        Ok(DmaPath::Iova(IovaState {
-            iova: r.start | u64::from(r.size.trailing_zeros()),
-            linked: 0,
-            token: self.token,
-            domain: self.id,
-            kind: None,
-            dirs: 0,
-            provider: (0, 0),
-            aux: 0,
-        }))
+        Ok(DmaPath::Iova(IovaState::new(
+            r.start | u64::from(r.size.trailing_zeros()),
+            self.token,
+            self.id,
+            0,
+        )))
     }
 
     /// Refuses `[start, start + size)` for a VT-d domain when it touches the
@@ -1036,16 +1140,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         })?;
         let r = t.iova.alloc_at(iova.0, size)?;
         log_debug!("iova alloc_at {:#x}+{:#x}", r.start, r.size);
-        Ok(IovaState {
-            iova: r.start | FIXED_ORDER,
-            linked: 0,
-            token,
-            domain,
-            kind: None,
-            dirs: 0,
-            provider: (0, 0),
-            aux: pages,
-        })
+        Ok(IovaState::new(r.start | FIXED_ORDER, token, domain, pages))
     }
 
     /// Installs firmware's reserved regions (DMAR RMRRs, IORT RMRs: see
@@ -1147,9 +1242,9 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     fn translated(&mut self, tx: &IovaState) -> Result<&mut Translated<F, M>, DmaError> {
         // The token, not the id: two domains may share an id (one torn down,
         // one new; or two IOMMUs), never a token.
-        if tx.token != self.token {
+        if tx.token() != self.token {
             return Err(DmaError::WrongDomain {
-                expected: tx.domain,
+                expected: tx.domain_id(),
                 found: self.id,
             });
         }
@@ -1237,8 +1332,10 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                     Some(Ok(())) => {
                         t.mapped.add_page(iova);
                         tx.linked += PAGE_SIZE;
-                        tx.kind = Some(DmaKind::Translated);
-                        tx.dirs |= dir as u8;
+                        // The kind was nothing or host memory (the mask
+                        // above): host memory now.
+                        tx.owner |=
+                            (KIND_TRANSLATED << KIND_SHIFT) | (u64::from(dir as u8) << DIRS_SHIFT);
                         return Ok(DmaAddr(iova));
                     }
                     Some(Err(e)) => return Err(self.link_page_failed(iova, e)),
@@ -1277,7 +1374,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
-        if tx.linked != 0 && tx.dirs & HAS_PROVIDER != 0 {
+        if tx.linked != 0 && tx.dirs() & HAS_PROVIDER != 0 {
             return Err(DmaError::MixedP2p);
         }
         self.link_inner(tx, phys, offset, len, dir, attrs)
@@ -1333,7 +1430,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                 b: PAGE_SIZE,
             })?;
         let iova = Self::check_window(tx, offset, len)?;
-        if tx.linked != 0 && tx.dirs & HAS_PROVIDER != 0 {
+        if tx.linked != 0 && tx.dirs() & HAS_PROVIDER != 0 {
             return Err(DmaError::MixedP2p);
         }
         let kind = link_kind(tx, attrs)?;
@@ -1387,7 +1484,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             Err(_) => return Err(DmaError::MixedP2p),
         };
         let key = (provider.device.rid(), provider.device.segment);
-        if tx.linked != 0 && (tx.dirs & HAS_PROVIDER == 0 || tx.provider != key) {
+        if tx.linked != 0 && (tx.dirs() & HAS_PROVIDER == 0 || tx.provider != key) {
             return Err(DmaError::MixedP2p);
         }
         let ty = p2p
@@ -1400,7 +1497,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             P2pMapType::ThruHostBridge => {
                 let a = self.link_inner(tx, phys, offset, len, dir, MapAttrs::MMIO)?;
                 tx.provider = key;
-                tx.dirs |= HAS_PROVIDER;
+                tx.owner |= u64::from(HAS_PROVIDER) << DIRS_SHIFT;
                 Ok(a)
             }
             P2pMapType::BusAddr => {
@@ -1412,7 +1509,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                         client,
                     });
                 }
-                if tx.linked != 0 && tx.kind != Some(DmaKind::P2pBusAddr) {
+                if tx.linked != 0 && !tx.is_bus_addr() {
                     return Err(DmaError::MixedP2p);
                 }
                 self.translated(tx)?;
@@ -1445,8 +1542,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                     }
                 }
                 tx.linked += len;
-                tx.kind = Some(DmaKind::P2pBusAddr);
-                tx.dirs |= dir as u8 | HAS_PROVIDER;
+                tx.record_links(DmaKind::P2pBusAddr, tx.dirs() | dir as u8 | HAS_PROVIDER);
                 tx.provider = key;
                 Ok(DmaAddr(provider.bus_addr(phys).0))
             }
@@ -1642,8 +1738,8 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         // argument and names the error.
         if len == PAGE_SIZE
             && tx.holds_page(offset)
-            && tx.token == self.token
-            && tx.kind != Some(DmaKind::P2pBusAddr)
+            && tx.token() == self.token
+            && !tx.is_bus_addr()
         {
             if let Some(t) = self.inner.as_mut() {
                 // Page aligned and inside the aperture (see `link`).
@@ -1654,14 +1750,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                     } else {
                         t.unmapped.add_page(iova);
                     }
-                    if tx.linked > PAGE_SIZE {
-                        tx.linked -= PAGE_SIZE;
-                    } else {
-                        // Nothing linked: the next link may be of any kind.
-                        tx.linked = 0;
-                        tx.kind = None;
-                        tx.dirs = 0;
-                        tx.provider = (0, 0);
+                    // A page of the transaction was linked, through it
+                    // (nothing else writes its range): `linked` counts it.
+                    debug_assert!(tx.linked >= PAGE_SIZE);
+                    tx.linked = tx.linked.wrapping_sub(PAGE_SIZE);
+                    if tx.linked == 0 {
+                        tx.forget_links();
                     }
                     return Ok(PAGE_SIZE);
                 }
@@ -1680,7 +1774,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     ) -> Result<u64, DmaError> {
         let iova = Self::check_window(tx, offset, len)?;
         let t = self.translated(tx)?;
-        let bytes = if tx.kind == Some(DmaKind::P2pBusAddr) {
+        let bytes = if tx.is_bus_addr() {
             // Bus-address links never reached the IOMMU: only the run of
             // linked offsets changes, and only at either end.
             let (s, e) = tx.bus_run();
@@ -1710,9 +1804,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         tx.linked = tx.linked.saturating_sub(bytes);
         if tx.linked == 0 {
             // Nothing linked: the next link may be of any kind.
-            tx.kind = None;
-            tx.dirs = 0;
-            tx.provider = (0, 0);
+            tx.forget_links();
         }
         Ok(bytes)
     }
@@ -1749,7 +1841,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             Ok(i) => i,
             Err(e) => return Err((tx, e)),
         };
-        if tx.linked != 0 && tx.kind != Some(DmaKind::P2pBusAddr) {
+        if tx.linked != 0 && !tx.is_bus_addr() {
             // The range is the transaction's own (checked against the
             // aperture when it was made): cannot fail.
             if let Ok(out) = t.pt.unmap_present(DmaAddr(range.start), range.size) {
@@ -1822,7 +1914,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         };
         let linked = link(self, &mut tx);
         let done = match linked {
-            Ok(_) if tx.kind == Some(DmaKind::P2pBusAddr) => Ok(()),
+            Ok(_) if tx.is_bus_addr() => Ok(()),
             Ok(_) => self.sync(backend),
             Err(e) => Err(e),
         };
@@ -1846,7 +1938,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         backend: &mut B,
         m: Mapping,
     ) -> Result<(), DmaError> {
-        if m.state.kind == Some(DmaKind::P2pBusAddr) {
+        if m.state.is_bus_addr() {
             // Nothing reached the IOMMU: nothing to invalidate or wait for.
             return self.free(m.state).map_err(|(_, e)| e);
         }

@@ -912,3 +912,55 @@ fn per_page_link_out_of_table_memory_invalidates_what_it_took_back() {
     );
     d.destroy(t, &mut be).unwrap();
 }
+
+/// Issue 11 §2: the per-page link decides with one masked compare of the
+/// state's owner word; that compare refuses a transaction already holding
+/// device memory (host-bridge P2P) even when the table's own one-page path
+/// would take the page (same attributes as the last link, leaf table
+/// cached): mixed kinds are refused and nothing is linked.
+#[test]
+fn per_page_host_link_into_a_device_memory_transaction_is_mixed() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let mut host = tx(&mut d, 4 * PAGE);
+    let mut dev = tx(&mut d, 4 * PAGE);
+    d.link(&mut dev, PhysAddr(0x9000_0000), 0, PAGE, RW, MapAttrs::MMIO)
+        .unwrap();
+    assert_eq!(dev.kind(), Some(DmaKind::P2pThruHostBridge));
+    for i in 0..3 {
+        // Warm the one-page path with host attributes (in the same leaf
+        // table), then try a host page in the device-memory transaction.
+        d.link(
+            &mut host,
+            PhysAddr(0x10_0000 + i * PAGE),
+            i * PAGE,
+            PAGE,
+            RW,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+        let off = (i + 1) * PAGE;
+        assert_eq!(
+            d.link(
+                &mut dev,
+                PhysAddr(0x20_0000),
+                off,
+                PAGE,
+                RW,
+                MapAttrs::empty()
+            ),
+            Err(DmaError::MixedP2p)
+        );
+        assert_eq!(d.translate(DmaAddr(dev.iova().0 + off)), None);
+    }
+    assert_eq!(
+        (dev.linked(), dev.kind()),
+        (PAGE, Some(DmaKind::P2pThruHostBridge))
+    );
+    // Unlinking the device page is a per-page unlink like any other.
+    assert_eq!(d.unlink(&mut dev, 0, PAGE), Ok(PAGE));
+    assert_eq!((dev.linked(), dev.kind(), dev.direction()), (0, None, None));
+    d.destroy(dev, &mut be).unwrap();
+    d.destroy(host, &mut be).unwrap();
+}
