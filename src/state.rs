@@ -612,6 +612,11 @@ impl PendingList {
 
     #[inline]
     fn add(&mut self, start: u64, len: u64, leaf_only: bool) {
+        if self.overflow {
+            // The whole domain is invalidated at the sync: nothing to note
+            // (one test per call once the scattered pages overflowed).
+            return;
+        }
         let end = start.saturating_add(len);
         let last = &mut self.last;
         if start <= last.end && end >= last.start {
@@ -627,9 +632,6 @@ impl PendingList {
     /// Starts a new last range, the old one moving to `list`.
     #[inline(never)]
     fn push(&mut self, start: u64, end: u64, leaf_only: bool) {
-        if self.overflow {
-            return;
-        }
         let new = Inval {
             start,
             end,
