@@ -59,8 +59,12 @@ const HAS_PROVIDER: u8 = 0x80;
 const SIZE_BITS: u64 = 0x3f;
 /// `IovaState::iova & SIZE_BITS` of a fixed-IOVA transaction
 /// ([`Domain::try_alloc_at`]): no power of two the allocator hands out
-/// (at most 2^57), so the size in pages is in `IovaState::aux` instead.
-const FIXED_ORDER: u64 = SIZE_BITS;
+/// (at least 2^12), so the size in pages is in `IovaState::aux` instead.
+/// Zero, so that the per-page paths' size mask (see `holds_page`) admits
+/// offset 0 only, which every fixed transaction holds.
+const FIXED_ORDER: u64 = 0;
+// `holds_page` relies on the size bits being the six a shift count takes.
+const _: () = assert!(SIZE_BITS == 63);
 
 /// The VT-d interrupt window `[0xFEE0_0000, 0xFEF0_0000)`: on x86 a DMA
 /// write there is an interrupt message (VT-d spec, "Handling Requests to
@@ -139,18 +143,18 @@ fn new_token() -> Result<u32, DmaError> {
 /// # Ok(()) }
 /// ```
 #[must_use = "an IovaState holds an IOVA range and mappings: give it back with Domain::free or destroy"]
-#[derive(Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[derive(PartialEq, Eq)]
 pub struct IovaState {
     /// First IOVA, with log2 of the size in the low bits ([`SIZE_BITS`]).
     iova: u64,
     linked: u64,
-    /// The domain's unique token (see `NEXT_TOKEN`).
-    token: u32,
-    domain: u16,
-    /// `None` while nothing is linked (one byte: the enum has a niche).
-    kind: Option<DmaKind>,
-    dirs: u8,
+    /// Who owns the state and what it holds, in one word so that the
+    /// per-page link decides with one masked compare ([`LINK_FAST_MASK`]):
+    /// the domain's unique token (bits 0..32, see
+    /// `NEXT_TOKEN`), the domain id (32..48), the kind code of the links
+    /// (48..56, [`kind_code`]; 0 exactly while nothing is linked) and the
+    /// union of the directions linked with [`HAS_PROVIDER`] (56..64).
+    owner: u64,
     /// Requester ID and segment of the P2P provider of the links, if any.
     provider: (u16, u16),
     /// Fixed-IOVA transactions (`iova & SIZE_BITS == FIXED_ORDER`): the size
@@ -161,7 +165,112 @@ pub struct IovaState {
     aux: u32,
 }
 
+/// Bits of `IovaState::owner` holding the token.
+const TOKEN_BITS: u64 = 0xffff_ffff;
+/// Shifts of the domain id, kind code and directions in `IovaState::owner`.
+const DOMAIN_SHIFT: u32 = 32;
+const KIND_SHIFT: u32 = 48;
+const DIRS_SHIFT: u32 = 56;
+/// Kind codes in `IovaState::owner` (0: nothing linked), one bit each so a
+/// mask picks the kinds a per-page path refuses.
+const KIND_TRANSLATED: u64 = 1;
+const KIND_HOST_BRIDGE: u64 = 2;
+const KIND_BUS_ADDR: u64 = 4;
+const KIND_DIRECT: u64 = 8;
+/// A per-page link of host memory is for the domain whose token is the
+/// owner word masked with this: nothing or host memory linked (every kind
+/// bit but `KIND_TRANSLATED` clear), no P2P provider.
+const LINK_FAST_MASK: u64 =
+    TOKEN_BITS | ((0xff & !KIND_TRANSLATED) << KIND_SHIFT) | ((HAS_PROVIDER as u64) << DIRS_SHIFT);
+
+/// The kind code of `kind` in `IovaState::owner`.
+#[inline(always)]
+const fn kind_code(kind: DmaKind) -> u64 {
+    match kind {
+        DmaKind::Translated => KIND_TRANSLATED,
+        DmaKind::P2pThruHostBridge => KIND_HOST_BRIDGE,
+        DmaKind::P2pBusAddr => KIND_BUS_ADDR,
+        DmaKind::Direct => KIND_DIRECT,
+    }
+}
+
+/// Shows the IOVA, size, bytes linked, domain, kind and directions.
+impl core::fmt::Debug for IovaState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IovaState")
+            .field("iova", &self.iova())
+            .field("size", &self.size())
+            .field("linked", &self.linked)
+            .field("domain", &self.domain_id())
+            .field("kind", &self.kind())
+            .field("direction", &self.direction())
+            .field("provider", &self.provider())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for IovaState {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "IovaState {{ iova: {=u64:#x}, size: {=u64:#x}, linked: {=u64:#x}, domain: {=u16}, kind: {} }}",
+            self.base(),
+            self.size(),
+            self.linked,
+            self.domain_id(),
+            self.kind()
+        )
+    }
+}
+
 impl IovaState {
+    /// A state of the domain with `token` and `id`, nothing linked.
+    #[inline]
+    fn new(iova: u64, token: u32, id: u16, aux: u32) -> Self {
+        Self {
+            iova,
+            linked: 0,
+            owner: u64::from(token) | (u64::from(id) << DOMAIN_SHIFT),
+            provider: (0, 0),
+            aux,
+        }
+    }
+
+    /// The token of the domain that made the state.
+    #[inline(always)]
+    fn token(&self) -> u32 {
+        self.owner as u32
+    }
+
+    /// The kind and direction bits (`HAS_PROVIDER` included).
+    #[inline(always)]
+    fn dirs(&self) -> u8 {
+        (self.owner >> DIRS_SHIFT) as u8
+    }
+
+    /// Whether the links are bus-address P2P links.
+    #[inline(always)]
+    fn is_bus_addr(&self) -> bool {
+        (self.owner >> KIND_SHIFT) as u8 & KIND_BUS_ADDR as u8 != 0
+    }
+
+    /// Records links of `kind` in direction bits `dirs`.
+    #[inline(always)]
+    fn record_links(&mut self, kind: DmaKind, dirs: u8) {
+        self.owner = (self.owner & !(0xff << KIND_SHIFT))
+            | (kind_code(kind) << KIND_SHIFT)
+            | (u64::from(dirs) << DIRS_SHIFT);
+    }
+
+    /// Nothing linked any more: the next link may be of any kind.
+    #[inline(always)]
+    fn forget_links(&mut self) {
+        self.linked = 0;
+        self.owner &= TOKEN_BITS | (0xffff << DOMAIN_SHIFT);
+        self.provider = (0, 0);
+    }
+
     /// First IOVA of the transaction.
     #[inline]
     pub fn iova(&self) -> DmaAddr {
@@ -193,16 +302,31 @@ impl IovaState {
         self.iova & SIZE_BITS == FIXED_ORDER
     }
 
-    /// Whether `[offset, offset + 4 KiB)` is a page of a transaction of
-    /// power-of-two size (the per-page paths; a fixed-IOVA transaction
-    /// answers `false` and takes the checked path): `offset` page aligned
-    /// and below the size, in two tests.
+    /// Whether `[offset, offset + 4 KiB)` is a page of the transaction
+    /// (the per-page paths' test): `offset` page aligned and below the
+    /// size, in one test against a mask of the bits it may not have. For a
+    /// power-of-two size 2^order the mask is `!(2^order - 1)` plus the page
+    /// offset bits. A fixed-IOVA transaction (order [`FIXED_ORDER`], 0)
+    /// gets a mask of every bit: only offset 0 passes, its first page (its
+    /// size is at least one page); any other offset answers `false` and
+    /// takes the checked path.
     #[inline(always)]
     fn holds_page(&self, offset: u64) -> bool {
-        let order = self.iova & SIZE_BITS;
-        // `order < 63` for every size the allocator hands out, so the shift
-        // is in range; FIXED_ORDER (63) is refused first.
-        order != FIXED_ORDER && (offset & (PAGE_SIZE - 1)) | (offset >> order) == 0
+        // `wrapping_shl` takes the shift modulo 64: the low six bits of
+        // `iova`, exactly its SIZE_BITS (one instruction on x86 and Arm).
+        let mask = u64::MAX.wrapping_shl(self.iova as u32) | (PAGE_SIZE - 1);
+        offset & mask == 0
+    }
+
+    /// Whether a per-page link of host memory ([`MapAttrs::MMIO`] not in
+    /// `attrs`) at `offset` may take the per-page path of the domain whose
+    /// token is `token`: the page is inside the transaction, which belongs
+    /// to that domain and holds nothing or host memory only.
+    #[inline(always)]
+    fn takes_host_page(&self, offset: u64, token: u32, attrs: MapAttrs) -> bool {
+        self.holds_page(offset)
+            && self.owner & LINK_FAST_MASK == u64::from(token)
+            && !attrs.contains(MapAttrs::MMIO)
     }
 
     /// The bus-address run `[start, end)` of offsets linked.
@@ -218,22 +342,28 @@ impl IovaState {
 
     /// The domain the transaction belongs to.
     pub fn domain_id(&self) -> u16 {
-        self.domain
+        (self.owner >> DOMAIN_SHIFT) as u16
     }
 
     /// Kind of the linked mappings, `None` while nothing is linked.
     pub fn kind(&self) -> Option<DmaKind> {
-        self.kind
+        match (self.owner >> KIND_SHIFT) & 0xff {
+            KIND_TRANSLATED => Some(DmaKind::Translated),
+            KIND_HOST_BRIDGE => Some(DmaKind::P2pThruHostBridge),
+            KIND_BUS_ADDR => Some(DmaKind::P2pBusAddr),
+            KIND_DIRECT => Some(DmaKind::Direct),
+            _ => None,
+        }
     }
 
     /// Union of the directions linked so far, `None` while nothing is linked.
     pub fn direction(&self) -> Option<DmaDirection> {
-        DmaDirection::from_bits(self.dirs & !HAS_PROVIDER)
+        DmaDirection::from_bits(self.dirs() & !HAS_PROVIDER)
     }
 
     /// The P2P provider whose memory is linked, if the links are P2P.
     pub fn provider(&self) -> Option<DeviceId> {
-        (self.dirs & HAS_PROVIDER != 0)
+        (self.dirs() & HAS_PROVIDER != 0)
             .then(|| DeviceId::from_rid(self.provider.1, self.provider.0))
     }
 
@@ -438,63 +568,93 @@ struct Inval {
 }
 
 /// Ranges whose translations changed since the last sync.
+///
+/// The range a run of per-page calls grows is kept apart from the others
+/// (`last`), so that growing it by a page is one compare and one store.
 struct PendingList {
-    list: heapless::Vec<Inval, PENDING>,
+    /// The range added last, `[0, 0)` when none (growing that one from 0
+    /// is right too).
+    last: Inval,
+    /// The ranges before `last`.
+    list: heapless::Vec<Inval, { PENDING - 1 }>,
+    /// More than [`PENDING`] separate ranges were added: the whole domain.
     overflow: bool,
 }
+
+/// No range: `PendingList::last` when the list is empty.
+const NO_INVAL: Inval = Inval {
+    start: 0,
+    end: 0,
+    leaf_only: true,
+};
 
 impl PendingList {
     const fn new() -> Self {
         Self {
+            last: NO_INVAL,
             list: heapless::Vec::new(),
             overflow: false,
         }
     }
 
+    /// Adds the page at `start` (page aligned), leaf entries only. The
+    /// next page of a run, the common case, is one test.
+    #[inline(always)]
+    fn add_page(&mut self, start: u64) {
+        if start == self.last.end {
+            // `start + PAGE_SIZE` cannot overflow: `start` is a page below
+            // the input range's end, at most 2^57.
+            self.last.end = start + PAGE_SIZE;
+            return;
+        }
+        self.add(start, PAGE_SIZE, true);
+    }
+
     #[inline]
     fn add(&mut self, start: u64, len: u64, leaf_only: bool) {
+        if self.overflow {
+            // The whole domain is invalidated at the sync: nothing to note
+            // (one test per call once the scattered pages overflowed).
+            return;
+        }
         let end = start.saturating_add(len);
-        if let Some(last) = self.list.last_mut() {
-            if start == last.end {
-                // The next page of a run: the common case, one test.
-                last.end = end;
-                last.leaf_only &= leaf_only;
-                return;
-            }
-            if start <= last.end && end >= last.start {
-                // Touches the last range (a run of links or unlinks): grow it.
-                last.start = last.start.min(start);
-                last.end = last.end.max(end);
-                last.leaf_only &= leaf_only;
-                return;
-            }
+        let last = &mut self.last;
+        if start <= last.end && end >= last.start {
+            // Touches the last range (a run of links or unlinks): grow it.
+            last.start = last.start.min(start);
+            last.end = last.end.max(end);
+            last.leaf_only &= leaf_only;
+            return;
         }
         self.push(start, end, leaf_only);
     }
 
+    /// Starts a new last range, the old one moving to `list`.
     #[inline(never)]
     fn push(&mut self, start: u64, end: u64, leaf_only: bool) {
-        if self.overflow {
-            return;
-        }
-        if self
-            .list
-            .push(Inval {
-                start,
-                end,
-                leaf_only,
-            })
-            .is_err()
-        {
+        let new = Inval {
+            start,
+            end,
+            leaf_only,
+        };
+        let old = core::mem::replace(&mut self.last, new);
+        if old.start != old.end && self.list.push(old).is_err() {
             self.overflow = true;
         }
     }
 
+    /// The ranges (meaningless when `overflow`).
+    fn ranges(&self) -> impl Iterator<Item = &Inval> {
+        let last = (self.last.start != self.last.end).then_some(&self.last);
+        self.list.iter().chain(last)
+    }
+
     fn is_empty(&self) -> bool {
-        self.list.is_empty() && !self.overflow
+        self.last.start == self.last.end && self.list.is_empty() && !self.overflow
     }
 
     fn clear(&mut self) {
+        self.last = NO_INVAL;
         self.list.clear();
         self.overflow = false;
     }
@@ -539,11 +699,11 @@ impl<F: PteFormat, M: TableMemory> Translated<F, M> {
         if self.unmapped.overflow || (with_maps && self.mapped.overflow) {
             backend.invalidate_domain(&info)?;
         } else {
-            for r in self.unmapped.list.iter() {
+            for r in self.unmapped.ranges() {
                 backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
             }
             if with_maps {
-                for r in self.mapped.list.iter() {
+                for r in self.mapped.ranges() {
                     backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
                 }
             }
@@ -670,7 +830,7 @@ fn link_kind(tx: &IovaState, attrs: MapAttrs) -> Result<DmaKind, DmaError> {
     } else {
         DmaKind::Translated
     };
-    if tx.linked != 0 && tx.kind != Some(kind) {
+    if tx.linked != 0 && tx.kind() != Some(kind) {
         return Err(DmaError::MixedP2p);
     }
     Ok(kind)
@@ -708,8 +868,7 @@ fn finish_link<F: PteFormat, M: TableMemory>(
     }
     t.mapped.add(iova, len, true);
     tx.linked += len;
-    tx.kind = Some(kind);
-    tx.dirs |= dir as u8;
+    tx.record_links(kind, tx.dirs() | dir as u8);
     Ok(DmaAddr(iova))
 }
 
@@ -893,16 +1052,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         })?;
         let r = t.iova.alloc(size, dma_mask)?;
         log_debug!("iova alloc {:#x}+{:#x}", r.start, r.size);
-        Ok(DmaPath::Iova(IovaState {
-            iova: r.start | u64::from(r.size.trailing_zeros()),
-            linked: 0,
-            token: self.token,
-            domain: self.id,
-            kind: None,
-            dirs: 0,
-            provider: (0, 0),
-            aux: 0,
-        }))
+        Ok(DmaPath::Iova(IovaState::new(
+            r.start | u64::from(r.size.trailing_zeros()),
+            self.token,
+            self.id,
+            0,
+        )))
     }
 
     /// Refuses `[start, start + size)` for a VT-d domain when it touches the
@@ -987,16 +1142,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         })?;
         let r = t.iova.alloc_at(iova.0, size)?;
         log_debug!("iova alloc_at {:#x}+{:#x}", r.start, r.size);
-        Ok(IovaState {
-            iova: r.start | FIXED_ORDER,
-            linked: 0,
-            token,
-            domain,
-            kind: None,
-            dirs: 0,
-            provider: (0, 0),
-            aux: pages,
-        })
+        Ok(IovaState::new(r.start | FIXED_ORDER, token, domain, pages))
     }
 
     /// Installs firmware's reserved regions (DMAR RMRRs, IORT RMRs: see
@@ -1098,9 +1244,9 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     fn translated(&mut self, tx: &IovaState) -> Result<&mut Translated<F, M>, DmaError> {
         // The token, not the id: two domains may share an id (one torn down,
         // one new; or two IOMMUs), never a token.
-        if tx.token != self.token {
+        if tx.token() != self.token {
             return Err(DmaError::WrongDomain {
-                expected: tx.domain,
+                expected: tx.domain_id(),
                 found: self.id,
             });
         }
@@ -1157,7 +1303,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     ///   written is taken back and invalidated at the next sync).
     /// - [`DmaError::IdentityDomain`]: never for a state this domain made
     ///   (an identity domain hands out [`DmaPath::Direct`]).
-    #[inline]
+    #[inline(always)]
     pub fn link(
         &mut self,
         tx: &mut IovaState,
@@ -1167,12 +1313,56 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
-        if len == PAGE_SIZE {
-            if let Some(r) = self.link_page_fast(tx, phys, offset, dir, attrs) {
-                return r;
+        // The per-page link of host memory, in the shape the last link had
+        // (see `IoPageTable::map_page_fast`): one combined test of the
+        // offset, the transaction's domain and kind, then the table's own
+        // one-page path. Any other call (nothing done) goes down
+        // `link_checked`, which checks each argument and names the error.
+        // The only failures here are `AlreadyMapped` (nothing changed) or
+        // `OutOfMemory` / `PhysTooLarge` for a table page (what was written
+        // is taken back and queued for invalidation, as on the full path).
+        // Written out here, not in a helper returning an outcome: the
+        // compiler then returns the common case without storing and
+        // re-reading a large `Result`.
+        if len == PAGE_SIZE && tx.takes_host_page(offset, self.token, attrs) {
+            if let Some(t) = self.inner.as_mut() {
+                // Page aligned (base and offset are) and inside the
+                // aperture, which `new` checked lies inside the table's
+                // input range.
+                let iova = tx.base() + offset;
+                match t.pt.map_page_in_range(iova, phys.0, link_attrs(attrs, dir)) {
+                    Some(Ok(())) => {
+                        t.mapped.add_page(iova);
+                        tx.linked += PAGE_SIZE;
+                        // The kind was nothing or host memory (the mask
+                        // above): host memory now.
+                        tx.owner |=
+                            (KIND_TRANSLATED << KIND_SHIFT) | (u64::from(dir as u8) << DIRS_SHIFT);
+                        return Ok(DmaAddr(iova));
+                    }
+                    Some(Err(e)) => return Err(self.link_page_failed(iova, e)),
+                    None => {}
+                }
             }
         }
         self.link_checked(tx, phys, offset, len, dir, attrs)
+    }
+
+    /// The per-page link's table write at `iova` failed with `e`: what a
+    /// failed link does after it ([`finish_link`]), off the per-call path.
+    #[cold]
+    #[inline(never)]
+    fn link_page_failed(&mut self, iova: u64, e: PageTableError) -> DmaError {
+        if let Some(t) = self.inner.as_mut() {
+            if matches!(
+                e,
+                PageTableError::OutOfMemory | PageTableError::PhysTooLarge { .. }
+            ) {
+                // As in `finish_link`: tables were written and taken back.
+                t.unmapped.add(iova, PAGE_SIZE, false);
+            }
+        }
+        e.into()
     }
 
     /// [`link`](Self::link) of any shape, every argument checked.
@@ -1186,53 +1376,10 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
-        if tx.linked != 0 && tx.dirs & HAS_PROVIDER != 0 {
+        if tx.linked != 0 && tx.dirs() & HAS_PROVIDER != 0 {
             return Err(DmaError::MixedP2p);
         }
         self.link_inner(tx, phys, offset, len, dir, attrs)
-    }
-
-    /// The per-page link of host memory into this domain's transaction, in
-    /// the shape the last link had (see `IoPageTable::map_page_fast`): one
-    /// combined test of the offset, the transaction's domain and kind, then
-    /// the table's own one-page path. `None` (nothing done) sends every
-    /// other call down [`link_checked`](Self::link_checked), which checks
-    /// each argument and names the error. The only error here is
-    /// `AlreadyLinked` (nothing changed) or `OutOfMemory` / `PhysTooLarge`
-    /// for a table page (what was written is taken back and queued for
-    /// invalidation, as on the full path).
-    #[inline(always)]
-    fn link_page_fast(
-        &mut self,
-        tx: &mut IovaState,
-        phys: PhysAddr,
-        offset: u64,
-        dir: DmaDirection,
-        attrs: MapAttrs,
-    ) -> Option<Result<DmaAddr, DmaError>> {
-        // A page-aligned offset below the (page-multiple) size: the page
-        // lies inside the transaction. Host memory into a transaction of
-        // this domain holding nothing or host memory only.
-        if !tx.holds_page(offset)
-            || tx.token != self.token
-            || attrs.contains(MapAttrs::MMIO)
-            || (tx.linked != 0
-                && (tx.kind != Some(DmaKind::Translated) || tx.dirs & HAS_PROVIDER != 0))
-        {
-            return None;
-        }
-        let t = self.inner.as_mut()?;
-        let iova = tx.base() + offset;
-        let r = t.pt.map_page_fast(iova, phys.0, link_attrs(attrs, dir))?;
-        Some(finish_link(
-            t,
-            tx,
-            iova,
-            PAGE_SIZE,
-            DmaKind::Translated,
-            dir,
-            r,
-        ))
     }
 
     #[inline(always)]
@@ -1285,7 +1432,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                 b: PAGE_SIZE,
             })?;
         let iova = Self::check_window(tx, offset, len)?;
-        if tx.linked != 0 && tx.dirs & HAS_PROVIDER != 0 {
+        if tx.linked != 0 && tx.dirs() & HAS_PROVIDER != 0 {
             return Err(DmaError::MixedP2p);
         }
         let kind = link_kind(tx, attrs)?;
@@ -1339,7 +1486,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             Err(_) => return Err(DmaError::MixedP2p),
         };
         let key = (provider.device.rid(), provider.device.segment);
-        if tx.linked != 0 && (tx.dirs & HAS_PROVIDER == 0 || tx.provider != key) {
+        if tx.linked != 0 && (tx.dirs() & HAS_PROVIDER == 0 || tx.provider != key) {
             return Err(DmaError::MixedP2p);
         }
         let ty = p2p
@@ -1352,7 +1499,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             P2pMapType::ThruHostBridge => {
                 let a = self.link_inner(tx, phys, offset, len, dir, MapAttrs::MMIO)?;
                 tx.provider = key;
-                tx.dirs |= HAS_PROVIDER;
+                tx.owner |= u64::from(HAS_PROVIDER) << DIRS_SHIFT;
                 Ok(a)
             }
             P2pMapType::BusAddr => {
@@ -1364,7 +1511,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                         client,
                     });
                 }
-                if tx.linked != 0 && tx.kind != Some(DmaKind::P2pBusAddr) {
+                if tx.linked != 0 && !tx.is_bus_addr() {
                     return Err(DmaError::MixedP2p);
                 }
                 self.translated(tx)?;
@@ -1397,8 +1544,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                     }
                 }
                 tx.linked += len;
-                tx.kind = Some(DmaKind::P2pBusAddr);
-                tx.dirs |= dir as u8 | HAS_PROVIDER;
+                tx.record_links(DmaKind::P2pBusAddr, tx.dirs() | dir as u8 | HAS_PROVIDER);
                 tx.provider = key;
                 Ok(DmaAddr(provider.bus_addr(phys).0))
             }
@@ -1586,42 +1732,38 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     ///   of the linked run (unlink from either end).
     ///
     /// Nothing changes on an error.
-    #[inline]
+    #[inline(always)]
     pub fn unlink(&mut self, tx: &mut IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
-        if len == PAGE_SIZE {
-            if let Some(r) = self.unlink_page_fast(tx, offset) {
-                return r;
+        // The per-page unlink of a linked page of a translated transaction
+        // of this domain (see `IoPageTable::unmap_page_fast`). Any other
+        // call (nothing done) goes down `unlink_checked`, which checks each
+        // argument and names the error.
+        if len == PAGE_SIZE
+            && tx.holds_page(offset)
+            && tx.token() == self.token
+            && !tx.is_bus_addr()
+        {
+            if let Some(t) = self.inner.as_mut() {
+                // Page aligned and inside the aperture (see `link`).
+                let iova = tx.base() + offset;
+                if let Some(out) = t.pt.unmap_page_in_range(iova) {
+                    if out.freed_tables {
+                        t.unmapped.add(iova, PAGE_SIZE, false);
+                    } else {
+                        t.unmapped.add_page(iova);
+                    }
+                    // A page of the transaction was linked, through it
+                    // (nothing else writes its range): `linked` counts it.
+                    debug_assert!(tx.linked >= PAGE_SIZE);
+                    tx.linked = tx.linked.wrapping_sub(PAGE_SIZE);
+                    if tx.linked == 0 {
+                        tx.forget_links();
+                    }
+                    return Ok(PAGE_SIZE);
+                }
             }
         }
         self.unlink_checked(tx, offset, len)
-    }
-
-    /// The per-page unlink of a linked page of a translated transaction of
-    /// this domain (see `IoPageTable::unmap_page_fast`). `None` (nothing
-    /// done) sends every other call down
-    /// [`unlink_checked`](Self::unlink_checked), which checks each argument
-    /// and names the error.
-    #[inline(always)]
-    fn unlink_page_fast(
-        &mut self,
-        tx: &mut IovaState,
-        offset: u64,
-    ) -> Option<Result<u64, DmaError>> {
-        if !tx.holds_page(offset) || tx.token != self.token || tx.kind == Some(DmaKind::P2pBusAddr)
-        {
-            return None;
-        }
-        let t = self.inner.as_mut()?;
-        let iova = tx.base() + offset;
-        let out = t.pt.unmap_page_fast(iova)?;
-        t.unmapped.add(iova, PAGE_SIZE, !out.freed_tables);
-        tx.linked = tx.linked.saturating_sub(PAGE_SIZE);
-        if tx.linked == 0 {
-            tx.kind = None;
-            tx.dirs = 0;
-            tx.provider = (0, 0);
-        }
-        Some(Ok(PAGE_SIZE))
     }
 
     /// [`unlink`](Self::unlink) of any shape, every argument checked.
@@ -1634,7 +1776,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     ) -> Result<u64, DmaError> {
         let iova = Self::check_window(tx, offset, len)?;
         let t = self.translated(tx)?;
-        let bytes = if tx.kind == Some(DmaKind::P2pBusAddr) {
+        let bytes = if tx.is_bus_addr() {
             // Bus-address links never reached the IOMMU: only the run of
             // linked offsets changes, and only at either end.
             let (s, e) = tx.bus_run();
@@ -1664,9 +1806,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         tx.linked = tx.linked.saturating_sub(bytes);
         if tx.linked == 0 {
             // Nothing linked: the next link may be of any kind.
-            tx.kind = None;
-            tx.dirs = 0;
-            tx.provider = (0, 0);
+            tx.forget_links();
         }
         Ok(bytes)
     }
@@ -1703,7 +1843,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             Ok(i) => i,
             Err(e) => return Err((tx, e)),
         };
-        if tx.linked != 0 && tx.kind != Some(DmaKind::P2pBusAddr) {
+        if tx.linked != 0 && !tx.is_bus_addr() {
             // The range is the transaction's own (checked against the
             // aperture when it was made): cannot fail.
             if let Ok(out) = t.pt.unmap_present(DmaAddr(range.start), range.size) {
@@ -1776,7 +1916,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         };
         let linked = link(self, &mut tx);
         let done = match linked {
-            Ok(_) if tx.kind == Some(DmaKind::P2pBusAddr) => Ok(()),
+            Ok(_) if tx.is_bus_addr() => Ok(()),
             Ok(_) => self.sync(backend),
             Err(e) => Err(e),
         };
@@ -1800,7 +1940,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         backend: &mut B,
         m: Mapping,
     ) -> Result<(), DmaError> {
-        if m.state.kind == Some(DmaKind::P2pBusAddr) {
+        if m.state.is_bus_addr() {
             // Nothing reached the IOMMU: nothing to invalidate or wait for.
             return self.free(m.state).map_err(|(_, e)| e);
         }

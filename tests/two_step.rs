@@ -758,3 +758,214 @@ fn per_page_calls_after_a_warm_link_keep_every_refusal() {
     d.destroy(t, &mut be).unwrap();
     other.free(t2).unwrap();
 }
+
+/// Issue 11 §2: the per-page paths test the offset with one mask built from
+/// the state's size bits; a fixed-IOVA transaction (any size, not a power of
+/// two) lets only its first page through that test, and every page past its
+/// exact end is refused, on link and unlink, after a warm link.
+#[test]
+fn per_page_calls_in_a_fixed_transaction_stay_inside_its_exact_size() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let base = 0x4000_0000;
+    let mut t = d.try_alloc_at(DmaAddr(base), 3 * PAGE).unwrap();
+    assert_eq!(t.size(), 3 * PAGE);
+    for i in 0..3 {
+        let a = d
+            .link(
+                &mut t,
+                PhysAddr(0x10_0000 + i * PAGE),
+                i * PAGE,
+                PAGE,
+                RW,
+                MapAttrs::empty(),
+            )
+            .unwrap();
+        assert_eq!(a, DmaAddr(base + i * PAGE));
+    }
+    // Past the exact end (3 pages), and past the next power of two.
+    for off in [3 * PAGE, 4 * PAGE, 8 * PAGE] {
+        let e = d
+            .link(
+                &mut t,
+                PhysAddr(0x20_0000),
+                off,
+                PAGE,
+                RW,
+                MapAttrs::empty(),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, DmaError::OutsideTransaction { .. }),
+            "link at {off:#x}: {e:?}"
+        );
+        assert_eq!(
+            d.translate(DmaAddr(base + off)),
+            None,
+            "linked outside at {off:#x}"
+        );
+        let e = d.unlink(&mut t, off, PAGE).unwrap_err();
+        assert!(
+            matches!(e, DmaError::OutsideTransaction { .. }),
+            "unlink at {off:#x}: {e:?}"
+        );
+    }
+    assert_eq!(t.linked(), 3 * PAGE);
+    for i in [0, 2, 1] {
+        assert_eq!(d.unlink(&mut t, i * PAGE, PAGE), Ok(PAGE));
+    }
+    assert!(matches!(
+        d.unlink(&mut t, 0, PAGE),
+        Err(DmaError::NotLinked { .. })
+    ));
+    assert_eq!((t.linked(), t.kind()), (0, None));
+    d.destroy(t, &mut be).unwrap();
+}
+
+/// Issue 11 §2: per-page unlinks in any order (runs, steps back, jumps,
+/// more separate ranges than the pending list holds) are all invalidated
+/// by the next sync.
+#[test]
+fn per_page_unlinks_in_any_order_are_all_invalidated_at_the_sync() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 128 * PAGE);
+    for i in 0..128 {
+        d.link(
+            &mut t,
+            PhysAddr(0x100_0000 + i * PAGE),
+            i * PAGE,
+            PAGE,
+            RW,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+    }
+    d.sync(&mut be).unwrap();
+    let orders: [&[u64]; 2] = [
+        // Runs, a step back that touches the last range, jumps.
+        &[10, 11, 12, 5, 6, 20, 19, 18, 30, 0, 1, 2, 13, 9],
+        // More separate ranges than the list holds (every other page).
+        &[
+            40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62, 64, 66, 68, 70, 72, 74, 76, 78,
+        ],
+    ];
+    for order in orders {
+        for &i in order {
+            assert_eq!(d.unlink(&mut t, i * PAGE, PAGE), Ok(PAGE));
+        }
+        d.sync(&mut be).unwrap();
+        for &i in order {
+            assert!(
+                be.covered_since_last_sync(1, t.iova().0 + i * PAGE, PAGE),
+                "page {i} unlinked but not invalidated: {:?}",
+                be.log
+            );
+        }
+    }
+    d.destroy(t, &mut be).unwrap();
+}
+
+/// Issue 11 §2: a per-page link (warm path) whose table walk runs out of
+/// table memory takes back what it attached and has it invalidated, walk
+/// caches included, before the tables go back to the lender.
+#[test]
+fn per_page_link_out_of_table_memory_invalidates_what_it_took_back() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 2 << 30);
+    d.link(&mut t, PhysAddr(0x10_0000), 0, PAGE, RW, MapAttrs::empty())
+        .unwrap();
+    d.sync(&mut be).unwrap();
+    let before = mem.live_pages();
+    // A page in the next 1 GiB: a level-2 table (and its side page) is
+    // attached, then the leaf table is refused.
+    mem.set_budget(Some(2));
+    let far = t.iova().0 + (1 << 30);
+    assert_eq!(
+        d.link(
+            &mut t,
+            PhysAddr(0x20_0000),
+            1 << 30,
+            PAGE,
+            RW,
+            MapAttrs::empty()
+        ),
+        Err(DmaError::OutOfMemory)
+    );
+    mem.set_budget(None);
+    assert_eq!(t.linked(), PAGE);
+    assert_eq!(d.translate(DmaAddr(far)), None);
+    assert!(d.has_pending(), "the taken-back table waits for a sync");
+    d.sync(&mut be).unwrap();
+    assert!(
+        be.log.iter().any(|c| matches!(
+            *c,
+            Call::Invalidate { domain: 1, iova, len, leaf_only: false }
+                if iova.0 <= far && far < iova.0 + len
+        )),
+        "no walk-cache invalidation of the taken-back table: {:?}",
+        be.log
+    );
+    assert_eq!(
+        mem.live_pages(),
+        before,
+        "the taken-back pages are given back after the sync"
+    );
+    d.destroy(t, &mut be).unwrap();
+}
+
+/// Issue 11 §2: the per-page link decides with one masked compare of the
+/// state's owner word; that compare refuses a transaction already holding
+/// device memory (host-bridge P2P) even when the table's own one-page path
+/// would take the page (same attributes as the last link, leaf table
+/// cached): mixed kinds are refused and nothing is linked.
+#[test]
+fn per_page_host_link_into_a_device_memory_transaction_is_mixed() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let mut host = tx(&mut d, 4 * PAGE);
+    let mut dev = tx(&mut d, 4 * PAGE);
+    d.link(&mut dev, PhysAddr(0x9000_0000), 0, PAGE, RW, MapAttrs::MMIO)
+        .unwrap();
+    assert_eq!(dev.kind(), Some(DmaKind::P2pThruHostBridge));
+    for i in 0..3 {
+        // Warm the one-page path with host attributes (in the same leaf
+        // table), then try a host page in the device-memory transaction.
+        d.link(
+            &mut host,
+            PhysAddr(0x10_0000 + i * PAGE),
+            i * PAGE,
+            PAGE,
+            RW,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+        let off = (i + 1) * PAGE;
+        assert_eq!(
+            d.link(
+                &mut dev,
+                PhysAddr(0x20_0000),
+                off,
+                PAGE,
+                RW,
+                MapAttrs::empty()
+            ),
+            Err(DmaError::MixedP2p)
+        );
+        assert_eq!(d.translate(DmaAddr(dev.iova().0 + off)), None);
+    }
+    assert_eq!(
+        (dev.linked(), dev.kind()),
+        (PAGE, Some(DmaKind::P2pThruHostBridge))
+    );
+    // Unlinking the device page is a per-page unlink like any other.
+    assert_eq!(d.unlink(&mut dev, 0, PAGE), Ok(PAGE));
+    assert_eq!((dev.linked(), dev.kind(), dev.direction()), (0, None, None));
+    d.destroy(dev, &mut be).unwrap();
+    d.destroy(host, &mut be).unwrap();
+}

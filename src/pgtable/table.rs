@@ -761,13 +761,29 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         pa: u64,
         attrs: MapAttrs,
     ) -> Option<Result<(), PageTableError>> {
-        // Page aligned, below the input and output limits (both multiples
-        // of 4 KiB, so the page's end is below them too).
-        if (iova | pa) & (PAGE_SIZE - 1) != 0
-            || iova >= self.ias_limit
-            || pa >= self.oa_limit
-            || attrs != self.page_bits.0
-        {
+        // Page aligned, below the input limit (a multiple of 4 KiB, so the
+        // page's end is below it too).
+        if iova & (PAGE_SIZE - 1) != 0 || iova >= self.ias_limit {
+            return None;
+        }
+        self.map_page_in_range(iova, pa, attrs)
+    }
+
+    /// [`map_page_fast`](Self::map_page_fast) for an `iova` the caller
+    /// proved page aligned and below `1 << ias_bits()` (a page of a
+    /// transaction, which lies inside the aperture, which lies inside the
+    /// input range): the rest of its checks, one test each.
+    #[inline(always)]
+    pub(crate) fn map_page_in_range(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        attrs: MapAttrs,
+    ) -> Option<Result<(), PageTableError>> {
+        debug_assert!(iova % PAGE_SIZE == 0 && iova < self.ias_limit);
+        // Page aligned, below the output limit (a multiple of 4 KiB, so the
+        // page's end is below it too).
+        if pa & (PAGE_SIZE - 1) != 0 || pa >= self.oa_limit || attrs != self.page_bits.0 {
             return None;
         }
         let (leaf, slot, created) = if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
@@ -815,6 +831,14 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if iova & (PAGE_SIZE - 1) != 0 || iova >= self.ias_limit {
             return None;
         }
+        self.unmap_page_in_range(iova)
+    }
+
+    /// [`unmap_page_fast`](Self::unmap_page_fast) for an `iova` the caller
+    /// proved page aligned and below `1 << ias_bits()`.
+    #[inline(always)]
+    pub(crate) fn unmap_page_in_range(&mut self, iova: u64) -> Option<UnmapOutcome> {
+        debug_assert!(iova % PAGE_SIZE == 0 && iova < self.ias_limit);
         let (leaf, slot) = self.leaf_table_present(iova)?;
         let i = index(iova, 0);
         if !self.present(self.read(leaf, i), 0) {
