@@ -291,7 +291,10 @@ struct Seen {
 /// The hardware side, running on its own thread.
 struct Fake {
     stop: Arc<AtomicBool>,
+    /// Whether the fake may step; read by its thread under `gate`.
     paused: Arc<AtomicBool>,
+    /// Held by the fake's thread for each step (see [`Fake::pause`]).
+    gate: Arc<Mutex<()>>,
     seen: Arc<Mutex<Seen>>,
     watch_bypass: Arc<AtomicBool>,
     handle: Option<thread::JoinHandle<()>>,
@@ -321,11 +324,16 @@ impl Fake {
             shift: mem.shift(),
             blocks: mem.blocks.clone(),
         };
+        let gate = Arc::new(Mutex::new(()));
         let (r, s, p, log) = (regs.clone(), stop.clone(), paused.clone(), seen.clone());
+        let g = gate.clone();
         let handle = thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
-                if !p.load(Ordering::SeqCst) {
-                    step(&r, &log, &ctx);
+                {
+                    let _step = g.lock().unwrap_or_else(|e| e.into_inner());
+                    if !p.load(Ordering::SeqCst) {
+                        step(&r, &log, &ctx);
+                    }
                 }
                 thread::yield_now();
             }
@@ -333,11 +341,25 @@ impl Fake {
         Self {
             stop,
             paused,
+            gate,
             seen,
             watch_bypass,
             handle: Some(handle),
         }
     }
+    /// Stops the fake between two steps: when this returns, no step is
+    /// running and none starts until [`resume`](Self::resume), so a test
+    /// can set registers to a state the hardware would only reach at once
+    /// (a stopped queue) without the fake acting on half of it.
+    fn pause(&self) {
+        let _no_step = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
     fn commands(&self) -> Vec<[u64; 2]> {
         self.seen.lock().unwrap().commands.clone()
     }
@@ -1015,7 +1037,7 @@ fn strict_smmu_handle_irq_keeps_the_open_batch_and_returns_the_queue_error() {
     let (regs, fake, mut s) = started(small_budget());
     // The queue stopped on its last consumed command (a CMD_SYNC): as if a
     // sync had timed out earlier.
-    fake.paused.store(true, Ordering::SeqCst);
+    fake.pause();
     let cons = regs.get(CMDQ_CONS);
     let stopped_at = (cons & 0xff).wrapping_sub(1) & 0x1ff;
     regs.set(CMDQ_CONS, stopped_at | 1 << 24);
@@ -1030,7 +1052,7 @@ fn strict_smmu_handle_irq_keeps_the_open_batch_and_returns_the_queue_error() {
     // Nothing new published: the half-built batch is still the caller's.
     assert_eq!(regs.get(CMDQ_PROD), prod);
     assert_eq!(regs.get(GERROR) ^ regs.get(GERRORN), 0);
-    fake.paused.store(false, Ordering::SeqCst);
+    fake.resume();
     // The caller's sync publishes its batch and learns of the error too.
     assert!(matches!(s.sync_commands(), Err(SmmuError::Command(_))));
     assert_eq!(fake.opcodes().iter().filter(|&&o| o == 0x11).count(), 1);
@@ -1282,6 +1304,9 @@ fn cmdq_error_at_an_unpublished_slot_is_refused_and_the_batch_kept() {
     let (regs, fake, mut s) = started(small_budget());
     let published = regs.get(CMDQ_PROD);
     assert_eq!(regs.get(CMDQ_CONS), published, "init's commands consumed");
+    // The SMMU stops at once: the fake must not consume from the garbage
+    // CONS below before GERROR says the queue stopped.
+    fake.pause();
     // A batch the SMMU has not been shown yet.
     s.queue_command(Command::cfgi_all()).unwrap();
     s.queue_command(Command::tlbi_nh_asid(0, 5)).unwrap();
@@ -1308,7 +1333,9 @@ fn cmdq_error_past_what_was_published_fails_the_sync_with_a_typed_error() {
     let (regs, fake, mut s) = started(small_budget());
     let published = regs.get(CMDQ_PROD);
     // The SMMU stops (GERROR.CMDQ_ERR) and blames the slot after the sync
-    // about to be published: nothing there was ever given to it.
+    // about to be published: nothing there was ever given to it. (The fake
+    // is paused so it never sees one register changed without the other.)
+    fake.pause();
     regs.set(GERROR, regs.get(GERROR) ^ 1);
     regs.set(CMDQ_CONS, (published + 1) | 1 << 24);
     let before = cmdq_slot(&regs, published + 1);
