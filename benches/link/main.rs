@@ -800,7 +800,9 @@ fn tables() -> String {
             return String::new();
         };
         let peer = who.split('/').nth(1).unwrap_or(who);
+        let is_peer = !peer.starts_with("ours") && peer != "limit";
         let mark = match different_call(op, peer) {
+            Some(_) if !is_peer => "",
             Some(_) if matches!(op, Op::LinkSg(_)) => " ¹",
             Some(_) => " ²",
             None => "",

@@ -847,7 +847,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         self.write(leaf, i, 0);
         self.clean_entries(leaf, i, i + 1);
         self.count_sub(slot, 1);
-        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_tables(iova, 0);
+        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
             bytes: PAGE_SIZE,
             freed_tables,
@@ -1065,7 +1065,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         self.clean_entries(leaf, i0, i1);
         self.count_sub(slot, n as u64);
-        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_tables(iova, 0);
+        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
             bytes: end - iova,
             freed_tables,
@@ -1078,6 +1078,18 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// them as [`clear_rec`](Self::clear_rec) does. Returns whether any
     /// table was detached.
     #[inline(never)]
+    fn detach_empty_leaf_table(&mut self, iova: u64) -> bool {
+        self.detach_empty_tables(iova, 0)
+    }
+
+    /// [`detach_empty_tables`](Self::detach_empty_tables) above a block's
+    /// table at height `from`.
+    #[inline(never)]
+    fn detach_empty_tables_from(&mut self, iova: u64, from: u32) -> bool {
+        self.detach_empty_tables(iova, from)
+    }
+
+    #[inline(always)]
     fn detach_empty_tables(&mut self, iova: u64, from: u32) -> bool {
         // The node (table, side page, count slot) holding the entry that
         // leads down, and that entry's index, by height.
@@ -1372,7 +1384,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         let freed_tables = table != self.root
             && h != self.kept_height
             && self.is_empty_at(slot, table, h)
-            && self.detach_empty_tables(iova, h);
+            && self.detach_empty_tables_from(iova, h);
         Some(UnmapOutcome {
             bytes: len,
             freed_tables,
