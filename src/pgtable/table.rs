@@ -7,6 +7,8 @@ use crate::barrier::wmb_on;
 use crate::error::PageTableError;
 use crate::mem::TableMemory;
 
+mod concurrent;
+
 /// Entries per 4 KiB table.
 const ENTRIES: usize = 512;
 /// Bits of input address resolved per level.
@@ -153,6 +155,9 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// descriptor at address 0, so a one-page map with the same attributes
     /// only ORs in the address (the `PteFormat::leaf` contract).
     page_bits: (MapAttrs, u64),
+    /// Table and side pages attached by the shared-access path
+    /// (`concurrent.rs`), not yet folded into `table_pages` / `side_pages`.
+    shared_lent: concurrent::SharedLent,
 }
 
 #[inline]
@@ -252,6 +257,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
             oa_limit: 1u64 << fmt.oa_bits(),
             page_bits: (RW, fmt.leaf(PhysAddr(0), 0, RW)),
+            shared_lent: concurrent::SharedLent::new(),
             fmt,
         })
     }
@@ -283,7 +289,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// Table pages currently attached (root included).
     pub fn table_pages(&self) -> usize {
-        self.table_pages
+        self.table_pages + self.shared_lent.tables()
     }
 
     /// Side pages lent: one per upper table attached (the root's included),
@@ -291,7 +297,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// never reads them. Lent pages in all: `table_pages() + side_pages()
     /// + retired_pages()`.
     pub fn side_pages(&self) -> usize {
-        self.side_pages
+        self.side_pages + self.shared_lent.sides()
     }
 
     /// Table pages (and their side pages) detached and waiting for

@@ -179,8 +179,9 @@ mod assertions {
         sync::<SharedDomain<ArmStage1, M>>();
     }
 
-    fn shared_domain_needs_only_send<M: TableMemory + Send>() {
+    fn shared_domain_needs_a_sync_lender<M: TableMemory + Send + Sync>() {
         sync::<SharedDomain<ArmStage1, M>>();
+        send::<SharedDomain<ArmStage1, M>>();
     }
 
     fn drivers<M: TableMemory + Send + 'static>() {
