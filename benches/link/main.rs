@@ -847,9 +847,13 @@ fn main() {
         profile(&what, &arena);
         return;
     }
-    if std::env::var("BENCH_THREADS_ONLY").is_ok() {
-        // A short smoke run of the threads line alone.
-        println!("{}", threads::line(2_000, 1));
+    if let Ok(v) = std::env::var("BENCH_THREADS_ONLY") {
+        // A short smoke run of the threads line alone (`=N`: N transactions
+        // per sample, 3 samples, when N > 1).
+        match v.parse::<u64>() {
+            Ok(n) if n > 1 => println!("{}", threads::line(n, 3)),
+            _ => println!("{}", threads::line(2_000, 1)),
+        }
         return;
     }
     let facts = facts(&arena);

@@ -4,7 +4,7 @@ use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64 as StatU64, AtomicUsize
 
 use super::SplitSync;
 use super::lock::{IrqLock, SLOTS, ShardedRwLock};
-use super::sync::{AtomicU64, Ordering};
+use super::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::error::DmaError;
 use crate::iova::{IovaAllocator, IovaRange};
@@ -87,10 +87,10 @@ struct Shard {
 /// context (it spins on its locks).
 pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     dom: ShardedRwLock<Guarded<F, M>>,
-    shards: [IrqLock<Shard>; SHARDS],
+    shards: [Padded<IrqLock<Shard>>; SHARDS],
     /// Pending ranges of what no shard holds (the write side's work,
     /// transactions from the domain's allocator).
-    global: IrqLock<Side>,
+    global: Padded<IrqLock<Side>>,
     /// Each shard's chunk `[start, end)` once granted (never changes after).
     bounds: [(StatU64, StatU64); SHARDS],
     /// Which stack region claimed each shard (`home`).
@@ -99,8 +99,35 @@ pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     chunk: u64,
     translated: bool,
     id: u16,
+    st: Padded<SyncState>,
+}
+
+fn no_irq<T>(_: &mut T) {}
+
+/// `T` alone on its cache lines (128 bytes: the line pair some Arm and x86
+/// parts fetch together), so that one CPU's writes there never evict what
+/// another reads.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> core::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// What syncs write, apart from what every link and unlink reads.
+struct SyncState {
     /// Serialises the queueing halves of syncs.
-    sync_lock: IrqLock<()>,
+    lock: IrqLock<()>,
+    /// Bit `k`: shard `k`'s pending ranges (bit [`SHARDS`]: the
+    /// domain-wide ones) went from empty to not empty since a sync last
+    /// took this bit (see `sync`).
+    pending_mask: AtomicU32,
+    /// Table pages retired and not handed back, as the write side last
+    /// left it (retiring happens only there).
+    retired: AtomicUsize,
     /// Last completion ticket submitted by a sync, and the last one seen done.
     last_ticket: AtomicU64,
     done_ticket: AtomicU64,
@@ -109,8 +136,6 @@ pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     /// A shard's list of empty leaf tables is full: reclaim at a sync.
     reclaim_wanted: AtomicBool,
 }
-
-fn no_irq<T>(_: &mut T) {}
 
 impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// Shares `dom`.
@@ -128,25 +153,29 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         Self {
             dom: ShardedRwLock::new(Guarded { dom, popped: 0 }),
             shards: core::array::from_fn(|_| {
-                IrqLock::new(
+                Padded(IrqLock::new(
                     Shard {
                         alloc: None,
                         side: Side::new(),
                     },
                     no_irq,
-                )
+                ))
             }),
-            global: IrqLock::new(Side::new(), no_irq),
+            global: Padded(IrqLock::new(Side::new(), no_irq)),
             bounds: core::array::from_fn(|_| (StatU64::new(0), StatU64::new(0))),
             owners: core::array::from_fn(|_| AtomicUsize::new(0)),
             chunk,
             translated,
             id,
-            sync_lock: IrqLock::new((), no_irq),
-            last_ticket: AtomicU64::new(0),
-            done_ticket: AtomicU64::new(0),
-            maps: AtomicU8::new(0),
-            reclaim_wanted: AtomicBool::new(false),
+            st: Padded(SyncState {
+                lock: IrqLock::new((), no_irq),
+                pending_mask: AtomicU32::new(0),
+                retired: AtomicUsize::new(0),
+                last_ticket: AtomicU64::new(0),
+                done_ticket: AtomicU64::new(0),
+                maps: AtomicU8::new(0),
+                reclaim_wanted: AtomicBool::new(false),
+            }),
         }
     }
 
@@ -158,7 +187,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     pub fn into_inner(self) -> Domain<F, M> {
         let mut g = self.dom.into_inner();
         let mut all = SharedPending::new();
-        for s in self.shards {
+        for Padded(s) in self.shards {
             let mut s = s.into_inner();
             s.side.pending.drain_into(&mut all);
             if let Some(a) = s.alloc {
@@ -167,7 +196,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 }
             }
         }
-        self.global.into_inner().pending.drain_into(&mut all);
+        self.global.0.into_inner().pending.drain_into(&mut all);
         g.dom.exclusive_done(&mut SharedPending::new());
         g.dom.absorb_pending(all);
         g.dom
@@ -218,9 +247,21 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     #[inline]
     fn side<R>(&self, addr: u64, f: impl FnOnce(&mut Side) -> R) -> R {
         match self.shard_of(addr) {
-            Some(k) => self.shards[k].with(|s| f(&mut s.side)),
-            None => self.global.with(f),
+            Some(k) => self.shards[k].with(|s| self.marked(&mut s.side, k, f)),
+            None => self.global.with(|s| self.marked(s, SHARDS, f)),
         }
+    }
+
+    /// Runs `f` on side `k` (its lock held) and sets bit `k` of
+    /// `pending_mask` when its pending ranges went from empty to not empty.
+    #[inline]
+    fn marked<R>(&self, side: &mut Side, k: usize, f: impl FnOnce(&mut Side) -> R) -> R {
+        let was_empty = side.pending.is_empty(true);
+        let r = f(side);
+        if was_empty && !side.pending.is_empty(true) {
+            self.st.pending_mask.fetch_or(1 << k, Ordering::AcqRel);
+        }
+        r
     }
 
     /// Runs `f` on the write side; the domain's own pending ranges move to
@@ -232,8 +273,12 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             let mut moved = SharedPending::new();
             g.dom.exclusive_done(&mut moved);
             if !moved.is_empty(true) {
-                self.global.with(|s| moved.drain_into(&mut s.pending));
+                self.global
+                    .with(|s| self.marked(s, SHARDS, |s| moved.drain_into(&mut s.pending)));
             }
+            self.st
+                .retired
+                .store(g.dom.retired_pages(), core::sync::atomic::Ordering::Release);
             r
         })
     }
@@ -249,7 +294,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             s.empties.is_full()
         });
         if full {
-            self.reclaim_wanted
+            self.st
+                .reclaim_wanted
                 .store(true, core::sync::atomic::Ordering::Relaxed);
         }
     }
@@ -257,7 +303,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// Whether linked ranges must be recorded (until a sync said no).
     #[inline]
     fn maps_needed(&self) -> bool {
-        self.maps.load(core::sync::atomic::Ordering::Relaxed) != 1
+        self.st.maps.load(core::sync::atomic::Ordering::Relaxed) != 1
     }
 
     /// Runs `f` on the domain on the write side, for what has no method
@@ -450,7 +496,9 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         }
         let full = self.shards[k].with(|s| {
             if let Some((start, size)) = Domain::<F, M>::tx_linked_range(&tx) {
-                s.side.pending.unmapped(start, size, leaf_only);
+                self.marked(&mut s.side, k, |side| {
+                    side.pending.unmapped(start, size, leaf_only);
+                });
             }
             for a in &empties {
                 let region = a & !(MIN_CHUNK - 1);
@@ -466,7 +514,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             s.side.empties.is_full()
         });
         if full {
-            self.reclaim_wanted
+            self.st
+                .reclaim_wanted
                 .store(true, core::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
@@ -486,7 +535,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             .iter()
             .any(|s| s.with(|s| !s.side.pending.is_empty(maps)))
             || self.global.with(|s| !s.pending.is_empty(maps))
-            || self.dom.read(self.home(), |g| g.dom.retired_pages() != 0)
+            || self.st.retired.load(core::sync::atomic::Ordering::Acquire) != 0
     }
 
     /// Reclaims the empty leaf tables the shards noted (and the tables
@@ -495,13 +544,15 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// invalidation queued for this sync.
     fn maybe_reclaim(&self) {
         if !self
+            .st
             .reclaim_wanted
             .load(core::sync::atomic::Ordering::Relaxed)
         {
             return;
         }
         let _ = self.dom.try_write(|g| {
-            self.reclaim_wanted
+            self.st
+                .reclaim_wanted
                 .store(false, core::sync::atomic::Ordering::Relaxed);
             let mut into = SharedPending::new();
             for s in self.shards.iter() {
@@ -515,7 +566,11 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 g.dom.reclaim_empty(a, &mut into);
             }
             g.dom.exclusive_done(&mut into);
-            self.global.with(|s| into.drain_into(&mut s.pending));
+            self.global
+                .with(|s| self.marked(s, SHARDS, |s| into.drain_into(&mut s.pending)));
+            self.st
+                .retired
+                .store(g.dom.retired_pages(), core::sync::atomic::Ordering::Release);
         });
     }
 
@@ -523,9 +578,11 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// (waiting for the write side), as a sync does once a list fills up.
     #[doc(hidden)]
     pub fn reclaim_now(&self) {
-        self.reclaim_wanted
+        self.st
+            .reclaim_wanted
             .store(true, core::sync::atomic::Ordering::Relaxed);
         while self
+            .st
             .reclaim_wanted
             .load(core::sync::atomic::Ordering::Relaxed)
         {
@@ -553,18 +610,46 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         } else {
             1
         };
-        self.maps.store(maps, core::sync::atomic::Ordering::Relaxed);
+        if self.st.maps.load(core::sync::atomic::Ordering::Relaxed) != maps {
+            self.st
+                .maps
+                .store(maps, core::sync::atomic::Ordering::Relaxed);
+        }
         self.maybe_reclaim();
+        // Fast path: no shard has pending ranges, no table waits, no other
+        // sync is between taking ranges and queueing their completion.
+        // (An unlink that returned before this sync began set its shard's
+        // bit before returning; a sync that took the bit since did so under
+        // `sync_lock` and, if it released it, raised `last_ticket` first.)
+        if self.st.pending_mask.load(Ordering::Acquire) == 0
+            && self.st.retired.load(core::sync::atomic::Ordering::Acquire) == 0
+            && !self.st.lock.is_locked()
+        {
+            let ticket = self.st.last_ticket.load(Ordering::Acquire);
+            self.dom.read(self.home(), |g| g.dom.publish(backend))?;
+            if ticket > self.st.done_ticket.load(Ordering::Acquire) {
+                self.wait_for(backend, ticket)?;
+            }
+            return Ok(());
+        }
         let k = self.home();
-        let begun = self.sync_lock.with(|()| {
+        let begun = self.st.lock.with(|()| {
             self.dom.read(k, |g| {
+                // Take the bits first, then the ranges: a range added after
+                // its side was drained sets the bit again.
+                let bits = self.st.pending_mask.swap(0, Ordering::AcqRel);
                 let mut all = SharedPending::new();
-                for s in self.shards.iter() {
-                    s.with(|s| s.side.pending.drain_into(&mut all));
+                for (i, s) in self.shards.iter().enumerate() {
+                    if bits & (1 << i) != 0 {
+                        s.with(|s| s.side.pending.drain_into(&mut all));
+                    }
                 }
-                self.global.with(|s| s.pending.drain_into(&mut all));
+                if bits & (1 << SHARDS) != 0 {
+                    self.global.with(|s| s.pending.drain_into(&mut all));
+                }
                 let put_back = |mut all: SharedPending| {
-                    self.global.with(|s| all.drain_into(&mut s.pending));
+                    self.global
+                        .with(|s| self.marked(s, SHARDS, |s| all.drain_into(&mut s.pending)));
                 };
                 let queued = match g.dom.queue_shared(&all, backend) {
                     Ok(q) => q,
@@ -577,8 +662,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                     // Nothing here, but another CPU's sync may have taken
                     // ranges of unlinks that returned before this sync
                     // began and not seen its completion yet: wait for it.
-                    let last = self.last_ticket.load(Ordering::Acquire);
-                    let done = self.done_ticket.load(Ordering::Acquire);
+                    let last = self.st.last_ticket.load(Ordering::Acquire);
+                    let done = self.st.done_ticket.load(Ordering::Acquire);
                     return Ok((last > done).then(|| (g.dom.shared_begun(last, g.popped), 0)));
                 }
                 let ticket = match backend.submit() {
@@ -588,7 +673,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                         return Err(e.into());
                     }
                 };
-                self.last_ticket.fetch_max(ticket, Ordering::AcqRel);
+                // Under `sync_lock`: tickets only grow here.
+                self.st.last_ticket.store(ticket, Ordering::Release);
                 Ok(Some((
                     g.dom.shared_begun(ticket, g.popped),
                     g.dom.retired_pages(),
@@ -599,17 +685,35 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             return Ok(());
         };
         // No lock held: other CPUs link, unlink and sync meanwhile.
-        if let Err(e) = backend.wait(begun.ticket) {
-            self.global.with(|s| s.pending.set_overflow());
-            return Err(e.into());
-        }
-        self.done_ticket.fetch_max(begun.ticket, Ordering::AcqRel);
+        self.wait_for(backend, begun.ticket)?;
         if retired != 0 {
             self.dom.write(|g| {
                 let popped = g.popped;
                 let freed = g.dom.sync_finish(begun, popped);
                 g.popped += freed as u64;
+                self.st
+                    .retired
+                    .store(g.dom.retired_pages(), core::sync::atomic::Ordering::Release);
             });
+        }
+        Ok(())
+    }
+
+    /// Waits for `ticket`; a failure makes the next sync invalidate the
+    /// whole domain (the ranges the completion covered were taken).
+    fn wait_for<B: SplitSync + ?Sized>(
+        &self,
+        backend: &mut B,
+        ticket: u64,
+    ) -> Result<(), DmaError> {
+        if let Err(e) = backend.wait(ticket) {
+            self.global.with(|s| {
+                self.marked(s, SHARDS, |s| s.pending.set_overflow());
+            });
+            return Err(e.into());
+        }
+        if ticket > self.st.done_ticket.load(Ordering::Relaxed) {
+            self.st.done_ticket.fetch_max(ticket, Ordering::AcqRel);
         }
         Ok(())
     }

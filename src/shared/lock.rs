@@ -73,6 +73,12 @@ impl<T> IrqLock<T> {
         unsafe { self.data.with_mut(f) }
     }
 
+    /// Whether some CPU holds the lock now (Acquire: what its last holder
+    /// did before releasing it is visible when this says `false`).
+    pub(crate) fn is_locked(&self) -> bool {
+        self.state.load(Ordering::Acquire) & LOCKED != 0
+    }
+
     /// Runs `f` under the lock if it is free now; `None` (nothing run, no
     /// flag set) when it is taken.
     pub(crate) fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {

@@ -364,6 +364,19 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         }
     }
 
+    /// What a sync with nothing to invalidate does: the table stores
+    /// before the walker may see them, then the backend's publish.
+    pub(crate) fn publish<B: IommuBackend + ?Sized>(
+        &self,
+        backend: &mut B,
+    ) -> Result<(), DmaError> {
+        if let Some(t) = self.inner.as_ref() {
+            wmb_on(t.pt.memory());
+            backend.publish()?;
+        }
+        Ok(())
+    }
+
     /// A [`SyncBegun`] for a shared sync whose completion is `ticket`.
     pub(crate) fn shared_begun(&self, ticket: u64, popped: u64) -> SyncBegun {
         SyncBegun {
