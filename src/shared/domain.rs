@@ -208,8 +208,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// the first call from a region claims a free shard for it.
     #[inline]
     fn home(&self) -> usize {
-        let probe = 0u8;
-        let key = ((&raw const probe as usize) >> 14) | 1;
+        let key = Self::stack_key();
         let start = (key.wrapping_mul(0x9E37_79B9) >> 7) % SHARDS;
         for i in 0..SHARDS {
             let j = (start + i) % SHARDS;
@@ -231,6 +230,25 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             }
         }
         start
+    }
+
+    /// The caller's stack region (never 0).
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn stack_key() -> usize {
+        let probe = 0u8;
+        ((&raw const probe as usize) >> 14) | 1
+    }
+
+    /// Under loom: the model thread (stack addresses differ between runs,
+    /// and a model must run the same way each time).
+    #[cfg(loom)]
+    fn stack_key() -> usize {
+        extern crate std;
+        use core::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        loom::thread::current().id().hash(&mut h);
+        (h.finish() as usize) | 1
     }
 
     /// The shard whose chunk holds `addr`.
@@ -572,6 +590,20 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 .retired
                 .store(g.dom.retired_pages(), core::sync::atomic::Ordering::Release);
         });
+    }
+
+    /// Test support: reclaims every empty leaf table noted so far if no
+    /// CPU is on the read side now (else nothing); whether it ran.
+    #[doc(hidden)]
+    pub fn try_reclaim_now(&self) -> bool {
+        self.st
+            .reclaim_wanted
+            .store(true, core::sync::atomic::Ordering::Relaxed);
+        self.maybe_reclaim();
+        !self
+            .st
+            .reclaim_wanted
+            .load(core::sync::atomic::Ordering::Relaxed)
     }
 
     /// Test support: reclaims every empty leaf table noted so far now

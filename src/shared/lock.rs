@@ -220,15 +220,21 @@ impl<T> ShardedRwLock<T> {
     /// lock again.
     pub(crate) fn read<R>(&self, slot: usize, f: impl FnOnce(&T) -> R) -> R {
         let s = &self.slots[slot % SLOTS].0;
+        let mut v = s.load(Ordering::Relaxed);
         loop {
-            let v = s.load(Ordering::Relaxed);
-            if v & (WRITER | WANT) == 0
-                && s.compare_exchange_weak(v, v + 1, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                break;
+            if v & (WRITER | WANT) == 0 {
+                match s.compare_exchange(v, v + 1, Ordering::Acquire, Ordering::Relaxed) {
+                    Ok(_) => break,
+                    Err(cur) => {
+                        v = cur;
+                        continue;
+                    }
+                }
             }
             spin_hint();
+            // A read-modify-write reads the newest value (a plain load may
+            // go on seeing an old one for a while, and under loom for ever).
+            v = s.fetch_or(0, Ordering::Relaxed);
         }
         let _release = ReadRelease(s);
         // SAFETY: counted as a reader in a slot no writer holds.
@@ -241,10 +247,10 @@ impl<T> ShardedRwLock<T> {
         let mut held = WriteRelease(self, 0);
         for slot in &self.slots {
             let s = &slot.0;
+            let mut v = s.load(Ordering::Relaxed);
             loop {
-                let v = s.load(Ordering::Relaxed);
                 if v & !WANT == 0 {
-                    if s.compare_exchange_weak(v, WRITER, Ordering::Acquire, Ordering::Relaxed)
+                    if s.compare_exchange(v, WRITER, Ordering::Acquire, Ordering::Relaxed)
                         .is_ok()
                     {
                         break;
@@ -253,6 +259,7 @@ impl<T> ShardedRwLock<T> {
                     s.fetch_or(WANT, Ordering::Relaxed);
                 }
                 spin_hint();
+                v = s.fetch_or(0, Ordering::Relaxed);
             }
             held.1 += 1;
         }

@@ -153,6 +153,14 @@ impl Word {
         self.a().fetch_sub(v, o)
     }
 
+    /// Atomic and; returns the old value (the broken-variant model only).
+    #[cfg(loom_broken_install)]
+    pub(crate) fn fetch_and(self, v: u64, o: Ordering) -> u64 {
+        let old = registry::atomic(self.0).fetch_and(v, o);
+        registry::wrote(self.0, old & v);
+        old
+    }
+
     /// Atomic or; returns the old value.
     #[inline(always)]
     pub(crate) fn fetch_or(self, v: u64, o: Ordering) -> u64 {
@@ -179,8 +187,9 @@ impl Word {
 #[cfg(loom)]
 mod registry {
     extern crate std;
+    use std::cell::RefCell;
     use std::collections::HashMap;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use loom::sync::atomic::AtomicU64;
 
@@ -192,39 +201,77 @@ mod registry {
         last: u64,
     }
 
-    static REGISTRY: Mutex<Option<HashMap<usize, Entry>>> = Mutex::new(None);
+    std::thread_local! {
+        // Per OS thread: each test's model runs its loom threads on its own.
+        static REGISTRY: RefCell<HashMap<usize, Entry>> = RefCell::new(HashMap::new());
+    }
+
+    /// Runs `f` on the map; no loom operation may run inside (it may
+    /// switch threads).
+    fn with_map<R>(f: impl FnOnce(&mut HashMap<usize, Entry>) -> R) -> R {
+        REGISTRY.with(|r| f(&mut r.borrow_mut()))
+    }
 
     pub(super) fn reset() {
-        *REGISTRY.lock().unwrap() = None;
+        // Leaked, not dropped: a loom object may only be dropped inside
+        // the run that made it (a few words per run).
+        let old = with_map(core::mem::take);
+        core::mem::forget(old);
+    }
+
+    /// Gives every word of the page at `p` its atomic now, made by the
+    /// calling thread (the one that lends the page): loom counts making an
+    /// atomic as a write, which the threads that later reach the page
+    /// through its publication must happen after.
+    pub(super) fn page(p: *mut u64) {
+        let made: std::vec::Vec<(usize, Entry)> = (0..512)
+            .map(|i| {
+                let w = p.wrapping_add(i);
+                // SAFETY: a page being lent (the contract of `loom_page`).
+                let mem = unsafe { w.read_volatile() };
+                let e = Entry {
+                    atomic: Arc::new(AtomicU64::new(mem)),
+                    last: mem,
+                };
+                (w as usize, e)
+            })
+            .collect();
+        with_map(|map| {
+            for (k, e) in made {
+                if let Some(old) = map.insert(k, e) {
+                    core::mem::forget(old);
+                }
+            }
+        });
     }
 
     /// The atomic of the word at `p`, caught up with a direct write.
     pub(super) fn atomic(p: *mut u64) -> Arc<AtomicU64> {
         // SAFETY: a word of lent memory (the contract of `Word::at`).
         let mem = unsafe { p.read_volatile() };
-        let (a, stale) = {
-            let mut g = REGISTRY.lock().unwrap();
-            let map = g.get_or_insert_with(HashMap::new);
-            match map.get_mut(&(p as usize)) {
-                Some(e) => {
-                    let stale = e.last != mem;
-                    e.last = mem;
-                    (e.atomic.clone(), stale)
-                }
-                None => {
-                    let atomic = Arc::new(AtomicU64::new(mem));
+        let found = with_map(|map| {
+            map.get_mut(&(p as usize)).map(|e| {
+                let stale = e.last != mem;
+                e.last = mem;
+                (e.atomic.clone(), stale)
+            })
+        });
+        let (a, stale) = match found {
+            Some(f) => f,
+            None => {
+                let atomic = Arc::new(AtomicU64::new(mem));
+                with_map(|map| {
                     map.insert(
                         p as usize,
                         Entry {
                             atomic: atomic.clone(),
                             last: mem,
                         },
-                    );
-                    (atomic, false)
-                }
+                    )
+                });
+                (atomic, false)
             }
         };
-        // The lock is released first: a loom operation may switch threads.
         if stale {
             a.store(mem, Ordering::Release);
         }
@@ -235,15 +282,20 @@ mod registry {
     pub(super) fn wrote(p: *mut u64, v: u64) {
         // SAFETY: as in `atomic`.
         unsafe { p.write_volatile(v) };
-        if let Some(e) = REGISTRY
-            .lock()
-            .unwrap()
-            .as_mut()
-            .and_then(|m| m.get_mut(&(p as usize)))
-        {
-            e.last = v;
-        }
+        with_map(|map| {
+            if let Some(e) = map.get_mut(&(p as usize)) {
+                e.last = v;
+            }
+        });
     }
+}
+
+/// Gives each word of the 4 KiB page at `pa` (its virtual address) its
+/// loom atomic: a lender used in a model calls it for every page it lends.
+#[cfg(loom)]
+#[doc(hidden)]
+pub fn loom_page(pa: *mut u8) {
+    registry::page(pa.cast());
 }
 
 /// Forgets every word's loom atomic: call at the start of each model run.

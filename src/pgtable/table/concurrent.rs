@@ -120,12 +120,16 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[inline]
     fn child_side_shared(&self, side: PhysAddr, idx: usize) -> PhysAddr {
         let w = self.word(side, idx);
+        let mut v = w.load(Ordering::Acquire);
         loop {
-            let s = counts::side_page(w.load(Ordering::Acquire));
+            let s = counts::side_page(v);
             if s.0 != 0 {
                 return s;
             }
             spin_hint();
+            // A read-modify-write reads the newest value (see
+            // `ShardedRwLock::read`); adding 0 changes nothing.
+            v = w.fetch_add(0, Ordering::Acquire);
         }
     }
 
@@ -181,8 +185,19 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 // The zeroed (cleaned) page before the pointer, for the
                 // walker (IHI 0070 §3.21.1; Linux `arm_lpae_install_table`).
                 wmb_on(&self.mem);
-                match e.compare_exchange(v, self.fmt.table(t), Ordering::AcqRel, Ordering::Acquire)
-                {
+                #[cfg(not(loom_broken_install))]
+                let installed =
+                    e.compare_exchange(v, self.fmt.table(t), Ordering::AcqRel, Ordering::Acquire);
+                // The deliberately broken variant the loom model must catch
+                // (`RUSTFLAGS="--cfg loom --cfg loom_broken_install"`): a
+                // plain store, as if nobody else could install here.
+                #[cfg(loom_broken_install)]
+                let installed = {
+                    e.fetch_and(0, Ordering::AcqRel);
+                    e.fetch_or(self.fmt.table(t), Ordering::AcqRel);
+                    Ok::<u64, u64>(v)
+                };
+                match installed {
                     Ok(_) => {
                         self.clean_entries(table, idx, idx + 1);
                         if t_side.0 != 0 {
