@@ -61,7 +61,7 @@ struct Shard {
 /// over several leaf tables, bus-address P2P, an error to name) run on the
 /// write side, as the plain `Domain` methods.
 ///
-/// **IOVAs** come from [`SHARDS`] shards, each a chunk of the aperture taken
+/// **IOVAs** come from four shards, each a chunk of the aperture taken
 /// from the domain's allocator and handed out under its own short spin
 /// lock; a CPU keeps to its own shard (by a hint, see `home`), and frees go
 /// back to the shard that holds the range. A request a shard cannot serve
