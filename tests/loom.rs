@@ -299,6 +299,36 @@ fn loom_link_and_unlink_of_disjoint_pages_in_one_table_keep_its_count() {
     });
 }
 
+/// The reclaim's exclusion: the domain lock (reader counts in per-shard
+/// slots, `SharedDomain`'s read side for links and unlinks, its write side
+/// for the reclaim of emptied tables) never lets the write side in while a
+/// reader of any slot is inside, nor a reader in while the write side
+/// runs: loom checks every access to the guarded cell for a data race.
+/// Two CPUs enter the read side on their own slots, a third tries the
+/// write side as the reclaim in `SharedDomain::sync` does.
+#[test]
+fn loom_the_reclaim_side_of_the_domain_lock_excludes_every_reader() {
+    model(|| {
+        let l = Arc::new(bare_iommu::shared::LoomRwCell::new(0));
+        let readers: Vec<_> = (0..2usize)
+            .map(|slot| {
+                let l = l.clone();
+                thread::spawn(move || l.try_read_twice(slot))
+            })
+            .collect();
+        let wrote = l.try_write_add(1);
+        for r in readers {
+            if let Some((a, b)) = r.join().unwrap() {
+                assert_eq!(a, b);
+            }
+        }
+        assert_eq!(
+            l.try_read_twice(0),
+            Some((u64::from(wrote), u64::from(wrote)))
+        );
+    });
+}
+
 /// CPU A unlinks a page and syncs; CPU B syncs at the same time and may
 /// take A's range: however they interleave, A's sync returns only once the
 /// invalidation of its range was consumed by the "hardware" (A may reuse

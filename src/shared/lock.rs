@@ -285,3 +285,46 @@ impl<T> ShardedRwLock<T> {
         Some(unsafe { self.data.with_mut(f) })
     }
 }
+
+#[cfg(loom)]
+impl<T> ShardedRwLock<T> {
+    /// The read side's entry without the wait (the model tests: loom
+    /// explores every interleaving of one attempt against the write side).
+    fn try_read<R>(&self, slot: usize, f: impl FnOnce(&T) -> R) -> Option<R> {
+        let s = &self.slots[slot % SLOTS].0;
+        let v = s.load(Ordering::Relaxed);
+        if v & (WRITER | WANT) != 0
+            || s.compare_exchange(v, v + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        let _release = ReadRelease(s);
+        // SAFETY: counted as a reader in a slot no writer holds.
+        Some(unsafe { self.data.with(f) })
+    }
+}
+
+/// Model-test access to the domain lock ([`ShardedRwLock`] over a `u64`).
+#[cfg(loom)]
+#[doc(hidden)]
+pub struct LoomRwCell(ShardedRwLock<u64>);
+
+#[cfg(loom)]
+impl LoomRwCell {
+    /// A lock over `v`.
+    pub fn new(v: u64) -> Self {
+        Self(ShardedRwLock::new(v))
+    }
+
+    /// Reads the value twice in one read section on `slot`, if the read
+    /// side could be entered at once.
+    pub fn try_read_twice(&self, slot: usize) -> Option<(u64, u64)> {
+        self.0.try_read(slot, |v| (*v, *v))
+    }
+
+    /// Adds `n` on the write side if it is free now; whether it was.
+    pub fn try_write_add(&self, n: u64) -> bool {
+        self.0.try_write(|v| *v += n).is_some()
+    }
+}

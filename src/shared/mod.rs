@@ -124,6 +124,8 @@ mod tests;
 pub use domain::SharedDomain;
 pub use iommu::{IommuCpu, SharedIommu};
 #[cfg(loom)]
+pub use lock::LoomRwCell;
+#[cfg(loom)]
 pub use sync::{loom_page, loom_reset};
 
 use crate::backend::IommuBackend;
