@@ -76,6 +76,7 @@ impl<T> Cell<T> {
 #[derive(Clone, Copy)]
 pub(crate) struct Word(*mut u64);
 
+#[cfg_attr(loom, allow(clippy::needless_return))]
 impl Word {
     /// The word at `p`.
     ///
