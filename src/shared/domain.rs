@@ -287,6 +287,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// sees a table retired there also sees its range).
     fn exclusive<R>(&self, f: impl FnOnce(&mut Domain<F, M>) -> R) -> R {
         self.dom.write(|g| {
+            g.dom.fold_shared();
             let r = f(&mut g.dom);
             let mut moved = SharedPending::new();
             g.dom.exclusive_done(&mut moved);

@@ -328,3 +328,34 @@ fn a_sync_that_finds_nothing_waits_for_the_completion_that_took_its_ranges() {
     dom.sync(&mut b).unwrap();
     dom.free(t).unwrap();
 }
+
+/// Tables the shared path attached are counted; a write-side call that
+/// detaches them (here the plain `Domain::unlink` through `with`) must
+/// see them counted first (it used to subtract from a count that did not
+/// hold them yet).
+#[test]
+fn the_write_side_counts_tables_the_shared_path_attached_before_detaching_them() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    let mut t = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+    dom.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    // The first write-side call: it detaches the three tables.
+    dom.with(|d| d.unlink(&mut t, 0, 4096)).unwrap();
+    let pt = |d: &mut Domain<ArmStage1, &HostMemory>| {
+        let p = d.page_table().unwrap();
+        (p.table_pages(), p.side_pages(), p.retired_pages())
+    };
+    assert_eq!(dom.with(pt), (1, 1, 5));
+    dom.sync(&mut q).unwrap();
+    assert_eq!(dom.with(pt), (1, 1, 0));
+    dom.free(t).unwrap();
+}

@@ -275,6 +275,15 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         }
     }
 
+    /// Exclusive, first thing on the write side: counts the pages the
+    /// shared path attached in the table's own counters, before anything
+    /// there may detach them.
+    pub(crate) fn fold_shared(&mut self) {
+        if let Some(t) = self.inner.as_mut() {
+            t.pt.fold_shared();
+        }
+    }
+
     /// Exclusive: folds the shared path's page statistics into the table,
     /// and moves the domain's own pending ranges into `into`.
     pub(crate) fn exclusive_done(&mut self, into: &mut SharedPending) {
