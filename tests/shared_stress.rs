@@ -105,15 +105,23 @@ fn worker(
     seed: u64,
     ops: u64,
     id: u64,
+    big: bool,
 ) {
     let mut rng = Rng(seed ^ (id + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut h = iommu.cpu();
     let mut txs: Vec<Tx> = Vec::new();
     for _ in 0..ops {
         match rng.below(100) {
-            // A new transaction of 1..=16 pages.
+            // A new transaction of 1..=16 pages, or (`big`) sometimes of
+            // 4 MiB, whose runs may cross a leaf table's edge: those links
+            // and unlinks take the write side, and may detach tables the
+            // shared path attached.
             0..=9 if txs.len() < 16 => {
-                let pages = 1 + rng.below(16);
+                let pages = if big && rng.below(8) == 0 {
+                    1024
+                } else {
+                    1 + rng.below(16)
+                };
                 let state = dom
                     .try_alloc(pages * 4096, u64::MAX)
                     .expect("try_alloc")
@@ -170,7 +178,11 @@ fn worker(
                 let i = rng.below(txs.len() as u64) as usize;
                 let tx = &mut txs[i];
                 let n = (2 + rng.below(3)).min(tx.pages);
-                let off = rng.below(tx.pages - n + 1);
+                let off = if tx.pages == 1024 && rng.below(2) == 0 {
+                    510 + rng.below(2)
+                } else {
+                    rng.below(tx.pages - n + 1)
+                };
                 let phys = 0x1_0000_0000 + (id << 32) + rng.below(1 << 20) * 4096;
                 let r = dom.link(
                     &mut tx.state,
@@ -198,7 +210,11 @@ fn worker(
                 let i = rng.below(txs.len() as u64) as usize;
                 let tx = &mut txs[i];
                 let n = (2 + rng.below(3)).min(tx.pages);
-                let off = rng.below(tx.pages - n + 1);
+                let off = if tx.pages == 1024 && rng.below(2) == 0 {
+                    510 + rng.below(2)
+                } else {
+                    rng.below(tx.pages - n + 1)
+                };
                 let r = dom.unlink(&mut tx.state, off * 4096, n * 4096);
                 if (off..off + n).all(|o| tx.linked.contains_key(&o)) {
                     assert_eq!(r.expect("unlink run"), n * 4096);
@@ -287,7 +303,7 @@ fn stress(aperture_end: u64) {
         let workers: Vec<_> = (0..THREADS)
             .map(|id| {
                 let (dom, iommu) = (&dom, &iommu);
-                s.spawn(move || worker(dom, iommu, seed, ops / THREADS, id))
+                s.spawn(move || worker(dom, iommu, seed, ops / THREADS, id, aperture_end > 1 << 30))
             })
             .collect();
         let irq = s.spawn(|| {
@@ -328,6 +344,15 @@ fn stress(aperture_end: u64) {
     let mut h = iommu.cpu();
     dom.with(|d| d.page_table().unwrap().check_counts())
         .expect("every table's count matches a scan");
+    let lent = dom.with(|d| {
+        let p = d.page_table().unwrap();
+        p.table_pages() + p.side_pages() + p.retired_pages()
+    });
+    assert_eq!(
+        heap.out.load(Ordering::SeqCst),
+        lent,
+        "every page lent is attached, a side page or retired"
+    );
     let dom = dom.into_inner();
     assert!(!dom.has_pending());
     dom.teardown(&mut h).map_err(|(_, e)| e).unwrap();
