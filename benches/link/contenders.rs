@@ -874,14 +874,18 @@ impl<'a, F: PteFormat + Default> Shared<'a, F> {
 
 impl<'a, F: PteFormat + Default> Contender<'a> for Shared<'a, F> {
     fn new(arena: &'a Arena) -> Self {
-        Self {
+        let mut s = Self {
             dom: bare_iommu::shared::SharedDomain::new(
                 Domain::new(F::default(), arena, CONFIG).unwrap(),
             ),
             tx: None,
             be: bare_iommu::testing::split::FakeQueue::new(u64::MAX),
             _arena: core::marker::PhantomData,
-        }
+        };
+        // Steady state: a first sync has told the domain that this IOMMU
+        // does not cache not-present entries (links need not be recorded).
+        s.dom.sync(&mut s.be).unwrap();
+        s
     }
 
     #[inline(never)]
