@@ -20,6 +20,9 @@ const EMPTIES: usize = 8;
 const MAX_CHUNK: u64 = 1 << 30;
 /// Smallest: one leaf table's span, so two shards never share a leaf table.
 const MIN_CHUNK: u64 = 1 << 21;
+/// Looks at `done_ticket` before a sync with nothing of its own asks the
+/// IOMMU whether another CPU's completion arrived.
+const DONE_LOOKS: u32 = 64;
 
 struct Guarded<F: PteFormat, M: TableMemory> {
     dom: Domain<F, M>,
@@ -664,7 +667,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         {
             let ticket = self.st.last_ticket.load(Ordering::Acquire);
             self.dom.read(self.home(), |g| g.dom.publish(backend))?;
-            if ticket > self.st.done_ticket.load(Ordering::Acquire) {
+            if !self.seen_done(ticket) {
                 self.wait_for(backend, ticket)?;
             }
             return Ok(());
@@ -734,6 +737,20 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             });
         }
         Ok(())
+    }
+
+    /// Whether `ticket` is known done: the CPU that submitted it is
+    /// usually waiting for it and says so in `done_ticket` within a few
+    /// loads; a bounded look there spares a look at the IOMMU (its lock
+    /// is shared by every CPU). `false` sends the caller to the IOMMU.
+    fn seen_done(&self, ticket: u64) -> bool {
+        for _ in 0..DONE_LOOKS {
+            if self.st.done_ticket.load(Ordering::Acquire) >= ticket {
+                return true;
+            }
+            super::sync::spin_hint();
+        }
+        false
     }
 
     /// Waits for `ticket`; a failure makes the next sync invalidate the
