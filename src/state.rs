@@ -34,6 +34,9 @@ use crate::mem::TableMemory;
 use crate::p2p::{P2pMapType, P2pRegistry};
 use crate::pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat};
 
+mod concurrent;
+pub(crate) use concurrent::SharedPending;
+
 /// What kind of mapping a transaction's links made. Unlink and free do
 /// exactly the inverse of what this says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -722,8 +725,9 @@ impl<F: PteFormat, M: TableMemory> Translated<F, M> {
     }
 }
 
-/// What [`Domain::sync_begin`] queued: the completion's ticket, and the
-/// retired-page count and handed-back count it saw.
+/// What a shared sync queued (`crate::shared::SharedDomain::sync`): the
+/// completion's ticket, and the retired-page count and handed-back count
+/// it saw.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SyncBegun {
     pub(crate) ticket: u64,
@@ -1609,44 +1613,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         Ok(())
     }
 
-    /// First half of a sync split around a lock ([`SharedDomain`]
-    /// (crate::shared::SharedDomain)): queues the invalidations and one
-    /// completion, clears the pending ranges, and returns what
-    /// [`sync_finish`](Self::sync_finish) needs; `None` when there is
-    /// nothing to wait for (links only: published, done). `popped` is the
-    /// caller's count of pages `sync_finish` handed back so far.
-    /// On an error the pending ranges are kept.
-    pub(crate) fn sync_begin<B: crate::shared::SplitSync + ?Sized>(
-        &mut self,
-        backend: &mut B,
-        popped: u64,
-    ) -> Result<Option<SyncBegun>, DmaError> {
-        let id = self.id;
-        let Some(t) = self.inner.as_mut() else {
-            return Ok(None);
-        };
-        if !t.queue_invalidations(id, backend)? {
-            return Ok(None);
-        }
-        let ticket = backend.submit()?;
-        t.unmapped.clear();
-        t.mapped.clear();
-        Ok(Some(SyncBegun {
-            ticket,
-            retired: t.pt.retired_pages(),
-            popped,
-        }))
-    }
-
-    /// The completion [`sync_begin`](Self::sync_begin) queued failed: its
-    /// ranges were cleared, so the next sync invalidates the whole domain.
-    pub(crate) fn sync_failed(&mut self) {
-        if let Some(t) = self.inner.as_mut() {
-            t.unmapped.overflow = true;
-        }
-    }
-
-    /// Second half: the completion of `begun` arrived. Hands back the
+    /// A shared sync's completion of `begun` arrived. Hands back the
     /// retired table pages that were retired before `begun` queued its
     /// invalidations: all but those retired since, which wait for a later
     /// sync. `popped` is the caller's count of pages every `sync_finish`

@@ -1,5 +1,9 @@
-//! Model tests of the shared driver wrapper (`bare_iommu::shared`) under
-//! loom, which runs every interleaving of the threads' atomic operations:
+//! Model tests of the shared wrappers (`bare_iommu::shared`) under loom,
+//! which runs every interleaving of the threads' atomic operations (within
+//! the preemption bound) and every value a weak load may return: the
+//! driver wrapper, and the shared-access path of a domain (tables installed
+//! by compare-and-swap, atomic counts, the reclaim's exclusion, the sync
+//! that finds nothing):
 //!
 //! ```sh
 //! RUSTFLAGS="--cfg loom" cargo test --release --test loom
@@ -9,12 +13,18 @@
 //! empty.
 #![cfg(loom)]
 
-use bare_iommu::PhysAddr;
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bare_iommu::addr::DmaAddr;
 use bare_iommu::backend::{DomainInfo, IommuBackend, TableFormat};
 use bare_iommu::error::BackendError;
+use bare_iommu::pgtable::arm::ArmStage1;
+use bare_iommu::shared::SharedDomain;
 use bare_iommu::shared::SharedIommu;
 use bare_iommu::testing::split::FakeQueue;
+use bare_iommu::{DmaDirection, Domain, DomainConfig, IovaState, MapAttrs, PhysAddr, TableMemory};
 use loom::sync::Arc;
 use loom::thread;
 
@@ -34,6 +44,23 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     b.preemption_bound = Some(2);
     b.check(f);
+}
+
+/// Loom threads run on small stacks; a `SharedDomain` holds its IOVA
+/// shards inline (tens of KiB).
+const STACK: usize = 4 << 20;
+
+fn spawn_big<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
+    thread::Builder::new().stack_size(STACK).spawn(f).unwrap()
+}
+
+/// [`model`] with the body on a big stack.
+fn model_big(f: impl Fn() + Sync + Send + 'static) {
+    let f = std::sync::Arc::new(f);
+    model(move || {
+        let f = f.clone();
+        spawn_big(move || f()).join().unwrap();
+    });
 }
 
 fn drain(q: &mut FakeQueue) {
@@ -121,5 +148,225 @@ fn loom_a_queue_error_is_reported_by_at_least_the_cpu_that_met_it() {
         for r in &results {
             assert!(r.is_ok() || *r == Err(stop), "{r:?}");
         }
+    });
+}
+
+/// A heap lender for the domain models: counts the pages out, and keeps
+/// freed pages until it is dropped, so that no address is reused within
+/// one model run (the loom stand-ins of table words are kept by address).
+#[derive(Default)]
+struct Heap {
+    out: AtomicUsize,
+    freed: Mutex<Vec<u64>>,
+}
+
+fn page() -> Layout {
+    Layout::from_size_align(4096, 4096).unwrap()
+}
+
+// SAFETY: zeroed, page-aligned heap pages, valid until the lender is
+// dropped; the pointer is the physical address.
+unsafe impl TableMemory for Heap {
+    fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
+        assert_eq!(pages, 1);
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc_zeroed(page()) };
+        self.out.fetch_add(1, Ordering::SeqCst);
+        bare_iommu::shared::loom_page(p);
+        Some(PhysAddr(p as u64))
+    }
+    unsafe fn free(&self, pa: PhysAddr, _pages: usize) {
+        self.out.fetch_sub(1, Ordering::SeqCst);
+        self.freed.lock().unwrap().push(pa.0);
+    }
+    fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
+        pa.0 as *mut u8
+    }
+}
+
+impl Drop for Heap {
+    fn drop(&mut self) {
+        for p in self.freed.get_mut().unwrap().drain(..) {
+            // SAFETY: allocated above with this layout, handed back.
+            unsafe { dealloc(p as *mut u8, page()) };
+        }
+    }
+}
+
+type Dom = SharedDomain<ArmStage1, &'static Heap>;
+
+/// A fresh 3-level domain (root, one upper level, leaf tables) whose
+/// aperture is too small to shard: transactions come from the domain's
+/// allocator, side by side in one leaf table.
+fn fresh() -> (&'static Heap, Arc<Dom>) {
+    bare_iommu::shared::loom_reset();
+    let heap: &'static Heap = Box::leak(Box::default());
+    let cfg = DomainConfig {
+        id: 1,
+        levels: 3,
+        aperture_start: 1 << 20,
+        aperture_end: 2 << 20,
+        coherent_walk: true,
+    };
+    let dom = Domain::new(ArmStage1, heap, cfg).unwrap();
+    (heap, Arc::new(SharedDomain::new(dom)))
+}
+
+fn one_page(dom: &Dom) -> IovaState {
+    dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap()
+}
+
+fn link(dom: &Dom, tx: &mut IovaState, pa: u64) {
+    dom.link(
+        tx,
+        PhysAddr(pa),
+        0,
+        4096,
+        DmaDirection::Bidirectional,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+}
+
+/// Every page lent is attached or back with the lender, and every table's
+/// count matches a scan of it.
+fn check_pages_and_counts(heap: &Heap, dom: &Dom) {
+    let (tables, sides, retired) = dom.with(|d| {
+        let pt = d.page_table().unwrap();
+        pt.check_counts().expect("counts match a scan");
+        (pt.table_pages(), pt.side_pages(), pt.retired_pages())
+    });
+    assert_eq!(heap.out.load(Ordering::SeqCst), tables + sides + retired);
+}
+
+/// Two CPUs link a page each into the same, not yet existing, upper and
+/// leaf tables: each install is raced by compare-and-swap. Whoever wins,
+/// both pages translate, exactly one table per level is attached (the
+/// loser's page went back at once), and the counts are right.
+#[test]
+fn loom_two_cpus_install_the_same_tables_and_the_loser_gives_its_pages_back() {
+    model_big(|| {
+        let (heap, dom) = fresh();
+        let mut a = one_page(&dom);
+        let mut b = one_page(&dom);
+        let (ia, ib) = (a.iova(), b.iova());
+        let t = {
+            let dom = dom.clone();
+            spawn_big(move || {
+                link(&dom, &mut a, 0x8000_0000);
+                a
+            })
+        };
+        link(&dom, &mut b, 0x9000_0000);
+        let a = t.join().unwrap();
+        assert_eq!(dom.translate(ia).map(|t| t.0), Some(PhysAddr(0x8000_0000)));
+        assert_eq!(dom.translate(ib).map(|t| t.0), Some(PhysAddr(0x9000_0000)));
+        // Root, one upper table, one leaf table; side pages: root's, upper's.
+        assert_eq!(
+            dom.with(|d| d.page_table().map(|p| (p.table_pages(), p.side_pages()))),
+            Some((3, 2))
+        );
+        check_pages_and_counts(heap, &dom);
+        dom.free(a).unwrap();
+        dom.free(b).unwrap();
+    });
+}
+
+/// One CPU unlinks its page while another links its own into the same
+/// leaf table: the count, changed by both at once, ends right.
+#[test]
+fn loom_link_and_unlink_of_disjoint_pages_in_one_table_keep_its_count() {
+    model_big(|| {
+        let (heap, dom) = fresh();
+        let mut a = one_page(&dom);
+        let mut b = one_page(&dom);
+        link(&dom, &mut a, 0x8000_0000);
+        let (ia, ib) = (a.iova(), b.iova());
+        let t = {
+            let dom = dom.clone();
+            spawn_big(move || {
+                dom.unlink(&mut a, 0, 4096).unwrap();
+                a
+            })
+        };
+        link(&dom, &mut b, 0x9000_0000);
+        let a = t.join().unwrap();
+        assert_eq!(dom.translate(ia), None);
+        assert_eq!(dom.translate(ib).map(|t| t.0), Some(PhysAddr(0x9000_0000)));
+        check_pages_and_counts(heap, &dom);
+        dom.free(a).unwrap();
+        dom.free(b).unwrap();
+    });
+}
+
+/// The reclaim's exclusion: the domain lock (reader counts in per-shard
+/// slots, `SharedDomain`'s read side for links and unlinks, its write side
+/// for the reclaim of emptied tables) never lets the write side in while a
+/// reader of any slot is inside, nor a reader in while the write side
+/// runs: loom checks every access to the guarded cell for a data race.
+/// Two CPUs enter the read side on their own slots, a third tries the
+/// write side as the reclaim in `SharedDomain::sync` does.
+#[test]
+fn loom_the_reclaim_side_of_the_domain_lock_excludes_every_reader() {
+    model(|| {
+        let l = Arc::new(bare_iommu::shared::LoomRwCell::new(0));
+        let readers: Vec<_> = (0..2usize)
+            .map(|slot| {
+                let l = l.clone();
+                thread::spawn(move || l.try_read_twice(slot))
+            })
+            .collect();
+        let wrote = l.try_write_add(1);
+        for r in readers {
+            if let Some((a, b)) = r.join().unwrap() {
+                assert_eq!(a, b);
+            }
+        }
+        assert_eq!(
+            l.try_read_twice(0),
+            Some((u64::from(wrote), u64::from(wrote)))
+        );
+    });
+}
+
+/// CPU A unlinks a page and syncs; CPU B syncs at the same time and may
+/// take A's range: however they interleave, A's sync returns only once the
+/// invalidation of its range was consumed by the "hardware" (A may reuse
+/// the memory then).
+#[test]
+fn loom_a_sync_returns_only_after_a_completion_covering_its_unlinks() {
+    model_big(|| {
+        let (_heap, dom) = fresh();
+        let s = shared(1);
+        let mut a = dom.try_alloc(8192, u64::MAX).unwrap().into_iova().unwrap();
+        dom.link(
+            &mut a,
+            PhysAddr(0x8000_0000),
+            0,
+            8192,
+            DmaDirection::Bidirectional,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+        let mut h = s.cpu();
+        dom.sync(&mut h).unwrap();
+        let t = {
+            let (dom, s) = (dom.clone(), s.clone());
+            spawn_big(move || {
+                let mut h = s.cpu();
+                dom.sync(&mut h).unwrap();
+            })
+        };
+        // One page of two: the leaf table stays, nothing is retired.
+        dom.unlink(&mut a, 0, 4096).unwrap();
+        dom.sync(&mut h).unwrap();
+        let (invalidations, consumed) = s.with(|q| (q.invalidations, q.consumed));
+        assert_eq!(invalidations, 1);
+        assert!(
+            consumed >= 1,
+            "A's sync returned before its invalidation ran"
+        );
+        t.join().unwrap();
+        dom.free(a).unwrap();
     });
 }

@@ -1,6 +1,8 @@
-//! Several CPUs on one domain: threads link, unlink, sync, alloc and free
-//! their own transactions on one `SharedDomain` through their own handles on
-//! one `SharedIommu`, while another thread plays the IOMMU's interrupt.
+//! Several CPUs on one domain: threads link, unlink (one page or runs, on
+//! the shared path: tables installed by compare-and-swap, counts kept
+//! atomically), reclaim empty tables, sync, alloc and free their own
+//! transactions on one `SharedDomain` through their own handles on one
+//! `SharedIommu`, while another thread plays the IOMMU's interrupt.
 //! Every step is checked against each thread's model of its transactions
 //! (what `translate` must answer, which refusals must change nothing); at
 //! the end every table page is back with the lender and every interrupt's
@@ -91,7 +93,7 @@ fn env(name: &str, default: u64) -> u64 {
 
 fn check(dom: &SharedDomain<ArmStage1, &Heap>, tx: &Tx, off: u64) {
     let at = DmaAddr(tx.state.iova().0 + off * 4096 + 0x123);
-    let seen = dom.with(|d| d.translate(at)).map(|(p, _)| p.0);
+    let seen = dom.translate(at).map(|(p, _)| p.0);
     let want = tx.linked.get(&off).map(|p| p + 0x123);
     assert_eq!(seen, want, "translate({at:?}) at offset page {off}");
 }
@@ -103,15 +105,23 @@ fn worker(
     seed: u64,
     ops: u64,
     id: u64,
+    big: bool,
 ) {
     let mut rng = Rng(seed ^ (id + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut h = iommu.cpu();
     let mut txs: Vec<Tx> = Vec::new();
     for _ in 0..ops {
         match rng.below(100) {
-            // A new transaction of 1..=16 pages.
+            // A new transaction of 1..=16 pages, or (`big`) sometimes of
+            // 4 MiB, whose runs may cross a leaf table's edge: those links
+            // and unlinks take the write side, and may detach tables the
+            // shared path attached.
             0..=9 if txs.len() < 16 => {
-                let pages = 1 + rng.below(16);
+                let pages = if big && rng.below(8) == 0 {
+                    1024
+                } else {
+                    1 + rng.below(16)
+                };
                 let state = dom
                     .try_alloc(pages * 4096, u64::MAX)
                     .expect("try_alloc")
@@ -162,8 +172,68 @@ fn worker(
                 check(dom, tx, off);
                 assert_eq!(tx.state.linked(), tx.linked.len() as u64 * 4096);
             }
+            // Link a run of 2..=4 pages in one call (within the
+            // transaction; refused, changing nothing, when any is linked).
+            80..=84 if !txs.is_empty() => {
+                let i = rng.below(txs.len() as u64) as usize;
+                let tx = &mut txs[i];
+                let n = (2 + rng.below(3)).min(tx.pages);
+                let off = if tx.pages == 1024 && rng.below(2) == 0 {
+                    510 + rng.below(2)
+                } else {
+                    rng.below(tx.pages - n + 1)
+                };
+                let phys = 0x1_0000_0000 + (id << 32) + rng.below(1 << 20) * 4096;
+                let r = dom.link(
+                    &mut tx.state,
+                    PhysAddr(phys),
+                    off * 4096,
+                    n * 4096,
+                    RW,
+                    MapAttrs::empty(),
+                );
+                if (off..off + n).any(|o| tx.linked.contains_key(&o)) {
+                    assert!(matches!(r, Err(DmaError::AlreadyLinked { .. })), "{r:?}");
+                } else {
+                    r.expect("link run");
+                    for k in 0..n {
+                        tx.linked.insert(off + k, phys + k * 4096);
+                    }
+                }
+                for k in 0..n {
+                    check(dom, tx, off + k);
+                }
+            }
+            // Unlink a run of 2..=4 pages (refused, changing nothing,
+            // unless every page is linked).
+            85..=88 if !txs.is_empty() => {
+                let i = rng.below(txs.len() as u64) as usize;
+                let tx = &mut txs[i];
+                let n = (2 + rng.below(3)).min(tx.pages);
+                let off = if tx.pages == 1024 && rng.below(2) == 0 {
+                    510 + rng.below(2)
+                } else {
+                    rng.below(tx.pages - n + 1)
+                };
+                let r = dom.unlink(&mut tx.state, off * 4096, n * 4096);
+                if (off..off + n).all(|o| tx.linked.contains_key(&o)) {
+                    assert_eq!(r.expect("unlink run"), n * 4096);
+                    for k in 0..n {
+                        tx.linked.remove(&(off + k));
+                    }
+                } else {
+                    assert!(matches!(r, Err(DmaError::NotLinked { .. })), "{r:?}");
+                }
+                for k in 0..n {
+                    check(dom, tx, off + k);
+                }
+                assert_eq!(tx.state.linked(), tx.linked.len() as u64 * 4096);
+            }
+            // Reclaim the emptied tables now (the write side, waiting for
+            // the other CPUs to leave the read side).
+            89 => dom.reclaim_now(),
             // Sync (the wait runs outside the domain lock).
-            80..=91 => dom.sync(&mut h).expect("sync"),
+            90..=91 => dom.sync(&mut h).expect("sync"),
             // Free or destroy a transaction.
             92..=99 if !txs.is_empty() => {
                 let i = rng.below(txs.len() as u64) as usize;
@@ -189,8 +259,22 @@ fn worker(
     dom.sync(&mut h).expect("final sync");
 }
 
+/// Each thread in its own IOVA shard (a chunk of 1 GiB): the common case.
 #[test]
 fn shared_stress_threads_on_one_domain_match_their_models() {
+    stress(1 << 40);
+}
+
+/// An aperture too small to shard (8 MiB): every transaction comes from
+/// the domain's allocator, the threads' transactions interleave in the
+/// same four leaf tables, and every table install races (compare-and-swap
+/// against the other thread, reclaims in between).
+#[test]
+fn shared_stress_threads_sharing_leaf_tables_match_their_models() {
+    stress(9 << 20);
+}
+
+fn stress(aperture_end: u64) {
     let default_ops = if cfg!(debug_assertions) {
         20_000
     } else {
@@ -198,13 +282,15 @@ fn shared_stress_threads_on_one_domain_match_their_models() {
     };
     let ops = env("SHARED_STRESS_OPS", default_ops);
     let seed = env("SHARED_STRESS_SEED", 0x5eed_c0de);
-    println!("shared stress: {ops} operations over {THREADS} threads, seed {seed:#x}");
+    println!(
+        "shared stress: {ops} operations over {THREADS} threads, seed {seed:#x}, aperture end {aperture_end:#x}"
+    );
     let heap = Heap::default();
     let cfg = DomainConfig {
         id: 1,
         levels: 4,
         aperture_start: 1 << 20,
-        aperture_end: 1 << 40,
+        aperture_end,
         coherent_walk: true,
     };
     let dom = SharedDomain::new(Domain::new(ArmStage1, &heap, cfg).unwrap());
@@ -217,7 +303,7 @@ fn shared_stress_threads_on_one_domain_match_their_models() {
         let workers: Vec<_> = (0..THREADS)
             .map(|id| {
                 let (dom, iommu) = (&dom, &iommu);
-                s.spawn(move || worker(dom, iommu, seed, ops / THREADS, id))
+                s.spawn(move || worker(dom, iommu, seed, ops / THREADS, id, aperture_end > 1 << 30))
             })
             .collect();
         let irq = s.spawn(|| {
@@ -256,6 +342,17 @@ fn shared_stress_threads_on_one_domain_match_their_models() {
         "every interrupt's work done once"
     );
     let mut h = iommu.cpu();
+    dom.with(|d| d.page_table().unwrap().check_counts())
+        .expect("every table's count matches a scan");
+    let lent = dom.with(|d| {
+        let p = d.page_table().unwrap();
+        p.table_pages() + p.side_pages() + p.retired_pages()
+    });
+    assert_eq!(
+        heap.out.load(Ordering::SeqCst),
+        lent,
+        "every page lent is attached, a side page or retired"
+    );
     let dom = dom.into_inner();
     assert!(!dom.has_pending());
     dom.teardown(&mut h).map_err(|(_, e)| e).unwrap();

@@ -851,3 +851,113 @@ impl<'a, F: PteFormat + Default> Contender<'a> for Walker<'a, F> {
         self.pt.root().0
     }
 }
+
+/// bare-iommu through [`SharedDomain`](bare_iommu::shared::SharedDomain)
+/// (the read side, tables by compare-and-swap) with a split-sync queue that
+/// completes at once: the per-call cost of sharing, on one CPU.
+pub struct Shared<'a, F: PteFormat> {
+    pub dom: bare_iommu::shared::SharedDomain<F, &'a Arena>,
+    pub tx: Option<IovaState>,
+    pub be: bare_iommu::testing::split::FakeQueue,
+    _arena: core::marker::PhantomData<&'a Arena>,
+}
+
+impl<'a, F: PteFormat + Default> Shared<'a, F> {
+    fn tx(&mut self, size: u64) -> IovaState {
+        self.dom
+            .try_alloc(size, u64::MAX)
+            .unwrap()
+            .into_iova()
+            .unwrap()
+    }
+}
+
+impl<'a, F: PteFormat + Default> Contender<'a> for Shared<'a, F> {
+    fn new(arena: &'a Arena) -> Self {
+        let mut s = Self {
+            dom: bare_iommu::shared::SharedDomain::new(
+                Domain::new(F::default(), arena, CONFIG).unwrap(),
+            ),
+            tx: None,
+            be: bare_iommu::testing::split::FakeQueue::new(u64::MAX),
+            _arena: core::marker::PhantomData,
+        };
+        // Steady state: a first sync has told the domain that this IOMMU
+        // does not cache not-present entries (links need not be recorded).
+        s.dom.sync(&mut s.be).unwrap();
+        s
+    }
+
+    #[inline(never)]
+    fn link_4k(&mut self, offs: &[u64]) {
+        let mut tx = self.tx(span(offs));
+        for (i, &off) in offs.iter().enumerate() {
+            self.dom
+                .link(
+                    &mut tx,
+                    PhysAddr(pa_4k(i as u64)),
+                    off,
+                    PAGE,
+                    DmaDirection::Bidirectional,
+                    MapAttrs::empty(),
+                )
+                .unwrap();
+        }
+        self.dom.sync(&mut self.be).unwrap();
+        self.tx = Some(tx);
+    }
+
+    #[inline(never)]
+    fn unlink_4k(&mut self, offs: &[u64]) {
+        let tx = self.tx.as_mut().unwrap();
+        for &off in offs {
+            self.dom.unlink(tx, off, PAGE).unwrap();
+        }
+        self.dom.sync(&mut self.be).unwrap();
+    }
+
+    #[inline(never)]
+    fn link_run(&mut self, n: u64) {
+        let mut tx = self.tx(n * PAGE);
+        self.dom
+            .link(
+                &mut tx,
+                PhysAddr(PA_RUN),
+                0,
+                n * PAGE,
+                DmaDirection::Bidirectional,
+                MapAttrs::empty(),
+            )
+            .unwrap();
+        self.dom.sync(&mut self.be).unwrap();
+        self.tx = Some(tx);
+    }
+
+    #[inline(never)]
+    fn link_1g(&mut self) {
+        let mut tx = self.tx(GIB);
+        self.dom
+            .link(
+                &mut tx,
+                PhysAddr(PA_1G),
+                0,
+                GIB,
+                DmaDirection::Bidirectional,
+                MapAttrs::empty(),
+            )
+            .unwrap();
+        self.dom.sync(&mut self.be).unwrap();
+        self.tx = Some(tx);
+    }
+
+    #[inline(never)]
+    fn unlink_1g(&mut self) {
+        let tx = self.tx.as_mut().unwrap();
+        self.dom.unlink(tx, 0, GIB).unwrap();
+        self.dom.sync(&mut self.be).unwrap();
+    }
+
+    fn root(&self) -> u64 {
+        self.dom.with(|d| d.info().unwrap().root.0)
+    }
+}

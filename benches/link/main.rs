@@ -55,7 +55,7 @@ use bare_iommu::{DmaDirection, Domain, IovaState, MapAttrs, PhysAddr};
 use arena::{Arena, Zeroing};
 use contenders::{
     Aarch64S1, Aarch64S2, CONFIG, Contender, GIB, Limit, NoopBackend, Ours, PAGE, Pattern, PtmArm,
-    PtmX86, VA_BASE, Walker, X86, pa_4k,
+    PtmX86, Shared, VA_BASE, Walker, X86, pa_4k,
 };
 
 /// Counts every heap allocation in the process.
@@ -906,6 +906,7 @@ fn profile(what: &str, arena: &Arena) {
         .unwrap_or_else(|| panic!("unknown case {case}"));
     match who {
         "s1/ours" => go::<Ours<ArmStage1>>(op, iters, arena),
+        "s1/shared" => go::<Shared<ArmStage1>>(op, iters, arena),
         "s1/ours+zero" => go::<Ours<ArmStage1, Zeroing>>(op, iters, arena),
         "s1/walker" => go::<Walker<ArmStage1>>(op, iters, arena),
         "s1/aarch64-paging" => go::<Aarch64S1>(op, iters, arena),
@@ -929,9 +930,13 @@ fn main() {
         profile(&what, &arena);
         return;
     }
-    if std::env::var("BENCH_THREADS_ONLY").is_ok() {
-        // A short smoke run of the threads line alone.
-        println!("{}", threads::line(2_000, 1));
+    if let Ok(v) = std::env::var("BENCH_THREADS_ONLY") {
+        // A short smoke run of the threads line alone (`=N`: N transactions
+        // per sample, 3 samples, when N > 1).
+        match v.parse::<u64>() {
+            Ok(n) if n > 1 => println!("{}", threads::line(n, 3)),
+            _ => println!("{}", threads::line(2_000, 1)),
+        }
         return;
     }
     let facts = facts(&arena);

@@ -7,6 +7,8 @@ use crate::barrier::wmb_on;
 use crate::error::PageTableError;
 use crate::mem::TableMemory;
 
+mod concurrent;
+
 /// Entries per 4 KiB table.
 const ENTRIES: usize = 512;
 /// Bits of input address resolved per level.
@@ -157,6 +159,9 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     page_bits: (MapAttrs, u64),
     /// See [`kept_height`](Self::kept_height); `u32::MAX` for none.
     kept_height: u32,
+    /// Table and side pages attached by the shared-access path
+    /// (`concurrent.rs`), not yet folded into `table_pages` / `side_pages`.
+    shared_lent: concurrent::SharedLent,
 }
 
 #[inline]
@@ -261,6 +266,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             } else {
                 u32::from(levels) - 2
             },
+            shared_lent: concurrent::SharedLent::new(),
             fmt,
         })
     }
@@ -292,7 +298,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// Table pages currently attached (root included).
     pub fn table_pages(&self) -> usize {
-        self.table_pages
+        self.table_pages + self.shared_lent.tables()
     }
 
     /// Side pages lent: one per upper table attached (the root's included),
@@ -300,7 +306,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// never reads them. Lent pages in all: `table_pages() + side_pages()
     /// + retired_pages()`.
     pub fn side_pages(&self) -> usize {
-        self.side_pages
+        self.side_pages + self.shared_lent.sides()
     }
 
     /// The height (0 = leaf tables) of the tables kept attached when they

@@ -1,11 +1,28 @@
 //! [`SharedDomain`]: one domain used from several CPUs.
 
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64 as StatU64, AtomicUsize};
+
 use super::SplitSync;
-use crate::addr::{DmaAddr, PhysAddr};
+use super::lock::{IrqLock, SLOTS, ShardedRwLock};
+use super::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::error::DmaError;
+use crate::iova::{IovaAllocator, IovaRange};
 use crate::mem::TableMemory;
 use crate::pgtable::{DmaDirection, MapAttrs, PteFormat};
-use crate::state::{DmaPath, Domain, IovaState};
+use crate::state::{DirectState, DmaPath, Domain, IovaState, SharedPending};
+
+/// IOVA shards: one per reader slot of the domain lock.
+const SHARDS: usize = SLOTS;
+/// Leaf tables left empty a shard remembers for reclaiming.
+const EMPTIES: usize = 8;
+/// Largest IOVA chunk a shard takes from the domain's allocator.
+const MAX_CHUNK: u64 = 1 << 30;
+/// Smallest: one leaf table's span, so two shards never share a leaf table.
+const MIN_CHUNK: u64 = 1 << 21;
+/// Looks at `done_ticket` before a sync with nothing of its own asks the
+/// IOMMU whether another CPU's completion arrived.
+const DONE_LOOKS: u32 = 64;
 
 struct Guarded<F: PteFormat, M: TableMemory> {
     dom: Domain<F, M>,
@@ -13,57 +30,383 @@ struct Guarded<F: PteFormat, M: TableMemory> {
     popped: u64,
 }
 
-/// A [`Domain`] several CPUs use at once: each call takes a short spin
-/// lock (`spin::Mutex`), and [`sync`](Self::sync) waits for the IOMMU
-/// **outside** it, so one CPU's completion wait never blocks another CPU's
-/// link, unlink or alloc.
+/// What a shard (or the domain-wide side) keeps under its short lock.
+struct Side {
+    /// Ranges changed since the last sync.
+    pending: SharedPending,
+    /// 2 MiB regions whose leaf table a shared unlink left empty.
+    empties: heapless::Vec<u64, EMPTIES>,
+}
+
+impl Side {
+    const fn new() -> Self {
+        Self {
+            pending: SharedPending::new(),
+            empties: heapless::Vec::new(),
+        }
+    }
+}
+
+struct Shard {
+    /// The shard's chunk of IOVA space, once granted.
+    alloc: Option<IovaAllocator>,
+    side: Side,
+}
+
+/// A [`Domain`] several CPUs use at once.
 ///
-/// The guarantees of [`Domain`] hold: a failed link changes nothing; a
-/// table page freed by an unlink goes back to the lender only after a
-/// completion that covers its invalidation (pages another CPU retired
-/// while this sync waited stay for a later sync; the older ones go). A failed sync
-/// hands nothing back and makes the next one invalidate the whole domain.
+/// **Link and unlink run in parallel** on disjoint transactions: they take
+/// the read side of a reader-writer lock whose readers count themselves in
+/// per-shard slots (no shared cache line is written to enter), and change
+/// the tables through the shared-access path of the page table (tables
+/// installed by compare-and-swap, counts changed atomically; see the
+/// [module docs](super)). Shapes that path does not take (a block, a range
+/// over several leaf tables, bus-address P2P, an error to name) run on the
+/// write side, as the plain `Domain` methods.
+///
+/// **IOVAs** come from four shards, each a chunk of the aperture taken
+/// from the domain's allocator and handed out under its own short spin
+/// lock; a CPU keeps to its own shard (by a hint, see `home`), and frees go
+/// back to the shard that holds the range. A request a shard cannot serve
+/// (larger than a chunk, below a narrow DMA mask, a full chunk) goes to the
+/// domain's allocator, with its errors.
+///
+/// **Sync** waits for the IOMMU outside every lock: the pending ranges of
+/// all shards and one completion are queued under a short sync lock, and
+/// the wait runs without it. A sync covers every unlink that returned
+/// before it began (when another CPU's sync took those ranges, this one
+/// waits for that completion too).
+///
+/// The guarantees of [`Domain`] hold: a failed link changes no translation;
+/// a table page leaves the tables only on the write side, and goes back to
+/// the lender only after a completion that covers its invalidation. A
+/// failed sync hands nothing back and makes the next one invalidate the
+/// whole domain.
 ///
 /// Use it with a backend that splits its sync ([`SplitSync`]): a CPU's
 /// [`IommuCpu`](super::IommuCpu) handle on a
-/// [`SharedIommu`](super::SharedIommu), or a driver owned by one CPU.
-/// Not for interrupt context (it spins on its lock).
+/// [`SharedIommu`](super::SharedIommu), or a driver owned by one CPU; all
+/// syncs of one shared domain go through one IOMMU. Not for interrupt
+/// context (it spins on its locks).
+///
+/// Size: about 31 KiB inline on 64-bit targets (four IOVA shards of
+/// [`MAX_RANGES`](crate::iova::MAX_RANGES) ranges each, every lock on its
+/// own cache lines): build it where the stack has room, or in a static.
 pub struct SharedDomain<F: PteFormat, M: TableMemory> {
-    inner: spin::Mutex<Guarded<F, M>>,
+    dom: ShardedRwLock<Guarded<F, M>>,
+    shards: [Padded<IrqLock<Shard>>; SHARDS],
+    /// Pending ranges of what no shard holds (the write side's work,
+    /// transactions from the domain's allocator).
+    global: Padded<IrqLock<Side>>,
+    /// Each shard's chunk `[start, end)` once granted (never changes after).
+    bounds: [(StatU64, StatU64); SHARDS],
+    /// Which stack region claimed each shard (`home`).
+    owners: [AtomicUsize; SHARDS],
+    /// Chunk size, 0 when the aperture is too small to shard.
+    chunk: u64,
+    translated: bool,
+    id: u16,
+    st: Padded<SyncState>,
+}
+
+fn no_irq<T>(_: &mut T) {}
+
+/// `T` alone on its cache lines (128 bytes: the line pair some Arm and x86
+/// parts fetch together), so that one CPU's writes there never evict what
+/// another reads.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> core::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// What syncs write, apart from what every link and unlink reads.
+struct SyncState {
+    /// Serialises the queueing halves of syncs.
+    lock: IrqLock<()>,
+    /// Bit `k`: shard `k`'s pending ranges (bit [`SHARDS`]: the
+    /// domain-wide ones) went from empty to not empty since a sync last
+    /// took this bit (see `sync`).
+    pending_mask: AtomicU32,
+    /// Table pages retired and not handed back, as the write side last
+    /// left it (retiring happens only there).
+    retired: AtomicUsize,
+    /// Last completion ticket submitted by a sync, and the last one seen done.
+    last_ticket: AtomicU64,
+    done_ticket: AtomicU64,
+    /// Whether linked ranges need invalidating: 0 not known yet, 1 no, 2 yes.
+    maps: AtomicU8,
+    /// A shard's list of empty leaf tables is full: reclaim at a sync.
+    reclaim_wanted: AtomicBool,
 }
 
 impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// Shares `dom`.
     pub fn new(dom: Domain<F, M>) -> Self {
+        let translated = dom.aperture().is_some();
+        let chunk = dom.aperture().map_or(0, |(s, e)| {
+            let c = ((e - s) / (2 * SHARDS as u64)).min(MAX_CHUNK);
+            if c < MIN_CHUNK {
+                0
+            } else {
+                1u64 << (63 - c.leading_zeros())
+            }
+        });
+        let id = dom.id();
         Self {
-            inner: spin::Mutex::new(Guarded { dom, popped: 0 }),
+            dom: ShardedRwLock::new(Guarded { dom, popped: 0 }),
+            shards: core::array::from_fn(|_| {
+                Padded(IrqLock::new(
+                    Shard {
+                        alloc: None,
+                        side: Side::new(),
+                    },
+                    no_irq,
+                ))
+            }),
+            global: Padded(IrqLock::new(Side::new(), no_irq)),
+            bounds: core::array::from_fn(|_| (StatU64::new(0), StatU64::new(0))),
+            owners: core::array::from_fn(|_| AtomicUsize::new(0)),
+            chunk,
+            translated,
+            id,
+            st: Padded(SyncState {
+                lock: IrqLock::new((), no_irq),
+                pending_mask: AtomicU32::new(0),
+                retired: AtomicUsize::new(0),
+                last_ticket: AtomicU64::new(0),
+                done_ticket: AtomicU64::new(0),
+                maps: AtomicU8::new(0),
+                reclaim_wanted: AtomicBool::new(false),
+            }),
         }
     }
 
-    /// The domain back (e.g. for [`Domain::teardown`]).
+    /// The domain back (e.g. for [`Domain::teardown`]). Pending ranges go
+    /// into its own (its next sync covers them); a shard's chunk goes back
+    /// to its allocator when no transaction of it is open (transactions
+    /// still open in a shard cannot be freed on the plain domain: free
+    /// them first).
     pub fn into_inner(self) -> Domain<F, M> {
-        self.inner.into_inner().dom
+        let mut g = self.dom.into_inner();
+        let mut all = SharedPending::new();
+        for Padded(s) in self.shards {
+            let mut s = s.into_inner();
+            s.side.pending.drain_into(&mut all);
+            if let Some(a) = s.alloc {
+                if a.ranges() == 0 {
+                    g.dom.return_chunk(&a);
+                }
+            }
+        }
+        self.global.0.into_inner().pending.drain_into(&mut all);
+        g.dom.exclusive_done(&mut SharedPending::new());
+        g.dom.absorb_pending(all);
+        g.dom
     }
 
-    /// Runs `f` on the domain under the lock, for what has no method here
-    /// (`reserve`, `try_alloc_at`, `link_p2p`, `translate`, …). Do not call
-    /// [`Domain::sync`], `destroy`, `map` or `teardown` inside: they wait
-    /// under the lock and bypass this wrapper's bookkeeping of freed
-    /// pages; use [`sync`](Self::sync) / [`destroy`](Self::destroy).
+    /// This CPU's shard (and reader slot): a hint only, any answer is
+    /// correct. There is no portable CPU number here, so the hint is the
+    /// region of the caller's stack (each CPU or thread runs on its own):
+    /// the first call from a region claims a free shard for it.
+    #[inline]
+    fn home(&self) -> usize {
+        let key = Self::stack_key();
+        let start = (key.wrapping_mul(0x9E37_79B9) >> 7) % SHARDS;
+        for i in 0..SHARDS {
+            let j = (start + i) % SHARDS;
+            let o = self.owners[j].load(core::sync::atomic::Ordering::Relaxed);
+            if o == key {
+                return j;
+            }
+            if o == 0
+                && self.owners[j]
+                    .compare_exchange(
+                        0,
+                        key,
+                        core::sync::atomic::Ordering::Relaxed,
+                        core::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                return j;
+            }
+        }
+        start
+    }
+
+    /// The caller's stack region (never 0).
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn stack_key() -> usize {
+        let probe = 0u8;
+        ((&raw const probe as usize) >> 14) | 1
+    }
+
+    /// Under loom: the model thread (stack addresses differ between runs,
+    /// and a model must run the same way each time).
+    #[cfg(loom)]
+    fn stack_key() -> usize {
+        extern crate std;
+        use core::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        loom::thread::current().id().hash(&mut h);
+        (h.finish() as usize) | 1
+    }
+
+    /// The shard whose chunk holds `addr`.
+    #[inline]
+    fn shard_of(&self, addr: u64) -> Option<usize> {
+        self.bounds.iter().position(|(s, e)| {
+            let end = e.load(core::sync::atomic::Ordering::Acquire);
+            addr < end && addr >= s.load(core::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
+    /// Runs `f` on the side (pending ranges, empty tables) of the shard
+    /// holding `addr`, or the domain-wide one.
+    #[inline]
+    fn side<R>(&self, addr: u64, f: impl FnOnce(&mut Side) -> R) -> R {
+        match self.shard_of(addr) {
+            Some(k) => self.shards[k].with(|s| self.marked(&mut s.side, k, f)),
+            None => self.global.with(|s| self.marked(s, SHARDS, f)),
+        }
+    }
+
+    /// Runs `f` on side `k` (its lock held) and sets bit `k` of
+    /// `pending_mask` when its pending ranges went from empty to not empty.
+    #[inline]
+    fn marked<R>(&self, side: &mut Side, k: usize, f: impl FnOnce(&mut Side) -> R) -> R {
+        let was_empty = side.pending.is_empty(true);
+        let r = f(side);
+        if was_empty && !side.pending.is_empty(true) {
+            self.st.pending_mask.fetch_or(1 << k, Ordering::AcqRel);
+        }
+        r
+    }
+
+    /// Runs `f` on the write side; the domain's own pending ranges move to
+    /// the domain-wide list before the write side is left (so a sync that
+    /// sees a table retired there also sees its range).
+    fn exclusive<R>(&self, f: impl FnOnce(&mut Domain<F, M>) -> R) -> R {
+        self.dom.write(|g| {
+            g.dom.fold_shared();
+            let r = f(&mut g.dom);
+            let mut moved = SharedPending::new();
+            g.dom.exclusive_done(&mut moved);
+            if !moved.is_empty(true) {
+                self.global
+                    .with(|s| self.marked(s, SHARDS, |s| moved.drain_into(&mut s.pending)));
+            }
+            self.st
+                .retired
+                .store(g.dom.retired_pages(), core::sync::atomic::Ordering::Release);
+            r
+        })
+    }
+
+    /// Notes a leaf table left empty at `addr`, for a later reclaim.
+    fn note_empty(&self, addr: u64) {
+        let region = addr & !(MIN_CHUNK - 1);
+        let full = self.side(addr, |s| {
+            if !s.empties.contains(&region) {
+                // A full list drops the hint: that table stays attached.
+                let _ = s.empties.push(region);
+            }
+            s.empties.is_full()
+        });
+        if full {
+            self.st
+                .reclaim_wanted
+                .store(true, core::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether linked ranges must be recorded (until a sync said no).
+    #[inline]
+    fn maps_needed(&self) -> bool {
+        self.st.maps.load(core::sync::atomic::Ordering::Relaxed) != 1
+    }
+
+    /// Runs `f` on the domain on the write side, for what has no method
+    /// here (`reserve`, `try_alloc_at`, `link_p2p`, `translate`, …). Do not
+    /// call [`Domain::sync`], `destroy`, `map` or `teardown` inside: they
+    /// wait under the lock and bypass this wrapper's bookkeeping; use
+    /// [`sync`](Self::sync) / [`destroy`](Self::destroy). A transaction
+    /// from [`try_alloc`](Self::try_alloc) is freed with
+    /// [`free`](Self::free) (its range may belong to a shard, which the
+    /// plain [`Domain::free`] does not know).
     pub fn with<R>(&self, f: impl FnOnce(&mut Domain<F, M>) -> R) -> R {
-        f(&mut self.inner.lock().dom)
+        self.exclusive(f)
     }
 
-    /// [`Domain::try_alloc`] under the lock.
+    /// [`Domain::try_alloc`], from this CPU's shard when it can serve the
+    /// request, else from the domain's allocator.
     ///
     /// # Errors
     ///
     /// As [`Domain::try_alloc`].
     pub fn try_alloc(&self, size: u64, dma_mask: u64) -> Result<DmaPath, DmaError> {
-        self.inner.lock().dom.try_alloc(size, dma_mask)
+        if size == 0 {
+            return Err(DmaError::ZeroLength);
+        }
+        if !self.translated {
+            return Ok(DmaPath::Direct(DirectState::new(size, dma_mask)?));
+        }
+        let rounded = crate::addr::page_round_up(size).ok_or(DmaError::Overflow {
+            a: size,
+            b: PAGE_SIZE,
+        })?;
+        if self.chunk != 0 && rounded <= self.chunk {
+            let k = self.home();
+            for _ in 0..2 {
+                match self.shards[k].with(|s| s.alloc.as_mut().map(|a| a.alloc(rounded, dma_mask)))
+                {
+                    Some(Ok(r)) => {
+                        let st = self.dom.read(k, |g| g.dom.shared_state(r));
+                        return Ok(DmaPath::Iova(st));
+                    }
+                    Some(Err(_)) => break,
+                    None => self.grant(k),
+                }
+            }
+        }
+        self.exclusive(|d| d.try_alloc(size, dma_mask))
     }
 
-    /// [`Domain::link`] under the lock.
+    /// Gives shard `k` its chunk (no lock held on entry; the shard lock is
+    /// never held while the write side is taken).
+    #[cold]
+    fn grant(&self, k: usize) {
+        let Some(a) = self.exclusive(|d| d.grant_chunk(self.chunk)) else {
+            return;
+        };
+        let (start, end) = a.aperture();
+        let left = self.shards[k].with(|s| {
+            if s.alloc.is_some() {
+                return Some(a);
+            }
+            s.alloc = Some(a);
+            self.bounds[k]
+                .0
+                .store(start, core::sync::atomic::Ordering::Relaxed);
+            self.bounds[k]
+                .1
+                .store(end, core::sync::atomic::Ordering::Release);
+            None
+        });
+        if let Some(a) = left {
+            // Another CPU granted it meanwhile.
+            self.exclusive(|d| d.return_chunk(&a));
+        }
+    }
+
+    /// [`Domain::link`], on the read side when the shape allows (in
+    /// parallel with other CPUs' links and unlinks), else on the write side.
     ///
     /// # Errors
     ///
@@ -77,13 +420,26 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
-        self.inner
-            .lock()
+        let k = self.home();
+        match self
             .dom
-            .link(tx, phys, offset, len, dir, attrs)
+            .read(k, |g| g.dom.link_shared(tx, phys, offset, len, dir, attrs))
+        {
+            Some((r, eff)) => {
+                if r.is_ok() && self.maps_needed() {
+                    let (s, l) = eff.range;
+                    self.side(s, |side| side.pending.mapped(s, l));
+                }
+                if let Some(a) = eff.empty_at {
+                    self.note_empty(a);
+                }
+                r
+            }
+            None => self.exclusive(|d| d.link(tx, phys, offset, len, dir, attrs)),
+        }
     }
 
-    /// [`Domain::link_pages`] under the lock.
+    /// [`Domain::link_pages`] on the write side.
     ///
     /// # Errors
     ///
@@ -96,22 +452,36 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
-        self.inner
-            .lock()
-            .dom
-            .link_pages(tx, pages, offset, dir, attrs)
+        self.exclusive(|d| d.link_pages(tx, pages, offset, dir, attrs))
     }
 
-    /// [`Domain::unlink`] under the lock.
+    /// [`Domain::unlink`], on the read side when the shape allows (pages of
+    /// one leaf table; the table stays attached even when emptied), else on
+    /// the write side.
     ///
     /// # Errors
     ///
     /// As [`Domain::unlink`].
     pub fn unlink(&self, tx: &mut IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
-        self.inner.lock().dom.unlink(tx, offset, len)
+        let k = self.home();
+        match self.dom.read(k, |g| g.dom.unlink_shared(tx, offset, len)) {
+            Some((r, eff)) => {
+                if r.is_ok() {
+                    let (s, l) = eff.range;
+                    self.side(s, |side| side.pending.unmapped(s, l, true));
+                }
+                if let Some(a) = eff.empty_at {
+                    self.note_empty(a);
+                }
+                r
+            }
+            None => self.exclusive(|d| d.unlink(tx, offset, len)),
+        }
     }
 
-    /// [`Domain::free`] under the lock.
+    /// [`Domain::free`]: unlinks what is left (on the read side when the
+    /// transaction holds pages only) and gives the range back to its shard
+    /// (or to the domain's allocator).
     ///
     /// # Errors
     ///
@@ -121,42 +491,284 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         reason = "the state is handed back on failure, as Domain::free does"
     )]
     pub fn free(&self, tx: IovaState) -> Result<(), (IovaState, DmaError)> {
-        self.inner.lock().dom.free(tx)
+        let (range, fixed) = Domain::<F, M>::tx_range(&tx);
+        let k = match (fixed, self.shard_of(range.start)) {
+            (false, Some(k)) => k,
+            _ => return self.exclusive(|d| d.free(tx)),
+        };
+        if tx.domain_id() != self.id || !self.dom.read(k, |g| g.dom.owns(&tx)) {
+            let e = DmaError::WrongDomain {
+                expected: tx.domain_id(),
+                found: self.id,
+            };
+            return Err((tx, e));
+        }
+        if let Err(e) = self.shards[k].with(|s| find(s, range)) {
+            return Err((tx, e));
+        }
+        let mut empties = heapless::Vec::<u64, EMPTIES>::new();
+        let mut leaf_only = true;
+        if let Some((start, size)) = Domain::<F, M>::tx_linked_range(&tx) {
+            let r = self.dom.read(k, |g| {
+                g.dom.unmap_present_shared(start, size, &mut |a| {
+                    let _ = empties.push(a);
+                })
+            });
+            if r.is_err() {
+                // A block: the write side unmaps the rest (and queues it).
+                self.exclusive(|d| d.unmap_present_exclusive(start, size));
+                leaf_only = false;
+            }
+        }
+        let full = self.shards[k].with(|s| {
+            if let Some((start, size)) = Domain::<F, M>::tx_linked_range(&tx) {
+                self.marked(&mut s.side, k, |side| {
+                    side.pending.unmapped(start, size, leaf_only);
+                });
+            }
+            for a in &empties {
+                let region = a & !(MIN_CHUNK - 1);
+                if !s.side.empties.contains(&region) {
+                    let _ = s.side.empties.push(region);
+                }
+            }
+            if let Some(a) = s.alloc.as_mut() {
+                if let Ok(i) = a.find(range) {
+                    a.release(i);
+                }
+            }
+            s.side.empties.is_full()
+        });
+        if full {
+            self.st
+                .reclaim_wanted
+                .store(true, core::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// [`Domain::translate`] on the read side (in parallel with other
+    /// CPUs' links and unlinks). A translation in a range another CPU is
+    /// changing meanwhile is its old or its new value.
+    pub fn translate(&self, iova: DmaAddr) -> Option<(PhysAddr, MapAttrs)> {
+        self.dom.read(self.home(), |g| g.dom.translate_shared(iova))
     }
 
     /// Whether unlinks or retired tables wait for a sync.
     pub fn has_pending(&self) -> bool {
-        self.inner.lock().dom.has_pending()
+        let maps = self.maps_needed();
+        self.shards
+            .iter()
+            .any(|s| s.with(|s| !s.side.pending.is_empty(maps)))
+            || self.global.with(|s| !s.pending.is_empty(maps))
+            || self.st.retired.load(core::sync::atomic::Ordering::Acquire) != 0
     }
 
-    /// [`Domain::sync`], with the completion wait outside the lock:
-    /// invalidations and one completion are queued under it, the wait runs
-    /// without it, and the lock is taken again only to hand back the table
-    /// pages the completion covers.
+    /// Reclaims the empty leaf tables the shards noted (and the tables
+    /// above them that become empty), when a list filled up and nobody is
+    /// on the read side now: detached and retired on the write side, their
+    /// invalidation queued for this sync.
+    fn maybe_reclaim(&self) {
+        if !self
+            .st
+            .reclaim_wanted
+            .load(core::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        let _ = self.dom.try_write(|g| {
+            self.st
+                .reclaim_wanted
+                .store(false, core::sync::atomic::Ordering::Relaxed);
+            let mut into = SharedPending::new();
+            for s in self.shards.iter() {
+                let list = s.with(|s| core::mem::take(&mut s.side.empties));
+                for a in list {
+                    g.dom.reclaim_empty(a, &mut into);
+                }
+            }
+            let list = self.global.with(|s| core::mem::take(&mut s.empties));
+            for a in list {
+                g.dom.reclaim_empty(a, &mut into);
+            }
+            g.dom.exclusive_done(&mut into);
+            self.global
+                .with(|s| self.marked(s, SHARDS, |s| into.drain_into(&mut s.pending)));
+            self.st
+                .retired
+                .store(g.dom.retired_pages(), core::sync::atomic::Ordering::Release);
+        });
+    }
+
+    /// Test support: reclaims every empty leaf table noted so far if no
+    /// CPU is on the read side now (else nothing); whether it ran.
+    #[doc(hidden)]
+    pub fn try_reclaim_now(&self) -> bool {
+        self.st
+            .reclaim_wanted
+            .store(true, core::sync::atomic::Ordering::Relaxed);
+        self.maybe_reclaim();
+        !self
+            .st
+            .reclaim_wanted
+            .load(core::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Test support: reclaims every empty leaf table noted so far now
+    /// (waiting for the write side), as a sync does once a list fills up.
+    #[doc(hidden)]
+    pub fn reclaim_now(&self) {
+        self.st
+            .reclaim_wanted
+            .store(true, core::sync::atomic::Ordering::Relaxed);
+        while self
+            .st
+            .reclaim_wanted
+            .load(core::sync::atomic::Ordering::Relaxed)
+        {
+            self.maybe_reclaim();
+            super::sync::spin_hint();
+        }
+    }
+
+    /// [`Domain::sync`], with the completion wait outside every lock: the
+    /// pending ranges of every shard and one completion are queued under a
+    /// short sync lock (and the read side), the wait runs without them,
+    /// and the write side is taken only to hand back table pages the
+    /// completion covers.
     ///
     /// # Errors
     ///
     /// As [`Domain::sync`]. After an error nothing is handed back and the
     /// next sync invalidates the whole domain.
     pub fn sync<B: SplitSync + ?Sized>(&self, backend: &mut B) -> Result<(), DmaError> {
-        let begun = {
-            let mut g = self.inner.lock();
-            let popped = g.popped;
-            g.dom.sync_begin(backend, popped)?
+        if !self.translated {
+            return Ok(());
+        }
+        let maps = if backend.needs_map_invalidation() {
+            2
+        } else {
+            1
         };
-        let Some(begun) = begun else {
+        if self.st.maps.load(core::sync::atomic::Ordering::Relaxed) != maps {
+            self.st
+                .maps
+                .store(maps, core::sync::atomic::Ordering::Relaxed);
+        }
+        self.maybe_reclaim();
+        // Fast path: no shard has pending ranges, no table waits, no other
+        // sync is between taking ranges and queueing their completion.
+        // (An unlink that returned before this sync began set its shard's
+        // bit before returning; a sync that took the bit since did so under
+        // `sync_lock` and, if it released it, raised `last_ticket` first.)
+        if self.st.pending_mask.load(Ordering::Acquire) == 0
+            && self.st.retired.load(core::sync::atomic::Ordering::Acquire) == 0
+            && !self.st.lock.is_locked()
+        {
+            let ticket = self.st.last_ticket.load(Ordering::Acquire);
+            self.dom.read(self.home(), |g| g.dom.publish(backend))?;
+            if !self.seen_done(ticket) {
+                self.wait_for(backend, ticket)?;
+            }
+            return Ok(());
+        }
+        let k = self.home();
+        let begun = self.st.lock.with(|()| {
+            self.dom.read(k, |g| {
+                // Take the bits first, then the ranges: a range added after
+                // its side was drained sets the bit again.
+                let bits = self.st.pending_mask.swap(0, Ordering::AcqRel);
+                let mut all = SharedPending::new();
+                for (i, s) in self.shards.iter().enumerate() {
+                    if bits & (1 << i) != 0 {
+                        s.with(|s| s.side.pending.drain_into(&mut all));
+                    }
+                }
+                if bits & (1 << SHARDS) != 0 {
+                    self.global.with(|s| s.pending.drain_into(&mut all));
+                }
+                let put_back = |mut all: SharedPending| {
+                    self.global
+                        .with(|s| self.marked(s, SHARDS, |s| all.drain_into(&mut s.pending)));
+                };
+                let queued = match g.dom.queue_shared(&all, backend) {
+                    Ok(q) => q,
+                    Err(e) => {
+                        put_back(all);
+                        return Err(DmaError::from(e));
+                    }
+                };
+                if !queued {
+                    // Nothing here, but another CPU's sync may have taken
+                    // ranges of unlinks that returned before this sync
+                    // began and not seen its completion yet: wait for it.
+                    let last = self.st.last_ticket.load(Ordering::Acquire);
+                    let done = self.st.done_ticket.load(Ordering::Acquire);
+                    return Ok((last > done).then(|| (g.dom.shared_begun(last, g.popped), 0)));
+                }
+                let ticket = match backend.submit() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        put_back(all);
+                        return Err(e.into());
+                    }
+                };
+                // Under `sync_lock`: tickets only grow here.
+                self.st.last_ticket.store(ticket, Ordering::Release);
+                Ok(Some((
+                    g.dom.shared_begun(ticket, g.popped),
+                    g.dom.retired_pages(),
+                )))
+            })
+        })?;
+        let Some((begun, retired)) = begun else {
             return Ok(());
         };
         // No lock held: other CPUs link, unlink and sync meanwhile.
-        let waited = backend.wait(begun.ticket);
-        let mut g = self.inner.lock();
-        if let Err(e) = waited {
-            g.dom.sync_failed();
+        self.wait_for(backend, begun.ticket)?;
+        if retired != 0 {
+            self.dom.write(|g| {
+                let popped = g.popped;
+                let freed = g.dom.sync_finish(begun, popped);
+                g.popped += freed as u64;
+                self.st
+                    .retired
+                    .store(g.dom.retired_pages(), core::sync::atomic::Ordering::Release);
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether `ticket` is known done: the CPU that submitted it is
+    /// usually waiting for it and says so in `done_ticket` within a few
+    /// loads; a bounded look there spares a look at the IOMMU (its lock
+    /// is shared by every CPU). `false` sends the caller to the IOMMU.
+    fn seen_done(&self, ticket: u64) -> bool {
+        for _ in 0..DONE_LOOKS {
+            if self.st.done_ticket.load(Ordering::Acquire) >= ticket {
+                return true;
+            }
+            super::sync::spin_hint();
+        }
+        false
+    }
+
+    /// Waits for `ticket`; a failure makes the next sync invalidate the
+    /// whole domain (the ranges the completion covered were taken).
+    fn wait_for<B: SplitSync + ?Sized>(
+        &self,
+        backend: &mut B,
+        ticket: u64,
+    ) -> Result<(), DmaError> {
+        if let Err(e) = backend.wait(ticket) {
+            self.global.with(|s| {
+                self.marked(s, SHARDS, |s| s.pending.set_overflow());
+            });
             return Err(e.into());
         }
-        let popped = g.popped;
-        let freed = g.dom.sync_finish(begun, popped);
-        g.popped += freed as u64;
+        if ticket > self.st.done_ticket.load(Ordering::Relaxed) {
+            self.st.done_ticket.fetch_max(ticket, Ordering::AcqRel);
+        }
         Ok(())
     }
 
@@ -173,5 +785,17 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     ) -> Result<(), DmaError> {
         self.free(tx).map_err(|(_, e)| e)?;
         self.sync(backend)
+    }
+}
+
+/// Whether `range` is handed out by the shard.
+fn find(s: &Shard, range: IovaRange) -> Result<(), DmaError> {
+    match s.alloc.as_ref() {
+        Some(a) => a.find(range).map(|_| ()),
+        None => Err(DmaError::OutsideTransaction {
+            offset: range.start,
+            len: range.size,
+            size: 0,
+        }),
     }
 }

@@ -73,6 +73,12 @@ impl<T> IrqLock<T> {
         unsafe { self.data.with_mut(f) }
     }
 
+    /// Whether some CPU holds the lock now (Acquire: what its last holder
+    /// did before releasing it is visible when this says `false`).
+    pub(crate) fn is_locked(&self) -> bool {
+        self.state.load(Ordering::Acquire) & LOCKED != 0
+    }
+
     /// Runs `f` under the lock if it is free now; `None` (nothing run, no
     /// flag set) when it is taken.
     pub(crate) fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
@@ -139,5 +145,186 @@ impl<T> IrqLock<T> {
             // SAFETY: LOCKED is still ours.
             unsafe { self.data.with_mut(deferred) };
         }
+    }
+}
+
+/// Reader slots of a [`ShardedRwLock`]: one per shard, so that CPUs on
+/// different shards never write the same cache line to enter.
+pub(crate) const SLOTS: usize = 4;
+
+const WRITER: u32 = 1 << 31;
+const WANT: u32 = 1 << 30;
+
+/// One reader slot, alone on its cache line (128 bytes: the line pair
+/// some Arm and x86 parts prefetch together).
+#[repr(align(128))]
+struct Slot(AtomicU32);
+
+/// A reader-writer spin lock whose readers count themselves in one of
+/// [`SLOTS`] slots (a per-CPU reader count, as Linux's `percpu_rw_semaphore`
+/// keeps): entering and leaving the read side is one compare-and-swap and
+/// one subtraction on the reader's own slot. The write side takes every
+/// slot, in order: in each it sets WANT (new readers of that slot wait),
+/// waits for the slot's readers to leave, then holds it with WRITER. The
+/// write side is for rare work (reclaiming empty tables, the fallback
+/// paths); [`try_write`](Self::try_write) never waits.
+///
+/// Which slot a reader uses only spreads the load: any slot is correct.
+pub(crate) struct ShardedRwLock<T> {
+    slots: [Slot; SLOTS],
+    data: Cell<T>,
+}
+
+// SAFETY: `data` is reached shared (`&T`) only by readers counted in a
+// slot, which no writer holds; exclusively (`&mut T`) only by the writer
+// that holds every slot (Acquire on entry, Release on exit hand it on).
+// Readers share `&T` across threads (`T: Sync`), writers move it (`T: Send`).
+unsafe impl<T: Send + Sync> Sync for ShardedRwLock<T> {}
+
+/// Leaves the read side when dropped (also on unwinding, in host tests).
+struct ReadRelease<'a>(&'a AtomicU32);
+
+impl Drop for ReadRelease<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Leaves the write side when dropped.
+struct WriteRelease<'a, T>(&'a ShardedRwLock<T>, usize);
+
+impl<T> Drop for WriteRelease<'_, T> {
+    fn drop(&mut self) {
+        for s in self.0.slots.iter().take(self.1) {
+            // Only WRITER (and WANTs of other writers, which set it again)
+            // can be set: readers never enter a slot a writer holds.
+            s.0.store(0, Ordering::Release);
+        }
+    }
+}
+
+impl<T> ShardedRwLock<T> {
+    pub(crate) fn new(data: T) -> Self {
+        Self {
+            slots: core::array::from_fn(|_| Slot(AtomicU32::new(0))),
+            data: Cell::new(data),
+        }
+    }
+
+    pub(crate) fn into_inner(self) -> T {
+        self.data.into_inner()
+    }
+
+    /// Runs `f` on the read side, counted in slot `slot % SLOTS`; spins
+    /// while a writer holds or wants that slot. `f` must not take this
+    /// lock again.
+    pub(crate) fn read<R>(&self, slot: usize, f: impl FnOnce(&T) -> R) -> R {
+        let s = &self.slots[slot % SLOTS].0;
+        let mut v = s.load(Ordering::Relaxed);
+        loop {
+            if v & (WRITER | WANT) == 0 {
+                match s.compare_exchange(v, v + 1, Ordering::Acquire, Ordering::Relaxed) {
+                    Ok(_) => break,
+                    Err(cur) => {
+                        v = cur;
+                        continue;
+                    }
+                }
+            }
+            spin_hint();
+            // A read-modify-write reads the newest value (a plain load may
+            // go on seeing an old one for a while, and under loom for ever).
+            v = s.fetch_or(0, Ordering::Relaxed);
+        }
+        let _release = ReadRelease(s);
+        // SAFETY: counted as a reader in a slot no writer holds.
+        unsafe { self.data.with(f) }
+    }
+
+    /// Runs `f` on the write side, waiting for the readers to leave.
+    /// `f` must not take this lock again.
+    pub(crate) fn write<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut held = WriteRelease(self, 0);
+        for slot in &self.slots {
+            let s = &slot.0;
+            let mut v = s.load(Ordering::Relaxed);
+            loop {
+                if v & !WANT == 0 {
+                    if s.compare_exchange(v, WRITER, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        break;
+                    }
+                } else if v & WANT == 0 {
+                    s.fetch_or(WANT, Ordering::Relaxed);
+                }
+                spin_hint();
+                v = s.fetch_or(0, Ordering::Relaxed);
+            }
+            held.1 += 1;
+        }
+        // SAFETY: every slot held with WRITER: no reader, no other writer.
+        unsafe { self.data.with_mut(f) }
+    }
+
+    /// Runs `f` on the write side if no reader or writer is in now;
+    /// `None` (nothing run) otherwise. Never waits.
+    pub(crate) fn try_write<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        let mut held = WriteRelease(self, 0);
+        for slot in &self.slots {
+            if slot
+                .0
+                .compare_exchange(0, WRITER, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                return None;
+            }
+            held.1 += 1;
+        }
+        // SAFETY: as in `write`.
+        Some(unsafe { self.data.with_mut(f) })
+    }
+}
+
+#[cfg(loom)]
+impl<T> ShardedRwLock<T> {
+    /// The read side's entry without the wait (the model tests: loom
+    /// explores every interleaving of one attempt against the write side).
+    fn try_read<R>(&self, slot: usize, f: impl FnOnce(&T) -> R) -> Option<R> {
+        let s = &self.slots[slot % SLOTS].0;
+        let v = s.load(Ordering::Relaxed);
+        if v & (WRITER | WANT) != 0
+            || s.compare_exchange(v, v + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        let _release = ReadRelease(s);
+        // SAFETY: counted as a reader in a slot no writer holds.
+        Some(unsafe { self.data.with(f) })
+    }
+}
+
+/// Model-test access to the domain lock ([`ShardedRwLock`] over a `u64`).
+#[cfg(loom)]
+#[doc(hidden)]
+pub struct LoomRwCell(ShardedRwLock<u64>);
+
+#[cfg(loom)]
+impl LoomRwCell {
+    /// A lock over `v`.
+    pub fn new(v: u64) -> Self {
+        Self(ShardedRwLock::new(v))
+    }
+
+    /// Reads the value twice in one read section on `slot`, if the read
+    /// side could be entered at once.
+    pub fn try_read_twice(&self, slot: usize) -> Option<(u64, u64)> {
+        self.0.try_read(slot, |v| (*v, *v))
+    }
+
+    /// Adds `n` on the write side if it is free now; whether it was.
+    pub fn try_write_add(&self, n: u64) -> bool {
+        self.0.try_write(|v| *v += n).is_some()
     }
 }

@@ -201,6 +201,10 @@ fn a_shared_sync_waits_outside_the_lock_and_frees_only_covered_tables() {
     dom.sync(&mut q).unwrap();
     let with_both = mem.blocks_out();
     dom.unlink(&mut t1, 0, 4096).unwrap();
+    // The shared unlink leaves the emptied tables attached; reclaiming
+    // them (the write side) retires them.
+    assert_eq!(mem.blocks_out(), with_both);
+    dom.reclaim_now();
     let iova2 = t2.iova();
     let t2 = core::cell::RefCell::new(t2);
     let mut q = {
@@ -211,6 +215,7 @@ fn a_shared_sync_waits_outside_the_lock_and_frees_only_covered_tables() {
                 // held across the wait would deadlock here), and what it
                 // retires is not covered by the completion being waited for.
                 dom.unlink(&mut t2.borrow_mut(), 0, 4096).unwrap();
+                dom.reclaim_now();
                 assert_eq!(dom.with(|d| d.translate(iova2)), None);
             })),
         };
@@ -255,6 +260,7 @@ fn a_failed_shared_sync_frees_nothing_and_the_next_invalidates_the_domain() {
     dom.sync(&mut q).unwrap();
     let before = mem.blocks_out();
     dom.unlink(&mut t, 0, 4096).unwrap();
+    dom.reclaim_now();
     q.armed_error = Some(BackendError::QueueError { code: 1, index: 0 });
     assert!(dom.sync(&mut q).is_err());
     assert_eq!(mem.blocks_out(), before);
@@ -263,5 +269,115 @@ fn a_failed_shared_sync_frees_nothing_and_the_next_invalidates_the_domain() {
     dom.sync(&mut q).unwrap();
     assert_eq!(q.domain_invalidations, whole + 1);
     assert!(mem.blocks_out() < before);
+    dom.free(t).unwrap();
+}
+
+/// A CPU handle that runs `during` (another CPU's work) while it waits.
+struct DuringWait<'a, B> {
+    inner: B,
+    during: Option<Box<dyn FnOnce() + 'a>>,
+}
+
+impl<B: IommuBackend> IommuBackend for DuringWait<'_, B> {
+    fn attach(&mut self, dev: crate::DeviceId, how: crate::Attachment) -> Result<(), BackendError> {
+        self.inner.attach(dev, how)
+    }
+    fn invalidate(
+        &mut self,
+        d: &DomainInfo,
+        iova: DmaAddr,
+        len: u64,
+        leaf: bool,
+    ) -> Result<(), BackendError> {
+        self.inner.invalidate(d, iova, len, leaf)
+    }
+    fn invalidate_domain(&mut self, d: &DomainInfo) -> Result<(), BackendError> {
+        self.inner.invalidate_domain(d)
+    }
+    fn sync(&mut self) -> Result<(), BackendError> {
+        self.inner.sync()
+    }
+}
+
+impl<B: SplitSync> SplitSync for DuringWait<'_, B> {
+    fn submit(&mut self) -> Result<u64, BackendError> {
+        self.inner.submit()
+    }
+    fn wait(&mut self, ticket: u64) -> Result<(), BackendError> {
+        if let Some(f) = self.during.take() {
+            f();
+        }
+        self.inner.wait(ticket)
+    }
+}
+
+/// CPU A unlinks; CPU B's sync takes A's range and waits for its
+/// completion; A's own sync, begun while B waits, finds nothing left to
+/// queue but must still not return before that completion: A may reuse
+/// the unlinked memory as soon as its sync returns.
+#[test]
+fn a_sync_that_finds_nothing_waits_for_the_completion_that_took_its_ranges() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let iommu = SharedIommu::new(FakeQueue::new(1), drain);
+    let mut a = iommu.cpu();
+    let mut t = dom
+        .try_alloc(2 * 4096, u64::MAX)
+        .unwrap()
+        .into_iova()
+        .unwrap();
+    dom.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        0,
+        8192,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    dom.sync(&mut a).unwrap();
+    // One page of two: no table empties, nothing is retired.
+    dom.unlink(&mut t, 0, 4096).unwrap();
+    let mut b = DuringWait {
+        inner: iommu.cpu(),
+        during: Some(Box::new(|| {
+            dom.sync(&mut a).unwrap();
+            let (queued, consumed) = iommu.with(|q| (q.queued, q.consumed));
+            assert_eq!(consumed, queued, "A's sync returned before B's completion");
+        })),
+    };
+    dom.sync(&mut b).unwrap();
+    dom.free(t).unwrap();
+}
+
+/// Tables the shared path attached are counted; a write-side call that
+/// detaches them (here the plain `Domain::unlink` through `with`) must
+/// see them counted first (it used to subtract from a count that did not
+/// hold them yet).
+#[test]
+fn the_write_side_counts_tables_the_shared_path_attached_before_detaching_them() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    let mut t = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+    dom.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    // The first write-side call: it detaches the leaf and level-2 tables
+    // (the root's child stays: `kept_height`).
+    dom.with(|d| d.unlink(&mut t, 0, 4096)).unwrap();
+    let pt = |d: &mut Domain<ArmStage1, &HostMemory>| {
+        let p = d.page_table().unwrap();
+        (p.table_pages(), p.side_pages(), p.retired_pages())
+    };
+    assert_eq!(dom.with(pt), (2, 2, 3));
+    dom.sync(&mut q).unwrap();
+    assert_eq!(dom.with(pt), (2, 2, 0));
     dom.free(t).unwrap();
 }

@@ -118,7 +118,7 @@ boot_pd:
     .skip 4 * 4096
     .balign 16
 boot_stack:
-    .skip 256 * 1024
+    .skip 1024 * 1024
 boot_stack_top:
 "#,
     options(att_syntax)

@@ -1,0 +1,560 @@
+//! The shared-access path of [`IoPageTable`]: maps and unmaps through
+//! `&self`, so that several CPUs change disjoint ranges of one table at
+//! once (`crate::shared::SharedDomain`), without a lock across the walk.
+//!
+//! # Who touches what
+//!
+//! The callers guarantee that concurrent calls cover disjoint ranges (each
+//! transaction owns its IOVA range). So a leaf entry, and a block that a
+//! range covers wholly, is written by one CPU only: plain (volatile) stores,
+//! as on the exclusive path. Shared between CPUs are
+//!
+//! - upper entries: an empty one gets its table by compare-and-swap
+//!   (Linux `arm_lpae_install_table`); the CPU that loses the race hands
+//!   its page (and side page) back to the lender at once — nothing ever
+//!   saw it — and walks on through the winner's table;
+//! - side words (`counts.rs`): the winner of an install adds the new
+//!   child's side page to the parent's side word with an atomic or (other
+//!   CPUs may already be counting in that word); every count changes by an
+//!   atomic add or subtract.
+//!
+//! This path never detaches a table: an unmap that empties one leaves it
+//! attached with count 0 (Linux's io-pgtable never frees a table on a 4 KiB
+//! unmap either). Empty tables go back through
+//! [`reclaim_empty`](IoPageTable::reclaim_empty) on the exclusive side,
+//! which no shared call overlaps (the caller's lock), and retire as any
+//! detached table does.
+//!
+//! Ordering. A new table is zeroed (and cleaned) and ordered by a barrier
+//! before the compare-and-swap that publishes it (Release for the CPUs that
+//! follow it, the barrier for the walker, as `install_table`). A CPU that
+//! follows a table pointer loads it with Acquire. The winner writes the
+//! child's side page into the side word just after the pointer; a CPU that
+//! follows the pointer to an upper table before that waits for it (the
+//! window is the winner's next store). Counts are Relaxed: only the
+//! exclusive side reads them to decide, after taking its lock (Acquire)
+//! behind every shared call's release of it.
+
+use core::sync::atomic::{AtomicUsize, Ordering as StatOrdering};
+
+use super::{BITS_PER_LEVEL, IoPageTable, LEAF_TABLE_SHIFT, index, lend_table_page};
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
+use crate::barrier::wmb_on;
+use crate::error::PageTableError;
+use crate::mem::TableMemory;
+use crate::pgtable::{MapAttrs, Pte, PteFormat, counts};
+use crate::shared::sync::{Ordering, Word, spin_hint};
+
+/// Pages the shared path attached (statistics; folded into the table's
+/// own counters on the exclusive side).
+#[derive(Debug, Default)]
+pub(super) struct SharedLent {
+    tables: AtomicUsize,
+    sides: AtomicUsize,
+}
+
+impl SharedLent {
+    pub(super) const fn new() -> Self {
+        Self {
+            tables: AtomicUsize::new(0),
+            sides: AtomicUsize::new(0),
+        }
+    }
+
+    pub(super) fn tables(&self) -> usize {
+        self.tables.load(StatOrdering::Relaxed)
+    }
+
+    pub(super) fn sides(&self) -> usize {
+        self.sides.load(StatOrdering::Relaxed)
+    }
+}
+
+/// What [`IoPageTable::map_shared`] did when it failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SharedMapError {
+    /// The error (no translation changed).
+    pub(crate) error: PageTableError,
+    /// Tables were attached on the way and are left empty (the caller has
+    /// them reclaimed later).
+    pub(crate) left_empty: bool,
+}
+
+impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
+    /// The word of `table` (or a side page) at index `idx`, used atomically.
+    #[inline(always)]
+    fn word(&self, page: PhysAddr, idx: usize) -> Word {
+        // SAFETY: `page` is a table or side page this walker lent and keeps
+        // attached while shared calls run (nothing is detached meanwhile);
+        // `idx < 512` keeps the word inside it; every CPU reaches the shared
+        // words of a page (upper entries, side words) through `Word`.
+        unsafe { Word::at(self.mem.phys_to_virt(page).cast::<u64>().wrapping_add(idx)) }
+    }
+
+    /// Adds `n` to the count at `slot` (0: the root's, which has none).
+    #[inline(always)]
+    fn count_add_shared(&self, slot: u64, n: u64) {
+        if slot != 0 {
+            // SAFETY: a slot is a word of a side page this walker lent (as
+            // in `count_at`); counts change only atomically while shared.
+            unsafe { Word::at(self.mem.phys_to_virt(PhysAddr(slot)).cast::<u64>()) }
+                .fetch_add(n << counts::COUNT_SHIFT, Ordering::Relaxed);
+        }
+    }
+
+    /// Subtracts `n` from the count at `slot`; returns the count left.
+    #[inline(always)]
+    fn count_sub_shared(&self, slot: u64, n: u64) -> u64 {
+        if slot == 0 {
+            return 1;
+        }
+        // SAFETY: as in `count_add_shared`.
+        let old = unsafe { Word::at(self.mem.phys_to_virt(PhysAddr(slot)).cast::<u64>()) }
+            .fetch_sub(n << counts::COUNT_SHIFT, Ordering::Relaxed);
+        debug_assert!(counts::count(old) >= n, "valid-entry count underflow");
+        counts::count(old) - n
+    }
+
+    /// The side page of the upper table at `table[idx]` (side page `side`),
+    /// once its installer has written it (see the module docs).
+    #[inline]
+    fn child_side_shared(&self, side: PhysAddr, idx: usize) -> PhysAddr {
+        let w = self.word(side, idx);
+        let mut v = w.load(Ordering::Acquire);
+        loop {
+            let s = counts::side_page(v);
+            if s.0 != 0 {
+                return s;
+            }
+            spin_hint();
+            // A read-modify-write reads the newest value (see
+            // `ShardedRwLock::read`); adding 0 changes nothing.
+            v = w.fetch_add(0, Ordering::Acquire);
+        }
+    }
+
+    /// A new table for height `h` (with its side page when `h > 0`),
+    /// counted in the shared statistics only once installed.
+    fn alloc_table_shared(&self, h: u32) -> Result<(PhysAddr, PhysAddr), PageTableError> {
+        let side = if h > 0 {
+            self.mem
+                .alloc_zeroed(1)
+                .ok_or(PageTableError::OutOfMemory)?
+        } else {
+            PhysAddr(0)
+        };
+        match lend_table_page(&self.fmt, &self.mem, self.coherent) {
+            Ok(t) => Ok((t, side)),
+            Err(e) => {
+                if side.0 != 0 {
+                    // SAFETY: just lent, never published.
+                    unsafe { self.mem.free(side, 1) };
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Walks to the leaf table covering `iova`, installing missing tables
+    /// by compare-and-swap: `(leaf table, its count slot)`. `Err` with
+    /// whether tables were attached on the way (left empty).
+    fn walk_shared(&self, iova: u64) -> Result<(PhysAddr, u64), SharedMapError> {
+        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        let mut left_empty = false;
+        let fail = |error, left_empty| SharedMapError { error, left_empty };
+        for h in (1..=self.top_height()).rev() {
+            let idx = index(iova, h);
+            let e = self.word(table, idx);
+            let mut v = e.load(Ordering::Acquire);
+            let child = loop {
+                match self.fmt.decode(v, h) {
+                    Pte::Table(t) => break t,
+                    Pte::Leaf { .. } => {
+                        return Err(fail(
+                            PageTableError::AlreadyMapped {
+                                iova: DmaAddr(iova),
+                            },
+                            left_empty,
+                        ));
+                    }
+                    Pte::Invalid => {}
+                }
+                let (t, t_side) = self
+                    .alloc_table_shared(h - 1)
+                    .map_err(|err| fail(err, left_empty))?;
+                // The zeroed (cleaned) page before the pointer, for the
+                // walker (IHI 0070 §3.21.1; Linux `arm_lpae_install_table`).
+                wmb_on(&self.mem);
+                #[cfg(not(loom_broken_install))]
+                let installed =
+                    e.compare_exchange(v, self.fmt.table(t), Ordering::AcqRel, Ordering::Acquire);
+                // The deliberately broken variant the loom model must catch
+                // (`RUSTFLAGS="--cfg loom --cfg loom_broken_install"`): a
+                // plain store, as if nobody else could install here.
+                #[cfg(loom_broken_install)]
+                let installed = {
+                    e.fetch_and(0, Ordering::AcqRel);
+                    e.fetch_or(self.fmt.table(t), Ordering::AcqRel);
+                    Ok::<u64, u64>(v)
+                };
+                match installed {
+                    Ok(_) => {
+                        self.clean_entries(table, idx, idx + 1);
+                        if t_side.0 != 0 {
+                            // Other CPUs may count in this word already:
+                            // or the page in, never store over the count.
+                            self.word(side, idx).fetch_or(t_side.0, Ordering::Release);
+                            self.shared_lent.sides.fetch_add(1, StatOrdering::Relaxed);
+                        }
+                        self.shared_lent.tables.fetch_add(1, StatOrdering::Relaxed);
+                        self.count_add_shared(slot, 1);
+                        left_empty = true;
+                        break t;
+                    }
+                    Err(cur) => {
+                        // Lost the race: our page was never visible.
+                        // SAFETY: lent just above, never published.
+                        unsafe { self.mem.free(t, 1) };
+                        if t_side.0 != 0 {
+                            // SAFETY: as above.
+                            unsafe { self.mem.free(t_side, 1) };
+                        }
+                        v = cur;
+                    }
+                }
+            };
+            let child_side = if h > 1 {
+                self.child_side_shared(side, idx)
+            } else {
+                PhysAddr(0)
+            };
+            slot = counts::slot(side, idx);
+            table = child;
+            side = child_side;
+        }
+        Ok((table, slot))
+    }
+
+    /// The existing leaf table covering `iova` and its count slot, by a
+    /// walk that changes nothing; `None` when it meets anything but tables.
+    fn walk_present_shared(&self, iova: u64) -> Option<(PhysAddr, u64)> {
+        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        for h in (1..=self.top_height()).rev() {
+            let idx = index(iova, h);
+            let Pte::Table(t) = self
+                .fmt
+                .decode(self.word(table, idx).load(Ordering::Acquire), h)
+            else {
+                return None;
+            };
+            slot = counts::slot(side, idx);
+            side = if h > 1 {
+                self.child_side_shared(side, idx)
+            } else {
+                PhysAddr(0)
+            };
+            table = t;
+        }
+        Some((table, slot))
+    }
+
+    /// [`map`](Self::map) through `&self`, for a range inside one leaf
+    /// table mapped with pages (the shape of a small link); `None` (nothing
+    /// done) for any other shape, which the exclusive path handles. The
+    /// caller checked what `map_prechecked` requires, and that no other
+    /// call changes `[iova, end)` meanwhile (only disjoint ranges run at
+    /// once). All or nothing for translations: on an error none changed,
+    /// though tables attached on the way may stay, empty
+    /// ([`SharedMapError::left_empty`]).
+    pub(crate) fn map_shared(
+        &self,
+        iova: u64,
+        pa: u64,
+        end: u64,
+        attrs: MapAttrs,
+    ) -> Option<Result<(), SharedMapError>> {
+        debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
+        if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
+            return None;
+        }
+        let block = 1u64 << (12 + BITS_PER_LEVEL);
+        if end - iova == block && pa & (block - 1) == 0 && self.fmt.leaf_allowed(1) {
+            return None;
+        }
+        if pa.checked_add(end - iova).is_none_or(|e| e > self.oa_limit) {
+            return Some(Err(SharedMapError {
+                error: PageTableError::PhysTooLarge { phys: PhysAddr(pa) },
+                left_empty: false,
+            }));
+        }
+        let (leaf, slot) = match self.walk_shared(iova) {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e)),
+        };
+        let i0 = index(iova, 0);
+        let i1 = i0 + ((end - iova) / PAGE_SIZE) as usize;
+        let base = iova & !(block - 1);
+        for i in i0..i1 {
+            if self.present(self.read(leaf, i), 0) {
+                return Some(Err(SharedMapError {
+                    error: PageTableError::AlreadyMapped {
+                        iova: DmaAddr(base + i as u64 * PAGE_SIZE),
+                    },
+                    left_empty: false,
+                }));
+            }
+        }
+        let mut p = pa;
+        for i in i0..i1 {
+            // Only this CPU writes these entries (disjoint ranges).
+            self.write(leaf, i, self.fmt.leaf(PhysAddr(p), 0, attrs));
+            p += PAGE_SIZE;
+        }
+        self.clean_entries(leaf, i0, i1);
+        self.count_add_shared(slot, (i1 - i0) as u64);
+        Some(Ok(()))
+    }
+
+    /// [`unmap`](Self::unmap) through `&self` of a range inside one leaf
+    /// table wholly mapped by pages: `(bytes, whether the leaf table is now
+    /// empty)`. Never detaches a table. `None` (nothing changed) for any
+    /// other shape or an unmapped page, which the exclusive path handles
+    /// (and names the error of).
+    pub(crate) fn unmap_shared(&self, iova: u64, end: u64) -> Option<(u64, bool)> {
+        debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
+        if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
+            return None;
+        }
+        let (leaf, slot) = self.walk_present_shared(iova)?;
+        let i0 = index(iova, 0);
+        let i1 = i0 + ((end - iova) / PAGE_SIZE) as usize;
+        for i in i0..i1 {
+            if !matches!(self.fmt.decode(self.read(leaf, i), 0), Pte::Leaf { .. }) {
+                return None;
+            }
+        }
+        for i in i0..i1 {
+            self.write(leaf, i, 0);
+        }
+        self.clean_entries(leaf, i0, i1);
+        let left = self.count_sub_shared(slot, (i1 - i0) as u64);
+        Some((end - iova, left == 0))
+    }
+
+    /// [`unmap_present`](Self::unmap_present) through `&self` of a range
+    /// whose leaf tables hold only pages (or nothing): clears every present
+    /// page, skipping holes; `on_empty` gets the address of each leaf table
+    /// left empty. `Err(bytes so far)` when it meets a block: the rest is
+    /// the exclusive path's (calling its `unmap_present` on the whole range
+    /// is right: what was cleared here is a hole for it).
+    pub(crate) fn unmap_present_shared(
+        &self,
+        iova: u64,
+        end: u64,
+        on_empty: &mut impl FnMut(u64),
+    ) -> Result<u64, u64> {
+        let mut bytes = 0;
+        let mut cur = iova;
+        while cur < end {
+            let next = end.min(((cur >> LEAF_TABLE_SHIFT) + 1) << LEAF_TABLE_SHIFT);
+            match self.leaf_or_hole_shared(cur) {
+                Err(()) => return Err(bytes),
+                Ok(None) => {}
+                Ok(Some((leaf, slot))) => {
+                    let i0 = index(cur, 0);
+                    let i1 = i0 + ((next - cur) / PAGE_SIZE) as usize;
+                    let mut n = 0u64;
+                    for i in i0..i1 {
+                        if self.present(self.read(leaf, i), 0) {
+                            self.write(leaf, i, 0);
+                            n += 1;
+                        }
+                    }
+                    if n > 0 {
+                        self.clean_entries(leaf, i0, i1);
+                        bytes += n * PAGE_SIZE;
+                        if self.count_sub_shared(slot, n) == 0 {
+                            on_empty(cur);
+                        }
+                    }
+                }
+            }
+            cur = next;
+        }
+        Ok(bytes)
+    }
+
+    /// The leaf table covering `iova` (`Some`), a hole above it (`None`),
+    /// or `Err` for a block on the way.
+    fn leaf_or_hole_shared(&self, iova: u64) -> Result<Option<(PhysAddr, u64)>, ()> {
+        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        for h in (1..=self.top_height()).rev() {
+            let idx = index(iova, h);
+            match self
+                .fmt
+                .decode(self.word(table, idx).load(Ordering::Acquire), h)
+            {
+                Pte::Table(t) => {
+                    slot = counts::slot(side, idx);
+                    side = if h > 1 {
+                        self.child_side_shared(side, idx)
+                    } else {
+                        PhysAddr(0)
+                    };
+                    table = t;
+                }
+                Pte::Invalid => return Ok(None),
+                Pte::Leaf { .. } => return Err(()),
+            }
+        }
+        Ok(Some((table, slot)))
+    }
+
+    /// [`translate`](Self::translate) through `&self` while shared calls
+    /// run (the upper entries and side words read atomically).
+    pub(crate) fn translate_shared(&self, iova: DmaAddr) -> Option<(PhysAddr, MapAttrs, u32)> {
+        if iova.0 >> self.ias_bits() != 0 {
+            return None;
+        }
+        let mut table = self.root;
+        let mut h = self.top_height();
+        loop {
+            let v = if h > 0 {
+                self.word(table, index(iova.0, h)).load(Ordering::Acquire)
+            } else {
+                // A leaf entry of a range some CPU owns: read as the
+                // exclusive path does (the owner is the caller, or the
+                // entry is another CPU's and only its value is racy).
+                self.read(table, index(iova.0, 0))
+            };
+            match self.fmt.decode(v, h) {
+                Pte::Invalid => return None,
+                Pte::Leaf { pa, attrs } => {
+                    let off = iova.0 & ((1u64 << (12 + BITS_PER_LEVEL * h)) - 1);
+                    return Some((PhysAddr(pa.0 + off), attrs, h));
+                }
+                Pte::Table(t) if h > 0 => {
+                    table = t;
+                    h -= 1;
+                }
+                Pte::Table(_) => return None,
+            }
+        }
+    }
+
+    /// Exclusive side: folds the pages the shared path attached into the
+    /// table's own counters (before anything detaches them).
+    pub(crate) fn fold_shared(&mut self) {
+        self.table_pages += core::mem::take(self.shared_lent.tables.get_mut());
+        self.side_pages += core::mem::take(self.shared_lent.sides.get_mut());
+    }
+
+    /// Exclusive side: detaches the empty tables on the path to `iova`,
+    /// from the deepest up, stopping at the first that is not empty (never
+    /// the root nor a kept table), and retires them as an unmap does. Returns the range the
+    /// highest detached table covered (`(start, len)`, to invalidate with
+    /// the walk caches), or `None` when nothing was detached.
+    pub(crate) fn reclaim_empty(&mut self, iova: u64) -> Option<(u64, u64)> {
+        self.fold_shared();
+        if iova >> self.ias_bits() != 0 {
+            return None;
+        }
+        let mut path = [((PhysAddr(0), PhysAddr(0), 0u64), 0usize); 5];
+        let mut node = (self.root, self.root_side, 0u64);
+        let mut depth = 0usize;
+        for h in (1..=self.top_height()).rev() {
+            let idx = index(iova, h);
+            let Pte::Table(t) = self.fmt.decode(self.read(node.0, idx), h) else {
+                break;
+            };
+            *path.get_mut(depth)? = (node, idx);
+            depth += 1;
+            let w = self.side_word(node.1, idx);
+            node = (t, counts::side_page(w), counts::slot(node.1, idx));
+        }
+        let mut range = None;
+        // `node` is the deepest table on the path; `path[depth - 1]` holds
+        // the entry pointing at it.
+        while depth > 0 && node.0 != self.root {
+            let h = self.top_height() + 1 - depth as u32;
+            // A kept table (`kept_height`) stays, as on the exclusive path.
+            if h - 1 == self.kept_height || !self.is_empty_at(node.2, node.0, h - 1) {
+                break;
+            }
+            let (parent, idx) = path[depth - 1];
+            self.detach_child(parent, idx, node.0);
+            self.clean_entries(parent.0, idx, idx + 1);
+            let span = 1u64 << (12 + BITS_PER_LEVEL * h);
+            range = Some((iova & !(span - 1), span));
+            node = parent;
+            depth -= 1;
+        }
+        range
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::pgtable::arm::ArmStage1;
+    use crate::testing::heap::HostMemory;
+
+    const RW: MapAttrs = MapAttrs::READ.union(MapAttrs::WRITE);
+
+    #[test]
+    fn shared_maps_and_unmaps_keep_counts_and_reclaim_empties_the_path() {
+        let mem = HostMemory::default();
+        let mut pt = IoPageTable::new(ArmStage1, &mem, 4, true).unwrap();
+        let iova = 0x4020_0000u64;
+        assert_eq!(
+            pt.map_shared(iova, 0x9000_0000, iova + 0x3000, RW),
+            Some(Ok(()))
+        );
+        assert_eq!(pt.table_pages(), 4);
+        assert_eq!(pt.side_pages(), 3);
+        pt.check_counts().unwrap();
+        let again = pt.map_shared(iova + 0x2000, 0x9000_0000, iova + 0x3000, RW);
+        assert!(matches!(
+            again,
+            Some(Err(SharedMapError { error: PageTableError::AlreadyMapped { iova: DmaAddr(a) }, left_empty: false })) if a == iova + 0x2000
+        ));
+        assert_eq!(pt.unmap_shared(iova, iova + 0x1000), Some((0x1000, false)));
+        assert_eq!(pt.unmap_shared(iova, iova + 0x1000), None, "not mapped");
+        assert_eq!(
+            pt.unmap_shared(iova + 0x1000, iova + 0x3000),
+            Some((0x2000, true))
+        );
+        pt.check_counts().unwrap();
+        assert_eq!(pt.table_pages(), 4, "the shared path never detaches");
+        // Up to the root's child, which stays (`kept_height`).
+        assert_eq!(pt.reclaim_empty(iova), Some((1 << 30, 1 << 30)));
+        assert_eq!(pt.table_pages(), 2);
+        assert_eq!(pt.retired_pages(), 3, "2 tables and 1 side page");
+        pt.free_retired();
+        pt.check_counts().unwrap();
+    }
+
+    #[test]
+    fn reclaim_stops_at_a_table_still_in_use() {
+        let mem = HostMemory::default();
+        let mut pt = IoPageTable::new(ArmStage1, &mem, 4, true).unwrap();
+        let a = 0x4020_0000u64;
+        let b = a + (1 << 21);
+        pt.map_shared(a, 0x9000_0000, a + 0x1000, RW)
+            .unwrap()
+            .unwrap();
+        pt.map_shared(b, 0x9000_0000, b + 0x1000, RW)
+            .unwrap()
+            .unwrap();
+        pt.unmap_shared(a, a + 0x1000).unwrap();
+        assert_eq!(pt.reclaim_empty(a), Some((a, 1 << 21)));
+        assert_eq!(pt.reclaim_empty(b), None, "b's leaf table holds a page");
+        assert_eq!(
+            pt.translate(DmaAddr(b)).map(|t| t.0),
+            Some(PhysAddr(0x9000_0000))
+        );
+        pt.check_counts().unwrap();
+    }
+}

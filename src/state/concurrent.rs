@@ -1,0 +1,390 @@
+//! The parts of [`Domain`] that [`SharedDomain`](crate::shared::SharedDomain)
+//! runs through `&self` on its read side (several CPUs at once, disjoint
+//! transactions), and the small exclusive steps it runs on its write side.
+
+use super::{
+    Domain, HAS_PROVIDER, IovaState, PendingList, SyncBegun, Translated, check_aligned, link_attrs,
+    link_kind,
+};
+use crate::addr::{DmaAddr, PhysAddr};
+use crate::backend::IommuBackend;
+use crate::barrier::wmb_on;
+use crate::error::{BackendError, DmaError};
+use crate::iova::{IovaAllocator, IovaRange};
+use crate::mem::TableMemory;
+use crate::pgtable::{DmaDirection, MapAttrs, PteFormat};
+
+/// Ranges whose translations changed, kept outside the domain by a
+/// [`SharedDomain`](crate::shared::SharedDomain) (one set per shard, each
+/// under its own short lock).
+pub(crate) struct SharedPending {
+    unmapped: PendingList,
+    mapped: PendingList,
+}
+
+impl SharedPending {
+    pub(crate) const fn new() -> Self {
+        Self {
+            unmapped: PendingList::new(),
+            mapped: PendingList::new(),
+        }
+    }
+
+    /// An unlinked range (`leaf_only`: no table was detached).
+    #[inline]
+    pub(crate) fn unmapped(&mut self, start: u64, len: u64, leaf_only: bool) {
+        self.unmapped.add(start, len, leaf_only);
+    }
+
+    /// A linked range (invalidated only for a backend caching not-present
+    /// entries).
+    #[inline]
+    pub(crate) fn mapped(&mut self, start: u64, len: u64) {
+        self.mapped.add(start, len, true);
+    }
+
+    /// The next sync must invalidate the whole domain.
+    pub(crate) fn set_overflow(&mut self) {
+        self.unmapped.overflow = true;
+    }
+
+    /// Whether nothing waits (maps counted only when `with_maps`).
+    pub(crate) fn is_empty(&self, with_maps: bool) -> bool {
+        self.unmapped.is_empty() && (!with_maps || self.mapped.is_empty())
+    }
+
+    /// Moves every range of `self` into `into`, leaving `self` empty.
+    pub(crate) fn drain_into(&mut self, into: &mut SharedPending) {
+        fn mv(from: &mut PendingList, to: &mut PendingList) {
+            for r in from.ranges() {
+                to.add(r.start, r.end - r.start, r.leaf_only);
+            }
+            to.overflow |= from.overflow;
+            from.clear();
+        }
+        mv(&mut self.unmapped, &mut into.unmapped);
+        mv(&mut self.mapped, &mut into.mapped);
+    }
+}
+
+/// What a shared link or unlink left behind for the caller's bookkeeping.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SharedEffect {
+    /// `[iova, iova + len)` changed (link: mapped; unlink: unmapped).
+    pub(crate) range: (u64, u64),
+    /// A table was left empty at this address (reclaim it later).
+    pub(crate) empty_at: Option<u64>,
+}
+
+impl<F: PteFormat, M: TableMemory> Domain<F, M> {
+    /// Whether `tx` was made by this domain.
+    #[inline(always)]
+    pub(crate) fn owns(&self, tx: &IovaState) -> bool {
+        tx.token() == self.token && self.inner.is_some()
+    }
+
+    #[inline(always)]
+    fn shared_translated(&self, tx: &IovaState) -> Result<&Translated<F, M>, DmaError> {
+        if tx.token() != self.token {
+            return Err(DmaError::WrongDomain {
+                expected: tx.domain_id(),
+                found: self.id,
+            });
+        }
+        self.inner.as_ref().ok_or(DmaError::IdentityDomain)
+    }
+
+    /// [`link`](Self::link) through `&self`, for a host-memory or
+    /// host-bridge link inside one leaf table (see
+    /// `IoPageTable::map_shared`). `None` (nothing changed) for any other
+    /// shape: use the exclusive path. Same checks, same errors, all or
+    /// nothing on the translations and on `tx`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub(crate) fn link_shared(
+        &self,
+        tx: &mut IovaState,
+        phys: PhysAddr,
+        offset: u64,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+    ) -> Option<(Result<DmaAddr, DmaError>, SharedEffect)> {
+        let none = SharedEffect::default();
+        let checked = (|| {
+            let iova = Self::check_window(tx, offset, len)?;
+            check_aligned(phys.0)?;
+            phys.0
+                .checked_add(len)
+                .ok_or(DmaError::Overflow { a: phys.0, b: len })?;
+            if tx.linked != 0 && tx.dirs() & HAS_PROVIDER != 0 {
+                return Err(DmaError::MixedP2p);
+            }
+            let kind = link_kind(tx, attrs)?;
+            let t = self.shared_translated(tx)?;
+            Ok((iova, kind, t))
+        })();
+        let (iova, kind, t) = match checked {
+            Ok(v) => v,
+            Err(e) => return Some((Err(e), none)),
+        };
+        match t
+            .pt
+            .map_shared(iova, phys.0, iova + len, link_attrs(attrs, dir))?
+        {
+            Ok(()) => {
+                tx.linked += len;
+                tx.record_links(kind, tx.dirs() | dir as u8);
+                Some((
+                    Ok(DmaAddr(iova)),
+                    SharedEffect {
+                        range: (iova, len),
+                        empty_at: None,
+                    },
+                ))
+            }
+            Err(e) => Some((
+                Err(e.error.into()),
+                SharedEffect {
+                    range: (0, 0),
+                    empty_at: e.left_empty.then_some(iova),
+                },
+            )),
+        }
+    }
+
+    /// [`unlink`](Self::unlink) through `&self`, for pages of a translated
+    /// transaction inside one leaf table (see `IoPageTable::unmap_shared`;
+    /// no table is detached). `None` (nothing changed) for any other shape
+    /// or error but the argument checks: use the exclusive path.
+    #[inline]
+    pub(crate) fn unlink_shared(
+        &self,
+        tx: &mut IovaState,
+        offset: u64,
+        len: u64,
+    ) -> Option<(Result<u64, DmaError>, SharedEffect)> {
+        let none = SharedEffect::default();
+        let iova = match Self::check_window(tx, offset, len) {
+            Ok(i) => i,
+            Err(e) => return Some((Err(e), none)),
+        };
+        let t = match self.shared_translated(tx) {
+            Ok(t) => t,
+            Err(e) => return Some((Err(e), none)),
+        };
+        if tx.is_bus_addr() {
+            return None;
+        }
+        let (bytes, emptied) = t.pt.unmap_shared(iova, iova + len)?;
+        tx.linked = tx.linked.saturating_sub(bytes);
+        if tx.linked == 0 {
+            tx.forget_links();
+        }
+        Some((
+            Ok(bytes),
+            SharedEffect {
+                range: (iova, len),
+                empty_at: emptied.then_some(iova),
+            },
+        ))
+    }
+
+    /// The translated range of `tx` still to unmap when it is freed
+    /// (`None`: nothing linked, or bus-address P2P links only).
+    pub(crate) fn tx_linked_range(tx: &IovaState) -> Option<(u64, u64)> {
+        (tx.linked != 0 && !tx.is_bus_addr()).then(|| (tx.base(), tx.size()))
+    }
+
+    /// The IOVA range of `tx`, and whether it is a fixed one.
+    pub(crate) fn tx_range(tx: &IovaState) -> (IovaRange, bool) {
+        (
+            IovaRange {
+                start: tx.base(),
+                size: tx.size(),
+            },
+            tx.is_fixed(),
+        )
+    }
+
+    /// Unmaps the pages of `[start, start + size)` through `&self`
+    /// (`IoPageTable::unmap_present_shared`); `Err` when the exclusive
+    /// path must finish (a block).
+    pub(crate) fn unmap_present_shared(
+        &self,
+        start: u64,
+        size: u64,
+        on_empty: &mut impl FnMut(u64),
+    ) -> Result<u64, u64> {
+        match self.inner.as_ref() {
+            Some(t) => t.pt.unmap_present_shared(start, start + size, on_empty),
+            None => Ok(0),
+        }
+    }
+
+    /// Exclusive: unmaps whatever is mapped in `[start, start + size)` (a
+    /// freed transaction's range), queueing the invalidation in the
+    /// domain's own pending ranges.
+    pub(crate) fn unmap_present_exclusive(&mut self, start: u64, size: u64) {
+        if let Some(t) = self.inner.as_mut() {
+            t.pt.fold_shared();
+            if let Ok(out) = t.pt.unmap_present(DmaAddr(start), size) {
+                t.unmapped.add(start, size, !out.freed_tables);
+            }
+        }
+    }
+
+    /// A state for `range`, handed out by a shard of a shared domain.
+    pub(crate) fn shared_state(&self, range: IovaRange) -> IovaState {
+        IovaState::new(
+            range.start | u64::from(range.size.trailing_zeros()),
+            self.token,
+            self.id,
+            0,
+        )
+    }
+
+    /// The IOVA aperture, for a translated domain.
+    pub(crate) fn aperture(&self) -> Option<(u64, u64)> {
+        self.inner.as_ref().map(|t| t.iova.aperture())
+    }
+
+    /// Exclusive: a naturally aligned range of `size` bytes from the
+    /// domain's allocator, for a shard to hand out from.
+    pub(crate) fn grant_chunk(&mut self, size: u64) -> Option<IovaAllocator> {
+        let t = self.inner.as_mut()?;
+        let r = t.iova.alloc(size, u64::MAX).ok()?;
+        IovaAllocator::new(r.start, r.start + r.size).ok()
+    }
+
+    /// Exclusive: gives a shard's chunk back to the domain's allocator.
+    pub(crate) fn return_chunk(&mut self, chunk: &IovaAllocator) {
+        if let Some(t) = self.inner.as_mut() {
+            let (start, end) = chunk.aperture();
+            let _ = t.iova.free(IovaRange {
+                start,
+                size: end - start,
+            });
+        }
+    }
+
+    /// Exclusive, first thing on the write side: counts the pages the
+    /// shared path attached in the table's own counters, before anything
+    /// there may detach them.
+    pub(crate) fn fold_shared(&mut self) {
+        if let Some(t) = self.inner.as_mut() {
+            t.pt.fold_shared();
+        }
+    }
+
+    /// Exclusive: folds the shared path's page statistics into the table,
+    /// and moves the domain's own pending ranges into `into`.
+    pub(crate) fn exclusive_done(&mut self, into: &mut SharedPending) {
+        if let Some(t) = self.inner.as_mut() {
+            t.pt.fold_shared();
+            let mut own = SharedPending {
+                unmapped: core::mem::replace(&mut t.unmapped, PendingList::new()),
+                mapped: core::mem::replace(&mut t.mapped, PendingList::new()),
+            };
+            own.drain_into(into);
+        }
+    }
+
+    /// Exclusive: detaches the empty tables on the path to `iova` (see
+    /// `IoPageTable::reclaim_empty`) and queues their invalidation, walk
+    /// caches included, in `into`.
+    pub(crate) fn reclaim_empty(&mut self, iova: u64, into: &mut SharedPending) {
+        if let Some(t) = self.inner.as_mut() {
+            if let Some((start, len)) = t.pt.reclaim_empty(iova) {
+                into.unmapped(start, len, false);
+            }
+        }
+    }
+
+    /// [`translate`](Self::translate) while shared calls run.
+    pub(crate) fn translate_shared(&self, iova: DmaAddr) -> Option<(PhysAddr, MapAttrs)> {
+        self.inner
+            .as_ref()?
+            .pt
+            .translate_shared(iova)
+            .map(|(pa, a, _)| (pa, a))
+    }
+
+    /// Table pages retired and not yet handed back.
+    pub(crate) fn retired_pages(&self) -> usize {
+        self.inner.as_ref().map_or(0, |t| t.pt.retired_pages())
+    }
+
+    /// What a sync of `p` queues before its completion (see
+    /// `Translated::queue_invalidations`): `false` when there is nothing
+    /// to invalidate (published, no completion needed).
+    pub(crate) fn queue_shared<B: IommuBackend + ?Sized>(
+        &self,
+        p: &SharedPending,
+        backend: &mut B,
+    ) -> Result<bool, BackendError> {
+        let Some(t) = self.inner.as_ref() else {
+            return Ok(false);
+        };
+        let with_maps = backend.needs_map_invalidation();
+        if p.is_empty(with_maps) && t.pt.retired_pages() == 0 {
+            wmb_on(t.pt.memory());
+            backend.publish()?;
+            return Ok(false);
+        }
+        let info = t.info(self.id);
+        // Table stores (this CPU's, and those of the CPUs whose ranges the
+        // lock hand-off made visible here: the barrier is cumulative)
+        // before the doorbell.
+        wmb_on(t.pt.memory());
+        if p.unmapped.overflow || (with_maps && p.mapped.overflow) {
+            backend.invalidate_domain(&info)?;
+        } else {
+            for r in p.unmapped.ranges() {
+                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
+            }
+            if with_maps {
+                for r in p.mapped.ranges() {
+                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Moves `p` into the domain's own pending ranges (the shared domain
+    /// is taken apart: its next [`sync`](Self::sync) covers them).
+    pub(crate) fn absorb_pending(&mut self, mut p: SharedPending) {
+        if let Some(t) = self.inner.as_mut() {
+            let mut own = SharedPending {
+                unmapped: core::mem::replace(&mut t.unmapped, PendingList::new()),
+                mapped: core::mem::replace(&mut t.mapped, PendingList::new()),
+            };
+            p.drain_into(&mut own);
+            t.unmapped = own.unmapped;
+            t.mapped = own.mapped;
+        }
+    }
+
+    /// What a sync with nothing to invalidate does: the table stores
+    /// before the walker may see them, then the backend's publish.
+    pub(crate) fn publish<B: IommuBackend + ?Sized>(
+        &self,
+        backend: &mut B,
+    ) -> Result<(), DmaError> {
+        if let Some(t) = self.inner.as_ref() {
+            wmb_on(t.pt.memory());
+            backend.publish()?;
+        }
+        Ok(())
+    }
+
+    /// A [`SyncBegun`] for a shared sync whose completion is `ticket`.
+    pub(crate) fn shared_begun(&self, ticket: u64, popped: u64) -> SyncBegun {
+        SyncBegun {
+            ticket,
+            retired: self.retired_pages(),
+            popped,
+        }
+    }
+}
