@@ -118,6 +118,10 @@ fn count_all() -> Result<(), String> {
             }
             // The walker alone (`IoPageTable`), the floor of the two-step API.
             whos.push("walker".into());
+            // One CPU through `SharedDomain` (what the concurrency costs).
+            if fmt == "s1" && case.contains("4k") {
+                whos.push("shared".into());
+            }
             whos.extend(peers.iter().map(|p| p.to_string()));
             for who in whos {
                 jobs.push((case, format!("{fmt}/{who}")));
@@ -164,7 +168,9 @@ fn count_all() -> Result<(), String> {
                 _ => "",
             };
             let mut line = format!("bench: {case}/{fmt}");
-            let names = ["ours", "ours+zero", "walker"].iter().chain(peers.iter());
+            let names = ["ours", "ours+zero", "walker", "shared"]
+                .iter()
+                .chain(peers.iter());
             for name in names {
                 let Some(r) = results.get(&(case.to_string(), format!("{fmt}/{name}"))) else {
                     continue;
@@ -198,10 +204,11 @@ type Counts = BTreeMap<(String, String), Result<f64, String>>;
 /// The README's instruction table (markdown): instructions per page (per
 /// GiB for the 1 GiB rows), one column per contender.
 fn instruction_table(results: &Counts) -> String {
-    const COLS: [(&str, &str); 10] = [
+    const COLS: [(&str, &str); 11] = [
         ("S1 ours", "s1/ours"),
         ("S1 ours+zero", "s1/ours+zero"),
         ("S1 walker", "s1/walker"),
+        ("S1 `SharedDomain`", "s1/shared"),
         ("`aarch64-paging`", "s1/aarch64-paging"),
         ("`ptm` S1", "s1/page_table_multiarch"),
         ("VT-d ours", "vtd/ours"),
@@ -235,7 +242,7 @@ fn instruction_table(results: &Counts) -> String {
         for (_, who) in COLS {
             let v = match results.get(&(case.to_string(), who.to_string())) {
                 Some(Ok(v)) => {
-                    let peer = !who.contains("ours") && !who.contains("walker");
+                    let peer = !["ours", "walker", "shared"].iter().any(|w| who.contains(w));
                     let mark = match case {
                         "linksg-32768" if peer => " ¹",
                         "linkrun-32768" if who == "vtd/x86_64" => " ²",
