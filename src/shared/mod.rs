@@ -98,13 +98,14 @@
 //!
 //! **Cost** (measured on this crate's bench, callgrind, one CPU,
 //! instructions per 4 KiB call including one sync per 32768 calls; the
-//! `s1/shared` contender after a first sync, 2026-11-30): `link` of
-//! sequential pages 448 for `SharedDomain` against 108 for `Domain` (the
-//! shared path walks from the root at every call — no leaf-table cache —,
-//! takes the read side and finds the CPU's shard; before the first sync
-//! tells it the IOMMU does not cache not-present entries it also records
-//! each linked range: 511); `unlink` sequential 342 against 85; scattered
-//! pages `link` 486 against 313, `unlink` 416 against 412.
+//! `s1/shared` contender of `cargo xtask bench --instructions`,
+//! 2026-11-30): `link` of sequential pages 471 for `SharedDomain` against
+//! 79 for `Domain` (the shared path walks from the root at every call —
+//! no leaf-table cache —, takes the read side and finds the CPU's shard;
+//! before the first sync tells it the IOMMU does not cache not-present
+//! entries it also records each linked range); `unlink` sequential 378
+//! against 63; scattered pages `link` 509 against 277, `unlink` 429
+//! against 387.
 //! `Domain::link` / `unlink` themselves are unchanged.
 //! Two threads on disjoint transactions of one `SharedDomain`
 //! (`bench: shared threads`, 16 one-page links, sync, unlink, destroy per
