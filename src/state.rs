@@ -663,6 +663,31 @@ impl PendingList {
     }
 }
 
+/// Queues the invalidation of every range of `unmapped` (walk caches too
+/// where a table went) and, when `with_maps` (the backend caches
+/// not-present entries), of `mapped`; the whole domain instead when either
+/// list overflowed. The caller has ordered the table stores before it.
+fn queue_ranges<B: IommuBackend + ?Sized>(
+    backend: &mut B,
+    info: &DomainInfo,
+    unmapped: &PendingList,
+    mapped: &PendingList,
+    with_maps: bool,
+) -> Result<(), BackendError> {
+    if unmapped.overflow || (with_maps && mapped.overflow) {
+        return backend.invalidate_domain(info);
+    }
+    for r in unmapped.ranges() {
+        backend.invalidate(info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
+    }
+    if with_maps {
+        for r in mapped.ranges() {
+            backend.invalidate(info, DmaAddr(r.start), r.end - r.start, true)?;
+        }
+    }
+    Ok(())
+}
+
 struct Translated<F: PteFormat, M: TableMemory> {
     pt: IoPageTable<F, M>,
     iova: IovaAllocator,
@@ -699,18 +724,7 @@ impl<F: PteFormat, M: TableMemory> Translated<F, M> {
         let info = self.info(id);
         // Table stores happen before the backend's doorbell write.
         wmb_on(self.pt.memory());
-        if self.unmapped.overflow || (with_maps && self.mapped.overflow) {
-            backend.invalidate_domain(&info)?;
-        } else {
-            for r in self.unmapped.ranges() {
-                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
-            }
-            if with_maps {
-                for r in self.mapped.ranges() {
-                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
-                }
-            }
-        }
+        queue_ranges(backend, &info, &self.unmapped, &self.mapped, with_maps)?;
         Ok(true)
     }
 

@@ -4,7 +4,7 @@
 
 use super::{
     Domain, HAS_PROVIDER, IovaState, PendingList, SyncBegun, Translated, check_aligned, link_attrs,
-    link_kind,
+    link_kind, queue_ranges,
 };
 use crate::addr::{DmaAddr, PhysAddr};
 use crate::backend::IommuBackend;
@@ -337,18 +337,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         // lock hand-off made visible here: the barrier is cumulative)
         // before the doorbell.
         wmb_on(t.pt.memory());
-        if p.unmapped.overflow || (with_maps && p.mapped.overflow) {
-            backend.invalidate_domain(&info)?;
-        } else {
-            for r in p.unmapped.ranges() {
-                backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
-            }
-            if with_maps {
-                for r in p.mapped.ranges() {
-                    backend.invalidate(&info, DmaAddr(r.start), r.end - r.start, true)?;
-                }
-            }
-        }
+        queue_ranges(backend, &info, &p.unmapped, &p.mapped, with_maps)?;
         Ok(true)
     }
 
