@@ -114,7 +114,6 @@ pub struct SharedDomain<F: PteFormat, M: TableMemory> {
 
 fn no_irq<T>(_: &mut T) {}
 
-
 /// What every link, unlink and sync reads and only the write side (or a
 /// change of backend) writes.
 struct ReadMostly {
@@ -131,15 +130,15 @@ struct ReadMostly {
 /// ranges (bit [`SHARDS`]: the domain-wide ones) went from empty to not
 /// empty since a sync last took this bit.
 const PENDING_BITS: u64 = (1 << (SHARDS + 1)) - 1;
-/// One sync between taking the bits and publishing its ticket (the count
-/// sits in the word's upper half).
-const TAKER: u64 = 1 << 32;
+/// A sync holds the word: it is between taking the bits and publishing its
+/// ticket (the sync lock, in the same cache line as what it guards).
+const TAKING: u64 = 1 << 32;
 
 /// What unlinks and syncs write (one line: a sync takes it once).
 struct SyncWord {
-    /// [`PENDING_BITS`] and the count of syncs in flight ([`TAKER`]s).
-    /// Zero means: every range an unlink left was taken by a sync that
-    /// has published its ticket in `last_ticket`.
+    /// [`PENDING_BITS`] and [`TAKING`]. Zero means: every range an unlink
+    /// left was taken by a sync that has published its ticket in
+    /// `last_ticket`.
     state: AtomicU64,
     /// Newest completion ticket a sync submitted.
     last_ticket: AtomicU64,
@@ -663,8 +662,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         // sync is between taking ranges and publishing their ticket.
         // (An unlink that returned before this sync began set its shard's
         // bit before returning, unless a sync had not yet taken its side's
-        // earlier ranges; a sync that took bits counted itself a taker in
-        // the same step and published `last_ticket` before leaving.)
+        // earlier ranges; a sync that took bits set TAKING in
+        // the same step and published `last_ticket` before releasing it.)
         let word = &self.word;
         if word.state.load(Ordering::Acquire) == 0
             && self.st.retired.load(core::sync::atomic::Ordering::Acquire) == 0
@@ -676,19 +675,11 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             }
             return Ok(());
         }
-        // Take every pending bit and count this sync a taker, in one step.
-        let mut cur = word.state.load(Ordering::Relaxed);
-        let bits = loop {
-            match word.state.compare_exchange_weak(
-                cur,
-                (cur & !PENDING_BITS) + TAKER,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break cur & PENDING_BITS,
-                Err(now) => cur = now,
-            }
-        };
+        // Take every pending bit and the word, in one step, once no other
+        // sync holds it (it queues and publishes its ticket meanwhile: a
+        // sync that found nothing of its own then waits for that ticket).
+        let bits = self.take_pending();
+        let held = Release(&word.state);
         let k = self.home();
         let begun = self.dom.read(k, |g| {
             // Then the ranges: a range added after its side was drained
@@ -719,8 +710,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                     Ok((last > done).then(|| (g.dom.shared_begun(last, g.popped), 0)))
                 }
                 Ok(Some(ticket)) => {
-                    // Before this taker leaves the count (Release there).
-                    word.last_ticket.fetch_max(ticket, Ordering::AcqRel);
+                    // Before the word is released (Release there).
+                    word.last_ticket.store(ticket, Ordering::Release);
                     Ok(Some((
                         g.dom.shared_begun(ticket, g.popped),
                         g.dom.retired_pages(),
@@ -728,7 +719,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 }
             }
         });
-        word.state.fetch_sub(TAKER, Ordering::Release);
+        drop(held);
         let begun = begun?;
         let Some((begun, retired)) = begun else {
             return Ok(());
@@ -746,6 +737,33 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             });
         }
         Ok(())
+    }
+
+    /// Takes every pending bit and [`TAKING`], spinning while another
+    /// sync holds it; returns the bits taken.
+    fn take_pending(&self) -> u64 {
+        let state = &self.word.state;
+        let mut cur = state.load(Ordering::Relaxed);
+        loop {
+            if cur & TAKING == 0 {
+                match state.compare_exchange_weak(
+                    cur,
+                    (cur & !PENDING_BITS) | TAKING,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return cur & PENDING_BITS,
+                    Err(now) => {
+                        cur = now;
+                        continue;
+                    }
+                }
+            }
+            super::sync::spin_hint();
+            // A read-modify-write reads the newest value (see
+            // `ShardedRwLock::read`).
+            cur = state.fetch_or(0, Ordering::Relaxed);
+        }
     }
 
     /// Whether `ticket` is known done: the CPU that submitted it is
@@ -794,6 +812,15 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     ) -> Result<(), DmaError> {
         self.free(tx).map_err(|(_, e)| e)?;
         self.sync(backend)
+    }
+}
+
+/// Releases [`TAKING`] when dropped (also on unwinding, in host tests).
+struct Release<'a>(&'a AtomicU64);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_and(!TAKING, Ordering::Release);
     }
 }
 
