@@ -3,8 +3,8 @@
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64 as StatU64, AtomicUsize};
 
 use super::SplitSync;
-use super::lock::{IrqLock, SLOTS, ShardedRwLock};
-use super::sync::{AtomicU32, AtomicU64, Ordering};
+use super::lock::{IrqLock, Padded, SLOTS, ShardedRwLock};
+use super::sync::{AtomicU64, Ordering};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::error::DmaError;
 use crate::iova::{IovaAllocator, IovaRange};
@@ -106,42 +106,42 @@ pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     chunk: u64,
     translated: bool,
     id: u16,
-    st: Padded<SyncState>,
+    st: Padded<ReadMostly>,
+    word: Padded<SyncWord>,
+    /// Newest completion ticket some CPU saw done (written by the waiters).
+    done_ticket: Padded<AtomicU64>,
 }
 
 fn no_irq<T>(_: &mut T) {}
 
-/// `T` alone on its cache lines (128 bytes: the line pair some Arm and x86
-/// parts fetch together), so that one CPU's writes there never evict what
-/// another reads.
-#[repr(align(128))]
-struct Padded<T>(T);
-
-impl<T> core::ops::Deref for Padded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
-/// What syncs write, apart from what every link and unlink reads.
-struct SyncState {
-    /// Serialises the queueing halves of syncs.
-    lock: IrqLock<()>,
-    /// Bit `k`: shard `k`'s pending ranges (bit [`SHARDS`]: the
-    /// domain-wide ones) went from empty to not empty since a sync last
-    /// took this bit (see `sync`).
-    pending_mask: AtomicU32,
+/// What every link, unlink and sync reads and only the write side (or a
+/// change of backend) writes.
+struct ReadMostly {
     /// Table pages retired and not handed back, as the write side last
     /// left it (retiring happens only there).
     retired: AtomicUsize,
-    /// Last completion ticket submitted by a sync, and the last one seen done.
-    last_ticket: AtomicU64,
-    done_ticket: AtomicU64,
     /// Whether linked ranges need invalidating: 0 not known yet, 1 no, 2 yes.
     maps: AtomicU8,
     /// A shard's list of empty leaf tables is full: reclaim at a sync.
     reclaim_wanted: AtomicBool,
+}
+
+/// Bits `0..=SHARDS` of [`SyncWord::state`]: bit `k`, shard `k`'s pending
+/// ranges (bit [`SHARDS`]: the domain-wide ones) went from empty to not
+/// empty since a sync last took this bit.
+const PENDING_BITS: u64 = (1 << (SHARDS + 1)) - 1;
+/// A sync holds the word: it is between taking the bits and publishing its
+/// ticket (the sync lock, in the same cache line as what it guards).
+const TAKING: u64 = 1 << 32;
+
+/// What unlinks and syncs write (one line: a sync takes it once).
+struct SyncWord {
+    /// [`PENDING_BITS`] and [`TAKING`]. Zero means: every range an unlink
+    /// left was taken by a sync that has published its ticket in
+    /// `last_ticket`.
+    state: AtomicU64,
+    /// Newest completion ticket a sync submitted.
+    last_ticket: AtomicU64,
 }
 
 impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
@@ -174,15 +174,16 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             chunk,
             translated,
             id,
-            st: Padded(SyncState {
-                lock: IrqLock::new((), no_irq),
-                pending_mask: AtomicU32::new(0),
+            st: Padded(ReadMostly {
                 retired: AtomicUsize::new(0),
-                last_ticket: AtomicU64::new(0),
-                done_ticket: AtomicU64::new(0),
                 maps: AtomicU8::new(0),
                 reclaim_wanted: AtomicBool::new(false),
             }),
+            word: Padded(SyncWord {
+                state: AtomicU64::new(0),
+                last_ticket: AtomicU64::new(0),
+            }),
+            done_ticket: Padded(AtomicU64::new(0)),
         }
     }
 
@@ -278,13 +279,14 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     }
 
     /// Runs `f` on side `k` (its lock held) and sets bit `k` of
-    /// `pending_mask` when its pending ranges went from empty to not empty.
+    /// the sync word's state when its pending ranges went from empty to
+    /// not empty.
     #[inline]
     fn marked<R>(&self, side: &mut Side, k: usize, f: impl FnOnce(&mut Side) -> R) -> R {
         let was_empty = side.pending.is_empty(true);
         let r = f(side);
         if was_empty && !side.pending.is_empty(true) {
-            self.st.pending_mask.fetch_or(1 << k, Ordering::AcqRel);
+            self.word.state.fetch_or(1 << k, Ordering::AcqRel);
         }
         r
     }
@@ -657,70 +659,68 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         }
         self.maybe_reclaim();
         // Fast path: no shard has pending ranges, no table waits, no other
-        // sync is between taking ranges and queueing their completion.
+        // sync is between taking ranges and publishing their ticket.
         // (An unlink that returned before this sync began set its shard's
-        // bit before returning; a sync that took the bit since did so under
-        // `sync_lock` and, if it released it, raised `last_ticket` first.)
-        if self.st.pending_mask.load(Ordering::Acquire) == 0
+        // bit before returning, unless a sync had not yet taken its side's
+        // earlier ranges; a sync that took bits set TAKING in
+        // the same step and published `last_ticket` before releasing it.)
+        let word = &self.word;
+        if word.state.load(Ordering::Acquire) == 0
             && self.st.retired.load(core::sync::atomic::Ordering::Acquire) == 0
-            && !self.st.lock.is_locked()
         {
-            let ticket = self.st.last_ticket.load(Ordering::Acquire);
+            let ticket = word.last_ticket.load(Ordering::Acquire);
             self.dom.read(self.home(), |g| g.dom.publish(backend))?;
             if !self.seen_done(ticket) {
                 self.wait_for(backend, ticket)?;
             }
             return Ok(());
         }
+        // Take every pending bit and the word, in one step, once no other
+        // sync holds it (it queues and publishes its ticket meanwhile: a
+        // sync that found nothing of its own then waits for that ticket).
+        let bits = self.take_pending();
+        let held = Release(&word.state);
         let k = self.home();
-        let begun = self.st.lock.with(|()| {
-            self.dom.read(k, |g| {
-                // Take the bits first, then the ranges: a range added after
-                // its side was drained sets the bit again.
-                let bits = self.st.pending_mask.swap(0, Ordering::AcqRel);
-                let mut all = SharedPending::new();
-                for (i, s) in self.shards.iter().enumerate() {
-                    if bits & (1 << i) != 0 {
-                        s.with(|s| s.side.pending.drain_into(&mut all));
-                    }
+        let begun = self.dom.read(k, |g| {
+            // Then the ranges: a range added after its side was drained
+            // sets the bit again.
+            let mut all = SharedPending::new();
+            for (i, s) in self.shards.iter().enumerate() {
+                if bits & (1 << i) != 0 {
+                    s.with(|s| s.side.pending.drain_into(&mut all));
                 }
-                if bits & (1 << SHARDS) != 0 {
-                    self.global.with(|s| s.pending.drain_into(&mut all));
-                }
-                let put_back = |mut all: SharedPending| {
+            }
+            if bits & (1 << SHARDS) != 0 {
+                self.global.with(|s| s.pending.drain_into(&mut all));
+            }
+            // The invalidations and their completion under one hold of the
+            // IOMMU's lock (see `SplitSync::queue_and_submit`).
+            match backend.queue_and_submit(&mut |b| g.dom.queue_shared(&all, b)) {
+                Err(e) => {
                     self.global
                         .with(|s| self.marked(s, SHARDS, |s| all.drain_into(&mut s.pending)));
-                };
-                let queued = match g.dom.queue_shared(&all, backend) {
-                    Ok(q) => q,
-                    Err(e) => {
-                        put_back(all);
-                        return Err(DmaError::from(e));
-                    }
-                };
-                if !queued {
+                    Err(DmaError::from(e))
+                }
+                Ok(None) => {
                     // Nothing here, but another CPU's sync may have taken
                     // ranges of unlinks that returned before this sync
                     // began and not seen its completion yet: wait for it.
-                    let last = self.st.last_ticket.load(Ordering::Acquire);
-                    let done = self.st.done_ticket.load(Ordering::Acquire);
-                    return Ok((last > done).then(|| (g.dom.shared_begun(last, g.popped), 0)));
+                    let last = word.last_ticket.load(Ordering::Acquire);
+                    let done = self.done_ticket.load(Ordering::Acquire);
+                    Ok((last > done).then(|| (g.dom.shared_begun(last, g.popped), 0)))
                 }
-                let ticket = match backend.submit() {
-                    Ok(t) => t,
-                    Err(e) => {
-                        put_back(all);
-                        return Err(e.into());
-                    }
-                };
-                // Under `sync_lock`: tickets only grow here.
-                self.st.last_ticket.store(ticket, Ordering::Release);
-                Ok(Some((
-                    g.dom.shared_begun(ticket, g.popped),
-                    g.dom.retired_pages(),
-                )))
-            })
-        })?;
+                Ok(Some(ticket)) => {
+                    // Before the word is released (Release there).
+                    word.last_ticket.store(ticket, Ordering::Release);
+                    Ok(Some((
+                        g.dom.shared_begun(ticket, g.popped),
+                        g.dom.retired_pages(),
+                    )))
+                }
+            }
+        });
+        drop(held);
+        let begun = begun?;
         let Some((begun, retired)) = begun else {
             return Ok(());
         };
@@ -739,13 +739,40 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         Ok(())
     }
 
+    /// Takes every pending bit and [`TAKING`], spinning while another
+    /// sync holds it; returns the bits taken.
+    fn take_pending(&self) -> u64 {
+        let state = &self.word.state;
+        let mut cur = state.load(Ordering::Relaxed);
+        loop {
+            if cur & TAKING == 0 {
+                match state.compare_exchange_weak(
+                    cur,
+                    (cur & !PENDING_BITS) | TAKING,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return cur & PENDING_BITS,
+                    Err(now) => {
+                        cur = now;
+                        continue;
+                    }
+                }
+            }
+            super::sync::spin_hint();
+            // A read-modify-write reads the newest value (see
+            // `ShardedRwLock::read`).
+            cur = state.fetch_or(0, Ordering::Relaxed);
+        }
+    }
+
     /// Whether `ticket` is known done: the CPU that submitted it is
     /// usually waiting for it and says so in `done_ticket` within a few
     /// loads; a bounded look there spares a look at the IOMMU (its lock
     /// is shared by every CPU). `false` sends the caller to the IOMMU.
     fn seen_done(&self, ticket: u64) -> bool {
         for _ in 0..DONE_LOOKS {
-            if self.st.done_ticket.load(Ordering::Acquire) >= ticket {
+            if self.done_ticket.load(Ordering::Acquire) >= ticket {
                 return true;
             }
             super::sync::spin_hint();
@@ -766,8 +793,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             });
             return Err(e.into());
         }
-        if ticket > self.st.done_ticket.load(Ordering::Relaxed) {
-            self.st.done_ticket.fetch_max(ticket, Ordering::AcqRel);
+        if ticket > self.done_ticket.load(Ordering::Relaxed) {
+            self.done_ticket.fetch_max(ticket, Ordering::AcqRel);
         }
         Ok(())
     }
@@ -785,6 +812,15 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     ) -> Result<(), DmaError> {
         self.free(tx).map_err(|(_, e)| e)?;
         self.sync(backend)
+    }
+}
+
+/// Releases [`TAKING`] when dropped (also on unwinding, in host tests).
+struct Release<'a>(&'a AtomicU64);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_and(!TAKING, Ordering::Release);
     }
 }
 

@@ -1,6 +1,6 @@
 //! [`SharedIommu`]: one driver, many CPUs; [`IommuCpu`]: one CPU's handle.
 
-use super::lock::IrqLock;
+use super::lock::{IrqLock, Padded};
 use super::sync::{AtomicU64, Ordering, spin_hint};
 use super::{SplitCompletion, SplitSync};
 use crate::addr::DmaAddr;
@@ -49,14 +49,19 @@ struct Inner<B> {
 /// [`new`](Self::new) as it releases the lock, so nothing the interrupt
 /// meant to drain stays behind.
 pub struct SharedIommu<B> {
-    lock: IrqLock<Inner<B>>,
+    /// Each on lines of its own: the lock (written by every CPU's queueing),
+    /// `completed` (written as completions are seen, read by every waiter)
+    /// and the rest (read on every call, written only on an error).
+    lock: Padded<IrqLock<Inner<B>>>,
     /// Every ticket up to this one has completed.
-    completed: AtomicU64,
+    completed: Padded<AtomicU64>,
     /// Queue errors recorded so far.
     errors: AtomicU64,
     budget: u32,
     needs_map_invalidation: bool,
     coherent_walk: bool,
+    /// [`SplitCompletion::publish_needed`].
+    publish_needed: bool,
 }
 
 impl<B: SplitCompletion> SharedIommu<B> {
@@ -69,8 +74,9 @@ impl<B: SplitCompletion> SharedIommu<B> {
         let budget = backend.completion_budget();
         let needs_map_invalidation = backend.needs_map_invalidation();
         let coherent_walk = backend.coherent_walk();
+        let publish_needed = backend.publish_needed();
         Self {
-            lock: IrqLock::new(
+            lock: Padded(IrqLock::new(
                 Inner {
                     backend,
                     ticket: 0,
@@ -79,19 +85,20 @@ impl<B: SplitCompletion> SharedIommu<B> {
                     deferred: deferred_irq,
                 },
                 |i: &mut Inner<B>| (i.deferred)(&mut i.backend),
-            ),
-            completed: AtomicU64::new(0),
+            )),
+            completed: Padded(AtomicU64::new(0)),
             errors: AtomicU64::new(0),
             budget,
             needs_map_invalidation,
             coherent_walk,
+            publish_needed,
         }
     }
 
     /// Gives the driver back (e.g. to shut it down); the handles are gone
     /// by then (they borrow `self`).
     pub fn into_inner(self) -> B {
-        self.lock.into_inner().backend
+        self.lock.0.into_inner().backend
     }
 
     /// A handle for one CPU (or one thread): its own `&mut` backend.
@@ -140,18 +147,27 @@ impl<B: SplitCompletion> SharedIommu<B> {
     /// The ticket of a completion that covers every command up to
     /// `last_queued`: the newest one when it does, else a new one.
     fn submit(&self, last_queued: u64, seen: &mut u64) -> Result<u64, BackendError> {
-        self.lock.with(|i| {
-            if i.ticket != 0 && last_queued != 0 && i.covers >= last_queued {
-                return Ok(i.ticket);
-            }
-            let r = i.backend.submit_completion();
-            let t = self.record(i, r, seen)?;
-            if t != 0 {
-                i.ticket = t;
-                i.covers = i.backend.queued();
-            }
-            Ok(t)
-        })
+        self.lock.with(|i| self.submit_locked(i, last_queued, seen))
+    }
+
+    /// [`submit`](Self::submit) with the lock held: the newest completion
+    /// when it already covers `last_queued`, else a new one.
+    fn submit_locked(
+        &self,
+        i: &mut Inner<B>,
+        last_queued: u64,
+        seen: &mut u64,
+    ) -> Result<u64, BackendError> {
+        if i.ticket != 0 && last_queued != 0 && i.covers >= last_queued {
+            return Ok(i.ticket);
+        }
+        let r = i.backend.submit_completion();
+        let t = self.record(i, r, seen)?;
+        if t != 0 {
+            i.ticket = t;
+            i.covers = i.backend.queued();
+        }
+        Ok(t)
     }
 
     /// Waits, bounded, until `ticket` completed; `errors_seen` is the
@@ -252,6 +268,11 @@ impl<B: SplitCompletion> IommuBackend for IommuCpu<'_, B> {
 
     fn publish(&mut self) -> Result<(), BackendError> {
         let s = self.shared;
+        if !s.publish_needed {
+            // Nothing for the hardware: the caller's barrier ordered the
+            // table stores, and the lock every CPU contends for stays free.
+            return Ok(());
+        }
         let seen = &mut self.errors_seen;
         s.lock.with(|i| {
             let r = i.backend.publish();
@@ -275,5 +296,25 @@ impl<B: SplitCompletion> SplitSync for IommuCpu<'_, B> {
 
     fn wait(&mut self, ticket: u64) -> Result<(), BackendError> {
         self.shared.wait(ticket, &mut self.errors_seen)
+    }
+
+    fn queue_and_submit(
+        &mut self,
+        queue: &mut dyn FnMut(&mut dyn IommuBackend) -> Result<bool, BackendError>,
+    ) -> Result<Option<u64>, BackendError> {
+        let s = self.shared;
+        let seen = &mut self.errors_seen;
+        let (r, q) = s.lock.with(|i| {
+            let r = queue(&mut i.backend);
+            let queued = i.backend.queued();
+            let r = match s.record(i, r, seen) {
+                Ok(true) => s.submit_locked(i, queued, seen).map(Some),
+                Ok(false) => Ok(None),
+                Err(e) => Err(e),
+            };
+            (r, queued)
+        });
+        self.last_queued = q;
+        r
     }
 }

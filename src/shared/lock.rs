@@ -73,12 +73,6 @@ impl<T> IrqLock<T> {
         unsafe { self.data.with_mut(f) }
     }
 
-    /// Whether some CPU holds the lock now (Acquire: what its last holder
-    /// did before releasing it is visible when this says `false`).
-    pub(crate) fn is_locked(&self) -> bool {
-        self.state.load(Ordering::Acquire) & LOCKED != 0
-    }
-
     /// Runs `f` under the lock if it is free now; `None` (nothing run, no
     /// flag set) when it is taken.
     pub(crate) fn try_with<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
@@ -145,6 +139,19 @@ impl<T> IrqLock<T> {
             // SAFETY: LOCKED is still ours.
             unsafe { self.data.with_mut(deferred) };
         }
+    }
+}
+
+/// `T` alone on its cache lines (128 bytes: the line pair some Arm and x86
+/// parts fetch together), so that one CPU's writes there never evict what
+/// another reads.
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> core::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
     }
 }
 

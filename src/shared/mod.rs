@@ -165,6 +165,14 @@ pub trait SplitCompletion: IommuBackend {
 
     /// How many looks a waiter spends on one completion.
     fn completion_budget(&self) -> u32;
+
+    /// Whether [`IommuBackend::publish`] touches the hardware (a register
+    /// write, a flush to wait for). When `false`, [`IommuCpu`] publishes
+    /// without taking the driver's lock: the caller's barrier already
+    /// ordered the table stores. The default, `true`, is always safe.
+    fn publish_needed(&self) -> bool {
+        true
+    }
 }
 
 /// A backend whose sync a [`SharedDomain`] can split around its lock:
@@ -184,12 +192,37 @@ pub trait SplitSync: IommuBackend {
     ///
     /// As [`IommuBackend::sync`].
     fn wait(&mut self, ticket: u64) -> Result<(), BackendError>;
+
+    /// Runs `queue` on the driver, then, when it says it queued something
+    /// (`Ok(true)`), queues one completion behind it and returns its
+    /// ticket; `None` when nothing was queued. A shared driver
+    /// ([`IommuCpu`]) does both under one hold of its lock, so that a sync
+    /// takes the lock every CPU contends for once, not once per command.
+    ///
+    /// # Errors
+    ///
+    /// `queue`'s error, or [`submit`](Self::submit)'s.
+    fn queue_and_submit(
+        &mut self,
+        queue: &mut dyn FnMut(&mut dyn IommuBackend) -> Result<bool, BackendError>,
+    ) -> Result<Option<u64>, BackendError>;
 }
 
 /// A driver used by one CPU splits its sync the same way.
 impl<T: SplitCompletion> SplitSync for T {
     fn submit(&mut self) -> Result<u64, BackendError> {
         self.submit_completion()
+    }
+
+    fn queue_and_submit(
+        &mut self,
+        queue: &mut dyn FnMut(&mut dyn IommuBackend) -> Result<bool, BackendError>,
+    ) -> Result<Option<u64>, BackendError> {
+        if queue(self)? {
+            Ok(Some(self.submit_completion()?))
+        } else {
+            Ok(None)
+        }
     }
 
     fn wait(&mut self, ticket: u64) -> Result<(), BackendError> {

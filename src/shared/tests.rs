@@ -156,6 +156,12 @@ impl SplitSync for Interleaved<'_> {
     fn submit(&mut self) -> Result<u64, BackendError> {
         self.inner.submit()
     }
+    fn queue_and_submit(
+        &mut self,
+        queue: &mut dyn FnMut(&mut dyn IommuBackend) -> Result<bool, BackendError>,
+    ) -> Result<Option<u64>, BackendError> {
+        self.inner.queue_and_submit(queue)
+    }
     fn wait(&mut self, ticket: u64) -> Result<(), BackendError> {
         if let Some(f) = self.during.take() {
             f();
@@ -302,6 +308,12 @@ impl<B: IommuBackend> IommuBackend for DuringWait<'_, B> {
 impl<B: SplitSync> SplitSync for DuringWait<'_, B> {
     fn submit(&mut self) -> Result<u64, BackendError> {
         self.inner.submit()
+    }
+    fn queue_and_submit(
+        &mut self,
+        queue: &mut dyn FnMut(&mut dyn IommuBackend) -> Result<bool, BackendError>,
+    ) -> Result<Option<u64>, BackendError> {
+        self.inner.queue_and_submit(queue)
     }
     fn wait(&mut self, ticket: u64) -> Result<(), BackendError> {
         if let Some(f) = self.during.take() {

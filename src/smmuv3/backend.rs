@@ -46,6 +46,12 @@ impl<M: TableMemory> IommuBackend for Smmu<M> {
 /// complete the commands other CPUs queued before it).
 #[cfg(target_has_atomic = "64")]
 impl<M: TableMemory> crate::shared::SplitCompletion for Smmu<M> {
+    /// Publishing is the core's barrier alone (`IommuBackend::publish` is
+    /// the default here: an SMMU caches no invalid descriptor).
+    fn publish_needed(&self) -> bool {
+        false
+    }
+
     fn queued(&self) -> u64 {
         self.run.as_ref().map_or(0, |r| r.cmdq.queued())
     }

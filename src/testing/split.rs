@@ -91,6 +91,11 @@ impl IommuBackend for FakeQueue {
 }
 
 impl SplitCompletion for FakeQueue {
+    /// Its publish does nothing.
+    fn publish_needed(&self) -> bool {
+        false
+    }
+
     fn queued(&self) -> u64 {
         self.queued
     }

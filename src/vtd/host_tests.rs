@@ -812,6 +812,53 @@ fn strict_vtd_link_sync_submits_no_wait_descriptor_outside_caching_mode() {
     }
 }
 
+/// A sync after a link through a CPU's handle on a shared unit flushes the
+/// write buffer when CAP.RWBF asks for it (VT-d §6.8), and touches nothing
+/// otherwise (the handle then publishes without the driver's lock).
+#[test]
+fn strict_vtd_shared_link_sync_flushes_the_write_buffer_only_under_rwbf() {
+    use crate::shared::{SharedDomain, SharedIommu};
+    for (cap, flushes) in [(QEMU_CAP | CAP_RWBF, 1), (QEMU_CAP, 0)] {
+        let (fake, v) = started(cap, QEMU_ECAP, false);
+        let dc = DomainConfig {
+            id: 5,
+            levels: 4,
+            aperture_start: 1 << 20,
+            aperture_end: 1 << 32,
+            coherent_walk: v.coherent_walk(),
+        };
+        let dom = Domain::new(v.second_level_format(), fake.mem.clone(), dc).unwrap();
+        let iommu = SharedIommu::new(v, |_| {});
+        iommu.with(|v| v.attach(dev(3), dom.attachment())).unwrap();
+        let dom = SharedDomain::new(dom);
+        let mut h = iommu.cpu();
+        let mut tx = dom
+            .try_alloc(1 << 20, u64::MAX)
+            .unwrap()
+            .into_iova()
+            .unwrap();
+        let dir = DmaDirection::ToDevice;
+        // The first sync learns whether links need invalidating; the
+        // second is the steady state.
+        for page in 0..2 {
+            let s0 = iommu.with(|v| v.stats());
+            let pa = PhysAddr(0x1_0000_0000 + page * 4096);
+            dom.link(&mut tx, pa, page * 4096, 4096, dir, MapAttrs::empty())
+                .unwrap();
+            dom.sync(&mut h).unwrap();
+            let s1 = iommu.with(|v| v.stats());
+            assert_eq!(
+                s1.write_buffer_flushes - s0.write_buffer_flushes,
+                flushes,
+                "cap {cap:#x}, link {page}"
+            );
+            assert_eq!(s1.syncs, s0.syncs, "no completion for a link");
+        }
+        dom.unlink(&mut tx, 0, 8192).unwrap();
+        dom.destroy(tx, &mut h).unwrap();
+    }
+}
+
 #[test]
 fn strict_vtd_shared_cpus_link_unlink_and_sync_one_domain() {
     use crate::shared::{SharedDomain, SharedIommu};

@@ -213,6 +213,12 @@ impl<M: TableMemory> Vtd<M> {
 /// (the unit runs the queue in order, VT-d 6.5.2.8).
 #[cfg(target_has_atomic = "64")]
 impl<M: TableMemory> crate::shared::SplitCompletion for Vtd<M> {
+    /// Only a unit with `CAP.RWBF` has something to do (the write-buffer
+    /// flush, a register write acknowledged in GSTS).
+    fn publish_needed(&self) -> bool {
+        self.features.rwbf
+    }
+
     fn queued(&self) -> u64 {
         self.queue.as_ref().map_or(0, |q| q.submitted())
     }
