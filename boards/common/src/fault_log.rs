@@ -224,15 +224,7 @@ impl<B: SplitCompletion + 'static, R: Copy + 'static> FaultLog<B, R> {
             }
             Some(shared) => {
                 let drain = self.drain;
-                let got = shared.handle_irq(|b| {
-                    let mut got = heapless::Vec::<R, KEEP>::new();
-                    let mut n = 0u32;
-                    let trouble = drain(b, &mut |r| {
-                        n += 1;
-                        let _ = got.push(r);
-                    });
-                    (got, n, trouble)
-                });
+                let got = shared.handle_irq(|b| collect(drain, b));
                 match got {
                     Some((got, n, trouble)) => {
                         self.drained_in_irq.fetch_add(1, Ordering::SeqCst);
@@ -251,12 +243,7 @@ impl<B: SplitCompletion + 'static, R: Copy + 'static> FaultLog<B, R> {
     /// releasing it).
     pub fn deferred(&self, b: &mut B) {
         self.deferred_runs.fetch_add(1, Ordering::SeqCst);
-        let mut got = heapless::Vec::<R, KEEP>::new();
-        let mut n = 0u32;
-        let trouble = (self.drain)(b, &mut |r| {
-            n += 1;
-            let _ = got.push(r);
-        });
+        let (got, n, trouble) = collect(self.drain, b);
         self.keep(&got, n, trouble);
     }
 
@@ -289,4 +276,16 @@ impl<B: SplitCompletion + 'static, R: Copy + 'static> FaultLog<B, R> {
         // Last: a CPU waiting for its fault finds the record in the list.
         self.handled.fetch_add(n, Ordering::SeqCst);
     }
+}
+
+/// Drains `b` with `drain`: the first [`KEEP`] records, how many there
+/// were, and whether the drain reported trouble.
+fn collect<B, R>(drain: Drain<B, R>, b: &mut B) -> (heapless::Vec<R, KEEP>, u32, bool) {
+    let mut got = heapless::Vec::<R, KEEP>::new();
+    let mut n = 0u32;
+    let trouble = drain(b, &mut |r| {
+        n += 1;
+        let _ = got.push(r);
+    });
+    (got, n, trouble)
 }
