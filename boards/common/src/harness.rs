@@ -164,7 +164,7 @@ pub fn run<B: Board>(board: &mut B, tests: &[Test<B>]) -> ! {
         }
         let tables_before = board.table_pages_in_use();
         let verdict = test(board);
-        let tidy = board.after_test();
+        let tidy = board.after_test().and(crate::stack_canary::check());
         CURRENT.store(usize::MAX, Ordering::SeqCst);
         let lent = match (tables_before, board.table_pages_in_use()) {
             (Some(before), Some(after)) if after > before => Err(fail_msg(format_args!(

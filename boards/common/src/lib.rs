@@ -14,6 +14,8 @@
 //! - [`pattern`]: the test pattern and the byte checks of lent memory;
 //! - [`smp`]: one job on several CPUs at once (the board starts the CPUs);
 //! - [`smp_dma`]: the several-CPU DMA workload over the board's IOMMU;
+//! - [`stack_canary`]: a band at the bottom of each stack, checked after
+//!   every test (the boards have no guard pages);
 //! - [`virtio`]: a polled virtio-blk driver (virtio 1.x PCI transport);
 //! - [`virtio_dma`]: the virtio-blk test bodies, over the board's IOMMU;
 //! - [`virtio_drivers_dma`]: virtio-drivers' own `VirtIOBlk` through
@@ -49,6 +51,7 @@ pub mod p2p;
 pub mod pattern;
 pub mod smp;
 pub mod smp_dma;
+pub mod stack_canary;
 pub mod virtio;
 pub mod virtio_dma;
 pub mod virtio_drivers_dma;

@@ -117,6 +117,7 @@ boot_pdpt:
 boot_pd:
     .skip 4 * 4096
     .balign 16
+    .global boot_stack
 boot_stack:
     .skip 1024 * 1024
 boot_stack_top:

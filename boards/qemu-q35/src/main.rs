@@ -87,12 +87,31 @@ fn start_info(pa: u64) -> (&'static str, u64) {
     (cmdline.as_str(), rsdp)
 }
 
+/// The boot stack's lowest bytes kept as its canary band.
+const BOOT_BAND: usize = 64 * 1024;
+
+/// Plants the canary bands of the boot stack (`boot.rs`: `boot_stack`,
+/// 1 MiB above the page tables) and of the AP stacks.
+fn plant_stack_canaries() {
+    unsafe extern "C" {
+        static boot_stack: u8;
+    }
+    // SAFETY: `boot_stack` is the bottom of the 1 MiB boot stack this CPU
+    // runs on, near its top here; its lowest 64 KiB are reached only by an
+    // overflow.
+    unsafe {
+        board_common::stack_canary::plant("boot", &raw const boot_stack as usize, BOOT_BAND);
+    }
+    smp::plant_stack_canaries();
+}
+
 /// Rust entry from the trampoline, with the `hvm_start_info` address.
 #[unsafe(no_mangle)]
 extern "C" fn board_main(start_info_pa: u64) -> ! {
     serial::init();
     board_common::console::init(serial::put);
     println!();
+    plant_stack_canaries();
     let (cmdline, rsdp) = start_info(start_info_pa);
     // `x2apic`: the local APIC runs in x2APIC mode (the eim=on configuration).
     if cmdline.split_ascii_whitespace().any(|w| w == "x2apic") {

@@ -211,6 +211,14 @@ extern "C" fn ap_rust(cpu: u64) -> ! {
     }
 }
 
+/// Plants the stack canary band at the bottom of every AP stack (at
+/// boot, before any AP runs).
+pub fn plant_stack_canaries() {
+    // SAFETY: no AP runs before `smp::run`; an AP uses its stack from the
+    // top, and its lowest 4 KiB only by overflowing.
+    unsafe { board_common::stack_canary::plant_ap_stacks(AP_STACKS.0.get() as usize, STACK) };
+}
+
 /// The board's [`Starter`] (for `board_common::smp`'s own entry points).
 pub fn starter() -> Result<&'static dyn Starter, FdtError> {
     psci().map(|p| p as &dyn Starter)
