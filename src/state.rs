@@ -622,6 +622,16 @@ impl PendingList {
         }
         let end = start.saturating_add(len);
         let last = &mut self.last;
+        if last.start == last.end {
+            // The first range since the sync (a lone unlink, e.g. of a
+            // block): nothing to move to `list`.
+            *last = Inval {
+                start,
+                end,
+                leaf_only,
+            };
+            return;
+        }
         if start <= last.end && end >= last.start {
             // Touches the last range (a run of links or unlinks): grow it.
             last.start = last.start.min(start);
@@ -646,16 +656,24 @@ impl PendingList {
         }
     }
 
-    /// The ranges (meaningless when `overflow`).
-    fn ranges(&self) -> impl Iterator<Item = &Inval> {
-        let last = (self.last.start != self.last.end).then_some(&self.last);
-        self.list.iter().chain(last)
+    /// Calls `f` on each range, oldest first, stopping at its first error
+    /// (meaningless when `overflow`).
+    #[inline]
+    fn for_each<E>(&self, mut f: impl FnMut(&Inval) -> Result<(), E>) -> Result<(), E> {
+        for r in &self.list {
+            f(r)?;
+        }
+        if self.last.start != self.last.end {
+            f(&self.last)?;
+        }
+        Ok(())
     }
 
     fn is_empty(&self) -> bool {
         self.last.start == self.last.end && self.list.is_empty() && !self.overflow
     }
 
+    #[inline]
     fn clear(&mut self) {
         self.last = NO_INVAL;
         self.list.clear();
@@ -677,13 +695,10 @@ fn queue_ranges<B: IommuBackend + ?Sized>(
     if unmapped.overflow || (with_maps && mapped.overflow) {
         return backend.invalidate_domain(info);
     }
-    for r in unmapped.ranges() {
-        backend.invalidate(info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
-    }
+    unmapped
+        .for_each(|r| backend.invalidate(info, DmaAddr(r.start), r.end - r.start, r.leaf_only))?;
     if with_maps {
-        for r in mapped.ranges() {
-            backend.invalidate(info, DmaAddr(r.start), r.end - r.start, true)?;
-        }
+        mapped.for_each(|r| backend.invalidate(info, DmaAddr(r.start), r.end - r.start, true))?;
     }
     Ok(())
 }
@@ -1277,8 +1292,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         if len == 0 {
             return Err(DmaError::ZeroLength);
         }
-        check_aligned(offset)?;
-        check_aligned(len)?;
+        if (offset | len) % PAGE_SIZE != 0 {
+            // One test for both on the way through; the error names the
+            // first that is wrong.
+            check_aligned(offset)?;
+            check_aligned(len)?;
+        }
         let end = offset
             .checked_add(len)
             .ok_or(DmaError::Overflow { a: offset, b: len })?;

@@ -300,3 +300,67 @@ fn is_leaf_answers_as_decode_in_every_format() {
         is_leaf_agrees_with_decode(bare_iommu::vtd::VtdFirstLevel { fl1gp, haw: 48 });
     }
 }
+
+/// The one-block unmap shortcut (`len` of 2 MiB or 1 GiB) answers only for
+/// a present block inside the input range; every other gigabyte-long
+/// unmap gets the full path's answer.
+fn gigabyte_unmaps_that_are_not_one_block<F: PteFormat>(fmt: F) {
+    let mem = HostMemory::new();
+    let mut t = IoPageTable::new(fmt, &mem, 4, true).unwrap();
+    // A GiB of 2 MiB blocks (mapped in two halves, so no 1 GiB block).
+    t.map(DmaAddr(G1), PhysAddr(4 * G1), G1 / 2, RW).unwrap();
+    t.map(DmaAddr(G1 + G1 / 2), PhysAddr(8 * G1), G1 / 2, RW)
+        .unwrap();
+    assert_eq!(leaf_height(&t, G1), Some(1));
+    // A 1 GiB block next to it.
+    t.map(DmaAddr(2 * G1), PhysAddr(4 * G1), G1, RW).unwrap();
+    assert_eq!(leaf_height(&t, 2 * G1), Some(2));
+    // Past the input range (48 bits): refused, nothing read.
+    assert_eq!(
+        t.unmap(DmaAddr(1 << 48), G1),
+        Err(PageTableError::OutOfRange {
+            iova: DmaAddr(1 << 48),
+            len: G1,
+            limit: 1 << 48
+        })
+    );
+    // Nothing mapped there.
+    assert_eq!(
+        t.unmap(DmaAddr(5 * G1), G1),
+        Err(PageTableError::NotMapped {
+            iova: DmaAddr(5 * G1)
+        })
+    );
+    // A GiB that cuts the 1 GiB block: refused, the block stays.
+    assert_eq!(
+        t.unmap(DmaAddr(G1 + G1 / 2), G1),
+        Err(PageTableError::PartialBlock {
+            iova: DmaAddr(2 * G1),
+            size: G1
+        })
+    );
+    assert_eq!(leaf_height(&t, 2 * G1 + G1 / 2), Some(2));
+    assert_eq!(leaf_height(&t, G1 + G1 / 2), Some(1));
+    // The GiB of 2 MiB blocks goes whole, then the block alone.
+    assert_eq!(t.unmap(DmaAddr(G1), G1).unwrap().bytes, G1);
+    assert_eq!(leaf_height(&t, G1 + G1 - K4), None);
+    assert_eq!(leaf_height(&t, 2 * G1), Some(2));
+    let out = t.unmap(DmaAddr(2 * G1), G1).unwrap();
+    assert_eq!(out.bytes, G1);
+    assert!(!out.freed_tables, "the root's children are kept");
+    assert_eq!(leaf_height(&t, 2 * G1), None);
+    assert_eq!(
+        t.unmap(DmaAddr(2 * G1), G1),
+        Err(PageTableError::NotMapped {
+            iova: DmaAddr(2 * G1)
+        })
+    );
+    t.check_counts().unwrap();
+}
+
+#[test]
+fn gigabyte_unmaps_that_are_not_one_block_get_the_full_answer() {
+    gigabyte_unmaps_that_are_not_one_block(ArmStage1);
+    gigabyte_unmaps_that_are_not_one_block(ArmStage2);
+    gigabyte_unmaps_that_are_not_one_block(VtdSecondLevel::default());
+}

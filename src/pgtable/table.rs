@@ -1315,6 +1315,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             if let Some(out) = self.unmap_page_fast(iova.0) {
                 return Ok(out);
             }
+        } else if let Some(out) = self.unmap_block_fast(iova.0, len) {
+            return Ok(out);
         }
         self.unmap_checked(iova, len)
     }
@@ -1323,9 +1325,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[inline(never)]
     fn unmap_checked(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
-        if let Some(out) = self.unmap_one_block(iova.0, len) {
-            return Ok(out);
-        }
         if let Some(out) = self.unmap_in_leaf_table(iova.0, end) {
             return Ok(out);
         }
@@ -1342,31 +1341,41 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         end: u64,
     ) -> Result<UnmapOutcome, PageTableError> {
         debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
-        if let Some(out) = self.unmap_in_leaf_table(iova, end) {
+        if let Some(out) = self.unmap_block_fast(iova, end - iova) {
             return Ok(out);
         }
-        if let Some(out) = self.unmap_one_block(iova, end - iova) {
+        if let Some(out) = self.unmap_in_leaf_table(iova, end) {
             return Ok(out);
         }
         self.unmap_general(DmaAddr(iova), end - iova, end)
     }
 
     /// Unmaps `[iova, iova + len)` when it is exactly one block (a 2 MiB or
-    /// 1 GiB leaf): one walk down to it, which is also the whole check (a
-    /// range that is exactly one present leaf is mapped and cuts no block),
-    /// then the emptied tables above it detached by their counts. `None`
-    /// (nothing changed) for any other shape. The range is checked.
-    fn unmap_one_block(&mut self, iova: u64, len: u64) -> Option<UnmapOutcome> {
-        if !len.is_power_of_two() || iova & (len - 1) != 0 {
-            return None;
-        }
-        let h = (len.trailing_zeros().checked_sub(12)?) / BITS_PER_LEVEL;
-        if h == 0 || h >= self.top_height() || entry_size(h) != len {
+    /// 1 GiB leaf) inside the input range: one walk down to it, which is
+    /// also the whole check (a range that is exactly one present leaf is
+    /// mapped and cuts no block), then the emptied tables above it detached
+    /// by their counts. `None` (nothing changed) for any other shape or
+    /// argument, which the full path handles and names the error of.
+    ///
+    /// The cost of a 1 GiB unlink (issue 11): the block's table is a kept
+    /// root child (`kept_height`) wherever the root cannot hold a block, so
+    /// the common case is one step down, one store, one count update.
+    #[inline]
+    pub(crate) fn unmap_block_fast(&mut self, iova: u64, len: u64) -> Option<UnmapOutcome> {
+        let h = match len {
+            0x20_0000 => 1,
+            0x4000_0000 => 2,
+            _ => return None,
+        };
+        // `iova` aligned to `len` and below the input range's end, itself a
+        // multiple of `len` (`h < top_height()`): the whole block is inside.
+        let top = self.top_height();
+        if iova & (len - 1) != 0 || iova >= self.ias_limit || h >= top {
             return None;
         }
         // Down to the table holding the block: its page and count slot.
         let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
-        let mut level = self.top_height();
+        let mut level = top;
         while level > h {
             let idx = index(iova, level);
             let Pte::Table(t) = self.fmt.decode(self.read(table, idx), level) else {
@@ -1381,14 +1390,16 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if !self.fmt.is_leaf(self.read(table, idx), h) {
             return None;
         }
-        self.leaf_cache.0 = NO_REGION;
+        // No leaf table lies under a block: `leaf_cache` stays right (a
+        // detach below forgets it).
         self.write(table, idx, 0);
         self.clean_entries(table, idx, idx + 1);
         self.count_sub(slot, 1);
         // The count decides at once; detaching (rare: the block was the
-        // table's last entry) walks down again.
-        let freed_tables = table != self.root
-            && h != self.kept_height
+        // last entry of a table that is neither kept nor the root) walks
+        // down again.
+        let freed_tables = h != self.kept_height
+            && table != self.root
             && self.is_empty_at(slot, table, h)
             && self.detach_empty_tables_from(iova, h);
         Some(UnmapOutcome {

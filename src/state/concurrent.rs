@@ -56,9 +56,10 @@ impl SharedPending {
     /// Moves every range of `self` into `into`, leaving `self` empty.
     pub(crate) fn drain_into(&mut self, into: &mut SharedPending) {
         fn mv(from: &mut PendingList, to: &mut PendingList) {
-            for r in from.ranges() {
+            let _ = from.for_each(|r| {
                 to.add(r.start, r.end - r.start, r.leaf_only);
-            }
+                Ok::<(), core::convert::Infallible>(())
+            });
             to.overflow |= from.overflow;
             from.clear();
         }
