@@ -1,7 +1,7 @@
 //! The generic radix walker: one I/O page table over a [`PteFormat`].
 
 use super::counts;
-use super::{MapAttrs, Pte, PteFormat};
+use super::{MapAttrs, Pte, PteFormat, TableReclaim};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::barrier::wmb_on;
 use crate::error::PageTableError;
@@ -107,7 +107,9 @@ pub struct UnmapOutcome {
 ///
 /// Maps are all-or-nothing: a map that finds a present entry or runs out of
 /// table memory leaves the translations as they were. Table pages that become
-/// empty on unmap (or that a failed map created) are detached and *retired*:
+/// empty on unmap (unless [`TableReclaim::Keep`] leaves them attached, see
+/// [`set_table_reclaim`](Self::set_table_reclaim)), or that a failed map
+/// created, are detached and *retired*:
 /// they are handed back to the lender only by
 /// [`free_retired`](Self::free_retired), which the caller runs after the
 /// IOMMU's caches were invalidated, so a walker can never read a reused page.
@@ -162,6 +164,8 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// Table and side pages attached by the shared-access path
     /// (`concurrent.rs`), not yet folded into `table_pages` / `side_pages`.
     shared_lent: concurrent::SharedLent,
+    /// [`TableReclaim::Keep`]: unmaps leave emptied tables attached.
+    keep_empty: bool,
 }
 
 #[inline]
@@ -267,6 +271,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 u32::from(levels) - 2
             },
             shared_lent: concurrent::SharedLent::new(),
+            keep_empty: false,
             fmt,
         })
     }
@@ -324,6 +329,23 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// [`free_retired`](Self::free_retired).
     pub fn retired_pages(&self) -> usize {
         self.retired.len()
+    }
+
+    /// What unmaps do with the tables they empty (see [`TableReclaim`]).
+    /// Switching to [`TableReclaim::Eager`] detaches nothing by itself:
+    /// tables already left empty stay until
+    /// [`reclaim_empty_tables`](Self::reclaim_empty_tables).
+    pub fn set_table_reclaim(&mut self, policy: TableReclaim) {
+        self.keep_empty = policy == TableReclaim::Keep;
+    }
+
+    /// The policy [`set_table_reclaim`](Self::set_table_reclaim) chose.
+    pub fn table_reclaim(&self) -> TableReclaim {
+        if self.keep_empty {
+            TableReclaim::Keep
+        } else {
+            TableReclaim::Eager
+        }
     }
 
     fn top_height(&self) -> u32 {
@@ -853,7 +875,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         self.write(leaf, i, 0);
         self.clean_entries(leaf, i, i + 1);
         self.count_sub(slot, 1);
-        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
+        let freed_tables = self.is_empty_at(slot, leaf, 0)
+            && !self.keep_empty
+            && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
             bytes: PAGE_SIZE,
             freed_tables,
@@ -1071,7 +1095,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         self.clean_entries(leaf, i0, i1);
         self.count_sub(slot, n as u64);
-        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
+        let freed_tables = self.is_empty_at(slot, leaf, 0)
+            && !self.keep_empty
+            && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
             bytes: end - iova,
             freed_tables,
@@ -1401,6 +1427,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         let freed_tables = h != self.kept_height
             && table != self.root
             && self.is_empty_at(slot, table, h)
+            && !self.keep_empty
             && self.detach_empty_tables_from(iova, h);
         Some(UnmapOutcome {
             bytes: len,
@@ -1507,7 +1534,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 Pte::Table(child) if h > 0 => {
                     let w = self.side_word(side, idx);
                     let child_node = (child, counts::side_page(w), counts::slot(side, idx));
-                    if self.clear_rec(child_node, h - 1, cur, next, prune, out) {
+                    // A rolled-back map (`prune`) takes its fresh tables
+                    // back whatever the reclaim policy.
+                    if self.clear_rec(child_node, h - 1, cur, next, prune, out)
+                        && (prune || !self.keep_empty)
+                    {
                         self.detach_child(node, idx, child);
                         out.freed_tables = true;
                         lo = lo.min(idx);
@@ -1520,10 +1551,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         self.clean_entries(table, lo, hi);
         if hi == 0 && !prune {
-            // Nothing changed here: a table is never left empty by this walker
-            // unless retiring it failed, and then it stays attached anyway.
-            // (`prune` is set when rolling back a map, whose fresh tables may
-            // be empty.)
+            // Nothing changed here: no entry of this table was cleared, so
+            // its count did not move. (`prune` is set when rolling back a
+            // map, whose fresh tables may be empty.)
             return false;
         }
         if table == self.root || h == self.kept_height {
@@ -1533,6 +1563,64 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         // The count decides at once: no scan.
         self.is_empty_at(slot, table, h)
+    }
+
+    /// Detaches every empty table (one with no valid entry, left attached by
+    /// [`TableReclaim::Keep`] or by the shared path), children before their
+    /// parents, so a table whose children all went goes too (never the root
+    /// nor a kept table, see [`kept_height`](Self::kept_height)). Each
+    /// detached table is retired as an unmap's would be: it goes back to
+    /// the lender only through [`free_retired`](Self::free_retired), after
+    /// the caller invalidated the ranges `on_detached(start, len)` named
+    /// (walk caches included) and that completed. Returns the number of
+    /// table pages detached.
+    ///
+    /// Reads every entry of the upper tables on the way (not of the leaf
+    /// tables: their counts decide), so it costs a walk of the tree.
+    pub fn reclaim_empty_tables(&mut self, mut on_detached: impl FnMut(u64, u64)) -> usize {
+        let mut n = 0;
+        let root = (self.root, self.root_side, 0);
+        self.reclaim_rec(root, self.top_height(), 0, &mut n, &mut on_detached);
+        n
+    }
+
+    /// [`reclaim_empty_tables`](Self::reclaim_empty_tables) below the upper
+    /// table `node` (table, side page, count slot) at height `h`, which
+    /// covers the input range from `base`.
+    fn reclaim_rec(
+        &mut self,
+        node: (PhysAddr, PhysAddr, u64),
+        h: u32,
+        base: u64,
+        n: &mut usize,
+        on_detached: &mut impl FnMut(u64, u64),
+    ) {
+        let (table, side, _) = node;
+        let esize = entry_size(h);
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        for idx in 0..ENTRIES {
+            let pte = self.read(table, idx);
+            if pte == 0 {
+                continue;
+            }
+            let Pte::Table(child) = self.fmt.decode(pte, h) else {
+                continue;
+            };
+            let w = self.side_word(side, idx);
+            let child_node = (child, counts::side_page(w), counts::slot(side, idx));
+            let start = base + idx as u64 * esize;
+            if h > 1 {
+                self.reclaim_rec(child_node, h - 1, start, n, on_detached);
+            }
+            if h - 1 != self.kept_height && self.is_empty_at(child_node.2, child, h - 1) {
+                self.detach_child(node, idx, child);
+                *n += 1;
+                lo = lo.min(idx);
+                hi = idx + 1;
+                on_detached(start, esize);
+            }
+        }
+        self.clean_entries(table, lo, hi);
     }
 
     /// Hands retired table pages back to the lender. Call only after the
