@@ -990,16 +990,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     fn walk_present(&mut self, iova: u64) -> Option<(PhysAddr, u64)> {
         let region = iova >> LEAF_TABLE_SHIFT;
         let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
-        for h in (1..=self.top_height()).rev() {
+        // A plain countdown: cheaper per level than a reversed range.
+        let mut h = self.top_height();
+        while h > 0 {
             let idx = index(iova, h);
-            match self.fmt.decode(self.read(table, idx), h) {
-                Pte::Table(t) => {
-                    table = t;
-                    slot = counts::slot(side, idx);
-                    side = counts::side_page(self.side_word(side, idx));
-                }
-                _ => return None,
-            }
+            let Pte::Table(t) = self.fmt.decode(self.read(table, idx), h) else {
+                return None;
+            };
+            table = t;
+            slot = counts::slot(side, idx);
+            side = counts::side_page(self.side_word(side, idx));
+            h -= 1;
         }
         self.leaf_cache = (region, table, slot);
         Some((table, slot))
