@@ -145,6 +145,11 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// is detached or an entry above the leaf level is overwritten with a
     /// block.
     leaf_cache: (u64, PhysAddr, u64),
+    /// The cached leaf table's parent: its page and count slot (its side
+    /// page and the leaf's index in it are the leaf's slot's page and
+    /// offset). Valid while `leaf_cache` is: an unmap that empties the leaf
+    /// table detaches it from there without a second walk.
+    leaf_parent: (PhysAddr, u64),
     /// The root's side page: the counts of its children (see `counts.rs`).
     root_side: PhysAddr,
     /// Side pages lent (one per upper table attached, the root's included).
@@ -260,6 +265,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             table_pages: 1,
             retired: RetireList::new(),
             leaf_cache: (NO_REGION, PhysAddr(0), 0),
+            leaf_parent: (PhysAddr(0), 0),
             root_side,
             side_pages: 1,
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
@@ -945,34 +951,55 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         let region = iova >> LEAF_TABLE_SHIFT;
         let mut node = (self.root, self.root_side, 0u64);
         let mut created = false;
-        for h in (1..=self.top_height()).rev() {
-            let (table, side, _) = node;
-            let idx = index(iova, h);
-            let pte = self.read(table, idx);
-            let pte = if pte == 0 {
-                Pte::Invalid
-            } else {
-                self.fmt.decode(pte, h)
-            };
-            let child = match pte {
-                Pte::Table(t) => (t, counts::side_page(self.side_word(side, idx))),
-                Pte::Invalid => {
-                    let (t, t_side) = self.alloc_table(h - 1)?;
-                    self.install_table(node, idx, t, t_side);
-                    self.clean_entries(table, idx, idx + 1);
-                    created = true;
-                    (t, t_side)
-                }
-                Pte::Leaf { .. } => {
-                    return Err(PageTableError::AlreadyMapped {
-                        iova: DmaAddr(iova),
-                    });
-                }
-            };
-            node = (child.0, child.1, counts::slot(side, idx));
+        // A plain countdown to the leaf table's parent (`levels >= 2`),
+        // then the last step, which also names the parent for the cache.
+        let mut h = self.top_height();
+        while h > 1 {
+            node = self.map_step(node, h, iova, &mut created)?;
+            h -= 1;
         }
-        self.leaf_cache = (region, node.0, node.2);
-        Ok((node.0, node.2, created))
+        let parent = (node.0, node.2);
+        let (leaf, _, slot) = self.map_step(node, 1, iova, &mut created)?;
+        self.leaf_cache = (region, leaf, slot);
+        self.leaf_parent = parent;
+        Ok((leaf, slot, created))
+    }
+
+    /// One step of [`walk_for_map`](Self::walk_for_map) down from `node`
+    /// (table, side page, count slot) at height `h`: the child table,
+    /// made (and `created` set) when the entry was empty.
+    #[inline(always)]
+    fn map_step(
+        &mut self,
+        node: (PhysAddr, PhysAddr, u64),
+        h: u32,
+        iova: u64,
+        created: &mut bool,
+    ) -> Result<(PhysAddr, PhysAddr, u64), PageTableError> {
+        let (table, side, _) = node;
+        let idx = index(iova, h);
+        let pte = self.read(table, idx);
+        let pte = if pte == 0 {
+            Pte::Invalid
+        } else {
+            self.fmt.decode(pte, h)
+        };
+        let child = match pte {
+            Pte::Table(t) => (t, counts::side_page(self.side_word(side, idx))),
+            Pte::Invalid => {
+                let (t, t_side) = self.alloc_table(h - 1)?;
+                self.install_table(node, idx, t, t_side);
+                self.clean_entries(table, idx, idx + 1);
+                *created = true;
+                (t, t_side)
+            }
+            Pte::Leaf { .. } => {
+                return Err(PageTableError::AlreadyMapped {
+                    iova: DmaAddr(iova),
+                });
+            }
+        };
+        Ok((child.0, child.1, counts::slot(side, idx)))
     }
 
     /// The existing leaf table covering `iova` and its count slot, from the
@@ -989,21 +1016,29 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[inline(never)]
     fn walk_present(&mut self, iova: u64) -> Option<(PhysAddr, u64)> {
         let region = iova >> LEAF_TABLE_SHIFT;
-        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
-        // A plain countdown: cheaper per level than a reversed range.
-        let mut h = self.top_height();
-        while h > 0 {
+        // One step down from `table` (side page `side`) at height `h`: the
+        // child table, its side page and its count slot.
+        let step = |table: PhysAddr, side: PhysAddr, h: u32| {
             let idx = index(iova, h);
             let Pte::Table(t) = self.fmt.decode(self.read(table, idx), h) else {
                 return None;
             };
-            table = t;
-            slot = counts::slot(side, idx);
-            side = counts::side_page(self.side_word(side, idx));
+            let w = self.side_word(side, idx);
+            Some((t, counts::side_page(w), counts::slot(side, idx)))
+        };
+        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        // A plain countdown to the leaf table's parent (`levels >= 2`),
+        // then the last step, which also names the parent for the cache.
+        let mut h = self.top_height();
+        while h > 1 {
+            (table, side, slot) = step(table, side, h)?;
             h -= 1;
         }
-        self.leaf_cache = (region, table, slot);
-        Some((table, slot))
+        let parent = (table, slot);
+        let (leaf, _, leaf_slot) = step(table, side, 1)?;
+        self.leaf_cache = (region, leaf, leaf_slot);
+        self.leaf_parent = parent;
+        Some((leaf, leaf_slot))
     }
 
     /// Fast path of [`map`](Self::map) for a range inside one leaf table
@@ -1110,9 +1145,32 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// turn (never the root nor a kept table, see `kept_height`), retiring
     /// them as [`clear_rec`](Self::clear_rec) does. Returns whether any
     /// table was detached.
+    ///
+    /// The leaf table is the cached one (`leaf_cache`, set by the lookup
+    /// that found it), so its parent is known without a walk; only when the
+    /// parent empties too is the path walked again.
     #[inline(never)]
     fn detach_empty_leaf_table(&mut self, iova: u64) -> bool {
-        self.detach_empty_tables(iova, 0)
+        debug_assert_eq!(self.leaf_cache.0, iova >> LEAF_TABLE_SHIFT);
+        if self.kept_height == 0 {
+            // Two levels with a root that cannot hold a block: leaf tables
+            // are the root's children, kept.
+            return false;
+        }
+        let (leaf, slot) = (self.leaf_cache.1, self.leaf_cache.2);
+        let (ptable, pslot) = self.leaf_parent;
+        // The leaf's slot is word `idx` of its parent's side page.
+        let pside = PhysAddr(slot & !(PAGE_SIZE - 1));
+        let idx = ((slot & (PAGE_SIZE - 1)) / 8) as usize;
+        debug_assert_eq!(idx, index(iova, 1));
+        self.detach_child((ptable, pside, pslot), idx, leaf);
+        self.clean_entries(ptable, idx, idx + 1);
+        if ptable != self.root && self.is_empty_at(pslot, ptable, 1) {
+            // Rare: the parent's last child went; it and any emptied table
+            // above it go too (by a walk, as a block's unmap does).
+            self.detach_empty_tables(iova, 1);
+        }
+        true
     }
 
     /// [`detach_empty_tables`](Self::detach_empty_tables) above a block's
