@@ -369,9 +369,9 @@ fn gigabyte_unmaps_that_are_not_one_block_get_the_full_answer() {
 /// lookup cached, the parent too when it empties) leave the same tables
 /// as one whole-range unmap, at every depth: the root as parent (2
 /// levels), kept root children (no block at the root), deeper parents.
-fn per_page_unmaps_detach_like_a_range_unmap<F: PteFormat + Clone>(fmt: F, levels: u8) {
+fn per_page_unmaps_detach_like_a_range_unmap<F: PteFormat + Copy>(fmt: F, levels: u8) {
     let mem = HostMemory::new();
-    let mut a = IoPageTable::new(fmt.clone(), &mem, levels, true).unwrap();
+    let mut a = IoPageTable::new(fmt, &mem, levels, true).unwrap();
     let mut b = IoPageTable::new(fmt, &mem, levels, true).unwrap();
     // Pages in 2 MiB regions spread over two 1 GiB regions (one region
     // only when the table translates 1 GiB): two pages in some leaf
