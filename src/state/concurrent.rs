@@ -302,6 +302,17 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         }
     }
 
+    /// Exclusive: detaches every empty table of the domain, wherever it is
+    /// (the walk of [`reclaim_empty_tables`](Self::reclaim_empty_tables)),
+    /// and queues their invalidation, walk caches included, in `into`: a
+    /// reclaim whose hints were dropped.
+    pub(crate) fn reclaim_all_empty(&mut self, into: &mut SharedPending) {
+        if let Some(t) = self.inner.as_mut() {
+            t.pt.fold_shared();
+            t.pt.reclaim_empty_tables(|start, len| into.unmapped(start, len, false));
+        }
+    }
+
     /// [`translate`](Self::translate) while shared calls run.
     pub(crate) fn translate_shared(&self, iova: DmaAddr) -> Option<(PhysAddr, MapAttrs)> {
         self.inner
