@@ -35,7 +35,7 @@ use crate::mem::TableMemory;
 use crate::p2p::P2pRegistry;
 use crate::pgtable::arm::{ArmStage1, ArmStage2};
 use crate::pgtable::vtd::VtdSecondLevel;
-use crate::pgtable::{DmaDirection, MapAttrs};
+use crate::pgtable::{DmaDirection, MapAttrs, TableReclaim};
 use crate::state::{DmaPath, Domain, DomainConfig, IovaState, Mapping};
 use crate::vtd::VtdFirstLevel;
 
@@ -275,6 +275,29 @@ impl<M: TableMemory> AnyDomain<M> {
         each!(self, d => d.sync(backend))
     }
 
+    /// [`Domain::set_table_reclaim`].
+    pub fn set_table_reclaim(&mut self, policy: TableReclaim) {
+        each!(self, d => d.set_table_reclaim(policy))
+    }
+
+    /// [`Domain::table_reclaim`].
+    pub fn table_reclaim(&self) -> TableReclaim {
+        each!(self, d => d.table_reclaim())
+    }
+
+    /// [`Domain::reclaim_empty_tables`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Domain::reclaim_empty_tables`]: [`DmaError::Backend`], and then
+    /// nothing is handed back until a later `sync` succeeds.
+    pub fn reclaim_empty_tables<B: IommuBackend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+    ) -> Result<usize, DmaError> {
+        each!(self, d => d.reclaim_empty_tables(backend))
+    }
+
     /// [`Domain::unlink`].
     ///
     /// # Errors
@@ -479,6 +502,40 @@ mod tests {
             // The sync after the link only publishes; the unlink waits once.
             assert_eq!((iommu.syncs, iommu.publishes), (1, 1));
             assert!(dom.translate(DmaAddr(0x10_0000)).is_none());
+        }
+    }
+
+    #[test]
+    fn the_table_reclaim_policy_reaches_every_runtime_format() {
+        for format in [
+            AnyFormat::ArmStage1,
+            AnyFormat::VtdSecondLevel(VtdSecondLevel::default()),
+        ] {
+            let mem = HostMemory::default();
+            let mut dom = AnyDomain::new(format, &mem, cfg(4)).unwrap();
+            assert_eq!(dom.table_reclaim(), TableReclaim::Eager);
+            dom.set_table_reclaim(TableReclaim::Keep);
+            assert_eq!(dom.table_reclaim(), TableReclaim::Keep);
+            let mut iommu = RecordingBackend::new();
+            let mut tx = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+            dom.link(
+                &mut tx,
+                PhysAddr(0x1234_5000),
+                0,
+                4096,
+                DmaDirection::ToDevice,
+                MapAttrs::empty(),
+            )
+            .unwrap();
+            dom.sync(&mut iommu).unwrap();
+            let lent = mem.blocks_out();
+            dom.unlink(&mut tx, 0, 4096).unwrap();
+            dom.sync(&mut iommu).unwrap();
+            assert_eq!(mem.blocks_out(), lent, "{format:?}: kept");
+            // The leaf table and its level-1 parent (with its side page).
+            assert_eq!(dom.reclaim_empty_tables(&mut iommu), Ok(2));
+            assert_eq!(mem.blocks_out(), lent - 3, "{format:?}: reclaimed");
+            dom.destroy(tx, &mut iommu).unwrap();
         }
     }
 

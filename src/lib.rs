@@ -137,7 +137,7 @@ pub use backend::{Attachment, DomainInfo, IommuBackend, TableFormat};
 pub use device::DeviceId;
 pub use error::{BackendError, DmaError, PageTableError};
 pub use mem::TableMemory;
-pub use pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat};
+pub use pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat, TableReclaim};
 pub use state::{
     DirectState, DmaKind, DmaPath, Domain, DomainConfig, IovaState, Mapping, VTD_INTERRUPT_WINDOW,
 };

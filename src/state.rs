@@ -32,7 +32,7 @@ use crate::iova::{FixedRange, IovaAllocator, IovaRange};
 use crate::logging::log_debug;
 use crate::mem::TableMemory;
 use crate::p2p::{P2pMapType, P2pRegistry};
-use crate::pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat};
+use crate::pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat, TableReclaim};
 
 mod concurrent;
 pub(crate) use concurrent::SharedPending;
@@ -622,6 +622,16 @@ impl PendingList {
         }
         let end = start.saturating_add(len);
         let last = &mut self.last;
+        if last.start == last.end {
+            // The first range since the sync (a lone unlink, e.g. of a
+            // block): nothing to move to `list`.
+            *last = Inval {
+                start,
+                end,
+                leaf_only,
+            };
+            return;
+        }
         if start <= last.end && end >= last.start {
             // Touches the last range (a run of links or unlinks): grow it.
             last.start = last.start.min(start);
@@ -646,16 +656,24 @@ impl PendingList {
         }
     }
 
-    /// The ranges (meaningless when `overflow`).
-    fn ranges(&self) -> impl Iterator<Item = &Inval> {
-        let last = (self.last.start != self.last.end).then_some(&self.last);
-        self.list.iter().chain(last)
+    /// Calls `f` on each range, oldest first, stopping at its first error
+    /// (meaningless when `overflow`).
+    #[inline]
+    fn for_each<E>(&self, mut f: impl FnMut(&Inval) -> Result<(), E>) -> Result<(), E> {
+        for r in &self.list {
+            f(r)?;
+        }
+        if self.last.start != self.last.end {
+            f(&self.last)?;
+        }
+        Ok(())
     }
 
     fn is_empty(&self) -> bool {
         self.last.start == self.last.end && self.list.is_empty() && !self.overflow
     }
 
+    #[inline]
     fn clear(&mut self) {
         self.last = NO_INVAL;
         self.list.clear();
@@ -677,13 +695,10 @@ fn queue_ranges<B: IommuBackend + ?Sized>(
     if unmapped.overflow || (with_maps && mapped.overflow) {
         return backend.invalidate_domain(info);
     }
-    for r in unmapped.ranges() {
-        backend.invalidate(info, DmaAddr(r.start), r.end - r.start, r.leaf_only)?;
-    }
+    unmapped
+        .for_each(|r| backend.invalidate(info, DmaAddr(r.start), r.end - r.start, r.leaf_only))?;
     if with_maps {
-        for r in mapped.ranges() {
-            backend.invalidate(info, DmaAddr(r.start), r.end - r.start, true)?;
-        }
+        mapped.for_each(|r| backend.invalidate(info, DmaAddr(r.start), r.end - r.start, true))?;
     }
     Ok(())
 }
@@ -1277,8 +1292,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         if len == 0 {
             return Err(DmaError::ZeroLength);
         }
-        check_aligned(offset)?;
-        check_aligned(len)?;
+        if (offset | len) % PAGE_SIZE != 0 {
+            // One test for both on the way through; the error names the
+            // first that is wrong.
+            check_aligned(offset)?;
+            check_aligned(len)?;
+        }
         let end = offset
             .checked_add(len)
             .ok_or(DmaError::Overflow { a: offset, b: len })?;
@@ -1625,6 +1644,61 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         // list has no capacity, so no empty table is ever left attached).
         t.pt.free_retired();
         Ok(())
+    }
+
+    /// Chooses what unlinks do with the table pages they empty (see
+    /// [`TableReclaim`]): [`TableReclaim::Eager`] (the default) detaches
+    /// them and hands them back after the next [`sync`](Self::sync);
+    /// [`TableReclaim::Keep`] leaves them attached, as Linux io-pgtable does,
+    /// until [`reclaim_empty_tables`](Self::reclaim_empty_tables) or
+    /// [`teardown`](Self::teardown). Tables left empty under `Keep` stay
+    /// attached after a switch back to `Eager` until they are reclaimed. An
+    /// identity domain has no tables: nothing changes.
+    pub fn set_table_reclaim(&mut self, policy: TableReclaim) {
+        if let Some(t) = self.inner.as_mut() {
+            t.pt.set_table_reclaim(policy);
+        }
+    }
+
+    /// The policy [`set_table_reclaim`](Self::set_table_reclaim) chose
+    /// ([`TableReclaim::Eager`] for an identity domain).
+    pub fn table_reclaim(&self) -> TableReclaim {
+        self.inner
+            .as_ref()
+            .map_or(TableReclaim::Eager, |t| t.pt.table_reclaim())
+    }
+
+    /// Hands back every table page left attached with no valid entry (by
+    /// [`TableReclaim::Keep`]): detaches them (the root's children excepted
+    /// where the root cannot hold a block, see
+    /// [`IoPageTable::kept_height`]), queues the invalidation of the ranges
+    /// they covered, walk caches included, and [`sync`](Self::sync)s; the
+    /// pages go back to the lender only once that completed. Returns the
+    /// number of table pages detached (each upper table's side page goes
+    /// with it). Reads every entry of the upper tables: call it when memory
+    /// is wanted back, not per transaction.
+    ///
+    /// # Errors
+    ///
+    /// [`DmaError::Backend`], as [`sync`](Self::sync): the tables stay
+    /// detached and retired, their invalidation pending, and nothing is
+    /// handed back until a later `sync` succeeds.
+    pub fn reclaim_empty_tables<B: IommuBackend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+    ) -> Result<usize, DmaError> {
+        let Some(t) = self.inner.as_mut() else {
+            return Ok(0);
+        };
+        let unmapped = &mut t.unmapped;
+        // Every detached table's range, non-leaf: the walk caches may hold
+        // the pointer that was cleared (IHI 0070 CMD_TLBI_NH_VA / S2_IPA,
+        // §4.4.4 / §4.4.12, with Leaf = 0; VT-d 6.5.2.3 page-selective
+        // IOTLB invalidation with IH = 0).
+        let n =
+            t.pt.reclaim_empty_tables(|start, len| unmapped.add(start, len, false));
+        self.sync(backend)?;
+        Ok(n)
     }
 
     /// A shared sync's completion of `begun` arrived. Hands back the

@@ -300,3 +300,129 @@ fn is_leaf_answers_as_decode_in_every_format() {
         is_leaf_agrees_with_decode(bare_iommu::vtd::VtdFirstLevel { fl1gp, haw: 48 });
     }
 }
+
+/// The one-block unmap shortcut (`len` of 2 MiB or 1 GiB) answers only for
+/// a present block inside the input range; every other gigabyte-long
+/// unmap gets the full path's answer.
+fn gigabyte_unmaps_that_are_not_one_block<F: PteFormat>(fmt: F) {
+    let mem = HostMemory::new();
+    let mut t = IoPageTable::new(fmt, &mem, 4, true).unwrap();
+    // A GiB of 2 MiB blocks (mapped in two halves, so no 1 GiB block).
+    t.map(DmaAddr(G1), PhysAddr(4 * G1), G1 / 2, RW).unwrap();
+    t.map(DmaAddr(G1 + G1 / 2), PhysAddr(8 * G1), G1 / 2, RW)
+        .unwrap();
+    assert_eq!(leaf_height(&t, G1), Some(1));
+    // A 1 GiB block next to it.
+    t.map(DmaAddr(2 * G1), PhysAddr(4 * G1), G1, RW).unwrap();
+    assert_eq!(leaf_height(&t, 2 * G1), Some(2));
+    // Past the input range (48 bits): refused, nothing read.
+    assert_eq!(
+        t.unmap(DmaAddr(1 << 48), G1),
+        Err(PageTableError::OutOfRange {
+            iova: DmaAddr(1 << 48),
+            len: G1,
+            limit: 1 << 48
+        })
+    );
+    // Nothing mapped there.
+    assert_eq!(
+        t.unmap(DmaAddr(5 * G1), G1),
+        Err(PageTableError::NotMapped {
+            iova: DmaAddr(5 * G1)
+        })
+    );
+    // A GiB that cuts the 1 GiB block: refused, the block stays.
+    assert_eq!(
+        t.unmap(DmaAddr(G1 + G1 / 2), G1),
+        Err(PageTableError::PartialBlock {
+            iova: DmaAddr(2 * G1),
+            size: G1
+        })
+    );
+    assert_eq!(leaf_height(&t, 2 * G1 + G1 / 2), Some(2));
+    assert_eq!(leaf_height(&t, G1 + G1 / 2), Some(1));
+    // The GiB of 2 MiB blocks goes whole, then the block alone.
+    assert_eq!(t.unmap(DmaAddr(G1), G1).unwrap().bytes, G1);
+    assert_eq!(leaf_height(&t, G1 + G1 - K4), None);
+    assert_eq!(leaf_height(&t, 2 * G1), Some(2));
+    let out = t.unmap(DmaAddr(2 * G1), G1).unwrap();
+    assert_eq!(out.bytes, G1);
+    assert!(!out.freed_tables, "the root's children are kept");
+    assert_eq!(leaf_height(&t, 2 * G1), None);
+    assert_eq!(
+        t.unmap(DmaAddr(2 * G1), G1),
+        Err(PageTableError::NotMapped {
+            iova: DmaAddr(2 * G1)
+        })
+    );
+    t.check_counts().unwrap();
+}
+
+#[test]
+fn gigabyte_unmaps_that_are_not_one_block_get_the_full_answer() {
+    gigabyte_unmaps_that_are_not_one_block(ArmStage1);
+    gigabyte_unmaps_that_are_not_one_block(ArmStage2);
+    gigabyte_unmaps_that_are_not_one_block(VtdSecondLevel::default());
+}
+
+/// Per-page unmaps that empty leaf tables (detached from the parent the
+/// lookup cached, the parent too when it empties) leave the same tables
+/// as one whole-range unmap, at every depth: the root as parent (2
+/// levels), kept root children (no block at the root), deeper parents.
+fn per_page_unmaps_detach_like_a_range_unmap<F: PteFormat + Copy>(fmt: F, levels: u8) {
+    let mem = HostMemory::new();
+    let mut a = IoPageTable::new(fmt, &mem, levels, true).unwrap();
+    let mut b = IoPageTable::new(fmt, &mem, levels, true).unwrap();
+    // Pages in 2 MiB regions spread over two 1 GiB regions (one region
+    // only when the table translates 1 GiB): two pages in some leaf
+    // tables, one in others.
+    let span = (1u64 << a.ias_bits()).min(2 * G1);
+    let mut pages = Vec::new();
+    for i in 0..24u64 {
+        let base = (i * 45 * M2) % span;
+        pages.push(base + (i % 3) * K4);
+        if i % 4 == 0 {
+            pages.push(base + 100 * K4);
+        }
+    }
+    for t in [&mut a, &mut b] {
+        for (i, &p) in pages.iter().enumerate() {
+            t.map(DmaAddr(p), PhysAddr(0x8000_0000 + i as u64 * K4), K4, RW)
+                .unwrap();
+        }
+        t.check_counts().unwrap();
+    }
+    // `a`: page by page, in an order that empties leaf tables and their
+    // parents at different times.
+    for &p in pages.iter().rev().step_by(2).chain(pages.iter().step_by(2)) {
+        a.unmap(DmaAddr(p), K4).unwrap();
+        a.check_counts().unwrap();
+        assert_eq!(a.translate(DmaAddr(p)), None);
+    }
+    b.unmap_present(DmaAddr(0), span).unwrap();
+    a.free_retired();
+    b.free_retired();
+    assert_eq!(a.table_pages(), b.table_pages());
+    assert_eq!(a.side_pages(), b.side_pages());
+    // And every page can be linked again.
+    for &p in &pages {
+        a.map(DmaAddr(p), PhysAddr(0x9000_0000), K4, RW).unwrap();
+        a.check_counts().unwrap();
+    }
+}
+
+#[test]
+fn per_page_unmaps_detach_emptied_tables_as_a_range_unmap_does() {
+    for levels in 2..=5 {
+        per_page_unmaps_detach_like_a_range_unmap(ArmStage1, levels);
+        per_page_unmaps_detach_like_a_range_unmap(VtdSecondLevel::default(), levels);
+        per_page_unmaps_detach_like_a_range_unmap(
+            VtdSecondLevel {
+                sllps: 0,
+                snoop_control: false,
+                haw: 48,
+            },
+            levels,
+        );
+    }
+}

@@ -16,7 +16,7 @@ use bare_iommu::testing::RecordingBackend;
 use bare_iommu::testing::order::{Event, OrderBackend, OrderLender, Page, Violation};
 use bare_iommu::{
     DeviceId, DmaDirection, DmaError, Domain, DomainConfig, IommuBackend, IovaState, MapAttrs,
-    PhysAddr, PteFormat,
+    PhysAddr, PteFormat, TableReclaim,
 };
 
 const PAGE: u64 = 4096;
@@ -585,4 +585,161 @@ fn strict_model_fixed_iova_links_keep_every_rule_stage2() {
 fn strict_model_fixed_iova_links_keep_every_rule_vtd() {
     fixed_iova_use(VtdSecondLevel::default(), true);
     fixed_iova_use(VtdSecondLevel::default(), false);
+}
+
+/// Links one page in each of `regions` 2 MiB regions of `t`, then syncs.
+fn link_scattered<F: PteFormat, M: bare_iommu::TableMemory, B: IommuBackend>(
+    d: &mut Domain<F, M>,
+    t: &mut IovaState,
+    be: &mut B,
+    regions: u64,
+) {
+    for r in 0..regions {
+        d.link(
+            t,
+            PhysAddr(0x8000_0000 + r * PAGE),
+            r * MB2,
+            PAGE,
+            RW,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+    }
+    d.sync(be).unwrap();
+}
+
+/// Unlinks what `link_scattered` linked, then syncs.
+fn unlink_scattered<F: PteFormat, M: bare_iommu::TableMemory, B: IommuBackend>(
+    d: &mut Domain<F, M>,
+    t: &mut IovaState,
+    be: &mut B,
+    regions: u64,
+) {
+    for r in 0..regions {
+        d.unlink(t, r * MB2, PAGE).unwrap();
+    }
+    d.sync(be).unwrap();
+}
+
+/// `TableReclaim::Keep` against `Eager` on 40 scattered pages (one leaf
+/// table each, under one level-1 table): kept tables stay attached through
+/// unlink and sync and are linked into again without a page lent;
+/// `reclaim_empty_tables` hands them back only after their invalidation
+/// completed; eager hands them back at the sync as before.
+fn kept_tables<F: PteFormat>(fmt: F, policy: TableReclaim) {
+    const N: u64 = 40;
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, true);
+    let mut d = domain(fmt, &mem, true);
+    assert_eq!(d.table_reclaim(), TableReclaim::Eager, "the default");
+    d.set_table_reclaim(policy);
+    assert_eq!(d.table_reclaim(), policy);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    let mut t = tx(&mut d, N * MB2);
+    link_scattered(&mut d, &mut t, &mut be, N);
+    clean(&mem);
+    // Root, the root's kept child and the level-1 table, each with its side
+    // page of counts, and 40 leaf tables.
+    let lent = mem.lent_pages();
+    assert_eq!(lent, 6 + N as usize);
+    unlink_scattered(&mut d, &mut t, &mut be, N);
+    clean(&mem);
+    for r in 0..N {
+        assert_eq!(d.translate(t.dma_addr(r * MB2).unwrap()), None);
+    }
+    if policy == TableReclaim::Eager {
+        assert_eq!(mem.lent_pages(), 4, "eager: emptied tables went back");
+        assert_eq!(d.reclaim_empty_tables(&mut be).unwrap(), 0);
+        d.free(t).unwrap();
+        d.teardown(&mut be).map_err(|(_, e)| e).unwrap();
+        clean(&mem);
+        return;
+    }
+    assert_eq!(mem.lent_pages(), lent, "keep: no table handed back");
+    // Linked again: into the kept tables, no page lent.
+    link_scattered(&mut d, &mut t, &mut be, N);
+    clean(&mem);
+    assert_eq!(
+        mem.lent_pages(),
+        lent,
+        "a re-link into kept tables lent a page"
+    );
+    unlink_scattered(&mut d, &mut t, &mut be, N);
+    // A multi-page unlink across two leaf tables (the general path) keeps
+    // them too.
+    d.link(
+        &mut t,
+        PhysAddr(0x9000_0000),
+        MB2 - PAGE,
+        2 * PAGE,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.unlink(&mut t, MB2 - PAGE, 2 * PAGE).unwrap();
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), lent);
+    // A reclaim whose completion fails hands nothing back; the next sync
+    // (after the invalidation completed) does.
+    be.inner.fail_next_sync = Some(bare_iommu::BackendError::Timeout {
+        what: "test",
+        polls: 1,
+    });
+    assert!(matches!(
+        d.reclaim_empty_tables(&mut be),
+        Err(DmaError::Backend(_))
+    ));
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), lent, "handed back before the completion");
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), 4, "only the root and its kept child stay");
+    // Nothing left to reclaim; linking again lends fresh tables.
+    assert_eq!(d.reclaim_empty_tables(&mut be).unwrap(), 0);
+    link_scattered(&mut d, &mut t, &mut be, 2);
+    unlink_scattered(&mut d, &mut t, &mut be, 2);
+    // Two leaf tables and their level-1 parent (the walk caches of their
+    // ranges invalidated before they go).
+    assert_eq!(d.reclaim_empty_tables(&mut be).unwrap(), 3);
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), 4);
+    d.free(t).unwrap();
+    d.teardown(&mut be).map_err(|(_, e)| e).unwrap();
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), 0);
+}
+
+#[test]
+fn strict_model_kept_tables_are_reused_and_reclaimed_after_the_invalidation_stage1() {
+    kept_tables(ArmStage1, TableReclaim::Keep);
+}
+
+#[test]
+fn strict_model_kept_tables_are_reused_and_reclaimed_after_the_invalidation_vtd() {
+    kept_tables(VtdSecondLevel::default(), TableReclaim::Keep);
+}
+
+#[test]
+fn strict_model_eager_reclaim_hands_emptied_tables_back_at_the_sync() {
+    kept_tables(ArmStage2, TableReclaim::Eager);
+}
+
+/// Kept tables still attached at teardown go back with the rest, after
+/// the whole-domain invalidation.
+#[test]
+fn strict_model_teardown_hands_back_kept_tables() {
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, true);
+    let mut d = domain(ArmStage1, &mem, true);
+    d.set_table_reclaim(TableReclaim::Keep);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    let mut t = tx(&mut d, 8 * MB2);
+    link_scattered(&mut d, &mut t, &mut be, 8);
+    unlink_scattered(&mut d, &mut t, &mut be, 8);
+    assert_eq!(mem.lent_pages(), 6 + 8);
+    d.free(t).unwrap();
+    d.teardown(&mut be).map_err(|(_, e)| e).unwrap();
+    clean(&mem);
+    assert_eq!(mem.lent_pages(), 0);
 }

@@ -11,6 +11,12 @@
 //! zeros) zero every new table inside the timed region. `ours+zero` is ours
 //! with a lender ([`Zeroing`]) that zeroes every page it lends, inside the
 //! timed region, for the equal comparison.
+//!
+//! `ours+keep` is ours with [`TableReclaim::Keep`] (Linux io-pgtable's
+//! behaviour, and every peer's here): unlinks leave emptied tables
+//! attached, and the link cases link into tables kept from a link and
+//! unlink of the same range made before the timed region (no table lent,
+//! none zeroed).
 
 use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{El1Attributes, PhysicalAddress, Stage2Attributes};
@@ -20,7 +26,7 @@ use aarch64_paging::paging::{
 use bare_iommu::pgtable::PteFormat;
 use bare_iommu::{
     Attachment, BackendError, DeviceId, DmaAddr, DmaDirection, Domain, DomainConfig, DomainInfo,
-    IommuBackend, IovaState, MapAttrs, PhysAddr,
+    IommuBackend, IovaState, MapAttrs, PhysAddr, TableReclaim,
 };
 use page_table_entry::x86_64::X64PTE;
 use page_table_multiarch::x86_64::X64PagingMetaData;
@@ -150,6 +156,12 @@ pub trait Contender<'a>: Sized {
     fn unlink_1g(&mut self);
     /// Physical address of the root table (for checking what was written).
     fn root(&self) -> u64;
+    /// Whether the contender keeps emptied tables and the link cases should
+    /// run on tables kept from an earlier link and unlink (`ours+keep`).
+    const KEEPS_TABLES: bool = false;
+    /// Unlinks everything linked, then one sync (set-up of the kept-table
+    /// link cases; only called when [`KEEPS_TABLES`](Self::KEEPS_TABLES)).
+    fn unlink_everything(&mut self) {}
 }
 
 /// Longest scatter list the benchmarks link.
@@ -174,7 +186,8 @@ impl<'a> Lender<'a> for Zeroing<'a> {
 }
 
 /// bare-iommu: `try_alloc` → `link`… → `sync`; `unlink`… → `sync`.
-pub struct Ours<'a, F: PteFormat, L: Lender<'a> = &'a Arena> {
+/// `KEEP`: the domain keeps emptied tables ([`TableReclaim::Keep`]).
+pub struct Ours<'a, F: PteFormat, L: Lender<'a> = &'a Arena, const KEEP: bool = false> {
     pub dom: Domain<F, L>,
     pub tx: Option<IovaState>,
     pub be: NoopBackend,
@@ -192,7 +205,7 @@ pub const CONFIG: DomainConfig = DomainConfig {
     coherent_walk: true,
 };
 
-impl<'a, F: PteFormat + Default, L: Lender<'a>> Ours<'a, F, L> {
+impl<'a, F: PteFormat + Default, L: Lender<'a>, const KEEP: bool> Ours<'a, F, L, KEEP> {
     fn tx(&mut self, size: u64) -> IovaState {
         let tx = self
             .dom
@@ -205,10 +218,25 @@ impl<'a, F: PteFormat + Default, L: Lender<'a>> Ours<'a, F, L> {
     }
 }
 
-impl<'a, F: PteFormat + Default, L: Lender<'a>> Contender<'a> for Ours<'a, F, L> {
+impl<'a, F: PteFormat + Default, L: Lender<'a>, const KEEP: bool> Contender<'a>
+    for Ours<'a, F, L, KEEP>
+{
+    const KEEPS_TABLES: bool = KEEP;
+
+    fn unlink_everything(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            self.dom.free(tx).unwrap();
+        }
+        self.dom.sync(&mut self.be).unwrap();
+    }
+
     fn new(arena: &'a Arena) -> Self {
+        let mut dom = Domain::new(F::default(), L::of(arena), CONFIG).unwrap();
+        if KEEP {
+            dom.set_table_reclaim(TableReclaim::Keep);
+        }
         Self {
-            dom: Domain::new(F::default(), L::of(arena), CONFIG).unwrap(),
+            dom,
             tx: None,
             be: NoopBackend,
             sg: (0..SG_MAX).map(|i| PhysAddr(pa_4k(i))).collect(),

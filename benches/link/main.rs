@@ -183,7 +183,14 @@ impl Op {
     fn setup<'a, C: Contender<'a>>(self, arena: &'a Arena, offs: &[u64]) -> C {
         let mut c = C::new(arena);
         match self {
-            Op::Link4k(..) | Op::LinkSg(_) | Op::LinkRun(_) | Op::Link1g => {}
+            Op::Link4k(..) | Op::LinkSg(_) | Op::LinkRun(_) | Op::Link1g => {
+                if C::KEEPS_TABLES {
+                    // The same range linked and unlinked once: the timed
+                    // link goes into the tables that kept.
+                    self.work(&mut c, offs);
+                    c.unlink_everything();
+                }
+            }
             Op::Unlink4k(..) => c.link_4k(offs),
             Op::Unlink1g => c.link_1g(),
         }
@@ -321,6 +328,18 @@ fn runners<'a>(op: Op, arena: &'a Arena, limit: &'a Limit) -> Vec<Runner<'a>> {
         fresh::<X86>("vtd/x86_64", op, o(), arena),
         fresh::<PtmX86>("vtd/page_table_multiarch", op, o(), arena),
     ];
+    rs.push(fresh::<Ours<ArmStage1, &Arena, true>>(
+        "s1/ours+keep",
+        op,
+        o(),
+        arena,
+    ));
+    rs.push(fresh::<Ours<VtdSecondLevel, &Arena, true>>(
+        "vtd/ours+keep",
+        op,
+        o(),
+        arena,
+    ));
     if op.makes_tables() {
         rs.push(fresh::<Ours<ArmStage1, Zeroing>>(
             "s1/ours+zero",
@@ -630,7 +649,9 @@ fn facts(arena: &Arena) -> Facts {
     lines.push(
         "bench: zeroing of new table pages: ours, aarch64-paging: by the lender, outside the \
          timed region (the arena is re-zeroed between samples); ours+zero: by a lender that \
-         zeroes each page it lends, inside; x86_64 (create_next_table: PageTable::zero) and \
+         zeroes each page it lends, inside; ours+keep (TableReclaim::Keep): link cases into \
+         tables kept from a link and unlink before the timed region, none lent or zeroed; \
+         x86_64 (create_next_table: PageTable::zero) and \
          page_table_multiarch (PageTable64::alloc_table): by the crate, inside"
             .into(),
     );
@@ -729,6 +750,19 @@ fn compare(op: Op, fmt: &str, peers: &[(&str, bool)]) {
                 ns(p),
                 p / ours
             ),
+        }
+    }
+    if let (Op::Unlink4k(..) | Op::Unlink1g, Some(k)) = (op, get(&format!("{fmt}/ours+keep"))) {
+        for &(peer, _) in peers {
+            if let Some(p) = get(&format!("{fmt}/{peer}")) {
+                println!(
+                    "bench: {case}/{fmt} ours+keep={} {peer}={} ratio={:.2} \
+                     (ours with TableReclaim::Keep: emptied tables stay attached)",
+                    ns(k),
+                    ns(p),
+                    p / k
+                );
+            }
         }
     }
     if let Some(l) = get("limit") {
@@ -836,6 +870,7 @@ fn tables() -> String {
     out.push_str(&table(&[
         ("S1 ours", "s1/ours"),
         ("S1 ours+zero", "s1/ours+zero"),
+        ("S1 ours+keep", "s1/ours+keep"),
         ("`aarch64-paging` S1", "s1/aarch64-paging"),
         ("`page_table_multiarch` S1", "s1/page_table_multiarch"),
         ("S2 ours", "s2/ours"),
@@ -846,6 +881,7 @@ fn tables() -> String {
     out.push_str(&table(&[
         ("ours", "vtd/ours"),
         ("ours+zero", "vtd/ours+zero"),
+        ("ours+keep", "vtd/ours+keep"),
         ("`x86_64`", "vtd/x86_64"),
         ("`page_table_multiarch`", "vtd/page_table_multiarch"),
         ("limit", "limit"),
@@ -908,6 +944,7 @@ fn profile(what: &str, arena: &Arena) {
         "s1/ours" => go::<Ours<ArmStage1>>(op, iters, arena),
         "s1/shared" => go::<Shared<ArmStage1>>(op, iters, arena),
         "s1/ours+zero" => go::<Ours<ArmStage1, Zeroing>>(op, iters, arena),
+        "s1/ours+keep" => go::<Ours<ArmStage1, &Arena, true>>(op, iters, arena),
         "s1/walker" => go::<Walker<ArmStage1>>(op, iters, arena),
         "s1/aarch64-paging" => go::<Aarch64S1>(op, iters, arena),
         "s1/page_table_multiarch" => go::<PtmArm>(op, iters, arena),
@@ -915,6 +952,7 @@ fn profile(what: &str, arena: &Arena) {
         "s2/aarch64-paging" => go::<Aarch64S2>(op, iters, arena),
         "vtd/ours" => go::<Ours<VtdSecondLevel>>(op, iters, arena),
         "vtd/ours+zero" => go::<Ours<VtdSecondLevel, Zeroing>>(op, iters, arena),
+        "vtd/ours+keep" => go::<Ours<VtdSecondLevel, &Arena, true>>(op, iters, arena),
         "vtd/walker" => go::<Walker<VtdSecondLevel>>(op, iters, arena),
         "vtd/x86_64" => go::<X86>(op, iters, arena),
         "vtd/page_table_multiarch" => go::<PtmX86>(op, iters, arena),

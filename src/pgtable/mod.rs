@@ -8,9 +8,11 @@ pub mod arm;
 mod attrs;
 mod counts;
 mod format;
+mod reclaim;
 mod table;
 pub mod vtd;
 
 pub use attrs::{DmaDirection, MapAttrs};
 pub use format::{Pte, PteFormat};
+pub use reclaim::TableReclaim;
 pub use table::{IoPageTable, UnmapOutcome};

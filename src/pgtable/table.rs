@@ -1,7 +1,7 @@
 //! The generic radix walker: one I/O page table over a [`PteFormat`].
 
 use super::counts;
-use super::{MapAttrs, Pte, PteFormat};
+use super::{MapAttrs, Pte, PteFormat, TableReclaim};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::barrier::wmb_on;
 use crate::error::PageTableError;
@@ -107,7 +107,9 @@ pub struct UnmapOutcome {
 ///
 /// Maps are all-or-nothing: a map that finds a present entry or runs out of
 /// table memory leaves the translations as they were. Table pages that become
-/// empty on unmap (or that a failed map created) are detached and *retired*:
+/// empty on unmap (unless [`TableReclaim::Keep`] leaves them attached, see
+/// [`set_table_reclaim`](Self::set_table_reclaim)), or that a failed map
+/// created, are detached and *retired*:
 /// they are handed back to the lender only by
 /// [`free_retired`](Self::free_retired), which the caller runs after the
 /// IOMMU's caches were invalidated, so a walker can never read a reused page.
@@ -143,6 +145,11 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// is detached or an entry above the leaf level is overwritten with a
     /// block.
     leaf_cache: (u64, PhysAddr, u64),
+    /// The cached leaf table's parent: its page and count slot (its side
+    /// page and the leaf's index in it are the leaf's slot's page and
+    /// offset). Valid while `leaf_cache` is: an unmap that empties the leaf
+    /// table detaches it from there without a second walk.
+    leaf_parent: (PhysAddr, u64),
     /// The root's side page: the counts of its children (see `counts.rs`).
     root_side: PhysAddr,
     /// Side pages lent (one per upper table attached, the root's included).
@@ -162,6 +169,8 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// Table and side pages attached by the shared-access path
     /// (`concurrent.rs`), not yet folded into `table_pages` / `side_pages`.
     shared_lent: concurrent::SharedLent,
+    /// [`TableReclaim::Keep`]: unmaps leave emptied tables attached.
+    keep_empty: bool,
 }
 
 #[inline]
@@ -256,6 +265,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             table_pages: 1,
             retired: RetireList::new(),
             leaf_cache: (NO_REGION, PhysAddr(0), 0),
+            leaf_parent: (PhysAddr(0), 0),
             root_side,
             side_pages: 1,
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
@@ -267,6 +277,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 u32::from(levels) - 2
             },
             shared_lent: concurrent::SharedLent::new(),
+            keep_empty: false,
             fmt,
         })
     }
@@ -324,6 +335,23 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// [`free_retired`](Self::free_retired).
     pub fn retired_pages(&self) -> usize {
         self.retired.len()
+    }
+
+    /// What unmaps do with the tables they empty (see [`TableReclaim`]).
+    /// Switching to [`TableReclaim::Eager`] detaches nothing by itself:
+    /// tables already left empty stay until
+    /// [`reclaim_empty_tables`](Self::reclaim_empty_tables).
+    pub fn set_table_reclaim(&mut self, policy: TableReclaim) {
+        self.keep_empty = policy == TableReclaim::Keep;
+    }
+
+    /// The policy [`set_table_reclaim`](Self::set_table_reclaim) chose.
+    pub fn table_reclaim(&self) -> TableReclaim {
+        if self.keep_empty {
+            TableReclaim::Keep
+        } else {
+            TableReclaim::Eager
+        }
     }
 
     fn top_height(&self) -> u32 {
@@ -853,7 +881,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         self.write(leaf, i, 0);
         self.clean_entries(leaf, i, i + 1);
         self.count_sub(slot, 1);
-        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
+        let freed_tables = self.is_empty_at(slot, leaf, 0)
+            && !self.keep_empty
+            && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
             bytes: PAGE_SIZE,
             freed_tables,
@@ -921,34 +951,55 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         let region = iova >> LEAF_TABLE_SHIFT;
         let mut node = (self.root, self.root_side, 0u64);
         let mut created = false;
-        for h in (1..=self.top_height()).rev() {
-            let (table, side, _) = node;
-            let idx = index(iova, h);
-            let pte = self.read(table, idx);
-            let pte = if pte == 0 {
-                Pte::Invalid
-            } else {
-                self.fmt.decode(pte, h)
-            };
-            let child = match pte {
-                Pte::Table(t) => (t, counts::side_page(self.side_word(side, idx))),
-                Pte::Invalid => {
-                    let (t, t_side) = self.alloc_table(h - 1)?;
-                    self.install_table(node, idx, t, t_side);
-                    self.clean_entries(table, idx, idx + 1);
-                    created = true;
-                    (t, t_side)
-                }
-                Pte::Leaf { .. } => {
-                    return Err(PageTableError::AlreadyMapped {
-                        iova: DmaAddr(iova),
-                    });
-                }
-            };
-            node = (child.0, child.1, counts::slot(side, idx));
+        // A plain countdown to the leaf table's parent (`levels >= 2`),
+        // then the last step, which also names the parent for the cache.
+        let mut h = self.top_height();
+        while h > 1 {
+            node = self.map_step(node, h, iova, &mut created)?;
+            h -= 1;
         }
-        self.leaf_cache = (region, node.0, node.2);
-        Ok((node.0, node.2, created))
+        let parent = (node.0, node.2);
+        let (leaf, _, slot) = self.map_step(node, 1, iova, &mut created)?;
+        self.leaf_cache = (region, leaf, slot);
+        self.leaf_parent = parent;
+        Ok((leaf, slot, created))
+    }
+
+    /// One step of [`walk_for_map`](Self::walk_for_map) down from `node`
+    /// (table, side page, count slot) at height `h`: the child table,
+    /// made (and `created` set) when the entry was empty.
+    #[inline(always)]
+    fn map_step(
+        &mut self,
+        node: (PhysAddr, PhysAddr, u64),
+        h: u32,
+        iova: u64,
+        created: &mut bool,
+    ) -> Result<(PhysAddr, PhysAddr, u64), PageTableError> {
+        let (table, side, _) = node;
+        let idx = index(iova, h);
+        let pte = self.read(table, idx);
+        let pte = if pte == 0 {
+            Pte::Invalid
+        } else {
+            self.fmt.decode(pte, h)
+        };
+        let child = match pte {
+            Pte::Table(t) => (t, counts::side_page(self.side_word(side, idx))),
+            Pte::Invalid => {
+                let (t, t_side) = self.alloc_table(h - 1)?;
+                self.install_table(node, idx, t, t_side);
+                self.clean_entries(table, idx, idx + 1);
+                *created = true;
+                (t, t_side)
+            }
+            Pte::Leaf { .. } => {
+                return Err(PageTableError::AlreadyMapped {
+                    iova: DmaAddr(iova),
+                });
+            }
+        };
+        Ok((child.0, child.1, counts::slot(side, idx)))
     }
 
     /// The existing leaf table covering `iova` and its count slot, from the
@@ -965,20 +1016,29 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[inline(never)]
     fn walk_present(&mut self, iova: u64) -> Option<(PhysAddr, u64)> {
         let region = iova >> LEAF_TABLE_SHIFT;
-        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
-        for h in (1..=self.top_height()).rev() {
+        // One step down from `table` (side page `side`) at height `h`: the
+        // child table, its side page and its count slot.
+        let step = |table: PhysAddr, side: PhysAddr, h: u32| {
             let idx = index(iova, h);
-            match self.fmt.decode(self.read(table, idx), h) {
-                Pte::Table(t) => {
-                    table = t;
-                    slot = counts::slot(side, idx);
-                    side = counts::side_page(self.side_word(side, idx));
-                }
-                _ => return None,
-            }
+            let Pte::Table(t) = self.fmt.decode(self.read(table, idx), h) else {
+                return None;
+            };
+            let w = self.side_word(side, idx);
+            Some((t, counts::side_page(w), counts::slot(side, idx)))
+        };
+        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        // A plain countdown to the leaf table's parent (`levels >= 2`),
+        // then the last step, which also names the parent for the cache.
+        let mut h = self.top_height();
+        while h > 1 {
+            (table, side, slot) = step(table, side, h)?;
+            h -= 1;
         }
-        self.leaf_cache = (region, table, slot);
-        Some((table, slot))
+        let parent = (table, slot);
+        let (leaf, _, leaf_slot) = step(table, side, 1)?;
+        self.leaf_cache = (region, leaf, leaf_slot);
+        self.leaf_parent = parent;
+        Some((leaf, leaf_slot))
     }
 
     /// Fast path of [`map`](Self::map) for a range inside one leaf table
@@ -1071,7 +1131,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         self.clean_entries(leaf, i0, i1);
         self.count_sub(slot, n as u64);
-        let freed_tables = self.is_empty_at(slot, leaf, 0) && self.detach_empty_leaf_table(iova);
+        let freed_tables = self.is_empty_at(slot, leaf, 0)
+            && !self.keep_empty
+            && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
             bytes: end - iova,
             freed_tables,
@@ -1083,9 +1145,32 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// turn (never the root nor a kept table, see `kept_height`), retiring
     /// them as [`clear_rec`](Self::clear_rec) does. Returns whether any
     /// table was detached.
+    ///
+    /// The leaf table is the cached one (`leaf_cache`, set by the lookup
+    /// that found it), so its parent is known without a walk; only when the
+    /// parent empties too is the path walked again.
     #[inline(never)]
     fn detach_empty_leaf_table(&mut self, iova: u64) -> bool {
-        self.detach_empty_tables(iova, 0)
+        debug_assert_eq!(self.leaf_cache.0, iova >> LEAF_TABLE_SHIFT);
+        if self.kept_height == 0 {
+            // Two levels with a root that cannot hold a block: leaf tables
+            // are the root's children, kept.
+            return false;
+        }
+        let (leaf, slot) = (self.leaf_cache.1, self.leaf_cache.2);
+        let (ptable, pslot) = self.leaf_parent;
+        // The leaf's slot is word `idx` of its parent's side page.
+        let pside = PhysAddr(slot & !(PAGE_SIZE - 1));
+        let idx = ((slot & (PAGE_SIZE - 1)) / 8) as usize;
+        debug_assert_eq!(idx, index(iova, 1));
+        self.detach_child((ptable, pside, pslot), idx, leaf);
+        self.clean_entries(ptable, idx, idx + 1);
+        if ptable != self.root && self.is_empty_at(pslot, ptable, 1) {
+            // Rare: the parent's last child went; it and any emptied table
+            // above it go too (by a walk, as a block's unmap does).
+            self.detach_empty_tables(iova, 1);
+        }
+        true
     }
 
     /// [`detach_empty_tables`](Self::detach_empty_tables) above a block's
@@ -1315,6 +1400,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             if let Some(out) = self.unmap_page_fast(iova.0) {
                 return Ok(out);
             }
+        } else if let Some(out) = self.unmap_block_fast(iova.0, len) {
+            return Ok(out);
         }
         self.unmap_checked(iova, len)
     }
@@ -1323,9 +1410,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[inline(never)]
     fn unmap_checked(&mut self, iova: DmaAddr, len: u64) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
-        if let Some(out) = self.unmap_one_block(iova.0, len) {
-            return Ok(out);
-        }
         if let Some(out) = self.unmap_in_leaf_table(iova.0, end) {
             return Ok(out);
         }
@@ -1342,31 +1426,41 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         end: u64,
     ) -> Result<UnmapOutcome, PageTableError> {
         debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
-        if let Some(out) = self.unmap_in_leaf_table(iova, end) {
+        if let Some(out) = self.unmap_block_fast(iova, end - iova) {
             return Ok(out);
         }
-        if let Some(out) = self.unmap_one_block(iova, end - iova) {
+        if let Some(out) = self.unmap_in_leaf_table(iova, end) {
             return Ok(out);
         }
         self.unmap_general(DmaAddr(iova), end - iova, end)
     }
 
     /// Unmaps `[iova, iova + len)` when it is exactly one block (a 2 MiB or
-    /// 1 GiB leaf): one walk down to it, which is also the whole check (a
-    /// range that is exactly one present leaf is mapped and cuts no block),
-    /// then the emptied tables above it detached by their counts. `None`
-    /// (nothing changed) for any other shape. The range is checked.
-    fn unmap_one_block(&mut self, iova: u64, len: u64) -> Option<UnmapOutcome> {
-        if !len.is_power_of_two() || iova & (len - 1) != 0 {
-            return None;
-        }
-        let h = (len.trailing_zeros().checked_sub(12)?) / BITS_PER_LEVEL;
-        if h == 0 || h >= self.top_height() || entry_size(h) != len {
+    /// 1 GiB leaf) inside the input range: one walk down to it, which is
+    /// also the whole check (a range that is exactly one present leaf is
+    /// mapped and cuts no block), then the emptied tables above it detached
+    /// by their counts. `None` (nothing changed) for any other shape or
+    /// argument, which the full path handles and names the error of.
+    ///
+    /// The cost of a 1 GiB unlink (issue 11): the block's table is a kept
+    /// root child (`kept_height`) wherever the root cannot hold a block, so
+    /// the common case is one step down, one store, one count update.
+    #[inline]
+    pub(crate) fn unmap_block_fast(&mut self, iova: u64, len: u64) -> Option<UnmapOutcome> {
+        let h = match len {
+            0x20_0000 => 1,
+            0x4000_0000 => 2,
+            _ => return None,
+        };
+        // `iova` aligned to `len` and below the input range's end, itself a
+        // multiple of `len` (`h < top_height()`): the whole block is inside.
+        let top = self.top_height();
+        if iova & (len - 1) != 0 || iova >= self.ias_limit || h >= top {
             return None;
         }
         // Down to the table holding the block: its page and count slot.
         let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
-        let mut level = self.top_height();
+        let mut level = top;
         while level > h {
             let idx = index(iova, level);
             let Pte::Table(t) = self.fmt.decode(self.read(table, idx), level) else {
@@ -1381,15 +1475,18 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if !self.fmt.is_leaf(self.read(table, idx), h) {
             return None;
         }
-        self.leaf_cache.0 = NO_REGION;
+        // No leaf table lies under a block: `leaf_cache` stays right (a
+        // detach below forgets it).
         self.write(table, idx, 0);
         self.clean_entries(table, idx, idx + 1);
         self.count_sub(slot, 1);
         // The count decides at once; detaching (rare: the block was the
-        // table's last entry) walks down again.
-        let freed_tables = table != self.root
-            && h != self.kept_height
+        // last entry of a table that is neither kept nor the root) walks
+        // down again.
+        let freed_tables = h != self.kept_height
+            && table != self.root
             && self.is_empty_at(slot, table, h)
+            && !self.keep_empty
             && self.detach_empty_tables_from(iova, h);
         Some(UnmapOutcome {
             bytes: len,
@@ -1496,7 +1593,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 Pte::Table(child) if h > 0 => {
                     let w = self.side_word(side, idx);
                     let child_node = (child, counts::side_page(w), counts::slot(side, idx));
-                    if self.clear_rec(child_node, h - 1, cur, next, prune, out) {
+                    // A rolled-back map (`prune`) takes its fresh tables
+                    // back whatever the reclaim policy.
+                    if self.clear_rec(child_node, h - 1, cur, next, prune, out)
+                        && (prune || !self.keep_empty)
+                    {
                         self.detach_child(node, idx, child);
                         out.freed_tables = true;
                         lo = lo.min(idx);
@@ -1509,10 +1610,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         self.clean_entries(table, lo, hi);
         if hi == 0 && !prune {
-            // Nothing changed here: a table is never left empty by this walker
-            // unless retiring it failed, and then it stays attached anyway.
-            // (`prune` is set when rolling back a map, whose fresh tables may
-            // be empty.)
+            // Nothing changed here: no entry of this table was cleared, so
+            // its count did not move. (`prune` is set when rolling back a
+            // map, whose fresh tables may be empty.)
             return false;
         }
         if table == self.root || h == self.kept_height {
@@ -1522,6 +1622,64 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         // The count decides at once: no scan.
         self.is_empty_at(slot, table, h)
+    }
+
+    /// Detaches every empty table (one with no valid entry, left attached by
+    /// [`TableReclaim::Keep`] or by the shared path), children before their
+    /// parents, so a table whose children all went goes too (never the root
+    /// nor a kept table, see [`kept_height`](Self::kept_height)). Each
+    /// detached table is retired as an unmap's would be: it goes back to
+    /// the lender only through [`free_retired`](Self::free_retired), after
+    /// the caller invalidated the ranges `on_detached(start, len)` named
+    /// (walk caches included) and that completed. Returns the number of
+    /// table pages detached.
+    ///
+    /// Reads every entry of the upper tables on the way (not of the leaf
+    /// tables: their counts decide), so it costs a walk of the tree.
+    pub fn reclaim_empty_tables(&mut self, mut on_detached: impl FnMut(u64, u64)) -> usize {
+        let mut n = 0;
+        let root = (self.root, self.root_side, 0);
+        self.reclaim_rec(root, self.top_height(), 0, &mut n, &mut on_detached);
+        n
+    }
+
+    /// [`reclaim_empty_tables`](Self::reclaim_empty_tables) below the upper
+    /// table `node` (table, side page, count slot) at height `h`, which
+    /// covers the input range from `base`.
+    fn reclaim_rec(
+        &mut self,
+        node: (PhysAddr, PhysAddr, u64),
+        h: u32,
+        base: u64,
+        n: &mut usize,
+        on_detached: &mut impl FnMut(u64, u64),
+    ) {
+        let (table, side, _) = node;
+        let esize = entry_size(h);
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        for idx in 0..ENTRIES {
+            let pte = self.read(table, idx);
+            if pte == 0 {
+                continue;
+            }
+            let Pte::Table(child) = self.fmt.decode(pte, h) else {
+                continue;
+            };
+            let w = self.side_word(side, idx);
+            let child_node = (child, counts::side_page(w), counts::slot(side, idx));
+            let start = base + idx as u64 * esize;
+            if h > 1 {
+                self.reclaim_rec(child_node, h - 1, start, n, on_detached);
+            }
+            if h - 1 != self.kept_height && self.is_empty_at(child_node.2, child, h - 1) {
+                self.detach_child(node, idx, child);
+                *n += 1;
+                lo = lo.min(idx);
+                hi = idx + 1;
+                on_detached(start, esize);
+            }
+        }
+        self.clean_entries(table, lo, hi);
     }
 
     /// Hands retired table pages back to the lender. Call only after the

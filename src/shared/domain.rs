@@ -124,6 +124,9 @@ struct ReadMostly {
     maps: AtomicU8,
     /// A shard's list of empty leaf tables is full: reclaim at a sync.
     reclaim_wanted: AtomicBool,
+    /// A full list dropped a hint: the next reclaim sweeps the whole table
+    /// (`Domain::reclaim_empty_tables`' walk) instead of following hints.
+    sweep_wanted: AtomicBool,
 }
 
 /// Bits `0..=SHARDS` of [`SyncWord::state`]: bit `k`, shard `k`'s pending
@@ -178,6 +181,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 retired: AtomicUsize::new(0),
                 maps: AtomicU8::new(0),
                 reclaim_wanted: AtomicBool::new(false),
+                sweep_wanted: AtomicBool::new(false),
             }),
             word: Padded(SyncWord {
                 state: AtomicU64::new(0),
@@ -314,13 +318,16 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// Notes a leaf table left empty at `addr`, for a later reclaim.
     fn note_empty(&self, addr: u64) {
         let region = addr & !(MIN_CHUNK - 1);
-        let full = self.side(addr, |s| {
-            if !s.empties.contains(&region) {
-                // A full list drops the hint: that table stays attached.
-                let _ = s.empties.push(region);
-            }
-            s.empties.is_full()
+        let (full, dropped) = self.side(addr, |s| {
+            // A full list drops the hint; the reclaim then sweeps.
+            let dropped = !s.empties.contains(&region) && s.empties.push(region).is_err();
+            (s.empties.is_full(), dropped)
         });
+        if dropped {
+            self.st
+                .sweep_wanted
+                .store(true, core::sync::atomic::Ordering::Relaxed);
+        }
         if full {
             self.st
                 .reclaim_wanted
@@ -509,11 +516,12 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             return Err((tx, e));
         }
         let mut empties = heapless::Vec::<u64, EMPTIES>::new();
+        let mut dropped = false;
         let mut leaf_only = true;
         if let Some((start, size)) = Domain::<F, M>::tx_linked_range(&tx) {
             let r = self.dom.read(k, |g| {
                 g.dom.unmap_present_shared(start, size, &mut |a| {
-                    let _ = empties.push(a);
+                    dropped |= empties.push(a).is_err();
                 })
             });
             if r.is_err() {
@@ -531,7 +539,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             for a in &empties {
                 let region = a & !(MIN_CHUNK - 1);
                 if !s.side.empties.contains(&region) {
-                    let _ = s.side.empties.push(region);
+                    dropped |= s.side.empties.push(region).is_err();
                 }
             }
             if let Some(a) = s.alloc.as_mut() {
@@ -541,7 +549,13 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             }
             s.side.empties.is_full()
         });
-        if full {
+        if dropped {
+            // Hints were lost: the reclaim sweeps (and must run).
+            self.st
+                .sweep_wanted
+                .store(true, core::sync::atomic::Ordering::Relaxed);
+        }
+        if full || dropped {
             self.st
                 .reclaim_wanted
                 .store(true, core::sync::atomic::Ordering::Relaxed);
@@ -583,15 +597,25 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 .reclaim_wanted
                 .store(false, core::sync::atomic::Ordering::Relaxed);
             let mut into = SharedPending::new();
+            // Hints dropped by a full list: one walk of the whole table finds
+            // every empty one (the walk `Domain::reclaim_empty_tables` does),
+            // the hints are then moot. Else each hinted path.
+            let sweep = self
+                .st
+                .sweep_wanted
+                .swap(false, core::sync::atomic::Ordering::Relaxed);
             for s in self.shards.iter() {
                 let list = s.with(|s| core::mem::take(&mut s.side.empties));
-                for a in list {
-                    g.dom.reclaim_empty(a, &mut into);
+                for a in list.iter().filter(|_| !sweep) {
+                    g.dom.reclaim_empty(*a, &mut into);
                 }
             }
             let list = self.global.with(|s| core::mem::take(&mut s.empties));
-            for a in list {
-                g.dom.reclaim_empty(a, &mut into);
+            for a in list.iter().filter(|_| !sweep) {
+                g.dom.reclaim_empty(*a, &mut into);
+            }
+            if sweep {
+                g.dom.reclaim_all_empty(&mut into);
             }
             g.dom.exclusive_done(&mut into);
             self.global

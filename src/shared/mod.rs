@@ -72,6 +72,10 @@
 //! finds a shard's list of noted tables full tries the write side
 //! (`try_write`, skipped while any CPU is on the read side) and reclaims
 //! them, queueing their invalidation (walk caches included) in that sync.
+//! A note that finds the list full is dropped, and the reclaim then walks
+//! the whole table for empty ones instead (the walk of
+//! `Domain::reclaim_empty_tables`, which a `Domain` kept with
+//! `TableReclaim::Keep` uses too): no emptied table outlives a reclaim.
 //! The write side also runs what the shared path does not take: a block
 //! (2 MiB / 1 GiB leaf), a range over several leaf tables, `link_pages`,
 //! bus-address P2P, a range not wholly linked (to name the error), a

@@ -393,3 +393,41 @@ fn the_write_side_counts_tables_the_shared_path_attached_before_detaching_them()
     assert_eq!(dom.with(pt), (2, 2, 0));
     dom.free(t).unwrap();
 }
+
+#[test]
+fn tables_whose_hints_a_full_list_dropped_are_swept_by_the_reclaim() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    let mut t = dom
+        .try_alloc(64 << 21, u64::MAX)
+        .unwrap()
+        .into_iova()
+        .unwrap();
+    let before = mem.blocks_out();
+    // One page in each of 20 2 MiB regions: 20 leaf tables under one
+    // level-1 table, more than a shard's list of empty tables holds.
+    for r in 0..20u64 {
+        dom.link(
+            &mut t,
+            PhysAddr(0x8000_0000 + r * 4096),
+            r << 21,
+            4096,
+            RW,
+            MapAttrs::empty(),
+        )
+        .unwrap();
+    }
+    dom.sync(&mut q).unwrap();
+    assert_eq!(mem.blocks_out(), before + 2 + 2 + 20);
+    for r in 0..20u64 {
+        dom.unlink(&mut t, r << 21, 4096).unwrap();
+    }
+    dom.reclaim_now();
+    dom.sync(&mut q).unwrap();
+    // Every leaf table and their parent (with its side page) went back
+    // after the sync; the root's kept child and its side page stay.
+    assert_eq!(mem.blocks_out(), before + 2);
+    assert_eq!(dom.with(|d| d.page_table().unwrap().retired_pages()), 0);
+    dom.free(t).unwrap();
+}

@@ -56,9 +56,10 @@ impl SharedPending {
     /// Moves every range of `self` into `into`, leaving `self` empty.
     pub(crate) fn drain_into(&mut self, into: &mut SharedPending) {
         fn mv(from: &mut PendingList, to: &mut PendingList) {
-            for r in from.ranges() {
+            let _ = from.for_each(|r| {
                 to.add(r.start, r.end - r.start, r.leaf_only);
-            }
+                Ok::<(), core::convert::Infallible>(())
+            });
             to.overflow |= from.overflow;
             from.clear();
         }
@@ -298,6 +299,17 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             if let Some((start, len)) = t.pt.reclaim_empty(iova) {
                 into.unmapped(start, len, false);
             }
+        }
+    }
+
+    /// Exclusive: detaches every empty table of the domain, wherever it is
+    /// (the walk of [`reclaim_empty_tables`](Self::reclaim_empty_tables)),
+    /// and queues their invalidation, walk caches included, in `into`: a
+    /// reclaim whose hints were dropped.
+    pub(crate) fn reclaim_all_empty(&mut self, into: &mut SharedPending) {
+        if let Some(t) = self.inner.as_mut() {
+            t.pt.fold_shared();
+            t.pt.reclaim_empty_tables(|start, len| into.unmapped(start, len, false));
         }
     }
 

@@ -116,6 +116,9 @@ fn count_all() -> Result<(), String> {
             if makes_tables {
                 whos.push("ours+zero".into());
             }
+            // Ours keeping emptied tables (`TableReclaim::Keep`; the link
+            // cases into tables kept from an earlier link and unlink).
+            whos.push("ours+keep".into());
             // The walker alone (`IoPageTable`), the floor of the two-step API.
             whos.push("walker".into());
             // One CPU through `SharedDomain` (what the concurrency costs).
@@ -168,7 +171,7 @@ fn count_all() -> Result<(), String> {
                 _ => "",
             };
             let mut line = format!("bench: {case}/{fmt}");
-            let names = ["ours", "ours+zero", "walker", "shared"]
+            let names = ["ours", "ours+zero", "ours+keep", "walker", "shared"]
                 .iter()
                 .chain(peers.iter());
             for name in names {
@@ -204,15 +207,17 @@ type Counts = BTreeMap<(String, String), Result<f64, String>>;
 /// The README's instruction table (markdown): instructions per page (per
 /// GiB for the 1 GiB rows), one column per contender.
 fn instruction_table(results: &Counts) -> String {
-    const COLS: [(&str, &str); 11] = [
+    const COLS: [(&str, &str); 13] = [
         ("S1 ours", "s1/ours"),
         ("S1 ours+zero", "s1/ours+zero"),
+        ("S1 ours+keep", "s1/ours+keep"),
         ("S1 walker", "s1/walker"),
         ("S1 `SharedDomain`", "s1/shared"),
         ("`aarch64-paging`", "s1/aarch64-paging"),
         ("`ptm` S1", "s1/page_table_multiarch"),
         ("VT-d ours", "vtd/ours"),
         ("VT-d ours+zero", "vtd/ours+zero"),
+        ("VT-d ours+keep", "vtd/ours+keep"),
         ("VT-d walker", "vtd/walker"),
         ("`x86_64`", "vtd/x86_64"),
         ("`ptm` x86", "vtd/page_table_multiarch"),
