@@ -123,6 +123,8 @@ pub(crate) mod sync;
 #[cfg(all(test, not(loom)))]
 mod tests;
 
+#[cfg(loom)]
+pub use crate::pgtable::LoomLeafHint;
 pub use domain::SharedDomain;
 pub use iommu::{IommuCpu, SharedIommu};
 #[cfg(loom)]

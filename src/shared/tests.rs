@@ -381,3 +381,58 @@ fn the_write_side_counts_tables_the_shared_path_attached_before_detaching_them()
     assert_eq!(dom.with(pt), (2, 2, 0));
     dom.free(t).unwrap();
 }
+
+/// The per-page link and unlink follow the shard's [`LeafHint`]
+/// (`crate::pgtable::LeafHint`) to the last leaf table walked to; a reclaim
+/// on the write side detaches that table once it is empty. The next link in
+/// the same 2 MiB must walk again (the hint's generation is old) and land
+/// in the tables the IOMMU walks — before the detached table went back to
+/// the lender and after.
+#[test]
+fn a_link_after_a_reclaim_does_not_follow_the_hint_into_the_detached_table() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    let mut t = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+    let retired = |d: &mut Domain<ArmStage1, &HostMemory>| d.page_table().unwrap().retired_pages();
+    for (round, pa) in [0x8000_0000u64, 0x9000_0000, 0xa000_0000]
+        .into_iter()
+        .enumerate()
+    {
+        // A walk: this CPU's hint names the leaf table.
+        dom.link(&mut t, PhysAddr(pa), 0, 4096, RW, MapAttrs::empty())
+            .unwrap();
+        assert_eq!(dom.translate(t.iova()).map(|x| x.0), Some(PhysAddr(pa)));
+        // Through the hint: the leaf table is left empty.
+        dom.unlink(&mut t, 0, 4096).unwrap();
+        assert_eq!(dom.translate(t.iova()), None);
+        dom.reclaim_now();
+        assert!(
+            dom.with(retired) > 0,
+            "round {round}: the tables were reclaimed"
+        );
+        if round == 1 {
+            // Handed back: the hint's table is now the lender's again.
+            dom.sync(&mut q).unwrap();
+            assert_eq!(dom.with(retired), 0);
+        }
+    }
+    dom.link(
+        &mut t,
+        PhysAddr(0xb000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    assert_eq!(
+        dom.translate(t.iova()).map(|x| x.0),
+        Some(PhysAddr(0xb000_0000))
+    );
+    dom.with(|d| d.page_table().unwrap().check_counts())
+        .unwrap();
+    dom.unlink(&mut t, 0, 4096).unwrap();
+    dom.sync(&mut q).unwrap();
+    dom.free(t).unwrap();
+}
