@@ -346,7 +346,16 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// [`free`](Self::free) (its range may belong to a shard, which the
     /// plain [`Domain::free`] does not know).
     pub fn with<R>(&self, f: impl FnOnce(&mut Domain<F, M>) -> R) -> R {
-        self.exclusive(f)
+        self.exclusive(|d| {
+            let r = f(d);
+            // `f` may have put another domain (another table, whose detach
+            // generation may equal the hints') in place: no hint survives
+            // it. (The write side: no CPU uses a hint meanwhile.)
+            for h in &self.hints {
+                h.forget();
+            }
+            r
+        })
     }
 
     /// [`Domain::try_alloc`], from this CPU's shard when it can serve the

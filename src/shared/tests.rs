@@ -436,3 +436,56 @@ fn a_link_after_a_reclaim_does_not_follow_the_hint_into_the_detached_table() {
     dom.sync(&mut q).unwrap();
     dom.free(t).unwrap();
 }
+
+/// `with` may put another domain in place (its table's detach generation
+/// starts where the old one's did): a shard's leaf-table hint must not
+/// send the next link into the old table.
+#[test]
+fn a_domain_put_in_place_through_with_does_not_inherit_the_leaf_hints() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    let mut t = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+    dom.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    let cfg = DomainConfig {
+        id: 1,
+        levels: 4,
+        aperture_start: 1 << 20,
+        aperture_end: 1 << 40,
+        coherent_walk: true,
+    };
+    let fresh = Domain::new(ArmStage1, &mem, cfg).unwrap();
+    let old = dom.with(|d| core::mem::replace(d, fresh));
+    // From the same shard chunk: the same 2 MiB region as `t`.
+    let mut t2 = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+    assert_eq!(t2.iova().0 >> 21, t.iova().0 >> 21);
+    dom.link(
+        &mut t2,
+        PhysAddr(0x9000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    assert_eq!(
+        dom.translate(t2.iova()).map(|x| x.0),
+        Some(PhysAddr(0x9000_0000))
+    );
+    assert_eq!(old.translate(t2.iova()), None);
+    dom.with(|d| d.page_table().unwrap().check_counts())
+        .unwrap();
+    dom.unlink(&mut t2, 0, 4096).unwrap();
+    dom.sync(&mut q).unwrap();
+    dom.free(t2).unwrap();
+    let mut old = old;
+    old.unlink(&mut t, 0, 4096).unwrap();
+}

@@ -154,6 +154,11 @@ impl LeafHint {
         (s1 & 1 == 0 && s1 == s2 && r == region && valid).then_some((PhysAddr(leaf), slot))
     }
 
+    /// Empties the hint (for a caller that replaced the table under it).
+    pub(crate) fn forget(&self) {
+        self.put(u64::MAX, 0, (PhysAddr(0), 0));
+    }
+
     /// Remembers `(leaf, slot)` for `region` at generation `generation`;
     /// does nothing while another CPU fills the hint.
     #[inline]
