@@ -422,6 +422,10 @@ fn shared_stress_links_through_the_leaf_hint_while_another_thread_reclaims() {
             for k in 0..4u64 {
                 dom.unlink(&mut tx, k * 4096, 4096).expect("unlink");
             }
+            // Now and then, room for the reclaim before the next link.
+            if r % 4 == 0 {
+                thread::yield_now();
+            }
         }
         dom.destroy(tx, &mut h).expect("destroy");
         done.store(true, Ordering::SeqCst);
