@@ -299,6 +299,34 @@ fn loom_link_and_unlink_of_disjoint_pages_in_one_table_keep_its_count() {
     });
 }
 
+/// A shard's leaf-table hint (`LeafHint`, a seqlock over four words) may
+/// be filled by two CPUs at once (a shard is only a hint) while a third
+/// reads it: a reader gets a whole entry one CPU wrote (leaf table and
+/// count slot of the region asked for) or nothing, never words of two
+/// entries, nor an entry of another generation; one fill at least lands.
+#[test]
+fn loom_a_leaf_hint_two_cpus_fill_at_once_is_never_read_torn() {
+    model(|| {
+        let h = Arc::new(bare_iommu::shared::LoomLeafHint::new());
+        let fills: Vec<_> = (1..=2u64)
+            .map(|i| {
+                let h = h.clone();
+                thread::spawn(move || h.put(i, 7, i << 12, i << 3))
+            })
+            .collect();
+        for i in 1..=2u64 {
+            if let Some(e) = h.get(i, 7) {
+                assert_eq!(e, (i << 12, i << 3));
+            }
+        }
+        assert_eq!(h.get(1, 8), None);
+        for f in fills {
+            f.join().unwrap();
+        }
+        assert!(h.get(1, 7).is_some() || h.get(2, 7).is_some());
+    });
+}
+
 /// The reclaim's exclusion: the domain lock (reader counts in per-shard
 /// slots, `SharedDomain`'s read side for links and unlinks, its write side
 /// for the reclaim of emptied tables) never lets the write side in while a

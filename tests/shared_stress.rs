@@ -358,3 +358,87 @@ fn stress(aperture_end: u64) {
     dom.teardown(&mut h).map_err(|(_, e)| e).unwrap();
     assert_eq!(heap.out.load(Ordering::SeqCst), 0, "every table page back");
 }
+
+/// The per-page link and unlink follow their shard's leaf-table hint while
+/// another thread reclaims the emptied leaf tables and syncs (handing them
+/// back to the lender) all the while: each link must land in the tables
+/// `translate` walks, never in a table the hint named before a reclaim
+/// detached it. (Fails with `--cfg broken_leaf_hint`: the hint's
+/// generation not checked.)
+#[test]
+fn shared_stress_links_through_the_leaf_hint_while_another_thread_reclaims() {
+    let rounds = env(
+        "SHARED_STRESS_OPS",
+        if cfg!(debug_assertions) {
+            2_000
+        } else {
+            50_000
+        },
+    );
+    let heap = Heap::default();
+    let cfg = DomainConfig {
+        id: 1,
+        levels: 4,
+        aperture_start: 1 << 20,
+        aperture_end: 1 << 40,
+        coherent_walk: true,
+    };
+    let dom = SharedDomain::new(Domain::new(ArmStage1, &heap, cfg).unwrap());
+    let iommu = SharedIommu::new(FakeQueue::new(1), |q: &mut FakeQueue| {
+        q.drain_irq();
+    });
+    let done = AtomicBool::new(false);
+    let reclaims = thread::scope(|s| {
+        let reclaimer = s.spawn(|| {
+            let mut h = iommu.cpu();
+            let mut n = 0u64;
+            while !done.load(Ordering::SeqCst) {
+                dom.reclaim_now();
+                dom.sync(&mut h).expect("sync");
+                let _ = iommu.handle_irq(FakeQueue::drain_irq);
+                n += 1;
+            }
+            n
+        });
+        let mut h = iommu.cpu();
+        let mut tx = dom
+            .try_alloc(4 * 4096, u64::MAX)
+            .unwrap()
+            .into_iova()
+            .unwrap();
+        for r in 0..rounds {
+            for k in 0..4u64 {
+                let pa = 0x8000_0000 + ((r * 4 + k) % 1024) * 4096;
+                dom.link(&mut tx, PhysAddr(pa), k * 4096, 4096, RW, MapAttrs::empty())
+                    .expect("link");
+                let at = DmaAddr(tx.iova().0 + k * 4096);
+                assert_eq!(
+                    dom.translate(at).map(|t| t.0),
+                    Some(PhysAddr(pa)),
+                    "round {r}, page {k}"
+                );
+            }
+            // Every page out: the leaf table is empty, noted for a reclaim.
+            for k in 0..4u64 {
+                dom.unlink(&mut tx, k * 4096, 4096).expect("unlink");
+            }
+            // Now and then, room for the reclaim before the next link.
+            if r % 4 == 0 {
+                thread::yield_now();
+            }
+        }
+        dom.destroy(tx, &mut h).expect("destroy");
+        done.store(true, Ordering::SeqCst);
+        reclaimer.join().unwrap()
+    });
+    println!("shared stress: {rounds} rounds of link and unlink against {reclaims} reclaims");
+    let mut h = iommu.cpu();
+    dom.reclaim_now();
+    dom.sync(&mut h).unwrap();
+    dom.with(|d| d.page_table().unwrap().check_counts())
+        .expect("every table's count matches a scan");
+    let dom = dom.into_inner();
+    dom.teardown(&mut h).map_err(|(_, e)| e).unwrap();
+    let _ = iommu.handle_irq(FakeQueue::drain_irq);
+    assert_eq!(heap.out.load(Ordering::SeqCst), 0, "every table page back");
+}

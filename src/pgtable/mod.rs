@@ -15,4 +15,8 @@ pub mod vtd;
 pub use attrs::{DmaDirection, MapAttrs};
 pub use format::{Pte, PteFormat};
 pub use reclaim::TableReclaim;
+#[cfg(loom)]
+#[doc(hidden)]
+pub use table::LoomLeafHint;
 pub use table::{IoPageTable, UnmapOutcome};
+pub(crate) use table::{LeafHint, SharedMapError};

@@ -9,6 +9,10 @@ use crate::mem::TableMemory;
 
 mod concurrent;
 
+#[cfg(loom)]
+pub use concurrent::LoomLeafHint;
+pub(crate) use concurrent::{LeafHint, SharedMapError};
+
 /// Entries per 4 KiB table.
 const ENTRIES: usize = 512;
 /// Bits of input address resolved per level.
@@ -150,6 +154,10 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// offset). Valid while `leaf_cache` is: an unmap that empties the leaf
     /// table detaches it from there without a second walk.
     leaf_parent: (PhysAddr, u64),
+    /// Bumped whenever a table page is detached (`detach_child`, the only
+    /// place one leaves the tables): a [`concurrent::LeafHint`] filled
+    /// under an older value may name a table no longer attached.
+    detach_gen: u64,
     /// The root's side page: the counts of its children (see `counts.rs`).
     root_side: PhysAddr,
     /// Side pages lent (one per upper table attached, the root's included).
@@ -266,6 +274,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             retired: RetireList::new(),
             leaf_cache: (NO_REGION, PhysAddr(0), 0),
             leaf_parent: (PhysAddr(0), 0),
+            detach_gen: 0,
             root_side,
             side_pages: 1,
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
@@ -541,6 +550,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         self.table_pages -= 1;
         self.leaf_cache.0 = NO_REGION;
+        self.detach_gen = self.detach_gen.wrapping_add(1);
     }
 
     /// Valid entries of `table`, by a scan (the debug builds' check of the

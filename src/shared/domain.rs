@@ -9,7 +9,7 @@ use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::error::DmaError;
 use crate::iova::{IovaAllocator, IovaRange};
 use crate::mem::TableMemory;
-use crate::pgtable::{DmaDirection, MapAttrs, PteFormat};
+use crate::pgtable::{DmaDirection, LeafHint, MapAttrs, PteFormat, SharedMapError};
 use crate::state::{DirectState, DmaPath, Domain, IovaState, SharedPending};
 
 /// IOVA shards: one per reader slot of the domain lock.
@@ -95,6 +95,10 @@ struct Shard {
 pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     dom: ShardedRwLock<Guarded<F, M>>,
     shards: [Padded<IrqLock<Shard>>; SHARDS],
+    /// Each shard's last leaf table, for the one-page link and unlink
+    /// (see [`LeafHint`] for why following one is safe, with several CPUs
+    /// on one shard too).
+    hints: [Padded<LeafHint>; SHARDS],
     /// Pending ranges of what no shard holds (the write side's work,
     /// transactions from the domain's allocator).
     global: Padded<IrqLock<Side>>,
@@ -171,6 +175,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                     no_irq,
                 ))
             }),
+            hints: core::array::from_fn(|_| Padded(LeafHint::new())),
             global: Padded(IrqLock::new(Side::new(), no_irq)),
             bounds: core::array::from_fn(|_| (StatU64::new(0), StatU64::new(0))),
             owners: core::array::from_fn(|_| AtomicUsize::new(0)),
@@ -218,7 +223,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// correct. There is no portable CPU number here, so the hint is the
     /// region of the caller's stack (each CPU or thread runs on its own):
     /// the first call from a region claims a free shard for it.
-    #[inline]
+    #[inline(always)]
     fn home(&self) -> usize {
         let key = Self::stack_key();
         let start = (key.wrapping_mul(0x9E37_79B9) >> 7) % SHARDS;
@@ -350,7 +355,16 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// [`free`](Self::free) (its range may belong to a shard, which the
     /// plain [`Domain::free`] does not know).
     pub fn with<R>(&self, f: impl FnOnce(&mut Domain<F, M>) -> R) -> R {
-        self.exclusive(f)
+        self.exclusive(|d| {
+            let r = f(d);
+            // `f` may have put another domain (another table, whose detach
+            // generation may equal the hints') in place: no hint survives
+            // it. (The write side: no CPU uses a hint meanwhile.)
+            for h in &self.hints {
+                h.forget();
+            }
+            r
+        })
     }
 
     /// [`Domain::try_alloc`], from this CPU's shard when it can serve the
@@ -420,6 +434,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// # Errors
     ///
     /// As [`Domain::link`].
+    #[inline(always)]
     pub fn link(
         &self,
         tx: &mut IovaState,
@@ -430,6 +445,42 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
         let k = self.home();
+        // The per-page link (the shape of `Domain::link`'s own fast path),
+        // its leaf table from this shard's hint.
+        if len == PAGE_SIZE {
+            let hint = &self.hints[k];
+            let r = self.dom.read(
+                k,
+                #[inline(always)]
+                |g| g.dom.link_page_shared(hint, tx, phys, offset, dir, attrs),
+            );
+            match r {
+                Some(Ok(iova)) => {
+                    if self.maps_needed() {
+                        self.note_page(k, iova, false);
+                    }
+                    return Ok(DmaAddr(iova));
+                }
+                Some(Err(e)) => return Err(self.link_page_failed(offset, tx, e)),
+                None => {}
+            }
+        }
+        self.link_any(k, tx, phys, offset, len, dir, attrs)
+    }
+
+    /// [`link`](Self::link) of any shape (from shard `k`).
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn link_any(
+        &self,
+        k: usize,
+        tx: &mut IovaState,
+        phys: PhysAddr,
+        offset: u64,
+        len: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+    ) -> Result<DmaAddr, DmaError> {
         match self
             .dom
             .read(k, |g| g.dom.link_shared(tx, phys, offset, len, dir, attrs))
@@ -446,6 +497,47 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             }
             None => self.exclusive(|d| d.link(tx, phys, offset, len, dir, attrs)),
         }
+    }
+
+    /// The per-page link at `offset` of `tx` failed with `e` (nothing
+    /// changed but, maybe, empty tables attached): notes them for a
+    /// reclaim, as `link_shared`'s callers do.
+    #[cold]
+    #[inline(never)]
+    fn link_page_failed(&self, offset: u64, tx: &IovaState, e: SharedMapError) -> DmaError {
+        if e.left_empty {
+            self.note_empty(tx.iova().0 + offset);
+        }
+        e.error.into()
+    }
+
+    /// Notes the page at `iova` (unlinked, or linked when `!unlinked`) in
+    /// shard `k`'s pending ranges (any side is right: a sync drains every
+    /// side whose bit is set). The next page of a run only grows the last
+    /// range, which was not empty: its bit is set already (or a sync that
+    /// took the bit has not drained the side yet, and will take the page).
+    #[inline(always)]
+    fn note_page(&self, k: usize, iova: u64, unlinked: bool) {
+        self.shards[k].with(
+            #[inline(always)]
+            |s| {
+                let p = &mut s.side.pending;
+                let grown = if unlinked {
+                    p.extend_unmapped_page(iova)
+                } else {
+                    p.extend_mapped_page(iova)
+                };
+                if !grown {
+                    self.marked(&mut s.side, k, |side| {
+                        if unlinked {
+                            side.pending.unmapped(iova, PAGE_SIZE, true);
+                        } else {
+                            side.pending.mapped(iova, PAGE_SIZE);
+                        }
+                    });
+                }
+            },
+        );
     }
 
     /// [`Domain::link_pages`] on the write side.
@@ -471,8 +563,37 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// # Errors
     ///
     /// As [`Domain::unlink`].
+    #[inline(always)]
     pub fn unlink(&self, tx: &mut IovaState, offset: u64, len: u64) -> Result<u64, DmaError> {
         let k = self.home();
+        // The per-page unlink (the shape of `Domain::unlink`'s own fast
+        // path), its leaf table from this shard's hint.
+        if len == PAGE_SIZE {
+            let hint = &self.hints[k];
+            if let Some((iova, emptied)) = self.dom.read(
+                k,
+                #[inline(always)]
+                |g| g.dom.unlink_page_shared(hint, tx, offset),
+            ) {
+                self.note_page(k, iova, true);
+                if emptied {
+                    self.note_empty(iova);
+                }
+                return Ok(PAGE_SIZE);
+            }
+        }
+        self.unlink_any(k, tx, offset, len)
+    }
+
+    /// [`unlink`](Self::unlink) of any shape (from shard `k`).
+    #[inline(never)]
+    fn unlink_any(
+        &self,
+        k: usize,
+        tx: &mut IovaState,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64, DmaError> {
         match self.dom.read(k, |g| g.dom.unlink_shared(tx, offset, len)) {
             Some((r, eff)) => {
                 if r.is_ok() {

@@ -55,7 +55,26 @@ impl<T> IrqLock<T> {
     /// Runs `f` under the lock, spinning while another CPU holds it. Not for
     /// interrupt context (see [`try_with_or_defer`](Self::try_with_or_defer)).
     /// `f` must not take this lock again.
+    #[inline(always)]
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        // The free lock taken at once (the common case, written inline),
+        // else the spin.
+        if self
+            .state
+            .compare_exchange_weak(0, LOCKED, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            self.lock_slow();
+        }
+        let _release = Release(self);
+        // SAFETY: LOCKED is ours.
+        unsafe { self.data.with_mut(f) }
+    }
+
+    /// Takes the lock, spinning while another CPU holds it.
+    #[cold]
+    #[inline(never)]
+    fn lock_slow(&self) {
         loop {
             let s = self.state.load(Ordering::Relaxed);
             if s & LOCKED == 0
@@ -64,13 +83,10 @@ impl<T> IrqLock<T> {
                     .compare_exchange_weak(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
-                break;
+                return;
             }
             spin_hint();
         }
-        let _release = Release(self);
-        // SAFETY: LOCKED is ours.
-        unsafe { self.data.with_mut(f) }
     }
 
     /// Runs `f` under the lock if it is free now; `None` (nothing run, no
@@ -123,9 +139,29 @@ impl<T> IrqLock<T> {
 
     /// Frees the lock, first running the deferred handler for every
     /// interrupt that found it taken.
+    #[inline(always)]
     fn release(&self) {
+        // No interrupt came meanwhile (the common case, written inline).
+        if self
+            .state
+            .compare_exchange(LOCKED, 0, Ordering::Release, Ordering::Relaxed)
+            .is_err()
+        {
+            self.release_slow();
+        }
+    }
+
+    /// [`release`](Self::release) when PENDING was set.
+    #[cold]
+    #[inline(never)]
+    fn release_slow(&self) {
         // Bounded by the interrupts that arrive while the handler runs.
         loop {
+            // PENDING is set: clear it (keeping LOCKED) and do the work.
+            self.state.fetch_and(!PENDING, Ordering::Acquire);
+            let deferred = self.deferred;
+            // SAFETY: LOCKED is still ours.
+            unsafe { self.data.with_mut(deferred) };
             if self
                 .state
                 .compare_exchange(LOCKED, 0, Ordering::Release, Ordering::Relaxed)
@@ -133,11 +169,6 @@ impl<T> IrqLock<T> {
             {
                 return;
             }
-            // PENDING is set: clear it (keeping LOCKED) and do the work.
-            self.state.fetch_and(!PENDING, Ordering::Acquire);
-            let deferred = self.deferred;
-            // SAFETY: LOCKED is still ours.
-            unsafe { self.data.with_mut(deferred) };
         }
     }
 }
@@ -225,6 +256,7 @@ impl<T> ShardedRwLock<T> {
     /// Runs `f` on the read side, counted in slot `slot % SLOTS`; spins
     /// while a writer holds or wants that slot. `f` must not take this
     /// lock again.
+    #[inline(always)]
     pub(crate) fn read<R>(&self, slot: usize, f: impl FnOnce(&T) -> R) -> R {
         let s = &self.slots[slot % SLOTS].0;
         let mut v = s.load(Ordering::Relaxed);

@@ -103,13 +103,16 @@
 //! **Cost** (measured on this crate's bench, callgrind, one CPU,
 //! instructions per 4 KiB call including one sync per 32768 calls; the
 //! `s1/shared` contender of `cargo xtask bench --instructions`,
-//! 2026-11-30): `link` of sequential pages 471 for `SharedDomain` against
-//! 79 for `Domain` (the shared path walks from the root at every call —
-//! no leaf-table cache —, takes the read side and finds the CPU's shard;
-//! before the first sync tells it the IOMMU does not cache not-present
-//! entries it also records each linked range); `unlink` sequential 378
-//! against 63; scattered pages `link` 509 against 277, `unlink` 429
-//! against 387.
+//! 2026-11-30): `link` of sequential pages 112 for `SharedDomain` against
+//! 78 for `Domain`, `unlink` 114 against 62 (before the per-shard
+//! leaf-table hint, `crate::pgtable::LeafHint`, they were 471 and 378: a
+//! walk from the root at every call). What is left per call: the read
+//! side's compare-and-swap and release, the hint's seqlock and generation
+//! check, an atomic count, and for an unlink (or a link before the first
+//! sync tells it the IOMMU does not cache not-present entries) the shard's
+//! short lock over its pending ranges. Scattered pages: `link` 325 against
+//! 277 (a walk each, as `Domain`'s), `unlink` 332 against 391 (the shared
+//! path leaves emptied tables attached for a later reclaim).
 //! `Domain::link` / `unlink` themselves are unchanged.
 //! Two threads on disjoint transactions of one `SharedDomain`
 //! (`bench: shared threads`, 16 one-page links, sync, unlink, destroy per
@@ -127,6 +130,8 @@ pub(crate) mod sync;
 #[cfg(all(test, not(loom)))]
 mod tests;
 
+#[cfg(loom)]
+pub use crate::pgtable::LoomLeafHint;
 pub use domain::SharedDomain;
 pub use iommu::{IommuCpu, SharedIommu};
 #[cfg(loom)]

@@ -41,6 +41,7 @@ impl<T> Cell<T> {
     /// # Safety
     ///
     /// The caller has exclusive access (holds the lock guarding the cell).
+    #[inline(always)]
     pub(crate) unsafe fn with_mut<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         #[cfg(loom)]
         // SAFETY: exclusive access, guaranteed by the caller.
@@ -58,6 +59,7 @@ impl<T> Cell<T> {
     ///
     /// Nobody has exclusive access meanwhile (the caller holds a read side
     /// of the lock guarding the cell).
+    #[inline(always)]
     pub(crate) unsafe fn with<R>(&self, f: impl FnOnce(&T) -> R) -> R {
         #[cfg(loom)]
         // SAFETY: shared access only, guaranteed by the caller.

@@ -431,3 +431,115 @@ fn tables_whose_hints_a_full_list_dropped_are_swept_by_the_reclaim() {
     assert_eq!(dom.with(|d| d.page_table().unwrap().retired_pages()), 0);
     dom.free(t).unwrap();
 }
+
+/// The per-page link and unlink follow the shard's [`LeafHint`]
+/// (`crate::pgtable::LeafHint`) to the last leaf table walked to; a reclaim
+/// on the write side detaches that table once it is empty. The next link in
+/// the same 2 MiB must walk again (the hint's generation is old) and land
+/// in the tables the IOMMU walks — before the detached table went back to
+/// the lender and after.
+#[test]
+fn a_link_after_a_reclaim_does_not_follow_the_hint_into_the_detached_table() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    let mut t = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+    let retired = |d: &mut Domain<ArmStage1, &HostMemory>| d.page_table().unwrap().retired_pages();
+    for (round, pa) in [0x8000_0000u64, 0x9000_0000, 0xa000_0000]
+        .into_iter()
+        .enumerate()
+    {
+        // A walk: this CPU's hint names the leaf table.
+        dom.link(&mut t, PhysAddr(pa), 0, 4096, RW, MapAttrs::empty())
+            .unwrap();
+        assert_eq!(dom.translate(t.iova()).map(|x| x.0), Some(PhysAddr(pa)));
+        // Through the hint: the leaf table is left empty.
+        dom.unlink(&mut t, 0, 4096).unwrap();
+        assert_eq!(dom.translate(t.iova()), None);
+        dom.reclaim_now();
+        assert!(
+            dom.with(retired) > 0,
+            "round {round}: the tables were reclaimed"
+        );
+        if round == 1 {
+            // Handed back: the hint's table is now the lender's again.
+            dom.sync(&mut q).unwrap();
+            assert_eq!(dom.with(retired), 0);
+        }
+    }
+    dom.link(
+        &mut t,
+        PhysAddr(0xb000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    assert_eq!(
+        dom.translate(t.iova()).map(|x| x.0),
+        Some(PhysAddr(0xb000_0000))
+    );
+    dom.with(|d| d.page_table().unwrap().check_counts())
+        .unwrap();
+    dom.unlink(&mut t, 0, 4096).unwrap();
+    dom.sync(&mut q).unwrap();
+    dom.free(t).unwrap();
+}
+
+/// `with` may put another domain in place (its table's detach generation
+/// starts where the old one's did): a shard's leaf-table hint must not
+/// send the next link into the old table.
+#[test]
+fn a_domain_put_in_place_through_with_does_not_inherit_the_leaf_hints() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    let mut t = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+    dom.link(
+        &mut t,
+        PhysAddr(0x8000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    let cfg = DomainConfig {
+        id: 1,
+        levels: 4,
+        aperture_start: 1 << 20,
+        aperture_end: 1 << 40,
+        coherent_walk: true,
+    };
+    let fresh = Domain::new(ArmStage1, &mem, cfg).unwrap();
+    let old = dom.with(|d| core::mem::replace(d, fresh));
+    // From the same shard chunk (or, if this call lands on another shard,
+    // the same first chunk of the new domain's allocator): `t`'s 2 MiB.
+    let mut t2 = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+    assert_eq!(t2.iova().0 >> 21, t.iova().0 >> 21);
+    dom.link(
+        &mut t2,
+        PhysAddr(0x9000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    assert_eq!(
+        dom.translate(t2.iova()).map(|x| x.0),
+        Some(PhysAddr(0x9000_0000))
+    );
+    // The old table is as it was (`t2` may have come from another shard,
+    // whose chunk the new domain's allocator handed out again: `t`'s page).
+    let old_there = (t2.iova() == t.iova()).then_some(PhysAddr(0x8000_0000));
+    assert_eq!(old.translate(t2.iova()).map(|x| x.0), old_there);
+    dom.with(|d| d.page_table().unwrap().check_counts())
+        .unwrap();
+    dom.unlink(&mut t2, 0, 4096).unwrap();
+    dom.sync(&mut q).unwrap();
+    dom.free(t2).unwrap();
+    let mut old = old;
+    old.unlink(&mut t, 0, 4096).unwrap();
+}

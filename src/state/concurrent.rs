@@ -3,16 +3,16 @@
 //! transactions), and the small exclusive steps it runs on its write side.
 
 use super::{
-    Domain, HAS_PROVIDER, IovaState, PendingList, SyncBegun, Translated, check_aligned, link_attrs,
-    link_kind, queue_ranges,
+    DIRS_SHIFT, Domain, HAS_PROVIDER, IovaState, KIND_SHIFT, KIND_TRANSLATED, PendingList,
+    SyncBegun, Translated, check_aligned, link_attrs, link_kind, queue_ranges,
 };
-use crate::addr::{DmaAddr, PhysAddr};
+use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::backend::IommuBackend;
 use crate::barrier::wmb_on;
 use crate::error::{BackendError, DmaError};
 use crate::iova::{IovaAllocator, IovaRange};
 use crate::mem::TableMemory;
-use crate::pgtable::{DmaDirection, MapAttrs, PteFormat};
+use crate::pgtable::{DmaDirection, LeafHint, MapAttrs, PteFormat, SharedMapError};
 
 /// Ranges whose translations changed, kept outside the domain by a
 /// [`SharedDomain`](crate::shared::SharedDomain) (one set per shard, each
@@ -46,6 +46,31 @@ impl SharedPending {
     /// The next sync must invalidate the whole domain.
     pub(crate) fn set_overflow(&mut self) {
         self.unmapped.overflow = true;
+    }
+
+    /// Grows the last unlinked range by the page at `start` when it ends
+    /// there (the next page of a run); `false` (nothing done) otherwise.
+    /// Never makes an empty list non-empty.
+    #[inline(always)]
+    pub(crate) fn extend_unmapped_page(&mut self, start: u64) -> bool {
+        let last = &mut self.unmapped.last;
+        if start == last.end && last.start != last.end {
+            last.end = start + PAGE_SIZE;
+            return true;
+        }
+        false
+    }
+
+    /// As [`extend_unmapped_page`](Self::extend_unmapped_page), for a
+    /// linked page.
+    #[inline(always)]
+    pub(crate) fn extend_mapped_page(&mut self, start: u64) -> bool {
+        let last = &mut self.mapped.last;
+        if start == last.end && last.start != last.end {
+            last.end = start + PAGE_SIZE;
+            return true;
+        }
+        false
     }
 
     /// Whether nothing waits (maps counted only when `with_maps`).
@@ -152,6 +177,70 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                 },
             )),
         }
+    }
+
+    /// The per-page [`link`](Self::link) of host memory through `&self`,
+    /// the shape of [`Domain::link`]'s own per-page path (one combined test
+    /// of the offset, the transaction's domain and kind), its leaf table
+    /// from `hint` (see [`LeafHint`]). `None` (nothing done) for any other
+    /// call: use [`link_shared`](Self::link_shared). The errors (no
+    /// translation changed) are those of the table's one-page path.
+    #[inline(always)]
+    pub(crate) fn link_page_shared(
+        &self,
+        hint: &LeafHint,
+        tx: &mut IovaState,
+        phys: PhysAddr,
+        offset: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+    ) -> Option<Result<u64, SharedMapError>> {
+        if !tx.takes_host_page(offset, self.token, attrs) {
+            return None;
+        }
+        let t = self.inner.as_ref()?;
+        // Page aligned and inside the aperture, which lies inside the
+        // table's input range (see `Domain::link`).
+        let iova = tx.base() + offset;
+        match t
+            .pt
+            .map_page_shared(hint, iova, phys.0, link_attrs(attrs, dir))?
+        {
+            Ok(()) => {
+                tx.linked += PAGE_SIZE;
+                // The kind was nothing or host memory (`takes_host_page`):
+                // host memory now.
+                tx.owner |= (KIND_TRANSLATED << KIND_SHIFT) | (u64::from(dir as u8) << DIRS_SHIFT);
+                Some(Ok(iova))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// The per-page [`unlink`](Self::unlink) of a linked page of a
+    /// translated transaction of this domain through `&self` (the shape of
+    /// [`Domain::unlink`]'s own per-page path), its leaf table from `hint`:
+    /// the page's IOVA and whether its leaf table is now empty. `None`
+    /// (nothing changed) for any other call: use
+    /// [`unlink_shared`](Self::unlink_shared).
+    #[inline(always)]
+    pub(crate) fn unlink_page_shared(
+        &self,
+        hint: &LeafHint,
+        tx: &mut IovaState,
+        offset: u64,
+    ) -> Option<(u64, bool)> {
+        if !(tx.holds_page(offset) && tx.token() == self.token && !tx.is_bus_addr()) {
+            return None;
+        }
+        let t = self.inner.as_ref()?;
+        let iova = tx.base() + offset;
+        let emptied = t.pt.unmap_page_shared(hint, iova)?;
+        tx.linked = tx.linked.saturating_sub(PAGE_SIZE);
+        if tx.linked == 0 {
+            tx.forget_links();
+        }
+        Some((iova, emptied))
     }
 
     /// [`unlink`](Self::unlink) through `&self`, for pages of a translated

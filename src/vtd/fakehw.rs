@@ -450,6 +450,9 @@ fn step(
         });
         match check_descriptor(&rules, words) {
             Ok(d) => {
+                // Logged before the status write completes a wait: a driver
+                // that saw its wait done finds the descriptor in the log.
+                log.lock().unwrap().push(Ev::Desc(d));
                 if let VtdDesc::Wait {
                     sw: true,
                     status,
@@ -459,7 +462,6 @@ fn step(
                 {
                     m.dev_write_u32(status, data);
                 }
-                log.lock().unwrap().push(Ev::Desc(d));
                 if let VtdDesc::Iec {
                     global: false,
                     index,

@@ -43,7 +43,7 @@ use crate::barrier::wmb_on;
 use crate::error::PageTableError;
 use crate::mem::TableMemory;
 use crate::pgtable::{MapAttrs, Pte, PteFormat, counts};
-use crate::shared::sync::{Ordering, Word, spin_hint};
+use crate::shared::sync::{AtomicU64, Ordering, Word, spin_hint};
 
 /// Pages the shared path attached (statistics; folded into the table's
 /// own counters on the exclusive side).
@@ -67,6 +67,148 @@ impl SharedLent {
 
     pub(super) fn sides(&self) -> usize {
         self.sides.load(StatOrdering::Relaxed)
+    }
+}
+
+/// One leaf table the shared path walked to, remembered so that the next
+/// one-page call in the same 2 MiB region skips the walk from the root (the
+/// shared counterpart of the exclusive path's `leaf_cache`).
+///
+/// # Why a hint is safe to follow
+///
+/// An entry is `(region, generation, leaf table, its count slot)`. It is
+/// filled and used only on the read side of the domain lock, and the
+/// generation is the table's `detach_gen` read in the same read section.
+/// A table leaves the tables only in `detach_child`, on the write side,
+/// which bumps `detach_gen`; the write side never overlaps a read section.
+/// So when a reader finds an entry whose generation equals the `detach_gen`
+/// it reads now, no table was detached since a reader walked to that leaf
+/// table: it is still attached at that region, with that count slot (a
+/// table is never moved, and the shared path never detaches), and it stays
+/// so until this read section ends. An entry of an older generation is a
+/// miss (a walk). Generations are 64-bit: they do not wrap.
+///
+/// Several CPUs may use one hint at once (the shard is a hint too), so the
+/// four words are guarded by a sequence count, as a seqlock: a writer takes
+/// an even count to odd by compare-and-swap (a writer that loses, or finds
+/// it odd, just does not fill the hint; Acquire: the previous fill's words
+/// come before this one's in each word's order, else a reader could take
+/// this fill's count with the previous fill's region — the loom model
+/// found that), stores the words with Release, and
+/// makes the count even again with Release; a reader loads the count, the
+/// words with Acquire, the count again, and takes the entry only when the
+/// count was even and unchanged. A word read from a writer carries that
+/// writer's odd count (stored before it), so a reader that read any word of
+/// a fill that began after its first look sees a changed count at its
+/// second: it never takes words of two fills. (Release and Acquire on each
+/// word rather than fences: free on x86, and modelled exactly by loom.) A
+/// reader that takes an entry has synchronised with its writer, which
+/// loaded the table pointers with Acquire on its walk: the installer's
+/// zeroed table is visible to the reader as to a walker.
+pub(crate) struct LeafHint {
+    seq: AtomicU64,
+    region: AtomicU64,
+    generation: AtomicU64,
+    leaf: AtomicU64,
+    slot: AtomicU64,
+}
+
+impl Default for LeafHint {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LeafHint {
+    /// An empty hint.
+    pub(crate) fn new() -> Self {
+        Self {
+            seq: AtomicU64::new(0),
+            // No 2 MiB region has this number (`iova >> 21 < 2^43`).
+            region: AtomicU64::new(u64::MAX),
+            generation: AtomicU64::new(0),
+            leaf: AtomicU64::new(0),
+            slot: AtomicU64::new(0),
+        }
+    }
+
+    /// The leaf table of `region` and its count slot, when the hint holds
+    /// them for generation `generation` (see the type docs).
+    #[inline(always)]
+    fn get(&self, region: u64, generation: u64) -> Option<(PhysAddr, u64)> {
+        let s1 = self.seq.load(Ordering::Acquire);
+        let r = self.region.load(Ordering::Acquire);
+        let g = self.generation.load(Ordering::Acquire);
+        let leaf = self.leaf.load(Ordering::Acquire);
+        let slot = self.slot.load(Ordering::Acquire);
+        let s2 = self.seq.load(Ordering::Relaxed);
+        #[cfg(not(broken_leaf_hint))]
+        let valid = g == generation;
+        // The deliberately broken variant (`--cfg broken_leaf_hint`): the
+        // generation is not checked, so a hint outlives a reclaim.
+        #[cfg(broken_leaf_hint)]
+        let valid = {
+            let _ = (g, generation);
+            true
+        };
+        (s1 & 1 == 0 && s1 == s2 && r == region && valid).then_some((PhysAddr(leaf), slot))
+    }
+
+    /// Empties the hint (for a caller that replaced the table under it).
+    pub(crate) fn forget(&self) {
+        self.put(u64::MAX, 0, (PhysAddr(0), 0));
+    }
+
+    /// Remembers `(leaf, slot)` for `region` at generation `generation`;
+    /// does nothing while another CPU fills the hint.
+    #[inline]
+    fn put(&self, region: u64, generation: u64, (leaf, slot): (PhysAddr, u64)) {
+        let s = self.seq.load(Ordering::Relaxed);
+        if s & 1 != 0
+            || self
+                .seq
+                .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        // Release: a reader that reads any of these words sees the odd
+        // count (or a later one) at its second look.
+        self.region.store(region, Ordering::Release);
+        self.generation.store(generation, Ordering::Release);
+        self.leaf.store(leaf.0, Ordering::Release);
+        self.slot.store(slot, Ordering::Release);
+        self.seq.store(s + 2, Ordering::Release);
+    }
+}
+
+/// Model-test access to a [`LeafHint`] (`tests/loom.rs`).
+#[cfg(loom)]
+#[doc(hidden)]
+pub struct LoomLeafHint(LeafHint);
+
+#[cfg(loom)]
+impl Default for LoomLeafHint {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(loom)]
+impl LoomLeafHint {
+    /// An empty hint.
+    pub fn new() -> Self {
+        Self(LeafHint::new())
+    }
+
+    /// Fills the hint (or not, while another CPU fills it).
+    pub fn put(&self, region: u64, generation: u64, leaf: u64, slot: u64) {
+        self.0.put(region, generation, (PhysAddr(leaf), slot));
+    }
+
+    /// `(leaf, slot)` if the hint holds `region` at `generation`.
+    pub fn get(&self, region: u64, generation: u64) -> Option<(u64, u64)> {
+        self.0.get(region, generation).map(|(l, s)| (l.0, s))
     }
 }
 
@@ -313,6 +455,85 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         self.clean_entries(leaf, i0, i1);
         self.count_add_shared(slot, (i1 - i0) as u64);
         Some(Ok(()))
+    }
+
+    /// The table's detach generation (see [`LeafHint`]).
+    #[inline(always)]
+    fn generation(&self) -> u64 {
+        self.detach_gen
+    }
+
+    /// The one-page [`map_shared`](Self::map_shared), for an `iova` the
+    /// caller proved page aligned and inside the input range (a page of a
+    /// transaction), when `attrs` are those of the last exclusive map (their
+    /// descriptor bits are known, as on `map_page_in_range`): the leaf table
+    /// from `hint` or a walk (which fills `hint`). `None` (nothing done) for
+    /// any other call. On an error no translation changed; tables the walk
+    /// attached may stay, empty ([`SharedMapError::left_empty`]).
+    #[inline(always)]
+    pub(crate) fn map_page_shared(
+        &self,
+        hint: &LeafHint,
+        iova: u64,
+        pa: u64,
+        attrs: MapAttrs,
+    ) -> Option<Result<(), SharedMapError>> {
+        debug_assert!(iova % PAGE_SIZE == 0 && iova < self.ias_limit);
+        if pa & (PAGE_SIZE - 1) != 0 || pa >= self.oa_limit || attrs != self.page_bits.0 {
+            return None;
+        }
+        let region = iova >> LEAF_TABLE_SHIFT;
+        let (leaf, slot) = match hint.get(region, self.generation()) {
+            Some(t) => t,
+            None => match self.walk_shared(iova) {
+                Ok(t) => {
+                    hint.put(region, self.generation(), t);
+                    t
+                }
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        let i = index(iova, 0);
+        if self.present(self.read(leaf, i), 0) {
+            return Some(Err(SharedMapError {
+                error: PageTableError::AlreadyMapped {
+                    iova: DmaAddr(iova),
+                },
+                left_empty: false,
+            }));
+        }
+        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | self.page_bits.1);
+        // Only this CPU writes this entry (disjoint ranges).
+        self.write(leaf, i, pa | self.page_bits.1);
+        self.clean_entries(leaf, i, i + 1);
+        self.count_add_shared(slot, 1);
+        Some(Ok(()))
+    }
+
+    /// The one-page [`unmap_shared`](Self::unmap_shared) for an `iova` the
+    /// caller proved page aligned and inside the input range: whether the
+    /// leaf table is now empty. The leaf table from `hint` or a walk (which
+    /// fills `hint`). `None` (nothing changed) when the page is not mapped
+    /// by a page descriptor.
+    #[inline(always)]
+    pub(crate) fn unmap_page_shared(&self, hint: &LeafHint, iova: u64) -> Option<bool> {
+        debug_assert!(iova % PAGE_SIZE == 0 && iova < self.ias_limit);
+        let region = iova >> LEAF_TABLE_SHIFT;
+        let (leaf, slot) = match hint.get(region, self.generation()) {
+            Some(t) => t,
+            None => {
+                let t = self.walk_present_shared(iova)?;
+                hint.put(region, self.generation(), t);
+                t
+            }
+        };
+        let i = index(iova, 0);
+        if !self.present(self.read(leaf, i), 0) {
+            return None;
+        }
+        self.write(leaf, i, 0);
+        self.clean_entries(leaf, i, i + 1);
+        Some(self.count_sub_shared(slot, 1) == 0)
     }
 
     /// [`unmap`](Self::unmap) through `&self` of a range inside one leaf
