@@ -936,7 +936,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         let left = unsafe { count.read() } - (1 << counts::COUNT_SHIFT);
         // SAFETY: as above.
         unsafe { count.write(left) };
-        let empty = counts::count(left) == 0;
+        // A leaf table has no side page: its count word is the count alone
+        // (see `counts`), so the table is empty exactly when the word is 0.
+        debug_assert_eq!(counts::side_page(left), PhysAddr(0));
+        let empty = left == 0;
         debug_assert!(!empty || self.valid_entries(leaf, 0) == 0);
         let freed_tables = empty && !self.keep_empty && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
