@@ -15,7 +15,8 @@ use crate::addr::PhysAddr;
 /// given back with [`free`](TableMemory::free), that is zeroed, and that is
 /// aligned as documented on [`alloc_zeroed`](TableMemory::alloc_zeroed);
 /// `phys_to_virt` must return a pointer valid for reads and writes of every
-/// byte of every block handed out and not yet freed.
+/// byte of every block handed out and not yet freed (the crate may keep a
+/// pointer it got for a block and use it until it frees the block).
 ///
 /// # Example
 ///

@@ -186,6 +186,10 @@ const KIND_DIRECT: u64 = 8;
 const LINK_FAST_MASK: u64 =
     TOKEN_BITS | ((0xff & !KIND_TRANSLATED) << KIND_SHIFT) | ((HAS_PROVIDER as u64) << DIRS_SHIFT);
 
+/// A per-page unlink is for the domain whose token is the owner word
+/// masked with this: no bus-address links (those never reached the tables).
+const UNLINK_FAST_MASK: u64 = TOKEN_BITS | (KIND_BUS_ADDR << KIND_SHIFT);
+
 /// The kind code of `kind` in `IovaState::owner`.
 #[inline(always)]
 const fn kind_code(kind: DmaKind) -> u64 {
@@ -1402,7 +1406,12 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         e.into()
     }
 
-    /// [`link`](Self::link) of any shape, every argument checked.
+    /// [`link`](Self::link) of any shape, every argument checked. Cold: a
+    /// run of per-page calls reaches it only when the shape changes (or on
+    /// an error), a multi-page link once per call; marking it so lays
+    /// `link`'s one-page path out as the fall-through, a few instructions
+    /// fewer per page (callgrind, issue 11).
+    #[cold]
     #[inline(never)]
     fn link_checked(
         &mut self,
@@ -1795,8 +1804,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         // argument and names the error.
         if len == PAGE_SIZE
             && tx.holds_page(offset)
-            && tx.token() == self.token
-            && !tx.is_bus_addr()
+            && tx.owner & UNLINK_FAST_MASK == u64::from(self.token)
         {
             if let Some(t) = self.inner.as_mut() {
                 // Page aligned and inside the aperture (see `link`).

@@ -763,6 +763,37 @@ fn per_page_calls_after_a_warm_link_keep_every_refusal() {
 /// the state's size bits; a fixed-IOVA transaction (any size, not a power of
 /// two) lets only its first page through that test, and every page past its
 /// exact end is refused, on link and unlink, after a warm link.
+/// The per-page paths keep the last leaf table they used (and pointers
+/// into it): once an unlink empties that table and it goes back to the
+/// lender, the next per-page link or unlink in the same 2 MiB must reach the
+/// new table the IOMMU walks, never the old page.
+#[test]
+fn per_page_calls_after_their_leaf_table_went_back_reach_the_new_table() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 4 * PAGE);
+    let none = MapAttrs::empty();
+    for round in 0..3u64 {
+        let pa = PhysAddr(0x4000_0000 + round * 0x10_0000);
+        d.link(&mut t, pa, PAGE, PAGE, RW, none).unwrap();
+        assert_eq!(
+            d.translate(DmaAddr(t.iova().0 + PAGE + 5)).map(|(p, _)| p),
+            Some(PhysAddr(pa.0 + 5)),
+            "round {round}: the link is in the table the IOMMU walks"
+        );
+        assert_eq!(d.unlink(&mut t, PAGE, PAGE), Ok(PAGE));
+        assert_eq!(d.translate(DmaAddr(t.iova().0 + PAGE)), None);
+        // The emptied leaf table is handed back at the sync.
+        d.sync(&mut be).unwrap();
+        let e = d.unlink(&mut t, PAGE, PAGE).unwrap_err();
+        assert!(matches!(e, DmaError::NotLinked { .. }), "{e:?}");
+    }
+    assert_eq!(d.page_table().unwrap().check_counts(), Ok(()));
+    d.free(t).unwrap();
+    d.sync(&mut be).unwrap();
+}
+
 #[test]
 fn per_page_calls_in_a_fixed_transaction_stay_inside_its_exact_size() {
     let mem = HostMemory::new();

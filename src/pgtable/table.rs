@@ -96,6 +96,32 @@ const NO_REGION: u64 = u64::MAX;
 /// Read and write.
 const RW: MapAttrs = MapAttrs::READ.union(MapAttrs::WRITE);
 
+/// CPU pointers to a leaf table's first entry and to its count word (in
+/// its parent's side page), from [`TableMemory::phys_to_virt`]: the
+/// lender's pointer stays valid while the block is handed out, and the
+/// walker forgets these (with `leaf_cache`) before it detaches the table.
+#[derive(Clone, Copy)]
+struct LeafPtrs {
+    entries: *mut u64,
+    count: *mut u64,
+}
+
+impl LeafPtrs {
+    /// Nothing cached (never dereferenced: `leaf_cache` says so first).
+    const NONE: Self = Self {
+        entries: core::ptr::null_mut(),
+        count: core::ptr::null_mut(),
+    };
+}
+
+// SAFETY: the pointers lead into pages the walker owns, like the physical
+// addresses it keeps beside them; only the walker dereferences them, under
+// `&mut self` for stores, so sending or sharing the walker shares nothing
+// the table pages themselves do not.
+unsafe impl Send for LeafPtrs {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for LeafPtrs {}
+
 /// What an unmap did, so the caller can invalidate precisely.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -158,6 +184,10 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// place one leaves the tables): a [`concurrent::LeafHint`] filled
     /// under an older value may name a table no longer attached.
     detach_gen: u64,
+    /// CPU pointers to the cached leaf table's entries and to its count
+    /// word, valid while `leaf_cache` is: the one-page paths use them
+    /// without asking the lender again.
+    leaf_ptrs: LeafPtrs,
     /// The root's side page: the counts of its children (see `counts.rs`).
     root_side: PhysAddr,
     /// Side pages lent (one per upper table attached, the root's included).
@@ -275,6 +305,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             leaf_cache: (NO_REGION, PhysAddr(0), 0),
             leaf_parent: (PhysAddr(0), 0),
             detach_gen: 0,
+            leaf_ptrs: LeafPtrs::NONE,
             root_side,
             side_pages: 1,
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
@@ -830,24 +861,36 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if pa & (PAGE_SIZE - 1) != 0 || pa >= self.oa_limit || attrs != self.page_bits.0 {
             return None;
         }
-        let (leaf, slot, created) = if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
-            (self.leaf_cache.1, self.leaf_cache.2, false)
+        let created = if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
+            false
         } else {
             match self.walk_for_map(iova) {
-                Ok(t) => t,
+                Ok((_, _, created)) => created,
                 Err(e) => return Some(Err(self.map_walk_failed(iova, e))),
             }
         };
+        // The cached leaf table's pointers (set by the walk on a miss): no
+        // lender call, no test of the count slot (a leaf table's is never
+        // the root's 0).
+        let LeafPtrs { entries, count } = self.leaf_ptrs;
         let i = index(iova, 0);
-        if !created && self.present(self.read(leaf, i), 0) {
+        let entry = entries.wrapping_add(i);
+        // SAFETY: `entries` points to the cached leaf table, a page this
+        // walker owns (see `LeafPtrs`); `i < 512` stays inside it. Volatile
+        // as in `read`.
+        if !created && self.present(unsafe { entry.read_volatile() }, 0) {
             return Some(Err(PageTableError::AlreadyMapped {
                 iova: DmaAddr(iova),
             }));
         }
         debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | self.page_bits.1);
-        self.write(leaf, i, pa | self.page_bits.1);
-        self.clean_entries(leaf, i, i + 1);
-        self.count_add(slot, 1);
+        // SAFETY: as above; one aligned 64-bit store (see `write`).
+        unsafe { entry.write_volatile(pa | self.page_bits.1) };
+        self.clean_entries(self.leaf_cache.1, i, i + 1);
+        // SAFETY: `count` points to the leaf table's count word, in a side
+        // page this walker owns (see `LeafPtrs`, `count_add`).
+        unsafe { count.write(count.read() + (1 << counts::COUNT_SHIFT)) };
+        debug_assert!(self.count_at(self.leaf_cache.2) <= ENTRIES as u64);
         Some(Ok(()))
     }
 
@@ -883,17 +926,32 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[inline(always)]
     pub(crate) fn unmap_page_in_range(&mut self, iova: u64) -> Option<UnmapOutcome> {
         debug_assert!(iova % PAGE_SIZE == 0 && iova < self.ias_limit);
-        let (leaf, slot) = self.leaf_table_present(iova)?;
+        if self.leaf_cache.0 != iova >> LEAF_TABLE_SHIFT {
+            self.walk_present(iova)?;
+        }
+        // The cached leaf table's pointers, as in `map_page_in_range`.
+        let LeafPtrs { entries, count } = self.leaf_ptrs;
         let i = index(iova, 0);
-        if !self.present(self.read(leaf, i), 0) {
+        let entry = entries.wrapping_add(i);
+        // SAFETY: as in `map_page_in_range`.
+        if !self.present(unsafe { entry.read_volatile() }, 0) {
             return None;
         }
-        self.write(leaf, i, 0);
+        // SAFETY: as in `map_page_in_range`.
+        unsafe { entry.write_volatile(0) };
+        let leaf = self.leaf_cache.1;
         self.clean_entries(leaf, i, i + 1);
-        self.count_sub(slot, 1);
-        let freed_tables = self.is_empty_at(slot, leaf, 0)
-            && !self.keep_empty
-            && self.detach_empty_leaf_table(iova);
+        // SAFETY: as in `map_page_in_range`. The entry was valid, so the
+        // count is at least 1.
+        let left = unsafe { count.read() } - (1 << counts::COUNT_SHIFT);
+        // SAFETY: as above.
+        unsafe { count.write(left) };
+        // A leaf table has no side page: its count word is the count alone
+        // (see `counts`), so the table is empty exactly when the word is 0.
+        debug_assert_eq!(counts::side_page(left), PhysAddr(0));
+        let empty = left == 0;
+        debug_assert!(!empty || self.valid_entries(leaf, 0) == 0);
+        let freed_tables = empty && !self.keep_empty && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
             bytes: PAGE_SIZE,
             freed_tables,
@@ -970,8 +1028,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         let parent = (node.0, node.2);
         let (leaf, _, slot) = self.map_step(node, 1, iova, &mut created)?;
-        self.leaf_cache = (region, leaf, slot);
-        self.leaf_parent = parent;
+        self.cache_leaf(region, leaf, slot, parent);
         Ok((leaf, slot, created))
     }
 
@@ -1012,6 +1069,18 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Ok((child.0, child.1, counts::slot(side, idx)))
     }
 
+    /// Caches the leaf table `leaf` (count at `slot`) of 2 MiB region
+    /// `region`, whose parent is `parent` (table, count slot).
+    #[inline(always)]
+    fn cache_leaf(&mut self, region: u64, leaf: PhysAddr, slot: u64, parent: (PhysAddr, u64)) {
+        self.leaf_cache = (region, leaf, slot);
+        self.leaf_parent = parent;
+        self.leaf_ptrs = LeafPtrs {
+            entries: self.mem.phys_to_virt(leaf).cast(),
+            count: self.mem.phys_to_virt(PhysAddr(slot)).cast(),
+        };
+    }
+
     /// The existing leaf table covering `iova` and its count slot, from the
     /// cache or by a walk that changes nothing; `None` when the walk meets
     /// anything but tables.
@@ -1046,8 +1115,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         let parent = (table, slot);
         let (leaf, _, leaf_slot) = step(table, side, 1)?;
-        self.leaf_cache = (region, leaf, leaf_slot);
-        self.leaf_parent = parent;
+        self.cache_leaf(region, leaf, leaf_slot, parent);
         Some((leaf, leaf_slot))
     }
 
