@@ -134,6 +134,9 @@ impl IommuBackend for NoopBackend {
 pub trait Contender<'a>: Sized {
     /// A fresh, empty table in `arena`.
     fn new(arena: &'a Arena) -> Self;
+    /// Per-transaction set-up from the offsets a timed `link_4k` will get
+    /// (outside the timed region; ours sizes its transaction here).
+    fn prepare(&mut self, _offs: &[u64]) {}
     /// Maps separate 4 KiB pages at `VA_BASE + offs[i]` → `pa_4k(i)`, one
     /// call per page, then makes them visible once.
     fn link_4k(&mut self, offs: &[u64]);
@@ -193,6 +196,8 @@ pub struct Ours<'a, F: PteFormat, L: Lender<'a> = &'a Arena, const KEEP: bool = 
     pub be: NoopBackend,
     /// The scatter list `pa_4k(0..)`, built before anything is timed.
     pub sg: Vec<PhysAddr>,
+    /// The transaction size `link_4k` allocates (`prepare`).
+    pub span: u64,
     _arena: core::marker::PhantomData<&'a Arena>,
 }
 
@@ -240,6 +245,7 @@ impl<'a, F: PteFormat + Default, L: Lender<'a>, const KEEP: bool> Contender<'a>
             tx: None,
             be: NoopBackend,
             sg: (0..SG_MAX).map(|i| PhysAddr(pa_4k(i))).collect(),
+            span: PAGE,
             _arena: core::marker::PhantomData,
         }
     }
@@ -262,9 +268,13 @@ impl<'a, F: PteFormat + Default, L: Lender<'a>, const KEEP: bool> Contender<'a>
         self.tx = Some(tx);
     }
 
+    fn prepare(&mut self, offs: &[u64]) {
+        self.span = span(offs);
+    }
+
     #[inline(never)]
     fn link_4k(&mut self, offs: &[u64]) {
-        let mut tx = self.tx(span(offs));
+        let mut tx = self.tx(self.span);
         for (i, &off) in offs.iter().enumerate() {
             self.dom
                 .link(
@@ -887,6 +897,8 @@ pub struct Shared<'a, F: PteFormat> {
     pub dom: bare_iommu::shared::SharedDomain<F, &'a Arena>,
     pub tx: Option<IovaState>,
     pub be: bare_iommu::testing::split::FakeQueue,
+    /// As [`Ours::span`].
+    pub span: u64,
     _arena: core::marker::PhantomData<&'a Arena>,
 }
 
@@ -908,6 +920,7 @@ impl<'a, F: PteFormat + Default> Contender<'a> for Shared<'a, F> {
             ),
             tx: None,
             be: bare_iommu::testing::split::FakeQueue::new(u64::MAX),
+            span: PAGE,
             _arena: core::marker::PhantomData,
         };
         // Steady state: a first sync has told the domain that this IOMMU
@@ -916,9 +929,13 @@ impl<'a, F: PteFormat + Default> Contender<'a> for Shared<'a, F> {
         s
     }
 
+    fn prepare(&mut self, offs: &[u64]) {
+        self.span = span(offs);
+    }
+
     #[inline(never)]
     fn link_4k(&mut self, offs: &[u64]) {
-        let mut tx = self.tx(span(offs));
+        let mut tx = self.tx(self.span);
         for (i, &off) in offs.iter().enumerate() {
             self.dom
                 .link(

@@ -182,6 +182,7 @@ impl Op {
     /// What exists before the timed work.
     fn setup<'a, C: Contender<'a>>(self, arena: &'a Arena, offs: &[u64]) -> C {
         let mut c = C::new(arena);
+        c.prepare(offs);
         match self {
             Op::Link4k(..) | Op::LinkSg(_) | Op::LinkRun(_) | Op::Link1g => {
                 if C::KEEPS_TABLES {
@@ -462,6 +463,7 @@ fn on_fresh<'a, C: Contender<'a>, T>(arena: &'a Arena, f: impl FnOnce(&mut C) ->
 fn table_pages<'a, C: Contender<'a>>(arena: &'a Arena) -> (usize, usize) {
     let offs = Pattern::Seq.offsets(PAGES_1G);
     let small = on_fresh(arena, |c: &mut C| {
+        c.prepare(&offs);
         c.link_4k(&offs);
         arena.live()
     });
@@ -478,6 +480,7 @@ fn heap_allocs<'a, C: Contender<'a>>(arena: &'a Arena) -> (u64, u64) {
     let offs = Pattern::Scat.offsets(512);
     let small = on_fresh(arena, |c: &mut C| {
         let before = ALLOCS.load(Ordering::Relaxed);
+        c.prepare(&offs);
         c.link_4k(&offs);
         c.unlink_4k(&offs);
         ALLOCS.load(Ordering::Relaxed) - before
@@ -518,6 +521,7 @@ fn written<'a, C: Contender<'a>>(arena: &'a Arena) -> Vec<u64> {
     for p in [Pattern::Seq, Pattern::Scat] {
         let offs = p.offsets(512);
         v.extend(on_fresh(arena, |c: &mut C| {
+            c.prepare(&offs);
             c.link_4k(&offs);
             let mut d: Vec<u64> = offs
                 .iter()
