@@ -543,3 +543,69 @@ fn a_domain_put_in_place_through_with_does_not_inherit_the_leaf_hints() {
     let mut old = old;
     old.unlink(&mut t, 0, 4096).unwrap();
 }
+
+/// A one-way buffer's per-page links (device reads only, or writes only)
+/// take the one-page path too, with the descriptor of their own direction:
+/// each page translates with the attributes the plain domain gives it.
+#[test]
+fn per_page_links_of_one_way_buffers_write_their_own_direction() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut plain = Domain::new(
+        ArmStage1,
+        &mem,
+        DomainConfig {
+            id: 2,
+            levels: 4,
+            aperture_start: 1 << 20,
+            aperture_end: 1 << 40,
+            coherent_walk: true,
+        },
+    )
+    .unwrap();
+    let mut q = FakeQueue::new(1);
+    let mut t = dom
+        .try_alloc(16 * 4096, u64::MAX)
+        .unwrap()
+        .into_iova()
+        .unwrap();
+    let mut u = plain
+        .try_alloc(16 * 4096, u64::MAX)
+        .unwrap()
+        .into_iova()
+        .unwrap();
+    let dirs = [
+        DmaDirection::ToDevice,
+        DmaDirection::FromDevice,
+        DmaDirection::Bidirectional,
+    ];
+    // Twice round: the second finds the leaf table through the hint.
+    for round in 0..2u64 {
+        for (i, &dir) in dirs.iter().enumerate() {
+            let off = (round * 3 + i as u64) * 4096;
+            let pa = PhysAddr(0x8000_0000 + off);
+            let at = dom
+                .link(&mut t, pa, off, 4096, dir, MapAttrs::empty())
+                .unwrap();
+            let want = plain
+                .link(&mut u, pa, off, 4096, dir, MapAttrs::empty())
+                .unwrap();
+            let (got_pa, got) = dom.translate(at).unwrap();
+            assert_eq!(got_pa, pa);
+            assert_eq!(
+                Some((pa, got)),
+                plain.translate(want),
+                "{dir:?}, round {round}"
+            );
+        }
+    }
+    // ToDevice is read-only in every format.
+    let (_, ro) = dom.translate(DmaAddr(t.iova().0)).unwrap();
+    assert!(!ro.contains(MapAttrs::WRITE), "{ro:?}");
+    dom.unlink(&mut t, 0, 6 * 4096).unwrap();
+    dom.sync(&mut q).unwrap();
+    dom.free(t).unwrap();
+    plain.unlink(&mut u, 0, 6 * 4096).unwrap();
+    plain.destroy(u, &mut q).unwrap();
+    plain.teardown(&mut q).map_err(|(_, e)| e).unwrap();
+}

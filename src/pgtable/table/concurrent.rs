@@ -479,9 +479,21 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         attrs: MapAttrs,
     ) -> Option<Result<(), SharedMapError>> {
         debug_assert!(iova % PAGE_SIZE == 0 && iova < self.ias_limit);
-        if pa & (PAGE_SIZE - 1) != 0 || pa >= self.oa_limit || attrs != self.page_bits.0 {
+        if pa & (PAGE_SIZE - 1) != 0 || pa >= self.oa_limit {
             return None;
         }
+        // The descriptor: the exclusive path's cached bits when the
+        // attributes are the same (read-write, by default), else encoded
+        // here (this path cannot update the cache; a one-way DMA buffer
+        // would otherwise always take the slow path). Attributes granting
+        // no access go there too, for its error.
+        let desc = if attrs == self.page_bits.0 {
+            pa | self.page_bits.1
+        } else if attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
+            self.fmt.leaf(PhysAddr(pa), 0, attrs)
+        } else {
+            return None;
+        };
         let region = iova >> LEAF_TABLE_SHIFT;
         let (leaf, slot) = match hint.get(region, self.generation()) {
             Some(t) => t,
@@ -502,9 +514,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 left_empty: false,
             }));
         }
-        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | self.page_bits.1);
+        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), desc);
         // Only this CPU writes this entry (disjoint ranges).
-        self.write(leaf, i, pa | self.page_bits.1);
+        self.write(leaf, i, desc);
         self.clean_entries(leaf, i, i + 1);
         self.count_add_shared(slot, 1);
         Some(Ok(()))
