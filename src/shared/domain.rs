@@ -823,7 +823,16 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         // Take every pending bit and the word, in one step, once no other
         // sync holds it (it queues and publishes its ticket meanwhile: a
         // sync that found nothing of its own then waits for that ticket).
-        let bits = self.take_pending();
+        let may_skip = self.st.retired.load(core::sync::atomic::Ordering::Acquire) == 0;
+        let Some(bits) = self.take_pending(may_skip) else {
+            // What the fast path does, found after waiting for a holder.
+            let ticket = word.last_ticket.load(Ordering::Acquire);
+            self.dom.read(self.home(), |g| g.dom.publish(backend))?;
+            if !self.seen_done(ticket) {
+                self.wait_for(backend, ticket)?;
+            }
+            return Ok(());
+        };
         let held = Release(&word.state);
         let k = self.home();
         let begun = self.dom.read(k, |g| {
@@ -884,27 +893,40 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         Ok(())
     }
 
-    /// Takes every pending bit and [`TAKING`], spinning while another
-    /// sync holds it; returns the bits taken.
-    fn take_pending(&self) -> u64 {
+    /// Takes every pending bit and [`TAKING`], spinning (backing off)
+    /// while another sync holds it; returns the bits taken, or `None` when
+    /// `may_skip` and the word, once free, showed nothing pending (a sync
+    /// then only waits for the newest ticket, as the fast path does).
+    fn take_pending(&self, may_skip: bool) -> Option<u64> {
         let state = &self.word.state;
         let mut cur = state.load(Ordering::Relaxed);
+        let mut pause = 1u32;
         loop {
             if cur & TAKING == 0 {
+                // Nothing pending and nobody taking (the holder waited for
+                // has published its ticket): the fast path's case.
+                if cur == 0 && may_skip && state.load(Ordering::Acquire) == 0 {
+                    return None;
+                }
                 match state.compare_exchange_weak(
                     cur,
                     (cur & !PENDING_BITS) | TAKING,
                     Ordering::AcqRel,
                     Ordering::Relaxed,
                 ) {
-                    Ok(_) => return cur & PENDING_BITS,
+                    Ok(_) => return Some(cur & PENDING_BITS),
                     Err(now) => {
                         cur = now;
                         continue;
                     }
                 }
             }
-            super::sync::spin_hint();
+            // Back off while another sync holds the word: its release and
+            // ticket store need the line more than this CPU's looks do.
+            for _ in 0..pause {
+                super::sync::spin_hint();
+            }
+            pause = (pause * 2).min(64);
             // A read-modify-write reads the newest value (see
             // `ShardedRwLock::read`).
             cur = state.fetch_or(0, Ordering::Relaxed);
