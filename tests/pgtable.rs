@@ -396,9 +396,12 @@ fn per_page_unmaps_detach_like_a_range_unmap<F: PteFormat + Copy>(fmt: F, levels
     // parents at different times.
     for &p in pages.iter().rev().step_by(2).chain(pages.iter().step_by(2)) {
         a.unmap(DmaAddr(p), K4).unwrap();
-        a.check_counts().unwrap();
+        if !cfg!(miri) {
+            a.check_counts().unwrap();
+        }
         assert_eq!(a.translate(DmaAddr(p)), None);
     }
+    a.check_counts().unwrap();
     b.unmap_present(DmaAddr(0), span).unwrap();
     a.free_retired();
     b.free_retired();
@@ -407,14 +410,23 @@ fn per_page_unmaps_detach_like_a_range_unmap<F: PteFormat + Copy>(fmt: F, levels
     // And every page can be linked again.
     for &p in &pages {
         a.map(DmaAddr(p), PhysAddr(0x9000_0000), K4, RW).unwrap();
-        a.check_counts().unwrap();
+        if !cfg!(miri) {
+            a.check_counts().unwrap();
+        }
     }
+    a.check_counts().unwrap();
 }
 
 #[test]
 fn per_page_unmaps_detach_emptied_tables_as_a_range_unmap_does() {
-    for levels in 2..=5 {
+    // Under Miri (minutes per configuration: every step rescans the
+    // tables) one configuration with a 1 GiB-capable upper level.
+    let levels = if cfg!(miri) { 4..=4 } else { 2..=5 };
+    for levels in levels {
         per_page_unmaps_detach_like_a_range_unmap(ArmStage1, levels);
+        if cfg!(miri) {
+            continue;
+        }
         per_page_unmaps_detach_like_a_range_unmap(VtdSecondLevel::default(), levels);
         per_page_unmaps_detach_like_a_range_unmap(
             VtdSecondLevel {
