@@ -52,6 +52,19 @@ fn started(cap: u64, ecap: u64, scalable: bool) -> (FakeVtd, Vtd<SharedMem>) {
     (fake, v)
 }
 
+/// Domain 5 (4 levels, aperture `[1 MiB, 4 GiB)`) on `v`'s second-level
+/// format, its tables in the fake's memory.
+fn domain5(fake: &FakeVtd, v: &Vtd<SharedMem>) -> Domain<VtdSecondLevel, SharedMem> {
+    let dc = DomainConfig {
+        id: 5,
+        levels: 4,
+        aperture_start: 1 << 20,
+        aperture_end: 1 << 32,
+        coherent_walk: v.coherent_walk(),
+    };
+    Domain::new(v.second_level_format(), fake.mem.clone(), dc).unwrap()
+}
+
 fn dev(n: u8) -> DeviceId {
     DeviceId::new(0, 0, n, 0).unwrap()
 }
@@ -421,14 +434,7 @@ fn wbf_before_every_batch(sm: bool) -> Result<(), String> {
             QEMU_ECAP
         };
         let (fake, mut v) = started(QEMU_CAP | CAP_RWBF, ecap, sm);
-        let dc = DomainConfig {
-            id: 5,
-            levels: 4,
-            aperture_start: 1 << 20,
-            aperture_end: 1 << 32,
-            coherent_walk: v.coherent_walk(),
-        };
-        let mut dom = Domain::new(v.second_level_format(), fake.mem.clone(), dc).unwrap();
+        let mut dom = domain5(&fake, &v);
         fake.clear();
         v.attach(dev(3), dom.attachment()).unwrap();
         let mut tx = dom
@@ -754,14 +760,7 @@ fn hostile_vtd_random_capabilities_and_silent_registers_give_typed_errors() {
 fn strict_vtd_link_sync_submits_no_wait_descriptor_outside_caching_mode() {
     for (cap, cm) in [(QEMU_CAP | CAP_RWBF, false), (QEMU_CAP | CAP_CM, true)] {
         let (fake, mut v) = started(cap, QEMU_ECAP, false);
-        let dc = DomainConfig {
-            id: 5,
-            levels: 4,
-            aperture_start: 1 << 20,
-            aperture_end: 1 << 32,
-            coherent_walk: v.coherent_walk(),
-        };
-        let mut dom = Domain::new(v.second_level_format(), fake.mem.clone(), dc).unwrap();
+        let mut dom = domain5(&fake, &v);
         v.attach(dev(3), dom.attachment()).unwrap();
         let mut tx = dom
             .try_alloc(1 << 20, u64::MAX)
@@ -820,14 +819,7 @@ fn strict_vtd_shared_link_sync_flushes_the_write_buffer_only_under_rwbf() {
     use crate::shared::{SharedDomain, SharedIommu};
     for (cap, flushes) in [(QEMU_CAP | CAP_RWBF, 1), (QEMU_CAP, 0)] {
         let (fake, v) = started(cap, QEMU_ECAP, false);
-        let dc = DomainConfig {
-            id: 5,
-            levels: 4,
-            aperture_start: 1 << 20,
-            aperture_end: 1 << 32,
-            coherent_walk: v.coherent_walk(),
-        };
-        let dom = Domain::new(v.second_level_format(), fake.mem.clone(), dc).unwrap();
+        let dom = domain5(&fake, &v);
         let iommu = SharedIommu::new(v, |_| {});
         iommu.with(|v| v.attach(dev(3), dom.attachment())).unwrap();
         let dom = SharedDomain::new(dom);
