@@ -72,7 +72,7 @@ struct Shard {
 /// domain's allocator, with its errors.
 ///
 /// **Sync** waits for the IOMMU outside every lock: the pending ranges of
-/// all shards and one completion are queued under a short sync lock, and
+/// all shards and one completion are queued under the sync word's lock, and
 /// the wait runs without it. A sync covers every unlink that returned
 /// before it began (when another CPU's sync took those ranges, this one
 /// waits for that completion too).

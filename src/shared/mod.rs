@@ -94,34 +94,35 @@
 //! number): its stack region claims a free shard on first use.
 //!
 //! **Pending invalidations** are kept per shard under the shard's lock
-//! (never across a walk). A sync takes every shard's ranges and queues
-//! them with one completion under a short sync lock; a sync that finds
-//! nothing left — another CPU's sync took the ranges of an unlink that
-//! returned before it began — waits for that sync's completion before it
-//! returns.
+//! (never across a walk). A sync takes every shard's "pending" bit and the
+//! domain's sync lock in one compare-and-swap of one word, drains the
+//! shards whose bits it took, and queues their invalidations and one
+//! completion under one hold of the IOMMU's lock
+//! ([`SplitSync::queue_and_submit`]); a sync with nothing pending reads that
+//! word and waits for the newest ticket; a sync that finds nothing left —
+//! another CPU's sync took the ranges of an unlink that returned before it
+//! began — waits for that sync's completion before it returns.
 //!
 //! **Cost** (measured on this crate's bench, callgrind, one CPU,
 //! instructions per 4 KiB call including one sync per 32768 calls; the
 //! `s1/shared` contender of `cargo xtask bench --instructions`,
-//! 2026-11-30): `link` of sequential pages 112 for `SharedDomain` against
-//! 78 for `Domain`, `unlink` 114 against 62 (before the per-shard
+//! 2026-11-30): `link` of sequential pages 110 for `SharedDomain` against
+//! 62 for `Domain`, `unlink` 114 against 48 (before the per-shard
 //! leaf-table hint, `crate::pgtable::LeafHint`, they were 471 and 378: a
 //! walk from the root at every call). What is left per call: the read
 //! side's compare-and-swap and release, the hint's seqlock and generation
 //! check, an atomic count, and for an unlink (or a link before the first
 //! sync tells it the IOMMU does not cache not-present entries) the shard's
 //! short lock over its pending ranges. Scattered pages: `link` 325 against
-//! 277 (a walk each, as `Domain`'s), `unlink` 332 against 391 (the shared
-//! path leaves emptied tables attached for a later reclaim).
-//! `Domain::link` / `unlink` themselves are unchanged.
+//! 229 (a walk each, as `Domain`'s).
 //! Two threads on disjoint transactions of one `SharedDomain`
-//! (`bench: shared threads`, 16 one-page links, sync, unlink, destroy per
-//! transaction, `BENCH_THREADS_ONLY=20000`, 3 runs): ratio 0.78–0.87 while
-//! the machine itself gave 1.75–1.90 (two threads on separate domains and
-//! queues); two separate domains sharing one [`SharedIommu`] gave 1.02–1.07,
-//! so most of the loss is the shared command queue (one lock per command,
-//! publish and completion look), the rest the syncs' shared state. The goal
-//! of 1.7 is not reached.
+//! (`bench: shared threads`, 16 one-page one-way links, sync, unlink,
+//! destroy per transaction): ratio 1.56 in the README's run while the
+//! machine itself gave 1.77 (two threads on separate domains and queues),
+//! two domains sharing one [`SharedIommu`] 1.68; quick runs gave 1.35–1.74.
+//! What is left is the domain's sync word (read by every sync, written by
+//! a taking one) and the IOMMU lock. The goal of 1.7 is not reached
+//! reliably.
 
 mod domain;
 mod iommu;
