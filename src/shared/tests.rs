@@ -11,7 +11,7 @@ use crate::backend::{DomainInfo, IommuBackend, TableFormat};
 use crate::error::BackendError;
 use crate::pgtable::arm::ArmStage1;
 use crate::pgtable::{DmaDirection, MapAttrs};
-use crate::state::{Domain, DomainConfig};
+use crate::state::{Domain, DomainConfig, IovaState};
 use crate::testing::heap::HostMemory;
 use crate::testing::split::FakeQueue;
 
@@ -181,6 +181,17 @@ fn domain(mem: &HostMemory) -> SharedDomain<ArmStage1, &HostMemory> {
     SharedDomain::new(Domain::new(ArmStage1, mem, cfg).unwrap())
 }
 
+/// A transaction of `size` bytes from `dom`'s allocator.
+fn tx(dom: &SharedDomain<ArmStage1, &HostMemory>, size: u64) -> IovaState {
+    dom.try_alloc(size, u64::MAX).unwrap().into_iova().unwrap()
+}
+
+/// Links the 4 KiB page at `pa` at `offset` of `t`, both directions.
+fn link_page(dom: &SharedDomain<ArmStage1, &HostMemory>, t: &mut IovaState, pa: u64, offset: u64) {
+    dom.link(t, PhysAddr(pa), offset, 4096, RW, MapAttrs::empty())
+        .unwrap();
+}
+
 const RW: DmaDirection = DmaDirection::Bidirectional;
 
 #[test]
@@ -189,16 +200,8 @@ fn a_shared_sync_waits_outside_the_lock_and_frees_only_covered_tables() {
     let dom = domain(&mem);
     let mut q = FakeQueue::new(1);
     // Two transactions far apart: each has its own leaf and level-2 tables.
-    let mut t1 = dom
-        .try_alloc(1 << 30, u64::MAX)
-        .unwrap()
-        .into_iova()
-        .unwrap();
-    let mut t2 = dom
-        .try_alloc(1 << 30, u64::MAX)
-        .unwrap()
-        .into_iova()
-        .unwrap();
+    let mut t1 = tx(&dom, 1 << 30);
+    let mut t2 = tx(&dom, 1 << 30);
     let pa = PhysAddr(0x8000_0000);
     dom.link(&mut t1, pa, 0, 4096, RW, MapAttrs::empty())
         .unwrap();
@@ -249,20 +252,8 @@ fn a_failed_shared_sync_frees_nothing_and_the_next_invalidates_the_domain() {
     let mem = HostMemory::default();
     let dom = domain(&mem);
     let mut q = FakeQueue::new(1);
-    let mut t = dom
-        .try_alloc(1 << 30, u64::MAX)
-        .unwrap()
-        .into_iova()
-        .unwrap();
-    dom.link(
-        &mut t,
-        PhysAddr(0x8000_0000),
-        0,
-        4096,
-        RW,
-        MapAttrs::empty(),
-    )
-    .unwrap();
+    let mut t = tx(&dom, 1 << 30);
+    link_page(&dom, &mut t, 0x8000_0000, 0);
     dom.sync(&mut q).unwrap();
     let before = mem.blocks_out();
     dom.unlink(&mut t, 0, 4096).unwrap();
@@ -333,11 +324,7 @@ fn a_sync_that_finds_nothing_waits_for_the_completion_that_took_its_ranges() {
     let dom = domain(&mem);
     let iommu = SharedIommu::new(FakeQueue::new(1), drain);
     let mut a = iommu.cpu();
-    let mut t = dom
-        .try_alloc(2 * 4096, u64::MAX)
-        .unwrap()
-        .into_iova()
-        .unwrap();
+    let mut t = tx(&dom, 2 * 4096);
     dom.link(
         &mut t,
         PhysAddr(0x8000_0000),
@@ -371,16 +358,8 @@ fn the_write_side_counts_tables_the_shared_path_attached_before_detaching_them()
     let mem = HostMemory::default();
     let dom = domain(&mem);
     let mut q = FakeQueue::new(1);
-    let mut t = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
-    dom.link(
-        &mut t,
-        PhysAddr(0x8000_0000),
-        0,
-        4096,
-        RW,
-        MapAttrs::empty(),
-    )
-    .unwrap();
+    let mut t = tx(&dom, 4096);
+    link_page(&dom, &mut t, 0x8000_0000, 0);
     // The first write-side call: it detaches the leaf and level-2 tables
     // (the root's child stays: `kept_height`).
     dom.with(|d| d.unlink(&mut t, 0, 4096)).unwrap();
@@ -399,24 +378,12 @@ fn tables_whose_hints_a_full_list_dropped_are_swept_by_the_reclaim() {
     let mem = HostMemory::default();
     let dom = domain(&mem);
     let mut q = FakeQueue::new(1);
-    let mut t = dom
-        .try_alloc(64 << 21, u64::MAX)
-        .unwrap()
-        .into_iova()
-        .unwrap();
+    let mut t = tx(&dom, 64 << 21);
     let before = mem.blocks_out();
     // One page in each of 20 2 MiB regions: 20 leaf tables under one
     // level-1 table, more than a shard's list of empty tables holds.
     for r in 0..20u64 {
-        dom.link(
-            &mut t,
-            PhysAddr(0x8000_0000 + r * 4096),
-            r << 21,
-            4096,
-            RW,
-            MapAttrs::empty(),
-        )
-        .unwrap();
+        link_page(&dom, &mut t, 0x8000_0000 + r * 4096, r << 21);
     }
     dom.sync(&mut q).unwrap();
     assert_eq!(mem.blocks_out(), before + 2 + 2 + 20);
@@ -443,15 +410,14 @@ fn a_link_after_a_reclaim_does_not_follow_the_hint_into_the_detached_table() {
     let mem = HostMemory::default();
     let dom = domain(&mem);
     let mut q = FakeQueue::new(1);
-    let mut t = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+    let mut t = tx(&dom, 4096);
     let retired = |d: &mut Domain<ArmStage1, &HostMemory>| d.page_table().unwrap().retired_pages();
     for (round, pa) in [0x8000_0000u64, 0x9000_0000, 0xa000_0000]
         .into_iter()
         .enumerate()
     {
         // A walk: this CPU's hint names the leaf table.
-        dom.link(&mut t, PhysAddr(pa), 0, 4096, RW, MapAttrs::empty())
-            .unwrap();
+        link_page(&dom, &mut t, pa, 0);
         assert_eq!(dom.translate(t.iova()).map(|x| x.0), Some(PhysAddr(pa)));
         // Through the hint: the leaf table is left empty.
         dom.unlink(&mut t, 0, 4096).unwrap();
@@ -467,15 +433,7 @@ fn a_link_after_a_reclaim_does_not_follow_the_hint_into_the_detached_table() {
             assert_eq!(dom.with(retired), 0);
         }
     }
-    dom.link(
-        &mut t,
-        PhysAddr(0xb000_0000),
-        0,
-        4096,
-        RW,
-        MapAttrs::empty(),
-    )
-    .unwrap();
+    link_page(&dom, &mut t, 0xb000_0000, 0);
     assert_eq!(
         dom.translate(t.iova()).map(|x| x.0),
         Some(PhysAddr(0xb000_0000))
@@ -495,16 +453,8 @@ fn a_domain_put_in_place_through_with_does_not_inherit_the_leaf_hints() {
     let mem = HostMemory::default();
     let dom = domain(&mem);
     let mut q = FakeQueue::new(1);
-    let mut t = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
-    dom.link(
-        &mut t,
-        PhysAddr(0x8000_0000),
-        0,
-        4096,
-        RW,
-        MapAttrs::empty(),
-    )
-    .unwrap();
+    let mut t = tx(&dom, 4096);
+    link_page(&dom, &mut t, 0x8000_0000, 0);
     let cfg = DomainConfig {
         id: 1,
         levels: 4,
@@ -516,17 +466,9 @@ fn a_domain_put_in_place_through_with_does_not_inherit_the_leaf_hints() {
     let old = dom.with(|d| core::mem::replace(d, fresh));
     // From the same shard chunk (or, if this call lands on another shard,
     // the same first chunk of the new domain's allocator): `t`'s 2 MiB.
-    let mut t2 = dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap();
+    let mut t2 = tx(&dom, 4096);
     assert_eq!(t2.iova().0 >> 21, t.iova().0 >> 21);
-    dom.link(
-        &mut t2,
-        PhysAddr(0x9000_0000),
-        0,
-        4096,
-        RW,
-        MapAttrs::empty(),
-    )
-    .unwrap();
+    link_page(&dom, &mut t2, 0x9000_0000, 0);
     assert_eq!(
         dom.translate(t2.iova()).map(|x| x.0),
         Some(PhysAddr(0x9000_0000))
@@ -564,11 +506,7 @@ fn per_page_links_of_one_way_buffers_write_their_own_direction() {
     )
     .unwrap();
     let mut q = FakeQueue::new(1);
-    let mut t = dom
-        .try_alloc(16 * 4096, u64::MAX)
-        .unwrap()
-        .into_iova()
-        .unwrap();
+    let mut t = tx(&dom, 16 * 4096);
     let mut u = plain
         .try_alloc(16 * 4096, u64::MAX)
         .unwrap()

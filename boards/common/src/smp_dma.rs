@@ -228,6 +228,31 @@ pub fn lock<'m, T>(m: &'m Mutex<T>, what: &str) -> Result<MutexGuard<'m, T>, Fai
     )))
 }
 
+/// A transaction of `len` bytes from `d`.
+fn begin<S: SmpBoard>(d: &Dom<S>, len: u64) -> Result<IovaState, Fail> {
+    d.try_alloc(len, u64::MAX)
+        .or_fail("try_alloc")?
+        .into_iova()
+        .or_fail("translated domain gave the direct path")
+}
+
+/// `tx` when its links and sync (`linked`) went well, else destroyed
+/// (through `cpu`) and the failure.
+fn kept_or_destroyed<S: SmpBoard>(
+    d: &Dom<S>,
+    tx: IovaState,
+    cpu: &mut Cpu<'_, S>,
+    linked: Result<(), Fail>,
+) -> Result<IovaState, Fail> {
+    match linked {
+        Ok(()) => Ok(tx),
+        Err(e) => {
+            let _ = d.destroy(tx, cpu);
+            Err(e)
+        }
+    }
+}
+
 fn fill(pa: PhysAddr, byte: impl Fn(usize) -> u8) {
     // SAFETY: `pa` is one of this CPU's pages in `Work::pages`, identity
     // mapped, lent to this test and used by no other CPU.
@@ -268,11 +293,7 @@ impl<S: SmpBoard> Work<'_, S> {
         q: PhysAddr,
     ) -> Result<IovaState, Fail> {
         let d = self.dom(dom)?;
-        let mut tx = d
-            .try_alloc(2 * PAGE_SIZE, u64::MAX)
-            .or_fail("try_alloc")?
-            .into_iova()
-            .or_fail("translated domain gave the direct path")?;
+        let mut tx = begin::<S>(d, 2 * PAGE_SIZE)?;
         let linked = d
             .link(
                 &mut tx,
@@ -297,13 +318,7 @@ impl<S: SmpBoard> Work<'_, S> {
                 .or_fail("link Q")
             })
             .and_then(|()| d.sync(cpu).or_fail("sync"));
-        match linked {
-            Ok(()) => Ok(tx),
-            Err(e) => {
-                let _ = d.destroy(tx, cpu);
-                Err(e)
-            }
-        }
+        kept_or_destroyed::<S>(d, tx, cpu, linked)
     }
 
     /// A transaction in domain `dom` with `pages` linked one after another
@@ -316,11 +331,7 @@ impl<S: SmpBoard> Work<'_, S> {
         pages: &[PhysAddr],
     ) -> Result<IovaState, Fail> {
         let d = self.dom(dom)?;
-        let mut tx = d
-            .try_alloc(pages.len() as u64 * PAGE_SIZE, u64::MAX)
-            .or_fail("try_alloc")?
-            .into_iova()
-            .or_fail("translated domain gave the direct path")?;
+        let mut tx = begin::<S>(d, pages.len() as u64 * PAGE_SIZE)?;
         let linked = d
             .link_pages(
                 &mut tx,
@@ -332,13 +343,7 @@ impl<S: SmpBoard> Work<'_, S> {
             .map(|_| ())
             .or_fail("link_pages")
             .and_then(|()| d.sync(cpu).or_fail("sync"));
-        match linked {
-            Ok(()) => Ok(tx),
-            Err(e) => {
-                let _ = d.destroy(tx, cpu);
-                Err(e)
-            }
-        }
+        kept_or_destroyed::<S>(d, tx, cpu, linked)
     }
 
     fn unmap(&self, cpu: &mut Cpu<'_, S>, dom: usize, tx: IovaState) -> Result<(), Fail> {
