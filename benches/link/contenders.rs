@@ -170,6 +170,12 @@ pub trait Contender<'a>: Sized {
 /// Longest scatter list the benchmarks link.
 pub const SG_MAX: u64 = 32768;
 
+/// `pa_4k(0..SG_MAX)`, made on first use.
+pub fn scatter_list() -> &'static [PhysAddr] {
+    static LIST: std::sync::OnceLock<Vec<PhysAddr>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| (0..SG_MAX).map(|i| PhysAddr(pa_4k(i))).collect())
+}
+
 /// How ours gets its lender from the arena: `&Arena` (pages zeroed outside
 /// the timed region) or [`Zeroing`] (zeroed when lent, inside it).
 pub trait Lender<'a>: bare_iommu::TableMemory + Sized {
@@ -194,8 +200,10 @@ pub struct Ours<'a, F: PteFormat, L: Lender<'a> = &'a Arena, const KEEP: bool = 
     pub dom: Domain<F, L>,
     pub tx: Option<IovaState>,
     pub be: NoopBackend,
-    /// The scatter list `pa_4k(0..)`, built before anything is timed.
-    pub sg: Vec<PhysAddr>,
+    /// The scatter list `pa_4k(0..)`, built once before anything is timed
+    /// and shared by every state (a list per state would be 256 KiB of
+    /// set-up writes each, evicting the states a batch then times).
+    pub sg: &'static [PhysAddr],
     /// The transaction size `link_4k` allocates (`prepare`).
     pub span: u64,
     _arena: core::marker::PhantomData<&'a Arena>,
@@ -244,7 +252,7 @@ impl<'a, F: PteFormat + Default, L: Lender<'a>, const KEEP: bool> Contender<'a>
             dom,
             tx: None,
             be: NoopBackend,
-            sg: (0..SG_MAX).map(|i| PhysAddr(pa_4k(i))).collect(),
+            sg: scatter_list(),
             span: PAGE,
             _arena: core::marker::PhantomData,
         }

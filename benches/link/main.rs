@@ -31,6 +31,9 @@
 //! the median. The run ends with one `bench: ...` line per case and peer;
 //! nothing here asserts a time.
 //!
+//! `BENCH_CASES=CASE[,CASE...]` times only those cases and prints their
+//! `bench:` lines (no report, no facts, no threads line).
+//!
 //! `BENCH_PROFILE=CASE/FMT/WHO [BENCH_ITERS=n]` runs one routine `n` times
 //! inside `profiled_work` (for `valgrind --tool=callgrind
 //! --toggle-collect=*profiled_work*`, see `cargo xtask bench
@@ -366,10 +369,23 @@ fn runners<'a>(op: Op, arena: &'a Arena, limit: &'a Limit) -> Vec<Runner<'a>> {
 }
 
 fn run_benches(arena: &Arena) {
+    // `BENCH_CASES=a,b`: only those cases (a quick look while working; the
+    // report then lacks the others).
+    let only = std::env::var("BENCH_CASES").ok();
+    let wanted = |name: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|c| c == name))
+    };
     for op in Op::all() {
+        if !wanted(&op.name()) {
+            continue;
+        }
         let limit = Limit::new(&op.limit_offsets());
         measure(&op.name(), runners(op, arena, &limit));
         arena.reset();
+    }
+    if !wanted("txn-fixed") {
+        return;
     }
     let mut d1 = Domain::new(ArmStage1, arena, CONFIG).unwrap();
     let mut d2 = Domain::new(ArmStage2, arena, CONFIG).unwrap();
@@ -978,6 +994,15 @@ fn main() {
         match v.parse::<u64>() {
             Ok(n) if n > 1 => println!("{}", threads::line(n, 3)),
             _ => println!("{}", threads::line(2_000, 1)),
+        }
+        return;
+    }
+    if std::env::var("BENCH_CASES").is_ok() {
+        run_benches(&arena);
+        for op in Op::all() {
+            for (fmt, peers) in FORMATS {
+                compare(op, fmt, peers);
+            }
         }
         return;
     }
