@@ -1,7 +1,13 @@
 //! Ordering of table and queue writes before the doorbell that publishes them.
 
 /// Orders every earlier memory write before later writes, including device
-/// register writes (Arm `dsb st`; a compiler + CPU fence elsewhere).
+/// register writes: Arm `dsb st`; x86-64 `sfence` (Linux's `wmb()`): x86
+/// never reorders ordinary stores with each other, nor with a later
+/// uncached register store, and `sfence` also orders non-temporal and
+/// write-combining stores a lender may have zeroed a page with (a full
+/// `mfence` or locked instruction, which also orders later loads, costs
+/// several times more and is not needed here; the non-coherent clean has
+/// its own `mfence`); a full fence on other targets.
 #[inline]
 pub fn wmb() {
     #[cfg(target_arch = "aarch64")]
@@ -10,12 +16,20 @@ pub fn wmb() {
     unsafe {
         core::arch::asm!("dsb st", options(nostack, preserves_flags));
     }
-    #[cfg(not(target_arch = "aarch64"))]
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `sfence` only orders earlier stores before later ones; no
+    // memory or register is touched. Without `nomem` it is also a compiler
+    // barrier: no store moves across it.
+    unsafe {
+        core::arch::asm!("sfence", options(nostack, preserves_flags));
+    }
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
     core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
 }
 
 /// Orders earlier reads of a producer index before later reads of the
-/// entries it covers (Arm `dsb ld`).
+/// entries it covers: Arm `dsb ld`; x86-64 `lfence` (Linux's `rmb()`; x86
+/// does not reorder loads with loads); a full fence on other targets.
 #[inline]
 pub fn rmb() {
     #[cfg(target_arch = "aarch64")]
@@ -23,7 +37,14 @@ pub fn rmb() {
     unsafe {
         core::arch::asm!("dsb ld", options(nostack, preserves_flags));
     }
-    #[cfg(not(target_arch = "aarch64"))]
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `lfence` only orders earlier loads before later ones; no
+    // memory or register is touched (and, without `nomem`, no access moves
+    // across it at compile time).
+    unsafe {
+        core::arch::asm!("lfence", options(nostack, preserves_flags));
+    }
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
     core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
 }
 
