@@ -325,6 +325,20 @@ impl IovaState {
         offset & mask == 0
     }
 
+    /// Whether `[offset, offset + len)` is a naturally aligned block of the
+    /// transaction (the block unlink's test): `len` a power of two of at
+    /// least a page, `offset` a multiple of it, and the block below the
+    /// size, in one test against [`holds_page`](Self::holds_page)'s mask.
+    /// A fixed-IOVA transaction answers `false` (its mask has every bit).
+    #[inline(always)]
+    fn holds_block(&self, offset: u64, len: u64) -> bool {
+        let mask = u64::MAX.wrapping_shl(self.iova as u32);
+        len.is_power_of_two()
+            && len >= PAGE_SIZE
+            && offset & (len - 1) == 0
+            && (offset | (len - 1)) & mask == 0
+    }
+
     /// Whether a per-page link of host memory ([`MapAttrs::MMIO`] not in
     /// `attrs`) at `offset` may take the per-page path of the domain whose
     /// token is `token`: the page is inside the transaction, which belongs
@@ -1823,6 +1837,25 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                         tx.forget_links();
                     }
                     return Ok(PAGE_SIZE);
+                }
+            }
+        } else if tx.owner & UNLINK_FAST_MASK == u64::from(self.token)
+            && tx.holds_block(offset, len)
+        {
+            // A whole 2 MiB / 1 GiB block (see
+            // `IoPageTable::unmap_block_fast`, which is the rest of the
+            // check: `None` for any other shape, nothing changed).
+            if let Some(t) = self.inner.as_mut() {
+                let iova = tx.base() + offset;
+                if let Some(out) = t.pt.unmap_block_fast(iova, len) {
+                    t.unmapped.add(iova, len, !out.freed_tables);
+                    // The block was linked through the transaction: counted.
+                    debug_assert!(tx.linked >= len);
+                    tx.linked = tx.linked.wrapping_sub(len);
+                    if tx.linked == 0 {
+                        tx.forget_links();
+                    }
+                    return Ok(len);
                 }
             }
         }

@@ -1000,3 +1000,71 @@ fn per_page_host_link_into_a_device_memory_transaction_is_mixed() {
     d.destroy(dev, &mut be).unwrap();
     d.destroy(host, &mut be).unwrap();
 }
+
+/// A whole 2 MiB block unlinked in one call (the block path of `unlink`)
+/// keeps every refusal of the checked path and invalidates the block.
+#[test]
+fn a_whole_block_unlink_invalidates_it_and_keeps_every_refusal() {
+    const MB2: u64 = 2 * MB;
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut other = Domain::new(ArmStage1, &mem, cfg(2)).unwrap();
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 2 * MB2);
+    assert_eq!(t.iova().0 % MB2, 0, "a 4 MiB transaction is 2 MiB aligned");
+    let none = MapAttrs::empty();
+    // A block at offset 2 MiB, pages at offset 0 (a block-sized range
+    // that is not one block).
+    d.link(&mut t, PhysAddr(0x4000_0000), MB2, MB2, RW, none)
+        .unwrap();
+    for i in 0..MB2 / PAGE {
+        d.link(
+            &mut t,
+            PhysAddr(0x8000_0000 + 2 * i * PAGE),
+            i * PAGE,
+            PAGE,
+            RW,
+            none,
+        )
+        .unwrap();
+    }
+    d.sync(&mut be).unwrap();
+    let mut foreign = tx(&mut other, 2 * MB2);
+    // Another domain's transaction, past the end, a misaligned block:
+    // refused, nothing changed.
+    assert!(matches!(
+        d.unlink(&mut foreign, MB2, MB2),
+        Err(DmaError::WrongDomain { .. })
+    ));
+    assert!(matches!(
+        d.unlink(&mut t, 2 * MB2, MB2),
+        Err(DmaError::OutsideTransaction { .. })
+    ));
+    assert!(matches!(
+        d.unlink(&mut t, MB2 + MB, MB2),
+        Err(DmaError::OutsideTransaction { .. })
+    ));
+    assert_eq!(t.linked(), 2 * MB2);
+    // The block: gone at once, its whole range invalidated at the sync.
+    be.log.clear();
+    assert_eq!(d.unlink(&mut t, MB2, MB2), Ok(MB2));
+    assert_eq!(t.linked(), MB2);
+    assert_eq!(d.translate(DmaAddr(t.iova().0 + MB2 + 5 * PAGE)), None);
+    assert!(matches!(
+        d.unlink(&mut t, MB2, MB2),
+        Err(DmaError::NotLinked { .. })
+    ));
+    d.sync(&mut be).unwrap();
+    let covered = be.log.iter().any(|c| {
+        matches!(c, Call::Invalidate { domain: 1, iova, len, .. }
+            if iova.0 <= t.iova().0 + MB2 && iova.0 + len >= t.iova().0 + 2 * MB2)
+    });
+    assert!(covered, "block not invalidated: {:?}", be.log);
+    // The 512 pages of the other half, as one block-sized range.
+    assert_eq!(d.unlink(&mut t, 0, MB2), Ok(MB2));
+    assert_eq!(t.linked(), 0);
+    assert_eq!(d.translate(DmaAddr(t.iova().0 + 7 * PAGE)), None);
+    d.sync(&mut be).unwrap();
+    d.free(t).unwrap();
+    other.free(foreign).unwrap();
+}
