@@ -266,10 +266,7 @@ impl Op {
 /// stays small against the work.
 fn batch_for(pages: u64) -> u64 {
     if pages >= PAGES_1G {
-        std::env::var("B1G")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(64)
+        64
     } else {
         (4096 / pages).clamp(1, 64)
     }
