@@ -62,6 +62,23 @@ pub fn check() -> Result<(), Fail> {
     Ok(())
 }
 
+/// Band at the bottom of the boot stack (both boards' boot stacks are
+/// 1 MiB).
+pub const BOOT_BAND: usize = 64 * 1024;
+
+/// Plants the band of [`BOOT_BAND`] bytes at `bottom`, the lowest address
+/// of the boot stack, registered as "boot".
+///
+/// # Safety
+///
+/// As [`plant`]: `bottom` is the bottom of the boot stack the caller runs
+/// on, far enough below its current depth that the lowest [`BOOT_BAND`]
+/// bytes are reached only by an overflow.
+pub unsafe fn plant_boot(bottom: usize) {
+    // SAFETY: the caller's promise.
+    unsafe { plant("boot", bottom, BOOT_BAND) }
+}
+
 /// Band at the bottom of each AP stack.
 pub const AP_BAND: usize = 4096;
 

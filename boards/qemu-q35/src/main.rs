@@ -87,21 +87,15 @@ fn start_info(pa: u64) -> (&'static str, u64) {
     (cmdline.as_str(), rsdp)
 }
 
-/// The boot stack's lowest bytes kept as its canary band.
-const BOOT_BAND: usize = 64 * 1024;
-
-/// Plants the canary bands of the boot stack (`boot.rs`: `boot_stack`,
-/// 1 MiB above the page tables) and of the AP stacks.
+/// Plants the canary bands of the boot stack (`boot.rs`: `boot_stack`, 1 MiB above the page tables) and of the
+/// AP stacks.
 fn plant_stack_canaries() {
     unsafe extern "C" {
         static boot_stack: u8;
     }
-    // SAFETY: `boot_stack` is the bottom of the 1 MiB boot stack this CPU
-    // runs on, near its top here; its lowest 64 KiB are reached only by an
-    // overflow.
-    unsafe {
-        board_common::stack_canary::plant("boot", &raw const boot_stack as usize, BOOT_BAND);
-    }
+    // SAFETY: `boot_stack` is the bottom of the boot stack this CPU runs on,
+    // near its top here.
+    unsafe { board_common::stack_canary::plant_boot(&raw const boot_stack as usize) };
     smp::plant_stack_canaries();
 }
 

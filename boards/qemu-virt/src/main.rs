@@ -49,21 +49,15 @@ const BRIDGE_SLOT: u8 = 9;
 /// Slot the xtask pins the virtio-blk at (`-device virtio-blk-pci,addr=08.0`).
 const VIRTIO_SLOT: u8 = 8;
 
-/// The boot stack's lowest bytes kept as its canary band.
-const BOOT_BAND: usize = 64 * 1024;
-
-/// Plants the canary bands of the boot stack (`link.ld`: `__stack_bottom`,
-/// 1 MiB) and of the AP stacks.
+/// Plants the canary bands of the boot stack (`link.ld`: `__stack_bottom`, 1 MiB) and of the
+/// AP stacks.
 fn plant_stack_canaries() {
     unsafe extern "C" {
         static __stack_bottom: u8;
     }
-    // SAFETY: `__stack_bottom` is the bottom of the 1 MiB boot stack this
-    // CPU runs on, near its top here; its lowest 64 KiB are reached only by
-    // an overflow.
-    unsafe {
-        board_common::stack_canary::plant("boot", &raw const __stack_bottom as usize, BOOT_BAND);
-    }
+    // SAFETY: `__stack_bottom` is the bottom of the boot stack this CPU runs on,
+    // near its top here.
+    unsafe { board_common::stack_canary::plant_boot(&raw const __stack_bottom as usize) };
     smp::plant_stack_canaries();
 }
 
