@@ -326,9 +326,10 @@ impl IovaState {
     }
 
     /// Whether `[offset, offset + len)` is a naturally aligned block of the
-    /// transaction (the block unlink's test): `len` a power of two of at
-    /// least a page, `offset` a multiple of it, and the block below the
-    /// size, in one test against [`holds_page`](Self::holds_page)'s mask.
+    /// transaction (the block link's and unlink's test): `len` a power of
+    /// two of at least a page, `offset` a multiple of it, and the block
+    /// below the size, in one test against
+    /// [`holds_page`](Self::holds_page)'s mask.
     /// A fixed-IOVA transaction answers `false` (its mask has every bit).
     #[inline(always)]
     fn holds_block(&self, offset: u64, len: u64) -> bool {
@@ -1395,7 +1396,36 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                             (KIND_TRANSLATED << KIND_SHIFT) | (u64::from(dir as u8) << DIRS_SHIFT);
                         return Ok(DmaAddr(iova));
                     }
-                    Some(Err(e)) => return Err(self.link_page_failed(iova, e)),
+                    Some(Err(e)) => return Err(self.link_page_failed(iova, PAGE_SIZE, e)),
+                    None => {}
+                }
+            }
+        } else if tx.owner & LINK_FAST_MASK == u64::from(self.token)
+            && !attrs.contains(MapAttrs::MMIO)
+            && tx.holds_block(offset, len)
+        {
+            // A whole 2 MiB / 1 GiB block of host memory, in a transaction
+            // of this domain holding nothing or host memory (the per-page
+            // test above, for a block): `IoPageTable::map_block_fast` is
+            // the rest of the check (`None` for any other shape or a
+            // non-empty entry, nothing changed).
+            if let Some(t) = self.inner.as_mut() {
+                // Aligned to `len` (base and offset are) and inside the
+                // aperture, as for a page.
+                let iova = tx.base() + offset;
+                match t
+                    .pt
+                    .map_block_fast(iova, phys.0, len, link_attrs(attrs, dir))
+                {
+                    Some(Ok(())) => {
+                        // As `finish_link` records a link.
+                        t.mapped.add(iova, len, true);
+                        tx.linked += len;
+                        tx.owner |=
+                            (KIND_TRANSLATED << KIND_SHIFT) | (u64::from(dir as u8) << DIRS_SHIFT);
+                        return Ok(DmaAddr(iova));
+                    }
+                    Some(Err(e)) => return Err(self.link_page_failed(iova, len, e)),
                     None => {}
                 }
             }
@@ -1403,18 +1433,19 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         self.link_checked(tx, phys, offset, len, dir, attrs)
     }
 
-    /// The per-page link's table write at `iova` failed with `e`: what a
-    /// failed link does after it ([`finish_link`]), off the per-call path.
+    /// The per-page (or block) link's table write at `[iova, iova + len)`
+    /// failed with `e`: what a failed link does after it ([`finish_link`]),
+    /// off the per-call path.
     #[cold]
     #[inline(never)]
-    fn link_page_failed(&mut self, iova: u64, e: PageTableError) -> DmaError {
+    fn link_page_failed(&mut self, iova: u64, len: u64, e: PageTableError) -> DmaError {
         if let Some(t) = self.inner.as_mut() {
             if matches!(
                 e,
                 PageTableError::OutOfMemory | PageTableError::PhysTooLarge { .. }
             ) {
                 // As in `finish_link`: tables were written and taken back.
-                t.unmapped.add(iova, PAGE_SIZE, false);
+                t.unmapped.add(iova, len, false);
             }
         }
         e.into()

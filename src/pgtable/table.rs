@@ -685,6 +685,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             if let Some(r) = self.map_page_fast(iova.0, pa.0, attrs) {
                 return r;
             }
+        } else if let Some(r) = self.map_block_fast(iova.0, pa.0, len, attrs) {
+            return r;
         }
         self.map_checked(iova, pa, len, attrs)
     }
@@ -892,6 +894,95 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         unsafe { count.write(count.read() + (1 << counts::COUNT_SHIFT)) };
         debug_assert!(self.count_at(self.leaf_cache.2) <= ENTRIES as u64);
         Some(Ok(()))
+    }
+
+    /// Maps `[iova, iova + len)` to `[pa, pa + len)` as one block (a 2 MiB
+    /// or 1 GiB leaf) when that is the whole call: `len` one of those sizes,
+    /// a leaf allowed at its height below the root, `iova` and `pa` aligned
+    /// to `len`, the block inside the input and output ranges, `attrs`
+    /// granting read or write, and the entry for it empty. One walk down,
+    /// making missing tables as every map does (side pages, cleans, the
+    /// barrier before each pointer), which is also the whole check: an
+    /// empty entry has nothing mapped below it.
+    ///
+    /// `None`, nothing changed, for any other call, which the full path
+    /// handles and names the error of: a present leaf on the way or at the
+    /// entry (`AlreadyMapped`), or a table there (one kept empty by
+    /// [`TableReclaim::Keep`] is filled with smaller blocks, never
+    /// overwritten). `Some(Err)` only when the lender failed
+    /// ([`PageTableError::OutOfMemory`], or a page above the output size:
+    /// [`PageTableError::PhysTooLarge`]); the tables this call attached
+    /// are taken back (retired, like a failed [`map`](Self::map)'s).
+    ///
+    /// The cost of a 1 GiB link (issue 11): the general path's check walk
+    /// and its recursive map become one walk and one store.
+    #[inline]
+    pub(crate) fn map_block_fast(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        len: u64,
+        attrs: MapAttrs,
+    ) -> Option<Result<(), PageTableError>> {
+        let h = match len {
+            0x20_0000 => 1,
+            0x4000_0000 => 2,
+            _ => return None,
+        };
+        let top = self.top_height();
+        // `iova` aligned to `len` and below the input range's end, itself a
+        // multiple of `len` (`h < top_height()`): the whole block is inside.
+        // `pa` aligned to `len` with its last byte, `pa | (len - 1)`, below
+        // the output range's end: no overflow either.
+        if (iova | pa) & (len - 1) != 0
+            || iova >= self.ias_limit
+            || pa | (len - 1) >= self.oa_limit
+            || h >= top
+            || !self.fmt.leaf_allowed(h)
+            || !attrs.intersects(RW)
+        {
+            return None;
+        }
+        let mut node = (self.root, self.root_side, 0u64);
+        let mut created = false;
+        let mut level = top;
+        while level > h {
+            node = match self.map_step(node, level, iova, &mut created) {
+                Ok(n) => n,
+                // A block above: nothing was made (every entry above it was
+                // a table already).
+                Err(PageTableError::AlreadyMapped { .. }) => return None,
+                Err(e) => return Some(Err(self.map_block_walk_failed(iova, len, e))),
+            };
+            level -= 1;
+        }
+        let (table, _, slot) = node;
+        let idx = index(iova, h);
+        // Anything but an empty entry (a fresh table has only those) goes
+        // to the full path, which made nothing either: `created` is false.
+        if self.read(table, idx) != 0 {
+            debug_assert!(!created);
+            return None;
+        }
+        // The entry was empty, so no leaf table lies under the block and
+        // `leaf_cache` (which only names attached tables) stays right.
+        debug_assert!(
+            self.leaf_cache.0 == NO_REGION
+                || (self.leaf_cache.0 << LEAF_TABLE_SHIFT) & !(len - 1) != iova
+        );
+        self.write(table, idx, self.fmt.leaf(PhysAddr(pa), h, attrs));
+        self.clean_entries(table, idx, idx + 1);
+        self.count_add(slot, 1);
+        Some(Ok(()))
+    }
+
+    /// The walk of [`map_block_fast`](Self::map_block_fast) failed with
+    /// `e` (the lender): takes back the tables it attached. Returns `e`.
+    #[cold]
+    #[inline(never)]
+    fn map_block_walk_failed(&mut self, iova: u64, len: u64, e: PageTableError) -> PageTableError {
+        self.take_back(iova, iova + len);
+        e
     }
 
     /// A walk for a map of `[iova, iova + 4 KiB)` failed with `e`: takes
