@@ -202,6 +202,11 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// descriptor at address 0, so a one-page map with the same attributes
     /// only ORs in the address (the `PteFormat::leaf` contract).
     page_bits: (MapAttrs, u64),
+    /// The same for blocks: the attributes of the last block map and the
+    /// bits of their 2 MiB and 1 GiB descriptors at address 0 (the
+    /// `PteFormat::leaf` contract again), so a block map with the same
+    /// attributes only ORs in the address.
+    block_bits: (MapAttrs, [u64; 2]),
     /// See [`kept_height`](Self::kept_height); `u32::MAX` for none.
     kept_height: u32,
     /// Table and side pages attached by the shared-access path
@@ -311,6 +316,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
             oa_limit: 1u64 << fmt.oa_bits(),
             page_bits: (RW, fmt.leaf(PhysAddr(0), 0, RW)),
+            block_bits: (RW, [fmt.leaf(PhysAddr(0), 1, RW), fmt.leaf(PhysAddr(0), 2, RW)]),
             kept_height: if fmt.leaf_allowed(u32::from(levels) - 1) {
                 u32::MAX
             } else {
@@ -970,7 +976,15 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             self.leaf_cache.0 == NO_REGION
                 || (self.leaf_cache.0 << LEAF_TABLE_SHIFT) & !(len - 1) != iova
         );
-        self.write(table, idx, self.fmt.leaf(PhysAddr(pa), h, attrs));
+        if self.block_bits.0 != attrs {
+            let leaf = |h| self.fmt.leaf(PhysAddr(0), h, attrs);
+            self.block_bits = (attrs, [leaf(1), leaf(2)]);
+        }
+        // `h` is 1 or 2. `pa` is aligned and in range: its descriptor is
+        // its address ORed with the bits (the `PteFormat::leaf` contract).
+        let bits = self.block_bits.1[(h - 1) as usize & 1];
+        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), h, attrs), pa | bits);
+        self.write(table, idx, pa | bits);
         self.clean_entries(table, idx, idx + 1);
         self.count_add(slot, 1);
         Some(Ok(()))
