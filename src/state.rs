@@ -732,34 +732,40 @@ struct Translated<F: PteFormat, M: TableMemory> {
 }
 
 impl<F: PteFormat, M: TableMemory> Translated<F, M> {
-    /// What a sync does before its completion: with nothing to invalidate
-    /// (links only — a new valid entry replaced a not-present one, which no
-    /// TLB or walk cache holds, unless the backend caches not-present
-    /// entries), makes the table stores visible, publishes and returns
-    /// `false` (no completion to wait for); else queues the invalidation of
-    /// every pending range (the whole domain when the ranges overflowed)
-    /// after a barrier and returns `true`. The pending ranges are left for
-    /// the caller to clear once its completion is queued.
-    fn queue_invalidations<B: IommuBackend + ?Sized>(
-        &mut self,
-        id: u16,
-        backend: &mut B,
-    ) -> Result<bool, BackendError> {
-        let with_maps = backend.needs_map_invalidation();
-        if self.unmapped.is_empty()
+    /// Whether a sync has nothing to invalidate: links only since the last
+    /// one (a new valid entry replaced a not-present one, which no TLB or
+    /// walk cache holds) on a backend that does not cache not-present
+    /// entries (`with_maps` false), and no table retired.
+    #[inline(always)]
+    fn nothing_to_invalidate(&self, with_maps: bool) -> bool {
+        self.unmapped.is_empty()
             && (!with_maps || self.mapped.is_empty())
             && self.pt.retired_pages() == 0
-        {
-            wmb_on(self.pt.memory());
-            backend.publish()?;
-            self.mapped.clear();
-            return Ok(false);
-        }
+    }
+
+    /// The rest of a sync with something to invalidate: queues the
+    /// invalidation of every pending range (the whole domain when the
+    /// ranges overflowed) after a barrier, waits for its completion, then
+    /// clears the ranges and hands the retired tables back. Out of line,
+    /// so a sync after links only saves no registers for it.
+    #[inline(never)]
+    fn invalidate_and_wait<B: IommuBackend + ?Sized>(
+        &mut self,
+        id: u16,
+        with_maps: bool,
+        backend: &mut B,
+    ) -> Result<(), DmaError> {
         let info = self.info(id);
         // Table stores happen before the backend's doorbell write.
         wmb_on(self.pt.memory());
         queue_ranges(backend, &info, &self.unmapped, &self.mapped, with_maps)?;
-        Ok(true)
+        backend.sync()?;
+        self.unmapped.clear();
+        self.mapped.clear();
+        // The completion covers every table retired so far (the retired
+        // list has no capacity, so no empty table is ever left attached).
+        self.pt.free_retired();
+        Ok(())
     }
 
     fn info(&self, id: u16) -> DomainInfo {
@@ -1688,16 +1694,16 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             // An identity domain has no tables: nothing to publish or wait for.
             return Ok(());
         };
-        if !t.queue_invalidations(id, backend)? {
+        let with_maps = backend.needs_map_invalidation();
+        if t.nothing_to_invalidate(with_maps) {
+            // No command, no wait: the table stores made visible (cleans
+            // were done as the entries were written), then published.
+            wmb_on(t.pt.memory());
+            backend.publish()?;
+            t.mapped.clear();
             return Ok(());
         }
-        backend.sync()?;
-        t.unmapped.clear();
-        t.mapped.clear();
-        // The completion covers every table retired so far (the retired
-        // list has no capacity, so no empty table is ever left attached).
-        t.pt.free_retired();
-        Ok(())
+        t.invalidate_and_wait(id, with_maps, backend)
     }
 
     /// Chooses what unlinks do with the table pages they empty (see

@@ -316,7 +316,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
             oa_limit: 1u64 << fmt.oa_bits(),
             page_bits: (RW, fmt.leaf(PhysAddr(0), 0, RW)),
-            block_bits: (RW, [fmt.leaf(PhysAddr(0), 1, RW), fmt.leaf(PhysAddr(0), 2, RW)]),
+            block_bits: (
+                RW,
+                [fmt.leaf(PhysAddr(0), 1, RW), fmt.leaf(PhysAddr(0), 2, RW)],
+            ),
             kept_height: if fmt.leaf_allowed(u32::from(levels) - 1) {
                 u32::MAX
             } else {
