@@ -1884,7 +1884,9 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             // check: `None` for any other shape, nothing changed).
             if let Some(t) = self.inner.as_mut() {
                 let iova = tx.base() + offset;
-                if let Some(out) = t.pt.unmap_block_fast(iova, len) {
+                // Aligned to `len` (base and offset are) and inside the
+                // aperture, as for a page.
+                if let Some(out) = t.pt.unmap_block_in_range(iova, len) {
                     t.unmapped.add(iova, len, !out.freed_tables);
                     // The block was linked through the transaction: counted.
                     debug_assert!(tx.linked >= len);
