@@ -602,4 +602,25 @@ mod tests {
             Err(DmaError::IovaExhausted { size: 0x1000 })
         );
     }
+
+    /// A range that lands below ranges already handed out goes in its
+    /// place (only a range past all of them is appended): the first-fit
+    /// scan and `find` rely on the list staying sorted.
+    #[test]
+    fn a_range_in_a_gap_below_others_is_found_and_freed() {
+        let mut a = IovaAllocator::new(0, 1 << 30).unwrap();
+        let r: heapless::Vec<IovaRange, 3> =
+            (0..3).map(|_| a.alloc(0x1000, u64::MAX).unwrap()).collect();
+        a.free(r[0]).unwrap();
+        // The gap at 0 is the first fit, below `r[1]` and `r[2]`.
+        let again = a.alloc(0x1000, u64::MAX).unwrap();
+        assert_eq!(again, r[0]);
+        // Past every range: appended.
+        let high = a.alloc(0x4000, u64::MAX).unwrap();
+        assert_eq!(high.start, 0x4000);
+        for x in [r[2], again, high, r[1]] {
+            a.free(x).unwrap();
+        }
+        assert_eq!((a.in_use(), a.ranges()), (0, 0));
+    }
 }
