@@ -326,9 +326,10 @@ impl IovaState {
     }
 
     /// Whether `[offset, offset + len)` is a naturally aligned block of the
-    /// transaction (the block unlink's test): `len` a power of two of at
-    /// least a page, `offset` a multiple of it, and the block below the
-    /// size, in one test against [`holds_page`](Self::holds_page)'s mask.
+    /// transaction (the block link's and unlink's test): `len` a power of
+    /// two of at least a page, `offset` a multiple of it, and the block
+    /// below the size, in one test against
+    /// [`holds_page`](Self::holds_page)'s mask.
     /// A fixed-IOVA transaction answers `false` (its mask has every bit).
     #[inline(always)]
     fn holds_block(&self, offset: u64, len: u64) -> bool {
@@ -731,34 +732,40 @@ struct Translated<F: PteFormat, M: TableMemory> {
 }
 
 impl<F: PteFormat, M: TableMemory> Translated<F, M> {
-    /// What a sync does before its completion: with nothing to invalidate
-    /// (links only — a new valid entry replaced a not-present one, which no
-    /// TLB or walk cache holds, unless the backend caches not-present
-    /// entries), makes the table stores visible, publishes and returns
-    /// `false` (no completion to wait for); else queues the invalidation of
-    /// every pending range (the whole domain when the ranges overflowed)
-    /// after a barrier and returns `true`. The pending ranges are left for
-    /// the caller to clear once its completion is queued.
-    fn queue_invalidations<B: IommuBackend + ?Sized>(
-        &mut self,
-        id: u16,
-        backend: &mut B,
-    ) -> Result<bool, BackendError> {
-        let with_maps = backend.needs_map_invalidation();
-        if self.unmapped.is_empty()
+    /// Whether a sync has nothing to invalidate: links only since the last
+    /// one (a new valid entry replaced a not-present one, which no TLB or
+    /// walk cache holds) on a backend that does not cache not-present
+    /// entries (`with_maps` false), and no table retired.
+    #[inline(always)]
+    fn nothing_to_invalidate(&self, with_maps: bool) -> bool {
+        self.unmapped.is_empty()
             && (!with_maps || self.mapped.is_empty())
             && self.pt.retired_pages() == 0
-        {
-            wmb_on(self.pt.memory());
-            backend.publish()?;
-            self.mapped.clear();
-            return Ok(false);
-        }
+    }
+
+    /// The rest of a sync with something to invalidate: queues the
+    /// invalidation of every pending range (the whole domain when the
+    /// ranges overflowed) after a barrier, waits for its completion, then
+    /// clears the ranges and hands the retired tables back. Out of line,
+    /// so a sync after links only saves no registers for it.
+    #[inline(never)]
+    fn invalidate_and_wait<B: IommuBackend + ?Sized>(
+        &mut self,
+        id: u16,
+        with_maps: bool,
+        backend: &mut B,
+    ) -> Result<(), DmaError> {
         let info = self.info(id);
         // Table stores happen before the backend's doorbell write.
         wmb_on(self.pt.memory());
         queue_ranges(backend, &info, &self.unmapped, &self.mapped, with_maps)?;
-        Ok(true)
+        backend.sync()?;
+        self.unmapped.clear();
+        self.mapped.clear();
+        // The completion covers every table retired so far (the retired
+        // list has no capacity, so no empty table is ever left attached).
+        self.pt.free_retired();
+        Ok(())
     }
 
     fn info(&self, id: u16) -> DomainInfo {
@@ -1395,7 +1402,36 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                             (KIND_TRANSLATED << KIND_SHIFT) | (u64::from(dir as u8) << DIRS_SHIFT);
                         return Ok(DmaAddr(iova));
                     }
-                    Some(Err(e)) => return Err(self.link_page_failed(iova, e)),
+                    Some(Err(e)) => return Err(self.link_page_failed(iova, PAGE_SIZE, e)),
+                    None => {}
+                }
+            }
+        } else if tx.owner & LINK_FAST_MASK == u64::from(self.token)
+            && !attrs.contains(MapAttrs::MMIO)
+            && tx.holds_block(offset, len)
+        {
+            // A whole 2 MiB / 1 GiB block of host memory, in a transaction
+            // of this domain holding nothing or host memory (the per-page
+            // test above, for a block): `IoPageTable::map_block_fast` is
+            // the rest of the check (`None` for any other shape or a
+            // non-empty entry, nothing changed).
+            if let Some(t) = self.inner.as_mut() {
+                // Aligned to `len` (base and offset are) and inside the
+                // aperture, as for a page.
+                let iova = tx.base() + offset;
+                match t
+                    .pt
+                    .map_block_fast(iova, phys.0, len, link_attrs(attrs, dir))
+                {
+                    Some(Ok(())) => {
+                        // As `finish_link` records a link.
+                        t.mapped.add(iova, len, true);
+                        tx.linked += len;
+                        tx.owner |=
+                            (KIND_TRANSLATED << KIND_SHIFT) | (u64::from(dir as u8) << DIRS_SHIFT);
+                        return Ok(DmaAddr(iova));
+                    }
+                    Some(Err(e)) => return Err(self.link_page_failed(iova, len, e)),
                     None => {}
                 }
             }
@@ -1403,18 +1439,19 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         self.link_checked(tx, phys, offset, len, dir, attrs)
     }
 
-    /// The per-page link's table write at `iova` failed with `e`: what a
-    /// failed link does after it ([`finish_link`]), off the per-call path.
+    /// The per-page (or block) link's table write at `[iova, iova + len)`
+    /// failed with `e`: what a failed link does after it ([`finish_link`]),
+    /// off the per-call path.
     #[cold]
     #[inline(never)]
-    fn link_page_failed(&mut self, iova: u64, e: PageTableError) -> DmaError {
+    fn link_page_failed(&mut self, iova: u64, len: u64, e: PageTableError) -> DmaError {
         if let Some(t) = self.inner.as_mut() {
             if matches!(
                 e,
                 PageTableError::OutOfMemory | PageTableError::PhysTooLarge { .. }
             ) {
                 // As in `finish_link`: tables were written and taken back.
-                t.unmapped.add(iova, PAGE_SIZE, false);
+                t.unmapped.add(iova, len, false);
             }
         }
         e.into()
@@ -1657,16 +1694,16 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             // An identity domain has no tables: nothing to publish or wait for.
             return Ok(());
         };
-        if !t.queue_invalidations(id, backend)? {
+        let with_maps = backend.needs_map_invalidation();
+        if t.nothing_to_invalidate(with_maps) {
+            // No command, no wait: the table stores made visible (cleans
+            // were done as the entries were written), then published.
+            wmb_on(t.pt.memory());
+            backend.publish()?;
+            t.mapped.clear();
             return Ok(());
         }
-        backend.sync()?;
-        t.unmapped.clear();
-        t.mapped.clear();
-        // The completion covers every table retired so far (the retired
-        // list has no capacity, so no empty table is ever left attached).
-        t.pt.free_retired();
-        Ok(())
+        t.invalidate_and_wait(id, with_maps, backend)
     }
 
     /// Chooses what unlinks do with the table pages they empty (see
@@ -1847,7 +1884,9 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
             // check: `None` for any other shape, nothing changed).
             if let Some(t) = self.inner.as_mut() {
                 let iova = tx.base() + offset;
-                if let Some(out) = t.pt.unmap_block_fast(iova, len) {
+                // Aligned to `len` (base and offset are) and inside the
+                // aperture, as for a page.
+                if let Some(out) = t.pt.unmap_block_in_range(iova, len) {
                     t.unmapped.add(iova, len, !out.freed_tables);
                     // The block was linked through the transaction: counted.
                     debug_assert!(tx.linked >= len);

@@ -438,3 +438,87 @@ fn per_page_unmaps_detach_emptied_tables_as_a_range_unmap_does() {
         );
     }
 }
+
+/// The one-block map shortcut (`len` of 2 MiB or 1 GiB, both addresses
+/// aligned to it, the entry empty) answers only for such a call; every
+/// other block-long map gets the full path's answer, the table unchanged
+/// on every refusal.
+fn block_maps_that_are_not_one_empty_entry<F: PteFormat>(fmt: F) {
+    let mem = HostMemory::new();
+    let mut t = IoPageTable::new(fmt, &mem, 4, true).unwrap();
+    let one_gib_blocks = fmt.leaf_allowed(2);
+    // One 1 GiB block where the format has them, 2 MiB blocks otherwise.
+    t.map(DmaAddr(G1), PhysAddr(4 * G1), G1, RW).unwrap();
+    let h = if one_gib_blocks { 2 } else { 1 };
+    assert_eq!(leaf_height(&t, G1 + G1 - K4), Some(h));
+    assert_eq!(
+        t.translate(DmaAddr(G1 + 0x12_3000)).map(|(pa, _, _)| pa),
+        Some(PhysAddr(4 * G1 + 0x12_3000))
+    );
+    // Mapped already: the block itself, a 2 MiB block inside it.
+    let taken = Err(PageTableError::AlreadyMapped { iova: DmaAddr(G1) });
+    assert_eq!(t.map(DmaAddr(G1), PhysAddr(8 * G1), G1, RW), taken);
+    let inside = Err(PageTableError::AlreadyMapped {
+        iova: DmaAddr(G1 + M2),
+    });
+    assert_eq!(t.map(DmaAddr(G1 + M2), PhysAddr(8 * G1), M2, RW), inside);
+    // A 1 GiB map over a 2 MiB block names the block.
+    t.map(DmaAddr(3 * G1 + 4 * M2), PhysAddr(8 * G1), M2, RW)
+        .unwrap();
+    assert_eq!(
+        t.map(DmaAddr(3 * G1), PhysAddr(8 * G1), G1, RW),
+        Err(PageTableError::AlreadyMapped {
+            iova: DmaAddr(3 * G1 + 4 * M2)
+        })
+    );
+    assert_eq!(leaf_height(&t, 3 * G1), None);
+    // No access, past the input range, past the output range: refused.
+    assert_eq!(
+        t.map(DmaAddr(5 * G1), PhysAddr(8 * G1), M2, MapAttrs::empty()),
+        Err(PageTableError::NoAccess)
+    );
+    assert!(matches!(
+        t.map(DmaAddr(1 << 48), PhysAddr(8 * G1), M2, RW),
+        Err(PageTableError::OutOfRange { .. })
+    ));
+    let oa_end = 1u64 << fmt.oa_bits();
+    assert_eq!(
+        t.map(DmaAddr(5 * G1), PhysAddr(oa_end), M2, RW),
+        Err(PageTableError::PhysTooLarge {
+            phys: PhysAddr(oa_end)
+        })
+    );
+    assert_eq!(leaf_height(&t, 5 * G1), None);
+    // The last block below the output end fits.
+    t.map(DmaAddr(5 * G1), PhysAddr(oa_end - M2), M2, RW)
+        .unwrap();
+    assert_eq!(leaf_height(&t, 5 * G1), Some(1));
+    // A physical start aligned to a page only: pages.
+    t.map(DmaAddr(6 * G1), PhysAddr(8 * G1 + K4), M2, RW)
+        .unwrap();
+    assert_eq!(leaf_height(&t, 6 * G1), Some(0));
+    assert_eq!(
+        t.translate(DmaAddr(6 * G1 + M2 - K4)).map(|(pa, _, _)| pa),
+        Some(PhysAddr(8 * G1 + M2))
+    );
+    t.check_counts().unwrap();
+    // Three levels: a 1 GiB block sits in the root.
+    let mut t3 = IoPageTable::new(fmt, &mem, 3, true).unwrap();
+    t3.map(DmaAddr(G1), PhysAddr(4 * G1), G1, RW).unwrap();
+    assert_eq!(leaf_height(&t3, G1 + K4), Some(h));
+    t3.check_counts().unwrap();
+}
+
+#[test]
+fn block_maps_that_are_not_one_empty_entry_get_the_full_answer() {
+    block_maps_that_are_not_one_empty_entry(ArmStage1);
+    block_maps_that_are_not_one_empty_entry(ArmStage2);
+    block_maps_that_are_not_one_empty_entry(VtdSecondLevel::default());
+    // 2 MiB superpages only; a 47-bit output range (host lender pages
+    // lie below 2^47).
+    block_maps_that_are_not_one_empty_entry(VtdSecondLevel {
+        sllps: 1,
+        snoop_control: true,
+        haw: 47,
+    });
+}

@@ -190,6 +190,94 @@ fn strict_model_partial_unlink_of_a_block_is_refused_vtd() {
     partial_block_unlink(VtdSecondLevel::default());
 }
 
+/// Whole-block links (1 GiB and 2 MiB, the block path of `Domain::link`)
+/// keep every rule: each new table visible (and cleaned) before its
+/// pointer, the block's line cleaned on a non-coherent walk; and a block
+/// link that runs out of table memory hands back no table before the sync
+/// that invalidates it.
+fn block_links<F: PteFormat>(fmt: F, coherent: bool) {
+    const GIB: u64 = 1 << 30;
+    let mut a = arena();
+    let mem = OrderLender::new(&mut a, coherent);
+    let mut d = domain(fmt, &mem, coherent);
+    let mut be = OrderBackend::new(RecordingBackend::new(), &mem);
+    let mut t = tx(&mut d, 2 * GIB);
+    let base = t.iova().0;
+    d.link(
+        &mut t,
+        PhysAddr(0x40_0000_0000),
+        0,
+        GIB,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    clean(&mem);
+    d.link(
+        &mut t,
+        PhysAddr(0x4000_0000),
+        GIB + MB2,
+        MB2,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    clean(&mem);
+    let pt = d.page_table().unwrap();
+    assert_eq!(
+        pt.translate(bare_iommu::DmaAddr(base + 5 * PAGE)),
+        Some((PhysAddr(0x40_0000_5000), fmt.canonical(RW.attrs()), 2))
+    );
+    assert_eq!(
+        pt.translate(bare_iommu::DmaAddr(base + GIB + MB2)),
+        Some((PhysAddr(0x4000_0000), fmt.canonical(RW.attrs()), 1))
+    );
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    d.unlink(&mut t, 0, GIB).unwrap();
+    d.unlink(&mut t, GIB + MB2, MB2).unwrap();
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    d.free(t).unwrap();
+
+    // Five levels: the block's walk attaches a level-3 table (the root's
+    // child, kept) and a level-2 table, then the lender runs dry.
+    let five = DomainConfig {
+        levels: 5,
+        ..cfg(coherent)
+    };
+    let mut d = Domain::new(fmt, &mem, five).unwrap();
+    let info = d.info().unwrap();
+    mem.watch_root(info.root, info.levels);
+    let mut t = tx(&mut d, MB2);
+    mem.set_budget(Some(4));
+    let r = d.link(&mut t, PhysAddr(0x4000_0000), 0, MB2, RW, MapAttrs::empty());
+    assert_eq!(r, Err(DmaError::OutOfMemory));
+    clean(&mem);
+    mem.set_budget(None);
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    d.link(&mut t, PhysAddr(0x4000_0000), 0, MB2, RW, MapAttrs::empty())
+        .unwrap();
+    clean(&mem);
+    d.unlink(&mut t, 0, MB2).unwrap();
+    d.sync(&mut be).unwrap();
+    clean(&mem);
+    d.free(t).unwrap();
+}
+
+#[test]
+fn strict_model_block_links_keep_every_rule_stage1() {
+    block_links(ArmStage1, true);
+    block_links(ArmStage1, false);
+}
+
+#[test]
+fn strict_model_block_links_keep_every_rule_vtd() {
+    block_links(VtdSecondLevel::default(), true);
+    block_links(VtdSecondLevel::default(), false);
+}
+
 #[test]
 fn strict_model_dropping_a_domain_frees_no_table_the_iommu_may_walk() {
     let mut a = arena();

@@ -7,7 +7,7 @@ use bare_iommu::pgtable::arm::ArmStage1;
 use bare_iommu::testing::{Call, RecordingBackend};
 use bare_iommu::{
     DmaAddr, DmaDirection, DmaError, DmaKind, DmaPath, Domain, DomainConfig, IovaState, MapAttrs,
-    PhysAddr,
+    PhysAddr, PteFormat,
 };
 use common::HostMemory;
 
@@ -1067,4 +1067,301 @@ fn a_whole_block_unlink_invalidates_it_and_keeps_every_refusal() {
     d.sync(&mut be).unwrap();
     d.free(t).unwrap();
     other.free(foreign).unwrap();
+}
+
+/// The leaf height `iova` translates at in `d` (0: a page, 1: 2 MiB, 2:
+/// 1 GiB).
+fn leaf_height(d: &Domain<ArmStage1, &HostMemory>, iova: u64) -> Option<u32> {
+    d.page_table()
+        .unwrap()
+        .translate(DmaAddr(iova))
+        .map(|(_, _, h)| h)
+}
+
+/// Issue 11: a whole 2 MiB / 1 GiB block of host memory takes a block path
+/// (`IoPageTable::map_block_fast`). It writes one block, records the link as
+/// any link does, and every refusal stays the checked path's typed error,
+/// with nothing linked.
+#[test]
+fn a_whole_block_link_translates_as_one_block_and_keeps_every_refusal() {
+    const GIB: u64 = 1 << 30;
+    const MB2: u64 = 2 * MB;
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut other = Domain::new(ArmStage1, &mem, cfg(2)).unwrap();
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 2 * GIB);
+    let base = t.iova().0;
+    assert_eq!(base % (2 * GIB), 0);
+    let none = MapAttrs::empty();
+    let from = DmaDirection::FromDevice;
+    let to = DmaDirection::ToDevice;
+    // A 1 GiB block and a 2 MiB block, in two directions.
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0x40_0000_0000), 0, GIB, from, none),
+        Ok(DmaAddr(base))
+    );
+    assert_eq!(
+        d.translate(DmaAddr(base + 0x1234_5000)),
+        Some((PhysAddr(0x40_1234_5000), ArmStage1.canonical(from.attrs())))
+    );
+    assert_eq!(leaf_height(&d, base), Some(2));
+    assert_eq!(
+        (t.linked(), t.kind(), t.direction()),
+        (GIB, Some(DmaKind::Translated), Some(from))
+    );
+    let at = GIB + MB2;
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0x8000_0000), at, MB2, to, none),
+        Ok(DmaAddr(base + at))
+    );
+    assert_eq!(
+        d.translate(DmaAddr(base + at + 7 * PAGE)),
+        Some((PhysAddr(0x8000_7000), ArmStage1.canonical(to.attrs())))
+    );
+    assert_eq!(leaf_height(&d, base + at), Some(1));
+    assert_eq!(t.linked(), GIB + MB2);
+    assert_eq!(t.direction(), Some(DmaDirection::Bidirectional));
+    let linked = t.linked();
+    // Linked already (the block itself; a block over a linked page).
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0x40_0000_0000), 0, GIB, RW, none),
+        Err(DmaError::AlreadyLinked {
+            iova: DmaAddr(base)
+        })
+    );
+    d.link(
+        &mut t,
+        PhysAddr(0x9000_0000),
+        GIB + 5 * PAGE,
+        PAGE,
+        RW,
+        none,
+    )
+    .unwrap();
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0xa000_0000), GIB, MB2, RW, none),
+        Err(DmaError::AlreadyLinked {
+            iova: DmaAddr(base + GIB + 5 * PAGE)
+        })
+    );
+    assert_eq!(d.translate(DmaAddr(base + GIB)), None);
+    assert_eq!(d.unlink(&mut t, GIB + 5 * PAGE, PAGE), Ok(PAGE));
+    // Another domain's transaction (whose IOVAs are free here), device
+    // memory into a host-memory transaction, past the end, past the
+    // output size: refused, nothing linked.
+    let mut foreign = tx(&mut other, 2 * GIB);
+    assert_eq!(foreign.iova().0, base);
+    assert_eq!(
+        d.link(&mut foreign, PhysAddr(0xa000_0000), GIB, MB2, RW, none),
+        Err(DmaError::WrongDomain {
+            expected: 2,
+            found: 1
+        })
+    );
+    assert_eq!(foreign.linked(), 0);
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0xa000_0000), GIB, MB2, RW, MapAttrs::MMIO),
+        Err(DmaError::MixedP2p)
+    );
+    assert!(matches!(
+        d.link(&mut t, PhysAddr(0x4000_0000), 2 * GIB, GIB, RW, none),
+        Err(DmaError::OutsideTransaction { .. })
+    ));
+    assert!(matches!(
+        d.link(&mut t, PhysAddr(1 << 48), GIB, MB2, RW, none),
+        Err(DmaError::PhysTooLarge { .. })
+    ));
+    assert_eq!(d.translate(DmaAddr(base + GIB)), None);
+    assert_eq!(t.linked(), linked);
+    // A host-memory block into a device-memory transaction: mixed.
+    let mut dev = tx(&mut d, MB2);
+    d.link(&mut dev, PhysAddr(0xb000_0000), 0, PAGE, RW, MapAttrs::MMIO)
+        .unwrap();
+    d.unlink(&mut dev, 0, PAGE).unwrap();
+    d.link(&mut dev, PhysAddr(0xb000_0000), 0, MB2, RW, MapAttrs::MMIO)
+        .unwrap();
+    assert_eq!(leaf_height(&d, dev.iova().0), Some(1));
+    assert_eq!(dev.kind(), Some(DmaKind::P2pThruHostBridge));
+    d.unlink(&mut dev, 0, MB2).unwrap();
+    d.link(&mut dev, PhysAddr(0xb000_0000), 0, PAGE, RW, MapAttrs::MMIO)
+        .unwrap();
+    assert_eq!(
+        d.link(&mut t, PhysAddr(0xa000_0000), GIB, MB2, RW, none),
+        Ok(DmaAddr(base + GIB))
+    );
+    d.unlink(&mut t, GIB, MB2).unwrap();
+    // A physical start not aligned to the block: pages, not a block.
+    d.link(&mut t, PhysAddr(0xa000_1000), GIB, MB2, RW, none)
+        .unwrap();
+    assert_eq!(leaf_height(&d, base + GIB), Some(0));
+    assert_eq!(
+        d.translate(DmaAddr(base + GIB + MB2 - PAGE))
+            .map(|(pa, _)| pa),
+        Some(PhysAddr(0xa000_1000 + MB2 - PAGE))
+    );
+    d.sync(&mut be).unwrap();
+    d.destroy(t, &mut be).unwrap();
+    d.destroy(dev, &mut be).unwrap();
+    other.free(foreign).unwrap();
+}
+
+/// A block link on a backend that caches not-present entries (VT-d
+/// caching mode) is invalidated at the sync, as any link is there.
+#[test]
+fn a_block_link_is_invalidated_when_the_backend_caches_not_present_entries() {
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    let mut be = RecordingBackend::new();
+    be.caching_mode = true;
+    let mut t = tx(&mut d, 1 << 30);
+    let base = t.iova().0;
+    d.link(
+        &mut t,
+        PhysAddr(0x4000_0000),
+        0,
+        1 << 30,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.sync(&mut be).unwrap();
+    assert!(
+        be.log.iter().any(|c| matches!(
+            *c,
+            Call::Invalidate { domain: 1, iova, len, .. }
+                if iova.0 <= base && base + (1 << 30) <= iova.0 + len
+        )),
+        "the block link was not invalidated: {:?}",
+        be.log
+    );
+    d.destroy(t, &mut be).unwrap();
+}
+
+/// Under `TableReclaim::Keep` a block over tables kept empty fills them
+/// (smaller blocks, pages where a leaf table is kept) instead of
+/// overwriting the pointer to them, which would leak them and leave a
+/// walk cache pointing at them; they all go back at the reclaim.
+#[test]
+fn a_block_link_over_tables_kept_empty_fills_them() {
+    const GIB: u64 = 1 << 30;
+    let mem = HostMemory::new();
+    let mut d = domain(&mem);
+    d.set_table_reclaim(bare_iommu::TableReclaim::Keep);
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, GIB);
+    let base = t.iova().0;
+    let before = mem.live_pages();
+    d.link(
+        &mut t,
+        PhysAddr(0x10_0000),
+        5 * MB,
+        PAGE,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    d.unlink(&mut t, 5 * MB, PAGE).unwrap();
+    d.sync(&mut be).unwrap();
+    let kept = mem.live_pages();
+    assert!(kept > before, "the emptied tables are kept");
+    assert_eq!(
+        d.link(
+            &mut t,
+            PhysAddr(0x40_0000_0000),
+            0,
+            GIB,
+            RW,
+            MapAttrs::empty()
+        ),
+        Ok(DmaAddr(base))
+    );
+    assert_eq!(t.linked(), GIB);
+    assert_eq!(mem.live_pages(), kept, "the kept tables were filled");
+    assert_eq!(leaf_height(&d, base), Some(1));
+    assert_eq!(leaf_height(&d, base + 5 * MB), Some(0));
+    for off in [0, 5 * MB + 3 * PAGE, GIB - PAGE] {
+        assert_eq!(
+            d.translate(DmaAddr(base + off)).map(|(pa, _)| pa),
+            Some(PhysAddr(0x40_0000_0000 + off))
+        );
+    }
+    assert_eq!(d.unlink(&mut t, 0, GIB), Ok(GIB));
+    assert_eq!(t.linked(), 0);
+    d.sync(&mut be).unwrap();
+    d.reclaim_empty_tables(&mut be).unwrap();
+    assert_eq!(
+        mem.live_pages(),
+        before + 2,
+        "every table but the root's kept child went back"
+    );
+    d.destroy(t, &mut be).unwrap();
+}
+
+/// A block link whose walk runs out of table memory is all or nothing:
+/// the tables it attached are taken back, invalidated (walk caches too)
+/// and handed back after the sync; the same link then succeeds.
+#[test]
+fn a_block_link_out_of_table_memory_takes_back_its_tables() {
+    let mem = HostMemory::new();
+    let five = DomainConfig {
+        levels: 5,
+        ..cfg(1)
+    };
+    let mut d = Domain::new(ArmStage1, &mem, five).unwrap();
+    let mut be = RecordingBackend::new();
+    let mut t = tx(&mut d, 2 * MB);
+    let base = t.iova().0;
+    let before = mem.live_pages();
+    // A level-3 table (the root's child, kept) and a level-2 table, each
+    // with its side page, then the level-1 table is refused.
+    mem.set_budget(Some(4));
+    assert_eq!(
+        d.link(
+            &mut t,
+            PhysAddr(0x4000_0000),
+            0,
+            2 * MB,
+            RW,
+            MapAttrs::empty()
+        ),
+        Err(DmaError::OutOfMemory)
+    );
+    mem.set_budget(None);
+    assert_eq!(t.linked(), 0);
+    assert_eq!(t.kind(), None);
+    assert_eq!(d.translate(DmaAddr(base)), None);
+    assert!(d.has_pending(), "the taken-back table waits for a sync");
+    d.sync(&mut be).unwrap();
+    assert!(
+        be.log.iter().any(|c| matches!(
+            *c,
+            Call::Invalidate { domain: 1, iova, len, leaf_only: false }
+                if iova.0 <= base && base < iova.0 + len
+        )),
+        "no walk-cache invalidation of the taken-back table: {:?}",
+        be.log
+    );
+    assert_eq!(
+        mem.live_pages(),
+        before + 2,
+        "only the kept level-3 table and its side page stay"
+    );
+    d.link(
+        &mut t,
+        PhysAddr(0x4000_0000),
+        0,
+        2 * MB,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    assert_eq!(
+        d.page_table()
+            .unwrap()
+            .translate(DmaAddr(base + PAGE))
+            .map(|(pa, _, h)| (pa, h)),
+        Some((PhysAddr(0x4000_1000), 1))
+    );
+    d.destroy(t, &mut be).unwrap();
 }

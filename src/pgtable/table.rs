@@ -351,6 +351,11 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// descriptor at address 0, so a one-page map with the same attributes
     /// only ORs in the address (the `PteFormat::leaf` contract).
     page_bits: (MapAttrs, u64),
+    /// The same for blocks: the attributes of the last block map and the
+    /// bits of their 2 MiB and 1 GiB descriptors at address 0 (the
+    /// `PteFormat::leaf` contract again), so a block map with the same
+    /// attributes only ORs in the address.
+    block_bits: (MapAttrs, [u64; 2]),
     /// See [`kept_height`](Self::kept_height); `u32::MAX` for none.
     kept_height: u32,
     /// Table and side pages attached by the shared-access path
@@ -363,6 +368,17 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
 #[inline]
 const fn entry_size(height: u32) -> u64 {
     1u64 << (12 + BITS_PER_LEVEL * height)
+}
+
+/// The height of a block of `len` bytes (1: 2 MiB, 2: 1 GiB); `None` for
+/// any other length.
+#[inline(always)]
+const fn block_height(len: u64) -> Option<u32> {
+    match len {
+        0x20_0000 => Some(1),
+        0x4000_0000 => Some(2),
+        _ => None,
+    }
 }
 
 #[inline]
@@ -460,6 +476,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
             oa_limit: 1u64 << fmt.oa_bits(),
             page_bits: (RW, fmt.leaf(PhysAddr(0), 0, RW)),
+            block_bits: (
+                RW,
+                [fmt.leaf(PhysAddr(0), 1, RW), fmt.leaf(PhysAddr(0), 2, RW)],
+            ),
             kept_height: if fmt.leaf_allowed(u32::from(levels) - 1) {
                 u32::MAX
             } else {
@@ -834,6 +854,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             if let Some(r) = self.map_page_fast(iova.0, pa.0, attrs) {
                 return r;
             }
+        } else if let Some(r) = self.map_block_fast(iova.0, pa.0, len, attrs) {
+            return r;
         }
         self.map_checked(iova, pa, len, attrs)
     }
@@ -1041,6 +1063,99 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         unsafe { count.write(count.read() + (1 << counts::COUNT_SHIFT)) };
         debug_assert!(self.count_at(self.leaf_cache.2) <= ENTRIES as u64);
         Some(Ok(()))
+    }
+
+    /// Maps `[iova, iova + len)` to `[pa, pa + len)` as one block (a 2 MiB
+    /// or 1 GiB leaf) when that is the whole call: `len` one of those sizes,
+    /// a leaf allowed at its height below the root, `iova` and `pa` aligned
+    /// to `len`, the block inside the input and output ranges, `attrs`
+    /// granting read or write, and the entry for it empty. One walk down,
+    /// making missing tables as every map does (side pages, cleans, the
+    /// barrier before each pointer), which is also the whole check: an
+    /// empty entry has nothing mapped below it.
+    ///
+    /// `None`, nothing changed, for any other call, which the full path
+    /// handles and names the error of: a present leaf on the way or at the
+    /// entry (`AlreadyMapped`), or a table there (one kept empty by
+    /// [`TableReclaim::Keep`] is filled with smaller blocks, never
+    /// overwritten). `Some(Err)` only when the lender failed
+    /// ([`PageTableError::OutOfMemory`], or a page above the output size:
+    /// [`PageTableError::PhysTooLarge`]); the tables this call attached
+    /// are taken back (retired, like a failed [`map`](Self::map)'s).
+    ///
+    /// The cost of a 1 GiB link (issue 11): the general path's check walk
+    /// and its recursive map become one walk and one store.
+    #[inline]
+    pub(crate) fn map_block_fast(
+        &mut self,
+        iova: u64,
+        pa: u64,
+        len: u64,
+        attrs: MapAttrs,
+    ) -> Option<Result<(), PageTableError>> {
+        let h = block_height(len)?;
+        let top = self.top_height();
+        // `iova` aligned to `len` and below the input range's end, itself a
+        // multiple of `len` (`h < top_height()`): the whole block is inside.
+        // `pa` aligned to `len` with its last byte, `pa | (len - 1)`, below
+        // the output range's end: no overflow either.
+        if (iova | pa) & (len - 1) != 0
+            || iova >= self.ias_limit
+            || pa | (len - 1) >= self.oa_limit
+            || h >= top
+            || !self.fmt.leaf_allowed(h)
+            || !attrs.intersects(RW)
+        {
+            return None;
+        }
+        let mut node = (self.root, self.root_side, 0u64);
+        let mut created = false;
+        let mut level = top;
+        while level > h {
+            node = match self.map_step(node, level, iova, &mut created) {
+                Ok(n) => n,
+                // A block above: nothing was made (every entry above it was
+                // a table already).
+                Err(PageTableError::AlreadyMapped { .. }) => return None,
+                Err(e) => return Some(Err(self.map_block_walk_failed(iova, len, e))),
+            };
+            level -= 1;
+        }
+        let (table, _, slot) = node;
+        let idx = index(iova, h);
+        // Anything but an empty entry (a fresh table has only those) goes
+        // to the full path, which made nothing either: `created` is false.
+        if self.read(table, idx) != 0 {
+            debug_assert!(!created);
+            return None;
+        }
+        // The entry was empty, so no leaf table lies under the block and
+        // `leaf_cache` (which only names attached tables) stays right.
+        debug_assert!(
+            self.leaf_cache.0 == NO_REGION
+                || (self.leaf_cache.0 << LEAF_TABLE_SHIFT) & !(len - 1) != iova
+        );
+        if self.block_bits.0 != attrs {
+            let leaf = |h| self.fmt.leaf(PhysAddr(0), h, attrs);
+            self.block_bits = (attrs, [leaf(1), leaf(2)]);
+        }
+        // `h` is 1 or 2. `pa` is aligned and in range: its descriptor is
+        // its address ORed with the bits (the `PteFormat::leaf` contract).
+        let bits = self.block_bits.1[(h - 1) as usize & 1];
+        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), h, attrs), pa | bits);
+        self.write(table, idx, pa | bits);
+        self.clean_entries(table, idx, idx + 1);
+        self.count_add(slot, 1);
+        Some(Ok(()))
+    }
+
+    /// The walk of [`map_block_fast`](Self::map_block_fast) failed with
+    /// `e` (the lender): takes back the tables it attached. Returns `e`.
+    #[cold]
+    #[inline(never)]
+    fn map_block_walk_failed(&mut self, iova: u64, len: u64, e: PageTableError) -> PageTableError {
+        self.take_back(iova, iova + len);
+        e
     }
 
     /// A walk for a map of `[iova, iova + 4 KiB)` failed with `e`: takes
@@ -1674,17 +1789,37 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// the common case is one step down, one store, one count update.
     #[inline]
     pub(crate) fn unmap_block_fast(&mut self, iova: u64, len: u64) -> Option<UnmapOutcome> {
-        let h = match len {
-            0x20_0000 => 1,
-            0x4000_0000 => 2,
-            _ => return None,
-        };
-        // `iova` aligned to `len` and below the input range's end, itself a
-        // multiple of `len` (`h < top_height()`): the whole block is inside.
-        let top = self.top_height();
-        if iova & (len - 1) != 0 || iova >= self.ias_limit || h >= top {
+        let h = block_height(len)?;
+        if iova & (len - 1) != 0 || iova >= self.ias_limit {
             return None;
         }
+        self.unmap_block_at(iova, h)
+    }
+
+    /// [`unmap_block_fast`](Self::unmap_block_fast) for an `iova` the
+    /// caller proved aligned to `len` and below `1 << ias_bits()` (a
+    /// naturally aligned block of a transaction, which lies inside the
+    /// aperture, which lies inside the input range). Inlined into
+    /// `Domain::unlink`: no call, no registers saved.
+    #[inline(always)]
+    pub(crate) fn unmap_block_in_range(&mut self, iova: u64, len: u64) -> Option<UnmapOutcome> {
+        let h = block_height(len)?;
+        debug_assert!(iova % len == 0 && iova < self.ias_limit);
+        self.unmap_block_at(iova, h)
+    }
+
+    /// The block unmap at height `h` (1 or 2) of an `iova` aligned to the
+    /// block and inside the input range.
+    #[inline(always)]
+    fn unmap_block_at(&mut self, iova: u64, h: u32) -> Option<UnmapOutcome> {
+        // The input range's end is a multiple of the block when the block
+        // lies below the root (`h < top_height()`): the whole block is
+        // inside.
+        let top = self.top_height();
+        if h >= top {
+            return None;
+        }
+        let len = entry_size(h);
         // Down to the table holding the block: its page and count slot.
         let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
         let mut level = top;

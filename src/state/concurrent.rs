@@ -416,9 +416,9 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         self.inner.as_ref().map_or(0, |t| t.pt.retired_pages())
     }
 
-    /// What a sync of `p` queues before its completion (see
-    /// `Translated::queue_invalidations`): `false` when there is nothing
-    /// to invalidate (published, no completion needed).
+    /// What a sync of `p` queues before its completion (see `Domain::sync`
+    /// and `Translated::invalidate_and_wait`): `false` when there is
+    /// nothing to invalidate (published, no completion needed).
     pub(crate) fn queue_shared<B: IommuBackend + ?Sized>(
         &self,
         p: &SharedPending,
