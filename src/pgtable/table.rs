@@ -854,7 +854,22 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             if let Some(r) = self.map_page_fast(iova.0, pa.0, attrs) {
                 return r;
             }
-        } else if let Some(r) = self.map_block_fast(iova.0, pa.0, len, attrs) {
+        }
+        self.map_other(iova, pa, len, attrs)
+    }
+
+    /// [`map`](Self::map) of anything but one page: a whole block by its
+    /// one walk, else the checked path. Out of line (and small), so that
+    /// `map` stays the one-page path and a call.
+    #[inline(never)]
+    fn map_other(
+        &mut self,
+        iova: DmaAddr,
+        pa: PhysAddr,
+        len: u64,
+        attrs: MapAttrs,
+    ) -> Result<(), PageTableError> {
+        if let Some(r) = self.map_block_fast(iova.0, pa.0, len, attrs) {
             return r;
         }
         self.map_checked(iova, pa, len, attrs)
@@ -1743,6 +1758,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 return Ok(out);
             }
         } else if let Some(out) = self.unmap_block_fast(iova.0, len) {
+            // Inline: small, unlike `map_block_fast` (which makes tables),
+            // and the one-page path keeps its cost beside it.
             return Ok(out);
         }
         self.unmap_checked(iova, len)
