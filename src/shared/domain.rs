@@ -250,7 +250,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     }
 
     /// The caller's stack region (never 0).
-    #[cfg(not(loom))]
+    #[cfg(not(any(loom, shuttle)))]
     #[inline(always)]
     fn stack_key() -> usize {
         let probe = 0u8;
@@ -265,6 +265,17 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         use core::hash::{Hash, Hasher};
         let mut h = std::hash::DefaultHasher::new();
         loom::thread::current().id().hash(&mut h);
+        (h.finish() as usize) | 1
+    }
+
+    /// Under shuttle: the test thread (a schedule must replay the same way
+    /// from its seed).
+    #[cfg(all(shuttle, not(loom)))]
+    fn stack_key() -> usize {
+        extern crate std;
+        use core::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        shuttle::thread::current().id().hash(&mut h);
         (h.finish() as usize) | 1
     }
 

@@ -1,10 +1,16 @@
-//! The atomics and cell the shared wrappers use: `core`'s, or loom's when
-//! the crate is built with `--cfg loom` (model tests, `tests/loom.rs`).
+//! The atomics and cell the shared wrappers use: `core`'s, loom's when the
+//! crate is built with `--cfg loom` (model tests, `tests/loom.rs`), or
+//! shuttle's with `--cfg shuttle` (randomised schedules, `tests/shuttle.rs`:
+//! every operation on them, and on a table word, is a point where shuttle
+//! may switch threads).
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64};
 
-#[cfg(not(loom))]
+#[cfg(all(shuttle, not(loom)))]
+pub(crate) use shuttle::sync::atomic::{AtomicU32, AtomicU64};
+
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) use core::sync::atomic::{AtomicU32, AtomicU64};
 
 pub(crate) use core::sync::atomic::Ordering;
@@ -14,7 +20,9 @@ pub(crate) use core::sync::atomic::Ordering;
 pub(crate) fn spin_hint() {
     #[cfg(loom)]
     loom::thread::yield_now();
-    #[cfg(not(loom))]
+    #[cfg(all(shuttle, not(loom)))]
+    shuttle::thread::yield_now();
+    #[cfg(not(any(loom, shuttle)))]
     core::hint::spin_loop();
 }
 
@@ -95,6 +103,9 @@ impl Word {
     #[cfg(not(loom))]
     #[inline(always)]
     fn a(self) -> &'static core::sync::atomic::AtomicU64 {
+        // Under shuttle: a point where another thread may run first.
+        #[cfg(shuttle)]
+        shuttle::thread::yield_now();
         // SAFETY: aligned and valid, every concurrent access atomic (the
         // contract of `at`); the reference does not outlive the call using it.
         unsafe { core::sync::atomic::AtomicU64::from_ptr(self.0) }

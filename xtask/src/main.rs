@@ -102,6 +102,7 @@ fn test(extra: &[String]) -> ExitCode {
     );
     t.step("stress (10^6 operations, release)", stress());
     t.step("loom (shared driver models)", loom());
+    t.step("shuttle (whole SharedDomain schedules)", shuttle());
     t.step(
         "rustdoc (-D warnings)",
         run(cargo()
@@ -249,6 +250,15 @@ fn stress() -> bool {
         "--",
         "--nocapture",
     ]))
+}
+
+/// The shuttle schedule tests of a whole `SharedDomain` (tests/shuttle.rs),
+/// in their own target directory (built with `--cfg shuttle`).
+fn shuttle() -> bool {
+    run(cargo()
+        .env("RUSTFLAGS", "--cfg shuttle")
+        .args(["test", "--release", "--test", "shuttle", "--target-dir"])
+        .arg(root().join("target").join("shuttle")))
 }
 
 /// The loom model tests of the shared wrappers (tests/loom.rs), in their

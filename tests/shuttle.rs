@@ -1,0 +1,242 @@
+//! Randomised schedule tests of a whole [`SharedDomain`] under shuttle:
+//! CPUs linking and unlinking on the read side while another empties a
+//! table and reclaims it on the write side (detach, invalidate, hand back
+//! after the completion), the end-to-end race loom cannot follow here (the
+//! write side stores table words plainly, and loom 0.7 stops on its own
+//! `VersionVec` assertion on these shapes, tokio-rs/loom#252 and #389).
+//! Shuttle runs the threads under sequential consistency and switches
+//! between them at every atomic operation and every table-word access; the
+//! lender poisons each page it gets back and refuses any later use of it,
+//! so a walk into a reclaimed table fails the run where it happens.
+//!
+//! ```sh
+//! RUSTFLAGS="--cfg shuttle" cargo test --release --test shuttle
+//! ```
+//!
+//! (`cargo xtask test` runs it.) Without `--cfg shuttle` this file is empty.
+#![cfg(shuttle)]
+
+use std::alloc::{Layout, alloc_zeroed};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bare_iommu::pgtable::arm::ArmStage1;
+use bare_iommu::shared::{SharedDomain, SharedIommu};
+use bare_iommu::testing::split::FakeQueue;
+use bare_iommu::{
+    DmaAddr, DmaDirection, Domain, DomainConfig, IovaState, MapAttrs, PhysAddr, TableMemory,
+};
+use shuttle::thread;
+
+/// What a page the lender got back is filled with: an Arm table descriptor
+/// (bits 1:0 = 0b11) to an address no page has, so a walk that follows a
+/// reclaimed table's stale contents lands in `phys_to_virt`'s refusal,
+/// and a leaf read there is a translation to a page nobody linked.
+const POISON: u64 = 0x0bad_0000_0000_0003;
+
+/// A heap lender that never reuses an address, poisons every page handed
+/// back and panics on any use of one after that (or of an address it never
+/// lent).
+#[derive(Default)]
+struct Poison {
+    /// Every page lent: whether it came back.
+    pages: Mutex<HashMap<u64, bool>>,
+    out: AtomicUsize,
+}
+
+fn page() -> Layout {
+    Layout::from_size_align(4096, 4096).unwrap()
+}
+
+// SAFETY: zeroed, page-aligned heap pages, never freed to the heap (a page
+// handed back stays allocated, poisoned); the pointer is the physical
+// address.
+unsafe impl TableMemory for Poison {
+    fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
+        assert_eq!(pages, 1);
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc_zeroed(page()) } as u64;
+        assert_ne!(p, 0);
+        self.pages.lock().unwrap().insert(p, false);
+        self.out.fetch_add(1, Ordering::SeqCst);
+        Some(PhysAddr(p))
+    }
+
+    unsafe fn free(&self, pa: PhysAddr, pages: usize) {
+        assert_eq!(pages, 1);
+        let mut map = self.pages.lock().unwrap();
+        let freed = map
+            .get_mut(&pa.0)
+            .unwrap_or_else(|| panic!("page {:#x} handed back but never lent", pa.0));
+        assert!(!*freed, "page {:#x} handed back twice", pa.0);
+        *freed = true;
+        let w = pa.0 as *mut u64;
+        for i in 0..512 {
+            // SAFETY: a whole page this lender allocated and keeps.
+            unsafe { w.add(i).write_volatile(POISON) };
+        }
+        self.out.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
+        let map = self.pages.lock().unwrap();
+        match map.get(&(pa.0 & !0xfff)) {
+            Some(false) => pa.0 as *mut u8,
+            Some(true) => panic!("use of page {:#x} after it went back to the lender", pa.0),
+            None => panic!(
+                "use of {:#x}, never lent (a poisoned entry followed?)",
+                pa.0
+            ),
+        }
+    }
+}
+
+type Dom = SharedDomain<ArmStage1, &'static Poison>;
+
+/// A 3-level domain whose aperture (1 MiB to 2 MiB) is too small to shard:
+/// every transaction comes from the domain's allocator, all in one leaf
+/// table, which empties whenever every page is unlinked.
+fn fresh() -> (&'static Poison, Arc<Dom>) {
+    let heap: &'static Poison = Box::leak(Box::default());
+    let cfg = DomainConfig {
+        id: 1,
+        levels: 3,
+        aperture_start: 1 << 20,
+        aperture_end: 2 << 20,
+        coherent_walk: true,
+    };
+    let dom = Domain::new(ArmStage1, heap, cfg).unwrap();
+    (heap, Arc::new(SharedDomain::new(dom)))
+}
+
+fn one_page(dom: &Dom) -> IovaState {
+    dom.try_alloc(4096, u64::MAX).unwrap().into_iova().unwrap()
+}
+
+const RW: DmaDirection = DmaDirection::Bidirectional;
+
+fn iommu() -> Arc<SharedIommu<FakeQueue>> {
+    Arc::new(SharedIommu::new(FakeQueue::new(1), |q| {
+        q.drain_irq();
+    }))
+}
+
+/// Schedules per test: each is a few hundred switch points.
+const ITERATIONS: usize = 3000;
+
+/// A page linked and unlinked over and over by one CPU while another
+/// empties the only leaf table (its own page unlinked too), reclaims it
+/// and syncs: every link lands in an attached table (the translation is
+/// the page linked), no walk touches a reclaimed table, and at the end
+/// every page lent is attached, retired or back, with counts that match
+/// the tables.
+#[test]
+fn shuttle_links_race_the_reclaim_of_their_leaf_table() {
+    shuttle::check_random(
+        || {
+            let (heap, dom) = fresh();
+            let s = iommu();
+            let mut a = one_page(&dom);
+            let mut b = one_page(&dom);
+            let (ia, ib) = (a.iova(), b.iova());
+            let reclaimer = {
+                let (dom, s) = (dom.clone(), s.clone());
+                thread::spawn(move || {
+                    let mut h = s.cpu();
+                    for _ in 0..2 {
+                        dom.link(
+                            &mut b,
+                            PhysAddr(0x9000_0000),
+                            0,
+                            4096,
+                            RW,
+                            MapAttrs::empty(),
+                        )
+                        .unwrap();
+                        dom.unlink(&mut b, 0, 4096).unwrap();
+                        dom.sync(&mut h).unwrap();
+                        dom.reclaim_now();
+                        dom.sync(&mut h).unwrap();
+                    }
+                    dom.free(b).unwrap();
+                })
+            };
+            let mut h = s.cpu();
+            for i in 0..3u64 {
+                let pa = PhysAddr(0x8000_0000 + i * 4096);
+                dom.link(&mut a, pa, 0, 4096, RW, MapAttrs::empty())
+                    .unwrap();
+                let t = dom.translate(ia).map(|(p, _)| p);
+                assert_eq!(t, Some(pa), "the page just linked");
+                dom.unlink(&mut a, 0, 4096).unwrap();
+                dom.sync(&mut h).unwrap();
+                assert_eq!(dom.translate(ia), None);
+            }
+            reclaimer.join().unwrap();
+            assert_eq!(dom.translate(ib), None);
+            dom.free(a).unwrap();
+            dom.sync(&mut h).unwrap();
+            dom.reclaim_now();
+            dom.sync(&mut h).unwrap();
+            let (tables, sides, retired) = dom.with(|d| {
+                let pt = d.page_table().unwrap();
+                pt.check_counts().expect("counts match a scan");
+                (pt.table_pages(), pt.side_pages(), pt.retired_pages())
+            });
+            assert_eq!(retired, 0, "the last sync handed every retired page back");
+            assert_eq!(heap.out.load(Ordering::SeqCst), tables + sides);
+        },
+        ITERATIONS,
+    );
+}
+
+/// Two CPUs each link and unlink their own page in the one leaf table
+/// while each also reclaims: whichever empties it last, a reclaim never
+/// takes a table another CPU is linking into (its link translates), and
+/// a unlink never misses its page.
+#[test]
+fn shuttle_two_cpus_link_unlink_and_reclaim_in_one_leaf_table() {
+    shuttle::check_random(
+        || {
+            let (heap, dom) = fresh();
+            let s = iommu();
+            let cpus: Vec<_> = (0..2u64)
+                .map(|c| {
+                    let (dom, s) = (dom.clone(), s.clone());
+                    let mut t = one_page(&dom);
+                    thread::spawn(move || {
+                        let mut h = s.cpu();
+                        for i in 0..2u64 {
+                            let pa = PhysAddr(0x8000_0000 + (c * 16 + i) * 4096);
+                            dom.link(&mut t, pa, 0, 4096, RW, MapAttrs::empty())
+                                .unwrap();
+                            assert_eq!(dom.translate(t.iova()).map(|(p, _)| p), Some(pa));
+                            assert_eq!(dom.unlink(&mut t, 0, 4096), Ok(4096));
+                            dom.sync(&mut h).unwrap();
+                            dom.reclaim_now();
+                        }
+                        dom.free(t).unwrap();
+                        dom.sync(&mut h).unwrap();
+                    })
+                })
+                .collect();
+            for c in cpus {
+                c.join().unwrap();
+            }
+            let mut h = s.cpu();
+            dom.sync(&mut h).unwrap();
+            dom.reclaim_now();
+            dom.sync(&mut h).unwrap();
+            assert_eq!(dom.translate(DmaAddr(1 << 20)), None);
+            let (tables, sides, retired) = dom.with(|d| {
+                let pt = d.page_table().unwrap();
+                pt.check_counts().expect("counts match a scan");
+                (pt.table_pages(), pt.side_pages(), pt.retired_pages())
+            });
+            assert_eq!(retired, 0);
+            assert_eq!(heap.out.load(Ordering::SeqCst), tables + sides);
+        },
+        ITERATIONS,
+    );
+}
