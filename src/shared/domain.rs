@@ -938,9 +938,11 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 super::sync::spin_hint();
             }
             pause = (pause * 2).min(64);
-            // A read-modify-write reads the newest value (see
-            // `ShardedRwLock::read`).
-            cur = state.fetch_or(0, Ordering::Relaxed);
+            // A load, not a read-modify-write: the line stays shared
+            // while the holder works, its release takes it back once (a
+            // spinning read-modify-write took it from the holder at every
+            // turn, and its release waited for it).
+            cur = state.load(Ordering::Relaxed);
         }
     }
 

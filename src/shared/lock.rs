@@ -271,9 +271,11 @@ impl<T> ShardedRwLock<T> {
                 }
             }
             spin_hint();
-            // A read-modify-write reads the newest value (a plain load may
-            // go on seeing an old one for a while, and under loom for ever).
-            v = s.fetch_or(0, Ordering::Relaxed);
+            // A load (see `SharedDomain::take_pending`): the writer's release
+            // is not slowed by readers taking the line at every turn. A
+            // load sees the release within the coherence delay; loom does
+            // not return a value a spinning thread saw before its yield.
+            v = s.load(Ordering::Relaxed);
         }
         let _release = ReadRelease(s);
         // SAFETY: counted as a reader in a slot no writer holds.
@@ -298,7 +300,7 @@ impl<T> ShardedRwLock<T> {
                     s.fetch_or(WANT, Ordering::Relaxed);
                 }
                 spin_hint();
-                v = s.fetch_or(0, Ordering::Relaxed);
+                v = s.load(Ordering::Relaxed);
             }
             held.1 += 1;
         }

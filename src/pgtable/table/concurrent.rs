@@ -269,9 +269,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 return s;
             }
             spin_hint();
-            // A read-modify-write reads the newest value (see
-            // `ShardedRwLock::read`); adding 0 changes nothing.
-            v = w.fetch_add(0, Ordering::Acquire);
+            // A load (see `ShardedRwLock::read`).
+            v = w.load(Ordering::Acquire);
         }
     }
 
