@@ -351,6 +351,11 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// descriptor at address 0, so a one-page map with the same attributes
     /// only ORs in the address (the `PteFormat::leaf` contract).
     page_bits: (MapAttrs, u64),
+    /// The page descriptor bits at address 0 of each plain direction,
+    /// indexed by the attributes' bits (READ 1, WRITE 2, both 3; 0
+    /// unused): a one-way buffer after a read-write one, or pages of both
+    /// kinds in turn, OR in the address too instead of encoding.
+    dir_bits: [u64; 4],
     /// The same for blocks: the attributes of the last block map and the
     /// bits of their 2 MiB and 1 GiB descriptors at address 0 (the
     /// `PteFormat::leaf` contract again), so a block map with the same
@@ -476,6 +481,12 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
             oa_limit: 1u64 << fmt.oa_bits(),
             page_bits: (RW, fmt.leaf(PhysAddr(0), 0, RW)),
+            dir_bits: [
+                0,
+                fmt.leaf(PhysAddr(0), 0, MapAttrs::READ),
+                fmt.leaf(PhysAddr(0), 0, MapAttrs::WRITE),
+                fmt.leaf(PhysAddr(0), 0, RW),
+            ],
             block_bits: (
                 RW,
                 [fmt.leaf(PhysAddr(0), 1, RW), fmt.leaf(PhysAddr(0), 2, RW)],
@@ -1007,6 +1018,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         r
     }
 
+    /// The bits (at address 0) of a page descriptor with `attrs`, when
+    /// known without encoding: the last map's, or a plain direction's.
+    #[inline(always)]
+    pub(crate) fn known_page_bits(&self, attrs: MapAttrs) -> Option<u64> {
+        if attrs == self.page_bits.0 {
+            return Some(self.page_bits.1);
+        }
+        let b = attrs.bits();
+        (b != 0 && b & !RW.bits() == 0).then(|| self.dir_bits[b as usize & 3])
+    }
+
     /// One page at `iova` → `pa`, when `attrs` are those of the last
     /// successful map (so they grant access; their descriptor bits are
     /// known) and both addresses are page aligned and in range (the leaf
@@ -1044,9 +1066,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         debug_assert!(iova % PAGE_SIZE == 0 && iova < self.ias_limit);
         // Page aligned, below the output limit (a multiple of 4 KiB, so the
         // page's end is below it too).
-        if pa & (PAGE_SIZE - 1) != 0 || pa >= self.oa_limit || attrs != self.page_bits.0 {
+        if pa & (PAGE_SIZE - 1) != 0 || pa >= self.oa_limit {
             return None;
         }
+        let bits = self.known_page_bits(attrs)?;
         let created = if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
             false
         } else {
@@ -1069,9 +1092,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 iova: DmaAddr(iova),
             }));
         }
-        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | self.page_bits.1);
+        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | bits);
         // SAFETY: as above; one aligned 64-bit store (see `write`).
-        unsafe { entry.write_volatile(pa | self.page_bits.1) };
+        unsafe { entry.write_volatile(pa | bits) };
         self.clean_entries(self.leaf_cache.1, i, i + 1);
         // SAFETY: `count` points to the leaf table's count word, in a side
         // page this walker owns (see `LeafPtrs`, `count_add`).

@@ -482,12 +482,12 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             return None;
         }
         // The descriptor: the exclusive path's cached bits when the
-        // attributes are the same (read-write, by default), else encoded
-        // here (this path cannot update the cache; a one-way DMA buffer
-        // would otherwise always take the slow path). Attributes granting
-        // no access go there too, for its error.
-        let desc = if attrs == self.page_bits.0 {
-            pa | self.page_bits.1
+        // attributes are the same (read-write, by default), or a plain
+        // direction's precomputed bits (a one-way DMA buffer), else
+        // encoded here (this path cannot update the cache). Attributes
+        // granting no access go to the slow path, for its error.
+        let desc = if let Some(bits) = self.known_page_bits(attrs) {
+            pa | bits
         } else if attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
             self.fmt.leaf(PhysAddr(pa), 0, attrs)
         } else {
