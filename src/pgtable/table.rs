@@ -1019,14 +1019,39 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     }
 
     /// The bits (at address 0) of a page descriptor with `attrs`, when
-    /// known without encoding: the last map's, or a plain direction's.
+    /// known without encoding: the last map's (one compare, the per-page
+    /// paths' common case), or a plain direction's.
     #[inline(always)]
     pub(crate) fn known_page_bits(&self, attrs: MapAttrs) -> Option<u64> {
         if attrs == self.page_bits.0 {
-            return Some(self.page_bits.1);
+            Some(self.page_bits.1)
+        } else {
+            self.direction_bits(attrs)
         }
+    }
+
+    /// A plain direction's page descriptor bits (`known_page_bits` when the
+    /// attributes changed), out of the common path.
+    #[cold]
+    #[inline(never)]
+    fn direction_bits(&self, attrs: MapAttrs) -> Option<u64> {
         let b = attrs.bits();
         (b != 0 && b & !RW.bits() == 0).then(|| self.dir_bits[b as usize & 3])
+    }
+
+    /// Makes a plain direction's bits the cached page bits (`page_bits`
+    /// is a cache of the encoding, right whatever the map then does);
+    /// whether `attrs` was one.
+    #[cold]
+    #[inline(never)]
+    fn adopt_direction(&mut self, attrs: MapAttrs) -> bool {
+        match self.direction_bits(attrs) {
+            Some(bits) => {
+                self.page_bits = (attrs, bits);
+                true
+            }
+            None => false,
+        }
     }
 
     /// One page at `iova` → `pa`, when `attrs` are those of the last
@@ -1066,10 +1091,12 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         debug_assert!(iova % PAGE_SIZE == 0 && iova < self.ias_limit);
         // Page aligned, below the output limit (a multiple of 4 KiB, so the
         // page's end is below it too).
-        if pa & (PAGE_SIZE - 1) != 0 || pa >= self.oa_limit {
+        if pa & (PAGE_SIZE - 1) != 0
+            || pa >= self.oa_limit
+            || (attrs != self.page_bits.0 && !self.adopt_direction(attrs))
+        {
             return None;
         }
-        let bits = self.known_page_bits(attrs)?;
         let created = if self.leaf_cache.0 == iova >> LEAF_TABLE_SHIFT {
             false
         } else {
@@ -1092,9 +1119,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 iova: DmaAddr(iova),
             }));
         }
-        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | bits);
+        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | self.page_bits.1);
         // SAFETY: as above; one aligned 64-bit store (see `write`).
-        unsafe { entry.write_volatile(pa | bits) };
+        unsafe { entry.write_volatile(pa | self.page_bits.1) };
         self.clean_entries(self.leaf_cache.1, i, i + 1);
         // SAFETY: `count` points to the leaf table's count word, in a side
         // page this walker owns (see `LeafPtrs`, `count_add`).
