@@ -107,22 +107,23 @@
 //! instructions per 4 KiB call including one sync per 32768 calls; the
 //! `s1/shared` contender of `cargo xtask bench --instructions`,
 //! 2026-11-30): `link` of sequential pages 110 for `SharedDomain` against
-//! 62 for `Domain`, `unlink` 114 against 48 (before the per-shard
+//! 62 for `Domain`, `unlink` 115 against 48 (before the per-shard
 //! leaf-table hint, `crate::pgtable::LeafHint`, they were 471 and 378: a
 //! walk from the root at every call). What is left per call: the read
 //! side's compare-and-swap and release, the hint's seqlock and generation
 //! check, an atomic count, and for an unlink (or a link before the first
 //! sync tells it the IOMMU does not cache not-present entries) the shard's
-//! short lock over its pending ranges. Scattered pages: `link` 325 against
-//! 229 (a walk each, as `Domain`'s).
+//! short lock over its pending ranges. Scattered pages: `link` 327 against
+//! 223 (a walk each, as `Domain`'s). A one-way page's descriptor comes
+//! from precomputed bits, as a read-write one's.
 //! Two threads on disjoint transactions of one `SharedDomain`
 //! (`bench: shared threads`, 16 one-page one-way links, sync, unlink,
-//! destroy per transaction): ratio 1.56 in the README's run while the
-//! machine itself gave 1.77 (two threads on separate domains and queues),
-//! two domains sharing one [`SharedIommu`] 1.68; quick runs gave 1.35–1.74.
-//! What is left is the domain's sync word (read by every sync, written by
-//! a taking one) and the IOMMU lock. The goal of 1.7 is not reached
-//! reliably.
+//! destroy per transaction): ratio 1.49 in the README's run while the
+//! machine itself gave 2.00 (two threads on separate domains and queues),
+//! two domains sharing one [`SharedIommu`] 1.76; runs spread by ±0.15.
+//! What is left is spread over many shared lines (the domain's sync word,
+//! read by every sync and written by a taking one, the IOMMU lock, the
+//! read side's locked operations): the goal of 1.7 is not reached.
 
 mod domain;
 mod iommu;
