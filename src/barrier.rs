@@ -10,20 +10,21 @@
 /// its own `mfence`); a full fence on other targets.
 #[inline]
 pub fn wmb() {
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(all(target_arch = "aarch64", not(miri)))]
     // SAFETY: `dsb st` only waits for earlier stores; no memory or register is
     // touched.
     unsafe {
         core::arch::asm!("dsb st", options(nostack, preserves_flags));
     }
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     // SAFETY: `sfence` only orders earlier stores before later ones; no
     // memory or register is touched. Without `nomem` it is also a compiler
     // barrier: no store moves across it.
     unsafe {
         core::arch::asm!("sfence", options(nostack, preserves_flags));
     }
-    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
+    // Other targets, and Miri (which runs no inline assembly).
+    #[cfg(any(miri, not(any(target_arch = "aarch64", target_arch = "x86_64"))))]
     core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
 }
 
@@ -32,19 +33,20 @@ pub fn wmb() {
 /// does not reorder loads with loads); a full fence on other targets.
 #[inline]
 pub fn rmb() {
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(all(target_arch = "aarch64", not(miri)))]
     // SAFETY: `dsb ld` only waits for earlier loads.
     unsafe {
         core::arch::asm!("dsb ld", options(nostack, preserves_flags));
     }
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     // SAFETY: `lfence` only orders earlier loads before later ones; no
     // memory or register is touched (and, without `nomem`, no access moves
     // across it at compile time).
     unsafe {
         core::arch::asm!("lfence", options(nostack, preserves_flags));
     }
-    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
+    // Other targets, and Miri (which runs no inline assembly).
+    #[cfg(any(miri, not(any(target_arch = "aarch64", target_arch = "x86_64"))))]
     core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
 }
 
