@@ -15,6 +15,8 @@
 //! its own `VersionVec` assertion on that shape (tokio-rs/loom#252).
 #![cfg(loom)]
 
+mod common;
+
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +28,7 @@ use bare_iommu::pgtable::arm::ArmStage1;
 use bare_iommu::shared::SharedDomain;
 use bare_iommu::shared::SharedIommu;
 use bare_iommu::testing::split::FakeQueue;
-use bare_iommu::{DmaDirection, Domain, DomainConfig, IovaState, MapAttrs, PhysAddr, TableMemory};
+use bare_iommu::{DmaDirection, IovaState, MapAttrs, PhysAddr, TableMemory};
 use loom::sync::Arc;
 use loom::thread;
 
@@ -203,15 +205,7 @@ type Dom = SharedDomain<ArmStage1, &'static Heap>;
 fn fresh() -> (&'static Heap, Arc<Dom>) {
     bare_iommu::shared::loom_reset();
     let heap: &'static Heap = Box::leak(Box::default());
-    let cfg = DomainConfig {
-        id: 1,
-        levels: 3,
-        aperture_start: 1 << 20,
-        aperture_end: 2 << 20,
-        coherent_walk: true,
-    };
-    let dom = Domain::new(ArmStage1, heap, cfg).unwrap();
-    (heap, Arc::new(SharedDomain::new(dom)))
+    (heap, Arc::new(common::one_leaf_table_domain(heap)))
 }
 
 fn one_page(dom: &Dom) -> IovaState {

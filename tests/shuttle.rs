@@ -16,6 +16,8 @@
 //! (`cargo xtask test` runs it.) Without `--cfg shuttle` this file is empty.
 #![cfg(shuttle)]
 
+mod common;
+
 use std::alloc::{Layout, alloc_zeroed};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,9 +26,7 @@ use std::sync::{Arc, Mutex};
 use bare_iommu::pgtable::arm::ArmStage1;
 use bare_iommu::shared::{SharedDomain, SharedIommu};
 use bare_iommu::testing::split::FakeQueue;
-use bare_iommu::{
-    DmaAddr, DmaDirection, Domain, DomainConfig, IovaState, MapAttrs, PhysAddr, TableMemory,
-};
+use bare_iommu::{DmaAddr, DmaDirection, IovaState, MapAttrs, PhysAddr, TableMemory};
 use shuttle::thread;
 
 /// What a page the lender got back is filled with: an Arm table descriptor
@@ -99,15 +99,24 @@ type Dom = SharedDomain<ArmStage1, &'static Poison>;
 /// table, which empties whenever every page is unlinked.
 fn fresh() -> (&'static Poison, Arc<Dom>) {
     let heap: &'static Poison = Box::leak(Box::default());
-    let cfg = DomainConfig {
-        id: 1,
-        levels: 3,
-        aperture_start: 1 << 20,
-        aperture_end: 2 << 20,
-        coherent_walk: true,
-    };
-    let dom = Domain::new(ArmStage1, heap, cfg).unwrap();
-    (heap, Arc::new(SharedDomain::new(dom)))
+    (heap, Arc::new(common::one_leaf_table_domain(heap)))
+}
+
+/// After every CPU is done: a sync, a reclaim and a sync hand every
+/// retired page back; every page still out is attached, and the counts
+/// match a scan of the tables.
+fn settle_and_check(heap: &Poison, dom: &Dom, s: &SharedIommu<FakeQueue>) {
+    let mut h = s.cpu();
+    dom.sync(&mut h).unwrap();
+    dom.reclaim_now();
+    dom.sync(&mut h).unwrap();
+    let (tables, sides, retired) = dom.with(|d| {
+        let pt = d.page_table().unwrap();
+        pt.check_counts().expect("counts match a scan");
+        (pt.table_pages(), pt.side_pages(), pt.retired_pages())
+    });
+    assert_eq!(retired, 0, "the last sync handed every retired page back");
+    assert_eq!(heap.out.load(Ordering::SeqCst), tables + sides);
 }
 
 fn one_page(dom: &Dom) -> IovaState {
@@ -176,16 +185,7 @@ fn shuttle_links_race_the_reclaim_of_their_leaf_table() {
             reclaimer.join().unwrap();
             assert_eq!(dom.translate(ib), None);
             dom.free(a).unwrap();
-            dom.sync(&mut h).unwrap();
-            dom.reclaim_now();
-            dom.sync(&mut h).unwrap();
-            let (tables, sides, retired) = dom.with(|d| {
-                let pt = d.page_table().unwrap();
-                pt.check_counts().expect("counts match a scan");
-                (pt.table_pages(), pt.side_pages(), pt.retired_pages())
-            });
-            assert_eq!(retired, 0, "the last sync handed every retired page back");
-            assert_eq!(heap.out.load(Ordering::SeqCst), tables + sides);
+            settle_and_check(heap, &dom, &s);
         },
         ITERATIONS,
     );
@@ -224,18 +224,8 @@ fn shuttle_two_cpus_link_unlink_and_reclaim_in_one_leaf_table() {
             for c in cpus {
                 c.join().unwrap();
             }
-            let mut h = s.cpu();
-            dom.sync(&mut h).unwrap();
-            dom.reclaim_now();
-            dom.sync(&mut h).unwrap();
+            settle_and_check(heap, &dom, &s);
             assert_eq!(dom.translate(DmaAddr(1 << 20)), None);
-            let (tables, sides, retired) = dom.with(|d| {
-                let pt = d.page_table().unwrap();
-                pt.check_counts().expect("counts match a scan");
-                (pt.table_pages(), pt.side_pages(), pt.retired_pages())
-            });
-            assert_eq!(retired, 0);
-            assert_eq!(heap.out.load(Ordering::SeqCst), tables + sides);
         },
         ITERATIONS,
     );

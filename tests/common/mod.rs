@@ -88,3 +88,21 @@ unsafe impl TableMemory for HostMemory {
         pa.0 as *mut u8
     }
 }
+
+/// A 3-level stage-1 `SharedDomain` on `mem` whose aperture (1 MiB to
+/// 2 MiB) is too small to shard: every transaction comes from the
+/// domain's allocator, side by side in one leaf table (the concurrency
+/// models' domain, `tests/loom.rs` and `tests/shuttle.rs`).
+pub fn one_leaf_table_domain<M: TableMemory>(
+    mem: M,
+) -> bare_iommu::shared::SharedDomain<bare_iommu::pgtable::arm::ArmStage1, M> {
+    let cfg = bare_iommu::DomainConfig {
+        id: 1,
+        levels: 3,
+        aperture_start: 1 << 20,
+        aperture_end: 2 << 20,
+        coherent_walk: true,
+    };
+    let dom = bare_iommu::Domain::new(bare_iommu::pgtable::arm::ArmStage1, mem, cfg).unwrap();
+    bare_iommu::shared::SharedDomain::new(dom)
+}
