@@ -34,6 +34,18 @@ fn tx(d: &mut Domain<ArmStage1, &HostMemory>, size: u64) -> IovaState {
 
 const RW: DmaDirection = DmaDirection::Bidirectional;
 
+/// Whether the backend's log holds a walk-cache (not leaf-only)
+/// invalidation of domain 1 covering `addr`.
+fn walk_cache_invalidated(be: &RecordingBackend, addr: u64) -> bool {
+    be.log.iter().any(|c| {
+        matches!(
+            *c,
+            Call::Invalidate { domain: 1, iova, len, leaf_only: false }
+                if iova.0 <= addr && addr < iova.0 + len
+        )
+    })
+}
+
 #[test]
 fn state_fits_in_32_bytes() {
     assert!(
@@ -933,11 +945,7 @@ fn per_page_link_out_of_table_memory_invalidates_what_it_took_back() {
     assert!(d.has_pending(), "the taken-back table waits for a sync");
     d.sync(&mut be).unwrap();
     assert!(
-        be.log.iter().any(|c| matches!(
-            *c,
-            Call::Invalidate { domain: 1, iova, len, leaf_only: false }
-                if iova.0 <= far && far < iova.0 + len
-        )),
+        walk_cache_invalidated(&be, far),
         "no walk-cache invalidation of the taken-back table: {:?}",
         be.log
     );
@@ -1334,11 +1342,7 @@ fn a_block_link_out_of_table_memory_takes_back_its_tables() {
     assert!(d.has_pending(), "the taken-back table waits for a sync");
     d.sync(&mut be).unwrap();
     assert!(
-        be.log.iter().any(|c| matches!(
-            *c,
-            Call::Invalidate { domain: 1, iova, len, leaf_only: false }
-                if iova.0 <= base && base < iova.0 + len
-        )),
+        walk_cache_invalidated(&be, base),
         "no walk-cache invalidation of the taken-back table: {:?}",
         be.log
     );
