@@ -364,3 +364,68 @@ fn shuttle_a_sync_returns_only_once_its_unlinks_are_invalidated() {
         ITERATIONS,
     );
 }
+
+/// Two CPUs link, unlink and sync while a third takes interrupts (work the
+/// "hardware" raised, handled at once or deferred to the CPU holding the
+/// IOMMU's lock) and the queue stops once with an error: nothing
+/// deadlocks, the error reaches at least one sync (the others succeed), a
+/// sync after it succeeds, and every interrupt's work is handled once.
+#[test]
+fn shuttle_interrupts_and_a_queue_error_during_syncs_are_handled() {
+    let stop = bare_iommu::error::BackendError::QueueError { code: 1, index: 3 };
+    shuttle::check_random(
+        move || {
+            let (_heap, dom) = fresh();
+            let s = iommu();
+            s.with(|q| q.armed_error = Some(stop));
+            let cpus: Vec<_> = (0..2u64)
+                .map(|c| {
+                    let (dom, s) = (dom.clone(), s.clone());
+                    let mut t = one_page(&dom);
+                    thread::spawn(move || {
+                        let mut h = s.cpu();
+                        let mut errors = 0;
+                        for i in 0..2u64 {
+                            let pa = PhysAddr(0x8000_0000 + (c * 16 + i) * 4096);
+                            dom.link(&mut t, pa, 0, 4096, RW, MapAttrs::empty())
+                                .unwrap();
+                            dom.unlink(&mut t, 0, 4096).unwrap();
+                            match dom.sync(&mut h) {
+                                Ok(()) => {}
+                                Err(bare_iommu::DmaError::Backend(e)) if e == stop => {
+                                    errors += 1;
+                                    dom.sync(&mut h).expect("a sync after the error");
+                                }
+                                Err(e) => panic!("CPU {c}: {e:?}"),
+                            }
+                        }
+                        dom.free(t).unwrap();
+                        errors
+                    })
+                })
+                .collect();
+            let irq = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    for _ in 0..3 {
+                        s.with(|q| q.irq_raised += 1);
+                        let _ = s.handle_irq(FakeQueue::drain_irq);
+                    }
+                })
+            };
+            let errors: u32 = cpus.into_iter().map(|c| c.join().unwrap()).sum();
+            irq.join().unwrap();
+            assert!(errors >= 1, "the queue error reached no sync");
+            let (raised, drained) = s.with(|q| (q.irq_raised, q.irq_drained));
+            assert_eq!(
+                (raised, drained),
+                (0, 3),
+                "interrupt work lost or handled twice"
+            );
+            let mut h = s.cpu();
+            dom.sync(&mut h).unwrap();
+            assert_eq!(dom.translate(DmaAddr(1 << 20)), None);
+        },
+        ITERATIONS,
+    );
+}
