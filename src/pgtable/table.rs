@@ -740,7 +740,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// Detaches the child table at `table[idx]` (side page `side`, count at
     /// `slot`), which is empty: retires its page and its side page until
     /// the next invalidation, clears the entry (the caller cleans it). The
-    /// retired list has no capacity, so this always succeeds.
+    /// retired list has no capacity, so this always succeeds. Written into
+    /// its one hot caller, the per-page unlink that empties a leaf table
+    /// (`detach_empty_leaf_table`, itself out of line): no call there.
+    #[inline(always)]
     fn detach_child(
         &mut self,
         (table, side, slot): (PhysAddr, PhysAddr, u64),
@@ -1575,7 +1578,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if ptable != self.root && self.is_empty_at(pslot, ptable, 1) {
             // Rare: the parent's last child went; it and any emptied table
             // above it go too (by a walk, as a block's unmap does).
-            self.detach_empty_tables(iova, 1);
+            self.detach_empty_tables_from(iova, 1);
         }
         true
     }
