@@ -118,9 +118,10 @@
 //! from precomputed bits, as a read-write one's.
 //! Two threads on disjoint transactions of one `SharedDomain`
 //! (`bench: shared threads`, 16 one-page one-way links, sync, unlink,
-//! destroy per transaction): ratio 1.49 in the README's run while the
-//! machine itself gave 2.00 (two threads on separate domains and queues),
-//! two domains sharing one [`SharedIommu`] 1.76; runs spread by ±0.15.
+//! destroy per transaction): ratio 1.54 in the README's run while the
+//! machine itself gave 2.03 (two threads on separate domains and queues),
+//! two domains sharing one [`SharedIommu`] 1.6–1.8 across runs; runs
+//! spread by ±0.15 and more.
 //! What is left is spread over many shared lines (the domain's sync word,
 //! read by every sync and written by a taking one, the IOMMU lock, the
 //! read side's locked operations): the goal of 1.7 is not reached.
