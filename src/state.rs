@@ -309,6 +309,16 @@ impl IovaState {
         self.iova & SIZE_BITS == FIXED_ORDER
     }
 
+    /// The offset bits at or above the size (`!(2^order - 1)`): an offset
+    /// with one of them set is outside the transaction. `wrapping_shl`
+    /// takes the shift modulo 64, the low six bits of `iova`, exactly its
+    /// SIZE_BITS (one instruction on x86 and Arm); a fixed-IOVA
+    /// transaction (order [`FIXED_ORDER`], 0) gets every bit.
+    #[inline(always)]
+    fn outside_mask(&self) -> u64 {
+        u64::MAX.wrapping_shl(self.iova as u32)
+    }
+
     /// Whether `[offset, offset + 4 KiB)` is a page of the transaction
     /// (the per-page paths' test): `offset` page aligned and below the
     /// size, in one test against a mask of the bits it may not have. For a
@@ -319,21 +329,18 @@ impl IovaState {
     /// takes the checked path.
     #[inline(always)]
     fn holds_page(&self, offset: u64) -> bool {
-        // `wrapping_shl` takes the shift modulo 64: the low six bits of
-        // `iova`, exactly its SIZE_BITS (one instruction on x86 and Arm).
-        let mask = u64::MAX.wrapping_shl(self.iova as u32) | (PAGE_SIZE - 1);
-        offset & mask == 0
+        offset & (self.outside_mask() | (PAGE_SIZE - 1)) == 0
     }
 
     /// Whether `[offset, offset + len)` is a naturally aligned block of the
     /// transaction (the block link's and unlink's test): `len` a power of
     /// two of at least a page, `offset` a multiple of it, and the block
     /// below the size, in one test against
-    /// [`holds_page`](Self::holds_page)'s mask.
-    /// A fixed-IOVA transaction answers `false` (its mask has every bit).
+    /// [`outside_mask`](Self::outside_mask). A fixed-IOVA transaction
+    /// answers `false` (its mask has every bit).
     #[inline(always)]
     fn holds_block(&self, offset: u64, len: u64) -> bool {
-        let mask = u64::MAX.wrapping_shl(self.iova as u32);
+        let mask = self.outside_mask();
         len.is_power_of_two()
             && len >= PAGE_SIZE
             && offset & (len - 1) == 0

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bare_iommu::pgtable::arm::ArmStage1;
-use bare_iommu::shared::{SharedDomain, SharedIommu};
+use bare_iommu::shared::{IommuCpu, SharedDomain, SharedIommu};
 use bare_iommu::testing::split::FakeQueue;
 use bare_iommu::{DmaAddr, DmaDirection, IovaState, MapAttrs, PhysAddr, TableMemory};
 use shuttle::thread;
@@ -131,6 +131,42 @@ fn iommu() -> Arc<SharedIommu<FakeQueue>> {
     }))
 }
 
+/// Spawns CPU `c`: a one-page transaction and an IOMMU handle of its own;
+/// `rounds` times it links page `c * 16 + i` (from `0x8000_0000`) at the
+/// transaction's start and runs `round` (which unlinks it again), then
+/// frees the transaction (and syncs, with `sync_after_free`). Returns what
+/// the rounds added up.
+fn spawn_cpu<B, R>(
+    dom: &Arc<Dom>,
+    s: &Arc<SharedIommu<B>>,
+    c: u64,
+    rounds: u64,
+    sync_after_free: bool,
+    round: R,
+) -> thread::JoinHandle<u32>
+where
+    B: bare_iommu::shared::SplitCompletion + Send + 'static,
+    R: Fn(&Dom, &mut IovaState, PhysAddr, &mut IommuCpu<'_, B>) -> u32 + Send + 'static,
+{
+    let (dom, s) = (dom.clone(), s.clone());
+    let mut t = one_page(&dom);
+    thread::spawn(move || {
+        let mut h = s.cpu();
+        let mut sum = 0;
+        for i in 0..rounds {
+            let pa = PhysAddr(0x8000_0000 + (c * 16 + i) * 4096);
+            dom.link(&mut t, pa, 0, 4096, RW, MapAttrs::empty())
+                .unwrap();
+            sum += round(&dom, &mut t, pa, &mut h);
+        }
+        dom.free(t).unwrap();
+        if sync_after_free {
+            dom.sync(&mut h).unwrap();
+        }
+        sum
+    })
+}
+
 /// Schedules per test: each is a few hundred switch points.
 const ITERATIONS: usize = 3000;
 
@@ -203,21 +239,12 @@ fn shuttle_two_cpus_link_unlink_and_reclaim_in_one_leaf_table() {
             let s = iommu();
             let cpus: Vec<_> = (0..2u64)
                 .map(|c| {
-                    let (dom, s) = (dom.clone(), s.clone());
-                    let mut t = one_page(&dom);
-                    thread::spawn(move || {
-                        let mut h = s.cpu();
-                        for i in 0..2u64 {
-                            let pa = PhysAddr(0x8000_0000 + (c * 16 + i) * 4096);
-                            dom.link(&mut t, pa, 0, 4096, RW, MapAttrs::empty())
-                                .unwrap();
-                            assert_eq!(dom.translate(t.iova()).map(|(p, _)| p), Some(pa));
-                            assert_eq!(dom.unlink(&mut t, 0, 4096), Ok(4096));
-                            dom.sync(&mut h).unwrap();
-                            dom.reclaim_now();
-                        }
-                        dom.free(t).unwrap();
-                        dom.sync(&mut h).unwrap();
+                    spawn_cpu(&dom, &s, c, 2, true, |dom, t, pa, h| {
+                        assert_eq!(dom.translate(t.iova()).map(|(p, _)| p), Some(pa));
+                        assert_eq!(dom.unlink(t, 0, 4096), Ok(4096));
+                        dom.sync(h).unwrap();
+                        dom.reclaim_now();
+                        0
                     })
                 })
                 .collect();
@@ -319,25 +346,18 @@ fn shuttle_a_sync_returns_only_once_its_unlinks_are_invalidated() {
             }));
             let cpus: Vec<_> = (0..2u64)
                 .map(|c| {
-                    let (dom, s) = (dom.clone(), s.clone());
-                    let mut t = one_page(&dom);
-                    thread::spawn(move || {
-                        let mut h = s.cpu();
-                        for i in 0..3u64 {
-                            let pa = PhysAddr(0x8000_0000 + (c * 16 + i) * 4096);
-                            dom.link(&mut t, pa, 0, 4096, RW, MapAttrs::empty())
-                                .unwrap();
-                            dom.sync(&mut h).unwrap();
-                            let before = s.with(|r| r.q.queued);
-                            dom.unlink(&mut t, 0, 4096).unwrap();
-                            dom.sync(&mut h).unwrap();
-                            let iova = t.iova().0;
-                            assert!(
-                                s.with(|r| r.invalidated_since(iova, before)),
-                                "CPU {c}'s sync returned before its unlink was invalidated"
-                            );
-                        }
-                        dom.free(t).unwrap();
+                    let s2 = s.clone();
+                    spawn_cpu(&dom, &s, c, 3, false, move |dom, t, _, h| {
+                        dom.sync(h).unwrap();
+                        let before = s2.with(|r| r.q.queued);
+                        dom.unlink(t, 0, 4096).unwrap();
+                        dom.sync(h).unwrap();
+                        let iova = t.iova().0;
+                        assert!(
+                            s2.with(|r| r.invalidated_since(iova, before)),
+                            "CPU {c}'s sync returned before its unlink was invalidated"
+                        );
+                        0
                     })
                 })
                 .collect();
@@ -380,27 +400,16 @@ fn shuttle_interrupts_and_a_queue_error_during_syncs_are_handled() {
             s.with(|q| q.armed_error = Some(stop));
             let cpus: Vec<_> = (0..2u64)
                 .map(|c| {
-                    let (dom, s) = (dom.clone(), s.clone());
-                    let mut t = one_page(&dom);
-                    thread::spawn(move || {
-                        let mut h = s.cpu();
-                        let mut errors = 0;
-                        for i in 0..2u64 {
-                            let pa = PhysAddr(0x8000_0000 + (c * 16 + i) * 4096);
-                            dom.link(&mut t, pa, 0, 4096, RW, MapAttrs::empty())
-                                .unwrap();
-                            dom.unlink(&mut t, 0, 4096).unwrap();
-                            match dom.sync(&mut h) {
-                                Ok(()) => {}
-                                Err(bare_iommu::DmaError::Backend(e)) if e == stop => {
-                                    errors += 1;
-                                    dom.sync(&mut h).expect("a sync after the error");
-                                }
-                                Err(e) => panic!("CPU {c}: {e:?}"),
+                    spawn_cpu(&dom, &s, c, 2, false, move |dom, t, _, h| {
+                        dom.unlink(t, 0, 4096).unwrap();
+                        match dom.sync(h) {
+                            Ok(()) => 0,
+                            Err(bare_iommu::DmaError::Backend(e)) if e == stop => {
+                                dom.sync(h).expect("a sync after the error");
+                                1
                             }
+                            Err(e) => panic!("CPU {c}: {e:?}"),
                         }
-                        dom.free(t).unwrap();
-                        errors
                     })
                 })
                 .collect();

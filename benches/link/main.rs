@@ -720,6 +720,16 @@ fn our_call(op: Op) -> &'static str {
 
 /// The summary lines of `op` for ours in `fmt`: against each peer, and
 /// against the limit.
+/// The `bench:` lines of every case measured, each format against its
+/// peers.
+fn compare_all() {
+    for op in Op::all() {
+        for (fmt, peers) in FORMATS {
+            compare(op, fmt, peers);
+        }
+    }
+}
+
 fn compare(op: Op, fmt: &str, peers: &[(&str, bool)]) {
     let case = op.name();
     // The GiB cases in ns per GiB, the others per 4 KiB page.
@@ -802,11 +812,7 @@ fn summary(facts: &Facts) {
         cpu_model(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    for op in Op::all() {
-        for (fmt, peers) in FORMATS {
-            compare(op, fmt, peers);
-        }
-    }
+    compare_all();
     for (fmt, _) in FORMATS {
         if let (Some(o), Some(p)) = (
             result("txn-fixed", &format!("{fmt}/ours")),
@@ -999,11 +1005,7 @@ fn main() {
     }
     if std::env::var("BENCH_CASES").is_ok() {
         run_benches(&arena);
-        for op in Op::all() {
-            for (fmt, peers) in FORMATS {
-                compare(op, fmt, peers);
-            }
-        }
+        compare_all();
         return;
     }
     let facts = facts(&arena);

@@ -41,6 +41,18 @@ unsafe impl TableMemory for Heap {
 
 const PAGES: u64 = 16;
 
+/// A 4-level domain with tag `id` whose aperture (1 MiB to 1 TiB) gives
+/// every CPU an IOVA shard of its own.
+fn cfg(id: u16) -> DomainConfig {
+    DomainConfig {
+        id,
+        levels: 4,
+        aperture_start: 1 << 20,
+        aperture_end: 1 << 40,
+        coherent_walk: true,
+    }
+}
+
 fn transactions(
     dom: &SharedDomain<ArmStage1, &Heap>,
     iommu: &SharedIommu<FakeQueue>,
@@ -85,13 +97,6 @@ fn run(total: u64, threads: u64) -> f64 {
 /// costs when the domain is not shared).
 fn run_two_domains(total: u64) -> f64 {
     let heap = Heap;
-    let cfg = |id| DomainConfig {
-        id,
-        levels: 4,
-        aperture_start: 1 << 20,
-        aperture_end: 1 << 40,
-        coherent_walk: true,
-    };
     let doms = [1, 2].map(|id| SharedDomain::new(Domain::new(ArmStage1, &heap, cfg(id)).unwrap()));
     let iommu = SharedIommu::new(FakeQueue::new(u64::MAX), |_| {});
     for d in &doms {
@@ -123,14 +128,7 @@ fn run_on(total: u64, threads: u64, separate: bool) -> f64 {
         return start.elapsed().as_nanos() as f64 / total as f64;
     }
     let heap = Heap;
-    let cfg = DomainConfig {
-        id: 1,
-        levels: 4,
-        aperture_start: 1 << 20,
-        aperture_end: 1 << 40,
-        coherent_walk: true,
-    };
-    let dom = SharedDomain::new(Domain::new(ArmStage1, &heap, cfg).unwrap());
+    let dom = SharedDomain::new(Domain::new(ArmStage1, &heap, cfg(1)).unwrap());
     let iommu = SharedIommu::new(FakeQueue::new(u64::MAX), |_| {});
     // Warm the tables once.
     transactions(&dom, &iommu, 16, 0);

@@ -170,15 +170,20 @@ impl SplitSync for Interleaved<'_> {
     }
 }
 
-fn domain(mem: &HostMemory) -> SharedDomain<ArmStage1, &HostMemory> {
-    let cfg = DomainConfig {
-        id: 1,
+/// A 4-level domain with tag `id` whose aperture (1 MiB to 1 TiB) is
+/// sharded.
+fn cfg(id: u16) -> DomainConfig {
+    DomainConfig {
+        id,
         levels: 4,
         aperture_start: 1 << 20,
         aperture_end: 1 << 40,
         coherent_walk: true,
-    };
-    SharedDomain::new(Domain::new(ArmStage1, mem, cfg).unwrap())
+    }
+}
+
+fn domain(mem: &HostMemory) -> SharedDomain<ArmStage1, &HostMemory> {
+    SharedDomain::new(Domain::new(ArmStage1, mem, cfg(1)).unwrap())
 }
 
 /// A transaction of `size` bytes from `dom`'s allocator.
@@ -455,14 +460,7 @@ fn a_domain_put_in_place_through_with_does_not_inherit_the_leaf_hints() {
     let mut q = FakeQueue::new(1);
     let mut t = tx(&dom, 4096);
     link_page(&dom, &mut t, 0x8000_0000, 0);
-    let cfg = DomainConfig {
-        id: 1,
-        levels: 4,
-        aperture_start: 1 << 20,
-        aperture_end: 1 << 40,
-        coherent_walk: true,
-    };
-    let fresh = Domain::new(ArmStage1, &mem, cfg).unwrap();
+    let fresh = Domain::new(ArmStage1, &mem, cfg(1)).unwrap();
     let old = dom.with(|d| core::mem::replace(d, fresh));
     // From the same shard chunk (or, if this call lands on another shard,
     // the same first chunk of the new domain's allocator): `t`'s 2 MiB.
@@ -493,18 +491,7 @@ fn a_domain_put_in_place_through_with_does_not_inherit_the_leaf_hints() {
 fn per_page_links_of_one_way_buffers_write_their_own_direction() {
     let mem = HostMemory::default();
     let dom = domain(&mem);
-    let mut plain = Domain::new(
-        ArmStage1,
-        &mem,
-        DomainConfig {
-            id: 2,
-            levels: 4,
-            aperture_start: 1 << 20,
-            aperture_end: 1 << 40,
-            coherent_walk: true,
-        },
-    )
-    .unwrap();
+    let mut plain = Domain::new(ArmStage1, &mem, cfg(2)).unwrap();
     let mut q = FakeQueue::new(1);
     let mut t = tx(&dom, 16 * 4096);
     let mut u = plain
