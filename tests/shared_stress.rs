@@ -232,8 +232,13 @@ fn worker(
             // Reclaim the emptied tables now (the write side, waiting for
             // the other CPUs to leave the read side).
             89 => dom.reclaim_now(),
-            // Sync (the wait runs outside the domain lock).
-            90..=91 => dom.sync(&mut h).expect("sync"),
+            // Sync the domain (the wait runs outside the domain lock).
+            90 => dom.sync(&mut h).expect("sync"),
+            // Sync one transaction (its shard's side and the domain-wide one).
+            91 if !txs.is_empty() => {
+                let i = rng.below(txs.len() as u64) as usize;
+                dom.sync_for(&txs[i].state, &mut h).expect("sync_for");
+            }
             // Free or destroy a transaction.
             92..=99 if !txs.is_empty() => {
                 let i = rng.below(txs.len() as u64) as usize;

@@ -349,14 +349,7 @@ fn shuttle_a_sync_returns_only_once_its_unlinks_are_invalidated() {
                     let s2 = s.clone();
                     spawn_cpu(&dom, &s, c, 3, false, move |dom, t, _, h| {
                         dom.sync(h).unwrap();
-                        let before = s2.with(|r| r.q.queued);
-                        dom.unlink(t, 0, 4096).unwrap();
-                        dom.sync(h).unwrap();
-                        let iova = t.iova().0;
-                        assert!(
-                            s2.with(|r| r.invalidated_since(iova, before)),
-                            "CPU {c}'s sync returned before its unlink was invalidated"
-                        );
+                        unlink_sync_and_check(dom, t, h, &s2, c, false);
                         0
                     })
                 })
@@ -384,6 +377,90 @@ fn shuttle_a_sync_returns_only_once_its_unlinks_are_invalidated() {
         // A sync returning early needs a rare order of three CPUs: with
         // 3000 schedules the check caught the wait left out in 1 to 2 runs
         // of 5, with 30000 in 5 of 5 (a few seconds).
+        10 * ITERATIONS,
+    );
+}
+
+/// Unlinks the page at `t`'s start and syncs (the domain, or with `per_tx`
+/// the transaction: `sync_for`), then checks that an invalidation of the
+/// page queued after the unlink was consumed.
+fn unlink_sync_and_check(
+    dom: &Dom,
+    t: &mut IovaState,
+    h: &mut IommuCpu<'_, Recording>,
+    s: &SharedIommu<Recording>,
+    c: u64,
+    per_tx: bool,
+) {
+    let before = s.with(|r| r.q.queued);
+    dom.unlink(t, 0, 4096).unwrap();
+    if per_tx {
+        dom.sync_for(t, h).unwrap();
+    } else {
+        dom.sync(h).unwrap();
+    }
+    let iova = t.iova().0;
+    assert!(
+        s.with(|r| r.invalidated_since(iova, before)),
+        "CPU {c}'s sync returned before its unlink was invalidated"
+    );
+}
+
+/// A domain whose aperture gives each CPU a shard: two CPUs link, unlink
+/// and sync their transactions (`sync_for`) in one shard, while a third
+/// does the same in a shard of its own and then syncs the whole domain;
+/// completions take several looks. Whenever a `sync_for` returns, an
+/// invalidation of its transaction's page queued after the unlink has been
+/// consumed (its own, or that of another CPU's sync that took the range).
+#[test]
+fn shuttle_a_transaction_sync_returns_only_once_its_unlinks_are_invalidated() {
+    shuttle::check_random(
+        || {
+            let heap: &'static Poison = Box::leak(Box::default());
+            let dom = Arc::new(common::shared_domain(heap, 64 << 20));
+            let mut q = Recording::default();
+            q.q.speed = 1;
+            q.q.budget = 1000;
+            let s = Arc::new(SharedIommu::new(q, |r| {
+                r.q.drain_irq();
+            }));
+            let cpus: Vec<_> = (0..2u64)
+                .map(|c| {
+                    let s2 = s.clone();
+                    spawn_cpu(&dom, &s, c, 2, false, move |dom, t, _, h| {
+                        dom.sync_for(t, h).unwrap();
+                        unlink_sync_and_check(dom, t, h, &s2, c, true);
+                        0
+                    })
+                })
+                .collect();
+            let other = {
+                let (dom, s) = (dom.clone(), s.clone());
+                thread::spawn(move || {
+                    let mut h = s.cpu();
+                    // Allocated here: this CPU's own shard.
+                    let mut t = one_page(&dom);
+                    for i in 0..2 {
+                        let pa = PhysAddr(0x9000_0000 + i * 4096);
+                        dom.link(&mut t, pa, 0, 4096, RW, MapAttrs::empty())
+                            .unwrap();
+                        unlink_sync_and_check(&dom, &mut t, &mut h, &s, 2, true);
+                        dom.sync(&mut h).unwrap();
+                    }
+                    dom.destroy(t, &mut h).unwrap();
+                })
+            };
+            for c in cpus {
+                c.join().unwrap();
+            }
+            other.join().unwrap();
+            let mut h = s.cpu();
+            dom.sync(&mut h).unwrap();
+            dom.reclaim_now();
+            dom.sync(&mut h).unwrap();
+            dom.with(|d| d.page_table().unwrap().check_counts())
+                .expect("counts match a scan");
+        },
         10 * ITERATIONS,
     );
 }

@@ -1,8 +1,9 @@
 //! `bench: shared threads ...`: one `SharedDomain` used by 1 and by 2
 //! threads, each running whole transactions on its own IOVA ranges
-//! (try_alloc, link 16 pages one call each, sync, unlink, destroy) through
-//! its own handle on one `SharedIommu` (a fake queue: the IOMMU costs
-//! nothing here). The ratio is the 2-thread throughput over the 1-thread
+//! (try_alloc, link 16 pages one call each, `sync_for`, unlink, destroy;
+//! and once more with the domain-wide `sync` in their place) through its
+//! own handle on one `SharedIommu` (a fake queue: the IOMMU costs nothing
+//! here). The ratio is the 2-thread throughput over the 1-thread
 //! throughput for the same total work (2.0 would be perfect scaling).
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
@@ -53,11 +54,23 @@ fn cfg(id: u16) -> DomainConfig {
     }
 }
 
+/// Which sync the transactions call.
+#[derive(Clone, Copy)]
+enum Sync {
+    /// `sync_for(tx)` after the links, `destroy` at the end: the sync
+    /// words of the transaction's shard (and the domain-wide one) only.
+    Transaction,
+    /// `sync()` after the links, `free` then `sync()` at the end: every
+    /// shard's word.
+    Domain,
+}
+
 fn transactions(
     dom: &SharedDomain<ArmStage1, &Heap>,
     iommu: &SharedIommu<FakeQueue>,
     n: u64,
     id: u64,
+    sync: Sync,
 ) {
     let mut h = iommu.cpu();
     for i in 0..n {
@@ -79,17 +92,27 @@ fn transactions(
             )
             .unwrap();
         }
-        dom.sync(&mut h).unwrap();
-        dom.unlink(&mut tx, 0, PAGES * 4096).unwrap();
-        dom.destroy(tx, &mut h).unwrap();
+        match sync {
+            Sync::Transaction => {
+                dom.sync_for(&tx, &mut h).unwrap();
+                dom.unlink(&mut tx, 0, PAGES * 4096).unwrap();
+                dom.destroy(tx, &mut h).unwrap();
+            }
+            Sync::Domain => {
+                dom.sync(&mut h).unwrap();
+                dom.unlink(&mut tx, 0, PAGES * 4096).unwrap();
+                dom.free(tx).map_err(|(_, e)| e).unwrap();
+                dom.sync(&mut h).unwrap();
+            }
+        }
     }
 }
 
 /// Nanoseconds per transaction with `threads` threads sharing `total`
 /// (each thread on a domain and queue of its own with `separate`: the
 /// scaling the machine itself allows now, shared by other work).
-fn run(total: u64, threads: u64) -> f64 {
-    run_on(total, threads, false)
+fn run(total: u64, threads: u64, sync: Sync) -> f64 {
+    run_on(total, threads, false, sync)
 }
 
 /// Nanoseconds per transaction with 2 threads, each on a `SharedDomain` of
@@ -100,13 +123,13 @@ fn run_two_domains(total: u64) -> f64 {
     let doms = [1, 2].map(|id| SharedDomain::new(Domain::new(ArmStage1, &heap, cfg(id)).unwrap()));
     let iommu = SharedIommu::new(FakeQueue::new(u64::MAX), |_| {});
     for d in &doms {
-        transactions(d, &iommu, 16, 0);
+        transactions(d, &iommu, 16, 0, Sync::Transaction);
     }
     let start = Instant::now();
     std::thread::scope(|s| {
         for (id, dom) in doms.iter().enumerate() {
             let iommu = &iommu;
-            s.spawn(move || transactions(dom, iommu, total / 2, id as u64));
+            s.spawn(move || transactions(dom, iommu, total / 2, id as u64, Sync::Transaction));
         }
     });
     let ns = start.elapsed().as_nanos() as f64 / total as f64;
@@ -117,12 +140,12 @@ fn run_two_domains(total: u64) -> f64 {
     ns
 }
 
-fn run_on(total: u64, threads: u64, separate: bool) -> f64 {
+fn run_on(total: u64, threads: u64, separate: bool, sync: Sync) -> f64 {
     if separate {
         let start = Instant::now();
         std::thread::scope(|s| {
             for _ in 0..threads {
-                s.spawn(move || run_on(total / threads, 1, false));
+                s.spawn(move || run_on(total / threads, 1, false, sync));
             }
         });
         return start.elapsed().as_nanos() as f64 / total as f64;
@@ -131,12 +154,12 @@ fn run_on(total: u64, threads: u64, separate: bool) -> f64 {
     let dom = SharedDomain::new(Domain::new(ArmStage1, &heap, cfg(1)).unwrap());
     let iommu = SharedIommu::new(FakeQueue::new(u64::MAX), |_| {});
     // Warm the tables once.
-    transactions(&dom, &iommu, 16, 0);
+    transactions(&dom, &iommu, 16, 0, sync);
     let start = Instant::now();
     std::thread::scope(|s| {
         for id in 0..threads {
             let (dom, iommu) = (&dom, &iommu);
-            s.spawn(move || transactions(dom, iommu, total / threads, id));
+            s.spawn(move || transactions(dom, iommu, total / threads, id, sync));
         }
     });
     let ns = start.elapsed().as_nanos() as f64 / total as f64;
@@ -150,26 +173,30 @@ fn run_on(total: u64, threads: u64, separate: bool) -> f64 {
 
 /// The `bench: shared threads ...` line (median of `samples` pairs).
 pub fn line(total: u64, samples: usize) -> String {
-    let mut one = Vec::new();
-    let mut two = Vec::new();
+    let [mut one, mut two, mut one_d, mut two_d] = [(); 4].map(|_| Vec::new());
     for _ in 0..samples {
-        one.push(run(total, 1));
-        two.push(run(total, 2));
+        one.push(run(total, 1, Sync::Transaction));
+        two.push(run(total, 2, Sync::Transaction));
+        one_d.push(run(total, 1, Sync::Domain));
+        two_d.push(run(total, 2, Sync::Domain));
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let (a, b) = (med(&mut one), med(&mut two));
-    let apart = run_on(total, 2, true);
+    let (ad, bd) = (med(&mut one_d), med(&mut two_d));
+    let apart = run_on(total, 2, true, Sync::Transaction);
     let one_iommu = run_two_domains(total);
     format!(
-        "bench: shared threads s1 txn-{PAGES}-pages (disjoint transactions, one SharedDomain): \
-         1 thread={a:.0} ns/txn 2 threads={b:.0} ns/txn ratio={:.2} \
+        "bench: shared threads s1 txn-{PAGES}-pages (disjoint transactions, one SharedDomain, \
+         sync_for + destroy): 1 thread={a:.0} ns/txn 2 threads={b:.0} ns/txn ratio={:.2} \
          (link/unlink on the read side: tables by compare-and-swap, one IOVA shard per thread; \
+         with the domain-wide sync() instead: 1 thread={ad:.0} 2 threads={bd:.0} ns/txn ratio={:.2}; \
          2 threads on 2 domains of one SharedIommu={one_iommu:.0} ns/txn: ratio={:.2}; \
          2 threads on 2 separate domains and drivers={apart:.0} ns/txn: the machine's own ratio={:.2} now)",
         a / b,
+        ad / bd,
         a / one_iommu,
         a / apart
     )

@@ -20,8 +20,8 @@ const EMPTIES: usize = 8;
 const MAX_CHUNK: u64 = 1 << 30;
 /// Smallest: one leaf table's span, so two shards never share a leaf table.
 const MIN_CHUNK: u64 = 1 << 21;
-/// Looks at `done_ticket` before a sync with nothing of its own asks the
-/// IOMMU whether another CPU's completion arrived.
+/// Looks at a side's `done_ticket` before a sync with nothing of its own
+/// asks the IOMMU whether another CPU's completion arrived.
 const DONE_LOOKS: u32 = 64;
 
 struct Guarded<F: PteFormat, M: TableMemory> {
@@ -72,10 +72,18 @@ struct Shard {
 /// domain's allocator, with its errors.
 ///
 /// **Sync** waits for the IOMMU outside every lock: the pending ranges of
-/// all shards and one completion are queued under the sync word's lock, and
-/// the wait runs without it. A sync covers every unlink that returned
-/// before it began (when another CPU's sync took those ranges, this one
-/// waits for that completion too).
+/// the sides it covers and one completion are queued while it holds those
+/// sides' sync words, and the wait runs without them. Each side (a shard's,
+/// and the domain-wide one) has its own sync word on a line of its own.
+/// [`sync_for`](Self::sync_for) and [`destroy`](Self::destroy) cover one
+/// transaction: every unlink of it that returned before they began, on any
+/// CPU (its ranges are kept in its shard's side, or the domain-wide one),
+/// reading and writing only those two words, so CPUs syncing their own
+/// transactions share no line there. [`sync`](Self::sync) covers every
+/// unlink that returned before it began, on any CPU: it reads every word
+/// and drains every side with pending ranges, so syncs of several CPUs at
+/// once slow each other down (use `sync_for` on several CPUs). When another
+/// CPU's sync took the ranges, either waits for that completion too.
 ///
 /// The guarantees of [`Domain`] hold: a failed link changes no translation;
 /// a table page leaves the tables only on the write side, and goes back to
@@ -111,9 +119,10 @@ pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     translated: bool,
     id: u16,
     st: Padded<ReadMostly>,
-    word: Padded<SyncWord>,
-    /// Newest completion ticket some CPU saw done (written by the waiters).
-    done_ticket: Padded<AtomicU64>,
+    /// One per side (the shards', then the domain-wide one), each on a
+    /// line of its own: CPUs on different shards write no common line to
+    /// link, unlink or sync.
+    words: [Padded<SyncWord>; SHARDS + 1],
 }
 
 fn no_irq<T>(_: &mut T) {}
@@ -133,22 +142,55 @@ struct ReadMostly {
     sweep_wanted: AtomicBool,
 }
 
-/// Bits `0..=SHARDS` of [`SyncWord::state`]: bit `k`, shard `k`'s pending
-/// ranges (bit [`SHARDS`]: the domain-wide ones) went from empty to not
-/// empty since a sync last took this bit.
-const PENDING_BITS: u64 = (1 << (SHARDS + 1)) - 1;
-/// A sync holds the word: it is between taking the bits and publishing its
-/// ticket (the sync lock, in the same cache line as what it guards).
-const TAKING: u64 = 1 << 32;
+/// Bit of [`SyncWord::state`]: the side's pending ranges went from empty
+/// to not empty since a sync last took the word.
+const PENDING: u64 = 1;
+/// A sync holds the word: it is between taking it and publishing its
+/// ticket (the side's sync lock, in the same cache line as what it
+/// guards).
+const TAKING: u64 = 2;
+/// Every side's word: what [`SharedDomain::sync`] covers.
+const ALL_WORDS: u32 = (1 << (SHARDS + 1)) - 1;
 
-/// What unlinks and syncs write (one line: a sync takes it once).
+/// What the unlinks and syncs of one side write. A sync takes the words of
+/// every side with pending ranges, in index order (a sync holding word `i`
+/// only ever waits for words above `i`: no cycle), queues their ranges and
+/// one completion, publishes its ticket in each and releases them.
 struct SyncWord {
-    /// [`PENDING_BITS`] and [`TAKING`]. Zero means: every range an unlink
-    /// left was taken by a sync that has published its ticket in
+    /// [`PENDING`] and [`TAKING`]. Zero means: every range an unlink left
+    /// in the side was taken by a sync that has published its ticket in
     /// `last_ticket`.
     state: AtomicU64,
-    /// Newest completion ticket a sync submitted.
+    /// Newest completion ticket a sync that took this word submitted.
     last_ticket: AtomicU64,
+    /// Newest ticket a sync that took this word (or waited for its
+    /// `last_ticket`) saw done.
+    done_ticket: AtomicU64,
+}
+
+impl SyncWord {
+    fn new() -> Self {
+        Self {
+            state: AtomicU64::new(0),
+            last_ticket: AtomicU64::new(0),
+            done_ticket: AtomicU64::new(0),
+        }
+    }
+
+    /// The word's ticket when a sync still has to see it done.
+    #[inline]
+    fn unseen_ticket(&self) -> Option<u64> {
+        let last = self.last_ticket.load(Ordering::Acquire);
+        (last > self.done_ticket.load(Ordering::Acquire)).then_some(last)
+    }
+
+    /// Notes that `ticket` was seen done.
+    #[inline]
+    fn seen(&self, ticket: u64) {
+        if ticket > self.done_ticket.load(Ordering::Relaxed) {
+            self.done_ticket.fetch_max(ticket, Ordering::AcqRel);
+        }
+    }
 }
 
 impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
@@ -188,11 +230,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 reclaim_wanted: AtomicBool::new(false),
                 sweep_wanted: AtomicBool::new(false),
             }),
-            word: Padded(SyncWord {
-                state: AtomicU64::new(0),
-                last_ticket: AtomicU64::new(0),
-            }),
-            done_ticket: Padded(AtomicU64::new(0)),
+            words: core::array::from_fn(|_| Padded(SyncWord::new())),
         }
     }
 
@@ -298,15 +336,14 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         }
     }
 
-    /// Runs `f` on side `k` (its lock held) and sets bit `k` of
-    /// the sync word's state when its pending ranges went from empty to
-    /// not empty.
+    /// Runs `f` on side `k` (its lock held) and marks side `k`'s sync word
+    /// [`PENDING`] when its pending ranges went from empty to not empty.
     #[inline]
     fn marked<R>(&self, side: &mut Side, k: usize, f: impl FnOnce(&mut Side) -> R) -> R {
         let was_empty = side.pending.is_empty(true);
         let r = f(side);
         if was_empty && !side.pending.is_empty(true) {
-            self.word.state.fetch_or(1 << k, Ordering::AcqRel);
+            self.words[k].state.fetch_or(PENDING, Ordering::AcqRel);
         }
         r
     }
@@ -523,32 +560,54 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     }
 
     /// Notes the page at `iova` (unlinked, or linked when `!unlinked`) in
-    /// shard `k`'s pending ranges (any side is right: a sync drains every
-    /// side whose bit is set). The next page of a run only grows the last
-    /// range, which was not empty: its bit is set already (or a sync that
-    /// took the bit has not drained the side yet, and will take the page).
+    /// the pending ranges of the side holding it (`k`, the caller's shard,
+    /// is tried first). The next page of a run only grows the last range,
+    /// which was not empty: its word is marked already (or a sync that
+    /// took the word has not drained the side yet, and will take the
+    /// page).
     #[inline(always)]
     fn note_page(&self, k: usize, iova: u64, unlinked: bool) {
-        self.shards[k].with(
-            #[inline(always)]
-            |s| {
-                let p = &mut s.side.pending;
-                let grown = if unlinked {
-                    p.extend_unmapped_page(iova)
+        // The side of the shard holding the page (the caller's own, unless
+        // the transaction came from another CPU's shard or from the
+        // domain's allocator): a transaction's ranges are all in its
+        // shard's side or the domain-wide one, which `sync_for` covers.
+        let (lo, hi) = &self.bounds[k];
+        let at = if iova >= lo.load(core::sync::atomic::Ordering::Relaxed)
+            && iova < hi.load(core::sync::atomic::Ordering::Acquire)
+        {
+            Some(k)
+        } else {
+            self.shard_of(iova)
+        };
+        match at {
+            Some(j) => self.shards[j].with(
+                #[inline(always)]
+                |s| self.note_in(&mut s.side, j, iova, unlinked),
+            ),
+            None => self
+                .global
+                .with(|s| self.note_in(s, SHARDS, iova, unlinked)),
+        }
+    }
+
+    /// Adds one page's range to side `k`'s pending ranges (its lock held).
+    #[inline(always)]
+    fn note_in(&self, side: &mut Side, k: usize, iova: u64, unlinked: bool) {
+        let p = &mut side.pending;
+        let grown = if unlinked {
+            p.extend_unmapped_page(iova)
+        } else {
+            p.extend_mapped_page(iova)
+        };
+        if !grown {
+            self.marked(side, k, |side| {
+                if unlinked {
+                    side.pending.unmapped(iova, PAGE_SIZE, true);
                 } else {
-                    p.extend_mapped_page(iova)
-                };
-                if !grown {
-                    self.marked(&mut s.side, k, |side| {
-                        if unlinked {
-                            side.pending.unmapped(iova, PAGE_SIZE, true);
-                        } else {
-                            side.pending.mapped(iova, PAGE_SIZE);
-                        }
-                    });
+                    side.pending.mapped(iova, PAGE_SIZE);
                 }
-            },
-        );
+            });
+        }
     }
 
     /// [`Domain::link_pages`] on the write side.
@@ -800,6 +859,57 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// As [`Domain::sync`]. After an error nothing is handed back and the
     /// next sync invalidates the whole domain.
     pub fn sync<B: SplitSync + ?Sized>(&self, backend: &mut B) -> Result<(), DmaError> {
+        self.sync_words(backend, ALL_WORDS)
+    }
+
+    /// [`sync`](Self::sync) for one transaction (Linux's
+    /// `dma_iova_sync(state)`): covers every unlink of `tx` (and of the
+    /// other transactions of its IOVA shard, and every range the write
+    /// side queued) that returned before it began, on any CPU, and hands
+    /// back the table pages waiting for a completion. It reads and writes
+    /// only the sync words of `tx`'s shard and of the domain-wide side:
+    /// CPUs syncing transactions of different shards share no line (a
+    /// transaction is in the shard of the CPU that allocated it), where
+    /// [`sync`](Self::sync) reads every shard's word and takes the ones
+    /// with pending ranges.
+    ///
+    /// # Errors
+    ///
+    /// [`DmaError::WrongDomain`]: `tx` was made by another domain. Else as
+    /// [`sync`](Self::sync).
+    pub fn sync_for<B: SplitSync + ?Sized>(
+        &self,
+        tx: &IovaState,
+        backend: &mut B,
+    ) -> Result<(), DmaError> {
+        if tx.domain_id() != self.id || !self.dom.read(self.home(), |g| g.dom.owns(tx)) {
+            return Err(DmaError::WrongDomain {
+                expected: tx.domain_id(),
+                found: self.id,
+            });
+        }
+        self.sync_words(backend, self.words_of(tx))
+    }
+
+    /// The sync words whose sides hold `tx`'s pending ranges: its shard's
+    /// and the domain-wide one, or every word for a range not inside one
+    /// shard's chunk (a fixed range across chunks).
+    fn words_of(&self, tx: &IovaState) -> u32 {
+        let (range, _) = Domain::<F, M>::tx_range(tx);
+        let last = range.start + range.size.saturating_sub(1);
+        match (self.shard_of(range.start), self.shard_of(last)) {
+            (Some(a), Some(b)) if a == b => (1 << SHARDS) | (1 << a),
+            _ => ALL_WORDS,
+        }
+    }
+
+    /// A sync of the sides whose words are in `mask` (bit `j`: side `j`,
+    /// bit [`SHARDS`]: the domain-wide one, always included).
+    fn sync_words<B: SplitSync + ?Sized>(
+        &self,
+        backend: &mut B,
+        mask: u32,
+    ) -> Result<(), DmaError> {
         if !self.translated {
             return Ok(());
         }
@@ -814,48 +924,103 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 .store(maps, core::sync::atomic::Ordering::Relaxed);
         }
         self.maybe_reclaim();
-        // Fast path: no shard has pending ranges, no table waits, no other
-        // sync is between taking ranges and publishing their ticket.
-        // (An unlink that returned before this sync began set its shard's
-        // bit before returning, unless a sync had not yet taken its side's
-        // earlier ranges; a sync that took bits set TAKING in
-        // the same step and published `last_ticket` before releasing it.)
-        let word = &self.word;
-        if word.state.load(Ordering::Acquire) == 0
-            && self.st.retired.load(core::sync::atomic::Ordering::Acquire) == 0
+        let retired = self.st.retired.load(core::sync::atomic::Ordering::Acquire) != 0;
+        // Fast path: no side has pending ranges, no table waits, no other
+        // sync is between taking a side's ranges and publishing their
+        // ticket. (An unlink that returned before this sync began marked
+        // its side's word before returning, unless a sync had not yet
+        // taken its side's earlier ranges; a sync that took a word set
+        // TAKING in the same step and published `last_ticket` before
+        // releasing it.)
+        if !retired
+            && self
+                .words
+                .iter()
+                .enumerate()
+                .all(|(j, w)| mask & (1 << j) == 0 || w.state.load(Ordering::Acquire) == 0)
         {
-            let ticket = word.last_ticket.load(Ordering::Acquire);
-            self.dom.read(self.home(), |g| g.dom.publish(backend))?;
-            if !self.seen_done(ticket) {
-                self.wait_for(backend, ticket)?;
-            }
-            return Ok(());
+            return self.publish_and_wait(backend, mask);
         }
-        // Take every pending bit and the word, in one step, once no other
-        // sync holds it (it queues and publishes its ticket meanwhile: a
-        // sync that found nothing of its own then waits for that ticket).
-        let may_skip = self.st.retired.load(core::sync::atomic::Ordering::Acquire) == 0;
-        let Some(bits) = self.take_pending(may_skip) else {
-            // What the fast path does, found after waiting for a holder.
-            let ticket = word.last_ticket.load(Ordering::Acquire);
+        // Take the word of every side in `mask` with pending ranges (the
+        // domain-wide one also when tables wait: their hand-back needs a
+        // completion), all in one go once no other sync holds any of them:
+        // one completion then serves them all, and a sync never holds a
+        // word while it waits for another (no sync queues behind a holder
+        // that itself waits).
+        let held = self.take_words(mask, retired);
+        if held.mask != 0 {
+            self.sync_held(backend, held)?;
+        } else {
+            drop(held);
             self.dom.read(self.home(), |g| g.dom.publish(backend))?;
-            if !self.seen_done(ticket) {
-                self.wait_for(backend, ticket)?;
+        }
+        // Another CPU's sync may have taken ranges of unlinks that returned
+        // before this sync began and not seen its completion yet: wait for
+        // every such ticket.
+        self.wait_unseen(backend, mask)
+    }
+
+    /// Takes every word in `mask` with pending ranges (and the domain-wide
+    /// one when `retired`): first waits, holding nothing, until no other
+    /// sync holds one of them, then takes them in index order without
+    /// waiting; should another sync take one meanwhile, lets go of what it
+    /// took and starts over.
+    fn take_words(&self, mask: u32, retired: bool) -> Release<'_> {
+        loop {
+            for (j, w) in self.words.iter().enumerate() {
+                if mask & (1 << j) != 0 {
+                    wait_free(w);
+                }
             }
-            return Ok(());
-        };
-        let held = Release(&word.state);
+            let mut held = Release {
+                words: &self.words,
+                mask: 0,
+            };
+            let mut lost = false;
+            for (j, w) in self.words.iter().enumerate() {
+                if mask & (1 << j) != 0 {
+                    match take_word(w, retired && j == SHARDS) {
+                        Take::Taken => held.mask |= 1 << j,
+                        Take::Busy => {
+                            lost = true;
+                            break;
+                        }
+                        Take::Nothing => {}
+                    }
+                }
+            }
+            if !lost {
+                return held;
+            }
+            // Their ranges were not drained: marked pending again before
+            // they are let go (a taken word lost its PENDING bit).
+            for (j, w) in self.words.iter().enumerate() {
+                if held.mask & (1 << j) != 0 {
+                    w.state.fetch_or(PENDING, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+
+    /// Queues the pending ranges of the sides whose words `held` holds and
+    /// one completion, publishes its ticket in those words, releases them,
+    /// waits for the completion and hands back the table pages it covers.
+    fn sync_held<B: SplitSync + ?Sized>(
+        &self,
+        backend: &mut B,
+        held: Release<'_>,
+    ) -> Result<(), DmaError> {
         let k = self.home();
         let begun = self.dom.read(k, |g| {
             // Then the ranges: a range added after its side was drained
-            // sets the bit again.
+            // marks the word again.
             let mut all = SharedPending::new();
             for (i, s) in self.shards.iter().enumerate() {
-                if bits & (1 << i) != 0 {
+                if held.mask & (1 << i) != 0 {
                     s.with(|s| s.side.pending.drain_into(&mut all));
                 }
             }
-            if bits & (1 << SHARDS) != 0 {
+            if held.mask & (1 << SHARDS) != 0 {
                 self.global.with(|s| s.pending.drain_into(&mut all));
             }
             // The invalidations and their completion under one hold of the
@@ -866,17 +1031,16 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                         .with(|s| self.marked(s, SHARDS, |s| all.drain_into(&mut s.pending)));
                     Err(DmaError::from(e))
                 }
-                Ok(None) => {
-                    // Nothing here, but another CPU's sync may have taken
-                    // ranges of unlinks that returned before this sync
-                    // began and not seen its completion yet: wait for it.
-                    let last = word.last_ticket.load(Ordering::Acquire);
-                    let done = self.done_ticket.load(Ordering::Acquire);
-                    Ok((last > done).then(|| (g.dom.shared_begun(last, g.popped), 0)))
-                }
+                // Nothing here; earlier syncs' tickets are waited for by
+                // the caller.
+                Ok(None) => Ok(None),
                 Ok(Some(ticket)) => {
-                    // Before the word is released (Release there).
-                    word.last_ticket.store(ticket, Ordering::Release);
+                    // Before the words are released (Release there).
+                    for (j, w) in self.words.iter().enumerate() {
+                        if held.mask & (1 << j) != 0 {
+                            w.last_ticket.store(ticket, Ordering::Release);
+                        }
+                    }
                     Ok(Some((
                         g.dom.shared_begun(ticket, g.popped),
                         g.dom.retired_pages(),
@@ -884,13 +1048,15 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 }
             }
         });
+        let mask = held.mask;
         drop(held);
-        let begun = begun?;
-        let Some((begun, retired)) = begun else {
+        let Some((begun, retired)) = begun? else {
             return Ok(());
         };
-        // No lock held: other CPUs link, unlink and sync meanwhile.
-        self.wait_for(backend, begun.ticket)?;
+        // No lock held: other CPUs link, unlink and sync meanwhile. The
+        // ticket is newer than every one published before it (completions
+        // arrive in order): it covers theirs too.
+        self.wait_for(backend, begun.ticket, mask)?;
         if retired != 0 {
             self.dom.write(|g| {
                 let popped = g.popped;
@@ -904,55 +1070,56 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         Ok(())
     }
 
-    /// Takes every pending bit and [`TAKING`], spinning (backing off)
-    /// while another sync holds it; returns the bits taken, or `None` when
-    /// `may_skip` and the word, once free, showed nothing pending (a sync
-    /// then only waits for the newest ticket, as the fast path does).
-    fn take_pending(&self, may_skip: bool) -> Option<u64> {
-        let state = &self.word.state;
-        let mut cur = state.load(Ordering::Relaxed);
-        let mut pause = 1u32;
-        loop {
-            if cur & TAKING == 0 {
-                // Nothing pending and nobody taking (the holder waited for
-                // has published its ticket): the fast path's case.
-                if cur == 0 && may_skip && state.load(Ordering::Acquire) == 0 {
-                    return None;
-                }
-                match state.compare_exchange_weak(
-                    cur,
-                    (cur & !PENDING_BITS) | TAKING,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => return Some(cur & PENDING_BITS),
-                    Err(now) => {
-                        cur = now;
-                        continue;
-                    }
-                }
+    /// A sync that found nothing pending: the table stores made visible
+    /// (the backend's publish), then the wait for every side's newest
+    /// ticket not yet seen done.
+    fn publish_and_wait<B: SplitSync + ?Sized>(
+        &self,
+        backend: &mut B,
+        mask: u32,
+    ) -> Result<(), DmaError> {
+        self.dom.read(self.home(), |g| g.dom.publish(backend))?;
+        self.wait_unseen(backend, mask)
+    }
+
+    /// Waits for the newest ticket of every side in `mask` not yet seen
+    /// done (read after the side's word showed nothing pending, or was
+    /// released).
+    fn wait_unseen<B: SplitSync + ?Sized>(
+        &self,
+        backend: &mut B,
+        mask: u32,
+    ) -> Result<(), DmaError> {
+        let mut newest = 0;
+        let mut unseen = 0u32;
+        for (j, w) in self.words.iter().enumerate() {
+            if mask & (1 << j) == 0 {
+                continue;
             }
-            // Back off while another sync holds the word: its release and
-            // ticket store need the line more than this CPU's looks do.
-            for _ in 0..pause {
-                super::sync::spin_hint();
+            if let Some(t) = w.unseen_ticket() {
+                newest = newest.max(t);
+                unseen |= 1 << j;
             }
-            pause = (pause * 2).min(64);
-            // A load, not a read-modify-write: the line stays shared
-            // while the holder works, its release takes it back once (a
-            // spinning read-modify-write took it from the holder at every
-            // turn, and its release waited for it).
-            cur = state.load(Ordering::Relaxed);
         }
+        if unseen == 0 || self.seen_done(newest) {
+            return Ok(());
+        }
+        self.wait_for(backend, newest, unseen)
     }
 
     /// Whether `ticket` is known done: the CPU that submitted it is
-    /// usually waiting for it and says so in `done_ticket` within a few
-    /// loads; a bounded look there spares a look at the IOMMU (its lock
-    /// is shared by every CPU). `false` sends the caller to the IOMMU.
+    /// usually waiting for it and says so in the `done_ticket` of the words
+    /// it took within a few loads (a ticket done means every older one is:
+    /// completions arrive in order); a bounded look there spares a look at
+    /// the IOMMU (its lock is shared by every CPU). `false` sends the
+    /// caller to the IOMMU.
     fn seen_done(&self, ticket: u64) -> bool {
         for _ in 0..DONE_LOOKS {
-            if self.done_ticket.load(Ordering::Acquire) >= ticket {
+            if self
+                .words
+                .iter()
+                .any(|w| w.done_ticket.load(Ordering::Acquire) >= ticket)
+            {
                 return true;
             }
             super::sync::spin_hint();
@@ -960,12 +1127,14 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         false
     }
 
-    /// Waits for `ticket`; a failure makes the next sync invalidate the
-    /// whole domain (the ranges the completion covered were taken).
+    /// Waits for `ticket` and notes it done in `words`; a failure makes
+    /// the next sync invalidate the whole domain (the ranges the
+    /// completion covered were taken).
     fn wait_for<B: SplitSync + ?Sized>(
         &self,
         backend: &mut B,
         ticket: u64,
+        words: u32,
     ) -> Result<(), DmaError> {
         if let Err(e) = backend.wait(ticket) {
             self.global.with(|s| {
@@ -973,14 +1142,17 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             });
             return Err(e.into());
         }
-        if ticket > self.done_ticket.load(Ordering::Relaxed) {
-            self.done_ticket.fetch_max(ticket, Ordering::AcqRel);
+        for (j, w) in self.words.iter().enumerate() {
+            if words & (1 << j) != 0 {
+                w.seen(ticket);
+            }
         }
         Ok(())
     }
 
-    /// [`free`](Self::free) then [`sync`](Self::sync), as
-    /// [`Domain::destroy`].
+    /// [`free`](Self::free) then a sync of the transaction's shard, as
+    /// [`Domain::destroy`]: it covers every unlink of `tx` (those `free`
+    /// made included), as [`sync_for`](Self::sync_for) would.
     ///
     /// # Errors
     ///
@@ -990,17 +1162,70 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         tx: IovaState,
         backend: &mut B,
     ) -> Result<(), DmaError> {
+        let words = self.words_of(&tx);
         self.free(tx).map_err(|(_, e)| e)?;
-        self.sync(backend)
+        self.sync_words(backend, words)
     }
 }
 
-/// Releases [`TAKING`] when dropped (also on unwinding, in host tests).
-struct Release<'a>(&'a AtomicU64);
+/// Releases [`TAKING`] of the words in `mask` when dropped (also on
+/// unwinding, in host tests).
+struct Release<'a> {
+    words: &'a [Padded<SyncWord>; SHARDS + 1],
+    mask: u32,
+}
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        self.0.fetch_and(!TAKING, Ordering::Release);
+        for (j, w) in self.words.iter().enumerate() {
+            if self.mask & (1 << j) != 0 {
+                w.state.fetch_and(!TAKING, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// What [`take_word`] did.
+enum Take {
+    /// The word is this sync's ([`PENDING`] cleared, [`TAKING`] set).
+    Taken,
+    /// Another sync holds it.
+    Busy,
+    /// Nothing pending and no other sync holding it (not taken).
+    Nothing,
+}
+
+/// Takes `w` (clears [`PENDING`], sets [`TAKING`]) when it has pending
+/// ranges or `must` is set; [`Take::Busy`] when another sync holds it.
+fn take_word(w: &SyncWord, must: bool) -> Take {
+    let state = &w.state;
+    let mut cur = state.load(Ordering::Acquire);
+    loop {
+        if cur & TAKING != 0 {
+            return Take::Busy;
+        }
+        if cur == 0 && !must {
+            return Take::Nothing;
+        }
+        match state.compare_exchange_weak(cur, TAKING, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Take::Taken,
+            Err(now) => cur = now,
+        }
+    }
+}
+
+/// Spins (backing off) while another sync holds `w`.
+fn wait_free(w: &SyncWord) {
+    let mut pause = 1u32;
+    // A load, not a read-modify-write: the line stays shared while the
+    // holder works, its release takes it back once.
+    while w.state.load(Ordering::Acquire) & TAKING != 0 {
+        // Back off: the holder's release and ticket store need the line
+        // more than this CPU's looks do.
+        for _ in 0..pause {
+            super::sync::spin_hint();
+        }
+        pause = (pause * 2).min(64);
     }
 }
 

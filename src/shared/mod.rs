@@ -93,15 +93,22 @@
 //! typed errors. The CPU's shard is a hint (there is no portable CPU
 //! number): its stack region claims a free shard on first use.
 //!
-//! **Pending invalidations** are kept per shard under the shard's lock
-//! (never across a walk). A sync takes every shard's "pending" bit and the
-//! domain's sync lock in one compare-and-swap of one word, drains the
-//! shards whose bits it took, and queues their invalidations and one
-//! completion under one hold of the IOMMU's lock
-//! ([`SplitSync::queue_and_submit`]); a sync with nothing pending reads that
-//! word and waits for the newest ticket; a sync that finds nothing left —
-//! another CPU's sync took the ranges of an unlink that returned before it
-//! began — waits for that sync's completion before it returns.
+//! **Pending invalidations** are kept per side under the shard's lock
+//! (never across a walk): a transaction's in its shard's side (whichever
+//! CPU unlinks), or the domain-wide one (transactions from the domain's
+//! allocator, the write side's work). Each side has a sync word of its own
+//! (a "pending" bit, a taking bit, the newest ticket published and the
+//! newest seen done, on one line). A sync waits, holding nothing, until no
+//! other sync holds one of the words it covers, takes those with pending
+//! ranges (one compare-and-swap each, in index order), drains their sides
+//! and queues their invalidations and one completion under one hold of the
+//! IOMMU's lock ([`SplitSync::queue_and_submit`]), publishes its ticket in
+//! each and releases them; a sync with nothing pending reads the words and
+//! waits for every ticket not yet seen done (another CPU's sync that took
+//! the ranges of an unlink that returned before it began).
+//! [`SharedDomain::sync_for`] and [`SharedDomain::destroy`] cover one
+//! transaction's side and the domain-wide one; [`SharedDomain::sync`]
+//! covers every side.
 //!
 //! **Cost** (measured on this crate's bench, callgrind, one CPU,
 //! instructions per 4 KiB call including one sync per 32768 calls; the
@@ -117,14 +124,14 @@
 //! 223 (a walk each, as `Domain`'s). A one-way page's descriptor comes
 //! from precomputed bits, as a read-write one's.
 //! Two threads on disjoint transactions of one `SharedDomain`
-//! (`bench: shared threads`, 16 one-page one-way links, sync, unlink,
-//! destroy per transaction): ratio 1.54 in the README's run while the
-//! machine itself gave 2.03 (two threads on separate domains and queues),
-//! two domains sharing one [`SharedIommu`] 1.6–1.8 across runs; runs
-//! spread by ±0.15 and more.
-//! What is left is spread over many shared lines (the domain's sync word,
-//! read by every sync and written by a taking one, the IOMMU lock, the
-//! read side's locked operations): the goal of 1.7 is not reached.
+//! (`bench: shared threads`, 16 one-page one-way links, `sync_for`,
+//! unlink, `destroy` per transaction): ratio 1.64–1.75 across runs, what
+//! two domains sharing one [`SharedIommu`] give in the same runs (the
+//! machine itself 1.7–2.0: two threads on separate domains and queues).
+//! With the domain-wide [`SharedDomain::sync`] in their place the ratio is
+//! 0.8–1.05: each sync reads the other CPU's word and drains its side
+//! whenever an unlink of it is pending (when all sides shared one word,
+//! 1.5–1.6: syncs queued behind one another and rarely overlapped).
 
 mod domain;
 mod iommu;

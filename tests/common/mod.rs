@@ -96,11 +96,20 @@ unsafe impl TableMemory for HostMemory {
 pub fn one_leaf_table_domain<M: TableMemory>(
     mem: M,
 ) -> bare_iommu::shared::SharedDomain<bare_iommu::pgtable::arm::ArmStage1, M> {
+    shared_domain(mem, 2 << 20)
+}
+
+/// A 3-level stage-1 `SharedDomain` on `mem` with the aperture 1 MiB to
+/// `end` (64 MiB and more: every CPU gets an IOVA shard of its own).
+pub fn shared_domain<M: TableMemory>(
+    mem: M,
+    end: u64,
+) -> bare_iommu::shared::SharedDomain<bare_iommu::pgtable::arm::ArmStage1, M> {
     let cfg = bare_iommu::DomainConfig {
         id: 1,
         levels: 3,
         aperture_start: 1 << 20,
-        aperture_end: 2 << 20,
+        aperture_end: end,
         coherent_walk: true,
     };
     let dom = bare_iommu::Domain::new(bare_iommu::pgtable::arm::ArmStage1, mem, cfg).unwrap();

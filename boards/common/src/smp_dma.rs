@@ -317,7 +317,7 @@ impl<S: SmpBoard> Work<'_, S> {
                 .map(|_| ())
                 .or_fail("link Q")
             })
-            .and_then(|()| d.sync(cpu).or_fail("sync"));
+            .and_then(|()| d.sync_for(&tx, cpu).or_fail("sync_for"));
         kept_or_destroyed::<S>(d, tx, cpu, linked)
     }
 
@@ -342,7 +342,7 @@ impl<S: SmpBoard> Work<'_, S> {
             )
             .map(|_| ())
             .or_fail("link_pages")
-            .and_then(|()| d.sync(cpu).or_fail("sync"));
+            .and_then(|()| d.sync_for(&tx, cpu).or_fail("sync_for"));
         kept_or_destroyed::<S>(d, tx, cpu, linked)
     }
 
@@ -440,7 +440,9 @@ impl<S: SmpBoard> Work<'_, S> {
                 PAGE_SIZE,
                 "bytes unlinked"
             );
-            d.sync(cpu).or_fail("sync after the unlink")?;
+            // The transaction's own sync (its shard's side only): the
+            // device's DMA to Q below must fault all the same.
+            d.sync_for(&tx, cpu).or_fail("sync_for after the unlink")?;
             fill(q, |_| GUARD);
             wrote = true;
             lock(&self.expected, "expected")?
