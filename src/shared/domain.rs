@@ -112,6 +112,12 @@ pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     global: Padded<IrqLock<Side>>,
     /// Each shard's chunk `[start, end)` once granted (never changes after).
     bounds: [(StatU64, StatU64); SHARDS],
+    /// Each shard's chunk start `>> chunk_shift` once granted (chunks are
+    /// aligned to their size), `u64::MAX` before: one compare tells
+    /// whether a page is in the shard.
+    chunk_no: [StatU64; SHARDS],
+    /// log2 of `chunk` (63 when the domain is not sharded).
+    chunk_shift: u32,
     /// Which stack region claimed each shard (`home`).
     owners: [AtomicUsize; SHARDS],
     /// Chunk size, 0 when the aperture is too small to shard.
@@ -220,6 +226,12 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             hints: core::array::from_fn(|_| Padded(LeafHint::new())),
             global: Padded(IrqLock::new(Side::new(), no_irq)),
             bounds: core::array::from_fn(|_| (StatU64::new(0), StatU64::new(0))),
+            chunk_no: core::array::from_fn(|_| StatU64::new(u64::MAX)),
+            chunk_shift: if chunk == 0 {
+                63
+            } else {
+                chunk.trailing_zeros()
+            },
             owners: core::array::from_fn(|_| AtomicUsize::new(0)),
             chunk,
             translated,
@@ -468,6 +480,14 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             self.bounds[k]
                 .1
                 .store(end, core::sync::atomic::Ordering::Release);
+            // Only an aligned chunk of the expected size gets the one-compare
+            // test (`note_page`); any other is found by `shard_of`.
+            if self.chunk != 0 && start % self.chunk == 0 && end - start == self.chunk {
+                self.chunk_no[k].store(
+                    start >> self.chunk_shift,
+                    core::sync::atomic::Ordering::Relaxed,
+                );
+            }
             None
         });
         if let Some(a) = left {
@@ -571,9 +591,11 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         // the transaction came from another CPU's shard or from the
         // domain's allocator): a transaction's ranges are all in its
         // shard's side or the domain-wide one, which `sync_for` covers.
-        let (lo, hi) = &self.bounds[k];
-        let at = if iova >= lo.load(core::sync::atomic::Ordering::Relaxed)
-            && iova < hi.load(core::sync::atomic::Ordering::Acquire)
+        // The transaction was allocated in shard `k` after its chunk was
+        // granted (or handed over from the CPU that did): the grant's
+        // stores are visible.
+        let at = if iova >> self.chunk_shift
+            == self.chunk_no[k].load(core::sync::atomic::Ordering::Relaxed)
         {
             Some(k)
         } else {
@@ -584,10 +606,16 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 #[inline(always)]
                 |s| self.note_in(&mut s.side, j, iova, unlinked),
             ),
-            None => self
-                .global
-                .with(|s| self.note_in(s, SHARDS, iova, unlinked)),
+            None => self.note_global(iova, unlinked),
         }
+    }
+
+    /// [`note_page`](Self::note_page) of a page no shard holds.
+    #[cold]
+    #[inline(never)]
+    fn note_global(&self, iova: u64, unlinked: bool) {
+        self.global
+            .with(|s| self.note_in(s, SHARDS, iova, unlinked));
     }
 
     /// Adds one page's range to side `k`'s pending ranges (its lock held).
