@@ -534,3 +534,53 @@ fn per_page_links_of_one_way_buffers_write_their_own_direction() {
     plain.destroy(u, &mut q).unwrap();
     plain.teardown(&mut q).map_err(|(_, e)| e).unwrap();
 }
+
+/// Runs `f` 32 KiB deeper in this thread's stack: another stack region,
+/// which `SharedDomain` takes for another CPU (a shard of its own).
+#[inline(never)]
+fn as_another_cpu<R>(f: impl FnOnce() -> R) -> R {
+    let pad = [0u8; 32 << 10];
+    let r = f();
+    core::hint::black_box(&pad);
+    r
+}
+
+#[test]
+fn a_transaction_sync_covers_its_unlinks_wherever_made_and_refuses_another_domains() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    let mut here = tx(&dom, 1 << 21);
+    // From another CPU's shard.
+    let mut there = as_another_cpu(|| tx(&dom, 1 << 21));
+    assert!(
+        here.iova().0.abs_diff(there.iova().0) >= 1 << 30,
+        "two shards"
+    );
+    link_page(&dom, &mut here, 0x8000_0000, 0);
+    link_page(&dom, &mut there, 0x8000_1000, 0);
+    dom.sync(&mut q).unwrap();
+    let before = q.invalidations;
+    // Both unlinked on this CPU: each range is kept with its transaction.
+    dom.unlink(&mut there, 0, 4096).unwrap();
+    dom.unlink(&mut here, 0, 4096).unwrap();
+    dom.sync_for(&there, &mut q).unwrap();
+    assert_eq!(q.invalidations - before, 1, "`there`'s range only");
+    dom.sync_for(&here, &mut q).unwrap();
+    assert_eq!(q.invalidations - before, 2, "then `here`'s");
+    // Nothing is left for the whole domain's sync.
+    dom.sync(&mut q).unwrap();
+    assert_eq!(q.invalidations - before, 2);
+    // A transaction of another domain is refused, nothing queued.
+    let mem2 = HostMemory::default();
+    let other = SharedDomain::new(Domain::new(ArmStage1, &mem2, cfg(2)).unwrap());
+    let foreign = tx(&other, 4096);
+    assert!(matches!(
+        dom.sync_for(&foreign, &mut q),
+        Err(crate::DmaError::WrongDomain { .. })
+    ));
+    assert_eq!(q.invalidations - before, 2);
+    dom.free(here).unwrap();
+    dom.free(there).unwrap();
+    other.free(foreign).unwrap();
+}
