@@ -124,6 +124,8 @@ pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     chunk: u64,
     translated: bool,
     id: u16,
+    /// The domain's token (`Domain::owns` without the domain).
+    token: u32,
     st: Padded<ReadMostly>,
     /// One per side (the shards', then the domain-wide one), each on a
     /// line of its own: CPUs on different shards write no common line to
@@ -212,6 +214,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             }
         });
         let id = dom.id();
+        let token = dom.token();
         Self {
             dom: ShardedRwLock::new(Guarded { dom, popped: 0 }),
             shards: core::array::from_fn(|_| {
@@ -236,6 +239,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             chunk,
             translated,
             id,
+            token,
             st: Padded(ReadMostly {
                 retired: AtomicUsize::new(0),
                 maps: AtomicU8::new(0),
@@ -910,7 +914,9 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         tx: &IovaState,
         backend: &mut B,
     ) -> Result<(), DmaError> {
-        if tx.domain_id() != self.id || !self.dom.read(self.home(), |g| g.dom.owns(tx)) {
+        // The token is the domain's for good: no lock to compare it (an
+        // identity domain has nothing to sync).
+        if tx.domain_id() != self.id || Domain::<F, M>::tx_token(tx) != self.token {
             return Err(DmaError::WrongDomain {
                 expected: tx.domain_id(),
                 found: self.id,

@@ -109,6 +109,17 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         tx.token() == self.token && self.inner.is_some()
     }
 
+    /// The domain's unique token (never changes): what [`owns`](Self::owns)
+    /// compares, for a wrapper that checks ownership without the domain.
+    pub(crate) fn token(&self) -> u32 {
+        self.token
+    }
+
+    /// The token of the domain that made `tx`.
+    pub(crate) fn tx_token(tx: &IovaState) -> u32 {
+        tx.token()
+    }
+
     #[inline(always)]
     fn shared_translated(&self, tx: &IovaState) -> Result<&Translated<F, M>, DmaError> {
         if tx.token() != self.token {
