@@ -113,19 +113,21 @@
 //! **Cost** (measured on this crate's bench, callgrind, one CPU,
 //! instructions per 4 KiB call including one sync per 32768 calls; the
 //! `s1/shared` contender of `cargo xtask bench --instructions`,
-//! 2026-11-30): `link` of sequential pages 110 for `SharedDomain` against
-//! 62 for `Domain`, `unlink` 115 against 48 (before the per-shard
+//! 2026-11-30): `link` of sequential pages 109 for `SharedDomain` against
+//! 62 for `Domain`, `unlink` 121 against 48 (before the per-shard
 //! leaf-table hint, `crate::pgtable::LeafHint`, they were 471 and 378: a
 //! walk from the root at every call). What is left per call: the read
 //! side's compare-and-swap and release, the hint's seqlock and generation
 //! check, an atomic count, and for an unlink (or a link before the first
-//! sync tells it the IOMMU does not cache not-present entries) the shard's
-//! short lock over its pending ranges. Scattered pages: `link` 327 against
+//! sync tells it the IOMMU does not cache not-present entries) the short
+//! lock of the transaction's side over its pending ranges (found with one
+//! compare of the page's chunk number). Scattered pages: `link` 326 against
 //! 223 (a walk each, as `Domain`'s). A one-way page's descriptor comes
 //! from precomputed bits, as a read-write one's.
 //! Two threads on disjoint transactions of one `SharedDomain`
 //! (`bench: shared threads`, 16 one-page one-way links, `sync_for`,
-//! unlink, `destroy` per transaction): ratio 1.64–1.75 across runs, what
+//! unlink, `destroy` per transaction): ratio 1.53–1.76 over about 20 runs,
+//! 1.7 or more in most: what
 //! two domains sharing one [`SharedIommu`] give in the same runs (the
 //! machine itself 1.7–2.0: two threads on separate domains and queues).
 //! With the domain-wide [`SharedDomain::sync`] in their place the ratio is
