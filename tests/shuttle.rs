@@ -105,7 +105,10 @@ fn fresh() -> (&'static Poison, Arc<Dom>) {
 /// After every CPU is done: a sync, a reclaim and a sync hand every
 /// retired page back; every page still out is attached, and the counts
 /// match a scan of the tables.
-fn settle_and_check(heap: &Poison, dom: &Dom, s: &SharedIommu<FakeQueue>) {
+fn settle_and_check<B>(heap: &Poison, dom: &Dom, s: &SharedIommu<B>)
+where
+    B: bare_iommu::shared::SplitCompletion,
+{
     let mut h = s.cpu();
     dom.sync(&mut h).unwrap();
     dom.reclaim_now();
@@ -337,13 +340,8 @@ impl Recording {
 fn shuttle_a_sync_returns_only_once_its_unlinks_are_invalidated() {
     shuttle::check_random(
         || {
-            let (_heap, dom) = fresh();
-            let mut q = Recording::default();
-            q.q.speed = 1;
-            q.q.budget = 1000;
-            let s = Arc::new(SharedIommu::new(q, |r| {
-                r.q.drain_irq();
-            }));
+            let (heap, dom) = fresh();
+            let s = slow_recording_iommu();
             let cpus: Vec<_> = (0..2u64)
                 .map(|c| {
                     let s2 = s.clone();
@@ -363,22 +361,39 @@ fn shuttle_a_sync_returns_only_once_its_unlinks_are_invalidated() {
                     }
                 })
             };
-            for c in cpus {
-                c.join().unwrap();
-            }
-            syncer.join().unwrap();
-            let mut h = s.cpu();
-            dom.sync(&mut h).unwrap();
-            dom.reclaim_now();
-            dom.sync(&mut h).unwrap();
-            dom.with(|d| d.page_table().unwrap().check_counts())
-                .expect("counts match a scan");
+            join_and_settle(cpus, syncer, heap, &dom, &s);
         },
         // A sync returning early needs a rare order of three CPUs: with
         // 3000 schedules the check caught the wait left out in 1 to 2 runs
         // of 5, with 30000 in 5 of 5 (a few seconds).
         10 * ITERATIONS,
     );
+}
+
+/// An IOMMU whose completions take several looks (one command consumed
+/// per look), recording every invalidation queued.
+fn slow_recording_iommu() -> Arc<SharedIommu<Recording>> {
+    let mut q = Recording::default();
+    q.q.speed = 1;
+    q.q.budget = 1000;
+    Arc::new(SharedIommu::new(q, |r| {
+        r.q.drain_irq();
+    }))
+}
+
+/// Waits for the CPUs and the last thread, then [`settle_and_check`].
+fn join_and_settle(
+    cpus: Vec<thread::JoinHandle<u32>>,
+    last: thread::JoinHandle<()>,
+    heap: &Poison,
+    dom: &Dom,
+    s: &SharedIommu<Recording>,
+) {
+    for c in cpus {
+        c.join().unwrap();
+    }
+    last.join().unwrap();
+    settle_and_check(heap, dom, s);
 }
 
 /// Unlinks the page at `t`'s start and syncs (the domain, or with `per_tx`
@@ -418,12 +433,7 @@ fn shuttle_a_transaction_sync_returns_only_once_its_unlinks_are_invalidated() {
         || {
             let heap: &'static Poison = Box::leak(Box::default());
             let dom = Arc::new(common::shared_domain(heap, 64 << 20));
-            let mut q = Recording::default();
-            q.q.speed = 1;
-            q.q.budget = 1000;
-            let s = Arc::new(SharedIommu::new(q, |r| {
-                r.q.drain_irq();
-            }));
+            let s = slow_recording_iommu();
             let cpus: Vec<_> = (0..2u64)
                 .map(|c| {
                     let s2 = s.clone();
@@ -450,16 +460,7 @@ fn shuttle_a_transaction_sync_returns_only_once_its_unlinks_are_invalidated() {
                     dom.destroy(t, &mut h).unwrap();
                 })
             };
-            for c in cpus {
-                c.join().unwrap();
-            }
-            other.join().unwrap();
-            let mut h = s.cpu();
-            dom.sync(&mut h).unwrap();
-            dom.reclaim_now();
-            dom.sync(&mut h).unwrap();
-            dom.with(|d| d.page_table().unwrap().check_counts())
-                .expect("counts match a scan");
+            join_and_settle(cpus, other, heap, &dom, &s);
         },
         10 * ITERATIONS,
     );
