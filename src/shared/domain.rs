@@ -160,10 +160,11 @@ const TAKING: u64 = 2;
 /// Every side's word: what [`SharedDomain::sync`] covers.
 const ALL_WORDS: u32 = (1 << (SHARDS + 1)) - 1;
 
-/// What the unlinks and syncs of one side write. A sync takes the words of
-/// every side with pending ranges, in index order (a sync holding word `i`
-/// only ever waits for words above `i`: no cycle), queues their ranges and
-/// one completion, publishes its ticket in each and releases them.
+/// What the unlinks and syncs of one side write. A sync waits, holding no
+/// word, until no other sync holds one it covers, then takes those with
+/// pending ranges (letting go of all and starting over should another sync
+/// take one first), queues their ranges and one completion, publishes its
+/// ticket in each and releases them.
 struct SyncWord {
     /// [`PENDING`] and [`TAKING`]. Zero means: every range an unlink left
     /// in the side was taken by a sync that has published its ticket in
@@ -899,9 +900,11 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// other transactions of its IOVA shard, and every range the write
     /// side queued) that returned before it began, on any CPU, and hands
     /// back the table pages waiting for a completion. It reads and writes
-    /// only the sync words of `tx`'s shard and of the domain-wide side:
-    /// CPUs syncing transactions of different shards share no line (a
-    /// transaction is in the shard of the CPU that allocated it), where
+    /// only the sync words of `tx`'s shard and of the domain-wide side
+    /// (written only by the write side's work and by syncs that find it
+    /// pending): CPUs syncing transactions of different shards write no
+    /// common line (a transaction is in the shard of the CPU that
+    /// allocated it), where
     /// [`sync`](Self::sync) reads every shard's word and takes the ones
     /// with pending ranges.
     ///
