@@ -882,10 +882,15 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     }
 
     /// [`Domain::sync`], with the completion wait outside every lock: the
-    /// pending ranges of every shard and one completion are queued under a
-    /// short sync lock (and the read side), the wait runs without them,
-    /// and the write side is taken only to hand back table pages the
-    /// completion covers.
+    /// pending ranges of every side and one completion are queued while
+    /// this sync holds those sides' sync words (and the read side), the
+    /// wait runs without them, and the write side is taken only to hand
+    /// back table pages the completion covers. It covers every unlink that
+    /// returned before it began, on any CPU, so it reads every side's word
+    /// and drains every side with pending ranges: several CPUs syncing at
+    /// once this way slow each other down (the README's bench line: a
+    /// ratio near 1 for two CPUs); to sync a transaction, use
+    /// [`sync_for`](Self::sync_for) or [`destroy`](Self::destroy).
     ///
     /// # Errors
     ///
