@@ -162,9 +162,11 @@ const ALL_WORDS: u32 = (1 << (SHARDS + 1)) - 1;
 
 /// What the unlinks and syncs of one side write. A sync waits, holding no
 /// word, until no other sync holds one it covers, then takes those with
-/// pending ranges (letting go of all and starting over should another sync
-/// take one first), queues their ranges and one completion, publishes its
-/// ticket in each and releases them.
+/// pending ranges (should another sync take one first, it lets go of all
+/// and takes them in index order, waiting for each: every sync that waits
+/// while holding words does so in that order, so there is no cycle),
+/// queues their ranges and one completion, publishes its ticket in each
+/// and releases them.
 struct SyncWord {
     /// [`PENDING`] and [`TAKING`]. Zero means: every range an unlink left
     /// in the side was taken by a sync that has published its ticket in
@@ -1006,42 +1008,67 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// one when `retired`): first waits, holding nothing, until no other
     /// sync holds one of them, then takes them in index order without
     /// waiting; should another sync take one meanwhile, lets go of what it
-    /// took and starts over.
+    /// took and takes them in index order, waiting for each.
     fn take_words(&self, mask: u32, retired: bool) -> Release<'_> {
-        loop {
-            for (j, w) in self.words.iter().enumerate() {
-                if mask & (1 << j) != 0 {
-                    wait_free(w);
-                }
+        for (j, w) in self.words.iter().enumerate() {
+            if mask & (1 << j) != 0 {
+                wait_free(w);
             }
-            let mut held = Release {
-                words: &self.words,
-                mask: 0,
-            };
-            let mut lost = false;
-            for (j, w) in self.words.iter().enumerate() {
-                if mask & (1 << j) != 0 {
-                    match take_word(w, retired && j == SHARDS) {
-                        Take::Taken => held.mask |= 1 << j,
-                        Take::Busy => {
-                            lost = true;
-                            break;
-                        }
-                        Take::Nothing => {}
+        }
+        let mut held = Release {
+            words: &self.words,
+            mask: 0,
+        };
+        let mut lost = false;
+        for (j, w) in self.words.iter().enumerate() {
+            if mask & (1 << j) != 0 {
+                match take_word(w, retired && j == SHARDS) {
+                    Take::Taken => held.mask |= 1 << j,
+                    Take::Busy => {
+                        lost = true;
+                        break;
                     }
-                }
-            }
-            if !lost {
-                return held;
-            }
-            // Their ranges were not drained: marked pending again before
-            // they are let go (a taken word lost its PENDING bit).
-            for (j, w) in self.words.iter().enumerate() {
-                if held.mask & (1 << j) != 0 {
-                    w.state.fetch_or(PENDING, Ordering::AcqRel);
+                    Take::Nothing => {}
                 }
             }
         }
+        if !lost {
+            return held;
+        }
+        // Their ranges were not drained: marked pending again before they
+        // are let go (a taken word lost its PENDING bit).
+        for (j, w) in self.words.iter().enumerate() {
+            if held.mask & (1 << j) != 0 {
+                w.state.fetch_or(PENDING, Ordering::AcqRel);
+            }
+        }
+        drop(held);
+        // Another sync took one between the wait and the take: now in index
+        // order, waiting for each while holding the lower ones. Every sync
+        // that waits while holding does so in this order and the first try
+        // never waits while holding, so there is no cycle and this sync
+        // gets through (trying again the first way could go on for ever
+        // against syncs that keep colliding with it).
+        let mut held = Release {
+            words: &self.words,
+            mask: 0,
+        };
+        for (j, w) in self.words.iter().enumerate() {
+            if mask & (1 << j) != 0 {
+                loop {
+                    wait_free(w);
+                    match take_word(w, retired && j == SHARDS) {
+                        Take::Taken => {
+                            held.mask |= 1 << j;
+                            break;
+                        }
+                        Take::Nothing => break,
+                        Take::Busy => {}
+                    }
+                }
+            }
+        }
+        held
     }
 
     /// Queues the pending ranges of the sides whose words `held` holds and
