@@ -359,8 +359,25 @@ fn loom_the_reclaim_side_of_the_domain_lock_excludes_every_reader() {
 /// the memory then).
 #[test]
 fn loom_a_sync_returns_only_after_a_completion_covering_its_unlinks() {
-    model_big(|| {
-        let (_heap, dom) = fresh();
+    sync_covers_unlinks(false);
+}
+
+/// The same on a domain whose aperture gives each CPU a shard, A syncing
+/// its transaction (`sync_for`) while B syncs the whole domain.
+#[test]
+fn loom_a_transaction_sync_returns_only_after_a_completion_covering_its_unlinks() {
+    sync_covers_unlinks(true);
+}
+
+fn sync_covers_unlinks(per_tx: bool) {
+    model_big(move || {
+        let (_heap, dom) = if per_tx {
+            bare_iommu::shared::loom_reset();
+            let heap: &'static Heap = Box::leak(Box::default());
+            (heap, Arc::new(common::shared_domain(heap, 64 << 20)))
+        } else {
+            fresh()
+        };
         let s = shared(1);
         let mut a = dom.try_alloc(8192, u64::MAX).unwrap().into_iova().unwrap();
         dom.link(
@@ -383,7 +400,11 @@ fn loom_a_sync_returns_only_after_a_completion_covering_its_unlinks() {
         };
         // One page of two: the leaf table stays, nothing is retired.
         dom.unlink(&mut a, 0, 4096).unwrap();
-        dom.sync(&mut h).unwrap();
+        if per_tx {
+            dom.sync_for(&a, &mut h).unwrap();
+        } else {
+            dom.sync(&mut h).unwrap();
+        }
         let (invalidations, consumed) = s.with(|q| (q.invalidations, q.consumed));
         assert_eq!(invalidations, 1);
         assert!(
