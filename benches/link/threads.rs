@@ -56,7 +56,7 @@ fn cfg(id: u16) -> DomainConfig {
 
 /// Which sync the transactions call.
 #[derive(Clone, Copy)]
-enum Sync {
+enum Syncs {
     /// `sync_for(tx)` after the links, `destroy` at the end: the sync
     /// words of the transaction's shard (and the domain-wide one) only.
     Transaction,
@@ -70,7 +70,7 @@ fn transactions(
     iommu: &SharedIommu<FakeQueue>,
     n: u64,
     id: u64,
-    sync: Sync,
+    sync: Syncs,
 ) {
     let mut h = iommu.cpu();
     for i in 0..n {
@@ -93,12 +93,12 @@ fn transactions(
             .unwrap();
         }
         match sync {
-            Sync::Transaction => {
+            Syncs::Transaction => {
                 dom.sync_for(&tx, &mut h).unwrap();
                 dom.unlink(&mut tx, 0, PAGES * 4096).unwrap();
                 dom.destroy(tx, &mut h).unwrap();
             }
-            Sync::Domain => {
+            Syncs::Domain => {
                 dom.sync(&mut h).unwrap();
                 dom.unlink(&mut tx, 0, PAGES * 4096).unwrap();
                 dom.free(tx).map_err(|(_, e)| e).unwrap();
@@ -111,7 +111,7 @@ fn transactions(
 /// Nanoseconds per transaction with `threads` threads sharing `total`
 /// (each thread on a domain and queue of its own with `separate`: the
 /// scaling the machine itself allows now, shared by other work).
-fn run(total: u64, threads: u64, sync: Sync) -> f64 {
+fn run(total: u64, threads: u64, sync: Syncs) -> f64 {
     run_on(total, threads, false, sync)
 }
 
@@ -123,13 +123,13 @@ fn run_two_domains(total: u64) -> f64 {
     let doms = [1, 2].map(|id| SharedDomain::new(Domain::new(ArmStage1, &heap, cfg(id)).unwrap()));
     let iommu = SharedIommu::new(FakeQueue::new(u64::MAX), |_| {});
     for d in &doms {
-        transactions(d, &iommu, 16, 0, Sync::Transaction);
+        transactions(d, &iommu, 16, 0, Syncs::Transaction);
     }
     let start = Instant::now();
     std::thread::scope(|s| {
         for (id, dom) in doms.iter().enumerate() {
             let iommu = &iommu;
-            s.spawn(move || transactions(dom, iommu, total / 2, id as u64, Sync::Transaction));
+            s.spawn(move || transactions(dom, iommu, total / 2, id as u64, Syncs::Transaction));
         }
     });
     let ns = start.elapsed().as_nanos() as f64 / total as f64;
@@ -140,7 +140,7 @@ fn run_two_domains(total: u64) -> f64 {
     ns
 }
 
-fn run_on(total: u64, threads: u64, separate: bool, sync: Sync) -> f64 {
+fn run_on(total: u64, threads: u64, separate: bool, sync: Syncs) -> f64 {
     if separate {
         let start = Instant::now();
         std::thread::scope(|s| {
@@ -175,10 +175,10 @@ fn run_on(total: u64, threads: u64, separate: bool, sync: Sync) -> f64 {
 pub fn line(total: u64, samples: usize) -> String {
     let [mut one, mut two, mut one_d, mut two_d] = [(); 4].map(|_| Vec::new());
     for _ in 0..samples {
-        one.push(run(total, 1, Sync::Transaction));
-        two.push(run(total, 2, Sync::Transaction));
-        one_d.push(run(total, 1, Sync::Domain));
-        two_d.push(run(total, 2, Sync::Domain));
+        one.push(run(total, 1, Syncs::Transaction));
+        two.push(run(total, 2, Syncs::Transaction));
+        one_d.push(run(total, 1, Syncs::Domain));
+        two_d.push(run(total, 2, Syncs::Domain));
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -186,7 +186,7 @@ pub fn line(total: u64, samples: usize) -> String {
     };
     let (a, b) = (med(&mut one), med(&mut two));
     let (ad, bd) = (med(&mut one_d), med(&mut two_d));
-    let apart = run_on(total, 2, true, Sync::Transaction);
+    let apart = run_on(total, 2, true, Syncs::Transaction);
     let one_iommu = run_two_domains(total);
     format!(
         "bench: shared threads s1 txn-{PAGES}-pages (disjoint transactions, one SharedDomain, \

@@ -996,12 +996,12 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         // word while it waits for another (no sync queues behind a holder
         // that itself waits).
         let held = self.take_words(mask, retired);
-        if held.mask != 0 {
-            self.sync_held(backend, held)?;
-        } else {
+        if held.mask == 0 {
+            // What the fast path does, found after waiting for holders.
             drop(held);
-            self.dom.read(self.home(), |g| g.dom.publish(backend))?;
+            return self.publish_and_wait(backend, mask);
         }
+        self.sync_held(backend, held)?;
         // Another CPU's sync may have taken ranges of unlinks that returned
         // before this sync began and not seen its completion yet: wait for
         // every such ticket.
