@@ -1741,8 +1741,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// [`IoPageTable::kept_height`]), queues the invalidation of the ranges
     /// they covered, walk caches included, and [`sync`](Self::sync)s; the
     /// pages go back to the lender only once that completed. Returns the
-    /// number of table pages detached (each upper table's side page goes
-    /// with it). Reads every entry of the upper tables: call it when memory
+    /// number of table pages detached. Reads every entry of the upper tables: call it when memory
     /// is wanted back, not per transaction.
     ///
     /// # Errors

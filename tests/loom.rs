@@ -227,12 +227,12 @@ fn link(dom: &Dom, tx: &mut IovaState, pa: u64) {
 /// Every page lent is attached or back with the lender, and every table's
 /// count matches a scan of it.
 fn check_pages_and_counts(heap: &Heap, dom: &Dom) {
-    let (tables, sides, retired) = dom.with(|d| {
+    let (tables, retired) = dom.with(|d| {
         let pt = d.page_table().unwrap();
         pt.check_counts().expect("counts match a scan");
-        (pt.table_pages(), pt.side_pages(), pt.retired_pages())
+        (pt.table_pages(), pt.retired_pages())
     });
-    assert_eq!(heap.out.load(Ordering::SeqCst), tables + sides + retired);
+    assert_eq!(heap.out.load(Ordering::SeqCst), tables + retired);
 }
 
 /// Two CPUs link a page each into the same, not yet existing, upper and
@@ -257,10 +257,10 @@ fn loom_two_cpus_install_the_same_tables_and_the_loser_gives_its_pages_back() {
         let a = t.join().unwrap();
         assert_eq!(dom.translate(ia).map(|t| t.0), Some(PhysAddr(0x8000_0000)));
         assert_eq!(dom.translate(ib).map(|t| t.0), Some(PhysAddr(0x9000_0000)));
-        // Root, one upper table, one leaf table; side pages: root's, upper's.
+        // Root, one upper table, one leaf table.
         assert_eq!(
-            dom.with(|d| d.page_table().map(|p| (p.table_pages(), p.side_pages()))),
-            Some((3, 2))
+            dom.with(|d| d.page_table().map(|p| p.table_pages())),
+            Some(3)
         );
         check_pages_and_counts(heap, &dom);
         dom.free(a).unwrap();

@@ -65,13 +65,11 @@ unsafe impl TableMemory for HighAfter<'_> {
 fn a_link_refused_for_a_table_above_the_output_size_leaves_only_the_kept_table() {
     let host = HostMemory::new();
     // The root and one more table are reachable, the third table is not.
-    // (Pages lent in order: root, root's side page, the level-1 table's
-    // side page and the table, then the level-2 table's side page (never
-    // walked, so its address does not matter) and the table.)
+    // (Pages lent in order: root, the level-1 table, the level-2 table.)
     let mem = HighAfter {
         inner: &host,
         lent: Cell::new(0),
-        high_from: 4,
+        high_from: 2,
     };
     let mut d = Domain::new(ArmStage1, &mem, cfg(1)).unwrap();
     let mut be = RecordingBackend::new();
@@ -93,8 +91,8 @@ fn a_link_refused_for_a_table_above_the_output_size_leaves_only_the_kept_table()
     assert_eq!(pt.kept_height(), Some(2));
     assert_eq!((pt.table_pages(), pt.retired_pages()), (2, 0));
     d.sync(&mut be).unwrap();
-    // The root, the level-1 table and their side pages.
-    assert_eq!(host.live_pages(), 4);
+    // The root and the level-1 table.
+    assert_eq!(host.live_pages(), 2);
     assert_eq!(d.translate(t.iova()), None);
 }
 
@@ -184,9 +182,9 @@ fn hundreds_of_emptied_tables_go_back_at_the_next_sync() {
     d.destroy(t, &mut be).unwrap();
     assert_eq!(
         mem.live_pages(),
-        4,
-        "empty tables still lent after the destroy's sync (the root, the kept \
-         level-1 table and their side pages stay)"
+        2,
+        "empty tables still lent after the destroy's sync (the root and the \
+         kept level-1 table stay)"
     );
     assert_eq!(d.page_table().unwrap().table_pages(), 2);
 }

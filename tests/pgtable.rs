@@ -68,9 +68,8 @@ fn blocks_and_partial_unmaps<F: PteFormat>(fmt: F) {
     // All tables but the root and its child (kept: `kept_height`) are freed.
     assert_eq!(t.kept_height(), Some(2));
     assert_eq!(t.table_pages(), 2);
-    // Their side pages (the counts of their children).
-    assert_eq!(t.side_pages(), 2);
-    assert_eq!(mem.live_pages(), 4);
+    // Nothing else: the counts live in the table pointers.
+    assert_eq!(mem.live_pages(), 2);
 }
 
 #[test]
@@ -148,9 +147,8 @@ fn a_run_of_pages_fills_leaf_tables_without_extra_tables() {
     t.map(DmaAddr(0x20_0000), PhysAddr(0x1000), 1024 * K4, RW)
         .unwrap();
     assert_eq!(t.table_pages(), 5);
-    // Plus one side page per upper table (root, L1, L2) for the counts.
-    assert_eq!(t.side_pages(), 3);
-    assert_eq!(mem.allocs.get(), 8);
+    // Nothing else: the counts live in the table pointers.
+    assert_eq!(mem.allocs.get(), 5);
     assert_eq!(
         t.translate(DmaAddr(0x20_0000 + 1023 * K4)).unwrap().0,
         PhysAddr(0x1000 + 1023 * K4)
@@ -204,8 +202,8 @@ fn block_1g_unmap_reads_no_neighbours<F: PteFormat>(fmt: F, levels: u8) {
     } else {
         assert!(out.freed_tables, "the emptied table is detached");
         assert_eq!(t.table_pages(), pages - 1);
-        // The table and its side page (the counts of its children).
-        assert_eq!(t.retired_pages(), 2);
+        // The table alone (its count went with the pointer to it).
+        assert_eq!(t.retired_pages(), 1);
     }
     // A walk to the block and back (a few entries per level), not a scan
     // of the table's 512 entries.
@@ -406,7 +404,6 @@ fn per_page_unmaps_detach_like_a_range_unmap<F: PteFormat + Copy>(fmt: F, levels
     a.free_retired();
     b.free_retired();
     assert_eq!(a.table_pages(), b.table_pages());
-    assert_eq!(a.side_pages(), b.side_pages());
     // And every page can be linked again.
     for &p in &pages {
         a.map(DmaAddr(p), PhysAddr(0x9000_0000), K4, RW).unwrap();

@@ -84,9 +84,9 @@ proptest! {
         }
         d.destroy(tx, &mut be).unwrap();
         // The root, the root's child the format keeps (`kept_height`; the
-        // transaction lies under one root entry) and their side pages.
+        // transaction lies under one root entry).
         let pt = d.page_table().unwrap();
         prop_assert!(pt.table_pages() <= 1 + usize::from(pt.kept_height().is_some()));
-        prop_assert_eq!(mem.live_pages(), 2 * pt.table_pages());
+        prop_assert_eq!(mem.live_pages(), pt.table_pages());
     }
 }

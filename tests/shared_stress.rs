@@ -351,12 +351,12 @@ fn stress(aperture_end: u64) {
         .expect("every table's count matches a scan");
     let lent = dom.with(|d| {
         let p = d.page_table().unwrap();
-        p.table_pages() + p.side_pages() + p.retired_pages()
+        p.table_pages() + p.retired_pages()
     });
     assert_eq!(
         heap.out.load(Ordering::SeqCst),
         lent,
-        "every page lent is attached, a side page or retired"
+        "every page lent is attached or retired"
     );
     let dom = dom.into_inner();
     assert!(!dom.has_pending());

@@ -113,13 +113,13 @@ where
     dom.sync(&mut h).unwrap();
     dom.reclaim_now();
     dom.sync(&mut h).unwrap();
-    let (tables, sides, retired) = dom.with(|d| {
+    let (tables, retired) = dom.with(|d| {
         let pt = d.page_table().unwrap();
         pt.check_counts().expect("counts match a scan");
-        (pt.table_pages(), pt.side_pages(), pt.retired_pages())
+        (pt.table_pages(), pt.retired_pages())
     });
     assert_eq!(retired, 0, "the last sync handed every retired page back");
-    assert_eq!(heap.out.load(Ordering::SeqCst), tables + sides);
+    assert_eq!(heap.out.load(Ordering::SeqCst), tables);
 }
 
 fn one_page(dom: &Dom) -> IovaState {

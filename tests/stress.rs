@@ -2491,7 +2491,7 @@ impl<'l, F: PteFormat> World<'l, F> {
         // Every lent page is attached or waiting for a sync: none leaked.
         let held: usize = (0..self.doms.len())
             .filter_map(|d| self.doms[d].page_table())
-            .map(|pt| pt.table_pages() + pt.side_pages() + pt.retired_pages())
+            .map(|pt| pt.table_pages() + pt.retired_pages())
             .sum();
         let lent = self.lender.lent() - self.base_lent;
         let reach: usize = (0..self.doms.len())

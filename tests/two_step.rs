@@ -321,10 +321,10 @@ fn lender_refusal_leaves_no_partial_mapping() {
     assert!(mem.live_pages() > before);
     assert!(d.has_pending());
     d.sync(&mut RecordingBackend::new()).unwrap();
-    // The root's child stays (`IoPageTable::kept_height`), with its side page.
+    // The root's child stays (`IoPageTable::kept_height`).
     assert_eq!(
         mem.live_pages(),
-        before + 2,
+        before + 1,
         "tables written before the refusal are given back after the sync"
     );
     assert_eq!(t.linked(), 0);
@@ -400,11 +400,10 @@ fn free_unlinks_what_is_still_linked_and_the_next_sync_invalidates_it() {
     assert!(be.covered_since_last_sync(1, iova, 8 * 4096));
     // The links' sync published; the destroy's waited once.
     assert_eq!((be.publishes, be.syncs), (1, 1));
-    // All but the root's child (kept: `IoPageTable::kept_height`) and its
-    // side page.
+    // All but the root's child (kept: `IoPageTable::kept_height`).
     assert_eq!(
         mem.live_pages(),
-        base_pages + 2,
+        base_pages + 1,
         "emptied tables are given back after the sync"
     );
 }
@@ -419,12 +418,12 @@ fn freed_tables_wait_for_the_sync() {
     d.link(&mut t, PhysAddr(0x1000), 0, 4096, RW, MapAttrs::empty())
         .unwrap();
     d.sync(&mut be).unwrap();
-    // Three tables, and the side pages (counts) of the two upper ones.
-    assert_eq!(mem.live_pages(), base + 5);
+    // Three tables (their counts live in the pointers to them).
+    assert_eq!(mem.live_pages(), base + 3);
     d.unlink(&mut t, 0, 4096).unwrap();
     assert_eq!(
         mem.live_pages(),
-        base + 5,
+        base + 3,
         "tables are not freed before the IOMMU forgot them"
     );
     be.fail_next_sync = Some(bare_iommu::BackendError::Timeout {
@@ -432,11 +431,11 @@ fn freed_tables_wait_for_the_sync() {
         polls: 1,
     });
     assert!(d.sync(&mut be).is_err());
-    assert_eq!(mem.live_pages(), base + 5, "a failed sync frees nothing");
+    assert_eq!(mem.live_pages(), base + 3, "a failed sync frees nothing");
     d.sync(&mut be).unwrap();
-    // The leaf and level-2 tables and the latter's side page went back; the
-    // root's child stays (`IoPageTable::kept_height`), with its side page.
-    assert_eq!(mem.live_pages(), base + 2);
+    // The leaf and level-2 tables went back; the root's child stays
+    // (`IoPageTable::kept_height`).
+    assert_eq!(mem.live_pages(), base + 1);
     // The invalidation of the unlink was re-issued by the retry, walk caches included.
     assert!(be.log.iter().any(|c| matches!(
         c,
@@ -639,8 +638,8 @@ fn empty_tables_kept_when_retirement_is_full_are_not_leaked_by_a_later_block() {
     d.teardown(&mut be).map_err(|(_, e)| e).unwrap();
     assert_eq!(
         mem.live_pages(),
-        base - 2,
-        "every table page is given back (the root and its side page with the domain)"
+        base - 1,
+        "every table page is given back (the root with the domain)"
     );
 }
 
@@ -924,9 +923,9 @@ fn per_page_link_out_of_table_memory_invalidates_what_it_took_back() {
         .unwrap();
     d.sync(&mut be).unwrap();
     let before = mem.live_pages();
-    // A page in the next 1 GiB: a level-2 table (and its side page) is
-    // attached, then the leaf table is refused.
-    mem.set_budget(Some(2));
+    // A page in the next 1 GiB: a level-2 table is attached, then the leaf
+    // table is refused.
+    mem.set_budget(Some(1));
     let far = t.iova().0 + (1 << 30);
     assert_eq!(
         d.link(
@@ -1300,7 +1299,7 @@ fn a_block_link_over_tables_kept_empty_fills_them() {
     d.reclaim_empty_tables(&mut be).unwrap();
     assert_eq!(
         mem.live_pages(),
-        before + 2,
+        before + 1,
         "every table but the root's kept child went back"
     );
     d.destroy(t, &mut be).unwrap();
@@ -1321,9 +1320,9 @@ fn a_block_link_out_of_table_memory_takes_back_its_tables() {
     let mut t = tx(&mut d, 2 * MB);
     let base = t.iova().0;
     let before = mem.live_pages();
-    // A level-3 table (the root's child, kept) and a level-2 table, each
-    // with its side page, then the level-1 table is refused.
-    mem.set_budget(Some(4));
+    // A level-3 table (the root's child, kept) and a level-2 table, then the
+    // level-1 table is refused.
+    mem.set_budget(Some(2));
     assert_eq!(
         d.link(
             &mut t,
@@ -1348,8 +1347,8 @@ fn a_block_link_out_of_table_memory_takes_back_its_tables() {
     );
     assert_eq!(
         mem.live_pages(),
-        before + 2,
-        "only the kept level-3 table and its side page stay"
+        before + 1,
+        "only the kept level-3 table stays"
     );
     d.link(
         &mut t,

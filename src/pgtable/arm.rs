@@ -123,6 +123,9 @@ pub struct ArmStage1;
 
 impl PteFormat for ArmStage1 {
     const KIND: TableFormat = TableFormat::ArmStage1;
+    /// Bits 11:2, IGNORED in a table descriptor (no FEAT_LPA2 `DS`, no
+    /// FEAT_HAFT).
+    const COUNT_SHIFT: u32 = 2;
 
     #[inline]
     fn leaf_allowed(&self, height: u32) -> bool {
@@ -206,6 +209,9 @@ pub struct ArmStage2;
 
 impl PteFormat for ArmStage2 {
     const KIND: TableFormat = TableFormat::ArmStage2;
+    /// Bits 11:2, IGNORED in a table descriptor (no FEAT_LPA2 `DS`, no
+    /// FEAT_HAFT).
+    const COUNT_SHIFT: u32 = 2;
 
     #[inline]
     fn leaf_allowed(&self, height: u32) -> bool {

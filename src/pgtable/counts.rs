@@ -3,66 +3,91 @@
 //! (issue 11 §3: unlinking a scattered page used to read the other 511
 //! entries of its leaf table, a 1 GiB block the other 511 of its table).
 //!
-//! No heap and no limit: every upper table (height 1 and above, the root
-//! included) has a *side page*, one more page from the lender that the
-//! IOMMU never reads. Word `i` of a table's side page describes entry `i`
-//! of the table: when that entry points to a child table, the word holds
-//! the child's valid-entry count in bits 11:2 (at most 512) and, for
-//! a child that is itself an upper table, the physical address of the
-//! child's side page in the rest (page aligned, so the two never overlap);
-//! otherwise the word is 0. Bits 1:0 stay clear, so a side word never
-//! reads as a valid descriptor or a table pointer (Arm: bit 0; VT-d second
-//! level: R and W, bits 1:0; first level and x86: P, bit 0), should a side
-//! page ever be mistaken for a table (the strict model's recorder, which
-//! sees every lent page, takes a word with bit 0 or 1 set for a pointer).
-//! A walk from the root therefore finds every
-//! count on its way down, one extra load per level, and a table's count
-//! lives in its parent's side page: its *slot*.
+//! No heap, no limit and no extra page: a table's count sits in the
+//! descriptor that points to it (its parent's entry, the table's *slot*),
+//! in ten bits the IOMMU ignores in a table descriptor, from
+//! [`PteFormat::COUNT_SHIFT`](super::PteFormat::COUNT_SHIFT):
 //!
-//! Every store that makes an entry valid or not valid updates the slot of
-//! its table (link, unlink, the rollback of a failed map, pruning). A side
-//! page is zero whenever its table is empty; it is retired with its table
-//! when that is detached and goes back to the lender with it, after the
-//! invalidation (the IOMMU never reads it, but one rule for every page a
-//! table lends keeps the hand-back checks of the test lenders simple).
+//! - Arm VMSAv8-64 (stage 1 and stage 2, 4 KiB granule): bits 11:2, IGNORED
+//!   in a table descriptor unless FEAT_LPA2's 52-bit descriptors (CD.DS /
+//!   STE.S2DS, bits 9:8 then hold output address bits) or FEAT_HAFT's
+//!   table Access flag (bit 10) are enabled; this crate enables neither.
+//! - VT-d second level and first level: bits 61:52, ignored in non-leaf
+//!   entries of both (QEMU's reserved-bit checks agree: `VTD_SL_IGN_COM`,
+//!   `VTD_FS_UPPER_IGNORED`).
+//!
+//! A walk from the root reads each count with the pointer it follows: no
+//! extra load, no extra cache line, and one page per table (the peers'
+//! 515 pages per GiB of 4 KiB pages, not twice that). Every store that
+//! makes an entry valid or not valid updates the slot of its table (link,
+//! unlink, the rollback of a failed map, pruning); a detach clears the
+//! slot with the pointer.
+//!
+//! Changing ignored bits of a live table descriptor needs no
+//! break-before-make, no clean and no invalidation: the walker ignores
+//! them, so a non-coherent walker reading a stale count reads the same
+//! table address (the strict model's recorder, `testing::order`, is told
+//! the count bits and skips such stores). Hardware that sets an Accessed
+//! flag in non-leaf entries does so atomically and in other bits (VT-d
+//! first level: bit 5); the exclusive path's plain read-add-store of a
+//! count may drop such a flag set in between (never a count, never an
+//! address): the crate never reads it. The shared path adds atomically.
 
 use crate::addr::PhysAddr;
 
-/// Bits of a side word holding the valid-entry count of the child table.
-pub(super) const COUNT_MASK: u64 = 0xffc;
-/// Where the count starts in a side word.
-pub(super) const COUNT_SHIFT: u32 = 2;
+/// The widest count a slot holds (ten bits; a table has at most 512
+/// entries).
+pub(super) const COUNT_BITS: u64 = 0x3ff;
 
-/// The side page a side word names (0 for a leaf table's: it has none).
+/// The valid-entry count in a table descriptor whose count starts at bit
+/// `shift`.
 #[inline(always)]
-pub(super) const fn side_page(word: u64) -> PhysAddr {
-    PhysAddr(word & !0xfff)
+pub(super) const fn count(word: u64, shift: u32) -> u64 {
+    (word >> shift) & COUNT_BITS
 }
 
-/// The valid-entry count a side word holds.
+/// Physical address of entry `idx` of `table` (`idx < 512`, so the slot
+/// stays in the table page): the slot of the child table it points to.
 #[inline(always)]
-pub(super) const fn count(word: u64) -> u64 {
-    (word & COUNT_MASK) >> COUNT_SHIFT
-}
-
-/// Physical address of the slot of entry `idx` of a table whose side page
-/// is `side` (`idx < 512`, so the slot stays in the side page).
-#[inline(always)]
-pub(super) const fn slot(side: PhysAddr, idx: usize) -> u64 {
-    side.0 + idx as u64 * 8
+pub(super) const fn slot(table: PhysAddr, idx: usize) -> u64 {
+    table.0 + idx as u64 * 8
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pgtable::arm::{ArmStage1, ArmStage2};
+    use crate::pgtable::vtd::VtdSecondLevel;
+    use crate::pgtable::{Pte, PteFormat};
+    use crate::vtd::VtdFirstLevel;
+
+    /// A count anywhere in its range leaves a table descriptor pointing at
+    /// the same table in every format, and reads back.
+    fn keeps_the_pointer<F: PteFormat>(f: F) {
+        let pa = PhysAddr(0xabc_d000);
+        let t = f.table(pa);
+        for n in [0u64, 1, 255, 511, 512] {
+            let w = t + (n << F::COUNT_SHIFT);
+            assert_eq!(count(w, F::COUNT_SHIFT), n);
+            for h in 1..4 {
+                assert_eq!(f.decode(w, h), Pte::Table(pa));
+            }
+        }
+        assert_eq!(count(t, F::COUNT_SHIFT), 0);
+    }
 
     #[test]
-    fn side_words_keep_count_and_page_apart() {
-        let w = 0x1234_5000 | 512 << COUNT_SHIFT;
-        assert_eq!(side_page(w), PhysAddr(0x1234_5000));
-        assert_eq!(count(w), 512);
-        assert_eq!(count(w - (512 << COUNT_SHIFT)), 0);
-        assert_eq!(w & 3, 0, "never reads as a valid descriptor");
+    fn counts_live_in_ignored_bits_of_table_descriptors() {
+        keeps_the_pointer(ArmStage1);
+        keeps_the_pointer(ArmStage2);
+        keeps_the_pointer(VtdSecondLevel {
+            haw: 52,
+            ..VtdSecondLevel::default()
+        });
+        keeps_the_pointer(VtdFirstLevel {
+            fl1gp: true,
+            haw: 52,
+        });
         assert_eq!(slot(PhysAddr(0x8000), 511), 0x8000 + 511 * 8);
     }
 }

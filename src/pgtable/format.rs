@@ -28,6 +28,13 @@ pub trait PteFormat: Copy {
     /// The format tag handed to backends.
     const KIND: TableFormat;
 
+    /// First of the ten bits of a table descriptor (one [`table`](Self::table)
+    /// made) that the IOMMU ignores and the walker keeps the pointed-to
+    /// table's valid-entry count in: bits 11:2 on Arm, 61:52 on VT-d (see
+    /// the `counts` module). `decode` must read a table descriptor with any
+    /// count there as the same table.
+    const COUNT_SHIFT: u32;
+
     /// Whether a leaf (block / superpage) may be written at `height`.
     fn leaf_allowed(&self, height: u32) -> bool;
 

@@ -245,8 +245,8 @@ const NO_REGION: u64 = u64::MAX;
 /// Read and write.
 const RW: MapAttrs = MapAttrs::READ.union(MapAttrs::WRITE);
 
-/// CPU pointers to a leaf table's first entry and to its count word (in
-/// its parent's side page), from [`TableMemory::phys_to_virt`]: the
+/// CPU pointers to a leaf table's first entry and to its count word (its
+/// parent's entry pointing to it), from [`TableMemory::phys_to_virt`]: the
 /// lender's pointer stays valid while the block is handed out, and the
 /// walker forgets these (with `leaf_cache`) before it detaches the table.
 #[derive(Clone, Copy)]
@@ -295,10 +295,10 @@ pub struct UnmapOutcome {
 /// The root's children stay attached when the root cannot hold a block
 /// ([`kept_height`](Self::kept_height)): at most one per root entry.
 ///
-/// Besides the table pages the IOMMU walks, every upper table (the root
-/// included) has one *side page* from the same lender, which only the CPU
-/// reads: the valid-entry counts of its children, so an unmap knows at once
-/// whether a table became empty ([`side_pages`](Self::side_pages)).
+/// Every table but the root has its valid-entry count in the descriptor
+/// pointing to it, in bits the IOMMU ignores (see
+/// [`PteFormat::COUNT_SHIFT`]), so an unmap knows at once whether a table
+/// became empty: one page per table, nothing beside it.
 ///
 /// Dropping the table hands nothing back: the IOMMU may still walk it. The
 /// pages go back through [`free_all`](Self::free_all) once the caller has
@@ -324,9 +324,8 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// is detached or an entry above the leaf level is overwritten with a
     /// block.
     leaf_cache: (u64, PhysAddr, u64),
-    /// The cached leaf table's parent: its page and count slot (its side
-    /// page and the leaf's index in it are the leaf's slot's page and
-    /// offset). Valid while `leaf_cache` is: an unmap that empties the leaf
+    /// The cached leaf table's parent: its page and count slot (the leaf's
+    /// index in it is the leaf's slot's offset in that page). Valid while `leaf_cache` is: an unmap that empties the leaf
     /// table detaches it from there without a second walk.
     leaf_parent: (PhysAddr, u64),
     /// Bumped whenever a table page is detached (`detach_child`, the only
@@ -337,10 +336,6 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// word, valid while `leaf_cache` is: the one-page paths use them
     /// without asking the lender again.
     leaf_ptrs: LeafPtrs,
-    /// The root's side page: the counts of its children (see `counts.rs`).
-    root_side: PhysAddr,
-    /// Side pages lent (one per upper table attached, the root's included).
-    side_pages: usize,
     /// `1 << ias_bits()`, the end of the input range (precomputed for the
     /// one-page paths).
     ias_limit: u64,
@@ -363,8 +358,8 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     block_bits: (MapAttrs, [u64; 2]),
     /// See [`kept_height`](Self::kept_height); `u32::MAX` for none.
     kept_height: u32,
-    /// Table and side pages attached by the shared-access path
-    /// (`concurrent.rs`), not yet folded into `table_pages` / `side_pages`.
+    /// Table pages attached by the shared-access path (`concurrent.rs`),
+    /// not yet folded into `table_pages`.
     shared_lent: concurrent::SharedLent,
     /// [`TableReclaim::Keep`]: unmaps leave emptied tables attached.
     keep_empty: bool,
@@ -457,11 +452,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             return Err(PageTableError::BadLevels { levels });
         }
         let root = lend_table_page(&fmt, &mem, coherent)?;
-        let Some(root_side) = mem.alloc_zeroed(1) else {
-            // SAFETY: just allocated, never published to hardware.
-            unsafe { mem.free(root, 1) };
-            return Err(PageTableError::OutOfMemory);
-        };
         // The zeroed root is visible before its address is handed out (to
         // an STE, a context descriptor or a context entry).
         wmb_on(&mem);
@@ -476,8 +466,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             leaf_parent: (PhysAddr(0), 0),
             detach_gen: 0,
             leaf_ptrs: LeafPtrs::NONE,
-            root_side,
-            side_pages: 1,
             ias_limit: 1u64 << (12 + BITS_PER_LEVEL * u32::from(levels)),
             oa_limit: 1u64 << fmt.oa_bits(),
             page_bits: (RW, fmt.leaf(PhysAddr(0), 0, RW)),
@@ -527,23 +515,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         &self.mem
     }
 
-    /// Table pages currently attached (root included).
+    /// Table pages currently attached (root included). Lent pages in all:
+    /// `table_pages() + retired_pages()` (the valid-entry counts need no
+    /// page of their own).
     pub fn table_pages(&self) -> usize {
         self.table_pages + self.shared_lent.tables()
-    }
-
-    /// Side pages lent: one per upper table attached (the root's included),
-    /// where the valid-entry counts of its children are kept. The IOMMU
-    /// never reads them. Lent pages in all: `table_pages() + side_pages()
-    /// + retired_pages()`.
-    pub fn side_pages(&self) -> usize {
-        self.side_pages + self.shared_lent.sides()
     }
 
     /// The height (0 = leaf tables) of the tables kept attached when they
     /// empty, if any: the root's children when the root cannot hold a
     /// block (4 and 5 levels, or a format without root-level blocks).
-    /// Such a table costs one page and its side page per root entry used,
+    /// Such a table costs one page per root entry used,
     /// and spares every unlink that empties it a detach, a retirement and
     /// a walk-cache invalidation. Every lower table goes back to the lender
     /// (after the next invalidation) when it empties.
@@ -551,7 +533,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         (self.kept_height != u32::MAX).then_some(self.kept_height)
     }
 
-    /// Table pages (and their side pages) detached and waiting for
+    /// Table pages detached and waiting for
     /// [`free_retired`](Self::free_retired).
     pub fn retired_pages(&self) -> usize {
         self.retired.len()
@@ -607,90 +589,40 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
     }
 
-    /// A new table page for height `h`, with its side page when `h > 0`
-    /// (`(table, side)`, side 0 for a leaf table). Nothing is lent when
-    /// either allocation fails.
-    fn alloc_table(&mut self, h: u32) -> Result<(PhysAddr, PhysAddr), PageTableError> {
-        let side = if h > 0 {
-            let p = self
-                .mem
-                .alloc_zeroed(1)
-                .ok_or(PageTableError::OutOfMemory)?;
-            self.side_pages += 1;
-            p
-        } else {
-            PhysAddr(0)
-        };
-        match lend_table_page(&self.fmt, &self.mem, self.coherent) {
-            Ok(t) => {
-                self.table_pages += 1;
-                Ok((t, side))
-            }
-            Err(e) => {
-                self.free_side(side);
-                Err(e)
-            }
-        }
-    }
-
-    /// Hands a side page back at once (0: none). Only for an all-zero side
-    /// page whose table is detached or was never attached: the IOMMU never
-    /// reads side pages, so nothing waits for an invalidation.
+    /// A new, zeroed table page (cleaned for a non-coherent walker).
     #[inline]
-    fn free_side(&mut self, side: PhysAddr) {
-        if side.0 != 0 {
-            // SAFETY: `side` came from `alloc_zeroed(1)` and nothing refers
-            // to it any more (its table is gone); the IOMMU never read it.
-            unsafe { self.mem.free(side, 1) };
-            self.side_pages -= 1;
-        }
+    fn alloc_table(&mut self) -> Result<PhysAddr, PageTableError> {
+        let t = lend_table_page(&self.fmt, &self.mem, self.coherent)?;
+        self.table_pages += 1;
+        Ok(t)
     }
 
-    /// Word `idx` of the side page `side`.
-    #[inline(always)]
-    fn side_word(&self, side: PhysAddr, idx: usize) -> u64 {
-        // SAFETY: `side` is a side page this walker lent and still owns;
-        // `idx < 512` keeps the read inside it. Only the CPU uses it.
-        unsafe {
-            self.mem
-                .phys_to_virt(side)
-                .cast::<u64>()
-                .wrapping_add(idx)
-                .read()
-        }
-    }
-
-    /// Sets word `idx` of the side page `side`.
-    #[inline(always)]
-    fn set_side_word(&self, side: PhysAddr, idx: usize, v: u64) {
-        // SAFETY: as in `side_word`.
-        unsafe {
-            self.mem
-                .phys_to_virt(side)
-                .cast::<u64>()
-                .wrapping_add(idx)
-                .write(v);
-        }
-    }
-
-    /// The count kept at `slot` (a table's word in its parent's side page).
+    /// The count kept at `slot` (the entry pointing to the table).
     #[inline(always)]
     fn count_at(&self, slot: u64) -> u64 {
-        // SAFETY: a non-zero slot is the address of a word inside a side
+        // SAFETY: a non-zero slot is the address of an entry of a table
         // page this walker owns (`counts::slot`); callers pass 0 only for
-        // the root, which they never ask about.
-        counts::count(unsafe { self.mem.phys_to_virt(PhysAddr(slot)).cast::<u64>().read() })
+        // the root, which they never ask about. Volatile: the IOMMU reads
+        // the same word.
+        let w = unsafe {
+            self.mem
+                .phys_to_virt(PhysAddr(slot))
+                .cast::<u64>()
+                .read_volatile()
+        };
+        counts::count(w, F::COUNT_SHIFT)
     }
 
     /// Adds `n` to the count at `slot` (nothing for the root's slot, 0).
-    /// The count sits in the word's bits 11:2 and stays in `0..=512`, so
-    /// adding to the whole word never touches the side-page address above.
+    /// The count stays in `0..=512`, inside its ten bits, so adding to the
+    /// whole descriptor never touches the pointer or its other bits; one
+    /// aligned store, of bits the walker ignores (no clean, no barrier).
     #[inline(always)]
     fn count_add(&self, slot: u64, n: u64) {
         if slot != 0 {
             let p = self.mem.phys_to_virt(PhysAddr(slot)).cast::<u64>();
             // SAFETY: as in `count_at`.
-            unsafe { p.write(p.read() + (n << counts::COUNT_SHIFT)) };
+            unsafe { p.write_volatile(p.read_volatile() + (n << F::COUNT_SHIFT)) };
             debug_assert!(self.count_at(slot) <= ENTRIES as u64);
         }
     }
@@ -702,7 +634,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             debug_assert!(self.count_at(slot) >= n, "valid-entry count underflow");
             let p = self.mem.phys_to_virt(PhysAddr(slot)).cast::<u64>();
             // SAFETY: as in `count_at`.
-            unsafe { p.write(p.read() - (n << counts::COUNT_SHIFT)) };
+            unsafe { p.write_volatile(p.read_volatile() - (n << F::COUNT_SHIFT)) };
         }
     }
 
@@ -718,50 +650,29 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         empty
     }
 
-    /// Stores in `table[idx]` (side page `side`, count at `slot`) the
-    /// pointer to the new, empty table `child` (side page `child_side`).
+    /// Stores in `table[idx]` (count at `slot`) the pointer to the new,
+    /// empty table `child` (count 0).
     /// The child's zeroed (and cleaned) contents are ordered before the
     /// pointer by a barrier: a walker that follows the pointer must never
     /// see the page's old contents (io-pgtable-arm `arm_lpae_install_table`).
     #[inline]
-    fn install_table(
-        &self,
-        (table, side, slot): (PhysAddr, PhysAddr, u64),
-        idx: usize,
-        child: PhysAddr,
-        child_side: PhysAddr,
-    ) {
+    fn install_table(&self, (table, slot): (PhysAddr, u64), idx: usize, child: PhysAddr) {
         wmb_on(&self.mem);
         self.write(table, idx, self.fmt.table(child));
-        self.set_side_word(side, idx, child_side.0);
         self.count_add(slot, 1);
     }
 
-    /// Detaches the child table at `table[idx]` (side page `side`, count at
-    /// `slot`), which is empty: retires its page and its side page until
-    /// the next invalidation, clears the entry (the caller cleans it). The
+    /// Detaches the child table at `table[idx]` (count at `slot`), which is
+    /// empty: retires its page until the next invalidation, clears the
+    /// entry, its count with it (the caller cleans it). The
     /// retired list has no capacity, so this always succeeds. Written into
     /// its one hot caller, the per-page unlink that empties a leaf table
     /// (`detach_empty_leaf_table`, itself out of line): no call there.
     #[inline(always)]
-    fn detach_child(
-        &mut self,
-        (table, side, slot): (PhysAddr, PhysAddr, u64),
-        idx: usize,
-        child: PhysAddr,
-    ) {
-        let child_side = counts::side_page(self.side_word(side, idx));
+    fn detach_child(&mut self, (table, slot): (PhysAddr, u64), idx: usize, child: PhysAddr) {
         self.retired.push(&self.mem, child);
         self.write(table, idx, 0);
-        self.set_side_word(side, idx, 0);
         self.count_sub(slot, 1);
-        if child_side.0 != 0 {
-            // All zero (its table is empty). The IOMMU never reads it, but
-            // it waits with its table for the invalidation all the same: one
-            // rule for every page a table lends.
-            self.retired.push(&self.mem, child_side);
-            self.side_pages -= 1;
-        }
         self.table_pages -= 1;
         self.leaf_cache.0 = NO_REGION;
         self.detach_gen = self.detach_gen.wrapping_add(1);
@@ -782,38 +693,31 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// Test support: compares every table's valid-entry count with a scan
     /// of the table; `Err((table, height, counted, scanned))` names the
-    /// first that differs. Also checks that side words of entries that are
-    /// not tables are 0.
+    /// first that differs.
     #[doc(hidden)]
     pub fn check_counts(&self) -> Result<(), (PhysAddr, u32, usize, usize)> {
-        self.check_counts_rec(self.root, self.root_side, self.top_height())
+        self.check_counts_rec(self.root, self.top_height())
     }
 
     fn check_counts_rec(
         &self,
         table: PhysAddr,
-        side: PhysAddr,
         h: u32,
     ) -> Result<(), (PhysAddr, u32, usize, usize)> {
         for i in 0..ENTRIES {
-            let w = self.side_word(side, i);
-            match self.fmt.decode(self.read(table, i), h) {
-                Pte::Table(child) if h > 0 => {
-                    let counted = counts::count(w) as usize;
-                    let scanned = self.valid_entries(child, h - 1);
-                    if counted != scanned {
-                        return Err((child, h - 1, counted, scanned));
-                    }
-                    let child_side = counts::side_page(w);
-                    if (h - 1 > 0) != (child_side.0 != 0) {
-                        return Err((child, h - 1, usize::MAX, scanned));
-                    }
-                    if h - 1 > 0 {
-                        self.check_counts_rec(child, child_side, h - 1)?;
-                    }
+            let w = self.read(table, i);
+            if let Pte::Table(child) = self.fmt.decode(w, h) {
+                if h == 0 {
+                    continue;
                 }
-                _ if w != 0 => return Err((table, h, usize::MAX, i)),
-                _ => {}
+                let counted = counts::count(w, F::COUNT_SHIFT) as usize;
+                let scanned = self.valid_entries(child, h - 1);
+                if counted != scanned {
+                    return Err((child, h - 1, counted, scanned));
+                }
+                if h - 1 > 0 {
+                    self.check_counts_rec(child, h - 1)?;
+                }
             }
         }
         Ok(())
@@ -1126,9 +1030,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         // SAFETY: as above; one aligned 64-bit store (see `write`).
         unsafe { entry.write_volatile(pa | self.page_bits.1) };
         self.clean_entries(self.leaf_cache.1, i, i + 1);
-        // SAFETY: `count` points to the leaf table's count word, in a side
-        // page this walker owns (see `LeafPtrs`, `count_add`).
-        unsafe { count.write(count.read() + (1 << counts::COUNT_SHIFT)) };
+        // SAFETY: `count` points to the leaf table's count word, its
+        // parent's entry, in a page this walker owns (see `LeafPtrs`,
+        // `count_add`); volatile and one store, as there.
+        unsafe { count.write_volatile(count.read_volatile() + (1 << F::COUNT_SHIFT)) };
         debug_assert!(self.count_at(self.leaf_cache.2) <= ENTRIES as u64);
         Some(Ok(()))
     }
@@ -1138,7 +1043,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// a leaf allowed at its height below the root, `iova` and `pa` aligned
     /// to `len`, the block inside the input and output ranges, `attrs`
     /// granting read or write, and the entry for it empty. One walk down,
-    /// making missing tables as every map does (side pages, cleans, the
+    /// making missing tables as every map does (cleans, the
     /// barrier before each pointer), which is also the whole check: an
     /// empty entry has nothing mapped below it.
     ///
@@ -1176,7 +1081,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         {
             return None;
         }
-        let mut node = (self.root, self.root_side, 0u64);
+        let mut node = (self.root, 0u64);
         let mut created = false;
         let mut level = top;
         while level > h {
@@ -1189,7 +1094,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             };
             level -= 1;
         }
-        let (table, _, slot) = node;
+        let (table, slot) = node;
         let idx = index(iova, h);
         // Anything but an empty entry (a fresh table has only those) goes
         // to the full path, which made nothing either: `created` is false.
@@ -1275,13 +1180,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         self.clean_entries(leaf, i, i + 1);
         // SAFETY: as in `map_page_in_range`. The entry was valid, so the
         // count is at least 1.
-        let left = unsafe { count.read() } - (1 << counts::COUNT_SHIFT);
+        let left = unsafe { count.read_volatile() } - (1 << F::COUNT_SHIFT);
         // SAFETY: as above.
-        unsafe { count.write(left) };
-        // A leaf table has no side page: its count word is the count alone
-        // (see `counts`), so the table is empty exactly when the word is 0.
-        debug_assert_eq!(counts::side_page(left), PhysAddr(0));
-        let empty = left == 0;
+        unsafe { count.write_volatile(left) };
+        let empty = counts::count(left, F::COUNT_SHIFT) == 0;
         debug_assert!(!empty || self.valid_entries(leaf, 0) == 0);
         let freed_tables = empty && !self.keep_empty && self.detach_empty_leaf_table(iova);
         Some(UnmapOutcome {
@@ -1302,7 +1204,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if let Some(at) = self.first_present(self.root, self.top_height(), iova, end) {
             return Err(PageTableError::AlreadyMapped { iova: DmaAddr(at) });
         }
-        let root = (self.root, self.root_side, 0);
+        let root = (self.root, 0);
         match self.map_rec(root, self.top_height(), iova, pa, end, attrs) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -1321,7 +1223,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[cold]
     fn take_back(&mut self, iova: u64, end: u64) {
         let mut out = UnmapOutcome::default();
-        let root = (self.root, self.root_side, 0);
+        let root = (self.root, 0);
         self.clear_rec(root, self.top_height(), iova, end, true, &mut out);
     }
 
@@ -1349,7 +1251,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[inline(never)]
     fn walk_for_map(&mut self, iova: u64) -> Result<(PhysAddr, u64, bool), PageTableError> {
         let region = iova >> LEAF_TABLE_SHIFT;
-        let mut node = (self.root, self.root_side, 0u64);
+        let mut node = (self.root, 0u64);
         let mut created = false;
         // A plain countdown to the leaf table's parent (`levels >= 2`),
         // then the last step, which also names the parent for the cache.
@@ -1358,24 +1260,24 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             node = self.map_step(node, h, iova, &mut created)?;
             h -= 1;
         }
-        let parent = (node.0, node.2);
-        let (leaf, _, slot) = self.map_step(node, 1, iova, &mut created)?;
+        let parent = node;
+        let (leaf, slot) = self.map_step(node, 1, iova, &mut created)?;
         self.cache_leaf(region, leaf, slot, parent);
         Ok((leaf, slot, created))
     }
 
     /// One step of [`walk_for_map`](Self::walk_for_map) down from `node`
-    /// (table, side page, count slot) at height `h`: the child table,
-    /// made (and `created` set) when the entry was empty.
+    /// (table, count slot) at height `h`: the child table and its slot,
+    /// the child made (and `created` set) when the entry was empty.
     #[inline(always)]
     fn map_step(
         &mut self,
-        node: (PhysAddr, PhysAddr, u64),
+        node: (PhysAddr, u64),
         h: u32,
         iova: u64,
         created: &mut bool,
-    ) -> Result<(PhysAddr, PhysAddr, u64), PageTableError> {
-        let (table, side, _) = node;
+    ) -> Result<(PhysAddr, u64), PageTableError> {
+        let (table, _) = node;
         let idx = index(iova, h);
         let pte = self.read(table, idx);
         let pte = if pte == 0 {
@@ -1384,13 +1286,13 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             self.fmt.decode(pte, h)
         };
         let child = match pte {
-            Pte::Table(t) => (t, counts::side_page(self.side_word(side, idx))),
+            Pte::Table(t) => t,
             Pte::Invalid => {
-                let (t, t_side) = self.alloc_table(h - 1)?;
-                self.install_table(node, idx, t, t_side);
+                let t = self.alloc_table()?;
+                self.install_table(node, idx, t);
                 self.clean_entries(table, idx, idx + 1);
                 *created = true;
-                (t, t_side)
+                t
             }
             Pte::Leaf { .. } => {
                 return Err(PageTableError::AlreadyMapped {
@@ -1398,7 +1300,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 });
             }
         };
-        Ok((child.0, child.1, counts::slot(side, idx)))
+        Ok((child, counts::slot(table, idx)))
     }
 
     /// Caches the leaf table `leaf` (count at `slot`) of 2 MiB region
@@ -1427,26 +1329,25 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[inline(never)]
     fn walk_present(&mut self, iova: u64) -> Option<(PhysAddr, u64)> {
         let region = iova >> LEAF_TABLE_SHIFT;
-        // One step down from `table` (side page `side`) at height `h`: the
-        // child table, its side page and its count slot.
-        let step = |table: PhysAddr, side: PhysAddr, h: u32| {
+        // One step down from `table` at height `h`: the child table and
+        // its count slot.
+        let step = |table: PhysAddr, h: u32| {
             let idx = index(iova, h);
             let Pte::Table(t) = self.fmt.decode(self.read(table, idx), h) else {
                 return None;
             };
-            let w = self.side_word(side, idx);
-            Some((t, counts::side_page(w), counts::slot(side, idx)))
+            Some((t, counts::slot(table, idx)))
         };
-        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        let (mut table, mut slot) = (self.root, 0u64);
         // A plain countdown to the leaf table's parent (`levels >= 2`),
         // then the last step, which also names the parent for the cache.
         let mut h = self.top_height();
         while h > 1 {
-            (table, side, slot) = step(table, side, h)?;
+            (table, slot) = step(table, h)?;
             h -= 1;
         }
         let parent = (table, slot);
-        let (leaf, _, leaf_slot) = step(table, side, 1)?;
+        let (leaf, leaf_slot) = step(table, 1)?;
         self.cache_leaf(region, leaf, leaf_slot, parent);
         Some((leaf, leaf_slot))
     }
@@ -1569,11 +1470,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         let (leaf, slot) = (self.leaf_cache.1, self.leaf_cache.2);
         let (ptable, pslot) = self.leaf_parent;
-        // The leaf's slot is word `idx` of its parent's side page.
-        let pside = PhysAddr(slot & !(PAGE_SIZE - 1));
+        // The leaf's slot is entry `idx` of its parent.
         let idx = ((slot & (PAGE_SIZE - 1)) / 8) as usize;
         debug_assert_eq!(idx, index(iova, 1));
-        self.detach_child((ptable, pside, pslot), idx, leaf);
+        debug_assert_eq!(slot, counts::slot(ptable, idx));
+        self.detach_child((ptable, pslot), idx, leaf);
         self.clean_entries(ptable, idx, idx + 1);
         if ptable != self.root && self.is_empty_at(pslot, ptable, 1) {
             // Rare: the parent's last child went; it and any emptied table
@@ -1592,10 +1493,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     #[inline(always)]
     fn detach_empty_tables(&mut self, iova: u64, from: u32) -> bool {
-        // The node (table, side page, count slot) holding the entry that
-        // leads down, and that entry's index, by height.
-        let mut path = [((PhysAddr(0), PhysAddr(0), 0u64), 0usize); 5];
-        let mut node = (self.root, self.root_side, 0u64);
+        // The node (table, count slot) holding the entry that leads down,
+        // and that entry's index, by height.
+        let mut path = [((PhysAddr(0), 0u64), 0usize); 5];
+        let mut node = (self.root, 0u64);
         for h in (from + 1..=self.top_height()).rev() {
             let idx = index(iova, h);
             let Some(p) = path.get_mut(h as usize) else {
@@ -1603,10 +1504,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             };
             *p = (node, idx);
             match self.fmt.decode(self.read(node.0, idx), h) {
-                Pte::Table(t) => {
-                    let w = self.side_word(node.1, idx);
-                    node = (t, counts::side_page(w), counts::slot(node.1, idx));
-                }
+                Pte::Table(t) => node = (t, counts::slot(node.0, idx)),
                 _ => return false,
             }
         }
@@ -1622,7 +1520,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             self.detach_child(parent, idx, child);
             self.clean_entries(parent.0, idx, idx + 1);
             freed = true;
-            if parent.0 == self.root || !self.is_empty_at(parent.2, parent.0, h) {
+            if parent.0 == self.root || !self.is_empty_at(parent.1, parent.0, h) {
                 break;
             }
             child = parent.0;
@@ -1630,18 +1528,18 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         freed
     }
 
-    /// Maps `[iova, end)` to `pa` below `node` (table, side page, count
-    /// slot) at height `h`.
+    /// Maps `[iova, end)` to `pa` below `node` (table, count slot) at
+    /// height `h`.
     fn map_rec(
         &mut self,
-        node: (PhysAddr, PhysAddr, u64),
+        node: (PhysAddr, u64),
         h: u32,
         iova: u64,
         pa: u64,
         end: u64,
         attrs: MapAttrs,
     ) -> Result<(), PageTableError> {
-        let (table, side, slot) = node;
+        let (table, slot) = node;
         if h == 0 {
             // A leaf table: `[iova, end)` lies inside it (the caller split the
             // range at this table's bounds). One tight loop of page entries.
@@ -1679,13 +1577,13 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 hi = idx + 1;
             } else {
                 let child = match self.fmt.decode(self.read(table, idx), h) {
-                    Pte::Table(t) => (t, counts::side_page(self.side_word(side, idx))),
-                    Pte::Invalid => match self.alloc_table(h - 1) {
-                        Ok((t, t_side)) => {
-                            self.install_table(node, idx, t, t_side);
+                    Pte::Table(t) => t,
+                    Pte::Invalid => match self.alloc_table() {
+                        Ok(t) => {
+                            self.install_table(node, idx, t);
                             lo = lo.min(idx);
                             hi = idx + 1;
-                            (t, t_side)
+                            t
                         }
                         Err(e) => {
                             result = Err(e);
@@ -1697,7 +1595,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                         break;
                     }
                 };
-                let child = (child.0, child.1, counts::slot(side, idx));
+                let child = (child, counts::slot(table, idx));
                 if let Err(e) = self.map_rec(child, h - 1, cur, p, next, attrs) {
                     result = Err(e);
                     break;
@@ -1891,15 +1789,14 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         let len = entry_size(h);
         // Down to the table holding the block: its page and count slot.
-        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        let (mut table, mut slot) = (self.root, 0u64);
         let mut level = top;
         while level > h {
             let idx = index(iova, level);
             let Pte::Table(t) = self.fmt.decode(self.read(table, idx), level) else {
                 return None;
             };
-            slot = counts::slot(side, idx);
-            side = counts::side_page(self.side_word(side, idx));
+            slot = counts::slot(table, idx);
             table = t;
             level -= 1;
         }
@@ -1940,7 +1837,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             self.check_block_edge(end)?;
         }
         let mut out = UnmapOutcome::default();
-        let root = (self.root, self.root_side, 0);
+        let root = (self.root, 0);
         self.clear_rec(root, self.top_height(), iova.0, end, false, &mut out);
         Ok(out)
     }
@@ -1963,7 +1860,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     ) -> Result<UnmapOutcome, PageTableError> {
         let end = self.check_range(iova, len)?;
         let mut out = UnmapOutcome::default();
-        let root = (self.root, self.root_side, 0);
+        let root = (self.root, 0);
         self.clear_rec(root, self.top_height(), iova.0, end, false, &mut out);
         Ok(out)
     }
@@ -1991,19 +1888,19 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     }
 
     /// Clears every leaf wholly inside `[iova, end)` below `node` (table,
-    /// side page, count slot) at height `h`, detaches child tables that
+    /// count slot) at height `h`, detaches child tables that
     /// become empty. Returns whether the table is now empty (never for the
     /// root, which is never detached).
     fn clear_rec(
         &mut self,
-        node: (PhysAddr, PhysAddr, u64),
+        node: (PhysAddr, u64),
         h: u32,
         iova: u64,
         end: u64,
         prune: bool,
         out: &mut UnmapOutcome,
     ) -> bool {
-        let (table, side, slot) = node;
+        let (table, slot) = node;
         let esize = entry_size(h);
         let mut cur = iova;
         let (mut lo, mut hi) = (usize::MAX, 0usize);
@@ -2023,8 +1920,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     }
                 }
                 Pte::Table(child) if h > 0 => {
-                    let w = self.side_word(side, idx);
-                    let child_node = (child, counts::side_page(w), counts::slot(side, idx));
+                    let child_node = (child, counts::slot(table, idx));
                     // A rolled-back map (`prune`) takes its fresh tables
                     // back whatever the reclaim policy.
                     if self.clear_rec(child_node, h - 1, cur, next, prune, out)
@@ -2070,23 +1966,23 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// tables: their counts decide), so it costs a walk of the tree.
     pub fn reclaim_empty_tables(&mut self, mut on_detached: impl FnMut(u64, u64)) -> usize {
         let mut n = 0;
-        let root = (self.root, self.root_side, 0);
+        let root = (self.root, 0);
         self.reclaim_rec(root, self.top_height(), 0, &mut n, &mut on_detached);
         n
     }
 
     /// [`reclaim_empty_tables`](Self::reclaim_empty_tables) below the upper
-    /// table `node` (table, side page, count slot) at height `h`, which
+    /// table `node` (table, count slot) at height `h`, which
     /// covers the input range from `base`.
     fn reclaim_rec(
         &mut self,
-        node: (PhysAddr, PhysAddr, u64),
+        node: (PhysAddr, u64),
         h: u32,
         base: u64,
         n: &mut usize,
         on_detached: &mut impl FnMut(u64, u64),
     ) {
-        let (table, side, _) = node;
+        let (table, _) = node;
         let esize = entry_size(h);
         let (mut lo, mut hi) = (usize::MAX, 0usize);
         for idx in 0..ENTRIES {
@@ -2097,13 +1993,12 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             let Pte::Table(child) = self.fmt.decode(pte, h) else {
                 continue;
             };
-            let w = self.side_word(side, idx);
-            let child_node = (child, counts::side_page(w), counts::slot(side, idx));
+            let child_node = (child, counts::slot(table, idx));
             let start = base + idx as u64 * esize;
             if h > 1 {
                 self.reclaim_rec(child_node, h - 1, start, n, on_detached);
             }
-            if h - 1 != self.kept_height && self.is_empty_at(child_node.2, child, h - 1) {
+            if h - 1 != self.kept_height && self.is_empty_at(child_node.1, child, h - 1) {
                 self.detach_child(node, idx, child);
                 *n += 1;
                 lo = lo.min(idx);
@@ -2169,7 +2064,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// completed (a whole-domain invalidation followed by a sync).
     pub unsafe fn free_all(mut self) {
         self.free_retired();
-        self.free_tree(self.root, self.root_side, self.top_height());
+        self.free_tree(self.root, self.top_height());
     }
 
     /// Software walk: the output address, attributes and leaf height that
@@ -2198,16 +2093,14 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
     }
 
-    fn free_tree(&mut self, table: PhysAddr, side: PhysAddr, h: u32) {
+    fn free_tree(&mut self, table: PhysAddr, h: u32) {
         if h > 0 {
             for i in 0..ENTRIES {
                 if let Pte::Table(t) = self.fmt.decode(self.read(table, i), h) {
-                    let w = self.side_word(side, i);
-                    self.free_tree(t, counts::side_page(w), h - 1);
+                    self.free_tree(t, h - 1);
                 }
             }
         }
-        self.free_side(side);
         // SAFETY: every table page reached from the root came from
         // `alloc_zeroed(1)`; `free_all`'s caller guarantees the IOMMU no
         // longer walks any of them.

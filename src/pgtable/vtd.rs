@@ -65,6 +65,8 @@ impl VtdSecondLevel {
 
 impl PteFormat for VtdSecondLevel {
     const KIND: TableFormat = TableFormat::VtdSecondLevel;
+    /// Bits 61:52, ignored in a non-leaf entry.
+    const COUNT_SHIFT: u32 = 52;
 
     #[inline]
     fn leaf_allowed(&self, height: u32) -> bool {

@@ -54,12 +54,12 @@
 //! disjoint IOVA ranges (the allocator hands each its own), so the leaf
 //! entries and blocks of one transaction are written by one CPU only.
 //! What CPUs share is the upper tables and the valid-entry counts kept in
-//! side pages. `link` / `unlink` therefore run on the *read side* of a
+//! their entries' ignored bits. `link` / `unlink` therefore run on the *read side* of a
 //! reader-writer lock whose readers count themselves in per-shard slots
 //! (no cache line common to all CPUs is written to enter), through the
 //! page table's shared-access path: an empty upper entry gets its table by
-//! compare-and-swap, and the CPU that loses the race hands its page (and
-//! side page) back to the lender at once — nothing ever saw it (Linux
+//! compare-and-swap, and the CPU that loses the race hands its page back
+//! to the lender at once — nothing ever saw it (Linux
 //! `arm_lpae_install_table`); counts change by atomic add and subtract.
 //! No lock is held across a table walk but that read side, which only the
 //! rare write side waits for.

@@ -175,7 +175,8 @@ impl Word {
         old
     }
 
-    /// Atomic or; returns the old value.
+    /// Atomic or; returns the old value (the broken-variant model only).
+    #[cfg(loom_broken_install)]
     #[inline(always)]
     pub(crate) fn fetch_or(self, v: u64, o: Ordering) -> u64 {
         #[cfg(loom)]

@@ -241,10 +241,10 @@ fn a_shared_sync_waits_outside_the_lock_and_frees_only_covered_tables() {
     let kept = dom.with(|d| d.page_table().unwrap().retired_pages());
     assert!(kept > 0);
     let after_first = mem.blocks_out();
-    // (t1 emptied its leaf and level-2 tables, the latter with its side
-    // page of counts; t2 the same. The level-1 table the two shared, a
-    // child of the root, stays attached: see `IoPageTable`'s kept tables.)
-    assert_eq!((with_both - after_first, kept), (3, 3));
+    // (t1 emptied its leaf and level-2 tables; t2 the same. The level-1
+    // table the two shared, a child of the root, stays attached: see
+    // `IoPageTable`'s kept tables.)
+    assert_eq!((with_both - after_first, kept), (2, 2));
     dom.sync(&mut q).unwrap();
     assert_eq!(mem.blocks_out(), after_first - kept);
     assert_eq!(dom.with(|d| d.page_table().unwrap().retired_pages()), 0);
@@ -370,11 +370,11 @@ fn the_write_side_counts_tables_the_shared_path_attached_before_detaching_them()
     dom.with(|d| d.unlink(&mut t, 0, 4096)).unwrap();
     let pt = |d: &mut Domain<ArmStage1, &HostMemory>| {
         let p = d.page_table().unwrap();
-        (p.table_pages(), p.side_pages(), p.retired_pages())
+        (p.table_pages(), p.retired_pages())
     };
-    assert_eq!(dom.with(pt), (2, 2, 3));
+    assert_eq!(dom.with(pt), (2, 2));
     dom.sync(&mut q).unwrap();
-    assert_eq!(dom.with(pt), (2, 2, 0));
+    assert_eq!(dom.with(pt), (2, 0));
     dom.free(t).unwrap();
 }
 
@@ -391,15 +391,15 @@ fn tables_whose_hints_a_full_list_dropped_are_swept_by_the_reclaim() {
         link_page(&dom, &mut t, 0x8000_0000 + r * 4096, r << 21);
     }
     dom.sync(&mut q).unwrap();
-    assert_eq!(mem.blocks_out(), before + 2 + 2 + 20);
+    assert_eq!(mem.blocks_out(), before + 2 + 20);
     for r in 0..20u64 {
         dom.unlink(&mut t, r << 21, 4096).unwrap();
     }
     dom.reclaim_now();
     dom.sync(&mut q).unwrap();
-    // Every leaf table and their parent (with its side page) went back
-    // after the sync; the root's kept child and its side page stay.
-    assert_eq!(mem.blocks_out(), before + 2);
+    // Every leaf table and their parent went back after the sync; the
+    // root's kept child stays.
+    assert_eq!(mem.blocks_out(), before + 1);
     assert_eq!(dom.with(|d| d.page_table().unwrap().retired_pages()), 0);
     dom.free(t).unwrap();
 }

@@ -206,6 +206,9 @@ struct State<'a> {
     /// First backend call since the last sync (start of the current batch).
     batch_start: Option<u32>,
     root: Option<usize>,
+    /// The bits of a table pointer the walker ignores and the crate keeps
+    /// its valid-entry counts in (`PteFormat::COUNT_SHIFT`; 0: none known).
+    count_bits: u64,
     attached: heapless::Vec<DeviceId, 16>,
     pending: heapless::Vec<Clear, PENDING>,
     queued: heapless::Vec<Inval, QUEUED>,
@@ -251,6 +254,7 @@ impl<'a> OrderLender<'a> {
                 domain_flushed: 0,
                 batch_start: None,
                 root: None,
+                count_bits: 0,
                 attached: heapless::Vec::new(),
                 pending: heapless::Vec::new(),
                 queued: heapless::Vec::new(),
@@ -269,12 +273,18 @@ impl<'a> OrderLender<'a> {
     }
 
     /// Tells the recorder which lent page is the root of the tree and how
-    /// many levels it has, so cleared descriptors get their IOVA.
-    pub fn watch_root(&self, root: PhysAddr, levels: u8) {
+    /// many levels it has, so cleared descriptors get their IOVA, and where
+    /// the format keeps a table's count in the pointer to it
+    /// (`PteFormat::COUNT_SHIFT`): a store that changes only those bits of
+    /// a pointer to a lent page is no store for the rules (the walker
+    /// ignores them: no clean, barrier or break-before-make is owed), any
+    /// other change of a valid descriptor still is.
+    pub fn watch_root(&self, root: PhysAddr, levels: u8, count_shift: u32) {
+        let mut st = self.st.borrow_mut();
+        st.count_bits = 0x3ff << count_shift;
         let Some(i) = self.index_of(root) else {
             return;
         };
-        let mut st = self.st.borrow_mut();
         st.root = Some(i);
         st.info[i].height = Some(levels.saturating_sub(1));
         st.info[i].base = 0;
@@ -351,6 +361,12 @@ impl<'a> OrderLender<'a> {
         }
         let i = self.index_of(PhysAddr(v & ADDR_MASK))?;
         st.info[i].lent.then_some(i)
+    }
+
+    /// Whether `old` → `new` changes only the count bits of a pointer to a
+    /// lent page (see [`watch_root`](Self::watch_root)).
+    fn count_only(&self, st: &State<'_>, old: u64, new: u64) -> bool {
+        st.count_bits != 0 && (old ^ new) & !st.count_bits == 0 && self.target(st, old).is_some()
     }
 
     fn violate(st: &mut State<'_>, v: Violation) {
@@ -566,12 +582,19 @@ impl<'a> OrderLender<'a> {
             for w in 0..WORDS {
                 let old = u64::from_ne_bytes(word_bytes(&st.shadow[i], w));
                 let new = self.word(i, w);
-                if old != new {
-                    *ch = true;
-                    st.info[i].ready_at = k;
-                    if !st.coherent {
-                        st.info[i].dirty |= 1u64 << (w / 8);
-                    }
+                if old == new {
+                    continue;
+                }
+                if self.count_only(st, old, new) {
+                    // Taken as it is now, while the page it points to is
+                    // still known to be lent.
+                    st.shadow[i].0[w * 8..w * 8 + 8].copy_from_slice(&new.to_ne_bytes());
+                    continue;
+                }
+                *ch = true;
+                st.info[i].ready_at = k;
+                if !st.coherent {
+                    st.info[i].dirty |= 1u64 << (w / 8);
                 }
             }
             if *ch {

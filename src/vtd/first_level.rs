@@ -36,6 +36,8 @@ impl VtdFirstLevel {
 
 impl PteFormat for VtdFirstLevel {
     const KIND: TableFormat = TableFormat::VtdFirstLevel;
+    /// Bits 61:52, ignored in a non-leaf entry.
+    const COUNT_SHIFT: u32 = 52;
 
     fn leaf_allowed(&self, height: u32) -> bool {
         match height {

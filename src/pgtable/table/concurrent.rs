@@ -11,12 +11,12 @@
 //!
 //! - upper entries: an empty one gets its table by compare-and-swap
 //!   (Linux `arm_lpae_install_table`); the CPU that loses the race hands
-//!   its page (and side page) back to the lender at once — nothing ever
-//!   saw it — and walks on through the winner's table;
-//! - side words (`counts.rs`): the winner of an install adds the new
-//!   child's side page to the parent's side word with an atomic or (other
-//!   CPUs may already be counting in that word); every count changes by an
-//!   atomic add or subtract.
+//!   its page back to the lender at once — nothing ever saw it — and walks
+//!   on through the winner's table;
+//! - counts (`counts.rs`), in the ignored bits of those same upper entries:
+//!   every count changes by an atomic add or subtract on the entry, which
+//!   leaves its pointer as it is (an install's compare-and-swap only ever
+//!   replaces an entry that is not valid, so it never meets a count).
 //!
 //! This path never detaches a table: an unmap that empties one leaves it
 //! attached with count 0 (Linux's io-pgtable never frees a table on a 4 KiB
@@ -28,10 +28,7 @@
 //! Ordering. A new table is zeroed (and cleaned) and ordered by a barrier
 //! before the compare-and-swap that publishes it (Release for the CPUs that
 //! follow it, the barrier for the walker, as `install_table`). A CPU that
-//! follows a table pointer loads it with Acquire. The winner writes the
-//! child's side page into the side word just after the pointer; a CPU that
-//! follows the pointer to an upper table before that waits for it (the
-//! window is the winner's next store). Counts are Relaxed: only the
+//! follows a table pointer loads it with Acquire. Counts are Relaxed: only the
 //! exclusive side reads them to decide, after taking its lock (Acquire)
 //! behind every shared call's release of it.
 
@@ -43,30 +40,24 @@ use crate::barrier::wmb_on;
 use crate::error::PageTableError;
 use crate::mem::TableMemory;
 use crate::pgtable::{MapAttrs, Pte, PteFormat, counts};
-use crate::shared::sync::{AtomicU64, Ordering, Word, spin_hint};
+use crate::shared::sync::{AtomicU64, Ordering, Word};
 
 /// Pages the shared path attached (statistics; folded into the table's
 /// own counters on the exclusive side).
 #[derive(Debug, Default)]
 pub(super) struct SharedLent {
     tables: AtomicUsize,
-    sides: AtomicUsize,
 }
 
 impl SharedLent {
     pub(super) const fn new() -> Self {
         Self {
             tables: AtomicUsize::new(0),
-            sides: AtomicUsize::new(0),
         }
     }
 
     pub(super) fn tables(&self) -> usize {
         self.tables.load(StatOrdering::Relaxed)
-    }
-
-    pub(super) fn sides(&self) -> usize {
-        self.sides.load(StatOrdering::Relaxed)
     }
 }
 
@@ -223,13 +214,13 @@ pub(crate) struct SharedMapError {
 }
 
 impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
-    /// The word of `table` (or a side page) at index `idx`, used atomically.
+    /// The entry of `table` at index `idx`, used atomically.
     #[inline(always)]
     fn word(&self, page: PhysAddr, idx: usize) -> Word {
-        // SAFETY: `page` is a table or side page this walker lent and keeps
+        // SAFETY: `page` is a table page this walker lent and keeps
         // attached while shared calls run (nothing is detached meanwhile);
         // `idx < 512` keeps the word inside it; every CPU reaches the shared
-        // words of a page (upper entries, side words) through `Word`.
+        // words of a page (upper entries and their counts) through `Word`.
         unsafe { Word::at(self.mem.phys_to_virt(page).cast::<u64>().wrapping_add(idx)) }
     }
 
@@ -237,10 +228,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     #[inline(always)]
     fn count_add_shared(&self, slot: u64, n: u64) {
         if slot != 0 {
-            // SAFETY: a slot is a word of a side page this walker lent (as
-            // in `count_at`); counts change only atomically while shared.
+            // SAFETY: a slot is an upper entry of a table page this walker
+            // lent (as in `count_at`); counts change only atomically while
+            // shared, and the add stays in the count's bits.
             unsafe { Word::at(self.mem.phys_to_virt(PhysAddr(slot)).cast::<u64>()) }
-                .fetch_add(n << counts::COUNT_SHIFT, Ordering::Relaxed);
+                .fetch_add(n << F::COUNT_SHIFT, Ordering::Relaxed);
         }
     }
 
@@ -252,55 +244,23 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         // SAFETY: as in `count_add_shared`.
         let old = unsafe { Word::at(self.mem.phys_to_virt(PhysAddr(slot)).cast::<u64>()) }
-            .fetch_sub(n << counts::COUNT_SHIFT, Ordering::Relaxed);
-        debug_assert!(counts::count(old) >= n, "valid-entry count underflow");
-        counts::count(old) - n
+            .fetch_sub(n << F::COUNT_SHIFT, Ordering::Relaxed);
+        let old = counts::count(old, F::COUNT_SHIFT);
+        debug_assert!(old >= n, "valid-entry count underflow");
+        old - n
     }
 
-    /// The side page of the upper table at `table[idx]` (side page `side`),
-    /// once its installer has written it (see the module docs).
-    #[inline]
-    fn child_side_shared(&self, side: PhysAddr, idx: usize) -> PhysAddr {
-        let w = self.word(side, idx);
-        let mut v = w.load(Ordering::Acquire);
-        loop {
-            let s = counts::side_page(v);
-            if s.0 != 0 {
-                return s;
-            }
-            spin_hint();
-            // A load (see `ShardedRwLock::read`).
-            v = w.load(Ordering::Acquire);
-        }
-    }
-
-    /// A new table for height `h` (with its side page when `h > 0`),
-    /// counted in the shared statistics only once installed.
-    fn alloc_table_shared(&self, h: u32) -> Result<(PhysAddr, PhysAddr), PageTableError> {
-        let side = if h > 0 {
-            self.mem
-                .alloc_zeroed(1)
-                .ok_or(PageTableError::OutOfMemory)?
-        } else {
-            PhysAddr(0)
-        };
-        match lend_table_page(&self.fmt, &self.mem, self.coherent) {
-            Ok(t) => Ok((t, side)),
-            Err(e) => {
-                if side.0 != 0 {
-                    // SAFETY: just lent, never published.
-                    unsafe { self.mem.free(side, 1) };
-                }
-                Err(e)
-            }
-        }
+    /// A new table page, counted in the shared statistics only once
+    /// installed.
+    fn alloc_table_shared(&self) -> Result<PhysAddr, PageTableError> {
+        lend_table_page(&self.fmt, &self.mem, self.coherent)
     }
 
     /// Walks to the leaf table covering `iova`, installing missing tables
     /// by compare-and-swap: `(leaf table, its count slot)`. `Err` with
     /// whether tables were attached on the way (left empty).
     fn walk_shared(&self, iova: u64) -> Result<(PhysAddr, u64), SharedMapError> {
-        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        let (mut table, mut slot) = (self.root, 0u64);
         let mut left_empty = false;
         let fail = |error, left_empty| SharedMapError { error, left_empty };
         for h in (1..=self.top_height()).rev() {
@@ -320,8 +280,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     }
                     Pte::Invalid => {}
                 }
-                let (t, t_side) = self
-                    .alloc_table_shared(h - 1)
+                let t = self
+                    .alloc_table_shared()
                     .map_err(|err| fail(err, left_empty))?;
                 // The zeroed (cleaned) page before the pointer, for the
                 // walker (IHI 0070 §3.21.1; Linux `arm_lpae_install_table`).
@@ -341,12 +301,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 match installed {
                     Ok(_) => {
                         self.clean_entries(table, idx, idx + 1);
-                        if t_side.0 != 0 {
-                            // Other CPUs may count in this word already:
-                            // or the page in, never store over the count.
-                            self.word(side, idx).fetch_or(t_side.0, Ordering::Release);
-                            self.shared_lent.sides.fetch_add(1, StatOrdering::Relaxed);
-                        }
                         self.shared_lent.tables.fetch_add(1, StatOrdering::Relaxed);
                         self.count_add_shared(slot, 1);
                         left_empty = true;
@@ -356,22 +310,12 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                         // Lost the race: our page was never visible.
                         // SAFETY: lent just above, never published.
                         unsafe { self.mem.free(t, 1) };
-                        if t_side.0 != 0 {
-                            // SAFETY: as above.
-                            unsafe { self.mem.free(t_side, 1) };
-                        }
                         v = cur;
                     }
                 }
             };
-            let child_side = if h > 1 {
-                self.child_side_shared(side, idx)
-            } else {
-                PhysAddr(0)
-            };
-            slot = counts::slot(side, idx);
+            slot = counts::slot(table, idx);
             table = child;
-            side = child_side;
         }
         Ok((table, slot))
     }
@@ -379,7 +323,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// The existing leaf table covering `iova` and its count slot, by a
     /// walk that changes nothing; `None` when it meets anything but tables.
     fn walk_present_shared(&self, iova: u64) -> Option<(PhysAddr, u64)> {
-        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        let (mut table, mut slot) = (self.root, 0u64);
         for h in (1..=self.top_height()).rev() {
             let idx = index(iova, h);
             let Pte::Table(t) = self
@@ -388,12 +332,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             else {
                 return None;
             };
-            slot = counts::slot(side, idx);
-            side = if h > 1 {
-                self.child_side_shared(side, idx)
-            } else {
-                PhysAddr(0)
-            };
+            slot = counts::slot(table, idx);
             table = t;
         }
         Some((table, slot))
@@ -619,7 +558,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// The leaf table covering `iova` (`Some`), a hole above it (`None`),
     /// or `Err` for a block on the way.
     fn leaf_or_hole_shared(&self, iova: u64) -> Result<Option<(PhysAddr, u64)>, ()> {
-        let (mut table, mut side, mut slot) = (self.root, self.root_side, 0u64);
+        let (mut table, mut slot) = (self.root, 0u64);
         for h in (1..=self.top_height()).rev() {
             let idx = index(iova, h);
             match self
@@ -627,12 +566,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 .decode(self.word(table, idx).load(Ordering::Acquire), h)
             {
                 Pte::Table(t) => {
-                    slot = counts::slot(side, idx);
-                    side = if h > 1 {
-                        self.child_side_shared(side, idx)
-                    } else {
-                        PhysAddr(0)
-                    };
+                    slot = counts::slot(table, idx);
                     table = t;
                 }
                 Pte::Invalid => return Ok(None),
@@ -643,7 +577,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     }
 
     /// [`translate`](Self::translate) through `&self` while shared calls
-    /// run (the upper entries and side words read atomically).
+    /// run (the upper entries read atomically).
     pub(crate) fn translate_shared(&self, iova: DmaAddr) -> Option<(PhysAddr, MapAttrs, u32)> {
         if iova.0 >> self.ias_bits() != 0 {
             return None;
@@ -678,7 +612,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// table's own counters (before anything detaches them).
     pub(crate) fn fold_shared(&mut self) {
         self.table_pages += core::mem::take(self.shared_lent.tables.get_mut());
-        self.side_pages += core::mem::take(self.shared_lent.sides.get_mut());
     }
 
     /// Exclusive side: detaches the empty tables on the path to `iova`,
@@ -691,8 +624,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if iova >> self.ias_bits() != 0 {
             return None;
         }
-        let mut path = [((PhysAddr(0), PhysAddr(0), 0u64), 0usize); 5];
-        let mut node = (self.root, self.root_side, 0u64);
+        let mut path = [((PhysAddr(0), 0u64), 0usize); 5];
+        let mut node = (self.root, 0u64);
         let mut depth = 0usize;
         for h in (1..=self.top_height()).rev() {
             let idx = index(iova, h);
@@ -701,8 +634,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             };
             *path.get_mut(depth)? = (node, idx);
             depth += 1;
-            let w = self.side_word(node.1, idx);
-            node = (t, counts::side_page(w), counts::slot(node.1, idx));
+            node = (t, counts::slot(node.0, idx));
         }
         let mut range = None;
         // `node` is the deepest table on the path; `path[depth - 1]` holds
@@ -710,7 +642,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         while depth > 0 && node.0 != self.root {
             let h = self.top_height() + 1 - depth as u32;
             // A kept table (`kept_height`) stays, as on the exclusive path.
-            if h - 1 == self.kept_height || !self.is_empty_at(node.2, node.0, h - 1) {
+            if h - 1 == self.kept_height || !self.is_empty_at(node.1, node.0, h - 1) {
                 break;
             }
             let (parent, idx) = path[depth - 1];
@@ -745,7 +677,6 @@ mod tests {
             Some(Ok(()))
         );
         assert_eq!(pt.table_pages(), 4);
-        assert_eq!(pt.side_pages(), 3);
         pt.check_counts().unwrap();
         let again = pt.map_shared(iova + 0x2000, 0x9000_0000, iova + 0x3000, RW);
         assert!(matches!(
@@ -763,7 +694,7 @@ mod tests {
         // Up to the root's child, which stays (`kept_height`).
         assert_eq!(pt.reclaim_empty(iova), Some((1 << 30, 1 << 30)));
         assert_eq!(pt.table_pages(), 2);
-        assert_eq!(pt.retired_pages(), 3, "2 tables and 1 side page");
+        assert_eq!(pt.retired_pages(), 2, "the leaf table and its parent");
         pt.free_retired();
         pt.check_counts().unwrap();
     }

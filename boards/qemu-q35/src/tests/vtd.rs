@@ -836,10 +836,7 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
         tx.iova()
     );
     let tables_before = ctx.mem.table_pages_in_use();
-    let (walked_before, side_before) = {
-        let pt = dom.page_table().or_fail("table")?;
-        (pt.table_pages(), pt.side_pages())
-    };
+    let walked_before = dom.page_table().or_fail("table")?.table_pages();
     let iova = link(&mut dom, &mut tx, region, 0, SIZE_2M)?;
     dom.sync(vtd).or_fail("sync")?;
     let leaf = dom
@@ -854,23 +851,17 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
         leaf.2
     );
     // The walker's count of tables the IOMMU walks, and the lender's of
-    // pages lent: each new upper table also has a side page (its
-    // children's valid-entry counts), which the IOMMU never reads.
-    let (new_tables, new_side) = {
-        let pt = dom.page_table().or_fail("table")?;
-        (
-            pt.table_pages() - walked_before,
-            pt.side_pages() - side_before,
-        )
-    };
+    // pages lent: the same (the valid-entry counts live in bits 61:52 of
+    // the pointers, which the IOMMU ignores: no page of their own).
+    let new_tables = dom.page_table().or_fail("table")?.table_pages() - walked_before;
     check!(
         new_tables == usize::from(F::levels(vtd)) - 2,
         "{new_tables} table pages for one 2 MiB link, expected no last-level table"
     );
     let new_lent = ctx.mem.table_pages_in_use() - tables_before;
     check!(
-        new_lent == new_tables + new_side,
-        "{new_lent} pages lent for one 2 MiB link: {new_tables} tables and {new_side} side pages expected"
+        new_lent == new_tables,
+        "{new_lent} pages lent for one 2 MiB link: {new_tables} tables expected"
     );
     let src = PhysAddr(region.0 + SIZE_2M - PAGE_SIZE);
     load_buffer(ctx, edu, src, iova + SIZE_2M - PAGE_SIZE, 0x61)?;

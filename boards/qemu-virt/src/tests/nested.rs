@@ -45,8 +45,7 @@ const LEN: u32 = 64;
 
 /// The guest's memory as its own page tables see it: pages lent by the
 /// board, addressed by IPA. Remembers what it lent, so the hypervisor can
-/// map each page in stage 2. Room for two 3-level table sets, each table
-/// above the leaves with its side page of counts.
+/// map each page in stage 2. Room for two 3-level table sets.
 struct GuestMem {
     mem: &'static BoardMemory,
     lent: RefCell<heapless::Vec<(PhysAddr, usize), LENT>>,
