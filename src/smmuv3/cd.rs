@@ -67,6 +67,10 @@ impl ContextDescriptor {
         } else {
             SH0_OSH
         };
+        // DS (52-bit descriptors, FEAT_LPA2) and HA/HD stay 0: the walker
+        // keeps each table's valid-entry count in bits 11:2 of the table
+        // descriptor pointing to it (`pgtable::counts`), IGNORED only
+        // without DS and without the table Access flag.
         let d0 = (t0sz as u64 & T0SZ_MASK)
             | TG0_4K
             | walk

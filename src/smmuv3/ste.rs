@@ -96,7 +96,9 @@ pub struct Stage2Config {
 impl Stage2Config {
     /// The VTCR field of dword 2 (bits \[50:32\]): T0SZ, SL0, IR0/OR0/SH0
     /// (write-back read/write-allocate inner shareable when coherent,
-    /// non-cacheable outer shareable when not), TG = 4 KiB, PS.
+    /// non-cacheable outer shareable when not), TG = 4 KiB, PS. S2DS,
+    /// S2HA and S2HD stay 0: the table counts live in bits 11:2 of table
+    /// descriptors (`pgtable::counts`), IGNORED only without them.
     const fn vtcr(&self) -> u64 {
         let (cache, sh) = if self.coherent { (1, 3) } else { (0, 2) };
         (self.t0sz as u64 & 0x3f)
