@@ -79,8 +79,8 @@ impl<T> Cell<T> {
 }
 
 /// One 64-bit word of lent table memory used atomically by several CPUs
-/// (an upper table entry installed by compare-and-swap, a side word whose
-/// count several CPUs change). Under `--cfg loom` every word is modelled by
+/// (an upper table entry installed by compare-and-swap, whose count bits
+/// several CPUs then change). Under `--cfg loom` every word is modelled by
 /// a loom atomic (see `registry`), so the models see every interleaving and
 /// every value a weak load may return.
 #[derive(Clone, Copy)]
