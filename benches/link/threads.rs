@@ -184,6 +184,15 @@ pub fn line(total: u64, samples: usize) -> String {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    // Each sample's own ratio (its 1-thread and 2-thread runs were made
+    // one after the other): the spread of the line on this machine.
+    let spread = |one: &[f64], two: &[f64]| {
+        let r: Vec<f64> = one.iter().zip(two).map(|(a, b)| a / b).collect();
+        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().copied().fold(0.0, f64::max);
+        format!("{lo:.2}-{hi:.2}")
+    };
+    let (sp, sp_d) = (spread(&one, &two), spread(&one_d, &two_d));
     let (a, b) = (med(&mut one), med(&mut two));
     let (ad, bd) = (med(&mut one_d), med(&mut two_d));
     let apart = run_on(total, 2, true, Syncs::Transaction);
@@ -191,8 +200,9 @@ pub fn line(total: u64, samples: usize) -> String {
     format!(
         "bench: shared threads s1 txn-{PAGES}-pages (disjoint transactions, one SharedDomain, \
          sync_for + destroy): 1 thread={a:.0} ns/txn 2 threads={b:.0} ns/txn ratio={:.2} \
-         (link/unlink on the read side: tables by compare-and-swap, one IOVA shard per thread; \
-         with the domain-wide sync() instead: 1 thread={ad:.0} 2 threads={bd:.0} ns/txn ratio={:.2}; \
+         (samples {sp}; link/unlink on the read side: tables by compare-and-swap, one IOVA shard \
+         per thread; with the domain-wide sync() instead: 1 thread={ad:.0} 2 threads={bd:.0} \
+         ns/txn ratio={:.2} (samples {sp_d}); \
          2 threads on 2 domains of one SharedIommu={one_iommu:.0} ns/txn: ratio={:.2}; \
          2 threads on 2 separate domains and drivers={apart:.0} ns/txn: the machine's own ratio={:.2} now)",
         a / b,

@@ -800,8 +800,37 @@ fn guest_region<F: PteFormat>(
         check_eq!(height, 1, "leaf height at +{off:#x} (1 = 2 MiB block)");
         check_eq!(pa.get(), region.get() + off + 0x1234, "software walk");
     }
+    // The pointer to the table holding the two blocks carries that
+    // table's count (2) in bits 11:2, which the SMMU must ignore: the DMA
+    // below walks through it.
+    let pointer = {
+        let mut table = pt.root();
+        let mut h = u32::from(pt.levels()) - 1;
+        loop {
+            let idx = ((tx.iova().get() >> (12 + 9 * h)) & 511) as usize;
+            // SAFETY: `table` is a table page of this domain, lent by the
+            // board's memory and still attached; `idx < 512` stays inside.
+            let e = unsafe {
+                bare_iommu::TableMemory::phys_to_virt(ctx.mem, table)
+                    .cast::<u64>()
+                    .add(idx)
+                    .read_volatile()
+            };
+            if h == 2 {
+                break e;
+            }
+            table = PhysAddr(e & 0x0000_ffff_ffff_f000);
+            h -= 1;
+        }
+    };
+    check_eq!(
+        (pointer >> F::COUNT_SHIFT) & 0x3ff,
+        2,
+        "count in the pointer {pointer:#x} to the blocks' table"
+    );
     narrate!(
-        "{}, {levels} levels: IOVA {} + 4 MiB -> {region} as two 2 MiB blocks (VMID/ASID 9)",
+        "{}, {levels} levels: IOVA {} + 4 MiB -> {region} as two 2 MiB blocks (VMID/ASID 9), \
+         their table's pointer {pointer:#x} (count 2 in its ignored bits 11:2)",
         stage_name(format),
         tx.iova()
     );
