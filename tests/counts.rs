@@ -156,3 +156,62 @@ proptest! {
         run(VtdFirstLevel { fl1gp: true, haw: 48 }, 4, &ops)?;
     }
 }
+
+/// The counts are where the formats say (`PteFormat::COUNT_SHIFT`), in the
+/// pointers the IOMMU walks: three pages and a 2 MiB block show as counts
+/// 3 and 2 in the raw descriptors `descriptor_at` returns, and every bit
+/// outside the count is the pointer `PteFormat::table` made.
+fn counts_sit_in_the_pointers<F: PteFormat>(fmt: F) {
+    let mem = HostMemory::new();
+    let mut t = IoPageTable::new(fmt, &mem, 4, true).unwrap();
+    let base = 5 * G1;
+    for i in 0..3 {
+        t.map(DmaAddr(base + i * K4), PhysAddr(PA_OFF + i * K4), K4, RW)
+            .unwrap();
+    }
+    t.map(DmaAddr(base + M2), PhysAddr(PA_OFF + M2), M2, RW)
+        .unwrap();
+    let mask = 0x3ff << F::COUNT_SHIFT;
+    // Height 1: the pointer to the leaf table (3 pages). Height 2: the
+    // pointer to the table holding it and the block (2 entries). Height 3,
+    // the root's entry: the pointer to the level-2 table (1 entry).
+    for (h, n) in [(1, 3u64), (2, 2), (3, 1)] {
+        let d = t.descriptor_at(DmaAddr(base), h).unwrap();
+        assert_eq!(
+            (d & mask) >> F::COUNT_SHIFT,
+            n,
+            "{:?} height {h}: {d:#x}",
+            F::KIND
+        );
+        let bare = d & !mask;
+        let bare_table = match fmt.decode(d, h) {
+            bare_iommu::pgtable::Pte::Table(pa) => fmt.table(pa),
+            other => panic!("{:?} height {h}: {other:?}", F::KIND),
+        };
+        assert_eq!(bare, bare_table, "{:?} height {h}", F::KIND);
+    }
+    let page = t.descriptor_at(DmaAddr(base + K4), 0).unwrap();
+    assert_eq!(page, fmt.leaf(PhysAddr(PA_OFF + K4), 0, RW));
+    assert_eq!(t.descriptor_at(DmaAddr(base + 3 * K4), 0), Some(0));
+    assert_eq!(
+        t.descriptor_at(DmaAddr(base + M2), 0),
+        None,
+        "a block above"
+    );
+    assert_eq!(t.descriptor_at(DmaAddr(base), 4), None, "above the root");
+    assert_eq!(t.descriptor_at(DmaAddr(1 << 48), 0), None, "outside");
+    t.unmap(DmaAddr(base + M2), M2).unwrap();
+    let d = t.descriptor_at(DmaAddr(base), 2).unwrap();
+    assert_eq!((d & mask) >> F::COUNT_SHIFT, 1, "the block's unmap counted");
+}
+
+#[test]
+fn counts_sit_in_the_pointers_in_every_format() {
+    counts_sit_in_the_pointers(ArmStage1);
+    counts_sit_in_the_pointers(ArmStage2);
+    counts_sit_in_the_pointers(VtdSecondLevel::default());
+    counts_sit_in_the_pointers(VtdFirstLevel {
+        fl1gp: true,
+        haw: 48,
+    });
+}

@@ -2097,6 +2097,32 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
     }
 
+    /// The raw descriptor at `height` on the walk to `iova`, as the IOMMU
+    /// reads it (a table pointer with its count bits, see
+    /// [`PteFormat::COUNT_SHIFT`]); `None` when `iova` is outside the input
+    /// range, `height` above the root, or the walk ends above `height` (an
+    /// entry that is not a table pointer).
+    pub fn descriptor_at(&self, iova: DmaAddr, height: u32) -> Option<u64> {
+        if iova.0 >> self.ias_bits() != 0 || height > self.top_height() {
+            return None;
+        }
+        let mut table = self.root;
+        let mut h = self.top_height();
+        loop {
+            let e = self.read(table, index(iova.0, h));
+            if h == height {
+                return Some(e);
+            }
+            match self.fmt.decode(e, h) {
+                Pte::Table(t) if h > 0 => {
+                    table = t;
+                    h -= 1;
+                }
+                _ => return None,
+            }
+        }
+    }
+
     fn free_tree(&mut self, table: PhysAddr, h: u32) {
         if h > 0 {
             for i in 0..ENTRIES {

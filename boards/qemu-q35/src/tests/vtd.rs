@@ -866,27 +866,11 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
     // The pointer to the table holding the superpage carries that table's
     // count (1) in bits 61:52, which the unit must ignore: the DMA below
     // walks through it.
-    let pointer = {
-        let pt = dom.page_table().or_fail("table")?;
-        let mut table = pt.root();
-        let mut h = u32::from(pt.levels()) - 1;
-        loop {
-            let idx = ((iova >> (12 + 9 * h)) & 511) as usize;
-            // SAFETY: `table` is a table page of this domain, lent by the
-            // board's memory and still attached; `idx < 512` stays inside.
-            let e = unsafe {
-                bare_iommu::TableMemory::phys_to_virt(ctx.mem, table)
-                    .cast::<u64>()
-                    .add(idx)
-                    .read_volatile()
-            };
-            if h == 2 {
-                break e;
-            }
-            table = PhysAddr(e & 0x000f_ffff_ffff_f000);
-            h -= 1;
-        }
-    };
+    let pointer = dom
+        .page_table()
+        .or_fail("table")?
+        .descriptor_at(DmaAddr(iova), 2)
+        .or_fail("the pointer above the superpage")?;
     check!(
         (pointer >> F::COUNT_SHIFT) & 0x3ff == 1 && pointer & 1 != 0,
         "the pointer to the superpage's table is {pointer:#x}: expected count 1 in bits 61:52"

@@ -803,26 +803,9 @@ fn guest_region<F: PteFormat>(
     // The pointer to the table holding the two blocks carries that
     // table's count (2) in bits 11:2, which the SMMU must ignore: the DMA
     // below walks through it.
-    let pointer = {
-        let mut table = pt.root();
-        let mut h = u32::from(pt.levels()) - 1;
-        loop {
-            let idx = ((tx.iova().get() >> (12 + 9 * h)) & 511) as usize;
-            // SAFETY: `table` is a table page of this domain, lent by the
-            // board's memory and still attached; `idx < 512` stays inside.
-            let e = unsafe {
-                bare_iommu::TableMemory::phys_to_virt(ctx.mem, table)
-                    .cast::<u64>()
-                    .add(idx)
-                    .read_volatile()
-            };
-            if h == 2 {
-                break e;
-            }
-            table = PhysAddr(e & 0x0000_ffff_ffff_f000);
-            h -= 1;
-        }
-    };
+    let pointer = pt
+        .descriptor_at(tx.iova(), 2)
+        .or_fail("the pointer above the blocks")?;
     check_eq!(
         (pointer >> F::COUNT_SHIFT) & 0x3ff,
         2,
