@@ -325,8 +325,9 @@ pub struct IoPageTable<F: PteFormat, M: TableMemory> {
     /// block.
     leaf_cache: (u64, PhysAddr, u64),
     /// The cached leaf table's parent: its page and count slot (the leaf's
-    /// index in it is the leaf's slot's offset in that page). Valid while `leaf_cache` is: an unmap that empties the leaf
-    /// table detaches it from there without a second walk.
+    /// index in it is the leaf's slot's offset in that page). Valid while
+    /// `leaf_cache` is: an unmap that empties the leaf table detaches it
+    /// from there without a second walk.
     leaf_parent: (PhysAddr, u64),
     /// Bumped whenever a table page is detached (`detach_child`, the only
     /// place one leaves the tables): a [`concurrent::LeafHint`] filled
@@ -525,16 +526,15 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     /// The height (0 = leaf tables) of the tables kept attached when they
     /// empty, if any: the root's children when the root cannot hold a
     /// block (4 and 5 levels, or a format without root-level blocks).
-    /// Such a table costs one page per root entry used,
-    /// and spares every unlink that empties it a detach, a retirement and
-    /// a walk-cache invalidation. Every lower table goes back to the lender
+    /// Such a table costs one page per root entry used, and spares every
+    /// unlink that empties it a detach, a retirement and a walk-cache
+    /// invalidation. Every lower table goes back to the lender
     /// (after the next invalidation) when it empties.
     pub fn kept_height(&self) -> Option<u32> {
         (self.kept_height != u32::MAX).then_some(self.kept_height)
     }
 
-    /// Table pages detached and waiting for
-    /// [`free_retired`](Self::free_retired).
+    /// Table pages detached and waiting for [`free_retired`](Self::free_retired).
     pub fn retired_pages(&self) -> usize {
         self.retired.len()
     }
@@ -664,8 +664,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
 
     /// Detaches the child table at `table[idx]` (count at `slot`), which is
     /// empty: retires its page until the next invalidation, clears the
-    /// entry, its count with it (the caller cleans it). The
-    /// retired list has no capacity, so this always succeeds. Written into
+    /// entry, its count with it (the caller cleans it). The retired list
+    /// has no capacity, so this always succeeds. Written into
     /// its one hot caller, the per-page unlink that empties a leaf table
     /// (`detach_empty_leaf_table`, itself out of line): no call there.
     #[inline(always)]
