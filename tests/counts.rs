@@ -171,7 +171,7 @@ fn counts_sit_in_the_pointers<F: PteFormat>(fmt: F) {
     }
     t.map(DmaAddr(base + M2), PhysAddr(PA_OFF + M2), M2, RW)
         .unwrap();
-    let mask = 0x3ff << F::COUNT_SHIFT;
+    let mask = F::COUNT_MASK;
     // Height 1: the pointer to the leaf table (3 pages). Height 2: the
     // pointer to the table holding it and the block (2 entries). Height 3,
     // the root's entry: the pointer to the level-2 table (1 entry).

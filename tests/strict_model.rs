@@ -44,7 +44,7 @@ fn domain<'l, 'a, F: PteFormat>(
 ) -> Domain<F, &'l OrderLender<'a>> {
     let d = Domain::new(fmt, mem, cfg(coherent)).unwrap();
     let info = d.info().unwrap();
-    mem.watch_root(info.root, info.levels, F::COUNT_SHIFT);
+    mem.watch_root(info.root, info.levels, F::COUNT_MASK);
     d
 }
 
@@ -248,7 +248,7 @@ fn block_links<F: PteFormat>(fmt: F, coherent: bool) {
     };
     let mut d = Domain::new(fmt, &mem, five).unwrap();
     let info = d.info().unwrap();
-    mem.watch_root(info.root, info.levels, F::COUNT_SHIFT);
+    mem.watch_root(info.root, info.levels, F::COUNT_MASK);
     let mut t = tx(&mut d, MB2);
     mem.set_budget(Some(2));
     let r = d.link(&mut t, PhysAddr(0x4000_0000), 0, MB2, RW, MapAttrs::empty());
@@ -459,7 +459,7 @@ fn strict_model_recorder_catches_what_it_must() {
     let mut a = arena();
     let mem = OrderLender::new(&mut a, true);
     let root = mem.alloc_zeroed(1).unwrap();
-    mem.watch_root(root, 4, ArmStage1::COUNT_SHIFT);
+    mem.watch_root(root, 4, ArmStage1::COUNT_MASK);
     let child = mem.alloc_zeroed(1).unwrap();
     let slot = mem.phys_to_virt(root).cast::<u64>();
     // SAFETY: both pages are lent to this test.

@@ -76,6 +76,27 @@ mod tests {
         assert_eq!(count(t, F::COUNT_SHIFT), 0);
     }
 
+    /// Each format's count bits lie where its specification says a table
+    /// descriptor's bits are ignored: Arm VMSAv8-64, 4 KiB granule, no
+    /// `DS`, no HAFT (stage 1 and 2): bits 11:2 and 58:51; VT-d second
+    /// level non-leaf: 63 and 61:52 (QEMU `VTD_SL_IGN_COM`); first level
+    /// non-leaf: 62:52.
+    #[test]
+    fn count_bits_are_bits_the_walker_ignores() {
+        const ARM: u64 = 0x3ff << 2 | 0xff << 51;
+        const VTD_SL: u64 = 1 << 63 | 0x3ff << 52;
+        const VTD_FL: u64 = 0x7ff << 52;
+        for (mask, ignored) in [
+            (ArmStage1::COUNT_MASK, ARM),
+            (ArmStage2::COUNT_MASK, ARM),
+            (VtdSecondLevel::COUNT_MASK, VTD_SL),
+            (VtdFirstLevel::COUNT_MASK, VTD_FL),
+        ] {
+            assert_eq!(mask.count_ones(), 10);
+            assert_eq!(mask & !ignored, 0, "{mask:#x} outside {ignored:#x}");
+        }
+    }
+
     #[test]
     fn counts_live_in_ignored_bits_of_table_descriptors() {
         keeps_the_pointer(ArmStage1);

@@ -35,6 +35,11 @@ pub trait PteFormat: Copy {
     /// count there as the same table.
     const COUNT_SHIFT: u32;
 
+    /// The count's ten bits in a table descriptor (from
+    /// [`COUNT_SHIFT`](Self::COUNT_SHIFT)): `(pte & COUNT_MASK) >>
+    /// COUNT_SHIFT` is the pointed-to table's valid-entry count.
+    const COUNT_MASK: u64 = super::counts::COUNT_BITS << Self::COUNT_SHIFT;
+
     /// Whether a leaf (block / superpage) may be written at `height`.
     fn leaf_allowed(&self, height: u32) -> bool;
 

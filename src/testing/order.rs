@@ -207,7 +207,7 @@ struct State<'a> {
     batch_start: Option<u32>,
     root: Option<usize>,
     /// The bits of a table pointer the walker ignores and the crate keeps
-    /// its valid-entry counts in (`PteFormat::COUNT_SHIFT`; 0: none known).
+    /// its valid-entry counts in (`PteFormat::COUNT_MASK`; 0: none known).
     count_bits: u64,
     attached: heapless::Vec<DeviceId, 16>,
     pending: heapless::Vec<Clear, PENDING>,
@@ -275,13 +275,13 @@ impl<'a> OrderLender<'a> {
     /// Tells the recorder which lent page is the root of the tree and how
     /// many levels it has, so cleared descriptors get their IOVA, and where
     /// the format keeps a table's count in the pointer to it
-    /// (`PteFormat::COUNT_SHIFT`): a store that changes only those bits of
+    /// (`PteFormat::COUNT_MASK`): a store that changes only those bits of
     /// a pointer to a lent page is no store for the rules (the walker
     /// ignores them: no clean, barrier or break-before-make is owed), any
     /// other change of a valid descriptor still is.
-    pub fn watch_root(&self, root: PhysAddr, levels: u8, count_shift: u32) {
+    pub fn watch_root(&self, root: PhysAddr, levels: u8, count_mask: u64) {
         let mut st = self.st.borrow_mut();
-        st.count_bits = 0x3ff << count_shift;
+        st.count_bits = count_mask;
         let Some(i) = self.index_of(root) else {
             return;
         };

@@ -250,12 +250,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         old - n
     }
 
-    /// A new table page, counted in the shared statistics only once
-    /// installed.
-    fn alloc_table_shared(&self) -> Result<PhysAddr, PageTableError> {
-        lend_table_page(&self.fmt, &self.mem, self.coherent)
-    }
-
     /// Walks to the leaf table covering `iova`, installing missing tables
     /// by compare-and-swap: `(leaf table, its count slot)`. `Err` with
     /// whether tables were attached on the way (left empty).
@@ -280,8 +274,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                     }
                     Pte::Invalid => {}
                 }
-                let t = self
-                    .alloc_table_shared()
+                // Counted in the shared statistics only once installed.
+                let t = lend_table_page(&self.fmt, &self.mem, self.coherent)
                     .map_err(|err| fail(err, left_empty))?;
                 // The zeroed (cleaned) page before the pointer, for the
                 // walker (IHI 0070 §3.21.1; Linux `arm_lpae_install_table`).

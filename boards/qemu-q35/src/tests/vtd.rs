@@ -872,7 +872,7 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
         .descriptor_at(DmaAddr(iova), 2)
         .or_fail("the pointer above the superpage")?;
     check!(
-        (pointer >> F::COUNT_SHIFT) & 0x3ff == 1 && pointer & 1 != 0,
+        (pointer & F::COUNT_MASK) >> F::COUNT_SHIFT == 1 && pointer & 1 != 0,
         "the pointer to the superpage's table is {pointer:#x}: expected count 1 in bits 61:52"
     );
     let src = PhysAddr(region.0 + SIZE_2M - PAGE_SIZE);

@@ -807,7 +807,7 @@ fn guest_region<F: PteFormat>(
         .descriptor_at(tx.iova(), 2)
         .or_fail("the pointer above the blocks")?;
     check_eq!(
-        (pointer >> F::COUNT_SHIFT) & 0x3ff,
+        (pointer & F::COUNT_MASK) >> F::COUNT_SHIFT,
         2,
         "count in the pointer {pointer:#x} to the blocks' table"
     );
