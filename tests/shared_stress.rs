@@ -172,7 +172,7 @@ fn worker(
                 check(dom, tx, off);
                 assert_eq!(tx.state.linked(), tx.linked.len() as u64 * 4096);
             }
-            // Link a run of 2..=4 pages in one call (within the
+            // Link 2..=4 pages in one call (within the
             // transaction; refused, changing nothing, when any is linked).
             80..=84 if !txs.is_empty() => {
                 let i = rng.below(txs.len() as u64) as usize;
@@ -183,21 +183,36 @@ fn worker(
                 } else {
                     rng.below(tx.pages - n + 1)
                 };
-                let phys = 0x1_0000_0000 + (id << 32) + rng.below(1 << 20) * 4096;
-                let r = dom.link(
-                    &mut tx.state,
-                    PhysAddr(phys),
-                    off * 4096,
-                    n * 4096,
-                    RW,
-                    MapAttrs::empty(),
-                );
+                // A contiguous run, or (half the time) as many scattered
+                // pages through `link_pages` (the read side, across a leaf
+                // table's edge too).
+                let phys: Vec<u64> = if rng.below(2) == 0 {
+                    let p = 0x1_0000_0000 + (id << 32) + rng.below(1 << 20) * 4096;
+                    (0..n).map(|k| p + k * 4096).collect()
+                } else {
+                    (0..n)
+                        .map(|_| 0x1_0000_0000 + (id << 32) + rng.below(1 << 20) * 4096)
+                        .collect()
+                };
+                let r = if phys.windows(2).all(|w| w[1] == w[0] + 4096) {
+                    dom.link(
+                        &mut tx.state,
+                        PhysAddr(phys[0]),
+                        off * 4096,
+                        n * 4096,
+                        RW,
+                        MapAttrs::empty(),
+                    )
+                } else {
+                    let list: Vec<PhysAddr> = phys.iter().map(|&p| PhysAddr(p)).collect();
+                    dom.link_pages(&mut tx.state, &list, off * 4096, RW, MapAttrs::empty())
+                };
                 if (off..off + n).any(|o| tx.linked.contains_key(&o)) {
                     assert!(matches!(r, Err(DmaError::AlreadyLinked { .. })), "{r:?}");
                 } else {
                     r.expect("link run");
-                    for k in 0..n {
-                        tx.linked.insert(off + k, phys + k * 4096);
+                    for (k, p) in (0..n).zip(&phys) {
+                        tx.linked.insert(off + k, *p);
                     }
                 }
                 for k in 0..n {

@@ -970,6 +970,23 @@ impl<'a, F: PteFormat + Default> Contender<'a> for Shared<'a, F> {
     }
 
     #[inline(never)]
+    fn link_sg(&mut self, offs: &[u64]) {
+        let n = offs.len();
+        let mut tx = self.tx(n as u64 * PAGE);
+        self.dom
+            .link_pages(
+                &mut tx,
+                &scatter_list()[..n],
+                0,
+                DmaDirection::Bidirectional,
+                MapAttrs::empty(),
+            )
+            .unwrap();
+        self.dom.sync(&mut self.be).unwrap();
+        self.tx = Some(tx);
+    }
+
+    #[inline(never)]
     fn link_run(&mut self, n: u64) {
         let mut tx = self.tx(n * PAGE);
         self.dom

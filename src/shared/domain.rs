@@ -3,7 +3,7 @@
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64 as StatU64, AtomicUsize};
 
 use super::SplitSync;
-use super::lock::{IrqLock, Padded, SLOTS, ShardedRwLock};
+use super::lock::{Padded, SLOTS, ShardedRwLock, SpinLock};
 use super::sync::{AtomicU64, Ordering};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::error::DmaError;
@@ -102,14 +102,14 @@ struct Shard {
 /// own cache lines): build it where the stack has room, or in a static.
 pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     dom: ShardedRwLock<Guarded<F, M>>,
-    shards: [Padded<IrqLock<Shard>>; SHARDS],
+    shards: [Padded<SpinLock<Shard>>; SHARDS],
     /// Each shard's last leaf table, for the one-page link and unlink
     /// (see [`LeafHint`] for why following one is safe, with several CPUs
     /// on one shard too).
     hints: [Padded<LeafHint>; SHARDS],
     /// Pending ranges of what no shard holds (the write side's work,
     /// transactions from the domain's allocator).
-    global: Padded<IrqLock<Side>>,
+    global: Padded<SpinLock<Side>>,
     /// Each shard's chunk `[start, end)` once granted (never changes after).
     bounds: [(StatU64, StatU64); SHARDS],
     /// Each shard's chunk start `>> chunk_shift` once granted (chunks are
@@ -132,8 +132,6 @@ pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     /// link, unlink or sync.
     words: [Padded<SyncWord>; SHARDS + 1],
 }
-
-fn no_irq<T>(_: &mut T) {}
 
 /// What every link, unlink and sync reads and only the write side (or a
 /// change of backend) writes.
@@ -221,16 +219,13 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         Self {
             dom: ShardedRwLock::new(Guarded { dom, popped: 0 }),
             shards: core::array::from_fn(|_| {
-                Padded(IrqLock::new(
-                    Shard {
-                        alloc: None,
-                        side: Side::new(),
-                    },
-                    no_irq,
-                ))
+                Padded(SpinLock::new(Shard {
+                    alloc: None,
+                    side: Side::new(),
+                }))
             }),
             hints: core::array::from_fn(|_| Padded(LeafHint::new())),
-            global: Padded(IrqLock::new(Side::new(), no_irq)),
+            global: Padded(SpinLock::new(Side::new())),
             bounds: core::array::from_fn(|_| (StatU64::new(0), StatU64::new(0))),
             chunk_no: core::array::from_fn(|_| StatU64::new(u64::MAX)),
             chunk_shift: if chunk == 0 {
@@ -649,11 +644,19 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         }
     }
 
-    /// [`Domain::link_pages`] on the write side.
+    /// [`Domain::link_pages`] on the read side (in parallel with other
+    /// CPUs' links and unlinks): one entry into the domain lock for the
+    /// whole list, each leaf table found once (this shard's hint, else a
+    /// walk installing missing tables by compare-and-swap) and its count
+    /// changed once, the range noted once. The cheap way to link many pages
+    /// from several CPUs: the per-call costs of [`link`](Self::link) (the
+    /// lock's entry and exit, a count change, a pending-range note) are
+    /// paid once per list, not per page.
     ///
     /// # Errors
     ///
-    /// As [`Domain::link_pages`].
+    /// As [`Domain::link_pages`]; nothing changes on an error (tables
+    /// attached on the way may stay, empty, until a reclaim).
     pub fn link_pages(
         &self,
         tx: &mut IovaState,
@@ -662,7 +665,30 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
-        self.exclusive(|d| d.link_pages(tx, pages, offset, dir, attrs))
+        let k = self.home();
+        let hint = &self.hints[k];
+        let (r, eff) = self.dom.read(k, |g| {
+            g.dom.link_pages_shared(hint, tx, pages, offset, dir, attrs)
+        });
+        let (s, l) = eff.range;
+        match r {
+            Ok(_) if self.maps_needed() => self.side(s, |side| side.pending.mapped(s, l)),
+            Ok(_) => {}
+            // Entries were written and cleared again: a walker may have
+            // cached them (walk caches included, as `Domain::link_pages`).
+            Err(_) if l != 0 => self.side(s, |side| side.pending.unmapped(s, l, false)),
+            Err(_) => {}
+        }
+        if let Some(a) = eff.empty_at {
+            // Every leaf table's region the list spans (an error path).
+            let end = a + pages.len() as u64 * PAGE_SIZE;
+            let mut at = a;
+            while at < end {
+                self.note_empty(at);
+                at = (at | (MIN_CHUNK - 1)) + 1;
+            }
+        }
+        r
     }
 
     /// [`Domain::unlink`], on the read side when the shape allows (pages of

@@ -14,6 +14,83 @@ use super::sync::{AtomicU32, Cell, Ordering, spin_hint};
 const LOCKED: u32 = 1;
 const PENDING: u32 = 2;
 
+/// Sets LOCKED in `state` (keeping PENDING), spinning while another CPU
+/// holds it: the free lock taken at once (the common case, written
+/// inline), else the spin.
+#[inline(always)]
+fn acquire(state: &AtomicU32) {
+    if state
+        .compare_exchange_weak(0, LOCKED, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        acquire_slow(state);
+    }
+}
+
+/// [`acquire`] when the lock was not free at the first try.
+#[cold]
+#[inline(never)]
+fn acquire_slow(state: &AtomicU32) {
+    loop {
+        let s = state.load(Ordering::Relaxed);
+        if s & LOCKED == 0
+            && state
+                .compare_exchange_weak(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            return;
+        }
+        spin_hint();
+    }
+}
+
+/// A plain spin lock over `T`, for data no interrupt handler reaches (a
+/// shared domain's shards and sides): nothing can be deferred to its
+/// holder, so it is released by a store, not a compare-and-swap — one
+/// locked instruction per use instead of two.
+pub(crate) struct SpinLock<T> {
+    state: AtomicU32,
+    data: Cell<T>,
+}
+
+// SAFETY: as for `IrqLock`: `data` is only reached by the thread that set
+// LOCKED (Acquire), and handed on by the Release store that clears it.
+unsafe impl<T: Send> Sync for SpinLock<T> {}
+
+/// Releases a [`SpinLock`] when dropped (also on unwinding, in host tests).
+struct Unlock<'a>(&'a AtomicU32);
+
+impl Drop for Unlock<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // Only LOCKED can be set: nothing sets PENDING on this lock.
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+impl<T> SpinLock<T> {
+    pub(crate) fn new(data: T) -> Self {
+        Self {
+            state: AtomicU32::new(0),
+            data: Cell::new(data),
+        }
+    }
+
+    pub(crate) fn into_inner(self) -> T {
+        self.data.into_inner()
+    }
+
+    /// Runs `f` under the lock, spinning while another CPU holds it. `f`
+    /// must not take this lock again.
+    #[inline(always)]
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        acquire(&self.state);
+        let _unlock = Unlock(&self.state);
+        // SAFETY: LOCKED is ours.
+        unsafe { self.data.with_mut(f) }
+    }
+}
+
 /// Releases the lock when dropped, also when `f` panics (host tests unwind:
 /// the other threads then see the lock free instead of spinning forever).
 struct Release<'a, T>(&'a IrqLock<T>);
@@ -57,36 +134,10 @@ impl<T> IrqLock<T> {
     /// `f` must not take this lock again.
     #[inline(always)]
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        // The free lock taken at once (the common case, written inline),
-        // else the spin.
-        if self
-            .state
-            .compare_exchange_weak(0, LOCKED, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            self.lock_slow();
-        }
+        acquire(&self.state);
         let _release = Release(self);
         // SAFETY: LOCKED is ours.
         unsafe { self.data.with_mut(f) }
-    }
-
-    /// Takes the lock, spinning while another CPU holds it.
-    #[cold]
-    #[inline(never)]
-    fn lock_slow(&self) {
-        loop {
-            let s = self.state.load(Ordering::Relaxed);
-            if s & LOCKED == 0
-                && self
-                    .state
-                    .compare_exchange_weak(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                return;
-            }
-            spin_hint();
-        }
     }
 
     /// Runs `f` under the lock if it is free now; `None` (nothing run, no

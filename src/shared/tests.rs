@@ -584,3 +584,147 @@ fn a_transaction_sync_covers_its_unlinks_wherever_made_and_refuses_another_domai
     dom.free(there).unwrap();
     other.free(foreign).unwrap();
 }
+
+/// The count a leaf table's pointer holds (its valid entries).
+fn leaf_count<M: crate::mem::TableMemory>(dom: &SharedDomain<ArmStage1, M>, iova: u64) -> u64 {
+    use crate::pgtable::PteFormat;
+    let d = dom
+        .with(|d| d.page_table().unwrap().descriptor_at(DmaAddr(iova), 1))
+        .expect("a leaf table");
+    (d & ArmStage1::COUNT_MASK) >> ArmStage1::COUNT_SHIFT
+}
+
+/// `link_pages` runs on the read side across leaf tables: every page where
+/// it belongs, each table's count right, and nothing changed when a page
+/// of the list is bad or a page of the range is linked already.
+#[test]
+fn shared_link_pages_crosses_leaf_tables_all_or_nothing() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    let mut q = FakeQueue::new(1);
+    let mut t = tx(&dom, 4 << 20);
+    let base = t.iova().0;
+    // Four pages, two on each side of the first leaf table's edge.
+    let off = (2 << 20) - 2 * 4096;
+    let pages = [0x8000_3000u64, 0x8001_0000, 0x9000_0000, 0x8000_1000].map(PhysAddr);
+    link_page(&dom, &mut t, 0xa000_0000, off + 3 * 4096);
+    let before = t.linked();
+    assert_eq!(
+        dom.link_pages(&mut t, &pages, off, RW, MapAttrs::empty()),
+        Err(crate::error::DmaError::AlreadyLinked {
+            iova: DmaAddr(base + off + 3 * 4096)
+        })
+    );
+    let bad = [pages[0], PhysAddr(0x8000_0800)];
+    assert!(
+        dom.link_pages(&mut t, &bad, off, RW, MapAttrs::empty())
+            .is_err()
+    );
+    assert_eq!(t.linked(), before);
+    for k in 0..3 {
+        assert_eq!(
+            dom.translate(DmaAddr(base + off + k * 4096)),
+            None,
+            "page {k}"
+        );
+    }
+    dom.unlink(&mut t, off + 3 * 4096, 4096).unwrap();
+    let at = dom.link_pages(&mut t, &pages, off, RW, MapAttrs::empty());
+    assert_eq!(at, Ok(DmaAddr(base + off)));
+    assert_eq!(t.linked(), 4 * 4096);
+    for (k, p) in pages.iter().enumerate() {
+        let iova = DmaAddr(base + off + k as u64 * 4096);
+        assert_eq!(dom.translate(iova).map(|(pa, _)| pa), Some(*p), "page {k}");
+    }
+    assert_eq!(leaf_count(&dom, base), 2);
+    assert_eq!(leaf_count(&dom, base + (2 << 20)), 2);
+    dom.sync(&mut q).unwrap();
+    dom.destroy(t, &mut q).unwrap();
+}
+
+/// A lender that lends `left` more pages, then none.
+struct Budget<'a> {
+    mem: &'a HostMemory,
+    left: core::cell::Cell<usize>,
+}
+
+// SAFETY: `HostMemory`'s pages, handed on as they are.
+unsafe impl crate::mem::TableMemory for Budget<'_> {
+    fn alloc_zeroed(&self, pages: usize) -> Option<PhysAddr> {
+        let left = self.left.get().checked_sub(pages)?;
+        self.left.set(left);
+        self.mem.alloc_zeroed(pages)
+    }
+
+    unsafe fn free(&self, pa: PhysAddr, pages: usize) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.mem.free(pa, pages) }
+    }
+
+    fn phys_to_virt(&self, pa: PhysAddr) -> *mut u8 {
+        self.mem.phys_to_virt(pa)
+    }
+}
+
+/// A `link_pages` on the read side that runs out of table pages half way
+/// takes back the entries it wrote (the first leaf table's count as it
+/// was, no translation left) and has the range invalidated at the next
+/// sync: a walker may have cached them meanwhile.
+#[test]
+fn shared_link_pages_out_of_tables_takes_back_what_it_wrote() {
+    let host = HostMemory::default();
+    let mem = Budget {
+        mem: &host,
+        left: core::cell::Cell::new(usize::MAX),
+    };
+    let dom = SharedDomain::new(Domain::new(ArmStage1, &mem, cfg(1)).unwrap());
+    let mut q = FakeQueue::new(1);
+    let mut t = dom
+        .try_alloc(4 << 20, u64::MAX)
+        .unwrap()
+        .into_iova()
+        .unwrap();
+    let base = t.iova().0;
+    dom.link(
+        &mut t,
+        PhysAddr(0xa000_0000),
+        0,
+        4096,
+        RW,
+        MapAttrs::empty(),
+    )
+    .unwrap();
+    dom.sync(&mut q).unwrap();
+    let invalidations = q.invalidations;
+    // The first leaf table exists, the second needs a page: none left.
+    mem.left.set(0);
+    let off = (2 << 20) - 2 * 4096;
+    let pages = [0x8000_3000u64, 0x8001_0000, 0x9000_0000].map(PhysAddr);
+    assert_eq!(
+        dom.link_pages(&mut t, &pages, off, RW, MapAttrs::empty()),
+        Err(crate::error::DmaError::OutOfMemory)
+    );
+    assert_eq!(t.linked(), 4096);
+    for k in 0..3 {
+        assert_eq!(
+            dom.translate(DmaAddr(base + off + k * 4096)),
+            None,
+            "page {k}"
+        );
+    }
+    assert_eq!(leaf_count(&dom, base), 1);
+    dom.sync(&mut q).unwrap();
+    assert!(
+        q.invalidations > invalidations,
+        "the taken-back range invalidated"
+    );
+    mem.left.set(usize::MAX);
+    dom.link_pages(&mut t, &pages, off, RW, MapAttrs::empty())
+        .unwrap();
+    assert_eq!(
+        dom.translate(DmaAddr(base + off + 2 * 4096))
+            .map(|(p, _)| p),
+        Some(pages[2])
+    );
+    dom.destroy(t, &mut q).unwrap();
+}

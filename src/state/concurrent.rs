@@ -9,7 +9,7 @@ use super::{
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::backend::IommuBackend;
 use crate::barrier::wmb_on;
-use crate::error::{BackendError, DmaError};
+use crate::error::{BackendError, DmaError, PageTableError};
 use crate::iova::{IovaAllocator, IovaRange};
 use crate::mem::TableMemory;
 use crate::pgtable::{DmaDirection, LeafHint, MapAttrs, PteFormat, SharedMapError};
@@ -225,6 +225,73 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
                 Some(Ok(iova))
             }
             Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// [`link_pages`](Self::link_pages) through `&self`, for host memory
+    /// (see `IoPageTable::map_pages_shared`): any number of leaf tables,
+    /// each found once (from `hint` or a walk) and its count changed once.
+    /// Same checks, same errors, all or nothing on the translations and on
+    /// `tx`. The effect's range is the linked range on success; on an
+    /// error it is the range whose invalidation the caller must queue
+    /// (entries written and cleared again: [`DmaError::OutOfMemory`]),
+    /// else empty.
+    #[inline]
+    pub(crate) fn link_pages_shared(
+        &self,
+        hint: &LeafHint,
+        tx: &mut IovaState,
+        pages: &[PhysAddr],
+        offset: u64,
+        dir: DmaDirection,
+        attrs: MapAttrs,
+    ) -> (Result<DmaAddr, DmaError>, SharedEffect) {
+        let none = SharedEffect::default();
+        let checked = (|| {
+            let len = (pages.len() as u64)
+                .checked_mul(PAGE_SIZE)
+                .ok_or(DmaError::Overflow {
+                    a: pages.len() as u64,
+                    b: PAGE_SIZE,
+                })?;
+            let iova = Self::check_window(tx, offset, len)?;
+            if tx.linked != 0 && tx.dirs() & HAS_PROVIDER != 0 {
+                return Err(DmaError::MixedP2p);
+            }
+            let kind = link_kind(tx, attrs)?;
+            let t = self.shared_translated(tx)?;
+            Ok((iova, len, kind, t))
+        })();
+        let (iova, len, kind, t) = match checked {
+            Ok(v) => v,
+            Err(e) => return (Err(e), none),
+        };
+        let attrs = link_attrs(attrs, dir);
+        if !attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
+            return (Err(PageTableError::NoAccess.into()), none);
+        }
+        match t.pt.map_pages_shared(hint, iova, pages, attrs) {
+            Ok(()) => {
+                tx.linked += len;
+                tx.record_links(kind, tx.dirs() | dir as u8);
+                (
+                    Ok(DmaAddr(iova)),
+                    SharedEffect {
+                        range: (iova, len),
+                        empty_at: None,
+                    },
+                )
+            }
+            Err(e) => {
+                let written = matches!(e.error, PageTableError::OutOfMemory);
+                (
+                    Err(e.error.into()),
+                    SharedEffect {
+                        range: if written { (iova, len) } else { (0, 0) },
+                        empty_at: e.left_empty.then_some(iova),
+                    },
+                )
+            }
         }
     }
 

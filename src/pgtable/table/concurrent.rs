@@ -34,7 +34,7 @@
 
 use core::sync::atomic::{AtomicUsize, Ordering as StatOrdering};
 
-use super::{BITS_PER_LEVEL, IoPageTable, LEAF_TABLE_SHIFT, index, lend_table_page};
+use super::{BITS_PER_LEVEL, ENTRIES, IoPageTable, LEAF_TABLE_SHIFT, index, lend_table_page};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::barrier::wmb_on;
 use crate::error::PageTableError;
@@ -389,6 +389,120 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Some(Ok(()))
     }
 
+    /// The leaf table of `region` (an IOVA's bits above the leaf table's
+    /// span) for a map: from `hint`, else by a walk that installs missing
+    /// tables (and fills `hint`).
+    #[inline(always)]
+    fn leaf_for_map(&self, hint: &LeafHint, iova: u64) -> Result<(PhysAddr, u64), SharedMapError> {
+        let region = iova >> LEAF_TABLE_SHIFT;
+        if let Some(t) = hint.get(region, self.generation()) {
+            return Ok(t);
+        }
+        let t = self.walk_shared(iova)?;
+        hint.put(region, self.generation(), t);
+        Ok(t)
+    }
+
+    /// [`map_pages`](Self::map_pages) through `&self`: one 4 KiB page of
+    /// `pages` after another from `iova`, across as many leaf tables as
+    /// they span, each table's entries written in one pass and its count
+    /// changed once. The caller checked that `[iova, iova + 4 KiB ×
+    /// pages.len())` is a non-empty page-aligned range inside the input
+    /// range, that `attrs` grant read or write, and that no other call
+    /// changes the range meanwhile (only disjoint ranges run at once).
+    ///
+    /// All or nothing for translations: the pages and the range are
+    /// checked first (no entry written on [`PageTableError::Unaligned`],
+    /// [`PageTableError::PhysTooLarge`] or
+    /// [`PageTableError::AlreadyMapped`]); when a table cannot be lent
+    /// ([`PageTableError::OutOfMemory`]) the entries written so far are
+    /// cleared again, and the caller queues the range's invalidation (a
+    /// walker may have cached them). Tables attached on the way may stay,
+    /// empty ([`SharedMapError::left_empty`]).
+    pub(crate) fn map_pages_shared(
+        &self,
+        hint: &LeafHint,
+        iova: u64,
+        pages: &[PhysAddr],
+        attrs: MapAttrs,
+    ) -> Result<(), SharedMapError> {
+        let end = iova + pages.len() as u64 * PAGE_SIZE;
+        debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
+        let fail = |error| SharedMapError {
+            error,
+            left_empty: false,
+        };
+        let last_page = self.oa_limit - PAGE_SIZE;
+        for p in pages {
+            if !p.is_page_aligned() {
+                return Err(fail(PageTableError::Unaligned { value: p.0 }));
+            }
+            if p.0 > last_page {
+                return Err(fail(PageTableError::PhysTooLarge { phys: *p }));
+            }
+        }
+        let bits = match self.known_page_bits(attrs) {
+            Some(b) => b,
+            None => self.fmt.leaf(PhysAddr(0), 0, attrs),
+        };
+        // First: nothing mapped in the range (a block, or a page in an
+        // existing leaf table), walking without installing.
+        let mut cur = iova;
+        while cur < end {
+            let next = end.min(((cur >> LEAF_TABLE_SHIFT) + 1) << LEAF_TABLE_SHIFT);
+            let leaf = match hint.get(cur >> LEAF_TABLE_SHIFT, self.generation()) {
+                Some((leaf, _)) => Some(leaf),
+                None => match self.leaf_or_hole_shared(cur) {
+                    Ok(t) => t.map(|(leaf, _)| leaf),
+                    Err(()) => {
+                        return Err(fail(PageTableError::AlreadyMapped { iova: DmaAddr(cur) }));
+                    }
+                },
+            };
+            if let Some(leaf) = leaf {
+                let i0 = index(cur, 0);
+                let i1 = i0 + ((next - cur) / PAGE_SIZE) as usize;
+                if let Some(i) = (i0..i1).find(|&i| self.present(self.read(leaf, i), 0)) {
+                    return Err(fail(PageTableError::AlreadyMapped {
+                        iova: DmaAddr(cur + (i - i0) as u64 * PAGE_SIZE),
+                    }));
+                }
+            }
+            cur = next;
+        }
+        // Then the entries, a leaf table at a time.
+        let mut cur = iova;
+        let mut rest = pages;
+        let mut left_empty = false;
+        while !rest.is_empty() {
+            let (leaf, slot) = match self.leaf_for_map(hint, cur) {
+                Ok(t) => t,
+                Err(e) => {
+                    // Take back what this call wrote: only its own range.
+                    let mut on_empty = |_| left_empty = true;
+                    let _ = self.unmap_present_shared(iova, cur, &mut on_empty);
+                    return Err(SharedMapError {
+                        error: e.error,
+                        left_empty: left_empty || e.left_empty,
+                    });
+                }
+            };
+            let i0 = index(cur, 0);
+            let n = (ENTRIES - i0).min(rest.len());
+            let (now, later) = rest.split_at(n);
+            for (k, p) in now.iter().enumerate() {
+                debug_assert_eq!(self.fmt.leaf(*p, 0, attrs), p.0 | bits);
+                // Only this CPU writes these entries (disjoint ranges).
+                self.write(leaf, i0 + k, p.0 | bits);
+            }
+            self.clean_entries(leaf, i0, i0 + n);
+            self.count_add_shared(slot, n as u64);
+            rest = later;
+            cur += n as u64 * PAGE_SIZE;
+        }
+        Ok(())
+    }
+
     /// The table's detach generation (see [`LeafHint`]).
     #[inline(always)]
     fn generation(&self) -> u64 {
@@ -426,16 +540,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         } else {
             return None;
         };
-        let region = iova >> LEAF_TABLE_SHIFT;
-        let (leaf, slot) = match hint.get(region, self.generation()) {
-            Some(t) => t,
-            None => match self.walk_shared(iova) {
-                Ok(t) => {
-                    hint.put(region, self.generation(), t);
-                    t
-                }
-                Err(e) => return Some(Err(e)),
-            },
+        let (leaf, slot) = match self.leaf_for_map(hint, iova) {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e)),
         };
         let i = index(iova, 0);
         if self.present(self.read(leaf, i), 0) {
