@@ -35,7 +35,7 @@ use crate::p2p::{P2pMapType, P2pRegistry};
 use crate::pgtable::{DmaDirection, IoPageTable, MapAttrs, PteFormat, TableReclaim};
 
 mod concurrent;
-pub(crate) use concurrent::SharedPending;
+pub(crate) use concurrent::{SharedEffect, SharedPending};
 
 /// What kind of mapping a transaction's links made. Unlink and free do
 /// exactly the inverse of what this says.

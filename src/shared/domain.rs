@@ -10,7 +10,7 @@ use crate::error::DmaError;
 use crate::iova::{IovaAllocator, IovaRange};
 use crate::mem::TableMemory;
 use crate::pgtable::{DmaDirection, LeafHint, MapAttrs, PteFormat, SharedMapError};
-use crate::state::{DirectState, DmaPath, Domain, IovaState, SharedPending};
+use crate::state::{DirectState, DmaPath, Domain, IovaState, SharedEffect, SharedPending};
 
 /// IOVA shards: one per reader slot of the domain lock.
 const SHARDS: usize = SLOTS;
@@ -555,21 +555,37 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
-        match self
-            .dom
-            .read(k, |g| g.dom.link_shared(tx, phys, offset, len, dir, attrs))
-        {
+        let hint = &self.hints[k];
+        match self.dom.read(k, |g| {
+            g.dom.link_shared(hint, tx, phys, offset, len, dir, attrs)
+        }) {
             Some((r, eff)) => {
-                if r.is_ok() && self.maps_needed() {
-                    let (s, l) = eff.range;
-                    self.side(s, |side| side.pending.mapped(s, l));
-                }
-                if let Some(a) = eff.empty_at {
-                    self.note_empty(a);
-                }
+                self.linked(r.is_ok(), eff);
                 r
             }
             None => self.exclusive(|d| d.link(tx, phys, offset, len, dir, attrs)),
+        }
+    }
+
+    /// The bookkeeping after a shared link: the range linked noted when
+    /// links need invalidating, or the range written and taken back noted
+    /// for invalidation (walk caches included, as `Domain::link` does: a
+    /// walker may have cached the entries); the leaf-table regions where
+    /// tables may have been left empty noted for a reclaim.
+    fn linked(&self, ok: bool, eff: SharedEffect) {
+        let (s, l) = eff.range;
+        if l != 0 {
+            if !ok {
+                self.side(s, |side| side.pending.unmapped(s, l, false));
+            } else if self.maps_needed() {
+                self.side(s, |side| side.pending.mapped(s, l));
+            }
+        }
+        let (mut at, l) = eff.empty_in;
+        let end = at + l;
+        while at < end {
+            self.note_empty(at);
+            at = (at | (MIN_CHUNK - 1)) + 1;
         }
     }
 
@@ -670,24 +686,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         let (r, eff) = self.dom.read(k, |g| {
             g.dom.link_pages_shared(hint, tx, pages, offset, dir, attrs)
         });
-        let (s, l) = eff.range;
-        match r {
-            Ok(_) if self.maps_needed() => self.side(s, |side| side.pending.mapped(s, l)),
-            Ok(_) => {}
-            // Entries were written and cleared again: a walker may have
-            // cached them (walk caches included, as `Domain::link_pages`).
-            Err(_) if l != 0 => self.side(s, |side| side.pending.unmapped(s, l, false)),
-            Err(_) => {}
-        }
-        if let Some(a) = eff.empty_at {
-            // Every leaf table's region the list spans (an error path).
-            let end = a + pages.len() as u64 * PAGE_SIZE;
-            let mut at = a;
-            while at < end {
-                self.note_empty(at);
-                at = (at | (MIN_CHUNK - 1)) + 1;
-            }
-        }
+        self.linked(r.is_ok(), eff);
         r
     }
 
@@ -729,17 +728,17 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         offset: u64,
         len: u64,
     ) -> Result<u64, DmaError> {
-        match self.dom.read(k, |g| g.dom.unlink_shared(tx, offset, len)) {
-            Some((r, eff)) => {
-                if r.is_ok() {
-                    let (s, l) = eff.range;
-                    self.side(s, |side| side.pending.unmapped(s, l, true));
-                }
-                if let Some(a) = eff.empty_at {
-                    self.note_empty(a);
-                }
-                r
+        let hint = &self.hints[k];
+        let r = self.dom.read(k, |g| {
+            g.dom
+                .unlink_shared(hint, tx, offset, len, &mut |a| self.note_empty(a))
+        });
+        match r {
+            Some(Ok((bytes, iova))) => {
+                self.side(iova, |side| side.pending.unmapped(iova, len, true));
+                Ok(bytes)
             }
+            Some(Err(e)) => Err(e),
             None => self.exclusive(|d| d.unlink(tx, offset, len)),
         }
     }

@@ -3,7 +3,7 @@
 //! transactions), and the small exclusive steps it runs on its write side.
 
 use super::{
-    DIRS_SHIFT, Domain, HAS_PROVIDER, IovaState, KIND_SHIFT, KIND_TRANSLATED, PendingList,
+    DIRS_SHIFT, DmaKind, Domain, HAS_PROVIDER, IovaState, KIND_SHIFT, KIND_TRANSLATED, PendingList,
     SyncBegun, Translated, check_aligned, link_attrs, link_kind, queue_ranges,
 };
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
@@ -93,13 +93,37 @@ impl SharedPending {
     }
 }
 
-/// What a shared link or unlink left behind for the caller's bookkeeping.
+/// What a shared link left behind for the caller's bookkeeping.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct SharedEffect {
-    /// `[iova, iova + len)` changed (link: mapped; unlink: unmapped).
+    /// `(iova, len)`: on success the range linked; on an error the range
+    /// whose entries were written and taken back again (to invalidate,
+    /// walk caches included: a walker may have cached them), else empty.
     pub(crate) range: (u64, u64),
-    /// A table was left empty at this address (reclaim it later).
-    pub(crate) empty_at: Option<u64>,
+    /// Tables may have been attached and left empty under the leaf-table
+    /// regions of this range (reclaim them later); empty when none.
+    pub(crate) empty_in: (u64, u64),
+}
+
+impl SharedEffect {
+    /// The effect of a shared map of `[iova, iova + len)` that returned
+    /// `r`.
+    fn of(iova: u64, len: u64, r: &Result<(), SharedMapError>) -> Self {
+        match r {
+            Ok(()) => Self {
+                range: (iova, len),
+                empty_in: (0, 0),
+            },
+            Err(e) => Self {
+                range: if matches!(e.error, PageTableError::OutOfMemory) {
+                    (iova, len)
+                } else {
+                    (0, 0)
+                },
+                empty_in: if e.left_empty { (iova, len) } else { (0, 0) },
+            },
+        }
+    }
 }
 
 impl<F: PteFormat, M: TableMemory> Domain<F, M> {
@@ -132,14 +156,15 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     }
 
     /// [`link`](Self::link) through `&self`, for a host-memory or
-    /// host-bridge link inside one leaf table (see
-    /// `IoPageTable::map_shared`). `None` (nothing changed) for any other
-    /// shape: use the exclusive path. Same checks, same errors, all or
-    /// nothing on the translations and on `tx`.
+    /// host-bridge link mapped with pages (see `IoPageTable::map_shared`),
+    /// leaf tables from `hint` or walks. `None` (nothing changed) for any
+    /// other shape (a whole 2 MiB block): use the exclusive path. Same
+    /// checks, same errors, all or nothing on the translations and on `tx`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(crate) fn link_shared(
         &self,
+        hint: &LeafHint,
         tx: &mut IovaState,
         phys: PhysAddr,
         offset: u64,
@@ -147,7 +172,6 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Option<(Result<DmaAddr, DmaError>, SharedEffect)> {
-        let none = SharedEffect::default();
         let checked = (|| {
             let iova = Self::check_window(tx, offset, len)?;
             check_aligned(phys.0)?;
@@ -163,30 +187,31 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         })();
         let (iova, kind, t) = match checked {
             Ok(v) => v,
-            Err(e) => return Some((Err(e), none)),
+            Err(e) => return Some((Err(e), SharedEffect::default())),
         };
-        match t
-            .pt
-            .map_shared(iova, phys.0, iova + len, link_attrs(attrs, dir))?
-        {
+        let r =
+            t.pt.map_shared(hint, iova, phys.0, iova + len, link_attrs(attrs, dir))?;
+        Some(Self::linked_shared(tx, iova, len, kind, dir, r))
+    }
+
+    /// What a shared map of `[iova, iova + len)` for `tx` that returned `r`
+    /// means for `tx` and the caller.
+    fn linked_shared(
+        tx: &mut IovaState,
+        iova: u64,
+        len: u64,
+        kind: DmaKind,
+        dir: DmaDirection,
+        r: Result<(), SharedMapError>,
+    ) -> (Result<DmaAddr, DmaError>, SharedEffect) {
+        let eff = SharedEffect::of(iova, len, &r);
+        match r {
             Ok(()) => {
                 tx.linked += len;
                 tx.record_links(kind, tx.dirs() | dir as u8);
-                Some((
-                    Ok(DmaAddr(iova)),
-                    SharedEffect {
-                        range: (iova, len),
-                        empty_at: None,
-                    },
-                ))
+                (Ok(DmaAddr(iova)), eff)
             }
-            Err(e) => Some((
-                Err(e.error.into()),
-                SharedEffect {
-                    range: (0, 0),
-                    empty_at: e.left_empty.then_some(iova),
-                },
-            )),
+            Err(e) => (Err(e.error.into()), eff),
         }
     }
 
@@ -232,10 +257,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     /// (see `IoPageTable::map_pages_shared`): any number of leaf tables,
     /// each found once (from `hint` or a walk) and its count changed once.
     /// Same checks, same errors, all or nothing on the translations and on
-    /// `tx`. The effect's range is the linked range on success; on an
-    /// error it is the range whose invalidation the caller must queue
-    /// (entries written and cleared again: [`DmaError::OutOfMemory`]),
-    /// else empty.
+    /// `tx`.
     #[inline]
     pub(crate) fn link_pages_shared(
         &self,
@@ -270,29 +292,8 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         if !attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
             return (Err(PageTableError::NoAccess.into()), none);
         }
-        match t.pt.map_pages_shared(hint, iova, pages, attrs) {
-            Ok(()) => {
-                tx.linked += len;
-                tx.record_links(kind, tx.dirs() | dir as u8);
-                (
-                    Ok(DmaAddr(iova)),
-                    SharedEffect {
-                        range: (iova, len),
-                        empty_at: None,
-                    },
-                )
-            }
-            Err(e) => {
-                let written = matches!(e.error, PageTableError::OutOfMemory);
-                (
-                    Err(e.error.into()),
-                    SharedEffect {
-                        range: if written { (iova, len) } else { (0, 0) },
-                        empty_at: e.left_empty.then_some(iova),
-                    },
-                )
-            }
-        }
+        let r = t.pt.map_pages_shared(hint, iova, pages, attrs);
+        Self::linked_shared(tx, iova, len, kind, dir, r)
     }
 
     /// The per-page [`unlink`](Self::unlink) of a linked page of a
@@ -322,40 +323,37 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     }
 
     /// [`unlink`](Self::unlink) through `&self`, for pages of a translated
-    /// transaction inside one leaf table (see `IoPageTable::unmap_shared`;
-    /// no table is detached). `None` (nothing changed) for any other shape
-    /// or error but the argument checks: use the exclusive path.
+    /// transaction (see `IoPageTable::unmap_shared`: any number of leaf
+    /// tables, none detached; `on_empty` gets each one left empty), leaf
+    /// tables from `hint` or walks: the bytes unlinked and the IOVA range.
+    /// `None` (nothing changed) for any other shape or error but the
+    /// argument checks: use the exclusive path.
     #[inline]
     pub(crate) fn unlink_shared(
         &self,
+        hint: &LeafHint,
         tx: &mut IovaState,
         offset: u64,
         len: u64,
-    ) -> Option<(Result<u64, DmaError>, SharedEffect)> {
-        let none = SharedEffect::default();
+        on_empty: &mut impl FnMut(u64),
+    ) -> Option<Result<(u64, u64), DmaError>> {
         let iova = match Self::check_window(tx, offset, len) {
             Ok(i) => i,
-            Err(e) => return Some((Err(e), none)),
+            Err(e) => return Some(Err(e)),
         };
         let t = match self.shared_translated(tx) {
             Ok(t) => t,
-            Err(e) => return Some((Err(e), none)),
+            Err(e) => return Some(Err(e)),
         };
         if tx.is_bus_addr() {
             return None;
         }
-        let (bytes, emptied) = t.pt.unmap_shared(iova, iova + len)?;
+        let bytes = t.pt.unmap_shared(hint, iova, iova + len, on_empty)?;
         tx.linked = tx.linked.saturating_sub(bytes);
         if tx.linked == 0 {
             tx.forget_links();
         }
-        Some((
-            Ok(bytes),
-            SharedEffect {
-                range: (iova, len),
-                empty_at: emptied.then_some(iova),
-            },
-        ))
+        Some(Ok((bytes, iova)))
     }
 
     /// The translated range of `tx` still to unmap when it is freed

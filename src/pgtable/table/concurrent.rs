@@ -332,27 +332,29 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Some((table, slot))
     }
 
-    /// [`map`](Self::map) through `&self`, for a range inside one leaf
-    /// table mapped with pages (the shape of a small link); `None` (nothing
-    /// done) for any other shape, which the exclusive path handles. The
-    /// caller checked what `map_prechecked` requires, and that no other
-    /// call changes `[iova, end)` meanwhile (only disjoint ranges run at
-    /// once). All or nothing for translations: on an error none changed,
-    /// though tables attached on the way may stay, empty
-    /// ([`SharedMapError::left_empty`]).
+    /// [`map`](Self::map) through `&self` of a physically contiguous range
+    /// with pages, across as many leaf tables as it spans (see
+    /// [`map_pages_shared`](Self::map_pages_shared)); `None` (nothing done)
+    /// when the range holds a whole 2 MiB block the exclusive path would
+    /// map as one. The caller checked what `map_prechecked` requires, and
+    /// that no other call changes `[iova, end)` meanwhile (only disjoint
+    /// ranges run at once). All or nothing for translations, as
+    /// `map_pages_shared`.
     pub(crate) fn map_shared(
         &self,
+        hint: &LeafHint,
         iova: u64,
         pa: u64,
         end: u64,
         attrs: MapAttrs,
     ) -> Option<Result<(), SharedMapError>> {
         debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
-        if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
-            return None;
-        }
-        let block = 1u64 << (12 + BITS_PER_LEVEL);
-        if end - iova == block && pa & (block - 1) == 0 && self.fmt.leaf_allowed(1) {
+        let block = 1u64 << LEAF_TABLE_SHIFT;
+        let first_block = (iova + block - 1) & !(block - 1);
+        if (iova ^ pa) & (block - 1) == 0
+            && first_block.checked_add(block).is_some_and(|e| e <= end)
+            && self.fmt.leaf_allowed(1)
+        {
             return None;
         }
         if pa.checked_add(end - iova).is_none_or(|e| e > self.oa_limit) {
@@ -361,32 +363,8 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 left_empty: false,
             }));
         }
-        let (leaf, slot) = match self.walk_shared(iova) {
-            Ok(t) => t,
-            Err(e) => return Some(Err(e)),
-        };
-        let i0 = index(iova, 0);
-        let i1 = i0 + ((end - iova) / PAGE_SIZE) as usize;
-        let base = iova & !(block - 1);
-        for i in i0..i1 {
-            if self.present(self.read(leaf, i), 0) {
-                return Some(Err(SharedMapError {
-                    error: PageTableError::AlreadyMapped {
-                        iova: DmaAddr(base + i as u64 * PAGE_SIZE),
-                    },
-                    left_empty: false,
-                }));
-            }
-        }
-        let mut p = pa;
-        for i in i0..i1 {
-            // Only this CPU writes these entries (disjoint ranges).
-            self.write(leaf, i, self.fmt.leaf(PhysAddr(p), 0, attrs));
-            p += PAGE_SIZE;
-        }
-        self.clean_entries(leaf, i0, i1);
-        self.count_add_shared(slot, (i1 - i0) as u64);
-        Some(Ok(()))
+        let n = ((end - iova) / PAGE_SIZE) as usize;
+        Some(self.map_run_shared(hint, iova, n, |k| pa + k as u64 * PAGE_SIZE, attrs))
     }
 
     /// The leaf table of `region` (an IOVA's bits above the leaf table's
@@ -441,9 +419,32 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 return Err(fail(PageTableError::PhysTooLarge { phys: *p }));
             }
         }
+        self.map_run_shared(hint, iova, pages.len(), |k| pages[k].0, attrs)
+    }
+
+    /// The pages `pa_of(0..n)` (checked: aligned, inside the output range)
+    /// from `iova` with `attrs`: first a
+    /// look that nothing is mapped in the range, then the entries, a leaf
+    /// table at a time (see [`map_pages_shared`](Self::map_pages_shared)).
+    #[inline]
+    fn map_run_shared(
+        &self,
+        hint: &LeafHint,
+        iova: u64,
+        n: usize,
+        pa_of: impl Fn(usize) -> u64,
+        attrs: MapAttrs,
+    ) -> Result<(), SharedMapError> {
+        let end = iova + n as u64 * PAGE_SIZE;
+        // Every format's page descriptor is its output address ORed with
+        // attribute bits.
         let bits = match self.known_page_bits(attrs) {
             Some(b) => b,
             None => self.fmt.leaf(PhysAddr(0), 0, attrs),
+        };
+        let fail = |error| SharedMapError {
+            error,
+            left_empty: false,
         };
         // First: nothing mapped in the range (a block, or a page in an
         // existing leaf table), walking without installing.
@@ -472,9 +473,9 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         }
         // Then the entries, a leaf table at a time.
         let mut cur = iova;
-        let mut rest = pages;
+        let mut done = 0;
         let mut left_empty = false;
-        while !rest.is_empty() {
+        while done < n {
             let (leaf, slot) = match self.leaf_for_map(hint, cur) {
                 Ok(t) => t,
                 Err(e) => {
@@ -488,17 +489,17 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 }
             };
             let i0 = index(cur, 0);
-            let n = (ENTRIES - i0).min(rest.len());
-            let (now, later) = rest.split_at(n);
-            for (k, p) in now.iter().enumerate() {
-                debug_assert_eq!(self.fmt.leaf(*p, 0, attrs), p.0 | bits);
+            let here = (ENTRIES - i0).min(n - done);
+            for k in 0..here {
+                let pa = pa_of(done + k);
+                debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | bits);
                 // Only this CPU writes these entries (disjoint ranges).
-                self.write(leaf, i0 + k, p.0 | bits);
+                self.write(leaf, i0 + k, pa | bits);
             }
-            self.clean_entries(leaf, i0, i0 + n);
-            self.count_add_shared(slot, n as u64);
-            rest = later;
-            cur += n as u64 * PAGE_SIZE;
+            self.clean_entries(leaf, i0, i0 + here);
+            self.count_add_shared(slot, here as u64);
+            done += here;
+            cur += here as u64 * PAGE_SIZE;
         }
         Ok(())
     }
@@ -587,30 +588,56 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Some(self.count_sub_shared(slot, 1) == 0)
     }
 
-    /// [`unmap`](Self::unmap) through `&self` of a range inside one leaf
-    /// table wholly mapped by pages: `(bytes, whether the leaf table is now
-    /// empty)`. Never detaches a table. `None` (nothing changed) for any
-    /// other shape or an unmapped page, which the exclusive path handles
-    /// (and names the error of).
-    pub(crate) fn unmap_shared(&self, iova: u64, end: u64) -> Option<(u64, bool)> {
+    /// [`unmap`](Self::unmap) through `&self` of a range wholly mapped by
+    /// pages, across as many leaf tables as it spans (each from `hint` or a
+    /// walk that changes nothing): the bytes unmapped; `on_empty` gets the
+    /// address of each leaf table left empty. Never detaches a table.
+    /// `None` (nothing changed) when any page of the range is not mapped by
+    /// a page descriptor, which the exclusive path handles (and names the
+    /// error of). The caller makes sure no other call changes the range
+    /// meanwhile (only disjoint ranges run at once).
+    pub(crate) fn unmap_shared(
+        &self,
+        hint: &LeafHint,
+        iova: u64,
+        end: u64,
+        on_empty: &mut impl FnMut(u64),
+    ) -> Option<u64> {
         debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
-        if iova >> LEAF_TABLE_SHIFT != (end - 1) >> LEAF_TABLE_SHIFT {
-            return None;
-        }
-        let (leaf, slot) = self.walk_present_shared(iova)?;
-        let i0 = index(iova, 0);
-        let i1 = i0 + ((end - iova) / PAGE_SIZE) as usize;
-        for i in i0..i1 {
-            if !matches!(self.fmt.decode(self.read(leaf, i), 0), Pte::Leaf { .. }) {
-                return None;
+        let leaf_of = |cur: u64| match hint.get(cur >> LEAF_TABLE_SHIFT, self.generation()) {
+            Some(t) => Some(t),
+            None => self.walk_present_shared(cur),
+        };
+        // Every page of the range mapped by a page descriptor, first.
+        let mut cur = iova;
+        while cur < end {
+            let next = end.min(((cur >> LEAF_TABLE_SHIFT) + 1) << LEAF_TABLE_SHIFT);
+            let (leaf, _) = leaf_of(cur)?;
+            let i0 = index(cur, 0);
+            let i1 = i0 + ((next - cur) / PAGE_SIZE) as usize;
+            for i in i0..i1 {
+                if !matches!(self.fmt.decode(self.read(leaf, i), 0), Pte::Leaf { .. }) {
+                    return None;
+                }
             }
+            cur = next;
         }
-        for i in i0..i1 {
-            self.write(leaf, i, 0);
+        let mut cur = iova;
+        while cur < end {
+            let next = end.min(((cur >> LEAF_TABLE_SHIFT) + 1) << LEAF_TABLE_SHIFT);
+            let (leaf, slot) = leaf_of(cur)?;
+            let i0 = index(cur, 0);
+            let i1 = i0 + ((next - cur) / PAGE_SIZE) as usize;
+            for i in i0..i1 {
+                self.write(leaf, i, 0);
+            }
+            self.clean_entries(leaf, i0, i1);
+            if self.count_sub_shared(slot, (i1 - i0) as u64) == 0 {
+                on_empty(cur);
+            }
+            cur = next;
         }
-        self.clean_entries(leaf, i0, i1);
-        let left = self.count_sub_shared(slot, (i1 - i0) as u64);
-        Some((end - iova, left == 0))
+        Some(end - iova)
     }
 
     /// [`unmap_present`](Self::unmap_present) through `&self` of a range
@@ -772,24 +799,35 @@ mod tests {
     fn shared_maps_and_unmaps_keep_counts_and_reclaim_empties_the_path() {
         let mem = HostMemory::default();
         let mut pt = IoPageTable::new(ArmStage1, &mem, 4, true).unwrap();
+        let h = LeafHint::new();
         let iova = 0x4020_0000u64;
         assert_eq!(
-            pt.map_shared(iova, 0x9000_0000, iova + 0x3000, RW),
+            pt.map_shared(&h, iova, 0x9000_0000, iova + 0x3000, RW),
             Some(Ok(()))
         );
         assert_eq!(pt.table_pages(), 4);
         pt.check_counts().unwrap();
-        let again = pt.map_shared(iova + 0x2000, 0x9000_0000, iova + 0x3000, RW);
+        let again = pt.map_shared(&h, iova + 0x2000, 0x9000_0000, iova + 0x3000, RW);
         assert!(matches!(
             again,
             Some(Err(SharedMapError { error: PageTableError::AlreadyMapped { iova: DmaAddr(a) }, left_empty: false })) if a == iova + 0x2000
         ));
-        assert_eq!(pt.unmap_shared(iova, iova + 0x1000), Some((0x1000, false)));
-        assert_eq!(pt.unmap_shared(iova, iova + 0x1000), None, "not mapped");
+        let mut emptied = std::vec::Vec::new();
+        let mut on_empty = |a| emptied.push(a);
         assert_eq!(
-            pt.unmap_shared(iova + 0x1000, iova + 0x3000),
-            Some((0x2000, true))
+            pt.unmap_shared(&h, iova, iova + 0x1000, &mut on_empty),
+            Some(0x1000)
         );
+        assert_eq!(
+            pt.unmap_shared(&h, iova, iova + 0x1000, &mut on_empty),
+            None,
+            "not mapped"
+        );
+        assert_eq!(
+            pt.unmap_shared(&h, iova + 0x1000, iova + 0x3000, &mut on_empty),
+            Some(0x2000)
+        );
+        assert_eq!(emptied, [iova + 0x1000], "emptied by the last unmap");
         pt.check_counts().unwrap();
         assert_eq!(pt.table_pages(), 4, "the shared path never detaches");
         // Up to the root's child, which stays (`kept_height`).
@@ -800,19 +838,61 @@ mod tests {
         pt.check_counts().unwrap();
     }
 
+    /// A contiguous range across a leaf table's edge is mapped and unmapped
+    /// on the shared path, each table counted; a range holding a whole
+    /// 2 MiB block the exclusive path would map as one is left to it.
+    #[test]
+    fn shared_maps_and_unmaps_cross_leaf_tables() {
+        let mem = HostMemory::default();
+        let pt = IoPageTable::new(ArmStage1, &mem, 4, true).unwrap();
+        let h = LeafHint::new();
+        let edge = 0x4040_0000u64;
+        let (iova, end) = (edge - 0x2000, edge + 0x3000);
+        assert_eq!(pt.map_shared(&h, iova, 0x9000_0000, end, RW), Some(Ok(())));
+        for k in 0..5u64 {
+            assert_eq!(
+                pt.translate(DmaAddr(iova + k * 0x1000)).map(|t| t.0),
+                Some(PhysAddr(0x9000_0000 + k * 0x1000))
+            );
+        }
+        pt.check_counts().unwrap();
+        // A page of the second table missing: nothing changes.
+        let mut emptied = std::vec::Vec::new();
+        let mut on_empty = |a| emptied.push(a);
+        assert_eq!(pt.unmap_shared(&h, iova, end + 0x1000, &mut on_empty), None);
+        assert_eq!(
+            pt.translate(DmaAddr(iova)).map(|t| t.0),
+            Some(PhysAddr(0x9000_0000))
+        );
+        assert_eq!(pt.unmap_shared(&h, iova, end, &mut on_empty), Some(0x5000));
+        assert_eq!(emptied, [iova, edge]);
+        pt.check_counts().unwrap();
+        // 4 MiB from 1 MiB before an edge, as aligned in IOVA and PA:
+        // a whole 2 MiB block inside.
+        let (a, pa) = (edge - (1 << 20), 0x8000_0000 - (1 << 20));
+        assert_eq!(pt.map_shared(&h, a, pa, a + (4 << 20), RW), None);
+        // The same range from a PA not so aligned: pages.
+        assert_eq!(
+            pt.map_shared(&h, a, pa + 0x1000, a + (4 << 20), RW),
+            Some(Ok(()))
+        );
+        pt.check_counts().unwrap();
+    }
+
     #[test]
     fn reclaim_stops_at_a_table_still_in_use() {
         let mem = HostMemory::default();
         let mut pt = IoPageTable::new(ArmStage1, &mem, 4, true).unwrap();
         let a = 0x4020_0000u64;
         let b = a + (1 << 21);
-        pt.map_shared(a, 0x9000_0000, a + 0x1000, RW)
+        let h = LeafHint::new();
+        pt.map_shared(&h, a, 0x9000_0000, a + 0x1000, RW)
             .unwrap()
             .unwrap();
-        pt.map_shared(b, 0x9000_0000, b + 0x1000, RW)
+        pt.map_shared(&h, b, 0x9000_0000, b + 0x1000, RW)
             .unwrap()
             .unwrap();
-        pt.unmap_shared(a, a + 0x1000).unwrap();
+        pt.unmap_shared(&h, a, a + 0x1000, &mut |_| {}).unwrap();
         assert_eq!(pt.reclaim_empty(a), Some((a, 1 << 21)));
         assert_eq!(pt.reclaim_empty(b), None, "b's leaf table holds a page");
         assert_eq!(
