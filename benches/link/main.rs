@@ -326,6 +326,7 @@ fn runners<'a>(op: Op, arena: &'a Arena, limit: &'a Limit) -> Vec<Runner<'a>> {
         fresh::<Ours<ArmStage1>>("s1/ours", op, o(), arena),
         fresh::<Aarch64S1>("s1/aarch64-paging", op, o(), arena),
         fresh::<PtmArm>("s1/page_table_multiarch", op, o(), arena),
+        fresh::<Shared<ArmStage1>>("s1/shared", op, o(), arena),
         fresh::<Ours<ArmStage2>>("s2/ours", op, o(), arena),
         fresh::<Aarch64S2>("s2/aarch64-paging", op, o(), arena),
         fresh::<Ours<VtdSecondLevel>>("vtd/ours", op, o(), arena),
@@ -795,6 +796,15 @@ fn compare(op: Op, fmt: &str, peers: &[(&str, bool)]) {
             }
         }
     }
+    if let Some(sh) = get(&format!("{fmt}/shared")) {
+        println!(
+            "bench: {case}/{fmt} shared={} ours={} ratio={:.2} \
+             (the same calls through SharedDomain on one CPU against Domain: what sharing costs)",
+            ns(sh),
+            ns(ours),
+            ours / sh
+        );
+    }
     if let Some(l) = get("limit") {
         println!(
             "bench: {case}/{fmt} ours={} limit={} ratio={:.2}",
@@ -860,7 +870,7 @@ fn tables() -> String {
             return String::new();
         };
         let peer = who.split('/').nth(1).unwrap_or(who);
-        let is_peer = !peer.starts_with("ours") && peer != "limit";
+        let is_peer = !peer.starts_with("ours") && peer != "limit" && peer != "shared";
         let mark = match different_call(op, peer) {
             Some(_) if !is_peer => "",
             Some(_) if matches!(op, Op::LinkSg(_)) => " ¹",
@@ -897,6 +907,7 @@ fn tables() -> String {
         ("S1 ours", "s1/ours"),
         ("S1 ours+zero", "s1/ours+zero"),
         ("S1 ours+keep", "s1/ours+keep"),
+        ("S1 shared", "s1/shared"),
         ("`aarch64-paging` S1", "s1/aarch64-paging"),
         ("`page_table_multiarch` S1", "s1/page_table_multiarch"),
         ("S2 ours", "s2/ours"),
@@ -931,7 +942,14 @@ fn profile(what: &str, arena: &Arena) {
         let offs = op.offsets();
         for _ in 0..iters {
             let mut c = op.setup::<C>(arena, &offs);
+            let t0 = std::time::Instant::now();
             profiled_work(op, &mut c, &offs);
+            if std::env::var("BENCH_TIME").is_ok() {
+                eprintln!(
+                    "t {:.2} ns/page",
+                    t0.elapsed().as_nanos() as f64 / op.pages() as f64
+                );
+            }
             drop(c);
             arena.reset();
         }
