@@ -60,9 +60,9 @@ struct Shard {
 /// per-shard slots (no shared cache line is written to enter), and change
 /// the tables through the shared-access path of the page table (tables
 /// installed by compare-and-swap, counts changed atomically; see the
-/// [module docs](super)). Shapes that path does not take (a block, a range
-/// over several leaf tables, bus-address P2P, an error to name) run on the
-/// write side, as the plain `Domain` methods.
+/// [module docs](super)). Shapes that path does not take (a block,
+/// bus-address P2P, an error to name) run on the write side, as the plain
+/// `Domain` methods.
 ///
 /// **IOVAs** come from four shards, each a chunk of the aperture taken
 /// from the domain's allocator and handed out under its own short spin
@@ -690,9 +690,9 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         r
     }
 
-    /// [`Domain::unlink`], on the read side when the shape allows (pages of
-    /// one leaf table; the table stays attached even when emptied), else on
-    /// the write side.
+    /// [`Domain::unlink`], on the read side when the shape allows (pages,
+    /// over any number of leaf tables; a table stays attached even when
+    /// emptied, noted for a reclaim), else on the write side.
     ///
     /// # Errors
     ///
