@@ -79,6 +79,17 @@ struct Tx {
     state: IovaState,
     pages: u64,
     linked: BTreeMap<u64, u64>,
+    /// First pages of the 2 MiB blocks linked (a 4 MiB transaction's).
+    blocks: Vec<u64>,
+}
+
+impl Tx {
+    /// Whether pages `[off, off + n)` cut a block (an unlink refused).
+    fn cuts_block(&self, off: u64, n: u64) -> bool {
+        self.blocks
+            .iter()
+            .any(|&b| off < b + 512 && b < off + n && !(off <= b && b + 512 <= off + n))
+    }
 }
 
 const THREADS: u64 = 2;
@@ -131,6 +142,7 @@ fn worker(
                     state,
                     pages,
                     linked: BTreeMap::new(),
+                    blocks: Vec::new(),
                 });
             }
             // Link one page (refused, changing nothing, when already linked).
@@ -164,7 +176,9 @@ fn worker(
                 let tx = &mut txs[i];
                 let off = rng.below(tx.pages);
                 let r = dom.unlink(&mut tx.state, off * 4096, 4096);
-                if tx.linked.remove(&off).is_some() {
+                if tx.cuts_block(off, 1) {
+                    assert!(matches!(r, Err(DmaError::PartialBlock { .. })), "{r:?}");
+                } else if tx.linked.remove(&off).is_some() {
                     r.expect("unlink");
                 } else {
                     assert!(matches!(r, Err(DmaError::NotLinked { .. })), "{r:?}");
@@ -174,6 +188,40 @@ fn worker(
             }
             // Link 2..=4 pages in one call (within the
             // transaction; refused, changing nothing, when any is linked).
+            // A 2 MiB block (contiguous, aligned in IOVA and PA) into a
+            // 4 MiB transaction: the read side writes one entry.
+            80 if txs.iter().any(|t| t.pages == 1024) => {
+                let tx = txs.iter_mut().find(|t| t.pages == 1024).expect("a big one");
+                assert_eq!(tx.state.iova().0 % (2 << 20), 0, "aligned transaction");
+                let off = 512 * rng.below(2);
+                let phys = 0x1_0000_0000 + (id << 32) + rng.below(256) * (2 << 20);
+                let r = dom.link(
+                    &mut tx.state,
+                    PhysAddr(phys),
+                    off * 4096,
+                    2 << 20,
+                    RW,
+                    MapAttrs::empty(),
+                );
+                if (off..off + 512).any(|o| tx.linked.contains_key(&o)) {
+                    assert!(matches!(r, Err(DmaError::AlreadyLinked { .. })), "{r:?}");
+                } else {
+                    r.expect("link block");
+                    for k in 0..512 {
+                        tx.linked.insert(off + k, phys + k * 4096);
+                    }
+                    // A block, unless an empty leaf table was left
+                    // attached there (pages then go into it, as on the
+                    // exclusive path).
+                    let at = DmaAddr(tx.state.iova().0 + off * 4096);
+                    let height = dom.with(|d| d.page_table().unwrap().translate(at).map(|t| t.2));
+                    match height {
+                        Some(1) => tx.blocks.push(off),
+                        h => assert_eq!(h, Some(0), "a block or pages"),
+                    }
+                }
+                check(dom, tx, off + rng.below(512));
+            }
             80..=84 if !txs.is_empty() => {
                 let i = rng.below(txs.len() as u64) as usize;
                 let tx = &mut txs[i];
@@ -230,12 +278,26 @@ fn worker(
                 } else {
                     rng.below(tx.pages - n + 1)
                 };
+                // Now and then a whole block of a 4 MiB transaction.
+                let (off, n) = match tx.blocks.first() {
+                    Some(&b) if rng.below(2) == 0 => (b, 512),
+                    _ => (off, n),
+                };
                 let r = dom.unlink(&mut tx.state, off * 4096, n * 4096);
-                if (off..off + n).all(|o| tx.linked.contains_key(&o)) {
+                let all = (off..off + n).all(|o| tx.linked.contains_key(&o));
+                if tx.cuts_block(off, n) {
+                    // Both refusals apply when pages are missing too.
+                    assert!(
+                        matches!(r, Err(DmaError::PartialBlock { .. }))
+                            || (!all && matches!(r, Err(DmaError::NotLinked { .. }))),
+                        "{r:?}"
+                    );
+                } else if all {
                     assert_eq!(r.expect("unlink run"), n * 4096);
                     for k in 0..n {
                         tx.linked.remove(&(off + k));
                     }
+                    tx.blocks.retain(|&b| !(off <= b && b < off + n));
                 } else {
                     assert!(matches!(r, Err(DmaError::NotLinked { .. })), "{r:?}");
                 }

@@ -556,15 +556,11 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
         let hint = &self.hints[k];
-        match self.dom.read(k, |g| {
+        let (r, eff) = self.dom.read(k, |g| {
             g.dom.link_shared(hint, tx, phys, offset, len, dir, attrs)
-        }) {
-            Some((r, eff)) => {
-                self.linked(r.is_ok(), eff);
-                r
-            }
-            None => self.exclusive(|d| d.link(tx, phys, offset, len, dir, attrs)),
-        }
+        });
+        self.linked(r.is_ok(), eff);
+        r
     }
 
     /// The bookkeeping after a shared link: the range linked noted when
@@ -780,7 +776,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 })
             });
             if r.is_err() {
-                // A block: the write side unmaps the rest (and queues it).
+                // A block across the range's edge (not made by this
+                // transaction's links): the write side unmaps the rest.
                 self.exclusive(|d| d.unmap_present_exclusive(start, size));
                 leaf_only = false;
             }

@@ -120,6 +120,19 @@ impl Word {
         self.a().load(o)
     }
 
+    /// Atomic store.
+    #[inline(always)]
+    pub(crate) fn store(self, v: u64, o: Ordering) {
+        #[cfg(loom)]
+        {
+            registry::atomic(self.0).store(v, o);
+            registry::wrote(self.0, v);
+            return;
+        }
+        #[cfg(not(loom))]
+        self.a().store(v, o)
+    }
+
     /// Atomic compare-and-swap (strong).
     #[inline(always)]
     pub(crate) fn compare_exchange(

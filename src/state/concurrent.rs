@@ -156,9 +156,8 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     }
 
     /// [`link`](Self::link) through `&self`, for a host-memory or
-    /// host-bridge link mapped with pages (see `IoPageTable::map_shared`),
-    /// leaf tables from `hint` or walks. `None` (nothing changed) for any
-    /// other shape (a whole 2 MiB block): use the exclusive path. Same
+    /// host-bridge link (see `IoPageTable::map_shared`: pages and blocks,
+    /// over any number of tables), leaf tables from `hint` or walks. Same
     /// checks, same errors, all or nothing on the translations and on `tx`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
@@ -171,7 +170,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         len: u64,
         dir: DmaDirection,
         attrs: MapAttrs,
-    ) -> Option<(Result<DmaAddr, DmaError>, SharedEffect)> {
+    ) -> (Result<DmaAddr, DmaError>, SharedEffect) {
         let checked = (|| {
             let iova = Self::check_window(tx, offset, len)?;
             check_aligned(phys.0)?;
@@ -187,11 +186,11 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         })();
         let (iova, kind, t) = match checked {
             Ok(v) => v,
-            Err(e) => return Some((Err(e), SharedEffect::default())),
+            Err(e) => return (Err(e), SharedEffect::default()),
         };
         let r =
-            t.pt.map_shared(hint, iova, phys.0, iova + len, link_attrs(attrs, dir))?;
-        Some(Self::linked_shared(tx, iova, len, kind, dir, r))
+            t.pt.map_shared(hint, iova, phys.0, iova + len, link_attrs(attrs, dir));
+        Self::linked_shared(tx, iova, len, kind, dir, r)
     }
 
     /// What a shared map of `[iova, iova + len)` for `tx` that returned `r`

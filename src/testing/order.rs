@@ -826,6 +826,39 @@ impl<'l, 'a, B: IommuBackend> OrderBackend<'l, 'a, B> {
     }
 }
 
+/// A split-completion backend under the recorder (a
+/// [`SharedDomain`](crate::shared::SharedDomain) syncs through it): a
+/// completion seen done is recorded as a sync that succeeded — every
+/// invalidation queued before it is complete — and a queue error met
+/// while looking as one that failed.
+impl<B: crate::shared::SplitCompletion> crate::shared::SplitCompletion for OrderBackend<'_, '_, B> {
+    fn queued(&self) -> u64 {
+        self.inner.queued()
+    }
+
+    fn submit_completion(&mut self) -> Result<u64, BackendError> {
+        self.inner.submit_completion()
+    }
+
+    fn completion_done(&mut self, ticket: u64) -> Result<bool, BackendError> {
+        let r = self.inner.completion_done(ticket);
+        match r {
+            Ok(true) => self.lender.event(Event::Sync(true)),
+            Err(_) => self.lender.event(Event::Sync(false)),
+            Ok(false) => {}
+        }
+        r
+    }
+
+    fn completion_budget(&self) -> u32 {
+        self.inner.completion_budget()
+    }
+
+    fn publish_needed(&self) -> bool {
+        self.inner.publish_needed()
+    }
+}
+
 impl<B: IommuBackend> IommuBackend for OrderBackend<'_, '_, B> {
     fn attach(&mut self, dev: DeviceId, how: Attachment) -> Result<(), BackendError> {
         let ours = match how {

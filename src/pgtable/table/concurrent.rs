@@ -203,6 +203,29 @@ impl LoomLeafHint {
     }
 }
 
+/// What a walk that changes nothing finds on the way to an IOVA.
+enum Probe {
+    /// The leaf table covering it, and its count slot.
+    Leaf(PhysAddr, u64),
+    /// A not-valid entry at this height: nothing is mapped in its span.
+    Hole(u32),
+    /// A block at height `h`: entry `idx` of `table`, whose count is at
+    /// `slot`.
+    Block {
+        h: u32,
+        table: PhysAddr,
+        idx: usize,
+        slot: u64,
+    },
+}
+
+/// The end of the span of the height-`h` entry holding `cur`, or `end`
+/// when that comes first.
+#[inline(always)]
+fn span_end(cur: u64, h: u32, end: u64) -> u64 {
+    end.min((cur | ((1u64 << (12 + BITS_PER_LEVEL * h)) - 1)) + 1)
+}
+
 /// What [`IoPageTable::map_shared`] did when it failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct SharedMapError {
@@ -250,14 +273,15 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         old - n
     }
 
-    /// Walks to the leaf table covering `iova`, installing missing tables
-    /// by compare-and-swap: `(leaf table, its count slot)`. `Err` with
-    /// whether tables were attached on the way (left empty).
-    fn walk_shared(&self, iova: u64) -> Result<(PhysAddr, u64), SharedMapError> {
+    /// Walks to the table holding the entries of height `to` on the way to
+    /// `iova` (0: the leaf table), installing missing tables by
+    /// compare-and-swap: `(table, its count slot)`. `Err` with whether
+    /// tables were attached on the way (left empty).
+    fn walk_shared(&self, iova: u64, to: u32) -> Result<(PhysAddr, u64), SharedMapError> {
         let (mut table, mut slot) = (self.root, 0u64);
         let mut left_empty = false;
         let fail = |error, left_empty| SharedMapError { error, left_empty };
-        for h in (1..=self.top_height()).rev() {
+        for h in (to + 1..=self.top_height()).rev() {
             let idx = index(iova, h);
             let e = self.word(table, idx);
             let mut v = e.load(Ordering::Acquire);
@@ -332,14 +356,16 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Some((table, slot))
     }
 
-    /// [`map`](Self::map) through `&self` of a physically contiguous range
-    /// with pages, across as many leaf tables as it spans (see
-    /// [`map_pages_shared`](Self::map_pages_shared)); `None` (nothing done)
-    /// when the range holds a whole 2 MiB block the exclusive path would
-    /// map as one. The caller checked what `map_prechecked` requires, and
-    /// that no other call changes `[iova, end)` meanwhile (only disjoint
-    /// ranges run at once). All or nothing for translations, as
-    /// `map_pages_shared`.
+    /// [`map`](Self::map) through `&self` of a physically contiguous range,
+    /// across as many tables as it spans, in the shapes the exclusive path
+    /// gives it: a block (2 MiB, 1 GiB where the format allows) wherever
+    /// the range covers one aligned in IOVA and PA and the entry is not
+    /// valid, pages elsewhere (also in an empty table left attached where
+    /// a block could go, as `map_rec` does). See
+    /// [`map_pages_shared`](Self::map_pages_shared) for the order of the
+    /// work. The caller checked what `map_prechecked` requires, and that
+    /// no other call changes `[iova, end)` meanwhile (only disjoint ranges
+    /// run at once). All or nothing for translations, as `map_pages_shared`.
     pub(crate) fn map_shared(
         &self,
         hint: &LeafHint,
@@ -347,24 +373,15 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         pa: u64,
         end: u64,
         attrs: MapAttrs,
-    ) -> Option<Result<(), SharedMapError>> {
+    ) -> Result<(), SharedMapError> {
         debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
-        let block = 1u64 << LEAF_TABLE_SHIFT;
-        let first_block = (iova + block - 1) & !(block - 1);
-        if (iova ^ pa) & (block - 1) == 0
-            && first_block.checked_add(block).is_some_and(|e| e <= end)
-            && self.fmt.leaf_allowed(1)
-        {
-            return None;
-        }
         if pa.checked_add(end - iova).is_none_or(|e| e > self.oa_limit) {
-            return Some(Err(SharedMapError {
+            return Err(SharedMapError {
                 error: PageTableError::PhysTooLarge { phys: PhysAddr(pa) },
                 left_empty: false,
-            }));
+            });
         }
-        let n = ((end - iova) / PAGE_SIZE) as usize;
-        Some(self.map_run_shared(hint, iova, n, |k| pa + k as u64 * PAGE_SIZE, attrs))
+        self.map_run_shared(hint, iova, end, |off| pa + off, true, attrs)
     }
 
     /// The leaf table of `region` (an IOVA's bits above the leaf table's
@@ -376,7 +393,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if let Some(t) = hint.get(region, self.generation()) {
             return Ok(t);
         }
-        let t = self.walk_shared(iova)?;
+        let t = self.walk_shared(iova, 0)?;
         hint.put(region, self.generation(), t);
         Ok(t)
     }
@@ -419,89 +436,171 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                 return Err(fail(PageTableError::PhysTooLarge { phys: *p }));
             }
         }
-        self.map_run_shared(hint, iova, pages.len(), |k| pages[k].0, attrs)
+        self.map_run_shared(
+            hint,
+            iova,
+            end,
+            |off| pages[(off / PAGE_SIZE) as usize].0,
+            false,
+            attrs,
+        )
     }
 
-    /// The pages `pa_of(0..n)` (checked: aligned, inside the output range)
-    /// from `iova` with `attrs`: first a
-    /// look that nothing is mapped in the range, then the entries, a leaf
-    /// table at a time (see [`map_pages_shared`](Self::map_pages_shared)).
+    /// Maps `[iova, end)`, the page at offset `off` of it to `pa_of(off)`
+    /// (checked: aligned, inside the output range), with `attrs`; with
+    /// `blocks`, `pa_of` is linear and blocks go where they fit. First a
+    /// look that nothing is mapped in the range, then the entries, a table
+    /// at a time (see [`map_pages_shared`](Self::map_pages_shared)).
     #[inline]
     fn map_run_shared(
         &self,
         hint: &LeafHint,
         iova: u64,
-        n: usize,
-        pa_of: impl Fn(usize) -> u64,
+        end: u64,
+        pa_of: impl Fn(u64) -> u64,
+        blocks: bool,
         attrs: MapAttrs,
     ) -> Result<(), SharedMapError> {
-        let end = iova + n as u64 * PAGE_SIZE;
         // Every format's page descriptor is its output address ORed with
         // attribute bits.
         let bits = match self.known_page_bits(attrs) {
             Some(b) => b,
             None => self.fmt.leaf(PhysAddr(0), 0, attrs),
         };
-        let fail = |error| SharedMapError {
-            error,
-            left_empty: false,
-        };
-        // First: nothing mapped in the range (a block, or a page in an
-        // existing leaf table), walking without installing.
+        if let Some(at) = self.first_mapped_shared(hint, iova, end) {
+            return Err(SharedMapError {
+                error: PageTableError::AlreadyMapped { iova: DmaAddr(at) },
+                left_empty: false,
+            });
+        }
         let mut cur = iova;
         while cur < end {
-            let next = end.min(((cur >> LEAF_TABLE_SHIFT) + 1) << LEAF_TABLE_SHIFT);
-            let leaf = match hint.get(cur >> LEAF_TABLE_SHIFT, self.generation()) {
-                Some((leaf, _)) => Some(leaf),
-                None => match self.leaf_or_hole_shared(cur) {
-                    Ok(t) => t.map(|(leaf, _)| leaf),
-                    Err(()) => {
-                        return Err(fail(PageTableError::AlreadyMapped { iova: DmaAddr(cur) }));
-                    }
-                },
+            let step = if blocks {
+                self.block_shared(cur, end, pa_of(cur - iova), attrs)
+            } else {
+                Ok(None)
             };
-            if let Some(leaf) = leaf {
-                let i0 = index(cur, 0);
-                let i1 = i0 + ((next - cur) / PAGE_SIZE) as usize;
-                if let Some(i) = (i0..i1).find(|&i| self.present(self.read(leaf, i), 0)) {
-                    return Err(fail(PageTableError::AlreadyMapped {
-                        iova: DmaAddr(cur + (i - i0) as u64 * PAGE_SIZE),
-                    }));
-                }
-            }
-            cur = next;
-        }
-        // Then the entries, a leaf table at a time.
-        let mut cur = iova;
-        let mut done = 0;
-        let mut left_empty = false;
-        while done < n {
-            let (leaf, slot) = match self.leaf_for_map(hint, cur) {
-                Ok(t) => t,
+            let step = match step {
+                Ok(Some(span)) => Ok(span),
+                Ok(None) => self.leaf_for_map(hint, cur).map(|(leaf, slot)| {
+                    let i0 = index(cur, 0);
+                    let here = (ENTRIES - i0).min(((end - cur) / PAGE_SIZE) as usize);
+                    for k in 0..here {
+                        let pa = pa_of(cur - iova + k as u64 * PAGE_SIZE);
+                        debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | bits);
+                        // Only this CPU writes these entries (disjoint ranges).
+                        self.write(leaf, i0 + k, pa | bits);
+                    }
+                    self.clean_entries(leaf, i0, i0 + here);
+                    self.count_add_shared(slot, here as u64);
+                    here as u64 * PAGE_SIZE
+                }),
+                Err(e) => Err(e),
+            };
+            match step {
+                Ok(span) => cur += span,
                 Err(e) => {
-                    // Take back what this call wrote: only its own range.
-                    let mut on_empty = |_| left_empty = true;
-                    let _ = self.unmap_present_shared(iova, cur, &mut on_empty);
+                    // Take back what this call wrote: only its own range,
+                    // checked empty above.
+                    let mut left_empty = e.left_empty;
+                    let _ = self.unmap_present_shared(iova, cur, &mut |_| left_empty = true);
                     return Err(SharedMapError {
                         error: e.error,
-                        left_empty: left_empty || e.left_empty,
+                        left_empty,
                     });
                 }
-            };
-            let i0 = index(cur, 0);
-            let here = (ENTRIES - i0).min(n - done);
-            for k in 0..here {
-                let pa = pa_of(done + k);
-                debug_assert_eq!(self.fmt.leaf(PhysAddr(pa), 0, attrs), pa | bits);
-                // Only this CPU writes these entries (disjoint ranges).
-                self.write(leaf, i0 + k, pa | bits);
             }
-            self.clean_entries(leaf, i0, i0 + here);
-            self.count_add_shared(slot, here as u64);
-            done += here;
-            cur += here as u64 * PAGE_SIZE;
         }
         Ok(())
+    }
+
+    /// A block for the linear range `[cur, end)` from `pa` at `cur`: the
+    /// highest the format allows that fits, aligned in IOVA and PA, whose
+    /// entry is not valid — written, its span returned. `Ok(None)` when no
+    /// block fits (or a table is there: pages go into it).
+    fn block_shared(
+        &self,
+        cur: u64,
+        end: u64,
+        pa: u64,
+        attrs: MapAttrs,
+    ) -> Result<Option<u64>, SharedMapError> {
+        for h in (1..self.top_height()).rev() {
+            let span = 1u64 << (12 + BITS_PER_LEVEL * h);
+            if cur & (span - 1) != 0
+                || pa & (span - 1) != 0
+                || end - cur < span
+                || !self.fmt.leaf_allowed(h)
+            {
+                continue;
+            }
+            let (table, slot) = self.walk_shared(cur, h)?;
+            let idx = index(cur, h);
+            let e = self.word(table, idx);
+            if let Pte::Invalid = self.fmt.decode(e.load(Ordering::Acquire), h) {
+                // Only this CPU writes this entry (disjoint ranges); others
+                // reach it only to translate, atomically.
+                e.store(self.fmt.leaf(PhysAddr(pa), h, attrs), Ordering::Release);
+                self.clean_entries(table, idx, idx + 1);
+                self.count_add_shared(slot, 1);
+                return Ok(Some(span));
+            }
+        }
+        Ok(None)
+    }
+
+    /// What a walk that changes nothing finds on the way to `iova`.
+    #[inline]
+    fn probe_shared(&self, iova: u64) -> Probe {
+        let (mut table, mut slot) = (self.root, 0u64);
+        for h in (1..=self.top_height()).rev() {
+            let idx = index(iova, h);
+            match self
+                .fmt
+                .decode(self.word(table, idx).load(Ordering::Acquire), h)
+            {
+                Pte::Table(t) => {
+                    slot = counts::slot(table, idx);
+                    table = t;
+                }
+                Pte::Invalid => return Probe::Hole(h),
+                Pte::Leaf { .. } => {
+                    return Probe::Block {
+                        h,
+                        table,
+                        idx,
+                        slot,
+                    };
+                }
+            }
+        }
+        Probe::Leaf(table, slot)
+    }
+
+    /// The first address of `[iova, end)` something maps, by walks that
+    /// change nothing (leaf tables from `hint` where it holds them).
+    fn first_mapped_shared(&self, hint: &LeafHint, iova: u64, end: u64) -> Option<u64> {
+        let mut cur = iova;
+        while cur < end {
+            let probe = match hint.get(cur >> LEAF_TABLE_SHIFT, self.generation()) {
+                Some((leaf, slot)) => Probe::Leaf(leaf, slot),
+                None => self.probe_shared(cur),
+            };
+            match probe {
+                Probe::Hole(h) => cur = span_end(cur, h, end),
+                Probe::Block { .. } => return Some(cur),
+                Probe::Leaf(leaf, _) => {
+                    let next = span_end(cur, 1, end);
+                    let i0 = index(cur, 0);
+                    let i1 = i0 + ((next - cur) / PAGE_SIZE) as usize;
+                    if let Some(i) = (i0..i1).find(|&i| self.present(self.read(leaf, i), 0)) {
+                        return Some(cur + (i - i0) as u64 * PAGE_SIZE);
+                    }
+                    cur = next;
+                }
+            }
+        }
+        None
     }
 
     /// The table's detach generation (see [`LeafHint`]).
@@ -589,13 +688,14 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     }
 
     /// [`unmap`](Self::unmap) through `&self` of a range wholly mapped by
-    /// pages, across as many leaf tables as it spans (each from `hint` or a
-    /// walk that changes nothing): the bytes unmapped; `on_empty` gets the
-    /// address of each leaf table left empty. Never detaches a table.
-    /// `None` (nothing changed) when any page of the range is not mapped by
-    /// a page descriptor, which the exclusive path handles (and names the
-    /// error of). The caller makes sure no other call changes the range
-    /// meanwhile (only disjoint ranges run at once).
+    /// pages and whole blocks, across as many tables as it spans (leaf
+    /// tables from `hint` or walks that change nothing): the bytes
+    /// unmapped; `on_empty` gets an address in each table left empty.
+    /// Never detaches a table. `None` (nothing changed) when a page of the
+    /// range is not mapped or a block lies across its edge, which the
+    /// exclusive path handles (and names the error of). The caller makes
+    /// sure no other call changes the range meanwhile (only disjoint ranges
+    /// run at once).
     pub(crate) fn unmap_shared(
         &self,
         hint: &LeafHint,
@@ -604,46 +704,42 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         on_empty: &mut impl FnMut(u64),
     ) -> Option<u64> {
         debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
-        let leaf_of = |cur: u64| match hint.get(cur >> LEAF_TABLE_SHIFT, self.generation()) {
-            Some(t) => Some(t),
-            None => self.walk_present_shared(cur),
-        };
-        // Every page of the range mapped by a page descriptor, first.
+        // Every page of the range mapped, by pages or whole blocks, first.
         let mut cur = iova;
         while cur < end {
-            let next = end.min(((cur >> LEAF_TABLE_SHIFT) + 1) << LEAF_TABLE_SHIFT);
-            let (leaf, _) = leaf_of(cur)?;
-            let i0 = index(cur, 0);
-            let i1 = i0 + ((next - cur) / PAGE_SIZE) as usize;
-            for i in i0..i1 {
-                if !matches!(self.fmt.decode(self.read(leaf, i), 0), Pte::Leaf { .. }) {
-                    return None;
+            let probe = match hint.get(cur >> LEAF_TABLE_SHIFT, self.generation()) {
+                Some((leaf, slot)) => Probe::Leaf(leaf, slot),
+                None => self.probe_shared(cur),
+            };
+            match probe {
+                Probe::Hole(_) => return None,
+                Probe::Block { h, .. } => {
+                    let span = 1u64 << (12 + BITS_PER_LEVEL * h);
+                    if cur & (span - 1) != 0 || end - cur < span {
+                        return None;
+                    }
+                    cur += span;
+                }
+                Probe::Leaf(leaf, _) => {
+                    let next = span_end(cur, 1, end);
+                    let i0 = index(cur, 0);
+                    let i1 = i0 + ((next - cur) / PAGE_SIZE) as usize;
+                    for i in i0..i1 {
+                        if !matches!(self.fmt.decode(self.read(leaf, i), 0), Pte::Leaf { .. }) {
+                            return None;
+                        }
+                    }
+                    cur = next;
                 }
             }
-            cur = next;
         }
-        let mut cur = iova;
-        while cur < end {
-            let next = end.min(((cur >> LEAF_TABLE_SHIFT) + 1) << LEAF_TABLE_SHIFT);
-            let (leaf, slot) = leaf_of(cur)?;
-            let i0 = index(cur, 0);
-            let i1 = i0 + ((next - cur) / PAGE_SIZE) as usize;
-            for i in i0..i1 {
-                self.write(leaf, i, 0);
-            }
-            self.clean_entries(leaf, i0, i1);
-            if self.count_sub_shared(slot, (i1 - i0) as u64) == 0 {
-                on_empty(cur);
-            }
-            cur = next;
-        }
-        Some(end - iova)
+        self.unmap_present_shared(iova, end, on_empty).ok()
     }
 
-    /// [`unmap_present`](Self::unmap_present) through `&self` of a range
-    /// whose leaf tables hold only pages (or nothing): clears every present
-    /// page, skipping holes; `on_empty` gets the address of each leaf table
-    /// left empty. `Err(bytes so far)` when it meets a block: the rest is
+    /// [`unmap_present`](Self::unmap_present) through `&self`: clears every
+    /// page and every whole block mapped in `[iova, end)`, skipping holes;
+    /// `on_empty` gets an address in each table left empty. `Err(bytes so
+    /// far)` when it meets a block across the range's edge: the rest is
     /// the exclusive path's (calling its `unmap_present` on the whole range
     /// is right: what was cleared here is a hole for it).
     pub(crate) fn unmap_present_shared(
@@ -655,11 +751,28 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         let mut bytes = 0;
         let mut cur = iova;
         while cur < end {
-            let next = end.min(((cur >> LEAF_TABLE_SHIFT) + 1) << LEAF_TABLE_SHIFT);
-            match self.leaf_or_hole_shared(cur) {
-                Err(()) => return Err(bytes),
-                Ok(None) => {}
-                Ok(Some((leaf, slot))) => {
+            match self.probe_shared(cur) {
+                Probe::Hole(h) => cur = span_end(cur, h, end),
+                Probe::Block {
+                    h,
+                    table,
+                    idx,
+                    slot,
+                } => {
+                    let span = 1u64 << (12 + BITS_PER_LEVEL * h);
+                    if cur & (span - 1) != 0 || end - cur < span {
+                        return Err(bytes);
+                    }
+                    self.word(table, idx).store(0, Ordering::Release);
+                    self.clean_entries(table, idx, idx + 1);
+                    bytes += span;
+                    if self.count_sub_shared(slot, 1) == 0 {
+                        on_empty(cur);
+                    }
+                    cur += span;
+                }
+                Probe::Leaf(leaf, slot) => {
+                    let next = span_end(cur, 1, end);
                     let i0 = index(cur, 0);
                     let i1 = i0 + ((next - cur) / PAGE_SIZE) as usize;
                     let mut n = 0u64;
@@ -676,32 +789,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
                             on_empty(cur);
                         }
                     }
+                    cur = next;
                 }
             }
-            cur = next;
         }
         Ok(bytes)
-    }
-
-    /// The leaf table covering `iova` (`Some`), a hole above it (`None`),
-    /// or `Err` for a block on the way.
-    fn leaf_or_hole_shared(&self, iova: u64) -> Result<Option<(PhysAddr, u64)>, ()> {
-        let (mut table, mut slot) = (self.root, 0u64);
-        for h in (1..=self.top_height()).rev() {
-            let idx = index(iova, h);
-            match self
-                .fmt
-                .decode(self.word(table, idx).load(Ordering::Acquire), h)
-            {
-                Pte::Table(t) => {
-                    slot = counts::slot(table, idx);
-                    table = t;
-                }
-                Pte::Invalid => return Ok(None),
-                Pte::Leaf { .. } => return Err(()),
-            }
-        }
-        Ok(Some((table, slot)))
     }
 
     /// [`translate`](Self::translate) through `&self` while shared calls
@@ -803,14 +895,14 @@ mod tests {
         let iova = 0x4020_0000u64;
         assert_eq!(
             pt.map_shared(&h, iova, 0x9000_0000, iova + 0x3000, RW),
-            Some(Ok(()))
+            Ok(())
         );
         assert_eq!(pt.table_pages(), 4);
         pt.check_counts().unwrap();
         let again = pt.map_shared(&h, iova + 0x2000, 0x9000_0000, iova + 0x3000, RW);
         assert!(matches!(
             again,
-            Some(Err(SharedMapError { error: PageTableError::AlreadyMapped { iova: DmaAddr(a) }, left_empty: false })) if a == iova + 0x2000
+            Err(SharedMapError { error: PageTableError::AlreadyMapped { iova: DmaAddr(a) }, left_empty: false }) if a == iova + 0x2000
         ));
         let mut emptied = std::vec::Vec::new();
         let mut on_empty = |a| emptied.push(a);
@@ -839,8 +931,7 @@ mod tests {
     }
 
     /// A contiguous range across a leaf table's edge is mapped and unmapped
-    /// on the shared path, each table counted; a range holding a whole
-    /// 2 MiB block the exclusive path would map as one is left to it.
+    /// on the shared path, each table counted.
     #[test]
     fn shared_maps_and_unmaps_cross_leaf_tables() {
         let mem = HostMemory::default();
@@ -848,7 +939,7 @@ mod tests {
         let h = LeafHint::new();
         let edge = 0x4040_0000u64;
         let (iova, end) = (edge - 0x2000, edge + 0x3000);
-        assert_eq!(pt.map_shared(&h, iova, 0x9000_0000, end, RW), Some(Ok(())));
+        assert_eq!(pt.map_shared(&h, iova, 0x9000_0000, end, RW), Ok(()));
         for k in 0..5u64 {
             assert_eq!(
                 pt.translate(DmaAddr(iova + k * 0x1000)).map(|t| t.0),
@@ -867,16 +958,62 @@ mod tests {
         assert_eq!(pt.unmap_shared(&h, iova, end, &mut on_empty), Some(0x5000));
         assert_eq!(emptied, [iova, edge]);
         pt.check_counts().unwrap();
-        // 4 MiB from 1 MiB before an edge, as aligned in IOVA and PA:
-        // a whole 2 MiB block inside.
-        let (a, pa) = (edge - (1 << 20), 0x8000_0000 - (1 << 20));
-        assert_eq!(pt.map_shared(&h, a, pa, a + (4 << 20), RW), None);
-        // The same range from a PA not so aligned: pages.
+        // Where a block could go but an empty table is left attached:
+        // pages into it, as the exclusive path does.
         assert_eq!(
-            pt.map_shared(&h, a, pa + 0x1000, a + (4 << 20), RW),
-            Some(Ok(()))
+            pt.map_shared(&h, edge, 0x8000_0000, edge + (2 << 20), RW),
+            Ok(())
         );
+        let d = pt.descriptor_at(DmaAddr(edge), 1).unwrap();
+        assert!(matches!(ArmStage1.decode(d, 1), Pte::Table(_)));
         pt.check_counts().unwrap();
+    }
+
+    /// A contiguous range holding a whole 2 MiB aligned alike in IOVA and
+    /// PA is mapped as the exclusive path maps it — a block in the middle,
+    /// pages on both sides — and unmapped whole on the shared path; an
+    /// unmap cutting the block changes nothing.
+    #[test]
+    fn shared_maps_and_unmaps_blocks() {
+        let mem = HostMemory::default();
+        let pt = IoPageTable::new(ArmStage1, &mem, 4, true).unwrap();
+        let h = LeafHint::new();
+        let edge = 0x8000_0000u64;
+        let (a, end, pa) = (
+            edge - (1 << 20),
+            edge + (3 << 20),
+            0x1_0000_0000 - (1 << 20),
+        );
+        for round in 0..2 {
+            assert_eq!(pt.map_shared(&h, a, pa, end, RW), Ok(()), "round {round}");
+            let d = pt.descriptor_at(DmaAddr(edge), 1).unwrap();
+            assert!(
+                matches!(ArmStage1.decode(d, 1), Pte::Leaf { .. }),
+                "a block"
+            );
+            for off in [0, 0xff000, 0x10_0000, 0x12_3000, 0x2f_f000, 0x3f_f000] {
+                assert_eq!(
+                    pt.translate(DmaAddr(a + off)).map(|t| t.0),
+                    Some(PhysAddr(pa + off)),
+                    "offset {off:#x}"
+                );
+            }
+            pt.check_counts().unwrap();
+            let mut emptied = std::vec::Vec::new();
+            let mut on_empty = |x| emptied.push(x);
+            assert_eq!(
+                pt.unmap_shared(&h, edge + 0x1000, edge + 0x2000, &mut on_empty),
+                None
+            );
+            assert_eq!(
+                pt.translate(DmaAddr(edge + 0x1000)).map(|t| t.0),
+                Some(PhysAddr(pa + 0x10_1000))
+            );
+            assert_eq!(pt.unmap_shared(&h, a, end, &mut on_empty), Some(end - a));
+            assert_eq!(emptied, [a, edge + (2 << 20)], "the two leaf tables");
+            assert_eq!(pt.translate(DmaAddr(edge)), None);
+            pt.check_counts().unwrap();
+        }
     }
 
     #[test]
@@ -886,12 +1023,8 @@ mod tests {
         let a = 0x4020_0000u64;
         let b = a + (1 << 21);
         let h = LeafHint::new();
-        pt.map_shared(&h, a, 0x9000_0000, a + 0x1000, RW)
-            .unwrap()
-            .unwrap();
-        pt.map_shared(&h, b, 0x9000_0000, b + 0x1000, RW)
-            .unwrap()
-            .unwrap();
+        pt.map_shared(&h, a, 0x9000_0000, a + 0x1000, RW).unwrap();
+        pt.map_shared(&h, b, 0x9000_0000, b + 0x1000, RW).unwrap();
         pt.unmap_shared(&h, a, a + 0x1000, &mut |_| {}).unwrap();
         assert_eq!(pt.reclaim_empty(a), Some((a, 1 << 21)));
         assert_eq!(pt.reclaim_empty(b), None, "b's leaf table holds a page");

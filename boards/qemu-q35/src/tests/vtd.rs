@@ -12,6 +12,7 @@ use bare_iommu::error::BackendError;
 use bare_iommu::pgtable::PteFormat;
 use bare_iommu::pgtable::vtd::VtdSecondLevel;
 use bare_iommu::pgtable::{DmaDirection, MapAttrs};
+use bare_iommu::shared::SharedDomain;
 use bare_iommu::state::{Domain, DomainConfig, IovaState};
 use bare_iommu::vtd::{
     Access, DeviceState, FaultReason, FaultRecord, FaultStatus, InvDesc, Vtd, VtdConfig,
@@ -814,7 +815,8 @@ fn two_domains_are_isolated_with<F: BoardFormat>(ctx: &Ctx, vtd: &mut Unit) -> R
 
 /// A 2 MiB-aligned 2 MiB link uses one 2 MiB superpage when CAP.SLLPS allows;
 /// DMA anywhere inside lands at the same offset; unlinking it takes one
-/// page-selective invalidation (AM = 9) that really removes it.
+/// page-selective invalidation (AM = 9) that really removes it. Then the
+/// same through a `SharedDomain`'s read side.
 fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
     ctx: &Ctx,
     vtd: &mut Unit,
@@ -909,7 +911,70 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
         &[F::unmapped(Access::Write)],
         "DMA after unlink",
     )?;
-    destroy_and_detach(vtd, dom, tx, edu)
+    destroy_and_detach(vtd, dom, tx, edu)?;
+    superpage_2m_shared::<F>(ctx, vtd)
+}
+
+/// The same superpage through a `SharedDomain`: its read side (no
+/// write-side lock) writes the one entry, the edu's DMA lands inside it,
+/// and after a shared unlink and one sync the DMA is blocked.
+fn superpage_2m_shared<F: BoardFormat>(ctx: &Ctx, vtd: &mut Unit) -> Result<(), Fail> {
+    let edu = &ctx.edu[0];
+    let dom = SharedDomain::new(attached_domain::<F>(vtd, ctx, edu, 1, APERTURE_A)?);
+    let region = ctx.mem.superpage_region();
+    ctx.mem
+        .fill(region, SIZE_2M as usize, 0x55)
+        .or_fail("fill")?;
+    let mut tx = dom
+        .try_alloc(SIZE_2M, u64::MAX)
+        .or_fail("try_alloc")?
+        .into_iova()
+        .or_fail("translated")?;
+    let iova = dom
+        .link(
+            &mut tx,
+            region,
+            0,
+            SIZE_2M,
+            DmaDirection::Bidirectional,
+            MapAttrs::empty(),
+        )
+        .or_fail("shared link 2 MiB")?
+        .0;
+    dom.sync(vtd).or_fail("sync")?;
+    let height = dom.with(|d| {
+        d.page_table()
+            .and_then(|pt| pt.translate(DmaAddr(iova + 0x12_3456)))
+            .map(|t| (t.0, t.2))
+    });
+    check!(
+        height == Some((PhysAddr(region.0 + 0x12_3456), 1)),
+        "shared walk gave {height:?}, expected a 2 MiB leaf (height 1)"
+    );
+    let src = PhysAddr(region.0 + SIZE_2M - PAGE_SIZE);
+    load_buffer(ctx, edu, src, iova + SIZE_2M - PAGE_SIZE, 0x62)?;
+    edu.dma_to_ram(iova + 0x4_5000, 0, PAGE_U32)
+        .or_fail("edu -> +0x45000")?;
+    check_ok!(
+        ctx.mem
+            .check_pattern(PhysAddr(region.0 + 0x4_5000), PAGE, 0x62),
+        "DMA inside the shared superpage"
+    );
+    no_faults(vtd)?;
+    dom.unlink(&mut tx, 0, SIZE_2M).or_fail("shared unlink")?;
+    dom.sync(vtd).or_fail("sync")?;
+    expect_write_blocked(
+        ctx,
+        vtd,
+        edu,
+        iova + 0x4_5000,
+        PhysAddr(region.0 + 0x4_5000),
+        &[F::unmapped(Access::Write)],
+        "DMA after the shared unlink",
+    )?;
+    dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
+    vtd.detach(edu.id).or_fail("detach")?;
+    end_domain(vtd, dom.into_inner())
 }
 
 /// A sync after several unlinks puts exactly one invalidation-wait

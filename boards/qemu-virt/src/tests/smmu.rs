@@ -10,6 +10,7 @@
 use bare_iommu::addr::PAGE_SIZE;
 use bare_iommu::pgtable::arm::{ArmStage1, ArmStage2};
 use bare_iommu::pgtable::{DmaDirection, MapAttrs, PteFormat};
+use bare_iommu::shared::SharedDomain;
 use bare_iommu::smmuv3::{
     Command, CommandErrorCode, Event, EventReport, Smmu, SmmuConfig, SmmuError, Stage,
     StreamTableChoice, StreamTableFormat,
@@ -742,7 +743,8 @@ pub fn smmu_two_domains_isolate_two_devices(ctx: &mut Ctx) -> Result<(), Fail> {
 }
 
 /// A guest-sized region (4 MiB) linked with 2 MiB blocks in a stage-2 domain
-/// (stage 1 when the SMMU has no stage 2); edu DMAs into both blocks.
+/// (stage 1 when the SMMU has no stage 2); edu DMAs into both blocks. Then
+/// the same through a `SharedDomain`'s read side, and its unlink faults.
 pub fn smmu_guest_region_with_2m_blocks(ctx: &mut Ctx) -> Result<(), Fail> {
     let mut smmu = bring_up(ctx, SmmuConfig::default())?;
     let stage2 = smmu.supports(TableFormat::ArmStage2);
@@ -757,7 +759,88 @@ pub fn smmu_guest_region_with_2m_blocks(ctx: &mut Ctx) -> Result<(), Fail> {
             guest_region(ctx, &mut smmu, ArmStage1, levels)?;
         }
     }
+    if stage2 {
+        guest_region_shared(ctx, &mut smmu, ArmStage2)?;
+    } else {
+        guest_region_shared(ctx, &mut smmu, ArmStage1)?;
+    }
     teardown(&mut smmu, ctx)
+}
+
+/// The same 4 MiB through a [`SharedDomain`]: its read side (no write-side
+/// lock) writes the two 2 MiB blocks, the edu DMAs into both, and after a
+/// shared unlink of the whole range and one sync the DMA faults and lands
+/// nowhere.
+fn guest_region_shared<F: PteFormat>(ctx: &Ctx, smmu: &mut Smmu<Mem>, fmt: F) -> Result<(), Fail> {
+    const SIZE_2M: u64 = 2 << 20;
+    let dom = domain_with_levels(smmu, ctx, fmt, 10, 4)?;
+    let edu = &ctx.edu[1];
+    smmu.attach(edu.id, dom.attachment()).or_fail("attach")?;
+    let dom = SharedDomain::new(dom);
+    let (region, _) = ctx.mem.block_region();
+    let mut tx = dom
+        .try_alloc(2 * SIZE_2M, u64::MAX)
+        .or_fail("try_alloc")?
+        .into_iova()
+        .or_fail("translated")?;
+    check!(
+        tx.iova().is_aligned(SIZE_2M),
+        "IOVA {} not 2 MiB aligned",
+        tx.iova()
+    );
+    dom.link(
+        &mut tx,
+        region,
+        0,
+        2 * SIZE_2M,
+        DmaDirection::Bidirectional,
+        MapAttrs::empty(),
+    )
+    .or_fail("shared link 4 MiB")?;
+    dom.sync(smmu).or_fail("sync")?;
+    let heights = dom.with(|d| {
+        let pt = d.page_table()?;
+        let h = |off: u64| pt.translate(DmaAddr(tx.iova().get() + off)).map(|t| t.2);
+        Some([h(0x1234), h(SIZE_2M + 0x1234)])
+    });
+    check_eq!(heights, Some([Some(1), Some(1)]), "two 2 MiB blocks");
+    let src = region.get() + SIZE_2M - PAGE_SIZE;
+    let target = SIZE_2M + 0x20_0000 - 3 * PAGE_SIZE;
+    ctx.mem.fill_pattern(PhysAddr(src), PAGE, 0x3c);
+    ctx.mem.fill(PhysAddr(region.get() + target), PAGE, 0);
+    edu.dma_from_ram(at(tx.iova(), SIZE_2M - PAGE_SIZE), 0, PAGE as u32)
+        .or_fail("read")?;
+    edu.dma_to_ram(at(tx.iova(), target), 0, PAGE as u32)
+        .or_fail("write")?;
+    check_ok!(
+        ctx.mem
+            .check_pattern(PhysAddr(region.get() + target), PAGE, 0x3c),
+        "DMA through the shared blocks did not land at region +{target:#x}"
+    );
+    check_eq!(drain(smmu).report.events, 0, "events during the block DMA");
+    dom.unlink(&mut tx, 0, 2 * SIZE_2M)
+        .or_fail("shared unlink 4 MiB")?;
+    dom.sync(smmu).or_fail("sync after unlink")?;
+    ctx.mem.fill(PhysAddr(region.get() + target), PAGE, 0);
+    edu.dma_to_ram(at(tx.iova(), target), 0, 64)
+        .or_fail("write after unlink")?;
+    check_ok!(
+        ctx.mem
+            .check_filled(PhysAddr(region.get() + target), PAGE, 0),
+        "DMA reached the region after the shared unlink of its blocks"
+    );
+    check!(
+        drain(smmu).report.events > 0,
+        "no fault for the DMA after the shared unlink"
+    );
+    narrate!(
+        "SharedDomain: 4 MiB linked as two 2 MiB blocks on the read side, {} DMA'd into them; \
+         after the shared unlink and one sync its DMA faults",
+        edu.id
+    );
+    dom.free(tx).map_err(|(_, e)| e).or_fail("free")?;
+    detach_all(smmu, ctx)?;
+    end_domain(smmu, dom.into_inner())
 }
 
 fn guest_region<F: PteFormat>(
