@@ -60,9 +60,8 @@ struct Shard {
 /// per-shard slots (no shared cache line is written to enter), and change
 /// the tables through the shared-access path of the page table (tables
 /// installed by compare-and-swap, counts changed atomically; see the
-/// [module docs](super)). Shapes that path does not take (a block,
-/// bus-address P2P, an error to name) run on the write side, as the plain
-/// `Domain` methods.
+/// [module docs](super)). What that path does not take (bus-address P2P,
+/// an error to name) runs on the write side, as the plain `Domain` methods.
 ///
 /// **IOVAs** come from four shards, each a chunk of the aperture taken
 /// from the domain's allocator and handed out under its own short spin
@@ -502,8 +501,9 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         }
     }
 
-    /// [`Domain::link`], on the read side when the shape allows (in
-    /// parallel with other CPUs' links and unlinks), else on the write side.
+    /// [`Domain::link`] on the read side (in parallel with other CPUs'
+    /// links and unlinks): pages, and blocks where the exclusive path would
+    /// put them.
     ///
     /// # Errors
     ///
@@ -686,9 +686,10 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         r
     }
 
-    /// [`Domain::unlink`], on the read side when the shape allows (pages,
-    /// over any number of leaf tables; a table stays attached even when
-    /// emptied, noted for a reclaim), else on the write side.
+    /// [`Domain::unlink`], on the read side when the range is wholly linked
+    /// by pages and whole blocks (a table stays attached even when emptied,
+    /// noted for a reclaim), else on the write side (which names the
+    /// error).
     ///
     /// # Errors
     ///

@@ -76,17 +76,18 @@
 //! the whole table for empty ones instead (the walk of
 //! `Domain::reclaim_empty_tables`, which a `Domain` kept with
 //! `TableReclaim::Keep` uses too): no emptied table outlives a reclaim.
-//! The shared path takes page mappings over any number of leaf tables:
-//! one page, a contiguous run, a `link_pages` list (first a look that
-//! nothing in the range is mapped, then a leaf table at a time, its count
-//! changed once), and unlinks of pages. The write side runs what it does
-//! not take: a block (2 MiB / 1 GiB leaf; a contiguous link holding a
-//! whole aligned 2 MiB goes there to be mapped as one), bus-address P2P,
-//! a range not wholly linked (to name the error), a transaction from the
-//! domain's own allocator being freed. All or nothing holds on both sides
-//! (a failed shared link changes no translation: entries it wrote before a
-//! table could not be lent are cleared again and their range invalidated
-//! at the next sync; tables it attached stay, empty, for a reclaim).
+//! The shared path takes every host-memory link and unlink, over any
+//! number of tables: one page, a contiguous run (with the exclusive path's
+//! shapes: a 2 MiB / 1 GiB block where one fits over a not-valid entry,
+//! pages elsewhere), a `link_pages` list (first a look that nothing in the
+//! range is mapped, then a table at a time, each count changed once), and
+//! unlinks of pages and whole blocks. The write side runs the rest:
+//! bus-address P2P, a range not wholly linked or cutting a block (to name
+//! the error), a transaction from the domain's own allocator being freed.
+//! All or nothing holds on both sides (a failed shared link changes no
+//! translation: entries it wrote before a table could not be lent are
+//! cleared again and their range invalidated at the next sync; tables it
+//! attached stay, empty, for a reclaim).
 //!
 //! **Per-call cost.** Each shared call enters and leaves the read side
 //! (two locked read-modify-writes on the shard's slot), changes a table's
