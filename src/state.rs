@@ -1529,6 +1529,21 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
+        let (iova, len, kind) = Self::check_link_pages(tx, pages, offset, attrs)?;
+        let t = self.translated(tx)?;
+        let r = t.pt.map_pages(DmaAddr(iova), pages, link_attrs(attrs, dir));
+        finish_link(t, tx, iova, len, kind, dir, r)
+    }
+
+    /// The checks of [`link_pages`](Self::link_pages) that need only the
+    /// state: `(iova, len, kind)` of the link.
+    #[inline]
+    pub(crate) fn check_link_pages(
+        tx: &IovaState,
+        pages: &[PhysAddr],
+        offset: u64,
+        attrs: MapAttrs,
+    ) -> Result<(u64, u64, DmaKind), DmaError> {
         let len = (pages.len() as u64)
             .checked_mul(PAGE_SIZE)
             .ok_or(DmaError::Overflow {
@@ -1539,10 +1554,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         if tx.linked != 0 && tx.dirs() & HAS_PROVIDER != 0 {
             return Err(DmaError::MixedP2p);
         }
-        let kind = link_kind(tx, attrs)?;
-        let t = self.translated(tx)?;
-        let r = t.pt.map_pages(DmaAddr(iova), pages, link_attrs(attrs, dir));
-        finish_link(t, tx, iova, len, kind, dir, r)
+        Ok((iova, len, link_kind(tx, attrs)?))
     }
 
     /// [`link`](Self::link) for a range that may be a peer device's P2P

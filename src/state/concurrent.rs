@@ -268,21 +268,8 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         attrs: MapAttrs,
     ) -> (Result<DmaAddr, DmaError>, SharedEffect) {
         let none = SharedEffect::default();
-        let checked = (|| {
-            let len = (pages.len() as u64)
-                .checked_mul(PAGE_SIZE)
-                .ok_or(DmaError::Overflow {
-                    a: pages.len() as u64,
-                    b: PAGE_SIZE,
-                })?;
-            let iova = Self::check_window(tx, offset, len)?;
-            if tx.linked != 0 && tx.dirs() & HAS_PROVIDER != 0 {
-                return Err(DmaError::MixedP2p);
-            }
-            let kind = link_kind(tx, attrs)?;
-            let t = self.shared_translated(tx)?;
-            Ok((iova, len, kind, t))
-        })();
+        let checked = Self::check_link_pages(tx, pages, offset, attrs)
+            .and_then(|(iova, len, kind)| Ok((iova, len, kind, self.shared_translated(tx)?)));
         let (iova, len, kind, t) = match checked {
             Ok(v) => v,
             Err(e) => return (Err(e), none),
