@@ -93,7 +93,7 @@
 //! (two locked read-modify-writes on the shard's slot), changes a table's
 //! count atomically, and an unlink notes its range under the side's spin
 //! lock: on one CPU a per-page `link` costs about 7×, a per-page `unlink`
-//! about 10× what `Domain`'s does in time (the locked instructions; 108 /
+//! about 10× what `Domain`'s does in time (the locked instructions; 109 /
 //! 121 instructions against 62 / 51). A list of pages through
 //! [`SharedDomain::link_pages`] pays them once per list: within 15% of
 //! `Domain::link_pages` per page. Link many pages in one call where the

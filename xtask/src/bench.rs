@@ -122,7 +122,7 @@ fn count_all() -> Result<(), String> {
             // The walker alone (`IoPageTable`), the floor of the two-step API.
             whos.push("walker".into());
             // One CPU through `SharedDomain` (what the concurrency costs).
-            if fmt == "s1" && case.contains("4k") {
+            if fmt == "s1" {
                 whos.push("shared".into());
             }
             whos.extend(peers.iter().map(|p| p.to_string()));
