@@ -332,9 +332,21 @@ fn loom_a_leaf_hint_two_cpus_fill_at_once_is_never_read_torn() {
 /// write side as the reclaim in `SharedDomain::sync` does.
 #[test]
 fn loom_the_reclaim_side_of_the_domain_lock_excludes_every_reader() {
-    model(|| {
+    reclaim_side_excludes_readers([0, 1]);
+}
+
+/// The same with both readers in one slot: one holds its solo word, the
+/// other counts itself in the slot, and the write side must exclude both.
+#[test]
+fn loom_the_reclaim_side_excludes_a_solo_and_a_counted_reader_of_one_slot() {
+    reclaim_side_excludes_readers([0, 0]);
+}
+
+fn reclaim_side_excludes_readers(slots: [usize; 2]) {
+    model(move || {
         let l = Arc::new(bare_iommu::shared::LoomRwCell::new(0));
-        let readers: Vec<_> = (0..2usize)
+        let readers: Vec<_> = slots
+            .into_iter()
             .map(|slot| {
                 let l = l.clone();
                 thread::spawn(move || l.try_read_twice(slot))

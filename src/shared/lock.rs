@@ -245,18 +245,33 @@ const WRITER: u32 = 1 << 31;
 const WANT: u32 = 1 << 30;
 
 /// One reader slot, alone on its cache line (128 bytes: the line pair
-/// some Arm and x86 parts prefetch together).
+/// some Arm and x86 parts prefetch together): the count of readers (with
+/// the writer's bits) and the *solo* word, which one reader at a time holds
+/// alone (0 free, [`SOLO_IN`] a reader, [`WRITER`] the writer).
 #[repr(align(128))]
-struct Slot(AtomicU32);
+struct Slot {
+    count: AtomicU32,
+    solo: AtomicU32,
+}
+
+/// A reader holds a slot's solo word.
+const SOLO_IN: u32 = 1;
 
 /// A reader-writer spin lock whose readers count themselves in one of
 /// [`SLOTS`] slots (a per-CPU reader count, as Linux's `percpu_rw_semaphore`
-/// keeps): entering and leaving the read side is one compare-and-swap and
-/// one subtraction on the reader's own slot. The write side takes every
-/// slot, in order: in each it sets WANT (new readers of that slot wait),
-/// waits for the slot's readers to leave, then holds it with WRITER. The
-/// write side is for rare work (reclaiming empty tables, the fallback
-/// paths); [`try_write`](Self::try_write) never waits.
+/// keeps). A reader first tries its slot's solo word: taken by a
+/// compare-and-swap from free, it is the reader's alone, so leaving is a
+/// plain store (one locked instruction per read section, not two). When
+/// another reader holds it, the reader counts itself in the slot instead
+/// (a compare-and-swap to enter, a subtraction to leave). The write side
+/// takes every slot, in order: in each it sets WANT (new readers of that
+/// slot wait, and do not try the solo word), waits for the slot's counted
+/// readers to leave and holds the count with WRITER, then waits for the
+/// solo reader to leave and holds the solo word with WRITER (a
+/// compare-and-swap from free: nobody else writes a held solo word, so the
+/// reader's store cannot lose a writer's bit). The write side is for rare
+/// work (reclaiming empty tables, the fallback paths);
+/// [`try_write`](Self::try_write) never waits.
 ///
 /// Which slot a reader uses only spreads the load: any slot is correct.
 pub(crate) struct ShardedRwLock<T> {
@@ -279,15 +294,33 @@ impl Drop for ReadRelease<'_> {
     }
 }
 
-/// Leaves the write side when dropped.
-struct WriteRelease<'a, T>(&'a ShardedRwLock<T>, usize);
+/// Leaves a solo read section when dropped.
+struct SoloRelease<'a>(&'a AtomicU32);
+
+impl Drop for SoloRelease<'_> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // Ours alone: nobody else writes a held solo word.
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+/// Leaves the write side when dropped: `.1` slots held whole, and the
+/// count (not the solo word) of slot `.1` when `.2`.
+struct WriteRelease<'a, T>(&'a ShardedRwLock<T>, usize, bool);
 
 impl<T> Drop for WriteRelease<'_, T> {
     fn drop(&mut self) {
         for s in self.0.slots.iter().take(self.1) {
+            s.solo.store(0, Ordering::Release);
             // Only WRITER (and WANTs of other writers, which set it again)
             // can be set: readers never enter a slot a writer holds.
-            s.0.store(0, Ordering::Release);
+            s.count.store(0, Ordering::Release);
+        }
+        if self.2 {
+            if let Some(s) = self.0.slots.get(self.1) {
+                s.count.store(0, Ordering::Release);
+            }
         }
     }
 }
@@ -295,7 +328,10 @@ impl<T> Drop for WriteRelease<'_, T> {
 impl<T> ShardedRwLock<T> {
     pub(crate) fn new(data: T) -> Self {
         Self {
-            slots: core::array::from_fn(|_| Slot(AtomicU32::new(0))),
+            slots: core::array::from_fn(|_| Slot {
+                count: AtomicU32::new(0),
+                solo: AtomicU32::new(0),
+            }),
             data: Cell::new(data),
         }
     }
@@ -309,7 +345,24 @@ impl<T> ShardedRwLock<T> {
     /// lock again.
     #[inline(always)]
     pub(crate) fn read<R>(&self, slot: usize, f: impl FnOnce(&T) -> R) -> R {
-        let s = &self.slots[slot % SLOTS].0;
+        let slot = &self.slots[slot % SLOTS];
+        // The solo word, unless a writer wants the slot (then wait below).
+        if slot.count.load(Ordering::Relaxed) & (WRITER | WANT) == 0
+            && slot
+                .solo
+                .compare_exchange(0, SOLO_IN, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            let _release = SoloRelease(&slot.solo);
+            // SAFETY: the solo reader of a slot no writer holds.
+            return unsafe { self.data.with(f) };
+        }
+        self.read_counted(&slot.count, f)
+    }
+
+    /// [`read`](Self::read) counted in the slot's reader count.
+    #[inline(always)]
+    fn read_counted<R>(&self, s: &AtomicU32, f: impl FnOnce(&T) -> R) -> R {
         let mut v = s.load(Ordering::Relaxed);
         loop {
             if v & (WRITER | WANT) == 0 {
@@ -336,9 +389,9 @@ impl<T> ShardedRwLock<T> {
     /// Runs `f` on the write side, waiting for the readers to leave.
     /// `f` must not take this lock again.
     pub(crate) fn write<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        let mut held = WriteRelease(self, 0);
+        let mut held = WriteRelease(self, 0, false);
         for slot in &self.slots {
-            let s = &slot.0;
+            let s = &slot.count;
             let mut v = s.load(Ordering::Relaxed);
             loop {
                 if v & !WANT == 0 {
@@ -353,6 +406,17 @@ impl<T> ShardedRwLock<T> {
                 spin_hint();
                 v = s.load(Ordering::Relaxed);
             }
+            held.2 = true;
+            // The solo reader leaves by a store; no new one comes (the
+            // count shows WRITER).
+            while slot
+                .solo
+                .compare_exchange(0, WRITER, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                spin_hint();
+            }
+            held.2 = false;
             held.1 += 1;
         }
         // SAFETY: every slot held with WRITER: no reader, no other writer.
@@ -362,15 +426,24 @@ impl<T> ShardedRwLock<T> {
     /// Runs `f` on the write side if no reader or writer is in now;
     /// `None` (nothing run) otherwise. Never waits.
     pub(crate) fn try_write<R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
-        let mut held = WriteRelease(self, 0);
+        let mut held = WriteRelease(self, 0, false);
         for slot in &self.slots {
             if slot
-                .0
+                .count
                 .compare_exchange(0, WRITER, Ordering::Acquire, Ordering::Relaxed)
                 .is_err()
             {
                 return None;
             }
+            held.2 = true;
+            if slot
+                .solo
+                .compare_exchange(0, WRITER, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                return None;
+            }
+            held.2 = false;
             held.1 += 1;
         }
         // SAFETY: as in `write`.
@@ -383,7 +456,18 @@ impl<T> ShardedRwLock<T> {
     /// The read side's entry without the wait (the model tests: loom
     /// explores every interleaving of one attempt against the write side).
     fn try_read<R>(&self, slot: usize, f: impl FnOnce(&T) -> R) -> Option<R> {
-        let s = &self.slots[slot % SLOTS].0;
+        let slot = &self.slots[slot % SLOTS];
+        if slot.count.load(Ordering::Relaxed) & (WRITER | WANT) == 0
+            && slot
+                .solo
+                .compare_exchange(0, SOLO_IN, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            let _release = SoloRelease(&slot.solo);
+            // SAFETY: the solo reader of a slot no writer holds.
+            return Some(unsafe { self.data.with(f) });
+        }
+        let s = &slot.count;
         let v = s.load(Ordering::Relaxed);
         if v & (WRITER | WANT) != 0
             || s.compare_exchange(v, v + 1, Ordering::Acquire, Ordering::Relaxed)
