@@ -56,8 +56,8 @@ struct Shard {
 /// A [`Domain`] several CPUs use at once.
 ///
 /// **Link and unlink run in parallel** on disjoint transactions: they take
-/// the read side of a reader-writer lock whose readers count themselves in
-/// per-shard slots (no shared cache line is written to enter), and change
+/// the read side of a reader-writer lock whose readers enter per-shard
+/// slots (no shared cache line is written to enter), and change
 /// the tables through the shared-access path of the page table (tables
 /// installed by compare-and-swap, counts changed atomically; see the
 /// [module docs](super)). What that path does not take (bus-address P2P,

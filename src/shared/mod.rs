@@ -55,8 +55,8 @@
 //! entries and blocks of one transaction are written by one CPU only.
 //! What CPUs share is the upper tables and the valid-entry counts kept in
 //! their entries' ignored bits. `link` / `unlink` therefore run on the *read side* of a
-//! reader-writer lock whose readers count themselves in per-shard slots
-//! (no cache line common to all CPUs is written to enter), through the
+//! reader-writer lock whose readers enter per-shard slots (no cache line
+//! common to all CPUs is written to enter), through the
 //! page table's shared-access path: an empty upper entry gets its table by
 //! compare-and-swap, and the CPU that loses the race hands its page back
 //! to the lender at once — nothing ever saw it (Linux
@@ -90,12 +90,13 @@
 //! attached stay, empty, for a reclaim).
 //!
 //! **Per-call cost.** Each shared call enters and leaves the read side
-//! (two locked read-modify-writes on the shard's slot), changes a table's
+//! (a compare-and-swap on the slot's solo word, and a plain store to leave;
+//! a second reader of the slot counts itself in and out), changes a table's
 //! count atomically, and an unlink notes its range under the side's spin
-//! lock: on one CPU a per-page `link` costs about 7×, a per-page `unlink`
-//! about 10× what `Domain`'s does in time (the locked instructions; 109 /
-//! 121 instructions against 62 / 51). A list of pages through
-//! [`SharedDomain::link_pages`] pays them once per list: within 15% of
+//! lock: on one CPU a per-page `link` costs about 5×, a per-page `unlink`
+//! about 9× what `Domain`'s does in time (the locked instructions; 115 /
+//! 119 instructions against 62 / 51). A list of pages through
+//! [`SharedDomain::link_pages`] pays them once per list: within 20% of
 //! `Domain::link_pages` per page. Link many pages in one call where the
 //! device's buffer allows.
 //!
