@@ -257,6 +257,23 @@ struct Slot {
 /// A reader holds a slot's solo word.
 const SOLO_IN: u32 = 1;
 
+impl Slot {
+    /// The solo word, taken for the caller alone (released when the guard
+    /// drops); `None` when another reader holds it or a writer wants or
+    /// holds the slot (the caller then counts itself in, or waits).
+    #[inline(always)]
+    fn take_solo(&self) -> Option<SoloRelease<'_>> {
+        (self.count.load(Ordering::Relaxed) & (WRITER | WANT) == 0
+            && self
+                .solo
+                .compare_exchange(0, SOLO_IN, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok())
+        // Lazily: a guard made and dropped here would release a solo word
+        // this caller does not hold.
+        .then(|| SoloRelease(&self.solo))
+    }
+}
+
 /// A reader-writer spin lock whose readers count themselves in one of
 /// [`SLOTS`] slots (a per-CPU reader count, as Linux's `percpu_rw_semaphore`
 /// keeps). A reader first tries its slot's solo word: taken by a
@@ -346,14 +363,7 @@ impl<T> ShardedRwLock<T> {
     #[inline(always)]
     pub(crate) fn read<R>(&self, slot: usize, f: impl FnOnce(&T) -> R) -> R {
         let slot = &self.slots[slot % SLOTS];
-        // The solo word, unless a writer wants the slot (then wait below).
-        if slot.count.load(Ordering::Relaxed) & (WRITER | WANT) == 0
-            && slot
-                .solo
-                .compare_exchange(0, SOLO_IN, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-        {
-            let _release = SoloRelease(&slot.solo);
+        if let Some(_release) = slot.take_solo() {
             // SAFETY: the solo reader of a slot no writer holds.
             return unsafe { self.data.with(f) };
         }
@@ -457,13 +467,7 @@ impl<T> ShardedRwLock<T> {
     /// explores every interleaving of one attempt against the write side).
     fn try_read<R>(&self, slot: usize, f: impl FnOnce(&T) -> R) -> Option<R> {
         let slot = &self.slots[slot % SLOTS];
-        if slot.count.load(Ordering::Relaxed) & (WRITER | WANT) == 0
-            && slot
-                .solo
-                .compare_exchange(0, SOLO_IN, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-        {
-            let _release = SoloRelease(&slot.solo);
+        if let Some(_release) = slot.take_solo() {
             // SAFETY: the solo reader of a slot no writer holds.
             return Some(unsafe { self.data.with(f) });
         }
