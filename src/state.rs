@@ -1496,12 +1496,7 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         dir: DmaDirection,
         attrs: MapAttrs,
     ) -> Result<DmaAddr, DmaError> {
-        let iova = Self::check_window(tx, offset, len)?;
-        check_aligned(phys.0)?;
-        phys.0
-            .checked_add(len)
-            .ok_or(DmaError::Overflow { a: phys.0, b: len })?;
-        let kind = link_kind(tx, attrs)?;
+        let (iova, kind) = Self::check_link(tx, phys, offset, len, attrs)?;
         let t = self.translated(tx)?;
         // The window check above proved what `map` would check again: a
         // page-aligned, non-empty range inside the aperture, an aligned
@@ -1533,6 +1528,25 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         let t = self.translated(tx)?;
         let r = t.pt.map_pages(DmaAddr(iova), pages, link_attrs(attrs, dir));
         finish_link(t, tx, iova, len, kind, dir, r)
+    }
+
+    /// The checks of a contiguous link that need only the state: the
+    /// window, the physical start's alignment and end, the kind: `(iova,
+    /// kind)` of the link.
+    #[inline(always)]
+    pub(crate) fn check_link(
+        tx: &IovaState,
+        phys: PhysAddr,
+        offset: u64,
+        len: u64,
+        attrs: MapAttrs,
+    ) -> Result<(u64, DmaKind), DmaError> {
+        let iova = Self::check_window(tx, offset, len)?;
+        check_aligned(phys.0)?;
+        phys.0
+            .checked_add(len)
+            .ok_or(DmaError::Overflow { a: phys.0, b: len })?;
+        Ok((iova, link_kind(tx, attrs)?))
     }
 
     /// The checks of [`link_pages`](Self::link_pages) that need only the

@@ -850,15 +850,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         if !attrs.intersects(MapAttrs::READ | MapAttrs::WRITE) {
             return Err(PageTableError::NoAccess);
         }
-        let last_page = (1u64 << self.fmt.oa_bits()) - PAGE_SIZE;
-        for p in pages {
-            if !p.is_page_aligned() {
-                return Err(PageTableError::Unaligned { value: p.0 });
-            }
-            if p.0 > last_page {
-                return Err(PageTableError::PhysTooLarge { phys: *p });
-            }
-        }
+        self.check_pages(pages)?;
         if let Some(at) = self.first_present(self.root, self.top_height(), iova.0, end) {
             return Err(PageTableError::AlreadyMapped { iova: DmaAddr(at) });
         }
@@ -886,6 +878,21 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
             self.count_add(slot, n as u64);
             rest = later;
             cur += n as u64 * PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    /// Every page of a list page aligned and inside the output range; the
+    /// error names the first that is not.
+    pub(crate) fn check_pages(&self, pages: &[PhysAddr]) -> Result<(), PageTableError> {
+        let last_page = self.oa_limit - PAGE_SIZE;
+        for p in pages {
+            if !p.is_page_aligned() {
+                return Err(PageTableError::Unaligned { value: p.0 });
+            }
+            if p.0 > last_page {
+                return Err(PageTableError::PhysTooLarge { phys: *p });
+            }
         }
         Ok(())
     }

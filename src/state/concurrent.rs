@@ -4,7 +4,7 @@
 
 use super::{
     DIRS_SHIFT, DmaKind, Domain, HAS_PROVIDER, IovaState, KIND_SHIFT, KIND_TRANSLATED, PendingList,
-    SyncBegun, Translated, check_aligned, link_attrs, link_kind, queue_ranges,
+    SyncBegun, Translated, link_attrs, queue_ranges,
 };
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::backend::IommuBackend;
@@ -172,17 +172,11 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
         attrs: MapAttrs,
     ) -> (Result<DmaAddr, DmaError>, SharedEffect) {
         let checked = (|| {
-            let iova = Self::check_window(tx, offset, len)?;
-            check_aligned(phys.0)?;
-            phys.0
-                .checked_add(len)
-                .ok_or(DmaError::Overflow { a: phys.0, b: len })?;
             if tx.linked != 0 && tx.dirs() & HAS_PROVIDER != 0 {
                 return Err(DmaError::MixedP2p);
             }
-            let kind = link_kind(tx, attrs)?;
-            let t = self.shared_translated(tx)?;
-            Ok((iova, kind, t))
+            let (iova, kind) = Self::check_link(tx, phys, offset, len, attrs)?;
+            Ok((iova, kind, self.shared_translated(tx)?))
         })();
         let (iova, kind, t) = match checked {
             Ok(v) => v,

@@ -338,24 +338,6 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Ok((table, slot))
     }
 
-    /// The existing leaf table covering `iova` and its count slot, by a
-    /// walk that changes nothing; `None` when it meets anything but tables.
-    fn walk_present_shared(&self, iova: u64) -> Option<(PhysAddr, u64)> {
-        let (mut table, mut slot) = (self.root, 0u64);
-        for h in (1..=self.top_height()).rev() {
-            let idx = index(iova, h);
-            let Pte::Table(t) = self
-                .fmt
-                .decode(self.word(table, idx).load(Ordering::Acquire), h)
-            else {
-                return None;
-            };
-            slot = counts::slot(table, idx);
-            table = t;
-        }
-        Some((table, slot))
-    }
-
     /// [`map`](Self::map) through `&self` of a physically contiguous range,
     /// across as many tables as it spans, in the shapes the exclusive path
     /// gives it: a block (2 MiB, 1 GiB where the format allows) wherever
@@ -423,19 +405,10 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
     ) -> Result<(), SharedMapError> {
         let end = iova + pages.len() as u64 * PAGE_SIZE;
         debug_assert!(self.check_range(DmaAddr(iova), end - iova) == Ok(end));
-        let fail = |error| SharedMapError {
+        self.check_pages(pages).map_err(|error| SharedMapError {
             error,
             left_empty: false,
-        };
-        let last_page = self.oa_limit - PAGE_SIZE;
-        for p in pages {
-            if !p.is_page_aligned() {
-                return Err(fail(PageTableError::Unaligned { value: p.0 }));
-            }
-            if p.0 > last_page {
-                return Err(fail(PageTableError::PhysTooLarge { phys: *p }));
-            }
-        }
+        })?;
         self.map_run_shared(
             hint,
             iova,
@@ -577,16 +550,22 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         Probe::Leaf(table, slot)
     }
 
+    /// [`probe_shared`](Self::probe_shared), the leaf table taken from
+    /// `hint` when it holds the region (the hint is not filled).
+    #[inline(always)]
+    fn probe_hinted(&self, hint: &LeafHint, iova: u64) -> Probe {
+        match hint.get(iova >> LEAF_TABLE_SHIFT, self.generation()) {
+            Some((leaf, slot)) => Probe::Leaf(leaf, slot),
+            None => self.probe_shared(iova),
+        }
+    }
+
     /// The first address of `[iova, end)` something maps, by walks that
     /// change nothing (leaf tables from `hint` where it holds them).
     fn first_mapped_shared(&self, hint: &LeafHint, iova: u64, end: u64) -> Option<u64> {
         let mut cur = iova;
         while cur < end {
-            let probe = match hint.get(cur >> LEAF_TABLE_SHIFT, self.generation()) {
-                Some((leaf, slot)) => Probe::Leaf(leaf, slot),
-                None => self.probe_shared(cur),
-            };
-            match probe {
+            match self.probe_hinted(hint, cur) {
                 Probe::Hole(h) => cur = span_end(cur, h, end),
                 Probe::Block { .. } => return Some(cur),
                 Probe::Leaf(leaf, _) => {
@@ -673,9 +652,11 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         let (leaf, slot) = match hint.get(region, self.generation()) {
             Some(t) => t,
             None => {
-                let t = self.walk_present_shared(iova)?;
-                hint.put(region, self.generation(), t);
-                t
+                let Probe::Leaf(leaf, slot) = self.probe_shared(iova) else {
+                    return None;
+                };
+                hint.put(region, self.generation(), (leaf, slot));
+                (leaf, slot)
             }
         };
         let i = index(iova, 0);
@@ -707,11 +688,7 @@ impl<F: PteFormat, M: TableMemory> IoPageTable<F, M> {
         // Every page of the range mapped, by pages or whole blocks, first.
         let mut cur = iova;
         while cur < end {
-            let probe = match hint.get(cur >> LEAF_TABLE_SHIFT, self.generation()) {
-                Some((leaf, slot)) => Probe::Leaf(leaf, slot),
-                None => self.probe_shared(cur),
-            };
-            match probe {
+            match self.probe_hinted(hint, cur) {
                 Probe::Hole(_) => return None,
                 Probe::Block { h, .. } => {
                     let span = 1u64 << (12 + BITS_PER_LEVEL * h);
@@ -887,6 +864,11 @@ mod tests {
 
     const RW: MapAttrs = MapAttrs::READ.union(MapAttrs::WRITE);
 
+    /// Where the table maps `iova` (a software walk).
+    fn pa_at<M: TableMemory>(pt: &IoPageTable<ArmStage1, M>, iova: u64) -> Option<PhysAddr> {
+        pt.translate(DmaAddr(iova)).map(|t| t.0)
+    }
+
     #[test]
     fn shared_maps_and_unmaps_keep_counts_and_reclaim_empties_the_path() {
         let mem = HostMemory::default();
@@ -942,7 +924,7 @@ mod tests {
         assert_eq!(pt.map_shared(&h, iova, 0x9000_0000, end, RW), Ok(()));
         for k in 0..5u64 {
             assert_eq!(
-                pt.translate(DmaAddr(iova + k * 0x1000)).map(|t| t.0),
+                pa_at(&pt, iova + k * 0x1000),
                 Some(PhysAddr(0x9000_0000 + k * 0x1000))
             );
         }
@@ -951,10 +933,7 @@ mod tests {
         let mut emptied = std::vec::Vec::new();
         let mut on_empty = |a| emptied.push(a);
         assert_eq!(pt.unmap_shared(&h, iova, end + 0x1000, &mut on_empty), None);
-        assert_eq!(
-            pt.translate(DmaAddr(iova)).map(|t| t.0),
-            Some(PhysAddr(0x9000_0000))
-        );
+        assert_eq!(pa_at(&pt, iova), Some(PhysAddr(0x9000_0000)));
         assert_eq!(pt.unmap_shared(&h, iova, end, &mut on_empty), Some(0x5000));
         assert_eq!(emptied, [iova, edge]);
         pt.check_counts().unwrap();
@@ -993,7 +972,7 @@ mod tests {
             );
             for off in [0, 0xff000, 0x10_0000, 0x12_3000, 0x2f_f000, 0x3f_f000] {
                 assert_eq!(
-                    pt.translate(DmaAddr(a + off)).map(|t| t.0),
+                    pa_at(&pt, a + off),
                     Some(PhysAddr(pa + off)),
                     "offset {off:#x}"
                 );
@@ -1005,10 +984,7 @@ mod tests {
                 pt.unmap_shared(&h, edge + 0x1000, edge + 0x2000, &mut on_empty),
                 None
             );
-            assert_eq!(
-                pt.translate(DmaAddr(edge + 0x1000)).map(|t| t.0),
-                Some(PhysAddr(pa + 0x10_1000))
-            );
+            assert_eq!(pa_at(&pt, edge + 0x1000), Some(PhysAddr(pa + 0x10_1000)));
             assert_eq!(pt.unmap_shared(&h, a, end, &mut on_empty), Some(end - a));
             assert_eq!(emptied, [a, edge + (2 << 20)], "the two leaf tables");
             assert_eq!(pt.translate(DmaAddr(edge)), None);
@@ -1028,10 +1004,7 @@ mod tests {
         pt.unmap_shared(&h, a, a + 0x1000, &mut |_| {}).unwrap();
         assert_eq!(pt.reclaim_empty(a), Some((a, 1 << 21)));
         assert_eq!(pt.reclaim_empty(b), None, "b's leaf table holds a page");
-        assert_eq!(
-            pt.translate(DmaAddr(b)).map(|t| t.0),
-            Some(PhysAddr(0x9000_0000))
-        );
+        assert_eq!(pa_at(&pt, b), Some(PhysAddr(0x9000_0000)));
         pt.check_counts().unwrap();
     }
 }
