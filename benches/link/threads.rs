@@ -3,7 +3,8 @@
 //! (try_alloc, link 16 pages one call each, `sync_for`, unlink, destroy;
 //! and once more with the domain-wide `sync` in their place) through its
 //! own handle on one `SharedIommu` (a fake queue: the IOMMU costs nothing
-//! here). The ratio is the 2-thread throughput over the 1-thread
+//! here). Each thread tells the domain its CPU index, as a hypervisor
+//! would from a per-CPU variable (`SharedDomain::with_cpu_index`). The ratio is the 2-thread throughput over the 1-thread
 //! throughput for the same total work (2.0 would be perfect scaling).
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
@@ -42,6 +43,22 @@ unsafe impl TableMemory for Heap {
 
 const PAGES: u64 = 16;
 
+thread_local! {
+    /// This thread's CPU index (`cpu_index`), set as it starts its
+    /// transactions.
+    static CPU: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// What a hypervisor reads from a per-CPU variable: which CPU runs.
+fn cpu_index() -> usize {
+    CPU.with(|c| c.get())
+}
+
+/// A shared domain with tag `id` that knows each thread's CPU index.
+fn shared(heap: &Heap, id: u16) -> SharedDomain<ArmStage1, &Heap> {
+    SharedDomain::with_cpu_index(Domain::new(ArmStage1, heap, cfg(id)).unwrap(), cpu_index)
+}
+
 /// A 4-level domain with tag `id` whose aperture (1 MiB to 1 TiB) gives
 /// every CPU an IOVA shard of its own.
 fn cfg(id: u16) -> DomainConfig {
@@ -72,6 +89,7 @@ fn transactions(
     id: u64,
     sync: Syncs,
 ) {
+    CPU.with(|c| c.set(id as usize));
     let mut h = iommu.cpu();
     for i in 0..n {
         let mut tx = dom
@@ -120,7 +138,7 @@ fn run(total: u64, threads: u64, sync: Syncs) -> f64 {
 /// costs when the domain is not shared).
 fn run_two_domains(total: u64) -> f64 {
     let heap = Heap;
-    let doms = [1, 2].map(|id| SharedDomain::new(Domain::new(ArmStage1, &heap, cfg(id)).unwrap()));
+    let doms = [1, 2].map(|id| shared(&heap, id));
     let iommu = SharedIommu::new(FakeQueue::new(u64::MAX), |_| {});
     for d in &doms {
         transactions(d, &iommu, 16, 0, Syncs::Transaction);
@@ -151,7 +169,7 @@ fn run_on(total: u64, threads: u64, separate: bool, sync: Syncs) -> f64 {
         return start.elapsed().as_nanos() as f64 / total as f64;
     }
     let heap = Heap;
-    let dom = SharedDomain::new(Domain::new(ArmStage1, &heap, cfg(1)).unwrap());
+    let dom = shared(&heap, 1);
     let iommu = SharedIommu::new(FakeQueue::new(u64::MAX), |_| {});
     // Warm the tables once.
     transactions(&dom, &iommu, 16, 0, sync);
@@ -201,7 +219,7 @@ pub fn line(total: u64, samples: usize) -> String {
         "bench: shared threads s1 txn-{PAGES}-pages (disjoint transactions, one SharedDomain, \
          sync_for + destroy): 1 thread={a:.0} ns/txn 2 threads={b:.0} ns/txn ratio={:.2} \
          (samples {sp}; link/unlink on the read side: tables by compare-and-swap, one IOVA shard \
-         per thread; with the domain-wide sync() instead: 1 thread={ad:.0} 2 threads={bd:.0} \
+         per thread, each thread's CPU index given (with_cpu_index); with the domain-wide sync() instead: 1 thread={ad:.0} 2 threads={bd:.0} \
          ns/txn ratio={:.2} (samples {sp_d}); \
          2 threads on 2 domains of one SharedIommu={one_iommu:.0} ns/txn: ratio={:.2}; \
          2 threads on 2 separate domains and drivers={apart:.0} ns/txn: the machine's own ratio={:.2} now)",

@@ -119,6 +119,8 @@ pub struct SharedDomain<F: PteFormat, M: TableMemory> {
     chunk_shift: u32,
     /// Which stack region claimed each shard (`home`).
     owners: [AtomicUsize; SHARDS],
+    /// The calling CPU's index, when the user gave a way to read it.
+    cpu: Option<fn() -> usize>,
     /// Chunk size, 0 when the aperture is too small to shard.
     chunk: u64,
     translated: bool,
@@ -202,8 +204,29 @@ impl SyncWord {
 }
 
 impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
-    /// Shares `dom`.
+    /// Shares `dom`. Each CPU's shard (its IOVA chunk, reader slot and
+    /// leaf-table hint) is found from its stack: the first call from a
+    /// region of 16 KiB claims a free shard for it. That needs no help from
+    /// the user but can go wrong: a CPU whose calls run on both sides of a
+    /// region's edge (a stack larger than 16 KiB) claims two shards, and
+    /// once the four are claimed CPUs share one (correct, slower). Where the
+    /// CPU's index is at hand, use [`with_cpu_index`](Self::with_cpu_index).
     pub fn new(dom: Domain<F, M>) -> Self {
+        Self::build(dom, None)
+    }
+
+    /// Shares `dom`, with `cpu` telling which CPU calls: a cheap read of
+    /// the caller's index (a per-CPU variable, `MPIDR_EL1`'s affinity, the
+    /// local APIC ID — any number, called on every call of this domain,
+    /// also on the read side: it must not take locks or fault). CPUs whose
+    /// indices differ modulo four get shards of their own; equal ones
+    /// share (correct, slower). A wrong or changing answer costs speed,
+    /// never correctness: every shard serves any CPU.
+    pub fn with_cpu_index(dom: Domain<F, M>, cpu: fn() -> usize) -> Self {
+        Self::build(dom, Some(cpu))
+    }
+
+    fn build(dom: Domain<F, M>, cpu: Option<fn() -> usize>) -> Self {
         let translated = dom.aperture().is_some();
         let chunk = dom.aperture().map_or(0, |(s, e)| {
             let c = ((e - s) / (2 * SHARDS as u64)).min(MAX_CHUNK);
@@ -233,6 +256,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                 chunk.trailing_zeros()
             },
             owners: core::array::from_fn(|_| AtomicUsize::new(0)),
+            cpu,
             chunk,
             translated,
             id,
@@ -271,11 +295,14 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     }
 
     /// This CPU's shard (and reader slot): a hint only, any answer is
-    /// correct. There is no portable CPU number here, so the hint is the
-    /// region of the caller's stack (each CPU or thread runs on its own):
-    /// the first call from a region claims a free shard for it.
+    /// correct. The user's CPU index when given, else the region of the
+    /// caller's stack (each CPU or thread runs on its own): the first call
+    /// from a region claims a free shard for it.
     #[inline(always)]
     fn home(&self) -> usize {
+        if let Some(cpu) = self.cpu {
+            return cpu() % SHARDS;
+        }
         let key = Self::stack_key();
         let start = (key.wrapping_mul(0x9E37_79B9) >> 7) % SHARDS;
         for i in 0..SHARDS {

@@ -50,7 +50,8 @@ struct Inner<B> {
 /// meant to drain stays behind.
 pub struct SharedIommu<B> {
     /// Each on lines of its own: the lock (written by every CPU's queueing),
-    /// `completed` (written as completions are seen, read by every waiter)
+    /// `completed` (written under the lock as completions are seen, read by
+    /// every waiter)
     /// and the rest (read on every call, written only on an error).
     lock: Padded<IrqLock<Inner<B>>>,
     /// Every ticket up to this one has completed.
@@ -151,7 +152,10 @@ impl<B: SplitCompletion> SharedIommu<B> {
     }
 
     /// [`submit`](Self::submit) with the lock held: the newest completion
-    /// when it already covers `last_queued`, else a new one.
+    /// when it already covers `last_queued`, else a new one, with one look
+    /// at it in the same hold: the waiter's first look, which would take
+    /// the lock again (an emulator completes at once, silicon usually not
+    /// yet; either way the look is the same read of the hardware).
     fn submit_locked(
         &self,
         i: &mut Inner<B>,
@@ -166,8 +170,28 @@ impl<B: SplitCompletion> SharedIommu<B> {
         if t != 0 {
             i.ticket = t;
             i.covers = i.backend.queued();
+            self.look(i, t);
         }
         Ok(t)
+    }
+
+    /// One look, with the lock held, at whether `ticket` completed; notes
+    /// it in `completed` when it did. An error met is recorded for every
+    /// window, the looking CPU's included (its wait reports it).
+    fn look(&self, i: &mut Inner<B>, ticket: u64) -> bool {
+        let r = i.backend.completion_done(ticket);
+        match self.record(i, r, &mut 0) {
+            Ok(true) => {
+                // Only the lock's holder writes it: a store, no locked
+                // instruction (the ticket looked at may be older than the
+                // newest one seen done).
+                if self.completed.load(Ordering::Relaxed) < ticket {
+                    self.completed.store(ticket, Ordering::Release);
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Waits, bounded, until `ticket` completed; `errors_seen` is the
@@ -181,18 +205,7 @@ impl<B: SplitCompletion> SharedIommu<B> {
             }
             // One look at the hardware by whichever waiter gets the lock;
             // the others watch `completed`.
-            let looked = self.lock.try_with(|i| {
-                let r = i.backend.completion_done(ticket);
-                // Recorded for every window, this one's included: the
-                // check below reports it here.
-                match self.record(i, r, &mut 0) {
-                    Ok(true) => {
-                        self.completed.fetch_max(ticket, Ordering::AcqRel);
-                        true
-                    }
-                    _ => false,
-                }
-            });
+            let looked = self.lock.try_with(|i| self.look(i, ticket));
             if looked == Some(true) {
                 done = true;
                 break;

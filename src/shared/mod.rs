@@ -107,8 +107,10 @@
 //! spin lock; frees go back to the shard whose chunk holds the range.
 //! What a shard cannot serve (larger than a chunk, a narrow DMA mask, a
 //! full chunk) goes to the domain's allocator on the write side, with its
-//! typed errors. The CPU's shard is a hint (there is no portable CPU
-//! number): its stack region claims a free shard on first use.
+//! typed errors. The CPU's shard is a hint: its index modulo four when
+//! the user gives a way to read it ([`SharedDomain::with_cpu_index`]),
+//! else the region of its stack, which claims a free shard on first use
+//! ([`SharedDomain::new`]; there is no portable CPU number).
 //!
 //! **Pending invalidations** are kept per side under the shard's lock
 //! (never across a walk): a transaction's in its shard's side (whichever

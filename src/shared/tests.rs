@@ -728,3 +728,48 @@ fn shared_link_pages_out_of_tables_takes_back_what_it_wrote() {
     );
     dom.destroy(t, &mut q).unwrap();
 }
+
+std::thread_local! {
+    /// The CPU index `cpu_index` reports on this thread.
+    static CPU: core::cell::Cell<usize> = const { core::cell::Cell::new(0) };
+}
+
+fn cpu_index() -> usize {
+    CPU.with(|c| c.get())
+}
+
+#[test]
+fn a_given_cpu_index_picks_the_shard_wherever_the_stack_is() {
+    let mem = HostMemory::default();
+    let dom =
+        SharedDomain::with_cpu_index(Domain::new(ArmStage1, &mem, cfg(1)).unwrap(), cpu_index);
+    let on = |cpu: usize, deeper: bool| {
+        CPU.with(|c| c.set(cpu));
+        if deeper {
+            as_another_cpu(|| tx(&dom, 1 << 21))
+        } else {
+            tx(&dom, 1 << 21)
+        }
+    };
+    let a = on(0, false);
+    // CPU 0 deeper in its stack (a region `new` takes for another CPU):
+    // still CPU 0's shard. CPU 4 shares it too (four shards).
+    let b = on(0, true);
+    let c = on(4, false);
+    // CPUs 1 and 2: shards of their own.
+    let d = on(1, false);
+    let e = on(2, true);
+    let near = |x: &IovaState, y: &IovaState| x.iova().0.abs_diff(y.iova().0) < 1 << 30;
+    assert!(
+        near(&a, &b) && near(&a, &c),
+        "CPU 0's shard: {:?}",
+        [&a, &b, &c].map(|t| t.iova())
+    );
+    assert!(
+        !near(&a, &d) && !near(&a, &e) && !near(&d, &e),
+        "three shards"
+    );
+    for t in [a, b, c, d, e] {
+        dom.free(t).map_err(|(_, e)| e).unwrap();
+    }
+}

@@ -102,6 +102,9 @@ pub trait SmpBoard: Sync {
     /// The deferred handler given to [`SharedIommu::new`]: calls
     /// [`FaultLog::deferred`] on [`log`](Self::log).
     fn deferred(&self) -> fn(&mut Self::Iommu);
+    /// The running CPU's index (0 for the boot CPU, distinct for each),
+    /// given to [`SharedDomain::with_cpu_index`].
+    fn cpu_index(&self) -> fn() -> usize;
     /// A new translated domain with ID `id`.
     fn new_domain(
         &self,
@@ -213,7 +216,15 @@ struct Work<'a, S: SmpBoard> {
     max_in_flight: AtomicUsize,
     /// The first failure of each CPU.
     failed: [Mutex<Option<Fail>>; MAX_CPUS],
+    /// [`SmpBoard::cpu_index`].
+    cpu_index: fn() -> usize,
+    /// Where each transaction began: (CPU index, domain, its 2 MiB region).
+    regions: Mutex<heapless::Vec<(usize, usize, u64), REGIONS>>,
 }
+
+/// Transactions recorded in [`Work::regions`]: every CPU's rounds and
+/// deliberate fault.
+const REGIONS: usize = MAX_CPUS * (ROUNDS + 1);
 
 /// Takes `m` with a bound.
 pub fn lock<'m, T>(m: &'m Mutex<T>, what: &str) -> Result<MutexGuard<'m, T>, Fail> {
@@ -282,6 +293,17 @@ impl<S: SmpBoard> Work<'_, S> {
         self.doms.get(i).or_fail("domain index")
     }
 
+    /// A transaction of `len` bytes from domain `dom`, its 2 MiB region
+    /// noted with the CPU that allocated it.
+    fn begin(&self, dom: usize, len: u64) -> Result<IovaState, Fail> {
+        let tx = begin::<S>(self.dom(dom)?, len)?;
+        let at = (self.cpu_index)();
+        // Full only if a CPU ran more transactions than planned: then the
+        // check at the end sees fewer of them, no harm.
+        let _ = lock(&self.regions, "regions")?.push((at, dom, tx.iova().0 >> 21));
+        Ok(tx)
+    }
+
     /// A two-page transaction in domain `dom` with `p` linked at 0 (to the
     /// device) and `q` at one page (from the device), synced through this
     /// CPU's handle.
@@ -293,7 +315,7 @@ impl<S: SmpBoard> Work<'_, S> {
         q: PhysAddr,
     ) -> Result<IovaState, Fail> {
         let d = self.dom(dom)?;
-        let mut tx = begin::<S>(d, 2 * PAGE_SIZE)?;
+        let mut tx = self.begin(dom, 2 * PAGE_SIZE)?;
         let linked = d
             .link(
                 &mut tx,
@@ -331,7 +353,7 @@ impl<S: SmpBoard> Work<'_, S> {
         pages: &[PhysAddr],
     ) -> Result<IovaState, Fail> {
         let d = self.dom(dom)?;
-        let mut tx = begin::<S>(d, pages.len() as u64 * PAGE_SIZE)?;
+        let mut tx = self.begin(dom, pages.len() as u64 * PAGE_SIZE)?;
         let linked = d
             .link_pages(
                 &mut tx,
@@ -577,6 +599,23 @@ impl<S: SmpBoard> Work<'_, S> {
                 "domain {i} still has unlinks waiting for a sync after the run"
             );
         }
+        // Each CPU told its domains its index: its transactions come from
+        // its own IOVA shard (chunks of at least 2 MiB, one per shard), so
+        // no 2 MiB region served two CPUs.
+        let regions = lock(&self.regions, "regions")?;
+        for (i, a) in regions.iter().enumerate() {
+            for b in &regions[i + 1..] {
+                check!(
+                    a.1 != b.1 || a.2 != b.2 || a.0 == b.0,
+                    "CPUs {} and {} got IOVAs in one 2 MiB region of domain {} ({:#x}): \
+                     one IOVA shard served both",
+                    a.0,
+                    b.0,
+                    a.1,
+                    a.2 << 21
+                );
+            }
+        }
         Ok(done)
     }
 }
@@ -691,7 +730,7 @@ pub fn four_cpus<S: SmpBoard>(
     let armed = shared.with(|b| board.arm(b));
     let work = Work::<S> {
         iommu: &shared,
-        doms: [SharedDomain::new(d0), SharedDomain::new(d1)],
+        doms: [d0, d1].map(|d| SharedDomain::with_cpu_index(d, board.cpu_index())),
         edu: dev.edu.map(|e| Mutex::new(Mmio(e))),
         virtio: Mutex::new(Mmio(lane)),
         pages: dev.pages,
@@ -703,6 +742,8 @@ pub fn four_cpus<S: SmpBoard>(
         in_flight: AtomicUsize::new(0),
         max_in_flight: AtomicUsize::new(0),
         failed: [const { Mutex::new(None) }; MAX_CPUS],
+        cpu_index: board.cpu_index(),
+        regions: Mutex::new(heapless::Vec::new()),
     };
     let ran = armed.and_then(|()| {
         board

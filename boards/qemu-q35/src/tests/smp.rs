@@ -168,6 +168,10 @@ impl<F: BoardFormat + Send + Sync> SmpBoard for Q35<F> {
     fn log(&self) -> &'static FaultLog<Unit, FaultRecord> {
         &LOG
     }
+    fn cpu_index(&self) -> fn() -> usize {
+        // QEMU's q35 gives CPU n the APIC ID n.
+        || apic_id() as usize
+    }
     fn deferred(&self) -> fn(&mut Unit) {
         deferred
     }

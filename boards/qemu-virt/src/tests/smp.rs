@@ -151,6 +151,10 @@ impl<F: PteFormat + Copy + Send + Sync> SmpBoard for Virt<F> {
     fn log(&self) -> &'static FaultLog<Smmu<Mem>, Event> {
         &LOG
     }
+    fn cpu_index(&self) -> fn() -> usize {
+        // Aff0: QEMU's virt numbers its CPUs 0, 1, 2, 3 there.
+        || (mpidr() & 0xff) as usize
+    }
     fn deferred(&self) -> fn(&mut Smmu<Mem>) {
         deferred
     }
