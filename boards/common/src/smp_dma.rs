@@ -216,9 +216,7 @@ struct Work<'a, S: SmpBoard> {
     max_in_flight: AtomicUsize,
     /// The first failure of each CPU.
     failed: [Mutex<Option<Fail>>; MAX_CPUS],
-    /// [`SmpBoard::cpu_index`].
-    cpu_index: fn() -> usize,
-    /// Where each transaction began: (CPU index, domain, its 2 MiB region).
+    /// Where each transaction began: (CPU, domain, its 2 MiB region).
     regions: Mutex<heapless::Vec<(usize, usize, u64), REGIONS>>,
 }
 
@@ -294,28 +292,28 @@ impl<S: SmpBoard> Work<'_, S> {
     }
 
     /// A transaction of `len` bytes from domain `dom`, its 2 MiB region
-    /// noted with the CPU that allocated it.
-    fn begin(&self, dom: usize, len: u64) -> Result<IovaState, Fail> {
+    /// noted with CPU `c`, which allocated it.
+    fn begin(&self, c: usize, dom: usize, len: u64) -> Result<IovaState, Fail> {
         let tx = begin::<S>(self.dom(dom)?, len)?;
-        let at = (self.cpu_index)();
         // Full only if a CPU ran more transactions than planned: then the
         // check at the end sees fewer of them, no harm.
-        let _ = lock(&self.regions, "regions")?.push((at, dom, tx.iova().0 >> 21));
+        let _ = lock(&self.regions, "regions")?.push((c, dom, tx.iova().0 >> 21));
         Ok(tx)
     }
 
-    /// A two-page transaction in domain `dom` with `p` linked at 0 (to the
-    /// device) and `q` at one page (from the device), synced through this
-    /// CPU's handle.
+    /// A two-page transaction of CPU `c` in domain `dom` with `p` linked at
+    /// 0 (to the device) and `q` at one page (from the device), synced
+    /// through this CPU's handle.
     fn map(
         &self,
         cpu: &mut Cpu<'_, S>,
+        c: usize,
         dom: usize,
         p: PhysAddr,
         q: PhysAddr,
     ) -> Result<IovaState, Fail> {
         let d = self.dom(dom)?;
-        let mut tx = self.begin(dom, 2 * PAGE_SIZE)?;
+        let mut tx = self.begin(c, dom, 2 * PAGE_SIZE)?;
         let linked = d
             .link(
                 &mut tx,
@@ -343,17 +341,18 @@ impl<S: SmpBoard> Work<'_, S> {
         kept_or_destroyed::<S>(d, tx, cpu, linked)
     }
 
-    /// A transaction in domain `dom` with `pages` linked one after another
-    /// from 0 in one call (both directions), synced through this CPU's
-    /// handle.
+    /// A transaction of CPU `c` in domain `dom` with `pages` linked one
+    /// after another from 0 in one call (both directions), synced through
+    /// this CPU's handle.
     fn map_pages(
         &self,
         cpu: &mut Cpu<'_, S>,
+        c: usize,
         dom: usize,
         pages: &[PhysAddr],
     ) -> Result<IovaState, Fail> {
         let d = self.dom(dom)?;
-        let mut tx = self.begin(dom, pages.len() as u64 * PAGE_SIZE)?;
+        let mut tx = self.begin(c, dom, pages.len() as u64 * PAGE_SIZE)?;
         let linked = d
             .link_pages(
                 &mut tx,
@@ -393,7 +392,7 @@ impl<S: SmpBoard> Work<'_, S> {
         fill(p, |i| pattern(seed, i));
         fill(q, |_| GUARD);
         let dom = usize::from(lane == 2);
-        let tx = self.map(cpu, dom, p, q)?;
+        let tx = self.map(cpu, c, dom, p, q)?;
         let iova = tx.iova().get();
         let moved = match lane {
             0 | 1 => (|| {
@@ -442,7 +441,7 @@ impl<S: SmpBoard> Work<'_, S> {
         let seed = 0xf0 | c as u8;
         fill(p, |i| pattern(seed, i));
         fill(q, |_| GUARD);
-        let mut tx = self.map_pages(cpu, 0, &[p, q])?;
+        let mut tx = self.map_pages(cpu, c, 0, &[p, q])?;
         let hole = tx.iova().get() + PAGE_SIZE + 8 * c as u64;
         let edu = lock(self.edu.get(c % 2).or_fail("edu")?, "edu")?;
         let mut wrote = false;
@@ -742,7 +741,6 @@ pub fn four_cpus<S: SmpBoard>(
         in_flight: AtomicUsize::new(0),
         max_in_flight: AtomicUsize::new(0),
         failed: [const { Mutex::new(None) }; MAX_CPUS],
-        cpu_index: board.cpu_index(),
         regions: Mutex::new(heapless::Vec::new()),
     };
     let ran = armed.and_then(|()| {
