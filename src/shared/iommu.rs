@@ -51,8 +51,8 @@ struct Inner<B> {
 pub struct SharedIommu<B> {
     /// Each on lines of its own: the lock (written by every CPU's queueing),
     /// `completed` (written under the lock as completions are seen, read by
-    /// every waiter)
-    /// and the rest (read on every call, written only on an error).
+    /// every waiter) and the rest (read on every call, written only on an
+    /// error).
     lock: Padded<IrqLock<Inner<B>>>,
     /// Every ticket up to this one has completed.
     completed: Padded<AtomicU64>,
