@@ -4,8 +4,9 @@
 //! and once more with the domain-wide `sync` in their place) through its
 //! own handle on one `SharedIommu` (a fake queue: the IOMMU costs nothing
 //! here). Each thread tells the domain its CPU index, as a hypervisor
-//! would from a per-CPU variable (`SharedDomain::with_cpu_index`). The ratio is the 2-thread throughput over the 1-thread
-//! throughput for the same total work (2.0 would be perfect scaling).
+//! would from a per-CPU variable (`SharedDomain::with_cpu_index`). The
+//! ratio is the 2-thread throughput over the 1-thread throughput for the
+//! same total work (2.0 would be perfect scaling).
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::time::Instant;
@@ -219,8 +220,8 @@ pub fn line(total: u64, samples: usize) -> String {
         "bench: shared threads s1 txn-{PAGES}-pages (disjoint transactions, one SharedDomain, \
          sync_for + destroy): 1 thread={a:.0} ns/txn 2 threads={b:.0} ns/txn ratio={:.2} \
          (samples {sp}; link/unlink on the read side: tables by compare-and-swap, one IOVA shard \
-         per thread, each thread's CPU index given (with_cpu_index); with the domain-wide sync() instead: 1 thread={ad:.0} 2 threads={bd:.0} \
-         ns/txn ratio={:.2} (samples {sp_d}); \
+         per thread, each thread's CPU index given (with_cpu_index); with the domain-wide \
+         sync() instead: 1 thread={ad:.0} 2 threads={bd:.0} ns/txn ratio={:.2} (samples {sp_d}); \
          2 threads on 2 domains of one SharedIommu={one_iommu:.0} ns/txn: ratio={:.2}; \
          2 threads on 2 separate domains and drivers={apart:.0} ns/txn: the machine's own ratio={:.2} now)",
         a / b,

@@ -5,8 +5,10 @@
 //!
 //! **Sharing (`bare_iommu::shared`):** the driver is wrapped once in a
 //! [`SharedIommu`]; each CPU takes its own [`IommuCpu`] handle and syncs
-//! through it; the two domains are [`SharedDomain`]s that every CPU
-//! allocates, links, unlinks, syncs and frees in. No lock of this module
+//! through it; the two domains are [`SharedDomain`]s, told each CPU's
+//! index ([`SmpBoard::cpu_index`]), that every CPU allocates, links,
+//! unlinks, syncs and frees in. After the run no 2 MiB region of IOVA may
+//! have served two CPUs (each allocates from its own shard). No lock of this module
 //! guards the driver or a domain. The fault interrupt's handler
 //! ([`FaultLog::on_irq`]) reaches the driver only through
 //! [`SharedIommu::handle_irq`], which never spins on the driver's lock: when
