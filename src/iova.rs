@@ -129,6 +129,48 @@ impl IovaAllocator {
     /// - [`DmaError::BadConfig`] (`what: "aperture"`): `start >= end` or
     ///   `end > 2^57`.
     pub fn new(start: u64, end: u64) -> Result<Self, DmaError> {
+        Self::check_aperture(start, end)?;
+        Ok(Self::empty(start, end))
+    }
+
+    /// An allocator over nothing, to be [`reset`](Self::reset) later: a
+    /// shard's before its chunk is granted. Every request to it fails.
+    pub(crate) const fn unset() -> Self {
+        Self::empty(0, 0)
+    }
+
+    /// Whether it covers any range (not [`unset`](Self::unset)).
+    pub(crate) fn is_set(&self) -> bool {
+        self.end > self.start
+    }
+
+    /// Makes this an empty allocator over `[start, end)` in place (nothing
+    /// handed out, no fixed ranges): the range table is never copied, where
+    /// a value from [`new`](Self::new) is moved whole (4 KiB and more).
+    /// Errors as `new`; nothing changes then.
+    pub(crate) fn reset(&mut self, start: u64, end: u64) -> Result<(), DmaError> {
+        Self::check_aperture(start, end)?;
+        self.used.clear();
+        self.fixed.clear();
+        self.start = start;
+        self.end = end;
+        self.in_use = 0;
+        Ok(())
+    }
+
+    #[inline(always)]
+    const fn empty(start: u64, end: u64) -> Self {
+        Self {
+            used: heapless::Vec::new(),
+            fixed: heapless::Vec::new(),
+            start,
+            end,
+            in_use: 0,
+        }
+    }
+
+    /// The checks of [`new`](Self::new).
+    fn check_aperture(start: u64, end: u64) -> Result<(), DmaError> {
         if start & 0xfff != 0 {
             return Err(DmaError::Unaligned { value: start });
         }
@@ -141,13 +183,7 @@ impl IovaAllocator {
                 value: end,
             });
         }
-        Ok(Self {
-            used: heapless::Vec::new(),
-            fixed: heapless::Vec::new(),
-            start,
-            end,
-            in_use: 0,
-        })
+        Ok(())
     }
 
     /// The aperture `[start, end)`.
@@ -194,8 +230,9 @@ impl IovaAllocator {
         if self.used.is_full() {
             return Err(DmaError::AllocatorFull);
         }
-        // One past the last usable address (`end <= 2^57`, so no overflow).
-        let limit = if mask >= self.end - 1 {
+        // One past the last usable address (`end <= 2^57`, so no overflow;
+        // an unset allocator's `end` of 0 gives a limit of 0: nothing fits).
+        let limit = if mask >= self.end.saturating_sub(1) {
             self.end
         } else {
             mask + 1
@@ -521,6 +558,40 @@ mod tests {
         assert_eq!(r2.start % 0x20_0000, 0);
         assert!(r1.start + r1.size <= r2.start || r2.start + r2.size <= r1.start);
         assert!(r1.start >= 0x1000);
+    }
+
+    #[test]
+    fn unset_serves_nothing_and_reset_starts_afresh_in_place() {
+        let mut a = IovaAllocator::unset();
+        assert!(!a.is_set());
+        assert!(a.alloc(0x1000, u64::MAX).is_err());
+        a.reset(1 << 30, 2 << 30).unwrap();
+        assert!(a.is_set());
+        let r = a.alloc(0x1000, u64::MAX).unwrap();
+        assert!(r.start >= 1 << 30 && r.start + r.size <= 2 << 30);
+        // A bad aperture changes nothing.
+        assert!(matches!(
+            a.reset(3 << 30, 3 << 30),
+            Err(DmaError::BadConfig { .. })
+        ));
+        assert!(matches!(
+            a.reset(0x800, 1 << 30),
+            Err(DmaError::Unaligned { .. })
+        ));
+        assert_eq!(
+            (a.aperture(), a.ranges(), a.in_use()),
+            ((1 << 30, 2 << 30), 1, 0x1000)
+        );
+        // A reset forgets what was handed out: the whole new aperture is free.
+        a.reset(0, 1 << 20).unwrap();
+        assert_eq!((a.ranges(), a.in_use()), (0, 0));
+        assert_eq!(
+            a.alloc(1 << 20, u64::MAX).unwrap(),
+            IovaRange {
+                start: 0,
+                size: 1 << 20
+            }
+        );
     }
 
     #[test]

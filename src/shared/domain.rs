@@ -48,8 +48,8 @@ impl Side {
 }
 
 struct Shard {
-    /// The shard's chunk of IOVA space, once granted.
-    alloc: Option<IovaAllocator>,
+    /// The shard's chunk of IOVA space, once granted (else unset).
+    alloc: IovaAllocator,
     side: Side,
 }
 
@@ -242,7 +242,7 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             dom: ShardedRwLock::new(Guarded { dom, popped: 0 }),
             shards: core::array::from_fn(|_| {
                 Padded(SpinLock::new(Shard {
-                    alloc: None,
+                    alloc: IovaAllocator::unset(),
                     side: Side::new(),
                 }))
             }),
@@ -282,10 +282,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         for Padded(s) in self.shards {
             let mut s = s.into_inner();
             s.side.pending.drain_into(&mut all);
-            if let Some(a) = s.alloc {
-                if a.ranges() == 0 {
-                    g.dom.return_chunk(&a);
-                }
+            if s.alloc.is_set() && s.alloc.ranges() == 0 {
+                g.dom.return_chunk(s.alloc.aperture());
             }
         }
         self.global.0.into_inner().pending.drain_into(&mut all);
@@ -479,7 +477,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
         if self.chunk != 0 && rounded <= self.chunk {
             let k = self.home();
             for _ in 0..2 {
-                match self.shards[k].with(|s| s.alloc.as_mut().map(|a| a.alloc(rounded, dma_mask)))
+                match self.shards[k]
+                    .with(|s| s.alloc.is_set().then(|| s.alloc.alloc(rounded, dma_mask)))
                 {
                     Some(Ok(r)) => {
                         let st = self.dom.read(k, |g| g.dom.shared_state(r));
@@ -497,15 +496,15 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
     /// never held while the write side is taken).
     #[cold]
     fn grant(&self, k: usize) {
-        let Some(a) = self.exclusive(|d| d.grant_chunk(self.chunk)) else {
+        let Some(r) = self.exclusive(|d| d.grant_chunk(self.chunk)) else {
             return;
         };
-        let (start, end) = a.aperture();
+        let (start, end) = (r.start, r.start + r.size);
         let left = self.shards[k].with(|s| {
-            if s.alloc.is_some() {
-                return Some(a);
+            // Set in place: its range table (4 KiB) is never copied.
+            if s.alloc.is_set() || s.alloc.reset(start, end).is_err() {
+                return true;
             }
-            s.alloc = Some(a);
             self.bounds[k]
                 .0
                 .store(start, core::sync::atomic::Ordering::Relaxed);
@@ -520,11 +519,11 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                     core::sync::atomic::Ordering::Relaxed,
                 );
             }
-            None
+            false
         });
-        if let Some(a) = left {
+        if left {
             // Another CPU granted it meanwhile.
-            self.exclusive(|d| d.return_chunk(&a));
+            self.exclusive(|d| d.return_chunk((start, end)));
         }
     }
 
@@ -822,10 +821,8 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
                     dropped |= s.side.empties.push(region).is_err();
                 }
             }
-            if let Some(a) = s.alloc.as_mut() {
-                if let Ok(i) = a.find(range) {
-                    a.release(i);
-                }
+            if let Ok(i) = s.alloc.find(range) {
+                s.alloc.release(i);
             }
             s.side.empties.is_full()
         });
@@ -1354,12 +1351,13 @@ fn wait_free(w: &SyncWord) {
 
 /// Whether `range` is handed out by the shard.
 fn find(s: &Shard, range: IovaRange) -> Result<(), DmaError> {
-    match s.alloc.as_ref() {
-        Some(a) => a.find(range).map(|_| ()),
-        None => Err(DmaError::OutsideTransaction {
+    if s.alloc.is_set() {
+        s.alloc.find(range).map(|_| ())
+    } else {
+        Err(DmaError::OutsideTransaction {
             offset: range.start,
             len: range.size,
             size: 0,
-        }),
+        })
     }
 }

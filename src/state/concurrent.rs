@@ -10,7 +10,7 @@ use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::backend::IommuBackend;
 use crate::barrier::wmb_on;
 use crate::error::{BackendError, DmaError, PageTableError};
-use crate::iova::{IovaAllocator, IovaRange};
+use crate::iova::IovaRange;
 use crate::mem::TableMemory;
 use crate::pgtable::{DmaDirection, LeafHint, MapAttrs, PteFormat, SharedMapError};
 
@@ -396,17 +396,17 @@ impl<F: PteFormat, M: TableMemory> Domain<F, M> {
     }
 
     /// Exclusive: a naturally aligned range of `size` bytes from the
-    /// domain's allocator, for a shard to hand out from.
-    pub(crate) fn grant_chunk(&mut self, size: u64) -> Option<IovaAllocator> {
+    /// domain's allocator, for a shard to hand out from (the shard builds
+    /// its allocator over it in place, outside the write side).
+    pub(crate) fn grant_chunk(&mut self, size: u64) -> Option<IovaRange> {
         let t = self.inner.as_mut()?;
-        let r = t.iova.alloc(size, u64::MAX).ok()?;
-        IovaAllocator::new(r.start, r.start + r.size).ok()
+        t.iova.alloc(size, u64::MAX).ok()
     }
 
-    /// Exclusive: gives a shard's chunk back to the domain's allocator.
-    pub(crate) fn return_chunk(&mut self, chunk: &IovaAllocator) {
+    /// Exclusive: gives a shard's chunk `[start, end)` back to the domain's
+    /// allocator.
+    pub(crate) fn return_chunk(&mut self, (start, end): (u64, u64)) {
         if let Some(t) = self.inner.as_mut() {
-            let (start, end) = chunk.aperture();
             let _ = t.iova.free(IovaRange {
                 start,
                 size: end - start,
