@@ -55,9 +55,22 @@ fn cpu_index() -> usize {
     CPU.with(|c| c.get())
 }
 
-/// A shared domain with tag `id` that knows each thread's CPU index.
-fn shared(heap: &Heap, id: u16) -> SharedDomain<ArmStage1, &Heap> {
-    SharedDomain::with_cpu_index(Domain::new(ArmStage1, heap, cfg(id)).unwrap(), cpu_index)
+/// How a thread's shard is found.
+#[derive(Clone, Copy)]
+enum Hint {
+    /// The thread's CPU index (`SharedDomain::with_cpu_index`).
+    Index,
+    /// Its stack region (`SharedDomain::new`).
+    Stack,
+}
+
+/// A shared domain with tag `id`.
+fn shared(heap: &Heap, id: u16, hint: Hint) -> SharedDomain<ArmStage1, &Heap> {
+    let d = Domain::new(ArmStage1, heap, cfg(id)).unwrap();
+    match hint {
+        Hint::Index => SharedDomain::with_cpu_index(d, cpu_index),
+        Hint::Stack => SharedDomain::new(d),
+    }
 }
 
 /// A 4-level domain with tag `id` whose aperture (1 MiB to 1 TiB) gives
@@ -131,7 +144,7 @@ fn transactions(
 /// (each thread on a domain and queue of its own with `separate`: the
 /// scaling the machine itself allows now, shared by other work).
 fn run(total: u64, threads: u64, sync: Syncs) -> f64 {
-    run_on(total, threads, false, sync)
+    run_on(total, threads, false, sync, Hint::Index)
 }
 
 /// Nanoseconds per transaction with 2 threads, each on a `SharedDomain` of
@@ -139,7 +152,7 @@ fn run(total: u64, threads: u64, sync: Syncs) -> f64 {
 /// costs when the domain is not shared).
 fn run_two_domains(total: u64) -> f64 {
     let heap = Heap;
-    let doms = [1, 2].map(|id| shared(&heap, id));
+    let doms = [1, 2].map(|id| shared(&heap, id, Hint::Index));
     let iommu = SharedIommu::new(FakeQueue::new(u64::MAX), |_| {});
     for d in &doms {
         transactions(d, &iommu, 16, 0, Syncs::Transaction);
@@ -159,18 +172,18 @@ fn run_two_domains(total: u64) -> f64 {
     ns
 }
 
-fn run_on(total: u64, threads: u64, separate: bool, sync: Syncs) -> f64 {
+fn run_on(total: u64, threads: u64, separate: bool, sync: Syncs, hint: Hint) -> f64 {
     if separate {
         let start = Instant::now();
         std::thread::scope(|s| {
             for _ in 0..threads {
-                s.spawn(move || run_on(total / threads, 1, false, sync));
+                s.spawn(move || run_on(total / threads, 1, false, sync, hint));
             }
         });
         return start.elapsed().as_nanos() as f64 / total as f64;
     }
     let heap = Heap;
-    let dom = shared(&heap, 1);
+    let dom = shared(&heap, 1, hint);
     let iommu = SharedIommu::new(FakeQueue::new(u64::MAX), |_| {});
     // Warm the tables once.
     transactions(&dom, &iommu, 16, 0, sync);
@@ -192,10 +205,11 @@ fn run_on(total: u64, threads: u64, separate: bool, sync: Syncs) -> f64 {
 
 /// The `bench: shared threads ...` line (median of `samples` pairs).
 pub fn line(total: u64, samples: usize) -> String {
-    let [mut one, mut two, mut one_d, mut two_d] = [(); 4].map(|_| Vec::new());
+    let [mut one, mut two, mut one_d, mut two_d, mut two_s] = [(); 5].map(|_| Vec::new());
     for _ in 0..samples {
         one.push(run(total, 1, Syncs::Transaction));
         two.push(run(total, 2, Syncs::Transaction));
+        two_s.push(run_on(total, 2, false, Syncs::Transaction, Hint::Stack));
         one_d.push(run(total, 1, Syncs::Domain));
         two_d.push(run(total, 2, Syncs::Domain));
     }
@@ -211,20 +225,28 @@ pub fn line(total: u64, samples: usize) -> String {
         let hi = r.iter().copied().fold(0.0, f64::max);
         format!("{lo:.2}-{hi:.2}")
     };
-    let (sp, sp_d) = (spread(&one, &two), spread(&one_d, &two_d));
+    let (sp, sp_d, sp_s) = (
+        spread(&one, &two),
+        spread(&one_d, &two_d),
+        spread(&one, &two_s),
+    );
+    let bs = med(&mut two_s);
     let (a, b) = (med(&mut one), med(&mut two));
     let (ad, bd) = (med(&mut one_d), med(&mut two_d));
-    let apart = run_on(total, 2, true, Syncs::Transaction);
+    let apart = run_on(total, 2, true, Syncs::Transaction, Hint::Index);
     let one_iommu = run_two_domains(total);
     format!(
         "bench: shared threads s1 txn-{PAGES}-pages (disjoint transactions, one SharedDomain, \
          sync_for + destroy): 1 thread={a:.0} ns/txn 2 threads={b:.0} ns/txn ratio={:.2} \
          (samples {sp}; link/unlink on the read side: tables by compare-and-swap, one IOVA shard \
-         per thread, each thread's CPU index given (with_cpu_index); with the domain-wide \
-         sync() instead: 1 thread={ad:.0} 2 threads={bd:.0} ns/txn ratio={:.2} (samples {sp_d}); \
+         per thread, each thread's CPU index given (with_cpu_index); with SharedDomain::new's \
+         stack-region hint instead: 2 threads={bs:.0} ns/txn ratio={:.2} (samples {sp_s}); with \
+         the domain-wide sync() instead: 1 thread={ad:.0} 2 threads={bd:.0} ns/txn ratio={:.2} \
+         (samples {sp_d}); \
          2 threads on 2 domains of one SharedIommu={one_iommu:.0} ns/txn: ratio={:.2}; \
          2 threads on 2 separate domains and drivers={apart:.0} ns/txn: the machine's own ratio={:.2} now)",
         a / b,
+        a / bs,
         ad / bd,
         a / one_iommu,
         a / apart
