@@ -94,7 +94,7 @@
 //! a second reader of the slot counts itself in and out), changes a table's
 //! count atomically, and an unlink notes its range under the side's spin
 //! lock: on one CPU a per-page `link` costs about 5×, a per-page `unlink`
-//! about 9× what `Domain`'s does in time (the locked instructions; 119 /
+//! about 9× what `Domain`'s does in time (the locked instructions; 118 /
 //! 120 instructions against 62 / 51). A list of pages through
 //! [`SharedDomain::link_pages`] pays them once per list: about 1.2× the cost of
 //! `Domain::link_pages` per page. Link many pages in one call where the
