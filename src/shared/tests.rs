@@ -773,3 +773,41 @@ fn a_given_cpu_index_picks_the_shard_wherever_the_stack_is() {
         dom.free(t).map_err(|(_, e)| e).unwrap();
     }
 }
+
+#[test]
+fn a_domain_sync_covers_another_cpus_unlinks_before_it_returns() {
+    let mem = HostMemory::default();
+    let dom = domain(&mem);
+    // Completions take several looks: a sync that returns waited.
+    let mut q = FakeQueue::new(1);
+    let mut here = tx(&dom, 1 << 21);
+    let mut there = as_another_cpu(|| tx(&dom, 1 << 21));
+    assert!(
+        here.iova().0.abs_diff(there.iova().0) >= 1 << 30,
+        "two shards"
+    );
+    link_page(&dom, &mut here, 0x8000_0000, 0);
+    link_page(&dom, &mut there, 0x8000_1000, 0);
+    dom.sync(&mut q).unwrap();
+    // Another CPU unlinks a page of its transaction (its shard's side);
+    // this CPU unlinks one of its own and syncs the whole domain.
+    as_another_cpu(|| dom.unlink(&mut there, 0, 4096)).unwrap();
+    dom.unlink(&mut here, 0, 4096).unwrap();
+    let ranges = q.invalidations;
+    dom.sync(&mut q).unwrap();
+    assert_eq!(
+        q.invalidations - ranges,
+        2,
+        "both ranges, the other CPU's too"
+    );
+    assert_eq!(
+        q.consumed, q.queued,
+        "the sync returned before its completion"
+    );
+    assert!(!dom.has_pending());
+    // Nothing is left for the other CPU's own sync.
+    as_another_cpu(|| dom.sync_for(&there, &mut q)).unwrap();
+    assert_eq!(q.invalidations - ranges, 2);
+    dom.free(here).unwrap();
+    dom.free(there).unwrap();
+}
