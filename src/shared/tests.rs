@@ -545,21 +545,30 @@ fn as_another_cpu<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// A transaction from this CPU's shard and one from another CPU's
+/// (checked to be in two shards), a page linked in each, synced.
+fn here_and_there(
+    dom: &SharedDomain<ArmStage1, &HostMemory>,
+    q: &mut FakeQueue,
+) -> (IovaState, IovaState) {
+    let mut here = tx(dom, 1 << 21);
+    let mut there = as_another_cpu(|| tx(dom, 1 << 21));
+    assert!(
+        here.iova().0.abs_diff(there.iova().0) >= 1 << 30,
+        "two shards"
+    );
+    link_page(dom, &mut here, 0x8000_0000, 0);
+    link_page(dom, &mut there, 0x8000_1000, 0);
+    dom.sync(q).unwrap();
+    (here, there)
+}
+
 #[test]
 fn a_transaction_sync_covers_its_unlinks_wherever_made_and_refuses_another_domains() {
     let mem = HostMemory::default();
     let dom = domain(&mem);
     let mut q = FakeQueue::new(1);
-    let mut here = tx(&dom, 1 << 21);
-    // From another CPU's shard.
-    let mut there = as_another_cpu(|| tx(&dom, 1 << 21));
-    assert!(
-        here.iova().0.abs_diff(there.iova().0) >= 1 << 30,
-        "two shards"
-    );
-    link_page(&dom, &mut here, 0x8000_0000, 0);
-    link_page(&dom, &mut there, 0x8000_1000, 0);
-    dom.sync(&mut q).unwrap();
+    let (mut here, mut there) = here_and_there(&dom, &mut q);
     let before = q.invalidations;
     // Both unlinked on this CPU: each range is kept with its transaction.
     dom.unlink(&mut there, 0, 4096).unwrap();
@@ -780,15 +789,7 @@ fn a_domain_sync_covers_another_cpus_unlinks_before_it_returns() {
     let dom = domain(&mem);
     // Completions take several looks: a sync that returns waited.
     let mut q = FakeQueue::new(1);
-    let mut here = tx(&dom, 1 << 21);
-    let mut there = as_another_cpu(|| tx(&dom, 1 << 21));
-    assert!(
-        here.iova().0.abs_diff(there.iova().0) >= 1 << 30,
-        "two shards"
-    );
-    link_page(&dom, &mut here, 0x8000_0000, 0);
-    link_page(&dom, &mut there, 0x8000_1000, 0);
-    dom.sync(&mut q).unwrap();
+    let (mut here, mut there) = here_and_there(&dom, &mut q);
     // Another CPU unlinks a page of its transaction (its shard's side);
     // this CPU unlinks one of its own and syncs the whole domain.
     as_another_cpu(|| dom.unlink(&mut there, 0, 4096)).unwrap();
