@@ -877,15 +877,15 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
         (pointer & F::COUNT_MASK) >> F::COUNT_SHIFT == 1 && pointer & 1 != 0,
         "the pointer to the superpage's table is {pointer:#x}: expected count 1 in bits 61:52"
     );
-    let src = PhysAddr(region.0 + SIZE_2M - PAGE_SIZE);
-    load_buffer(ctx, edu, src, iova + SIZE_2M - PAGE_SIZE, 0x61)?;
-    edu.dma_to_ram(iova + 0x12_3000, 0, PAGE_U32)
-        .or_fail("edu -> +0x123000")?;
-    check_ok!(
-        ctx.mem
-            .check_pattern(PhysAddr(region.0 + 0x12_3000), PAGE, 0x61),
-        "DMA inside the superpage"
-    );
+    dma_inside_superpage(
+        ctx,
+        edu,
+        region,
+        iova,
+        0x12_3000,
+        0x61,
+        "DMA inside the superpage",
+    )?;
     check_ok!(
         ctx.mem.check_fill(region, 0x12_3000, 0x55),
         "DMA wrote before its target"
@@ -913,6 +913,30 @@ fn superpage_2m_used_when_sllps_allows_with<F: BoardFormat>(
     )?;
     destroy_and_detach(vtd, dom, tx, edu)?;
     superpage_2m_shared::<F>(ctx, vtd)
+}
+
+/// Through the superpage mapping `region` at `iova`: the edu reads the
+/// pattern of `byte` from the superpage's last page into its buffer and
+/// writes it at `offset`; the page there must hold it.
+fn dma_inside_superpage(
+    ctx: &Ctx,
+    edu: &Edu,
+    region: PhysAddr,
+    iova: u64,
+    offset: u64,
+    byte: u8,
+    what: &str,
+) -> Result<(), Fail> {
+    let src = PhysAddr(region.0 + SIZE_2M - PAGE_SIZE);
+    load_buffer(ctx, edu, src, iova + SIZE_2M - PAGE_SIZE, byte)?;
+    edu.dma_to_ram(iova + offset, 0, PAGE_U32)
+        .or_fail("edu -> the superpage")?;
+    check_ok!(
+        ctx.mem
+            .check_pattern(PhysAddr(region.0 + offset), PAGE, byte),
+        "{what}"
+    );
+    Ok(())
 }
 
 /// The same superpage through a `SharedDomain`: its read side (no
@@ -951,15 +975,15 @@ fn superpage_2m_shared<F: BoardFormat>(ctx: &Ctx, vtd: &mut Unit) -> Result<(), 
         height == Some((PhysAddr(region.0 + 0x12_3456), 1)),
         "shared walk gave {height:?}, expected a 2 MiB leaf (height 1)"
     );
-    let src = PhysAddr(region.0 + SIZE_2M - PAGE_SIZE);
-    load_buffer(ctx, edu, src, iova + SIZE_2M - PAGE_SIZE, 0x62)?;
-    edu.dma_to_ram(iova + 0x4_5000, 0, PAGE_U32)
-        .or_fail("edu -> +0x45000")?;
-    check_ok!(
-        ctx.mem
-            .check_pattern(PhysAddr(region.0 + 0x4_5000), PAGE, 0x62),
-        "DMA inside the shared superpage"
-    );
+    dma_inside_superpage(
+        ctx,
+        edu,
+        region,
+        iova,
+        0x4_5000,
+        0x62,
+        "DMA inside the shared superpage",
+    )?;
     no_faults(vtd)?;
     dom.unlink(&mut tx, 0, SIZE_2M).or_fail("shared unlink")?;
     dom.sync(vtd).or_fail("sync")?;
