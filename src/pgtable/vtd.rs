@@ -33,6 +33,10 @@ impl defmt::Format for SlBits {
 }
 
 /// VT-d second-level format, configured from the remapping unit's capabilities.
+///
+/// Entries it makes hold no address bit at or above `haw`; `decode` reads
+/// the address field 51:12 whole, so an entry written by someone else with
+/// (reserved) bits set there decodes to the address those bits name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct VtdSecondLevel {
