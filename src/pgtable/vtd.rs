@@ -64,10 +64,9 @@ impl VtdSecondLevel {
     /// the table's valid-entry count lives above it, at 61:52). Entries are
     /// only ever read from tables this crate wrote, where
     /// [`addr_mask`](Self::addr_mask) already cleared every address bit
-    /// from `haw` up:
-    /// reading with the fixed field gives the same address without working
-    /// the mask out of `haw` on every walk (issue 11: about 10 of a 1 GiB
-    /// unlink's 156 instructions).
+    /// from `haw` up: reading with the fixed field gives the same address
+    /// without working the mask out of `haw` on every walk (issue 11: 10
+    /// of a 1 GiB unlink's 156 instructions).
     const READ_ADDR: u64 = 0x000f_ffff_ffff_f000;
 
     #[inline]
