@@ -7,7 +7,7 @@ use super::lock::{Padded, SLOTS, ShardedRwLock, SpinLock};
 use super::sync::{AtomicU64, Ordering};
 use crate::addr::{DmaAddr, PAGE_SIZE, PhysAddr};
 use crate::error::DmaError;
-use crate::iova::{IovaAllocator, IovaRange};
+use crate::iova::IovaAllocator;
 use crate::mem::TableMemory;
 use crate::pgtable::{DmaDirection, LeafHint, MapAttrs, PteFormat, SharedMapError};
 use crate::state::{DirectState, DmaPath, Domain, IovaState, SharedEffect, SharedPending};
@@ -790,7 +790,10 @@ impl<F: PteFormat, M: TableMemory> SharedDomain<F, M> {
             };
             return Err((tx, e));
         }
-        if let Err(e) = self.shards[k].with(|s| find(s, range)) {
+        // Whether the shard handed the range out. `shard_of` found the
+        // shard's chunk, so its allocator is set (the grant publishes the
+        // bounds after setting it, under the same lock).
+        if let Err(e) = self.shards[k].with(|s| s.alloc.find(range)) {
             return Err((tx, e));
         }
         let mut empties = heapless::Vec::<u64, EMPTIES>::new();
@@ -1346,18 +1349,5 @@ fn wait_free(w: &SyncWord) {
             super::sync::spin_hint();
         }
         pause = (pause * 2).min(64);
-    }
-}
-
-/// Whether `range` is handed out by the shard.
-fn find(s: &Shard, range: IovaRange) -> Result<(), DmaError> {
-    if s.alloc.is_set() {
-        s.alloc.find(range).map(|_| ())
-    } else {
-        Err(DmaError::OutsideTransaction {
-            offset: range.start,
-            len: range.size,
-            size: 0,
-        })
     }
 }
